@@ -1,0 +1,203 @@
+"""The learngene: PEG's condensed ancestry, its sampling, and its on-disk format.
+
+A learngene is a *stem* (patch embedding, class/register tokens, position embedding, norms and
+the ancestry's classifier, copied) plus ``L_b`` *gene layers* with ``H_b`` heads each:
+
+- Layer mixing. ``P = mixing_matrix(L_b, L_a)`` (``softmax``: ``softmax(Z / tau)``,
+  ``Z ~ N(0, I)`` seeded; ``uniform``; ``identity`` = evenly spaced one-hot selection) and every
+  block tensor is mixed along the layer axis, ``G = P . B`` -- qkv, proj, fc1, fc2, both norms and
+  layer-scale gammas alike, weights and biases alike (PEG.md section 3).
+- Head mixing. Per gene layer ``l``, ``Q_l = mixing_matrix(H_b, H_a)`` of the same kind; gene head
+  ``h`` is ``sum_i Q_l[h, i]`` times ancestry head ``i``, where a head is its q, k, v rows and its
+  proj columns (they move together). Head dim stays the ancestry's. Proj columns are not
+  rescaled; with ``H_b < H_a`` the attention branch is therefore weaker until expansion or
+  training compensates (documented choice; see :func:`factory.mixing.mix_heads`).
+- Both draws come from one ``torch.Generator`` seeded with ``seed``: layer matrix first, then
+  the head matrices, so the same ancestry, sizes, kind, tau and seed give a bit-identical learngene.
+
+On disk, a learngene is a directory with ``learngene.safetensors`` (tensors ``stem.*``,
+``gene.*``, ``mix.layer``, ``mix.head``, ``depth_map.<L_d>.*``) and ``learngene.json`` (format
+version, ancestry identity and hash, arch, sizes, seed, tau, mixing kind, the mixing matrices,
+the safetensors file's sha256, and the weight-distribution report of :mod:`factory.stats`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .ancestry import Ancestry, load_ancestry
+from .artifacts import atomic_directory, sha256_bytes
+from .errors import FactoryError
+from .mixing import MIXING_KINDS, DepthMap, mix_heads, mix_layers, mixing_matrix
+from .shapes import ArchConfig
+from .stats import distribution_report, summarize
+from .timm_vit import split_state_dict
+
+FORMAT_VERSION = 1
+TENSOR_FILE = "learngene.safetensors"
+META_FILE = "learngene.json"
+
+
+@dataclass
+class Learngene:
+    """Stem + gene layers + mixing provenance (+ optional trained depth maps per depth)."""
+
+    arch: ArchConfig
+    stem: dict[str, torch.Tensor]
+    genes: dict[str, torch.Tensor]
+    num_heads: int
+    layer_mixing: torch.Tensor
+    head_mixing: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+    depth_maps: dict[int, DepthMap] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return int(next(iter(self.genes.values())).shape[0])
+
+    def depth_map(self, depth: int) -> DepthMap:
+        """The trained map for ``depth`` if the learngene has one, else the interpolating init."""
+        if depth in self.depth_maps:
+            return self.depth_maps[depth]
+        return DepthMap(self.num_layers, depth)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"stem.{k}": v for k, v in self.stem.items()}
+        out.update({f"gene.{k}": v for k, v in self.genes.items()})
+        out["mix.layer"] = self.layer_mixing
+        out["mix.head"] = self.head_mixing
+        for depth, dm in sorted(self.depth_maps.items()):
+            for k, v in dm.state_dict().items():
+                out[f"depth_map.{depth}.{k}"] = v
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def save(self, directory: str | Path) -> str:
+        """Write the learngene directory atomically; returns the tensor file's sha256."""
+        from safetensors.torch import save
+
+        data = save(self.tensors())
+        digest = sha256_bytes(data)
+        meta = dict(self.meta)
+        meta.update(
+            format_version=FORMAT_VERSION,
+            peg_factory_version=__version__,
+            arch=self.arch.to_dict(),
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            depth_maps=sorted(self.depth_maps),
+            tensors_sha256=digest,
+            layer_mixing=self.layer_mixing.tolist(),
+            head_mixing=self.head_mixing.tolist(),
+            shapes={k: list(v.shape) for k, v in self.tensors().items()},
+        )
+        with atomic_directory(directory) as tmp:
+            (tmp / TENSOR_FILE).write_bytes(data)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        self.meta = meta
+        return digest
+
+    @property
+    def sha256(self) -> str | None:
+        return self.meta.get("tensors_sha256")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Learngene":
+        """Read a learngene directory, verifying its hash; one-line errors on any damage."""
+        from safetensors.torch import load
+
+        directory = Path(directory)
+        meta_path, tensor_path = directory / META_FILE, directory / TENSOR_FILE
+        for p in (meta_path, tensor_path):
+            if not p.is_file():
+                raise FactoryError(
+                    f"{p} not found; {directory} is not a learngene directory "
+                    "(create one with `peg-factory learngene --out DIR`)"
+                )
+        try:
+            meta = json.loads(meta_path.read_text())
+            arch = ArchConfig.from_dict(meta["arch"])
+            num_heads = int(meta["num_heads"])
+            expected = meta["tensors_sha256"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FactoryError(f"{meta_path} is corrupted ({type(exc).__name__}: {exc}); re-create the learngene") from exc
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise FactoryError(
+                f"{meta_path} has format version {meta.get('format_version')!r}, this peg-factory "
+                f"reads {FORMAT_VERSION}; re-create the learngene"
+            )
+        data = tensor_path.read_bytes()
+        if sha256_bytes(data) != expected:
+            raise FactoryError(
+                f"{tensor_path} is corrupted or truncated (sha256 does not match {meta_path.name}); "
+                "re-create the learngene"
+            )
+        try:
+            tensors = load(data)
+        except Exception as exc:  # noqa: BLE001 - hash matched, so this is a format mismatch
+            raise FactoryError(f"{tensor_path} is not a readable safetensors file: {exc}") from exc
+        stem = {k[5:]: v for k, v in tensors.items() if k.startswith("stem.")}
+        genes = {k[5:]: v for k, v in tensors.items() if k.startswith("gene.")}
+        maps: dict[int, DepthMap] = {}
+        for depth in meta.get("depth_maps", []):
+            prefix = f"depth_map.{depth}."
+            sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            dm = DepthMap(int(sd["w1"].shape[1]), int(depth), extra_hidden=int(sd["w1"].shape[0]) - 2 * int(sd["w1"].shape[1]))
+            dm.load_state_dict(sd)
+            maps[int(depth)] = dm
+        return cls(arch, stem, genes, num_heads, tensors["mix.layer"], tensors["mix.head"], meta, maps)
+
+
+def sample_learngene(
+    ancestry: Ancestry | torch.nn.Module | str,
+    layers: int,
+    heads: int | None = None,
+    *,
+    tau: float = 1.0,
+    seed: int = 0,
+    mixing: str = "softmax",
+    report: bool = True,
+) -> Learngene:
+    """Sample a learngene of ``layers`` gene layers with ``heads`` heads (default: ancestry's).
+
+    Formulas in the module docstring. ``report`` adds the weight-distribution comparison
+    (:func:`factory.stats.distribution_report`) to ``meta["stats"]``.
+    """
+    anc = load_ancestry(ancestry)
+    arch = anc.arch
+    heads = arch.num_heads if heads is None else heads
+    if mixing not in MIXING_KINDS:
+        raise FactoryError(f"unknown mixing {mixing!r}; choose one of {', '.join(MIXING_KINDS)}")
+    if not 1 <= layers:
+        raise FactoryError(f"learngene layers must be >= 1, got {layers}")
+    if not 1 <= heads:
+        raise FactoryError(f"learngene heads must be >= 1, got {heads}")
+    if mixing == "identity" and (layers > arch.depth or heads > arch.num_heads):
+        raise FactoryError(
+            f"identity mixing selects layers/heads, so it needs layers <= {arch.depth} and "
+            f"heads <= {arch.num_heads}; got {layers} and {heads}"
+        )
+    with torch.no_grad():
+        stem, blocks = split_state_dict(
+            {k: v.detach().float() for k, v in anc.model.state_dict().items()}, arch.depth
+        )
+        gen = torch.Generator().manual_seed(seed)
+        p = mixing_matrix(layers, arch.depth, mixing, tau=tau, generator=gen)
+        q = mixing_matrix(heads, arch.num_heads, mixing, tau=tau, generator=gen, batch=(layers,))
+        genes = {name: mix_layers(p, t) for name, t in blocks.items()}
+        genes = mix_heads(genes, q, arch.head_dim)
+    meta: dict[str, Any] = {
+        "ancestry": anc.identity(),
+        "seed": seed,
+        "tau": tau,
+        "mixing": mixing,
+    }
+    if report:
+        dist = distribution_report(blocks, genes, seed=seed)
+        meta["stats"] = {"summary": summarize(dist), "per_tensor": dist}
+    return Learngene(arch, stem, genes, heads, p, q, meta)
