@@ -79,6 +79,9 @@ def _create_timm(name: str, pretrained: bool) -> nn.Module:
             f"unknown timm model {name!r}; run `python -c \"import timm; print(timm.list_models('*vit*'))\"` "
             "to list architectures"
         )
+    if pretrained:  # reject non-ViT architectures before any download (meta: no memory)
+        with torch.device("meta"):
+            arch_of(timm.create_model(name, pretrained=False))
     try:
         return timm.create_model(name, pretrained=pretrained)
     except (OSError, RuntimeError, ValueError) as exc:

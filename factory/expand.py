@@ -56,20 +56,28 @@ def expand_tensors(
 def model_from_state(
     arch: ArchConfig, shape: DescendantShape, state: dict[str, torch.Tensor], *, seed: int = 0
 ) -> nn.Module:
-    """Build a timm ViT for ``shape`` (seeded init) and load ``state`` over it.
+    """Build a timm ViT for ``shape`` and load ``state`` into it.
 
-    Keys absent from ``state`` (only the classifier, when the class count changed) keep timm's
-    initialisation; any other missing or extra key is a bug and raises.
+    The model is built on the meta device (no wasted random init of a large model) and
+    materialised from ``state``. Only the classifier may be absent from ``state`` (the class
+    count changed): it gets timm's own ViT initialisation (``init_weights_vit_timm``: truncated
+    normal, std 0.02, zero bias) drawn from ``seed``. Any other missing or extra key is a bug.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    from timm.models.vision_transformer import init_weights_vit_timm
+
+    with torch.device("meta"):
         model = build_vit(arch, shape)
     own = model.state_dict()
     missing = set(own) - set(state)
     extra = set(state) - set(own)
     if extra or missing - {"head.weight", "head.bias"}:
         raise RuntimeError(f"descendant state mismatch: missing {sorted(missing)} extra {sorted(extra)}")
+    model.to_empty(device="cpu")
     model.load_state_dict({k: v.detach().to(own[k].dtype) for k, v in state.items()}, strict=False)
+    if missing:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            init_weights_vit_timm(model.head)
     return model.eval()
 
 

@@ -156,6 +156,6 @@ class DepthMap(nn.Module):
             raise FactoryError(f"depth map expects {self.l_in} layers, got {stack.shape[0]}")
         x = stack.reshape(self.l_in, -1)
         w1, b1, w2, b2 = (t.to(x.dtype) for t in (self.w1, self.b1, self.w2, self.b2))
-        h = torch.relu(w1 @ x + b1[:, None])
-        y = w2 @ h + b2[:, None]
+        h = torch.relu(torch.addmm(b1[:, None], w1, x))
+        y = torch.addmm(b2[:, None], w2, h)
         return y.reshape(self.l_out, *stack.shape[1:])

@@ -140,6 +140,19 @@ class ArchConfig:
             num_classes=self.num_classes,
         )
 
+    def with_shape(self, shape: DescendantShape) -> "ArchConfig":
+        """This style at ``shape``'s size (the arch of a descendant)."""
+        return dataclasses.replace(
+            self,
+            embed_dim=shape.embed_dim,
+            depth=shape.depth,
+            num_heads=shape.num_heads,
+            mlp_hidden=shape.mlp_hidden,
+            img_size=shape.img_size,
+            patch_size=shape.patch_size,
+            num_classes=shape.num_classes,
+        )
+
     def timm_kwargs(self, shape: DescendantShape | None = None) -> dict[str, Any]:
         """Keyword arguments for ``timm.models.vision_transformer.VisionTransformer``.
 
@@ -197,7 +210,7 @@ def vit_flops(shape: DescendantShape, arch: ArchConfig = STANDARD_ARCH) -> int:
 def vit_params(shape: DescendantShape, arch: ArchConfig = STANDARD_ARCH) -> int:
     """Closed-form parameter count of the timm ViT for ``shape`` (matches ``numel`` sums)."""
     d, m = shape.embed_dim, shape.mlp_hidden
-    patch = d * arch.in_chans * shape.patch_size**2 + d
+    patch = d * arch.in_chans * shape.patch_size**2 + (0 if arch.pre_norm else d)  # timm: no bias with pre_norm
     pos_tokens = shape.grid**2 + (0 if arch.no_embed_class else arch.num_prefix_tokens)
     tokens = arch.num_prefix_tokens * d + pos_tokens * d
     qkv = 3 * d * d + (3 * d if arch.qkv_bias else 0)

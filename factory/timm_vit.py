@@ -83,10 +83,11 @@ def arch_of(model: nn.Module) -> ArchConfig:
     if not blocks:
         raise FactoryError("ancestry has no transformer blocks")
     b0 = blocks[0]
-    if type(b0) is not Block or type(b0.attn) is not Attention or type(b0.mlp) is not Mlp:
+    parts = (type(b0), type(getattr(b0, "attn", None)), type(getattr(b0, "mlp", None)))
+    if parts != (Block, Attention, Mlp):
         raise FactoryError(
-            f"ancestry blocks are {type(b0).__name__}/{type(b0.attn).__name__}/"
-            f"{type(b0.mlp).__name__}; only timm's standard Block/Attention/Mlp are supported"
+            f"ancestry blocks are {'/'.join(p.__name__ for p in parts)}; peg-factory does not "
+            "expand them (only timm's standard Block/Attention/Mlp)"
         )
     if not isinstance(b0.attn.q_norm, nn.Identity) or not isinstance(b0.attn.norm, nn.Identity):
         raise FactoryError("ancestry uses qk-norm or attention scale-norm, which PEG does not expand")

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from factory import Learngene, count_flops, load_ancestry
+from factory.checkpoint import load_descendant
+from factory.cli import cli
+
+
+@pytest.fixture()
+def run():
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def test_learngene_expand_flops_round_trip(run, tmp_path):
+    lg_dir, out = tmp_path / "lg", tmp_path / "d.safetensors"
+    r = run("learngene", "--ancestry", "random:vit_tiny_patch16_224", "--layers", "3", "--heads", "2",
+            "--seed", "4", "--out", lg_dir)
+    assert r.exit_code == 0, r.output
+    assert "3 layers x 2 heads" in r.output
+    lg = Learngene.load(lg_dir)
+    assert lg.num_layers == 3 and lg.meta["seed"] == 4
+    r = run("expand", "--learngene", lg_dir, "--depth", "5", "--embed-dim", "96", "--heads", "3",
+            "--img-size", "64", "--num-classes", "7", "--out", out)
+    assert r.exit_code == 0, r.output
+    model = load_descendant(out)
+    assert len(model.blocks) == 5 and model.embed_dim == 96 and model.num_classes == 7
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    r = run("flops", "--model", out, "--json")
+    data = json.loads(r.output)
+    assert data["flops_fvcore"] == data["flops_closed_form"] == count_flops(model)
+    assert data["params"] == data["params_closed_form"]
+
+
+def test_baseline_expand_and_descendant_as_ancestry(run, tmp_path):
+    out = tmp_path / "ws.safetensors"
+    r = run("expand", "--method", "weight_selection", "--ancestry", "demo", "--depth", "2",
+            "--embed-dim", "96", "--heads", "2", "--out", out)
+    assert r.exit_code == 0, r.output
+    anc = load_ancestry(out)  # descendants can be ancestries in turn
+    assert anc.arch.depth == 2 and anc.arch.in_chans == 1
+
+
+def test_flops_of_a_shape(run):
+    r = run("flops", "--depth", "12", "--embed-dim", "768", "--heads", "12")
+    assert r.exit_code == 0 and "17.5" in r.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["expand", "--learngene", "nope", "--depth", "2", "--embed-dim", "96", "--heads", "2", "--out", "x.safetensors"], "not a learngene directory"),
+        (["expand", "--ancestry", "demo", "--method", "tleg", "--depth", "2", "--embed-dim", "999", "--heads", "3", "--out", "x.safetensors"], "exceeds the ancestry"),
+        (["expand", "--ancestry", "demo", "--method", "tleg", "--depth", "2", "--embed-dim", "96", "--heads", "5", "--out", "x.safetensors"], "not divisible"),
+        (["expand", "--method", "peg", "--depth", "2", "--embed-dim", "96", "--heads", "2", "--out", "x.safetensors"], "needs --learngene"),
+        (["expand", "--method", "scratch", "--depth", "2", "--embed-dim", "96", "--heads", "2", "--out", "x.pt"], "must end in .safetensors"),
+        (["learngene", "--ancestry", "random:resnet18", "--out", "lg"], "not a timm VisionTransformer"),
+        (["learngene", "--ancestry", "demo"], "missing --out"),
+        (["learngene", "--ancestry", "demo", "--layers", "0", "--out", "lg"], "layers must be"),
+        (["flops", "--depth", "2"], "missing --embed-dim"),
+        (["expand", "--method", "nope"], "Invalid value"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_unwritable_output_is_a_clean_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")  # works as root too, unlike chmod
+    result = CliRunner().invoke(cli, ["learngene", "--out", str(blocker / "lg")])
+    assert result.exit_code == 2 and "cannot create directory" in result.output
+    result = CliRunner().invoke(cli, ["learngene", "--out", str(blocker)])
+    assert result.exit_code == 2 and "not a directory" in result.output
+    assert blocker.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("command", ["learngene", "expand", "flops"])
+def test_every_command_has_help_with_an_example(run, command):
+    r = run(command, "--help")
+    assert r.exit_code == 0 and "Example:" in r.output and "peg-factory " + command in r.output
