@@ -82,6 +82,237 @@ def learngene(ctx, ancestry, layers, heads, tau, mixing, seed, out) -> None:
     )
 
 
+@learngene.command("train")
+@click.option("--learngene", "learngene_dir", type=click.Path(path_type=Path), required=True, help="Sampled learngene directory.")
+@click.option("--ancestry", default=None, help="Teacher ancestry spec [default: the one named in the learngene].")
+@click.option("--data", default="mnist", show_default=True, help="Images to distil on: mnist, digits, synthetic or an ImageFolder dir.")
+@click.option("--depths", default=None, help="Comma-separated descendant depths [default: 1, L_b/2, L_b, L_a, 1.5 L_a, 2 L_a].")
+@click.option("--steps", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Trained learngene directory to write.")
+def learngene_train(learngene_dir, ancestry, data, depths, steps, batch_size, lr, seed, out) -> None:
+    """The learngene expanding phase: distil the ancestry into every expansion at once.
+
+    \b
+    Example:
+      peg-factory learngene train --learngene out/learngene --data mnist --steps 200 --out out/learngene-trained
+    """
+    from .ancestry import load_ancestry
+    from .data import load_dataset
+    from .expanding import ExpandingConfig, default_shapes, train_learngene
+    from .learngene import Learngene
+
+    lg = Learngene.load(learngene_dir)
+    spec = ancestry or lg.meta.get("ancestry", {}).get("spec")
+    if not spec or spec.startswith("module:"):
+        raise UserError("the learngene does not name a loadable ancestry; pass --ancestry SPEC")
+    anc = load_ancestry(spec)
+    if anc.sha256 != lg.meta.get("ancestry", {}).get("sha256"):
+        raise UserError(f"ancestry {spec!r} is not the one this learngene was sampled from (hash differs); pass the right --ancestry")
+    try:
+        depth_list = [int(d) for d in depths.split(",")] if depths else None
+    except ValueError as exc:
+        raise UserError(f"--depths must be comma-separated integers, got {depths!r}") from exc
+    ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+    shapes = default_shapes(lg, depth_list)
+    cfg = ExpandingConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    trained, report = train_learngene(lg, anc, ds.train, shapes, cfg, eval_data=ds.val.subset(0, 2000))
+    trained.save(out)
+    click.echo(f"learngene {out}: distillation loss {report['loss_first']:.4f} -> {report['loss_last']:.4f} in {report['seconds']}s")
+    for label, before in report["zero_shot_before"].items():
+        click.echo(f"  {label}: zero-shot accuracy {before:.4f} -> {report['zero_shot_after'][label]:.4f}")
+
+
+@cli.group(cls=FactoryGroup)
+def ancestry() -> None:
+    """The demo ancestry (real users bring timm names or checkpoints)."""
+
+
+@ancestry.command("train")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Weights file [default: the user cache, where `demo` looks first].")
+@click.option("--steps", type=int, default=None, help="Override the recipe's step count.")
+@click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
+@click.option("--fp32", is_flag=True, help="Store fp32 weights (default fp16, ~5 MB).")
+def ancestry_train(out, steps, seed, fp32) -> None:
+    """Train the demo ancestry on MNIST (about 5 minutes on 2 CPU cores).
+
+    \b
+    Example:
+      peg-factory ancestry train
+      peg-factory ancestry train --out factory/assets/demo_ancestry.safetensors
+    """
+    from .demo import train_demo_ancestry
+
+    overrides = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
+    log = train_demo_ancestry(out, recipe=overrides, half=not fp32)
+    click.echo(f"demo ancestry: test accuracy {log['test_accuracy']:.4f} after {log['recipe']['steps']} steps "
+               f"({log['train_seconds']}s)")
+
+
+@cli.command("train")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), required=True, help="Descendant .safetensors to fine-tune.")
+@click.option("--data", default="digits", show_default=True, help="mnist, digits, synthetic or an ImageFolder directory.")
+@click.option("--steps", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--warmup-steps", type=int, default=20, show_default=True)
+@click.option("--distill-from", default=None, help="Teacher ancestry spec for knowledge distillation.")
+@click.option("--distill-alpha", type=float, default=0.5, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True)
+@click.option("--ckpt-every", type=int, default=50, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory.")
+def train_cmd(model_path, data, steps, batch_size, lr, warmup_steps, distill_from, distill_alpha, device, amp,
+              ckpt_every, seed, resume, out) -> None:
+    """Fine-tune a descendant (CPU, or GPU with AMP; multi-GPU under torchrun).
+
+    \b
+    Example:
+      peg-factory train --model out/descendant.safetensors --data digits --steps 200 --out runs/d9
+      torchrun --nproc_per_node 4 -m factory.cli train --model d.safetensors --data ./imagenet --out runs/x
+    """
+    from .ancestry import load_ancestry
+    from .checkpoint import save_descendant
+    from .data import load_dataset
+    from .train import TrainConfig, evaluate, train
+
+    anc = load_ancestry(model_path)
+    ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+    model, arch = anc.model, anc.arch
+    if ds.num_classes != arch.num_classes:
+        import dataclasses
+
+        from .expand import model_from_state
+
+        shape = dataclasses.replace(arch.shape(), num_classes=ds.num_classes)  # new classifier
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+        model, arch = model_from_state(arch, shape, state, seed=seed), arch.with_shape(shape)
+    teacher = load_ancestry(distill_from).model if distill_from else None
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, device=device, amp=amp,
+                      seed=seed, ckpt_every=ckpt_every, distill_alpha=distill_alpha if teacher is not None else 0.0)
+    result = train(model, ds.train, cfg, val_data=ds.val, teacher=teacher, out_dir=out, resume=resume)
+    model = model.cpu()
+    test_acc = evaluate(model, ds.test)
+    save_descendant(model, arch, out / "model.safetensors",
+                    {"finetuned_from": str(model_path), "data": ds.identity, "steps": steps, "seed": seed})
+    click.echo(f"trained {out}: val accuracy {result.val_accuracy:.4f}, test accuracy {test_acc:.4f}, {result.seconds:.0f}s")
+
+
+@cli.group(cls=FactoryGroup)
+def profiles() -> None:
+    """Shipped device profiles."""
+
+
+@profiles.command("list")
+def profiles_list() -> None:
+    """List the shipped profiles.
+
+    \b
+    Example:
+      peg-factory profiles list
+    """
+    from .profile import list_profiles, load_profile
+
+    for name in list_profiles():
+        p = load_profile(name)
+        budgets = ", ".join(f"{k}={v:g}" for k, v in p.budgets.items())
+        click.echo(f"{name:18s} {p.hardware.kind:4s} {p.hardware.runtime:12s} {p.precision:5s} batch {p.batch:<3d} {budgets}")
+
+
+@profiles.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def profiles_show(name, as_json) -> None:
+    """Show one profile (a shipped name or a YAML path), validated.
+
+    \b
+    Example:
+      peg-factory profiles show jetson_orin
+    """
+    import yaml
+
+    from .profile import load_profile
+
+    data = load_profile(name).model_dump(exclude_none=True)
+    click.echo(json.dumps(data, indent=2) if as_json else yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+@profiles.command("schema")
+def profiles_schema() -> None:
+    """Print the profile JSON schema (the file profiles/profile.schema.json).
+
+    \b
+    Example:
+      peg-factory profiles schema > profiles/profile.schema.json
+    """
+    from .profile import profile_json_schema
+
+    _echo_json(profile_json_schema())
+
+
+@cli.command("search")
+@click.option("--profile", "profile_spec", required=True, help="Profile YAML path or shipped name.")
+@click.option("--ancestry", default="demo", show_default=True, help="Ancestry whose expansions are searched.")
+@click.option("--img-size", "img_sizes", type=int, multiple=True, help="Input sizes to consider [default: ancestry's].")
+@click.option("--num-classes", type=int, default=None, help="Classes of the task [default: ancestry's].")
+@click.option("--snap", type=int, default=32, show_default=True, help="Widths are multiples of this.")
+@click.option("--max-depth", type=int, default=None, help="Deepest descendant [default: 2x ancestry].")
+@click.option("--top", type=int, default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (all fields, rejected shapes too).")
+def search_cmd(profile_spec, ancestry, img_sizes, num_classes, snap, max_depth, top, seed, as_json) -> None:
+    """Find descendant shapes that fit a device profile's budgets.
+
+    \b
+    Example:
+      peg-factory search --profile profiles/jetson_orin.yaml --top 5
+      peg-factory search --profile raspberry_pi5 --json
+    """
+    from .ancestry import load_ancestry
+    from .cost import CostModel
+    from .profile import load_profile
+    from .search import SearchSpace, search
+
+    profile = load_profile(profile_spec)
+    arch = load_ancestry(ancestry).arch
+    space = SearchSpace.from_arch(arch, max_depth=max_depth, snap=snap, img_sizes=tuple(img_sizes) or None,
+                                  num_classes=num_classes)
+    cost = CostModel.for_profile(profile, arch=arch)
+    result = search(profile, space, cost, seed=seed)
+    if as_json:
+        _echo_json(result.to_dict(top=top))
+        if not result.feasible:
+            raise UserError(_miss(result))
+        return
+    click.echo(f"profile {profile.name}: {result.evaluated} shapes evaluated ({result.strategy}), "
+               f"{len(result.feasible)} fit, {len(result.rejected)} rejected")
+    result.require_feasible()  # nothing fits: one line with the closest miss, exit 2
+    click.echo(f"{'rank':>4}  {'shape':28s} {'latency ms':>10} {'memory MB':>9} {'GFLOPs':>8} {'params M':>8}  margins")
+    for i, c in enumerate(result.top(top), 1):
+        margins = " ".join(f"{k}:{v:+.0%}" for k, v in c.margins.items())
+        click.echo(f"{i:>4}  {c.shape.label():28s} {c.latency_ms:10.4f} {c.memory_mb:9.2f} {c.flops_g:8.4f} {c.params_m:8.3f}  {margins}")
+    click.echo(f"pareto front: {len(result.pareto)} shapes, latency {result.pareto[0].latency_ms:.4f}..{result.pareto[-1].latency_ms:.4f} ms")
+    by_budget: dict[str, int] = {}
+    for c in result.rejected:
+        for k in c.broken:
+            by_budget[k] = by_budget.get(k, 0) + 1
+    if by_budget:
+        click.echo("rejected: " + ", ".join(f"{n} broke {k}" for k, n in sorted(by_budget.items())))
+
+
+def _miss(result) -> str:
+    try:
+        result.require_feasible()
+    except FactoryError as exc:
+        return str(exc)
+    return ""
+
+
 def _shape_options(fn):
     options = [
         click.option("--depth", type=int, help="Descendant depth L_d."),

@@ -1,19 +1,42 @@
-"""The demo ancestry: a small ViT (:data:`factory.ancestry.DEMO_ARCH`) for offline use.
+"""The demo ancestry: a small ViT (:data:`factory.ancestry.DEMO_ARCH`) trained on MNIST.
 
-``load_demo_ancestry`` returns the trained demo weights when ``peg-factory ancestry train`` has
-written them to the cache (:func:`demo_checkpoint_path`), else a seeded random initialisation,
-reported as ``weights="random"`` so nobody mistakes it for a trained model.
+``peg-factory ancestry train`` trains it with :data:`DEMO_RECIPE` on the 50k MNIST training
+split (the 10k validation and 10k test splits stay unseen, so downstream benchmarks can use
+them) and writes fp16 weights (~5 MB) plus a JSON log with the recipe and test accuracy.
+
+``load_demo_ancestry`` looks, in order, at the user's cache (:func:`demo_checkpoint_path`, where
+``peg-factory ancestry train`` writes by default), the weights shipped in the package
+(``factory/assets/demo_ancestry.safetensors``, produced by that same command), and finally falls
+back to a seeded random initialisation reported as ``weights="random"``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .ancestry import DEMO_ARCH, Ancestry, _from_module, _load_into, read_checkpoint
+from .ancestry import ARCH_METADATA_KEY, DEMO_ARCH, Ancestry, _from_module, _load_into, read_checkpoint
+from .artifacts import atomic_write_bytes
 from .timm_vit import build_vit
+
+#: How the shipped demo ancestry was trained (see ``peg-factory ancestry train --help``).
+DEMO_RECIPE: dict[str, Any] = {
+    "data": "mnist",
+    "steps": 4000,
+    "batch_size": 128,
+    "lr": 1.5e-3,
+    "warmup_steps": 50,
+    "label_smoothing": 0.0,
+    "shift": 1,
+    "weight_decay": 0.05,
+    "seed": 0,
+}
+
+PACKAGED = Path(__file__).parent / "assets" / "demo_ancestry.safetensors"
 
 
 def cache_dir() -> Path:
@@ -32,9 +55,47 @@ def load_demo_ancestry(seed: int = 0) -> Ancestry:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_vit(DEMO_ARCH)
-    path = demo_checkpoint_path()
-    if path.is_file():
-        state, _ = read_checkpoint(path)
-        _load_into(model, state, str(path), "demo")
-        return _from_module(model, "demo", "trained-demo")
+    for path in (demo_checkpoint_path(), PACKAGED):
+        if path.is_file():
+            state, _ = read_checkpoint(path)
+            _load_into(model, {k: v.float() for k, v in state.items()}, str(path), "demo")
+            return _from_module(model, "demo", "trained-demo")
     return _from_module(model, "demo", "random")
+
+
+def train_demo_ancestry(
+    out: str | Path | None = None, *, recipe: dict[str, Any] | None = None, progress: bool = True, half: bool = True
+) -> dict[str, Any]:
+    """Train the demo ancestry, write ``out`` (+ ``.json`` log beside it); returns the log."""
+    from safetensors.torch import save
+
+    from .data import load_dataset
+    from .train import TrainConfig, evaluate, train
+
+    recipe = {**DEMO_RECIPE, **(recipe or {})}
+    data = load_dataset(recipe["data"], img_size=DEMO_ARCH.img_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe["seed"])
+        model = build_vit(DEMO_ARCH)
+        cfg = TrainConfig(**{k: v for k, v in recipe.items() if k != "data"})
+        result = train(model, data.train, cfg, progress=progress)
+    model = model.cpu().eval()
+    acc = evaluate(model, data.test)
+    state = {k: (v.half() if half else v).contiguous() for k, v in model.state_dict().items()}
+    if half:  # report the accuracy of what is shipped, not of the fp32 weights
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+        acc = evaluate(model, data.test)
+    path = Path(out) if out is not None else demo_checkpoint_path()
+    log = {
+        "command": "peg-factory ancestry train",
+        "recipe": recipe,
+        "arch": DEMO_ARCH.to_dict(),
+        "test_accuracy": round(acc, 4),
+        "final_loss": round(result.final_loss, 4),
+        "train_seconds": round(result.seconds, 1),
+        "dtype": "float16" if half else "float32",
+        "torch": torch.__version__,
+    }
+    atomic_write_bytes(path, save(state, metadata={ARCH_METADATA_KEY: json.dumps(DEMO_ARCH.to_dict(), sort_keys=True)}))
+    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(log, indent=2) + "\n").encode())
+    return log

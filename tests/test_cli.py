@@ -91,3 +91,44 @@ def test_unwritable_output_is_a_clean_error(tmp_path):
 def test_every_command_has_help_with_an_example(run, command):
     r = run(command, "--help")
     assert r.exit_code == 0 and "Example:" in r.output and "peg-factory " + command in r.output
+
+
+def test_profiles_list_show_and_search(run):
+    r = run("profiles", "list")
+    assert r.exit_code == 0 and "jetson_orin" in r.output and "raspberry_pi5" in r.output
+    r = run("profiles", "show", "jetson_orin")
+    assert r.exit_code == 0 and "tensorrt" in r.output
+    r = run("search", "--profile", "profiles/raspberry_pi5.yaml", "--top", "3")
+    assert r.exit_code == 0, r.output
+    assert "rejected:" in r.output and "broke latency_ms" in r.output
+    r = run("search", "--profile", "raspberry_pi5", "--json")
+    data = json.loads(r.output)
+    assert data["feasible_count"] > 0 and data["rejected"][0]["broken"]
+
+
+def test_search_with_impossible_budgets_exits_2(tmp_path):
+    prof = tmp_path / "tight.yaml"
+    prof.write_text(open("profiles/jetson_orin.yaml").read().replace("latency_ms: 1.0", "latency_ms: 0.00001"))
+    result = CliRunner().invoke(cli, ["search", "--profile", str(prof)])
+    assert result.exit_code == 2 and "relax budgets.latency_ms" in result.output
+    result = CliRunner().invoke(cli, ["search", "--profile", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_train_and_resume_from_the_cli(run, tmp_path):
+    model = tmp_path / "d.safetensors"
+    assert run("expand", "--method", "weight_selection", "--ancestry", "demo", "--depth", "2", "--embed-dim", "64",
+               "--heads", "1", "--img-size", "28", "--out", model).exit_code == 0
+    r = run("train", "--model", model, "--data", "synthetic", "--steps", "4", "--batch-size", "16", "--ckpt-every", "2",
+            "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert "test accuracy" in r.output
+    trained = load_descendant(tmp_path / "run" / "model.safetensors")
+    assert trained.num_classes == 4  # the synthetic set has 4 classes: new head
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
+    r = run("train", "--model", model, "--data", "synthetic", "--steps", "6", "--batch-size", "16", "--resume",
+            "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 6
+    result = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", "synthetic", "--resume", "--out", str(tmp_path / "fresh")])
+    assert result.exit_code == 2 and "no checkpoint" in result.output

@@ -1,0 +1,311 @@
+"""Cost models: latency (roofline, calibrated, measured) and memory of a ViT shape on a device.
+
+**Roofline latency.** A shape at batch ``B`` is lowered to the ops a runtime executes
+(:func:`vit_ops`): matmuls (patch embedding, qkv, proj, fc1, fc2, head), attention (``q k^T``,
+softmax, ``attn v``) and memory-bound elementwise ops (LayerNorms, GELU, residual adds). Each op
+takes
+
+    t_op = max( 2 * MACs / (peak * eff_kind),  bytes / (bandwidth * eff_mem) ) + overhead_op
+
+(``peak`` in FLOP/s counts 2 FLOPs per multiply-add, as datasheets do), and the latency is
+``sum(t_op) + fixed_ms``. ``bytes`` counts weights plus activations read and written at the
+profile's precision. Runtimes differ in what they fuse: TensorRT fuses attention (no ``N^2``
+score traffic) and folds elementwise ops into neighbours (no per-op overhead for them);
+onnxruntime on CPU runs attention as MatMul-Softmax-MatMul, so the ``H*N^2`` scores go through
+memory, and every op pays dispatch overhead. :class:`Efficiency` holds the factors; defaults per
+device kind are rough priors, and :func:`calibrate` fits them to measured rows.
+
+**Calibration.** Given measured ``(shape, batch, latency)`` rows (a profile's CSV, or host
+measurements from :func:`measure_onnxruntime_latency`), :func:`calibrate` fits the five
+:class:`Efficiency` parameters by bounded least squares on ``log(predicted / measured)``.
+
+**Memory.** ``weights + peak activations + runtime overhead`` with weights ``params * bytes``
+and peak activations ``B * bytes * (2*N*D + max(3*N*D + S, 2*N*M))`` -- the residual stream and
+its normalised copy, plus the larger working set of attention (q, k, v and scores
+``S = H*N^2``, zero when fused) or the MLP (hidden pre- and post-GELU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import FactoryError
+from .profile import Hardware, Profile
+from .shapes import STANDARD_ARCH, ArchConfig, DescendantShape, num_tokens, vit_params
+
+BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+OpKind = Literal["matmul", "attention", "elementwise"]
+RUNTIME_OVERHEAD_MB = {"onnxruntime": 20.0, "tensorrt": 40.0}
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    kind: OpKind
+    macs: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of peak a runtime attains, plus per-op and per-run overheads."""
+
+    matmul: float = 0.5
+    attention: float = 0.3
+    memory: float = 0.6
+    op_overhead_us: float = 5.0
+    fixed_ms: float = 0.05
+
+    @classmethod
+    def default_for(cls, hw: Hardware) -> "Efficiency":
+        if hw.runtime == "tensorrt":
+            return cls(matmul=0.6, attention=0.4, memory=0.7, op_overhead_us=3.0, fixed_ms=0.05)
+        if hw.kind == "cpu":
+            return cls(matmul=0.45, attention=0.25, memory=0.5, op_overhead_us=8.0, fixed_ms=0.03)
+        return cls()
+
+
+@dataclass(frozen=True)
+class Device:
+    """Resolved hardware numbers a cost model needs (declared or measured)."""
+
+    peak_flops: float  # FLOP/s at the profile precision
+    bandwidth: float  # bytes/s
+    runtime: str
+    memory_mb: float
+    fused_attention: bool
+
+    @classmethod
+    def from_profile(cls, profile: Profile, host: "HostFacts | None" = None) -> "Device":
+        hw = profile.hardware
+        if hw.measure:
+            host = host or measure_host()
+            peak, bw = host.peak_flops * {"fp32": 1, "fp16": 1, "int8": 2}[profile.precision], host.bandwidth
+        else:
+            assert hw.peak_tflops is not None and hw.memory_bandwidth_gbs is not None
+            peak, bw = hw.peak_tflops[profile.precision] * 1e12, hw.memory_bandwidth_gbs * 1e9
+        return cls(peak, bw, hw.runtime, hw.memory_mb, fused_attention=hw.runtime == "tensorrt")
+
+
+def vit_ops(
+    shape: DescendantShape, batch: int = 1, precision: str = "fp32", *, arch: ArchConfig = STANDARD_ARCH,
+    fused_attention: bool = False,
+) -> list[tuple[Op, int]]:
+    """The ops of one forward pass as ``(op, count)`` pairs (blocks are identical, so each block
+    op appears once with ``count = depth``); see the module docstring for what bytes count."""
+    b = BYTES[precision]
+    n, d, m, h = num_tokens(shape, arch), shape.embed_dim, shape.mlp_hidden, shape.num_heads
+    bn = batch * n
+    g, c, p = shape.grid**2, arch.in_chans, shape.patch_size
+
+    def mm(name: str, rows: int, k: int, cols: int) -> Op:
+        return Op(name, "matmul", rows * k * cols, (rows * k + k * cols + rows * cols) * b)
+
+    def ew(name: str, elements: int, tensors: int = 2) -> Op:
+        return Op(name, "elementwise", 0, elements * tensors * b)
+
+    scores = 0 if fused_attention else 3 * batch * h * n * n * b
+    block = [
+        ew("norm1", bn * d),
+        mm("qkv", bn, d, 3 * d),
+        Op("attention", "attention", 2 * batch * n * n * d, 4 * bn * d * b + scores),
+        mm("proj", bn, d, d),
+        ew("add1", bn * d, 3),
+        ew("norm2", bn * d),
+        mm("fc1", bn, d, m),
+        ew("gelu", bn * m),
+        mm("fc2", bn, m, d),
+        ew("add2", bn * d, 3),
+    ]
+    return (
+        [(mm("patch_embed", batch * g, c * p * p, d), 1)]
+        + [(op, shape.depth) for op in block]
+        + [(ew("norm", bn * d), 1), (mm("head", batch, d, max(1, shape.num_classes)), 1)]
+    )
+
+
+def roofline_ms(ops: list[tuple[Op, int]], device: Device, eff: Efficiency) -> float:
+    """Sum of per-op roofline times plus overheads, in milliseconds."""
+    peak = {"matmul": device.peak_flops * eff.matmul, "attention": device.peak_flops * eff.attention}
+    bw = device.bandwidth * eff.memory
+    skip_elementwise_overhead = device.runtime == "tensorrt"  # fused into neighbouring kernels
+    total = 0.0
+    for op, count in ops:
+        compute = 2 * op.macs / peak[op.kind] if op.kind != "elementwise" else 0.0
+        t = max(compute, op.bytes / bw)
+        if not (skip_elementwise_overhead and op.kind == "elementwise"):
+            t += eff.op_overhead_us * 1e-6
+        total += t * count
+    return total * 1e3 + eff.fixed_ms
+
+
+def memory_mb(shape: DescendantShape, batch: int, precision: str, runtime: str, *,
+              arch: ArchConfig = STANDARD_ARCH, fused_attention: bool = False) -> float:
+    """Predicted device memory in MB (formula in the module docstring)."""
+    b = BYTES[precision]
+    n, d, m, h = num_tokens(shape, arch), shape.embed_dim, shape.mlp_hidden, shape.num_heads
+    weights = vit_params(shape, arch) * b
+    scores = 0 if fused_attention else h * n * n
+    acts = batch * b * (2 * n * d + max(3 * n * d + scores, 2 * n * m))
+    return (weights + acts) / 1e6 + RUNTIME_OVERHEAD_MB.get(runtime, 0.0)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Latency and memory predictions for one profile (device, precision, batch)."""
+
+    device: Device
+    precision: str
+    batch: int
+    efficiency: Efficiency
+    arch: ArchConfig = STANDARD_ARCH
+    calibrated: bool = False
+
+    @classmethod
+    def for_profile(cls, profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, host: "HostFacts | None" = None) -> "CostModel":
+        device = Device.from_profile(profile, host)
+        model = cls(device, profile.precision, profile.batch, Efficiency.default_for(profile.hardware), arch)
+        csv = profile.calibration_path()
+        if csv is not None:
+            rows = read_calibration_csv(csv, profile.path or "<profile>")
+            model = calibrate(model, rows)
+        return model
+
+    def latency_ms(self, shape: DescendantShape, batch: int | None = None) -> float:
+        ops = vit_ops(shape, batch or self.batch, self.precision, arch=self.arch, fused_attention=self.device.fused_attention)
+        return roofline_ms(ops, self.device, self.efficiency)
+
+    def memory_mb(self, shape: DescendantShape) -> float:
+        return memory_mb(shape, self.batch, self.precision, self.device.runtime, arch=self.arch,
+                         fused_attention=self.device.fused_attention)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    shape: DescendantShape
+    batch: int
+    latency_ms: float
+
+
+def calibrate(model: CostModel, rows: list[Measurement]) -> CostModel:
+    """Fit :class:`Efficiency` to measured rows (bounded least squares on log ratios)."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    if not rows:
+        raise FactoryError("calibration needs at least one measured row")
+    op_lists = [vit_ops(r.shape, r.batch, model.precision, arch=model.arch, fused_attention=model.device.fused_attention)
+                for r in rows]
+    measured = np.array([r.latency_ms for r in rows])
+    names = ("matmul", "attention", "memory", "op_overhead_us", "fixed_ms")
+    lo = np.array([1e-3, 1e-3, 1e-3, 0.0, 0.0])
+    hi = np.array([1.5, 1.5, 1.5, 1e3, 1e3])
+    x0 = np.clip(np.array([getattr(model.efficiency, k) for k in names], dtype=float), lo + 1e-9, hi - 1e-9)
+
+    def residual(x):
+        eff = Efficiency(*x)
+        pred = np.array([roofline_ms(ops, model.device, eff) for ops in op_lists])
+        return np.log(pred / measured)
+
+    fit = least_squares(residual, x0, bounds=(lo, hi))
+    return dataclasses.replace(model, efficiency=Efficiency(*fit.x), calibrated=True)
+
+
+def read_calibration_csv(path, profile_path: str) -> list[Measurement]:
+    """Rows ``depth,embed_dim,num_heads,mlp_ratio,img_size,patch_size,num_classes,batch,latency_ms``."""
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FactoryError(f"profile {profile_path}: calibration file {path} not found; fix the path or remove calibration")
+    rows = []
+    with open(path, newline="") as fh:
+        for i, row in enumerate(csv.DictReader(fh), start=2):
+            try:
+                shape = DescendantShape(
+                    depth=int(row["depth"]), embed_dim=int(row["embed_dim"]), num_heads=int(row["num_heads"]),
+                    mlp_ratio=float(row["mlp_ratio"]), img_size=int(row["img_size"]), patch_size=int(row["patch_size"]),
+                    num_classes=int(row.get("num_classes") or 1000),
+                )
+                rows.append(Measurement(shape, int(row.get("batch") or 1), float(row["latency_ms"])))
+            except (KeyError, TypeError, ValueError, FactoryError) as exc:
+                raise FactoryError(f"calibration {path} line {i}: {exc}; expected columns depth,embed_dim,num_heads,"
+                                   "mlp_ratio,img_size,patch_size,num_classes,batch,latency_ms") from exc
+    return rows
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    peak_flops: float  # fp32 FLOP/s attained by a large GEMM
+    bandwidth: float  # bytes/s of a large copy
+    threads: int
+
+
+def measure_host(seconds: float = 0.5) -> HostFacts:
+    """Measure this machine: fp32 GEMM throughput and copy bandwidth (torch, all threads)."""
+    import torch
+
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds / 2:
+        a @ b
+        n += 1
+    flops = 2 * 1024**3 * n / (time.perf_counter() - start)
+    src = torch.empty(32 * 1024 * 1024)  # 128 MB
+    src.fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds / 2:
+        dst.copy_(src)
+        n += 1
+    bandwidth = 2 * src.numel() * 4 * n / (time.perf_counter() - start)
+    return HostFacts(flops, bandwidth, torch.get_num_threads())
+
+
+def measure_onnxruntime_latency(
+    shape: DescendantShape, batch: int = 1, *, arch: ArchConfig = STANDARD_ARCH, repeats: int = 20, warmup: int = 3,
+) -> float:
+    """Median latency (ms) of a randomly initialised descendant under onnxruntime on this CPU."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from export.onnx_export import export_onnx
+    from .timm_vit import build_vit
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_vit(arch, shape).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        export_onnx(model, path, img_size=shape.img_size, in_chans=arch.in_chans, verify=False)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((batch, arch.in_chans, shape.img_size, shape.img_size), dtype=np.float32)
+    feed = {sess.get_inputs()[0].name: x}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def relative_error(predicted: float, measured: float) -> float:
+    return (predicted - measured) / measured if measured > 0 else math.inf

@@ -1,0 +1,172 @@
+"""Device profiles: a target's budgets and hardware facts, validated.
+
+A profile is a YAML file (schema: ``profiles/profile.schema.json``, generated from
+:class:`Profile` by ``peg-factory profiles schema``)::
+
+    name: jetson_orin
+    hardware:
+      kind: gpu                    # cpu | gpu | npu
+      peak_tflops: {fp32: 5.3, fp16: 42.5, int8: 85.0}   # dense, 2 FLOPs per multiply-add
+      memory_bandwidth_gbs: 204.8
+      memory_mb: 8192             # memory the model may use on the device
+      runtime: tensorrt            # tensorrt | onnxruntime
+      source: "where the figures come from"
+    precision: fp16                # fp32 | fp16 | int8
+    batch: 1
+    budgets: {latency_ms: 2.0, memory_mb: 256, flops_g: 5.0, params_m: 25}   # any, at least one
+    calibration: orin_latency.csv  # optional: measured shape -> latency rows (relative path)
+    export: [onnx, trt]
+
+``hardware.measure: true`` (the shipped ``host.yaml``) means "this machine": peak throughput and
+bandwidth are measured when the profile is resolved (:func:`factory.cost.measure_host`) instead
+of declared. Every validation failure becomes one line naming the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import FactoryError
+
+Precision = Literal["fp32", "fp16", "int8"]
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Hardware(_Strict):
+    kind: Literal["cpu", "gpu", "npu"]
+    peak_tflops: dict[Precision, float] | None = Field(
+        default=None, description="Dense peak throughput per precision, TFLOP/s (2 FLOPs per multiply-add)."
+    )
+    memory_bandwidth_gbs: float | None = Field(default=None, gt=0, description="DRAM bandwidth, GB/s.")
+    memory_mb: float = Field(gt=0, description="Memory available to the model on the device, MB.")
+    runtime: Literal["tensorrt", "onnxruntime"]
+    measure: bool = Field(default=False, description="Measure peak and bandwidth on this machine instead.")
+    source: str | None = Field(default=None, description="Citation for the figures.")
+
+    @model_validator(mode="after")
+    def _declared_or_measured(self) -> "Hardware":
+        if not self.measure:
+            if not self.peak_tflops:
+                raise ValueError("peak_tflops is required unless measure: true")
+            if self.memory_bandwidth_gbs is None:
+                raise ValueError("memory_bandwidth_gbs is required unless measure: true")
+        for precision, value in (self.peak_tflops or {}).items():
+            if not value > 0:
+                raise ValueError(f"peak_tflops.{precision} must be > 0")
+        return self
+
+
+class Budgets(_Strict):
+    latency_ms: float | None = Field(default=None, gt=0)
+    memory_mb: float | None = Field(default=None, gt=0)
+    flops_g: float | None = Field(default=None, gt=0)
+    params_m: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> "Budgets":
+        if all(v is None for v in self.model_dump().values()):
+            raise ValueError("set at least one of latency_ms, memory_mb, flops_g, params_m")
+        return self
+
+    def items(self) -> list[tuple[str, float]]:
+        return [(k, v) for k, v in self.model_dump().items() if v is not None]
+
+
+class Profile(_Strict):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    hardware: Hardware
+    precision: Precision = "fp32"
+    batch: int = Field(default=1, ge=1)
+    budgets: Budgets
+    calibration: str | None = Field(default=None, description="CSV of measured latencies, relative to the profile.")
+    export: list[Literal["onnx", "onnx-fp16", "onnx-int8", "trt"]] = Field(default_factory=lambda: ["onnx"])
+    path: str | None = Field(default=None, exclude=True, description="Where it was loaded from (set by the loader).")
+
+    @model_validator(mode="after")
+    def _precision_declared(self) -> "Profile":
+        hw = self.hardware
+        if not hw.measure and hw.peak_tflops and self.precision not in hw.peak_tflops:
+            raise ValueError(f"precision {self.precision} has no hardware.peak_tflops.{self.precision} entry")
+        return self
+
+    def calibration_path(self) -> Path | None:
+        if self.calibration is None:
+            return None
+        base = Path(self.path).parent if self.path else Path.cwd()
+        return (base / self.calibration).resolve()
+
+
+def _format_error(path: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        fix = "remove it or check its spelling"
+        msg = "unknown key"
+    elif kind == "missing":
+        fix = "add it"
+        msg = "required field missing"
+    elif kind.startswith(("greater_than", "less_than")):
+        fix = "use a positive value"
+    elif kind == "literal_error":
+        fix = "use one of the listed values"
+    else:
+        fix = "see profiles/profile.schema.json"
+    extra = f" ({len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"profile {path}: {field}: {msg.removeprefix('Value error, ')}; {fix}{extra}"
+
+
+def parse_profile(text: str, path: str = "<string>") -> Profile:
+    """Validate profile YAML ``text``; one-line :class:`FactoryError` on any problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise FactoryError(f"profile {path}: unreadable YAML{where}; fix the syntax") from exc
+    if not isinstance(data, dict):
+        raise FactoryError(f"profile {path}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    try:
+        return Profile.model_validate({**data, "path": path})
+    except ValidationError as exc:
+        raise FactoryError(_format_error(path, exc)) from exc
+    except (TypeError, ValueError) as exc:  # pydantic raises these for some malformed keys
+        raise FactoryError(f"profile {path}: {exc}; see profiles/profile.schema.json") from exc
+
+
+def load_profile(spec: str | Path) -> Profile:
+    """A profile from a YAML path or a shipped profile's name (``jetson_orin``)."""
+    path = Path(spec)
+    if not path.exists() and not path.suffix:
+        shipped = PROFILE_DIR / f"{spec}.yaml"
+        if shipped.exists():
+            path = shipped
+    if not path.is_file():
+        names = ", ".join(list_profiles())
+        raise FactoryError(f"profile {spec} not found; pass a YAML path or one of: {names}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FactoryError(f"profile {path}: cannot read it ({exc}); check the file") from exc
+    return parse_profile(text, str(path))
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml") if not p.stem.startswith("fleet"))
+
+
+def profile_json_schema() -> dict:
+    schema = Profile.model_json_schema()
+    schema["properties"].pop("path", None)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "peg-factory device profile"
+    return schema

@@ -1,0 +1,306 @@
+"""The trainer: fine-tuning and distillation of a ViT on in-memory image tensors.
+
+Recipe (DeiT-style, scaled down): AdamW, linear warm-up then cosine decay to ``min_lr``,
+label smoothing, gradient-norm clipping, optional knowledge distillation
+
+    loss = (1 - alpha) * CE_smooth(student, y) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T)),
+
+bf16 autocast on CUDA (fp16 with a GradScaler where bf16 is unsupported), fp32 on CPU.
+
+Determinism and resume. Batch ``s`` is a pure function of ``(seed, s)``: epoch ``e = s*B // N``
+is a seeded permutation of the data and the batch its next slice, and the augmentation
+(random shifts of up to ``shift`` pixels) draws from a generator seeded with ``(seed, s)``. The
+learning rate is a pure function of ``s``. A checkpoint therefore needs only the weights, the
+AdamW state and torch's RNG state (for drop-path), and ``resume`` continues bit-exactly.
+
+Distributed. Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised (NCCL on
+CUDA, gloo on CPU), the model is wrapped in ``DistributedDataParallel`` and each rank trains on
+its slice of every global batch; rank 0 writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .artifacts import atomic_directory
+from .data import ImageTensors
+from .errors import FactoryError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    label_smoothing: float = 0.1
+    clip_grad: float = 1.0
+    distill_alpha: float = 0.0
+    distill_temperature: float = 2.0
+    shift: int = 2
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    eval_every: int = 0  # 0: only at the end
+    ckpt_every: int = 0  # 0: only at the end (when out_dir is given)
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise FactoryError("train config needs steps >= 0, batch_size >= 1 and lr > 0")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise FactoryError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise FactoryError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps`` then cosine from ``lr`` to ``min_lr`` at ``steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of global batch ``step``: consecutive slices of per-epoch seeded permutations."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(perm[offset : offset + batch - len(out)].tolist())
+    return torch.tensor(out)
+
+
+def augment(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ``shift`` pixels (zero padding), one offset per image."""
+    if shift <= 0:
+        return images
+    n, _, h, w = images.shape
+    padded = F.pad(images, (shift, shift, shift, shift), value=float(images.min()))
+    dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :]
+    batch = torch.arange(n)[:, None, None, None]
+    chans = torch.arange(images.shape[1])[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FactoryError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, amp: str):
+    """The autocast context (and whether a GradScaler is needed) for ``device`` and ``amp``."""
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext(), False
+    dtype = torch.bfloat16
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+        dtype = torch.float16
+    return torch.autocast("cuda", dtype=dtype), dtype == torch.float16
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), reduction="batchmean", log_target=True
+    ) * (t * t)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageTensors, *, batch_size: int = 512, device: torch.device | None = None) -> float:
+    """Top-1 accuracy of ``model`` on ``data``."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(data), batch_size):
+        logits = model(data.images[i : i + batch_size].to(device))
+        correct += int((logits.argmax(-1).cpu() == data.labels[i : i + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(1, len(data))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    val_accuracy: float | None
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world
+
+
+def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+    """``state.safetensors`` (weights, AdamW moments, RNG) + ``state.json`` (step, config)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    scalars: dict[str, Any] = {}
+    for pid, state in opt_state["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    tensors["rng.cpu"] = torch.get_rng_state()
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        meta = {"step": step, "config": asdict(cfg), "opt_scalars": scalars, "param_groups": opt_state["param_groups"]}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((directory / "state.json").read_text())
+        tensors = load_file(str(directory / "state.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise FactoryError(f"cannot resume from {directory}: {exc}; remove it or drop --resume") from exc
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["opt_scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    return int(meta["step"])
+
+
+def train(
+    model: nn.Module,
+    train_data: ImageTensors,
+    cfg: TrainConfig,
+    *,
+    val_data: ImageTensors | None = None,
+    teacher: nn.Module | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place for ``cfg.steps`` steps (see module docstring)."""
+    from tqdm.auto import tqdm
+
+    rank, world = _dist_info()
+    device = pick_device(cfg.device)
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.batch_size % world:
+        raise FactoryError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
+    if cfg.distill_alpha > 0 and teacher is None:
+        raise FactoryError("distillation (distill_alpha > 0) needs a teacher model")
+    model.to(device).train()
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if teacher is not None:
+        teacher.to(device).eval()
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt = out / "checkpoint" if out is not None else None
+    start = 0
+    if resume:
+        if ckpt is None or not (ckpt / "state.json").is_file():
+            raise FactoryError(f"--resume: no checkpoint in {ckpt}; run without --resume first")
+        start = load_checkpoint(ckpt, model, opt)
+    autocast, needs_scaler = autocast_for(device, cfg.amp)
+    scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
+    history: list[dict[str, Any]] = []
+    log = None
+    if out is not None and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        log = open(out / "metrics.jsonl", "a" if resume else "w")
+    local = cfg.batch_size // world
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank != 0,
+               desc="train", unit="step", dynamic_ncols=True)
+    t0, seen, loss_value, acc = time.perf_counter(), 0, float("nan"), None
+    try:
+        for step in bar:
+            idx = batch_indices(len(train_data), cfg.batch_size, step, cfg.seed)[rank * local : (rank + 1) * local]
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            x = augment(train_data.images[idx], cfg.shift, gen).to(device)
+            y = train_data.labels[idx].to(device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            with autocast:
+                logits = net(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if teacher is not None and cfg.distill_alpha > 0:
+                    with torch.no_grad():
+                        t_logits = teacher(x).float()
+                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill_loss(
+                        logits.float(), t_logits, cfg.distill_temperature
+                    )
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            if cfg.clip_grad > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            seen += len(idx) * world
+            loss_value = float(loss.detach())
+            batch_acc = float((logits.argmax(-1) == y).float().mean())
+            record: dict[str, Any] = {"step": step + 1, "loss": round(loss_value, 5), "acc": round(batch_acc, 4),
+                                      "lr": lr_at(step, cfg)}
+            last = step + 1 == cfg.steps
+            if val_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+                acc = evaluate(model, val_data, device=device)
+                record["val_acc"] = round(acc, 4)
+            history.append(record)
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            rate = seen / max(1e-9, time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{batch_acc:.2f}", img_s=f"{rate:.0f}")
+            if ckpt is not None and rank == 0 and ((cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last):
+                save_checkpoint(ckpt, model, opt, step + 1, cfg)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    model.eval()
+    return TrainResult(cfg.steps, loss_value, acc, history, time.perf_counter() - t0)

