@@ -53,11 +53,9 @@ def _export_graph(model: nn.Module, x: torch.Tensor, path: Path, opset: int, exp
 def verify_onnx(model: nn.Module, path: str | Path, *, img_size: int, in_chans: int, batches=(1, 4),
                 atol: float = 1e-4, seed: int = 0, providers=("CPUExecutionProvider",)) -> dict[str, float]:
     """Max abs difference between onnxruntime and PyTorch per batch size (raises past ``atol``)."""
-    import onnxruntime as ort
+    from .runtime import ort_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=list(providers))
+    sess = ort_session(path, providers)
     gen = torch.Generator().manual_seed(seed)
     diffs = {}
     for batch in batches:

@@ -313,6 +313,56 @@ def _miss(result) -> str:
     return ""
 
 
+@cli.command("export")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="Run directory or descendant .safetensors [default: every device of the latest build here].")
+@click.option("--format", "fmt", default="onnx", show_default=True, help="onnx, onnx-fp16, onnx-int8, trt, all, or a comma list.")
+@click.option("--profile", "profile_spec", default=None, help="Target profile (batch, precision, which TensorRT path).")
+@click.option("--data", default=None, help="Images for INT8 calibration and accuracy [default: digits for 1-channel 10-class models].")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: MODEL_DIR/export].")
+@click.option("--require-engine", is_flag=True, help="Fail (exit 2) instead of writing a build kit when no engine can be built here.")
+def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None:
+    """Export a descendant to ONNX (verified), FP16/INT8 ONNX and TensorRT (engine or on-device kit).
+
+    \b
+    Example:
+      peg-factory export --model runs/d9 --format all --profile jetson_orin
+      peg-factory export --model out/descendant.safetensors --format onnx-int8 --data digits --out out/export
+      peg-factory export --format trt        # every device of the latest build in this directory
+    """
+    from export.api import export_model, parse_formats, resolve_model_path
+
+    from .profile import load_profile
+
+    jobs = []
+    if model_path is not None:
+        path = resolve_model_path(model_path)
+        jobs.append((path, load_profile(profile_spec) if profile_spec else None, out or path.parent / "export"))
+    else:
+        manifest = _latest_manifest(Path.cwd())
+        for device in manifest["data"]["devices"]:
+            base = manifest["path"].parent
+            prof = load_profile(profile_spec or base / device["profile"])
+            jobs.append((base / device["model"], prof, (out / device["name"]) if out else base / device["name"] / "export"))
+    for path, prof, target in jobs:
+        formats = parse_formats(fmt, prof)
+        record = export_model(path, formats, target, profile=prof, data=data, require_engine=require_engine, log=click.echo)
+        click.echo(f"exported {path} -> {target} ({', '.join(record['artifacts'])}); hashes in {target / 'export.json'}")
+
+
+def _latest_manifest(root: Path) -> dict:
+    candidates = [p for pattern in ("manifest.json", "*/manifest.json", "*/*/manifest.json") for p in root.glob(pattern)]
+    if not candidates:
+        raise UserError(f"no --model given and no build (manifest.json) under {root}; run `peg-factory build` first or pass --model")
+    path = max(candidates, key=lambda p: p.stat().st_mtime)
+    try:
+        data = json.loads(path.read_text())
+        assert isinstance(data["devices"], list)
+    except (ValueError, KeyError, AssertionError, TypeError) as exc:
+        raise UserError(f"{path} is not a peg-factory build manifest; pass --model") from exc
+    return {"path": path, "data": data}
+
+
 def _shape_options(fn):
     options = [
         click.option("--depth", type=int, help="Descendant depth L_d."),

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -280,10 +279,11 @@ def measure_onnxruntime_latency(
     from pathlib import Path
 
     import numpy as np
-    import onnxruntime as ort
     import torch
 
     from export.onnx_export import export_onnx
+    from export.runtime import ort_latency_ms, ort_session
+
     from .timm_vit import build_vit
 
     with torch.random.fork_rng(devices=[]):
@@ -292,19 +292,9 @@ def measure_onnxruntime_latency(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
         export_onnx(model, path, img_size=shape.img_size, in_chans=arch.in_chans, verify=False)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = ort_session(path)
     x = np.random.default_rng(0).standard_normal((batch, arch.in_chans, shape.img_size, shape.img_size), dtype=np.float32)
-    feed = {sess.get_inputs()[0].name: x}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return ort_latency_ms(sess, x, repeats=repeats, warmup=warmup)
 
 
 def relative_error(predicted: float, measured: float) -> float:

@@ -1,0 +1,208 @@
+"""``export_model``: a descendant -> deployable artifacts, verified, with an ``export.json``.
+
+Formats: ``onnx`` (FP32, always produced: the others derive from it), ``onnx-fp16``,
+``onnx-int8`` (static QDQ calibrated on the task's training images; dynamic if none) and ``trt``.
+For ``trt`` an engine is built here only when TensorRT and a GPU are present *and* the target is
+this machine (no profile, or a ``measure: true`` profile such as ``host``); otherwise an
+on-device build kit is written (:mod:`export.kit`) and one line says so. ``require_engine`` turns
+that case into an error.
+
+Every artifact is written into a temporary sibling directory that replaces ``out_dir`` only when
+all formats succeeded; ``export.json`` lists each artifact with its sha256, the verification
+diffs, and for reduced precisions the validation accuracy and host latency against FP32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from factory.ancestry import load_ancestry, read_checkpoint
+from factory.artifacts import atomic_directory, sha256_file
+from factory.checkpoint import INFO_METADATA_KEY
+from factory.errors import FactoryError
+from factory.flops import count_flops, count_params
+
+from .onnx_export import OPSET, export_onnx
+
+FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "trt")
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A run directory (``RUN/model.safetensors``) or a descendant ``.safetensors`` file."""
+    path = Path(model)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FactoryError(f"model {model} not found: pass a run directory holding model.safetensors or a .safetensors file")
+    return path
+
+
+def parse_formats(text: str | list[str], profile=None) -> list[str]:
+    """Format names; ``all`` is every format, or the profile's ``export`` list when one is given."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for item in items:
+        item = item.strip()
+        if item == "all":
+            out.extend(["onnx", *profile.export] if profile is not None else FORMATS)
+        elif item in FORMATS:
+            out.append(item)
+        else:
+            raise FactoryError(f"unknown export format {item!r}; choose from {', '.join(FORMATS)} or all")
+    return list(dict.fromkeys(out))
+
+
+def _data_for(arch, data: str | None):
+    """Validation/calibration images for accuracy and INT8 (None when the task has no data)."""
+    from factory.data import load_dataset
+
+    spec = data or ("digits" if arch.in_chans == 1 and arch.num_classes == 10 else None)
+    if spec is None:
+        return None
+    ds = load_dataset(spec, img_size=arch.img_size, in_chans=arch.in_chans)
+    if ds.num_classes != arch.num_classes:
+        raise FactoryError(f"data {spec!r} has {ds.num_classes} classes but the model predicts {arch.num_classes}")
+    return ds
+
+
+def export_model(
+    model: str | Path,
+    formats: list[str],
+    out_dir: str | Path,
+    *,
+    profile=None,
+    data: str | None = None,
+    require_engine: bool = False,
+    calibration_images: int = 256,
+    log=print,
+) -> dict[str, Any]:
+    """Export ``model`` to ``formats`` under ``out_dir`` (see the module docstring)."""
+    from export.runtime import ort_accuracy, ort_latency_ms, ort_logits, ort_session
+
+    path = resolve_model_path(model)
+    if profile is not None and "trt" in formats and profile.hardware.runtime != "tensorrt":
+        raise FactoryError(f"profile {profile.name} runs {profile.hardware.runtime}, not TensorRT; drop trt from --format "
+                           f"(its formats: {', '.join(profile.export)})")
+    anc = load_ancestry(path)
+    net, arch = anc.model.eval(), anc.arch
+    _, meta = read_checkpoint(path)
+    info = json.loads(meta.get(INFO_METADATA_KEY, "{}"))
+    ds = _data_for(arch, data) if {"onnx-int8", "onnx-fp16", "trt"} & set(formats) or data else None
+    batch = profile.batch if profile is not None else 1
+    metadata = {
+        "peg_factory.shape": arch.shape().to_dict(),
+        "peg_factory.arch": arch.to_dict(),
+        "peg_factory.learngene_sha256": info.get("learngene_sha256") or "",
+        "peg_factory.init": info.get("method") or "",
+        "peg_factory.profile": profile.name if profile is not None else "",
+        "peg_factory.flops": count_flops(net),
+        "peg_factory.params": count_params(net),
+        "peg_factory.preprocessing": {
+            "size": arch.img_size, "channels": arch.in_chans,
+            "mean": list(ds.mean) if ds is not None else None, "std": list(ds.std) if ds is not None else None,
+        },
+        "peg_factory.class_names": ds.train.classes if ds is not None else [str(i) for i in range(arch.num_classes)],
+    }
+    record: dict[str, Any] = {"model": str(path), "model_sha256": sha256_file(path), "opset": OPSET,
+                              "profile": profile.name if profile is not None else None, "artifacts": {}}
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        onnx_path = tmp / "model.onnx"
+        check = export_onnx(net, onnx_path, img_size=arch.img_size, in_chans=arch.in_chans, metadata=metadata,
+                            verify_batch=max(2, batch))
+        record["artifacts"]["onnx"] = {"file": "model.onnx", "max_abs_diff": check["max_abs_diff"]}
+        log(f"onnx: model.onnx verified against PyTorch (max abs diff {max(check['max_abs_diff'].values()):.2e})")
+        fp32 = ort_session(onnx_path)
+        x1 = np.random.default_rng(1).standard_normal((1, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32)
+        x32 = np.random.default_rng(2).standard_normal((32, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32)
+        val_x = ds.val.images.numpy() if ds is not None else None
+        val_y = ds.val.labels.numpy() if ds is not None else None
+        fp32_stats = {"latency_ms_b1": ort_latency_ms(fp32, x1), "latency_ms_b32": ort_latency_ms(fp32, x32, repeats=10)}
+        if ds is not None:
+            fp32_stats["val_accuracy"] = ort_accuracy(fp32, val_x, val_y)
+        record["artifacts"]["onnx"].update({k: round(v, 4) for k, v in fp32_stats.items()})
+        calib = ds.train.images[:calibration_images].numpy() if ds is not None else None
+
+        if "onnx-fp16" in formats:
+            from .quantize import to_fp16
+
+            to_fp16(onnx_path, tmp / "model.fp16.onnx")
+            sess = ort_session(tmp / "model.fp16.onnx")
+            diff = float(np.abs(ort_logits(sess, x32) - ort_logits(fp32, x32)).max())
+            entry = {"file": "model.fp16.onnx", "max_abs_diff_vs_fp32": round(diff, 5),
+                     "latency_ms_b1": round(ort_latency_ms(sess, x1), 4)}
+            if ds is not None:
+                entry["val_accuracy"] = round(ort_accuracy(sess, val_x, val_y), 4)
+            record["artifacts"]["onnx-fp16"] = entry
+            log(f"onnx-fp16: model.fp16.onnx (max abs diff vs fp32 {diff:.3g})")
+
+        int8_path = None
+        if "onnx-int8" in formats or ("trt" in formats and profile is not None and profile.precision == "int8"):
+            from .quantize import to_int8
+
+            int8_path, mode = to_int8(onnx_path, tmp / "model.int8.onnx", calib)
+            sess = ort_session(int8_path)
+            entry = {"file": "model.int8.onnx", "mode": mode, "calibration_images": 0 if calib is None else len(calib),
+                     "latency_ms_b1": round(ort_latency_ms(sess, x1), 4),
+                     "latency_ms_b32": round(ort_latency_ms(sess, x32, repeats=10), 4)}
+            if ds is not None:
+                entry["val_accuracy"] = round(ort_accuracy(sess, val_x, val_y), 4)
+                entry["accuracy_drop_vs_fp32"] = round(fp32_stats["val_accuracy"] - entry["val_accuracy"], 4)
+            record["artifacts"]["onnx-int8"] = entry
+            log(f"onnx-int8: model.int8.onnx ({mode}), accuracy {entry.get('val_accuracy', 'n/a')} vs fp32 "
+                f"{fp32_stats.get('val_accuracy', 'n/a')}, b1 {entry['latency_ms_b1']:.3f} ms vs {fp32_stats['latency_ms_b1']:.3f} ms")
+
+        if "trt" in formats:
+            record["artifacts"]["trt"] = _trt(tmp, onnx_path, int8_path, net, arch, profile, batch, calib, require_engine, log)
+
+        for entry in record["artifacts"].values():
+            for key in ("file", "dir"):
+                if key in entry:
+                    target = tmp / entry[key]
+                    if target.is_file():
+                        entry["sha256"] = sha256_file(target)
+                    elif target.is_dir():
+                        entry["files"] = {p.name: sha256_file(p) for p in sorted(target.iterdir())}
+        (tmp / "export.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def _trt(tmp: Path, onnx_path: Path, int8_path, net, arch, profile, batch: int, calib, require_engine: bool, log) -> dict:
+    from export.runtime import ort_logits, ort_session
+
+    from .kit import write_kit
+    from .tensorrt_build import tensorrt_available
+
+    precision = profile.precision if profile is not None else "fp16"
+    precision = "fp16" if precision == "fp32" else precision
+    available, why = tensorrt_available()
+    here = profile is None or profile.hardware.measure
+    if available and here:
+        from .tensorrt_build import build_engine, run_engine
+
+        engine = build_engine(onnx_path if precision != "int8" else int8_path or onnx_path, tmp / f"model.{precision}.engine",
+                              precision=precision, batch=(1, batch, max(batch, 2 * batch)),
+                              input_shape=(arch.in_chans, arch.img_size, arch.img_size), calibration=calib,
+                              calibration_cache=tmp / "calibration.cache", timing_cache=tmp / "timing.cache")
+        x = np.random.default_rng(3).standard_normal((batch, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32)
+        diff = float(np.abs(run_engine(engine, x) - ort_logits(ort_session(onnx_path), x)).max())
+        log(f"trt: built {engine.name} here (max abs diff vs onnxruntime {diff:.3g})")
+        return {"kind": "engine", "file": engine.name, "precision": precision, "max_abs_diff_vs_onnxruntime": diff}
+    reason = why if not available else f"the target {profile.name} is not this machine (engines only run where they were built)"
+    if require_engine:
+        raise FactoryError(f"--require-engine: no TensorRT engine can be built here: {reason}")
+    refs_in, refs_out = {}, {}
+    sess = ort_session(onnx_path)
+    for b in sorted({1, batch}):
+        refs_in[b] = np.random.default_rng(10 + b).standard_normal((b, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32)
+        refs_out[b] = ort_logits(sess, refs_in[b])
+    write_kit(tmp / "trt_kit", onnx_fp32=onnx_path, precision=precision, in_chans=arch.in_chans, img_size=arch.img_size,
+              batch=batch, reference_inputs=refs_in, reference_outputs=refs_out, onnx_int8=int8_path,
+              calibration=calib, target=profile.name if profile is not None else "")
+    log(f"trt: wrote an on-device build kit (trt_kit/build_engine.sh), no engine built here: {reason}")
+    return {"kind": "kit", "dir": "trt_kit", "precision": precision, "reason": reason}

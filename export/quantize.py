@@ -1,0 +1,98 @@
+"""Reduced-precision ONNX: FP16 (GPU targets) and INT8 (CPU targets) with onnxruntime tools.
+
+- FP16: ``onnxruntime.transformers.float16.convert_float_to_float16`` with ``keep_io_types``
+  (inputs/outputs stay float32, so callers don't change), LayerNorm/Softmax kept in fp32-safe ops
+  by the converter's block list.
+- INT8: ``onnxruntime.quantization.quantize_static`` (QDQ format, per-channel weights, MinMax
+  calibration over real images from the task's data) -- the format TensorRT and onnxruntime both
+  execute as INT8. ``quantize_dynamic`` (int8 weights, activations quantised at run time) is the
+  fallback when no calibration images are given.
+
+Both write through a temporary file and a rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from factory.errors import FactoryError
+
+from .onnx_export import INPUT_NAME
+
+
+#: Only the compute-heavy ops are quantised; LayerNorm, Softmax and GELU stay in float, as in
+#: TensorRT's and onnxruntime's own ViT recipes (quantising them costs accuracy for no speed).
+QUANTIZED_OPS = ["MatMul", "Gemm", "Conv"]
+
+
+def _tmp_sibling(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def to_fp16(src: str | Path, dst: str | Path) -> Path:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    dst = Path(dst)
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    tmp = _tmp_sibling(dst)
+    try:
+        onnx.save(model, str(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return dst
+
+
+class ImageReader:
+    """``CalibrationDataReader`` over a float32 image array, in batches."""
+
+    def __init__(self, images: np.ndarray, batch: int = 16):
+        self._batches = iter([{INPUT_NAME: images[i : i + batch]} for i in range(0, len(images), batch)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+    def rewind(self):  # onnxruntime calls it for some calibrators; one pass is enough for MinMax
+        pass
+
+
+def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray | None = None) -> tuple[Path, str]:
+    """INT8 ONNX; static (QDQ, calibrated) when ``calibration`` images are given, else dynamic."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    dst = Path(dst)
+    tmp, pre = _tmp_sibling(dst), _tmp_sibling(dst)
+    try:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        if calibration is not None and len(calibration):
+            quantize_static(
+                str(pre), str(tmp), ImageReader(calibration.astype(np.float32)), quant_format=QuantFormat.QDQ,
+                per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=QUANTIZED_OPS,
+            )
+            mode = "static"
+        else:
+            quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS)
+            mode = "dynamic"
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    except Exception as exc:  # noqa: BLE001 - surface quantiser failures as one line
+        if isinstance(exc, FactoryError):
+            raise
+        raise FactoryError(f"INT8 quantisation of {src} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    finally:
+        for p in (tmp, pre):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    return dst, mode

@@ -1,0 +1,167 @@
+import json
+import shlex
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from export.api import export_model, parse_formats
+from export.kit import trtexec_command
+from export.onnx_export import export_onnx
+from export.tensorrt_build import tensorrt_available
+from factory import DescendantShape, FactoryError, init_descendant, load_ancestry
+from factory.checkpoint import save_descendant
+from factory.cli import cli
+from factory.profile import load_profile
+
+
+@pytest.mark.parametrize("shape", [DescendantShape(2, 64, 2, 2.0, 32, 8, 10), DescendantShape(5, 96, 3, 4.0, 28, 7, 7),
+                                   DescendantShape(1, 32, 1, 1.0, 16, 4, 3)], ids=lambda s: s.label())
+def test_onnx_parity_at_two_batch_sizes(tmp_path, shape):
+    model = init_descendant("scratch", shape, seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    result = export_onnx(model, tmp_path / "m.onnx", img_size=shape.img_size, in_chans=1, metadata={"k": {"a": 1}}, verify_batch=5)
+    assert set(result["max_abs_diff"]) == {"batch1", "batch5"}
+    assert max(result["max_abs_diff"].values()) <= 1e-4
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(proto)
+    assert {p.key: p.value for p in proto.metadata_props}["k"] == '{"a": 1}'
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_a_wrong_export_fails_with_the_measured_diff_and_leaves_nothing(tmp_path, monkeypatch):
+    model = init_descendant("scratch", DescendantShape(1, 32, 1, 1.0, 16, 4, 3))
+    import export.onnx_export as ox
+
+    real = ox._export_graph
+
+    def sabotaged(m, x, path, opset, exporter):
+        with torch.no_grad():
+            m.head.bias.add_(1.0)  # the graph now differs from the model verified against
+        real(m, x, path, opset, exporter)
+        with torch.no_grad():
+            m.head.bias.sub_(1.0)
+
+    monkeypatch.setattr(ox, "_export_graph", sabotaged)
+    with pytest.raises(FactoryError, match=r"ONNX output differs from PyTorch by 1 at batch 1"):
+        export_onnx(model, tmp_path / "m.onnx", img_size=16, in_chans=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def demo_file(tmp_path_factory):
+    anc = load_ancestry("demo")
+    path = tmp_path_factory.mktemp("demo") / "demo.safetensors"
+    save_descendant(anc.model, anc.arch, path, {"method": "ancestry"})
+    return path
+
+
+def test_export_all_formats_with_metadata_hashes_and_int8_accuracy(demo_file, tmp_path):
+    profile = load_profile("jetson_orin")
+    record = export_model(demo_file, parse_formats("all"), tmp_path / "exp", profile=profile, data="mnist", log=lambda *_: None)
+    out = tmp_path / "exp"
+    assert json.loads((out / "export.json").read_text()) == json.loads(json.dumps(record, sort_keys=True))
+    art = record["artifacts"]
+    assert set(art) == {"onnx", "onnx-fp16", "onnx-int8", "trt"}
+    from factory.artifacts import sha256_file
+
+    for name in ("onnx", "onnx-fp16", "onnx-int8"):
+        assert art[name]["sha256"] == sha256_file(out / art[name]["file"])
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert json.loads(meta["peg_factory.shape"])["depth"] == 6
+    assert meta["peg_factory.profile"] == "jetson_orin"
+    assert json.loads(meta["peg_factory.preprocessing"])["size"] == 28
+    assert int(meta["peg_factory.params"]) > 0 and int(meta["peg_factory.flops"]) > 0
+    assert len(json.loads(meta["peg_factory.class_names"])) == 10
+    int8 = art["onnx-int8"]
+    assert int8["mode"] == "static" and int8["calibration_images"] == 256
+    if load_ancestry("demo").weights == "trained-demo":
+        assert art["onnx"]["val_accuracy"] > 0.9
+    assert int8["accuracy_drop_vs_fp32"] <= 0.01  # <= 1 point
+    assert art["onnx-fp16"]["max_abs_diff_vs_fp32"] < 0.05
+    if not tensorrt_available()[0]:
+        assert art["trt"]["kind"] == "kit"
+
+
+def test_kit_contents_and_trtexec_commands(demo_file, tmp_path):
+    record = export_model(demo_file, ["trt"], tmp_path / "exp", profile=load_profile("jetson_orin_nano"), log=lambda *_: None)
+    kit = tmp_path / "exp" / "trt_kit"
+    assert {p.name for p in kit.iterdir()} == {"model.onnx", "build_engine.sh", "reference.npz", "check_engine.py"}
+    script = (kit / "build_engine.sh").read_text()
+    cmd = shlex.split([line for line in script.splitlines() if line.startswith("trtexec")][0])
+    assert cmd == trtexec_command("model.onnx", "model.fp16.engine", precision="fp16", in_chans=1, img_size=28, batch=1)
+    assert "--fp16" in cmd and "--int8" not in cmd and "--saveEngine=model.fp16.engine" in cmd
+    assert "--minShapes=images:1x1x28x28" in cmd and "--maxShapes=images:2x1x28x28" in cmd
+    assert "--timingCacheFile=timing.cache" in cmd and "--exportTimes=times.fp16.json" in cmd
+    ref = np.load(kit / "reference.npz")
+    assert ref["input_1"].shape == (1, 1, 28, 28) and ref["output_1"].shape == (1, 10)
+    assert record["artifacts"]["trt"]["files"].keys() == {p.name for p in kit.iterdir()}
+    int8 = trtexec_command("model.int8.onnx", "model.int8.engine", precision="int8", in_chans=3, img_size=224, batch=8)
+    assert "--int8" in int8 and "--optShapes=images:8x3x224x224" in int8 and "--maxShapes=images:16x3x224x224" in int8
+
+
+def test_checker_logic_in_the_kit():
+    from export.templates.check_engine import compare
+
+    ref = np.eye(4, dtype=np.float32)
+    assert compare(ref + 0.01, ref, 0.05)[2]
+    assert not compare(ref[::-1].copy(), ref, 0.05)[2]
+
+
+def test_interrupted_export_leaves_nothing_half_written(demo_file, tmp_path, monkeypatch):
+    import export.quantize as q
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(q, "to_int8", boom)
+    with pytest.raises(OSError):
+        export_model(demo_file, ["onnx", "onnx-int8"], tmp_path / "exp", log=lambda *_: None)
+    assert list(tmp_path.iterdir()) == []  # neither exp/ nor temporary siblings
+
+
+def test_trt_on_a_non_tensorrt_profile_is_refused(demo_file, tmp_path):
+    with pytest.raises(FactoryError, match="runs onnxruntime, not TensorRT"):
+        export_model(demo_file, ["trt"], tmp_path / "x", profile=load_profile("raspberry_pi5"))
+    assert parse_formats("all", load_profile("raspberry_pi5")) == ["onnx", "onnx-int8"]
+
+
+def test_require_engine_without_tensorrt(demo_file, tmp_path):
+    available, why = tensorrt_available()
+    if available:
+        pytest.skip("TensorRT and a GPU are present: the engine path is tested by test_engine_build")
+    result = CliRunner().invoke(cli, ["export", "--model", str(demo_file), "--format", "trt", "--require-engine",
+                                      "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "--require-engine" in result.output and why.split(" (")[0] in result.output
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.skipif(not tensorrt_available()[0], reason=f"TensorRT engine build needs it: {tensorrt_available()[1]}")
+def test_engine_build(demo_file, tmp_path):
+    record = export_model(demo_file, ["trt"], tmp_path / "exp", log=lambda *_: None)
+    assert record["artifacts"]["trt"]["kind"] == "engine"
+    assert record["artifacts"]["trt"]["max_abs_diff_vs_onnxruntime"] < 0.05
+
+
+def test_export_cli_errors(demo_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args):
+        return CliRunner().invoke(cli, ["export", *map(str, args)])
+
+    result = run("--model", demo_file, "--format", "tflite")
+    assert result.exit_code == 2 and "unknown export format 'tflite'" in result.output
+    result = run("--model", tmp_path / "nope", "--format", "onnx")
+    assert result.exit_code == 2 and "not found" in result.output
+    result = run("--format", "trt")
+    assert result.exit_code == 2 and "run `peg-factory build` first" in result.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run("--model", demo_file, "--out", blocker / "out")
+    assert result.exit_code == 2 and "cannot create directory" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
