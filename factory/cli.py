@@ -340,10 +340,14 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
         jobs.append((path, load_profile(profile_spec) if profile_spec else None, out or path.parent / "export"))
     else:
         manifest = _latest_manifest(Path.cwd())
+        base = manifest["path"].parent
         for device in manifest["data"]["devices"]:
-            base = manifest["path"].parent
-            prof = load_profile(profile_spec or base / device["profile"])
-            jobs.append((base / device["model"], prof, (out / device["name"]) if out else base / device["name"] / "export"))
+            if device.get("status") != "ok":
+                click.echo(f"{device['name']}: skipped (its build failed: {device.get('error')})")
+                continue
+            prof = load_profile(profile_spec or device["profile"])
+            model = base / device["artifacts"]["model"]["path"]
+            jobs.append((model, prof, (out / device["name"]) if out else model.parent / "export"))
     for path, prof, target in jobs:
         formats = parse_formats(fmt, prof)
         record = export_model(path, formats, target, profile=prof, data=data, require_engine=require_engine, log=click.echo)
@@ -361,6 +365,54 @@ def _latest_manifest(root: Path) -> dict:
     except (ValueError, KeyError, AssertionError, TypeError) as exc:
         raise UserError(f"{path} is not a peg-factory build manifest; pass --model") from exc
     return {"path": path, "data": data}
+
+
+@cli.command("build")
+@click.option("--profile", "profile_specs", multiple=True, help="Profile YAML or shipped name (repeatable).")
+@click.option("--fleet", type=click.Path(path_type=Path), default=None, help="Fleet file: 'profiles: [a.yaml, b.yaml]'.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/build"), show_default=True)
+@click.option("--ancestry", default="demo", show_default=True)
+@click.option("--data", default="digits", show_default=True, help="mnist, digits, synthetic or an ImageFolder directory.")
+@click.option("--init", "init_method", type=click.Choice(["peg", "tleg", "weight_selection", "scratch"]), default="peg", show_default=True)
+@click.option("--gene-layers", type=int, default=None, help="Learngene layers [default: half the ancestry's].")
+@click.option("--expand-steps", type=int, default=0, show_default=True, help="Expanding-phase steps for the learngene.")
+@click.option("--steps", type=int, default=100, show_default=True, help="Fine-tuning steps per model.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--jobs", type=int, default=1, show_default=True, help="Models fine-tuned in parallel on this machine.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the plan (shapes, cached stages, time estimates) and stop.")
+def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layers, expand_steps, steps, batch_size, seed,
+              jobs, device, dry_run) -> None:
+    """Build deployable models for one or many device profiles (search, expand, fine-tune, measure, export).
+
+    \b
+    Example:
+      peg-factory build --profile profiles/jetson_orin.yaml
+      peg-factory build --fleet profiles/fleet_example.yaml --out out/fleet --jobs 2
+      peg-factory build --profile jetson_orin --profile raspberry_pi5 --dry-run
+    """
+    from .build import BuildConfig, build, load_fleet
+    from .profile import load_profile
+
+    specs = list(profile_specs) + (load_fleet(fleet) if fleet else [])
+    if not specs:
+        raise UserError("no profile: pass --profile profiles/jetson_orin.yaml (repeatable) or --fleet FILE")
+    profiles = [load_profile(s) for s in specs]
+    cfg = BuildConfig(ancestry=ancestry, data=data, init=init_method, gene_layers=gene_layers, expand_steps=expand_steps,
+                      finetune_steps=steps, batch_size=batch_size, seed=seed, jobs=jobs, device=device)
+    manifest = build(profiles, out, cfg, dry_run=dry_run, log=click.echo)
+    if dry_run:
+        return
+    failed = [d for d in manifest["devices"] if d["status"] != "ok"]
+    for d in manifest["devices"]:
+        if d["status"] == "ok":
+            click.echo(f"{d['name']}: {d['shape']['depth']}x{d['shape']['embed_dim']} test acc {d['accuracy']['test']:.4f}, "
+                       f"predicted {d['latency_ms']['predicted_target']:.4f} ms -> {out / d['name']}")
+    click.echo(f"manifest {out / 'manifest.json'}, report {out / 'report.html'} ({manifest['seconds']} s)")
+    if failed:
+        raise UserError(f"{len(failed)} of {len(manifest['devices'])} profiles failed: "
+                        + "; ".join(f"{d['name']}: {d['error']}" for d in failed))
 
 
 def _shape_options(fn):

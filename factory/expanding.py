@@ -119,7 +119,7 @@ def train_learngene(
             logits = torch.func.functional_call(skeletons[shape], state, (x,))
             loss = distill_loss(logits, target, cfg.temperature)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         history.append({"step": step + 1, "loss": round(total, 5)})

@@ -1,0 +1,82 @@
+"""Build reports: ``report.md``, a self-contained ``report.html`` and the Pareto plot PNG."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+from .artifacts import atomic_write_bytes
+
+
+def pareto_png(path: Path, manifest: dict[str, Any], searches: dict[str, Any]) -> None:
+    """Per device: the Pareto front (capacity score vs predicted latency), budget line, choice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [d for d in manifest["devices"] if d["name"] in searches]
+    fig, axes = plt.subplots(1, max(1, len(ok)), figsize=(4.5 * max(1, len(ok)), 3.6), squeeze=False)
+    for ax, dev in zip(axes[0], ok):
+        result, best, _ = searches[dev["name"]]
+        ax.scatter([c.latency_ms for c in result.rejected[:400]], [c.score for c in result.rejected[:400]], s=6,
+                   color="lightgray", label="rejected")
+        ax.plot([c.latency_ms for c in result.pareto], [c.score for c in result.pareto], "o-", ms=3, label="Pareto front")
+        ax.scatter([best.latency_ms], [best.score], s=80, marker="*", color="crimson", zorder=5, label="chosen")
+        budget = dev.get("budgets", {}).get("latency_ms")
+        if budget:
+            ax.axvline(budget, color="crimson", ls="--", lw=1, label="latency budget")
+        title = dev["name"] + (f"\ntest acc {dev['accuracy']['test']:.3f}" if "accuracy" in dev else "")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("predicted latency (ms)")
+        ax.set_ylabel("capacity score (log FLOPs + 0.5 log params)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _rows(manifest: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for d in manifest["devices"]:
+        if d.get("status") != "ok":
+            rows.append([d["name"], "FAILED", d.get("error", ""), "", "", "", "", ""])
+            continue
+        s = d["shape"]
+        margins = ", ".join(f"{k} {v:+.0%}" for k, v in d["margins"].items())
+        rows.append([
+            d["name"], f"d{s['depth']} w{s['embed_dim']} h{s['num_heads']} r{s['mlp_ratio']:g} i{s['img_size']}",
+            f"{d['accuracy']['test']:.4f}", f"{d['flops']['fvcore'] / 1e9:.4f}", f"{d['params'] / 1e6:.3f}",
+            f"{d['latency_ms']['predicted_target']:.4f}", f"{d['latency_ms']['host_onnxruntime']:.4f}", margins,
+        ])
+    return rows
+
+
+HEADER = ["device", "shape", "test acc", "GFLOPs", "params M", "pred. latency ms", "host ORT ms", "budget margins"]
+
+
+def write_reports(out: Path, manifest: dict[str, Any], searches: dict[str, Any]) -> None:
+    png = out / "pareto.png"
+    pareto_png(png, manifest, searches)
+    lg = manifest["learngene"]
+    intro = (f"Ancestry `{manifest['ancestry']['spec']}` ({manifest['ancestry']['weights']}), learngene "
+             f"`{(lg['sha256'] or '')[:12]}` ({lg['layers']} layers x {lg['heads']} heads, sampled once for "
+             f"{len(lg['sampled_once_for'])} devices), data `{manifest['data']['spec']}`, init `{manifest['recipe']['init']}`, "
+             f"{manifest['recipe']['finetune_steps']} fine-tuning steps; build took {manifest['seconds']} s.")
+    rows = _rows(manifest)
+    md = ["# peg-factory build report", "", intro, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += ["", "![Pareto fronts](pareto.png)", ""]
+    atomic_write_bytes(out / "report.md", "\n".join(md).encode())
+    table = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    img = base64.b64encode(png.read_bytes()).decode()
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>peg-factory build report</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style>
+</head><body><h1>peg-factory build report</h1><p>{html.escape(intro)}</p>
+<table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in HEADER)}</tr>{table}</table>
+<h2>Pareto fronts</h2><img alt="Pareto fronts" src="data:image/png;base64,{img}"></body></html>
+"""
+    atomic_write_bytes(out / "report.html", page.encode())

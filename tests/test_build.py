@@ -1,0 +1,146 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+
+import jsonschema
+import pytest
+from click.testing import CliRunner
+
+from factory.build import BuildConfig, build
+from factory.cli import cli
+from factory.profile import load_profile
+
+TINY = """name: {name}
+hardware: {{kind: cpu, peak_tflops: {{fp32: 0.2}}, memory_bandwidth_gbs: 20, memory_mb: 512, runtime: onnxruntime,
+           source: test}}
+precision: fp32
+batch: 1
+budgets: {{params_m: {params}}}
+export: [onnx]
+"""
+
+
+def _profile(tmp_path, name, params=0.2):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(TINY.format(name=name, params=params))
+    return path
+
+
+CFG = BuildConfig(data="synthetic", finetune_steps=4, batch_size=16)
+
+
+def test_end_to_end_build_and_cache_hit(tmp_path):
+    prof = load_profile(_profile(tmp_path, "tiny"))
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    manifest = build([prof], out, CFG, log=lambda *_: None)
+    cold = time.perf_counter() - t0
+    dev = manifest["devices"][0]
+    assert dev["status"] == "ok" and dev["params"] <= 0.2e6
+    assert dev["margins"]["params_m"] >= 0
+    for name, art in dev["artifacts"].items():
+        assert (out / art["path"]).exists(), name
+    assert (out / "tiny" / "MODEL_CARD.md").read_text().startswith("# tiny:")
+    schema = json.loads((out / "manifest.schema.json").read_text())
+    jsonschema.validate(json.loads((out / "manifest.json").read_text()), schema)
+    lines = []
+    t0 = time.perf_counter()
+    again = build([prof], out, CFG, log=lines.append)
+    warm = time.perf_counter() - t0
+    assert any("finetune" in line and "cached" in line for line in lines)
+    assert any("export cached" in line for line in lines)
+    assert again["devices"][0]["accuracy"] == dev["accuracy"]
+    assert warm < cold
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+
+def test_fleet_shares_the_learngene_and_a_failing_profile_keeps_the_others(tmp_path):
+    _profile(tmp_path, "a", 0.2)
+    _profile(tmp_path, "b", 0.2)  # same budget: same shape, one shared fine-tuned model
+    _profile(tmp_path, "impossible", 0.00001)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("profiles: [a.yaml, b.yaml, impossible.yaml]\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["build", "--fleet", str(fleet), "--out", str(out), "--data", "synthetic",
+                                      "--steps", "3", "--batch-size", "8"])
+    assert result.exit_code == 2, result.output
+    assert "1 of 3 profiles failed: impossible: profile impossible: no shape fits" in result.output
+    assert result.output.count("learngene: sampled") == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["learngene"]["sampled_once_for"] == ["a", "b", "impossible"]
+    a, b, c = manifest["devices"]
+    assert a["status"] == b["status"] == "ok" and c["status"] == "failed" and "relax budgets.params_m" in c["error"]
+    assert a["finetune"]["cache_key"] == b["finetune"]["cache_key"]
+    assert a["learngene_sha256"] == b["learngene_sha256"] == manifest["learngene"]["sha256"]
+    assert (out / "a" / "export" / "model.onnx").is_file() and (out / "b" / "export" / "model.onnx").is_file()
+    jsonschema.validate(manifest, json.loads((out / "manifest.schema.json").read_text()))
+    parser = _Images()
+    parser.feed((out / "report.html").read_text())
+    assert parser.images and parser.images[0].startswith("data:image/png;base64,")
+    assert len(parser.images[0]) > 2000
+    assert "| impossible | FAILED |" in (out / "report.md").read_text()
+
+
+def test_resume_after_a_killed_build(tmp_path):
+    prof = _profile(tmp_path, "tiny", 0.2)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "factory.cli", "build", "--profile", str(prof), "--out", str(out), "--data", "synthetic",
+           "--steps", "400", "--batch-size", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if list(out.glob(".cache/finetune/*.partial/checkpoint/state.json")):
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("no fine-tuning checkpoint appeared")
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-fine-tune, like a lost machine
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    state = json.loads(next(out.glob(".cache/finetune/*.partial/checkpoint/state.json")).read_text())
+    assert 0 < state["step"] < 400
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "learngene: cached" in done.stdout and "resuming from its last checkpoint" in done.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["devices"][0]["status"] == "ok"
+
+
+def test_dry_run_prints_the_plan_without_running(tmp_path):
+    prof = _profile(tmp_path, "tiny", 0.2)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["build", "--profile", str(prof), "--out", str(out), "--data", "synthetic", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "learngene: will run" in result.output and "finetune will run (~" in result.output
+    assert not out.exists()
+
+
+def test_build_bad_input(tmp_path):
+    def run(*args):
+        return CliRunner().invoke(cli, ["build", *map(str, args)])
+
+    r = run()
+    assert r.exit_code == 2 and "no profile" in r.output
+    r = run("--profile", tmp_path / "missing.yaml")
+    assert r.exit_code == 2 and "not found" in r.output
+    r = run("--fleet", tmp_path / "missing.yaml")
+    assert r.exit_code == 2 and "fleet" in r.output
+    r = run("--profile", _profile(tmp_path, "t"), "--ancestry", "no-such-model", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "neither 'demo'" in r.output
+    r = run("--profile", _profile(tmp_path, "t"), "--data", tmp_path / "nodata", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "unknown dataset" in r.output
+    assert not (tmp_path / "o").exists()
