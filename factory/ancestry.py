@@ -33,7 +33,7 @@ from torch import nn
 from .artifacts import state_dict_sha256
 from .errors import FactoryError
 from .shapes import ArchConfig
-from .timm_vit import arch_of, build_vit
+from .timm_vit import arch_of, empty_vit
 
 #: The demo ancestry: small enough to train on MNIST on two CPU cores.
 DEMO_ARCH = ArchConfig(
@@ -185,7 +185,7 @@ def load_ancestry(spec: str | os.PathLike | nn.Module | Ancestry, *, seed: int =
             arch = ArchConfig.from_dict(json.loads(meta[ARCH_METADATA_KEY]))
         except (TypeError, ValueError) as exc:
             raise FactoryError(f"checkpoint {path} has unreadable architecture metadata: {exc}") from exc
-        model = build_vit(arch)
+        model = empty_vit(arch)  # every tensor comes from the checkpoint (checked by _load_into)
         _load_into(model, state, str(path), "its own metadata")
         return _from_module(model, str(path), "checkpoint")
     import timm

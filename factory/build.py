@@ -192,6 +192,11 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
     anc = load_ancestry(cfg.ancestry)
     ds = load_dataset(cfg.data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
     space = SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes)
+    build_key = _key([_profile_hash(p) for p in profiles], dataclasses.asdict(cfg), anc.sha256, ds.identity)
+    previous = _up_to_date(out, build_key)
+    if previous is not None and not dry_run:
+        log(f"build is up to date ({build_key}): nothing to do")
+        return previous
 
     devices: list[dict[str, Any]] = []
     searches = {}
@@ -246,6 +251,7 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
 
     manifest = {
         "format_version": 1,
+        "build_key": build_key,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "ancestry": anc.identity(),
         "learngene": {"sha256": lg.sha256, "layers": lg.num_layers, "heads": lg.num_heads, "seed": cfg.gene_seed,
@@ -261,6 +267,23 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
     write_reports(out, manifest, searches)
     atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     atomic_write_bytes(out / "manifest.schema.json", (json.dumps(MANIFEST_SCHEMA, indent=2) + "\n").encode())
+    return manifest
+
+
+def _up_to_date(out: Path, build_key: str) -> dict[str, Any] | None:
+    """The previous manifest if it was made from the same inputs and its artifacts are intact."""
+    path = out / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("build_key") != build_key:
+        return None
+    for dev in manifest.get("devices", []):
+        for art in dev.get("artifacts", {}).values():
+            target = out / art["path"]
+            if not target.exists() or ("sha256" in art and target.is_file() and sha256_file(target) != art["sha256"]):
+                return None
     return manifest
 
 

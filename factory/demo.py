@@ -21,7 +21,7 @@ import torch
 
 from .ancestry import ARCH_METADATA_KEY, DEMO_ARCH, Ancestry, _from_module, _load_into, read_checkpoint
 from .artifacts import atomic_write_bytes
-from .timm_vit import build_vit
+from .timm_vit import build_vit, empty_vit
 
 #: How the shipped demo ancestry was trained (see ``peg-factory ancestry train --help``).
 DEMO_RECIPE: dict[str, Any] = {
@@ -52,14 +52,15 @@ def demo_checkpoint_path() -> Path:
 
 
 def load_demo_ancestry(seed: int = 0) -> Ancestry:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_vit(DEMO_ARCH)
     for path in (demo_checkpoint_path(), PACKAGED):
         if path.is_file():
             state, _ = read_checkpoint(path)
+            model = empty_vit(DEMO_ARCH)
             _load_into(model, {k: v.float() for k, v in state.items()}, str(path), "demo")
             return _from_module(model, "demo", "trained-demo")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_vit(DEMO_ARCH)
     return _from_module(model, "demo", "random")
 
 

@@ -23,7 +23,7 @@ from .learngene import Learngene
 from .mixing import DepthMap
 from .selection import descend
 from .shapes import ArchConfig, DescendantShape
-from .timm_vit import build_vit, join_state_dict
+from .timm_vit import empty_vit, join_state_dict
 
 
 def expand_tensors(
@@ -65,14 +65,12 @@ def model_from_state(
     """
     from timm.models.vision_transformer import init_weights_vit_timm
 
-    with torch.device("meta"):
-        model = build_vit(arch, shape)
+    model = empty_vit(arch, shape)
     own = model.state_dict()
     missing = set(own) - set(state)
     extra = set(state) - set(own)
     if extra or missing - {"head.weight", "head.bias"}:
         raise RuntimeError(f"descendant state mismatch: missing {sorted(missing)} extra {sorted(extra)}")
-    model.to_empty(device="cpu")
     model.load_state_dict({k: v.detach().to(own[k].dtype) for k, v in state.items()}, strict=False)
     if missing:
         with torch.random.fork_rng(devices=[]):

@@ -132,6 +132,14 @@ def build_vit(arch: ArchConfig, shape: DescendantShape | None = None) -> nn.Modu
     return VisionTransformer(norm_layer=norm_layer, **arch.timm_kwargs(shape))
 
 
+def empty_vit(arch: ArchConfig, shape: DescendantShape | None = None) -> nn.Module:
+    """Like :func:`build_vit` but with uninitialised weights (built on the meta device, then
+    materialised on the CPU): for models about to be overwritten by a checkpoint."""
+    with torch.device("meta"):
+        model = build_vit(arch, shape)
+    return model.to_empty(device="cpu")
+
+
 def split_state_dict(
     state: dict[str, torch.Tensor], depth: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
