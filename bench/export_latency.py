@@ -27,6 +27,7 @@ from factory import DescendantShape, init_descendant, load_ancestry
 from factory.checkpoint import save_descendant
 from factory.data import load_dataset
 from factory.shapes import ArchConfig
+from factory.timm_vit import build_vit
 from factory.train import TrainConfig, train
 
 
@@ -55,7 +56,7 @@ def main() -> None:
         train(model, digits.train, TrainConfig(steps=args.steps, batch_size=32, lr=1e-3, warmup_steps=10), progress=False)
         cases.append((f"{shape.label()} (digits)", model.eval(), anc.arch.with_shape(shape), "digits"))
     vits = ArchConfig(embed_dim=384, depth=12, num_heads=6, mlp_hidden=1536, img_size=224, patch_size=16, num_classes=1000)
-    cases.append(("ViT-S/16 224 (random weights)", init_descendant("scratch", vits.shape()), vits, None))
+    cases.append(("ViT-S/16 224 (random weights)", build_vit(vits).eval(), vits, None))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, arch, data in cases:

@@ -5,8 +5,8 @@
 3. Predict with the uncalibrated roofline of ``profiles/host.yaml`` (host peak and bandwidth
    measured, default efficiencies), and with the model calibrated on ``--calibrate`` of the
    measured shapes; report the share of the *other* shapes within +-10% (and +-20%).
-4. Memory: predicted vs measured peak RSS growth of an onnxruntime session that loads the model
-   and runs it (a subprocess per shape, so allocations don't overlap).
+4. Memory: predicted vs measured resident-memory growth (VmRSS) of an onnxruntime session that
+   loads the model and runs it once (a subprocess per shape, so allocations don't overlap).
 5. Search speed: time to search >= 10,000 candidate shapes of a ViT-B ancestry for Jetson Orin.
 
 Usage: python bench/latency_model.py [--shapes 36] [--calibrate 10] [--seed 0]
@@ -31,13 +31,17 @@ from factory.shapes import ArchConfig
 ANCESTRY = ArchConfig(embed_dim=384, depth=12, num_heads=6, mlp_hidden=1536, img_size=224, patch_size=16, num_classes=1000)
 
 MEMORY_PROBE = r"""
-import json, resource, sys, numpy as np, onnxruntime as ort
+import json, sys, numpy as np, onnxruntime as ort
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
 path, b, c, s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-opts = ort.SessionOptions(); opts.enable_cpu_mem_arena = False
-sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-sess.run(None, {"images": np.zeros((b, c, s, s), np.float32)})
-print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024))
+x = np.zeros((b, c, s, s), np.float32)
+before = rss_mb()
+sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+sess.run(None, {"images": x})
+print(json.dumps(rss_mb() - before))
 """
 
 

