@@ -51,10 +51,22 @@ def test_end_to_end_build_and_cache_hit(tmp_path):
     t0 = time.perf_counter()
     again = build([prof], out, CFG, log=lines.append)
     warm = time.perf_counter() - t0
+    assert any("build is up to date" in line for line in lines)
+    assert again == manifest
+    assert warm < 0.2 * cold
+    # without the manifest (a build killed after its last stage), every stage is a cache hit
+    (out / "manifest.json").unlink()
+    lines.clear()
+    rebuilt = build([prof], out, CFG, log=lines.append)
+    assert any(line.startswith("learngene: cached") for line in lines)
     assert any("finetune" in line and "cached" in line for line in lines)
     assert any("export cached" in line for line in lines)
-    assert again["devices"][0]["accuracy"] == dev["accuracy"]
-    assert warm < cold
+    assert rebuilt["devices"][0]["accuracy"] == dev["accuracy"]
+    # a changed recipe is not a cache hit
+    lines.clear()
+    build([prof], out, BuildConfig(data="synthetic", finetune_steps=5, batch_size=16), log=lines.append)
+    assert any(line.startswith("learngene: cached") for line in lines)
+    assert not any("finetune" in line and "cached" in line for line in lines)
 
 
 class _Images(HTMLParser):
