@@ -51,7 +51,8 @@ def _umask() -> int:
     return mask
 
 
-def _check_parent(path: Path) -> None:
+def ensure_parent(path: Path) -> None:
+    """Create ``path``'s directory or fail with a one-line, actionable :class:`FactoryError`."""
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,7 @@ def _check_parent(path: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory."""
     path = Path(path)
-    _check_parent(path)
+    ensure_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are ordinary files
@@ -89,7 +90,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     temporary directory is deleted and ``path`` is left as it was.
     """
     path = Path(path)
-    _check_parent(path)
+    ensure_parent(path)
     if path.exists() and not path.is_dir():
         raise FactoryError(f"{path} exists and is not a directory; choose another --out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

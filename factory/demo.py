@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .ancestry import ARCH_METADATA_KEY, DEMO_ARCH, Ancestry, _from_module, _load_into, read_checkpoint
-from .artifacts import atomic_write_bytes
+from .artifacts import atomic_write_bytes, ensure_parent
 from .fingerprint import demo_checkpoint_path, demo_weights
 from .timm_vit import build_vit, empty_vit
 
@@ -60,6 +60,8 @@ def train_demo_ancestry(
     from .data import load_dataset
     from .train import TrainConfig, evaluate, train
 
+    path = Path(out) if out is not None else demo_checkpoint_path()
+    ensure_parent(path)  # fail before a long training run, not after it
     recipe = {**DEMO_RECIPE, **(recipe or {})}
     data = load_dataset(recipe["data"], img_size=DEMO_ARCH.img_size)
     with torch.random.fork_rng(devices=[]):
@@ -73,7 +75,6 @@ def train_demo_ancestry(
     if half:  # report the accuracy of what is shipped, not of the fp32 weights
         model.load_state_dict({k: v.float() for k, v in state.items()})
         acc = evaluate(model, data.test)
-    path = Path(out) if out is not None else demo_checkpoint_path()
     log = {
         "command": "peg-factory ancestry train",
         "recipe": recipe,

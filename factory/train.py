@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import atomic_directory
+from .artifacts import atomic_directory, ensure_parent
 from .data import ImageTensors
 from .errors import FactoryError
 
@@ -245,7 +245,7 @@ def train(
     history: list[dict[str, Any]] = []
     log = None
     if out is not None and rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_parent(out / "metrics.jsonl")
         log = open(out / "metrics.jsonl", "a" if resume else "w")
     local = cfg.batch_size // world
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank != 0,

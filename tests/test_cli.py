@@ -132,3 +132,18 @@ def test_train_and_resume_from_the_cli(run, tmp_path):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 6
     result = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", "synthetic", "--resume", "--out", str(tmp_path / "fresh")])
     assert result.exit_code == 2 and "no checkpoint" in result.output
+
+
+def test_training_commands_reject_unwritable_outputs_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = CliRunner().invoke(cli, ["ancestry", "train", "--steps", "1", "--out", str(blocker / "demo.safetensors")])
+    assert result.exit_code == 2 and "cannot create directory" in result.output
+    model = tmp_path / "d.safetensors"
+    CliRunner().invoke(cli, ["expand", "--method", "scratch", "--depth", "1", "--embed-dim", "32", "--heads", "1",
+                             "--out", str(model)])
+    result = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", "synthetic", "--steps", "1",
+                                      "--out", str(blocker / "run")])
+    assert result.exit_code == 2 and "cannot create directory" in result.output
+    result = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", "nope", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "unknown dataset" in result.output
