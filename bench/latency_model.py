@@ -55,16 +55,13 @@ def measure_memory(shape: DescendantShape, batch: int) -> float:
     import tempfile
     from pathlib import Path
 
-    import torch
 
     from export.onnx_export import export_onnx
     from factory.timm_vit import build_vit
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            export_onnx(build_vit(ANCESTRY, shape).eval(), path, img_size=shape.img_size, in_chans=3, verify=False)
+        export_onnx(build_vit(ANCESTRY, shape, seed=0).eval(), path, img_size=shape.img_size, in_chans=3, verify=False)
         out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), str(batch), "3", str(shape.img_size)],
                              capture_output=True, text=True, check=True)
     return float(out.stdout.strip())

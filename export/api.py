@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from factory.ancestry import load_ancestry, read_checkpoint
 from factory.artifacts import atomic_directory, sha256_file
@@ -158,7 +157,7 @@ def export_model(
                 f"{fp32_stats.get('val_accuracy', 'n/a')}, b1 {entry['latency_ms_b1']:.3f} ms vs {fp32_stats['latency_ms_b1']:.3f} ms")
 
         if "trt" in formats:
-            record["artifacts"]["trt"] = _trt(tmp, onnx_path, int8_path, net, arch, profile, batch, calib, require_engine, log)
+            record["artifacts"]["trt"] = _trt(tmp, onnx_path, fp32, int8_path, arch, profile, batch, calib, require_engine, log)
 
         for entry in record["artifacts"].values():
             for key in ("file", "dir"):
@@ -172,8 +171,9 @@ def export_model(
     return record
 
 
-def _trt(tmp: Path, onnx_path: Path, int8_path, net, arch, profile, batch: int, calib, require_engine: bool, log) -> dict:
-    from export.runtime import ort_logits, ort_session
+def _trt(tmp: Path, onnx_path: Path, fp32, int8_path, arch, profile, batch: int, calib, require_engine: bool, log) -> dict:
+    """Build an engine here, or write the on-device kit; ``fp32`` is the FP32 onnxruntime session."""
+    from export.runtime import ort_logits
 
     from .kit import write_kit
     from .tensorrt_build import tensorrt_available
@@ -190,17 +190,16 @@ def _trt(tmp: Path, onnx_path: Path, int8_path, net, arch, profile, batch: int, 
                               input_shape=(arch.in_chans, arch.img_size, arch.img_size), calibration=calib,
                               calibration_cache=tmp / "calibration.cache", timing_cache=tmp / "timing.cache")
         x = np.random.default_rng(3).standard_normal((batch, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32)
-        diff = float(np.abs(run_engine(engine, x) - ort_logits(ort_session(onnx_path), x)).max())
+        diff = float(np.abs(run_engine(engine, x) - ort_logits(fp32, x)).max())
         log(f"trt: built {engine.name} here (max abs diff vs onnxruntime {diff:.3g})")
         return {"kind": "engine", "file": engine.name, "precision": precision, "max_abs_diff_vs_onnxruntime": diff}
     reason = why if not available else f"the target {profile.name} is not this machine (engines only run where they were built)"
     if require_engine:
         raise FactoryError(f"--require-engine: no TensorRT engine can be built here: {reason}")
     refs_in, refs_out = {}, {}
-    sess = ort_session(onnx_path)
     for b in sorted({1, batch}):
         refs_in[b] = np.random.default_rng(10 + b).standard_normal((b, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32)
-        refs_out[b] = ort_logits(sess, refs_in[b])
+        refs_out[b] = ort_logits(fp32, refs_in[b])
     write_kit(tmp / "trt_kit", onnx_fp32=onnx_path, precision=precision, in_chans=arch.in_chans, img_size=arch.img_size,
               batch=batch, reference_inputs=refs_in, reference_outputs=refs_out, onnx_int8=int8_path,
               calibration=calib, target=profile.name if profile is not None else "")

@@ -33,7 +33,7 @@ from torch import nn
 from .artifacts import state_dict_sha256
 from .errors import FactoryError
 from .shapes import ArchConfig
-from .timm_vit import arch_of, empty_vit
+from .timm_vit import arch_of, empty_vit, split_state_dict
 
 #: The demo ancestry: small enough to train on MNIST on two CPU cores.
 DEMO_ARCH = ArchConfig(
@@ -54,6 +54,11 @@ class Ancestry:
     spec: str
     sha256: str
     weights: str  # "pretrained", "checkpoint", "random", "trained-demo", "module"
+
+    def layers(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(stem, stacked_blocks)`` of the weights as float32 copies (see ``split_state_dict``)."""
+        state = {k: v.detach().float() for k, v in self.model.state_dict().items()}
+        return split_state_dict(state, self.arch.depth)
 
     def identity(self) -> dict[str, str]:
         return {"spec": self.spec, "sha256": self.sha256, "weights": self.weights}

@@ -28,8 +28,8 @@ from .expand import expand, model_from_state
 from .learngene import Learngene
 from .mixing import evenly_spaced
 from .selection import descend
-from .shapes import ArchConfig, DescendantShape
-from .timm_vit import build_vit, join_state_dict, split_state_dict
+from .shapes import DescendantShape
+from .timm_vit import build_vit, join_state_dict
 
 METHODS: tuple[str, ...] = ("peg", "tleg", "weight_selection", "scratch")
 
@@ -80,14 +80,12 @@ def init_descendant(
         arch = learngene.arch if learngene is not None else None
         if arch is None:
             arch = load_ancestry(ancestry).arch if ancestry is not None else DEMO_ARCH
-        return _scratch(arch, shape, seed)
+        return build_vit(arch, shape, seed=seed).eval()
     if ancestry is None:
         raise FactoryError(f"method {method!r} needs an ancestry (e.g. --ancestry demo)")
     anc = load_ancestry(ancestry)
     with torch.no_grad():
-        stem, blocks = split_state_dict(
-            {k: v.detach().float() for k, v in anc.model.state_dict().items()}, anc.arch.depth
-        )
+        stem, blocks = anc.layers()
         if method == "tleg":
             blocks = {k: tleg_expand(*tleg_fit(t), shape.depth) for k, t in blocks.items()}
             sel = selection
@@ -97,9 +95,3 @@ def init_descendant(
             sel = "even"
         stem, blocks = descend(anc.arch, stem, blocks, anc.arch.num_heads, shape, selection=sel)
     return model_from_state(anc.arch, shape, join_state_dict(stem, blocks), seed=seed)
-
-
-def _scratch(arch: ArchConfig, shape: DescendantShape, seed: int) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_vit(arch, shape).eval()

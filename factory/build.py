@@ -44,6 +44,7 @@ from .artifacts import atomic_directory, atomic_write_bytes, sha256_file
 from .errors import FactoryError
 from .fingerprint import ancestry_fingerprint, dataset_identity
 from .profile import Profile
+from .shapes import DescendantShape
 
 STAGES = ("learngene", "search", "finetune", "measure", "export")
 
@@ -154,10 +155,6 @@ class Builder:
         return st
 
 
-def shape_for_data(shape, ds):
-    return dataclasses.replace(shape, num_classes=ds.num_classes)
-
-
 def _profile_hash(profile: Profile) -> str:
     return hashlib.sha256(Path(profile.path).read_bytes()).hexdigest() if profile.path else _key(profile.model_dump())
 
@@ -222,8 +219,6 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
     shapes = {}
     for entry in devices:
         if "shape" in entry:
-            from .shapes import DescendantShape
-
             shapes.setdefault(DescendantShape.from_dict(entry["shape"]), []).append(entry["name"])
     ft_stages = {}
     with ThreadPoolExecutor(max_workers=max(1, cfg.jobs)) as pool:
@@ -237,8 +232,6 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
     for entry, prof in zip(devices, profiles):
         if entry.get("status") == "failed":
             continue
-        from .shapes import DescendantShape
-
         shape = DescendantShape.from_dict(entry["shape"])
         st = ft_stages[shape]
         if isinstance(st, Exception):
@@ -390,8 +383,6 @@ names are in the ONNX metadata. For TensorRT see `export/export.json` (engine, o
 def _plan(builder: Builder, devices, lg_stage: Stage, anc, ds, log) -> dict[str, Any]:
     """Dry run: per profile the chosen shape and whether each stage is cached, with time estimates."""
     from .cost import CostModel, Device, Efficiency, measure_host
-    from .shapes import DescendantShape
-
     host = measure_host(0.2)
     dev = Device(host.peak_flops, host.bandwidth, "onnxruntime", 1e9, False)
     est_model = CostModel(dev, "fp32", builder.cfg.batch_size, Efficiency(), anc.arch)

@@ -286,8 +286,7 @@ def search_cmd(profile_spec, ancestry, img_sizes, num_classes, snap, max_depth, 
     result = search(profile, space, cost, seed=seed)
     if as_json:
         _echo_json(result.to_dict(top=top))
-        if not result.feasible:
-            raise UserError(_miss(result))
+        result.require_feasible()  # nothing fits: exit 2 with the closest miss, after the JSON
         return
     click.echo(f"profile {profile.name}: {result.evaluated} shapes evaluated ({result.strategy}), "
                f"{len(result.feasible)} fit, {len(result.rejected)} rejected")
@@ -303,14 +302,6 @@ def search_cmd(profile_spec, ancestry, img_sizes, num_classes, snap, max_depth, 
             by_budget[k] = by_budget.get(k, 0) + 1
     if by_budget:
         click.echo("rejected: " + ", ".join(f"{n} broke {k}" for k, n in sorted(by_budget.items())))
-
-
-def _miss(result) -> str:
-    try:
-        result.require_feasible()
-    except FactoryError as exc:
-        return str(exc)
-    return ""
 
 
 @cli.command("export")

@@ -28,7 +28,6 @@ its normalised copy, plus the larger working set of attention (q, k, v and score
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -279,23 +278,16 @@ def measure_onnxruntime_latency(
     from pathlib import Path
 
     import numpy as np
-    import torch
 
     from export.onnx_export import export_onnx
     from export.runtime import ort_latency_ms, ort_session
 
     from .timm_vit import build_vit
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build_vit(arch, shape).eval()
+    model = build_vit(arch, shape, seed=0).eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
         export_onnx(model, path, img_size=shape.img_size, in_chans=arch.in_chans, verify=False)
         sess = ort_session(path)
     x = np.random.default_rng(0).standard_normal((batch, arch.in_chans, shape.img_size, shape.img_size), dtype=np.float32)
     return ort_latency_ms(sess, x, repeats=repeats, warmup=warmup)
-
-
-def relative_error(predicted: float, measured: float) -> float:
-    return (predicted - measured) / measured if measured > 0 else math.inf

@@ -19,7 +19,6 @@ folder names; ``test/`` optional, else ``val`` is used).
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import math
 import pickle

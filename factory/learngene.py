@@ -37,7 +37,6 @@ from .errors import FactoryError
 from .mixing import MIXING_KINDS, DepthMap, mix_heads, mix_layers, mixing_matrix
 from .shapes import ArchConfig
 from .stats import distribution_report, summarize
-from .timm_vit import split_state_dict
 
 FORMAT_VERSION = 1
 TENSOR_FILE = "learngene.safetensors"
@@ -183,9 +182,7 @@ def sample_learngene(
             f"heads <= {arch.num_heads}; got {layers} and {heads}"
         )
     with torch.no_grad():
-        stem, blocks = split_state_dict(
-            {k: v.detach().float() for k, v in anc.model.state_dict().items()}, arch.depth
-        )
+        stem, blocks = anc.layers()
         gen = torch.Generator().manual_seed(seed)
         p = mixing_matrix(layers, arch.depth, mixing, tau=tau, generator=gen)
         q = mixing_matrix(heads, arch.num_heads, mixing, tau=tau, generator=gen, batch=(layers,))

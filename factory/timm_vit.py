@@ -124,12 +124,20 @@ def arch_of(model: nn.Module) -> ArchConfig:
     )
 
 
-def build_vit(arch: ArchConfig, shape: DescendantShape | None = None) -> nn.Module:
-    """A randomly initialised timm ``VisionTransformer`` in ``arch``'s style at ``shape``."""
+def build_vit(arch: ArchConfig, shape: DescendantShape | None = None, *, seed: int | None = None) -> nn.Module:
+    """A randomly initialised timm ``VisionTransformer`` in ``arch``'s style at ``shape``.
+
+    With ``seed``, the initialisation is drawn from a forked RNG seeded with it (deterministic,
+    and torch's global RNG is left untouched); without, from torch's global RNG as timm does.
+    """
     from timm.models.vision_transformer import VisionTransformer
 
     norm_layer = functools.partial(nn.LayerNorm, eps=arch.norm_eps)
-    return VisionTransformer(norm_layer=norm_layer, **arch.timm_kwargs(shape))
+    if seed is None:
+        return VisionTransformer(norm_layer=norm_layer, **arch.timm_kwargs(shape))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VisionTransformer(norm_layer=norm_layer, **arch.timm_kwargs(shape))
 
 
 def empty_vit(arch: ArchConfig, shape: DescendantShape | None = None) -> nn.Module:

@@ -101,6 +101,16 @@ def augment(images: torch.Tensor, shift: int, generator: torch.Generator) -> tor
     return padded[batch, chans, rows, cols]
 
 
+def step_batch(data: ImageTensors, batch_size: int, step: int, seed: int, shift: int, *, rank: int = 0,
+               world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` of global batch ``step`` (this rank's slice of it), augmented with a
+    generator seeded by ``(seed, step)``: a pure function of its arguments, hence exact resume."""
+    local = batch_size // world
+    idx = batch_indices(len(data), batch_size, step, seed)[rank * local : (rank + 1) * local]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return augment(data.images[idx], shift, gen), data.labels[idx]
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -247,16 +257,13 @@ def train(
     if out is not None and rank == 0:
         ensure_parent(out / "metrics.jsonl")
         log = open(out / "metrics.jsonl", "a" if resume else "w")
-    local = cfg.batch_size // world
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank != 0,
                desc="train", unit="step", dynamic_ncols=True)
     t0, seen, loss_value, acc = time.perf_counter(), 0, float("nan"), None
     try:
         for step in bar:
-            idx = batch_indices(len(train_data), cfg.batch_size, step, cfg.seed)[rank * local : (rank + 1) * local]
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            x = augment(train_data.images[idx], cfg.shift, gen).to(device)
-            y = train_data.labels[idx].to(device)
+            x, y = step_batch(train_data, cfg.batch_size, step, cfg.seed, cfg.shift, rank=rank, world=world)
+            x, y = x.to(device), y.to(device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             with autocast:
@@ -281,7 +288,7 @@ def train(
                 scaler.update()
             else:
                 opt.step()
-            seen += len(idx) * world
+            seen += len(y) * world
             loss_value = float(loss.detach())
             batch_acc = float((logits.argmax(-1) == y).float().mean())
             record: dict[str, Any] = {"step": step + 1, "loss": round(loss_value, 5), "acc": round(batch_acc, 4),

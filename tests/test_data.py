@@ -2,7 +2,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 
 from factory import FactoryError
 from factory.data import load_dataset, make_synthetic, safe_load_pickle

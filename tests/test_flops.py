@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from factory import DescendantShape, count_flops, count_params, vit_flops, vit_params
 from factory.flops import sdpa_flop_jit
