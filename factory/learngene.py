@@ -12,6 +12,12 @@ the ancestry's classifier, copied) plus ``L_b`` *gene layers* with ``H_b`` heads
   proj columns (they move together). Head dim stays the ancestry's. Proj columns are not
   rescaled; with ``H_b < H_a`` the attention branch is therefore weaker until expansion or
   training compensates (documented choice; see :func:`factory.mixing.mix_heads`).
+- Head mixing may be switched off (``head_mixing=False``): gene layer ``l`` then keeps ``H_b``
+  evenly spaced heads of its mixture (one-hot ``Q_l``), so no head is blended with another.
+- Variance-preserving rescale (``rescale="std"``, off with ``"none"``): after layer mixing, every
+  gene tensor is recentred on its own mean and its spread scaled to the ``P``-weighted average
+  spread of the ancestry layers it mixes (:func:`factory.mixing.rescale_like`); a convex mixture
+  of weakly correlated layers otherwise shrinks the weights (~0.5x std at ``tau = 1``).
 - Both draws come from one ``torch.Generator`` seeded with ``seed``: layer matrix first, then
   the head matrices, so the same ancestry, sizes, kind, tau and seed give a bit-identical learngene.
 
@@ -34,13 +40,14 @@ from . import __version__
 from .ancestry import Ancestry, load_ancestry
 from .artifacts import atomic_directory, sha256_bytes
 from .errors import FactoryError
-from .mixing import MIXING_KINDS, DepthMap, mix_heads, mix_layers, mixing_matrix
+from .mixing import MIXING_KINDS, DepthMap, mix_heads, mix_layers, mixing_matrix, rescale_like
 from .shapes import ArchConfig
 from .stats import distribution_report, summarize
 
 FORMAT_VERSION = 1
 TENSOR_FILE = "learngene.safetensors"
 META_FILE = "learngene.json"
+RESCALES: tuple[str, ...] = ("none", "std")
 
 
 @dataclass
@@ -76,8 +83,9 @@ class Learngene:
                 out[f"depth_map.{depth}.{k}"] = v
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
-    def save(self, directory: str | Path) -> str:
-        """Write the learngene directory atomically; returns the tensor file's sha256."""
+    def save(self, directory: str | Path, extra_files: dict[str, bytes] | None = None) -> str:
+        """Write the learngene directory atomically (plus ``extra_files``, e.g. a training log);
+        returns the tensor file's sha256."""
         from safetensors.torch import save
 
         data = save(self.tensors())
@@ -98,6 +106,8 @@ class Learngene:
         with atomic_directory(directory) as tmp:
             (tmp / TENSOR_FILE).write_bytes(data)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            for name, content in (extra_files or {}).items():
+                (tmp / name).write_bytes(content)
         self.meta = meta
         return digest
 
@@ -160,6 +170,8 @@ def sample_learngene(
     tau: float = 1.0,
     seed: int = 0,
     mixing: str = "softmax",
+    head_mixing: bool = True,
+    rescale: str = "none",
     report: bool = True,
 ) -> Learngene:
     """Sample a learngene of ``layers`` gene layers with ``heads`` heads (default: ancestry's).
@@ -172,6 +184,8 @@ def sample_learngene(
     heads = arch.num_heads if heads is None else heads
     if mixing not in MIXING_KINDS:
         raise FactoryError(f"unknown mixing {mixing!r}; choose one of {', '.join(MIXING_KINDS)}")
+    if rescale not in RESCALES:
+        raise FactoryError(f"unknown rescale {rescale!r}; choose one of {', '.join(RESCALES)}")
     if not 1 <= layers:
         raise FactoryError(f"learngene layers must be >= 1, got {layers}")
     if not 1 <= heads:
@@ -185,14 +199,23 @@ def sample_learngene(
         stem, blocks = anc.layers()
         gen = torch.Generator().manual_seed(seed)
         p = mixing_matrix(layers, arch.depth, mixing, tau=tau, generator=gen)
-        q = mixing_matrix(heads, arch.num_heads, mixing, tau=tau, generator=gen, batch=(layers,))
+        if head_mixing:
+            q = mixing_matrix(heads, arch.num_heads, mixing, tau=tau, generator=gen, batch=(layers,))
+        elif heads <= arch.num_heads:
+            q = mixing_matrix(heads, arch.num_heads, "identity", batch=(layers,))
+        else:
+            raise FactoryError(f"without head mixing the learngene can keep at most the ancestry's {arch.num_heads} heads, got {heads}")
         genes = {name: mix_layers(p, t) for name, t in blocks.items()}
+        if rescale == "std":
+            genes = {name: rescale_like(g, blocks[name], p) for name, g in genes.items()}
         genes = mix_heads(genes, q, arch.head_dim)
     meta: dict[str, Any] = {
         "ancestry": anc.identity(),
         "seed": seed,
         "tau": tau,
         "mixing": mixing,
+        "head_mixing": head_mixing,
+        "rescale": rescale,
     }
     if report:
         dist = distribution_report(blocks, genes, seed=seed)

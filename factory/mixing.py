@@ -89,6 +89,28 @@ def mix_layers(mixing: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(mixing, stack, dims=([1], [0]))
 
 
+def rescale_like(mixed: torch.Tensor, stack: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
+    """Variance-preserving rescale of a layer mixture ``mixed = P . stack`` (``P: (L_out, L_in)``).
+
+    A convex mixture of layers that are not perfectly correlated has a smaller spread than its
+    inputs (independent layers: ``var(sum_i p_i B_i) = sum_i p_i^2 var(B_i)``). For every output
+    layer ``l`` this restores the spread the mixed layers had on average, around the mixture's
+    own mean:
+
+        G_l <- m_l + (G_l - m_l) * sqrt(sum_i P_li * var(B_i)) / std(G_l),   m_l = mean(G_l)
+
+    with mean/var/std taken over all elements of the tensor. A mixture that is a selection
+    (one-hot rows) is returned unchanged up to float rounding; constant tensors are left alone.
+    """
+    flat_in = stack.reshape(stack.shape[0], -1)
+    target = torch.sqrt(mixing.to(flat_in.dtype) @ flat_in.var(dim=1, unbiased=False))
+    flat = mixed.reshape(mixed.shape[0], -1)
+    mean = flat.mean(dim=1, keepdim=True)
+    std = flat.std(dim=1, unbiased=False, keepdim=True)
+    scale = torch.where(std > 0, target[:, None] / std.clamp_min(1e-30), torch.ones_like(std))
+    return (mean + (flat - mean) * scale).reshape(mixed.shape)
+
+
 def mix_heads(
     blocks: dict[str, torch.Tensor],
     mixing: torch.Tensor,

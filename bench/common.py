@@ -1,0 +1,54 @@
+"""What the PEG benchmarks share: the downstream tasks, the fine-tuning recipe and its tables.
+
+Tasks (all offline, all unseen by the demo ancestry and its learngene):
+- ``digits``: scikit-learn's 8x8 digits, upsampled (1,000 train / 400 test).
+- ``mnist-unseen``: 2,000 images of MNIST's validation split to train, 2,000 of its test split to
+  evaluate (the ancestry trained on the 50k training split only).
+- ``textures``: which of 10 scikit-image photographs a crop comes from (natural textures and
+  scenes, train and test crops from disjoint image regions; :func:`factory.data.load_textures`).
+
+Recipe (``recipe(steps)``): batch 32, AdamW lr 1e-3, warm-up steps/15, cosine, label smoothing
+0.1, one-pixel shifts; accuracy on the task's test split every ``eval_every`` steps.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from factory.data import ImageTensors, load_dataset
+from factory.train import TrainConfig, evaluate, train
+
+TASKS = ("digits", "mnist-unseen", "textures")
+
+
+def load_tasks(names: tuple[str, ...] | list[str]) -> dict[str, tuple[ImageTensors, ImageTensors]]:
+    out = {}
+    for name in names:
+        if name == "mnist-unseen":
+            mnist = load_dataset("mnist", img_size=28)
+            out[name] = (mnist.val.subset(0, 2000), mnist.test.subset(0, 2000))
+        else:
+            ds = load_dataset(name, img_size=28)
+            out[name] = (ds.train, ds.test)
+    return out
+
+
+def recipe(steps: int, eval_every: int, seed: int) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=max(1, steps // 15), eval_every=eval_every,
+                       label_smoothing=0.1, shift=1, seed=seed)
+
+
+def finetune_curve(model, train_set: ImageTensors, eval_set: ImageTensors, steps: int, eval_every: int, seed: int) -> dict[int, float]:
+    """Test accuracy at step 0 and every ``eval_every`` steps of the recipe."""
+    zero = evaluate(model, eval_set)
+    res = train(model, train_set, recipe(steps, eval_every, seed), val_data=eval_set, progress=False)
+    return {0: zero, **{h["step"]: h["val_acc"] for h in res.history if "val_acc" in h}}
+
+
+def rows_with_int_steps(results: list[dict]) -> list[dict]:
+    """Result rows with integer curve keys (JSON turns them into strings)."""
+    return [{**r, "curve": {int(k): float(v) for k, v in r["curve"].items()}} for r in results]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.pstdev(values)

@@ -1,0 +1,166 @@
+"""Which learngene recipe makes PEG descendants learn fastest? One knob at a time, then combined.
+
+Every variant makes a learngene from the shipped demo ancestry (d6-w192, MNIST-trained), expands it
+to the PEG benchmark's three shapes (d3-w192, d6-w96, d9-w192) and fine-tunes each with the shared
+recipe (``bench/common.py``) on ``digits`` and ``textures`` for several seeds; weight selection and
+TLEG are run in the same process on the same shapes, seeds and steps as the reference. Knobs:
+
+- ``tau``: softmax temperature of the layer/head mixture (1 = the paper's Gaussian mixture).
+- ``head mixing`` on/off; ``rescale``: the variance-preserving rescale (factory.mixing.rescale_like).
+- ``gene layers``: 3 (= L_a/2, the paper's) or 6.
+- expanding phase: ``steps``; ``data`` (MNIST train = the ancestry's own data, or the target
+  task's own training images); ``sandwich`` (``depths``: depths 1/3/6/9/12 at the ancestry's width,
+  the old default; ``grid``: depths 1..12 x widths 96/144/192); ``extra hidden`` units of the depth maps.
+- ``shipped``: the learngene shipped in ``factory/assets`` (the factory's default).
+
+Usage:
+    python bench/learngene_study.py --json bench/out/learngene_study.json --md bench/out/learngene_study.md
+    python bench/learngene_study.py --quick --json /tmp/s.json --md /tmp/s.md     # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from common import finetune_curve, load_tasks, mean_std, rows_with_int_steps
+from factory import DescendantShape, init_descendant, load_ancestry, sample_learngene
+from factory.data import load_dataset
+from factory.demo import load_demo_learngene
+from factory.expanding import ExpandingConfig, default_shapes, train_learngene
+
+BASE = dict(tau=1.0, head_mixing=True, rescale="none", layers=3, steps=0, data="mnist", sandwich="grid", extra_hidden=0)
+
+VARIANTS: list[tuple[str, dict]] = [
+    ("paper (untrained, tau 1)", {}),
+    ("tau 0.3", dict(tau=0.3)),
+    ("tau 0.1", dict(tau=0.1)),
+    ("no head mixing", dict(head_mixing=False)),
+    ("rescale std", dict(rescale="std")),
+    ("6 gene layers", dict(layers=6)),
+    ("expand 150 steps", dict(steps=150)),
+    ("expand 300 steps", dict(steps=300)),
+    ("expand 300, target data", dict(steps=300, data="target")),
+    ("expand 300, old sandwich (depths only)", dict(steps=300, sandwich="depths")),
+    ("expand 300, extra hidden 6", dict(steps=300, extra_hidden=6)),
+    ("rescale std + expand 300", dict(rescale="std", steps=300)),
+    ("shipped default", dict(shipped=True)),
+]
+SHAPES = [DescendantShape(3, 192, 3, 4.0, 28, 7, 10), DescendantShape(6, 96, 2, 2.0, 28, 7, 10),
+          DescendantShape(9, 192, 3, 4.0, 28, 7, 10)]
+
+
+def make_learngene(anc, knobs: dict, task_train, mnist_train):
+    if knobs.get("shipped"):
+        lg = load_demo_learngene(anc)
+        return lg, {"seconds": 0.0, "steps": lg.meta.get("expanding_phase", {}).get("config", {}).get("steps")}
+    k = {**BASE, **knobs}
+    lg = sample_learngene(anc, k["layers"], tau=k["tau"], head_mixing=k["head_mixing"], rescale=k["rescale"], seed=0)
+    if not k["steps"]:
+        return lg, {"seconds": 0.0, "std_ratio": lg.meta["stats"]["summary"]["mean_std_ratio"]}
+    shapes = default_shapes(lg, [1, 3, 6, 9, 12], [anc.arch.embed_dim]) if k["sandwich"] == "depths" else default_shapes(lg)
+    data = task_train if k["data"] == "target" else mnist_train
+    t0 = time.perf_counter()
+    trained, _ = train_learngene(lg, anc, data, shapes, ExpandingConfig(steps=k["steps"], extra_hidden=k["extra_hidden"]),
+                                 progress=False)
+    return trained, {"seconds": round(time.perf_counter() - t0, 1), "std_ratio": lg.meta["stats"]["summary"]["mean_std_ratio"]}
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    anc = load_ancestry("demo")
+    tasks = load_tasks(args.tasks)
+    mnist_train = load_dataset("digits" if args.quick else "mnist", img_size=28).train
+    variants = VARIANTS[:2] + [("expand 3 steps", dict(steps=3))] if args.quick else VARIANTS
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    results, learngenes = [], {}
+    cache = {}
+    for name, knobs in [("weight_selection", {"method": "weight_selection"}), ("tleg", {"method": "tleg"})] + variants:
+        for task, (train_set, eval_set) in tasks.items():
+            method = knobs.get("method", "peg")
+            lg = None
+            if method == "peg":
+                key = (name, task if knobs.get("data") == "target" else None)
+                if key not in cache:
+                    cache[key] = make_learngene(anc, knobs, train_set, mnist_train)
+                    learngenes[f"{name}" + (f" [{task}]" if key[1] else "")] = cache[key][1]
+                lg = cache[key][0]
+            for shape in shapes:
+                for seed in range(args.seeds):
+                    model = init_descendant(method, shape, ancestry=anc, learngene=lg, seed=seed)
+                    curve = finetune_curve(model, train_set, eval_set, args.steps, args.eval_every, seed)
+                    results.append({"variant": name, "task": task, "shape": shape.label(), "seed": seed, "curve": curve})
+                    print(f"{name:40s} {task:9s} {shape.label():22s} s{seed} "
+                          + " ".join(f"{k}:{v:.3f}" for k, v in curve.items()), flush=True)
+    return {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in ("json", "md")},
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "base": BASE, "variants": [[n, k] for n, k in variants], "learngenes": learngenes, "results": results}
+
+
+def summarise(data: dict) -> str:
+    rows = rows_with_int_steps(data["results"])
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    steps = sorted({k for r in rows for k in r["curve"]} - {0})
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    knobs = {"weight_selection": "baseline", "tleg": "baseline", **{n: json.dumps(k, sort_keys=True) for n, k in data["variants"]}}
+    head = " | ".join(f"{t} @{s}" for t in tasks for s in steps)
+    lines = [f"Mean test accuracy over {len({r['shape'] for r in rows})} shapes x {len({r['seed'] for r in rows})} seeds "
+             f"(± std over those runs); knobs differ from the base {json.dumps(data['base'], sort_keys=True)}.", "",
+             f"| variant | knobs | {head} | mean | vs weight selection |", "|---|---|" + "---|" * (len(tasks) * len(steps) + 2)]
+    overall = {}
+    for name in names:
+        cells, means = [], []
+        for t in tasks:
+            for s in steps:
+                m, sd = mean_std([r["curve"][s] for r in rows if r["variant"] == name and r["task"] == t])
+                cells.append(f"{m:.3f} ± {sd:.3f}")
+                means.append(m)
+        overall[name] = sum(means) / len(means)
+    for name in names:
+        delta = overall[name] - overall["weight_selection"]
+        cells = []
+        for t in tasks:
+            for s in steps:
+                m, sd = mean_std([r["curve"][s] for r in rows if r["variant"] == name and r["task"] == t])
+                cells.append(f"{m:.3f} ± {sd:.3f}")
+        lines.append(f"| {name} | {knobs.get(name, '')} | " + " | ".join(cells) + f" | {overall[name]:.3f} | {delta:+.3f} |")
+    lg_lines = ["", "Learngenes (expanding-phase seconds on this machine; std ratio = gene/ancestry weight std before training):", ""]
+    lg_lines += [f"- {n}: {json.dumps(v, sort_keys=True)}" for n, v in data["learngenes"].items()]
+    return "\n".join(lines + lg_lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 variants, 1 shape, few steps, 1 seed")
+    parser.add_argument("--json", type=Path, required=True, help="where to write the raw results")
+    parser.add_argument("--md", type=Path, default=None, help="where to write the Markdown table")
+    parser.add_argument("--tasks", nargs="+", default=["digits", "textures"])
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    if args.quick:
+        args.tasks = ["digits"]
+    args.steps = args.steps or (10 if args.quick else 50)
+    args.eval_every = max(1, args.steps // 2) if args.quick else args.eval_every
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    start = time.perf_counter()
+    data = run(args)
+    data["wall_seconds"] = round(time.perf_counter() - start, 1)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(data, indent=2, default=str))
+    table = summarise(json.loads(json.dumps(data, default=str)))
+    if args.md:
+        args.md.write_text(table + "\n")
+    print(table)
+    print(f"\nwall time {data['wall_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
