@@ -81,7 +81,9 @@ class Budgets(_Strict):
 
 
 class Profile(_Strict):
-    name: str = Field(min_length=1)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                      description="A safe slug (it names the device's folder under --out): letters, digits, '_', '-', '.', "
+                                  "starting with a letter or digit, at most 64 characters.")
     description: str | None = None
     hardware: Hardware
     precision: Precision = "fp32"
@@ -119,6 +121,9 @@ def _format_error(path: str, exc: ValidationError) -> str:
         fix = "use a positive value"
     elif kind == "literal_error":
         fix = "use one of the listed values"
+    elif kind == "string_pattern_mismatch" and field == "name":
+        msg = f"{err.get('input')!r} is not a safe name (it becomes a folder under --out)"
+        fix = "use letters, digits, '_', '-' or '.', starting with a letter or digit, at most 64 characters"
     else:
         fix = "see profiles/profile.schema.json"
     extra = f" ({len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""

@@ -101,3 +101,11 @@ def test_fuzz_structured_profiles_never_traceback(top, hardware):
         parse_profile(yaml.safe_dump(data), "fuzz.yaml")
     except FactoryError as exc:
         assert "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("name", ["../../evil", ".", "..", "/abs/path", "a/b", "x" * 65, "-flag", "", "name with space"])
+def test_unsafe_profile_names_are_refused(name):
+    data = yaml.safe_load((PROFILE_DIR / "host.yaml").read_text())
+    data["name"] = name
+    with pytest.raises(FactoryError, match=r"^profile p.yaml: name: .* is not a safe name .*; use letters, digits"):
+        parse_profile(yaml.safe_dump(data), "p.yaml")
