@@ -47,6 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--json", type=Path, required=True, help="where to write the rows")
+    parser.add_argument("--md", type=Path, default=None, help="where to write the Markdown table")
     args = parser.parse_args()
     anc = load_ancestry("demo")
     digits = load_dataset("digits", img_size=28)
@@ -77,15 +79,22 @@ def main() -> None:
             row["int8_mode"] = art["onnx-int8"]["mode"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\nmachine: {platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)\n")
-    print("| model | batch | eager ms | ORT FP32 ms | ORT INT8 ms | FP32/eager speed-up | INT8/FP32 speed-up | FP32 acc | INT8 acc |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    machine = f"{platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": machine, "args": {"steps": args.steps, "repeats": args.repeats}, "rows": rows},
+                                    indent=2) + "\n")
+    lines = [f"Machine: {machine}.", "",
+             "| model | batch | eager ms | ORT FP32 ms | ORT INT8 ms | FP32/eager speed-up | INT8/FP32 speed-up | FP32 acc | INT8 acc |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for b in (1, 32):
             e, f, i = r[f"eager_b{b}"], r[f"ort_fp32_b{b}"], r[f"ort_int8_b{b}"]
             acc = (f"{r['fp32_acc']:.4f} | {r['int8_acc']:.4f}" if r["fp32_acc"] is not None else "n/a | n/a") if b == 1 else " | "
-            print(f"| {r['model']} | {b} | {e:.3f} | {f:.3f} | {i:.3f} | {e / f:.2f}x | {f / i:.2f}x | {acc} |")
-
+            lines.append(f"| {r['model']} | {b} | {e:.3f} | {f:.3f} | {i:.3f} | {e / f:.2f}x | {f / i:.2f}x | {acc} |")
+    table = "\n".join(lines)
+    if args.md:
+        args.md.write_text(table + "\n")
+    print(table)
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@
    loads the model and runs it once (a subprocess per shape, so allocations don't overlap).
 5. Search speed: time to search >= 10,000 candidate shapes of a ViT-B ancestry for Jetson Orin.
 
-Usage: python bench/latency_model.py [--shapes 36] [--calibrate 10] [--seed 0]
+Usage: python bench/latency_model.py [--shapes 36] [--calibrate 10] [--seed 0] --json PATH [--md PATH]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from factory import DescendantShape
 from factory.cost import CostModel, Measurement, calibrate, measure_host, measure_onnxruntime_latency
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--calibrate", type=int, default=10)
     parser.add_argument("--memory-shapes", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, required=True, help="where to write the figures")
+    parser.add_argument("--md", type=Path, default=None, help="where to write the Markdown tables")
     args = parser.parse_args()
 
     host = measure_host()
@@ -133,7 +136,31 @@ def main() -> None:
             "best_evolutionary": evo.feasible[0].shape.label(),
         },
     }
-    print(json.dumps(result, indent=2))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    if args.md:
+        args.md.write_text(table + "\n")
+    print(table)
+
+
+def markdown(j: dict) -> str:
+    """The figures as Markdown (the text pasted into bench/RESULTS.md)."""
+    lines = [f"Machine: {j['machine']}. {j['shapes']} shapes, calibrated on {j['calibrated_on']}, evaluated on the other "
+             f"{j['evaluated_on']}.", "",
+             "| model | within +-10% | within +-20% | median abs error |", "|---|---|---|---|",
+             f"| roofline, uncalibrated | {j['uncalibrated_within_10pct']:.0%} | {j['uncalibrated_within_20pct']:.0%} | "
+             f"{j['uncalibrated_median_abs_error']:.0%} |",
+             f"| roofline, calibrated on {j['calibrated_on']} measurements | {j['calibrated_within_10pct']:.0%} | "
+             f"{j['calibrated_within_20pct']:.0%} | {j['calibrated_median_abs_error']:.0%} |", "",
+             f"Fitted efficiencies: {j['calibrated_efficiency']}.", "",
+             "| shape | predicted MB | measured RSS growth MB |", "|---|---|---|"]
+    lines += [f"| {m['shape']} | {m['predicted_mb']} | {m['measured_rss_growth_mb']} |" for m in j["memory"]]
+    sr = j["search"]
+    lines += ["", f"Search speed (ViT-B/16 ancestry, Jetson Orin, inputs 160/192/224): {sr['space']:,} shapes enumerated in "
+              f"{sr['enumerate_seconds']} s; evolutionary search of {sr['evolutionary_evaluations']:,} shapes in "
+              f"{sr['evolutionary_seconds']} s; picks {sr['best_enumerated']} / {sr['best_evolutionary']}."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
-"""PEG vs baselines: fine-tuning speed of descendants initialised five ways.
+"""PEG vs baselines: fine-tuning speed of descendants initialised four ways.
 
 For each descendant shape (shallower, narrower and deeper than the learngene) and downstream task
-(``digits``; ``mnist-unseen``: MNIST's validation split for training and its test split for
-evaluation, neither seen by the demo ancestry), every initialisation -- ``scratch``,
-``weight_selection``, ``tleg``, ``peg`` (sampled learngene) and ``peg-trained`` (after the
-expanding phase) -- is fine-tuned with the same recipe and step budget for several seeds.
-Reported: accuracy at fixed step budgets (mean over seeds, plotted to PNG) and the steps each
-method needs to reach the scratch model's final accuracy.
+(``bench/common.py``: ``digits``, ``mnist-unseen`` and ``textures``, none seen by the demo ancestry or
+its learngene), every initialisation -- ``scratch``, ``weight_selection``, ``tleg`` and ``peg`` (the
+factory's default learngene: the one shipped in ``factory/assets/demo_learngene``) -- is fine-tuned
+with the same recipe and step budget for several seeds; ``peg-untrained`` (the paper's sampled
+mixture, tau 1, no expanding phase) can be added with ``--methods``. Reported: accuracy at fixed step
+budgets (mean over seeds, plotted to PNG) and the steps each method needs to reach the scratch
+model's final accuracy.
 
 Usage:
-    python bench/peg_vs_baselines.py --out bench/out            # full run (~25 min, 2 CPU cores)
+    python bench/peg_vs_baselines.py --out bench/out            # full run (~35 min, 2 CPU cores)
     python bench/peg_vs_baselines.py --quick --out /tmp/q       # smoke run (CI), asserts nothing
 """
 
@@ -24,73 +25,49 @@ from pathlib import Path
 
 import torch
 
+from common import TASKS, finetune_curve, load_tasks, rows_with_int_steps
 from factory import DescendantShape, init_descendant, load_ancestry, sample_learngene
-from factory.data import ImageTensors, load_dataset
-from factory.expanding import ExpandingConfig, default_shapes, train_learngene
-from factory.train import TrainConfig, evaluate, train
+from factory.demo import load_demo_learngene
 
-METHODS = ("scratch", "weight_selection", "tleg", "peg", "peg-trained")
-
-
-def tasks(quick: bool) -> dict[str, tuple[ImageTensors, ImageTensors]]:
-    digits = load_dataset("digits", img_size=28)
-    out = {"digits": (digits.train, digits.test)}
-    if not quick:
-        mnist = load_dataset("mnist", img_size=28)
-        out["mnist-unseen"] = (mnist.val.subset(0, 2000), mnist.test.subset(0, 2000))
-    return out
+METHODS = ("scratch", "weight_selection", "tleg", "peg-untrained", "peg")
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     anc = load_ancestry("demo")
-    lg = sample_learngene(anc, args.gene_layers, anc.arch.num_heads, seed=0)
+    learngenes = {"peg": load_demo_learngene(anc), "peg-untrained": sample_learngene(anc, 3, seed=0)}
     shapes = [
         DescendantShape(3, 192, 3, 4.0, 28, 7, 10),  # shallower than the ancestry, learngene depth
         DescendantShape(6, 96, 2, 2.0, 28, 7, 10),  # narrower
         DescendantShape(9, 192, 3, 4.0, 28, 7, 10),  # deeper
     ][: 1 if args.quick else 3]
-    t0 = time.perf_counter()
-    mnist_train = load_dataset("mnist", img_size=28).train if not args.quick else load_dataset("digits", img_size=28).train
-    lg_shapes = default_shapes(lg, sorted({s.depth for s in shapes} | {1, 12}))
-    trained, report = train_learngene(lg, anc, mnist_train, lg_shapes,
-                                      ExpandingConfig(steps=args.expand_steps, batch_size=64, lr=5e-4),
-                                      eval_data=load_dataset("digits", img_size=28).test, progress=False)
-    expand_seconds = time.perf_counter() - t0
-    cfg = dict(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=max(1, args.steps // 15),
-               eval_every=args.eval_every, label_smoothing=0.1, shift=1)
     results = []
-    for task, (train_set, eval_set) in tasks(args.quick).items():
+    for task, (train_set, eval_set) in load_tasks(args.tasks).items():
         for shape in shapes:
-            for method in METHODS:
+            for method in args.methods:
                 for seed in range(args.seeds):
                     kind = "peg" if method.startswith("peg") else method
-                    model = init_descendant(kind, shape, ancestry=anc, learngene=trained if method == "peg-trained" else lg, seed=seed)
-                    zero = evaluate(model, eval_set)
-                    res = train(model, train_set, TrainConfig(seed=seed, **cfg), val_data=eval_set, progress=False)
-                    curve = {0: zero, **{h["step"]: h["val_acc"] for h in res.history if "val_acc" in h}}
+                    model = init_descendant(kind, shape, ancestry=anc, learngene=learngenes.get(method), seed=seed)
+                    t0 = time.perf_counter()
+                    curve = finetune_curve(model, train_set, eval_set, args.steps, args.eval_every, seed)
                     results.append({"task": task, "shape": shape.label(), "method": method, "seed": seed,
-                                    "curve": curve, "seconds": round(res.seconds, 1)})
+                                    "curve": curve, "seconds": round(time.perf_counter() - t0, 1)})
                     print(f"{task:12s} {shape.label():22s} {method:16s} seed {seed}: "
                           + " ".join(f"{k}:{v:.3f}" for k, v in curve.items()), flush=True)
+    lg = learngenes["peg"]
     return {
-        "args": vars(args),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "ancestry": anc.identity(),
-        "learngene": {"layers": lg.num_layers, "heads": lg.num_heads, "stats": lg.meta["stats"]["summary"]},
-        "expanding_phase": {k: v for k, v in report.items() if k != "history"} | {"seconds_total": round(expand_seconds, 1)},
+        "learngene": {"sha256": lg.sha256, "layers": lg.num_layers, "heads": lg.num_heads,
+                      "expanding_phase": lg.meta.get("expanding_phase"), "rescale": lg.meta.get("rescale")},
         "results": results,
     }
 
 
-def _rows(data: dict) -> list[dict]:
-    """Result rows with integer curve keys (JSON turns them into strings)."""
-    return [{**r, "curve": {int(k): float(v) for k, v in r["curve"].items()}} for r in data["results"]]
-
-
 def summarise(data: dict) -> str:
     """Markdown tables: accuracy at each budget (mean +- std over seeds), steps to scratch's final."""
-    rows = _rows(data)
+    rows = rows_with_int_steps(data["results"])
     lines = []
     groups = sorted({(r["task"], r["shape"]) for r in rows})
     for task, shape in groups:
@@ -123,7 +100,7 @@ def plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _rows(data)
+    rows = rows_with_int_steps(data["results"])
     groups = sorted({(r["task"], r["shape"]) for r in rows})
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
     for ax, (task, shape) in zip(axes[0], groups):
@@ -146,30 +123,33 @@ def plot(data: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 shape, digits, few steps, 1 seed")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument("--out", type=Path, default=Path("bench/out"), help="directory for the PNG (and default JSON/MD)")
+    parser.add_argument("--json", type=Path, default=None, help="raw results [default: OUT/peg_vs_baselines.json]")
+    parser.add_argument("--md", type=Path, default=None, help="Markdown tables [default: OUT/peg_vs_baselines.md]")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--methods", nargs="+", default=["scratch", "weight_selection", "tleg", "peg"], choices=METHODS)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--gene-layers", type=int, default=3)
-    parser.add_argument("--expand-steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    if args.quick:
+        args.tasks = ["digits"]
     args.steps = args.steps or (10 if args.quick else 150)
     args.eval_every = args.eval_every or (5 if args.quick else 25)
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.expand_steps = args.expand_steps if args.expand_steps is not None else (3 if args.quick else 150)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.json = args.json or args.out / "peg_vs_baselines.json"
+    args.md = args.md or args.out / "peg_vs_baselines.md"
     start = time.perf_counter()
     data = run(args)
     data["wall_seconds"] = round(time.perf_counter() - start, 1)
-    args.out.joinpath("peg_vs_baselines.json").write_text(json.dumps(data, indent=2, default=str))
+    args.json.write_text(json.dumps(data, indent=2, default=str))
     table = summarise(json.loads(json.dumps(data, default=str)))
-    args.out.joinpath("peg_vs_baselines.md").write_text(table + "\n")
+    args.md.write_text(table + "\n")
     plot(json.loads(json.dumps(data, default=str)), args.out / "peg_vs_baselines.png")
     print(table)
-    print(f"\nwall time {data['wall_seconds']} s; expanding phase {data['expanding_phase']}")
+    print(f"\nwall time {data['wall_seconds']} s")
 
 
 if __name__ == "__main__":

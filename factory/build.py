@@ -2,8 +2,13 @@
 
 Stages, for a fleet of profiles sharing one ancestry, learngene and data set:
 
-1. ``learngene`` -- sampled (and, with ``expand_steps > 0``, trained by the expanding phase) once
-   for the whole fleet.
+1. ``learngene`` -- sampled and trained by the expanding phase (:mod:`factory.expanding`, with a
+   progress bar, checkpointed and resumed like a fine-tune) once for the whole fleet, keyed by its
+   recipe (:func:`learngene_recipe`: ancestry hash, sampling knobs, expanding-phase config, shapes
+   and data). When the recipe is exactly the one the shipped demo learngene was made with
+   (``factory/assets/demo_learngene``), that learngene is used instead of training it again. The
+   expanding phase distils on the ancestry's own training images when they are known (``mnist``
+   for the demo ancestry) and on the build's data otherwise (labels are not used).
 2. ``search`` -- per profile, the best shape within its budgets (:mod:`factory.search`).
 3. ``finetune`` -- per *distinct* shape: expand from the learngene (or another ``init``) and
    fine-tune on the task's training split; profiles that pick the same shape share the model.
@@ -56,7 +61,11 @@ class BuildConfig:
     gene_layers: int | None = None
     gene_heads: int | None = None
     gene_seed: int = 0
-    expand_steps: int = 0
+    gene_tau: float = 1.0
+    gene_rescale: str = "std"
+    gene_head_mixing: bool = True
+    expand_steps: int | None = None  # None: ExpandingConfig's default
+    expand_data: str | None = None  # None: the ancestry's own data if known, else ``data``
     init: str = "peg"
     finetune_steps: int = 100
     batch_size: int = 32
@@ -64,6 +73,8 @@ class BuildConfig:
     seed: int = 0
     jobs: int = 1
     device: str = "auto"
+    objective: str = "accuracy"  # accuracy: proxy fine-tunes of the Pareto front (factory.accuracy); capacity
+    candidates: int = 8
 
 
 def _key(*parts: Any) -> str:
@@ -93,28 +104,71 @@ class Builder:
         return Stage(name, key, self.cache / name / key)
 
     # -- stage 1 -------------------------------------------------------------------------------
-    def learngene_stage(self, anc, ds) -> Stage:
+    def expanding_data(self, anc) -> str:
         c = self.cfg
-        return self.stage("learngene", _key(anc.sha256, c.gene_layers, c.gene_heads, c.gene_seed, c.expand_steps, ds.identity))
+        if c.expand_data:
+            return c.expand_data
+        return "mnist" if anc.spec == "demo" and anc.weights == "trained-demo" else c.data
 
-    def learngene(self, anc, ds):
+    def learngene_recipe(self, anc) -> dict[str, Any]:
+        from .expanding import ExpandingConfig
+        from .fingerprint import dataset_identity
+
+        c = self.cfg
+        exp = ExpandingConfig() if c.expand_steps is None else ExpandingConfig(steps=c.expand_steps)
+        exp = dataclasses.replace(exp, seed=c.gene_seed)
+        return learngene_recipe(anc.sha256, c.gene_layers or max(1, anc.arch.depth // 2), c.gene_heads or anc.arch.num_heads,
+                                seed=c.gene_seed, tau=c.gene_tau, rescale=c.gene_rescale, head_mixing=c.gene_head_mixing,
+                                expanding=dataclasses.asdict(exp) if exp.steps else None,
+                                data=dataset_identity(self.expanding_data(anc), anc.arch.img_size, anc.arch.in_chans) if exp.steps else None)
+
+    def learngene_stage(self, anc) -> Stage:
+        return self.stage("learngene", _key(self.learngene_recipe(anc)))
+
+    def shipped_learngene(self, anc):
+        """The packaged demo learngene if it was made with exactly this build's recipe."""
+        from .demo import PACKAGED_LEARNGENE
+        from .learngene import Learngene
+
+        if not (PACKAGED_LEARNGENE / "learngene.json").is_file():
+            return None
+        shipped = Learngene.load(PACKAGED_LEARNGENE)
+        return shipped if recipe_of(shipped) == self.learngene_recipe(anc) else None
+
+    def learngene(self, anc):
+        from .data import load_dataset
         from .expanding import ExpandingConfig, default_shapes, train_learngene
         from .learngene import Learngene, sample_learngene
 
-        st = self.learngene_stage(anc, ds)
+        st = self.learngene_stage(anc)
         if st.cached:
             self.log(f"learngene: cached ({st.key})")
             return Learngene.load(st.path / "learngene"), st
+        recipe = self.learngene_recipe(anc)
         t0 = time.perf_counter()
-        c = self.cfg
-        lg = sample_learngene(anc, c.gene_layers or max(1, anc.arch.depth // 2), c.gene_heads, seed=c.gene_seed)
-        if c.expand_steps:
-            lg, _ = train_learngene(lg, anc, ds.train, default_shapes(lg), ExpandingConfig(steps=c.expand_steps, seed=c.gene_seed),
-                                    progress=False)
+        shipped = self.shipped_learngene(anc)
+        if shipped is not None:
+            lg, how = shipped, "the shipped demo learngene (same recipe, not retrained)"
+        else:
+            lg = sample_learngene(anc, recipe["layers"], recipe["heads"], seed=recipe["seed"], tau=recipe["tau"],
+                                  rescale=recipe["rescale"], head_mixing=recipe["head_mixing"])
+            how = f"sampled {lg.num_layers} layers x {lg.num_heads} heads"
+            if recipe["expanding"]:
+                ds = load_dataset(self.expanding_data(anc), img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+                work = st.path.with_name(st.key + ".partial")
+                resume = (work / "checkpoint" / "state.json").is_file()
+                if resume:
+                    self.log("learngene: resuming the expanding phase from its last checkpoint")
+                lg, _ = train_learngene(lg, anc, ds.train, default_shapes(lg), ExpandingConfig(**recipe["expanding"]),
+                                        out_dir=work, resume=resume, ckpt_every=max(1, recipe["expanding"]["steps"] // 10),
+                                        progress=True)
+                lg.meta["expanding_phase"]["data"] = ds.identity
+                how += f", trained {recipe['expanding']['steps']} expanding-phase steps on {self.expanding_data(anc)}"
         with atomic_directory(st.path) as tmp:
             lg.save(tmp / "learngene")
-            (tmp / "done.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 2)}))
-        self.log(f"learngene: sampled {lg.num_layers} layers x {lg.num_heads} heads in {time.perf_counter() - t0:.1f}s")
+            (tmp / "done.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 2), "how": how}))
+        shutil.rmtree(st.path.with_name(st.key + ".partial"), ignore_errors=True)
+        self.log(f"learngene: {how} in {time.perf_counter() - t0:.1f}s")
         return Learngene.load(st.path / "learngene"), st
 
     # -- stage 3 -------------------------------------------------------------------------------
@@ -126,7 +180,7 @@ class Builder:
     def finetune(self, anc, lg, shape, ds) -> Stage:
         from .baselines import init_descendant
         from .checkpoint import save_descendant
-        from .train import TrainConfig, evaluate, train
+        from .train import evaluate, train
 
         st = self.finetune_stage(lg.sha256, shape, ds)
         if st.cached:
@@ -135,8 +189,7 @@ class Builder:
         c = self.cfg
         work = st.path.with_name(st.key + ".partial")  # checkpoints survive a killed build
         model = init_descendant(c.init, shape, ancestry=anc, learngene=lg, seed=c.seed)
-        cfg = TrainConfig(steps=c.finetune_steps, batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=c.device,
-                          warmup_steps=max(1, c.finetune_steps // 10), ckpt_every=max(1, c.finetune_steps // 5))
+        cfg = finetune_recipe(c)
         resume = (work / "checkpoint" / "state.json").is_file()
         if resume:
             self.log(f"finetune {shape.label()}: resuming from its last checkpoint")
@@ -153,6 +206,43 @@ class Builder:
         shutil.rmtree(work, ignore_errors=True)
         self.log(f"finetune {shape.label()}: test accuracy {test_acc:.4f} in {result.seconds:.1f}s")
         return st
+
+
+def finetune_recipe(cfg: BuildConfig):
+    """The fine-tuning recipe of a build (also what the accuracy estimator compresses and benches reproduce)."""
+    from .train import TrainConfig
+
+    return TrainConfig(steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
+                       warmup_steps=max(1, cfg.finetune_steps // 10), ckpt_every=max(1, cfg.finetune_steps // 5))
+
+
+def learngene_recipe(ancestry_sha256: str, layers: int, heads: int, *, seed: int, tau: float, rescale: str,
+                     head_mixing: bool, expanding: dict[str, Any] | None, data: str | None) -> dict[str, Any]:
+    """Everything that determines a learngene's tensors: the build caches learngenes by it."""
+    return {"ancestry": ancestry_sha256, "layers": layers, "heads": heads, "seed": seed, "tau": float(tau), "mixing": "softmax",
+            "rescale": rescale, "head_mixing": head_mixing, "expanding": expanding, "data": data}
+
+
+def recipe_of(lg) -> dict[str, Any] | None:
+    """The :func:`learngene_recipe` a saved learngene was made with, read from its metadata
+    (``None`` when it was not made by the default sampler + expanding phase)."""
+    from .expanding import ExpandingConfig, default_shapes
+
+    m = lg.meta
+    exp = m.get("expanding_phase")
+    if m.get("mixing") != "softmax" or "ancestry" not in m:
+        return None
+    if exp and exp.get("shapes") != [s.label() for s in default_shapes(lg)]:
+        return None
+    expanding = None
+    if exp:  # only the fields that shape the tensors (older logs may carry others, e.g. checkpoint cadence)
+        fields = set(dataclasses.asdict(ExpandingConfig()))
+        if not fields <= set(exp["config"]):
+            return None
+        expanding = {k: exp["config"][k] for k in sorted(fields)}
+    return learngene_recipe(m["ancestry"]["sha256"], lg.num_layers, lg.num_heads, seed=m.get("seed"), tau=m.get("tau"),
+                            rescale=m.get("rescale", "none"), head_mixing=m.get("head_mixing", True), expanding=expanding,
+                            data=exp.get("data") if exp else None)
 
 
 def _profile_hash(profile: Profile) -> str:
@@ -176,6 +266,10 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
     """Run (or, with ``dry_run``, plan) the build; returns the manifest dict."""
     if not profiles:
         raise FactoryError("no profile given: pass --profile PATH (repeatable) or --fleet FILE")
+    from .accuracy import OBJECTIVES
+
+    if cfg.objective not in OBJECTIVES:
+        raise FactoryError(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
         raise FactoryError(f"profile names must be unique in a fleet, got {names}")
@@ -206,16 +300,20 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
             result = search(prof, space, cost, seed=cfg.seed)
             best = result.require_feasible()
             searches[prof.name] = (result, best, cost)
-            entry.update(shape=best.shape.to_dict(), predicted=best.to_dict())
+            entry.update(shape=best.shape.to_dict(), predicted=best.to_dict(),
+                         selection={"objective": "capacity", "reason": "--objective capacity" if cfg.objective == "capacity" else
+                                    "pending accuracy estimate"})
         except FactoryError as exc:
             entry.update(status="failed", error=str(exc))
         devices.append(entry)
 
-    lg_stage = builder.learngene_stage(anc, ds)
+    lg_stage = builder.learngene_stage(anc)
     if dry_run:
         return _plan(builder, devices, lg_stage, anc, ds, log)
 
-    lg, _ = builder.learngene(anc, ds)
+    lg, _ = builder.learngene(anc)
+    if cfg.objective == "accuracy":
+        choose_for_devices(builder, devices, searches, anc, lg, ds)
     shapes = {}
     for entry in devices:
         if "shape" in entry:
@@ -251,7 +349,7 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
         "ancestry": anc.identity(),
         "ancestry_arch": anc.arch.to_dict(),
         "learngene": {"sha256": lg.sha256, "layers": lg.num_layers, "heads": lg.num_heads, "seed": cfg.gene_seed,
-                      "expand_steps": cfg.expand_steps, "cache_key": lg_stage.key, "sampled_once_for": names},
+                      "recipe": builder.learngene_recipe(anc), "cache_key": lg_stage.key, "sampled_once_for": names},
         "data": {"spec": cfg.data, "identity": ds.identity, "classes": ds.train.classes,
                  "identity_key": dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans)},
         "recipe": dataclasses.asdict(cfg),
@@ -265,6 +363,30 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
     atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     atomic_write_bytes(out / "manifest.schema.json", (json.dumps(MANIFEST_SCHEMA, indent=2) + "\n").encode())
     return manifest
+
+
+def choose_for_devices(builder: Builder, devices, searches, anc, lg, ds) -> None:
+    """Replace each device's capacity choice by the candidate with the best predicted accuracy."""
+    from .accuracy import EstimatorConfig, ProxyFinetune, choose_by_accuracy
+
+    c = builder.cfg
+    predictor = ProxyFinetune(anc, lg, ds, init=c.init, budget_steps=c.finetune_steps, batch_size=c.batch_size, lr=c.lr,
+                              seed=c.seed, device=c.device, config=EstimatorConfig(candidates=c.candidates),
+                              cache_dir=builder.cache / "estimate")
+    for entry in devices:
+        if entry.get("status") == "failed":
+            continue
+        result, best, cost = searches[entry["name"]]
+        spent = predictor.seconds
+        chosen, rows = choose_by_accuracy(result, predictor, c.candidates)
+        searches[entry["name"]] = (result, chosen, cost)
+        entry.update(shape=chosen.shape.to_dict(), predicted={**chosen.to_dict(), "accuracy": max(r["predicted_accuracy"] for r in rows)})
+        entry["selection"] = {"objective": "accuracy", "estimator": predictor.describe(), "candidates": rows,
+                              "chosen": chosen.shape.label(), "capacity_choice": best.shape.label(),
+                              "seconds": round(predictor.seconds - spent, 2)}
+        builder.log(f"{entry['name']}: chose {chosen.shape.label()} by predicted accuracy "
+                    f"({rows[0]['predicted_accuracy']:.3f}; capacity would pick {best.shape.label()}) "
+                    f"from {len(rows)} candidates in {predictor.seconds - spent:.1f}s")
 
 
 def _data_key(previous: dict[str, Any], cfg: BuildConfig) -> str | None:
@@ -326,7 +448,7 @@ def _finish_device(builder: Builder, prof: Profile, st: Stage, entry, searched, 
     with atomic_directory(device_dir) as tmp:
         shutil.copyfile(st.path / "model.safetensors", tmp / "model.safetensors")
         shutil.copytree(e_stage.path / "export", tmp / "export")
-        (tmp / "MODEL_CARD.md").write_text(_model_card(prof, best, done, measured, lg, anc, builder.cfg))
+        (tmp / "MODEL_CARD.md").write_text(_model_card(prof, best, done, measured, lg, anc, builder.cfg, entry.get("selection", {})))
     export_record = json.loads((device_dir / "export" / "export.json").read_text())
     artifacts = {"model": {"path": f"{prof.name}/model.safetensors", "sha256": model_sha}}
     for fmt, art in export_record["artifacts"].items():
@@ -352,7 +474,17 @@ def _finish_device(builder: Builder, prof: Profile, st: Stage, entry, searched, 
     }
 
 
-def _model_card(prof: Profile, best, done, measured, lg, anc, cfg: BuildConfig) -> str:
+def _selection_text(sel: dict[str, Any]) -> str:
+    if sel.get("objective") != "accuracy":
+        return "Chosen by the searcher as the highest-capacity shape (log FLOPs + 0.5 log params)"
+    est = sel["estimator"]
+    best = next(r for r in sel["candidates"] if r["chosen"])
+    return (f"Chosen by predicted accuracy {best['predicted_accuracy']:.3f} (proxy fine-tune: {est['steps']} of the {est['budget_steps']} "
+            f"steps, {est['val_images']} validation images) among {len(sel['candidates'])} Pareto-front candidates; the capacity "
+            f"proxy would have picked {sel['capacity_choice']}")
+
+
+def _model_card(prof: Profile, best, done, measured, lg, anc, cfg: BuildConfig, selection: dict[str, Any]) -> str:
     s = best.shape
     return f"""# {prof.name}: {s.label()}
 
@@ -362,8 +494,8 @@ def _model_card(prof: Profile, best, done, measured, lg, anc, cfg: BuildConfig) 
 
 **How it was made.** Initialised by `{cfg.init}` from learngene `{(lg.sha256 or '')[:12]}` ({lg.num_layers} gene layers,
 {lg.num_heads} heads) of ancestry `{anc.spec}` (`{anc.sha256[:12]}`, weights: {anc.weights}); fine-tuned
-{cfg.finetune_steps} steps on `{cfg.data}` (seed {cfg.seed}). Chosen by the searcher as the highest-capacity shape within
-the budgets {dict(prof.budgets.items())}.
+{cfg.finetune_steps} steps on `{cfg.data}` (seed {cfg.seed}). {_selection_text(selection)}, within the budgets
+{dict(prof.budgets.items())}.
 
 **Numbers.** Test accuracy {done['test_accuracy']:.4f}; {measured['flops_fvcore'] / 1e9:.4f} GFLOPs (fvcore);
 {measured['params'] / 1e6:.3f} M parameters; predicted {best.latency_ms:.4f} ms and {best.memory_mb:.1f} MB on the target
@@ -386,7 +518,13 @@ def _plan(builder: Builder, devices, lg_stage: Stage, anc, ds, log) -> dict[str,
     host = measure_host(0.2)
     dev = Device(host.peak_flops, host.bandwidth, "onnxruntime", 1e9, False)
     est_model = CostModel(dev, "fp32", builder.cfg.batch_size, Efficiency(), anc.arch)
-    log(f"learngene: {'cached' if lg_stage.cached else 'will run (~seconds)'}")
+    if lg_stage.cached:
+        log("learngene: cached")
+    elif builder.shipped_learngene(anc) is not None:
+        log("learngene: the shipped demo learngene (same recipe)")
+    else:
+        steps = (builder.learngene_recipe(anc)["expanding"] or {}).get("steps", 0)
+        log(f"learngene: will be sampled{f' and trained for {steps} expanding-phase steps' if steps else ''}")
     plan = []
     for entry in devices:
         if entry.get("status") == "failed":
@@ -395,10 +533,20 @@ def _plan(builder: Builder, devices, lg_stage: Stage, anc, ds, log) -> dict[str,
             continue
         shape = DescendantShape.from_dict(entry["shape"])
         ft = builder.finetune_stage(lg_stage.key if not lg_stage.cached else _cached_lg_sha(lg_stage), shape, ds)
-        seconds = 3 * est_model.latency_ms(shape) / 1e3 * builder.cfg.finetune_steps  # fwd + bwd ~ 3x fwd
+        step_s = 3 * est_model.latency_ms(shape) / 1e3  # fwd + bwd ~ 3x fwd, at the capacity choice's size
+        seconds = step_s * builder.cfg.finetune_steps
+        extra: dict[str, Any] = {}
+        if builder.cfg.objective == "accuracy":
+            from .accuracy import EstimatorConfig
+
+            est = EstimatorConfig(candidates=builder.cfg.candidates)
+            extra["estimator_estimate_s"] = round(est.candidates * est.steps_for(builder.cfg.finetune_steps) * step_s, 1)
+            log(f"{entry['name']}: accuracy estimate of up to {est.candidates} Pareto candidates x "
+                f"{est.steps_for(builder.cfg.finetune_steps)} proxy steps will run unless cached (<= ~{extra['estimator_estimate_s']:.0f}s); "
+                f"the capacity choice is {shape.label()}")
         log(f"{entry['name']}: shape {shape.label()}; finetune {'cached' if ft.cached else f'will run (~{seconds:.0f}s)'}; "
             f"measure + export will run unless cached (~10s)")
-        plan.append({**entry, "finetune_cached": ft.cached, "finetune_estimate_s": round(seconds, 1)})
+        plan.append({**entry, "finetune_cached": ft.cached, "finetune_estimate_s": round(seconds, 1), **extra})
     return {"dry_run": True, "devices": plan, "learngene_cached": lg_stage.cached}
 
 

@@ -52,10 +52,14 @@ def cli() -> None:
 @click.option("--heads", type=int, default=None, help="Gene heads H_b [default: the ancestry's].")
 @click.option("--tau", type=float, default=1.0, show_default=True, help="Softmax temperature of the mixture.")
 @click.option("--mixing", type=click.Choice(["softmax", "uniform", "identity"]), default="softmax", show_default=True)
+@click.option("--head-mixing/--no-head-mixing", default=True, show_default=True,
+              help="Mix heads within a gene layer (off: keep evenly spaced heads).")
+@click.option("--rescale", type=click.Choice(["std", "none"]), default="std", show_default=True,
+              help="Variance-preserving rescale of mixed tensors to the ancestry layers' spread.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Learngene directory to write.")
 @click.pass_context
-def learngene(ctx, ancestry, layers, heads, tau, mixing, seed, out) -> None:
+def learngene(ctx, ancestry, layers, heads, tau, mixing, head_mixing, rescale, seed, out) -> None:
     """Sample a PEG learngene from an ancestry ViT and save it to --out.
 
     \b
@@ -71,7 +75,8 @@ def learngene(ctx, ancestry, layers, heads, tau, mixing, seed, out) -> None:
     from .learngene import sample_learngene
 
     anc = load_ancestry(ancestry)
-    lg = sample_learngene(anc, max(1, anc.arch.depth // 2) if layers is None else layers, heads, tau=tau, seed=seed, mixing=mixing)
+    lg = sample_learngene(anc, max(1, anc.arch.depth // 2) if layers is None else layers, heads, tau=tau, seed=seed,
+                          mixing=mixing, head_mixing=head_mixing, rescale=rescale)
     digest = lg.save(out)
     summary = lg.meta["stats"]["summary"]
     click.echo(
@@ -82,24 +87,42 @@ def learngene(ctx, ancestry, layers, heads, tau, mixing, seed, out) -> None:
     )
 
 
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    try:
+        return [int(v) for v in text.split(",")] if text else None
+    except ValueError as exc:
+        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from exc
+
+
 @learngene.command("train")
 @click.option("--learngene", "learngene_dir", type=click.Path(path_type=Path), required=True, help="Sampled learngene directory.")
 @click.option("--ancestry", default=None, help="Teacher ancestry spec [default: the one named in the learngene].")
-@click.option("--data", default="mnist", show_default=True, help="Images to distil on: mnist, digits, synthetic or an ImageFolder dir.")
-@click.option("--depths", default=None, help="Comma-separated descendant depths [default: 1, L_b/2, L_b, L_a, 1.5 L_a, 2 L_a].")
-@click.option("--steps", type=int, default=200, show_default=True)
+@click.option("--data", default="mnist", show_default=True,
+              help="Images to distil on (labels unused): the ancestry's own data where you have it, else the target's.")
+@click.option("--depths", default=None, help="Comma-separated descendant depths [default: 1 .. 2 x ancestry depth].")
+@click.option("--widths", default=None, help="Comma-separated descendant widths [default: ancestry width, 3/4 and 1/2 of it].")
+@click.option("--steps", type=int, default=1500, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--extra-hidden", type=int, default=0, show_default=True, help="Extra ReLU units per depth map.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Checkpoints and loss log [default: OUT.partial]; a rerun resumes from it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Trained learngene directory to write.")
-def learngene_train(learngene_dir, ancestry, data, depths, steps, batch_size, lr, seed, out) -> None:
+def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_size, lr, extra_hidden, seed, work_dir, out) -> None:
     """The learngene expanding phase: distil the ancestry into every expansion at once.
+
+    Resumable: checkpoints go to --work-dir (default OUT.partial) and a rerun of the same
+    command continues from the last one; the work dir is removed when OUT is written.
 
     \b
     Example:
-      peg-factory learngene train --learngene out/learngene --data mnist --steps 200 --out out/learngene-trained
+      peg-factory learngene train --learngene out/learngene --data mnist --steps 600 --out out/learngene-trained
     """
+    import shutil
+
     from .ancestry import load_ancestry
+    from .artifacts import ensure_parent
     from .data import load_dataset
     from .expanding import ExpandingConfig, default_shapes, train_learngene
     from .learngene import Learngene
@@ -111,17 +134,24 @@ def learngene_train(learngene_dir, ancestry, data, depths, steps, batch_size, lr
     anc = load_ancestry(spec)
     if anc.sha256 != lg.meta.get("ancestry", {}).get("sha256"):
         raise UserError(f"ancestry {spec!r} is not the one this learngene was sampled from (hash differs); pass the right --ancestry")
-    try:
-        depth_list = [int(d) for d in depths.split(",")] if depths else None
-    except ValueError as exc:
-        raise UserError(f"--depths must be comma-separated integers, got {depths!r}") from exc
+    shapes = default_shapes(lg, _int_list(depths, "--depths"), _int_list(widths, "--widths"))
+    cfg = ExpandingConfig(steps=steps, batch_size=batch_size, lr=lr, extra_hidden=extra_hidden, seed=seed)
+    ensure_parent(out)
+    work = work_dir or out.with_name(out.name + ".partial")
+    resume = (work / "checkpoint" / "state.json").is_file()
+    if resume:
+        click.echo(f"resuming the expanding phase from {work / 'checkpoint'}")
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
-    shapes = default_shapes(lg, depth_list)
-    cfg = ExpandingConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    trained, report = train_learngene(lg, anc, ds.train, shapes, cfg, eval_data=ds.val.subset(0, 2000))
-    trained.save(out)
-    click.echo(f"learngene {out}: distillation loss {report['loss_first']:.4f} -> {report['loss_last']:.4f} in {report['seconds']}s")
-    for label, before in report["zero_shot_before"].items():
+    widest = max(s.embed_dim for s in shapes)
+    trained, report = train_learngene(lg, anc, ds.train, shapes, cfg, eval_data=ds.val.subset(0, 2000),
+                                      eval_shapes=[s for s in shapes if s.embed_dim == widest], out_dir=work, resume=resume)
+    trained.meta["expanding_phase"]["data"] = ds.identity
+    log_file = work / "metrics.jsonl"
+    trained.save(out, {"expanding_log.jsonl": log_file.read_bytes()} if log_file.is_file() else None)
+    shutil.rmtree(work, ignore_errors=True)
+    if report["loss_first"] is not None:
+        click.echo(f"learngene {out}: distillation loss {report['loss_first']:.4f} -> {report['loss_last']:.4f} in {report['seconds']}s")
+    for label, before in report.get("zero_shot_before", {}).items():
         click.echo(f"  {label}: zero-shot accuracy {before:.4f} -> {report['zero_shot_after'][label]:.4f}")
 
 
@@ -258,32 +288,85 @@ def profiles_schema() -> None:
 @cli.command("search")
 @click.option("--profile", "profile_spec", required=True, help="Profile YAML path or shipped name.")
 @click.option("--ancestry", default="demo", show_default=True, help="Ancestry whose expansions are searched.")
+@click.option("--data", default=None, help="Task data (mnist, digits, textures, synthetic or an ImageFolder dir): enables --objective accuracy.")
+@click.option("--objective", type=click.Choice(["accuracy", "capacity"]), default=None,
+              help="accuracy: proxy fine-tunes of the Pareto front pick the most accurate shape [default with --data]; "
+                   "capacity: the largest shape that fits [default without --data].")
+@click.option("--steps", type=int, default=100, show_default=True, help="Fine-tuning budget the accuracy is predicted for.")
+@click.option("--work", type=click.Path(path_type=Path), default=Path("out/build"), show_default=True,
+              help="Build directory whose cache (learngene, estimates) is used and filled; `build --out` the same dir reuses it.")
 @click.option("--img-size", "img_sizes", type=int, multiple=True, help="Input sizes to consider [default: ancestry's].")
-@click.option("--num-classes", type=int, default=None, help="Classes of the task [default: ancestry's].")
+@click.option("--num-classes", type=int, default=None, help="Classes of the task [default: the data's, else the ancestry's].")
 @click.option("--snap", type=int, default=32, show_default=True, help="Widths are multiples of this.")
 @click.option("--max-depth", type=int, default=None, help="Deepest descendant [default: 2x ancestry].")
 @click.option("--top", type=int, default=5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (all fields, rejected shapes too).")
-def search_cmd(profile_spec, ancestry, img_sizes, num_classes, snap, max_depth, top, seed, as_json) -> None:
-    """Find descendant shapes that fit a device profile's budgets.
+def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, num_classes, snap, max_depth, top, seed,
+               as_json) -> None:
+    """Find descendant shapes that fit a device profile's budgets, ranked by predicted accuracy or capacity.
 
     \b
     Example:
       peg-factory search --profile profiles/jetson_orin.yaml --top 5
+      peg-factory search --profile raspberry_pi5 --data digits          # accuracy-aware
       peg-factory search --profile raspberry_pi5 --json
     """
+    import time
+
     from .ancestry import load_ancestry
     from .cost import CostModel
     from .profile import load_profile
     from .search import SearchSpace, search
 
     profile = load_profile(profile_spec)
-    arch = load_ancestry(ancestry).arch
+    anc = load_ancestry(ancestry)
+    arch = anc.arch
+    ds = None
+    reason = None
+    if objective is None:
+        objective = "accuracy" if data else "capacity"
+        reason = "default with --data" if data else "no --data given: nothing to estimate accuracy on"
+    elif objective == "accuracy" and not data:
+        objective, reason = "capacity", "--objective accuracy needs --data (task images to estimate on); fell back to capacity"
+        click.echo(f"note: {reason}", err=True)
+    if data:
+        from .data import load_dataset
+
+        ds = load_dataset(data, img_size=arch.img_size, in_chans=arch.in_chans)
+        num_classes = num_classes or ds.num_classes
     space = SearchSpace.from_arch(arch, max_depth=max_depth, snap=snap, img_sizes=tuple(img_sizes) or None,
                                   num_classes=num_classes)
     cost = CostModel.for_profile(profile, arch=arch)
     result = search(profile, space, cost, seed=seed)
+    selection: dict = {"objective": objective, **({"reason": reason} if reason else {})}
+    if objective == "accuracy" and result.feasible:
+        from .build import Builder, BuildConfig, choose_for_devices
+
+        builder = Builder(work, BuildConfig(ancestry=ancestry, data=data, finetune_steps=steps, seed=seed),
+                          log=lambda line: click.echo(line, err=True))
+        lg, _ = builder.learngene(anc)
+        t0 = time.perf_counter()
+        entry = {"name": profile.name}
+        searches = {profile.name: (result, result.feasible[0], cost)}
+        choose_for_devices(builder, [entry], searches, anc, lg, ds)
+        selection = {**entry["selection"], "seconds_total": round(time.perf_counter() - t0, 2)}
+    if as_json:
+        _echo_json({**result.to_dict(top=top), "selection": selection})
+        result.require_feasible()  # nothing fits: exit 2 with the closest miss, after the JSON
+        return
+    if objective == "accuracy" and result.feasible:
+        click.echo(f"profile {profile.name}: predicted accuracy after {steps} fine-tuning steps on {data} "
+                   f"(proxy fine-tune of {selection['estimator']['steps']} steps per candidate, "
+                   f"{selection['seconds']:.1f}s for estimates):")
+        click.echo(f"{'':2}{'shape':28s} {'pred. acc':>9} {'latency ms':>10} {'capacity':>9}")
+        for row in selection["candidates"]:
+            click.echo(f"{'*' if row['chosen'] else ' ':2}{row['label']:28s} {row['predicted_accuracy']:9.3f} "
+                       f"{row['latency_ms']:10.4f} {row['capacity_score']:9.2f}")
+        click.echo(f"chosen: {selection['chosen']} (capacity proxy would pick {selection['capacity_choice']})")
+        return
+    if reason and not data:
+        click.echo(f"objective: capacity ({reason})", err=True)
     if as_json:
         _echo_json(result.to_dict(top=top))
         result.require_feasible()  # nothing fits: exit 2 with the closest miss, after the JSON
@@ -366,15 +449,21 @@ def _latest_manifest(root: Path) -> dict:
 @click.option("--data", default="digits", show_default=True, help="mnist, digits, synthetic or an ImageFolder directory.")
 @click.option("--init", "init_method", type=click.Choice(["peg", "tleg", "weight_selection", "scratch"]), default="peg", show_default=True)
 @click.option("--gene-layers", type=int, default=None, help="Learngene layers [default: half the ancestry's].")
-@click.option("--expand-steps", type=int, default=0, show_default=True, help="Expanding-phase steps for the learngene.")
+@click.option("--expand-steps", type=int, default=None,
+              help="Expanding-phase steps for the learngene [default: 1500; 0 = untrained, sampled only].")
+@click.option("--expand-data", default=None,
+              help="Images for the expanding phase [default: the ancestry's own (mnist for the demo), else --data].")
 @click.option("--steps", type=int, default=100, show_default=True, help="Fine-tuning steps per model.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--jobs", type=int, default=1, show_default=True, help="Models fine-tuned in parallel on this machine.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--objective", type=click.Choice(["accuracy", "capacity"]), default="accuracy", show_default=True,
+              help="accuracy: try the Pareto-front shapes with short proxy fine-tunes and pick the most accurate; "
+                   "capacity: the largest shape that fits.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (shapes, cached stages, time estimates) and stop.")
-def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layers, expand_steps, steps, batch_size, seed,
-              jobs, device, dry_run) -> None:
+def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layers, expand_steps, expand_data, steps, batch_size, seed,
+              jobs, device, objective, dry_run) -> None:
     """Build deployable models for one or many device profiles (search, expand, fine-tune, measure, export).
 
     \b
@@ -391,6 +480,7 @@ def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layer
         raise UserError("no profile: pass --profile profiles/jetson_orin.yaml (repeatable) or --fleet FILE")
     profiles = [load_profile(s) for s in specs]
     cfg = BuildConfig(ancestry=ancestry, data=data, init=init_method, gene_layers=gene_layers, expand_steps=expand_steps,
+                      expand_data=expand_data, objective=objective,
                       finetune_steps=steps, batch_size=batch_size, seed=seed, jobs=jobs, device=device)
     manifest = build(profiles, out, cfg, dry_run=dry_run, log=click.echo)
     if dry_run:

@@ -38,6 +38,28 @@ DEMO_RECIPE: dict[str, Any] = {
 
 
 
+#: The demo learngene shipped with the package: made from the shipped demo ancestry by
+#: ``peg-factory learngene`` + ``peg-factory learngene train`` (its ``expanding_log.jsonl`` and
+#: ``learngene.json`` say with what), so a default build does not pay for the expanding phase.
+PACKAGED_LEARNGENE = Path(__file__).parent / "assets" / "demo_learngene"
+
+
+def load_demo_learngene(ancestry: Ancestry | None = None):
+    """The shipped trained learngene; ``ancestry`` (default: the demo one) must be the one it
+    was made from, else a :class:`FactoryError` says so (e.g. a user-trained demo ancestry)."""
+    from .errors import FactoryError
+    from .learngene import Learngene
+
+    anc = ancestry or load_demo_ancestry()
+    lg = Learngene.load(PACKAGED_LEARNGENE)
+    if lg.meta.get("ancestry", {}).get("sha256") != anc.sha256:
+        raise FactoryError(
+            f"the shipped demo learngene was made from another ancestry than {anc.spec!r} ({anc.sha256[:12]}); "
+            "make one with `peg-factory learngene` and `peg-factory learngene train`"
+        )
+    return lg
+
+
 def load_demo_ancestry(seed: int = 0) -> Ancestry:
     path = demo_weights()
     if path is not None:

@@ -11,7 +11,9 @@ from .artifacts import atomic_write_bytes
 
 
 def pareto_png(path: Path, manifest: dict[str, Any], searches: dict[str, Any]) -> None:
-    """Per device: the Pareto front (capacity score vs predicted latency), budget line, choice."""
+    """Per device: predicted accuracy vs predicted latency of the estimated candidates, with the
+    chosen shape and the shipped model's measured test accuracy marked (accuracy objective); or the
+    capacity Pareto front with rejected shapes (capacity objective). Latency budget as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,17 +23,30 @@ def pareto_png(path: Path, manifest: dict[str, Any], searches: dict[str, Any]) -
     fig, axes = plt.subplots(1, max(1, len(ok)), figsize=(4.5 * max(1, len(ok)), 3.6), squeeze=False)
     for ax, dev in zip(axes[0], ok):
         result, best, _ = searches[dev["name"]]
-        ax.scatter([c.latency_ms for c in result.rejected[:400]], [c.score for c in result.rejected[:400]], s=6,
-                   color="lightgray", label="rejected")
-        ax.plot([c.latency_ms for c in result.pareto], [c.score for c in result.pareto], "o-", ms=3, label="Pareto front")
-        ax.scatter([best.latency_ms], [best.score], s=80, marker="*", color="crimson", zorder=5, label="chosen")
+        sel = dev.get("selection", {})
+        if sel.get("objective") == "accuracy":
+            rows = sorted(sel["candidates"], key=lambda r: r["latency_ms"])
+            ax.plot([r["latency_ms"] for r in rows], [r["predicted_accuracy"] for r in rows], "o-", ms=4,
+                    label="candidates (predicted)")
+            chosen = next(r for r in rows if r["chosen"])
+            ax.scatter([chosen["latency_ms"]], [chosen["predicted_accuracy"]], s=90, marker="*", color="crimson", zorder=5,
+                       label="chosen (predicted)")
+            if "accuracy" in dev:
+                ax.scatter([chosen["latency_ms"]], [dev["accuracy"]["test"]], s=60, marker="D", color="black", zorder=5,
+                           label="shipped (measured test)")
+            ax.set_ylabel("accuracy")
+        else:
+            ax.scatter([c.latency_ms for c in result.rejected[:400]], [c.score for c in result.rejected[:400]], s=6,
+                       color="lightgray", label="rejected")
+            ax.plot([c.latency_ms for c in result.pareto], [c.score for c in result.pareto], "o-", ms=3, label="Pareto front")
+            ax.scatter([best.latency_ms], [best.score], s=80, marker="*", color="crimson", zorder=5, label="chosen")
+            ax.set_ylabel("capacity score (log FLOPs + 0.5 log params)")
         budget = dev.get("budgets", {}).get("latency_ms")
         if budget:
             ax.axvline(budget, color="crimson", ls="--", lw=1, label="latency budget")
         title = dev["name"] + (f"\ntest acc {dev['accuracy']['test']:.3f}" if "accuracy" in dev else "")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("predicted latency (ms)")
-        ax.set_ylabel("capacity score (log FLOPs + 0.5 log params)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -43,19 +58,21 @@ def _rows(manifest: dict[str, Any]) -> list[list[str]]:
     rows = []
     for d in manifest["devices"]:
         if d.get("status") != "ok":
-            rows.append([d["name"], "FAILED", d.get("error", ""), "", "", "", "", ""])
+            rows.append([d["name"], "FAILED", d.get("error", ""), "", "", "", "", "", ""])
             continue
         s = d["shape"]
         margins = ", ".join(f"{k} {v:+.0%}" for k, v in d["margins"].items())
+        sel = d.get("selection", {})
+        pred = f"{d['predicted']['accuracy']:.3f}" if sel.get("objective") == "accuracy" else "capacity"
         rows.append([
-            d["name"], f"d{s['depth']} w{s['embed_dim']} h{s['num_heads']} r{s['mlp_ratio']:g} i{s['img_size']}",
+            d["name"], f"d{s['depth']} w{s['embed_dim']} h{s['num_heads']} r{s['mlp_ratio']:g} i{s['img_size']}", pred,
             f"{d['accuracy']['test']:.4f}", f"{d['flops']['fvcore'] / 1e9:.4f}", f"{d['params'] / 1e6:.3f}",
             f"{d['latency_ms']['predicted_target']:.4f}", f"{d['latency_ms']['host_onnxruntime']:.4f}", margins,
         ])
     return rows
 
 
-HEADER = ["device", "shape", "test acc", "GFLOPs", "params M", "pred. latency ms", "host ORT ms", "budget margins"]
+HEADER = ["device", "shape", "chosen by (pred. acc)", "test acc", "GFLOPs", "params M", "pred. latency ms", "host ORT ms", "budget margins"]
 
 
 def write_reports(out: Path, manifest: dict[str, Any], searches: dict[str, Any]) -> None:

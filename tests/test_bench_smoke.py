@@ -1,19 +1,39 @@
+"""Smoke runs of the benchmarks: each writes a complete report (they assert nothing about who wins)."""
+
 import json
 import subprocess
 import sys
 
 
-def test_peg_vs_baselines_quick_mode_runs(tmp_path):
-    """Smoke run of the benchmark (asserts the report is complete, not who wins)."""
-    proc = subprocess.run(
-        [sys.executable, "bench/peg_vs_baselines.py", "--quick", "--steps", "4", "--eval-every", "2",
-         "--expand-steps", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )
+def _run(*args, timeout=600):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_peg_vs_baselines_quick_mode_runs(tmp_path):
+    _run("bench/peg_vs_baselines.py", "--quick", "--steps", "4", "--eval-every", "2", "--out", str(tmp_path),
+         "--methods", "scratch", "weight_selection", "tleg", "peg-untrained", "peg")
     data = json.loads((tmp_path / "peg_vs_baselines.json").read_text())
     methods = {r["method"] for r in data["results"]}
-    assert methods == {"scratch", "weight_selection", "tleg", "peg", "peg-trained"}
+    assert methods == {"scratch", "weight_selection", "tleg", "peg", "peg-untrained"}
     assert all(set(r["curve"]) == {"0", "2", "4"} for r in data["results"])
+    assert data["learngene"]["expanding_phase"]["config"]["steps"] > 0  # the default is the trained learngene
     assert (tmp_path / "peg_vs_baselines.png").stat().st_size > 1000
     assert "steps to scratch final" in (tmp_path / "peg_vs_baselines.md").read_text()
+
+
+def test_learngene_study_quick_mode_runs(tmp_path):
+    _run("bench/learngene_study.py", "--quick", "--steps", "4", "--json", str(tmp_path / "s.json"), "--md", str(tmp_path / "s.md"))
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert {r["variant"] for r in data["results"]} >= {"weight_selection", "tleg", "paper (untrained, tau 1)", "expand 3 steps"}
+    table = (tmp_path / "s.md").read_text()
+    assert "| variant | knobs |" in table and "{" not in table.split("\n")[0]
+
+
+def test_search_quality_quick_mode_runs(tmp_path):
+    _run("bench/search_quality.py", "--quick", "--json", str(tmp_path / "q.json"), "--md", str(tmp_path / "q.md"))
+    row = json.loads((tmp_path / "q.json").read_text())["rows"][0]
+    assert row["shapes"] >= 3 and row["oracle_acc"] >= row["chosen_acc"] and row["oracle_acc"] >= row["capacity_acc"]
+    assert set(row["predicted"]) == set(row["measured"])
+    assert "gap to oracle" in (tmp_path / "q.md").read_text()

@@ -1,0 +1,149 @@
+"""Does the accuracy-aware search pick the shape that ends up most accurate?
+
+For every profile of ``profiles/fleet_example.yaml``, task (``digits``; ``textures``, the unseen task
+of the PEG benchmark) and seed, the searcher's feasible shapes are narrowed to >= 8 candidates
+(the estimator's Pareto-front spread, topped up with the next feasible shapes by capacity), every
+candidate is fine-tuned with the build's exact recipe (:func:`factory.build.finetune_recipe`, the
+shipped learngene, ``init=peg``) and its test accuracy measured. Reported per (profile, task, seed):
+the accuracy of the shape the estimator chooses, of the best candidate (the oracle) and of the
+capacity proxy's choice; the Spearman rank correlation between predicted and measured accuracy;
+and the estimator's time against one fine-tune of the chosen shape.
+
+Usage:
+    python bench/search_quality.py --json bench/out/search_quality.json --md bench/out/search_quality.md
+    python bench/search_quality.py --quick --json /tmp/q.json                    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from scipy.stats import spearmanr
+
+from factory import init_descendant, load_ancestry
+from factory.accuracy import EstimatorConfig, ProxyFinetune, candidates, choose_by_accuracy
+from factory.build import BuildConfig, finetune_recipe, load_fleet
+from factory.cost import CostModel
+from factory.data import load_dataset
+from factory.demo import load_demo_learngene
+from factory.profile import load_profile
+from factory.search import SearchSpace, search
+from factory.train import evaluate, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    anc = load_ancestry("demo")
+    lg = load_demo_learngene(anc)
+    profiles = [load_profile(p) for p in load_fleet(ROOT / "profiles" / "fleet_example.yaml")][: 1 if args.quick else None]
+    rows, measured = [], {}
+    for task in args.tasks:
+        ds = load_dataset(task, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+        space = SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes)
+        for seed in range(args.seeds):
+            cfg = BuildConfig(data=task, finetune_steps=args.steps, seed=seed, device="cpu")
+            for prof in profiles:
+                result = search(prof, space, CostModel.for_profile(prof, arch=anc.arch), seed=seed)
+                predictor = ProxyFinetune(anc, lg, ds, budget_steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                          seed=seed, device="cpu", config=EstimatorConfig(candidates=args.candidates))
+                t0 = time.perf_counter()
+                chosen, est_rows = choose_by_accuracy(result, predictor, args.candidates)
+                est_seconds = time.perf_counter() - t0
+                pool = candidates(result, args.candidates)
+                for c in result.feasible:  # top up to the benchmark's minimum with the next shapes by capacity
+                    if len(pool) >= args.min_shapes:
+                        break
+                    if c not in pool:
+                        pool.append(c)
+                for c in pool:
+                    key = (task, seed, c.shape)
+                    if key not in measured:
+                        model = init_descendant("peg", c.shape, ancestry=anc, learngene=lg, seed=seed)
+                        res = train(model, ds.train, dataclasses.replace(finetune_recipe(cfg), ckpt_every=0), progress=False)
+                        measured[key] = (evaluate(model, ds.test), res.seconds)
+                        print(f"{task:9s} s{seed} {c.shape.label():24s} test {measured[key][0]:.4f} ({res.seconds:.1f}s)", flush=True)
+                pred = {r["label"]: r["predicted_accuracy"] for r in est_rows}
+                acc = {c.shape.label(): measured[(task, seed, c.shape)][0] for c in pool}
+                for c in pool:  # predictions for the top-up shapes too, for the rank correlation
+                    if c.shape.label() not in pred:
+                        pred[c.shape.label()] = predictor(c.shape)
+                labels = sorted(acc)
+                rho = spearmanr([pred[k] for k in labels], [acc[k] for k in labels]).statistic
+                oracle = max(acc, key=acc.get)
+                cap = result.feasible[0].shape.label()
+                row = {"profile": prof.name, "task": task, "seed": seed, "shapes": len(acc), "chosen": chosen.shape.label(),
+                       "chosen_acc": acc[chosen.shape.label()], "oracle": oracle, "oracle_acc": acc[oracle], "capacity": cap,
+                       "capacity_acc": acc[cap], "spearman": round(float(rho), 3), "estimator_seconds": round(est_seconds, 1),
+                       "finetune_seconds_chosen": round(measured[(task, seed, chosen.shape)][1], 1),
+                       "predicted": pred, "measured": acc}
+                rows.append(row)
+                print(f"{prof.name}: chosen {row['chosen']} {row['chosen_acc']:.4f}, oracle {oracle} {row['oracle_acc']:.4f}, "
+                      f"capacity {cap} {row['capacity_acc']:.4f}, rho {row['spearman']}, estimator {est_seconds:.1f}s", flush=True)
+    return {"args": {k: v for k, v in vars(args).items() if k not in ("json", "md")},
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "learngene": lg.sha256, "rows": rows}
+
+
+def summarise(data: dict) -> str:
+    rows = data["rows"]
+    lines = ["| profile | task | seed | shapes | chosen (accuracy objective) | oracle | capacity choice | gap to oracle | "
+             "gain over capacity | Spearman | estimator s / fine-tune s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['profile']} | {r['task']} | {r['seed']} | {r['shapes']} | {r['chosen']} {r['chosen_acc']:.3f} | "
+                     f"{r['oracle']} {r['oracle_acc']:.3f} | {r['capacity']} {r['capacity_acc']:.3f} | "
+                     f"{100 * (r['oracle_acc'] - r['chosen_acc']):.1f} pt | {100 * (r['chosen_acc'] - r['capacity_acc']):+.1f} pt | "
+                     f"{r['spearman']:.2f} | {r['estimator_seconds']:.1f} / {r['finetune_seconds_chosen']:.1f} |")
+    gaps = [100 * (r["oracle_acc"] - r["chosen_acc"]) for r in rows]
+    gains = [100 * (r["chosen_acc"] - r["capacity_acc"]) for r in rows]
+    cap_gaps = [100 * (r["oracle_acc"] - r["capacity_acc"]) for r in rows]
+    rhos = [r["spearman"] for r in rows if r["spearman"] == r["spearman"]]
+    ratio = [r["estimator_seconds"] / r["finetune_seconds_chosen"] for r in rows]
+    lines += ["", f"Over {len(rows)} (profile, task, seed) cases: gap to the oracle mean {statistics.mean(gaps):.2f} pt, "
+              f"max {max(gaps):.1f} pt, within 1 pt in {sum(g <= 1.0 for g in gaps)}/{len(gaps)}; capacity proxy's gap to the "
+              f"oracle mean {statistics.mean(cap_gaps):.2f} pt, max {max(cap_gaps):.1f} pt; gain of the accuracy objective over "
+              f"capacity mean {statistics.mean(gains):+.2f} pt; Spearman mean {statistics.mean(rhos) if rhos else float('nan'):.2f}; "
+              f"estimator time / one fine-tune of the chosen shape: mean {statistics.mean(ratio):.2f}, max {max(ratio):.2f}."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: one profile, digits, 1 seed, 3 candidates")
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--md", type=Path, default=None)
+    parser.add_argument("--tasks", nargs="+", default=["digits", "textures"])
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning budget [default: the build's, 100]")
+    parser.add_argument("--candidates", type=int, default=None)
+    parser.add_argument("--min-shapes", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    if args.quick:
+        args.tasks = ["digits"]
+    args.seeds = args.seeds or (1 if args.quick else 2)
+    args.steps = args.steps or (8 if args.quick else BuildConfig().finetune_steps)
+    args.candidates = args.candidates or (3 if args.quick else BuildConfig().candidates)
+    args.min_shapes = args.min_shapes or (3 if args.quick else 8)
+    start = time.perf_counter()
+    data = run(args)
+    data["wall_seconds"] = round(time.perf_counter() - start, 1)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(data, indent=2, default=str))
+    table = summarise(data)
+    if args.md:
+        args.md.write_text(table + "\n")
+    print(table)
+    print(f"\nwall time {data['wall_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
