@@ -119,7 +119,7 @@ def candidates(result, count: int) -> list:
     best = result.feasible[0]
     if best not in picked:
         picked[-1:] = [best]
-    return list(dict.fromkeys(picked))
+    return list({c.shape: c for c in picked}.values())
 
 
 def choose_by_accuracy(result, predictor, count: int) -> tuple[Any, list[dict[str, Any]]]:

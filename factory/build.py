@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .artifacts import atomic_directory, atomic_write_bytes, sha256_file
+from .artifacts import atomic_directory, atomic_write_bytes, directory_lock, sha256_file
 from .errors import FactoryError
 from .fingerprint import ancestry_fingerprint, dataset_identity
 from .profile import Profile
@@ -241,8 +241,14 @@ def recipe_of(lg) -> dict[str, Any] | None:
             return None
         expanding = {k: exp["config"][k] for k in sorted(fields)}
     return learngene_recipe(m["ancestry"]["sha256"], lg.num_layers, lg.num_heads, seed=m.get("seed"), tau=m.get("tau"),
-                            rescale=m.get("rescale", "none"), head_mixing=m.get("head_mixing", True), expanding=expanding,
+                            rescale=m.get("rescale", "none"), head_mixing=m.get("heads_mixed", _heads_mixed(lg)), expanding=expanding,
                             data=exp.get("data") if exp else None)
+
+
+def _heads_mixed(lg) -> bool:
+    """Whether the learngene's head matrices blend heads (not all one-hot)."""
+    q = lg.head_mixing
+    return not bool(((q == 0) | (q == 1)).all())
 
 
 def _profile_hash(profile: Profile) -> str:
@@ -262,8 +268,19 @@ def tool_versions() -> dict[str, str | None]:
 
 
 def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConfig(), *, dry_run: bool = False,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or, with ``dry_run``, plan) the build; returns the manifest dict."""
+          log: Callable[[str], None] = print, wait_lock: bool = False) -> dict[str, Any]:
+    """Run (or, with ``dry_run``, plan) the build; returns the manifest dict.
+
+    A build holds an exclusive lock on ``out`` (:func:`factory.artifacts.directory_lock`): a second
+    build into the same directory fails at once with a one-line error, or waits with ``wait_lock``.
+    """
+    if dry_run:
+        return _build(profiles, out, cfg, dry_run=True, log=log)
+    with directory_lock(out, wait=wait_lock, log=log):
+        return _build(profiles, out, cfg, dry_run=False, log=log)
+
+
+def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_run: bool, log: Callable[[str], None]) -> dict[str, Any]:
     if not profiles:
         raise FactoryError("no profile given: pass --profile PATH (repeatable) or --fleet FILE")
     from .accuracy import OBJECTIVES

@@ -462,8 +462,9 @@ def _latest_manifest(root: Path) -> dict:
               help="accuracy: try the Pareto-front shapes with short proxy fine-tunes and pick the most accurate; "
                    "capacity: the largest shape that fits.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (shapes, cached stages, time estimates) and stop.")
+@click.option("--wait-lock", is_flag=True, help="If another build is using --out, wait for it instead of failing.")
 def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layers, expand_steps, expand_data, steps, batch_size, seed,
-              jobs, device, objective, dry_run) -> None:
+              jobs, device, objective, dry_run, wait_lock) -> None:
     """Build deployable models for one or many device profiles (search, expand, fine-tune, measure, export).
 
     \b
@@ -482,7 +483,7 @@ def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layer
     cfg = BuildConfig(ancestry=ancestry, data=data, init=init_method, gene_layers=gene_layers, expand_steps=expand_steps,
                       expand_data=expand_data, objective=objective,
                       finetune_steps=steps, batch_size=batch_size, seed=seed, jobs=jobs, device=device)
-    manifest = build(profiles, out, cfg, dry_run=dry_run, log=click.echo)
+    manifest = build(profiles, out, cfg, dry_run=dry_run, log=click.echo, wait_lock=wait_lock)
     if dry_run:
         return
     failed = [d for d in manifest["devices"] if d["status"] != "ok"]

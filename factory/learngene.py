@@ -214,7 +214,7 @@ def sample_learngene(
         "seed": seed,
         "tau": tau,
         "mixing": mixing,
-        "head_mixing": head_mixing,
+        "heads_mixed": head_mixing,
         "rescale": rescale,
     }
     if report:

@@ -90,7 +90,7 @@ def test_fleet_shares_the_learngene_and_a_failing_profile_keeps_the_others(tmp_p
                                       "--steps", "3", "--batch-size", "8"])
     assert result.exit_code == 2, result.output
     assert "1 of 3 profiles failed: impossible: profile impossible: no shape fits" in result.output
-    assert result.output.count("learngene: sampled") == 1
+    assert result.output.count("learngene: the shipped demo learngene") == 1
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["learngene"]["sampled_once_for"] == ["a", "b", "impossible"]
     a, b, c = manifest["devices"]
@@ -137,8 +137,13 @@ def test_dry_run_prints_the_plan_without_running(tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["build", "--profile", str(prof), "--out", str(out), "--data", "synthetic", "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "learngene: will run" in result.output and "finetune will run (~" in result.output
+    assert "learngene: the shipped demo learngene" in result.output and "finetune will run (~" in result.output
+    assert "accuracy estimate of up to 8 Pareto candidates x 6 proxy steps will run" in result.output  # and its time
     assert not out.exists()
+    other = CliRunner().invoke(cli, ["build", "--profile", str(prof), "--out", str(out), "--data", "synthetic", "--dry-run",
+                                     "--expand-steps", "50", "--objective", "capacity"])
+    assert "learngene: will be sampled and trained for 50 expanding-phase steps" in other.output
+    assert "accuracy estimate" not in other.output and not out.exists()
 
 
 def test_build_bad_input(tmp_path):
@@ -156,3 +161,35 @@ def test_build_bad_input(tmp_path):
     r = run("--profile", _profile(tmp_path, "t"), "--data", tmp_path / "nodata", "--out", tmp_path / "o")
     assert r.exit_code == 2 and "unknown dataset" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_second_build_into_the_same_out_fails_fast_or_waits(tmp_path):
+    import threading
+
+    from factory.artifacts import directory_lock
+    from factory.errors import FactoryError
+
+    prof = load_profile(_profile(tmp_path, "tiny"))
+    out = tmp_path / "out"
+    cfg = BuildConfig(data="synthetic", finetune_steps=2, batch_size=8, objective="capacity")
+    with directory_lock(out):
+        with pytest.raises(FactoryError, match=r"is in use by another build \(pid \d+\).*--wait-lock"):
+            build([prof], out, cfg, log=lambda *_: None)
+        assert not (out / "manifest.json").exists()
+    released = threading.Event()
+
+    def hold():
+        with directory_lock(out):
+            started.set()
+            time.sleep(1.0)
+            released.set()
+
+    started = threading.Event()
+    t = threading.Thread(target=hold)
+    t.start()
+    started.wait()
+    lines = []
+    manifest = build([prof], out, cfg, log=lines.append, wait_lock=True)
+    t.join()
+    assert released.is_set() and lines[0].startswith("waiting for the build holding")
+    assert manifest["devices"][0]["status"] == "ok"

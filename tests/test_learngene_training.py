@@ -41,7 +41,7 @@ def test_rescaled_learngene_is_closer_to_the_ancestry(ancestry):
     s_plain, s_scaled = plain.meta["stats"]["summary"], scaled.meta["stats"]["summary"]
     assert abs(s_scaled["mean_std_ratio"] - 1) < abs(s_plain["mean_std_ratio"] - 1)
     assert s_scaled["mean_w1_rel"] < s_plain["mean_w1_rel"]
-    assert scaled.meta["rescale"] == "std"
+    assert scaled.meta["rescale"] == "std" and scaled.meta["heads_mixed"] is True
 
 
 def test_head_mixing_off_keeps_whole_heads(ancestry):
