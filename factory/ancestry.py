@@ -114,6 +114,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     except FactoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
+        if "weights only load failed" in str(exc).lower():  # torch's hint to disable the check must not be passed on
+            raise FactoryError(f"checkpoint {path} contains code or objects other than tensors and was refused; "
+                               "re-save it as a plain state dict (torch.save(model.state_dict())) or as safetensors") from exc
         raise FactoryError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -109,6 +109,16 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def confined(base: str | os.PathLike, relative: str | os.PathLike, what: str = "path") -> Path:
+    """``base / relative``, refusing (one-line :class:`FactoryError`) anything that resolves outside
+    ``base`` -- absolute paths, ``..`` components, symlinks pointing out."""
+    root = Path(base).resolve()
+    target = (root / relative).resolve()
+    if root not in target.parents:  # also refuses base itself ('.', '')
+        raise FactoryError(f"{what} {str(relative)!r} points outside {base}; refusing to read or write it there")
+    return target
+
+
 LOCK_FILE = ".peg-factory.lock"
 
 

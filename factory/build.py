@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .artifacts import atomic_directory, atomic_write_bytes, directory_lock, sha256_file
+from .artifacts import atomic_directory, atomic_write_bytes, confined, directory_lock, sha256_file
 from .errors import FactoryError
 from .fingerprint import ancestry_fingerprint, dataset_identity
 from .profile import Profile
@@ -461,7 +461,7 @@ def _finish_device(builder: Builder, prof: Profile, st: Stage, entry, searched, 
             (tmp / "done.json").write_text("{}")
     else:
         builder.log(f"{prof.name}: export cached ({e_stage.key})")
-    device_dir = builder.out / prof.name
+    device_dir = confined(builder.out, prof.name, "profile name")
     with atomic_directory(device_dir) as tmp:
         shutil.copyfile(st.path / "model.safetensors", tmp / "model.safetensors")
         shutil.copytree(e_stage.path / "export", tmp / "export")

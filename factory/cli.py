@@ -419,9 +419,11 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
             if device.get("status") != "ok":
                 click.echo(f"{device['name']}: skipped (its build failed: {device.get('error')})")
                 continue
+            from .artifacts import confined
+
             prof = load_profile(profile_spec or device["profile"])
-            model = base / device["artifacts"]["model"]["path"]
-            jobs.append((model, prof, (out / device["name"]) if out else model.parent / "export"))
+            model = confined(base, device["artifacts"]["model"]["path"], f"{manifest['path']}: model path")
+            jobs.append((model, prof, confined(out, device["name"], "device name") if out else model.parent / "export"))
     for path, prof, target in jobs:
         formats = parse_formats(fmt, prof)
         record = export_model(path, formats, target, profile=prof, data=data, require_engine=require_engine, log=click.echo)

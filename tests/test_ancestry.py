@@ -51,9 +51,13 @@ def test_pth_with_code_is_refused(tmp_path, capsys):
             return (print, ("pwned",))
 
     path.write_bytes(pickle.dumps({"model": Evil()}))
-    with pytest.raises(FactoryError, match="cannot read checkpoint"):
+    with pytest.raises(FactoryError, match="contains code or objects other than tensors and was refused"):
         load_ancestry(f"{path}@vit_tiny_patch16_224")
     assert "pwned" not in capsys.readouterr().out
+    torch.save({"model": Evil()}, tmp_path / "evil2.pth")  # a real torch checkpoint carrying code
+    with pytest.raises(FactoryError, match="contains code or objects other than tensors and was refused") as info:
+        load_ancestry(f"{tmp_path / 'evil2.pth'}@vit_tiny_patch16_224")
+    assert "weights_only" not in str(info.value) and "pwned" not in capsys.readouterr().out
 
 
 def test_mismatched_checkpoints_are_rejected(tmp_path):

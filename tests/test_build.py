@@ -193,3 +193,31 @@ def test_a_second_build_into_the_same_out_fails_fast_or_waits(tmp_path):
     t.join()
     assert released.is_set() and lines[0].startswith("waiting for the build holding")
     assert manifest["devices"][0]["status"] == "ok"
+
+
+def test_paths_from_a_manifest_or_profile_stay_inside_out(tmp_path):
+    from factory.artifacts import confined
+    from factory.errors import FactoryError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    assert confined(out, "dev/model.safetensors") == (out / "dev" / "model.safetensors").resolve()
+    (out / "link").symlink_to(tmp_path)
+    for bad in ("../victim", "/etc/passwd", ".", "", "a/../../x", "link/escaped"):
+        with pytest.raises(FactoryError, match="points outside"):
+            confined(out, bad, "device name")
+
+
+def test_export_refuses_a_manifest_path_outside_the_build(tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    manifest = {"format_version": 1, "devices": [{"name": "d", "status": "ok", "profile": "host",
+                                                  "artifacts": {"model": {"path": "../victim/model.safetensors"}}}]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(out)
+    res = CliRunner().invoke(cli, ["export", "--format", "onnx"])
+    assert res.exit_code == 2 and "points outside" in res.output, res.output
+    assert (victim / "keep.txt").read_text() == "mine" and sorted(p.name for p in victim.iterdir()) == ["keep.txt"]
