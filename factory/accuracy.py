@@ -14,9 +14,9 @@ That accuracy is the prediction: a few-step learning-curve probe, the low-fideli
 successive halving / Hyperband. It captures both what the inherited weights already know about the
 task and how fast the shape trains, which is what decides accuracy after a short fine-tune.
 
-**Candidates** (:func:`candidates`): ``count`` shapes spread evenly by predicted latency along the
-feasible Pareto front of the capacity search (capacity vs latency), always including the capacity
-choice. The chosen shape is the one with the highest predicted accuracy; ties within one
+**Candidates** (:func:`candidates`): up to ``count`` shapes of the feasible Pareto front of the
+capacity search (capacity vs latency), spread evenly in log-latency over the 32x range below the
+capacity choice, which is always included. The chosen shape is the one with the highest predicted accuracy; ties within one
 validation image go to the higher-capacity shape.
 
 **Cost.** ``count * k`` training steps of candidates plus ``count`` evaluations of ``val_images``
@@ -108,18 +108,27 @@ class ProxyFinetune:
         return acc
 
 
-def candidates(result, count: int) -> list:
-    """``count`` feasible candidates spread evenly by latency along the Pareto front, plus the
-    capacity choice (``result.feasible[0]``); fewer when the front is shorter."""
-    front = result.pareto or result.feasible[:1]
+def candidates(result, count: int, span: float = 32.0) -> list:
+    """Up to ``count`` feasible candidates from the capacity Pareto front, spread evenly in
+    log-latency over ``[L_max / span, L_max]`` (``L_max``: the capacity choice's latency), nearest
+    front point to each target, always including the capacity choice (``result.feasible[0]``).
+
+    Shapes more than ``span`` times faster than the budget-filling one are not tried: on the front
+    they are the 1-layer, 32-64-wide corner, which inherits too little to be the most accurate.
+    """
+    import math
+
+    best = result.feasible[0]
+    top = max(best.latency_ms, 1e-12)
+    front = [c for c in (result.pareto or [best]) if c.latency_ms >= top / span] or [best]
     if len(front) <= count:
         picked = list(front)
     else:
-        picked = [front[round(i * (len(front) - 1) / (count - 1))] for i in range(count)] if count > 1 else [front[-1]]
-    best = result.feasible[0]
-    if best not in picked:
-        picked[-1:] = [best]
-    return list({c.shape: c for c in picked}.values())
+        lo, hi = math.log(front[0].latency_ms), math.log(front[-1].latency_ms)
+        targets = [lo + (hi - lo) * i / max(1, count - 1) for i in range(count)]
+        picked = [min(front, key=lambda c: abs(math.log(c.latency_ms) - t)) for t in targets]
+    picked.append(best)
+    return sorted({c.shape: c for c in picked}.values(), key=lambda c: c.latency_ms)
 
 
 def choose_by_accuracy(result, predictor, count: int) -> tuple[Any, list[dict[str, Any]]]:
