@@ -76,6 +76,25 @@ class BuildConfig:
     objective: str = "accuracy"  # accuracy: proxy fine-tunes of the Pareto front (factory.accuracy); capacity
     candidates: int = 8
 
+    def __post_init__(self) -> None:
+        import math
+
+        checks = {
+            "gene layers": self.gene_layers is None or self.gene_layers >= 1,
+            "gene heads": self.gene_heads is None or self.gene_heads >= 1,
+            "expand steps": self.expand_steps is None or self.expand_steps >= 0,
+            "fine-tuning steps": self.finetune_steps >= 1,
+            "batch size": self.batch_size >= 1,
+            "learning rate": math.isfinite(self.lr) and self.lr > 0,
+            "gene tau": math.isfinite(self.gene_tau) and self.gene_tau > 0,
+            "jobs": self.jobs >= 1,
+            "candidates": self.candidates >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise FactoryError(f"invalid build setting: {', '.join(bad)} (counts must be >= 1, steps >= 0, lr and tau finite "
+                               "and > 0); fix the flag")
+
 
 def _key(*parts: Any) -> str:
     text = json.dumps([__version__, *parts], sort_keys=True, default=str)

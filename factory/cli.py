@@ -299,7 +299,7 @@ def profiles_schema() -> None:
 @click.option("--num-classes", type=int, default=None, help="Classes of the task [default: the data's, else the ancestry's].")
 @click.option("--snap", type=int, default=32, show_default=True, help="Widths are multiples of this.")
 @click.option("--max-depth", type=int, default=None, help="Deepest descendant [default: 2x ancestry].")
-@click.option("--top", type=int, default=5, show_default=True)
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (all fields, rejected shapes too).")
 def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, num_classes, snap, max_depth, top, seed,
@@ -457,6 +457,7 @@ def _latest_manifest(root: Path) -> dict:
               help="Images for the expanding phase [default: the ancestry's own (mnist for the demo), else --data].")
 @click.option("--steps", type=int, default=100, show_default=True, help="Fine-tuning steps per model.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Fine-tuning learning rate (AdamW, cosine).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--jobs", type=int, default=1, show_default=True, help="Models fine-tuned in parallel on this machine.")
 @click.option("--device", default="auto", show_default=True)
@@ -465,8 +466,8 @@ def _latest_manifest(root: Path) -> dict:
                    "capacity: the largest shape that fits.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (shapes, cached stages, time estimates) and stop.")
 @click.option("--wait-lock", is_flag=True, help="If another build is using --out, wait for it instead of failing.")
-def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layers, expand_steps, expand_data, steps, batch_size, seed,
-              jobs, device, objective, dry_run, wait_lock) -> None:
+def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layers, expand_steps, expand_data, steps, batch_size, lr,
+              seed, jobs, device, objective, dry_run, wait_lock) -> None:
     """Build deployable models for one or many device profiles (search, expand, fine-tune, measure, export).
 
     \b
@@ -484,7 +485,7 @@ def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layer
     profiles = [load_profile(s) for s in specs]
     cfg = BuildConfig(ancestry=ancestry, data=data, init=init_method, gene_layers=gene_layers, expand_steps=expand_steps,
                       expand_data=expand_data, objective=objective,
-                      finetune_steps=steps, batch_size=batch_size, seed=seed, jobs=jobs, device=device)
+                      finetune_steps=steps, batch_size=batch_size, lr=lr, seed=seed, jobs=jobs, device=device)
     manifest = build(profiles, out, cfg, dry_run=dry_run, log=click.echo, wait_lock=wait_lock)
     if dry_run:
         return

@@ -37,7 +37,7 @@ PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Hardware(_Strict):
@@ -119,6 +119,8 @@ def _format_error(path: str, exc: ValidationError) -> str:
         msg = "required field missing"
     elif kind.startswith(("greater_than", "less_than")):
         fix = "use a positive value"
+    elif kind == "finite_number":
+        fix = "use a finite number (drop the budget to leave it unconstrained)"
     elif kind == "literal_error":
         fix = "use one of the listed values"
     elif kind == "string_pattern_mismatch" and field == "name":

@@ -58,8 +58,8 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: only at the end (when out_dir is given)
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise FactoryError("train config needs steps >= 0, batch_size >= 1 and lr > 0")
+        if self.steps < 0 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
+            raise FactoryError("train config needs steps >= 0, batch_size >= 1 and a finite lr > 0")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise FactoryError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):

@@ -221,3 +221,23 @@ def test_export_refuses_a_manifest_path_outside_the_build(tmp_path, monkeypatch)
     res = CliRunner().invoke(cli, ["export", "--format", "onnx"])
     assert res.exit_code == 2 and "points outside" in res.output, res.output
     assert (victim / "keep.txt").read_text() == "mine" and sorted(p.name for p in victim.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--gene-layers", "0"], "gene layers"), (["--lr", "inf"], "learning rate"), (["--lr", "nan"], "learning rate"),
+    (["--steps", "0"], "fine-tuning steps"), (["--jobs", "0"], "jobs"), (["--expand-steps", "-1"], "expand steps"),
+])
+def test_build_refuses_settings_it_would_silently_misuse(tmp_path, flags, needle):
+    res = CliRunner().invoke(cli, ["build", "--profile", str(_profile(tmp_path, "t")), "--out", str(tmp_path / "o"),
+                                   "--data", "synthetic", *flags])
+    assert res.exit_code == 2 and f"invalid build setting: {needle}" in res.output, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_infinite_budgets_are_refused(tmp_path):
+    from factory.errors import FactoryError
+
+    path = tmp_path / "inf.yaml"
+    path.write_text(TINY.format(name="inf", params=".inf"))
+    with pytest.raises(FactoryError, match=r"budgets.params_m: .*finite"):
+        load_profile(path)
