@@ -13,6 +13,7 @@ Recipe (``recipe(steps)``): batch 32, AdamW lr 1e-3, warm-up steps/15, cosine, l
 
 from __future__ import annotations
 
+import json
 import statistics
 
 from factory.data import ImageTensors, load_dataset
@@ -52,3 +53,13 @@ def rows_with_int_steps(results: list[dict]) -> list[dict]:
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.pstdev(values)
+
+
+def write_outputs(data: dict, table: str, json_path, md_path) -> None:
+    """Write the raw results (JSON) and the Markdown table, and print the table."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(data, indent=2, default=str))
+    if md_path:
+        md_path.write_text(table + "\n")
+    print(table)
+    print(f"\nwall time {data['wall_seconds']} s")

@@ -1,7 +1,8 @@
 """Which learngene recipe makes PEG descendants learn fastest? One knob at a time, then combined.
 
 Every variant makes a learngene from the shipped demo ancestry (d6-w192, MNIST-trained), expands it
-to the PEG benchmark's three shapes (d3-w192, d6-w96, d9-w192) and fine-tunes each with the shared
+to two of the PEG benchmark's shapes (d3-w192 shallower, d6-w96 narrower; ``--deep`` adds d9-w192)
+and fine-tunes each with the shared
 recipe (``bench/common.py``) on ``digits`` and ``textures`` for several seeds; weight selection and
 TLEG are run in the same process on the same shapes, seeds and steps as the reference. Knobs:
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common import finetune_curve, load_tasks, mean_std, rows_with_int_steps
+from common import finetune_curve, load_tasks, mean_std, rows_with_int_steps, write_outputs
 from factory import DescendantShape, init_descendant, load_ancestry, sample_learngene
 from factory.data import load_dataset
 from factory.demo import load_demo_learngene
@@ -44,11 +45,11 @@ VARIANTS: list[tuple[str, dict]] = [
     ("rescale std", dict(rescale="std")),
     ("6 gene layers", dict(layers=6)),
     ("expand 150 steps", dict(steps=150)),
-    ("expand 300 steps", dict(steps=300)),
-    ("expand 300, target data", dict(steps=300, data="target")),
-    ("expand 300, old sandwich (depths only)", dict(steps=300, sandwich="depths")),
-    ("expand 300, extra hidden 6", dict(steps=300, extra_hidden=6)),
-    ("rescale std + expand 300", dict(rescale="std", steps=300)),
+    ("expand 250 steps", dict(steps=250)),
+    ("expand 250, target data", dict(steps=250, data="target")),
+    ("expand 250, old sandwich (depths only)", dict(steps=250, sandwich="depths")),
+    ("expand 250, extra hidden 6", dict(steps=250, extra_hidden=6)),
+    ("rescale std + expand 250", dict(rescale="std", steps=250)),
     ("shipped default", dict(shipped=True)),
 ]
 SHAPES = [DescendantShape(3, 192, 3, 4.0, 28, 7, 10), DescendantShape(6, 96, 2, 2.0, 28, 7, 10),
@@ -77,7 +78,7 @@ def run(args) -> dict:
     tasks = load_tasks(args.tasks)
     mnist_train = load_dataset("digits" if args.quick else "mnist", img_size=28).train
     variants = VARIANTS[:2] + [("expand 3 steps", dict(steps=3))] if args.quick else VARIANTS
-    shapes = SHAPES[:1] if args.quick else SHAPES
+    shapes = SHAPES[:1] if args.quick else SHAPES if args.deep else SHAPES[:2]
     results, learngenes = [], {}
     cache = {}
     for name, knobs in [("weight_selection", {"method": "weight_selection"}), ("tleg", {"method": "tleg"})] + variants:
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True, help="where to write the raw results")
     parser.add_argument("--md", type=Path, default=None, help="where to write the Markdown table")
     parser.add_argument("--tasks", nargs="+", default=["digits", "textures"])
+    parser.add_argument("--deep", action="store_true", help="also the deeper d9-w192 shape (about 2.5x the time)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--seeds", type=int, default=None)
@@ -153,13 +155,7 @@ def main() -> None:
     start = time.perf_counter()
     data = run(args)
     data["wall_seconds"] = round(time.perf_counter() - start, 1)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(data, indent=2, default=str))
-    table = summarise(json.loads(json.dumps(data, default=str)))
-    if args.md:
-        args.md.write_text(table + "\n")
-    print(table)
-    print(f"\nwall time {data['wall_seconds']} s")
+    write_outputs(data, summarise(json.loads(json.dumps(data, default=str))), args.json, args.md)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
+from common import write_outputs
 from factory import init_descendant, load_ancestry
 from factory.accuracy import EstimatorConfig, ProxyFinetune, candidates, choose_by_accuracy
 from factory.build import BuildConfig, finetune_recipe, load_fleet
@@ -136,13 +136,7 @@ def main() -> None:
     start = time.perf_counter()
     data = run(args)
     data["wall_seconds"] = round(time.perf_counter() - start, 1)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(data, indent=2, default=str))
-    table = summarise(data)
-    if args.md:
-        args.md.write_text(table + "\n")
-    print(table)
-    print(f"\nwall time {data['wall_seconds']} s")
+    write_outputs(data, summarise(data), args.json, args.md)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from .learngene import Learngene
 from .mixing import DepthMap
 from .shapes import DescendantShape, vit_flops
 from .timm_vit import build_vit
-from .train import TrainConfig, distill_loss, evaluate, load_checkpoint, lr_at, save_checkpoint, step_batch
+from .train import TrainConfig, distill_loss, evaluate, lr_at, open_checkpoint, save_checkpoint, step_batch
 
 
 @dataclass(frozen=True)
@@ -178,12 +178,7 @@ def train_learngene(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = TrainConfig(steps=max(1, cfg.steps), lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr=cfg.lr * 0.01)
     out = Path(out_dir) if out_dir is not None else None
-    ckpt = out / "checkpoint" if out is not None else None
-    start = 0
-    if resume:
-        if ckpt is None or not (ckpt / "state.json").is_file():
-            raise FactoryError(f"cannot resume the expanding phase: no checkpoint in {ckpt}")
-        start = load_checkpoint(ckpt, work, opt)
+    ckpt, start = open_checkpoint(out, resume, work, opt, "the expanding phase")
     log = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -207,6 +207,18 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
     return int(meta["step"])
 
 
+def open_checkpoint(out_dir: str | Path | None, resume: bool, module: nn.Module, opt: torch.optim.Optimizer,
+                    what: str) -> tuple[Path | None, int]:
+    """``(checkpoint dir or None, first step)``: with ``resume``, ``module`` and ``opt`` are loaded
+    from ``out_dir/checkpoint`` (one-line error naming ``what`` if there is none)."""
+    ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    if not resume:
+        return ckpt, 0
+    if ckpt is None or not (ckpt / "state.json").is_file():
+        raise FactoryError(f"cannot resume {what}: no checkpoint in {ckpt}; run it without resuming first")
+    return ckpt, load_checkpoint(ckpt, module, opt)
+
+
 def train(
     model: nn.Module,
     train_data: ImageTensors,
@@ -244,12 +256,7 @@ def train(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
     out = Path(out_dir) if out_dir is not None else None
-    ckpt = out / "checkpoint" if out is not None else None
-    start = 0
-    if resume:
-        if ckpt is None or not (ckpt / "state.json").is_file():
-            raise FactoryError(f"--resume: no checkpoint in {ckpt}; run without --resume first")
-        start = load_checkpoint(ckpt, model, opt)
+    ckpt, start = open_checkpoint(out, resume, model, opt, "training (--resume)")
     autocast, needs_scaler = autocast_for(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
     history: list[dict[str, Any]] = []
