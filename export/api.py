@@ -1,7 +1,13 @@
 """``export_model``: a descendant -> deployable artifacts, verified, with an ``export.json``.
 
 Formats: ``onnx`` (FP32, always produced: the others derive from it), ``onnx-fp16``,
-``onnx-int8`` (static QDQ calibrated on the task's training images; dynamic if none) and ``trt``.
+``onnx-int8`` (static QDQ calibrated on the task's training images; dynamic if none), ``openvino``
+(FP32 IR; also measured with BF16 execution where the CPU has it, as ``openvino-bf16``),
+``openvino-int8`` (NNCF post-training quantisation; :mod:`export.openvino_export`) and ``trt``.
+
+Deployment choice. ``export.json``'s ``deploy`` names the fastest *verified* artifact at the
+profile's batch on this host: FP32 artifacts verified against PyTorch (max abs diff <= 1e-4), reduced
+precisions only if their test accuracy is within ``MAX_ACCURACY_DROP`` of FP32's.
 For ``trt`` an engine is built here only when TensorRT and a GPU are present *and* the target is
 this machine (no profile, or a ``measure: true`` profile such as ``host``); otherwise an
 on-device build kit is written (:mod:`export.kit`) and one line says so. ``require_engine`` turns
@@ -28,7 +34,9 @@ from factory.flops import count_flops, count_params
 
 from .onnx_export import OPSET, export_onnx
 
-FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "trt")
+FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8", "trt")
+OPENVINO_FORMATS = ("openvino", "openvino-int8")
+MAX_ACCURACY_DROP = 0.01
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -91,7 +99,11 @@ def export_model(
     net, arch = anc.model.eval(), anc.arch
     _, meta = read_checkpoint(path)
     info = json.loads(meta.get(INFO_METADATA_KEY, "{}"))
-    ds = _data_for(arch, data) if {"onnx-int8", "onnx-fp16", "trt"} & set(formats) or data else None
+    if set(OPENVINO_FORMATS) & set(formats):
+        from .openvino_export import require_openvino
+
+        require_openvino()  # refuse before any work when the extra is missing
+    ds = _data_for(arch, data) if {"onnx-int8", "onnx-fp16", "trt", *OPENVINO_FORMATS} & set(formats) or data else None
     batch = profile.batch if profile is not None else 1
     metadata = {
         "peg_factory.shape": arch.shape().to_dict(),
@@ -156,6 +168,9 @@ def export_model(
             log(f"onnx-int8: model.int8.onnx ({mode}), accuracy {entry.get('val_accuracy', 'n/a')} vs fp32 "
                 f"{fp32_stats.get('val_accuracy', 'n/a')}, b1 {entry['latency_ms_b1']:.3f} ms vs {fp32_stats['latency_ms_b1']:.3f} ms")
 
+        if set(OPENVINO_FORMATS) & set(formats):
+            record["artifacts"].update(_openvino(tmp, onnx_path, net, formats, ds, calib, x1, x32, fp32, log))
+
         if "trt" in formats:
             record["artifacts"]["trt"] = _trt(tmp, onnx_path, fp32, int8_path, arch, profile, batch, calib, require_engine, log)
 
@@ -167,8 +182,87 @@ def export_model(
                         entry["sha256"] = sha256_file(target)
                     elif target.is_dir():
                         entry["files"] = {p.name: sha256_file(p) for p in sorted(target.iterdir())}
+            if "weights" in entry:
+                entry["weights_sha256"] = sha256_file(tmp / entry["weights"])
+        record["deploy"] = choose_deployment(record["artifacts"], batch)
+        if len(record["artifacts"]) > 1:
+            log(f"deploy: {record['deploy']['format']} ({record['deploy']['reason']})")
         (tmp / "export.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def choose_deployment(artifacts: dict[str, dict[str, Any]], batch: int = 1) -> dict[str, Any]:
+    """The fastest verified artifact at ``batch`` (1 or 32, the measured ones; nearest used).
+
+    Verified: FP32 artifacts passed the PyTorch comparison (they would not exist otherwise);
+    reduced-precision ones need a recorded accuracy within :data:`MAX_ACCURACY_DROP` of FP32's.
+    """
+    key = "latency_ms_b1" if batch < 8 else "latency_ms_b32"
+    fp32_acc = artifacts.get("onnx", {}).get("test_accuracy", artifacts.get("onnx", {}).get("val_accuracy"))
+    timed = {}
+    for fmt, art in artifacts.items():
+        lat = art.get(key, art.get("latency_ms_b1"))
+        if lat is None:
+            continue
+        acc = art.get("test_accuracy", art.get("val_accuracy"))
+        exact = fmt in ("onnx", "openvino")
+        if not exact and (acc is None or fp32_acc is None or fp32_acc - acc > MAX_ACCURACY_DROP):
+            continue
+        timed[fmt] = lat
+    if not timed:
+        return {"format": "onnx", "reason": "no artifact was timed"}
+    best = min(timed, key=timed.get)
+    base = timed.get("onnx")
+    speed = f", {base / timed[best]:.2f}x onnxruntime FP32" if base and best != "onnx" else ""
+    return {"format": best, "latency_ms": timed[best], "batch": 1 if key.endswith("b1") else 32,
+            "reason": f"fastest verified at batch {1 if key.endswith('b1') else 32}: {timed[best]:.3f} ms{speed}",
+            "candidates_ms": timed}
+
+
+def _openvino(tmp: Path, onnx_path: Path, net, formats: list[str], ds, calib, x1, x32, fp32, log) -> dict[str, dict]:
+    """FP32 IR (+ BF16 execution where supported) and the NNCF INT8 IR, each verified and timed."""
+    import torch
+
+    from export.runtime import ort_accuracy
+
+    from .openvino_export import cpu_supports_bf16, ov_accuracy, ov_compile, ov_latency_ms, ov_logits, to_openvino, to_openvino_int8
+
+    out: dict[str, dict] = {}
+    test_x = ds.test.images.numpy() if ds is not None else None
+    test_y = ds.test.labels.numpy() if ds is not None else None
+    fp32_test = ort_accuracy(fp32, test_x, test_y) if ds is not None else None
+    with torch.no_grad():
+        reference = net(torch.from_numpy(x32)).numpy()
+    xml = to_openvino(onnx_path, tmp / "model.xml")
+
+    def measure(fmt: str, compiled, entry: dict) -> dict:
+        entry.update(latency_ms_b1=round(ov_latency_ms(compiled, x1), 4), latency_ms_b32=round(ov_latency_ms(compiled, x32, repeats=10), 4))
+        if ds is not None:
+            entry["test_accuracy"] = round(ov_accuracy(compiled, test_x, test_y), 4)
+            entry["accuracy_drop_vs_fp32"] = round(fp32_test - entry["test_accuracy"], 4)
+        log(f"{fmt}: {entry['file']} b1 {entry['latency_ms_b1']:.3f} ms, accuracy {entry.get('test_accuracy', 'n/a')} "
+            f"(fp32 {fp32_test if fp32_test is not None else 'n/a'})")
+        return entry
+
+    compiled = ov_compile(xml, precision="f32")
+    diff = float(np.abs(ov_logits(compiled, x32) - reference).max())
+    if diff > 1e-4:
+        raise FactoryError(f"OpenVINO FP32 output differs from PyTorch by {diff:.3g} (> 1e-4); not exported")
+    out["openvino"] = measure("openvino", compiled, {"file": "model.xml", "weights": "model.bin", "max_abs_diff_vs_pytorch": diff})
+    if cpu_supports_bf16():
+        bf16 = ov_compile(xml, precision="bf16")
+        entry = {"file": "model.xml", "weights": "model.bin", "execution_precision": "bf16",
+                 "max_abs_diff_vs_pytorch": round(float(np.abs(ov_logits(bf16, x32) - reference).max()), 5)}
+        out["openvino-bf16"] = measure("openvino-bf16", bf16, entry)
+    else:
+        log("openvino-bf16: this CPU has no BF16 support; FP32 execution only")
+    if "openvino-int8" in formats:
+        to_openvino_int8(xml, tmp / "model.int8.xml", calib)
+        entry = {"file": "model.int8.xml", "weights": "model.int8.bin", "calibration_images": len(calib)}
+        out["openvino-int8"] = measure("openvino-int8", ov_compile(tmp / "model.int8.xml"), entry)
+    if fp32_test is not None:
+        out["openvino"]["fp32_onnxruntime_test_accuracy"] = round(fp32_test, 4)
+    return out
 
 
 def _trt(tmp: Path, onnx_path: Path, fp32, int8_path, arch, profile, batch: int, calib, require_engine: bool, log) -> dict:

@@ -484,12 +484,16 @@ def _finish_device(builder: Builder, prof: Profile, st: Stage, entry, searched, 
     with atomic_directory(device_dir) as tmp:
         shutil.copyfile(st.path / "model.safetensors", tmp / "model.safetensors")
         shutil.copytree(e_stage.path / "export", tmp / "export")
-        (tmp / "MODEL_CARD.md").write_text(_model_card(prof, best, done, measured, lg, anc, builder.cfg, entry.get("selection", {})))
+        deploy = json.loads((e_stage.path / "export" / "export.json").read_text()).get("deploy", {})
+        (tmp / "MODEL_CARD.md").write_text(_model_card(prof, best, done, measured, lg, anc, builder.cfg, entry.get("selection", {}),
+                                                       deploy))
     export_record = json.loads((device_dir / "export" / "export.json").read_text())
     artifacts = {"model": {"path": f"{prof.name}/model.safetensors", "sha256": model_sha}}
     for fmt, art in export_record["artifacts"].items():
         item = {"path": f"{prof.name}/export/{art.get('file') or art.get('dir')}"}
-        item.update({k: v for k, v in art.items() if k in ("sha256", "files", "kind", "mode", "val_accuracy")})
+        item.update({k: v for k, v in art.items()
+                     if k in ("sha256", "files", "kind", "mode", "val_accuracy", "test_accuracy", "weights_sha256",
+                              "execution_precision")})
         artifacts[fmt] = item
     budgets = dict(prof.budgets.items())
     return {
@@ -506,6 +510,7 @@ def _finish_device(builder: Builder, prof: Profile, st: Stage, entry, searched, 
         "margins": best.margins,
         "search": {"evaluated": result.evaluated, "feasible": len(result.feasible), "rejected": len(result.rejected)},
         "artifacts": artifacts,
+        "deploy": export_record.get("deploy"),
         "model_card": f"{prof.name}/MODEL_CARD.md",
     }
 
@@ -520,7 +525,8 @@ def _selection_text(sel: dict[str, Any]) -> str:
             f"proxy would have picked {sel['capacity_choice']}")
 
 
-def _model_card(prof: Profile, best, done, measured, lg, anc, cfg: BuildConfig, selection: dict[str, Any]) -> str:
+def _model_card(prof: Profile, best, done, measured, lg, anc, cfg: BuildConfig, selection: dict[str, Any],
+                deploy: dict[str, Any]) -> str:
     s = best.shape
     return f"""# {prof.name}: {s.label()}
 
@@ -536,6 +542,7 @@ def _model_card(prof: Profile, best, done, measured, lg, anc, cfg: BuildConfig, 
 **Numbers.** Test accuracy {done['test_accuracy']:.4f}; {measured['flops_fvcore'] / 1e9:.4f} GFLOPs (fvcore);
 {measured['params'] / 1e6:.3f} M parameters; predicted {best.latency_ms:.4f} ms and {best.memory_mb:.1f} MB on the target
 ({prof.precision}, batch {prof.batch}); {measured['host_latency_ms_onnxruntime']:.4f} ms with onnxruntime on the build host.
+Deploy with **{deploy.get('format', 'onnx')}** ({deploy.get('reason', 'the only artifact')}; see `export/export.json`).
 
 **How to run it.**
 ```python

@@ -390,7 +390,7 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
 @cli.command("export")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Run directory or descendant .safetensors [default: every device of the latest build here].")
-@click.option("--format", "fmt", default="onnx", show_default=True, help="onnx, onnx-fp16, onnx-int8, trt, all, or a comma list.")
+@click.option("--format", "fmt", default="onnx", show_default=True, help="onnx, onnx-fp16, onnx-int8, openvino, openvino-int8, trt, all, or a comma list.")
 @click.option("--profile", "profile_spec", default=None, help="Target profile (batch, precision, which TensorRT path).")
 @click.option("--data", default=None, help="Images for INT8 calibration and accuracy [default: digits for 1-channel 10-class models].")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: MODEL_DIR/export].")

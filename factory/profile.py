@@ -9,7 +9,7 @@ A profile is a YAML file (schema: ``profiles/profile.schema.json``, generated fr
       peak_tflops: {fp32: 5.3, fp16: 42.5, int8: 85.0}   # dense, 2 FLOPs per multiply-add
       memory_bandwidth_gbs: 204.8
       memory_mb: 8192             # memory the model may use on the device
-      runtime: tensorrt            # tensorrt | onnxruntime
+      runtime: tensorrt            # tensorrt | onnxruntime | openvino
       source: "where the figures come from"
     precision: fp16                # fp32 | fp16 | int8
     batch: 1
@@ -47,7 +47,7 @@ class Hardware(_Strict):
     )
     memory_bandwidth_gbs: float | None = Field(default=None, gt=0, description="DRAM bandwidth, GB/s.")
     memory_mb: float = Field(gt=0, description="Memory available to the model on the device, MB.")
-    runtime: Literal["tensorrt", "onnxruntime"]
+    runtime: Literal["tensorrt", "onnxruntime", "openvino"]
     measure: bool = Field(default=False, description="Measure peak and bandwidth on this machine instead.")
     source: str | None = Field(default=None, description="Citation for the figures.")
 
@@ -90,7 +90,7 @@ class Profile(_Strict):
     batch: int = Field(default=1, ge=1)
     budgets: Budgets
     calibration: str | None = Field(default=None, description="CSV of measured latencies, relative to the profile.")
-    export: list[Literal["onnx", "onnx-fp16", "onnx-int8", "trt"]] = Field(default_factory=lambda: ["onnx"])
+    export: list[Literal["onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8", "trt"]] = Field(default_factory=lambda: ["onnx"])
     path: str | None = Field(default=None, exclude=True, description="Where it was loaded from (set by the loader).")
 
     @model_validator(mode="after")

@@ -63,7 +63,8 @@ def demo_file(tmp_path_factory):
 
 def test_export_all_formats_with_metadata_hashes_and_int8_accuracy(demo_file, tmp_path):
     profile = load_profile("jetson_orin")
-    record = export_model(demo_file, parse_formats("all"), tmp_path / "exp", profile=profile, data="mnist", log=lambda *_: None)
+    record = export_model(demo_file, parse_formats("onnx,onnx-fp16,onnx-int8,trt"), tmp_path / "exp", profile=profile, data="mnist",
+                          log=lambda *_: None)
     out = tmp_path / "exp"
     assert json.loads((out / "export.json").read_text()) == json.loads(json.dumps(record, sort_keys=True))
     art = record["artifacts"]
@@ -165,3 +166,44 @@ def test_export_cli_errors(demo_file, tmp_path, monkeypatch):
     result = run("--model", demo_file, "--out", blocker / "out")
     assert result.exit_code == 2 and "cannot create directory" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_openvino_fp32_bf16_int8_verified_timed_and_the_fastest_chosen(demo_file, tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip install 'peg-factory[openvino]' (CI installs it)")
+    from export.openvino_export import cpu_supports_bf16
+
+    record = export_model(demo_file, ["onnx", "onnx-int8", "openvino", "openvino-int8"], tmp_path / "exp",
+                          profile=load_profile("x86_laptop_cpu"), data="mnist", log=lambda *_: None)
+    art, out = record["artifacts"], tmp_path / "exp"
+    from factory.artifacts import sha256_file
+
+    ov = art["openvino"]
+    assert ov["max_abs_diff_vs_pytorch"] <= 1e-4 and ov["sha256"] == sha256_file(out / "model.xml")
+    assert ov["weights_sha256"] == sha256_file(out / "model.bin")
+    assert abs(ov["test_accuracy"] - ov["fp32_onnxruntime_test_accuracy"]) <= 0.001
+    assert art["openvino-int8"]["accuracy_drop_vs_fp32"] <= 0.01 and (out / "model.int8.bin").is_file()
+    assert ("openvino-bf16" in art) == cpu_supports_bf16()
+    deploy = record["deploy"]
+    timed = deploy["candidates_ms"]
+    assert deploy["format"] == min(timed, key=timed.get) and {"onnx", "openvino"} <= set(timed)
+    assert all(art[f].get("accuracy_drop_vs_fp32", 0) <= 0.01 for f in timed)
+
+
+def test_deployment_choice_skips_unverified_or_inaccurate_artifacts():
+    from export.api import choose_deployment
+
+    arts = {"onnx": {"latency_ms_b1": 2.0, "val_accuracy": 0.95, "test_accuracy": 0.95},
+            "onnx-int8": {"latency_ms_b1": 0.5, "test_accuracy": 0.90},  # 5 points worse: not verified
+            "openvino": {"latency_ms_b1": 1.5},
+            "openvino-bf16": {"latency_ms_b1": 1.0, "test_accuracy": 0.946}}
+    d = choose_deployment(arts, 1)
+    assert d["format"] == "openvino-bf16" and "2.00x onnxruntime FP32" in d["reason"] and "onnx-int8" not in d["candidates_ms"]
+
+
+def test_openvino_without_the_extra_is_refused_in_one_line(demo_file, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if the extra were not installed
+    with pytest.raises(FactoryError, match=r"need the openvino extra: pip install 'peg-factory\[openvino\]'"):
+        export_model(demo_file, ["openvino"], tmp_path / "exp", log=lambda *_: None)
+    assert not (tmp_path / "exp").exists()

@@ -1,0 +1,99 @@
+"""OpenVINO artifacts for CPU targets: FP32 IR, BF16 execution, INT8 IR via NNCF.
+
+- ``openvino``: the verified ONNX model converted with ``openvino.convert_model`` and saved as IR
+  (``model.xml`` + ``model.bin``) with FP32 weights (``compress_to_fp16=False``).
+- ``openvino-int8``: NNCF post-training quantisation (``nncf.quantize``, mixed preset, transformer
+  model type so LayerNorm/Softmax/GELU stay in float) of that IR, calibrated on the task's
+  training images; saved as ``model.int8.xml/.bin``.
+- BF16 is not a file: it is OpenVINO's CPU execution precision (``INFERENCE_PRECISION_HINT=bf16``)
+  of the FP32 IR, used when the CPU reports ``BF16`` among its optimisation capabilities. It is
+  measured and verified like a format and recorded as ``openvino-bf16`` in ``export.json``.
+
+OpenVINO is an optional extra (``pip install 'peg-factory[openvino]'``); without it these formats
+are refused with one line naming the extra.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from factory.errors import FactoryError
+
+EXTRA_HINT = "pip install 'peg-factory[openvino]'"
+
+
+def require_openvino():
+    """The ``openvino`` module, or a one-line :class:`FactoryError` naming the extra."""
+    try:
+        import openvino
+    except ImportError as exc:
+        raise FactoryError(f"OpenVINO formats need the openvino extra: {EXTRA_HINT}") from exc
+    return openvino
+
+
+def cpu_supports_bf16() -> bool:
+    ov = require_openvino()
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def to_openvino(onnx_path: Path, xml_path: Path) -> Path:
+    ov = require_openvino()
+    model = ov.convert_model(str(onnx_path))
+    ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    return xml_path
+
+
+def to_openvino_int8(xml_fp32: Path, xml_int8: Path, calibration: np.ndarray) -> Path:
+    """NNCF post-training INT8 quantisation of the FP32 IR, calibrated on ``calibration`` images."""
+    ov = require_openvino()
+    try:
+        import nncf
+    except ImportError as exc:
+        raise FactoryError(f"openvino-int8 needs NNCF (part of the openvino extra): {EXTRA_HINT}") from exc
+    if calibration is None or len(calibration) == 0:
+        raise FactoryError("openvino-int8 needs task images to calibrate on; pass --data")
+    model = ov.Core().read_model(str(xml_fp32))
+    dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+    quantized = nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.MIXED, model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=len(calibration))
+    ov.save_model(quantized, str(xml_int8), compress_to_fp16=False)
+    return xml_int8
+
+
+def ov_compile(xml_path: Path, *, precision: str = "f32", threads: int | None = None):
+    """A CPU-compiled model; ``precision`` is ``f32`` or ``bf16`` (the execution precision hint)."""
+    ov = require_openvino()
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return ov.Core().compile_model(str(xml_path), "CPU", config)
+
+
+def ov_logits(compiled, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    request = compiled.create_infer_request()
+    out = []
+    for i in range(0, len(images), batch):
+        request.infer({0: images[i : i + batch]})
+        out.append(np.array(request.get_output_tensor(0).data, copy=True))
+    return np.concatenate(out)
+
+
+def ov_latency_ms(compiled, x: np.ndarray, *, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time (ms) of one synchronous inference of ``x`` after ``warmup`` runs."""
+    request = compiled.create_infer_request()
+    for _ in range(warmup):
+        request.infer({0: x})
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        request.infer({0: x})
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def ov_accuracy(compiled, images: np.ndarray, labels: np.ndarray) -> float:
+    return float((ov_logits(compiled, images).argmax(-1) == labels).mean())
