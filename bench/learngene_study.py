@@ -11,7 +11,9 @@ TLEG are run in the same process on the same shapes, seeds and steps as the refe
 - ``gene layers``: 3 (= L_a/2, the paper's) or 6.
 - expanding phase: ``steps``; ``data`` (MNIST train = the ancestry's own data, or the target
   task's own training images); ``sandwich`` (``depths``: depths 1/3/6/9/12 at the ancestry's width,
-  the old default; ``grid``: depths 1..12 x widths 96/144/192); ``extra hidden`` units of the depth maps.
+  the old default; ``grid``: depths 1..12 x widths 96/144/192 at one head count and MLP ratio each;
+  ``varied``: the grid with two head counts and MLP ratios 1-4 per width, the factory's default since
+  this study); ``extra hidden`` units of the depth maps.
 - ``shipped``: the learngene shipped in ``factory/assets`` (the factory's default).
 
 Usage:
@@ -64,7 +66,12 @@ def make_learngene(anc, knobs: dict, task_train, mnist_train):
     lg = sample_learngene(anc, k["layers"], tau=k["tau"], head_mixing=k["head_mixing"], rescale=k["rescale"], seed=0)
     if not k["steps"]:
         return lg, {"seconds": 0.0, "std_ratio": lg.meta["stats"]["summary"]["mean_std_ratio"]}
-    shapes = default_shapes(lg, [1, 3, 6, 9, 12], [anc.arch.embed_dim]) if k["sandwich"] == "depths" else default_shapes(lg)
+    if k["sandwich"] == "depths":
+        shapes = default_shapes(lg, [1, 3, 6, 9, 12], [anc.arch.embed_dim], vary=False)
+    elif k["sandwich"] == "grid":
+        shapes = default_shapes(lg, vary=False)
+    else:  # "varied": the factory's default, heads and MLP ratios varied too
+        shapes = default_shapes(lg)
     data = task_train if k["data"] == "target" else mnist_train
     t0 = time.perf_counter()
     trained, _ = train_learngene(lg, anc, data, shapes, ExpandingConfig(steps=k["steps"], extra_hidden=k["extra_hidden"]),

@@ -78,26 +78,46 @@ def default_widths(lg: Learngene) -> list[int]:
     return sorted({d, max(8, (3 * d // 4) // 8 * 8), max(8, (d // 2) // 8 * 8)})
 
 
-def default_shapes(lg: Learngene, depths: list[int] | None = None, widths: list[int] | None = None) -> list[DescendantShape]:
+def _head_options(width: int, arch, max_heads: int) -> list[int]:
+    """The fewest and the most heads a searcher would give ``width``: head dim a multiple of 8 in
+    ``[16, ancestry head dim]`` (the searcher's rule), at most ``max_heads``; else the ancestry's rule."""
+    valid = [h for h in range(1, max_heads + 1) if width % h == 0 and (width // h) % 8 == 0 and 16 <= width // h <= arch.head_dim]
+    if not valid:
+        heads = width // arch.head_dim if width % arch.head_dim == 0 else arch.num_heads
+        return [heads if width % heads == 0 else 1]
+    return sorted({valid[0], valid[-1]})
+
+
+def default_shapes(lg: Learngene, depths: list[int] | None = None, widths: list[int] | None = None, *,
+                   vary: bool = True) -> list[DescendantShape]:
     """Descendants at ``depths`` x ``widths`` (defaults :func:`default_depths`, :func:`default_widths`).
 
-    A narrower shape keeps the ancestry's head dim where it divides the width (else the ancestry's
-    head count) and its MLP ratio, so it is reachable by selection from the learngene.
+    With ``vary`` (default), each width also comes with the fewest and the most heads a searcher
+    would give it (:func:`_head_options`) and MLP ratios 1, 2, 3 and the ancestry's, so the sub-networks
+    that index selection cuts for any searched shape are the ones the expanding phase trained.
+    Without it, one shape per (depth, width): the ancestry's head dim where it divides the width
+    (else its head count) and its MLP ratio.
     """
     arch = lg.arch
     depths = default_depths(lg) if depths is None else depths
     widths = default_widths(lg) if widths is None else widths
+    full_ratio = arch.mlp_hidden / arch.embed_dim
     out = []
     for w in widths:
         if w > arch.embed_dim or w < 1:
             raise FactoryError(f"expanding-phase width {w} must be in 1..{arch.embed_dim} (the ancestry's width)")
-        heads = w // arch.head_dim if w % arch.head_dim == 0 else arch.num_heads
-        if w % heads:
-            heads = 1
+        if vary:
+            heads_list = _head_options(w, arch, 2 * lg.num_heads)
+            ratios = sorted({r for r in (1.0, 2.0, 3.0, full_ratio) if int(w * r) <= arch.mlp_hidden})
+        else:
+            heads = w // arch.head_dim if w % arch.head_dim == 0 else arch.num_heads
+            heads_list, ratios = [min(heads if w % heads == 0 else 1, lg.num_heads)], [full_ratio]
         for d in depths:
             if d < 1:
                 raise FactoryError(f"expanding-phase depth must be >= 1, got {d}")
-            out.append(dataclasses.replace(arch.shape(), depth=d, embed_dim=w, num_heads=min(heads, lg.num_heads)))
+            for h in heads_list:
+                for r in ratios:
+                    out.append(dataclasses.replace(arch.shape(), depth=d, embed_dim=w, num_heads=h, mlp_ratio=r))
     return out
 
 
