@@ -142,9 +142,10 @@ def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_
     if resume:
         click.echo(f"resuming the expanding phase from {work / 'checkpoint'}")
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
-    widest = max(s.embed_dim for s in shapes)
+    own = anc.arch.shape()  # zero-shot is reported at the ancestry's width, heads and ratio, at every depth
+    eval_shapes = [s for s in shapes if (s.embed_dim, s.num_heads, s.mlp_ratio) == (own.embed_dim, own.num_heads, own.mlp_ratio)]
     trained, report = train_learngene(lg, anc, ds.train, shapes, cfg, eval_data=ds.val.subset(0, 2000),
-                                      eval_shapes=[s for s in shapes if s.embed_dim == widest], out_dir=work, resume=resume)
+                                      eval_shapes=eval_shapes or shapes[-1:], out_dir=work, resume=resume)
     trained.meta["expanding_phase"]["data"] = ds.identity
     log_file = work / "metrics.jsonl"
     trained.save(out, {"expanding_log.jsonl": log_file.read_bytes()} if log_file.is_file() else None)
