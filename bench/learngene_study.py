@@ -12,8 +12,8 @@ TLEG are run in the same process on the same shapes, seeds and steps as the refe
 - expanding phase: ``steps``; ``data`` (MNIST train = the ancestry's own data, or the target
   task's own training images); ``sandwich`` (``depths``: depths 1/3/6/9/12 at the ancestry's width,
   the old default; ``grid``: depths 1..12 x widths 96/144/192 at one head count and MLP ratio each;
-  ``varied``: the grid with two head counts and MLP ratios 1-4 per width, the factory's default since
-  this study); ``extra hidden`` units of the depth maps.
+  the factory's default; ``varied``: the grid with two head counts and MLP ratios 1-4 per width,
+  ``--vary-shapes``); ``extra hidden`` units of the depth maps.
 - ``shipped``: the learngene shipped in ``factory/assets`` (the factory's default).
 
 Usage:
@@ -70,8 +70,8 @@ def make_learngene(anc, knobs: dict, task_train, mnist_train):
         shapes = default_shapes(lg, [1, 3, 6, 9, 12], [anc.arch.embed_dim], vary=False)
     elif k["sandwich"] == "grid":
         shapes = default_shapes(lg, vary=False)
-    else:  # "varied": the factory's default, heads and MLP ratios varied too
-        shapes = default_shapes(lg)
+    else:  # "varied": heads and MLP ratios varied too (default_shapes(vary=True))
+        shapes = default_shapes(lg, vary=True)
     data = task_train if k["data"] == "target" else mnist_train
     t0 = time.perf_counter()
     trained, _ = train_learngene(lg, anc, data, shapes, ExpandingConfig(steps=k["steps"], extra_hidden=k["extra_hidden"]),

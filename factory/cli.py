@@ -105,11 +105,13 @@ def _int_list(text: str | None, flag: str) -> list[int] | None:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--extra-hidden", type=int, default=0, show_default=True, help="Extra ReLU units per depth map.")
+@click.option("--vary-shapes", is_flag=True, help="Also sandwich over head counts and MLP ratios 1-4 per width.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Checkpoints and loss log [default: OUT.partial]; a rerun resumes from it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Trained learngene directory to write.")
-def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_size, lr, extra_hidden, seed, work_dir, out) -> None:
+def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_size, lr, extra_hidden, vary_shapes, seed, work_dir,
+                    out) -> None:
     """The learngene expanding phase: distil the ancestry into every expansion at once.
 
     Resumable: checkpoints go to --work-dir (default OUT.partial) and a rerun of the same
@@ -134,7 +136,7 @@ def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_
     anc = load_ancestry(spec)
     if anc.sha256 != lg.meta.get("ancestry", {}).get("sha256"):
         raise UserError(f"ancestry {spec!r} is not the one this learngene was sampled from (hash differs); pass the right --ancestry")
-    shapes = default_shapes(lg, _int_list(depths, "--depths"), _int_list(widths, "--widths"))
+    shapes = default_shapes(lg, _int_list(depths, "--depths"), _int_list(widths, "--widths"), vary=vary_shapes)
     cfg = ExpandingConfig(steps=steps, batch_size=batch_size, lr=lr, extra_hidden=extra_hidden, seed=seed)
     ensure_parent(out)
     work = work_dir or out.with_name(out.name + ".partial")

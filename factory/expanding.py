@@ -89,14 +89,15 @@ def _head_options(width: int, arch, max_heads: int) -> list[int]:
 
 
 def default_shapes(lg: Learngene, depths: list[int] | None = None, widths: list[int] | None = None, *,
-                   vary: bool = True) -> list[DescendantShape]:
+                   vary: bool = False) -> list[DescendantShape]:
     """Descendants at ``depths`` x ``widths`` (defaults :func:`default_depths`, :func:`default_widths`).
 
-    With ``vary`` (default), each width also comes with the fewest and the most heads a searcher
-    would give it (:func:`_head_options`) and MLP ratios 1, 2, 3 and the ancestry's, so the sub-networks
-    that index selection cuts for any searched shape are the ones the expanding phase trained.
-    Without it, one shape per (depth, width): the ancestry's head dim where it divides the width
-    (else its head count) and its MLP ratio.
+    By default one shape per (depth, width): the ancestry's head dim where it divides the width
+    (else its head count) and its MLP ratio -- the sandwich the shipped demo learngene was trained
+    with. With ``vary``, each width also comes with the fewest and the most heads a searcher would
+    give it (:func:`_head_options`) and MLP ratios 1, 2, 3 and the ancestry's, so the sub-networks
+    that index selection cuts for other head counts and ratios are trained too (``learngene train
+    --vary-shapes``; not yet measured against the default, see bench/RESULTS.md).
     """
     arch = lg.arch
     depths = default_depths(lg) if depths is None else depths
