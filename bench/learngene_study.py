@@ -115,10 +115,13 @@ def summarise(data: dict) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     steps = sorted({k for r in rows for k in r["curve"]} - {0})
     names = list(dict.fromkeys(r["variant"] for r in rows))
-    knobs = {"weight_selection": "baseline", "tleg": "baseline", **{n: json.dumps(k, sort_keys=True) for n, k in data["variants"]}}
+    def show(k: dict) -> str:
+        return ", ".join(f"{key}={value}" for key, value in sorted(k.items())) or "(base)"
+
+    knobs = {"weight_selection": "baseline", "tleg": "baseline", **{n: show(k) for n, k in data["variants"]}}
     head = " | ".join(f"{t} @{s}" for t in tasks for s in steps)
     lines = [f"Mean test accuracy over {len({r['shape'] for r in rows})} shapes x {len({r['seed'] for r in rows})} seeds "
-             f"(± std over those runs); knobs differ from the base {json.dumps(data['base'], sort_keys=True)}.", "",
+             f"(± std over those runs); knobs differ from the base: {show(data['base'])}.", "",
              f"| variant | knobs | {head} | mean | vs weight selection |", "|---|---|" + "---|" * (len(tasks) * len(steps) + 2)]
     overall = {}
     for name in names:
@@ -138,8 +141,16 @@ def summarise(data: dict) -> str:
                 cells.append(f"{m:.3f} ± {sd:.3f}")
         lines.append(f"| {name} | {knobs.get(name, '')} | " + " | ".join(cells) + f" | {overall[name]:.3f} | {delta:+.3f} |")
     lg_lines = ["", "Learngenes (expanding-phase seconds on this machine; std ratio = gene/ancestry weight std before training):", ""]
-    lg_lines += [f"- {n}: {json.dumps(v, sort_keys=True)}" for n, v in data["learngenes"].items()]
+    lg_lines += [f"- {n}: {show(v)}" for n, v in data["learngenes"].items()]
     return "\n".join(lines + lg_lines)
+
+
+def render(json_path: Path, md_path: Path | None) -> None:
+    """Re-render the table from a saved JSON (no re-run)."""
+    table = summarise(json.loads(json_path.read_text()))
+    if md_path:
+        md_path.write_text(table + "\n")
+    print(table)
 
 
 def main() -> None:
@@ -153,7 +164,10 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--render", action="store_true", help="only re-render --md from an existing --json")
     args = parser.parse_args()
+    if args.render:
+        return render(args.json, args.md)
     if args.quick:
         args.tasks = ["digits"]
     args.steps = args.steps or (10 if args.quick else 50)

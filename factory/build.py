@@ -73,7 +73,9 @@ class BuildConfig:
     seed: int = 0
     jobs: int = 1
     device: str = "auto"
-    objective: str = "accuracy"  # accuracy: proxy fine-tunes of the Pareto front (factory.accuracy); capacity
+    # capacity: the largest shape that fits; accuracy: proxy fine-tunes of the Pareto front (factory.accuracy), opt-in
+    # until it beats capacity (bench/RESULTS.md, "Accuracy-aware search")
+    objective: str = "capacity"
     candidates: int = 8
 
     def __post_init__(self) -> None:
@@ -334,8 +336,8 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
             best = result.require_feasible()
             searches[prof.name] = (result, best, cost)
             entry.update(shape=best.shape.to_dict(), predicted=best.to_dict(),
-                         selection={"objective": "capacity", "reason": "--objective capacity" if cfg.objective == "capacity" else
-                                    "pending accuracy estimate"})
+                         selection={"objective": "capacity", "reason": "the default objective (--objective accuracy to estimate)"
+                                    if cfg.objective == "capacity" else "pending accuracy estimate"})
         except FactoryError as exc:
             entry.update(status="failed", error=str(exc))
         devices.append(entry)

@@ -292,9 +292,9 @@ def profiles_schema() -> None:
 @click.option("--profile", "profile_spec", required=True, help="Profile YAML path or shipped name.")
 @click.option("--ancestry", default="demo", show_default=True, help="Ancestry whose expansions are searched.")
 @click.option("--data", default=None, help="Task data (mnist, digits, textures, synthetic or an ImageFolder dir): enables --objective accuracy.")
-@click.option("--objective", type=click.Choice(["accuracy", "capacity"]), default=None,
-              help="accuracy: proxy fine-tunes of the Pareto front pick the most accurate shape [default with --data]; "
-                   "capacity: the largest shape that fits [default without --data].")
+@click.option("--objective", type=click.Choice(["accuracy", "capacity"]), default="capacity", show_default=True,
+              help="capacity: the largest shape that fits; accuracy: proxy fine-tunes of the Pareto front on --data pick "
+                   "the shape predicted most accurate after --steps (opt-in: see bench/RESULTS.md).")
 @click.option("--steps", type=int, default=100, show_default=True, help="Fine-tuning budget the accuracy is predicted for.")
 @click.option("--work", type=click.Path(path_type=Path), default=Path("out/build"), show_default=True,
               help="Build directory whose cache (learngene, estimates) is used and filled; `build --out` the same dir reuses it.")
@@ -327,10 +327,7 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
     arch = anc.arch
     ds = None
     reason = None
-    if objective is None:
-        objective = "accuracy" if data else "capacity"
-        reason = "default with --data" if data else "no --data given: nothing to estimate accuracy on"
-    elif objective == "accuracy" and not data:
+    if objective == "accuracy" and not data:
         objective, reason = "capacity", "--objective accuracy needs --data (task images to estimate on); fell back to capacity"
         click.echo(f"note: {reason}", err=True)
     if data:
@@ -368,8 +365,6 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
                        f"{row['latency_ms']:10.4f} {row['capacity_score']:9.2f}")
         click.echo(f"chosen: {selection['chosen']} (capacity proxy would pick {selection['capacity_choice']})")
         return
-    if reason and not data:
-        click.echo(f"objective: capacity ({reason})", err=True)
     if as_json:
         _echo_json(result.to_dict(top=top))
         result.require_feasible()  # nothing fits: exit 2 with the closest miss, after the JSON
@@ -464,9 +459,9 @@ def _latest_manifest(root: Path) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--jobs", type=int, default=1, show_default=True, help="Models fine-tuned in parallel on this machine.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--objective", type=click.Choice(["accuracy", "capacity"]), default="accuracy", show_default=True,
-              help="accuracy: try the Pareto-front shapes with short proxy fine-tunes and pick the most accurate; "
-                   "capacity: the largest shape that fits.")
+@click.option("--objective", type=click.Choice(["accuracy", "capacity"]), default="capacity", show_default=True,
+              help="capacity: the largest shape that fits; accuracy: try the Pareto-front shapes with short proxy "
+                   "fine-tunes and pick the most accurate (opt-in: see bench/RESULTS.md).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (shapes, cached stages, time estimates) and stop.")
 @click.option("--wait-lock", is_flag=True, help="If another build is using --out, wait for it instead of failing.")
 def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layers, expand_steps, expand_data, steps, batch_size, lr,

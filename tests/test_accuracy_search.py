@@ -72,8 +72,8 @@ def test_choice_is_the_best_predicted_and_ties_go_to_capacity(setting):
 def test_build_objective_switch(tmp_path):
     prof = load_profile(_profile(tmp_path, "tiny", params=0.6))
     base = dict(data="synthetic", finetune_steps=16, batch_size=8, candidates=3)
-    cap = build([prof], tmp_path / "cap", BuildConfig(objective="capacity", **base), log=lambda *_: None)["devices"][0]
-    acc = build([prof], tmp_path / "acc", BuildConfig(**base), log=lambda *_: None)["devices"][0]
+    cap = build([prof], tmp_path / "cap", BuildConfig(**base), log=lambda *_: None)["devices"][0]  # the default
+    acc = build([prof], tmp_path / "acc", BuildConfig(objective="accuracy", **base), log=lambda *_: None)["devices"][0]
     assert cap["selection"]["objective"] == "capacity"
     sel = acc["selection"]
     assert sel["objective"] == "accuracy" and sel["estimator"]["method"] == "proxy-finetune" and sel["estimator"]["steps"] == 4
@@ -87,7 +87,7 @@ def test_build_objective_switch(tmp_path):
     assert "chosen by (pred. acc)" in (tmp_path / "acc" / "report.md").read_text()
     # estimates are cached by content: a rebuild that changes nothing they depend on re-uses them
     lines = []
-    build([prof], tmp_path / "acc", BuildConfig(**base, jobs=2), log=lines.append)
+    build([prof], tmp_path / "acc", BuildConfig(objective="accuracy", **base, jobs=2), log=lines.append)
     assert any("chose" in line and "in 0.0s" in line for line in lines), lines
 
 
@@ -108,7 +108,7 @@ def test_search_without_data_falls_back_to_capacity_with_a_reason(tmp_path):
 
 def test_search_with_data_ranks_by_predicted_accuracy(tmp_path):
     prof = _profile(tmp_path, "tiny", params=0.6)
-    res = CliRunner().invoke(cli, ["search", "--profile", str(prof), "--data", "synthetic", "--steps", "16",
+    res = CliRunner().invoke(cli, ["search", "--profile", str(prof), "--data", "synthetic", "--steps", "16", "--objective", "accuracy",
                                    "--work", str(tmp_path / "w"), "--json"])
     assert res.exit_code == 0, res.output
     sel = json.loads(res.stdout)["selection"]

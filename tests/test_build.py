@@ -135,7 +135,8 @@ def test_resume_after_a_killed_build(tmp_path):
 def test_dry_run_prints_the_plan_without_running(tmp_path):
     prof = _profile(tmp_path, "tiny", 0.2)
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["build", "--profile", str(prof), "--out", str(out), "--data", "synthetic", "--dry-run"])
+    result = CliRunner().invoke(cli, ["build", "--profile", str(prof), "--out", str(out), "--data", "synthetic", "--dry-run",
+                                      "--objective", "accuracy"])
     assert result.exit_code == 0, result.output
     assert "learngene: the shipped demo learngene" in result.output and "finetune will run (~" in result.output
     assert "accuracy estimate of up to 8 Pareto candidates x 6 proxy steps will run" in result.output  # and its time
