@@ -128,7 +128,7 @@ def main() -> None:
         "calibrated_within_10pct": round(share(cal, test_rows, 0.10), 3),
         "calibrated_within_20pct": round(share(cal, test_rows, 0.20), 3),
         "calibrated_median_abs_error": round(errors(cal, test_rows)[len(test_rows) // 2], 3),
-        "calibrated_efficiency": {k: round(v, 4) for k, v in cal.efficiency.__dict__.items()},
+        "calibrated_efficiency": {k: round(float(v), 4) for k, v in cal.efficiency.__dict__.items()},
         "memory": memory,
         "search": {
             "space": enum.space_size, "enumerate_seconds": round(t_enum, 2), "evolutionary_evaluations": evo.evaluated,
@@ -153,7 +153,7 @@ def markdown(j: dict) -> str:
              f"{j['uncalibrated_median_abs_error']:.0%} |",
              f"| roofline, calibrated on {j['calibrated_on']} measurements | {j['calibrated_within_10pct']:.0%} | "
              f"{j['calibrated_within_20pct']:.0%} | {j['calibrated_median_abs_error']:.0%} |", "",
-             f"Fitted efficiencies: {j['calibrated_efficiency']}.", "",
+             "Fitted efficiencies: " + ", ".join(f"{k} {float(v):.3g}" for k, v in j["calibrated_efficiency"].items()) + ".", "",
              "| shape | predicted MB | measured RSS growth MB |", "|---|---|---|"]
     lines += [f"| {m['shape']} | {m['predicted_mb']} | {m['measured_rss_growth_mb']} |" for m in j["memory"]]
     sr = j["search"]

@@ -5,8 +5,8 @@ Formats: ``onnx`` (FP32, always produced: the others derive from it), ``onnx-fp1
 (FP32 IR; also measured with BF16 execution where the CPU has it, as ``openvino-bf16``),
 ``openvino-int8`` (NNCF post-training quantisation; :mod:`export.openvino_export`) and ``trt``.
 
-Deployment choice. ``export.json``'s ``deploy`` names the fastest *verified* artifact at the
-profile's batch on this host: FP32 artifacts verified against PyTorch (max abs diff <= 1e-4), reduced
+Deployment choice. For CPU runtimes ``export.json``'s ``deploy`` names the fastest *verified*
+artifact at the profile's batch on this host (for a TensorRT profile it is the engine or kit): FP32 artifacts verified against PyTorch (max abs diff <= 1e-4), reduced
 precisions only if their test accuracy is within ``MAX_ACCURACY_DROP`` of FP32's.
 For ``trt`` an engine is built here only when TensorRT and a GPU are present *and* the target is
 this machine (no profile, or a ``measure: true`` profile such as ``host``); otherwise an
@@ -184,7 +184,12 @@ def export_model(
                         entry["files"] = {p.name: sha256_file(p) for p in sorted(target.iterdir())}
             if "weights" in entry:
                 entry["weights_sha256"] = sha256_file(tmp / entry["weights"])
-        record["deploy"] = choose_deployment(record["artifacts"], batch)
+        if profile is not None and profile.hardware.runtime == "tensorrt":
+            record["deploy"] = {"format": "trt" if "trt" in record["artifacts"] else "onnx",
+                                "reason": "the profile's runtime is TensorRT: an engine (or trt_kit/ on the device) from the "
+                                          "verified ONNX; host timings do not transfer"}
+        else:
+            record["deploy"] = choose_deployment(record["artifacts"], batch)
         if len(record["artifacts"]) > 1:
             log(f"deploy: {record['deploy']['format']} ({record['deploy']['reason']})")
         (tmp / "export.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

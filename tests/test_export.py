@@ -87,6 +87,7 @@ def test_export_all_formats_with_metadata_hashes_and_int8_accuracy(demo_file, tm
     assert art["onnx-fp16"]["max_abs_diff_vs_fp32"] < 0.05
     if not tensorrt_available()[0]:
         assert art["trt"]["kind"] == "kit"
+    assert record["deploy"]["format"] == "trt" and "TensorRT" in record["deploy"]["reason"]  # not a host-timed CPU artifact
 
 
 def test_kit_contents_and_trtexec_commands(demo_file, tmp_path):
