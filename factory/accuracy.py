@@ -10,8 +10,9 @@ factory can *try* the candidates on the task instead of guessing.
 fine-tune it for ``k = max(min_steps, round(fraction * N))`` steps of the build's recipe with the
 schedule compressed to ``k`` steps (same learning rate, batch size and warm-up fraction, cosine to
 the end), and measure top-1 accuracy on the first ``val_images`` images of the validation split.
-That accuracy is the prediction: a few-step learning-curve probe, the low-fidelity rung of
-successive halving / Hyperband. It captures both what the inherited weights already know about the
+That accuracy is the prediction -- a ranking score, not a calibrated estimate of the final accuracy
+(after 6 of 100 steps it is typically 0.2-0.3 below it): a few-step learning-curve probe, the
+low-fidelity rung of successive halving / Hyperband. It captures both what the inherited weights already know about the
 task and how fast the shape trains, which is what decides accuracy after a short fine-tune.
 
 **Candidates** (:func:`candidates`): up to ``count`` shapes of the feasible Pareto front of the
