@@ -54,11 +54,12 @@ def run(args) -> dict:
             for prof in profiles:
                 result = search(prof, space, CostModel.for_profile(prof, arch=anc.arch), seed=seed)
                 predictor = ProxyFinetune(anc, lg, ds, budget_steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                          seed=seed, device="cpu", config=EstimatorConfig(candidates=args.candidates))
+                                          seed=seed, device="cpu",
+                                          config=EstimatorConfig(candidates=args.candidates, fraction=args.fraction))
                 t0 = time.perf_counter()
                 chosen, est_rows = choose_by_accuracy(result, predictor, args.candidates)
                 est_seconds = time.perf_counter() - t0
-                pool = candidates(result, args.candidates)
+                pool = candidates(result, max(args.candidates, args.min_shapes))
                 for c in result.feasible:  # top up to the benchmark's minimum with the next shapes by capacity
                     if len(pool) >= args.min_shapes:
                         break
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning budget [default: the build's, 100]")
     parser.add_argument("--candidates", type=int, default=None)
     parser.add_argument("--min-shapes", type=int, default=None)
+    parser.add_argument("--fraction", type=float, default=EstimatorConfig().fraction,
+                        help="proxy fine-tune length as a fraction of the budget [default: the factory's, 1/16]")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     if args.quick:
