@@ -60,6 +60,7 @@ def run(args) -> dict:
                 chosen, est_rows = choose_by_accuracy(result, predictor, args.candidates)
                 est_seconds = time.perf_counter() - t0
                 pool = candidates(result, max(args.candidates, args.min_shapes))
+                pool += [c for c in candidates(result, args.candidates) if c not in pool]  # the estimator's own picks
                 for c in result.feasible:  # top up to the benchmark's minimum with the next shapes by capacity
                     if len(pool) >= args.min_shapes:
                         break
