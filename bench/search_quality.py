@@ -53,8 +53,7 @@ def run(args) -> dict:
             cfg = BuildConfig(data=task, finetune_steps=args.steps, seed=seed, device="cpu")
             for prof in profiles:
                 result = search(prof, space, CostModel.for_profile(prof, arch=anc.arch), seed=seed)
-                predictor = ProxyFinetune(anc, lg, ds, budget_steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                          seed=seed, device="cpu",
+                predictor = ProxyFinetune(anc, lg, ds, finetune_recipe(cfg),
                                           config=EstimatorConfig(candidates=args.candidates, fraction=args.fraction))
                 t0 = time.perf_counter()
                 chosen, est_rows = choose_by_accuracy(result, predictor, args.candidates)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,45 +62,48 @@ class ProxyFinetune:
     ancestry: Any
     learngene: Any
     data: Any  # factory.data.Dataset
+    recipe: Any  # factory.train.TrainConfig: the build's fine-tuning recipe (factory.build.finetune_recipe)
     init: str = "peg"
-    budget_steps: int = 100
-    batch_size: int = 32
-    lr: float = 1e-3
-    seed: int = 0
-    device: str = "auto"
     config: EstimatorConfig = field(default_factory=EstimatorConfig)
     cache_dir: Path | None = None
     seconds: float = 0.0
     computed: int = 0
     reused: int = 0
 
+    def proxy_recipe(self):
+        """The build's recipe compressed to the proxy's length: same lr, batch, seed and warm-up
+        fraction, cosine over ``k`` steps, no checkpoints or evaluations."""
+        full = self.recipe
+        k = self.config.steps_for(full.steps)
+        warmup = max(1, round(full.warmup_steps * k / max(1, full.steps)))
+        return replace(full, steps=k, warmup_steps=warmup, ckpt_every=0, eval_every=0)
+
     def describe(self) -> dict[str, Any]:
-        return {"method": "proxy-finetune", "steps": self.config.steps_for(self.budget_steps), "budget_steps": self.budget_steps,
+        return {"method": "proxy-finetune", "steps": self.proxy_recipe().steps, "budget_steps": self.recipe.steps,
                 "val_images": min(self.config.val_images, len(self.data.val)), "candidates": self.config.candidates,
-                "init": self.init, "seed": self.seed}
+                "init": self.init, "seed": self.recipe.seed}
 
     def key(self, shape: DescendantShape) -> str:
+        recipe = {k: v for k, v in asdict(self.recipe).items() if k not in ("device", "ckpt_every", "eval_every")}
         parts = [self.learngene.sha256 if self.init == "peg" else self.ancestry.sha256, self.data.identity, shape.to_dict(),
-                 self.init, self.batch_size, self.lr, self.seed, self.budget_steps, asdict(self.config)]
+                 self.init, recipe, asdict(self.config)]
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
     def __call__(self, shape: DescendantShape) -> float:
         path = self.cache_dir / f"{self.key(shape)}.json" if self.cache_dir is not None else None
         if path is not None and path.is_file():
             try:
+                acc = float(json.loads(path.read_text())["accuracy"])
                 self.reused += 1
-                return float(json.loads(path.read_text())["accuracy"])
+                return acc
             except (ValueError, KeyError, OSError):
                 pass  # a damaged entry is recomputed
         from .baselines import init_descendant
-        from .train import TrainConfig, evaluate, train
+        from .train import evaluate, train
 
         t0 = time.perf_counter()
-        steps = self.config.steps_for(self.budget_steps)
-        model = init_descendant(self.init, shape, ancestry=self.ancestry, learngene=self.learngene, seed=self.seed)
-        cfg = TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed, device=self.device,
-                          warmup_steps=max(1, steps // 10))
-        train(model, self.data.train, cfg, progress=False)
+        model = init_descendant(self.init, shape, ancestry=self.ancestry, learngene=self.learngene, seed=self.recipe.seed)
+        train(model, self.data.train, self.proxy_recipe(), progress=False)
         acc = evaluate(model.cpu(), self.data.val.subset(0, self.config.val_images))
         self.seconds += time.perf_counter() - t0
         self.computed += 1
@@ -114,8 +117,8 @@ def candidates(result, count: int, span: float = 32.0) -> list:
     log-latency over ``[L_max / span, L_max]`` (``L_max``: the capacity choice's latency), nearest
     front point to each target, always including the capacity choice (``result.feasible[0]``).
 
-    Shapes more than ``span`` times faster than the budget-filling one are not tried: on the front
-    they are the 1-layer, 32-64-wide corner, which inherits too little to be the most accurate.
+    Shapes more than ``span`` times faster than the budget-filling one are not tried: where a front
+    spans that much, that end is the 1-layer, 32-64-wide corner, which inherits too little to win.
     """
     import math
 

@@ -144,31 +144,32 @@ class Builder:
                                 expanding=dataclasses.asdict(exp) if exp.steps else None,
                                 data=dataset_identity(self.expanding_data(anc), anc.arch.img_size, anc.arch.in_chans) if exp.steps else None)
 
-    def learngene_stage(self, anc) -> Stage:
-        return self.stage("learngene", _key(self.learngene_recipe(anc)))
+    def learngene_stage(self, anc, recipe: dict[str, Any] | None = None) -> Stage:
+        return self.stage("learngene", _key(recipe or self.learngene_recipe(anc)))
 
-    def shipped_learngene(self, anc):
-        """The packaged demo learngene if it was made with exactly this build's recipe."""
+    def shipped_learngene(self, anc, recipe: dict[str, Any] | None = None):
+        """The packaged demo learngene if it was made with exactly this build's recipe (computed
+        when not given; it hashes the expanding-phase data)."""
         from .demo import PACKAGED_LEARNGENE
         from .learngene import Learngene
 
         if not (PACKAGED_LEARNGENE / "learngene.json").is_file():
             return None
         shipped = Learngene.load(PACKAGED_LEARNGENE)
-        return shipped if recipe_of(shipped) == self.learngene_recipe(anc) else None
+        return shipped if recipe_of(shipped) == (recipe or self.learngene_recipe(anc)) else None
 
     def learngene(self, anc):
         from .data import load_dataset
         from .expanding import ExpandingConfig, default_shapes, train_learngene
         from .learngene import Learngene, sample_learngene
 
-        st = self.learngene_stage(anc)
+        recipe = self.learngene_recipe(anc)
+        st = self.learngene_stage(anc, recipe)
         if st.cached:
             self.log(f"learngene: cached ({st.key})")
             return Learngene.load(st.path / "learngene"), st
-        recipe = self.learngene_recipe(anc)
         t0 = time.perf_counter()
-        shipped = self.shipped_learngene(anc)
+        shipped = self.shipped_learngene(anc, recipe)
         if shipped is not None:
             lg, how = shipped, "the shipped demo learngene (same recipe, not retrained)"
         else:
@@ -405,8 +406,7 @@ def choose_for_devices(builder: Builder, devices, searches, anc, lg, ds) -> None
     from .accuracy import EstimatorConfig, ProxyFinetune, choose_by_accuracy
 
     c = builder.cfg
-    predictor = ProxyFinetune(anc, lg, ds, init=c.init, budget_steps=c.finetune_steps, batch_size=c.batch_size, lr=c.lr,
-                              seed=c.seed, device=c.device, config=EstimatorConfig(candidates=c.candidates),
+    predictor = ProxyFinetune(anc, lg, ds, finetune_recipe(c), init=c.init, config=EstimatorConfig(candidates=c.candidates),
                               cache_dir=builder.cache / "estimate")
     for entry in devices:
         if entry.get("status") == "failed":

@@ -1,5 +1,6 @@
 """Accuracy-aware search: the proxy fine-tune estimator, candidate choice, objective switch, fallback."""
 
+import dataclasses
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from factory.data import make_synthetic
 from factory.demo import load_demo_learngene
 from factory.profile import load_profile
 from factory.search import SearchSpace, search
+from factory.train import TrainConfig
 
 from .test_build import _profile
 
@@ -42,7 +44,8 @@ def test_estimator_is_deterministic_for_a_seed_and_cached_by_content(setting, tm
     cfg = EstimatorConfig(candidates=3, min_steps=3)
 
     def predictor(seed, cache=None):
-        return ProxyFinetune(anc, lg, ds, budget_steps=16, batch_size=16, seed=seed, device="cpu", config=cfg, cache_dir=cache)
+        recipe = TrainConfig(steps=16, batch_size=16, seed=seed, device="cpu", warmup_steps=1)
+        return ProxyFinetune(anc, lg, ds, recipe, config=cfg, cache_dir=cache)
 
     a, b = predictor(0), predictor(0)
     first = [a(s) for s in shapes]
@@ -53,7 +56,7 @@ def test_estimator_is_deterministic_for_a_seed_and_cached_by_content(setting, tm
     again = predictor(0, tmp_path)
     assert [again(s) for s in shapes] == first and again.reused == 3 and again.computed == 0
     other = predictor(0, tmp_path)
-    other.budget_steps = 32  # a different fine-tuning budget is a different estimate
+    other.recipe = dataclasses.replace(other.recipe, steps=32)  # a different fine-tuning budget is a different estimate
     assert other.key(shapes[0]) != again.key(shapes[0])
 
 
