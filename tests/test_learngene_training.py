@@ -53,6 +53,22 @@ def test_head_mixing_off_keeps_whole_heads(ancestry):
         sample_learngene(ancestry, 2, 8, head_mixing=False)
 
 
+def _interrupt_expanding_phase_at(monkeypatch, call: int):
+    """Make the expanding phase's ``call``-th batch raise KeyboardInterrupt (a killed run); returns
+    the real ``step_batch`` to put back."""
+    real = expanding.step_batch
+    calls = []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(expanding, "step_batch", dies)
+    return real
+
+
 @pytest.fixture(scope="module")
 def small():
     teacher = make_vit(img_size=16, patch_size=4, num_classes=4)
@@ -76,16 +92,7 @@ def test_expanding_phase_trains_every_width_and_resumes_bit_exactly(small, tmp_p
     assert {s.embed_dim for s in shapes} == {64, 32}
     cfg = ExpandingConfig(steps=6, batch_size=16, lr=2e-3)
     whole, _ = train_learngene(lg, anc, data.train, shapes, cfg, progress=False)
-    real = expanding.step_batch
-    calls = []
-
-    def dies_at_step_4(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(expanding, "step_batch", dies_at_step_4)
+    real = _interrupt_expanding_phase_at(monkeypatch, 5)  # dies after step 4 (checkpointed at 2 and 4)
     with pytest.raises(KeyboardInterrupt):
         train_learngene(lg, anc, data.train, shapes, cfg, out_dir=tmp_path, ckpt_every=2, progress=False)
     monkeypatch.setattr(expanding, "step_batch", real)
@@ -132,16 +139,7 @@ def test_build_uses_the_shipped_learngene_by_default(tmp_path):
 def test_build_trains_other_learngenes_once_caches_and_resumes(tmp_path, monkeypatch):
     prof = load_profile(_profile(tmp_path, "tiny"))
     cfg = BuildConfig(data="synthetic", finetune_steps=2, batch_size=8, gene_seed=1, expand_steps=4)
-    real = expanding.step_batch
-    calls = []
-
-    def dies(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(expanding, "step_batch", dies)
+    real = _interrupt_expanding_phase_at(monkeypatch, 4)  # dies after step 3 of 4
     with pytest.raises(KeyboardInterrupt):
         build([prof], tmp_path / "a", cfg, log=lambda *_: None)
     monkeypatch.setattr(expanding, "step_batch", real)
