@@ -109,7 +109,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
-                return {k: fh.get_tensor(k) for k in fh.keys()}, meta
+                return _finite({k: fh.get_tensor(k) for k in fh.keys()}, path), meta
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FactoryError:
         raise
@@ -124,7 +124,17 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise FactoryError(f"checkpoint {path} holds no state dict of tensors")
-    return obj, {}
+    return _finite(obj, path), {}
+
+
+def _finite(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """``state`` unchanged, or a one-line error naming the first tensor holding NaN or infinity
+    (a diverged training run saved as a checkpoint would otherwise propagate NaN silently)."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise FactoryError(f"checkpoint {path}: tensor {key!r} holds NaN or infinite values (a diverged run?); "
+                               "use an earlier checkpoint")
+    return state
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, name: str) -> None:

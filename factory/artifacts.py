@@ -119,6 +119,46 @@ def confined(base: str | os.PathLike, relative: str | os.PathLike, what: str = "
     return target
 
 
+SEAL_FILE = "done.json"
+
+
+def seal(directory: str | os.PathLike, info: dict) -> None:
+    """Mark ``directory`` complete: ``done.json`` = ``info`` + the sha256 of every other file in it.
+
+    Called last, inside :func:`atomic_directory`; :func:`seal_state` checks it, so an entry
+    damaged later (truncated, edited, a file lost) is noticed and rebuilt, never trusted.
+    """
+    import json
+
+    directory = Path(directory)
+    files = {p.relative_to(directory).as_posix(): sha256_file(p)
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != SEAL_FILE}
+    (directory / SEAL_FILE).write_text(json.dumps({**info, "files": files}, sort_keys=True))
+
+
+def seal_state(directory: str | os.PathLike) -> str:
+    """``"done"`` (sealed and every file matches), ``"missing"`` (no seal) or ``"damaged"``."""
+    import json
+
+    directory = Path(directory)
+    try:
+        record = json.loads((directory / SEAL_FILE).read_text())
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError):
+        return "damaged"
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):
+        return "damaged"  # written before seals carried hashes, or edited
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != SEAL_FILE}
+    if present != set(files):
+        return "damaged"
+    try:
+        return "done" if all(sha256_file(directory / name) == digest for name, digest in files.items()) else "damaged"
+    except OSError:
+        return "damaged"
+
+
 LOCK_FILE = ".peg-factory.lock"
 
 

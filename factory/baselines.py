@@ -32,6 +32,18 @@ from .shapes import DescendantShape
 from .timm_vit import build_vit, join_state_dict
 
 METHODS: tuple[str, ...] = ("peg", "tleg", "weight_selection", "scratch")
+# The largest descendant allocated (ViT-H is 0.63 B): anything bigger is a typo, refused before torch tries to allocate it.
+MAX_PARAMS = 2_000_000_000
+
+
+def check_allocatable(shape: DescendantShape, arch=None) -> None:
+    """One-line :class:`FactoryError` when ``shape`` has more than :data:`MAX_PARAMS` parameters."""
+    from .shapes import STANDARD_ARCH, vit_params
+
+    n = vit_params(shape, arch or STANDARD_ARCH)
+    if n > MAX_PARAMS:
+        raise FactoryError(f"shape {shape.label()} has {n / 1e9:.3g} B parameters ({n * 4 / 2**30:.3g} GiB in fp32), over the "
+                           f"{MAX_PARAMS / 1e9:g} B this factory allocates; check --depth/--embed-dim")
 
 
 def tleg_fit(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +84,7 @@ def init_descendant(
     """Initialise a descendant of ``shape`` with ``method`` (see module docstring)."""
     if method not in METHODS:
         raise FactoryError(f"unknown init method {method!r}; choose one of {', '.join(METHODS)}")
+    check_allocatable(shape)
     if method == "peg":
         if learngene is None:
             raise FactoryError("method 'peg' needs a learngene (peg-factory learngene --out DIR)")

@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,10 +46,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .artifacts import atomic_directory, atomic_write_bytes, confined, directory_lock, sha256_file
+from .artifacts import atomic_directory, atomic_write_bytes, confined, directory_lock, seal, seal_state, sha256_file
 from .errors import FactoryError
 from .fingerprint import ancestry_fingerprint, dataset_identity
-from .profile import Profile
+from .profile import MAX_PROFILE_BYTES, Profile
 from .shapes import DescendantShape
 
 STAGES = ("learngene", "search", "finetune", "measure", "export")
@@ -112,7 +113,12 @@ class Stage:
 
     @property
     def cached(self) -> bool:
-        return (self.path / "done.json").is_file()
+        """Sealed and intact (:func:`factory.artifacts.seal_state`): a damaged entry is not cached."""
+        return seal_state(self.path) == "done"
+
+    @property
+    def damaged(self) -> bool:
+        return seal_state(self.path) == "damaged"
 
 
 class Builder:
@@ -124,6 +130,24 @@ class Builder:
 
     def stage(self, name: str, key: str) -> Stage:
         return Stage(name, key, self.cache / name / key)
+
+    def resumable(self, work: Path, what: str) -> bool:
+        """Whether ``work`` holds an intact checkpoint to resume ``what`` from; a damaged one is
+        reported and removed, so the stage starts over instead of failing on every rerun."""
+        state = seal_state(work / "checkpoint")
+        if state == "damaged":
+            self.log(f"{what}: its checkpoint in {work} is damaged; starting over")
+            shutil.rmtree(work, ignore_errors=True)
+        elif state == "done":
+            self.log(f"{what}: resuming from its last checkpoint")
+        return state == "done"
+
+    def reusable(self, st: Stage) -> bool:
+        """Whether ``st`` is cached and intact; a damaged entry is reported and will be rebuilt."""
+        state = seal_state(st.path)
+        if state == "damaged":
+            self.log(f"{st.name} cache entry {st.key} is damaged (a file is missing or changed); rebuilding it")
+        return state == "done"
 
     # -- stage 1 -------------------------------------------------------------------------------
     def expanding_data(self, anc) -> str:
@@ -165,7 +189,7 @@ class Builder:
 
         recipe = self.learngene_recipe(anc)
         st = self.learngene_stage(anc, recipe)
-        if st.cached:
+        if self.reusable(st):
             self.log(f"learngene: cached ({st.key})")
             return Learngene.load(st.path / "learngene"), st
         t0 = time.perf_counter()
@@ -179,9 +203,7 @@ class Builder:
             if recipe["expanding"]:
                 ds = load_dataset(self.expanding_data(anc), img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
                 work = st.path.with_name(st.key + ".partial")
-                resume = (work / "checkpoint" / "state.json").is_file()
-                if resume:
-                    self.log("learngene: resuming the expanding phase from its last checkpoint")
+                resume = self.resumable(work, "learngene expanding phase")
                 lg, _ = train_learngene(lg, anc, ds.train, default_shapes(lg), ExpandingConfig(**recipe["expanding"]),
                                         out_dir=work, resume=resume, ckpt_every=max(1, recipe["expanding"]["steps"] // 10),
                                         progress=True)
@@ -189,7 +211,7 @@ class Builder:
                 how += f", trained {recipe['expanding']['steps']} expanding-phase steps on {self.expanding_data(anc)}"
         with atomic_directory(st.path) as tmp:
             lg.save(tmp / "learngene")
-            (tmp / "done.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 2), "how": how}))
+            seal(tmp, {"seconds": round(time.perf_counter() - t0, 2), "how": how})
         shutil.rmtree(st.path.with_name(st.key + ".partial"), ignore_errors=True)
         self.log(f"learngene: {how} in {time.perf_counter() - t0:.1f}s")
         return Learngene.load(st.path / "learngene"), st
@@ -200,23 +222,21 @@ class Builder:
         recipe = dict(init=c.init, steps=c.finetune_steps, batch=c.batch_size, lr=c.lr, seed=c.seed)
         return self.stage("finetune", _key(lg_sha, shape.to_dict(), recipe, ds.identity))
 
-    def finetune(self, anc, lg, shape, ds) -> Stage:
+    def finetune(self, anc, lg, shape, ds, should_stop: Callable[[], bool] | None = None) -> Stage:
         from .baselines import init_descendant
         from .checkpoint import save_descendant
         from .train import evaluate, train
 
         st = self.finetune_stage(lg.sha256, shape, ds)
-        if st.cached:
+        if self.reusable(st):
             self.log(f"finetune {shape.label()}: cached ({st.key})")
             return st
         c = self.cfg
         work = st.path.with_name(st.key + ".partial")  # checkpoints survive a killed build
         model = init_descendant(c.init, shape, ancestry=anc, learngene=lg, seed=c.seed)
         cfg = finetune_recipe(c)
-        resume = (work / "checkpoint" / "state.json").is_file()
-        if resume:
-            self.log(f"finetune {shape.label()}: resuming from its last checkpoint")
-        result = train(model, ds.train, cfg, val_data=ds.val, out_dir=work, resume=resume, progress=False)
+        resume = self.resumable(work, f"finetune {shape.label()}")
+        result = train(model, ds.train, cfg, val_data=ds.val, out_dir=work, resume=resume, progress=False, should_stop=should_stop)
         model = model.cpu().eval()
         test_acc = evaluate(model, ds.test)
         with atomic_directory(st.path) as tmp:
@@ -224,8 +244,7 @@ class Builder:
                             {"method": c.init, "learngene_sha256": lg.sha256, "shape": shape.to_dict(), "data": ds.identity,
                              "steps": c.finetune_steps, "seed": c.seed})
             shutil.copyfile(work / "metrics.jsonl", tmp / "metrics.jsonl")
-            (tmp / "done.json").write_text(json.dumps({"val_accuracy": result.val_accuracy, "test_accuracy": test_acc,
-                                                       "seconds": round(result.seconds, 2)}))
+            seal(tmp, {"val_accuracy": result.val_accuracy, "test_accuracy": test_acc, "seconds": round(result.seconds, 2)})
         shutil.rmtree(work, ignore_errors=True)
         self.log(f"finetune {shape.label()}: test accuracy {test_acc:.4f} in {result.seconds:.1f}s")
         return st
@@ -355,13 +374,20 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
         if "shape" in entry:
             shapes.setdefault(DescendantShape.from_dict(entry["shape"]), []).append(entry["name"])
     ft_stages = {}
+    stop = threading.Event()  # Ctrl-C reaches the main thread only; the workers poll this between steps
     with ThreadPoolExecutor(max_workers=max(1, cfg.jobs)) as pool:
-        futures = {shape: pool.submit(builder.finetune, anc, lg, shape, ds) for shape in shapes}
-        for shape, fut in futures.items():
-            try:
-                ft_stages[shape] = fut.result()
-            except FactoryError as exc:
-                ft_stages[shape] = exc
+        futures = {shape: pool.submit(builder.finetune, anc, lg, shape, ds, stop.is_set) for shape in shapes}
+        try:
+            for shape, fut in futures.items():
+                try:
+                    ft_stages[shape] = fut.result()
+                except FactoryError as exc:
+                    ft_stages[shape] = exc
+        except KeyboardInterrupt:
+            stop.set()
+            for fut in futures.values():
+                fut.cancel()
+            raise  # leaving the pool waits for the running fine-tunes, which checkpoint and stop at their next step
 
     for entry, prof in zip(devices, profiles):
         if entry.get("status") == "failed":
@@ -462,21 +488,21 @@ def _finish_device(builder: Builder, prof: Profile, st: Stage, entry, searched, 
     model_sha = sha256_file(st.path / "model.safetensors")
     done = json.loads((st.path / "done.json").read_text())
     m_stage = builder.stage("measure", _key(model_sha))
-    if not m_stage.cached:
+    if not builder.reusable(m_stage):
         model = load_descendant(st.path / "model.safetensors")
         shape = best.shape
         measured = {"flops_fvcore": count_flops(model), "params": count_params(model),
                     "host_latency_ms_onnxruntime": round(measure_onnxruntime_latency(shape, 1, arch=anc.arch), 4)}
         with atomic_directory(m_stage.path) as tmp:
-            (tmp / "done.json").write_text(json.dumps(measured))
+            seal(tmp, measured)
     measured = json.loads((m_stage.path / "done.json").read_text())
     formats = parse_formats("all", prof)
     e_stage = builder.stage("export", _key(model_sha, formats, entry["profile_sha256"]))
-    if not e_stage.cached:
+    if not builder.reusable(e_stage):
         with atomic_directory(e_stage.path) as tmp:
             export_model(st.path / "model.safetensors", formats, tmp / "export", profile=prof, data=builder.cfg.data,
                          log=lambda line: builder.log(f"{prof.name}: {line}"))
-            (tmp / "done.json").write_text("{}")
+            seal(tmp, {})
     else:
         builder.log(f"{prof.name}: export cached ({e_stage.key})")
     device_dir = confined(builder.out, prof.name, "profile name")
@@ -641,10 +667,15 @@ def load_fleet(path: str | Path) -> list[str]:
 
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise FactoryError(f"fleet {path}: larger than a fleet file needs ({MAX_PROFILE_BYTES} bytes); check the file")
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise FactoryError(f"fleet {path}: cannot read it ({exc}); check the file") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("profiles"), list) or not data["profiles"]:
-        raise FactoryError(f"fleet {path}: expected 'profiles: [profile.yaml, ...]'")
+    except RecursionError as exc:
+        raise FactoryError(f"fleet {path}: nested too deeply to be a fleet file; fix the YAML") from exc
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        raise FactoryError(f"fleet {path}: cannot read it ({' '.join(str(exc).split())[:200]}); check the file") from exc
+    if (not isinstance(data, dict) or not isinstance(data.get("profiles"), list) or not data["profiles"]
+            or not all(isinstance(p, str) and p for p in data["profiles"])):
+        raise FactoryError(f"fleet {path}: expected 'profiles: [profile.yaml, ...]' (a list of paths)")
     return [str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in data["profiles"]]
 

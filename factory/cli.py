@@ -6,7 +6,9 @@ and exit code 2, like click's own usage errors. Anything else is a bug and keeps
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import click
@@ -18,6 +20,20 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+# Bounded option types: an absurd value is a usage error (exit 2) here, never an overflow deep in torch.
+SEED = click.IntRange(0, 2**32 - 1)
+STEPS = click.IntRange(0, 100_000_000)
+POSITIVE_STEPS = click.IntRange(1, 100_000_000)
+BATCH = click.IntRange(1, 1 << 16)
+COUNT = click.IntRange(1, 4096)  # layers, heads, depth, jobs
+SIZE = click.IntRange(1, 1 << 16)  # widths, image and patch sizes, classes
+RATE = click.FloatRange(0, 10, min_open=True)  # learning rates (NaN is refused by the configs)
+
+
+# Out of space, over quota, file too large (RLIMIT_FSIZE), read-only file system: the user's to fix, not a bug.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
 class FactoryGroup(click.Group):
     """A click group that maps :class:`FactoryError` to exit code 2 for every subcommand."""
 
@@ -26,6 +42,16 @@ class FactoryGroup(click.Group):
             return super().invoke(ctx)
         except FactoryError as exc:
             raise UserError(str(exc)) from exc
+        except OSError as exc:
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            where = f" writing {exc.filename}" if exc.filename else ""
+            raise UserError(f"{exc.strerror or os.strerror(exc.errno)}{where}; free space (or raise the quota/file-size limit) "
+                            "and rerun: finished stages are kept, nothing half-written is") from exc
+        except KeyboardInterrupt:
+            click.echo("Interrupted: stopped cleanly; finished stages and fine-tuning checkpoints are kept, rerun the same "
+                       "command to resume", err=True)
+            ctx.exit(130)
 
 
 def _echo_json(data) -> None:
@@ -48,15 +74,15 @@ def cli() -> None:
 @cli.group(cls=FactoryGroup, invoke_without_command=True)
 @click.option("--ancestry", default="demo", show_default=True,
               help="'demo', a timm name (pretrained), 'random:NAME', or CKPT@ARCH.")
-@click.option("--layers", type=int, default=None, help="Gene layers L_b [default: half the ancestry's depth].")
-@click.option("--heads", type=int, default=None, help="Gene heads H_b [default: the ancestry's].")
-@click.option("--tau", type=float, default=1.0, show_default=True, help="Softmax temperature of the mixture.")
+@click.option("--layers", type=COUNT, default=None, help="Gene layers L_b [default: half the ancestry's depth].")
+@click.option("--heads", type=COUNT, default=None, help="Gene heads H_b [default: the ancestry's].")
+@click.option("--tau", type=click.FloatRange(0, 1e6, min_open=True), default=1.0, show_default=True, help="Softmax temperature of the mixture.")
 @click.option("--mixing", type=click.Choice(["softmax", "uniform", "identity"]), default="softmax", show_default=True)
 @click.option("--head-mixing/--no-head-mixing", default=True, show_default=True,
               help="Mix heads within a gene layer (off: keep evenly spaced heads).")
 @click.option("--rescale", type=click.Choice(["std", "none"]), default="std", show_default=True,
               help="Variance-preserving rescale of mixed tensors to the ancestry layers' spread.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Learngene directory to write.")
 @click.pass_context
 def learngene(ctx, ancestry, layers, heads, tau, mixing, head_mixing, rescale, seed, out) -> None:
@@ -101,12 +127,12 @@ def _int_list(text: str | None, flag: str) -> list[int] | None:
               help="Images to distil on (labels unused): the ancestry's own data where you have it, else the target's.")
 @click.option("--depths", default=None, help="Comma-separated descendant depths [default: 1 .. 2 x ancestry depth].")
 @click.option("--widths", default=None, help="Comma-separated descendant widths [default: ancestry width, 3/4 and 1/2 of it].")
-@click.option("--steps", type=int, default=1500, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--extra-hidden", type=int, default=0, show_default=True, help="Extra ReLU units per depth map.")
+@click.option("--steps", type=STEPS, default=1500, show_default=True)
+@click.option("--batch-size", type=BATCH, default=64, show_default=True)
+@click.option("--lr", type=RATE, default=1e-3, show_default=True)
+@click.option("--extra-hidden", type=click.IntRange(0, 1 << 16), default=0, show_default=True, help="Extra ReLU units per depth map.")
 @click.option("--vary-shapes", is_flag=True, help="Also sandwich over head counts and MLP ratios 1-4 per width.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Checkpoints and loss log [default: OUT.partial]; a rerun resumes from it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Trained learngene directory to write.")
@@ -124,7 +150,7 @@ def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_
     import shutil
 
     from .ancestry import load_ancestry
-    from .artifacts import ensure_parent
+    from .artifacts import ensure_parent, seal_state
     from .data import load_dataset
     from .expanding import ExpandingConfig, default_shapes, train_learngene
     from .learngene import Learngene
@@ -140,7 +166,11 @@ def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_
     cfg = ExpandingConfig(steps=steps, batch_size=batch_size, lr=lr, extra_hidden=extra_hidden, seed=seed)
     ensure_parent(out)
     work = work_dir or out.with_name(out.name + ".partial")
-    resume = (work / "checkpoint" / "state.json").is_file()
+    state = seal_state(work / "checkpoint")
+    if state == "damaged":
+        click.echo(f"the checkpoint in {work} is damaged; starting the expanding phase over")
+        shutil.rmtree(work, ignore_errors=True)
+    resume = state == "done"
     if resume:
         click.echo(f"resuming the expanding phase from {work / 'checkpoint'}")
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
@@ -166,8 +196,8 @@ def ancestry() -> None:
 @ancestry.command("train")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Weights file [default: the user cache, where `demo` looks first].")
-@click.option("--steps", type=int, default=None, help="Override the recipe's step count.")
-@click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
+@click.option("--steps", type=POSITIVE_STEPS, default=None, help="Override the recipe's step count.")
+@click.option("--seed", type=SEED, default=None, help="Override the recipe's seed.")
 @click.option("--fp32", is_flag=True, help="Store fp32 weights (default fp16, ~5 MB).")
 def ancestry_train(out, steps, seed, fp32) -> None:
     """Train the demo ancestry on MNIST (about 5 minutes on 2 CPU cores).
@@ -188,16 +218,16 @@ def ancestry_train(out, steps, seed, fp32) -> None:
 @cli.command("train")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), required=True, help="Descendant .safetensors to fine-tune.")
 @click.option("--data", default="digits", show_default=True, help="mnist, digits, synthetic or an ImageFolder directory.")
-@click.option("--steps", type=int, default=200, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--warmup-steps", type=int, default=20, show_default=True)
+@click.option("--steps", type=STEPS, default=200, show_default=True)
+@click.option("--batch-size", type=BATCH, default=64, show_default=True)
+@click.option("--lr", type=RATE, default=1e-3, show_default=True)
+@click.option("--warmup-steps", type=STEPS, default=20, show_default=True)
 @click.option("--distill-from", default=None, help="Teacher ancestry spec for knowledge distillation.")
-@click.option("--distill-alpha", type=float, default=0.5, show_default=True)
+@click.option("--distill-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True)
-@click.option("--ckpt-every", type=int, default=50, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ckpt-every", type=STEPS, default=50, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory.")
 def train_cmd(model_path, data, steps, batch_size, lr, warmup_steps, distill_from, distill_alpha, device, amp,
@@ -295,15 +325,15 @@ def profiles_schema() -> None:
 @click.option("--objective", type=click.Choice(["accuracy", "capacity"]), default="capacity", show_default=True,
               help="capacity: the largest shape that fits; accuracy: proxy fine-tunes of the Pareto front on --data pick "
                    "the shape predicted most accurate after --steps (opt-in: see bench/RESULTS.md).")
-@click.option("--steps", type=int, default=100, show_default=True, help="Fine-tuning budget the accuracy is predicted for.")
+@click.option("--steps", type=POSITIVE_STEPS, default=100, show_default=True, help="Fine-tuning budget the accuracy is predicted for.")
 @click.option("--work", type=click.Path(path_type=Path), default=Path("out/build"), show_default=True,
               help="Build directory whose cache (learngene, estimates) is used and filled; `build --out` the same dir reuses it.")
-@click.option("--img-size", "img_sizes", type=int, multiple=True, help="Input sizes to consider [default: ancestry's].")
-@click.option("--num-classes", type=int, default=None, help="Classes of the task [default: the data's, else the ancestry's].")
-@click.option("--snap", type=int, default=32, show_default=True, help="Widths are multiples of this.")
-@click.option("--max-depth", type=int, default=None, help="Deepest descendant [default: 2x ancestry].")
-@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--img-size", "img_sizes", type=SIZE, multiple=True, help="Input sizes to consider [default: ancestry's].")
+@click.option("--num-classes", type=click.IntRange(0, 1 << 20), default=None, help="Classes of the task [default: the data's, else the ancestry's].")
+@click.option("--snap", type=SIZE, default=32, show_default=True, help="Widths are multiples of this.")
+@click.option("--max-depth", type=COUNT, default=None, help="Deepest descendant [default: 2x ancestry].")
+@click.option("--top", type=click.IntRange(1, 1_000_000), default=5, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (all fields, rejected shapes too).")
 def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, num_classes, snap, max_depth, top, seed,
                as_json) -> None:
@@ -448,16 +478,16 @@ def _latest_manifest(root: Path) -> dict:
 @click.option("--ancestry", default="demo", show_default=True)
 @click.option("--data", default="digits", show_default=True, help="mnist, digits, synthetic or an ImageFolder directory.")
 @click.option("--init", "init_method", type=click.Choice(["peg", "tleg", "weight_selection", "scratch"]), default="peg", show_default=True)
-@click.option("--gene-layers", type=int, default=None, help="Learngene layers [default: half the ancestry's].")
-@click.option("--expand-steps", type=int, default=None,
+@click.option("--gene-layers", type=COUNT, default=None, help="Learngene layers [default: half the ancestry's].")
+@click.option("--expand-steps", type=STEPS, default=None,
               help="Expanding-phase steps for the learngene [default: 1500; 0 = untrained, sampled only].")
 @click.option("--expand-data", default=None,
               help="Images for the expanding phase [default: the ancestry's own (mnist for the demo), else --data].")
-@click.option("--steps", type=int, default=100, show_default=True, help="Fine-tuning steps per model.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Fine-tuning learning rate (AdamW, cosine).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--jobs", type=int, default=1, show_default=True, help="Models fine-tuned in parallel on this machine.")
+@click.option("--steps", type=POSITIVE_STEPS, default=100, show_default=True, help="Fine-tuning steps per model.")
+@click.option("--batch-size", type=BATCH, default=32, show_default=True)
+@click.option("--lr", type=RATE, default=1e-3, show_default=True, help="Fine-tuning learning rate (AdamW, cosine).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--jobs", type=COUNT, default=1, show_default=True, help="Models fine-tuned in parallel on this machine.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--objective", type=click.Choice(["accuracy", "capacity"]), default="capacity", show_default=True,
               help="capacity: the largest shape that fits; accuracy: try the Pareto-front shapes with short proxy "
@@ -500,13 +530,13 @@ def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layer
 
 def _shape_options(fn):
     options = [
-        click.option("--depth", type=int, help="Descendant depth L_d."),
-        click.option("--embed-dim", type=int, help="Descendant width D_d."),
-        click.option("--heads", "num_heads", type=int, help="Descendant heads H_d."),
-        click.option("--mlp-ratio", type=float, default=None, help="MLP hidden / width [default: ancestry's]."),
-        click.option("--img-size", type=int, default=None, help="Input size [default: ancestry's]."),
-        click.option("--patch-size", type=int, default=None, help="Patch size [default: ancestry's]."),
-        click.option("--num-classes", type=int, default=None, help="Classes [default: ancestry's]."),
+        click.option("--depth", type=COUNT, help="Descendant depth L_d."),
+        click.option("--embed-dim", type=SIZE, help="Descendant width D_d."),
+        click.option("--heads", "num_heads", type=COUNT, help="Descendant heads H_d."),
+        click.option("--mlp-ratio", type=click.FloatRange(0, 64, min_open=True), default=None, help="MLP hidden / width [default: ancestry's]."),
+        click.option("--img-size", type=SIZE, default=None, help="Input size [default: ancestry's]."),
+        click.option("--patch-size", type=SIZE, default=None, help="Patch size [default: ancestry's]."),
+        click.option("--num-classes", type=click.IntRange(0, 1 << 20), default=None, help="Classes [default: ancestry's]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -538,7 +568,7 @@ def _shape_from(arch, depth, embed_dim, num_heads, mlp_ratio, img_size, patch_si
 @click.option("--selection", type=click.Choice(["even", "importance"]), default="even", show_default=True,
               help="How heads/width/hidden units are chosen.")
 @_shape_options
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Descendant .safetensors file.")
 def expand(learngene_dir, ancestry, method, selection, depth, embed_dim, num_heads, mlp_ratio,
            img_size, patch_size, num_classes, seed, out) -> None:

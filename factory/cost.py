@@ -28,6 +28,7 @@ its normalised copy, plus the larger working set of attention (q, k, v and score
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -236,7 +237,11 @@ def read_calibration_csv(path, profile_path: str) -> list[Measurement]:
                     mlp_ratio=float(row["mlp_ratio"]), img_size=int(row["img_size"]), patch_size=int(row["patch_size"]),
                     num_classes=int(row.get("num_classes") or 1000),
                 )
-                rows.append(Measurement(shape, int(row.get("batch") or 1), float(row["latency_ms"])))
+                batch, latency = int(row.get("batch") or 1), float(row["latency_ms"])
+                if not (math.isfinite(latency) and latency > 0) or batch < 1:
+                    raise ValueError(f"latency_ms must be a finite number > 0 and batch >= 1, got {row['latency_ms']!r}, "
+                                     f"{row.get('batch')!r}")
+                rows.append(Measurement(shape, batch, latency))
             except (KeyError, TypeError, ValueError, FactoryError) as exc:
                 raise FactoryError(f"calibration {path} line {i}: {exc}; expected columns depth,embed_dim,num_heads,"
                                    "mlp_ratio,img_size,patch_size,num_classes,batch,latency_ms") from exc

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .errors import FactoryError
 from .fingerprint import BUILTIN_DATASETS as BUILTINS
-from .fingerprint import dataset_identity, mnist_file
+from .fingerprint import dataset_identity, mnist_file, scan_tree
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -221,6 +221,10 @@ def make_synthetic(
     return Dataset("synthetic", train, val, val, mean=(0.0,), std=(1.0,), identity=identity)
 
 
+# Images larger than this (e.g. a "decompression bomb": a tiny file declaring a gigapixel canvas) are refused.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
 def load_image_folder(root: Path, img_size: int, in_chans: int = 3) -> Dataset:
     """An ImageFolder tree (``train/``, ``val/``, optional ``test/``) resized and normalised."""
     from PIL import Image, UnidentifiedImageError
@@ -229,6 +233,7 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3) -> Dataset:
 
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise FactoryError(f"data directory {root} needs train/ and val/ subdirectories in ImageFolder layout")
+    scan_tree(root)  # refuses symlink loops before torchvision walks them
     mean = (0.485, 0.456, 0.406) if in_chans == 3 else (0.5,)
     std = (0.229, 0.224, 0.225) if in_chans == 3 else (0.5,)
 
@@ -237,15 +242,25 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3) -> Dataset:
             folder = ImageFolder(str(root / split))
         except (FileNotFoundError, OSError) as exc:
             raise FactoryError(f"cannot read {root / split}: {exc}") from exc
+        if len(folder.classes) < 2:
+            raise FactoryError(f"{root / split} has {len(folder.classes)} class folder(s); a classifier needs at least 2 "
+                               "(one subfolder of images per class)")
         xs, ys = [], []
         for path, label in folder.samples:
             try:
                 with Image.open(path) as im:
+                    if im.width * im.height > MAX_IMAGE_PIXELS:  # checked on the header, before decoding
+                        raise FactoryError(f"image {path} is {im.width}x{im.height} pixels, over the {MAX_IMAGE_PIXELS:,} "
+                                           "this loader decodes; downscale it or remove it")
                     im = im.convert("RGB" if in_chans == 3 else "L").resize((img_size, img_size), Image.BILINEAR)
                     xs.append(TF.normalize(TF.to_tensor(im), mean, std))
-            except (UnidentifiedImageError, OSError) as exc:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
                 raise FactoryError(f"cannot read image {path}: {exc}") from exc
             ys.append(label)
+        present = sorted(set(ys))
+        if len(present) < 2:
+            raise FactoryError(f"{root / split} holds images of {len(present)} class(es); a classifier needs at least 2 "
+                               "(put images in at least two class folders)")
         return ImageTensors(torch.stack(xs), torch.tensor(ys), list(folder.classes))
 
     train, val = read("train"), read("val")

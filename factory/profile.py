@@ -34,6 +34,7 @@ from .errors import FactoryError
 
 Precision = Literal["fp32", "fp16", "int8"]
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+MAX_PROFILE_BYTES = 1 << 20
 
 
 class _Strict(BaseModel):
@@ -87,7 +88,7 @@ class Profile(_Strict):
     description: str | None = None
     hardware: Hardware
     precision: Precision = "fp32"
-    batch: int = Field(default=1, ge=1)
+    batch: int = Field(default=1, ge=1, le=65536)
     budgets: Budgets
     calibration: str | None = Field(default=None, description="CSV of measured latencies, relative to the profile.")
     export: list[Literal["onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8", "trt"]] = Field(default_factory=lambda: ["onnx"])
@@ -117,8 +118,10 @@ def _format_error(path: str, exc: ValidationError) -> str:
     elif kind == "missing":
         fix = "add it"
         msg = "required field missing"
-    elif kind.startswith(("greater_than", "less_than")):
+    elif kind.startswith("greater_than"):
         fix = "use a positive value"
+    elif kind.startswith("less_than"):
+        fix = "use a smaller value"
     elif kind == "finite_number":
         fix = "use a finite number (drop the budget to leave it unconstrained)"
     elif kind == "literal_error":
@@ -134,12 +137,19 @@ def _format_error(path: str, exc: ValidationError) -> str:
 
 def parse_profile(text: str, path: str = "<string>") -> Profile:
     """Validate profile YAML ``text``; one-line :class:`FactoryError` on any problem."""
+    if len(text) > MAX_PROFILE_BYTES:
+        raise FactoryError(f"profile {path}: {len(text)} characters, more than a profile needs ({MAX_PROFILE_BYTES}); "
+                           "check that it is the right file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise FactoryError(f"profile {path}: unreadable YAML{where}; fix the syntax") from exc
+    except RecursionError as exc:
+        raise FactoryError(f"profile {path}: nested too deeply to be a profile; fix the YAML") from exc
+    except ValueError as exc:  # e.g. an integer literal with thousands of digits
+        raise FactoryError(f"profile {path}: unreadable value ({str(exc).split(';')[0]}); fix the YAML") from exc
     if not isinstance(data, dict):
         raise FactoryError(f"profile {path}: expected a mapping of fields at the top level, got {type(data).__name__}")
     try:
@@ -161,6 +171,9 @@ def load_profile(spec: str | Path) -> Profile:
         names = ", ".join(list_profiles())
         raise FactoryError(f"profile {spec} not found; pass a YAML path or one of: {names}")
     try:
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise FactoryError(f"profile {path}: {path.stat().st_size} bytes, more than a profile needs ({MAX_PROFILE_BYTES}); "
+                               "check that it is the right file")
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise FactoryError(f"profile {path}: cannot read it ({exc}); check the file") from exc

@@ -27,15 +27,15 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import atomic_directory, ensure_parent
+from .artifacts import atomic_directory, ensure_parent, seal, seal_state
 from .data import ImageTensors
-from .errors import FactoryError
+from .errors import FactoryError, Interrupted
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,8 @@ def _dist_info() -> tuple[int, int]:
 
 
 def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
-    """``state.safetensors`` (weights, AdamW moments, RNG) + ``state.json`` (step, config)."""
+    """``state.safetensors`` (weights, AdamW moments, RNG) + ``state.json`` (step, config), sealed
+    (:func:`factory.artifacts.seal`) so a damaged checkpoint is detected before a resume trusts it."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -183,6 +184,7 @@ def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
         save_file(tensors, str(tmp / "state.safetensors"))
         meta = {"step": step, "config": asdict(cfg), "opt_scalars": scalars, "param_groups": opt_state["param_groups"]}
         (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        seal(tmp, {"step": step})
 
 
 def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
@@ -216,6 +218,9 @@ def open_checkpoint(out_dir: str | Path | None, resume: bool, module: nn.Module,
         return ckpt, 0
     if ckpt is None or not (ckpt / "state.json").is_file():
         raise FactoryError(f"cannot resume {what}: no checkpoint in {ckpt}; run it without resuming first")
+    if seal_state(ckpt) == "damaged":
+        raise FactoryError(f"cannot resume {what}: the checkpoint in {ckpt} is damaged (a file is missing or changed); "
+                           "remove it and run without resuming")
     return ckpt, load_checkpoint(ckpt, module, opt)
 
 
@@ -229,8 +234,15 @@ def train(
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``cfg.steps`` steps (see module docstring)."""
+    """Train ``model`` in place for ``cfg.steps`` steps (see module docstring).
+
+    ``should_stop`` is polled before every step (the way a worker thread learns that the user
+    pressed Ctrl-C in the main thread): when it returns true, a checkpoint of the steps done so
+    far is written (if ``out_dir`` is given) and :class:`~factory.errors.Interrupted` is raised,
+    so a rerun with ``resume`` continues from there.
+    """
     from tqdm.auto import tqdm
 
     rank, world = _dist_info()
@@ -269,6 +281,10 @@ def train(
     t0, seen, loss_value, acc = time.perf_counter(), 0, float("nan"), None
     try:
         for step in bar:
+            if should_stop is not None and should_stop():
+                if ckpt is not None and rank == 0 and step > start:
+                    save_checkpoint(ckpt, model, opt, step, cfg)
+                raise Interrupted(f"training stopped at step {step} of {cfg.steps}")
             x, y = step_batch(train_data, cfg.batch_size, step, cfg.seed, cfg.shift, rank=rank, world=world)
             x, y = x.to(device), y.to(device)
             for group in opt.param_groups:
@@ -297,6 +313,9 @@ def train(
                 opt.step()
             seen += len(y) * world
             loss_value = float(loss.detach())
+            if not math.isfinite(loss_value) and scaler is None:  # fp16 AMP skips such steps itself
+                raise FactoryError(f"training diverged: the loss is {loss_value} at step {step + 1}; lower the learning "
+                                   f"rate (now {cfg.lr:g}) or check the data")
             batch_acc = float((logits.argmax(-1) == y).float().mean())
             record: dict[str, Any] = {"step": step + 1, "loss": round(loss_value, 5), "acc": round(batch_acc, 4),
                                       "lr": lr_at(step, cfg)}

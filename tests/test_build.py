@@ -225,14 +225,27 @@ def test_export_refuses_a_manifest_path_outside_the_build(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--gene-layers", "0"], "gene layers"), (["--lr", "inf"], "learning rate"), (["--lr", "nan"], "learning rate"),
-    (["--steps", "0"], "fine-tuning steps"), (["--jobs", "0"], "jobs"), (["--expand-steps", "-1"], "expand steps"),
+    (["--gene-layers", "0"], "'--gene-layers': 0 is not in the range"), (["--lr", "inf"], "'--lr': inf is not in the range"),
+    (["--lr", "nan"], "invalid build setting: learning rate"), (["--steps", "0"], "'--steps': 0 is not in the range"),
+    (["--jobs", "0"], "'--jobs': 0 is not in the range"), (["--expand-steps", "-1"], "'--expand-steps': -1 is not in the range"),
+    (["--batch-size", str(10**30)], "'--batch-size'"), (["--seed", str(2**64)], "'--seed'"),
 ])
 def test_build_refuses_settings_it_would_silently_misuse(tmp_path, flags, needle):
     res = CliRunner().invoke(cli, ["build", "--profile", str(_profile(tmp_path, "t")), "--out", str(tmp_path / "o"),
                                    "--data", "synthetic", *flags])
-    assert res.exit_code == 2 and f"invalid build setting: {needle}" in res.output, res.output
+    assert res.exit_code == 2 and needle in res.output, res.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("gene_layers", 0, "gene layers"), ("lr", float("inf"), "learning rate"), ("finetune_steps", 0, "fine-tuning steps"),
+    ("jobs", 0, "jobs"), ("expand_steps", -1, "expand steps"), ("objective", "size", "objective"),
+])
+def test_build_config_refuses_what_the_api_would_misuse(field, value, needle):
+    from factory.errors import FactoryError
+
+    with pytest.raises(FactoryError, match=f"invalid build setting: {needle}"):
+        BuildConfig(**{field: value})
 
 
 def test_infinite_budgets_are_refused(tmp_path):

@@ -145,7 +145,7 @@ def test_build_trains_other_learngenes_once_caches_and_resumes(tmp_path, monkeyp
     monkeypatch.setattr(expanding, "step_batch", real)
     lines = []
     resumed = build([prof], tmp_path / "a", cfg, log=lines.append)
-    assert any("resuming the expanding phase" in line for line in lines), lines
+    assert any("expanding phase: resuming" in line for line in lines), lines
     assert any("trained 4 expanding-phase steps on mnist" in line for line in lines), lines
     whole = build([prof], tmp_path / "b", cfg, log=lambda *_: None)
     assert resumed["learngene"]["sha256"] == whole["learngene"]["sha256"] != load_demo_learngene().sha256
