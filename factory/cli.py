@@ -436,26 +436,31 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
 
     from .profile import load_profile
 
+    import contextlib
+
+    from .artifacts import confined, directory_lock
+
     jobs = []
+    lock = contextlib.nullcontext()
     if model_path is not None:
         path = resolve_model_path(model_path)
         jobs.append((path, load_profile(profile_spec) if profile_spec else None, out or path.parent / "export"))
     else:
         manifest = _latest_manifest(Path.cwd())
         base = manifest["path"].parent
+        lock = directory_lock(base)  # it rewrites the build's device folders: never while a build runs there
         for device in manifest["data"]["devices"]:
             if device.get("status") != "ok":
                 click.echo(f"{device['name']}: skipped (its build failed: {device.get('error')})")
                 continue
-            from .artifacts import confined
-
             prof = load_profile(profile_spec or device["profile"])
             model = confined(base, device["artifacts"]["model"]["path"], f"{manifest['path']}: model path")
             jobs.append((model, prof, confined(out, device["name"], "device name") if out else model.parent / "export"))
-    for path, prof, target in jobs:
-        formats = parse_formats(fmt, prof)
-        record = export_model(path, formats, target, profile=prof, data=data, require_engine=require_engine, log=click.echo)
-        click.echo(f"exported {path} -> {target} ({', '.join(record['artifacts'])}); hashes in {target / 'export.json'}")
+    with lock:
+        for path, prof, target in jobs:
+            formats = parse_formats(fmt, prof)
+            record = export_model(path, formats, target, profile=prof, data=data, require_engine=require_engine, log=click.echo)
+            click.echo(f"exported {path} -> {target} ({', '.join(record['artifacts'])}); hashes in {target / 'export.json'}")
 
 
 def _latest_manifest(root: Path) -> dict:

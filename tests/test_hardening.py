@@ -239,3 +239,23 @@ def test_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
     assert _leftovers(out) == [] and not (out / "manifest.json").exists()
     assert not list(out.glob(".cache/*/*/done.json"))  # nothing is marked complete
     shutil.rmtree(out)
+
+
+def test_export_into_a_build_directory_waits_for_no_build(tmp_path, monkeypatch):
+    from factory.artifacts import directory_lock
+
+    out = tmp_path / "out"
+    build([load_profile(_profile(tmp_path, "tiny"))], out, CFG, log=lambda *_: None)
+    monkeypatch.chdir(out)
+    script = f"import fcntl, time; fh = open({str(out / '.peg-factory.lock')!r}, 'a+'); fcntl.flock(fh, fcntl.LOCK_EX); " \
+             "print('locked', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        _one_line_exit_2(_cli("export", "--format", "onnx"), "is in use by another build")
+    finally:
+        holder.kill()
+        holder.wait()
+    with directory_lock(out):
+        pass  # free again
+    assert _cli("export", "--format", "onnx").exit_code == 0
