@@ -45,6 +45,23 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its JSON header re-serialised with sorted keys.
+
+    The safetensors writer emits ``__metadata__`` from a hash map, so the same tensors and metadata
+    give different bytes (and file hashes) from one process to the next. Tensor data and offsets
+    are untouched (offsets are relative to the end of the header); the header is padded with
+    spaces to a multiple of 8 bytes, as the writer does.
+    """
+    import json
+
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -25,10 +25,11 @@ Failures. A profile that fails (nothing fits, export error) is recorded with its
 others finish. ``OUT/manifest.json`` (schema: :data:`MANIFEST_SCHEMA`), ``OUT/report.md``,
 ``OUT/report.html`` and one ``OUT/<profile>/MODEL_CARD.md`` per device describe the result.
 
-Scaling out: profile builds are independent given the learngene, so a fleet can be split across
-machines by running ``peg-factory build`` with a subset of ``--profile`` flags per machine (a
-batch scheduler such as Slurm, or Ray, launches them) against a shared ``--out``; the
-content-addressed cache makes the shared learngene and shared shapes compute once.
+Scaling out: after the learngene, the work is one job per distinct shape (fine-tune, then measure
+and export for each profile that chose it), run by an executor (:mod:`factory.executor`): threads
+here (``--jobs``), or Ray tasks on a cluster (``--executor ray``) that share ``--out`` as the
+cache. Without Ray, a fleet can also be split by hand: a subset of ``--profile`` flags per machine
+against a shared ``--out`` (one at a time: a build locks ``--out``).
 Multi-GPU fine-tuning of one model uses ``torchrun`` (:mod:`factory.train`).
 """
 
@@ -38,9 +39,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -310,8 +309,12 @@ def tool_versions() -> dict[str, str | None]:
 
 
 def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConfig(), *, dry_run: bool = False,
-          log: Callable[[str], None] = print, wait_lock: bool = False) -> dict[str, Any]:
+          log: Callable[[str], None] = print, wait_lock: bool = False, executor=None) -> dict[str, Any]:
     """Run (or, with ``dry_run``, plan) the build; returns the manifest dict.
+
+    ``executor`` runs the per-shape jobs (:mod:`factory.executor`): ``None`` means
+    ``LocalExecutor(cfg.jobs)``; a ``RayExecutor`` spreads them over a Ray cluster. It is not part of
+    the build's identity: the manifest is the same whichever ran it.
 
     A build holds an exclusive lock on ``out`` (:func:`factory.artifacts.directory_lock`): a second
     build into the same directory fails at once with a one-line error, or waits with ``wait_lock``.
@@ -319,10 +322,11 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
     if dry_run:
         return _build(profiles, out, cfg, dry_run=True, log=log)
     with directory_lock(out, wait=wait_lock, log=log):
-        return _build(profiles, out, cfg, dry_run=False, log=log)
+        return _build(profiles, out, cfg, dry_run=False, log=log, executor=executor)
 
 
-def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_run: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_run: bool, log: Callable[[str], None],
+           executor=None) -> dict[str, Any]:
     if not profiles:
         raise FactoryError("no profile given: pass --profile PATH (repeatable) or --fleet FILE")
     names = [p.name for p in profiles]
@@ -369,40 +373,17 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
     lg, _ = builder.learngene(anc)
     if cfg.objective == "accuracy":
         choose_for_devices(builder, devices, searches, anc, lg, ds)
-    shapes = {}
-    for entry in devices:
-        if "shape" in entry:
-            shapes.setdefault(DescendantShape.from_dict(entry["shape"]), []).append(entry["name"])
-    ft_stages = {}
-    stop = threading.Event()  # Ctrl-C reaches the main thread only; the workers poll this between steps
-    with ThreadPoolExecutor(max_workers=max(1, cfg.jobs)) as pool:
-        futures = {shape: pool.submit(builder.finetune, anc, lg, shape, ds, stop.is_set) for shape in shapes}
-        try:
-            for shape, fut in futures.items():
-                try:
-                    ft_stages[shape] = fut.result()
-                except FactoryError as exc:
-                    ft_stages[shape] = exc
-        except KeyboardInterrupt:
-            stop.set()
-            for fut in futures.values():
-                fut.cancel()
-            raise  # leaving the pool waits for the running fine-tunes, which checkpoint and stop at their next step
+    from .executor import LocalExecutor, ShapeJob
 
+    by_shape: dict[DescendantShape, list] = {}
     for entry, prof in zip(devices, profiles):
-        if entry.get("status") == "failed":
-            continue
-        shape = DescendantShape.from_dict(entry["shape"])
-        st = ft_stages[shape]
-        if isinstance(st, Exception):
-            entry.update(status="failed", error=str(st))
-            continue
-        try:
-            entry.update(_finish_device(builder, prof, st, entry, searches[prof.name], lg, anc, ds))
-            entry["status"] = "ok"
-        except FactoryError as exc:
-            entry.update(status="failed", error=str(exc))
-            log(f"{prof.name}: failed: {exc}")
+        if entry.get("status") != "failed":
+            by_shape.setdefault(DescendantShape.from_dict(entry["shape"]), []).append((prof, entry, searches[prof.name]))
+    jobs = [ShapeJob(shape, group) for shape, group in by_shape.items()]
+    results = (executor or LocalExecutor(cfg.jobs)).run(builder, anc, lg, lg_stage.path / "learngene", ds, jobs)
+    updates = {name: update for result in results for name, update in result}
+    for entry in devices:
+        entry.update(updates.get(entry["name"], {}))
 
     manifest = {
         "format_version": 1,
@@ -425,6 +406,39 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
     atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     atomic_write_bytes(out / "manifest.schema.json", (json.dumps(MANIFEST_SCHEMA, indent=2) + "\n").encode())
     return manifest
+
+
+def build_shape(builder: Builder, anc, lg, ds, job, should_stop: Callable[[], bool] | None = None,
+                threads: int | None = None, serial=None) -> list[tuple[str, dict[str, Any]]]:
+    """One shape job (:class:`factory.executor.ShapeJob`): fine-tune the shape once (with ``threads``
+    intra-op threads, :func:`factory.train.intra_op_threads`), then measure and export it for each
+    device that chose it. Returns ``[(device name, manifest entry update)]``; a
+    :class:`FactoryError` fails the devices it concerns, not the build.
+
+    ``serial`` (a lock shared by the jobs of one process) serialises measuring and exporting:
+    ``torch.onnx.export`` and fvcore's tracing keep process-global state and fail when two threads
+    run them at once. Fine-tuning, the long part, stays parallel.
+    """
+    import contextlib
+
+    from .train import intra_op_threads
+
+    try:
+        with intra_op_threads(threads):
+            st = builder.finetune(anc, lg, job.shape, ds, should_stop)
+    except FactoryError as exc:
+        builder.log(f"finetune {job.shape.label()}: failed: {exc}")
+        return [(name, {"status": "failed", "error": str(exc)}) for name in job.names]
+    out = []
+    for prof, entry, searched in job.devices:
+        try:
+            with serial if serial is not None else contextlib.nullcontext():
+                update = {**_finish_device(builder, prof, st, entry, searched, lg, anc, ds), "status": "ok"}
+        except FactoryError as exc:
+            update = {"status": "failed", "error": str(exc)}
+            builder.log(f"{prof.name}: failed: {exc}")
+        out.append((prof.name, update))
+    return out
 
 
 def choose_for_devices(builder: Builder, devices, searches, anc, lg, ds) -> None:

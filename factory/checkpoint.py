@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from .ancestry import ARCH_METADATA_KEY, load_ancestry
-from .artifacts import atomic_write_bytes, sha256_bytes
+from .artifacts import atomic_write_bytes, canonical_safetensors, sha256_bytes
 from .errors import FactoryError
 from .shapes import ArchConfig
 
@@ -25,20 +25,21 @@ INFO_METADATA_KEY = "peg_factory.info"
 
 
 def save_descendant(model: nn.Module, arch: ArchConfig, path: str | Path, info: dict[str, Any]) -> str:
-    """Write ``model``'s weights with arch/info metadata atomically; returns the file's sha256."""
+    """Write ``model``'s weights with arch/info metadata atomically; returns the file's sha256
+    (a function of the weights and metadata alone: :func:`~factory.artifacts.canonical_safetensors`)."""
     from safetensors.torch import save
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise FactoryError(f"descendant file {path} must end in .safetensors")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    data = save(
+    data = canonical_safetensors(save(
         state,
         metadata={
             ARCH_METADATA_KEY: json.dumps(arch.to_dict(), sort_keys=True),
             INFO_METADATA_KEY: json.dumps(info, sort_keys=True),
         },
-    )
+    ))
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 

@@ -493,6 +493,12 @@ def _latest_manifest(root: Path) -> dict:
 @click.option("--lr", type=RATE, default=1e-3, show_default=True, help="Fine-tuning learning rate (AdamW, cosine).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--jobs", type=COUNT, default=1, show_default=True, help="Models fine-tuned in parallel on this machine.")
+@click.option("--executor", "executor_kind", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: --jobs threads here; ray: one Ray task per distinct shape (pip install 'peg-factory[ray]').")
+@click.option("--ray-address", default=None, help="Ray cluster to join ('auto', ray://HOST:10001) [default: start a local one].")
+@click.option("--task-cpus", type=click.FloatRange(0.01, 1024), default=1.0, show_default=True, help="CPUs per Ray task.")
+@click.option("--task-gpus", type=click.FloatRange(0, 64), default=0.0, show_default=True,
+              help="GPUs per Ray task (fractions share a GPU).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--objective", type=click.Choice(["accuracy", "capacity"]), default="capacity", show_default=True,
               help="capacity: the largest shape that fits; accuracy: try the Pareto-front shapes with short proxy "
@@ -500,18 +506,23 @@ def _latest_manifest(root: Path) -> dict:
 @click.option("--dry-run", is_flag=True, help="Print the plan (shapes, cached stages, time estimates) and stop.")
 @click.option("--wait-lock", is_flag=True, help="If another build is using --out, wait for it instead of failing.")
 def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layers, expand_steps, expand_data, steps, batch_size, lr,
-              seed, jobs, device, objective, dry_run, wait_lock) -> None:
+              seed, jobs, executor_kind, ray_address, task_cpus, task_gpus, device, objective, dry_run, wait_lock) -> None:
     """Build deployable models for one or many device profiles (search, expand, fine-tune, measure, export).
 
     \b
     Example:
       peg-factory build --profile profiles/jetson_orin.yaml
       peg-factory build --fleet profiles/fleet_example.yaml --out out/fleet --jobs 2
+      peg-factory build --fleet fleet.yaml --out /shared/fleet --executor ray --ray-address auto --task-gpus 1
       peg-factory build --profile jetson_orin --profile raspberry_pi5 --dry-run
     """
     from .build import BuildConfig, build, load_fleet
+    from .executor import make_executor
     from .profile import load_profile
 
+    if executor_kind == "local" and (ray_address or task_gpus):
+        raise UserError("--ray-address and --task-gpus need --executor ray")
+    executor = make_executor(executor_kind, jobs=jobs, address=ray_address, task_cpus=task_cpus, task_gpus=task_gpus)
     specs = list(profile_specs) + (load_fleet(fleet) if fleet else [])
     if not specs:
         raise UserError("no profile: pass --profile profiles/jetson_orin.yaml (repeatable) or --fleet FILE")
@@ -519,7 +530,7 @@ def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layer
     cfg = BuildConfig(ancestry=ancestry, data=data, init=init_method, gene_layers=gene_layers, expand_steps=expand_steps,
                       expand_data=expand_data, objective=objective,
                       finetune_steps=steps, batch_size=batch_size, lr=lr, seed=seed, jobs=jobs, device=device)
-    manifest = build(profiles, out, cfg, dry_run=dry_run, log=click.echo, wait_lock=wait_lock)
+    manifest = build(profiles, out, cfg, dry_run=dry_run, log=click.echo, wait_lock=wait_lock, executor=executor)
     if dry_run:
         return
     failed = [d for d in manifest["devices"] if d["status"] != "ok"]

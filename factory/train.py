@@ -66,6 +66,26 @@ class TrainConfig:
             raise FactoryError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
 
 
+@contextlib.contextmanager
+def intra_op_threads(n: int | None):
+    """Run the body with ``n`` intra-op threads in *this* thread (OpenMP's thread count is a
+    per-thread setting), restoring the previous count after.
+
+    CPU results depend on the thread count (reductions are split by it), so executors pin it per
+    job: the same job on the same count gives the same bytes, whether a thread here or a Ray task
+    ran it. ``None`` leaves torch's setting alone.
+    """
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over ``warmup_steps`` then cosine from ``lr`` to ``min_lr`` at ``steps``."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
