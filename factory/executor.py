@@ -26,6 +26,7 @@ inside a job becomes that device's ``status: failed`` there, anything else is a 
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -147,19 +148,29 @@ def require_ray():
     return ray
 
 
-def _ray_shape_job(out: str, cfg, lg_sha: str, lg_dir: str, job: ShapeJob, threads: int):
-    """A Ray task: load what the job needs by spec and path, then :func:`factory.build.build_shape`."""
+@functools.lru_cache(maxsize=2)
+def _worker_inputs(ancestry: str, data: str, lg_dir: str, lg_sha: str):
+    """Ancestry, data and learngene of a build, loaded once per Ray worker process. Ray gives each
+    driver (each ``peg-factory build``) its own worker processes, so this never outlives a build."""
     from .ancestry import load_ancestry
-    from .build import Builder, build_shape
     from .data import load_dataset
     from .learngene import Learngene
 
-    builder = Builder(Path(out), cfg, log=lambda line: print(line, flush=True))
-    anc = load_ancestry(cfg.ancestry)
-    ds = load_dataset(cfg.data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+    anc = load_ancestry(ancestry)
+    ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
     lg = Learngene.load(lg_dir)
     if lg.sha256 != lg_sha:
         raise FactoryError(f"the learngene at {lg_dir} is not the one the build made ({lg_sha[:12]}); is --out shared?")
+    return anc, ds, lg
+
+
+def _ray_shape_job(out: str, cfg, lg_sha: str, lg_dir: str, job: ShapeJob, threads: int):
+    """A Ray task: load what the job needs by spec and path (once per worker), then
+    :func:`factory.build.build_shape`."""
+    from .build import Builder, build_shape
+
+    anc, ds, lg = _worker_inputs(cfg.ancestry, cfg.data, lg_dir, lg_sha)
+    builder = Builder(Path(out), cfg, log=lambda line: print(line, flush=True))
     return build_shape(builder, anc, lg, ds, job, None, threads)
 
 
