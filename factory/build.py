@@ -359,7 +359,7 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
             result = search(prof, space, cost, seed=cfg.seed)
             best = result.require_feasible()
             searches[prof.name] = (result, best, cost)
-            entry.update(shape=best.shape.to_dict(), predicted=best.to_dict(),
+            entry.update(shape=best.shape.to_dict(), predicted={**best.to_dict(), "latency_method": cost.method},
                          selection={"objective": "capacity", "reason": "the default objective (--objective accuracy to estimate)"
                                     if cfg.objective == "capacity" else "pending accuracy estimate"})
         except FactoryError as exc:

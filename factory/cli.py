@@ -305,6 +305,46 @@ def profiles_show(name, as_json) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else yaml.safe_dump(data, sort_keys=False).rstrip())
 
 
+@profiles.command("measure")
+@click.option("--runtime", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
+              help="Runtime whose kernels are measured (onnxruntime on this CPU).")
+@click.option("--ancestry", default="demo", show_default=True, help="Ancestry whose search space the tables span.")
+@click.option("--batch", "batches", type=BATCH, multiple=True, help="Batch sizes to span [default: 1 and 8].")
+@click.option("--img-size", "img_sizes", type=SIZE, multiple=True, help="Input sizes to span [default: the search space's].")
+@click.option("--points", type=click.IntRange(3, 12), default=6, show_default=True, help="Grid points per table axis.")
+@click.option("--fit", "fit_models", type=click.IntRange(3, 100), default=10, show_default=True,
+              help="Whole models measured to fit the scale and overhead terms.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Tables file [default: this host's, which profiles with 'latency_tables: host' use].")
+def profiles_measure(runtime, ancestry, batches, img_sizes, points, fit_models, seed, out) -> None:
+    """Measure this machine's kernel latency tables (the kernel-level latency predictor).
+
+    Each kernel of a ViT block as onnxruntime runs it (MatMul+bias, MatMul+BiasGelu, attention,
+    LayerNorm, Add, patch stem) is timed on a grid spanning the ancestry's search space; a few
+    whole models fit the scale and overhead terms (factory/kernels.py). Takes a few minutes; the
+    result is cached per host, onnxruntime version and ancestry architecture.
+
+    \b
+    Example:
+      peg-factory profiles measure
+      peg-factory search --profile host      # host.yaml has latency_tables: host
+    """
+    from .ancestry import load_ancestry
+    from .kernels import Grids, host_tables_path, measure_tables, spread_shapes
+    from .search import SearchSpace
+
+    arch = load_ancestry(ancestry).arch
+    batches = tuple(batches) or (1, 8)
+    space = SearchSpace.from_arch(arch, img_sizes=tuple(img_sizes) or None)
+    grids = Grids.for_space(space, arch, batches, points)
+    tables = measure_tables(arch, grids, fit_shapes=spread_shapes(space, fit_models, batches, seed), log=click.echo)
+    path = out or host_tables_path(arch)
+    tables.save(path)
+    click.echo(f"latency tables {path}: {tables.points} kernel points + {fit_models} whole models in {tables.seconds:.0f}s (scale {tables.scale:.3f}, "
+               f"{tables.per_block_ms * 1e3:.1f} us per block, fixed {tables.fixed_ms * 1e3:.1f} us)")
+
+
 @profiles.command("schema")
 def profiles_schema() -> None:
     """Print the profile JSON schema (the file profiles/profile.schema.json).
@@ -316,6 +356,33 @@ def profiles_schema() -> None:
     from .profile import profile_json_schema
 
     _echo_json(profile_json_schema())
+
+
+@cli.command("calibrate")
+@click.option("--profile", "profile_spec", required=True, help="Profile YAML path or shipped name.")
+@click.option("--ancestry", default="demo", show_default=True, help="Ancestry whose search space the kit samples.")
+@click.option("--shapes", "count", type=click.IntRange(3, 200), default=12, show_default=True, help="Models in the kit.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Kit directory to write.")
+def calibrate_cmd(profile_spec, ancestry, count, seed, out) -> None:
+    """Write a latency calibration kit to run on the device (ONNX models, measure.py, README).
+
+    \b
+    Example:
+      peg-factory calibrate --profile jetson_orin --out kit/
+      # on the device: python3 kit/measure.py   -> kit/calibration.csv, kit/calibration.json
+      # in the profile: calibration: kit/calibration.csv
+    """
+    from .ancestry import load_ancestry
+    from .calibration import write_kit
+    from .profile import load_profile
+    from .search import SearchSpace
+
+    profile = load_profile(profile_spec)
+    arch = load_ancestry(ancestry).arch
+    kit = write_kit(profile, arch, SearchSpace.from_arch(arch), out, count=count, seed=seed, log=click.echo)
+    click.echo(f"calibration kit {kit}: {count} models for {profile.name} ({profile.hardware.runtime}); "
+               f"run `python3 {kit / 'measure.py'}` on the device, then set `calibration: {kit / 'calibration.csv'}`")
 
 
 @cli.command("search")
@@ -382,7 +449,7 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
         choose_for_devices(builder, [entry], searches, anc, lg, ds)
         selection = {**entry["selection"], "seconds_total": round(time.perf_counter() - t0, 2)}
     if as_json:
-        _echo_json({**result.to_dict(top=top), "selection": selection})
+        _echo_json({**result.to_dict(top=top), "selection": selection, "latency_method": cost.method})
         result.require_feasible()  # nothing fits: exit 2 with the closest miss, after the JSON
         return
     if objective == "accuracy" and result.feasible:
@@ -400,7 +467,7 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
         result.require_feasible()  # nothing fits: exit 2 with the closest miss, after the JSON
         return
     click.echo(f"profile {profile.name}: {result.evaluated} shapes evaluated ({result.strategy}), "
-               f"{len(result.feasible)} fit, {len(result.rejected)} rejected")
+               f"{len(result.feasible)} fit, {len(result.rejected)} rejected; latency by {cost.method}")
     result.require_feasible()  # nothing fits: one line with the closest miss, exit 2
     click.echo(f"{'rank':>4}  {'shape':28s} {'latency ms':>10} {'memory MB':>9} {'GFLOPs':>8} {'params M':>8}  margins")
     for i, c in enumerate(result.top(top), 1):

@@ -31,7 +31,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import FactoryError
 from .profile import Hardware, Profile
@@ -169,18 +169,41 @@ class CostModel:
     efficiency: Efficiency
     arch: ArchConfig = STANDARD_ARCH
     calibrated: bool = False
+    tables: Any = None  # factory.kernels.KernelTables: kernel-level prediction replaces the roofline
+    method: str = "roofline"  # how latency is predicted, in words (search output, manifest)
 
     @classmethod
     def for_profile(cls, profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, host: "HostFacts | None" = None) -> "CostModel":
+        """The profile's cost model: kernel tables when it names them and they exist, else the
+        roofline (calibrated by the profile's CSV when it has one); ``method`` says which and why."""
         device = Device.from_profile(profile, host)
         model = cls(device, profile.precision, profile.batch, Efficiency.default_for(profile.hardware), arch)
         csv = profile.calibration_path()
         if csv is not None:
             rows = read_calibration_csv(csv, profile.path or "<profile>")
             model = calibrate(model, rows)
+            from .calibration import calibration_provenance
+
+            what = calibration_provenance(csv)
+            model = dataclasses.replace(model, method=f"roofline calibrated on {len(rows)} rows of {csv.name}"
+                                                      + (f" ({what})" if what else ""))
+        tables = profile.latency_tables_path(arch)
+        if tables is not None:
+            from .kernels import KernelTables
+
+            if tables.is_file():
+                model = dataclasses.replace(model, tables=KernelTables.load(tables), method=f"kernel tables {tables.name}")
+            elif profile.latency_tables == "host":
+                model = dataclasses.replace(model, method=f"{model.method} (no host latency tables yet: run `peg-factory "
+                                                          "profiles measure` to predict per kernel)")
+            else:
+                raise FactoryError(f"profile {profile.path}: latency_tables {profile.latency_tables} not found; fix the path "
+                                   "or measure them with `peg-factory profiles measure --out PATH`")
         return model
 
     def latency_ms(self, shape: DescendantShape, batch: int | None = None) -> float:
+        if self.tables is not None:
+            return self.tables.latency_ms(shape, batch or self.batch, self.arch)
         ops = vit_ops(shape, batch or self.batch, self.precision, arch=self.arch, fused_attention=self.device.fused_attention)
         return roofline_ms(ops, self.device, self.efficiency)
 

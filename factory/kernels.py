@@ -202,6 +202,14 @@ class Grids:
                    tokens=_geom(max(2, n_lo), n_hi, points - 2), batch_heads=_geom(1, max(batches) * max_heads, points - 2),
                    head_dims=_geom(16, 128, 3), stem_rows=sorted({g * g for g in _geom(min(grids), max(grids) * 3, points - 2)}))
 
+    @classmethod
+    def for_space(cls, space, arch: ArchConfig, batches: tuple[int, ...], points: int = 6) -> "Grids":
+        """Grids spanning every shape of a :class:`factory.search.SearchSpace` at ``batches``."""
+        widths = space._widths
+        return cls.spanning(arch, max_width=max(w for w, _, _ in widths), max_hidden=max(int(w * max(r)) for w, _, r in widths),
+                            img_sizes=tuple(space.img_sizes), batches=batches, max_heads=max(max(h) for _, h, _ in widths),
+                            points=points)
+
     def axes(self, kernel: str) -> list[list[int]]:
         return {"linear": [self.rows, self.widths, self.widths], "linear_gelu": [self.rows, self.widths, self.widths],
                 "attention": [self.batch_heads, self.tokens, self.head_dims], "layernorm": [self.rows, self.widths],
@@ -223,6 +231,10 @@ class KernelTables:
     seconds: float = 0.0
 
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def points(self) -> int:
+        return sum(math.prod(len(a) for a in t["axes"]) for t in self.tables.values())
 
     # -- prediction --
     def _interpolator(self, kernel: str) -> Callable[[tuple[int, ...]], float]:
@@ -322,16 +334,18 @@ def host_facts() -> dict[str, Any]:
             "runtime_version": ort.__version__}
 
 
-def host_tables_path() -> Path:
-    """``cache_dir()/latency_tables/<host id>.json``: one file per CPU model, CPU count and onnxruntime version."""
+def host_tables_path(arch: ArchConfig) -> Path:
+    """``cache_dir()/latency_tables/onnxruntime-<host>-<arch>.json``: one file per CPU model, CPU
+    count, onnxruntime version and ancestry architecture (the stem kernel depends on its channels
+    and patch size)."""
     import hashlib
 
     from .fingerprint import cache_dir
 
     facts = host_facts()
-    key = hashlib.sha256(json.dumps({k: facts[k] for k in ("cpu", "cpus", "machine", "runtime_version")}, sort_keys=True)
-                         .encode()).hexdigest()[:16]
-    return cache_dir() / "latency_tables" / f"onnxruntime-{key}.json"
+    host = json.dumps({k: facts[k] for k in ("cpu", "cpus", "machine", "runtime_version")}, sort_keys=True)
+    return cache_dir() / "latency_tables" / (f"onnxruntime-{hashlib.sha256(host.encode()).hexdigest()[:12]}-"
+                                             f"{hashlib.sha256(json.dumps(arch.to_dict(), sort_keys=True).encode()).hexdigest()[:8]}.json")
 
 
 def measure_tables(arch: ArchConfig, grids: Grids, *, fit_shapes: list[tuple[DescendantShape, int]] = (),

@@ -91,6 +91,9 @@ class Profile(_Strict):
     batch: int = Field(default=1, ge=1, le=65536)
     budgets: Budgets
     calibration: str | None = Field(default=None, description="CSV of measured latencies, relative to the profile.")
+    latency_tables: str | None = Field(
+        default=None, description="Kernel latency tables (onnxruntime, fp32): 'host' for this machine's, measured by "
+                                  "`peg-factory profiles measure`, or a JSON path relative to the profile.")
     export: list[Literal["onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8", "trt"]] = Field(default_factory=lambda: ["onnx"])
     path: str | None = Field(default=None, exclude=True, description="Where it was loaded from (set by the loader).")
 
@@ -99,7 +102,21 @@ class Profile(_Strict):
         hw = self.hardware
         if not hw.measure and hw.peak_tflops and self.precision not in hw.peak_tflops:
             raise ValueError(f"precision {self.precision} has no hardware.peak_tflops.{self.precision} entry")
+        if self.latency_tables is not None and (hw.runtime != "onnxruntime" or self.precision != "fp32"):
+            raise ValueError("latency_tables are measured with onnxruntime at fp32: set runtime onnxruntime and precision "
+                             "fp32, or drop latency_tables")
         return self
+
+    def latency_tables_path(self, arch) -> Path | None:
+        """The kernel tables file this profile points at (``host``: this machine's for ``arch``)."""
+        if self.latency_tables is None:
+            return None
+        if self.latency_tables == "host":
+            from .kernels import host_tables_path
+
+            return host_tables_path(arch)
+        base = Path(self.path).parent if self.path else Path.cwd()
+        return (base / self.latency_tables).resolve()
 
     def calibration_path(self) -> Path | None:
         if self.calibration is None:

@@ -1,0 +1,209 @@
+"""The device calibration kit: shapes to time on a device the factory cannot reach.
+
+``peg-factory calibrate --profile P --out kit/`` writes
+
+- ``models/*.onnx``: ``K`` descendants of the profile's search space (random weights: latency does
+  not depend on them), spread log-uniformly over the profile's predicted latency range so the fit
+  sees small and large models alike, at the profile's batch;
+- ``shapes.csv``: their shapes, batch and file;
+- ``measure.py``: a stand-alone script (numpy + the runtime, no peg-factory needed) that times each
+  model with the profile's runtime -- ``trtexec`` for TensorRT (median GPU compute time, the
+  profile's precision), onnxruntime or OpenVINO on CPU boards -- and writes ``calibration.csv``
+  (the columns :func:`factory.cost.read_calibration_csv` reads) and ``calibration.json`` (what it
+  was measured with: runtime and version, host, date);
+- ``README.md``: the steps.
+
+Back on the build machine, the profile's ``calibration: kit/calibration.csv`` fits the roofline's
+efficiencies to those rows (:func:`factory.cost.calibrate`); the cost model's ``method`` names the
+CSV and what ``calibration.json`` says it was measured with.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+from pathlib import Path
+from typing import Callable
+
+from .artifacts import atomic_directory
+from .errors import FactoryError
+from .shapes import ArchConfig, DescendantShape
+
+FIELDS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "img_size", "patch_size", "num_classes", "batch")
+
+
+def spread_by_latency(shapes: list[DescendantShape], latency: Callable[[DescendantShape], float], count: int,
+                      seed: int = 0) -> list[DescendantShape]:
+    """``count`` distinct shapes whose predicted latencies are spread log-uniformly over the range
+    of ``shapes``: for each of ``count`` evenly spaced log-latency targets, the nearest unused shape."""
+    if not shapes:
+        raise FactoryError("no shapes to calibrate with: the search space is empty")
+    rng = random.Random(seed)
+    pool = rng.sample(shapes, min(len(shapes), 4000))
+    timed = sorted((math.log(latency(s)), s.label(), s) for s in pool)
+    lo, hi = timed[0][0], timed[-1][0]
+    chosen: dict[str, DescendantShape] = {}
+    for i in range(count):
+        target = lo + (hi - lo) * (i + 0.5) / count
+        for _, label, s in sorted(timed, key=lambda t: abs(t[0] - target)):
+            if label not in chosen:
+                chosen[label] = s
+                break
+    return list(chosen.values())
+
+
+def write_kit(profile, arch: ArchConfig, space, out: str | Path, *, count: int = 12, seed: int = 0,
+              log: Callable[[str], None] = print) -> Path:
+    """Write the kit for ``profile`` into ``out`` (atomically: a complete kit or none)."""
+    from export.onnx_export import export_onnx
+
+    from .cost import CostModel
+    from .timm_vit import build_vit
+
+    cost = CostModel.for_profile(profile, arch=arch)
+    shapes = spread_by_latency(list(space.enumerate()), cost.latency_ms, count, seed)
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow([*FIELDS, "file"])
+    out = Path(out)
+    with atomic_directory(out) as tmp:
+        (tmp / "models").mkdir()
+        for s in shapes:
+            name = f"{s.label()}-b{profile.batch}.onnx"
+            export_onnx(build_vit(arch, s, seed=0).eval(), tmp / "models" / name, img_size=s.img_size, in_chans=arch.in_chans,
+                        verify=False)
+            writer.writerow([s.depth, s.embed_dim, s.num_heads, s.mlp_ratio, s.img_size, s.patch_size, s.num_classes,
+                             profile.batch, f"models/{name}"])
+            log(f"kit: {name} (predicted {cost.latency_ms(s):.3f} ms)")
+        (tmp / "shapes.csv").write_text(rows.getvalue())
+        (tmp / "measure.py").write_text(MEASURE_SCRIPT)
+        (tmp / "kit.json").write_text(json.dumps({"profile": profile.name, "runtime": profile.hardware.runtime,
+                                                  "precision": profile.precision, "batch": profile.batch,
+                                                  "in_chans": arch.in_chans, "count": len(shapes)}, indent=2))
+        (tmp / "README.md").write_text(README.format(name=profile.name, runtime=profile.hardware.runtime, count=len(shapes),
+                                                     precision=profile.precision))
+    return out
+
+
+def calibration_provenance(csv_path: Path) -> str:
+    """What ``calibration.json`` beside a calibration CSV says it was measured with ('' if absent)."""
+    meta = csv_path.with_suffix(".json")
+    try:
+        data = json.loads(meta.read_text())
+        return f"{data['runtime']} {data.get('runtime_version', '')} on {data.get('host', '?')}, {data.get('date', '?')}".replace("  ", " ")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+README = """# Latency calibration kit for `{name}`
+
+{count} ViT descendants spread over the latency range the searcher considers for this device
+(`models/*.onnx`, random weights), and a script that times them with **{runtime}** ({precision}).
+
+1. Copy this folder to the device.
+2. Run `python3 measure.py` there (needs numpy and the runtime: `trtexec` on the PATH for
+   TensorRT, `pip install onnxruntime` or `openvino` on CPU boards; `--runtime` overrides the
+   profile's, `--repeats` sets the timing length). Keep the device otherwise idle.
+3. Copy `calibration.csv` and `calibration.json` back and add `calibration: path/to/calibration.csv`
+   to the profile. `peg-factory search` then fits its latency model to your measurements and says
+   so (`latency by roofline calibrated on N rows of calibration.csv (...)`).
+"""
+
+MEASURE_SCRIPT = r'''#!/usr/bin/env python3
+"""Time every model of this calibration kit on this device; write calibration.csv + calibration.json.
+
+Stand-alone (numpy and the runtime only). Usage: python3 measure.py [--runtime R] [--repeats N]
+"""
+import argparse
+import csv
+import datetime
+import json
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KIT = json.loads((HERE / "kit.json").read_text())
+
+
+def onnxruntime_ms(path, shape, repeats):
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    for _ in range(3):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), ort.__version__
+
+
+def openvino_ms(path, shape, repeats):
+    import numpy as np
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for _ in range(3):
+        request.infer([x])
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        request.infer([x])
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), ov.__version__
+
+
+def tensorrt_ms(path, shape, repeats):
+    precision = {"fp16": ["--fp16"], "int8": ["--int8", "--fp16"]}.get(KIT["precision"], [])
+    dims = "x".join(str(d) for d in shape)
+    cmd = ["trtexec", f"--onnx={path}", f"--shapes=images:{dims}", "--noDataTransfers", "--useCudaGraph",
+           f"--iterations={repeats}", "--warmUp=200", *precision]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    median = re.search(r"GPU Compute Time:.*?median = ([0-9.]+) ms", out)
+    if median is None:
+        raise SystemExit(f"could not find the GPU compute time in trtexec's output for {path}")
+    version = re.search(r"TensorRT version: ([0-9.]+)", out) or re.search(r"\[TensorRT v(\d+)\]", out)
+    return float(median.group(1)), version.group(1) if version else "?"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime", default=KIT["runtime"], choices=["onnxruntime", "openvino", "tensorrt"])
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+    timer = {"onnxruntime": onnxruntime_ms, "openvino": openvino_ms, "tensorrt": tensorrt_ms}[args.runtime]
+    rows, version = [], "?"
+    with open(HERE / "shapes.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            shape = (int(row["batch"]), KIT["in_chans"], int(row["img_size"]), int(row["img_size"]))
+            ms, version = timer(HERE / row["file"], shape, args.repeats)
+            rows.append({**{k: v for k, v in row.items() if k != "file"}, "latency_ms": f"{ms:.5f}"})
+            print(f"{row['file']}: {ms:.4f} ms", flush=True)
+    tmp = HERE / "calibration.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(HERE / "calibration.csv")
+    meta = {"runtime": args.runtime, "runtime_version": version, "host": platform.node(), "machine": platform.machine(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "repeats": args.repeats,
+            "profile": KIT["profile"], "precision": KIT["precision"]}
+    (HERE / "calibration.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {HERE / 'calibration.csv'} ({len(rows)} rows) and calibration.json")
+
+
+if __name__ == "__main__":
+    main()
+'''
