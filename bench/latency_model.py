@@ -1,23 +1,28 @@
 """How honest are the latency and memory models on this host (onnxruntime CPU)?
 
-1. Draw ``--shapes`` random descendant shapes of a ViT-S-like ancestry (seeded), at batch 1.
-2. Measure each with onnxruntime (export, warm-up, median of repeats).
-3. Predict with the uncalibrated roofline of ``profiles/host.yaml`` (host peak and bandwidth
-   measured, default efficiencies), and with the model calibrated on ``--calibrate`` of the
-   measured shapes; report the share of the *other* shapes within +-10% (and +-20%).
-4. Memory: predicted vs measured resident-memory growth (VmRSS) of an onnxruntime session that
-   loads the model and runs it once (a subprocess per shape, so allocations don't overlap).
-5. Search speed: time to search >= 10,000 candidate shapes of a ViT-B ancestry for Jetson Orin.
+Per batch size (``--batches``, default 1 and 8), seeded random shapes of a ViT-S-like ancestry:
+``--calibrate`` shapes fit the calibrations, ``--shapes`` other shapes are held out and measured
+twice (onnxruntime, median of ``--repeats`` runs; the second measurement shows the noise floor).
 
-Usage: python bench/latency_model.py [--shapes 36] [--calibrate 10] [--seed 0] --json PATH [--md PATH]
+1. Kernel tables (:mod:`factory.kernels`) are measured in the same run on grids spanning the
+   space; their three whole-model terms are fitted on the calibration shapes.
+2. Predictors compared on the held-out shapes: the roofline of ``profiles/host.yaml`` (host peak
+   and bandwidth measured), uncalibrated and calibrated on the same shapes; the kernel tables'
+   raw sum; the kernel tables with the fitted terms. Share within +-10% / +-20%, median error.
+3. Memory: predicted vs measured resident-memory growth (VmRSS) of an onnxruntime session.
+4. Search speed with the kernel predictor, and with the roofline over a ViT-B space.
+
+Usage: python bench/latency_model.py [--shapes 36] [--calibrate 10] [--batches 1,8] --json PATH [--md PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -25,10 +30,12 @@ from pathlib import Path
 
 from factory import DescendantShape
 from factory.cost import CostModel, Measurement, calibrate, measure_host, measure_onnxruntime_latency
+from factory.kernels import Grids, measure_tables
 from factory.profile import load_profile
 from factory.search import SearchSpace, search
 from factory.shapes import ArchConfig
 
+IMG_SIZES = (96, 128, 160, 192, 224)
 ANCESTRY = ArchConfig(embed_dim=384, depth=12, num_heads=6, mlp_hidden=1536, img_size=224, patch_size=16, num_classes=1000)
 
 MEMORY_PROBE = r"""
@@ -44,12 +51,6 @@ sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 sess.run(None, {"images": x})
 print(json.dumps(rss_mb() - before))
 """
-
-
-def random_shapes(n: int, seed: int) -> list[DescendantShape]:
-    space = SearchSpace.from_arch(ANCESTRY, img_sizes=(96, 128, 160, 192, 224), max_depth=12)
-    rng = random.Random(seed)
-    return [space.random_shape(rng) for _ in range(n)]
 
 
 def measure_memory(shape: DescendantShape, batch: int) -> float:
@@ -70,71 +71,107 @@ def measure_memory(shape: DescendantShape, batch: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", type=int, default=36)
-    parser.add_argument("--calibrate", type=int, default=10)
+    parser.add_argument("--shapes", type=int, default=36, help="held-out shapes per batch size")
+    parser.add_argument("--calibrate", type=int, default=10, help="shapes per batch size that fit the calibrations")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--points", type=int, default=6, help="kernel table grid points per axis")
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--memory-shapes", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, required=True, help="where to write the figures")
     parser.add_argument("--md", type=Path, default=None, help="where to write the Markdown tables")
     args = parser.parse_args()
+    batches = tuple(int(b) for b in args.batches.split(","))
+    t_start = time.perf_counter()
 
     host = measure_host()
     profile = load_profile("host")
-    base = CostModel.for_profile(profile, arch=ANCESTRY, host=host)
-    shapes = random_shapes(args.shapes, args.seed)
+    space = SearchSpace.from_arch(ANCESTRY, img_sizes=IMG_SIZES, max_depth=12)
+    rng = random.Random(args.seed)
+    fit = [(space.random_shape(rng), b) for b in batches for _ in range(args.calibrate)]
+    held = [(space.random_shape(rng), b) for b in batches for _ in range(args.shapes)]
+
+    def measure(s, b):
+        return measure_onnxruntime_latency(s, b, arch=ANCESTRY, repeats=args.repeats)
+
+    # 1. the kernel tables, measured in this run, their whole-model terms fitted on the calibration shapes
+    tables = measure_tables(ANCESTRY, Grids.for_space(space, ANCESTRY, batches, args.points), log=print)
+    fit_rows = [(s, b, measure(s, b)) for s, b in fit]
+    tables.fit(fit_rows, ANCESTRY)
+    print(f"tables: {tables.points} kernel points in {tables.seconds}s; scale {tables.scale:.3f}, "
+          f"{tables.per_block_ms * 1e3:.1f} us/block, fixed {tables.fixed_ms * 1e3:.1f} us", flush=True)
+    # 2. the roofline, uncalibrated and calibrated on the same shapes
+    base = CostModel.for_profile(profile.model_copy(update={"latency_tables": None}), arch=ANCESTRY, host=host)
+    cal = calibrate(base, [Measurement(s, b, t) for s, b, t in fit_rows])
+    raw = dataclasses.replace(tables, scale=1.0, per_block_ms=0.0, fixed_ms=0.0)
+    predictors = {
+        "roofline, uncalibrated": lambda s, b: base.latency_ms(s, b),
+        f"roofline, calibrated on {len(fit_rows)} models": lambda s, b: cal.latency_ms(s, b),
+        "kernel tables, sum only": lambda s, b: raw.latency_ms(s, b, ANCESTRY),
+        f"kernel tables + 3 terms fitted on {len(fit_rows)} models": lambda s, b: tables.latency_ms(s, b, ANCESTRY),
+    }
+    # 3. held-out shapes, each measured twice (the second time shows the noise floor)
     rows = []
-    for s in shapes:
-        ms = measure_onnxruntime_latency(s, 1, arch=ANCESTRY, repeats=15)
-        rows.append(Measurement(s, 1, ms))
-        print(f"{s.label():26s} measured {ms:8.3f} ms  roofline {base.latency_ms(s):8.3f} ms", flush=True)
-    fit_rows, test_rows = rows[: args.calibrate], rows[args.calibrate :]
-    cal = calibrate(base, fit_rows)
+    for s, b in held:
+        first, second = measure(s, b), measure(s, b)
+        row = {"shape": s.label(), "batch": b, "measured_ms": round(first, 4), "remeasured_ms": round(second, 4),
+               "predicted_ms": {name: round(fn(s, b), 4) for name, fn in predictors.items()}}
+        rows.append(row)
+        print(f"{s.label():26s} b{b} measured {first:8.3f} / {second:8.3f} ms  kernel {row['predicted_ms'][list(predictors)[-1]]:8.3f}"
+              f"  roofline-cal {row['predicted_ms'][list(predictors)[1]]:8.3f}", flush=True)
 
-    def share(model: CostModel, data: list[Measurement], tol: float) -> float:
-        return sum(abs(model.latency_ms(r.shape) / r.latency_ms - 1) <= tol for r in data) / len(data)
+    def summary(errs: list[float]) -> dict:
+        errs = sorted(errs)
+        return {"within_10pct": round(sum(e <= 0.10 for e in errs) / len(errs), 3),
+                "within_20pct": round(sum(e <= 0.20 for e in errs) / len(errs), 3),
+                "median_abs_error": round(statistics.median(errs), 4)}
 
-    def errors(model: CostModel, data: list[Measurement]) -> list[float]:
-        return sorted(abs(model.latency_ms(r.shape) / r.latency_ms - 1) for r in data)
-
+    per_batch = {}
+    for b in batches:
+        mine = [r for r in rows if r["batch"] == b]
+        per_batch[b] = {"noise (same shape measured twice)": summary([abs(r["remeasured_ms"] / r["measured_ms"] - 1) for r in mine])}
+        for name in predictors:
+            per_batch[b][name] = summary([abs(r["predicted_ms"][name] / r["measured_ms"] - 1) for r in mine])
+    kernel = list(predictors)[-1]
     memory = []
-    for s in shapes[: args.memory_shapes]:
+    for s, _ in held[: args.memory_shapes]:
         measured = measure_memory(s, 1)
         predicted = base.memory_mb(s)
         memory.append({"shape": s.label(), "predicted_mb": round(predicted, 1), "measured_rss_growth_mb": round(measured, 1)})
-        print(f"{s.label():26s} memory predicted {predicted:7.1f} MB, measured RSS growth {measured:7.1f} MB", flush=True)
 
+    # 4. search speed with the kernel predictor over the same space (and the roofline on a ViT-B space)
+    kernel_cost = dataclasses.replace(base, tables=tables, method="kernel tables")
+    t0 = time.perf_counter()
+    ks = search(profile, space, kernel_cost)
+    t_kernel = time.perf_counter() - t0
     from factory.ancestry import load_ancestry
 
     vitb = load_ancestry("random:vit_base_patch16_224").arch
     orin = load_profile("jetson_orin")
-    space = SearchSpace.from_arch(vitb, img_sizes=(160, 192, 224))
+    vspace = SearchSpace.from_arch(vitb, img_sizes=(160, 192, 224))
     cost = CostModel.for_profile(orin, arch=vitb)
     t0 = time.perf_counter()
-    enum = search(orin, space, cost)
+    enum = search(orin, vspace, cost)
     t_enum = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    evo = search(orin, space, cost, enumerate_limit=1000, evaluations=10_000)
-    t_evo = time.perf_counter() - t0
 
     result = {
-        "machine": f"{platform.machine()}, host peak {host.peak_flops / 1e9:.1f} GFLOP/s fp32, copy bandwidth "
-                   f"{host.bandwidth / 1e9:.1f} GB/s, {host.threads} threads",
-        "shapes": len(rows),
-        "calibrated_on": len(fit_rows),
-        "evaluated_on": len(test_rows),
-        "uncalibrated_within_10pct": round(share(base, test_rows, 0.10), 3),
-        "uncalibrated_within_20pct": round(share(base, test_rows, 0.20), 3),
-        "uncalibrated_median_abs_error": round(errors(base, test_rows)[len(test_rows) // 2], 3),
-        "calibrated_within_10pct": round(share(cal, test_rows, 0.10), 3),
-        "calibrated_within_20pct": round(share(cal, test_rows, 0.20), 3),
-        "calibrated_median_abs_error": round(errors(cal, test_rows)[len(test_rows) // 2], 3),
+        "machine": f"{platform.machine()}, host peak {host.peak_flops / 1e9:.1f} GFLOP/s fp32 (ViT GEMM sizes), copy bandwidth "
+                   f"{host.bandwidth / 1e9:.1f} GB/s, {host.threads} threads, onnxruntime {tables.host['runtime_version']}",
+        "batches": list(batches), "held_out_per_batch": args.shapes, "fit_per_batch": args.calibrate,
+        "table_points": tables.points, "table_seconds": tables.seconds,
+        "fitted_terms": {"scale": round(tables.scale, 4), "per_block_us": round(tables.per_block_ms * 1e3, 2),
+                         "fixed_us": round(tables.fixed_ms * 1e3, 2)},
+        "per_batch": {str(b): v for b, v in per_batch.items()},
+        # the issue's headline figures: the kernel predictor, over all batch sizes
+        "calibrated_within_10pct": summary([abs(r["predicted_ms"][kernel] / r["measured_ms"] - 1) for r in rows])["within_10pct"],
+        "calibrated_within_20pct": summary([abs(r["predicted_ms"][kernel] / r["measured_ms"] - 1) for r in rows])["within_20pct"],
+        "calibrated_median_abs_error": summary([abs(r["predicted_ms"][kernel] / r["measured_ms"] - 1) for r in rows])["median_abs_error"],
         "calibrated_efficiency": {k: round(float(v), 4) for k, v in cal.efficiency.__dict__.items()},
+        "rows": rows,
         "memory": memory,
-        "search": {
-            "space": enum.space_size, "enumerate_seconds": round(t_enum, 2), "evolutionary_evaluations": evo.evaluated,
-            "evolutionary_seconds": round(t_evo, 2), "best_enumerated": enum.feasible[0].shape.label(),
-            "best_evolutionary": evo.feasible[0].shape.label(),
-        },
+        "search": {"kernel_space": ks.space_size, "kernel_evaluated": ks.evaluated, "kernel_seconds": round(t_kernel, 2),
+                   "vitb_space": enum.space_size, "vitb_roofline_seconds": round(t_enum, 2)},
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -146,20 +183,21 @@ def main() -> None:
 
 def markdown(j: dict) -> str:
     """The figures as Markdown (the text pasted into bench/RESULTS.md)."""
-    lines = [f"Machine: {j['machine']}. {j['shapes']} shapes, calibrated on {j['calibrated_on']}, evaluated on the other "
-             f"{j['evaluated_on']}.", "",
-             "| model | within +-10% | within +-20% | median abs error |", "|---|---|---|---|",
-             f"| roofline, uncalibrated | {j['uncalibrated_within_10pct']:.0%} | {j['uncalibrated_within_20pct']:.0%} | "
-             f"{j['uncalibrated_median_abs_error']:.0%} |",
-             f"| roofline, calibrated on {j['calibrated_on']} measurements | {j['calibrated_within_10pct']:.0%} | "
-             f"{j['calibrated_within_20pct']:.0%} | {j['calibrated_median_abs_error']:.0%} |", "",
-             "Fitted efficiencies: " + ", ".join(f"{k} {float(v):.3g}" for k, v in j["calibrated_efficiency"].items()) + ".", "",
-             "| shape | predicted MB | measured RSS growth MB |", "|---|---|---|"]
+    lines = [f"Machine: {j['machine']}. Per batch size: {j['held_out_per_batch']} held-out random shapes (not used to fit "
+             f"anything) and {j['fit_per_batch']} shapes that fit the calibrations; kernel tables: {j['table_points']} "
+             f"kernel measurements in {j['table_seconds']} s, fitted terms {j['fitted_terms']}.", ""]
+    for b, preds in j["per_batch"].items():
+        lines += [f"Batch {b}:", "", "| predictor | within +-10% | within +-20% | median abs error |", "|---|---|---|---|"]
+        lines += [f"| {name} | {v['within_10pct']:.0%} | {v['within_20pct']:.0%} | {v['median_abs_error']:.1%} |"
+                  for name, v in preds.items()]
+        lines.append("")
+    lines += [f"All batches, kernel predictor: {j['calibrated_within_10pct']:.0%} within +-10%, "
+              f"{j['calibrated_within_20pct']:.0%} within +-20%, median abs error {j['calibrated_median_abs_error']:.1%}.", "",
+              "| shape | predicted MB | measured RSS growth MB |", "|---|---|---|"]
     lines += [f"| {m['shape']} | {m['predicted_mb']} | {m['measured_rss_growth_mb']} |" for m in j["memory"]]
     sr = j["search"]
-    lines += ["", f"Search speed (ViT-B/16 ancestry, Jetson Orin, inputs 160/192/224): {sr['space']:,} shapes enumerated in "
-              f"{sr['enumerate_seconds']} s; evolutionary search of {sr['evolutionary_evaluations']:,} shapes in "
-              f"{sr['evolutionary_seconds']} s; picks {sr['best_enumerated']} / {sr['best_evolutionary']}."]
+    lines += ["", f"Search speed: kernel predictor, {sr['kernel_evaluated']:,} shapes of the {sr['kernel_space']:,}-shape space in "
+              f"{sr['kernel_seconds']} s; roofline, ViT-B/16 space of {sr['vitb_space']:,} shapes in {sr['vitb_roofline_seconds']} s."]
     return "\n".join(lines)
 
 
