@@ -98,17 +98,17 @@ def main() -> None:
     tables = measure_tables(ANCESTRY, Grids.for_space(space, ANCESTRY, batches, args.points), log=print)
     fit_rows = [(s, b, measure(s, b)) for s, b in fit]
     tables.fit(fit_rows, ANCESTRY)
-    print(f"tables: {tables.points} kernel points in {tables.seconds}s; scale {tables.scale:.3f}, "
-          f"{tables.per_block_ms * 1e3:.1f} us/block, fixed {tables.fixed_ms * 1e3:.1f} us", flush=True)
+    print(f"tables: {tables.points} kernel points in {tables.seconds}s; {tables.describe_terms()}", flush=True)
+    tables.save(args.json.with_name(args.json.stem + "_tables.json"))  # to re-analyse without re-measuring
     # 2. the roofline, uncalibrated and calibrated on the same shapes
     base = CostModel.for_profile(profile.model_copy(update={"latency_tables": None}), arch=ANCESTRY, host=host)
     cal = calibrate(base, [Measurement(s, b, t) for s, b, t in fit_rows])
-    raw = dataclasses.replace(tables, scale=1.0, per_block_ms=0.0, fixed_ms=0.0)
+    raw = dataclasses.replace(tables, terms={}, _memo={})
     predictors = {
         "roofline, uncalibrated": lambda s, b: base.latency_ms(s, b),
-        f"roofline, calibrated on {len(fit_rows)} models": lambda s, b: cal.latency_ms(s, b),
+        f"roofline, calibrated on the same {len(fit_rows)} models": lambda s, b: cal.latency_ms(s, b),
         "kernel tables, sum only": lambda s, b: raw.latency_ms(s, b, ANCESTRY),
-        f"kernel tables + 3 terms fitted on {len(fit_rows)} models": lambda s, b: tables.latency_ms(s, b, ANCESTRY),
+        f"kernel tables + 3 terms per batch fitted on {args.calibrate} models each": lambda s, b: tables.latency_ms(s, b, ANCESTRY),
     }
     # 3. held-out shapes, each measured twice (the second time shows the noise floor)
     rows = []
@@ -159,8 +159,7 @@ def main() -> None:
                    f"{host.bandwidth / 1e9:.1f} GB/s, {host.threads} threads, onnxruntime {tables.host['runtime_version']}",
         "batches": list(batches), "held_out_per_batch": args.shapes, "fit_per_batch": args.calibrate,
         "table_points": tables.points, "table_seconds": tables.seconds,
-        "fitted_terms": {"scale": round(tables.scale, 4), "per_block_us": round(tables.per_block_ms * 1e3, 2),
-                         "fixed_us": round(tables.fixed_ms * 1e3, 2)},
+        "fitted_terms": tables.describe_terms(),
         "per_batch": {str(b): v for b, v in per_batch.items()},
         # the issue's headline figures: the kernel predictor, over all batch sizes
         "calibrated_within_10pct": summary([abs(r["predicted_ms"][kernel] / r["measured_ms"] - 1) for r in rows])["within_10pct"],
@@ -185,7 +184,7 @@ def markdown(j: dict) -> str:
     """The figures as Markdown (the text pasted into bench/RESULTS.md)."""
     lines = [f"Machine: {j['machine']}. Per batch size: {j['held_out_per_batch']} held-out random shapes (not used to fit "
              f"anything) and {j['fit_per_batch']} shapes that fit the calibrations; kernel tables: {j['table_points']} "
-             f"kernel measurements in {j['table_seconds']} s, fitted terms {j['fitted_terms']}.", ""]
+             f"kernel measurements in {j['table_seconds']} s; fitted terms: {j['fitted_terms']}.", ""]
     for b, preds in j["per_batch"].items():
         lines += [f"Batch {b}:", "", "| predictor | within +-10% | within +-20% | median abs error |", "|---|---|---|---|"]
         lines += [f"| {name} | {v['within_10pct']:.0%} | {v['within_20pct']:.0%} | {v['median_abs_error']:.1%} |"

@@ -341,8 +341,8 @@ def profiles_measure(runtime, ancestry, batches, img_sizes, points, fit_models, 
     tables = measure_tables(arch, grids, fit_shapes=spread_shapes(space, fit_models, batches, seed), log=click.echo)
     path = out or host_tables_path(arch)
     tables.save(path)
-    click.echo(f"latency tables {path}: {tables.points} kernel points + {fit_models} whole models in {tables.seconds:.0f}s (scale {tables.scale:.3f}, "
-               f"{tables.per_block_ms * 1e3:.1f} us per block, fixed {tables.fixed_ms * 1e3:.1f} us)")
+    click.echo(f"latency tables {path}: {tables.points} kernel points + {fit_models} whole models in {tables.seconds:.0f}s "
+               f"({tables.describe_terms()})")
 
 
 @profiles.command("schema")

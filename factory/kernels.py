@@ -27,9 +27,13 @@ where each term is interpolated (multilinear in log size, log time; linear extra
 beyond the grid) from that kernel's own measurements, net of the runtime's empty-run time.
 The whole-model time adds what single kernels do not show -- the small shape ops between
 kernels (attention's scale computed from shapes at run time), cache misses when weights are
-not resident -- through three terms fitted on whole models measured with the tables:
+not resident -- through three terms fitted, per batch size, on whole models measured with the
+tables (a batch with no fitted terms uses the nearest one's):
 
-    t = scale * t_kernels + per_block_ms * depth + fixed_ms.
+    t = scale_B * t_kernels + per_block_ms_B * depth + fixed_ms_B.
+
+Per batch size because the missing part differs in kind: at batch 1 the kernels are small and
+weight-bound, so dispatch and cold weights weigh more than at batch 8, where compute dominates.
 
 :func:`measure_tables` measures everything (grids spanning a search space, a handful of whole
 models for the three terms) on this host; :func:`host_tables_path` is where the CLI caches them,
@@ -51,7 +55,7 @@ from typing import Any, Callable
 from .errors import FactoryError
 from .shapes import ArchConfig, DescendantShape, num_tokens
 
-FORMAT = 1
+FORMAT = 2
 KERNELS = ("linear", "linear_gelu", "attention", "layernorm", "add", "stem")
 
 
@@ -224,9 +228,7 @@ class KernelTables:
     arch: dict[str, Any]
     empty_ms: float
     tables: dict[str, dict[str, Any]]  # kernel -> {"axes": [[...]], "ms": nested list}
-    scale: float = 1.0
-    per_block_ms: float = 0.0
-    fixed_ms: float = 0.0
+    terms: dict[str, list[float]] = field(default_factory=dict)  # batch -> [scale, per_block_ms, fixed_ms]
     fit_rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -273,26 +275,43 @@ class KernelTables:
         return (k("stem", (batch * shape.grid**2, d)) + shape.depth * block + k("layernorm", (bn, d))
                 + k("linear", (batch, d, max(1, shape.num_classes))))
 
+    def terms_for(self, batch: int) -> tuple[float, float, float]:
+        """``(scale, per_block_ms, fixed_ms)`` fitted at ``batch``, else at the nearest fitted batch (log scale)."""
+        if not self.terms:
+            return 1.0, 0.0, 0.0
+        key = min(self.terms, key=lambda b: abs(math.log(int(b)) - math.log(batch)))
+        scale, per_block, fixed = self.terms[key]
+        return scale, per_block, fixed
+
     def latency_ms(self, shape: DescendantShape, batch: int, arch: ArchConfig) -> float:
-        return self.scale * self.kernel_sum_ms(shape, batch, arch) + self.per_block_ms * shape.depth + self.fixed_ms + self.empty_ms
+        scale, per_block, fixed = self.terms_for(batch)
+        return scale * self.kernel_sum_ms(shape, batch, arch) + per_block * shape.depth + fixed + self.empty_ms
+
+    def describe_terms(self) -> str:
+        return "; ".join(f"batch {b}: scale {t[0]:.3f}, {t[1] * 1e3:.1f} us per block, fixed {t[2] * 1e3:.1f} us"
+                         for b, t in sorted(self.terms.items(), key=lambda kv: int(kv[0]))) or "none fitted"
 
     # -- fitting the whole-model terms --
     def fit(self, rows: list[tuple[DescendantShape, int, float]], arch: ArchConfig) -> None:
-        """Least squares for ``scale, per_block_ms, fixed_ms`` on measured whole models (relative
-        error weighted, non-negative overheads)."""
+        """Per batch size, least squares for ``scale, per_block_ms, fixed_ms`` on measured whole
+        models (relative errors; scale in [0.3, 3], non-negative per-block time)."""
         import numpy as np
         from scipy.optimize import lsq_linear
 
-        a = np.array([[self.kernel_sum_ms(s, b, arch), s.depth, 1.0] for s, b, _ in rows]) / np.array([[t] for *_, t in rows])
-        y = np.array([t - self.empty_ms for *_, t in rows]) / np.array([t for *_, t in rows])
-        res = lsq_linear(a, y, bounds=([0.3, 0.0, -self.empty_ms], [3.0, np.inf, np.inf]))
-        self.scale, self.per_block_ms, self.fixed_ms = (float(v) for v in res.x)
+        self.terms = {}
+        for batch in sorted({b for _, b, _ in rows}):
+            mine = [(s, t) for s, b, t in rows if b == batch]
+            measured = np.array([t for _, t in mine])
+            a = np.array([[self.kernel_sum_ms(s, batch, arch), s.depth, 1.0] for s, _ in mine]) / measured[:, None]
+            y = (measured - self.empty_ms) / measured
+            res = lsq_linear(a, y, bounds=([0.3, 0.0, -self.empty_ms], [3.0, np.inf, np.inf]))
+            self.terms[str(batch)] = [float(v) for v in res.x]
         self.fit_rows = [{"shape": s.label(), "batch": b, "measured_ms": round(t, 4)} for s, b, t in rows]
 
     # -- persistence --
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "host": self.host, "arch": self.arch, "empty_ms": self.empty_ms, "tables": self.tables,
-                "scale": self.scale, "per_block_ms": self.per_block_ms, "fixed_ms": self.fixed_ms, "fit_rows": self.fit_rows,
+                "terms": self.terms, "fit_rows": self.fit_rows,
                 "seconds": self.seconds}
 
     def save(self, path: str | Path) -> None:
@@ -307,8 +326,9 @@ class KernelTables:
             data = json.loads(path.read_text())
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
-            tables = cls(data["host"], data["arch"], float(data["empty_ms"]), data["tables"], float(data["scale"]),
-                         float(data["per_block_ms"]), float(data["fixed_ms"]), data.get("fit_rows", []), data.get("seconds", 0.0))
+            tables = cls(data["host"], data["arch"], float(data["empty_ms"]), data["tables"],
+                         {str(b): [float(v) for v in t] for b, t in data["terms"].items()}, data.get("fit_rows", []),
+                         data.get("seconds", 0.0))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FactoryError(f"latency tables {path}: unreadable ({exc}); re-measure with `peg-factory profiles measure`") from exc
         for kernel in KERNELS:
@@ -373,8 +393,7 @@ def measure_tables(arch: ArchConfig, grids: Grids, *, fit_shapes: list[tuple[Des
 
         rows = [(s, b, measure_onnxruntime_latency(s, b, arch=arch)) for s, b in fit_shapes]
         result.fit(rows, arch)
-        log(f"fitted whole-model terms on {len(rows)} models: scale {result.scale:.3f}, "
-            f"{result.per_block_ms * 1e3:.1f} us per block, fixed {result.fixed_ms * 1e3:.1f} us")
+        log(f"fitted whole-model terms on {len(rows)} models: {result.describe_terms()}")
     result.seconds = round(time.perf_counter() - t0, 1)
     return result
 

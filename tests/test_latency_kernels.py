@@ -61,9 +61,12 @@ def test_interpolation_is_exact_for_power_laws_inside_and_outside_the_grid():
 def test_whole_model_terms_are_recovered_by_the_fit():
     t = _power_law_tables(empty=0.0)
     shapes = [(SPACE.random_shape(__import__("random").Random(i)), 1) for i in range(12)]
-    rows = [(s, b, 1.3 * t.kernel_sum_ms(s, b, DEMO_ARCH) + 0.02 * s.depth + 0.05) for s, b in shapes]
+    rows = [(s, 1, 1.3 * t.kernel_sum_ms(s, 1, DEMO_ARCH) + 0.02 * s.depth + 0.05) for s, _ in shapes]
+    rows += [(s, 8, 0.9 * t.kernel_sum_ms(s, 8, DEMO_ARCH) + 0.1) for s, _ in shapes]
     t.fit(rows, DEMO_ARCH)
-    assert (t.scale, t.per_block_ms, t.fixed_ms) == pytest.approx((1.3, 0.02, 0.05), rel=1e-3)
+    assert t.terms_for(1) == pytest.approx((1.3, 0.02, 0.05), rel=1e-3)
+    assert t.terms_for(8) == pytest.approx((0.9, 0.0, 0.1), abs=1e-4)
+    assert t.terms_for(2) == t.terms_for(1) and t.terms_for(32) == t.terms_for(8)  # nearest fitted batch
 
 
 def test_tables_round_trip_and_damaged_files_are_one_line(tmp_path):
@@ -118,7 +121,7 @@ def test_measured_tables_predict_real_models_of_the_demo_space(tmp_path):
     space = SearchSpace.from_arch(DEMO_ARCH, max_depth=6)
     grids = Grids.for_space(space, DEMO_ARCH, (1,), points=3)
     tables = measure_tables(DEMO_ARCH, grids, fit_shapes=spread_shapes(space, 4, (1,), seed=1), budget_s=0.02)
-    assert tables.scale > 0 and tables.points > 50
+    assert tables.terms_for(1)[0] > 0 and tables.points > 50
     from factory.cost import measure_onnxruntime_latency
 
     for s, b in spread_shapes(space, 3, (1,), seed=7):
