@@ -94,13 +94,44 @@ def main() -> None:
     def measure(s, b):
         return measure_onnxruntime_latency(s, b, arch=ANCESTRY, repeats=args.repeats)
 
-    # 1. the kernel tables, measured in this run, their whole-model terms fitted on the calibration shapes
+    # This VM's speed drifts by tens of percent over minutes (shared host), so the order is chosen to
+    # spread drift evenly: a reference model is timed throughout, fit and held-out shapes are measured
+    # interleaved in a shuffled order, and each held-out shape is measured again at a later time
+    # (that second measurement is the noise floor: the same shape, same code, another moment).
+    reference = (DescendantShape(6, 192, 3, 4.0, 160, 16, 1000), 1)
+    drift: list[float] = []
+
+    def measure(s, b):
+        return measure_onnxruntime_latency(s, b, arch=ANCESTRY, repeats=args.repeats)
+
+    def probe():
+        drift.append(round(measure(*reference), 4))
+
+    # 1. the kernel tables, measured in this run
+    probe()
     tables = measure_tables(ANCESTRY, Grids.for_space(space, ANCESTRY, batches, args.points), log=print)
-    fit_rows = [(s, b, measure(s, b)) for s, b in fit]
+    probe()
+    # 2. whole models: fit and held-out shapes interleaved; held-out ones again later, in another order
+    order = [("fit", i) for i in range(len(fit))] + [("held", i) for i in range(len(held))]
+    random.Random(args.seed + 1).shuffle(order)
+    measured: dict[tuple[str, int], float] = {}
+    for k, key in enumerate(order):
+        s, b = (fit if key[0] == "fit" else held)[key[1]]
+        measured[key] = measure(s, b)
+        if k % 10 == 9:
+            probe()
+    again_order = list(range(len(held)))
+    random.Random(args.seed + 2).shuffle(again_order)
+    again = {}
+    for k, i in enumerate(again_order):
+        again[i] = measure(*held[i])
+        if k % 10 == 9:
+            probe()
+    fit_rows = [(s, b, measured[("fit", i)]) for i, (s, b) in enumerate(fit)]
     tables.fit(fit_rows, ANCESTRY)
     print(f"tables: {tables.points} kernel points in {tables.seconds}s; {tables.describe_terms()}", flush=True)
     tables.save(args.json.with_name(args.json.stem + "_tables.json"))  # to re-analyse without re-measuring
-    # 2. the roofline, uncalibrated and calibrated on the same shapes
+    # 3. the roofline, uncalibrated and calibrated on the same shapes
     base = CostModel.for_profile(profile.model_copy(update={"latency_tables": None}), arch=ANCESTRY, host=host)
     cal = calibrate(base, [Measurement(s, b, t) for s, b, t in fit_rows])
     raw = dataclasses.replace(tables, terms={}, _memo={})
@@ -110,10 +141,9 @@ def main() -> None:
         "kernel tables, sum only": lambda s, b: raw.latency_ms(s, b, ANCESTRY),
         f"kernel tables + 3 terms per batch fitted on {args.calibrate} models each": lambda s, b: tables.latency_ms(s, b, ANCESTRY),
     }
-    # 3. held-out shapes, each measured twice (the second time shows the noise floor)
     rows = []
-    for s, b in held:
-        first, second = measure(s, b), measure(s, b)
+    for i, (s, b) in enumerate(held):
+        first, second = measured[("held", i)], again[i]
         row = {"shape": s.label(), "batch": b, "measured_ms": round(first, 4), "remeasured_ms": round(second, 4),
                "predicted_ms": {name: round(fn(s, b), 4) for name, fn in predictors.items()}}
         rows.append(row)
@@ -129,7 +159,7 @@ def main() -> None:
     per_batch = {}
     for b in batches:
         mine = [r for r in rows if r["batch"] == b]
-        per_batch[b] = {"noise (same shape measured twice)": summary([abs(r["remeasured_ms"] / r["measured_ms"] - 1) for r in mine])}
+        per_batch[b] = {"noise (same shape re-measured later in the run)": summary([abs(r["remeasured_ms"] / r["measured_ms"] - 1) for r in mine])}
         for name in predictors:
             per_batch[b][name] = summary([abs(r["predicted_ms"][name] / r["measured_ms"] - 1) for r in mine])
     kernel = list(predictors)[-1]
@@ -159,6 +189,8 @@ def main() -> None:
                    f"{host.bandwidth / 1e9:.1f} GB/s, {host.threads} threads, onnxruntime {tables.host['runtime_version']}",
         "batches": list(batches), "held_out_per_batch": args.shapes, "fit_per_batch": args.calibrate,
         "table_points": tables.points, "table_seconds": tables.seconds,
+        "reference_model": f"{reference[0].label()} b{reference[1]}", "reference_ms_over_the_run": drift,
+        "drift_max_over_min": round(max(drift) / min(drift), 3),
         "fitted_terms": tables.describe_terms(),
         "per_batch": {str(b): v for b, v in per_batch.items()},
         # the headline figures: the kernel predictor, over all batch sizes
@@ -185,6 +217,8 @@ def markdown(j: dict) -> str:
     lines = [f"Machine: {j['machine']}. Per batch size: {j['held_out_per_batch']} held-out random shapes (not used to fit "
              f"anything) and {j['fit_per_batch']} shapes that fit the calibrations; kernel tables: {j['table_points']} "
              f"kernel measurements in {j['table_seconds']} s; fitted terms: {j['fitted_terms']}.", ""]
+    lines += [f"Machine drift: the reference model {j['reference_model']} took {min(j['reference_ms_over_the_run'])}-"
+              f"{max(j['reference_ms_over_the_run'])} ms over the run ({j['drift_max_over_min']}x).", ""]
     for b, preds in j["per_batch"].items():
         lines += [f"Batch {b}:", "", "| predictor | within +-10% | within +-20% | median abs error |", "|---|---|---|---|"]
         lines += [f"| {name} | {v['within_10pct']:.0%} | {v['within_20pct']:.0%} | {v['median_abs_error']:.1%} |"
