@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--memory-shapes", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--normalise", action=argparse.BooleanOptionalAction, default=True,
+                        help="divide each measurement by the reference model's time just before it (machine drift)")
     parser.add_argument("--json", type=Path, required=True, help="where to write the figures")
     parser.add_argument("--md", type=Path, default=None, help="where to write the Markdown tables")
     args = parser.parse_args()
@@ -94,18 +96,25 @@ def main() -> None:
     def measure(s, b):
         return measure_onnxruntime_latency(s, b, arch=ANCESTRY, repeats=args.repeats)
 
-    # This VM's speed drifts by tens of percent over minutes (shared host), so the order is chosen to
-    # spread drift evenly: a reference model is timed throughout, fit and held-out shapes are measured
-    # interleaved in a shuffled order, and each held-out shape is measured again at a later time
-    # (that second measurement is the noise floor: the same shape, same code, another moment).
+    # This VM's speed drifts by tens of percent over minutes (shared host). So a reference model is timed
+    # just before every whole-model measurement (--normalise divides the drift out), fit and held-out
+    # shapes are measured interleaved in a shuffled order, and each held-out shape is measured again at
+    # a later time (that second measurement is the noise floor: same shape, same code, another moment).
     reference = (DescendantShape(6, 192, 3, 4.0, 160, 16, 1000), 1)
     drift: list[float] = []
 
-    def measure(s, b):
+    speed: list[float] = []  # the reference model's time just before each whole-model measurement
+
+    def raw_measure(s, b):
         return measure_onnxruntime_latency(s, b, arch=ANCESTRY, repeats=args.repeats)
 
+    def measure(s, b):
+        """A shape's time, with the reference model timed just before it (the machine's speed then)."""
+        speed.append(raw_measure(*reference))
+        return raw_measure(s, b)
+
     def probe():
-        drift.append(round(measure(*reference), 4))
+        drift.append(round(raw_measure(*reference), 4))
 
     # 1. the kernel tables, measured in this run
     probe()
@@ -115,18 +124,23 @@ def main() -> None:
     order = [("fit", i) for i in range(len(fit))] + [("held", i) for i in range(len(held))]
     random.Random(args.seed + 1).shuffle(order)
     measured: dict[tuple[str, int], float] = {}
-    for k, key in enumerate(order):
+    speed_at: dict = {}
+    for key in order:
         s, b = (fit if key[0] == "fit" else held)[key[1]]
         measured[key] = measure(s, b)
-        if k % 10 == 9:
-            probe()
+        speed_at[key] = speed[-1]
     again_order = list(range(len(held)))
     random.Random(args.seed + 2).shuffle(again_order)
-    again = {}
-    for k, i in enumerate(again_order):
+    again, again_speed = {}, {}
+    for i in again_order:
         again[i] = measure(*held[i])
-        if k % 10 == 9:
-            probe()
+        again_speed[i] = speed[-1]
+    drift.extend(round(v, 4) for v in speed)
+    # drift-normalised times: as if the machine ran at its median speed of the run throughout
+    typical = statistics.median(speed)
+    if args.normalise:
+        measured = {k: v * typical / speed_at[k] for k, v in measured.items()}
+        again = {i: v * typical / again_speed[i] for i, v in again.items()}
     fit_rows = [(s, b, measured[("fit", i)]) for i, (s, b) in enumerate(fit)]
     tables.fit(fit_rows, ANCESTRY)
     print(f"tables: {tables.points} kernel points in {tables.seconds}s; {tables.describe_terms()}", flush=True)
@@ -190,7 +204,7 @@ def main() -> None:
         "batches": list(batches), "held_out_per_batch": args.shapes, "fit_per_batch": args.calibrate,
         "table_points": tables.points, "table_seconds": tables.seconds,
         "reference_model": f"{reference[0].label()} b{reference[1]}", "reference_ms_over_the_run": drift,
-        "drift_max_over_min": round(max(drift) / min(drift), 3),
+        "drift_max_over_min": round(max(drift) / min(drift), 3), "normalised": args.normalise,
         "fitted_terms": tables.describe_terms(),
         "per_batch": {str(b): v for b, v in per_batch.items()},
         # the issue's headline figures: the kernel predictor, over all batch sizes
@@ -217,8 +231,10 @@ def markdown(j: dict) -> str:
     lines = [f"Machine: {j['machine']}. Per batch size: {j['held_out_per_batch']} held-out random shapes (not used to fit "
              f"anything) and {j['fit_per_batch']} shapes that fit the calibrations; kernel tables: {j['table_points']} "
              f"kernel measurements in {j['table_seconds']} s; fitted terms: {j['fitted_terms']}.", ""]
-    lines += [f"Machine drift: the reference model {j['reference_model']} took {min(j['reference_ms_over_the_run'])}-"
-              f"{max(j['reference_ms_over_the_run'])} ms over the run ({j['drift_max_over_min']}x).", ""]
+    lines += [f"Machine drift: the reference model {j['reference_model']}, timed before every whole-model measurement, took "
+              f"{min(j['reference_ms_over_the_run'])}-{max(j['reference_ms_over_the_run'])} ms over the run "
+              f"({j['drift_max_over_min']}x); measurements are "
+              + ("normalised by it (time x median reference / reference just before)." if j["normalised"] else "raw."), ""]
     for b, preds in j["per_batch"].items():
         lines += [f"Batch {b}:", "", "| predictor | within +-10% | within +-20% | median abs error |", "|---|---|---|---|"]
         lines += [f"| {name} | {v['within_10pct']:.0%} | {v['within_20pct']:.0%} | {v['median_abs_error']:.1%} |"
