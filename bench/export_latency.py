@@ -28,11 +28,11 @@ import torch
 from export.api import export_model
 from export.runtime import ort_latency_ms, ort_session
 from factory import DescendantShape, init_descendant, load_ancestry
-from factory.checkpoint import save_descendant
-from factory.data import load_dataset
-from factory.shapes import ArchConfig
-from factory.timm_vit import build_vit
-from factory.train import TrainConfig, train
+from factory.core.checkpoint import save_descendant
+from factory.training.data import load_dataset
+from factory.core.shapes import ArchConfig
+from factory.core.timm_vit import build_vit
+from factory.training.train import TrainConfig, train
 
 
 def eager_ms(model, x: torch.Tensor, repeats: int) -> float:

@@ -4,7 +4,7 @@ Per batch size (``--batches``, default 1 and 8), seeded random shapes of a ViT-S
 ``--calibrate`` shapes fit the calibrations, ``--shapes`` other shapes are held out and measured
 twice (onnxruntime, median of ``--repeats`` runs; the second measurement shows the noise floor).
 
-1. Kernel tables (:mod:`factory.kernels`) are measured in the same run on grids spanning the
+1. Kernel tables (:mod:`factory.device.kernels`) are measured in the same run on grids spanning the
    space; their three whole-model terms are fitted on the calibration shapes.
 2. Predictors compared on the held-out shapes: the roofline of ``profiles/host.yaml`` (host peak
    and bandwidth measured), uncalibrated and calibrated on the same shapes; the kernel tables'
@@ -29,11 +29,11 @@ import time
 from pathlib import Path
 
 from factory import DescendantShape
-from factory.cost import CostModel, Measurement, calibrate, measure_host, measure_onnxruntime_latency
-from factory.kernels import Grids, measure_tables
-from factory.profile import load_profile
-from factory.search import SearchSpace, search
-from factory.shapes import ArchConfig
+from factory.device.cost import CostModel, Measurement, calibrate, measure_host, measure_onnxruntime_latency
+from factory.device.kernels import Grids, measure_tables
+from factory.device.profile import load_profile
+from factory.device.search import SearchSpace, search
+from factory.core.shapes import ArchConfig
 
 IMG_SIZES = (96, 128, 160, 192, 224)
 ANCESTRY = ArchConfig(embed_dim=384, depth=12, num_heads=6, mlp_hidden=1536, img_size=224, patch_size=16, num_classes=1000)
@@ -59,7 +59,7 @@ def measure_memory(shape: DescendantShape, batch: int) -> float:
 
 
     from export.onnx_export import export_onnx
-    from factory.timm_vit import build_vit
+    from factory.core.timm_vit import build_vit
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
@@ -188,7 +188,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ks = search(profile, space, kernel_cost)
     t_kernel = time.perf_counter() - t0
-    from factory.ancestry import load_ancestry
+    from factory.core.ancestry import load_ancestry
 
     vitb = load_ancestry("random:vit_base_patch16_224").arch
     orin = load_profile("jetson_orin")

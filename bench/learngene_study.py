@@ -7,7 +7,7 @@ recipe (``bench/common.py``) on ``digits`` and ``textures`` for several seeds; w
 TLEG are run in the same process on the same shapes, seeds and steps as the reference. Knobs:
 
 - ``tau``: softmax temperature of the layer/head mixture (1 = the paper's Gaussian mixture).
-- ``head mixing`` on/off; ``rescale``: the variance-preserving rescale (factory.mixing.rescale_like).
+- ``head mixing`` on/off; ``rescale``: the variance-preserving rescale (factory.core.mixing.rescale_like).
 - ``gene layers``: 3 (= L_a/2, the paper's) or 6.
 - expanding phase: ``steps``; ``data`` (MNIST train = the ancestry's own data, or the target
   task's own training images); ``sandwich`` (``depths``: depths 1/3/6/9/12 at the ancestry's width,
@@ -33,9 +33,9 @@ import torch
 
 from common import finetune_curve, load_tasks, mean_std, rows_with_int_steps, write_outputs
 from factory import DescendantShape, init_descendant, load_ancestry, sample_learngene
-from factory.data import load_dataset
-from factory.demo import load_demo_learngene
-from factory.expanding import ExpandingConfig, default_shapes, train_learngene
+from factory.training.data import load_dataset
+from factory.pipeline.demo import load_demo_learngene
+from factory.core.expanding import ExpandingConfig, default_shapes, train_learngene
 
 BASE = dict(tau=1.0, head_mixing=True, rescale="none", layers=3, steps=0, data="mnist", sandwich="grid", extra_hidden=0)
 

@@ -3,7 +3,7 @@
 For every profile of ``profiles/fleet_example.yaml``, task (``digits``; ``textures``, the unseen task
 of the PEG benchmark) and seed, the searcher's feasible shapes are narrowed to >= 8 candidates
 (the estimator's Pareto-front spread, topped up with the next feasible shapes by capacity), every
-candidate is fine-tuned with the build's exact recipe (:func:`factory.build.finetune_recipe`, the
+candidate is fine-tuned with the build's exact recipe (:func:`factory.pipeline.build.finetune_recipe`, the
 shipped learngene, ``init=peg``) and its test accuracy measured. Reported per (profile, task, seed):
 the accuracy of the shape the estimator chooses, of the best candidate (the oracle) and of the
 capacity proxy's choice; the Spearman rank correlation between predicted and measured accuracy;
@@ -28,14 +28,14 @@ from scipy.stats import spearmanr
 
 from common import write_outputs
 from factory import init_descendant, load_ancestry
-from factory.accuracy import EstimatorConfig, ProxyFinetune, candidates, choose_by_accuracy
-from factory.build import BuildConfig, finetune_recipe, load_fleet
-from factory.cost import CostModel
-from factory.data import load_dataset
-from factory.demo import load_demo_learngene
-from factory.profile import load_profile
-from factory.search import SearchSpace, search
-from factory.train import evaluate, train
+from factory.device.accuracy import EstimatorConfig, ProxyFinetune, candidates, choose_by_accuracy
+from factory.pipeline.build import BuildConfig, finetune_recipe, load_fleet
+from factory.device.cost import CostModel
+from factory.training.data import load_dataset
+from factory.pipeline.demo import load_demo_learngene
+from factory.device.profile import load_profile
+from factory.device.search import SearchSpace, search
+from factory.training.train import evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
 

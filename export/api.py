@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from factory.ancestry import load_ancestry, read_checkpoint
-from factory.artifacts import atomic_directory, sha256_file
-from factory.checkpoint import INFO_METADATA_KEY
+from factory.core.ancestry import load_ancestry, read_checkpoint
+from factory.pipeline.artifacts import atomic_directory, sha256_file
+from factory.core.checkpoint import INFO_METADATA_KEY
 from factory.errors import FactoryError
-from factory.flops import count_flops, count_params
+from factory.core.flops import count_flops, count_params
 
 from .onnx_export import OPSET, export_onnx
 
@@ -66,7 +66,7 @@ def parse_formats(text: str | list[str], profile=None) -> list[str]:
 
 def _data_for(arch, data: str | None):
     """Validation/calibration images for accuracy and INT8 (None when the task has no data)."""
-    from factory.data import load_dataset
+    from factory.training.data import load_dataset
 
     spec = data or ("digits" if arch.in_chans == 1 and arch.num_classes == 10 else None)
     if spec is None:

@@ -5,14 +5,14 @@ The public API; the ``peg-factory`` CLI is a thin layer over it.
 
 __version__ = "0.1.0"
 
-from .ancestry import DEMO_ARCH, Ancestry, load_ancestry  # noqa: E402
-from .baselines import METHODS, init_descendant  # noqa: E402
-from .errors import FactoryError  # noqa: E402
-from .expand import expand, expand_tensors  # noqa: E402
-from .flops import count_flops, count_params  # noqa: E402
-from .learngene import Learngene, sample_learngene  # noqa: E402
-from .mixing import DepthMap  # noqa: E402
-from .shapes import ArchConfig, DescendantShape, vit_flops, vit_params  # noqa: E402
+from factory.core.ancestry import DEMO_ARCH, Ancestry, load_ancestry  # noqa: E402
+from factory.core.baselines import METHODS, init_descendant  # noqa: E402
+from factory.errors import FactoryError  # noqa: E402
+from factory.core.expand import expand, expand_tensors  # noqa: E402
+from factory.core.flops import count_flops, count_params  # noqa: E402
+from factory.core.learngene import Learngene, sample_learngene  # noqa: E402
+from factory.core.mixing import DepthMap  # noqa: E402
+from factory.core.shapes import ArchConfig, DescendantShape, vit_flops, vit_params  # noqa: E402
 
 __all__ = [
     "DEMO_ARCH",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import FactoryError
+from factory.errors import FactoryError
 
 
 class UserError(click.ClickException):
@@ -97,8 +97,8 @@ def learngene(ctx, ancestry, layers, heads, tau, mixing, head_mixing, rescale, s
         return
     if out is None:
         raise UserError("missing --out DIR: where to write the learngene")
-    from .ancestry import load_ancestry
-    from .learngene import sample_learngene
+    from factory.core.ancestry import load_ancestry
+    from factory.core.learngene import sample_learngene
 
     anc = load_ancestry(ancestry)
     lg = sample_learngene(anc, max(1, anc.arch.depth // 2) if layers is None else layers, heads, tau=tau, seed=seed,
@@ -149,11 +149,11 @@ def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_
     """
     import shutil
 
-    from .ancestry import load_ancestry
-    from .artifacts import ensure_parent, seal_state
-    from .data import load_dataset
-    from .expanding import ExpandingConfig, default_shapes, train_learngene
-    from .learngene import Learngene
+    from factory.core.ancestry import load_ancestry
+    from factory.pipeline.artifacts import ensure_parent, seal_state
+    from factory.training.data import load_dataset
+    from factory.core.expanding import ExpandingConfig, default_shapes, train_learngene
+    from factory.core.learngene import Learngene
 
     lg = Learngene.load(learngene_dir)
     spec = ancestry or lg.meta.get("ancestry", {}).get("spec")
@@ -207,7 +207,7 @@ def ancestry_train(out, steps, seed, fp32) -> None:
       peg-factory ancestry train
       peg-factory ancestry train --out factory/assets/demo_ancestry.safetensors
     """
-    from .demo import train_demo_ancestry
+    from factory.pipeline.demo import train_demo_ancestry
 
     overrides = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
     log = train_demo_ancestry(out, recipe=overrides, half=not fp32)
@@ -239,10 +239,10 @@ def train_cmd(model_path, data, steps, batch_size, lr, warmup_steps, distill_fro
       peg-factory train --model out/descendant.safetensors --data digits --steps 200 --out runs/d9
       torchrun --nproc_per_node 4 -m factory.cli train --model d.safetensors --data ./imagenet --out runs/x
     """
-    from .ancestry import load_ancestry
-    from .checkpoint import save_descendant
-    from .data import load_dataset
-    from .train import TrainConfig, evaluate, train
+    from factory.core.ancestry import load_ancestry
+    from factory.core.checkpoint import save_descendant
+    from factory.training.data import load_dataset
+    from factory.training.train import TrainConfig, evaluate, train
 
     anc = load_ancestry(model_path)
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
@@ -250,7 +250,7 @@ def train_cmd(model_path, data, steps, batch_size, lr, warmup_steps, distill_fro
     if ds.num_classes != arch.num_classes:
         import dataclasses
 
-        from .expand import model_from_state
+        from factory.core.expand import model_from_state
 
         shape = dataclasses.replace(arch.shape(), num_classes=ds.num_classes)  # new classifier
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
@@ -279,7 +279,7 @@ def profiles_list() -> None:
     Example:
       peg-factory profiles list
     """
-    from .profile import list_profiles, load_profile
+    from factory.device.profile import list_profiles, load_profile
 
     for name in list_profiles():
         p = load_profile(name)
@@ -299,7 +299,7 @@ def profiles_show(name, as_json) -> None:
     """
     import yaml
 
-    from .profile import load_profile
+    from factory.device.profile import load_profile
 
     data = load_profile(name).model_dump(exclude_none=True)
     click.echo(json.dumps(data, indent=2) if as_json else yaml.safe_dump(data, sort_keys=False).rstrip())
@@ -330,9 +330,9 @@ def profiles_measure(runtime, ancestry, batches, img_sizes, points, fit_models, 
       peg-factory profiles measure
       peg-factory search --profile host      # host.yaml has latency_tables: host
     """
-    from .ancestry import load_ancestry
-    from .kernels import Grids, host_tables_path, measure_tables, spread_shapes
-    from .search import SearchSpace
+    from factory.core.ancestry import load_ancestry
+    from factory.device.kernels import Grids, host_tables_path, measure_tables, spread_shapes
+    from factory.device.search import SearchSpace
 
     arch = load_ancestry(ancestry).arch
     batches = tuple(batches) or (1, 8)
@@ -353,7 +353,7 @@ def profiles_schema() -> None:
     Example:
       peg-factory profiles schema > profiles/profile.schema.json
     """
-    from .profile import profile_json_schema
+    from factory.device.profile import profile_json_schema
 
     _echo_json(profile_json_schema())
 
@@ -373,10 +373,10 @@ def calibrate_cmd(profile_spec, ancestry, count, seed, out) -> None:
       # on the device: python3 kit/measure.py   -> kit/calibration.csv, kit/calibration.json
       # in the profile: calibration: kit/calibration.csv
     """
-    from .ancestry import load_ancestry
-    from .calibration import write_kit
-    from .profile import load_profile
-    from .search import SearchSpace
+    from factory.core.ancestry import load_ancestry
+    from factory.device.calibration import write_kit
+    from factory.device.profile import load_profile
+    from factory.device.search import SearchSpace
 
     profile = load_profile(profile_spec)
     arch = load_ancestry(ancestry).arch
@@ -414,10 +414,10 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
     """
     import time
 
-    from .ancestry import load_ancestry
-    from .cost import CostModel
-    from .profile import load_profile
-    from .search import SearchSpace, search
+    from factory.core.ancestry import load_ancestry
+    from factory.device.cost import CostModel
+    from factory.device.profile import load_profile
+    from factory.device.search import SearchSpace, search
 
     profile = load_profile(profile_spec)
     anc = load_ancestry(ancestry)
@@ -428,7 +428,7 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
         objective, reason = "capacity", "--objective accuracy needs --data (task images to estimate on); fell back to capacity"
         click.echo(f"note: {reason}", err=True)
     if data:
-        from .data import load_dataset
+        from factory.training.data import load_dataset
 
         ds = load_dataset(data, img_size=arch.img_size, in_chans=arch.in_chans)
         num_classes = num_classes or ds.num_classes
@@ -438,7 +438,7 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
     result = search(profile, space, cost, seed=seed)
     selection: dict = {"objective": objective, **({"reason": reason} if reason else {})}
     if objective == "accuracy" and result.feasible:
-        from .build import Builder, BuildConfig, choose_for_devices
+        from factory.pipeline.build import Builder, BuildConfig, choose_for_devices
 
         builder = Builder(work, BuildConfig(ancestry=ancestry, data=data, finetune_steps=steps, seed=seed),
                           log=lambda line: click.echo(line, err=True))
@@ -501,11 +501,11 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
     """
     from export.api import export_model, parse_formats, resolve_model_path
 
-    from .profile import load_profile
+    from factory.device.profile import load_profile
 
     import contextlib
 
-    from .artifacts import confined, directory_lock
+    from factory.pipeline.artifacts import confined, directory_lock
 
     jobs = []
     lock = contextlib.nullcontext()
@@ -583,9 +583,9 @@ def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layer
       peg-factory build --fleet fleet.yaml --out /shared/fleet --executor ray --ray-address auto --task-gpus 1
       peg-factory build --profile jetson_orin --profile raspberry_pi5 --dry-run
     """
-    from .build import BuildConfig, build, load_fleet
-    from .executor import make_executor
-    from .profile import load_profile
+    from factory.pipeline.build import BuildConfig, build, load_fleet
+    from factory.pipeline.executor import make_executor
+    from factory.device.profile import load_profile
 
     if executor_kind == "local" and (ray_address or task_gpus):
         raise UserError("--ray-address and --task-gpus need --executor ray")
@@ -627,7 +627,7 @@ def _shape_options(fn):
 
 
 def _shape_from(arch, depth, embed_dim, num_heads, mlp_ratio, img_size, patch_size, num_classes):
-    from .shapes import DescendantShape
+    from factory.core.shapes import DescendantShape
 
     for name, value in (("--depth", depth), ("--embed-dim", embed_dim), ("--heads", num_heads)):
         if value is None:
@@ -662,11 +662,11 @@ def expand(learngene_dir, ancestry, method, selection, depth, embed_dim, num_hea
       peg-factory expand --learngene out/learngene --depth 9 --embed-dim 192 --heads 3 --out out/d9.safetensors
       peg-factory expand --method tleg --ancestry demo --depth 4 --embed-dim 96 --heads 2 --out out/tleg.safetensors
     """
-    from .ancestry import load_ancestry
-    from .baselines import init_descendant
-    from .checkpoint import save_descendant
-    from .flops import count_params
-    from .learngene import Learngene
+    from factory.core.ancestry import load_ancestry
+    from factory.core.baselines import init_descendant
+    from factory.core.checkpoint import save_descendant
+    from factory.core.flops import count_params
+    from factory.core.learngene import Learngene
 
     lg = Learngene.load(learngene_dir) if learngene_dir is not None else None
     anc = load_ancestry(ancestry) if ancestry is not None else None
@@ -674,7 +674,7 @@ def expand(learngene_dir, ancestry, method, selection, depth, embed_dim, num_hea
         raise UserError("--method peg needs --learngene DIR (create one with `peg-factory learngene`)")
     arch = lg.arch if lg is not None else anc.arch if anc is not None else None
     if arch is None:
-        from .ancestry import DEMO_ARCH
+        from factory.core.ancestry import DEMO_ARCH
 
         arch = DEMO_ARCH
     shape = _shape_from(arch, depth, embed_dim, num_heads, mlp_ratio, img_size, patch_size, num_classes)
@@ -704,9 +704,9 @@ def flops(model_path, depth, embed_dim, num_heads, mlp_ratio, img_size, patch_si
       peg-factory flops --model out/d9.safetensors
       peg-factory flops --depth 12 --embed-dim 384 --heads 6 --img-size 224 --patch-size 16 --num-classes 1000
     """
-    from .ancestry import load_ancestry
-    from .flops import count_flops, count_params
-    from .shapes import STANDARD_ARCH, vit_flops, vit_params
+    from factory.core.ancestry import load_ancestry
+    from factory.core.flops import count_flops, count_params
+    from factory.core.shapes import STANDARD_ARCH, vit_flops, vit_params
 
     if model_path is not None:
         anc = load_ancestry(model_path if Path(model_path).exists() else str(model_path))

@@ -17,5 +17,5 @@ class Interrupted(KeyboardInterrupt):
     """A long-running step stopped because the user asked it to (Ctrl-C); the CLI exits with 130.
 
     Raised by worker threads, which never see the signal themselves: the main thread receives
-    the ``KeyboardInterrupt`` and tells them to stop (see ``factory.train.train(should_stop=)``).
+    the ``KeyboardInterrupt`` and tells them to stop (see ``factory.training.train.train(should_stop=)``).
     """

@@ -7,15 +7,15 @@ import pytest
 from click.testing import CliRunner
 
 from factory import load_ancestry
-from factory.accuracy import EstimatorConfig, ProxyFinetune, candidates, choose_by_accuracy
-from factory.build import BuildConfig, build
+from factory.device.accuracy import EstimatorConfig, ProxyFinetune, candidates, choose_by_accuracy
+from factory.pipeline.build import BuildConfig, build
 from factory.cli import cli
-from factory.cost import CostModel
-from factory.data import make_synthetic
-from factory.demo import load_demo_learngene
-from factory.profile import load_profile
-from factory.search import SearchSpace, search
-from factory.train import TrainConfig
+from factory.device.cost import CostModel
+from factory.training.data import make_synthetic
+from factory.pipeline.demo import load_demo_learngene
+from factory.device.profile import load_profile
+from factory.device.search import SearchSpace, search
+from factory.training.train import TrainConfig
 
 from .test_build import _profile
 

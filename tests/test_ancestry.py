@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 from factory import FactoryError, load_ancestry
-from factory.ancestry import DEMO_ARCH
+from factory.core.ancestry import DEMO_ARCH
 
 from .helpers import make_vit
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from factory import METHODS, DescendantShape, FactoryError, init_descendant, sample_learngene
-from factory.baselines import tleg_expand, tleg_fit, weight_selection_layers
-from factory.timm_vit import split_state_dict
+from factory.core.baselines import tleg_expand, tleg_fit, weight_selection_layers
+from factory.core.timm_vit import split_state_dict
 
 SHAPES = [
     DescendantShape(2, 32, 2, 2.0, 32, 8, 10),  # shallower and narrower

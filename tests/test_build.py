@@ -10,9 +10,9 @@ import jsonschema
 import pytest
 from click.testing import CliRunner
 
-from factory.build import BuildConfig, build
+from factory.pipeline.build import BuildConfig, build
 from factory.cli import cli
-from factory.profile import load_profile
+from factory.device.profile import load_profile
 
 TINY = """name: {name}
 hardware: {{kind: cpu, peak_tflops: {{fp32: 0.2}}, memory_bandwidth_gbs: 20, memory_mb: 512, runtime: onnxruntime,
@@ -167,7 +167,7 @@ def test_build_bad_input(tmp_path):
 def test_a_second_build_into_the_same_out_fails_fast_or_waits(tmp_path):
     import threading
 
-    from factory.artifacts import directory_lock
+    from factory.pipeline.artifacts import directory_lock
     from factory.errors import FactoryError
 
     prof = load_profile(_profile(tmp_path, "tiny"))
@@ -197,7 +197,7 @@ def test_a_second_build_into_the_same_out_fails_fast_or_waits(tmp_path):
 
 
 def test_paths_from_a_manifest_or_profile_stay_inside_out(tmp_path):
-    from factory.artifacts import confined
+    from factory.pipeline.artifacts import confined
     from factory.errors import FactoryError
 
     out = tmp_path / "out"

@@ -5,7 +5,7 @@ import torch
 from click.testing import CliRunner
 
 from factory import Learngene, count_flops, load_ancestry
-from factory.checkpoint import load_descendant
+from factory.core.checkpoint import load_descendant
 from factory.cli import cli
 
 

@@ -3,11 +3,11 @@ import math
 import pytest
 
 from factory import DescendantShape, FactoryError
-from factory.ancestry import DEMO_ARCH
-from factory.cost import CostModel, Device, Efficiency, Measurement, calibrate, memory_mb, roofline_ms, vit_ops
-from factory.profile import load_profile, parse_profile
-from factory.search import FittedAccuracy, SearchSpace, pareto_front, search
-from factory.shapes import STANDARD_ARCH, vit_flops, vit_params
+from factory.core.ancestry import DEMO_ARCH
+from factory.device.cost import CostModel, Device, Efficiency, Measurement, calibrate, memory_mb, roofline_ms, vit_ops
+from factory.device.profile import load_profile, parse_profile
+from factory.device.search import FittedAccuracy, SearchSpace, pareto_front, search
+from factory.core.shapes import STANDARD_ARCH, vit_flops, vit_params
 
 S = DescendantShape(6, 192, 3, 4.0, 224, 16, 1000)
 
@@ -114,7 +114,7 @@ def test_impossible_budgets_name_the_budget_to_relax():
 
 
 def test_evolutionary_search_is_deterministic_and_finds_the_optimum():
-    from factory.ancestry import load_ancestry
+    from factory.core.ancestry import load_ancestry
 
     arch = load_ancestry("random:vit_small_patch16_224").arch
     profile = load_profile("jetson_orin")

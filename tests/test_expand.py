@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from factory import DescendantShape, FactoryError, expand, expand_tensors, sample_learngene
-from factory.selection import descend
-from factory.timm_vit import split_state_dict
+from factory.core.selection import descend
+from factory.core.timm_vit import split_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_even_selection_picks_documented_indices(ancestry):
     shape = _shape(embed_dim=32, num_heads=2, mlp_ratio=2.0)  # head dim 16 kept, 2 of 4 heads
     new_stem, new_blocks = descend(ancestry.arch, stem, blocks, 4, shape)
     d_idx = torch.tensor([int(i * 63 / 31 + 0.5) for i in range(32)])  # round(i*(64-1)/(32-1))
-    from factory.mixing import evenly_spaced
+    from factory.core.mixing import evenly_spaced
 
     assert torch.equal(evenly_spaced(32, 64), d_idx)
     torch.testing.assert_close(new_stem["cls_token"], stem["cls_token"][..., d_idx])

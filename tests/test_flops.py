@@ -1,9 +1,9 @@
 import pytest
 
 from factory import DescendantShape, count_flops, count_params, vit_flops, vit_params
-from factory.flops import sdpa_flop_jit
-from factory.shapes import STANDARD_ARCH, ArchConfig
-from factory.timm_vit import build_vit
+from factory.core.flops import sdpa_flop_jit
+from factory.core.shapes import STANDARD_ARCH, ArchConfig
+from factory.core.timm_vit import build_vit
 
 SHAPES = [
     DescendantShape(1, 64, 1, 1.0, 32, 8, 10),

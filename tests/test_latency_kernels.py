@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from factory import DescendantShape, FactoryError
-from factory.ancestry import DEMO_ARCH
+from factory.core.ancestry import DEMO_ARCH
 from factory.cli import cli
-from factory.cost import CostModel
-from factory.kernels import KERNELS, Grids, KernelTables, kernel_model, measure_tables, spread_shapes, time_onnx
-from factory.profile import load_profile, parse_profile
-from factory.search import SearchSpace, search
+from factory.device.cost import CostModel
+from factory.device.kernels import KERNELS, Grids, KernelTables, kernel_model, measure_tables, spread_shapes, time_onnx
+from factory.device.profile import load_profile, parse_profile
+from factory.device.search import SearchSpace, search
 
 SPACE = SearchSpace.from_arch(DEMO_ARCH)
 
@@ -102,7 +102,7 @@ def test_profiles_choose_the_predictor_and_say_which(tmp_path, monkeypatch):
 
 
 def test_search_with_kernel_tables_stays_fast(tmp_path):
-    from factory.ancestry import load_ancestry
+    from factory.core.ancestry import load_ancestry
 
     arch = load_ancestry("random:vit_base_patch16_224").arch
     space = SearchSpace.from_arch(arch, img_sizes=(160, 192, 224))
@@ -122,7 +122,7 @@ def test_measured_tables_predict_real_models_of_the_demo_space(tmp_path):
     grids = Grids.for_space(space, DEMO_ARCH, (1,), points=3)
     tables = measure_tables(DEMO_ARCH, grids, fit_shapes=spread_shapes(space, 4, (1,), seed=1), budget_s=0.02)
     assert tables.terms_for(1)[0] > 0 and tables.points > 50
-    from factory.cost import measure_onnxruntime_latency
+    from factory.device.cost import measure_onnxruntime_latency
 
     for s, b in spread_shapes(space, 3, (1,), seed=7):
         predicted, measured = tables.latency_ms(s, b, DEMO_ARCH), measure_onnxruntime_latency(s, b, arch=DEMO_ARCH)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from factory import FactoryError, Learngene, expand, sample_learngene
-from factory.mixing import mix_heads
-from factory.timm_vit import join_state_dict, split_state_dict
+from factory.core.mixing import mix_heads
+from factory.core.timm_vit import join_state_dict, split_state_dict
 
 from .helpers import make_vit
 

@@ -5,15 +5,15 @@ import dataclasses
 import pytest
 import torch
 
-import factory.expanding as expanding
+import factory.core.expanding as expanding
 from factory import DescendantShape, expand, load_ancestry, sample_learngene
-from factory.build import BuildConfig, build
-from factory.data import load_dataset, make_synthetic
-from factory.demo import load_demo_learngene
-from factory.expanding import ExpandingConfig, default_shapes, default_widths, train_learngene
-from factory.mixing import mixing_matrix, rescale_like
-from factory.profile import load_profile
-from factory.train import evaluate
+from factory.pipeline.build import BuildConfig, build
+from factory.training.data import load_dataset, make_synthetic
+from factory.pipeline.demo import load_demo_learngene
+from factory.core.expanding import ExpandingConfig, default_shapes, default_widths, train_learngene
+from factory.core.mixing import mixing_matrix, rescale_like
+from factory.device.profile import load_profile
+from factory.training.train import evaluate
 
 from .helpers import make_vit
 from .test_build import _profile

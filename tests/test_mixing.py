@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from factory import DepthMap, FactoryError
-from factory.mixing import evenly_spaced, interpolation_matrix, mix_layers, mixing_matrix
+from factory.core.mixing import evenly_spaced, interpolation_matrix, mix_layers, mixing_matrix
 
 
 @pytest.mark.parametrize("kind", ["softmax", "uniform", "identity"])

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from factory import FactoryError
-from factory.profile import PROFILE_DIR, list_profiles, load_profile, parse_profile, profile_json_schema
+from factory.device.profile import PROFILE_DIR, list_profiles, load_profile, parse_profile, profile_json_schema
 
 GOOD = {
     "name": "t",

@@ -9,11 +9,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from factory.build import BuildConfig, build
+from factory.pipeline.build import BuildConfig, build
 from factory.cli import cli
 from factory.errors import FactoryError
-from factory.executor import LocalExecutor, RayExecutor, make_executor
-from factory.profile import load_profile
+from factory.pipeline.executor import LocalExecutor, RayExecutor, make_executor
+from factory.device.profile import load_profile
 
 from .test_build import _profile
 

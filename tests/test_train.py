@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from factory import DescendantShape, FactoryError, sample_learngene
-from factory.data import make_synthetic
-from factory.expanding import ExpandingConfig, default_shapes, train_learngene
-from factory.timm_vit import build_vit
-from factory.train import TrainConfig, augment, batch_indices, lr_at, train
+from factory.training.data import make_synthetic
+from factory.core.expanding import ExpandingConfig, default_shapes, train_learngene
+from factory.core.timm_vit import build_vit
+from factory.training.train import TrainConfig, augment, batch_indices, lr_at, train
 
 from .helpers import make_vit
 
@@ -19,7 +19,7 @@ ARCH_SHAPE = DescendantShape(2, 32, 2, 2.0, 16, 4, 4)
 
 
 def _tiny_model(seed=0):
-    from factory.ancestry import DEMO_ARCH
+    from factory.core.ancestry import DEMO_ARCH
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -59,7 +59,7 @@ def test_resume_is_bit_exact(synthetic, tmp_path):
 
 def _train_first_steps(model, synthetic, cfg, n, out):
     """Train ``cfg`` but stop after ``n`` steps, like a process killed after a checkpoint."""
-    import factory.train as tr
+    import factory.training.train as tr
 
     class Stop(Exception):
         pass
@@ -107,8 +107,8 @@ def test_ddp_two_processes_hold_identical_weights(tmp_path, synthetic):
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch
         sys.path.insert(0, {os.getcwd()!r})
-        from factory.data import make_synthetic
-        from factory.train import TrainConfig, train
+        from factory.training.data import make_synthetic
+        from factory.training.train import TrainConfig, train
         from tests.test_train import _tiny_model
         torch.set_num_threads(1)
         data = make_synthetic(img_size=16, num_classes=4, n_train=64, n_val=8)

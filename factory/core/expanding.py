@@ -2,23 +2,23 @@
 
 At every step a few descendant shapes are drawn from ``shapes`` with the sandwich rule (the
 smallest and the largest by FLOPs, plus ``random_per_step`` drawn at random), each is expanded
-*differentiably* from the learngene (:func:`factory.expand.expand_tensors`) and run with
+*differentiably* from the learngene (:func:`factory.core.expand.expand_tensors`) and run with
 ``torch.func.functional_call`` on a meta-device timm skeleton, and the summed distillation loss
 
     sum_shapes  T^2 * KL(softmax(ancestry(x) / T) || softmax(descendant(x) / T))
 
 is minimised over the gene tensors, the stem (unless frozen) and one
-:class:`~factory.mixing.DepthMap` per depth in ``shapes``. Every shape keeps the ancestry's
+:class:`~factory.core.mixing.DepthMap` per depth in ``shapes``. Every shape keeps the ancestry's
 classifier (same classes, same input size) so the ancestry's logits are a valid target; widths,
 head counts and MLP ratios may differ from the ancestry's (they are reached by the same index
 selection as at expansion time), so one learngene is trained for every shape the searcher may
 pick, OFA-style. The result is a learngene whose expansions start near the ancestry's function;
-its trained depth maps are saved with it and used by :func:`factory.expand.expand` for those depths.
+its trained depth maps are saved with it and used by :func:`factory.core.expand.expand` for those depths.
 
-Determinism and resume. The batch of step ``s`` is :func:`factory.train.step_batch` (a pure
+Determinism and resume. The batch of step ``s`` is :func:`factory.training.train.step_batch` (a pure
 function of ``(seed, s)``) and the random shapes of step ``s`` come from
 ``random.Random(seed * 1_000_003 + s)``; the learning rate is a pure function of ``s``. A
-checkpoint (``out_dir/checkpoint``, :func:`factory.train.save_checkpoint`) therefore holds only the
+checkpoint (``out_dir/checkpoint``, :func:`factory.training.train.save_checkpoint`) therefore holds only the
 trainable tensors and AdamW's state, and a resumed run is bit-identical to an uninterrupted one.
 ``steps = 0`` returns the learngene unchanged (same tensors, same hash).
 """
@@ -36,15 +36,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ancestry import Ancestry
-from .data import ImageTensors
-from .errors import FactoryError
-from .expand import expand, expand_tensors
-from .learngene import Learngene
-from .mixing import DepthMap
-from .shapes import DescendantShape, vit_flops
-from .timm_vit import build_vit
-from .train import TrainConfig, distill_loss, evaluate, lr_at, open_checkpoint, save_checkpoint, step_batch
+from factory.core.ancestry import Ancestry
+from factory.training.data import ImageTensors
+from factory.errors import FactoryError
+from factory.core.expand import expand, expand_tensors
+from factory.core.learngene import Learngene
+from factory.core.mixing import DepthMap
+from factory.core.shapes import DescendantShape, vit_flops
+from factory.core.timm_vit import build_vit
+from factory.training.train import TrainConfig, distill_loss, evaluate, lr_at, open_checkpoint, save_checkpoint, step_batch
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ the ancestry's classifier, copied) plus ``L_b`` *gene layers* with ``H_b`` heads
   ``h`` is ``sum_i Q_l[h, i]`` times ancestry head ``i``, where a head is its q, k, v rows and its
   proj columns (they move together). Head dim stays the ancestry's. Proj columns are not
   rescaled; with ``H_b < H_a`` the attention branch is therefore weaker until expansion or
-  training compensates (documented choice; see :func:`factory.mixing.mix_heads`).
+  training compensates (documented choice; see :func:`factory.core.mixing.mix_heads`).
 - Head mixing may be switched off (``head_mixing=False``): gene layer ``l`` then keeps ``H_b``
   evenly spaced heads of its mixture (one-hot ``Q_l``), so no head is blended with another.
 - Variance-preserving rescale (``rescale="std"``, off with ``"none"``): after layer mixing, every
   gene tensor is recentred on its own mean and its spread scaled to the ``P``-weighted average
-  spread of the ancestry layers it mixes (:func:`factory.mixing.rescale_like`); a convex mixture
+  spread of the ancestry layers it mixes (:func:`factory.core.mixing.rescale_like`); a convex mixture
   of weakly correlated layers otherwise shrinks the weights (~0.5x std at ``tau = 1``).
 - Both draws come from one ``torch.Generator`` seeded with ``seed``: layer matrix first, then
   the head matrices, so the same ancestry, sizes, kind, tau and seed give a bit-identical learngene.
@@ -24,7 +24,7 @@ the ancestry's classifier, copied) plus ``L_b`` *gene layers* with ``H_b`` heads
 On disk, a learngene is a directory with ``learngene.safetensors`` (tensors ``stem.*``,
 ``gene.*``, ``mix.layer``, ``mix.head``, ``depth_map.<L_d>.*``) and ``learngene.json`` (format
 version, ancestry identity and hash, arch, sizes, seed, tau, mixing kind, the mixing matrices,
-the safetensors file's sha256, and the weight-distribution report of :mod:`factory.stats`).
+the safetensors file's sha256, and the weight-distribution report of :mod:`factory.core.stats`).
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .ancestry import Ancestry, load_ancestry
-from .artifacts import atomic_directory, sha256_bytes
-from .errors import FactoryError
-from .mixing import MIXING_KINDS, DepthMap, mix_heads, mix_layers, mixing_matrix, rescale_like
-from .shapes import ArchConfig
-from .stats import distribution_report, summarize
+from factory import __version__
+from factory.core.ancestry import Ancestry, load_ancestry
+from factory.pipeline.artifacts import atomic_directory, sha256_bytes
+from factory.errors import FactoryError
+from factory.core.mixing import MIXING_KINDS, DepthMap, mix_heads, mix_layers, mixing_matrix, rescale_like
+from factory.core.shapes import ArchConfig
+from factory.core.stats import distribution_report, summarize
 
 FORMAT_VERSION = 1
 TENSOR_FILE = "learngene.safetensors"
@@ -177,7 +177,7 @@ def sample_learngene(
     """Sample a learngene of ``layers`` gene layers with ``heads`` heads (default: ancestry's).
 
     Formulas in the module docstring. ``report`` adds the weight-distribution comparison
-    (:func:`factory.stats.distribution_report`) to ``meta["stats"]``.
+    (:func:`factory.core.stats.distribution_report`) to ``meta["stats"]``.
     """
     anc = load_ancestry(ancestry)
     arch = anc.arch

@@ -2,7 +2,7 @@
 
 A build computes the learngene once (in the driver), then hands out one *shape job* per distinct
 descendant shape: fine-tune that shape, then measure and export it for every profile that chose
-it (:func:`factory.build.build_shape`). Jobs are independent given the learngene and share
+it (:func:`factory.pipeline.build.build_shape`). Jobs are independent given the learngene and share
 nothing but the content-addressed cache in ``--out``, so they can run anywhere that sees ``--out``.
 
 - :class:`LocalExecutor` (``--executor local``, default): a thread pool of ``--jobs`` workers in
@@ -17,7 +17,7 @@ nothing but the content-addressed cache in ``--out``, so they can run anywhere t
   itself (by spec and path: nothing large travels through Ray's object store).
 
 Fine-tunes run with a pinned intra-op thread count (``cpus // jobs`` here, ``task_cpus`` on Ray;
-:func:`factory.train.intra_op_threads`): CPU results depend on it, so ``--jobs 2`` here and Ray
+:func:`factory.training.train.intra_op_threads`): CPU results depend on it, so ``--jobs 2`` here and Ray
 tasks of 1 CPU write the same model bytes for the same seeds.
 
 Both return, per job, ``[(device name, entry update)]``; a :class:`~factory.errors.FactoryError`
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import FactoryError
+from factory.errors import FactoryError
 
 EXECUTORS = ("local", "ray")
 
@@ -67,7 +67,7 @@ class LocalExecutor:
         return max(1, available_cpus() // max(1, self.jobs))
 
     def run(self, builder, anc, lg, lg_dir: Path, ds, jobs: list[ShapeJob]) -> list[list[tuple[str, dict[str, Any]]]]:
-        from .build import build_shape
+        from factory.pipeline.build import build_shape
 
         stop = threading.Event()  # Ctrl-C reaches the main thread only; the workers poll this between steps
         with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
@@ -152,9 +152,9 @@ def require_ray():
 def _worker_inputs(ancestry: str, data: str, lg_dir: str, lg_sha: str):
     """Ancestry, data and learngene of a build, loaded once per Ray worker process. Ray gives each
     driver (each ``peg-factory build``) its own worker processes, so this never outlives a build."""
-    from .ancestry import load_ancestry
-    from .data import load_dataset
-    from .learngene import Learngene
+    from factory.core.ancestry import load_ancestry
+    from factory.training.data import load_dataset
+    from factory.core.learngene import Learngene
 
     anc = load_ancestry(ancestry)
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
@@ -166,8 +166,8 @@ def _worker_inputs(ancestry: str, data: str, lg_dir: str, lg_sha: str):
 
 def _ray_shape_job(out: str, cfg, lg_sha: str, lg_dir: str, job: ShapeJob, threads: int):
     """A Ray task: load what the job needs by spec and path (once per worker), then
-    :func:`factory.build.build_shape`."""
-    from .build import Builder, build_shape
+    :func:`factory.pipeline.build.build_shape`."""
+    from factory.pipeline.build import Builder, build_shape
 
     anc, ds, lg = _worker_inputs(cfg.ancestry, cfg.data, lg_dir, lg_sha)
     builder = Builder(Path(out), cfg, log=lambda line: print(line, flush=True))

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import FactoryError
-from .fingerprint import BUILTIN_DATASETS as BUILTINS
-from .fingerprint import dataset_identity, mnist_file, scan_tree
+from factory.errors import FactoryError
+from factory.pipeline.fingerprint import BUILTIN_DATASETS as BUILTINS
+from factory.pipeline.fingerprint import dataset_identity, mnist_file, scan_tree
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 

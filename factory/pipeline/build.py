@@ -2,14 +2,14 @@
 
 Stages, for a fleet of profiles sharing one ancestry, learngene and data set:
 
-1. ``learngene`` -- sampled and trained by the expanding phase (:mod:`factory.expanding`, with a
+1. ``learngene`` -- sampled and trained by the expanding phase (:mod:`factory.core.expanding`, with a
    progress bar, checkpointed and resumed like a fine-tune) once for the whole fleet, keyed by its
    recipe (:func:`learngene_recipe`: ancestry hash, sampling knobs, expanding-phase config, shapes
    and data). When the recipe is exactly the one the shipped demo learngene was made with
    (``factory/assets/demo_learngene``), that learngene is used instead of training it again. The
    expanding phase distils on the ancestry's own training images when they are known (``mnist``
    for the demo ancestry) and on the build's data otherwise (labels are not used).
-2. ``search`` -- per profile, the best shape within its budgets (:mod:`factory.search`).
+2. ``search`` -- per profile, the best shape within its budgets (:mod:`factory.device.search`).
 3. ``finetune`` -- per *distinct* shape: expand from the learngene (or another ``init``) and
    fine-tune on the task's training split; profiles that pick the same shape share the model.
 4. ``measure`` -- fvcore FLOPs, parameters, test accuracy, host onnxruntime latency, predicted
@@ -26,11 +26,11 @@ others finish. ``OUT/manifest.json`` (schema: :data:`MANIFEST_SCHEMA`), ``OUT/re
 ``OUT/report.html`` and one ``OUT/<profile>/MODEL_CARD.md`` per device describe the result.
 
 Scaling out: after the learngene, the work is one job per distinct shape (fine-tune, then measure
-and export for each profile that chose it), run by an executor (:mod:`factory.executor`): threads
+and export for each profile that chose it), run by an executor (:mod:`factory.pipeline.executor`): threads
 here (``--jobs``), or Ray tasks on a cluster (``--executor ray``) that share ``--out`` as the
 cache. Without Ray, a fleet can also be split by hand: a subset of ``--profile`` flags per machine
 against a shared ``--out`` (one at a time: a build locks ``--out``).
-Multi-GPU fine-tuning of one model uses ``torchrun`` (:mod:`factory.train`).
+Multi-GPU fine-tuning of one model uses ``torchrun`` (:mod:`factory.training.train`).
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
-from .artifacts import atomic_directory, atomic_write_bytes, confined, directory_lock, seal, seal_state, sha256_file
-from .errors import FactoryError
-from .fingerprint import ancestry_fingerprint, dataset_identity
-from .profile import MAX_PROFILE_BYTES, Profile
-from .shapes import DescendantShape
+from factory import __version__
+from factory.pipeline.artifacts import atomic_directory, atomic_write_bytes, confined, directory_lock, seal, seal_state, sha256_file
+from factory.errors import FactoryError
+from factory.pipeline.fingerprint import ancestry_fingerprint, dataset_identity
+from factory.device.profile import MAX_PROFILE_BYTES, Profile
+from factory.core.shapes import DescendantShape
 
 STAGES = ("learngene", "search", "finetune", "measure", "export")
 
@@ -73,7 +73,7 @@ class BuildConfig:
     seed: int = 0
     jobs: int = 1
     device: str = "auto"
-    # capacity: the largest shape that fits; accuracy: proxy fine-tunes of the Pareto front (factory.accuracy), opt-in
+    # capacity: the largest shape that fits; accuracy: proxy fine-tunes of the Pareto front (factory.device.accuracy), opt-in
     # until it beats capacity (bench/RESULTS.md, "Accuracy-aware search")
     objective: str = "capacity"
     candidates: int = 8
@@ -112,7 +112,7 @@ class Stage:
 
     @property
     def cached(self) -> bool:
-        """Sealed and intact (:func:`factory.artifacts.seal_state`): a damaged entry is not cached."""
+        """Sealed and intact (:func:`factory.pipeline.artifacts.seal_state`): a damaged entry is not cached."""
         return seal_state(self.path) == "done"
 
     @property
@@ -156,8 +156,8 @@ class Builder:
         return "mnist" if anc.spec == "demo" and anc.weights == "trained-demo" else c.data
 
     def learngene_recipe(self, anc) -> dict[str, Any]:
-        from .expanding import ExpandingConfig
-        from .fingerprint import dataset_identity
+        from factory.core.expanding import ExpandingConfig
+        from factory.pipeline.fingerprint import dataset_identity
 
         c = self.cfg
         exp = ExpandingConfig() if c.expand_steps is None else ExpandingConfig(steps=c.expand_steps)
@@ -173,8 +173,8 @@ class Builder:
     def shipped_learngene(self, anc, recipe: dict[str, Any] | None = None):
         """The packaged demo learngene if it was made with exactly this build's recipe (computed
         when not given; it hashes the expanding-phase data)."""
-        from .demo import PACKAGED_LEARNGENE
-        from .learngene import Learngene
+        from factory.pipeline.demo import PACKAGED_LEARNGENE
+        from factory.core.learngene import Learngene
 
         if not (PACKAGED_LEARNGENE / "learngene.json").is_file():
             return None
@@ -182,9 +182,9 @@ class Builder:
         return shipped if recipe_of(shipped) == (recipe or self.learngene_recipe(anc)) else None
 
     def learngene(self, anc):
-        from .data import load_dataset
-        from .expanding import ExpandingConfig, default_shapes, train_learngene
-        from .learngene import Learngene, sample_learngene
+        from factory.training.data import load_dataset
+        from factory.core.expanding import ExpandingConfig, default_shapes, train_learngene
+        from factory.core.learngene import Learngene, sample_learngene
 
         recipe = self.learngene_recipe(anc)
         st = self.learngene_stage(anc, recipe)
@@ -222,9 +222,9 @@ class Builder:
         return self.stage("finetune", _key(lg_sha, shape.to_dict(), recipe, ds.identity))
 
     def finetune(self, anc, lg, shape, ds, should_stop: Callable[[], bool] | None = None) -> Stage:
-        from .baselines import init_descendant
-        from .checkpoint import save_descendant
-        from .train import evaluate, train
+        from factory.core.baselines import init_descendant
+        from factory.core.checkpoint import save_descendant
+        from factory.training.train import evaluate, train
 
         st = self.finetune_stage(lg.sha256, shape, ds)
         if self.reusable(st):
@@ -251,7 +251,7 @@ class Builder:
 
 def finetune_recipe(cfg: BuildConfig):
     """The fine-tuning recipe of a build (also what the accuracy estimator compresses and benches reproduce)."""
-    from .train import TrainConfig
+    from factory.training.train import TrainConfig
 
     return TrainConfig(steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
                        warmup_steps=max(1, cfg.finetune_steps // 10), ckpt_every=max(1, cfg.finetune_steps // 5))
@@ -267,7 +267,7 @@ def learngene_recipe(ancestry_sha256: str, layers: int, heads: int, *, seed: int
 def recipe_of(lg) -> dict[str, Any] | None:
     """The :func:`learngene_recipe` a saved learngene was made with, read from its metadata
     (``None`` when it was not made by the default sampler + expanding phase)."""
-    from .expanding import ExpandingConfig, default_shapes
+    from factory.core.expanding import ExpandingConfig, default_shapes
 
     m = lg.meta
     exp = m.get("expanding_phase")
@@ -312,11 +312,11 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
           log: Callable[[str], None] = print, wait_lock: bool = False, executor=None) -> dict[str, Any]:
     """Run (or, with ``dry_run``, plan) the build; returns the manifest dict.
 
-    ``executor`` runs the per-shape jobs (:mod:`factory.executor`): ``None`` means
+    ``executor`` runs the per-shape jobs (:mod:`factory.pipeline.executor`): ``None`` means
     ``LocalExecutor(cfg.jobs)``; a ``RayExecutor`` spreads them over a Ray cluster. It is not part of
     the build's identity: the manifest is the same whichever ran it.
 
-    A build holds an exclusive lock on ``out`` (:func:`factory.artifacts.directory_lock`): a second
+    A build holds an exclusive lock on ``out`` (:func:`factory.pipeline.artifacts.directory_lock`): a second
     build into the same directory fails at once with a one-line error, or waits with ``wait_lock``.
     """
     if dry_run:
@@ -341,10 +341,10 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
     if previous is not None and not dry_run and previous.get("data", {}).get("identity_key") == _data_key(previous, cfg):
         log(f"build is up to date ({build_key}): nothing to do")
         return previous
-    from .ancestry import load_ancestry  # the heavy imports (torch, timm) start here
-    from .cost import CostModel
-    from .data import load_dataset
-    from .search import SearchSpace, search
+    from factory.core.ancestry import load_ancestry  # the heavy imports (torch, timm) start here
+    from factory.device.cost import CostModel
+    from factory.training.data import load_dataset
+    from factory.device.search import SearchSpace, search
 
     anc = load_ancestry(cfg.ancestry)
     ds = load_dataset(cfg.data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
@@ -373,7 +373,7 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
     lg, _ = builder.learngene(anc)
     if cfg.objective == "accuracy":
         choose_for_devices(builder, devices, searches, anc, lg, ds)
-    from .executor import LocalExecutor, ShapeJob
+    from factory.pipeline.executor import LocalExecutor, ShapeJob
 
     by_shape: dict[DescendantShape, list] = {}
     for entry, prof in zip(devices, profiles):
@@ -400,7 +400,7 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
         "seconds": round(time.perf_counter() - t_start, 2),
         "devices": devices,
     }
-    from .report import write_reports
+    from factory.pipeline.report import write_reports
 
     write_reports(out, manifest, searches)
     atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
@@ -410,8 +410,8 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
 
 def build_shape(builder: Builder, anc, lg, ds, job, should_stop: Callable[[], bool] | None = None,
                 threads: int | None = None, serial=None) -> list[tuple[str, dict[str, Any]]]:
-    """One shape job (:class:`factory.executor.ShapeJob`): fine-tune the shape once (with ``threads``
-    intra-op threads, :func:`factory.train.intra_op_threads`), then measure and export it for each
+    """One shape job (:class:`factory.pipeline.executor.ShapeJob`): fine-tune the shape once (with ``threads``
+    intra-op threads, :func:`factory.training.train.intra_op_threads`), then measure and export it for each
     device that chose it. Returns ``[(device name, manifest entry update)]``; a
     :class:`FactoryError` fails the devices it concerns, not the build.
 
@@ -421,7 +421,7 @@ def build_shape(builder: Builder, anc, lg, ds, job, should_stop: Callable[[], bo
     """
     import contextlib
 
-    from .train import intra_op_threads
+    from factory.training.train import intra_op_threads
 
     try:
         with intra_op_threads(threads):
@@ -443,7 +443,7 @@ def build_shape(builder: Builder, anc, lg, ds, job, should_stop: Callable[[], bo
 
 def choose_for_devices(builder: Builder, devices, searches, anc, lg, ds) -> None:
     """Replace each device's capacity choice by the candidate with the best predicted accuracy."""
-    from .accuracy import EstimatorConfig, ProxyFinetune, choose_by_accuracy
+    from factory.device.accuracy import EstimatorConfig, ProxyFinetune, choose_by_accuracy
 
     c = builder.cfg
     predictor = ProxyFinetune(anc, lg, ds, finetune_recipe(c), init=c.init, config=EstimatorConfig(candidates=c.candidates),
@@ -494,9 +494,9 @@ def _finish_device(builder: Builder, prof: Profile, st: Stage, entry, searched, 
     """Measure and export one device from its fine-tuned model; copy results under OUT/<name>."""
     from export.api import export_model, parse_formats
 
-    from .checkpoint import load_descendant
-    from .cost import measure_onnxruntime_latency
-    from .flops import count_flops, count_params
+    from factory.core.checkpoint import load_descendant
+    from factory.device.cost import measure_onnxruntime_latency
+    from factory.core.flops import count_flops, count_params
 
     result, best, cost = searched
     model_sha = sha256_file(st.path / "model.safetensors")
@@ -589,14 +589,14 @@ import onnxruntime as ort, numpy as np
 sess = ort.InferenceSession("export/model.onnx")
 logits = sess.run(None, {{"images": np.zeros((1, {anc.arch.in_chans}, {s.img_size}, {s.img_size}), np.float32)}})[0]
 ```
-or in PyTorch: `factory.checkpoint.load_descendant("model.safetensors")`. Preprocessing (size, mean, std) and class
+or in PyTorch: `factory.core.checkpoint.load_descendant("model.safetensors")`. Preprocessing (size, mean, std) and class
 names are in the ONNX metadata. For TensorRT see `export/export.json` (engine, or `trt_kit/build_engine.sh` on the device).
 """
 
 
 def _plan(builder: Builder, devices, lg_stage: Stage, anc, ds, log) -> dict[str, Any]:
     """Dry run: per profile the chosen shape and whether each stage is cached, with time estimates."""
-    from .cost import CostModel, Device, Efficiency, measure_host
+    from factory.device.cost import CostModel, Device, Efficiency, measure_host
     host = measure_host(0.2)
     dev = Device(host.peak_flops, host.bandwidth, "onnxruntime", 1e9, False)
     est_model = CostModel(dev, "fp32", builder.cfg.batch_size, Efficiency(), anc.arch)
@@ -619,7 +619,7 @@ def _plan(builder: Builder, devices, lg_stage: Stage, anc, ds, log) -> dict[str,
         seconds = step_s * builder.cfg.finetune_steps
         extra: dict[str, Any] = {}
         if builder.cfg.objective == "accuracy":
-            from .accuracy import EstimatorConfig
+            from factory.device.accuracy import EstimatorConfig
 
             est = EstimatorConfig(candidates=builder.cfg.candidates)
             extra["estimator_estimate_s"] = round(est.candidates * est.steps_for(builder.cfg.finetune_steps) * step_s, 1)

@@ -18,7 +18,7 @@ A profile is a YAML file (schema: ``profiles/profile.schema.json``, generated fr
     export: [onnx, trt]
 
 ``hardware.measure: true`` (the shipped ``host.yaml``) means "this machine": peak throughput and
-bandwidth are measured when the profile is resolved (:func:`factory.cost.measure_host`) instead
+bandwidth are measured when the profile is resolved (:func:`factory.device.cost.measure_host`) instead
 of declared. Every validation failure becomes one line naming the file, the field and the fix.
 """
 
@@ -30,10 +30,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import FactoryError
+from factory.errors import FactoryError
 
 Precision = Literal["fp32", "fp16", "int8"]
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "profiles"
 MAX_PROFILE_BYTES = 1 << 20
 
 
@@ -112,7 +112,7 @@ class Profile(_Strict):
         if self.latency_tables is None:
             return None
         if self.latency_tables == "host":
-            from .kernels import host_tables_path
+            from factory.device.kernels import host_tables_path
 
             return host_tables_path(arch)
         base = Path(self.path).parent if self.path else Path.cwd()

@@ -9,12 +9,12 @@
 - ``measure.py``: a stand-alone script (numpy + the runtime, no peg-factory needed) that times each
   model with the profile's runtime -- ``trtexec`` for TensorRT (median GPU compute time, the
   profile's precision), onnxruntime or OpenVINO on CPU boards -- and writes ``calibration.csv``
-  (the columns :func:`factory.cost.read_calibration_csv` reads) and ``calibration.json`` (what it
+  (the columns :func:`factory.device.cost.read_calibration_csv` reads) and ``calibration.json`` (what it
   was measured with: runtime and version, host, date);
 - ``README.md``: the steps.
 
 Back on the build machine, the profile's ``calibration: kit/calibration.csv`` fits the roofline's
-efficiencies to those rows (:func:`factory.cost.calibrate`); the cost model's ``method`` names the
+efficiencies to those rows (:func:`factory.device.cost.calibrate`); the cost model's ``method`` names the
 CSV and what ``calibration.json`` says it was measured with.
 """
 
@@ -28,9 +28,9 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from .artifacts import atomic_directory
-from .errors import FactoryError
-from .shapes import ArchConfig, DescendantShape
+from factory.pipeline.artifacts import atomic_directory
+from factory.errors import FactoryError
+from factory.core.shapes import ArchConfig, DescendantShape
 
 FIELDS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "img_size", "patch_size", "num_classes", "batch")
 
@@ -60,8 +60,8 @@ def write_kit(profile, arch: ArchConfig, space, out: str | Path, *, count: int =
     """Write the kit for ``profile`` into ``out`` (atomically: a complete kit or none)."""
     from export.onnx_export import export_onnx
 
-    from .cost import CostModel
-    from .timm_vit import build_vit
+    from factory.device.cost import CostModel
+    from factory.core.timm_vit import build_vit
 
     cost = CostModel.for_profile(profile, arch=arch)
     shapes = spread_by_latency(list(space.enumerate()), cost.latency_ms, count, seed)

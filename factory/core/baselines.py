@@ -2,7 +2,7 @@
 
 ``init_descendant(method, shape, ...)`` with ``method`` in:
 
-- ``peg``: :func:`factory.expand.expand` from a learngene.
+- ``peg``: :func:`factory.core.expand.expand` from a learngene.
 - ``scratch``: timm's own random initialisation, seeded.
 - ``tleg``: TLEG-style linear expansion (Xia et al., 2024), ``theta_l = theta_A + (l / L_d) *
   theta_B`` for ``l = 1..L_d``. TLEG trains ``theta_A, theta_B`` as a two-layer learngene; without
@@ -22,14 +22,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ancestry import DEMO_ARCH, Ancestry, load_ancestry
-from .errors import FactoryError
-from .expand import expand, model_from_state
-from .learngene import Learngene
-from .mixing import evenly_spaced
-from .selection import descend
-from .shapes import DescendantShape
-from .timm_vit import build_vit, join_state_dict
+from factory.core.ancestry import DEMO_ARCH, Ancestry, load_ancestry
+from factory.errors import FactoryError
+from factory.core.expand import expand, model_from_state
+from factory.core.learngene import Learngene
+from factory.core.mixing import evenly_spaced
+from factory.core.selection import descend
+from factory.core.shapes import DescendantShape
+from factory.core.timm_vit import build_vit, join_state_dict
 
 METHODS: tuple[str, ...] = ("peg", "tleg", "weight_selection", "scratch")
 # The largest descendant allocated (ViT-H is 0.63 B): anything bigger is a typo, refused before torch tries to allocate it.
@@ -38,7 +38,7 @@ MAX_PARAMS = 2_000_000_000
 
 def check_allocatable(shape: DescendantShape, arch=None) -> None:
     """One-line :class:`FactoryError` when ``shape`` has more than :data:`MAX_PARAMS` parameters."""
-    from .shapes import STANDARD_ARCH, vit_params
+    from factory.core.shapes import STANDARD_ARCH, vit_params
 
     n = vit_params(shape, arch or STANDARD_ARCH)
     if n > MAX_PARAMS:

@@ -1,6 +1,6 @@
 """Descendant shapes, ancestry architecture facts, and closed-form cost of a timm ViT.
 
-:class:`DescendantShape` is what the searcher varies and :func:`factory.expand.expand` builds.
+:class:`DescendantShape` is what the searcher varies and :func:`factory.core.expand.expand` builds.
 :class:`ArchConfig` is everything else a timm ``VisionTransformer`` needs (token layout, pooling,
 norms, layer scale), read off the ancestry so descendants keep its style.
 
@@ -14,7 +14,7 @@ FLOPs follow fvcore's convention: one multiply-add counts as one FLOP ("MACs"). 
 
 ``final_norm`` is ``5*N*D`` for token pooling and ``5*D`` when timm uses ``fc_norm`` (avg pooling);
 ``pre_norm`` is ``5*N*D`` when the ancestry has one. Biases, GELU, softmax, residual adds and
-pooling are not counted, as in fvcore. :func:`factory.flops.count_flops` checks this formula.
+pooling are not counted, as in fvcore. :func:`factory.core.flops.count_flops` checks this formula.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import FactoryError
+from factory.errors import FactoryError
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class ArchConfig:
     def timm_kwargs(self, shape: DescendantShape | None = None) -> dict[str, Any]:
         """Keyword arguments for ``timm.models.vision_transformer.VisionTransformer``.
 
-        ``norm_layer`` is not included (it is a callable); see :func:`factory.timm_vit.build_vit`.
+        ``norm_layer`` is not included (it is a callable); see :func:`factory.core.timm_vit.build_vit`.
         """
         s = shape or self.shape()
         return dict(

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .errors import FactoryError
+from factory.errors import FactoryError
 
 MixingKind = Literal["softmax", "uniform", "identity"]
 MIXING_KINDS: tuple[str, ...] = ("softmax", "uniform", "identity")

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifacts import state_dict_sha256
-from .errors import FactoryError
-from .shapes import ArchConfig
-from .timm_vit import arch_of, empty_vit, split_state_dict
+from factory.pipeline.artifacts import state_dict_sha256
+from factory.errors import FactoryError
+from factory.core.shapes import ArchConfig
+from factory.core.timm_vit import arch_of, empty_vit, split_state_dict
 
 #: The demo ancestry: small enough to train on MNIST on two CPU cores.
 DEMO_ARCH = ArchConfig(
@@ -173,7 +173,7 @@ def load_ancestry(spec: str | os.PathLike | nn.Module | Ancestry, *, seed: int =
     if not text:
         raise FactoryError("empty ancestry spec; use 'demo', a timm model name, or PATH@ARCH")
     if text == "demo":
-        from .demo import load_demo_ancestry  # local: the demo module may train/cache weights
+        from factory.pipeline.demo import load_demo_ancestry  # local: the demo module may train/cache weights
 
         return load_demo_ancestry()
     if text.startswith("random:"):

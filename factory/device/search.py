@@ -32,10 +32,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .cost import CostModel
-from .errors import FactoryError
-from .profile import Profile
-from .shapes import ArchConfig, DescendantShape, vit_flops, vit_params
+from factory.device.cost import CostModel
+from factory.errors import FactoryError
+from factory.device.profile import Profile
+from factory.core.shapes import ArchConfig, DescendantShape, vit_flops, vit_params
 
 DEFAULT_MLP_RATIOS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 

@@ -15,8 +15,8 @@ import re
 import torch
 from torch import nn
 
-from .errors import FactoryError
-from .shapes import ArchConfig, DescendantShape
+from factory.errors import FactoryError
+from factory.core.shapes import ArchConfig, DescendantShape
 
 #: Per-block tensors PEG mixes, with the role of each axis (used by head/width selection).
 #: ``D`` embed dim, ``QKV`` the 3*heads*head_dim rows of qkv, ``A`` heads*head_dim, ``M`` hidden.

@@ -4,7 +4,7 @@ fvcore counts one multiply-add as one FLOP and has no handle for
 ``aten::scaled_dot_product_attention``, the fused attention timm uses: it would silently count
 attention as zero. :func:`count_flops` registers :func:`sdpa_flop_jit`, which counts
 ``B * H * N_q * N_k * (d_qk + d_v)`` (the ``q @ k^T`` and ``attn @ v`` products), so the measured
-total equals :func:`factory.shapes.vit_flops`'s closed form.
+total equals :func:`factory.core.shapes.vit_flops`'s closed form.
 """
 
 from __future__ import annotations

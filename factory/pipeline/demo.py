@@ -1,4 +1,4 @@
-"""The demo ancestry: a small ViT (:data:`factory.ancestry.DEMO_ARCH`) trained on MNIST.
+"""The demo ancestry: a small ViT (:data:`factory.core.ancestry.DEMO_ARCH`) trained on MNIST.
 
 ``peg-factory ancestry train`` trains it with :data:`DEMO_RECIPE` on the 50k MNIST training
 split (the 10k validation and 10k test splits stay unseen, so downstream benchmarks can use
@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from .ancestry import ARCH_METADATA_KEY, DEMO_ARCH, Ancestry, _from_module, _load_into, read_checkpoint
-from .artifacts import atomic_write_bytes, ensure_parent
-from .fingerprint import demo_checkpoint_path, demo_weights
-from .timm_vit import build_vit, empty_vit
+from factory.core.ancestry import ARCH_METADATA_KEY, DEMO_ARCH, Ancestry, _from_module, _load_into, read_checkpoint
+from factory.pipeline.artifacts import atomic_write_bytes, ensure_parent
+from factory.pipeline.fingerprint import demo_checkpoint_path, demo_weights
+from factory.core.timm_vit import build_vit, empty_vit
 
 #: How the shipped demo ancestry was trained (see ``peg-factory ancestry train --help``).
 DEMO_RECIPE: dict[str, Any] = {
@@ -41,14 +41,14 @@ DEMO_RECIPE: dict[str, Any] = {
 #: The demo learngene shipped with the package: made from the shipped demo ancestry by
 #: ``peg-factory learngene`` + ``peg-factory learngene train`` (its ``expanding_log.jsonl`` and
 #: ``learngene.json`` say with what), so a default build does not pay for the expanding phase.
-PACKAGED_LEARNGENE = Path(__file__).parent / "assets" / "demo_learngene"
+PACKAGED_LEARNGENE = Path(__file__).resolve().parent.parent / "assets" / "demo_learngene"
 
 
 def load_demo_learngene(ancestry: Ancestry | None = None):
     """The shipped trained learngene; ``ancestry`` (default: the demo one) must be the one it
     was made from, else a :class:`FactoryError` says so (e.g. a user-trained demo ancestry)."""
-    from .errors import FactoryError
-    from .learngene import Learngene
+    from factory.errors import FactoryError
+    from factory.core.learngene import Learngene
 
     anc = ancestry or load_demo_ancestry()
     lg = Learngene.load(PACKAGED_LEARNGENE)
@@ -76,8 +76,8 @@ def train_demo_ancestry(
     """Train the demo ancestry, write ``out`` (+ ``.json`` log beside it); returns the log."""
     from safetensors.torch import save
 
-    from .data import load_dataset
-    from .train import TrainConfig, evaluate, train
+    from factory.training.data import load_dataset
+    from factory.training.train import TrainConfig, evaluate, train
 
     path = Path(out) if out is not None else demo_checkpoint_path()
     ensure_parent(path)  # fail before a long training run, not after it

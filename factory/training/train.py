@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import atomic_directory, ensure_parent, seal, seal_state
-from .data import ImageTensors
-from .errors import FactoryError, Interrupted
+from factory.pipeline.artifacts import atomic_directory, ensure_parent, seal, seal_state
+from factory.training.data import ImageTensors
+from factory.errors import FactoryError, Interrupted
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def _dist_info() -> tuple[int, int]:
 
 def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
     """``state.safetensors`` (weights, AdamW moments, RNG) + ``state.json`` (step, config), sealed
-    (:func:`factory.artifacts.seal`) so a damaged checkpoint is detected before a resume trusts it."""
+    (:func:`factory.pipeline.artifacts.seal`) so a damaged checkpoint is detected before a resume trusts it."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

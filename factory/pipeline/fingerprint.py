@@ -1,7 +1,7 @@
 """Where things live and what identifies them, computed without importing torch.
 
 Cache keys must be cheap: an unchanged ``peg-factory build`` decides it has nothing to do from
-these fingerprints alone (see :func:`factory.build.build`), before any model or data is loaded.
+these fingerprints alone (see :func:`factory.pipeline.build.build`), before any model or data is loaded.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import hashlib
 import os
 from pathlib import Path
 
-from .artifacts import sha256_file
-from .errors import FactoryError
+from factory.pipeline.artifacts import sha256_file
+from factory.errors import FactoryError
 
 BUILTIN_DATASETS = ("mnist", "digits", "textures", "synthetic")
-PACKAGED_DEMO = Path(__file__).parent / "assets" / "demo_ancestry.safetensors"
+PACKAGED_DEMO = Path(__file__).resolve().parent.parent / "assets" / "demo_ancestry.safetensors"
 
 
 def cache_dir() -> Path:

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_write_bytes
+from factory.pipeline.artifacts import atomic_write_bytes
 
 
 def pareto_png(path: Path, manifest: dict[str, Any], searches: dict[str, Any]) -> None:

@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import FactoryError
-from .shapes import ArchConfig, DescendantShape, num_tokens
+from factory.errors import FactoryError
+from factory.core.shapes import ArchConfig, DescendantShape, num_tokens
 
 FORMAT = 2
 KERNELS = ("linear", "linear_gelu", "attention", "layernorm", "add", "stem")
@@ -208,7 +208,7 @@ class Grids:
 
     @classmethod
     def for_space(cls, space, arch: ArchConfig, batches: tuple[int, ...], points: int = 6) -> "Grids":
-        """Grids spanning every shape of a :class:`factory.search.SearchSpace` at ``batches``."""
+        """Grids spanning every shape of a :class:`factory.device.search.SearchSpace` at ``batches``."""
         widths = space._widths
         return cls.spanning(arch, max_width=max(w for w, _, _ in widths), max_hidden=max(int(w * max(r)) for w, _, r in widths),
                             img_sizes=tuple(space.img_sizes), batches=batches, max_heads=max(max(h) for _, h, _ in widths),
@@ -315,7 +315,7 @@ class KernelTables:
                 "seconds": self.seconds}
 
     def save(self, path: str | Path) -> None:
-        from .artifacts import atomic_write_bytes
+        from factory.pipeline.artifacts import atomic_write_bytes
 
         atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1).encode())
 
@@ -360,7 +360,7 @@ def host_tables_path(arch: ArchConfig) -> Path:
     and patch size)."""
     import hashlib
 
-    from .fingerprint import cache_dir
+    from factory.pipeline.fingerprint import cache_dir
 
     facts = host_facts()
     host = json.dumps({k: facts[k] for k in ("cpu", "cpus", "machine", "runtime_version")}, sort_keys=True)
@@ -389,7 +389,7 @@ def measure_tables(arch: ArchConfig, grids: Grids, *, fit_shapes: list[tuple[Des
         log(f"measured {kernel}: {values.size} points")
     result = KernelTables(host_facts(), arch.to_dict(), empty, tables)
     if fit_shapes:
-        from .cost import measure_onnxruntime_latency
+        from factory.device.cost import measure_onnxruntime_latency
 
         rows = [(s, b, measure_onnxruntime_latency(s, b, arch=arch)) for s, b in fit_shapes]
         result.fit(rows, arch)

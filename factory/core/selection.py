@@ -5,7 +5,7 @@ This is the "weight selection" rule shared by PEG expansion and the baselines. G
 produces tensors for ``H_d`` heads of ``hd_d = D_d / H_d`` dims, width ``D_d`` and hidden ``M_d``:
 
 1. Heads. ``H_d <= H``: keep ``H_d`` heads (one-hot mixing). ``H_d > H``: new heads are linear
-   interpolations of neighbouring heads (:func:`factory.mixing.interpolation_matrix`), and the
+   interpolations of neighbouring heads (:func:`factory.core.mixing.interpolation_matrix`), and the
    proj columns are scaled by ``H / H_d`` so the attention branch keeps its output scale
    (``head_proj_scale="preserve"``; ``"none"`` leaves them as they are).
 2. Head dim, width and hidden: keep ``hd_d`` of the ``hd`` dims of every head, ``D_d`` of the
@@ -17,7 +17,7 @@ produces tensors for ``H_d`` heads of ``hd_d = D_d / H_d`` dims, width ``D_d`` a
    ``resample_patch_embed``) when the patch size changes, and the classifier is inherited only
    when the class count matches (otherwise the caller keeps timm's fresh head).
 
-Index choice (``selection``): ``"even"`` takes :func:`factory.mixing.evenly_spaced` indices
+Index choice (``selection``): ``"even"`` takes :func:`factory.core.mixing.evenly_spaced` indices
 (Xu et al.'s uniform weight selection); ``"importance"`` takes the units with the largest L1
 weight mass (per layer for heads, head dims and hidden units; globally for the residual
 stream), kept in their original order. Growing ``D``, ``M`` or the head dim is not supported:
@@ -30,10 +30,10 @@ from typing import Literal
 
 import torch
 
-from .errors import FactoryError
-from .mixing import evenly_spaced, interpolation_matrix, mix_heads
-from .shapes import ArchConfig, DescendantShape
-from .timm_vit import BLOCK_TENSORS, STEM_TENSORS
+from factory.errors import FactoryError
+from factory.core.mixing import evenly_spaced, interpolation_matrix, mix_heads
+from factory.core.shapes import ArchConfig, DescendantShape
+from factory.core.timm_vit import BLOCK_TENSORS, STEM_TENSORS
 
 Selection = Literal["even", "importance"]
 SELECTIONS: tuple[str, ...] = ("even", "importance")

@@ -1,11 +1,11 @@
 """Accuracy-aware shape choice: estimate what each candidate reaches after the build's fine-tune.
 
-The capacity proxy (:func:`factory.search.capacity_proxy`) always prefers the largest shape that
+The capacity proxy (:func:`factory.device.search.capacity_proxy`) always prefers the largest shape that
 fits, but with a short fine-tuning budget a shallower or narrower descendant of the learngene is
 often more accurate. Because any shape expands from the learngene in well under a second, the
 factory can *try* the candidates on the task instead of guessing.
 
-**Estimator** (:class:`ProxyFinetune`, an :class:`~factory.search.AccuracyPredictor`). For a shape
+**Estimator** (:class:`ProxyFinetune`, an :class:`~factory.device.search.AccuracyPredictor`). For a shape
 ``s``: initialise it exactly as the build will (``init`` from the learngene or ancestry, seed),
 fine-tune it for ``k = max(min_steps, round(fraction * N))`` steps of the build's recipe with the
 schedule compressed to ``k`` steps (same learning rate, batch size and warm-up fraction, cosine to
@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_write_bytes
-from .shapes import DescendantShape
+from factory.pipeline.artifacts import atomic_write_bytes
+from factory.core.shapes import DescendantShape
 
 OBJECTIVES = ("accuracy", "capacity")
 
@@ -61,8 +61,8 @@ class ProxyFinetune:
 
     ancestry: Any
     learngene: Any
-    data: Any  # factory.data.Dataset
-    recipe: Any  # factory.train.TrainConfig: the build's fine-tuning recipe (factory.build.finetune_recipe)
+    data: Any  # factory.training.data.Dataset
+    recipe: Any  # factory.training.train.TrainConfig: the build's fine-tuning recipe (factory.pipeline.build.finetune_recipe)
     init: str = "peg"
     config: EstimatorConfig = field(default_factory=EstimatorConfig)
     cache_dir: Path | None = None
@@ -98,8 +98,8 @@ class ProxyFinetune:
                 return acc
             except (ValueError, KeyError, OSError):
                 pass  # a damaged entry is recomputed
-        from .baselines import init_descendant
-        from .train import evaluate, train
+        from factory.core.baselines import init_descendant
+        from factory.training.train import evaluate, train
 
         t0 = time.perf_counter()
         model = init_descendant(self.init, shape, ancestry=self.ancestry, learngene=self.learngene, seed=self.recipe.seed)

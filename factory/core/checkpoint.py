@@ -1,6 +1,6 @@
 """Descendant checkpoints: one ``.safetensors`` file that names its own architecture.
 
-The file's metadata holds ``peg_factory.arch`` (the :class:`~factory.shapes.ArchConfig` as JSON,
+The file's metadata holds ``peg_factory.arch`` (the :class:`~factory.core.shapes.ArchConfig` as JSON,
 enough to rebuild the timm model) and ``peg_factory.info`` (how it was made: init method,
 learngene hash, shape). ``load_descendant(path)`` -- or ``load_ancestry(path)``, so descendants
 can be ancestries in turn -- rebuilds the model. Without peg-factory, the same model is
@@ -16,17 +16,17 @@ from typing import Any
 
 from torch import nn
 
-from .ancestry import ARCH_METADATA_KEY, load_ancestry
-from .artifacts import atomic_write_bytes, canonical_safetensors, sha256_bytes
-from .errors import FactoryError
-from .shapes import ArchConfig
+from factory.core.ancestry import ARCH_METADATA_KEY, load_ancestry
+from factory.pipeline.artifacts import atomic_write_bytes, canonical_safetensors, sha256_bytes
+from factory.errors import FactoryError
+from factory.core.shapes import ArchConfig
 
 INFO_METADATA_KEY = "peg_factory.info"
 
 
 def save_descendant(model: nn.Module, arch: ArchConfig, path: str | Path, info: dict[str, Any]) -> str:
     """Write ``model``'s weights with arch/info metadata atomically; returns the file's sha256
-    (a function of the weights and metadata alone: :func:`~factory.artifacts.canonical_safetensors`)."""
+    (a function of the weights and metadata alone: :func:`~factory.pipeline.artifacts.canonical_safetensors`)."""
     from safetensors.torch import save
 
     path = Path(path)

@@ -33,9 +33,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import FactoryError
-from .profile import Hardware, Profile
-from .shapes import STANDARD_ARCH, ArchConfig, DescendantShape, num_tokens, vit_params
+from factory.errors import FactoryError
+from factory.device.profile import Hardware, Profile
+from factory.core.shapes import STANDARD_ARCH, ArchConfig, DescendantShape, num_tokens, vit_params
 
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 OpKind = Literal["matmul", "attention", "elementwise"]
@@ -169,7 +169,7 @@ class CostModel:
     efficiency: Efficiency
     arch: ArchConfig = STANDARD_ARCH
     calibrated: bool = False
-    tables: Any = None  # factory.kernels.KernelTables: kernel-level prediction replaces the roofline
+    tables: Any = None  # factory.device.kernels.KernelTables: kernel-level prediction replaces the roofline
     method: str = "roofline"  # how latency is predicted, in words (search output, manifest)
 
     @classmethod
@@ -182,14 +182,14 @@ class CostModel:
         if csv is not None:
             rows = read_calibration_csv(csv, profile.path or "<profile>")
             model = calibrate(model, rows)
-            from .calibration import calibration_provenance
+            from factory.device.calibration import calibration_provenance
 
             what = calibration_provenance(csv)
             model = dataclasses.replace(model, method=f"roofline calibrated on {len(rows)} rows of {csv.name}"
                                                       + (f" ({what})" if what else ""))
         tables = profile.latency_tables_path(arch)
         if tables is not None:
-            from .kernels import KernelTables
+            from factory.device.kernels import KernelTables
 
             if tables.is_file():
                 model = dataclasses.replace(model, tables=KernelTables.load(tables), method=f"kernel tables {tables.name}")
@@ -318,7 +318,7 @@ def measure_onnxruntime_latency(
     from export.onnx_export import export_onnx
     from export.runtime import ort_latency_ms, ort_session
 
-    from .timm_vit import build_vit
+    from factory.core.timm_vit import build_vit
 
     model = build_vit(arch, shape, seed=0).eval()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,1 @@
+"""Training: data sets and the trainer (AMP, DDP, resumable)."""
