@@ -144,3 +144,39 @@ def test_calibration_kit_round_trip_on_the_host(tmp_path):
     res = CliRunner().invoke(cli, ["search", "--profile", str(profile), "--top", "2"])
     assert res.exit_code == 0, res.output
     assert "latency by roofline calibrated on 3 rows of calibration.csv (onnxruntime" in res.output
+
+
+FAKE_TRTEXEC = """#!/usr/bin/env python3
+import sys
+args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:] if "=" in a)
+assert "fp16" in " ".join(sys.argv) and args["shapes"].startswith("images:1x1x28x28"), sys.argv
+open(sys.argv[0] + ".calls", "a").write(args["onnx"] + "\\n")
+print("[11/29/2026-05:00:00] [I] TensorRT version: 10.3.0")
+print("[11/29/2026-05:00:01] [I] GPU Compute Time: min = 0.25 ms, max = 0.4 ms, mean = 0.3 ms, median = 0.29 ms, "
+      "percentile(90%) = 0.35 ms, percentile(95%) = 0.37 ms, percentile(99%) = 0.39 ms")
+"""
+
+
+def test_calibration_kit_drives_trtexec_and_openvino(tmp_path):
+    """The TensorRT path against a stand-in `trtexec` printing trtexec's documented summary; OpenVINO for real."""
+    import os
+
+    kit = tmp_path / "kit"
+    res = CliRunner().invoke(cli, ["calibrate", "--profile", "jetson_orin", "--shapes", "3", "--out", str(kit)])
+    assert res.exit_code == 0, res.output
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "trtexec").write_text(FAKE_TRTEXEC)
+    (bin_dir / "trtexec").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, str(kit / "measure.py")], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert len((bin_dir / "trtexec.calls").read_text().split()) == 3
+    rows = (kit / "calibration.csv").read_text().splitlines()[1:]
+    assert len(rows) == 3 and all(r.endswith(",0.29000") for r in rows)
+    meta = __import__("json").loads((kit / "calibration.json").read_text())
+    assert meta["runtime"] == "tensorrt" and meta["runtime_version"] == "10.3.0" and meta["precision"] == "fp16"
+    done = subprocess.run([sys.executable, str(kit / "measure.py"), "--runtime", "openvino", "--repeats", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert __import__("json").loads((kit / "calibration.json").read_text())["runtime"] == "openvino"

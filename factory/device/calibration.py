@@ -171,7 +171,7 @@ def tensorrt_ms(path, shape, repeats):
     cmd = ["trtexec", f"--onnx={path}", f"--shapes=images:{dims}", "--noDataTransfers", "--useCudaGraph",
            f"--iterations={repeats}", "--warmUp=200", *precision]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    median = re.search(r"GPU Compute Time:.*?median = ([0-9.]+) ms", out)
+    median = re.search(r"GPU Compute Time:.*?median =? ?([0-9.]+) ms", out)  # "median = x ms" (older: "median x ms")
     if median is None:
         raise SystemExit(f"could not find the GPU compute time in trtexec's output for {path}")
     version = re.search(r"TensorRT version: ([0-9.]+)", out) or re.search(r"\[TensorRT v(\d+)\]", out)
