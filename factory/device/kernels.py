@@ -368,32 +368,72 @@ def host_tables_path(arch: ArchConfig) -> Path:
                                              f"{hashlib.sha256(json.dumps(arch.to_dict(), sort_keys=True).encode()).hexdigest()[:8]}.json")
 
 
+REFERENCE_KERNEL = ("linear", (128, 256, 768))
+
+
 def measure_tables(arch: ArchConfig, grids: Grids, *, fit_shapes: list[tuple[DescendantShape, int]] = (),
-                   log: Callable[[str], None] = lambda _: None, budget_s: float = 0.05) -> KernelTables:
+                   log: Callable[[str], None] = lambda _: None, budget_s: float = 0.05, probe_every: int = 12) -> KernelTables:
     """Measure every kernel on its grid (and the ``fit_shapes`` whole models for the three
-    whole-model terms) with onnxruntime on this host."""
+    whole-model terms) with onnxruntime on this host.
+
+    Hosts change speed while they are measured (turbo and thermal limits, shared VMs: the build VM
+    drifted up to 1.9x within minutes). A reference kernel (:data:`REFERENCE_KERNEL`) is timed
+    before the first point and every ``probe_every`` points; each measurement is scaled to the
+    speed of the first probe, interpolating between the probes around it. The probe times are kept
+    in the tables (``probes_ms``) to show how much the host moved.
+    """
     import itertools
 
     import numpy as np
 
     t0 = time.perf_counter()
     empty = min(time_onnx(*empty_model(), budget_s=0.1) for _ in range(3))
-    tables = {}
+    ref_model = kernel_model(REFERENCE_KERNEL[0], REFERENCE_KERNEL[1], arch)
+    probes: list[tuple[int, float]] = []  # (measurement index, reference ms)
+    raw: list[float] = []
+
+    def probe() -> None:
+        probes.append((len(raw), time_onnx(*ref_model, budget_s=budget_s)))
+
+    def timed(model) -> float:
+        if len(raw) % probe_every == 0:
+            probe()
+        raw.append(time_onnx(*model, budget_s=budget_s))
+        return raw[-1]
+
+    slots: list[tuple[str, tuple[int, ...]]] = []
     for kernel in KERNELS:
         axes = grids.axes(kernel)
-        values = np.zeros([len(a) for a in axes])
         for index in itertools.product(*[range(len(a)) for a in axes]):
-            dims = tuple(a[i] for a, i in zip(axes, index))
-            values[index] = max(1e-4, time_onnx(*kernel_model(kernel, dims, arch), budget_s=budget_s) - empty)
-        tables[kernel] = {"axes": axes, "ms": values.tolist()}
-        log(f"measured {kernel}: {values.size} points")
-    result = KernelTables(host_facts(), arch.to_dict(), empty, tables)
+            timed(kernel_model(kernel, tuple(a[i] for a, i in zip(axes, index)), arch))
+            slots.append((kernel, index))
+        log(f"measured {kernel}: {math.prod(len(a) for a in axes)} points")
+    whole = []
     if fit_shapes:
         from factory.device.cost import measure_onnxruntime_latency
 
-        rows = [(s, b, measure_onnxruntime_latency(s, b, arch=arch)) for s, b in fit_shapes]
+        for s, b in fit_shapes:
+            probe()
+            raw.append(measure_onnxruntime_latency(s, b, arch=arch))
+            whole.append((s, b))
+    probe()
+    # speed factor per measurement: first probe / reference interpolated at that measurement
+    at, ref = np.array([i for i, _ in probes], float), np.array([r for _, r in probes])
+    factor = ref[0] / np.interp(np.arange(len(raw)), at, ref)
+    normalised = np.asarray(raw) * factor
+    tables = {k: {"axes": grids.axes(k), "ms": np.zeros([len(a) for a in grids.axes(k)])} for k in KERNELS}
+    for (kernel, index), value in zip(slots, normalised):
+        tables[kernel]["ms"][index] = max(1e-4, value - empty)
+    for t in tables.values():
+        t["ms"] = t["ms"].tolist()
+    result = KernelTables(host_facts(), arch.to_dict(), empty, tables)
+    result.host["probes_ms"] = [round(r, 4) for _, r in probes]
+    if whole:
+        rows = [(s, b, float(t)) for (s, b), t in zip(whole, normalised[len(slots):])]
         result.fit(rows, arch)
         log(f"fitted whole-model terms on {len(rows)} models: {result.describe_terms()}")
+    log(f"host speed during the measurement: reference kernel {ref.min():.3f}-{ref.max():.3f} ms ({ref.max() / ref.min():.2f}x), "
+        "normalised to the first probe")
     result.seconds = round(time.perf_counter() - t0, 1)
     return result
 
