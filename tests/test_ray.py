@@ -12,10 +12,13 @@ from click.testing import CliRunner
 from factory.pipeline.build import BuildConfig, build
 from factory.cli import cli
 from factory.errors import FactoryError
-from factory.pipeline.executor import LocalExecutor, RayExecutor, make_executor
+from factory.pipeline.executor import LocalExecutor, RayExecutor, available_cpus, make_executor
 from factory.device.profile import load_profile
 
 from .test_build import _profile
+
+# local threads with one intra-op thread per fine-tune, like 1-CPU Ray tasks, on any machine size
+ONE_THREAD_EACH = LocalExecutor(jobs=available_cpus())
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs the ray extra: pip install 'peg-factory[ray]' (CI installs it)")
 
@@ -42,8 +45,9 @@ def test_ray_fleet_matches_local_threads(cluster, tmp_path):
     profiles = _fleet(tmp_path)
     lines = []
     on_ray = build(profiles, tmp_path / "ray", cfg, executor=RayExecutor(), log=lines.append)
-    local = build(profiles, tmp_path / "local", cfg, executor=LocalExecutor(jobs=2), log=lambda *_: None)
+    local = build(profiles, tmp_path / "local", cfg, executor=ONE_THREAD_EACH, log=lambda *_: None)
     assert [d["status"] for d in on_ray["devices"]] == ["ok"] * 3
+    assert on_ray["executor"]["kind"] == "ray" and local["executor"]["threads_per_finetune"] == 1
     assert _hashes(on_ray) == _hashes(local)  # same shapes, same model and ONNX bytes
     assert on_ray["devices"][0]["shape"] == on_ray["devices"][1]["shape"] != on_ray["devices"][2]["shape"]
     assert len(list((tmp_path / "ray" / ".cache" / "finetune").iterdir())) == 2  # shapes deduplicated
@@ -76,7 +80,7 @@ def test_a_killed_ray_task_is_retried_and_resumes(cluster, tmp_path):
     watcher.join()
     assert killed, "the fine-tune finished before a checkpoint could be killed"
     assert manifest["devices"][0]["status"] == "ok", manifest["devices"][0]
-    uninterrupted = build(profiles, tmp_path / "local", cfg, executor=LocalExecutor(jobs=2), log=lambda *_: None)
+    uninterrupted = build(profiles, tmp_path / "local", cfg, executor=ONE_THREAD_EACH, log=lambda *_: None)
     assert _hashes(manifest) == _hashes(uninterrupted)  # the retry resumed bit-exactly from the checkpoint
 
 

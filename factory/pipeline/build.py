@@ -380,7 +380,8 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
         if entry.get("status") != "failed":
             by_shape.setdefault(DescendantShape.from_dict(entry["shape"]), []).append((prof, entry, searches[prof.name]))
     jobs = [ShapeJob(shape, group) for shape, group in by_shape.items()]
-    results = (executor or LocalExecutor(cfg.jobs)).run(builder, anc, lg, lg_stage.path / "learngene", ds, jobs)
+    executor = executor or LocalExecutor(cfg.jobs)
+    results = executor.run(builder, anc, lg, lg_stage.path / "learngene", ds, jobs)
     updates = {name: update for result in results for name, update in result}
     for entry in devices:
         entry.update(updates.get(entry["name"], {}))
@@ -397,6 +398,7 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
                  "identity_key": dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans)},
         "recipe": dataclasses.asdict(cfg),
         "tools": tool_versions(),
+        "executor": executor.describe(),  # where the shape jobs ran (not part of the build's identity)
         "seconds": round(time.perf_counter() - t_start, 2),
         "devices": devices,
     }

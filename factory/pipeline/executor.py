@@ -66,6 +66,9 @@ class LocalExecutor:
         """Intra-op threads per fine-tune: this machine's CPUs shared by the ``jobs`` running at once."""
         return max(1, available_cpus() // max(1, self.jobs))
 
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "local", "jobs": self.jobs, "threads_per_finetune": self.threads}
+
     def run(self, builder, anc, lg, lg_dir: Path, ds, jobs: list[ShapeJob]) -> list[list[tuple[str, dict[str, Any]]]]:
         from factory.pipeline.build import build_shape
 
@@ -120,6 +123,10 @@ class RayExecutor:
             if started:
                 ray.shutdown()
         return results
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "ray", "address": self.address or "local instance", "task_cpus": self.task_cpus,
+                "task_gpus": self.task_gpus, "max_retries": self.max_retries, "threads_per_finetune": max(1, int(self.task_cpus))}
 
     def connect(self, ray, log: Callable[[str], None]) -> bool:
         """Join (or start) Ray; true when this call started it (and so shuts it down after)."""
