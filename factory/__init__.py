@@ -13,12 +13,23 @@ from factory.core.flops import count_flops, count_params  # noqa: E402
 from factory.core.learngene import Learngene, sample_learngene  # noqa: E402
 from factory.core.mixing import DepthMap  # noqa: E402
 from factory.core.shapes import ArchConfig, DescendantShape, vit_flops, vit_params  # noqa: E402
+from factory.device.cost import CostModel  # noqa: E402
+from factory.device.profile import Profile, load_profile  # noqa: E402
+from factory.device.search import SearchSpace, search  # noqa: E402
+from factory.pipeline.build import BuildConfig, build  # noqa: E402
+from factory.pipeline.executor import LocalExecutor, RayExecutor  # noqa: E402
 
 __all__ = [
     "DEMO_ARCH",
     "METHODS",
     "Ancestry",
     "ArchConfig",
+    "BuildConfig",
+    "CostModel",
+    "LocalExecutor",
+    "Profile",
+    "RayExecutor",
+    "SearchSpace",
     "DepthMap",
     "DescendantShape",
     "FactoryError",
@@ -27,9 +38,12 @@ __all__ = [
     "count_params",
     "expand",
     "expand_tensors",
+    "build",
     "init_descendant",
     "load_ancestry",
+    "load_profile",
     "sample_learngene",
+    "search",
     "vit_flops",
     "vit_params",
 ]
