@@ -203,7 +203,9 @@ def _leftovers(out: Path) -> list[str]:
 
 def test_ctrl_c_stops_within_seconds_and_cleans_up(tmp_path):
     prof, out = _profile(tmp_path, "tiny"), tmp_path / "out"
-    proc = subprocess.Popen(_build_cmd(prof, out, 100_000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a background CI job may run us with SIGINT ignored, which children inherit: give the build the default
+    proc = subprocess.Popen(_build_cmd(prof, out, 100_000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not list(out.glob(".cache/finetune/*.partial/metrics.jsonl")):
         if time.time() > deadline or proc.poll() is not None:
