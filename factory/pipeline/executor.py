@@ -63,8 +63,11 @@ class LocalExecutor:
 
     @property
     def threads(self) -> int:
-        """Intra-op threads per fine-tune: this machine's CPUs shared by the ``jobs`` running at once."""
-        return max(1, available_cpus() // max(1, self.jobs))
+        """Intra-op threads per fine-tune: the threads torch may use here (this machine's CPUs, or fewer
+        if the user limited them, e.g. ``OMP_NUM_THREADS``) shared by the ``jobs`` running at once."""
+        import torch
+
+        return max(1, min(available_cpus(), torch.get_num_threads()) // max(1, self.jobs))
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", "jobs": self.jobs, "threads_per_finetune": self.threads}
