@@ -93,16 +93,12 @@ def main() -> None:
     fit = [(space.random_shape(rng), b) for b in batches for _ in range(args.calibrate)]
     held = [(space.random_shape(rng), b) for b in batches for _ in range(args.shapes)]
 
-    def measure(s, b):
-        return measure_onnxruntime_latency(s, b, arch=ANCESTRY, repeats=args.repeats)
-
     # This VM's speed drifts by tens of percent over minutes (shared host). So a reference model is timed
     # just before every whole-model measurement (--normalise divides the drift out), fit and held-out
     # shapes are measured interleaved in a shuffled order, and each held-out shape is measured again at
     # a later time (that second measurement is the noise floor: same shape, same code, another moment).
     reference = (DescendantShape(6, 192, 3, 4.0, 160, 16, 1000), 1)
     drift: list[float] = []
-
     speed: list[float] = []  # the reference model's time just before each whole-model measurement
 
     def raw_measure(s, b):

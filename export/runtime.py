@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 
 
-def ort_session(path: str | Path, providers=("CPUExecutionProvider",)):
+def ort_session(model: str | Path | bytes, providers=("CPUExecutionProvider",)):
+    """An onnxruntime session (default graph optimisations and threads, warnings silenced) for a
+    model file or serialised model bytes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=list(providers))
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=list(providers))
 
 
 def ort_latency_ms(session, x: np.ndarray, *, repeats: int = 20, warmup: int = 3) -> float:

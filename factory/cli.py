@@ -150,10 +150,11 @@ def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_
     import shutil
 
     from factory.core.ancestry import load_ancestry
-    from factory.pipeline.artifacts import ensure_parent, seal_state
+    from factory.pipeline.artifacts import ensure_parent
     from factory.training.data import load_dataset
     from factory.core.expanding import ExpandingConfig, default_shapes, train_learngene
     from factory.core.learngene import Learngene
+    from factory.training.train import resume_or_restart
 
     lg = Learngene.load(learngene_dir)
     spec = ancestry or lg.meta.get("ancestry", {}).get("spec")
@@ -166,13 +167,7 @@ def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_
     cfg = ExpandingConfig(steps=steps, batch_size=batch_size, lr=lr, extra_hidden=extra_hidden, seed=seed)
     ensure_parent(out)
     work = work_dir or out.with_name(out.name + ".partial")
-    state = seal_state(work / "checkpoint")
-    if state == "damaged":
-        click.echo(f"the checkpoint in {work} is damaged; starting the expanding phase over")
-        shutil.rmtree(work, ignore_errors=True)
-    resume = state == "done"
-    if resume:
-        click.echo(f"resuming the expanding phase from {work / 'checkpoint'}")
+    resume = resume_or_restart(work, "the expanding phase", click.echo)
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
     own = anc.arch.shape()  # zero-shot is reported at the ancestry's width, heads and ratio, at every depth
     eval_shapes = [s for s in shapes if (s.embed_dim, s.num_heads, s.mlp_ratio) == (own.embed_dim, own.num_heads, own.mlp_ratio)]

@@ -157,14 +157,13 @@ def empty_model():
 # -- timing ---------------------------------------------------------------------------------------------
 
 def time_onnx(model, input_shape, *, min_repeats: int = 5, budget_s: float = 0.05) -> float:
-    """Median ``session.run`` wall time in ms of an in-memory ONNX model (default CPU session
-    options, as :func:`export.runtime.ort_session`), repeated until ``budget_s`` or ``min_repeats``."""
+    """Median ``session.run`` wall time in ms of an in-memory ONNX model (a session as
+    :func:`export.runtime.ort_session` makes it), repeated until ``budget_s`` or ``min_repeats``."""
     import numpy as np
-    import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    from export.runtime import ort_session
+
+    sess = ort_session(model.SerializeToString())
     feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)}
     for _ in range(2):
         sess.run(None, feed)

@@ -139,6 +139,11 @@ def confined(base: str | os.PathLike, relative: str | os.PathLike, what: str = "
 SEAL_FILE = "done.json"
 
 
+def _sealed_files(directory: Path) -> list[Path]:
+    """The files a seal covers: every file under ``directory`` but the seal itself, sorted."""
+    return [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != SEAL_FILE]
+
+
 def seal(directory: str | os.PathLike, info: dict) -> None:
     """Mark ``directory`` complete: ``done.json`` = ``info`` + the sha256 of every other file in it.
 
@@ -148,8 +153,7 @@ def seal(directory: str | os.PathLike, info: dict) -> None:
     import json
 
     directory = Path(directory)
-    files = {p.relative_to(directory).as_posix(): sha256_file(p)
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != SEAL_FILE}
+    files = {p.relative_to(directory).as_posix(): sha256_file(p) for p in _sealed_files(directory)}
     (directory / SEAL_FILE).write_text(json.dumps({**info, "files": files}, sort_keys=True))
 
 
@@ -167,7 +171,7 @@ def seal_state(directory: str | os.PathLike) -> str:
     files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, dict):
         return "damaged"  # written before seals carried hashes, or edited
-    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != SEAL_FILE}
+    present = {p.relative_to(directory).as_posix() for p in _sealed_files(directory)}
     if present != set(files):
         return "damaged"
     try:

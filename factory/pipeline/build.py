@@ -115,10 +115,6 @@ class Stage:
         """Sealed and intact (:func:`factory.pipeline.artifacts.seal_state`): a damaged entry is not cached."""
         return seal_state(self.path) == "done"
 
-    @property
-    def damaged(self) -> bool:
-        return seal_state(self.path) == "damaged"
-
 
 class Builder:
     """One build directory; methods are the stages (see the module docstring)."""
@@ -131,15 +127,10 @@ class Builder:
         return Stage(name, key, self.cache / name / key)
 
     def resumable(self, work: Path, what: str) -> bool:
-        """Whether ``work`` holds an intact checkpoint to resume ``what`` from; a damaged one is
-        reported and removed, so the stage starts over instead of failing on every rerun."""
-        state = seal_state(work / "checkpoint")
-        if state == "damaged":
-            self.log(f"{what}: its checkpoint in {work} is damaged; starting over")
-            shutil.rmtree(work, ignore_errors=True)
-        elif state == "done":
-            self.log(f"{what}: resuming from its last checkpoint")
-        return state == "done"
+        """:func:`factory.training.train.resume_or_restart`, logging to the build's log."""
+        from factory.training.train import resume_or_restart
+
+        return resume_or_restart(work, what, self.log)
 
     def reusable(self, st: Stage) -> bool:
         """Whether ``st`` is cached and intact; a damaged entry is reported and will be rebuilt."""

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from factory.errors import FactoryError
 from factory.pipeline.fingerprint import BUILTIN_DATASETS as BUILTINS
-from factory.pipeline.fingerprint import dataset_identity, mnist_file, scan_tree
+from factory.pipeline.fingerprint import dataset_identity, mnist_file
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -233,7 +233,8 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3) -> Dataset:
 
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise FactoryError(f"data directory {root} needs train/ and val/ subdirectories in ImageFolder layout")
-    scan_tree(root)  # refuses symlink loops before torchvision walks them
+    # one walk of the tree, which also refuses symlink loops before torchvision walks it
+    identity = dataset_identity(str(root), img_size, in_chans)
     mean = (0.485, 0.456, 0.406) if in_chans == 3 else (0.5,)
     std = (0.229, 0.224, 0.225) if in_chans == 3 else (0.5,)
 
@@ -267,7 +268,7 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3) -> Dataset:
     test = read("test") if (root / "test").is_dir() else val
     if train.classes != val.classes:
         raise FactoryError(f"{root}/train and {root}/val have different class folders")
-    return Dataset(root.name, train, val, test, mean, std, identity=dataset_identity(str(root), img_size, in_chans))
+    return Dataset(root.name, train, val, test, mean, std, identity=identity)
 
 
 def load_dataset(spec: str, img_size: int = 28, in_chans: int = 1) -> Dataset:

@@ -229,6 +229,20 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
     return int(meta["step"])
 
 
+def resume_or_restart(work: Path, what: str, log: Callable[[str], None]) -> bool:
+    """Whether ``work`` holds an intact (sealed) checkpoint to resume ``what`` from. A damaged one is
+    reported and ``work`` removed, so the run starts over instead of failing on every rerun."""
+    import shutil
+
+    state = seal_state(Path(work) / "checkpoint")
+    if state == "damaged":
+        log(f"{what}: its checkpoint in {work} is damaged; starting over")
+        shutil.rmtree(work, ignore_errors=True)
+    elif state == "done":
+        log(f"{what}: resuming from its last checkpoint")
+    return state == "done"
+
+
 def open_checkpoint(out_dir: str | Path | None, resume: bool, module: nn.Module, opt: torch.optim.Optimizer,
                     what: str) -> tuple[Path | None, int]:
     """``(checkpoint dir or None, first step)``: with ``resume``, ``module`` and ``opt`` are loaded
