@@ -394,11 +394,10 @@ def measure_tables(arch: ArchConfig, grids: Grids, *, fit_shapes: list[tuple[Des
     def probe() -> None:
         probes.append((len(raw), time_onnx(*ref_model, budget_s=budget_s)))
 
-    def timed(model) -> float:
+    def timed(model) -> None:
         if len(raw) % probe_every == 0:
             probe()
         raw.append(time_onnx(*model, budget_s=budget_s))
-        return raw[-1]
 
     slots: list[tuple[str, tuple[int, ...]]] = []
     for kernel in KERNELS:

@@ -421,7 +421,7 @@ def build_shape(builder: Builder, anc, lg, ds, job, should_stop: Callable[[], bo
             st = builder.finetune(anc, lg, job.shape, ds, should_stop)
     except FactoryError as exc:
         builder.log(f"finetune {job.shape.label()}: failed: {exc}")
-        return [(name, {"status": "failed", "error": str(exc)}) for name in job.names]
+        return job.failed(str(exc))
     out = []
     for prof, entry, searched in job.devices:
         try:

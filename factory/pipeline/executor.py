@@ -50,6 +50,10 @@ class ShapeJob:
     def names(self) -> list[str]:
         return [entry["name"] for _, entry, _ in self.devices]
 
+    def failed(self, reason: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every device of the job failed with ``reason`` (the manifest entry updates)."""
+        return [(name, {"status": "failed", "error": reason}) for name in self.names]
+
 
 def available_cpus() -> int:
     import os
@@ -77,8 +81,8 @@ class LocalExecutor:
 
         stop = threading.Event()  # Ctrl-C reaches the main thread only; the workers poll this between steps
         with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
-            serial = threading.Lock()
-            futures = [pool.submit(build_shape, builder, anc, lg, ds, job, stop.is_set, self.threads, serial) for job in jobs]
+            serial, threads = threading.Lock(), self.threads
+            futures = [pool.submit(build_shape, builder, anc, lg, ds, job, stop.is_set, threads, serial) for job in jobs]
             try:
                 return [f.result() for f in futures]
             except KeyboardInterrupt:
@@ -96,13 +100,17 @@ class RayExecutor:
     max_retries: int = 3
     num_cpus: int | None = None  # for a local instance only: CPUs it may use
 
+    @property
+    def threads(self) -> int:
+        """Intra-op threads per fine-tune: the task's CPUs."""
+        return max(1, int(self.task_cpus))
+
     def run(self, builder, anc, lg, lg_dir: Path, ds, jobs: list[ShapeJob]) -> list[list[tuple[str, dict[str, Any]]]]:
         ray = require_ray()
         started = self.connect(ray, builder.log)
         remote = ray.remote(_ray_shape_job).options(num_cpus=self.task_cpus, num_gpus=self.task_gpus,
                                                     max_retries=self.max_retries, retry_exceptions=False)
-        threads = max(1, int(self.task_cpus))
-        refs = [remote.remote(str(Path(builder.out).resolve()), builder.cfg, lg.sha256, str(Path(lg_dir).resolve()), job, threads)
+        refs = [remote.remote(str(Path(builder.out).resolve()), builder.cfg, lg.sha256, str(Path(lg_dir).resolve()), job, self.threads)
                 for job in jobs]
         results = []
         try:
@@ -111,11 +119,11 @@ class RayExecutor:
                     results.append(ray.get(ref))
                 except ray.exceptions.WorkerCrashedError as exc:
                     reason = f"its Ray task died {self.max_retries + 1} times ({type(exc).__name__}); see the Ray logs"
-                    results.append([(name, {"status": "failed", "error": reason}) for name in job.names])
+                    results.append(job.failed(reason))
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.as_instanceof_cause()
                     if isinstance(cause, FactoryError):
-                        results.append([(name, {"status": "failed", "error": str(cause)}) for name in job.names])
+                        results.append(job.failed(str(cause)))
                     else:
                         raise
         except KeyboardInterrupt:
@@ -129,7 +137,7 @@ class RayExecutor:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "ray", "address": self.address or "local instance", "task_cpus": self.task_cpus,
-                "task_gpus": self.task_gpus, "max_retries": self.max_retries, "threads_per_finetune": max(1, int(self.task_cpus))}
+                "task_gpus": self.task_gpus, "max_retries": self.max_retries, "threads_per_finetune": self.threads}
 
     def connect(self, ray, log: Callable[[str], None]) -> bool:
         """Join (or start) Ray; true when this call started it (and so shuts it down after)."""
