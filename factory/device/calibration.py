@@ -132,20 +132,25 @@ HERE = Path(__file__).resolve().parent
 KIT = json.loads((HERE / "kit.json").read_text())
 
 
+def median_ms(run, repeats, warmup=3):
+    """Median wall time (ms) of ``run()`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def onnxruntime_ms(path, shape, repeats):
     import numpy as np
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), ort.__version__
+    return median_ms(lambda: sess.run(None, feed), repeats), ort.__version__
 
 
 def openvino_ms(path, shape, repeats):
@@ -155,14 +160,7 @@ def openvino_ms(path, shape, repeats):
     compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    for _ in range(3):
-        request.infer([x])
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        request.infer([x])
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), ov.__version__
+    return median_ms(lambda: request.infer([x]), repeats), ov.__version__
 
 
 def tensorrt_ms(path, shape, repeats):
