@@ -327,14 +327,16 @@ def profiles_measure(runtime, ancestry, batches, img_sizes, points, fit_models, 
     """
     from factory.core.ancestry import load_ancestry
     from factory.device.kernels import Grids, host_tables_path, measure_tables, spread_shapes
+    from factory.pipeline.artifacts import ensure_parent
     from factory.device.search import SearchSpace
 
     arch = load_ancestry(ancestry).arch
+    path = out or host_tables_path(arch)
+    ensure_parent(path)  # an unwritable --out fails now, not after minutes of measuring
     batches = tuple(batches) or (1, 8)
     space = SearchSpace.from_arch(arch, img_sizes=tuple(img_sizes) or None)
     grids = Grids.for_space(space, arch, batches, points)
     tables = measure_tables(arch, grids, fit_shapes=spread_shapes(space, fit_models, batches, seed), log=click.echo)
-    path = out or host_tables_path(arch)
     tables.save(path)
     click.echo(f"latency tables {path}: {tables.points} kernel points + {fit_models} whole models in {tables.seconds:.0f}s "
                f"({tables.describe_terms()})")

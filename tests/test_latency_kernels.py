@@ -180,3 +180,14 @@ def test_calibration_kit_drives_trtexec_and_openvino(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert __import__("json").loads((kit / "calibration.json").read_text())["runtime"] == "openvino"
+
+
+def test_new_commands_refuse_bad_input_in_one_line_before_working(tmp_path):
+    (tmp_path / "file").write_text("x")
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(cli, ["profiles", "measure", "--out", str(tmp_path / "file" / "t.json")])
+    assert res.exit_code == 2 and "cannot create directory" in res.output and time.perf_counter() - t0 < 30, res.output
+    res = CliRunner().invoke(cli, ["calibrate", "--profile", "host", "--shapes", "3", "--out", str(tmp_path / "file")])
+    assert res.exit_code == 2 and "exists and is not a directory" in res.output
+    res = CliRunner().invoke(cli, ["calibrate", "--profile", "nope", "--out", str(tmp_path / "kit")])
+    assert res.exit_code == 2 and "profile nope not found" in res.output and not (tmp_path / "kit").exists()
