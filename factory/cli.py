@@ -387,7 +387,7 @@ def calibrate_cmd(profile_spec, ancestry, count, seed, out) -> None:
 @click.option("--ancestry", default="demo", show_default=True, help="Ancestry whose expansions are searched.")
 @click.option("--data", default=None, help="Task data (mnist, digits, textures, synthetic or an ImageFolder dir): enables --objective accuracy.")
 @click.option("--objective", type=click.Choice(["accuracy", "capacity"]), default="capacity", show_default=True,
-              help="capacity: the largest shape that fits; accuracy: proxy fine-tunes of the Pareto front on --data pick "
+              help="capacity: the largest shape that fits; accuracy: few-step probes (successive halving) of the Pareto front on --data pick "
                    "the shape predicted most accurate after --steps (opt-in: see bench/RESULTS.md).")
 @click.option("--steps", type=POSITIVE_STEPS, default=100, show_default=True, help="Fine-tuning budget the accuracy is predicted for.")
 @click.option("--work", type=click.Path(path_type=Path), default=Path("out/build"), show_default=True,
@@ -451,11 +451,12 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
         return
     if objective == "accuracy" and result.feasible:
         click.echo(f"profile {profile.name}: predicted accuracy after {steps} fine-tuning steps on {data} "
-                   f"(proxy fine-tune of {selection['estimator']['steps']} steps per candidate, "
+                   f"(successive halving, probe rungs {'/'.join(map(str, selection['estimator']['rungs']))} steps, "
                    f"{selection['seconds']:.1f}s for estimates):")
-        click.echo(f"{'':2}{'shape':28s} {'pred. acc':>9} {'latency ms':>10} {'capacity':>9}")
+        click.echo(f"{'':2}{'shape':28s} {'steps':>5} {'val NLL':>8} {'val acc':>8} {'latency ms':>10} {'capacity':>9}")
         for row in selection["candidates"]:
-            click.echo(f"{'*' if row['chosen'] else ' ':2}{row['label']:28s} {row['predicted_accuracy']:9.3f} "
+            click.echo(f"{'*' if row['chosen'] else ' ':2}{row['label']:28s} {row.get('probe_steps', ''):>5} "
+                       f"{row.get('val_nll', float('nan')):8.4f} {row['predicted_accuracy']:8.3f} "
                        f"{row['latency_ms']:10.4f} {row['capacity_score']:9.2f}")
         click.echo(f"chosen: {selection['chosen']} (capacity proxy would pick {selection['capacity_choice']})")
         return

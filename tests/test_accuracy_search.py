@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from factory import load_ancestry
-from factory.device.accuracy import EstimatorConfig, ProxyFinetune, candidates, choose_by_accuracy
+from factory.device.accuracy import EstimatorConfig, SuccessiveHalving, candidates, choose_by_accuracy
 from factory.pipeline.build import BuildConfig, build
 from factory.cli import cli
 from factory.device.cost import CostModel
@@ -38,26 +38,53 @@ def test_candidates_spread_along_the_front_and_keep_the_capacity_choice(setting)
     assert lat[0] == min(c.latency_ms for c in result.pareto)  # the cheapest end of the front is tried too
 
 
-def test_estimator_is_deterministic_for_a_seed_and_cached_by_content(setting, tmp_path):
+def test_rungs_scale_with_the_budget_and_the_cost_formula_holds():
+    cfg = EstimatorConfig()
+    assert cfg.rungs_for(100) == (3, 6, 12) and cfg.rungs_for(1000) == (30, 60, 120)
+    assert cfg.rungs_for(8) == (1, 2, 3)  # strictly increasing even when the fractions round alike
+    assert cfg.probe_steps(8, 100) == 8 * 3 + 4 * 3 + 2 * 6 == 48
+    assert cfg.probe_steps(3, 100) == 3 * 3 + 2 * 3 + 1 * 6
+
+
+def test_successive_halving_is_deterministic_cached_by_content_and_halves(setting, tmp_path):
     anc, lg, ds, result = setting
-    shapes = [c.shape for c in candidates(result, 3)]
-    cfg = EstimatorConfig(candidates=3, min_steps=3)
+    shapes = [c.shape for c in candidates(result, 4)]
+    assert len(shapes) == 4
+    cfg = EstimatorConfig(candidates=4, rung_fractions=(0.1, 0.2, 0.4))
 
     def predictor(seed, cache=None):
-        recipe = TrainConfig(steps=16, batch_size=16, seed=seed, device="cpu", warmup_steps=1)
-        return ProxyFinetune(anc, lg, ds, recipe, config=cfg, cache_dir=cache)
+        recipe = TrainConfig(steps=20, batch_size=16, seed=seed, device="cpu", warmup_steps=2)
+        return SuccessiveHalving(anc, lg, ds, recipe, config=cfg, cache_dir=cache)
 
     a, b = predictor(0), predictor(0)
-    first = [a(s) for s in shapes]
-    assert first == [b(s) for s in shapes]
-    assert a.describe()["steps"] == 3 and a.computed == 3 and a.seconds > 0
+    first = a.rank(shapes)
+    assert first == b.rank(shapes)
+    assert a.rungs == (2, 4, 8) and a.describe()["rungs"] == [2, 4, 8]
+    assert sorted(p.steps for p in first) == [2, 2, 4, 8]  # 4 shapes -> 2 -> 1: halved per rung
+    assert first[0].steps == 8 and all(p.nll > 0 and 0 <= p.accuracy <= 1 for p in first)
+    assert a.computed == 4 + 2 + 1 and a.seconds > 0
     cached = predictor(0, tmp_path)
-    assert [cached(s) for s in shapes] == first and cached.computed == 3
+    assert cached.rank(shapes) == first and cached.computed == 7
     again = predictor(0, tmp_path)
-    assert [again(s) for s in shapes] == first and again.reused == 3 and again.computed == 0
+    assert [(p.shape, p.steps, p.nll) for p in again.rank(shapes)] == [(p.shape, p.steps, p.nll) for p in first]
+    assert again.reused == 7 and again.computed == 0
     other = predictor(0, tmp_path)
-    other.recipe = dataclasses.replace(other.recipe, steps=32)  # a different fine-tuning budget is a different estimate
-    assert other.key(shapes[0]) != again.key(shapes[0])
+    other.recipe = dataclasses.replace(other.recipe, steps=40)  # a different fine-tuning budget is a different estimate
+    assert other.key(shapes[0], 2) != again.key(shapes[0], 2)
+    assert predictor(1).rank(shapes) != first  # the seed matters (initialisation and data order)
+
+
+def test_a_continued_probe_equals_one_trained_straight_to_its_rung(setting, tmp_path):
+    """Halving continues survivors from their checkpoint; the cache assumes that is the same as a
+    probe trained straight to that rung (constant learning rate after warm-up)."""
+    anc, lg, ds, result = setting
+    shape = result.feasible[0].shape
+    recipe = TrainConfig(steps=20, batch_size=16, seed=0, device="cpu", warmup_steps=2)
+    est = SuccessiveHalving(anc, lg, ds, recipe, config=EstimatorConfig(rung_fractions=(0.1, 0.3)))
+    continued = est._probe(shape, 2, tmp_path / "a", 0), est._probe(shape, 6, tmp_path / "a", 2)
+    straight = est._probe(shape, 6, tmp_path / "b", 0)
+    assert continued[1].nll == pytest.approx(straight.nll, rel=1e-4)
+    assert continued[0].nll != pytest.approx(straight.nll, rel=1e-3)
 
 
 def test_choice_is_the_best_predicted_and_ties_go_to_capacity(setting):
@@ -79,14 +106,18 @@ def test_build_objective_switch(tmp_path):
     acc = build([prof], tmp_path / "acc", BuildConfig(objective="accuracy", **base), log=lambda *_: None)["devices"][0]
     assert cap["selection"]["objective"] == "capacity"
     sel = acc["selection"]
-    assert sel["objective"] == "accuracy" and sel["estimator"]["method"] == "proxy-finetune" and sel["estimator"]["steps"] == 4
+    assert sel["objective"] == "accuracy" and sel["estimator"]["method"] == "successive-halving"
+    assert sel["estimator"]["rungs"] == [1, 2, 3]  # 3%, 6%, 12% of 16 steps, kept strictly increasing
     assert sel["capacity_choice"] == DescendantShapeLabel(cap)
-    best = max(r["predicted_accuracy"] for r in sel["candidates"])
-    chosen = [r for r in sel["candidates"] if r["chosen"]]
-    assert len(chosen) == 1 and chosen[0]["label"] == sel["chosen"] and chosen[0]["predicted_accuracy"] >= best - 1 / 64
-    assert acc["predicted"]["accuracy"] == best
+    rows = sel["candidates"]
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["label"] == sel["chosen"] and chosen[0]["probe_steps"] == 3
+    finalists = [r for r in rows if r["probe_steps"] == 3]
+    assert chosen[0]["val_nll"] <= min(r["val_nll"] for r in finalists) + 1e-3
+    assert [r["probe_steps"] for r in rows] == sorted((r["probe_steps"] for r in rows), reverse=True)  # best first
+    assert acc["predicted"]["accuracy"] == chosen[0]["predicted_accuracy"]
     card = (tmp_path / "acc" / "tiny" / "MODEL_CARD.md").read_text()
-    assert "Chosen by predicted accuracy" in card and "proxy fine-tune" in card
+    assert "Chosen by a successive-halving probe" in card and "rungs 1/2/3" in card
     assert "chosen by (pred. acc)" in (tmp_path / "acc" / "report.md").read_text()
     # estimates are cached by content: a rebuild that changes nothing they depend on re-uses them
     lines = []

@@ -1,45 +1,52 @@
-"""Accuracy-aware shape choice: estimate what each candidate reaches after the build's fine-tune.
+"""Accuracy-aware shape choice: rank candidates by a few-step probe of the build's fine-tune.
 
 The capacity proxy (:func:`factory.device.search.capacity_proxy`) always prefers the largest shape that
-fits, but with a short fine-tuning budget a shallower or narrower descendant of the learngene is
-often more accurate. Because any shape expands from the learngene in well under a second, the
-factory can *try* the candidates on the task instead of guessing.
+fits, but with a short fine-tuning budget a shallower or narrower descendant of the learngene can
+be more accurate. Because any shape expands from the learngene in well under a second, the factory
+can *try* the candidates on the task instead of guessing.
 
-**Estimator** (:class:`ProxyFinetune`, an :class:`~factory.device.search.AccuracyPredictor`). For a shape
-``s``: initialise it exactly as the build will (``init`` from the learngene or ancestry, seed),
-fine-tune it for ``k = max(min_steps, round(fraction * N))`` steps of the build's recipe with the
-schedule compressed to ``k`` steps (same learning rate, batch size and warm-up fraction, cosine to
-the end), and measure top-1 accuracy on the first ``val_images`` images of the validation split.
-That accuracy is the prediction -- a ranking score, not a calibrated estimate of the final accuracy
-(after 6 of 100 steps it is typically 0.2-0.3 below it): a few-step learning-curve probe, the
-low-fidelity rung of successive halving / Hyperband. It captures both what the inherited weights already know about the
-task and how fast the shape trains, which is what decides accuracy after a short fine-tune.
+**Estimator** (:class:`SuccessiveHalving`). Every candidate is initialised exactly as the build will
+(``init`` from the learngene or ancestry, seed) and trained with the build's recipe (learning rate,
+batch, augmentation, data order), except that the learning rate is held constant after a
+``warmup_steps`` warm-up, so a probe can be *continued*. Rung ``i`` trains the survivors to
+``t_i = round(f_i * N)`` steps in all (``N``: the build's fine-tuning steps; ``f = (0.03, 0.06,
+0.12)``, so 3, 6 and 12 of 100 steps) and scores each on the validation split (up to
+``val_images``) by its mean negative log-likelihood (NLL); the better half (rounded up) goes on.
+The lowest-NLL shape of the last rung is chosen; a candidate within ``tie_nll`` of it that has a
+higher capacity score wins the tie. Ranking: rung reached, then NLL -- the successive-halving
+(Hyperband) ordering.
 
-**Candidates** (:func:`candidates`): up to ``count`` shapes of the feasible Pareto front of the
-capacity search (capacity vs latency), spread evenly in log-latency over the 32x range below the
-capacity choice, which is always included. The chosen shape is the one with the highest predicted accuracy; ties within one
-validation image go to the higher-capacity shape.
+Why this estimator, by measurement (``bench/estimator_study.py``, RESULTS.md): scoring by NLL on the
+whole validation split instead of accuracy on 256 images, and spending the steps on the survivors,
+both cut the estimator's error at the same cost; of the probes that cost at most half a fine-tune
+this one came closest to the capacity proxy's choices. None beat the capacity proxy on the
+benchmark's tasks, so ``capacity`` stays the default objective and this is ``--objective accuracy``.
+``predicted_accuracy`` is the probe's validation accuracy at the rung the shape reached: a ranking
+aid, not a calibrated forecast of the final accuracy (after 12 of 100 steps it is well below it).
 
-**Cost.** ``count * k`` training steps of candidates plus ``count`` evaluations of ``val_images``
-images; with the defaults (8 candidates, ``fraction = 1/16``) about half of one fine-tune of the
-average candidate. ``ProxyFinetune.seconds`` records what it really took.
+**Cost.** ``n t_0 + ceil(n/2) (t_1 - t_0) + ceil(n/4) (t_2 - t_1)`` training steps of candidates
+(``n`` candidates; 8 -> 48 steps for N = 100) plus one validation pass per probe, about half of one
+fine-tune of the capacity choice. ``seconds`` records what it really took.
 
-**Cache.** Estimates are cached by content -- learngene hash, data identity, shape, init, recipe
-and estimator settings -- as small JSON files in ``cache_dir`` (a build uses ``OUT/.cache/estimate``),
-so a fleet and later builds re-use them.
+**Cache.** Each probe result (shape, steps reached) is cached by content -- learngene (or ancestry)
+hash, data identity, shape, init, recipe and estimator settings -- as a small JSON file in
+``cache_dir`` (a build uses ``OUT/.cache/estimate``), so a fleet and later builds re-use them. A shape
+whose earlier rung came from the cache and must go on is retrained from its initialisation.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from factory.pipeline.artifacts import atomic_write_bytes
 from factory.core.shapes import DescendantShape
+from factory.pipeline.artifacts import atomic_write_bytes
 
 OBJECTIVES = ("accuracy", "capacity")
 
@@ -47,17 +54,41 @@ OBJECTIVES = ("accuracy", "capacity")
 @dataclass(frozen=True)
 class EstimatorConfig:
     candidates: int = 8
-    fraction: float = 1 / 16
-    min_steps: int = 4
-    val_images: int = 256
+    rung_fractions: tuple[float, ...] = (0.03, 0.06, 0.12)
+    warmup_steps: int = 2
+    val_images: int = 1024
+    tie_nll: float = 1e-3
 
-    def steps_for(self, budget: int) -> int:
-        return max(self.min_steps, round(self.fraction * budget))
+    def rungs_for(self, budget: int) -> tuple[int, ...]:
+        """Cumulative probe steps per rung for a fine-tune of ``budget`` steps, strictly increasing."""
+        out: list[int] = []
+        for f in self.rung_fractions:
+            out.append(max(round(f * budget), out[-1] + 1 if out else 1))
+        return tuple(out)
+
+    def probe_steps(self, count: int, budget: int) -> int:
+        """Training steps successive halving spends on ``count`` candidates (the formula above)."""
+        total, alive, done = 0, count, 0
+        for t in self.rungs_for(budget):
+            total += alive * (t - done)
+            alive, done = math.ceil(alive / 2), t
+        return total
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One candidate's probe: validation accuracy and NLL after ``steps`` probe steps."""
+
+    shape: DescendantShape
+    steps: int
+    accuracy: float
+    nll: float
+    cached: bool = False
 
 
 @dataclass
-class ProxyFinetune:
-    """Predicted accuracy of a shape after the build's fine-tune (see module docstring)."""
+class SuccessiveHalving:
+    """Few-step probes of the candidates, halved per rung (see module docstring)."""
 
     ancestry: Any
     learngene: Any
@@ -70,46 +101,79 @@ class ProxyFinetune:
     computed: int = 0
     reused: int = 0
 
-    def proxy_recipe(self):
-        """The build's recipe compressed to the proxy's length: same lr, batch, seed and warm-up
-        fraction, cosine over ``k`` steps, no checkpoints or evaluations."""
-        full = self.recipe
-        k = self.config.steps_for(full.steps)
-        warmup = max(1, round(full.warmup_steps * k / max(1, full.steps)))
-        return replace(full, steps=k, warmup_steps=warmup, ckpt_every=0, eval_every=0)
+    @property
+    def rungs(self) -> tuple[int, ...]:
+        return self.config.rungs_for(self.recipe.steps)
+
+    def probe_recipe(self, steps: int):
+        """The build's recipe with a constant learning rate after the warm-up, stopped at ``steps``."""
+        return replace(self.recipe, steps=steps, warmup_steps=min(self.config.warmup_steps, self.rungs[0]),
+                       min_lr=self.recipe.lr, ckpt_every=0, eval_every=0)
 
     def describe(self) -> dict[str, Any]:
-        return {"method": "proxy-finetune", "steps": self.proxy_recipe().steps, "budget_steps": self.recipe.steps,
-                "val_images": min(self.config.val_images, len(self.data.val)), "candidates": self.config.candidates,
-                "init": self.init, "seed": self.recipe.seed}
+        return {"method": "successive-halving", "score": "validation NLL", "rungs": list(self.rungs),
+                "budget_steps": self.recipe.steps, "val_images": min(self.config.val_images, len(self.data.val)),
+                "candidates": self.config.candidates, "init": self.init, "seed": self.recipe.seed}
 
-    def key(self, shape: DescendantShape) -> str:
+    def key(self, shape: DescendantShape, steps: int) -> str:
         recipe = {k: v for k, v in asdict(self.recipe).items() if k not in ("device", "ckpt_every", "eval_every")}
         parts = [self.learngene.sha256 if self.init == "peg" else self.ancestry.sha256, self.data.identity, shape.to_dict(),
-                 self.init, recipe, asdict(self.config)]
+                 self.init, recipe, asdict(self.config), steps]
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
-    def __call__(self, shape: DescendantShape) -> float:
-        path = self.cache_dir / f"{self.key(shape)}.json" if self.cache_dir is not None else None
-        if path is not None and path.is_file():
-            try:
-                acc = float(json.loads(path.read_text())["accuracy"])
-                self.reused += 1
-                return acc
-            except (ValueError, KeyError, OSError):
-                pass  # a damaged entry is recomputed
+    def _cached(self, shape: DescendantShape, steps: int) -> Probe | None:
+        path = self.cache_dir / f"{self.key(shape, steps)}.json" if self.cache_dir is not None else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            d = json.loads(path.read_text())
+            return Probe(shape, steps, float(d["accuracy"]), float(d["nll"]), cached=True)
+        except (ValueError, KeyError, OSError):
+            return None  # a damaged entry is recomputed
+
+    def _probe(self, shape: DescendantShape, steps: int, work: Path, done: int) -> Probe:
+        """Train ``shape`` to ``steps`` probe steps, continuing from ``work``'s checkpoint at ``done``."""
         from factory.core.baselines import init_descendant
-        from factory.training.train import evaluate, train
+        from factory.training.train import evaluate_nll, train
 
         t0 = time.perf_counter()
         model = init_descendant(self.init, shape, ancestry=self.ancestry, learngene=self.learngene, seed=self.recipe.seed)
-        train(model, self.data.train, self.proxy_recipe(), progress=False)
-        acc = evaluate(model.cpu(), self.data.val.subset(0, self.config.val_images))
+        train(model, self.data.train, self.probe_recipe(steps), out_dir=work, resume=done > 0, progress=False)
+        acc, nll = evaluate_nll(model.cpu(), self.data.val.subset(0, self.config.val_images))
         self.seconds += time.perf_counter() - t0
         self.computed += 1
-        if path is not None:
-            atomic_write_bytes(path, json.dumps({"accuracy": acc, "shape": shape.label(), **self.describe()}).encode())
-        return acc
+        if self.cache_dir is not None:
+            atomic_write_bytes(self.cache_dir / f"{self.key(shape, steps)}.json", json.dumps(
+                {"accuracy": acc, "nll": nll, "steps": steps, "shape": shape.label(), **self.describe()}).encode())
+        return Probe(shape, steps, acc, nll)
+
+    def rank(self, shapes: list[DescendantShape]) -> list[Probe]:
+        """Successive halving over ``shapes`` (ordered by preference on ties: first wins); returns each
+        shape's last probe, best first (rung reached, then NLL)."""
+        last: dict[DescendantShape, Probe] = {}
+        alive = list(dict.fromkeys(shapes))
+        with tempfile.TemporaryDirectory(prefix="peg-estimate-") as tmp:
+            state = {s: 0 for s in alive}  # steps of the checkpoint in tmp/<i> (0: none yet)
+            for r, steps in enumerate(self.rungs):
+                for i, s in enumerate(shapes):
+                    if s not in alive:
+                        continue
+                    hit = self._cached(s, steps)
+                    if hit is not None:
+                        self.reused += 1
+                        last[s] = hit
+                        continue
+                    last[s] = self._probe(s, steps, Path(tmp) / str(i), state[s])
+                    state[s] = steps
+                if r + 1 < len(self.rungs):
+                    order = sorted(alive, key=lambda s: (last[s].nll, shapes.index(s)))
+                    alive = order[: max(1, math.ceil(len(alive) / 2))]
+        return sorted(last.values(), key=lambda p: (-p.steps, p.nll, shapes.index(p.shape)))
+
+    def __call__(self, shape: DescendantShape) -> float:
+        """Validation accuracy of ``shape`` probed alone (it survives every rung): the per-shape
+        :class:`~factory.device.search.AccuracyPredictor` protocol."""
+        return self.rank([shape])[0].accuracy
 
 
 def candidates(result, count: int, span: float = 32.0) -> list:
@@ -138,15 +202,27 @@ def candidates(result, count: int, span: float = 32.0) -> list:
 def choose_by_accuracy(result, predictor, count: int) -> tuple[Any, list[dict[str, Any]]]:
     """Estimate the candidates' accuracy and return ``(chosen candidate, rows)``.
 
-    ``rows`` (one per estimated candidate, best first) carry the shape label, predicted accuracy,
-    predicted latency and capacity score. Ties within ``1 / val_images`` go to higher capacity.
+    ``predictor`` is a :class:`SuccessiveHalving` (ranks the candidates together) or any per-shape
+    :class:`~factory.device.search.AccuracyPredictor` (highest score wins; ties within 1e-9 go to
+    higher capacity). ``rows`` (one per candidate, best first) carry the shape label, predicted
+    accuracy, predicted latency and capacity score, and for successive halving the probe steps the
+    shape reached and its validation NLL.
     """
-    cands = candidates(result, count)
-    scored = [(predictor(c.shape), c) for c in cands]
-    tie = 1.0 / max(1, getattr(getattr(predictor, "config", None), "val_images", 1000))
-    best_acc = max(a for a, _ in scored)
-    chosen = max((c for a, c in scored if a >= best_acc - tie / 2), key=lambda c: c.score)
+    cands = sorted(candidates(result, count), key=lambda c: -c.score)  # by capacity: ties go to the first
+    by_shape = {c.shape: c for c in cands}
+    if hasattr(predictor, "rank"):
+        probes = predictor.rank([c.shape for c in cands])
+        tie = predictor.config.tie_nll
+        top = probes[0]
+        chosen = max((by_shape[p.shape] for p in probes if p.steps == top.steps and p.nll <= top.nll + tie),
+                     key=lambda c: c.score)
+        scored = [(p.accuracy, by_shape[p.shape], {"probe_steps": p.steps, "val_nll": round(p.nll, 4)}) for p in probes]
+    else:
+        raw = [(float(predictor(c.shape)), c, {}) for c in cands]
+        best = max(a for a, _, _ in raw)
+        chosen = max((c for a, c, _ in raw if a >= best - 1e-9), key=lambda c: c.score)
+        scored = sorted(raw, key=lambda t: (-t[0], -t[1].score))
     rows = [{"label": c.shape.label(), "shape": c.shape.to_dict(), "predicted_accuracy": round(a, 4),
-             "latency_ms": round(c.latency_ms, 4), "capacity_score": round(c.score, 4), "chosen": c is chosen}
-            for a, c in sorted(scored, key=lambda ac: (-ac[0], -ac[1].score))]
+             "latency_ms": round(c.latency_ms, 4), "capacity_score": round(c.score, 4), **extra, "chosen": c is chosen}
+            for a, c, extra in scored]
     return chosen, rows

@@ -73,7 +73,7 @@ class BuildConfig:
     seed: int = 0
     jobs: int = 1
     device: str = "auto"
-    # capacity: the largest shape that fits; accuracy: proxy fine-tunes of the Pareto front (factory.device.accuracy), opt-in
+    # capacity: the largest shape that fits; accuracy: successive-halving probes of the Pareto front (factory.device.accuracy), opt-in
     # until it beats capacity (bench/RESULTS.md, "Accuracy-aware search")
     objective: str = "capacity"
     candidates: int = 8
@@ -436,10 +436,10 @@ def build_shape(builder: Builder, anc, lg, ds, job, should_stop: Callable[[], bo
 
 def choose_for_devices(builder: Builder, devices, searches, anc, lg, ds) -> None:
     """Replace each device's capacity choice by the candidate with the best predicted accuracy."""
-    from factory.device.accuracy import EstimatorConfig, ProxyFinetune, choose_by_accuracy
+    from factory.device.accuracy import EstimatorConfig, SuccessiveHalving, choose_by_accuracy
 
     c = builder.cfg
-    predictor = ProxyFinetune(anc, lg, ds, finetune_recipe(c), init=c.init, config=EstimatorConfig(candidates=c.candidates),
+    predictor = SuccessiveHalving(anc, lg, ds, finetune_recipe(c), init=c.init, config=EstimatorConfig(candidates=c.candidates),
                               cache_dir=builder.cache / "estimate")
     for entry in devices:
         if entry.get("status") == "failed":
@@ -448,12 +448,12 @@ def choose_for_devices(builder: Builder, devices, searches, anc, lg, ds) -> None
         spent = predictor.seconds
         chosen, rows = choose_by_accuracy(result, predictor, c.candidates)
         searches[entry["name"]] = (result, chosen, cost)
-        entry.update(shape=chosen.shape.to_dict(), predicted={**chosen.to_dict(), "accuracy": max(r["predicted_accuracy"] for r in rows)})
+        entry.update(shape=chosen.shape.to_dict(), predicted={**chosen.to_dict(), "accuracy": next(r["predicted_accuracy"] for r in rows if r["chosen"])})
         entry["selection"] = {"objective": "accuracy", "estimator": predictor.describe(), "candidates": rows,
                               "chosen": chosen.shape.label(), "capacity_choice": best.shape.label(),
                               "seconds": round(predictor.seconds - spent, 2)}
         builder.log(f"{entry['name']}: chose {chosen.shape.label()} by predicted accuracy "
-                    f"({rows[0]['predicted_accuracy']:.3f}; capacity would pick {best.shape.label()}) "
+                    f"({next(r for r in rows if r['chosen'])['predicted_accuracy']:.3f}; capacity would pick {best.shape.label()}) "
                     f"from {len(rows)} candidates in {predictor.seconds - spent:.1f}s")
 
 
@@ -552,8 +552,10 @@ def _selection_text(sel: dict[str, Any]) -> str:
         return "Chosen by the searcher as the highest-capacity shape (log FLOPs + 0.5 log params)"
     est = sel["estimator"]
     best = next(r for r in sel["candidates"] if r["chosen"])
-    return (f"Chosen by predicted accuracy {best['predicted_accuracy']:.3f} (proxy fine-tune: {est['steps']} of the {est['budget_steps']} "
-            f"steps, {est['val_images']} validation images) among {len(sel['candidates'])} Pareto-front candidates; the capacity "
+    return (f"Chosen by a successive-halving probe (validation NLL {best.get('val_nll', float('nan')):.3f}, accuracy "
+            f"{best['predicted_accuracy']:.3f} after {best.get('probe_steps', '?')} of the {est['budget_steps']} steps; rungs "
+            f"{'/'.join(map(str, est['rungs']))}, {est['val_images']} validation images) among {len(sel['candidates'])} "
+            f"Pareto-front candidates; the capacity "
             f"proxy would have picked {sel['capacity_choice']}")
 
 
@@ -615,9 +617,11 @@ def _plan(builder: Builder, devices, lg_stage: Stage, anc, ds, log) -> dict[str,
             from factory.device.accuracy import EstimatorConfig
 
             est = EstimatorConfig(candidates=builder.cfg.candidates)
-            extra["estimator_estimate_s"] = round(est.candidates * est.steps_for(builder.cfg.finetune_steps) * step_s, 1)
-            log(f"{entry['name']}: accuracy estimate of up to {est.candidates} Pareto candidates x "
-                f"{est.steps_for(builder.cfg.finetune_steps)} proxy steps will run unless cached (<= ~{extra['estimator_estimate_s']:.0f}s); "
+            probe_steps = est.probe_steps(est.candidates, builder.cfg.finetune_steps)
+            extra["estimator_estimate_s"] = round(probe_steps * step_s, 1)
+            log(f"{entry['name']}: accuracy estimate of up to {est.candidates} Pareto candidates by successive halving "
+                f"(rungs {'/'.join(map(str, est.rungs_for(builder.cfg.finetune_steps)))} steps, {probe_steps} steps in all) "
+                f"will run unless cached (<= ~{extra['estimator_estimate_s']:.0f}s); "
                 f"the capacity choice is {shape.label()}")
         log(f"{entry['name']}: shape {shape.label()}; finetune {'cached' if ft.cached else f'will run (~{seconds:.0f}s)'}; "
             f"measure + export will run unless cached (~10s)")

@@ -27,7 +27,7 @@ def pareto_png(path: Path, manifest: dict[str, Any], searches: dict[str, Any]) -
         if sel.get("objective") == "accuracy":
             rows = sorted(sel["candidates"], key=lambda r: r["latency_ms"])
             ax.plot([r["latency_ms"] for r in rows], [r["predicted_accuracy"] for r in rows], "o-", ms=4,
-                    label="candidates (proxy fine-tune accuracy)")
+                    label="candidates (probe val. accuracy)")
             chosen = next(r for r in rows if r["chosen"])
             ax.scatter([chosen["latency_ms"]], [chosen["predicted_accuracy"]], s=90, marker="*", color="crimson", zorder=5,
                        label="chosen (proxy)")

@@ -170,6 +170,23 @@ def evaluate(model: nn.Module, data: ImageTensors, *, batch_size: int = 512, dev
     return correct / max(1, len(data))
 
 
+@torch.no_grad()
+def evaluate_nll(model: nn.Module, data: ImageTensors, *, batch_size: int = 512) -> tuple[float, float]:
+    """``(top-1 accuracy, mean negative log-likelihood)`` of ``model`` on ``data`` (no label smoothing)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct, nll = 0, 0.0
+    for i in range(0, len(data), batch_size):
+        logits = model(data.images[i : i + batch_size].to(device)).float().cpu()
+        labels = data.labels[i : i + batch_size]
+        correct += int((logits.argmax(-1) == labels).sum())
+        nll += float(F.cross_entropy(logits, labels, reduction="sum"))
+    model.train(was_training)
+    n = max(1, len(data))
+    return correct / n, nll / n
+
+
 @dataclass
 class TrainResult:
     steps: int

@@ -1,0 +1,186 @@
+"""Which few-step probe predicts a shape's accuracy after the build's fine-tune? (issue 10)
+
+For every (task, seed) of a ``search_quality.py`` JSON, each shape of its candidate pools is
+initialised from the shipped learngene exactly as the build does and probed in two ways, all
+measured on the task's full validation split (top-1 accuracy and the mean negative log-likelihood,
+NLL, which has a far lower variance than accuracy on a few hundred images):
+
+- ``const``: the build's learning rate after a 2-step warm-up, held constant, with validation after
+  3, 6, 12 and 24 steps -- the rungs of successive halving, which continues the survivors' training;
+- ``cosine-k``: the build's recipe compressed to ``k`` steps (k = 6, 12; the shipped estimator is
+  ``cosine-6`` scored by accuracy on 256 images).
+
+The probes' records are joined offline with the test accuracies the search_quality run measured
+after the full fine-tune, to compare estimators by the shapes they would choose.
+
+Usage:
+    python bench/estimator_study.py --from bench/out/search_quality.json --json bench/out/estimator_study.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+import dataclasses
+import math
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common import write_outputs
+from factory import init_descendant, load_ancestry
+from factory.core.shapes import DescendantShape
+from factory.pipeline.build import BuildConfig, finetune_recipe
+from factory.pipeline.demo import load_demo_learngene
+from factory.training.data import load_dataset
+from factory.training.train import train
+
+
+@torch.no_grad()
+def val_metrics(model, data) -> tuple[float, float]:
+    model.eval()
+    logits = torch.cat([model(data.images[i : i + 512]) for i in range(0, len(data), 512)])
+    acc = float((logits.argmax(-1) == data.labels).float().mean())
+    return acc, float(F.cross_entropy(logits, data.labels))
+
+
+def probe(anc, lg, ds, shape, recipe, rungs, cosine) -> dict:
+    out = {}
+    model = init_descendant("peg", shape, ancestry=anc, learngene=lg, seed=recipe.seed)
+    out["init"] = val_metrics(model, ds.val)
+    const = dataclasses.replace(recipe, warmup_steps=2, min_lr=recipe.lr, ckpt_every=0, eval_every=0)
+    spent = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        done = 0
+        for k in rungs:
+            t0 = time.perf_counter()
+            train(model, ds.train, dataclasses.replace(const, steps=k), out_dir=tmp, resume=done > 0, progress=False)
+            spent += time.perf_counter() - t0
+            out[f"const-{k}"] = (*val_metrics(model, ds.val), round(spent, 2))
+            done = k
+    for k in cosine:
+        model = init_descendant("peg", shape, ancestry=anc, learngene=lg, seed=recipe.seed)
+        t0 = time.perf_counter()
+        warm = max(1, round(recipe.warmup_steps * k / recipe.steps))
+        train(model, ds.train, dataclasses.replace(recipe, steps=k, warmup_steps=warm, ckpt_every=0), progress=False)
+        out[f"cosine-{k}"] = (*val_metrics(model, ds.val), round(time.perf_counter() - t0, 2))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="source", type=Path, required=True)
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--rungs", type=int, nargs="+", default=[3, 6, 12, 24])
+    parser.add_argument("--cosine", type=int, nargs="+", default=[6, 12])
+    args = parser.parse_args()
+    import json
+
+    source = json.loads(args.source.read_text())
+    anc = load_ancestry("demo")
+    lg = load_demo_learngene(anc)
+    pools: dict[tuple[str, int], set[str]] = {}
+    shapes: dict[str, dict] = {}
+    for r in source["rows"]:
+        pools.setdefault((r["task"], r["seed"]), set()).update(r["measured"])
+    probes = {}
+    start = time.perf_counter()
+    for (task, seed), labels in sorted(pools.items()):
+        ds = load_dataset(task, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+        recipe = finetune_recipe(BuildConfig(data=task, seed=seed, device="cpu", finetune_steps=source["args"]["steps"]))
+        for label in sorted(labels):
+            d, w, h, r, i, p = re.fullmatch(r"d(\d+)-w(\d+)-h(\d+)-r([\d.]+)-i(\d+)-p(\d+)", label).groups()
+            shape = DescendantShape(int(d), int(w), int(h), float(r), int(i), int(p), num_classes=ds.num_classes)
+            res = probe(anc, lg, ds, shape, recipe, args.rungs, args.cosine)
+            probes[f"{task}|{seed}|{label}"] = res
+            print(task, seed, label, {k: tuple(round(x, 3) for x in v) for k, v in res.items()}, flush=True)
+    data = {"source": str(args.source), "rungs": args.rungs, "cosine": args.cosine, "probes": probes,
+            "wall_seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
+    write_outputs(data, f"{len(probes)} shapes probed in {data['wall_seconds']} s", args.json, None)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def successive_halving(scores: dict[str, dict], cands: list[str], rungs: list[int], key: int) -> tuple[str, float, dict]:
+    """Simulate successive halving on recorded ``const`` probes: every candidate to ``rungs[0]``
+    steps, the better half by ``key`` (0 accuracy, 1 NLL) continues to the next rung, ... ; returns
+    (chosen, probe seconds, the score each candidate ended with)."""
+    alive, cost, final = list(cands), 0.0, {}
+    for i, k in enumerate(rungs):
+        for c in alive:
+            final[c] = scores[c][f"const-{k}"]
+        if i + 1 < len(rungs):
+            order = sorted(alive, key=lambda c: final[c][1] if key else -final[c][0])
+            alive = order[: max(1, math.ceil(len(alive) / 2))]
+    cost = sum(final[c][2] for c in final)
+    best = min(alive, key=lambda c: final[c][1]) if key else max(alive, key=lambda c: final[c][0])
+    return best, cost, {c: (-v[1] if key else v[0]) for c, v in final.items()}
+
+
+def analyse(source: dict, study: dict) -> str:
+    """Per estimator: mean gain over the capacity choice, gap to the oracle (per seed, and on the
+    seed-averaged accuracies), within-1-point count, Spearman, cost as a fraction of one fine-tune."""
+    import statistics
+
+    probes, rungs, cos = study["probes"], study["rungs"], study["cosine"]
+    full = f"const-{rungs[-1]}"
+    variants: dict[str, Any] = {"capacity": None}
+    for k in cos:
+        variants[f"cosine-{k} acc"] = ("cos", k, 0)
+        variants[f"cosine-{k} nll"] = ("cos", k, 1)
+    for k in rungs:
+        variants[f"const-{k} nll"] = ("const", k, 1)
+    for lo in range(len(rungs) - 2):
+        for n in (3, 4):
+            if lo + n <= len(rungs):
+                variants[f"halving {'/'.join(map(str, rungs[lo:lo + n]))} nll"] = ("sh", rungs[lo:lo + n], 1)
+    table = ["| estimator | mean gain over capacity | gap to oracle (mean / max) | within 1 pt | seed-averaged gap (mean / max) "
+             "| Spearman | cost / fine-tune (mean / max) |", "|---|---|---|---|---|---|---|"]
+    for name, spec in variants.items():
+        gains, gaps, avg_gap, rhos, costs = [], [], {}, [], []
+        picks: dict[tuple[str, str], list[str]] = {}
+        for r in source["rows"]:
+            cands = sorted(r["measured"])
+            sc = {c: probes[f"{r['task']}|{r['seed']}|{c}"] for c in cands}
+            if spec is None:
+                chosen, cost, pred = r["capacity"], 0.0, None
+            elif spec[0] == "sh":
+                chosen, cost, pred = successive_halving(sc, cands, spec[1], spec[2])
+            else:
+                key = f"{'cosine' if spec[0] == 'cos' else 'const'}-{spec[1]}"
+                pred = {c: (-sc[c][key][1] if spec[2] else sc[c][key][0]) for c in cands}
+                cost = sum(sc[c][key][2] for c in cands)
+                top = max(pred.values())
+                chosen = max((c for c in cands if pred[c] >= top - 1e-9), key=lambda c: c == r["capacity"])
+            acc = r["measured"]
+            gains.append(100 * (acc[chosen] - acc[r["capacity"]]))
+            gaps.append(100 * (max(acc.values()) - acc[chosen]))
+            if pred:
+                common = [c for c in cands if c in pred]
+                if len(common) > 2:
+                    rhos.append(spearman([pred[c] for c in common], [acc[c] for c in common]))
+            one = sc[chosen][full][2] * source["args"]["steps"] / rungs[-1]
+            costs.append(cost / one)
+            picks.setdefault((r["profile"], r["task"]), []).append(chosen)
+        for (prof, task), chosen in picks.items():
+            rows = [r for r in source["rows"] if r["profile"] == prof and r["task"] == task]
+            shared = set.intersection(*(set(r["measured"]) for r in rows))
+            mean = {c: statistics.mean(r["measured"][c] for r in rows) for c in shared}
+            avg_gap[(prof, task)] = 100 * (max(mean.values()) - statistics.mean(mean.get(c, 0.0) for c in chosen))
+        table.append(f"| {name} | {statistics.mean(gains):+.2f} pt | {statistics.mean(gaps):.2f} / {max(gaps):.1f} pt | "
+                     f"{sum(g <= 1.0 for g in gaps)}/{len(gaps)} | {statistics.mean(avg_gap.values()):.2f} / "
+                     f"{max(avg_gap.values()):.1f} pt | {statistics.mean(rhos) if rhos else float('nan'):.2f} | "
+                     f"{statistics.mean(costs):.2f} / {max(costs):.2f} |")
+    return "\n".join(table)
