@@ -13,25 +13,36 @@ NLL, which has a far lower variance than accuracy on a few hundred images):
 The probes' records are joined offline with the test accuracies the search_quality run measured
 after the full fine-tune, to compare estimators by the shapes they would choose.
 
+The table: for each estimator, the shapes it would choose among each row's candidates (ties to the
+capacity proxy's choice), scored like ``search_quality.py`` -- gain over the capacity proxy's choice,
+gap to the per-seed oracle, gap to the best seed-averaged shape -- with the Spearman correlation of
+its scores and its cost in units of one fine-tune of the chosen shape (that shape's 100-step time
+extrapolated from its longest ``const`` probe, same threads). ``halving a/b/c`` simulates successive
+halving on the recorded ``const`` probes (8 -> 4 -> 2 candidates, by NLL); ``halving 3/6/12`` is
+what ``--objective accuracy`` runs.
+
 Usage:
-    python bench/estimator_study.py --from bench/out/search_quality.json --json bench/out/estimator_study.json
+    python bench/estimator_study.py --from bench/out/search_quality.json --json bench/out/estimator_study.json \
+        --md bench/out/estimator_study.md --rungs 3 6 12 24 48 --cosine 6 12 25
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 import dataclasses
+import json
 import math
 import re
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from common import write_outputs
+
 from factory import init_descendant, load_ancestry
 from factory.core.shapes import DescendantShape
 from factory.pipeline.build import BuildConfig, finetune_recipe
@@ -41,15 +52,20 @@ from factory.training.train import train
 
 
 @torch.no_grad()
-def val_metrics(model, data) -> tuple[float, float]:
+def val_metrics(model, data, per_image: dict | None = None, key: str = "") -> tuple[float, float]:
+    """(accuracy, mean NLL) on ``data``; the NLL of each image goes to ``per_image[key]`` if given."""
     model.eval()
     logits = torch.cat([model(data.images[i : i + 512]) for i in range(0, len(data), 512)])
     acc = float((logits.argmax(-1) == data.labels).float().mean())
-    return acc, float(F.cross_entropy(logits, data.labels))
+    nll = F.cross_entropy(logits, data.labels, reduction="none")
+    if per_image is not None:
+        per_image[key] = [round(float(v), 4) for v in nll]
+    return acc, float(nll.mean())
 
 
 def probe(anc, lg, ds, shape, recipe, rungs, cosine) -> dict:
-    out = {}
+    out: dict[str, Any] = {}
+    per_image: dict[str, list[float]] = {}
     model = init_descendant("peg", shape, ancestry=anc, learngene=lg, seed=recipe.seed)
     out["init"] = val_metrics(model, ds.val)
     const = dataclasses.replace(recipe, warmup_steps=2, min_lr=recipe.lr, ckpt_every=0, eval_every=0)
@@ -60,7 +76,7 @@ def probe(anc, lg, ds, shape, recipe, rungs, cosine) -> dict:
             t0 = time.perf_counter()
             train(model, ds.train, dataclasses.replace(const, steps=k), out_dir=tmp, resume=done > 0, progress=False)
             spent += time.perf_counter() - t0
-            out[f"const-{k}"] = (*val_metrics(model, ds.val), round(spent, 2))
+            out[f"const-{k}"] = (*val_metrics(model, ds.val, per_image, f"const-{k}"), round(spent, 2))
             done = k
     for k in cosine:
         model = init_descendant("peg", shape, ancestry=anc, learngene=lg, seed=recipe.seed)
@@ -68,6 +84,7 @@ def probe(anc, lg, ds, shape, recipe, rungs, cosine) -> dict:
         warm = max(1, round(recipe.warmup_steps * k / recipe.steps))
         train(model, ds.train, dataclasses.replace(recipe, steps=k, warmup_steps=warm, ckpt_every=0), progress=False)
         out[f"cosine-{k}"] = (*val_metrics(model, ds.val), round(time.perf_counter() - t0, 2))
+    out["nll_per_image"] = per_image
     return out
 
 
@@ -77,14 +94,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--rungs", type=int, nargs="+", default=[3, 6, 12, 24])
     parser.add_argument("--cosine", type=int, nargs="+", default=[6, 12])
+    parser.add_argument("--md", type=Path, default=None)
+    parser.add_argument("--analyse", type=Path, default=None, metavar="STUDY_JSON",
+                        help="only re-analyse the probes of an earlier run's JSON against --from")
     args = parser.parse_args()
-    import json
-
     source = json.loads(args.source.read_text())
+    if args.analyse:
+        data = json.loads(args.analyse.read_text())
+        write_outputs(data, analyse(source, data), args.json, args.md)
+        return
     anc = load_ancestry("demo")
     lg = load_demo_learngene(anc)
     pools: dict[tuple[str, int], set[str]] = {}
-    shapes: dict[str, dict] = {}
     for r in source["rows"]:
         pools.setdefault((r["task"], r["seed"]), set()).update(r["measured"])
     probes = {}
@@ -97,14 +118,12 @@ def main() -> None:
             shape = DescendantShape(int(d), int(w), int(h), float(r), int(i), int(p), num_classes=ds.num_classes)
             res = probe(anc, lg, ds, shape, recipe, args.rungs, args.cosine)
             probes[f"{task}|{seed}|{label}"] = res
-            print(task, seed, label, {k: tuple(round(x, 3) for x in v) for k, v in res.items()}, flush=True)
+            print(task, seed, label, {k: tuple(round(x, 3) for x in v) for k, v in res.items() if k != "nll_per_image"},
+                  flush=True)
     data = {"source": str(args.source), "rungs": args.rungs, "cosine": args.cosine, "probes": probes,
             "wall_seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
-    write_outputs(data, f"{len(probes)} shapes probed in {data['wall_seconds']} s", args.json, None)
+    write_outputs(data, analyse(source, data), args.json, args.md)
 
-
-if __name__ == "__main__":
-    main()
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -129,11 +148,34 @@ def successive_halving(scores: dict[str, dict], cands: list[str], rungs: list[in
     return best, cost, {c: (-v[1] if key else v[0]) for c, v in final.items()}
 
 
+def anchored_halving(scores: dict[str, dict], cands: list[str], incumbent: str, rungs: list[int],
+                     z: float) -> tuple[str, float, dict]:
+    """Successive halving in which the capacity choice (the incumbent) always goes on; at the last
+    rung the best challenger replaces it only if its per-image NLL is lower by more than ``z``
+    standard errors of the paired difference (same validation images)."""
+    alive, final = list(cands), {}
+    for i, k in enumerate(rungs):
+        for c in alive:
+            final[c] = scores[c][f"const-{k}"]
+        if i + 1 < len(rungs):
+            keep = max(min(len(alive), 2), math.ceil(len(alive) / 2))  # as EstimatorConfig.survivors
+            challengers = sorted((c for c in alive if c != incumbent), key=lambda c: final[c][1])
+            alive = [incumbent, *challengers[: keep - 1]]
+    cost = sum(final[c][2] for c in final)
+    pred = {c: -v[1] for c, v in final.items()}
+    rivals = [c for c in alive if c != incumbent]
+    if not rivals:
+        return incumbent, cost, pred
+    best = min(rivals, key=lambda c: final[c][1])
+    last = f"const-{rungs[-1]}"
+    d = [a - b for a, b in zip(scores[incumbent]["nll_per_image"][last], scores[best]["nll_per_image"][last])]
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    return (best if statistics.mean(d) > z * se else incumbent), cost, pred
+
+
 def analyse(source: dict, study: dict) -> str:
     """Per estimator: mean gain over the capacity choice, gap to the oracle (per seed, and on the
     seed-averaged accuracies), within-1-point count, Spearman, cost as a fraction of one fine-tune."""
-    import statistics
-
     probes, rungs, cos = study["probes"], study["rungs"], study["cosine"]
     full = f"const-{rungs[-1]}"
     variants: dict[str, Any] = {"capacity": None}
@@ -146,6 +188,9 @@ def analyse(source: dict, study: dict) -> str:
         for n in (3, 4):
             if lo + n <= len(rungs):
                 variants[f"halving {'/'.join(map(str, rungs[lo:lo + n]))} nll"] = ("sh", rungs[lo:lo + n], 1)
+    if any("nll_per_image" in p for p in probes.values()):
+        for z in (1.0, 2.0):
+            variants[f"anchored halving {'/'.join(map(str, rungs[:3]))} z={z:g}"] = ("anchored", rungs[:3], z)
     table = ["| estimator | mean gain over capacity | gap to oracle (mean / max) | within 1 pt | seed-averaged gap (mean / max) "
              "| Spearman | cost / fine-tune (mean / max) |", "|---|---|---|---|---|---|---|"]
     for name, spec in variants.items():
@@ -158,6 +203,8 @@ def analyse(source: dict, study: dict) -> str:
                 chosen, cost, pred = r["capacity"], 0.0, None
             elif spec[0] == "sh":
                 chosen, cost, pred = successive_halving(sc, cands, spec[1], spec[2])
+            elif spec[0] == "anchored":
+                chosen, cost, pred = anchored_halving(sc, cands, r["capacity"], spec[1], spec[2])
             else:
                 key = f"{'cosine' if spec[0] == 'cos' else 'const'}-{spec[1]}"
                 pred = {c: (-sc[c][key][1] if spec[2] else sc[c][key][0]) for c in cands}
@@ -184,3 +231,7 @@ def analyse(source: dict, study: dict) -> str:
                      f"{max(avg_gap.values()):.1f} pt | {statistics.mean(rhos) if rhos else float('nan'):.2f} | "
                      f"{statistics.mean(costs):.2f} / {max(costs):.2f} |")
     return "\n".join(table)
+
+
+if __name__ == "__main__":
+    main()

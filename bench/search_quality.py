@@ -29,17 +29,22 @@ import time
 from pathlib import Path
 
 import torch
+from common import write_outputs
 from scipy.stats import spearmanr
 
-from common import write_outputs
 from factory import init_descendant, load_ancestry
-from factory.device.accuracy import EstimatorConfig, SuccessiveHalving, candidates, choose_by_accuracy
-from factory.pipeline.build import BuildConfig, finetune_recipe, load_fleet
+from factory.device.accuracy import (
+    EstimatorConfig,
+    SuccessiveHalving,
+    candidates,
+    choose_by_accuracy,
+)
 from factory.device.cost import CostModel
-from factory.training.data import load_dataset
-from factory.pipeline.demo import load_demo_learngene
 from factory.device.profile import load_profile
 from factory.device.search import SearchSpace, search
+from factory.pipeline.build import BuildConfig, finetune_recipe, load_fleet
+from factory.pipeline.demo import load_demo_learngene
+from factory.training.data import load_dataset
 from factory.training.train import evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent

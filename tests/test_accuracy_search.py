@@ -4,17 +4,24 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from factory import load_ancestry
-from factory.device.accuracy import EstimatorConfig, SuccessiveHalving, candidates, choose_by_accuracy
-from factory.pipeline.build import BuildConfig, build
 from factory.cli import cli
+from factory.device.accuracy import (
+    EstimatorConfig,
+    Probe,
+    SuccessiveHalving,
+    candidates,
+    choose_by_accuracy,
+)
 from factory.device.cost import CostModel
-from factory.training.data import make_synthetic
-from factory.pipeline.demo import load_demo_learngene
 from factory.device.profile import load_profile
 from factory.device.search import SearchSpace, search
+from factory.pipeline.build import BuildConfig, build
+from factory.pipeline.demo import load_demo_learngene
+from factory.training.data import make_synthetic
 from factory.training.train import TrainConfig
 
 from .test_build import _profile
@@ -43,7 +50,8 @@ def test_rungs_scale_with_the_budget_and_the_cost_formula_holds():
     assert cfg.rungs_for(100) == (3, 6, 12) and cfg.rungs_for(1000) == (30, 60, 120)
     assert cfg.rungs_for(8) == (1, 2, 3)  # strictly increasing even when the fractions round alike
     assert cfg.probe_steps(8, 100) == 8 * 3 + 4 * 3 + 2 * 6 == 48
-    assert cfg.probe_steps(3, 100) == 3 * 3 + 2 * 3 + 1 * 6
+    assert cfg.probe_steps(3, 100) == 3 * 3 + 2 * 3 + 2 * 6  # anchored: the incumbent and a challenger to the end
+    assert dataclasses.replace(cfg, anchor=False).probe_steps(3, 100) == 3 * 3 + 2 * 3 + 1 * 6
 
 
 def test_successive_halving_is_deterministic_cached_by_content_and_halves(setting, tmp_path):
@@ -72,6 +80,35 @@ def test_successive_halving_is_deterministic_cached_by_content_and_halves(settin
     other.recipe = dataclasses.replace(other.recipe, steps=40)  # a different fine-tuning budget is a different estimate
     assert other.key(shapes[0], 2) != again.key(shapes[0], 2)
     assert predictor(1).rank(shapes) != first  # the seed matters (initialisation and data order)
+
+
+def test_the_capacity_choice_is_anchored_and_replaced_only_on_paired_evidence(setting):
+    anc, lg, ds, result = setting
+    shapes = [c.shape for c in candidates(result, 4)]
+    small = min(shapes, key=lambda s: s.depth * s.embed_dim)
+    recipe = TrainConfig(steps=20, batch_size=16, seed=0, device="cpu", warmup_steps=2)
+    est = SuccessiveHalving(anc, lg, ds, recipe, config=EstimatorConfig(rung_fractions=(0.1, 0.2, 0.4)))
+    probes = est.rank(shapes, incumbent=small)
+    assert next(p for p in probes if p.shape == small).steps == 8  # goes on at every rung, whatever its NLL
+    assert sorted(p.steps for p in probes) == [2, 2, 8, 8]  # 4 -> 2 -> 2: the incumbent and one challenger
+
+    a, b = shapes[0], shapes[1]
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(400, generator=gen) + 0.5
+    noise = 0.05 * torch.randn(400, generator=gen)
+
+    def probe(shape, values):
+        return Probe(shape, 8, 0.5, float(values.mean()), tuple(values.tolist()))
+
+    clear = [probe(a, base), probe(b, base - 0.05 + noise)]  # 0.05 lower NLL, SE ~0.0025: switch
+    chosen, why = est.decide(clear, incumbent=a)
+    assert chosen == b and why["switched"] and why["nll_gain"] > 2 * why["se"]
+    wobble = 0.03 * torch.tensor([(-1.0) ** i for i in range(400)])  # paired SE 0.0015
+    shaky = [probe(a, base), probe(b, base - 0.002 + wobble)]  # 0.002 lower on average, under 2 SE: keep
+    chosen, why = est.decide(shaky, incumbent=a)
+    assert chosen == a and not why["switched"] and why["challenger"] == b.label()
+    free = dataclasses.replace(est.config, anchor=False)
+    assert dataclasses.replace(est, config=free).decide(shaky, incumbent=a)[0] == b  # plain halving: lowest NLL
 
 
 def test_a_continued_probe_equals_one_trained_straight_to_its_rung(setting, tmp_path):
@@ -112,8 +149,11 @@ def test_build_objective_switch(tmp_path):
     rows = sel["candidates"]
     chosen = [r for r in rows if r["chosen"]]
     assert len(chosen) == 1 and chosen[0]["label"] == sel["chosen"] and chosen[0]["probe_steps"] == 3
-    finalists = [r for r in rows if r["probe_steps"] == 3]
-    assert chosen[0]["val_nll"] <= min(r["val_nll"] for r in finalists) + 1e-3
+    finalists = {r["label"]: r for r in rows if r["probe_steps"] == 3}
+    why = chosen[0]["decision"]  # the capacity choice reached the last rung; replaced only on evidence
+    assert why["incumbent"] == sel["capacity_choice"] and {why["incumbent"], why["challenger"]} <= set(finalists)
+    assert sel["chosen"] == (why["challenger"] if why["switched"] else why["incumbent"])
+    assert why["switched"] == (why["nll_gain"] > 2 * why["se"])
     assert [r["probe_steps"] for r in rows] == sorted((r["probe_steps"] for r in rows), reverse=True)  # best first
     assert acc["predicted"]["accuracy"] == chosen[0]["predicted_accuracy"]
     card = (tmp_path / "acc" / "tiny" / "MODEL_CARD.md").read_text()

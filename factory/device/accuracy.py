@@ -12,9 +12,17 @@ batch, augmentation, data order), except that the learning rate is held constant
 ``t_i = round(f_i * N)`` steps in all (``N``: the build's fine-tuning steps; ``f = (0.03, 0.06,
 0.12)``, so 3, 6 and 12 of 100 steps) and scores each on the validation split (up to
 ``val_images``) by its mean negative log-likelihood (NLL); the better half (rounded up) goes on.
-The lowest-NLL shape of the last rung is chosen; a candidate within ``tie_nll`` of it that has a
-higher capacity score wins the tie. Ranking: rung reached, then NLL -- the successive-halving
-(Hyperband) ordering.
+Ranking: rung reached, then NLL -- the successive-halving (Hyperband) ordering.
+
+**Decision, anchored on the capacity choice** (``anchor``, default on). The capacity proxy's
+choice is the incumbent: it goes on at every rung whatever its NLL (a big model often starts
+slower), the better half of the others fills the remaining places (at least one challenger reaches
+the last rung), and the best challenger replaces the incumbent only if its per-image NLL on the
+same validation images is lower by more than ``z`` (2) standard errors of the paired difference.
+A few-step probe is noisy and biased toward shapes that learn fast early; the test keeps the
+estimator from trading the capacity choice away on noise, so it departs from capacity only where
+the evidence is strong. Without ``anchor``: plain halving, the lowest-NLL finalist wins (ties
+within ``tie_nll`` to higher capacity).
 
 Why this estimator, by measurement (``bench/estimator_study.py``, RESULTS.md): scoring by NLL on the
 whole validation split instead of accuracy on 256 images, and spending the steps on the survivors,
@@ -24,9 +32,11 @@ benchmark's tasks, so ``capacity`` stays the default objective and this is ``--o
 ``predicted_accuracy`` is the probe's validation accuracy at the rung the shape reached: a ranking
 aid, not a calibrated forecast of the final accuracy (after 12 of 100 steps it is well below it).
 
-**Cost.** ``n t_0 + ceil(n/2) (t_1 - t_0) + ceil(n/4) (t_2 - t_1)`` training steps of candidates
-(``n`` candidates; 8 -> 48 steps for N = 100) plus one validation pass per probe, about half of one
-fine-tune of the capacity choice. ``seconds`` records what it really took.
+**Cost.** ``sum_i n_i (t_i - t_{i-1})`` training steps (``n_0`` = candidates, ``n_{i+1}`` = half of
+``n_i`` rounded up, at least 2 when anchored; :meth:`EstimatorConfig.probe_steps`): 8 candidates,
+N = 100 -> 8*3 + 4*3 + 2*6 = 48 steps, plus one validation pass per probe -- about half of one
+fine-tune of the capacity choice, since most candidates are smaller. ``seconds`` records what it
+really took.
 
 **Cache.** Each probe result (shape, steps reached) is cached by content -- learngene (or ancestry)
 hash, data identity, shape, init, recipe and estimator settings -- as a small JSON file in
@@ -58,6 +68,8 @@ class EstimatorConfig:
     warmup_steps: int = 2
     val_images: int = 1024
     tie_nll: float = 1e-3
+    anchor: bool = True  # the capacity choice always reaches the last rung and is replaced only on evidence
+    z: float = 2.0  # the evidence: a paired per-image NLL gain of more than z standard errors
 
     def rungs_for(self, budget: int) -> tuple[int, ...]:
         """Cumulative probe steps per rung for a fine-tune of ``budget`` steps, strictly increasing."""
@@ -71,8 +83,14 @@ class EstimatorConfig:
         total, alive, done = 0, count, 0
         for t in self.rungs_for(budget):
             total += alive * (t - done)
-            alive, done = math.ceil(alive / 2), t
+            alive, done = self.survivors(alive, self.anchor), t
         return total
+
+    @staticmethod
+    def survivors(alive: int, anchored: bool) -> int:
+        """How many of ``alive`` candidates go on to the next rung: half, rounded up; anchored, at
+        least 2 (the incumbent and a challenger) while there are 2."""
+        return max(min(alive, 2) if anchored else 1, math.ceil(alive / 2))
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,7 @@ class Probe:
     steps: int
     accuracy: float
     nll: float
+    per_image: tuple[float, ...] = ()  # the NLL of each validation image, for paired comparisons
     cached: bool = False
 
 
@@ -127,7 +146,7 @@ class SuccessiveHalving:
             return None
         try:
             d = json.loads(path.read_text())
-            return Probe(shape, steps, float(d["accuracy"]), float(d["nll"]), cached=True)
+            return Probe(shape, steps, float(d["accuracy"]), float(d["nll"]), tuple(map(float, d["per_image"])), cached=True)
         except (ValueError, KeyError, OSError):
             return None  # a damaged entry is recomputed
 
@@ -139,17 +158,20 @@ class SuccessiveHalving:
         t0 = time.perf_counter()
         model = init_descendant(self.init, shape, ancestry=self.ancestry, learngene=self.learngene, seed=self.recipe.seed)
         train(model, self.data.train, self.probe_recipe(steps), out_dir=work, resume=done > 0, progress=False)
-        acc, nll = evaluate_nll(model.cpu(), self.data.val.subset(0, self.config.val_images))
+        acc, per_image = evaluate_nll(model.cpu(), self.data.val.subset(0, self.config.val_images))
+        nll = float(per_image.mean())
         self.seconds += time.perf_counter() - t0
         self.computed += 1
         if self.cache_dir is not None:
             atomic_write_bytes(self.cache_dir / f"{self.key(shape, steps)}.json", json.dumps(
-                {"accuracy": acc, "nll": nll, "steps": steps, "shape": shape.label(), **self.describe()}).encode())
-        return Probe(shape, steps, acc, nll)
+                {"accuracy": acc, "nll": nll, "steps": steps, "shape": shape.label(), **self.describe(),
+                 "per_image": per_image.tolist()}).encode())
+        return Probe(shape, steps, acc, nll, tuple(per_image.tolist()))
 
-    def rank(self, shapes: list[DescendantShape]) -> list[Probe]:
+    def rank(self, shapes: list[DescendantShape], incumbent: DescendantShape | None = None) -> list[Probe]:
         """Successive halving over ``shapes`` (ordered by preference on ties: first wins); returns each
-        shape's last probe, best first (rung reached, then NLL)."""
+        shape's last probe, best first (rung reached, then NLL). With ``config.anchor``, ``incumbent``
+        (the capacity choice) goes on at every rung and the better half of the others fills the rest."""
         last: dict[DescendantShape, Probe] = {}
         alive = list(dict.fromkeys(shapes))
         with tempfile.TemporaryDirectory(prefix="peg-estimate-") as tmp:
@@ -166,9 +188,38 @@ class SuccessiveHalving:
                     last[s] = self._probe(s, steps, Path(tmp) / str(i), state[s])
                     state[s] = steps
                 if r + 1 < len(self.rungs):
-                    order = sorted(alive, key=lambda s: (last[s].nll, shapes.index(s)))
-                    alive = order[: max(1, math.ceil(len(alive) / 2))]
+                    anchored = incumbent if self.config.anchor and incumbent in alive else None
+                    keep = self.config.survivors(len(alive), anchored is not None)
+                    order = sorted((s for s in alive if s != anchored), key=lambda s: (last[s].nll, shapes.index(s)))
+                    alive = [anchored, *order[: keep - 1]] if anchored is not None else order[:keep]
         return sorted(last.values(), key=lambda p: (-p.steps, p.nll, shapes.index(p.shape)))
+
+    def decide(self, probes: list[Probe], incumbent: DescendantShape | None = None) -> tuple[DescendantShape, dict[str, Any]]:
+        """The chosen shape and the evidence for it.
+
+        Anchored (``config.anchor`` and an ``incumbent``): the lowest-NLL other finalist replaces the
+        incumbent only if the mean of the paired per-image differences ``d_i = nll_inc,i - nll_ch,i``
+        exceeds ``z * sd(d) / sqrt(n)`` -- a one-sided paired z-test on the same validation images,
+        so a probe's noise does not trade a large model for a small one. Otherwise: the lowest-NLL
+        finalist, ties within ``tie_nll`` to the earliest in ``probes``' shape order.
+        """
+        top = max(p.steps for p in probes)
+        finalists = [p for p in probes if p.steps == top]
+        by_shape = {p.shape: p for p in finalists}
+        if self.config.anchor and incumbent in by_shape and len(finalists) > 1:
+            inc = by_shape[incumbent]
+            rival = min((p for p in finalists if p.shape != incumbent), key=lambda p: p.nll)
+            d = [a - b for a, b in zip(inc.per_image, rival.per_image)]
+            mean = sum(d) / len(d)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1))
+            se = sd / math.sqrt(len(d))
+            switch = mean > self.config.z * se
+            return (rival.shape if switch else incumbent), {
+                "rule": f"paired NLL gain > {self.config.z:g} SE", "incumbent": incumbent.label(),
+                "challenger": rival.shape.label(), "nll_gain": round(mean, 5), "se": round(se, 5), "switched": switch}
+        best = min(p.nll for p in finalists)
+        chosen = next(p for p in finalists if p.nll <= best + self.config.tie_nll)
+        return chosen.shape, {"rule": f"lowest NLL (ties within {self.config.tie_nll:g})"}
 
     def __call__(self, shape: DescendantShape) -> float:
         """Validation accuracy of ``shape`` probed alone (it survives every rung): the per-shape
@@ -210,12 +261,12 @@ def choose_by_accuracy(result, predictor, count: int) -> tuple[Any, list[dict[st
     """
     cands = sorted(candidates(result, count), key=lambda c: -c.score)  # by capacity: ties go to the first
     by_shape = {c.shape: c for c in cands}
+    decision: dict[str, Any] = {}
     if hasattr(predictor, "rank"):
-        probes = predictor.rank([c.shape for c in cands])
-        tie = predictor.config.tie_nll
-        top = probes[0]
-        chosen = max((by_shape[p.shape] for p in probes if p.steps == top.steps and p.nll <= top.nll + tie),
-                     key=lambda c: c.score)
+        incumbent = result.feasible[0].shape  # the capacity choice; candidates() always includes it
+        probes = predictor.rank([c.shape for c in cands], incumbent=incumbent)
+        shape, decision = predictor.decide(sorted(probes, key=lambda p: -by_shape[p.shape].score), incumbent)
+        chosen = by_shape[shape]
         scored = [(p.accuracy, by_shape[p.shape], {"probe_steps": p.steps, "val_nll": round(p.nll, 4)}) for p in probes]
     else:
         raw = [(float(predictor(c.shape)), c, {}) for c in cands]
@@ -223,6 +274,7 @@ def choose_by_accuracy(result, predictor, count: int) -> tuple[Any, list[dict[st
         chosen = max((c for a, c, _ in raw if a >= best - 1e-9), key=lambda c: c.score)
         scored = sorted(raw, key=lambda t: (-t[0], -t[1].score))
     rows = [{"label": c.shape.label(), "shape": c.shape.to_dict(), "predicted_accuracy": round(a, 4),
-             "latency_ms": round(c.latency_ms, 4), "capacity_score": round(c.score, 4), **extra, "chosen": c is chosen}
+             "latency_ms": round(c.latency_ms, 4), "capacity_score": round(c.score, 4), **extra, "chosen": c is chosen,
+             **({"decision": decision} if c is chosen and decision else {})}
             for a, c, extra in scored]
     return chosen, rows

@@ -171,20 +171,20 @@ def evaluate(model: nn.Module, data: ImageTensors, *, batch_size: int = 512, dev
 
 
 @torch.no_grad()
-def evaluate_nll(model: nn.Module, data: ImageTensors, *, batch_size: int = 512) -> tuple[float, float]:
-    """``(top-1 accuracy, mean negative log-likelihood)`` of ``model`` on ``data`` (no label smoothing)."""
+def evaluate_nll(model: nn.Module, data: ImageTensors, *, batch_size: int = 512) -> tuple[float, torch.Tensor]:
+    """``(top-1 accuracy, per-image negative log-likelihood (N,))`` of ``model`` on ``data`` (no label
+    smoothing); the NLL's mean is the usual validation loss, its per-image values allow paired tests."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct, nll = 0, 0.0
+    correct, nll = 0, []
     for i in range(0, len(data), batch_size):
         logits = model(data.images[i : i + batch_size].to(device)).float().cpu()
         labels = data.labels[i : i + batch_size]
         correct += int((logits.argmax(-1) == labels).sum())
-        nll += float(F.cross_entropy(logits, labels, reduction="sum"))
+        nll.append(F.cross_entropy(logits, labels, reduction="none"))
     model.train(was_training)
-    n = max(1, len(data))
-    return correct / n, nll / n
+    return correct / max(1, len(data)), torch.cat(nll) if nll else torch.zeros(0)
 
 
 @dataclass
