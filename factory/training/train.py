@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from factory.errors import FactoryError, Interrupted
 from factory.pipeline.artifacts import atomic_directory, ensure_parent, seal, seal_state
 from factory.training.data import ImageTensors
-from factory.errors import FactoryError, Interrupted
 
 
 @dataclass(frozen=True)
