@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--points", type=int, default=6, help="kernel table grid points per axis")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--stat", choices=["median", "min"], default="median",
+                        help="statistic of the repeated runs, for the kernel tables and every whole-model time")
     parser.add_argument("--memory-shapes", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--normalise", action=argparse.BooleanOptionalAction, default=True,
@@ -102,7 +104,7 @@ def main() -> None:
     speed: list[float] = []  # the reference model's time just before each whole-model measurement
 
     def raw_measure(s, b):
-        return measure_onnxruntime_latency(s, b, arch=ANCESTRY, repeats=args.repeats)
+        return measure_onnxruntime_latency(s, b, arch=ANCESTRY, repeats=args.repeats, stat=args.stat)
 
     def measure(s, b):
         """A shape's time, with the reference model timed just before it (the machine's speed then)."""
@@ -114,7 +116,7 @@ def main() -> None:
 
     # 1. the kernel tables, measured in this run
     probe()
-    tables = measure_tables(ANCESTRY, Grids.for_space(space, ANCESTRY, batches, args.points), log=print)
+    tables = measure_tables(ANCESTRY, Grids.for_space(space, ANCESTRY, batches, args.points), log=print, stat=args.stat)
     probe()
     # 2. whole models: fit and held-out shapes interleaved; held-out ones again later, in another order
     order = [("fit", i) for i in range(len(fit))] + [("held", i) for i in range(len(held))]
@@ -197,6 +199,7 @@ def main() -> None:
     result = {
         "machine": f"{platform.machine()}, host peak {host.peak_flops / 1e9:.1f} GFLOP/s fp32 (ViT GEMM sizes), copy bandwidth "
                    f"{host.bandwidth / 1e9:.1f} GB/s, {host.threads} threads, onnxruntime {tables.host['runtime_version']}",
+        "stat": args.stat, "repeats": args.repeats,
         "batches": list(batches), "held_out_per_batch": args.shapes, "fit_per_batch": args.calibrate,
         "table_points": tables.points, "table_seconds": tables.seconds,
         "reference_model": f"{reference[0].label()} b{reference[1]}", "reference_ms_over_the_run": drift,
@@ -226,7 +229,8 @@ def markdown(j: dict) -> str:
     """The figures as Markdown (the text pasted into bench/RESULTS.md)."""
     lines = [f"Machine: {j['machine']}. Per batch size: {j['held_out_per_batch']} held-out random shapes (not used to fit "
              f"anything) and {j['fit_per_batch']} shapes that fit the calibrations; kernel tables: {j['table_points']} "
-             f"kernel measurements in {j['table_seconds']} s; fitted terms: {j['fitted_terms']}.", ""]
+             f"kernel measurements in {j['table_seconds']} s; fitted terms: {j['fitted_terms']}. Every time is the "
+             f"{j.get('stat', 'median')} of its runs ({j.get('repeats', 20)} per whole model).", ""]
     lines += [f"Machine drift: the reference model {j['reference_model']}, timed before every whole-model measurement, took "
               f"{min(j['reference_ms_over_the_run'])}-{max(j['reference_ms_over_the_run'])} ms over the run "
               f"({j['drift_max_over_min']}x); measurements are "

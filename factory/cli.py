@@ -310,9 +310,12 @@ def profiles_show(name, as_json) -> None:
 @click.option("--fit", "fit_models", type=click.IntRange(3, 100), default=10, show_default=True,
               help="Whole models measured to fit the scale and overhead terms.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--stat", type=click.Choice(["median", "min"]), default="median", show_default=True,
+              help="Statistic of each timing's runs: median (a dedicated machine's typical run) or min (the "
+                   "least-disturbed run, steadier on a shared host); the tables predict that statistic.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Tables file [default: this host's, which profiles with 'latency_tables: host' use].")
-def profiles_measure(runtime, ancestry, batches, img_sizes, points, fit_models, seed, out) -> None:
+def profiles_measure(runtime, ancestry, batches, img_sizes, points, fit_models, seed, stat, out) -> None:
     """Measure this machine's kernel latency tables (the kernel-level latency predictor).
 
     Each kernel of a ViT block as onnxruntime runs it (MatMul+bias, MatMul+BiasGelu, attention,
@@ -336,7 +339,8 @@ def profiles_measure(runtime, ancestry, batches, img_sizes, points, fit_models, 
     batches = tuple(batches) or (1, 8)
     space = SearchSpace.from_arch(arch, img_sizes=tuple(img_sizes) or None)
     grids = Grids.for_space(space, arch, batches, points)
-    tables = measure_tables(arch, grids, fit_shapes=spread_shapes(space, fit_models, batches, seed), log=click.echo)
+    tables = measure_tables(arch, grids, fit_shapes=spread_shapes(space, fit_models, batches, seed), log=click.echo,
+                            stat=stat)
     tables.save(path)
     click.echo(f"latency tables {path}: {tables.points} kernel points + {fit_models} whole models in {tables.seconds:.0f}s "
                f"({tables.describe_terms()})")

@@ -111,15 +111,16 @@ def test_the_capacity_choice_is_anchored_and_replaced_only_on_paired_evidence(se
     assert dataclasses.replace(est, config=free).decide(shaky, incumbent=a)[0] == b  # plain halving: lowest NLL
 
 
-def test_a_continued_probe_equals_one_trained_straight_to_its_rung(setting, tmp_path):
-    """Halving continues survivors from their checkpoint; the cache assumes that is the same as a
-    probe trained straight to that rung (constant learning rate after warm-up)."""
+def test_a_continued_probe_equals_one_trained_straight_to_its_rung(setting):
+    """Halving continues survivors in memory (model + optimizer state); the cache assumes that is the
+    same as a probe trained straight to that rung (constant learning rate after warm-up)."""
     anc, lg, ds, result = setting
     shape = result.feasible[0].shape
     recipe = TrainConfig(steps=20, batch_size=16, seed=0, device="cpu", warmup_steps=2)
     est = SuccessiveHalving(anc, lg, ds, recipe, config=EstimatorConfig(rung_fractions=(0.1, 0.3)))
-    continued = est._probe(shape, 2, tmp_path / "a", 0), est._probe(shape, 6, tmp_path / "a", 2)
-    straight = est._probe(shape, 6, tmp_path / "b", 0)
+    state: dict = {}
+    continued = est._probe(shape, 2, state), est._probe(shape, 6, state)
+    straight = est._probe(shape, 6, {})
     assert continued[1].nll == pytest.approx(straight.nll, rel=1e-4)
     assert continued[0].nll != pytest.approx(straight.nll, rel=1e-3)
 

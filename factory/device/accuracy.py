@@ -49,7 +49,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -66,7 +65,7 @@ class EstimatorConfig:
     candidates: int = 8
     rung_fractions: tuple[float, ...] = (0.03, 0.06, 0.12)
     warmup_steps: int = 2
-    val_images: int = 1024
+    val_images: int = 512
     tie_nll: float = 1e-3
     anchor: bool = True  # the capacity choice always reaches the last rung and is replaced only on evidence
     z: float = 2.0  # the evidence: a paired per-image NLL gain of more than z standard errors
@@ -150,14 +149,18 @@ class SuccessiveHalving:
         except (ValueError, KeyError, OSError):
             return None  # a damaged entry is recomputed
 
-    def _probe(self, shape: DescendantShape, steps: int, work: Path, done: int) -> Probe:
-        """Train ``shape`` to ``steps`` probe steps, continuing from ``work``'s checkpoint at ``done``."""
+    def _probe(self, shape: DescendantShape, steps: int, state: dict[str, Any]) -> Probe:
+        """Train ``shape`` to ``steps`` probe steps, continuing in memory from ``state`` (the model
+        and the optimizer state of its previous rung; empty: from its initialisation)."""
         from factory.core.baselines import init_descendant
         from factory.training.train import evaluate_nll, train
 
         t0 = time.perf_counter()
-        model = init_descendant(self.init, shape, ancestry=self.ancestry, learngene=self.learngene, seed=self.recipe.seed)
-        train(model, self.data.train, self.probe_recipe(steps), out_dir=work, resume=done > 0, progress=False)
+        if "model" not in state:
+            state["model"] = init_descendant(self.init, shape, ancestry=self.ancestry, learngene=self.learngene,
+                                             seed=self.recipe.seed)
+        model = state["model"]
+        train(model, self.data.train, self.probe_recipe(steps), progress=False, carry=state)
         acc, per_image = evaluate_nll(model.cpu(), self.data.val.subset(0, self.config.val_images))
         nll = float(per_image.mean())
         self.seconds += time.perf_counter() - t0
@@ -174,24 +177,22 @@ class SuccessiveHalving:
         (the capacity choice) goes on at every rung and the better half of the others fills the rest."""
         last: dict[DescendantShape, Probe] = {}
         alive = list(dict.fromkeys(shapes))
-        with tempfile.TemporaryDirectory(prefix="peg-estimate-") as tmp:
-            state = {s: 0 for s in alive}  # steps of the checkpoint in tmp/<i> (0: none yet)
-            for r, steps in enumerate(self.rungs):
-                for i, s in enumerate(shapes):
-                    if s not in alive:
-                        continue
-                    hit = self._cached(s, steps)
-                    if hit is not None:
-                        self.reused += 1
-                        last[s] = hit
-                        continue
-                    last[s] = self._probe(s, steps, Path(tmp) / str(i), state[s])
-                    state[s] = steps
-                if r + 1 < len(self.rungs):
-                    anchored = incumbent if self.config.anchor and incumbent in alive else None
-                    keep = self.config.survivors(len(alive), anchored is not None)
-                    order = sorted((s for s in alive if s != anchored), key=lambda s: (last[s].nll, shapes.index(s)))
-                    alive = [anchored, *order[: keep - 1]] if anchored is not None else order[:keep]
+        states: dict[DescendantShape, dict[str, Any]] = {s: {} for s in alive}  # model + optimizer state in memory
+        for r, steps in enumerate(self.rungs):
+            for s in alive:
+                hit = self._cached(s, steps)
+                if hit is not None:
+                    self.reused += 1
+                    last[s] = hit
+                    continue
+                last[s] = self._probe(s, steps, states[s])
+            if r + 1 < len(self.rungs):
+                anchored = incumbent if self.config.anchor and incumbent in alive else None
+                keep = self.config.survivors(len(alive), anchored is not None)
+                order = sorted((s for s in alive if s != anchored), key=lambda s: (last[s].nll, shapes.index(s)))
+                alive = [anchored, *order[: keep - 1]] if anchored is not None else order[:keep]
+                for s in set(states) - set(alive):
+                    states.pop(s)  # eliminated: free its model
         return sorted(last.values(), key=lambda p: (-p.steps, p.nll, shapes.index(p.shape)))
 
     def decide(self, probes: list[Probe], incumbent: DescendantShape | None = None) -> tuple[DescendantShape, dict[str, Any]]:

@@ -308,8 +308,10 @@ def measure_host(seconds: float = 0.5) -> HostFacts:
 
 def measure_onnxruntime_latency(
     shape: DescendantShape, batch: int = 1, *, arch: ArchConfig = STANDARD_ARCH, repeats: int = 20, warmup: int = 3,
+    stat: str = "median",
 ) -> float:
-    """Median latency (ms) of a randomly initialised descendant under onnxruntime on this CPU."""
+    """Latency (ms; the ``stat`` of ``repeats`` runs) of a randomly initialised descendant under
+    onnxruntime on this CPU."""
     import tempfile
     from pathlib import Path
 
@@ -326,4 +328,4 @@ def measure_onnxruntime_latency(
         export_onnx(model, path, img_size=shape.img_size, in_chans=arch.in_chans, verify=False)
         sess = ort_session(path)
     x = np.random.default_rng(0).standard_normal((batch, arch.in_chans, shape.img_size, shape.img_size), dtype=np.float32)
-    return ort_latency_ms(sess, x, repeats=repeats, warmup=warmup)
+    return ort_latency_ms(sess, x, repeats=repeats, warmup=warmup, stat=stat)

@@ -46,7 +46,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,12 +155,13 @@ def empty_model():
 
 # -- timing ---------------------------------------------------------------------------------------------
 
-def time_onnx(model, input_shape, *, min_repeats: int = 5, budget_s: float = 0.05) -> float:
-    """Median ``session.run`` wall time in ms of an in-memory ONNX model (a session as
-    :func:`export.runtime.ort_session` makes it), repeated until ``budget_s`` or ``min_repeats``."""
+def time_onnx(model, input_shape, *, min_repeats: int = 5, budget_s: float = 0.05, stat: str = "median") -> float:
+    """``session.run`` wall time in ms of an in-memory ONNX model (a session as
+    :func:`export.runtime.ort_session` makes it), repeated until ``budget_s`` or ``min_repeats``;
+    the ``stat`` of the runs (:func:`export.runtime.summarise_times`)."""
     import numpy as np
 
-    from export.runtime import ort_session
+    from export.runtime import ort_session, summarise_times
 
     sess = ort_session(model.SerializeToString())
     feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)}
@@ -173,7 +173,7 @@ def time_onnx(model, input_shape, *, min_repeats: int = 5, budget_s: float = 0.0
         t0 = time.perf_counter()
         sess.run(None, feed)
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return summarise_times(times, stat)
 
 
 # -- tables ---------------------------------------------------------------------------------------------
@@ -371,7 +371,8 @@ REFERENCE_KERNEL = ("linear", (128, 256, 768))
 
 
 def measure_tables(arch: ArchConfig, grids: Grids, *, fit_shapes: list[tuple[DescendantShape, int]] = (),
-                   log: Callable[[str], None] = lambda _: None, budget_s: float = 0.05, probe_every: int = 12) -> KernelTables:
+                   log: Callable[[str], None] = lambda _: None, budget_s: float = 0.05, probe_every: int = 12,
+                   stat: str = "median") -> KernelTables:
     """Measure every kernel on its grid (and the ``fit_shapes`` whole models for the three
     whole-model terms) with onnxruntime on this host.
 
@@ -379,25 +380,27 @@ def measure_tables(arch: ArchConfig, grids: Grids, *, fit_shapes: list[tuple[Des
     drifted up to 1.9x within minutes). A reference kernel (:data:`REFERENCE_KERNEL`) is timed
     before the first point and every ``probe_every`` points; each measurement is scaled to the
     speed of the first probe, interpolating between the probes around it. The probe times are kept
-    in the tables (``probes_ms``) to show how much the host moved.
+    in the tables (``probes_ms``) to show how much the host moved. Every timing is the ``stat``
+    (``median`` or ``min``, :func:`export.runtime.summarise_times`) of its runs; the tables record
+    which, and predict that statistic.
     """
     import itertools
 
     import numpy as np
 
     t0 = time.perf_counter()
-    empty = min(time_onnx(*empty_model(), budget_s=0.1) for _ in range(3))
+    empty = min(time_onnx(*empty_model(), budget_s=0.1, stat=stat) for _ in range(3))
     ref_model = kernel_model(REFERENCE_KERNEL[0], REFERENCE_KERNEL[1], arch)
     probes: list[tuple[int, float]] = []  # (measurement index, reference ms)
     raw: list[float] = []
 
     def probe() -> None:
-        probes.append((len(raw), time_onnx(*ref_model, budget_s=budget_s)))
+        probes.append((len(raw), time_onnx(*ref_model, budget_s=budget_s, stat=stat)))
 
     def timed(model) -> None:
         if len(raw) % probe_every == 0:
             probe()
-        raw.append(time_onnx(*model, budget_s=budget_s))
+        raw.append(time_onnx(*model, budget_s=budget_s, stat=stat))
 
     slots: list[tuple[str, tuple[int, ...]]] = []
     for kernel in KERNELS:
@@ -412,7 +415,7 @@ def measure_tables(arch: ArchConfig, grids: Grids, *, fit_shapes: list[tuple[Des
 
         for s, b in fit_shapes:
             probe()
-            raw.append(measure_onnxruntime_latency(s, b, arch=arch))
+            raw.append(measure_onnxruntime_latency(s, b, arch=arch, stat=stat))
             whole.append((s, b))
     probe()
     # speed factor per measurement: first probe / reference interpolated at that measurement
@@ -426,6 +429,7 @@ def measure_tables(arch: ArchConfig, grids: Grids, *, fit_shapes: list[tuple[Des
         t["ms"] = t["ms"].tolist()
     result = KernelTables(host_facts(), arch.to_dict(), empty, tables)
     result.host["probes_ms"] = [round(r, 4) for _, r in probes]
+    result.host["stat"] = stat
     if whole:
         rows = [(s, b, float(t)) for (s, b), t in zip(whole, normalised[len(slots):])]
         result.fit(rows, arch)

@@ -286,8 +286,13 @@ def train(
     resume: bool = False,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    carry: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` steps (see module docstring).
+
+    ``carry`` continues training in memory, without checkpoint files: pass the same dict (and the
+    same ``model``) to successive calls with growing ``cfg.steps``; each call starts at the step the
+    previous one reached, with its optimizer state (the accuracy estimator's probes use it).
 
     ``should_stop`` is polled before every step (the way a worker thread learns that the user
     pressed Ctrl-C in the main thread): when it returns true, a checkpoint of the steps done so
@@ -320,6 +325,9 @@ def train(
     )
     out = Path(out_dir) if out_dir is not None else None
     ckpt, start = open_checkpoint(out, resume, model, opt, "training (--resume)")
+    if carry and "optimizer" in carry:
+        opt.load_state_dict(carry["optimizer"])
+        start = int(carry["step"])
     autocast, needs_scaler = autocast_for(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
     history: list[dict[str, Any]] = []
@@ -386,5 +394,7 @@ def train(
         bar.close()
         if log is not None:
             log.close()
+    if carry is not None:
+        carry.update(optimizer=opt.state_dict(), step=cfg.steps)
     model.eval()
     return TrainResult(cfg.steps, loss_value, acc, history, time.perf_counter() - t0)
