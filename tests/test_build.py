@@ -139,7 +139,8 @@ def test_dry_run_prints_the_plan_without_running(tmp_path):
                                       "--objective", "accuracy"])
     assert result.exit_code == 0, result.output
     assert "learngene: the shipped demo learngene" in result.output and "finetune will run (~" in result.output
-    assert "accuracy estimate of up to 8 Pareto candidates x 6 proxy steps will run" in result.output  # and its time
+    assert "accuracy estimate of up to 8 Pareto candidates by successive halving (rungs 3/6/12 steps, 48 steps in all) will run" \
+        in result.output  # and its time
     assert not out.exists()
     other = CliRunner().invoke(cli, ["build", "--profile", str(prof), "--out", str(out), "--data", "synthetic", "--dry-run",
                                      "--expand-steps", "50", "--objective", "capacity"])
