@@ -410,12 +410,13 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
     \b
     Example:
       peg-factory search --profile profiles/jetson_orin.yaml --top 5
-      peg-factory search --profile raspberry_pi5 --data digits          # accuracy-aware
+      peg-factory search --profile raspberry_pi5 --data digits --objective accuracy   # probe the candidates
       peg-factory search --profile raspberry_pi5 --json
     """
     import time
 
     from factory.core.ancestry import load_ancestry
+    from factory.device.accuracy import describe_decision
     from factory.device.cost import CostModel
     from factory.device.profile import load_profile
     from factory.device.search import SearchSpace, search
@@ -462,7 +463,9 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
             click.echo(f"{'*' if row['chosen'] else ' ':2}{row['label']:28s} {row.get('probe_steps', ''):>5} "
                        f"{row.get('val_nll', float('nan')):8.4f} {row['predicted_accuracy']:8.3f} "
                        f"{row['latency_ms']:10.4f} {row['capacity_score']:9.2f}")
-        click.echo(f"chosen: {selection['chosen']} (capacity proxy would pick {selection['capacity_choice']})")
+        decision = next(r for r in selection["candidates"] if r["chosen"]).get("decision", {})
+        click.echo(f"chosen: {selection['chosen']} (capacity proxy would pick {selection['capacity_choice']}); "
+                   f"{describe_decision(decision)}")
         return
     if as_json:
         _echo_json(result.to_dict(top=top))

@@ -15,6 +15,7 @@ from factory.device.accuracy import (
     SuccessiveHalving,
     candidates,
     choose_by_accuracy,
+    describe_decision,
 )
 from factory.device.cost import CostModel
 from factory.device.profile import load_profile
@@ -103,10 +104,12 @@ def test_the_capacity_choice_is_anchored_and_replaced_only_on_paired_evidence(se
     clear = [probe(a, base), probe(b, base - 0.05 + noise)]  # 0.05 lower NLL, SE ~0.0025: switch
     chosen, why = est.decide(clear, incumbent=a)
     assert chosen == b and why["switched"] and why["nll_gain"] > 2 * why["se"]
+    assert describe_decision(why).startswith(f"switched from the capacity choice {a.label()} to {b.label()}")
     wobble = 0.03 * torch.tensor([(-1.0) ** i for i in range(400)])  # paired SE 0.0015
     shaky = [probe(a, base), probe(b, base - 0.002 + wobble)]  # 0.002 lower on average, under 2 SE: keep
     chosen, why = est.decide(shaky, incumbent=a)
     assert chosen == a and not why["switched"] and why["challenger"] == b.label()
+    assert describe_decision(why).startswith(f"kept the capacity choice {a.label()}: the best challenger {b.label()}")
     free = dataclasses.replace(est.config, anchor=False)
     assert dataclasses.replace(est, config=free).decide(shaky, incumbent=a)[0] == b  # plain halving: lowest NLL
 
@@ -159,6 +162,7 @@ def test_build_objective_switch(tmp_path):
     assert acc["predicted"]["accuracy"] == chosen[0]["predicted_accuracy"]
     card = (tmp_path / "acc" / "tiny" / "MODEL_CARD.md").read_text()
     assert "Chosen by a successive-halving probe" in card and "rungs 1/2/3" in card
+    assert ("switched from the capacity choice" if why["switched"] else "kept the capacity choice") in card
     assert "chosen by (pred. acc)" in (tmp_path / "acc" / "report.md").read_text()
     # estimates are cached by content: a rebuild that changes nothing they depend on re-uses them
     lines = []

@@ -281,3 +281,15 @@ def choose_by_accuracy(result, predictor, count: int) -> tuple[Any, list[dict[st
              **({"decision": decision} if c is chosen and decision else {})}
             for a, c, extra in scored]
     return chosen, rows
+
+
+def describe_decision(decision: dict[str, Any]) -> str:
+    """One line saying why the estimator chose what it chose (the chosen row's ``decision``)."""
+    if "incumbent" not in decision:
+        return f"chosen by {decision.get('rule', 'the highest score')}"
+    gain, se = decision["nll_gain"], decision["se"]
+    diff = (f"{decision['challenger']}'s validation NLL is {abs(gain):.4f} {'lower' if gain > 0 else 'higher'} "
+            f"(paired SE {se:.4f}; rule: {decision['rule']})")
+    if decision["switched"]:
+        return f"switched from the capacity choice {decision['incumbent']} to {decision['challenger']}: {diff}"
+    return f"kept the capacity choice {decision['incumbent']}: the best challenger {diff}"

@@ -436,7 +436,7 @@ def build_shape(builder: Builder, anc, lg, ds, job, should_stop: Callable[[], bo
 
 def choose_for_devices(builder: Builder, devices, searches, anc, lg, ds) -> None:
     """Replace each device's capacity choice by the candidate with the best predicted accuracy."""
-    from factory.device.accuracy import EstimatorConfig, SuccessiveHalving, choose_by_accuracy
+    from factory.device.accuracy import EstimatorConfig, SuccessiveHalving, choose_by_accuracy, describe_decision
 
     c = builder.cfg
     predictor = SuccessiveHalving(anc, lg, ds, finetune_recipe(c), init=c.init, config=EstimatorConfig(candidates=c.candidates),
@@ -452,9 +452,9 @@ def choose_for_devices(builder: Builder, devices, searches, anc, lg, ds) -> None
         entry["selection"] = {"objective": "accuracy", "estimator": predictor.describe(), "candidates": rows,
                               "chosen": chosen.shape.label(), "capacity_choice": best.shape.label(),
                               "seconds": round(predictor.seconds - spent, 2)}
-        builder.log(f"{entry['name']}: chose {chosen.shape.label()} by predicted accuracy "
-                    f"({next(r for r in rows if r['chosen'])['predicted_accuracy']:.3f}; capacity would pick {best.shape.label()}) "
-                    f"from {len(rows)} candidates in {predictor.seconds - spent:.1f}s")
+        row = next(r for r in rows if r["chosen"])
+        builder.log(f"{entry['name']}: chose {chosen.shape.label()} from {len(rows)} probed candidates in "
+                    f"{predictor.seconds - spent:.1f}s; {describe_decision(row.get('decision', {}))}")
 
 
 def _data_key(previous: dict[str, Any], cfg: BuildConfig) -> str | None:
@@ -548,6 +548,8 @@ def _finish_device(builder: Builder, prof: Profile, st: Stage, entry, searched, 
 
 
 def _selection_text(sel: dict[str, Any]) -> str:
+    from factory.device.accuracy import describe_decision
+
     if sel.get("objective") != "accuracy":
         return "Chosen by the searcher as the highest-capacity shape (log FLOPs + 0.5 log params)"
     est = sel["estimator"]
@@ -555,8 +557,7 @@ def _selection_text(sel: dict[str, Any]) -> str:
     return (f"Chosen by a successive-halving probe (validation NLL {best.get('val_nll', float('nan')):.3f}, accuracy "
             f"{best['predicted_accuracy']:.3f} after {best.get('probe_steps', '?')} of the {est['budget_steps']} steps; rungs "
             f"{'/'.join(map(str, est['rungs']))}, {est['val_images']} validation images) among {len(sel['candidates'])} "
-            f"Pareto-front candidates; the capacity "
-            f"proxy would have picked {sel['capacity_choice']}")
+            f"Pareto-front candidates; {describe_decision(best.get('decision', {}))}")
 
 
 def _model_card(prof: Profile, best, done, measured, lg, anc, cfg: BuildConfig, selection: dict[str, Any],
