@@ -37,3 +37,13 @@ def test_search_quality_quick_mode_runs(tmp_path):
     assert row["shapes"] >= 3 and row["oracle_acc"] >= row["chosen_acc"] and row["oracle_acc"] >= row["capacity_acc"]
     assert set(row["predicted"]) == set(row["measured"])
     assert "gap to oracle" in (tmp_path / "q.md").read_text()
+    # the estimator study probes the same candidates and scores each estimator against the same fine-tunes
+    _run("bench/estimator_study.py", "--from", str(tmp_path / "q.json"), "--json", str(tmp_path / "e.json"),
+         "--md", str(tmp_path / "e.md"), "--rungs", "1", "2", "3", "--cosine", "2")
+    study = json.loads((tmp_path / "e.json").read_text())
+    assert len(study["probes"]) == row["shapes"]
+    assert all(len(p["nll_per_image"]["const-3"]) == len(p["nll_per_image"]["const-1"]) > 0 for p in study["probes"].values())
+    table = (tmp_path / "e.md").read_text()
+    capacity_row = next(line for line in table.splitlines() if line.startswith("| capacity |"))
+    assert "+0.00 pt" in capacity_row  # the baseline against itself
+    assert "| anchored halving 1/2/3 z=2 |" in table and "| cosine-2 nll |" in table
