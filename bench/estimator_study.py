@@ -29,12 +29,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
 import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -63,21 +63,25 @@ def val_metrics(model, data, per_image: dict | None = None, key: str = "") -> tu
     return acc, float(nll.mean())
 
 
-def probe(anc, lg, ds, shape, recipe, rungs, cosine) -> dict:
+def probe(anc, lg, ds, shape, recipe, rungs, cosine, cool=()) -> dict:
     out: dict[str, Any] = {}
     per_image: dict[str, list[float]] = {}
     model = init_descendant("peg", shape, ancestry=anc, learngene=lg, seed=recipe.seed)
     out["init"] = val_metrics(model, ds.val)
     const = dataclasses.replace(recipe, warmup_steps=2, min_lr=recipe.lr, ckpt_every=0, eval_every=0)
-    spent = 0.0
-    with tempfile.TemporaryDirectory() as tmp:
-        done = 0
-        for k in rungs:
-            t0 = time.perf_counter()
-            train(model, ds.train, dataclasses.replace(const, steps=k), out_dir=tmp, resume=done > 0, progress=False)
-            spent += time.perf_counter() - t0
-            out[f"const-{k}"] = (*val_metrics(model, ds.val, per_image, f"const-{k}"), round(spent, 2))
-            done = k
+    spent, carry = 0.0, {}
+    for k in rungs:
+        t0 = time.perf_counter()
+        train(model, ds.train, dataclasses.replace(const, steps=k), progress=False, carry=carry)
+        spent += time.perf_counter() - t0
+        out[f"const-{k}"] = (*val_metrics(model, ds.val, per_image, f"const-{k}"), round(spent, 2))
+        if k in cool:  # branch: from the constant-LR state at k, cosine cool-down to min_lr over k more steps
+            branch, branch_carry = copy.deepcopy(model), copy.deepcopy(carry)
+            t1 = time.perf_counter()
+            train(branch, ds.train, dataclasses.replace(recipe, steps=2 * k, warmup_steps=k, ckpt_every=0, eval_every=0),
+                  progress=False, carry=branch_carry)
+            out[f"cool-{k}"] = (*val_metrics(branch, ds.val, per_image, f"cool-{k}"),
+                                round(spent + time.perf_counter() - t1, 2))
     for k in cosine:
         model = init_descendant("peg", shape, ancestry=anc, learngene=lg, seed=recipe.seed)
         t0 = time.perf_counter()
@@ -93,7 +97,9 @@ def main() -> None:
     parser.add_argument("--from", dest="source", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--rungs", type=int, nargs="+", default=[3, 6, 12, 24])
-    parser.add_argument("--cosine", type=int, nargs="+", default=[6, 12])
+    parser.add_argument("--cosine", type=int, nargs="*", default=[6, 12])
+    parser.add_argument("--cool", type=int, nargs="*", default=[],
+                        help="rungs whose constant-LR state is also cooled down (cosine to min_lr) over as many steps again")
     parser.add_argument("--md", type=Path, default=None)
     parser.add_argument("--analyse", type=Path, default=None, metavar="STUDY_JSON",
                         help="only re-analyse the probes of an earlier run's JSON against --from")
@@ -116,11 +122,11 @@ def main() -> None:
         for label in sorted(labels):
             d, w, h, r, i, p = re.fullmatch(r"d(\d+)-w(\d+)-h(\d+)-r([\d.]+)-i(\d+)-p(\d+)", label).groups()
             shape = DescendantShape(int(d), int(w), int(h), float(r), int(i), int(p), num_classes=ds.num_classes)
-            res = probe(anc, lg, ds, shape, recipe, args.rungs, args.cosine)
+            res = probe(anc, lg, ds, shape, recipe, args.rungs, args.cosine, args.cool)
             probes[f"{task}|{seed}|{label}"] = res
             print(task, seed, label, {k: tuple(round(x, 3) for x in v) for k, v in res.items() if k != "nll_per_image"},
                   flush=True)
-    data = {"source": str(args.source), "rungs": args.rungs, "cosine": args.cosine, "probes": probes,
+    data = {"source": str(args.source), "rungs": args.rungs, "cosine": args.cosine, "cool": args.cool, "probes": probes,
             "wall_seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
     write_outputs(data, analyse(source, data), args.json, args.md)
 
@@ -132,14 +138,14 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def successive_halving(scores: dict[str, dict], cands: list[str], rungs: list[int], key: int) -> tuple[str, float, dict]:
-    """Simulate successive halving on recorded ``const`` probes: every candidate to ``rungs[0]``
-    steps, the better half by ``key`` (0 accuracy, 1 NLL) continues to the next rung, ... ; returns
-    (chosen, probe seconds, the score each candidate ended with)."""
+def successive_halving(scores: dict[str, dict], cands: list[str], rungs: list[str], key: int) -> tuple[str, float, dict]:
+    """Simulate successive halving on recorded probes (``rungs``: the probe key of each rung, e.g.
+    ``const-3``): every candidate to the first rung, the better half by ``key`` (0 accuracy, 1 NLL)
+    continues to the next, ... ; returns (chosen, probe seconds, the score each candidate ended with)."""
     alive, cost, final = list(cands), 0.0, {}
     for i, k in enumerate(rungs):
         for c in alive:
-            final[c] = scores[c][f"const-{k}"]
+            final[c] = scores[c][k]
         if i + 1 < len(rungs):
             order = sorted(alive, key=lambda c: final[c][1] if key else -final[c][0])
             alive = order[: max(1, math.ceil(len(alive) / 2))]
@@ -148,7 +154,7 @@ def successive_halving(scores: dict[str, dict], cands: list[str], rungs: list[in
     return best, cost, {c: (-v[1] if key else v[0]) for c, v in final.items()}
 
 
-def anchored_halving(scores: dict[str, dict], cands: list[str], incumbent: str, rungs: list[int],
+def anchored_halving(scores: dict[str, dict], cands: list[str], incumbent: str, rungs: list[str],
                      z: float) -> tuple[str, float, dict]:
     """Successive halving in which the capacity choice (the incumbent) always goes on; at the last
     rung the best challenger replaces it only if its per-image NLL is lower by more than ``z``
@@ -156,7 +162,7 @@ def anchored_halving(scores: dict[str, dict], cands: list[str], incumbent: str, 
     alive, final = list(cands), {}
     for i, k in enumerate(rungs):
         for c in alive:
-            final[c] = scores[c][f"const-{k}"]
+            final[c] = scores[c][k]
         if i + 1 < len(rungs):
             keep = max(min(len(alive), 2), math.ceil(len(alive) / 2))  # as EstimatorConfig.survivors
             challengers = sorted((c for c in alive if c != incumbent), key=lambda c: final[c][1])
@@ -167,7 +173,7 @@ def anchored_halving(scores: dict[str, dict], cands: list[str], incumbent: str, 
     if not rivals:
         return incumbent, cost, pred
     best = min(rivals, key=lambda c: final[c][1])
-    last = f"const-{rungs[-1]}"
+    last = rungs[-1]
     d = [a - b for a, b in zip(scores[incumbent]["nll_per_image"][last], scores[best]["nll_per_image"][last])]
     se = statistics.stdev(d) / math.sqrt(len(d))
     return (best if statistics.mean(d) > z * se else incumbent), cost, pred
@@ -187,10 +193,15 @@ def analyse(source: dict, study: dict) -> str:
     for lo in range(len(rungs) - 2):
         for n in (3, 4):
             if lo + n <= len(rungs):
-                variants[f"halving {'/'.join(map(str, rungs[lo:lo + n]))} nll"] = ("sh", rungs[lo:lo + n], 1)
+                variants[f"halving {'/'.join(map(str, rungs[lo:lo + n]))} nll"] = ("sh", [f"const-{k}" for k in rungs[lo:lo + n]], 1)
     if any("nll_per_image" in p for p in probes.values()):
         for z in (1.0, 2.0):
-            variants[f"anchored halving {'/'.join(map(str, rungs[:3]))} z={z:g}"] = ("anchored", rungs[:3], z)
+            variants[f"anchored halving {'/'.join(map(str, rungs[:3]))} z={z:g}"] = ("anchored", [f"const-{k}" for k in rungs[:3]], z)
+    for k in study.get("cool", []):  # the last rung cooled down: constant LR to k, then cosine to min_lr over k steps
+        head = [f"const-{r}" for r in rungs if r <= k]
+        name = f"{'/'.join(x.split('-')[1] for x in head)} + cool {k}->{2 * k}"
+        variants[f"halving {name} nll"] = ("sh", [*head, f"cool-{k}"], 1)
+        variants[f"anchored halving {name} z=2"] = ("anchored", [*head, f"cool-{k}"], 2.0)
     table = ["| estimator | mean gain over capacity | gap to oracle (mean / max) | within 1 pt | seed-averaged gap (mean / max) "
              "| Spearman | cost / fine-tune (mean / max) |", "|---|---|---|---|---|---|---|"]
     for name, spec in variants.items():

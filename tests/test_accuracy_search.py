@@ -23,7 +23,7 @@ from factory.device.search import SearchSpace, search
 from factory.pipeline.build import BuildConfig, build
 from factory.pipeline.demo import load_demo_learngene
 from factory.training.data import make_synthetic
-from factory.training.train import TrainConfig
+from factory.training.train import TrainConfig, lr_at
 
 from .test_build import _profile
 
@@ -51,8 +51,9 @@ def test_rungs_scale_with_the_budget_and_the_cost_formula_holds():
     assert cfg.rungs_for(100) == (3, 6, 12) and cfg.rungs_for(1000) == (30, 60, 120)
     assert cfg.rungs_for(8) == (1, 2, 3)  # strictly increasing even when the fractions round alike
     assert cfg.probe_steps(8, 100) == 8 * 3 + 4 * 3 + 2 * 6 == 48
-    assert cfg.probe_steps(3, 100) == 3 * 3 + 2 * 3 + 2 * 6  # anchored: the incumbent and a challenger to the end
-    assert dataclasses.replace(cfg, anchor=False).probe_steps(3, 100) == 3 * 3 + 2 * 3 + 1 * 6
+    assert cfg.probe_steps(3, 100) == 3 * 3 + 2 * 3 + 1 * 6
+    anchored = dataclasses.replace(cfg, anchor=True)
+    assert anchored.probe_steps(3, 100) == 3 * 3 + 2 * 3 + 2 * 6  # the incumbent and a challenger to the end
 
 
 def test_successive_halving_is_deterministic_cached_by_content_and_halves(setting, tmp_path):
@@ -88,7 +89,7 @@ def test_the_capacity_choice_is_anchored_and_replaced_only_on_paired_evidence(se
     shapes = [c.shape for c in candidates(result, 4)]
     small = min(shapes, key=lambda s: s.depth * s.embed_dim)
     recipe = TrainConfig(steps=20, batch_size=16, seed=0, device="cpu", warmup_steps=2)
-    est = SuccessiveHalving(anc, lg, ds, recipe, config=EstimatorConfig(rung_fractions=(0.1, 0.2, 0.4)))
+    est = SuccessiveHalving(anc, lg, ds, recipe, config=EstimatorConfig(rung_fractions=(0.1, 0.2, 0.4), anchor=True))
     probes = est.rank(shapes, incumbent=small)
     assert next(p for p in probes if p.shape == small).steps == 8  # goes on at every rung, whatever its NLL
     assert sorted(p.steps for p in probes) == [2, 2, 8, 8]  # 4 -> 2 -> 2: the incumbent and one challenger
@@ -116,16 +117,22 @@ def test_the_capacity_choice_is_anchored_and_replaced_only_on_paired_evidence(se
 
 def test_a_continued_probe_equals_one_trained_straight_to_its_rung(setting):
     """Halving continues survivors in memory (model + optimizer state); the cache assumes that is the
-    same as a probe trained straight to that rung (constant learning rate after warm-up)."""
+    same as a probe trained straight to that rung: constant lr to the previous rung, then (last
+    rung) the annealing from there."""
     anc, lg, ds, result = setting
     shape = result.feasible[0].shape
-    recipe = TrainConfig(steps=20, batch_size=16, seed=0, device="cpu", warmup_steps=2)
+    recipe = TrainConfig(steps=20, batch_size=16, seed=0, device="cpu", warmup_steps=2, lr=2e-3)
     est = SuccessiveHalving(anc, lg, ds, recipe, config=EstimatorConfig(rung_fractions=(0.1, 0.3)))
+    assert est.rungs == (2, 6) and est.cool_from(6) == 2 and est.cool_from(2) is None
+    annealed = est.probe_recipe(6, 2)
+    assert [lr_at(s, annealed) for s in (2, 6)] == [pytest.approx(2e-3), pytest.approx(recipe.min_lr)]
     state: dict = {}
     continued = est._probe(shape, 2, state), est._probe(shape, 6, state)
     straight = est._probe(shape, 6, {})
     assert continued[1].nll == pytest.approx(straight.nll, rel=1e-4)
     assert continued[0].nll != pytest.approx(straight.nll, rel=1e-3)
+    constant = dataclasses.replace(est, config=dataclasses.replace(est.config, cooldown=False))._probe(shape, 6, {})
+    assert constant.nll != pytest.approx(straight.nll, rel=1e-3)  # the annealed last rung is a different probe
 
 
 def test_choice_is_the_best_predicted_and_ties_go_to_capacity(setting):
@@ -153,16 +160,16 @@ def test_build_objective_switch(tmp_path):
     rows = sel["candidates"]
     chosen = [r for r in rows if r["chosen"]]
     assert len(chosen) == 1 and chosen[0]["label"] == sel["chosen"] and chosen[0]["probe_steps"] == 3
-    finalists = {r["label"]: r for r in rows if r["probe_steps"] == 3}
-    why = chosen[0]["decision"]  # the capacity choice reached the last rung; replaced only on evidence
-    assert why["incumbent"] == sel["capacity_choice"] and {why["incumbent"], why["challenger"]} <= set(finalists)
-    assert sel["chosen"] == (why["challenger"] if why["switched"] else why["incumbent"])
-    assert why["switched"] == (why["nll_gain"] > 2 * why["se"])
+    finalists = [r for r in rows if r["probe_steps"] == 3]
+    assert chosen[0]["val_nll"] <= min(r["val_nll"] for r in finalists) + 1e-3  # the lowest-NLL finalist
+    assert sel["estimator"]["last_rung"].startswith("annealed") and not sel["estimator"]["anchored"]
+    why = chosen[0]["decision"]
+    assert why["rule"].startswith("lowest NLL")
     assert [r["probe_steps"] for r in rows] == sorted((r["probe_steps"] for r in rows), reverse=True)  # best first
     assert acc["predicted"]["accuracy"] == chosen[0]["predicted_accuracy"]
     card = (tmp_path / "acc" / "tiny" / "MODEL_CARD.md").read_text()
     assert "Chosen by a successive-halving probe" in card and "rungs 1/2/3" in card
-    assert ("switched from the capacity choice" if why["switched"] else "kept the capacity choice") in card
+    assert "chosen by lowest NLL" in card
     assert "chosen by (pred. acc)" in (tmp_path / "acc" / "report.md").read_text()
     # estimates are cached by content: a rebuild that changes nothing they depend on re-uses them
     lines = []
