@@ -40,24 +40,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from common import write_outputs
 
 from factory import init_descendant, load_ancestry
 from factory.core.shapes import DescendantShape
+from factory.device.accuracy import SuccessiveHalving
 from factory.pipeline.build import BuildConfig, finetune_recipe
 from factory.pipeline.demo import load_demo_learngene
 from factory.training.data import load_dataset
-from factory.training.train import train
+from factory.training.train import evaluate_nll, train
 
 
-@torch.no_grad()
 def val_metrics(model, data, per_image: dict | None = None, key: str = "") -> tuple[float, float]:
     """(accuracy, mean NLL) on ``data``; the NLL of each image goes to ``per_image[key]`` if given."""
-    model.eval()
-    logits = torch.cat([model(data.images[i : i + 512]) for i in range(0, len(data), 512)])
-    acc = float((logits.argmax(-1) == data.labels).float().mean())
-    nll = F.cross_entropy(logits, data.labels, reduction="none")
+    acc, nll = evaluate_nll(model, data)
     if per_image is not None:
         per_image[key] = [round(float(v), 4) for v in nll]
     return acc, float(nll.mean())
@@ -68,18 +64,17 @@ def probe(anc, lg, ds, shape, recipe, rungs, cosine, cool=()) -> dict:
     per_image: dict[str, list[float]] = {}
     model = init_descendant("peg", shape, ancestry=anc, learngene=lg, seed=recipe.seed)
     out["init"] = val_metrics(model, ds.val)
-    const = dataclasses.replace(recipe, warmup_steps=2, min_lr=recipe.lr, ckpt_every=0, eval_every=0)
+    shipped = SuccessiveHalving(anc, lg, ds, recipe)  # the estimator's own probe recipes (constant and annealed)
     spent, carry = 0.0, {}
     for k in rungs:
         t0 = time.perf_counter()
-        train(model, ds.train, dataclasses.replace(const, steps=k), progress=False, carry=carry)
+        train(model, ds.train, shipped.probe_recipe(k), progress=False, carry=carry)
         spent += time.perf_counter() - t0
         out[f"const-{k}"] = (*val_metrics(model, ds.val, per_image, f"const-{k}"), round(spent, 2))
         if k in cool:  # branch: from the constant-LR state at k, cosine cool-down to min_lr over k more steps
             branch, branch_carry = copy.deepcopy(model), copy.deepcopy(carry)
             t1 = time.perf_counter()
-            train(branch, ds.train, dataclasses.replace(recipe, steps=2 * k, warmup_steps=k, ckpt_every=0, eval_every=0),
-                  progress=False, carry=branch_carry)
+            train(branch, ds.train, shipped.probe_recipe(2 * k, cool_from=k), progress=False, carry=branch_carry)
             out[f"cool-{k}"] = (*val_metrics(branch, ds.val, per_image, f"cool-{k}"),
                                 round(spent + time.perf_counter() - t1, 2))
     for k in cosine:

@@ -574,7 +574,7 @@ def _latest_manifest(root: Path) -> dict:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--objective", type=click.Choice(["accuracy", "capacity"]), default="capacity", show_default=True,
               help="capacity: the largest shape that fits; accuracy: probe the Pareto-front shapes by successive halving "
-                   "and replace the capacity choice only where a probe beats it clearly (see bench/RESULTS.md).")
+                   "on --data and pick the lowest validation loss (opt-in: see bench/RESULTS.md).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (shapes, cached stages, time estimates) and stop.")
 @click.option("--wait-lock", is_flag=True, help="If another build is using --out, wait for it instead of failing.")
 def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layers, expand_steps, expand_data, steps, batch_size, lr,

@@ -244,11 +244,6 @@ class SuccessiveHalving:
         chosen = next(p for p in finalists if p.nll <= best + self.config.tie_nll)
         return chosen.shape, {"rule": f"lowest NLL (ties within {self.config.tie_nll:g})"}
 
-    def __call__(self, shape: DescendantShape) -> float:
-        """Validation accuracy of ``shape`` probed alone (it survives every rung): the per-shape
-        :class:`~factory.device.search.AccuracyPredictor` protocol."""
-        return self.rank([shape])[0].accuracy
-
 
 def candidates(result, count: int, span: float = 32.0) -> list:
     """Up to ``count`` feasible candidates from the capacity Pareto front, spread evenly in
@@ -276,7 +271,7 @@ def candidates(result, count: int, span: float = 32.0) -> list:
 def choose_by_accuracy(result, predictor, count: int) -> tuple[Any, list[dict[str, Any]]]:
     """Estimate the candidates' accuracy and return ``(chosen candidate, rows)``.
 
-    ``predictor`` is a :class:`SuccessiveHalving` (ranks the candidates together) or any per-shape
+    ``predictor`` is a :class:`SuccessiveHalving` (ranks the candidates together: ``rank``/``decide``) or any per-shape
     :class:`~factory.device.search.AccuracyPredictor` (highest score wins; ties within 1e-9 go to
     higher capacity). ``rows`` (one per candidate, best first) carry the shape label, predicted
     accuracy, predicted latency and capacity score, and for successive halving the probe steps the

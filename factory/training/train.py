@@ -156,25 +156,17 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     ) * (t * t)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: ImageTensors, *, batch_size: int = 512, device: torch.device | None = None) -> float:
     """Top-1 accuracy of ``model`` on ``data``."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(data), batch_size):
-        logits = model(data.images[i : i + batch_size].to(device))
-        correct += int((logits.argmax(-1).cpu() == data.labels[i : i + batch_size]).sum())
-    model.train(was_training)
-    return correct / max(1, len(data))
+    return evaluate_nll(model, data, batch_size=batch_size, device=device)[0]
 
 
 @torch.no_grad()
-def evaluate_nll(model: nn.Module, data: ImageTensors, *, batch_size: int = 512) -> tuple[float, torch.Tensor]:
+def evaluate_nll(model: nn.Module, data: ImageTensors, *, batch_size: int = 512,
+                 device: torch.device | None = None) -> tuple[float, torch.Tensor]:
     """``(top-1 accuracy, per-image negative log-likelihood (N,))`` of ``model`` on ``data`` (no label
     smoothing); the NLL's mean is the usual validation loss, its per-image values allow paired tests."""
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct, nll = 0, []
