@@ -32,7 +32,7 @@ import torch
 from common import write_outputs
 from scipy.stats import spearmanr
 
-from factory import init_descendant, load_ancestry
+from factory import init_descendant, load_ancestry, sample_learngene
 from factory.device.accuracy import (
     EstimatorConfig,
     SuccessiveHalving,
@@ -53,17 +53,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     anc = load_ancestry("demo")
-    lg = load_demo_learngene(anc)
+    lg = load_demo_learngene(anc) if args.learngene == "shipped" else sample_learngene(anc, 3, seed=0)
     profiles = [load_profile(p) for p in load_fleet(ROOT / "profiles" / "fleet_example.yaml")][: 1 if args.quick else None]
     rows, measured = [], {}
     for task in args.tasks:
         ds = load_dataset(task, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
         space = SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes)
-        for seed in range(args.seeds):
-            cfg = BuildConfig(data=task, finetune_steps=args.steps, seed=seed, device="cpu")
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            cfg = BuildConfig(data=task, finetune_steps=args.steps, seed=seed, device="cpu", init=args.init)
             for prof in profiles:
                 result = search(prof, space, CostModel.for_profile(prof, arch=anc.arch), seed=seed)
-                predictor = SuccessiveHalving(anc, lg, ds, finetune_recipe(cfg), config=EstimatorConfig(candidates=args.candidates))
+                predictor = SuccessiveHalving(anc, lg, ds, finetune_recipe(cfg), init=args.init, config=EstimatorConfig(candidates=args.candidates))
                 t0 = time.perf_counter()
                 chosen, est_rows = choose_by_accuracy(result, predictor, args.candidates)
                 est_seconds = time.perf_counter() - t0
@@ -77,7 +77,7 @@ def run(args) -> dict:
                 for c in pool:
                     key = (task, seed, c.shape)
                     if key not in measured:
-                        model = init_descendant("peg", c.shape, ancestry=anc, learngene=lg, seed=seed)
+                        model = init_descendant(args.init, c.shape, ancestry=anc, learngene=lg, seed=seed)
                         res = train(model, ds.train, dataclasses.replace(finetune_recipe(cfg), ckpt_every=0), progress=False)
                         measured[key] = (evaluate(model, ds.test), res.seconds)
                         print(f"{task:9s} s{seed} {c.shape.label():24s} test {measured[key][0]:.4f} ({res.seconds:.1f}s)", flush=True)
@@ -161,9 +161,15 @@ def main() -> None:
     parser.add_argument("--md", type=Path, default=None)
     parser.add_argument("--tasks", nargs="+", default=["digits", "textures"])
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one [default: 0]")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning budget [default: the build's, 100]")
     parser.add_argument("--candidates", type=int, default=None)
     parser.add_argument("--min-shapes", type=int, default=None)
+    parser.add_argument("--init", default="peg", choices=("peg", "tleg", "weight_selection", "scratch"),
+                        help="how the build initialises descendants [default: peg]")
+    parser.add_argument("--learngene", default="shipped", choices=("shipped", "untrained"),
+                        help="the shipped trained learngene, or one sampled by the paper's recipe without the "
+                             "expanding phase (3 layers, tau 1, seed 0) [default: shipped]")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     if args.quick:
