@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from factory import load_ancestry
+from factory import FactoryError, load_ancestry
 from factory.cli import cli
 from factory.device.accuracy import (
     EstimatorConfig,
@@ -16,6 +16,7 @@ from factory.device.accuracy import (
     candidates,
     choose_by_accuracy,
     describe_decision,
+    temperature_scaled_nll,
 )
 from factory.device.cost import CostModel
 from factory.device.profile import load_profile
@@ -54,6 +55,32 @@ def test_rungs_scale_with_the_budget_and_the_cost_formula_holds():
     assert cfg.probe_steps(3, 100) == 3 * 3 + 2 * 3 + 1 * 6
     anchored = dataclasses.replace(cfg, anchor=True)
     assert anchored.probe_steps(3, 100) == 3 * 3 + 2 * 3 + 2 * 6  # the incumbent and a challenger to the end
+
+
+def test_temperature_scaled_nll_scores_what_the_logits_rank_not_their_scale():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (400,), generator=gen)
+    logits = torch.randn(400, 10, generator=gen)
+    logits[torch.arange(400), labels] += 2.0  # some signal
+    beta, per_image = temperature_scaled_nll(logits, labels)
+    grid = torch.linspace(0.0, 5.0, 5001)
+    brute = min(float(torch.nn.functional.cross_entropy(b * logits, labels)) for b in grid)
+    assert float(per_image.mean()) == pytest.approx(brute, abs=1e-4) and per_image.shape == (400,)
+    # invariant to the logits' scale: an over- or under-confident copy scores the same
+    for scale in (0.01, 30.0):
+        _, scaled = temperature_scaled_nll(logits * scale, labels)
+        assert float(scaled.mean()) == pytest.approx(float(per_image.mean()), abs=1e-4)
+    # never above ln K: a model with no signal scores the uniform prediction, however confident it is
+    noise = 50 * torch.randn(400, 10, generator=gen)
+    raw = float(torch.nn.functional.cross_entropy(noise, labels))
+    _, calibrated = temperature_scaled_nll(noise, labels)
+    assert raw > 10 and float(calibrated.mean()) <= torch.log(torch.tensor(10.0)) + 1e-6
+    assert float(calibrated.mean()) > float(per_image.mean())  # and the model with signal still wins
+
+
+def test_estimator_score_is_validated():
+    with pytest.raises(FactoryError, match="estimator score"):
+        EstimatorConfig(score="accuracy")
 
 
 def test_successive_halving_is_deterministic_cached_by_content_and_halves(setting, tmp_path):

@@ -11,7 +11,11 @@ batch, augmentation, data order), except that the learning rate is held constant
 ``warmup_steps`` warm-up, so a probe can be *continued*. Rung ``i`` trains the survivors to
 ``t_i = round(f_i * N)`` steps in all (``N``: the build's fine-tuning steps; ``f = (0.03, 0.06,
 0.12)``, so 3, 6 and 12 of 100 steps) and scores each on the validation split (up to
-``val_images``) by its mean negative log-likelihood (NLL); the better half (rounded up) goes on.
+``val_images``) by its mean negative log-likelihood (NLL) **at the best temperature**
+(``score="calibrated"``, :func:`temperature_scaled_nll`: the logits are scaled by the one factor
+that minimises the NLL before scoring, so a probe is scored on what its logits rank, not on how
+confident a few steps at a high learning rate happened to make it; ``score="raw"`` is the plain
+NLL); the better half (rounded up) goes on.
 **The last rung anneals** (``cooldown``): from the constant-lr state of the previous rung, its steps
 follow a cosine from the build's lr to its ``min_lr`` -- the warm-up/stable/decay idea: a short
 decay from a constant-lr run lands close to what a full decayed schedule reaches, and the build's
@@ -25,15 +29,14 @@ images is lower by more than ``z`` (2) standard errors of the paired difference;
 says which and why. It departs from the capacity choice far less often (3 of 12 cases in the bench),
 and measured worse than plain halving with the annealed last rung (below).
 
-Why this estimator, by measurement (``bench/estimator_study.py``, RESULTS.md, 12 profile/task/seed
-cases, the same fine-tunes for every estimator): scoring by NLL on the whole validation split
-instead of accuracy on 256 images, and spending the steps on the survivors, both cut the estimator's
-error at the same cost; with constant-lr rungs halving still trailed the capacity proxy by 0.15
-points on average (anchored: 0.40), with the annealed last rung it led it by 0.5 points over two
-seeds -- but with a third seed it trailed by 0.3 and, on seed-averaged accuracies, capacity chose
-better (0.28 vs 1.06 points from the best shape). Within half a fine-tune no probe here beats the
-capacity proxy reliably, so ``capacity`` stays the default objective and this is
-``--objective accuracy``.
+Why this estimator, by measurement (``bench/estimator_study.py`` and ``bench/search_quality.py``,
+RESULTS.md): scoring by NLL on the whole validation split instead of accuracy on 256 images, and
+spending the steps on the survivors, both cut the estimator's error at the same cost; the annealed
+last rung beat constant-lr rungs. The temperature-scaled score fixed the raw NLL's one bad failure:
+on a task unlike the ancestry's (``textures``), every shape that has learned something is
+over-confident on the shifted validation crops after a few steps, so a 1-layer, 32-wide shape that
+has learned nothing (NLL ~ ln K) had the lowest raw NLL and won, ending at chance (0.09 after the
+full fine-tune, against 0.60 for the capacity choice). Calibrated, that shape scores ``ln K``, last.
 ``predicted_accuracy`` is the probe's validation accuracy at the rung the shape reached: a ranking
 aid, not a calibrated forecast of the final accuracy (after 12 of 100 steps it is well below it).
 
@@ -64,6 +67,47 @@ from factory.core.shapes import DescendantShape
 from factory.pipeline.artifacts import atomic_write_bytes
 
 OBJECTIVES = ("accuracy", "capacity")
+SCORES = ("calibrated", "raw")
+
+
+def temperature_scaled_nll(logits, labels, *, iters: int = 40) -> tuple[float, Any]:
+    """``(beta, per-image NLL)`` of ``softmax(beta * logits)`` at the inverse temperature ``beta``
+    that minimises the mean NLL on ``(logits, labels)``.
+
+    ``L(beta) = mean_i [logsumexp(beta z_i) - beta z_i,y_i]`` is convex in ``beta`` (a log-sum-exp of
+    linear functions minus a linear one), so a golden-section search on ``[0, beta_max]`` finds its
+    minimum; ``beta_max`` doubles from 16 until the minimum is inside the bracket. ``beta = 0`` is
+    the uniform prediction, so the score is at most ``ln K`` (``K`` classes): a model that has learned
+    nothing scores ``ln K`` however it is calibrated, and one that ranks the right class higher scores
+    below it even if its raw confidence is far off -- which, a few steps into a fine-tune, it usually
+    is, by an amount that depends on the shape's size and the learning rate rather than on what it
+    has learned.
+    """
+    import torch
+
+    z = logits.double()
+    y = labels.long()
+
+    def loss(beta: float) -> float:
+        return float(torch.nn.functional.cross_entropy(beta * z, y))
+
+    hi = 16.0
+    while loss(hi) < loss(hi / 2) and hi < 1e4:  # still falling at the edge: widen the bracket
+        hi *= 2
+    lo, g = 0.0, (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(iters):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = loss(b)
+    beta = (lo + hi) / 2
+    return beta, torch.nn.functional.cross_entropy(beta * z, y, reduction="none").float()
 
 
 @dataclass(frozen=True)
@@ -76,6 +120,13 @@ class EstimatorConfig:
     cooldown: bool = True  # the last rung anneals: cosine from the build's lr to min_lr over its steps
     anchor: bool = False  # the capacity choice always reaches the last rung and is replaced only on evidence
     z: float = 2.0  # the evidence (anchored): a paired per-image NLL gain of more than z standard errors
+    score: str = "calibrated"  # "calibrated": NLL at the best temperature (temperature_scaled_nll); "raw": plain NLL
+
+    def __post_init__(self) -> None:
+        from factory.errors import FactoryError
+
+        if self.score not in SCORES:
+            raise FactoryError(f"estimator score must be one of {', '.join(SCORES)}, got {self.score!r}")
 
     def rungs_for(self, budget: int) -> tuple[int, ...]:
         """Cumulative probe steps per rung for a fine-tune of ``budget`` steps, strictly increasing."""
@@ -146,7 +197,8 @@ class SuccessiveHalving:
         return rungs[-2] if self.config.cooldown and len(rungs) > 1 and steps == rungs[-1] else None
 
     def describe(self) -> dict[str, Any]:
-        return {"method": "successive-halving", "score": "validation NLL", "rungs": list(self.rungs),
+        return {"method": "successive-halving",
+                "score": "validation NLL at the best temperature" if self.config.score == "calibrated" else "validation NLL", "rungs": list(self.rungs),
                 "last_rung": "annealed (cosine to min_lr)" if self.cool_from(self.rungs[-1]) else "constant lr",
                 "anchored": self.config.anchor,
                 "budget_steps": self.recipe.steps, "val_images": min(self.config.val_images, len(self.data.val)),
@@ -171,8 +223,10 @@ class SuccessiveHalving:
     def _probe(self, shape: DescendantShape, steps: int, state: dict[str, Any]) -> Probe:
         """Train ``shape`` to ``steps`` probe steps, continuing in memory from ``state`` (the model
         and the optimizer state of its previous rung; empty: from its initialisation)."""
+        import torch
+
         from factory.core.baselines import init_descendant
-        from factory.training.train import evaluate_nll, train
+        from factory.training.train import predict_logits, train
 
         t0 = time.perf_counter()
         if "model" not in state:
@@ -183,7 +237,13 @@ class SuccessiveHalving:
         if cool is not None and state.get("step", 0) < cool:  # the constant-lr part first (its rung came from the cache)
             train(model, self.data.train, self.probe_recipe(cool), progress=False, carry=state)
         train(model, self.data.train, self.probe_recipe(steps, cool), progress=False, carry=state)
-        acc, per_image = evaluate_nll(model.cpu(), self.data.val.subset(0, self.config.val_images))
+        val = self.data.val.subset(0, self.config.val_images)
+        logits = predict_logits(model.cpu(), val)
+        acc = float((logits.argmax(-1) == val.labels).float().mean()) if len(val) else 0.0
+        if self.config.score == "calibrated":
+            per_image = temperature_scaled_nll(logits, val.labels)[1]
+        else:
+            per_image = torch.nn.functional.cross_entropy(logits, val.labels, reduction="none")
         nll = float(per_image.mean())
         self.seconds += time.perf_counter() - t0
         self.computed += 1

@@ -162,21 +162,25 @@ def evaluate(model: nn.Module, data: ImageTensors, *, batch_size: int = 512, dev
 
 
 @torch.no_grad()
+def predict_logits(model: nn.Module, data: ImageTensors, *, batch_size: int = 512,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """``model``'s float32 logits ``(N, classes)`` on ``data`` in eval mode, on the CPU."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = [model(data.images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(data), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
 def evaluate_nll(model: nn.Module, data: ImageTensors, *, batch_size: int = 512,
                  device: torch.device | None = None) -> tuple[float, torch.Tensor]:
     """``(top-1 accuracy, per-image negative log-likelihood (N,))`` of ``model`` on ``data`` (no label
     smoothing); the NLL's mean is the usual validation loss, its per-image values allow paired tests."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct, nll = 0, []
-    for i in range(0, len(data), batch_size):
-        logits = model(data.images[i : i + batch_size].to(device)).float().cpu()
-        labels = data.labels[i : i + batch_size]
-        correct += int((logits.argmax(-1) == labels).sum())
-        nll.append(F.cross_entropy(logits, labels, reduction="none"))
-    model.train(was_training)
-    return correct / max(1, len(data)), torch.cat(nll) if nll else torch.zeros(0)
+    if not len(data):
+        return 0.0, torch.zeros(0)
+    logits = predict_logits(model, data, batch_size=batch_size, device=device)
+    return float((logits.argmax(-1) == data.labels).float().mean()), F.cross_entropy(logits, data.labels, reduction="none")
 
 
 @dataclass
