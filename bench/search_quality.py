@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import statistics
 import time
@@ -55,7 +56,7 @@ def run(args) -> dict:
     anc = load_ancestry("demo")
     lg = load_demo_learngene(anc) if args.learngene == "shipped" else sample_learngene(anc, 3, seed=0)
     profiles = [load_profile(p) for p in load_fleet(ROOT / "profiles" / "fleet_example.yaml")][: 1 if args.quick else None]
-    rows, measured = [], {}
+    rows, measured = [], reused_measurements(args.reuse)
     for task in args.tasks:
         ds = load_dataset(task, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
         space = SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes)
@@ -63,7 +64,7 @@ def run(args) -> dict:
             cfg = BuildConfig(data=task, finetune_steps=args.steps, seed=seed, device="cpu", init=args.init)
             for prof in profiles:
                 result = search(prof, space, CostModel.for_profile(prof, arch=anc.arch), seed=seed)
-                predictor = SuccessiveHalving(anc, lg, ds, finetune_recipe(cfg), init=args.init, config=EstimatorConfig(candidates=args.candidates))
+                predictor = SuccessiveHalving(anc, lg, ds, finetune_recipe(cfg), init=args.init, config=EstimatorConfig(candidates=args.candidates, anchor=args.anchor, score=args.score))
                 t0 = time.perf_counter()
                 chosen, est_rows = choose_by_accuracy(result, predictor, args.candidates)
                 est_seconds = time.perf_counter() - t0
@@ -75,7 +76,7 @@ def run(args) -> dict:
                     if c not in pool:
                         pool.append(c)
                 for c in pool:
-                    key = (task, seed, c.shape)
+                    key = (task, seed, c.shape.label())
                     if key not in measured:
                         model = init_descendant(args.init, c.shape, ancestry=anc, learngene=lg, seed=seed)
                         res = train(model, ds.train, dataclasses.replace(finetune_recipe(cfg), ckpt_every=0), progress=False)
@@ -83,7 +84,7 @@ def run(args) -> dict:
                         print(f"{task:9s} s{seed} {c.shape.label():24s} test {measured[key][0]:.4f} ({res.seconds:.1f}s)", flush=True)
                 # the estimator's ranking (rung reached, then NLL) as a score: best = highest
                 pred = {r["label"]: float(len(est_rows) - i) for i, r in enumerate(est_rows)}
-                acc = {c.shape.label(): measured[(task, seed, c.shape)][0] for c in pool}
+                acc = {c.shape.label(): measured[(task, seed, c.shape.label())][0] for c in pool}
                 labels = sorted(pred)  # rank correlation over the estimator's candidates
                 rho = spearmanr([pred[k] for k in labels], [acc[k] for k in labels]).statistic
                 oracle = max(acc, key=acc.get)
@@ -91,14 +92,25 @@ def run(args) -> dict:
                 row = {"profile": prof.name, "task": task, "seed": seed, "shapes": len(acc), "chosen": chosen.shape.label(),
                        "chosen_acc": acc[chosen.shape.label()], "oracle": oracle, "oracle_acc": acc[oracle], "capacity": cap,
                        "capacity_acc": acc[cap], "spearman": round(float(rho), 3), "estimator_seconds": round(est_seconds, 1),
-                       "finetune_seconds_chosen": round(measured[(task, seed, chosen.shape)][1], 1),
-                       "predicted": pred, "probes": est_rows, "measured": acc}
+                       "finetune_seconds_chosen": round(measured[(task, seed, chosen.shape.label())][1], 1),
+                       "predicted": pred, "probes": est_rows, "measured": acc,
+                       "finetune_seconds": {c.shape.label(): measured[(task, seed, c.shape.label())][1] for c in pool}}
                 rows.append(row)
                 print(f"{prof.name}: chosen {row['chosen']} {row['chosen_acc']:.4f}, oracle {oracle} {row['oracle_acc']:.4f}, "
                       f"capacity {cap} {row['capacity_acc']:.4f}, rho {row['spearman']}, estimator {est_seconds:.1f}s", flush=True)
     return {"args": {k: v for k, v in vars(args).items() if k not in ("json", "md")},
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
             "learngene": lg.sha256, "rows": rows}
+
+
+def reused_measurements(path: Path | None) -> dict:
+    """``{(task, seed, shape label): (test accuracy, fine-tune seconds)}`` from an earlier run's JSON
+    (``--reuse``): the fine-tunes are deterministic for a seed and thread count, so an estimator variant can
+    be scored on the same fine-tunes without repeating them. Seconds the earlier run did not record are NaN."""
+    if path is None:
+        return {}
+    return {(r["task"], r["seed"], label): (acc, r.get("finetune_seconds", {}).get(label, float("nan")))
+            for r in json.loads(Path(path).read_text())["rows"] for label, acc in r["measured"].items()}
 
 
 def summarise(data: dict) -> str:
@@ -114,7 +126,7 @@ def summarise(data: dict) -> str:
     gains = [100 * (r["chosen_acc"] - r["capacity_acc"]) for r in rows]
     cap_gaps = [100 * (r["oracle_acc"] - r["capacity_acc"]) for r in rows]
     rhos = [r["spearman"] for r in rows if r["spearman"] == r["spearman"]]
-    ratio = [r["estimator_seconds"] / r["finetune_seconds_chosen"] for r in rows]
+    ratio = [r["estimator_seconds"] / r["finetune_seconds_chosen"] for r in rows if r["finetune_seconds_chosen"] > 0] or [float("nan")]
     lines += ["", f"Over {len(rows)} (profile, task, seed) cases: gap to the oracle mean {statistics.mean(gaps):.2f} pt, "
               f"max {max(gaps):.1f} pt, within 1 pt in {sum(g <= 1.0 for g in gaps)}/{len(gaps)}; capacity proxy's gap to the "
               f"oracle mean {statistics.mean(cap_gaps):.2f} pt, max {max(cap_gaps):.1f} pt; gain of the accuracy objective over "
@@ -170,6 +182,10 @@ def main() -> None:
     parser.add_argument("--learngene", default="shipped", choices=("shipped", "untrained"),
                         help="the shipped trained learngene, or one sampled by the paper's recipe without the "
                              "expanding phase (3 layers, tau 1, seed 0) [default: shipped]")
+    parser.add_argument("--anchor", action="store_true", help="the anchored estimator (EstimatorConfig.anchor)")
+    parser.add_argument("--score", default="calibrated", choices=("calibrated", "raw"), help="probe score (EstimatorConfig.score)")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="an earlier run's --json: its fine-tunes (same seeds, tasks, init, threads) are not repeated")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     if args.quick:

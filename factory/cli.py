@@ -389,10 +389,15 @@ def calibrate_cmd(profile_spec, ancestry, count, seed, out) -> None:
 @cli.command("search")
 @click.option("--profile", "profile_spec", required=True, help="Profile YAML path or shipped name.")
 @click.option("--ancestry", default="demo", show_default=True, help="Ancestry whose expansions are searched.")
-@click.option("--data", default=None, help="Task data (mnist, digits, textures, synthetic or an ImageFolder dir): enables --objective accuracy.")
-@click.option("--objective", type=click.Choice(["accuracy", "capacity"]), default="capacity", show_default=True,
-              help="capacity: the largest shape that fits; accuracy: few-step probes (successive halving) of the Pareto front on --data pick "
-                   "the shape predicted most accurate after --steps (opt-in: see bench/RESULTS.md).")
+@click.option("--data", default=None, help="Task data (mnist, digits, textures, synthetic or an ImageFolder dir): rank by predicted accuracy on it.")
+@click.option("--objective", type=click.Choice(["auto", "accuracy", "capacity"]), default="auto", show_default=True,
+              help="accuracy: few-step probes (successive halving) of the Pareto front on --data pick the shape predicted most "
+                   "accurate after --steps; capacity: the largest shape that fits; auto: capacity for the trained learngene "
+                   "(measured within noise of the best), accuracy otherwise (--init other than peg, untrained learngene).")
+@click.option("--init", "init_method", type=click.Choice(["peg", "tleg", "weight_selection", "scratch"]), default="peg",
+              show_default=True, help="How the build will initialise descendants (the probes use the same).")
+@click.option("--expand-steps", type=STEPS, default=None,
+              help="Expanding-phase steps of the learngene [default: the build's, 1500; 0 = untrained].")
 @click.option("--steps", type=POSITIVE_STEPS, default=100, show_default=True, help="Fine-tuning budget the accuracy is predicted for.")
 @click.option("--work", type=click.Path(path_type=Path), default=Path("out/build"), show_default=True,
               help="Build directory whose cache (learngene, estimates) is used and filled; `build --out` the same dir reuses it.")
@@ -403,14 +408,14 @@ def calibrate_cmd(profile_spec, ancestry, count, seed, out) -> None:
 @click.option("--top", type=click.IntRange(1, 1_000_000), default=5, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (all fields, rejected shapes too).")
-def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, num_classes, snap, max_depth, top, seed,
+def search_cmd(profile_spec, ancestry, data, objective, init_method, expand_steps, steps, work, img_sizes, num_classes, snap, max_depth, top, seed,
                as_json) -> None:
     """Find descendant shapes that fit a device profile's budgets, ranked by predicted accuracy or capacity.
 
     \b
     Example:
       peg-factory search --profile profiles/jetson_orin.yaml --top 5
-      peg-factory search --profile raspberry_pi5 --data digits --objective accuracy   # probe the candidates
+      peg-factory search --profile raspberry_pi5 --data digits      # probe the candidates on the task
       peg-factory search --profile raspberry_pi5 --json
     """
     import time
@@ -424,11 +429,20 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
     profile = load_profile(profile_spec)
     anc = load_ancestry(ancestry)
     arch = anc.arch
+    from factory.pipeline.build import Builder, BuildConfig, choose_for_devices
+
     ds = None
-    reason = None
+
+    builder = Builder(work, BuildConfig(ancestry=ancestry, data=data or "digits", finetune_steps=steps, seed=seed, init=init_method,
+                                        expand_steps=expand_steps, objective=objective),
+                      log=lambda line: click.echo(line, err=True))
     if objective == "accuracy" and not data:
         objective, reason = "capacity", "--objective accuracy needs --data (task images to estimate on); fell back to capacity"
         click.echo(f"note: {reason}", err=True)
+    elif not data:
+        objective, reason = "capacity", "no --data given (give --data to rank by predicted accuracy on it)"
+    else:
+        objective, reason = builder.objective(anc)
     if data:
         from factory.training.data import load_dataset
 
@@ -440,10 +454,6 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
     result = search(profile, space, cost, seed=seed)
     selection: dict = {"objective": objective, **({"reason": reason} if reason else {})}
     if objective == "accuracy" and result.feasible:
-        from factory.pipeline.build import Builder, BuildConfig, choose_for_devices
-
-        builder = Builder(work, BuildConfig(ancestry=ancestry, data=data, finetune_steps=steps, seed=seed),
-                          log=lambda line: click.echo(line, err=True))
         lg, _ = builder.learngene(anc)
         t0 = time.perf_counter()
         entry = {"name": profile.name}
@@ -458,7 +468,7 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
         click.echo(f"profile {profile.name}: predicted accuracy after {steps} fine-tuning steps on {data} "
                    f"(successive halving, probe rungs {'/'.join(map(str, selection['estimator']['rungs']))} steps, "
                    f"{selection['seconds']:.1f}s for estimates):")
-        click.echo(f"{'':2}{'shape':28s} {'steps':>5} {'val NLL':>8} {'val acc':>8} {'latency ms':>10} {'capacity':>9}")
+        click.echo(f"{'':2}{'shape':28s} {'steps':>5} {'cal NLL':>8} {'val acc':>8} {'latency ms':>10} {'capacity':>9}")
         for row in selection["candidates"]:
             click.echo(f"{'*' if row['chosen'] else ' ':2}{row['label']:28s} {row.get('probe_steps', ''):>5} "
                        f"{row.get('val_nll', float('nan')):8.4f} {row['predicted_accuracy']:8.3f} "
@@ -473,6 +483,7 @@ def search_cmd(profile_spec, ancestry, data, objective, steps, work, img_sizes, 
         return
     click.echo(f"profile {profile.name}: {result.evaluated} shapes evaluated ({result.strategy}), "
                f"{len(result.feasible)} fit, {len(result.rejected)} rejected; latency by {cost.method}")
+    click.echo("ranked by capacity (log FLOPs + 0.5 log params), largest first" + (f"; {reason}" if reason else ""))
     result.require_feasible()  # nothing fits: one line with the closest miss, exit 2
     click.echo(f"{'rank':>4}  {'shape':28s} {'latency ms':>10} {'memory MB':>9} {'GFLOPs':>8} {'params M':>8}  margins")
     for i, c in enumerate(result.top(top), 1):
@@ -572,9 +583,11 @@ def _latest_manifest(root: Path) -> dict:
 @click.option("--task-gpus", type=click.FloatRange(0, 64), default=0.0, show_default=True,
               help="GPUs per Ray task (fractions share a GPU).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--objective", type=click.Choice(["accuracy", "capacity"]), default="capacity", show_default=True,
-              help="capacity: the largest shape that fits; accuracy: probe the Pareto-front shapes by successive halving "
-                   "on --data and pick the lowest validation loss (opt-in: see bench/RESULTS.md).")
+@click.option("--objective", type=click.Choice(["auto", "accuracy", "capacity"]), default="auto", show_default=True,
+              help="accuracy: probe the Pareto-front shapes by successive halving on --data and pick the lowest "
+                   "(temperature-scaled) validation loss; capacity: the largest shape that fits, no probes; auto: capacity "
+                   "for the trained learngene (measured within noise of the best), accuracy for --init tleg/"
+                   "weight_selection/scratch or --expand-steps 0.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (shapes, cached stages, time estimates) and stop.")
 @click.option("--wait-lock", is_flag=True, help="If another build is using --out, wait for it instead of failing.")
 def build_cmd(profile_specs, fleet, out, ancestry, data, init_method, gene_layers, expand_steps, expand_data, steps, batch_size, lr,

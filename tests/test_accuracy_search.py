@@ -16,6 +16,7 @@ from factory.device.accuracy import (
     candidates,
     choose_by_accuracy,
     describe_decision,
+    resolve_objective,
     temperature_scaled_nll,
 )
 from factory.device.cost import CostModel
@@ -177,9 +178,9 @@ def test_choice_is_the_best_predicted_and_ties_go_to_capacity(setting):
 def test_build_objective_switch(tmp_path):
     prof = load_profile(_profile(tmp_path, "tiny", params=0.6))
     base = dict(data="synthetic", finetune_steps=16, batch_size=8, candidates=3)
-    cap = build([prof], tmp_path / "cap", BuildConfig(**base), log=lambda *_: None)["devices"][0]  # the default
+    cap = build([prof], tmp_path / "cap", BuildConfig(**base), log=lambda *_: None)["devices"][0]  # auto, trained learngene
     acc = build([prof], tmp_path / "acc", BuildConfig(objective="accuracy", **base), log=lambda *_: None)["devices"][0]
-    assert cap["selection"]["objective"] == "capacity"
+    assert cap["selection"]["objective"] == "capacity" and cap["selection"]["reason"].startswith("auto: descendants of a trained")
     sel = acc["selection"]
     assert sel["objective"] == "accuracy" and sel["estimator"]["method"] == "successive-halving"
     assert sel["estimator"]["rungs"] == [1, 2, 3]  # 3%, 6%, 12% of 16 steps, kept strictly increasing
@@ -191,7 +192,7 @@ def test_build_objective_switch(tmp_path):
     assert chosen[0]["val_nll"] <= min(r["val_nll"] for r in finalists) + 1e-3  # the lowest-NLL finalist
     assert sel["estimator"]["last_rung"].startswith("annealed") and not sel["estimator"]["anchored"]
     why = chosen[0]["decision"]
-    assert why["rule"].startswith("lowest NLL")
+    assert why["rule"].startswith("lowest NLL") and "best temperature" in sel["estimator"]["score"]
     assert [r["probe_steps"] for r in rows] == sorted((r["probe_steps"] for r in rows), reverse=True)  # best first
     assert acc["predicted"]["accuracy"] == chosen[0]["predicted_accuracy"]
     card = (tmp_path / "acc" / "tiny" / "MODEL_CARD.md").read_text()
@@ -202,6 +203,29 @@ def test_build_objective_switch(tmp_path):
     lines = []
     build([prof], tmp_path / "acc", BuildConfig(objective="accuracy", **base, jobs=2), log=lines.append)
     assert any("chose" in line and "in 0.0s" in line for line in lines), lines
+
+
+def test_auto_objective_probes_unless_the_learngene_is_trained(tmp_path):
+    assert resolve_objective("auto", init="peg", trained_learngene=True)[0] == "capacity"
+    assert resolve_objective("auto", init="peg", trained_learngene=False) == (
+        "accuracy", "auto: an untrained learngene, where the largest shape is often not the most accurate: probed")
+    for init in ("scratch", "tleg", "weight_selection"):
+        objective, why = resolve_objective("auto", init=init, trained_learngene=True)
+        assert objective == "accuracy" and f"--init {init}" in why
+    assert resolve_objective("capacity", init="scratch", trained_learngene=False)[0] == "capacity"  # asked for: kept
+    assert resolve_objective("accuracy", init="peg", trained_learngene=True)[0] == "accuracy"
+    with pytest.raises(FactoryError, match="objective must be one of auto, accuracy, capacity"):
+        resolve_objective("size", init="peg", trained_learngene=True)
+    # what a build does with it: the plan of a scratch build probes, an untrained learngene's too, the trained one's not
+    prof = load_profile(_profile(tmp_path, "tiny", params=0.6))
+    plans = {}
+    for name, kw in {"trained": {}, "untrained": {"expand_steps": 0}, "scratch": {"init": "scratch"}}.items():
+        lines = []
+        cfg = BuildConfig(data="synthetic", finetune_steps=16, batch_size=8, **kw)
+        plans[name] = build([prof], tmp_path / name, cfg, dry_run=True, log=lines.append)["devices"][0], lines
+    assert "estimator_estimate_s" not in plans["trained"][0] and any(line.startswith("objective: capacity (auto:") for line in plans["trained"][1])
+    for name in ("untrained", "scratch"):
+        assert plans[name][0]["estimator_estimate_s"] > 0 and any(line.startswith("objective: accuracy") for line in plans[name][1])
 
 
 def DescendantShapeLabel(dev):
@@ -219,10 +243,20 @@ def test_search_without_data_falls_back_to_capacity_with_a_reason(tmp_path):
     assert "fell back to capacity" in res.stderr
 
 
+def test_search_without_data_ranks_by_capacity_and_says_so(tmp_path):
+    prof = _profile(tmp_path, "tiny", params=0.6)
+    res = CliRunner().invoke(cli, ["search", "--profile", str(prof), "--top", "1"])
+    assert res.exit_code == 0, res.output
+    assert "ranked by capacity" in res.stdout and "no --data given" in res.stdout
+    res = CliRunner().invoke(cli, ["search", "--profile", str(prof), "--data", "synthetic", "--json"])  # auto, trained learngene
+    sel = json.loads(res.stdout)["selection"]
+    assert sel["objective"] == "capacity" and sel["reason"].startswith("auto: descendants of a trained learngene")
+
+
 def test_search_with_data_ranks_by_predicted_accuracy(tmp_path):
     prof = _profile(tmp_path, "tiny", params=0.6)
-    res = CliRunner().invoke(cli, ["search", "--profile", str(prof), "--data", "synthetic", "--steps", "16", "--objective", "accuracy",
-                                   "--work", str(tmp_path / "w"), "--json"])
+    res = CliRunner().invoke(cli, ["search", "--profile", str(prof), "--data", "synthetic", "--steps", "16",
+                                   "--init", "scratch", "--work", str(tmp_path / "w"), "--json"])  # auto -> accuracy
     assert res.exit_code == 0, res.output
     sel = json.loads(res.stdout)["selection"]
     assert sel["objective"] == "accuracy" and len(sel["candidates"]) >= 2 and sel["seconds_total"] >= sel["seconds"]

@@ -47,3 +47,8 @@ def test_search_quality_quick_mode_runs(tmp_path):
     capacity_row = next(line for line in table.splitlines() if line.startswith("| capacity |"))
     assert "+0.00 pt" in capacity_row  # the baseline against itself
     assert "| anchored halving 1/2/3 z=2 |" in table and "| cosine-2 nll |" in table
+    # an estimator variant scored on the same fine-tunes: --reuse repeats none of them
+    out = _run("bench/search_quality.py", "--quick", "--anchor", "--reuse", str(tmp_path / "q.json"), "--json", str(tmp_path / "a.json"))
+    again = json.loads((tmp_path / "a.json").read_text())["rows"][0]
+    assert again["measured"] == row["measured"] and " test " not in out.stdout
+    assert next(p for p in again["probes"] if p["chosen"])["decision"]["rule"].startswith("paired NLL gain")

@@ -192,9 +192,9 @@ def test_damaged_checkpoint_starts_over_instead_of_failing_forever(tmp_path):
 
 # -- Ctrl-C and a full disk, as a user meets them: a real process ------------------------------------
 
-def _build_cmd(prof, out, steps):
+def _build_cmd(prof, out, steps, *extra):
     return [sys.executable, "-m", "factory.cli", "build", "--profile", str(prof), "--out", str(out), "--data", "synthetic",
-            "--steps", str(steps), "--batch-size", "8"]
+            "--steps", str(steps), "--batch-size", "8", *extra]
 
 
 def _leftovers(out: Path) -> list[str]:
@@ -204,7 +204,8 @@ def _leftovers(out: Path) -> list[str]:
 def test_ctrl_c_stops_within_seconds_and_cleans_up(tmp_path):
     prof, out = _profile(tmp_path, "tiny"), tmp_path / "out"
     # a background CI job may run us with SIGINT ignored, which children inherit: give the build the default
-    proc = subprocess.Popen(_build_cmd(prof, out, 100_000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    # capacity: straight to the fine-tune (the accuracy objective would first probe for 12% of 100k steps)
+    proc = subprocess.Popen(_build_cmd(prof, out, 100_000, "--objective", "capacity"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not list(out.glob(".cache/finetune/*.partial/metrics.jsonl")):

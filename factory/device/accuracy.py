@@ -66,7 +66,32 @@ from typing import Any
 from factory.core.shapes import DescendantShape
 from factory.pipeline.artifacts import atomic_write_bytes
 
-OBJECTIVES = ("accuracy", "capacity")
+OBJECTIVES = ("auto", "accuracy", "capacity")
+
+
+def resolve_objective(objective: str, *, init: str, trained_learngene: bool) -> tuple[str, str]:
+    """``(objective, reason)``: ``"accuracy"`` or ``"capacity"`` for a build's setting.
+
+    ``"auto"`` (the default) is ``capacity`` for descendants of a PEG learngene trained by the
+    expanding phase and ``accuracy`` for everything else (an untrained learngene, ``scratch``,
+    ``tleg``, ``weight_selection``). Why, by measurement (``bench/search_quality.py``, RESULTS.md):
+    the expanding phase distils the ancestry into every depth x width, so a larger expansion starts
+    better and, after the build's fine-tune, the largest shape that fits is within noise of the most
+    accurate (0.3 points from the best shape, seed-averaged) -- probes can only add noise there; with
+    any other initialisation deep shapes learn slower, the capacity proxy picks the wrong end of the
+    front, and the probes gain 4-10 points. An explicit objective is kept as asked.
+    """
+    if objective not in OBJECTIVES:
+        from factory.errors import FactoryError
+
+        raise FactoryError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective != "auto":
+        return objective, f"--objective {objective}"
+    if init == "peg" and trained_learngene:
+        return "capacity", ("auto: descendants of a trained learngene, where the largest shape that fits is measured "
+                            "within noise of the most accurate (--objective accuracy to probe anyway)")
+    what = "an untrained learngene" if init == "peg" else f"--init {init}"
+    return "accuracy", f"auto: {what}, where the largest shape is often not the most accurate: probed"
 SCORES = ("calibrated", "raw")
 
 

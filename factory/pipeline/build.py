@@ -9,7 +9,11 @@ Stages, for a fleet of profiles sharing one ancestry, learngene and data set:
    (``factory/assets/demo_learngene``), that learngene is used instead of training it again. The
    expanding phase distils on the ancestry's own training images when they are known (``mnist``
    for the demo ancestry) and on the build's data otherwise (labels are not used).
-2. ``search`` -- per profile, the best shape within its budgets (:mod:`factory.device.search`).
+2. ``search`` -- per profile, the shapes within its budgets (:mod:`factory.device.search`); with
+   ``objective="accuracy"`` (the default) up to ``candidates`` of them along the Pareto front are
+   probed on the build's data and the one predicted most accurate after ``finetune_steps`` is chosen
+   (:mod:`factory.device.accuracy`, cached in ``OUT/.cache/estimate``); with ``"capacity"`` the
+   largest shape that fits.
 3. ``finetune`` -- per *distinct* shape: expand from the learngene (or another ``init``) and
    fine-tune on the task's training split; profiles that pick the same shape share the model.
 4. ``measure`` -- fvcore FLOPs, parameters, test accuracy, host onnxruntime latency, predicted
@@ -73,9 +77,10 @@ class BuildConfig:
     seed: int = 0
     jobs: int = 1
     device: str = "auto"
-    # capacity: the largest shape that fits; accuracy: successive-halving probes of the Pareto front (factory.device.accuracy), opt-in
-    # until it beats capacity (bench/RESULTS.md, "Accuracy-aware search")
-    objective: str = "capacity"
+    # accuracy: successive-halving probes of the Pareto front on the build's data (factory.device.accuracy) pick the shape;
+    # capacity: the largest shape that fits, no probes; auto: capacity for a trained PEG learngene, else accuracy
+    # (factory.device.accuracy.resolve_objective; bench/RESULTS.md, "Accuracy-aware search", measures both)
+    objective: str = "auto"
     candidates: int = 8
 
     def __post_init__(self) -> None:
@@ -91,7 +96,7 @@ class BuildConfig:
             "gene tau": math.isfinite(self.gene_tau) and self.gene_tau > 0,
             "jobs": self.jobs >= 1,
             "candidates": self.candidates >= 1,
-            "objective": self.objective in ("accuracy", "capacity"),
+            "objective": self.objective in ("auto", "accuracy", "capacity"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -157,6 +162,13 @@ class Builder:
                                 seed=c.gene_seed, tau=c.gene_tau, rescale=c.gene_rescale, head_mixing=c.gene_head_mixing,
                                 expanding=dataclasses.asdict(exp) if exp.steps else None,
                                 data=dataset_identity(self.expanding_data(anc), anc.arch.img_size, anc.arch.in_chans) if exp.steps else None)
+
+    def objective(self, anc) -> tuple[str, str]:
+        """The objective this build runs and why (:func:`factory.device.accuracy.resolve_objective`)."""
+        from factory.device.accuracy import resolve_objective
+
+        trained = self.cfg.init == "peg" and self.learngene_recipe(anc)["expanding"] is not None
+        return resolve_objective(self.cfg.objective, init=self.cfg.init, trained_learngene=trained)
 
     def learngene_stage(self, anc, recipe: dict[str, Any] | None = None) -> Stage:
         return self.stage("learngene", _key(recipe or self.learngene_recipe(anc)))
@@ -340,6 +352,8 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
     anc = load_ancestry(cfg.ancestry)
     ds = load_dataset(cfg.data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
     space = SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes)
+    objective, why = builder.objective(anc)
+    log(f"objective: {objective} ({why})")
 
     devices: list[dict[str, Any]] = []
     searches = {}
@@ -351,8 +365,8 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
             best = result.require_feasible()
             searches[prof.name] = (result, best, cost)
             entry.update(shape=best.shape.to_dict(), predicted={**best.to_dict(), "latency_method": cost.method},
-                         selection={"objective": "capacity", "reason": "the default objective (--objective accuracy to estimate)"
-                                    if cfg.objective == "capacity" else "pending accuracy estimate"})
+                         selection={"objective": "capacity", "reason": f"{why}: the largest shape that fits, not probed"}
+                         if objective == "capacity" else {"objective": "capacity", "reason": "pending accuracy estimate"})
         except FactoryError as exc:
             entry.update(status="failed", error=str(exc))
         devices.append(entry)
@@ -362,7 +376,7 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
         return _plan(builder, devices, lg_stage, anc, ds, log)
 
     lg, _ = builder.learngene(anc)
-    if cfg.objective == "accuracy":
+    if objective == "accuracy":
         choose_for_devices(builder, devices, searches, anc, lg, ds)
     from factory.pipeline.executor import LocalExecutor, ShapeJob
 
@@ -614,7 +628,7 @@ def _plan(builder: Builder, devices, lg_stage: Stage, anc, ds, log) -> dict[str,
         step_s = 3 * est_model.latency_ms(shape) / 1e3  # fwd + bwd ~ 3x fwd, at the capacity choice's size
         seconds = step_s * builder.cfg.finetune_steps
         extra: dict[str, Any] = {}
-        if builder.cfg.objective == "accuracy":
+        if builder.objective(anc)[0] == "accuracy":
             from factory.device.accuracy import EstimatorConfig
 
             est = EstimatorConfig(candidates=builder.cfg.candidates)
