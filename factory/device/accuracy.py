@@ -264,7 +264,7 @@ class SuccessiveHalving:
         train(model, self.data.train, self.probe_recipe(steps, cool), progress=False, carry=state)
         val = self.data.val.subset(0, self.config.val_images)
         logits = predict_logits(model.cpu(), val)
-        acc = float((logits.argmax(-1) == val.labels).float().mean()) if len(val) else 0.0
+        acc = int((logits.argmax(-1) == val.labels).sum()) / len(val) if len(val) else 0.0
         if self.config.score == "calibrated":
             per_image = temperature_scaled_nll(logits, val.labels)[1]
         else:

@@ -180,7 +180,8 @@ def evaluate_nll(model: nn.Module, data: ImageTensors, *, batch_size: int = 512,
     if not len(data):
         return 0.0, torch.zeros(0)
     logits = predict_logits(model, data, batch_size=batch_size, device=device)
-    return float((logits.argmax(-1) == data.labels).float().mean()), F.cross_entropy(logits, data.labels, reduction="none")
+    correct = int((logits.argmax(-1) == data.labels).sum())
+    return correct / len(data), F.cross_entropy(logits, data.labels, reduction="none")
 
 
 @dataclass
