@@ -148,6 +148,28 @@ def summarise(data: dict) -> str:
     return "\n".join(lines)
 
 
+def regime_table(paths: list[Path]) -> str:
+    """One line per earlier run (``--summarise``): how the accuracy objective and the capacity proxy fared
+    in that run's regime (initialisation, learngene, probe score)."""
+    lines = ["| run | init | learngene | score | cases | gain over capacity | within 1 pt of oracle (accuracy / capacity) | "
+             "seed-averaged gap to best (accuracy / capacity) | Spearman |", "|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        rows, a = data["rows"], data["args"]
+        gains = [100 * (r["chosen_acc"] - r["capacity_acc"]) for r in rows]
+        near = sum(100 * (r["oracle_acc"] - r["chosen_acc"]) <= 1.0 for r in rows)
+        cap_near = sum(100 * (r["oracle_acc"] - r["capacity_acc"]) <= 1.0 for r in rows)
+        avg = seed_averaged(rows)
+        gap = statistics.mean(100 * (x["best_acc"] - x["chosen_acc"]) for x in avg) if avg else float("nan")
+        cap_gap = statistics.mean(100 * (x["best_acc"] - x["capacity_acc"]) for x in avg) if avg else float("nan")
+        rhos = [r["spearman"] for r in rows if r["spearman"] == r["spearman"]]
+        lines.append(f"| {Path(path).stem} | {a.get('init', 'peg')} | {a.get('learngene', 'shipped')} | "
+                     f"{'anchored ' if a.get('anchor') else ''}{a.get('score', 'raw')} | {len(rows)} | "
+                     f"{statistics.mean(gains):+.2f} pt | {near}/{len(rows)} / {cap_near}/{len(rows)} | {gap:.2f} / {cap_gap:.2f} pt | "
+                     f"{statistics.mean(rhos) if rhos else float('nan'):.2f} |")
+    return "\n".join(lines)
+
+
 def seed_averaged(rows: list[dict]) -> list[dict]:
     """Per (profile, task) with more than one seed: shapes measured in every seed, their mean accuracy."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -187,7 +209,14 @@ def main() -> None:
     parser.add_argument("--reuse", type=Path, default=None,
                         help="an earlier run's --json: its fine-tunes (same seeds, tasks, init, threads) are not repeated")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--summarise", type=Path, nargs="+", default=None,
+                        help="no run: one line per earlier run's --json (regime, gain over capacity, oracle gaps)")
     args = parser.parse_args()
+    if args.summarise:
+        table = regime_table(args.summarise)
+        data = {"runs": [str(p) for p in args.summarise], "wall_seconds": 0.0}
+        write_outputs(data, table, args.json, args.md)
+        return
     if args.quick:
         args.tasks = ["digits"]
     args.seeds = args.seeds or (1 if args.quick else 2)

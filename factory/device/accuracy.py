@@ -78,8 +78,9 @@ def resolve_objective(objective: str, *, init: str, trained_learngene: bool) -> 
     the expanding phase distils the ancestry into every depth x width, so a larger expansion starts
     better and, after the build's fine-tune, the largest shape that fits is within noise of the most
     accurate (0.3 points from the best shape, seed-averaged) -- probes can only add noise there; with
-    any other initialisation deep shapes learn slower, the capacity proxy picks the wrong end of the
-    front, and the probes gain 4-10 points. An explicit objective is kept as asked.
+    any other initialisation nothing makes the larger expansion start better, the capacity proxy often picks
+    the wrong end of the front, and the probes gain on it (untrained learngene +4.2 points, scratch +9.7,
+    TLEG +0.5, weight selection +1.1, on average over the bench's cases). An explicit objective is kept.
     """
     if objective not in OBJECTIVES:
         from factory.errors import FactoryError
