@@ -52,3 +52,8 @@ def test_search_quality_quick_mode_runs(tmp_path):
     again = json.loads((tmp_path / "a.json").read_text())["rows"][0]
     assert again["measured"] == row["measured"] and " test " not in out.stdout
     assert next(p for p in again["probes"] if p["chosen"])["decision"]["rule"].startswith("paired NLL gain")
+    # and the runs side by side, one line each
+    _run("bench/search_quality.py", "--summarise", str(tmp_path / "q.json"), str(tmp_path / "a.json"), "--json", str(tmp_path / "s.json"),
+         "--md", str(tmp_path / "s.md"))
+    lines = [line for line in (tmp_path / "s.md").read_text().splitlines() if line.startswith("| q |") or line.startswith("| a |")]
+    assert len(lines) == 2 and "| anchored calibrated |" in lines[1] and "| calibrated |" in lines[0]
