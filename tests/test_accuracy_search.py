@@ -183,6 +183,7 @@ def test_build_objective_switch(tmp_path):
     assert cap["selection"]["objective"] == "capacity" and cap["selection"]["reason"].startswith("auto: descendants of a trained")
     sel = acc["selection"]
     assert sel["objective"] == "accuracy" and sel["estimator"]["method"] == "successive-halving"
+    assert sel["reason"] == "--objective accuracy"
     assert sel["estimator"]["rungs"] == [1, 2, 3]  # 3%, 6%, 12% of 16 steps, kept strictly increasing
     assert sel["capacity_choice"] == DescendantShapeLabel(cap)
     rows = sel["candidates"]

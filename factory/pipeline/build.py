@@ -378,6 +378,9 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
     lg, _ = builder.learngene(anc)
     if objective == "accuracy":
         choose_for_devices(builder, devices, searches, anc, lg, ds)
+        for entry in devices:
+            if entry.get("selection", {}).get("objective") == "accuracy":
+                entry["selection"]["reason"] = why
     from factory.pipeline.executor import LocalExecutor, ShapeJob
 
     by_shape: dict[DescendantShape, list] = {}
