@@ -212,6 +212,9 @@ def main() -> None:
     parser.add_argument("--summarise", type=Path, nargs="+", default=None,
                         help="no run: one line per earlier run's --json (regime, gain over capacity, oracle gaps)")
     args = parser.parse_args()
+    for path in [*(args.summarise or []), *([args.reuse] if args.reuse else [])]:
+        if not path.is_file():
+            parser.error(f"{path}: no such file; pass the --json of an earlier search_quality run")
     if args.summarise:
         table = regime_table(args.summarise)
         data = {"runs": [str(p) for p in args.summarise], "wall_seconds": 0.0}
@@ -223,6 +226,13 @@ def main() -> None:
     args.steps = args.steps or (8 if args.quick else BuildConfig().finetune_steps)
     args.candidates = args.candidates or (3 if args.quick else BuildConfig().candidates)
     args.min_shapes = args.min_shapes or (3 if args.quick else 8)
+    if args.reuse:  # its fine-tunes are only the same ones under the same settings
+        earlier = json.loads(args.reuse.read_text())["args"]
+        defaults = {"init": "peg", "learngene": "shipped"}  # runs from before these options existed
+        differ = [k for k in ("init", "learngene", "steps", "threads") if earlier.get(k, defaults.get(k)) != getattr(args, k)]
+        if differ:
+            parser.error(f"--reuse {args.reuse} was run with other {', '.join(differ)} "
+                         f"({', '.join(f'{k}={earlier.get(k, defaults.get(k))}' for k in differ)}); pass the same")
     start = time.perf_counter()
     data = run(args)
     data["wall_seconds"] = round(time.perf_counter() - start, 1)

@@ -425,14 +425,12 @@ def search_cmd(profile_spec, ancestry, data, objective, init_method, expand_step
     from factory.device.cost import CostModel
     from factory.device.profile import load_profile
     from factory.device.search import SearchSpace, search
+    from factory.pipeline.build import Builder, BuildConfig, choose_for_devices
 
     profile = load_profile(profile_spec)
     anc = load_ancestry(ancestry)
     arch = anc.arch
-    from factory.pipeline.build import Builder, BuildConfig, choose_for_devices
-
     ds = None
-
     builder = Builder(work, BuildConfig(ancestry=ancestry, data=data or "digits", finetune_steps=steps, seed=seed, init=init_method,
                                         expand_steps=expand_steps, objective=objective),
                       log=lambda line: click.echo(line, err=True))
@@ -458,7 +456,7 @@ def search_cmd(profile_spec, ancestry, data, objective, init_method, expand_step
         t0 = time.perf_counter()
         entry = {"name": profile.name}
         searches = {profile.name: (result, result.feasible[0], cost)}
-        choose_for_devices(builder, [entry], searches, anc, lg, ds)
+        choose_for_devices(builder, [entry], searches, anc, lg, ds, reason=reason)
         selection = {**entry["selection"], "seconds_total": round(time.perf_counter() - t0, 2)}
     if as_json:
         _echo_json({**result.to_dict(top=top), "selection": selection, "latency_method": cost.method})

@@ -261,4 +261,5 @@ def test_search_with_data_ranks_by_predicted_accuracy(tmp_path):
     assert res.exit_code == 0, res.output
     sel = json.loads(res.stdout)["selection"]
     assert sel["objective"] == "accuracy" and len(sel["candidates"]) >= 2 and sel["seconds_total"] >= sel["seconds"]
+    assert sel["reason"].startswith("auto: --init scratch")  # why it probed, as the build's manifest says
     assert (tmp_path / "w" / ".cache" / "estimate").is_dir()

@@ -93,6 +93,8 @@ def resolve_objective(objective: str, *, init: str, trained_learngene: bool) -> 
                             "within noise of the most accurate (--objective accuracy to probe anyway)")
     what = "an untrained learngene" if init == "peg" else f"--init {init}"
     return "accuracy", f"auto: {what}, where the largest shape is often not the most accurate: probed"
+
+
 SCORES = ("calibrated", "raw")
 
 
@@ -249,10 +251,8 @@ class SuccessiveHalving:
     def _probe(self, shape: DescendantShape, steps: int, state: dict[str, Any]) -> Probe:
         """Train ``shape`` to ``steps`` probe steps, continuing in memory from ``state`` (the model
         and the optimizer state of its previous rung; empty: from its initialisation)."""
-        import torch
-
         from factory.core.baselines import init_descendant
-        from factory.training.train import predict_logits, train
+        from factory.training.train import predict_logits, score_logits, train
 
         t0 = time.perf_counter()
         if "model" not in state:
@@ -265,11 +265,9 @@ class SuccessiveHalving:
         train(model, self.data.train, self.probe_recipe(steps, cool), progress=False, carry=state)
         val = self.data.val.subset(0, self.config.val_images)
         logits = predict_logits(model.cpu(), val)
-        acc = int((logits.argmax(-1) == val.labels).sum()) / len(val) if len(val) else 0.0
+        acc, per_image = score_logits(logits, val.labels)
         if self.config.score == "calibrated":
             per_image = temperature_scaled_nll(logits, val.labels)[1]
-        else:
-            per_image = torch.nn.functional.cross_entropy(logits, val.labels, reduction="none")
         nll = float(per_image.mean())
         self.seconds += time.perf_counter() - t0
         self.computed += 1

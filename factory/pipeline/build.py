@@ -10,10 +10,11 @@ Stages, for a fleet of profiles sharing one ancestry, learngene and data set:
    expanding phase distils on the ancestry's own training images when they are known (``mnist``
    for the demo ancestry) and on the build's data otherwise (labels are not used).
 2. ``search`` -- per profile, the shapes within its budgets (:mod:`factory.device.search`); with
-   ``objective="accuracy"`` (the default) up to ``candidates`` of them along the Pareto front are
-   probed on the build's data and the one predicted most accurate after ``finetune_steps`` is chosen
+   the ``"accuracy"`` objective up to ``candidates`` of them along the Pareto front are probed on the
+   build's data and the one predicted most accurate after ``finetune_steps`` is chosen
    (:mod:`factory.device.accuracy`, cached in ``OUT/.cache/estimate``); with ``"capacity"`` the
-   largest shape that fits.
+   largest shape that fits. ``"auto"`` (the default) is one of the two by the initialisation
+   (:meth:`Builder.objective`).
 3. ``finetune`` -- per *distinct* shape: expand from the learngene (or another ``init``) and
    fine-tune on the task's training split; profiles that pick the same shape share the model.
 4. ``measure`` -- fvcore FLOPs, parameters, test accuracy, host onnxruntime latency, predicted
@@ -373,14 +374,11 @@ def _build(profiles: list[Profile], out: str | Path, cfg: BuildConfig, *, dry_ru
 
     lg_stage = builder.learngene_stage(anc)
     if dry_run:
-        return _plan(builder, devices, lg_stage, anc, ds, log)
+        return _plan(builder, devices, lg_stage, anc, ds, log, objective)
 
     lg, _ = builder.learngene(anc)
     if objective == "accuracy":
-        choose_for_devices(builder, devices, searches, anc, lg, ds)
-        for entry in devices:
-            if entry.get("selection", {}).get("objective") == "accuracy":
-                entry["selection"]["reason"] = why
+        choose_for_devices(builder, devices, searches, anc, lg, ds, reason=why)
     from factory.pipeline.executor import LocalExecutor, ShapeJob
 
     by_shape: dict[DescendantShape, list] = {}
@@ -451,8 +449,9 @@ def build_shape(builder: Builder, anc, lg, ds, job, should_stop: Callable[[], bo
     return out
 
 
-def choose_for_devices(builder: Builder, devices, searches, anc, lg, ds) -> None:
-    """Replace each device's capacity choice by the candidate with the best predicted accuracy."""
+def choose_for_devices(builder: Builder, devices, searches, anc, lg, ds, reason: str = "--objective accuracy") -> None:
+    """Replace each device's capacity choice by the candidate with the best predicted accuracy;
+    ``reason`` (why the build probes) goes into each device's ``selection``."""
     from factory.device.accuracy import EstimatorConfig, SuccessiveHalving, choose_by_accuracy, describe_decision
 
     c = builder.cfg
@@ -466,7 +465,7 @@ def choose_for_devices(builder: Builder, devices, searches, anc, lg, ds) -> None
         chosen, rows = choose_by_accuracy(result, predictor, c.candidates)
         searches[entry["name"]] = (result, chosen, cost)
         entry.update(shape=chosen.shape.to_dict(), predicted={**chosen.to_dict(), "accuracy": next(r["predicted_accuracy"] for r in rows if r["chosen"])})
-        entry["selection"] = {"objective": "accuracy", "estimator": predictor.describe(), "candidates": rows,
+        entry["selection"] = {"objective": "accuracy", "reason": reason, "estimator": predictor.describe(), "candidates": rows,
                               "chosen": chosen.shape.label(), "capacity_choice": best.shape.label(),
                               "seconds": round(predictor.seconds - spent, 2)}
         row = next(r for r in rows if r["chosen"])
@@ -607,7 +606,7 @@ names are in the ONNX metadata. For TensorRT see `export/export.json` (engine, o
 """
 
 
-def _plan(builder: Builder, devices, lg_stage: Stage, anc, ds, log) -> dict[str, Any]:
+def _plan(builder: Builder, devices, lg_stage: Stage, anc, ds, log, objective: str) -> dict[str, Any]:
     """Dry run: per profile the chosen shape and whether each stage is cached, with time estimates."""
     from factory.device.cost import CostModel, Device, Efficiency, measure_host
     host = measure_host(0.2)
@@ -631,7 +630,7 @@ def _plan(builder: Builder, devices, lg_stage: Stage, anc, ds, log) -> dict[str,
         step_s = 3 * est_model.latency_ms(shape) / 1e3  # fwd + bwd ~ 3x fwd, at the capacity choice's size
         seconds = step_s * builder.cfg.finetune_steps
         extra: dict[str, Any] = {}
-        if builder.objective(anc)[0] == "accuracy":
+        if objective == "accuracy":
             from factory.device.accuracy import EstimatorConfig
 
             est = EstimatorConfig(candidates=builder.cfg.candidates)

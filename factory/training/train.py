@@ -177,11 +177,14 @@ def evaluate_nll(model: nn.Module, data: ImageTensors, *, batch_size: int = 512,
                  device: torch.device | None = None) -> tuple[float, torch.Tensor]:
     """``(top-1 accuracy, per-image negative log-likelihood (N,))`` of ``model`` on ``data`` (no label
     smoothing); the NLL's mean is the usual validation loss, its per-image values allow paired tests."""
-    if not len(data):
+    return score_logits(predict_logits(model, data, batch_size=batch_size, device=device), data.labels)
+
+
+def score_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """``(top-1 accuracy, per-image NLL (N,))`` of ``logits`` against ``labels``; ``(0.0, empty)`` for none."""
+    if not len(labels):
         return 0.0, torch.zeros(0)
-    logits = predict_logits(model, data, batch_size=batch_size, device=device)
-    correct = int((logits.argmax(-1) == data.labels).sum())
-    return correct / len(data), F.cross_entropy(logits, data.labels, reduction="none")
+    return int((logits.argmax(-1) == labels).sum()) / len(labels), F.cross_entropy(logits, labels, reduction="none")
 
 
 @dataclass
