@@ -45,9 +45,9 @@ from common import write_outputs
 from factory import init_descendant, load_ancestry
 from factory.core.shapes import DescendantShape
 from factory.device.accuracy import SuccessiveHalving
-from factory.pipeline.build import BuildConfig, finetune_recipe
-from factory.pipeline.demo import load_demo_learngene
-from factory.training.data import load_dataset
+from factory.pipeline.config import BuildConfig, finetune_recipe
+from factory.core.demo import load_demo_learngene
+from factory.data import load_dataset
 from factory.training.train import evaluate_nll, train
 
 

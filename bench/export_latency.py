@@ -29,7 +29,7 @@ from export.api import export_model
 from export.runtime import ort_latency_ms, ort_session
 from factory import DescendantShape, init_descendant, load_ancestry
 from factory.core.checkpoint import save_descendant
-from factory.training.data import load_dataset
+from factory.data import load_dataset
 from factory.core.shapes import ArchConfig
 from factory.core.timm_vit import build_vit
 from factory.training.train import TrainConfig, train

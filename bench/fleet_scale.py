@@ -82,7 +82,7 @@ def ray_startup(cpus: int) -> float:
     code = ("import time, ray; t = time.perf_counter(); ray.init(num_cpus=%d, include_dashboard=False)\n"
             "@ray.remote(num_cpus=1)\ndef warm():\n    import factory.pipeline.build, torch\n"
             "    from factory.core.ancestry import load_ancestry\n"
-            "    from factory.training.data import load_dataset\n    load_dataset('digits', 28, 1); load_ancestry('demo'); return 1\n"
+            "    from factory.data import load_dataset\n    load_dataset('digits', 28, 1); load_ancestry('demo'); return 1\n"
             "ray.get([warm.remote() for _ in range(%d)]); print(time.perf_counter() - t); ray.shutdown()" % (cpus, cpus))
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
 

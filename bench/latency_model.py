@@ -4,7 +4,7 @@ Per batch size (``--batches``, default 1 and 8), seeded random shapes of a ViT-S
 ``--calibrate`` shapes fit the calibrations, ``--shapes`` other shapes are held out and measured
 twice (onnxruntime, median of ``--repeats`` runs; the second measurement shows the noise floor).
 
-1. Kernel tables (:mod:`factory.device.kernels`) are measured in the same run on grids spanning the
+1. Kernel tables (:mod:`factory.device.tables`) are measured in the same run on grids spanning the
    space; their three whole-model terms are fitted on the calibration shapes.
 2. Predictors compared on the held-out shapes: the roofline of ``profiles/host.yaml`` (host peak
    and bandwidth measured), uncalibrated and calibrated on the same shapes; the kernel tables'
@@ -29,8 +29,11 @@ import time
 from pathlib import Path
 
 from factory import DescendantShape
-from factory.device.cost import CostModel, Measurement, calibrate, measure_host, measure_onnxruntime_latency
-from factory.device.kernels import Grids, measure_tables
+from factory.device.fit import Measurement, calibrate
+from factory.device.measure import measure_host, measure_onnxruntime_latency
+from factory.device.resolve import latency_model_for
+from factory.device.measure import measure_tables
+from factory.device.tables import Grids
 from factory.device.profile import load_profile
 from factory.device.search import SearchSpace, search
 from factory.core.shapes import ArchConfig
@@ -144,7 +147,7 @@ def main() -> None:
     print(f"tables: {tables.points} kernel points in {tables.seconds}s; {tables.describe_terms()}", flush=True)
     tables.save(args.json.with_name(args.json.stem + "_tables.json"))  # to re-analyse without re-measuring
     # 3. the roofline, uncalibrated and calibrated on the same shapes
-    base = CostModel.for_profile(profile.model_copy(update={"latency_tables": None}), arch=ANCESTRY, host=host)
+    base = latency_model_for(profile.model_copy(update={"latency_tables": None}), arch=ANCESTRY, host=host)
     cal = calibrate(base, [Measurement(s, b, t) for s, b, t in fit_rows])
     raw = dataclasses.replace(tables, terms={}, _memo={})
     predictors = {
@@ -191,7 +194,7 @@ def main() -> None:
     vitb = load_ancestry("random:vit_base_patch16_224").arch
     orin = load_profile("jetson_orin")
     vspace = SearchSpace.from_arch(vitb, img_sizes=(160, 192, 224))
-    cost = CostModel.for_profile(orin, arch=vitb)
+    cost = latency_model_for(orin, arch=vitb)
     t0 = time.perf_counter()
     enum = search(orin, vspace, cost)
     t_enum = time.perf_counter() - t0

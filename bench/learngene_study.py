@@ -33,9 +33,10 @@ import torch
 
 from common import finetune_curve, load_tasks, mean_std, rows_with_int_steps, write_outputs
 from factory import DescendantShape, init_descendant, load_ancestry, sample_learngene
-from factory.training.data import load_dataset
-from factory.pipeline.demo import load_demo_learngene
-from factory.core.expanding import ExpandingConfig, default_shapes, train_learngene
+from factory.data import load_dataset
+from factory.core.demo import load_demo_learngene
+from factory.core.expanding import ExpandingConfig, default_shapes
+from factory.training.expanding import train_learngene
 
 BASE = dict(tau=1.0, head_mixing=True, rescale="none", layers=3, steps=0, data="mnist", sandwich="grid", extra_hidden=0)
 

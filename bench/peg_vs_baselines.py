@@ -27,7 +27,7 @@ import torch
 
 from common import TASKS, finetune_curve, load_tasks, rows_with_int_steps
 from factory import DescendantShape, init_descendant, load_ancestry, sample_learngene
-from factory.pipeline.demo import load_demo_learngene
+from factory.core.demo import load_demo_learngene
 
 METHODS = ("scratch", "weight_selection", "tleg", "peg-untrained", "peg")
 

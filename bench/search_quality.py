@@ -3,7 +3,7 @@
 For every profile of ``profiles/fleet_example.yaml``, task (``digits``; ``textures``, the unseen task
 of the PEG benchmark) and seed, the searcher's feasible shapes are narrowed to >= 8 candidates
 (the estimator's Pareto-front spread, topped up with the next feasible shapes by capacity), every
-candidate is fine-tuned with the build's exact recipe (:func:`factory.pipeline.build.finetune_recipe`, the
+candidate is fine-tuned with the build's exact recipe (:func:`factory.pipeline.config.finetune_recipe`, the
 shipped learngene, ``init=peg``) and its test accuracy measured. Reported per (profile, task, seed):
 the accuracy of the shape the estimator chooses, of the best candidate (the oracle) and of the
 capacity proxy's choice; the Spearman rank correlation between the estimator's ranking and the
@@ -40,12 +40,13 @@ from factory.device.accuracy import (
     candidates,
     choose_by_accuracy,
 )
-from factory.device.cost import CostModel
+from factory.device.resolve import latency_model_for
 from factory.device.profile import load_profile
 from factory.device.search import SearchSpace, search
-from factory.pipeline.build import BuildConfig, finetune_recipe, load_fleet
-from factory.pipeline.demo import load_demo_learngene
-from factory.training.data import load_dataset
+from factory.pipeline.config import BuildConfig, finetune_recipe
+from factory.pipeline.fleet import load_fleet
+from factory.core.demo import load_demo_learngene
+from factory.data import load_dataset
 from factory.training.train import evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def run(args) -> dict:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             cfg = BuildConfig(data=task, finetune_steps=args.steps, seed=seed, device="cpu", init=args.init)
             for prof in profiles:
-                result = search(prof, space, CostModel.for_profile(prof, arch=anc.arch), seed=seed)
+                result = search(prof, space, latency_model_for(prof, arch=anc.arch), seed=seed)
                 predictor = SuccessiveHalving(anc, lg, ds, finetune_recipe(cfg), init=args.init, config=EstimatorConfig(candidates=args.candidates, anchor=args.anchor, score=args.score))
                 t0 = time.perf_counter()
                 chosen, est_rows = choose_by_accuracy(result, predictor, args.candidates)

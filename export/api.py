@@ -26,16 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from export.formats import FORMATS, OPENVINO_FORMATS
 from factory.core.ancestry import load_ancestry, read_checkpoint
-from factory.pipeline.artifacts import atomic_directory, sha256_file
+from factory.io import atomic_directory, sha256_file
 from factory.core.checkpoint import INFO_METADATA_KEY
 from factory.errors import FactoryError
 from factory.core.flops import count_flops, count_params
 
 from .onnx_export import OPSET, export_onnx
 
-FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8", "trt")
-OPENVINO_FORMATS = ("openvino", "openvino-int8")
 MAX_ACCURACY_DROP = 0.01
 
 
@@ -66,7 +65,7 @@ def parse_formats(text: str | list[str], profile=None) -> list[str]:
 
 def _data_for(arch, data: str | None):
     """Validation/calibration images for accuracy and INT8 (None when the task has no data)."""
-    from factory.training.data import load_dataset
+    from factory.data import load_dataset
 
     spec = data or ("digits" if arch.in_chans == 1 and arch.num_classes == 10 else None)
     if spec is None:

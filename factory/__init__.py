@@ -3,21 +3,23 @@
 The public API; the ``peg-factory`` CLI is a thin layer over it.
 """
 
-__version__ = "0.1.0"
+from factory._version import __version__
 
-from factory.core.ancestry import DEMO_ARCH, Ancestry, load_ancestry  # noqa: E402
-from factory.core.baselines import METHODS, init_descendant  # noqa: E402
-from factory.errors import FactoryError  # noqa: E402
-from factory.core.expand import expand, expand_tensors  # noqa: E402
-from factory.core.flops import count_flops, count_params  # noqa: E402
-from factory.core.learngene import Learngene, sample_learngene  # noqa: E402
-from factory.core.mixing import DepthMap  # noqa: E402
-from factory.core.shapes import ArchConfig, DescendantShape, vit_flops, vit_params  # noqa: E402
-from factory.device.cost import CostModel  # noqa: E402
-from factory.device.profile import Profile, load_profile  # noqa: E402
-from factory.device.search import SearchSpace, search  # noqa: E402
-from factory.pipeline.build import BuildConfig, build  # noqa: E402
-from factory.pipeline.executor import LocalExecutor, RayExecutor  # noqa: E402
+from factory.core.ancestry import DEMO_ARCH, Ancestry, load_ancestry
+from factory.core.baselines import METHODS, init_descendant
+from factory.errors import FactoryError
+from factory.core.expand import expand, expand_tensors
+from factory.core.flops import count_flops, count_params
+from factory.core.learngene import Learngene, sample_learngene
+from factory.core.mixing import DepthMap
+from factory.core.shapes import ArchConfig, DescendantShape, vit_flops, vit_params
+from factory.device.roofline import CostModel
+from factory.device.resolve import latency_model_for
+from factory.device.profile import Profile, load_profile
+from factory.device.search import SearchSpace, search
+from factory.pipeline.build import build
+from factory.pipeline.config import BuildConfig
+from factory.pipeline.executor import LocalExecutor, RayExecutor
 
 __all__ = [
     "DEMO_ARCH",
@@ -40,6 +42,7 @@ __all__ = [
     "expand_tensors",
     "build",
     "init_descendant",
+    "latency_model_for",
     "load_ancestry",
     "load_profile",
     "sample_learngene",

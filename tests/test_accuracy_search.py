@@ -16,15 +16,15 @@ from factory.device.accuracy import (
     candidates,
     choose_by_accuracy,
     describe_decision,
-    resolve_objective,
     temperature_scaled_nll,
 )
-from factory.device.cost import CostModel
+from factory.device.objective import resolve_objective
+from factory.device.resolve import latency_model_for
 from factory.device.profile import load_profile
 from factory.device.search import SearchSpace, search
 from factory.pipeline.build import BuildConfig, build
-from factory.pipeline.demo import load_demo_learngene
-from factory.training.data import make_synthetic
+from factory.core.demo import load_demo_learngene
+from factory.data import make_synthetic
 from factory.training.train import TrainConfig, lr_at
 
 from .test_build import _profile
@@ -35,7 +35,7 @@ def setting(tmp_path_factory):
     anc = load_ancestry("demo")
     ds = make_synthetic(img_size=28, num_classes=4, n_train=128, n_val=64)
     prof = load_profile(_profile(tmp_path_factory.mktemp("p"), "tiny", params=0.6))
-    result = search(prof, SearchSpace.from_arch(anc.arch, num_classes=4), CostModel.for_profile(prof, arch=anc.arch))
+    result = search(prof, SearchSpace.from_arch(anc.arch, num_classes=4), latency_model_for(prof, arch=anc.arch))
     return anc, load_demo_learngene(anc), ds, result
 
 
@@ -200,8 +200,10 @@ def test_build_objective_switch(tmp_path):
     assert "Chosen by a successive-halving probe" in card and "rungs 1/2/3" in card
     assert "chosen by lowest NLL" in card
     assert "chosen by (pred. acc)" in (tmp_path / "acc" / "report.md").read_text()
-    # estimates are cached by content: a rebuild that changes nothing they depend on re-uses them
+    # estimates are cached by content: a rebuild that changes nothing they depend on re-uses them (--jobs is a run
+    # option, not part of the build's identity: the manifest is removed so that the build runs its stages again)
     lines = []
+    (tmp_path / "acc" / "manifest.json").unlink()
     build([prof], tmp_path / "acc", BuildConfig(objective="accuracy", **base, jobs=2), log=lines.append)
     assert any("chose" in line and "in 0.0s" in line for line in lines), lines
 

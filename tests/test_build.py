@@ -168,7 +168,7 @@ def test_build_bad_input(tmp_path):
 def test_a_second_build_into_the_same_out_fails_fast_or_waits(tmp_path):
     import threading
 
-    from factory.pipeline.artifacts import directory_lock
+    from factory.io import directory_lock
     from factory.errors import FactoryError
 
     prof = load_profile(_profile(tmp_path, "tiny"))
@@ -198,7 +198,7 @@ def test_a_second_build_into_the_same_out_fails_fast_or_waits(tmp_path):
 
 
 def test_paths_from_a_manifest_or_profile_stay_inside_out(tmp_path):
-    from factory.pipeline.artifacts import confined
+    from factory.io import confined
     from factory.errors import FactoryError
 
     out = tmp_path / "out"

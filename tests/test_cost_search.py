@@ -4,7 +4,9 @@ import pytest
 
 from factory import DescendantShape, FactoryError
 from factory.core.ancestry import DEMO_ARCH
-from factory.device.cost import CostModel, Device, Efficiency, Measurement, calibrate, memory_mb, roofline_ms, vit_ops
+from factory.device.fit import Measurement, calibrate
+from factory.device.resolve import latency_model_for
+from factory.device.roofline import CostModel, Device, Efficiency, memory_mb, roofline_ms, vit_ops
 from factory.device.profile import load_profile, parse_profile
 from factory.device.search import FittedAccuracy, SearchSpace, pareto_front, search
 from factory.core.shapes import STANDARD_ARCH, vit_flops, vit_params
@@ -70,12 +72,12 @@ def test_profile_calibration_csv(tmp_path):
                    "2,64,1,2.0,28,7,10,1,0.5\n4,128,2,4.0,28,7,10,1,1.0\n6,192,3,4.0,28,7,10,1,1.6\n")
     prof = tmp_path / "p.yaml"
     prof.write_text(open(load_profile("raspberry_pi5").path).read() + "calibration: cal.csv\n")
-    cm = CostModel.for_profile(load_profile(prof), arch=DEMO_ARCH)
+    cm = latency_model_for(load_profile(prof), arch=DEMO_ARCH)
     assert cm.calibrated
     assert cm.latency_ms(DescendantShape(4, 128, 2, 4.0, 28, 7, 10)) == pytest.approx(1.0, rel=0.25)
     csv.write_text("depth,embed_dim\n2,64\n")
     with pytest.raises(FactoryError, match="cal.csv line 2"):
-        CostModel.for_profile(load_profile(prof), arch=DEMO_ARCH)
+        latency_model_for(load_profile(prof), arch=DEMO_ARCH)
 
 
 def test_space_respects_expandability():
@@ -89,7 +91,7 @@ def test_space_respects_expandability():
 
 def test_search_ranks_feasible_and_explains_rejections():
     profile = load_profile("raspberry_pi5")
-    cost = CostModel.for_profile(profile, arch=DEMO_ARCH)
+    cost = latency_model_for(profile, arch=DEMO_ARCH)
     result = search(profile, SearchSpace.from_arch(DEMO_ARCH), cost)
     assert result.strategy == "enumerate" and result.evaluated == result.space_size
     assert result.feasible and result.rejected  # the demo exercises the budgets
@@ -107,7 +109,7 @@ def test_search_ranks_feasible_and_explains_rejections():
 def test_impossible_budgets_name_the_budget_to_relax():
     text = open(load_profile("jetson_orin").path).read().replace("latency_ms: 1.0", "latency_ms: 0.00001")
     profile = parse_profile(text, "tight.yaml")
-    result = search(profile, SearchSpace.from_arch(DEMO_ARCH), CostModel.for_profile(profile, arch=DEMO_ARCH))
+    result = search(profile, SearchSpace.from_arch(DEMO_ARCH), latency_model_for(profile, arch=DEMO_ARCH))
     assert not result.feasible
     with pytest.raises(FactoryError, match=r"no shape fits the budgets; the closest, d1-w32-h1-r1-i28-p7, needs latency_ms.*relax budgets.latency_ms"):
         result.require_feasible()
@@ -118,7 +120,7 @@ def test_evolutionary_search_is_deterministic_and_finds_the_optimum():
 
     arch = load_ancestry("random:vit_small_patch16_224").arch
     profile = load_profile("jetson_orin")
-    cost = CostModel.for_profile(profile, arch=arch)
+    cost = latency_model_for(profile, arch=arch)
     space = SearchSpace.from_arch(arch, img_sizes=(160, 224))
     exact = search(profile, space, cost)
     evo_a = search(profile, space, cost, enumerate_limit=100, evaluations=3000, seed=1)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from factory import FactoryError
-from factory.training.data import load_dataset, make_synthetic, safe_load_pickle
+from factory.data import load_dataset, make_synthetic, safe_load_pickle
 
 
 def test_mnist_splits_shapes_and_labels():

@@ -69,7 +69,7 @@ def test_export_all_formats_with_metadata_hashes_and_int8_accuracy(demo_file, tm
     assert json.loads((out / "export.json").read_text()) == json.loads(json.dumps(record, sort_keys=True))
     art = record["artifacts"]
     assert set(art) == {"onnx", "onnx-fp16", "onnx-int8", "trt"}
-    from factory.pipeline.artifacts import sha256_file
+    from factory.io import sha256_file
 
     for name in ("onnx", "onnx-fp16", "onnx-int8"):
         assert art[name]["sha256"] == sha256_file(out / art[name]["file"])
@@ -176,7 +176,7 @@ def test_openvino_fp32_bf16_int8_verified_timed_and_the_fastest_chosen(demo_file
     record = export_model(demo_file, ["onnx", "onnx-int8", "openvino", "openvino-int8"], tmp_path / "exp",
                           profile=load_profile("x86_laptop_cpu"), data="mnist", log=lambda *_: None)
     art, out = record["artifacts"], tmp_path / "exp"
-    from factory.pipeline.artifacts import sha256_file
+    from factory.io import sha256_file
 
     ov = art["openvino"]
     assert ov["max_abs_diff_vs_pytorch"] <= 1e-4 and ov["sha256"] == sha256_file(out / "model.xml")

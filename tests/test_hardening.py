@@ -14,7 +14,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from factory.pipeline.build import BuildConfig, Builder, build, load_fleet
+from factory.pipeline.build import build
+from factory.pipeline.config import BuildConfig
+from factory.pipeline.fleet import load_fleet
+from factory.training.train import resume_or_restart
 from factory.cli import cli
 from factory.errors import FactoryError
 from factory.device.profile import load_profile, parse_profile
@@ -85,8 +88,8 @@ def _folder(root: Path, classes=("a", "b"), n=3, size=8) -> Path:
 
 
 def test_symlink_loop_in_data_is_refused_quickly(tmp_path):
-    from factory.training.data import load_dataset
-    from factory.pipeline.fingerprint import dataset_identity
+    from factory.data import load_dataset
+    from factory.data import dataset_identity
 
     root = _folder(tmp_path / "data")
     (root / "train" / "a" / "loop").symlink_to("..")
@@ -103,7 +106,7 @@ def test_symlink_loop_in_data_is_refused_quickly(tmp_path):
 
 
 def test_one_class_data_is_refused(tmp_path):
-    from factory.training.data import load_dataset
+    from factory.data import load_dataset
 
     with pytest.raises(FactoryError, match="at least 2"):
         load_dataset(str(_folder(tmp_path / "d", classes=("only",))))
@@ -112,7 +115,7 @@ def test_one_class_data_is_refused(tmp_path):
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     from PIL import Image
 
-    from factory.training.data import MAX_IMAGE_PIXELS, load_dataset
+    from factory.data import MAX_IMAGE_PIXELS, load_dataset
 
     root = _folder(tmp_path / "d")
     side = int(MAX_IMAGE_PIXELS**0.5) + 8  # over our limit, under PIL's own warning threshold
@@ -145,7 +148,7 @@ def test_safetensors_header_claiming_a_terabyte_is_one_line(tmp_path):
 
 
 def test_diverged_training_stops_with_one_line(tmp_path):
-    from factory.training.data import ImageTensors
+    from factory.data import ImageTensors
     from factory.training.train import TrainConfig, train
 
     from .helpers import make_vit
@@ -178,16 +181,15 @@ def test_damaged_cache_entries_are_rebuilt_not_trusted(tmp_path):
 
 
 def test_damaged_checkpoint_starts_over_instead_of_failing_forever(tmp_path):
-    from factory.pipeline.artifacts import seal
+    from factory.io import seal
 
-    builder = Builder(tmp_path, CFG, log=lambda *_: None)
     work = tmp_path / "w.partial"
     (work / "checkpoint").mkdir(parents=True)
     (work / "checkpoint" / "state.json").write_text("{}")
     seal(work / "checkpoint", {"step": 1})
-    assert builder.resumable(work, "x")
+    assert resume_or_restart(work, "x", lambda *_: None)
     (work / "checkpoint" / "state.json").write_text("{ truncated")
-    assert not builder.resumable(work, "x") and not work.exists()
+    assert not resume_or_restart(work, "x", lambda *_: None) and not work.exists()
 
 
 # -- Ctrl-C and a full disk, as a user meets them: a real process ------------------------------------
@@ -245,7 +247,7 @@ def test_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
 
 
 def test_export_into_a_build_directory_waits_for_no_build(tmp_path, monkeypatch):
-    from factory.pipeline.artifacts import directory_lock
+    from factory.io import directory_lock
 
     out = tmp_path / "out"
     build([load_profile(_profile(tmp_path, "tiny"))], out, CFG, log=lambda *_: None)

@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from factory import DescendantShape, FactoryError
 from factory.core.ancestry import DEMO_ARCH
 from factory.cli import cli
-from factory.device.cost import CostModel
-from factory.device.kernels import KERNELS, Grids, KernelTables, kernel_model, measure_tables, spread_shapes, time_onnx
+from factory.device.resolve import latency_model_for
+from factory.device.measure import kernel_model, measure_tables, time_onnx
+from factory.device.tables import KERNELS, Grids, KernelTables, spread_shapes
 from factory.device.profile import load_profile, parse_profile
 from factory.device.search import SearchSpace, search
 
@@ -98,13 +99,13 @@ def _host_profile(tmp_path, extra: str) -> object:
 
 def test_profiles_choose_the_predictor_and_say_which(tmp_path, monkeypatch):
     _power_law_tables().save(tmp_path / "tables.json")
-    cost = CostModel.for_profile(_host_profile(tmp_path, "latency_tables: tables.json\n"), arch=DEMO_ARCH)
+    cost = latency_model_for(_host_profile(tmp_path, "latency_tables: tables.json\n"), arch=DEMO_ARCH)
     assert cost.method == "kernel tables tables.json" and cost.tables is not None
     monkeypatch.setenv("PEG_FACTORY_CACHE", str(tmp_path / "empty-cache"))
-    cost = CostModel.for_profile(_host_profile(tmp_path, "latency_tables: host\n"), arch=DEMO_ARCH)
+    cost = latency_model_for(_host_profile(tmp_path, "latency_tables: host\n"), arch=DEMO_ARCH)
     assert cost.tables is None and "no host latency tables yet: run `peg-factory profiles measure`" in cost.method
     with pytest.raises(FactoryError, match="latency_tables nope.json not found"):
-        CostModel.for_profile(_host_profile(tmp_path, "latency_tables: nope.json\n"), arch=DEMO_ARCH)
+        latency_model_for(_host_profile(tmp_path, "latency_tables: nope.json\n"), arch=DEMO_ARCH)
     trt = open(load_profile("jetson_orin").path).read() + "latency_tables: host\n"
     with pytest.raises(FactoryError, match="latency_tables are measured with onnxruntime at fp32"):
         parse_profile(trt, "trt.yaml")
@@ -119,7 +120,7 @@ def test_search_with_kernel_tables_stays_fast(tmp_path):
     tables = {k: {"axes": grids.axes(k), "ms": np.ones([len(a) for a in grids.axes(k)]).tolist()} for k in KERNELS}
     KernelTables({}, arch.to_dict(), 0.01, tables).save(tmp_path / "vitb.json")
     profile = _host_profile(tmp_path, "latency_tables: vitb.json\n")
-    cost = CostModel.for_profile(profile, arch=arch)
+    cost = latency_model_for(profile, arch=arch)
     t0 = time.perf_counter()
     result = search(profile, space, cost)
     assert result.evaluated >= 10_000 and time.perf_counter() - t0 < 5
@@ -131,7 +132,7 @@ def test_measured_tables_predict_real_models_of_the_demo_space(tmp_path):
     grids = Grids.for_space(space, DEMO_ARCH, (1,), points=3)
     tables = measure_tables(DEMO_ARCH, grids, fit_shapes=spread_shapes(space, 4, (1,), seed=1), budget_s=0.02, stat="min")
     assert tables.terms_for(1)[0] > 0 and tables.points > 50 and tables.host["stat"] == "min"
-    from factory.device.cost import measure_onnxruntime_latency
+    from factory.device.measure import measure_onnxruntime_latency
 
     for s, b in spread_shapes(space, 3, (1,), seed=7):
         predicted, measured = tables.latency_ms(s, b, DEMO_ARCH), measure_onnxruntime_latency(s, b, arch=DEMO_ARCH, stat="min")

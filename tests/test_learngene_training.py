@@ -5,12 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-import factory.core.expanding as expanding
+import factory.training.expanding as expanding
 from factory import DescendantShape, expand, load_ancestry, sample_learngene
 from factory.pipeline.build import BuildConfig, build
-from factory.training.data import load_dataset, make_synthetic
-from factory.pipeline.demo import load_demo_learngene
-from factory.core.expanding import ExpandingConfig, default_shapes, default_widths, train_learngene
+from factory.data import load_dataset, make_synthetic
+from factory.core.demo import load_demo_learngene
+from factory.core.expanding import ExpandingConfig, default_shapes, default_widths
+from factory.training.expanding import train_learngene
 from factory.core.mixing import mixing_matrix, rescale_like
 from factory.device.profile import load_profile
 from factory.training.train import evaluate

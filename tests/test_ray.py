@@ -62,7 +62,7 @@ def _kill_first_shape_task(out, killed):
     while time.time() < deadline and not killed:
         if list(out.glob(".cache/finetune/*.partial/checkpoint/done.json")):
             for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "ray::_ray_shape_job" in " ".join(proc.info["cmdline"] or []):
+                if "ray::_ray_task" in " ".join(proc.info["cmdline"] or []):
                     os.kill(proc.info["pid"], signal.SIGKILL)  # like a lost node: no cleanup, no exception
                     killed.append(proc.info["pid"])
                     return

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from factory import DescendantShape, FactoryError, sample_learngene
-from factory.training.data import make_synthetic
-from factory.core.expanding import ExpandingConfig, default_shapes, train_learngene
+from factory.data import make_synthetic
+from factory.core.expanding import ExpandingConfig, default_shapes
+from factory.training.expanding import train_learngene
 from factory.core.timm_vit import build_vit
 from factory.training.train import TrainConfig, augment, batch_indices, lr_at, train
 
@@ -107,7 +108,7 @@ def test_ddp_two_processes_hold_identical_weights(tmp_path, synthetic):
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch
         sys.path.insert(0, {os.getcwd()!r})
-        from factory.training.data import make_synthetic
+        from factory.data import make_synthetic
         from factory.training.train import TrainConfig, train
         from tests.test_train import _tiny_model
         torch.set_num_threads(1)

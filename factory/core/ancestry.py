@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from factory.pipeline.artifacts import state_dict_sha256
+from factory.core.assets import demo_weights
+from factory.io import state_dict_sha256
 from factory.errors import FactoryError
 from factory.core.shapes import ArchConfig
 from factory.core.timm_vit import arch_of, empty_vit, split_state_dict
@@ -163,6 +164,22 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, na
     model.load_state_dict(state)
 
 
+def load_demo_ancestry(seed: int = 0) -> Ancestry:
+    """The demo ancestry (:data:`DEMO_ARCH`): the user's cache written by ``peg-factory ancestry
+    train`` first, then the weights shipped in the package (made by that same command), else a
+    seeded random initialisation reported as ``weights="random"``. Read-only: training it is
+    :func:`factory.training.demo_recipe.train_demo_ancestry`'s job."""
+    path = demo_weights()
+    if path is not None:
+        state, _ = read_checkpoint(path)
+        model = empty_vit(DEMO_ARCH)
+        _load_into(model, {k: v.float() for k, v in state.items()}, str(path), "demo")
+        return _from_module(model, "demo", "trained-demo")
+    from factory.core.timm_vit import build_vit
+
+    return _from_module(build_vit(DEMO_ARCH, seed=seed), "demo", "random")
+
+
 def load_ancestry(spec: str | os.PathLike | nn.Module | Ancestry, *, seed: int = 0) -> Ancestry:
     """Load an ancestry from a spec (grammar in the module docstring)."""
     if isinstance(spec, Ancestry):
@@ -173,9 +190,7 @@ def load_ancestry(spec: str | os.PathLike | nn.Module | Ancestry, *, seed: int =
     if not text:
         raise FactoryError("empty ancestry spec; use 'demo', a timm model name, or PATH@ARCH")
     if text == "demo":
-        from factory.pipeline.demo import load_demo_ancestry  # local: the demo module may train/cache weights
-
-        return load_demo_ancestry()
+        return load_demo_ancestry(seed)
     if text.startswith("random:"):
         name = text.split(":", 1)[1]
         model = _seeded(lambda: _create_timm(name, pretrained=False), seed)

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from factory.core.ancestry import ARCH_METADATA_KEY, load_ancestry
-from factory.pipeline.artifacts import atomic_write_bytes, canonical_safetensors, sha256_bytes
+from factory.io import atomic_write_bytes, canonical_safetensors, sha256_bytes
 from factory.errors import FactoryError
 from factory.core.shapes import ArchConfig
 
@@ -26,7 +26,7 @@ INFO_METADATA_KEY = "peg_factory.info"
 
 def save_descendant(model: nn.Module, arch: ArchConfig, path: str | Path, info: dict[str, Any]) -> str:
     """Write ``model``'s weights with arch/info metadata atomically; returns the file's sha256
-    (a function of the weights and metadata alone: :func:`~factory.pipeline.artifacts.canonical_safetensors`)."""
+    (a function of the weights and metadata alone: :func:`~factory.io.canonical_safetensors`)."""
     from safetensors.torch import save
 
     path = Path(path)

@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
-from factory import __version__
+from factory._version import __version__
 from factory.core.ancestry import Ancestry, load_ancestry
-from factory.pipeline.artifacts import atomic_directory, sha256_bytes
+from factory.io import atomic_directory, sha256_bytes
 from factory.errors import FactoryError
 from factory.core.mixing import MIXING_KINDS, DepthMap, mix_heads, mix_layers, mixing_matrix, rescale_like
 from factory.core.shapes import ArchConfig

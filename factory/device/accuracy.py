@@ -61,41 +61,23 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from factory.core.shapes import DescendantShape
-from factory.pipeline.artifacts import atomic_write_bytes
-
-OBJECTIVES = ("auto", "accuracy", "capacity")
-
-
-def resolve_objective(objective: str, *, init: str, trained_learngene: bool) -> tuple[str, str]:
-    """``(objective, reason)``: ``"accuracy"`` or ``"capacity"`` for a build's setting.
-
-    ``"auto"`` (the default) is ``capacity`` for descendants of a PEG learngene trained by the
-    expanding phase and ``accuracy`` for everything else (an untrained learngene, ``scratch``,
-    ``tleg``, ``weight_selection``). Why, by measurement (``bench/search_quality.py``, RESULTS.md):
-    the expanding phase distils the ancestry into every depth x width, so a larger expansion starts
-    better and, after the build's fine-tune, the largest shape that fits is within noise of the most
-    accurate (0.3 points from the best shape, seed-averaged) -- probes can only add noise there; with
-    any other initialisation nothing makes the larger expansion start better, the capacity proxy often picks
-    the wrong end of the front, and the probes gain on it (untrained learngene +4.2 points, scratch +9.7,
-    TLEG +0.5, weight selection +1.1, on average over the bench's cases). An explicit objective is kept.
-    """
-    if objective not in OBJECTIVES:
-        from factory.errors import FactoryError
-
-        raise FactoryError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if objective != "auto":
-        return objective, f"--objective {objective}"
-    if init == "peg" and trained_learngene:
-        return "capacity", ("auto: descendants of a trained learngene, where the largest shape that fits is measured "
-                            "within noise of the most accurate (--objective accuracy to probe anyway)")
-    what = "an untrained learngene" if init == "peg" else f"--init {init}"
-    return "accuracy", f"auto: {what}, where the largest shape is often not the most accurate: probed"
-
+from factory.device.search import AccuracyPredictor
+from factory.io import atomic_write_bytes
 
 SCORES = ("calibrated", "raw")
+
+
+@runtime_checkable
+class JointEstimator(Protocol):
+    """An estimator that ranks candidates together (probes them side by side), as
+    :class:`SuccessiveHalving` does, and then decides between them."""
+
+    def rank(self, shapes: list[DescendantShape], incumbent: DescendantShape | None = None) -> list["Probe"]: ...
+
+    def decide(self, probes: list["Probe"], incumbent: DescendantShape | None = None) -> tuple[DescendantShape, dict[str, Any]]: ...
 
 
 def temperature_scaled_nll(logits, labels, *, iters: int = 40) -> tuple[float, Any]:
@@ -196,7 +178,7 @@ class SuccessiveHalving:
 
     ancestry: Any
     learngene: Any
-    data: Any  # factory.training.data.Dataset
+    data: Any  # factory.data.Dataset
     recipe: Any  # factory.training.train.TrainConfig: the build's fine-tuning recipe (factory.pipeline.build.finetune_recipe)
     init: str = "peg"
     config: EstimatorConfig = field(default_factory=EstimatorConfig)
@@ -352,10 +334,10 @@ def candidates(result, count: int, span: float = 32.0) -> list:
     return sorted({c.shape: c for c in picked}.values(), key=lambda c: c.latency_ms)
 
 
-def choose_by_accuracy(result, predictor, count: int) -> tuple[Any, list[dict[str, Any]]]:
+def choose_by_accuracy(result, predictor: JointEstimator | AccuracyPredictor, count: int) -> tuple[Any, list[dict[str, Any]]]:
     """Estimate the candidates' accuracy and return ``(chosen candidate, rows)``.
 
-    ``predictor`` is a :class:`SuccessiveHalving` (ranks the candidates together: ``rank``/``decide``) or any per-shape
+    ``predictor`` is a :class:`JointEstimator` (e.g. :class:`SuccessiveHalving`: ranks the candidates together) or any per-shape
     :class:`~factory.device.search.AccuracyPredictor` (highest score wins; ties within 1e-9 go to
     higher capacity). ``rows`` (one per candidate, best first) carry the shape label, predicted
     accuracy, predicted latency and capacity score, and for successive halving the probe steps the
@@ -364,7 +346,7 @@ def choose_by_accuracy(result, predictor, count: int) -> tuple[Any, list[dict[st
     cands = sorted(candidates(result, count), key=lambda c: -c.score)  # by capacity: ties go to the first
     by_shape = {c.shape: c for c in cands}
     decision: dict[str, Any] = {}
-    if hasattr(predictor, "rank"):
+    if isinstance(predictor, JointEstimator):
         incumbent = result.feasible[0].shape  # the capacity choice; candidates() always includes it
         probes = predictor.rank([c.shape for c in cands], incumbent=incumbent)
         shape, decision = predictor.decide(sorted(probes, key=lambda p: -by_shape[p.shape].score), incumbent)

@@ -18,7 +18,7 @@ A profile is a YAML file (schema: ``profiles/profile.schema.json``, generated fr
     export: [onnx, trt]
 
 ``hardware.measure: true`` (the shipped ``host.yaml``) means "this machine": peak throughput and
-bandwidth are measured when the profile is resolved (:func:`factory.device.cost.measure_host`) instead
+bandwidth are measured when the profile is resolved (:func:`factory.device.measure.measure_host`) instead
 of declared. Every validation failure becomes one line naming the file, the field and the fix.
 """
 
@@ -30,6 +30,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from export.formats import Format
 from factory.errors import FactoryError
 
 Precision = Literal["fp32", "fp16", "int8"]
@@ -94,7 +95,7 @@ class Profile(_Strict):
     latency_tables: str | None = Field(
         default=None, description="Kernel latency tables (onnxruntime, fp32): 'host' for this machine's, measured by "
                                   "`peg-factory profiles measure`, or a JSON path relative to the profile.")
-    export: list[Literal["onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-int8", "trt"]] = Field(default_factory=lambda: ["onnx"])
+    export: list[Format] = Field(default_factory=lambda: ["onnx"])
     path: str | None = Field(default=None, exclude=True, description="Where it was loaded from (set by the loader).")
 
     @model_validator(mode="after")
@@ -106,17 +107,6 @@ class Profile(_Strict):
             raise ValueError("latency_tables are measured with onnxruntime at fp32: set runtime onnxruntime and precision "
                              "fp32, or drop latency_tables")
         return self
-
-    def latency_tables_path(self, arch) -> Path | None:
-        """The kernel tables file this profile points at (``host``: this machine's for ``arch``)."""
-        if self.latency_tables is None:
-            return None
-        if self.latency_tables == "host":
-            from factory.device.kernels import host_tables_path
-
-            return host_tables_path(arch)
-        base = Path(self.path).parent if self.path else Path.cwd()
-        return (base / self.latency_tables).resolve()
 
     def calibration_path(self) -> Path | None:
         if self.calibration is None:

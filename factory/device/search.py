@@ -32,10 +32,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from factory.device.cost import CostModel
-from factory.errors import FactoryError
-from factory.device.profile import Profile
 from factory.core.shapes import ArchConfig, DescendantShape, vit_flops, vit_params
+from factory.device.latency import LatencyModel, Target
+from factory.errors import FactoryError
 
 DEFAULT_MLP_RATIOS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 
@@ -96,7 +95,7 @@ class SearchSpace:
         return tuple(out)
 
     @functools.cached_property
-    def _widths(self) -> list[tuple[int, tuple[int, ...], tuple[float, ...]]]:
+    def widths(self) -> list[tuple[int, tuple[int, ...], tuple[float, ...]]]:
         """``(width, valid heads, valid MLP ratios)`` for every width that has both."""
         rows = []
         for width in self.embed_dims:
@@ -107,21 +106,21 @@ class SearchSpace:
         return rows
 
     def size(self) -> int:
-        per_depth = sum(len(h) * len(r) for _, h, r in self._widths)
+        per_depth = sum(len(h) * len(r) for _, h, r in self.widths)
         return per_depth * len(self.depths) * len(self.img_sizes)
 
     def shape(self, depth: int, width: int, heads: int, ratio: float, img: int) -> DescendantShape:
         return DescendantShape(depth, width, heads, ratio, img, self.patch_size, self.num_classes)
 
     def enumerate(self):
-        widths = self._widths
+        widths = self.widths
         for img, depth in itertools.product(self.img_sizes, self.depths):
             for width, heads, ratios in widths:
                 for h, r in itertools.product(heads, ratios):
                     yield self.shape(depth, width, h, r, img)
 
     def random_shape(self, rng: random.Random) -> DescendantShape:
-        width, heads, ratios = rng.choice(self._widths)
+        width, heads, ratios = rng.choice(self.widths)
         return self.shape(rng.choice(self.depths), width, rng.choice(heads), rng.choice(ratios), rng.choice(self.img_sizes))
 
     def mutate(self, s: DescendantShape, rng: random.Random) -> DescendantShape:
@@ -130,18 +129,20 @@ class SearchSpace:
         if which == 0:
             depth = rng.choice(self.depths)
         elif which == 1:
-            width = rng.choice([w for w, _, _ in self._widths])
+            width = rng.choice([w for w, _, _ in self.widths])
         elif which == 2:
             img = rng.choice(self.img_sizes)
         return self.repair(depth, width, s.num_heads if which != 3 else None, s.mlp_ratio if which != 3 else None, img, rng)
 
     def repair(self, depth, width, heads, ratio, img, rng: random.Random) -> DescendantShape:
-        valid = {w: (h, r) for w, h, r in self._widths}
+        valid = {w: (h, r) for w, h, r in self.widths}
         hs, rs = valid[width]
         return self.shape(depth, width, heads if heads in hs else rng.choice(hs), ratio if ratio in rs else rng.choice(rs), img)
 
 
 class AccuracyPredictor(Protocol):
+    """A per-shape accuracy score: higher is better (the capacity proxy, :class:`FittedAccuracy`)."""
+
     def __call__(self, shape: DescendantShape) -> float: ...
 
 
@@ -211,7 +212,7 @@ class Candidate:
         }
 
 
-def evaluate_shape(shape: DescendantShape, profile: Profile, cost: CostModel, score: Callable[[DescendantShape], float]) -> Candidate:
+def evaluate_shape(shape: DescendantShape, profile: Target, cost: LatencyModel, score: AccuracyPredictor) -> Candidate:
     values = {
         "latency_ms": cost.latency_ms(shape),
         "memory_mb": cost.memory_mb(shape),
@@ -277,16 +278,21 @@ def pareto_front(cands: list[Candidate]) -> list[Candidate]:
 
 
 def search(
-    profile: Profile,
+    profile: Target,
     space: SearchSpace,
-    cost: CostModel,
+    cost: LatencyModel,
     *,
-    score: Callable[[DescendantShape], float] | None = None,
+    score: AccuracyPredictor | None = None,
     seed: int = 0,
     enumerate_limit: int = 50_000,
     evaluations: int = 10_000,
 ) -> SearchResult:
-    """Search ``space`` for shapes within ``profile``'s budgets (see module docstring)."""
+    """Search ``space`` for shapes within ``profile``'s budgets (see module docstring).
+
+    ``profile`` is any :class:`~factory.device.latency.Target` (a :class:`~factory.device.profile.Profile`),
+    ``cost`` any :class:`~factory.device.latency.LatencyModel`
+    (:func:`factory.device.resolve.latency_model_for` gives a profile's), ``score`` an
+    :class:`AccuracyPredictor` (default: :func:`capacity_proxy` of ``cost.arch``)."""
     score = score or capacity_proxy(cost.arch)
     size = space.size()
     if size == 0:

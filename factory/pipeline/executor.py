@@ -1,58 +1,48 @@
-"""Where a build's per-shape work runs: threads on this machine, or Ray tasks on a cluster.
+"""Where a build's per-shape tasks run: threads on this machine, or Ray tasks on a cluster.
 
-A build computes the learngene once (in the driver), then hands out one *shape job* per distinct
-descendant shape: fine-tune that shape, then measure and export it for every profile that chose
-it (:func:`factory.pipeline.build.build_shape`). Jobs are independent given the learngene and share
-nothing but the content-addressed cache in ``--out``, so they can run anywhere that sees ``--out``.
+An executor maps a function over small picklable tasks, ``fn(task, env) -> result``, and knows
+nothing of the build: the build hands it :func:`factory.pipeline.shape_task.run_shape_task` and one
+:class:`~factory.pipeline.shape_task.ShapeTask` per distinct shape (specs and paths, nothing large).
+``env`` (:class:`TaskEnv`) is what the executor provides: intra-op threads, a log, a stop flag and a
+lock for process-global work. A :class:`~factory.errors.FactoryError` inside a task is the task's
+to report (it returns failed devices); a task lost with its worker becomes ``failed(task, reason)``.
 
 - :class:`LocalExecutor` (``--executor local``, default): a thread pool of ``--jobs`` workers in
-  this process. Ctrl-C sets a stop flag the fine-tunes poll between steps.
-- :class:`RayExecutor` (``--executor ray``, extra ``peg-factory[ray]``): one Ray task per shape
-  job with ``task_cpus`` CPUs and ``task_gpus`` GPUs. ``address=None`` starts a local Ray
-  instance (all this machine's CPUs unless ``num_cpus`` is given); ``"auto"`` or
-  ``ray://host:10001`` joins an existing cluster, whose nodes must have peg-factory installed and
-  see ``--out`` at the same path (a shared filesystem). A task whose worker dies (a killed
-  process, a lost node) is retried ``max_retries`` times by Ray; the retry resumes the fine-tune
-  from its last checkpoint in the shared cache. Each task loads the ancestry, data and learngene
-  itself (by spec and path: nothing large travels through Ray's object store).
+  this process. Ctrl-C sets the stop flag the fine-tunes poll between steps.
+- :class:`RayExecutor` (``--executor ray``, extra ``peg-factory[ray]``): one Ray task per item
+  with ``task_cpus`` CPUs and ``task_gpus`` GPUs. ``address=None`` starts a local Ray instance (all
+  this machine's CPUs unless ``num_cpus`` is given); ``"auto"`` or ``ray://host:10001`` joins an
+  existing cluster, whose nodes must have peg-factory installed and see ``--out`` at the same path.
+  A task whose worker dies is retried ``max_retries`` times by Ray; the retry resumes the fine-tune
+  from its last checkpoint in the shared cache.
 
-Fine-tunes run with a pinned intra-op thread count (``cpus // jobs`` here, ``task_cpus`` on Ray;
-:func:`factory.training.train.intra_op_threads`): CPU results depend on it, so ``--jobs 2`` here and Ray
-tasks of 1 CPU write the same model bytes for the same seeds.
-
-Both return, per job, ``[(device name, entry update)]``; a :class:`~factory.errors.FactoryError`
-inside a job becomes that device's ``status: failed`` there, anything else is a bug and propagates.
+Fine-tunes run with a pinned intra-op thread count (``cpus // jobs`` here, ``task_cpus`` on Ray):
+CPU results depend on it, so ``--jobs 2`` here and Ray tasks of 1 CPU write the same model bytes.
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, TypeVar
 
 from factory.errors import FactoryError
 
 EXECUTORS = ("local", "ray")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
-class ShapeJob:
-    """One distinct shape and the devices that chose it: ``devices`` is ``[(profile, entry, searched)]``."""
+class TaskEnv:
+    """What a task gets from the executor that runs it."""
 
-    shape: Any
-    devices: list[tuple[Any, dict[str, Any], Any]]
-
-    @property
-    def names(self) -> list[str]:
-        return [entry["name"] for _, entry, _ in self.devices]
-
-    def failed(self, reason: str) -> list[tuple[str, dict[str, Any]]]:
-        """Every device of the job failed with ``reason`` (the manifest entry updates)."""
-        return [(name, {"status": "failed", "error": reason}) for name in self.names]
+    threads: int  # intra-op threads for its torch work
+    log: Callable[[str], None]
+    should_stop: Callable[[], bool] | None = None  # polled between training steps (Ctrl-C)
+    serial: Any = None  # a lock shared by the tasks of one process, for work that is not thread-safe
 
 
 def available_cpus() -> int:
@@ -67,7 +57,7 @@ class LocalExecutor:
 
     @property
     def threads(self) -> int:
-        """Intra-op threads per fine-tune: the threads torch may use here (this machine's CPUs, or fewer
+        """Intra-op threads per task: the threads torch may use here (this machine's CPUs, or fewer
         if the user limited them, e.g. ``OMP_NUM_THREADS``) shared by the ``jobs`` running at once."""
         import torch
 
@@ -76,13 +66,12 @@ class LocalExecutor:
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", "jobs": self.jobs, "threads_per_finetune": self.threads}
 
-    def run(self, builder, anc, lg, lg_dir: Path, ds, jobs: list[ShapeJob]) -> list[list[tuple[str, dict[str, Any]]]]:
-        from factory.pipeline.build import build_shape
-
+    def map(self, fn: Callable[[T, TaskEnv], R], tasks: Sequence[T], *, log: Callable[[str], None],
+            failed: Callable[[T, str], R]) -> list[R]:
         stop = threading.Event()  # Ctrl-C reaches the main thread only; the workers poll this between steps
+        env = TaskEnv(self.threads, log, stop.is_set, threading.Lock())
         with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
-            serial, threads = threading.Lock(), self.threads
-            futures = [pool.submit(build_shape, builder, anc, lg, ds, job, stop.is_set, threads, serial) for job in jobs]
+            futures = [pool.submit(fn, task, env) for task in tasks]
             try:
                 return [f.result() for f in futures]
             except KeyboardInterrupt:
@@ -90,6 +79,11 @@ class LocalExecutor:
                 for f in futures:
                     f.cancel()
                 raise  # leaving the pool waits for the running fine-tunes, which checkpoint and stop at their next step
+
+
+def _ray_task(fn: Callable[[Any, TaskEnv], Any], task: Any, threads: int) -> Any:
+    """A Ray task: ``fn(task)`` in a worker, logging to the worker's stdout (Ray forwards it)."""
+    return fn(task, TaskEnv(threads, lambda line: print(line, flush=True)))
 
 
 @dataclass(frozen=True)
@@ -102,28 +96,32 @@ class RayExecutor:
 
     @property
     def threads(self) -> int:
-        """Intra-op threads per fine-tune: the task's CPUs."""
+        """Intra-op threads per task: the task's CPUs."""
         return max(1, int(self.task_cpus))
 
-    def run(self, builder, anc, lg, lg_dir: Path, ds, jobs: list[ShapeJob]) -> list[list[tuple[str, dict[str, Any]]]]:
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "ray", "address": self.address or "local instance", "task_cpus": self.task_cpus,
+                "task_gpus": self.task_gpus, "max_retries": self.max_retries, "threads_per_finetune": self.threads}
+
+    def map(self, fn: Callable[[T, TaskEnv], R], tasks: Sequence[T], *, log: Callable[[str], None],
+            failed: Callable[[T, str], R]) -> list[R]:
         ray = require_ray()
-        started = self.connect(ray, builder.log)
-        remote = ray.remote(_ray_shape_job).options(num_cpus=self.task_cpus, num_gpus=self.task_gpus,
-                                                    max_retries=self.max_retries, retry_exceptions=False)
-        refs = [remote.remote(str(Path(builder.out).resolve()), builder.cfg, lg.sha256, str(Path(lg_dir).resolve()), job, self.threads)
-                for job in jobs]
+        started = self.connect(ray, log)
+        remote = ray.remote(_ray_task).options(num_cpus=self.task_cpus, num_gpus=self.task_gpus,
+                                               max_retries=self.max_retries, retry_exceptions=False)
+        refs = [remote.remote(fn, task, self.threads) for task in tasks]
         results = []
         try:
-            for job, ref in zip(jobs, refs):
+            for task, ref in zip(tasks, refs):
                 try:
                     results.append(ray.get(ref))
                 except ray.exceptions.WorkerCrashedError as exc:
-                    reason = f"its Ray task died {self.max_retries + 1} times ({type(exc).__name__}); see the Ray logs"
-                    results.append(job.failed(reason))
+                    results.append(failed(task, f"its Ray task died {self.max_retries + 1} times ({type(exc).__name__}); "
+                                                "see the Ray logs"))
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.as_instanceof_cause()
                     if isinstance(cause, FactoryError):
-                        results.append(job.failed(str(cause)))
+                        results.append(failed(task, str(cause)))
                     else:
                         raise
         except KeyboardInterrupt:
@@ -134,10 +132,6 @@ class RayExecutor:
             if started:
                 ray.shutdown()
         return results
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "ray", "address": self.address or "local instance", "task_cpus": self.task_cpus,
-                "task_gpus": self.task_gpus, "max_retries": self.max_retries, "threads_per_finetune": self.threads}
 
     def connect(self, ray, log: Callable[[str], None]) -> bool:
         """Join (or start) Ray; true when this call started it (and so shuts it down after)."""
@@ -164,32 +158,6 @@ def require_ray():
     except ImportError as exc:
         raise FactoryError("--executor ray needs Ray: pip install 'peg-factory[ray]' (or use --executor local)") from exc
     return ray
-
-
-@functools.lru_cache(maxsize=2)
-def _worker_inputs(ancestry: str, data: str, lg_dir: str, lg_sha: str):
-    """Ancestry, data and learngene of a build, loaded once per Ray worker process. Ray gives each
-    driver (each ``peg-factory build``) its own worker processes, so this never outlives a build."""
-    from factory.core.ancestry import load_ancestry
-    from factory.training.data import load_dataset
-    from factory.core.learngene import Learngene
-
-    anc = load_ancestry(ancestry)
-    ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
-    lg = Learngene.load(lg_dir)
-    if lg.sha256 != lg_sha:
-        raise FactoryError(f"the learngene at {lg_dir} is not the one the build made ({lg_sha[:12]}); is --out shared?")
-    return anc, ds, lg
-
-
-def _ray_shape_job(out: str, cfg, lg_sha: str, lg_dir: str, job: ShapeJob, threads: int):
-    """A Ray task: load what the job needs by spec and path (once per worker), then
-    :func:`factory.pipeline.build.build_shape`."""
-    from factory.pipeline.build import Builder, build_shape
-
-    anc, ds, lg = _worker_inputs(cfg.ancestry, cfg.data, lg_dir, lg_sha)
-    builder = Builder(Path(out), cfg, log=lambda line: print(line, flush=True))
-    return build_shape(builder, anc, lg, ds, job, None, threads)
 
 
 def make_executor(kind: str, *, jobs: int = 1, address: str | None = None, task_cpus: float = 1.0,

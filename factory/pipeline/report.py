@@ -1,4 +1,6 @@
-"""Build reports: ``report.md``, a self-contained ``report.html`` and the Pareto plot PNG."""
+"""Build reports: ``report.md``, a self-contained ``report.html`` and the Pareto plot PNG, rendered
+from the manifest alone. The plot needs matplotlib (the ``dev`` extra); without it the reports
+say so and carry the table only."""
 
 from __future__ import annotations
 
@@ -7,22 +9,28 @@ import html
 from pathlib import Path
 from typing import Any
 
-from factory.pipeline.artifacts import atomic_write_bytes
+from factory.io import atomic_write_bytes
+
+PLOT_HINT = "the Pareto plot needs matplotlib: pip install matplotlib"
 
 
-def pareto_png(path: Path, manifest: dict[str, Any], searches: dict[str, Any]) -> None:
+def pareto_png(path: Path, manifest: dict[str, Any]) -> bool:
     """Per device: predicted accuracy vs predicted latency of the estimated candidates, with the
     chosen shape and the shipped model's measured test accuracy marked (accuracy objective); or the
-    capacity Pareto front with rejected shapes (capacity objective). Latency budget as a line."""
-    import matplotlib
+    capacity Pareto front with rejected shapes (capacity objective). Latency budget as a line.
+    False (and no file) where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [d for d in manifest["devices"] if d["name"] in searches]
+    ok = [d for d in manifest["devices"] if "front" in d.get("search", {})]
     fig, axes = plt.subplots(1, max(1, len(ok)), figsize=(4.5 * max(1, len(ok)), 3.6), squeeze=False)
     for ax, dev in zip(axes[0], ok):
-        result, best, _ = searches[dev["name"]]
+        found = dev["search"]
         sel = dev.get("selection", {})
         if sel.get("objective") == "accuracy":
             rows = sorted(sel["candidates"], key=lambda r: r["latency_ms"])
@@ -36,10 +44,10 @@ def pareto_png(path: Path, manifest: dict[str, Any], searches: dict[str, Any]) -
                            label="shipped (measured test)")
             ax.set_ylabel("accuracy")
         else:
-            ax.scatter([c.latency_ms for c in result.rejected[:400]], [c.score for c in result.rejected[:400]], s=6,
-                       color="lightgray", label="rejected")
-            ax.plot([c.latency_ms for c in result.pareto], [c.score for c in result.pareto], "o-", ms=3, label="Pareto front")
-            ax.scatter([best.latency_ms], [best.score], s=80, marker="*", color="crimson", zorder=5, label="chosen")
+            rejected, front = found["rejected_points"], found["front"]
+            ax.scatter([p[0] for p in rejected], [p[1] for p in rejected], s=6, color="lightgray", label="rejected")
+            ax.plot([p[0] for p in front], [p[1] for p in front], "o-", ms=3, label="Pareto front")
+            ax.scatter([found["chosen"][0]], [found["chosen"][1]], s=80, marker="*", color="crimson", zorder=5, label="chosen")
             ax.set_ylabel("capacity score (log FLOPs + 0.5 log params)")
         budget = dev.get("budgets", {}).get("latency_ms")
         if budget:
@@ -52,6 +60,7 @@ def pareto_png(path: Path, manifest: dict[str, Any], searches: dict[str, Any]) -
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def _rows(manifest: dict[str, Any]) -> list[list[str]]:
@@ -75,9 +84,9 @@ def _rows(manifest: dict[str, Any]) -> list[list[str]]:
 HEADER = ["device", "shape", "chosen by (pred. acc)", "test acc", "GFLOPs", "params M", "pred. latency ms", "host ORT ms", "budget margins"]
 
 
-def write_reports(out: Path, manifest: dict[str, Any], searches: dict[str, Any]) -> None:
+def write_reports(out: Path, manifest: dict[str, Any]) -> None:
     png = out / "pareto.png"
-    pareto_png(png, manifest, searches)
+    plotted = pareto_png(png, manifest)
     lg = manifest["learngene"]
     intro = (f"Ancestry `{manifest['ancestry']['spec']}` ({manifest['ancestry']['weights']}), learngene "
              f"`{(lg['sha256'] or '')[:12]}` ({lg['layers']} layers x {lg['heads']} heads, sampled once for "
@@ -86,14 +95,15 @@ def write_reports(out: Path, manifest: dict[str, Any], searches: dict[str, Any])
     rows = _rows(manifest)
     md = ["# peg-factory build report", "", intro, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", "![Pareto fronts](pareto.png)", ""]
+    md += ["", "![Pareto fronts](pareto.png)" if plotted else f"({PLOT_HINT})", ""]
     atomic_write_bytes(out / "report.md", "\n".join(md).encode())
     table = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    img = base64.b64encode(png.read_bytes()).decode()
+    figure = (f'<img alt="Pareto fronts" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
+              if plotted else f"<p>({html.escape(PLOT_HINT)})</p>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>peg-factory build report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style>
 </head><body><h1>peg-factory build report</h1><p>{html.escape(intro)}</p>
 <table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in HEADER)}</tr>{table}</table>
-<h2>Pareto fronts</h2><img alt="Pareto fronts" src="data:image/png;base64,{img}"></body></html>
+<h2>Pareto fronts</h2>{figure}</body></html>
 """
     atomic_write_bytes(out / "report.html", page.encode())

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.errors import FactoryError, Interrupted
-from factory.pipeline.artifacts import atomic_directory, ensure_parent, seal, seal_state
-from factory.training.data import ImageTensors
+from factory.io import atomic_directory, ensure_parent, seal, seal_state
+from factory.core.expanding import distill_loss
+from factory.data import ImageTensors
 
 
 @dataclass(frozen=True)
@@ -149,13 +150,6 @@ def autocast_for(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=dtype), dtype == torch.float16
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    t = temperature
-    return F.kl_div(
-        F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), reduction="batchmean", log_target=True
-    ) * (t * t)
-
-
 def evaluate(model: nn.Module, data: ImageTensors, *, batch_size: int = 512, device: torch.device | None = None) -> float:
     """Top-1 accuracy of ``model`` on ``data``."""
     return evaluate_nll(model, data, batch_size=batch_size, device=device)[0]
@@ -204,7 +198,7 @@ def _dist_info() -> tuple[int, int]:
 
 def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
     """``state.safetensors`` (weights, AdamW moments, RNG) + ``state.json`` (step, config), sealed
-    (:func:`factory.pipeline.artifacts.seal`) so a damaged checkpoint is detected before a resume trusts it."""
+    (:func:`factory.io.seal`) so a damaged checkpoint is detected before a resume trusts it."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

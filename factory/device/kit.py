@@ -9,12 +9,12 @@
 - ``measure.py``: a stand-alone script (numpy + the runtime, no peg-factory needed) that times each
   model with the profile's runtime -- ``trtexec`` for TensorRT (median GPU compute time, the
   profile's precision), onnxruntime or OpenVINO on CPU boards -- and writes ``calibration.csv``
-  (the columns :func:`factory.device.cost.read_calibration_csv` reads) and ``calibration.json`` (what it
+  (the columns :func:`factory.device.fit.read_calibration_csv` reads) and ``calibration.json`` (what it
   was measured with: runtime and version, host, date);
 - ``README.md``: the steps.
 
 Back on the build machine, the profile's ``calibration: kit/calibration.csv`` fits the roofline's
-efficiencies to those rows (:func:`factory.device.cost.calibrate`); the cost model's ``method`` names the
+efficiencies to those rows (:func:`factory.device.fit.calibrate`); the cost model's ``method`` names the
 CSV and what ``calibration.json`` says it was measured with.
 """
 
@@ -28,12 +28,10 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from factory.pipeline.artifacts import atomic_directory
-from factory.errors import FactoryError
 from factory.core.shapes import ArchConfig, DescendantShape
-
-FIELDS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "img_size", "patch_size", "num_classes", "batch")
-
+from factory.device.fit import CALIBRATION_FIELDS
+from factory.errors import FactoryError
+from factory.io import atomic_directory
 
 def spread_by_latency(shapes: list[DescendantShape], latency: Callable[[DescendantShape], float], count: int,
                       seed: int = 0) -> list[DescendantShape]:
@@ -55,19 +53,19 @@ def spread_by_latency(shapes: list[DescendantShape], latency: Callable[[Descenda
     return list(chosen.values())
 
 
-def write_kit(profile, arch: ArchConfig, space, out: str | Path, *, count: int = 12, seed: int = 0,
+def write_kit(profile, arch: ArchConfig, space, out: str | Path, latency, *, count: int = 12, seed: int = 0,
               log: Callable[[str], None] = print) -> Path:
-    """Write the kit for ``profile`` into ``out`` (atomically: a complete kit or none)."""
+    """Write the kit for ``profile`` into ``out`` (atomically: a complete kit or none), its shapes spread
+    over the predictions of ``latency`` (a :class:`factory.device.latency.LatencyModel`)."""
     from export.onnx_export import export_onnx
 
-    from factory.device.cost import CostModel
     from factory.core.timm_vit import build_vit
 
-    cost = CostModel.for_profile(profile, arch=arch)
+    cost = latency
     shapes = spread_by_latency(list(space.enumerate()), cost.latency_ms, count, seed)
     rows = io.StringIO()
     writer = csv.writer(rows)
-    writer.writerow([*FIELDS, "file"])
+    writer.writerow([*CALIBRATION_FIELDS, "file"])
     out = Path(out)
     with atomic_directory(out) as tmp:
         (tmp / "models").mkdir()
@@ -86,16 +84,6 @@ def write_kit(profile, arch: ArchConfig, space, out: str | Path, *, count: int =
         (tmp / "README.md").write_text(README.format(name=profile.name, runtime=profile.hardware.runtime, count=len(shapes),
                                                      precision=profile.precision))
     return out
-
-
-def calibration_provenance(csv_path: Path) -> str:
-    """What ``calibration.json`` beside a calibration CSV says it was measured with ('' if absent)."""
-    meta = csv_path.with_suffix(".json")
-    try:
-        data = json.loads(meta.read_text())
-        return f"{data['runtime']} {data.get('runtime_version', '')} on {data.get('host', '?')}, {data.get('date', '?')}".replace("  ", " ")
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
 
 
 README = """# Latency calibration kit for `{name}`

@@ -13,10 +13,10 @@ profile's precision. Runtimes differ in what they fuse: TensorRT fuses attention
 score traffic) and folds elementwise ops into neighbours (no per-op overhead for them);
 onnxruntime on CPU runs attention as MatMul-Softmax-MatMul, so the ``H*N^2`` scores go through
 memory, and every op pays dispatch overhead. :class:`Efficiency` holds the factors; defaults per
-device kind are rough priors, and :func:`calibrate` fits them to measured rows.
+device kind are rough priors, and :func:`factory.device.fit.calibrate` fits them to measured rows.
 
 **Calibration.** Given measured ``(shape, batch, latency)`` rows (a profile's CSV, or host
-measurements from :func:`measure_onnxruntime_latency`), :func:`calibrate` fits the five
+measurements from :func:`factory.device.measure.measure_onnxruntime_latency`), :func:`factory.device.fit.calibrate` fits the five
 :class:`Efficiency` parameters by bounded least squares on ``log(predicted / measured)``.
 
 **Memory.** ``weights + peak activations + runtime overhead`` with weights ``params * bytes``
@@ -27,15 +27,11 @@ its normalised copy, plus the larger working set of attention (q, k, v and score
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from factory.errors import FactoryError
-from factory.device.profile import Hardware, Profile
 from factory.core.shapes import STANDARD_ARCH, ArchConfig, DescendantShape, num_tokens, vit_params
+from factory.device.profile import Hardware, Profile
 
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 OpKind = Literal["matmul", "attention", "elementwise"]
@@ -75,6 +71,15 @@ class Efficiency:
 
 
 @dataclass(frozen=True)
+class HostFacts:
+    """This machine, measured (:func:`factory.device.measure.measure_host`)."""
+
+    peak_flops: float  # fp32 FLOP/s attained by a large GEMM
+    bandwidth: float  # bytes/s of a large copy
+    threads: int
+
+
+@dataclass(frozen=True)
 class Device:
     """Resolved hardware numbers a cost model needs (declared or measured)."""
 
@@ -85,10 +90,12 @@ class Device:
     fused_attention: bool
 
     @classmethod
-    def from_profile(cls, profile: Profile, host: "HostFacts | None" = None) -> "Device":
+    def from_profile(cls, profile: Profile, host: HostFacts | None = None) -> "Device":
+        """The profile's declared figures, or ``host``'s measured ones for a ``measure: true`` profile
+        (which then needs ``host``: :func:`factory.device.resolve.latency_model_for` measures it)."""
         hw = profile.hardware
         if hw.measure:
-            host = host or measure_host()
+            assert host is not None, "a measured profile needs the host's facts"
             peak, bw = host.peak_flops * {"fp32": 1, "fp16": 1, "int8": 2}[profile.precision], host.bandwidth
         else:
             assert hw.peak_tflops is not None and hw.memory_bandwidth_gbs is not None
@@ -161,7 +168,9 @@ def memory_mb(shape: DescendantShape, batch: int, precision: str, runtime: str, 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Latency and memory predictions for one profile (device, precision, batch)."""
+    """Latency and memory predictions for one profile (device, precision, batch): the roofline, or
+    kernel tables for latency when ``tables`` is set. A :class:`factory.device.latency.LatencyModel`;
+    :func:`factory.device.resolve.latency_model_for` decides which a profile gets."""
 
     device: Device
     precision: str
@@ -172,35 +181,6 @@ class CostModel:
     tables: Any = None  # factory.device.kernels.KernelTables: kernel-level prediction replaces the roofline
     method: str = "roofline"  # how latency is predicted, in words (search output, manifest)
 
-    @classmethod
-    def for_profile(cls, profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, host: "HostFacts | None" = None) -> "CostModel":
-        """The profile's cost model: kernel tables when it names them and they exist, else the
-        roofline (calibrated by the profile's CSV when it has one); ``method`` says which and why."""
-        device = Device.from_profile(profile, host)
-        model = cls(device, profile.precision, profile.batch, Efficiency.default_for(profile.hardware), arch)
-        csv = profile.calibration_path()
-        if csv is not None:
-            rows = read_calibration_csv(csv, profile.path or "<profile>")
-            model = calibrate(model, rows)
-            from factory.device.calibration import calibration_provenance
-
-            what = calibration_provenance(csv)
-            model = dataclasses.replace(model, method=f"roofline calibrated on {len(rows)} rows of {csv.name}"
-                                                      + (f" ({what})" if what else ""))
-        tables = profile.latency_tables_path(arch)
-        if tables is not None:
-            from factory.device.kernels import KernelTables
-
-            if tables.is_file():
-                model = dataclasses.replace(model, tables=KernelTables.load(tables), method=f"kernel tables {tables.name}")
-            elif profile.latency_tables == "host":
-                model = dataclasses.replace(model, method=f"{model.method} (no host latency tables yet: run `peg-factory "
-                                                          "profiles measure` to predict per kernel)")
-            else:
-                raise FactoryError(f"profile {profile.path}: latency_tables {profile.latency_tables} not found; fix the path "
-                                   "or measure them with `peg-factory profiles measure --out PATH`")
-        return model
-
     def latency_ms(self, shape: DescendantShape, batch: int | None = None) -> float:
         if self.tables is not None:
             return self.tables.latency_ms(shape, batch or self.batch, self.arch)
@@ -210,122 +190,3 @@ class CostModel:
     def memory_mb(self, shape: DescendantShape) -> float:
         return memory_mb(shape, self.batch, self.precision, self.device.runtime, arch=self.arch,
                          fused_attention=self.device.fused_attention)
-
-
-@dataclass(frozen=True)
-class Measurement:
-    shape: DescendantShape
-    batch: int
-    latency_ms: float
-
-
-def calibrate(model: CostModel, rows: list[Measurement]) -> CostModel:
-    """Fit :class:`Efficiency` to measured rows (bounded least squares on log ratios)."""
-    import numpy as np
-    from scipy.optimize import least_squares
-
-    if not rows:
-        raise FactoryError("calibration needs at least one measured row")
-    op_lists = [vit_ops(r.shape, r.batch, model.precision, arch=model.arch, fused_attention=model.device.fused_attention)
-                for r in rows]
-    measured = np.array([r.latency_ms for r in rows])
-    names = ("matmul", "attention", "memory", "op_overhead_us", "fixed_ms")
-    lo = np.array([1e-3, 1e-3, 1e-3, 0.0, 0.0])
-    hi = np.array([1.5, 1.5, 1.5, 1e3, 1e3])
-    x0 = np.clip(np.array([getattr(model.efficiency, k) for k in names], dtype=float), lo + 1e-9, hi - 1e-9)
-
-    def residual(x):
-        eff = Efficiency(*x)
-        pred = np.array([roofline_ms(ops, model.device, eff) for ops in op_lists])
-        return np.log(pred / measured)
-
-    fit = least_squares(residual, x0, bounds=(lo, hi))
-    return dataclasses.replace(model, efficiency=Efficiency(*fit.x), calibrated=True)
-
-
-def read_calibration_csv(path, profile_path: str) -> list[Measurement]:
-    """Rows ``depth,embed_dim,num_heads,mlp_ratio,img_size,patch_size,num_classes,batch,latency_ms``."""
-    import csv
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        raise FactoryError(f"profile {profile_path}: calibration file {path} not found; fix the path or remove calibration")
-    rows = []
-    with open(path, newline="") as fh:
-        for i, row in enumerate(csv.DictReader(fh), start=2):
-            try:
-                shape = DescendantShape(
-                    depth=int(row["depth"]), embed_dim=int(row["embed_dim"]), num_heads=int(row["num_heads"]),
-                    mlp_ratio=float(row["mlp_ratio"]), img_size=int(row["img_size"]), patch_size=int(row["patch_size"]),
-                    num_classes=int(row.get("num_classes") or 1000),
-                )
-                batch, latency = int(row.get("batch") or 1), float(row["latency_ms"])
-                if not (math.isfinite(latency) and latency > 0) or batch < 1:
-                    raise ValueError(f"latency_ms must be a finite number > 0 and batch >= 1, got {row['latency_ms']!r}, "
-                                     f"{row.get('batch')!r}")
-                rows.append(Measurement(shape, batch, latency))
-            except (KeyError, TypeError, ValueError, FactoryError) as exc:
-                raise FactoryError(f"calibration {path} line {i}: {exc}; expected columns depth,embed_dim,num_heads,"
-                                   "mlp_ratio,img_size,patch_size,num_classes,batch,latency_ms") from exc
-    return rows
-
-
-@dataclass(frozen=True)
-class HostFacts:
-    peak_flops: float  # fp32 FLOP/s attained by a large GEMM
-    bandwidth: float  # bytes/s of a large copy
-    threads: int
-
-
-def measure_host(seconds: float = 0.5) -> HostFacts:
-    """Measure this machine: fp32 GEMM throughput at ViT sizes and copy bandwidth (torch, all threads)."""
-    import torch
-
-    # the GEMMs a ViT runs (tokens x width x hidden of ViT-S/B blocks at batch 1 and 8), all threads; the
-    # best of them is the attainable peak (a square 1024^3 GEMM under-reports it: fitted efficiencies > 1)
-    flops = 0.0
-    for m, k, n_ in ((197, 384, 1536), (1576, 384, 1152), (1576, 768, 3072)):
-        a, b = torch.randn(m, k), torch.randn(k, n_)
-        for _ in range(3):
-            a @ b
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 6:
-            a @ b
-            n += 1
-        flops = max(flops, 2 * m * k * n_ * n / (time.perf_counter() - start))
-    src = torch.empty(32 * 1024 * 1024)  # 128 MB
-    src.fill_(1.0)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds / 2:
-        dst.copy_(src)
-        n += 1
-    bandwidth = 2 * src.numel() * 4 * n / (time.perf_counter() - start)
-    return HostFacts(flops, bandwidth, torch.get_num_threads())
-
-
-def measure_onnxruntime_latency(
-    shape: DescendantShape, batch: int = 1, *, arch: ArchConfig = STANDARD_ARCH, repeats: int = 20, warmup: int = 3,
-    stat: str = "median",
-) -> float:
-    """Latency (ms; the ``stat`` of ``repeats`` runs) of a randomly initialised descendant under
-    onnxruntime on this CPU."""
-    import tempfile
-    from pathlib import Path
-
-    import numpy as np
-
-    from export.onnx_export import export_onnx
-    from export.runtime import ort_latency_ms, ort_session
-
-    from factory.core.timm_vit import build_vit
-
-    model = build_vit(arch, shape, seed=0).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.onnx"
-        export_onnx(model, path, img_size=shape.img_size, in_chans=arch.in_chans, verify=False)
-        sess = ort_session(path)
-    x = np.random.default_rng(0).standard_normal((batch, arch.in_chans, shape.img_size, shape.img_size), dtype=np.float32)
-    return ort_latency_ms(sess, x, repeats=repeats, warmup=warmup, stat=stat)

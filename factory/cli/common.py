@@ -1,0 +1,132 @@
+"""What every command shares: the error mapping (one line, exit 2), bounded option types, and the
+options that name a registry (init methods, objectives, export formats, data sets, executors),
+built once from the registries themselves so a new entry shows up in every command."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import click
+
+from export.formats import FORMATS
+from factory.core.baselines import METHODS
+from factory.data import BUILTIN_DATASETS
+from factory.device.objective import OBJECTIVES
+from factory.errors import FactoryError
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+# Bounded option types: an absurd value is a usage error (exit 2) here, never an overflow deep in torch.
+SEED = click.IntRange(0, 2**32 - 1)
+STEPS = click.IntRange(0, 100_000_000)
+POSITIVE_STEPS = click.IntRange(1, 100_000_000)
+BATCH = click.IntRange(1, 1 << 16)
+COUNT = click.IntRange(1, 4096)  # layers, heads, depth, jobs
+SIZE = click.IntRange(1, 1 << 16)  # widths, image and patch sizes, classes
+RATE = click.FloatRange(0, 10, min_open=True)  # learning rates (NaN is refused by the configs)
+
+# Out of space, over quota, file too large (RLIMIT_FSIZE), read-only file system: the user's to fix, not a bug.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+DATA_HELP = f"{', '.join(BUILTIN_DATASETS)}, or an ImageFolder directory (train/, val/, optional test/)."
+FORMAT_HELP = f"{', '.join(FORMATS)}, all, or a comma list."
+OBJECTIVE_HELP = ("accuracy: probe the Pareto-front shapes by successive halving on the data and pick the lowest "
+                  "(temperature-scaled) validation loss; capacity: the largest shape that fits, no probes; auto: capacity "
+                  "for the trained learngene (measured within noise of the best), accuracy for another --init or "
+                  "--expand-steps 0.")
+
+
+class FactoryGroup(click.Group):
+    """A click group that maps :class:`FactoryError` to exit code 2 for every subcommand."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FactoryError as exc:
+            raise UserError(str(exc)) from exc
+        except OSError as exc:
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            where = f" writing {exc.filename}" if exc.filename else ""
+            raise UserError(f"{exc.strerror or os.strerror(exc.errno)}{where}; free space (or raise the quota/file-size limit) "
+                            "and rerun: finished stages are kept, nothing half-written is") from exc
+        except KeyboardInterrupt:
+            click.echo("Interrupted: stopped cleanly; finished stages and fine-tuning checkpoints are kept, rerun the same "
+                       "command to resume", err=True)
+            ctx.exit(130)
+
+
+def echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def init_option(name: str = "init", flag: str = "--init", help: str = "How descendants are initialised.") -> click.Option:
+    return click.option(flag, name, type=click.Choice(METHODS), default="peg", show_default=True, help=help)
+
+
+def objective_option(help: str = OBJECTIVE_HELP):
+    return click.option("--objective", type=click.Choice(OBJECTIVES), default="auto", show_default=True, help=help)
+
+
+def data_option(default: str | None, help: str = DATA_HELP):
+    return click.option("--data", default=default, show_default=default is not None, help=help)
+
+
+def ancestry_option(default: str | None = "demo", help: str = "'demo', a timm name (pretrained), 'random:NAME', or CKPT@ARCH."):
+    return click.option("--ancestry", default=default, show_default=default is not None, help=help)
+
+
+def seed_option(default: int | None = 0, help: str = "Random seed."):
+    return click.option("--seed", type=SEED, default=default, show_default=default is not None, help=help)
+
+
+def out_option(help: str, *, required: bool = True, default: Path | None = None):
+    return click.option("--out", type=click.Path(path_type=Path), required=required and default is None, default=default,
+                        show_default=default is not None, help=help)
+
+
+def shape_options(fn):
+    """``--depth --embed-dim --heads --mlp-ratio --img-size --patch-size --num-classes`` (see :func:`shape_from`)."""
+    options = [
+        click.option("--depth", type=COUNT, help="Descendant depth L_d."),
+        click.option("--embed-dim", type=SIZE, help="Descendant width D_d."),
+        click.option("--heads", "num_heads", type=COUNT, help="Descendant heads H_d."),
+        click.option("--mlp-ratio", type=click.FloatRange(0, 64, min_open=True), default=None, help="MLP hidden / width [default: ancestry's]."),
+        click.option("--img-size", type=SIZE, default=None, help="Input size [default: ancestry's]."),
+        click.option("--patch-size", type=SIZE, default=None, help="Patch size [default: ancestry's]."),
+        click.option("--num-classes", type=click.IntRange(0, 1 << 20), default=None, help="Classes [default: ancestry's]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def shape_from(arch, depth, embed_dim, num_heads, mlp_ratio, img_size, patch_size, num_classes):
+    """The :class:`~factory.core.shapes.DescendantShape` of :func:`shape_options`' values, ``arch``'s where not given."""
+    from factory.core.shapes import DescendantShape
+
+    for name, value in (("--depth", depth), ("--embed-dim", embed_dim), ("--heads", num_heads)):
+        if value is None:
+            raise UserError(f"missing {name}")
+    return DescendantShape(
+        depth=depth,
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio if mlp_ratio is not None else arch.mlp_ratio,
+        img_size=img_size or arch.img_size,
+        patch_size=patch_size or arch.patch_size,
+        num_classes=num_classes if num_classes is not None else arch.num_classes,
+    )
+
+
+def int_list(text: str | None, flag: str) -> list[int] | None:
+    try:
+        return [int(v) for v in text.split(",")] if text else None
+    except ValueError as exc:
+        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from exc

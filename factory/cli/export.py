@@ -1,0 +1,70 @@
+"""``peg-factory export``: a model, or every device of the latest build here, to the deployable formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from factory.cli.common import FORMAT_HELP, UserError
+
+
+@click.command("export")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="Run directory or descendant .safetensors [default: every device of the latest build here].")
+@click.option("--format", "fmt", default="onnx", show_default=True, help=FORMAT_HELP)
+@click.option("--profile", "profile_spec", default=None, help="Target profile (batch, precision, which TensorRT path).")
+@click.option("--data", default=None, help="Images for INT8 calibration and accuracy [default: digits for 1-channel 10-class models].")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: MODEL_DIR/export].")
+@click.option("--require-engine", is_flag=True, help="Fail (exit 2) instead of writing a build kit when no engine can be built here.")
+def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None:
+    """Export a descendant to ONNX (verified), FP16/INT8 ONNX and TensorRT (engine or on-device kit).
+
+    \b
+    Example:
+      peg-factory export --model runs/d9 --format all --profile jetson_orin
+      peg-factory export --model out/descendant.safetensors --format onnx-int8 --data digits --out out/export
+      peg-factory export --format trt        # every device of the latest build in this directory
+    """
+    import contextlib
+
+    from export.api import export_model, parse_formats, resolve_model_path
+    from factory.device.profile import load_profile
+    from factory.io import confined, directory_lock
+
+    jobs = []
+    lock = contextlib.nullcontext()
+    if model_path is not None:
+        path = resolve_model_path(model_path)
+        jobs.append((path, load_profile(profile_spec) if profile_spec else None, out or path.parent / "export"))
+    else:
+        manifest = latest_manifest(Path.cwd())
+        base = manifest["path"].parent
+        lock = directory_lock(base)  # it rewrites the build's device folders: never while a build runs there
+        for device in manifest["data"]["devices"]:
+            if device.get("status") != "ok":
+                click.echo(f"{device['name']}: skipped (its build failed: {device.get('error')})")
+                continue
+            prof = load_profile(profile_spec or device["profile"])
+            model = confined(base, device["artifacts"]["model"]["path"], f"{manifest['path']}: model path")
+            jobs.append((model, prof, confined(out, device["name"], "device name") if out else model.parent / "export"))
+    with lock:
+        for path, prof, target in jobs:
+            formats = parse_formats(fmt, prof)
+            record = export_model(path, formats, target, profile=prof, data=data, require_engine=require_engine, log=click.echo)
+            click.echo(f"exported {path} -> {target} ({', '.join(record['artifacts'])}); hashes in {target / 'export.json'}")
+
+
+def latest_manifest(root: Path) -> dict:
+    """The newest ``manifest.json`` at most two folders below ``root``, with its path."""
+    candidates = [p for pattern in ("manifest.json", "*/manifest.json", "*/*/manifest.json") for p in root.glob(pattern)]
+    if not candidates:
+        raise UserError(f"no --model given and no build (manifest.json) under {root}; run `peg-factory build` first or pass --model")
+    path = max(candidates, key=lambda p: p.stat().st_mtime)
+    try:
+        data = json.loads(path.read_text())
+        assert isinstance(data["devices"], list)
+    except (ValueError, KeyError, AssertionError, TypeError) as exc:
+        raise UserError(f"{path} is not a peg-factory build manifest; pass --model") from exc
+    return {"path": path, "data": data}

@@ -1,0 +1,109 @@
+"""``peg-factory profiles``: list, show, measure (this host's kernel tables) and the schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from factory.cli.common import BATCH, SIZE, FactoryGroup, ancestry_option, echo_json, seed_option
+
+
+@click.group(cls=FactoryGroup)
+def profiles() -> None:
+    """Shipped device profiles."""
+
+
+@profiles.command("list")
+def profiles_list() -> None:
+    """List the shipped profiles.
+
+    \b
+    Example:
+      peg-factory profiles list
+    """
+    from factory.device.profile import list_profiles, load_profile
+
+    for name in list_profiles():
+        p = load_profile(name)
+        budgets = ", ".join(f"{k}={v:g}" for k, v in p.budgets.items())
+        click.echo(f"{name:18s} {p.hardware.kind:4s} {p.hardware.runtime:12s} {p.precision:5s} batch {p.batch:<3d} {budgets}")
+
+
+@profiles.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def profiles_show(name, as_json) -> None:
+    """Show one profile (a shipped name or a YAML path), validated.
+
+    \b
+    Example:
+      peg-factory profiles show jetson_orin
+    """
+    import yaml
+
+    from factory.device.profile import load_profile
+
+    data = load_profile(name).model_dump(exclude_none=True)
+    click.echo(json.dumps(data, indent=2) if as_json else yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+@profiles.command("measure")
+@click.option("--runtime", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
+              help="Runtime whose kernels are measured (onnxruntime on this CPU).")
+@ancestry_option(help="Ancestry whose search space the tables span.")
+@click.option("--batch", "batches", type=BATCH, multiple=True, help="Batch sizes to span [default: 1 and 8].")
+@click.option("--img-size", "img_sizes", type=SIZE, multiple=True, help="Input sizes to span [default: the search space's].")
+@click.option("--points", type=click.IntRange(3, 12), default=6, show_default=True, help="Grid points per table axis.")
+@click.option("--fit", "fit_models", type=click.IntRange(3, 100), default=10, show_default=True,
+              help="Whole models measured to fit the scale and overhead terms.")
+@seed_option(help="Seed of the whole models sampled to fit the terms.")
+@click.option("--stat", type=click.Choice(["median", "min"]), default="median", show_default=True,
+              help="Statistic of each timing's runs: median (a dedicated machine's typical run) or min (the "
+                   "least-disturbed run, steadier on a shared host); the tables predict that statistic.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Tables file [default: this host's, which profiles with 'latency_tables: host' use].")
+def profiles_measure(runtime, ancestry, batches, img_sizes, points, fit_models, seed, stat, out) -> None:
+    """Measure this machine's kernel latency tables (the kernel-level latency predictor).
+
+    Each kernel of a ViT block as onnxruntime runs it (MatMul+bias, MatMul+BiasGelu, attention,
+    LayerNorm, Add, patch stem) is timed on a grid spanning the ancestry's search space; a few
+    whole models fit the scale and overhead terms (factory/device/tables.py). Takes a few minutes; the
+    result is cached per host, onnxruntime version and ancestry architecture.
+
+    \b
+    Example:
+      peg-factory profiles measure
+      peg-factory search --profile host      # host.yaml has latency_tables: host
+    """
+    from factory.core.ancestry import load_ancestry
+    from factory.device.measure import host_tables_path, measure_tables
+    from factory.device.search import SearchSpace
+    from factory.device.tables import Grids, spread_shapes
+    from factory.io import ensure_parent
+
+    arch = load_ancestry(ancestry).arch
+    path = out or host_tables_path(arch)
+    ensure_parent(path)  # an unwritable --out fails now, not after minutes of measuring
+    batches = tuple(batches) or (1, 8)
+    space = SearchSpace.from_arch(arch, img_sizes=tuple(img_sizes) or None)
+    grids = Grids.for_space(space, arch, batches, points)
+    tables = measure_tables(arch, grids, fit_shapes=spread_shapes(space, fit_models, batches, seed), log=click.echo,
+                            stat=stat)
+    tables.save(path)
+    click.echo(f"latency tables {path}: {tables.points} kernel points + {fit_models} whole models in {tables.seconds:.0f}s "
+               f"({tables.describe_terms()})")
+
+
+@profiles.command("schema")
+def profiles_schema() -> None:
+    """Print the profile JSON schema (the file profiles/profile.schema.json).
+
+    \b
+    Example:
+      peg-factory profiles schema > profiles/profile.schema.json
+    """
+    from factory.device.profile import profile_json_schema
+
+    echo_json(profile_json_schema())

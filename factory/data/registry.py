@@ -1,0 +1,56 @@
+"""Data sets by name: one registry maps a spec to its loader and to its identity.
+
+A spec is a built-in name (:data:`DATASETS`) or a directory in ``ImageFolder`` layout. The
+identity (:func:`dataset_identity`) says what the loaded content is without loading it, cheaply
+(a file hash, a listing, the generator's parameters), so a cache can be keyed on it before torch
+has anything to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from factory.data import builtin, folder
+from factory.data.tensors import Dataset
+from factory.errors import FactoryError
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A built-in data set: ``load(img_size, in_chans)`` and ``identity(img_size, in_chans)``."""
+
+    load: Callable[[int, int], Dataset]
+    identity: Callable[[int, int], str]
+
+
+DATASETS: dict[str, DatasetEntry] = {
+    "mnist": DatasetEntry(lambda size, chans: builtin.load_mnist(size), builtin.mnist_identity),
+    "digits": DatasetEntry(lambda size, chans: builtin.load_digits(size), builtin.digits_identity),
+    "textures": DatasetEntry(builtin.load_textures, builtin.textures_identity),
+    "synthetic": DatasetEntry(lambda size, chans: builtin.make_synthetic(size, in_chans=chans),
+                              lambda size, chans: builtin.synthetic_identity(size, in_chans=chans)),
+}
+BUILTIN_DATASETS = tuple(DATASETS)
+
+
+def _folder(spec: str) -> Path:
+    root = Path(spec).expanduser()
+    if not root.is_dir():
+        raise FactoryError(f"unknown dataset {spec!r}: use one of {', '.join(BUILTIN_DATASETS)} or an ImageFolder directory")
+    return root
+
+
+def load_dataset(spec: str, img_size: int = 28, in_chans: int = 1) -> Dataset:
+    """A built-in data set by name or an ImageFolder directory, at ``img_size`` with ``in_chans`` channels."""
+    if spec in DATASETS:
+        return DATASETS[spec].load(img_size, in_chans)
+    return folder.load_image_folder(_folder(spec), img_size, in_chans)
+
+
+def dataset_identity(spec: str, img_size: int = 28, in_chans: int = 1) -> str:
+    """What identifies ``load_dataset(spec, img_size, in_chans)``'s content, without loading it."""
+    if spec in DATASETS:
+        return DATASETS[spec].identity(img_size, in_chans)
+    return folder.folder_identity(_folder(spec), img_size, in_chans)

@@ -1,0 +1,64 @@
+"""Which latency model a profile gets -- decided here and nowhere else.
+
+1. ``latency_tables`` named and present: the measured kernel tables answer latency
+   (:class:`factory.device.tables.KernelTables`; ``host`` means this machine's, at
+   :func:`factory.device.measure.host_tables_path`); missing ``host`` tables fall back to the roofline
+   and say how to measure them; a missing named file is an error.
+2. Otherwise the roofline (:class:`factory.device.roofline.CostModel`) with the profile's declared
+   figures (or this host's, measured, for ``measure: true``), fitted to the profile's calibration CSV
+   when it has one (:func:`factory.device.fit.calibrate`).
+
+``method`` on the result says which, and why, in words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from factory.core.shapes import STANDARD_ARCH, ArchConfig
+from factory.device.fit import calibrate, calibration_provenance, read_calibration_csv
+from factory.device.profile import Profile
+from factory.device.roofline import CostModel, Device, Efficiency, HostFacts
+from factory.device.tables import KernelTables
+from factory.errors import FactoryError
+
+
+def tables_path(profile: Profile, arch: ArchConfig) -> Path | None:
+    """The kernel tables file ``profile`` points at (``host``: this machine's for ``arch``), or ``None``."""
+    if profile.latency_tables is None:
+        return None
+    if profile.latency_tables == "host":
+        from factory.device.measure import host_tables_path  # onnxruntime is imported only for host tables
+
+        return host_tables_path(arch)
+    base = Path(profile.path).parent if profile.path else Path.cwd()
+    return (base / profile.latency_tables).resolve()
+
+
+def latency_model_for(profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, host: HostFacts | None = None) -> CostModel:
+    """The profile's latency model (see the module docstring); ``host`` are this machine's measured
+    facts for a ``measure: true`` profile (measured now when not given)."""
+    if profile.hardware.measure and host is None:
+        from factory.device.measure import measure_host
+
+        host = measure_host()
+    model = CostModel(Device.from_profile(profile, host), profile.precision, profile.batch,
+                      Efficiency.default_for(profile.hardware), arch)
+    csv = profile.calibration_path()
+    if csv is not None:
+        rows = read_calibration_csv(csv, profile.path or "<profile>")
+        model = calibrate(model, rows)
+        what = calibration_provenance(csv)
+        model = dataclasses.replace(model, method=f"roofline calibrated on {len(rows)} rows of {csv.name}"
+                                                  + (f" ({what})" if what else ""))
+    tables = tables_path(profile, arch)
+    if tables is None:
+        return model
+    if tables.is_file():
+        return dataclasses.replace(model, tables=KernelTables.load(tables), method=f"kernel tables {tables.name}")
+    if profile.latency_tables == "host":
+        return dataclasses.replace(model, method=f"{model.method} (no host latency tables yet: run `peg-factory "
+                                                  "profiles measure` to predict per kernel)")
+    raise FactoryError(f"profile {profile.path}: latency_tables {profile.latency_tables} not found; fix the path "
+                       "or measure them with `peg-factory profiles measure --out PATH`")

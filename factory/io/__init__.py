@@ -1,0 +1,15 @@
+"""The bottom layer: version-stamped hashes, atomic writes, seals, locks and cache paths.
+
+Imports nothing of the project but :mod:`factory.errors` and :mod:`factory._version`; every
+other layer may use it (``pyproject.toml``'s import-linter contracts enforce this).
+"""
+
+from factory.io.atomic import atomic_directory, atomic_write_bytes, confined, ensure_parent
+from factory.io.hashing import canonical_safetensors, content_key, sha256_bytes, sha256_file, state_dict_sha256
+from factory.io.lock import LOCK_FILE, directory_lock
+from factory.io.paths import cache_dir
+from factory.io.seal import SEAL_FILE, seal, seal_state, sealed_files
+
+__all__ = ["LOCK_FILE", "SEAL_FILE", "atomic_directory", "atomic_write_bytes", "cache_dir", "canonical_safetensors",
+           "confined", "content_key", "directory_lock", "ensure_parent", "seal", "seal_state", "sealed_files", "sha256_bytes",
+           "sha256_file", "state_dict_sha256"]

@@ -1,0 +1,53 @@
+"""An exclusive, process-lifetime lock on a directory (``flock``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from factory.errors import FactoryError
+from factory.io.atomic import ensure_parent
+
+LOCK_FILE = ".peg-factory.lock"
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike, *, wait: bool = False, log=None) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (``flock`` on ``directory/.peg-factory.lock``).
+
+    A second holder fails at once with a one-line :class:`FactoryError` naming the holder, or, with
+    ``wait``, blocks until the lock is free (saying so through ``log``). The kernel releases the
+    lock when its process dies, so a killed build never leaves the directory locked.
+    """
+    import fcntl
+
+    path = Path(directory)
+    created = not path.exists()
+    ensure_parent(path / LOCK_FILE)
+    fh = open(path / LOCK_FILE, "a+")
+    ok = False
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            if not wait:
+                raise FactoryError(f"{path} is in use by another build ({holder}); wait for it to finish, "
+                                   "pass --wait-lock to wait, or use another --out") from None
+            if log is not None:
+                log(f"waiting for the build holding {path} ({holder}) to finish")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        yield
+        ok = True
+    finally:
+        fh.close()
+        if created and not ok and [p.name for p in path.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(path, ignore_errors=True)  # a build that failed before writing anything leaves nothing

@@ -1,0 +1,146 @@
+"""Build settings: the recipe whose objects form the cache keys, and the run options that do not.
+
+:class:`BuildConfig` is what a user sets. The stages never hash it by hand: each stage's key is
+built from the config objects that actually run, derived here -- :func:`finetune_recipe` (a
+:class:`~factory.training.train.TrainConfig`), :func:`expanding_config` (an
+:class:`~factory.core.expanding.ExpandingConfig`) and :func:`build_learngene_recipe` -- so a changed
+trainer default changes the keys it should. :data:`RUN_OPTIONS` (how many jobs run at once) change
+where and how fast a build runs, never what it makes: they are not part of any key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from factory.core.baselines import METHODS
+from factory.core.expanding import ExpandingConfig, default_shapes
+from factory.data import dataset_identity
+from factory.device.objective import OBJECTIVES, resolve_objective
+from factory.errors import FactoryError
+from factory.training.train import TrainConfig
+
+#: BuildConfig fields that are not part of the build's identity (the executor is not either).
+RUN_OPTIONS = ("jobs",)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    ancestry: str = "demo"
+    data: str = "digits"
+    gene_layers: int | None = None
+    gene_heads: int | None = None
+    gene_seed: int = 0
+    gene_tau: float = 1.0
+    gene_rescale: str = "std"
+    gene_head_mixing: bool = True
+    expand_steps: int | None = None  # None: ExpandingConfig's default
+    expand_data: str | None = None  # None: the ancestry's own data if known, else ``data``
+    init: str = "peg"
+    finetune_steps: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    jobs: int = 1
+    device: str = "auto"
+    # accuracy: successive-halving probes of the Pareto front on the build's data (factory.device.accuracy) pick the shape;
+    # capacity: the largest shape that fits, no probes; auto: capacity for a trained PEG learngene, else accuracy
+    # (factory.device.objective.resolve_objective; bench/RESULTS.md, "Accuracy-aware search", measures both)
+    objective: str = "auto"
+    candidates: int = 8
+
+    def __post_init__(self) -> None:
+        import math
+
+        checks = {
+            "init": self.init in METHODS,
+            "gene layers": self.gene_layers is None or self.gene_layers >= 1,
+            "gene heads": self.gene_heads is None or self.gene_heads >= 1,
+            "expand steps": self.expand_steps is None or self.expand_steps >= 0,
+            "fine-tuning steps": self.finetune_steps >= 1,
+            "batch size": self.batch_size >= 1,
+            "learning rate": math.isfinite(self.lr) and self.lr > 0,
+            "gene tau": math.isfinite(self.gene_tau) and self.gene_tau > 0,
+            "jobs": self.jobs >= 1,
+            "candidates": self.candidates >= 1,
+            "objective": self.objective in OBJECTIVES,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise FactoryError(f"invalid build setting: {', '.join(bad)} (init one of {', '.join(METHODS)}, counts >= 1, "
+                               "steps >= 0, lr and tau finite and > 0); fix the flag")
+
+
+def identity(cfg: BuildConfig) -> dict[str, Any]:
+    """The build's settings that determine what it makes (all but :data:`RUN_OPTIONS`)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_OPTIONS}
+
+
+def finetune_recipe(cfg: BuildConfig) -> TrainConfig:
+    """The fine-tuning recipe of a build (also what the accuracy estimator compresses and benches reproduce)."""
+    return TrainConfig(steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
+                       warmup_steps=max(1, cfg.finetune_steps // 10), ckpt_every=max(1, cfg.finetune_steps // 5))
+
+
+def expanding_config(cfg: BuildConfig) -> ExpandingConfig:
+    """The expanding phase the build runs (``steps == 0``: none, the learngene stays as sampled)."""
+    exp = ExpandingConfig() if cfg.expand_steps is None else ExpandingConfig(steps=cfg.expand_steps)
+    return dataclasses.replace(exp, seed=cfg.gene_seed)
+
+
+def expanding_data(cfg: BuildConfig, anc) -> str:
+    """Images the expanding phase distils on: ``expand_data``, else the ancestry's own training
+    images when known (``mnist`` for the trained demo ancestry), else the build's data."""
+    if cfg.expand_data:
+        return cfg.expand_data
+    return "mnist" if anc.spec == "demo" and anc.weights == "trained-demo" else cfg.data
+
+
+def build_learngene_recipe(cfg: BuildConfig, anc) -> dict[str, Any]:
+    """:func:`learngene_recipe` of the learngene this build makes from ``anc``."""
+    exp = expanding_config(cfg)
+    return learngene_recipe(anc.sha256, cfg.gene_layers or max(1, anc.arch.depth // 2), cfg.gene_heads or anc.arch.num_heads,
+                            seed=cfg.gene_seed, tau=cfg.gene_tau, rescale=cfg.gene_rescale, head_mixing=cfg.gene_head_mixing,
+                            expanding=dataclasses.asdict(exp) if exp.steps else None,
+                            data=dataset_identity(expanding_data(cfg, anc), anc.arch.img_size, anc.arch.in_chans)
+                            if exp.steps else None)
+
+
+def objective_for(cfg: BuildConfig, anc) -> tuple[str, str]:
+    """The objective this build runs and why (:func:`factory.device.objective.resolve_objective`)."""
+    trained = cfg.init == "peg" and expanding_config(cfg).steps > 0
+    return resolve_objective(cfg.objective, init=cfg.init, trained_learngene=trained)
+
+
+def learngene_recipe(ancestry_sha256: str, layers: int, heads: int, *, seed: int, tau: float, rescale: str,
+                     head_mixing: bool, expanding: dict[str, Any] | None, data: str | None) -> dict[str, Any]:
+    """Everything that determines a learngene's tensors: the build caches learngenes by it."""
+    return {"ancestry": ancestry_sha256, "layers": layers, "heads": heads, "seed": seed, "tau": float(tau), "mixing": "softmax",
+            "rescale": rescale, "head_mixing": head_mixing, "expanding": expanding, "data": data}
+
+
+def recipe_of(lg) -> dict[str, Any] | None:
+    """The :func:`learngene_recipe` a saved learngene was made with, read from its metadata
+    (``None`` when it was not made by the default sampler + expanding phase)."""
+    m = lg.meta
+    exp = m.get("expanding_phase")
+    if m.get("mixing") != "softmax" or "ancestry" not in m:
+        return None
+    if exp and exp.get("shapes") != [s.label() for s in default_shapes(lg)]:
+        return None
+    expanding = None
+    if exp:  # only the fields that shape the tensors (older logs may carry others, e.g. checkpoint cadence)
+        fields = set(dataclasses.asdict(ExpandingConfig()))
+        if not fields <= set(exp["config"]):
+            return None
+        expanding = {k: exp["config"][k] for k in sorted(fields)}
+    return learngene_recipe(m["ancestry"]["sha256"], lg.num_layers, lg.num_heads, seed=m.get("seed"), tau=m.get("tau"),
+                            rescale=m.get("rescale", "none"), head_mixing=m.get("heads_mixed", heads_mixed(lg)), expanding=expanding,
+                            data=exp.get("data") if exp else None)
+
+
+def heads_mixed(lg) -> bool:
+    """Whether the learngene's head matrices blend heads (not all one-hot)."""
+    q = lg.head_mixing
+    return not bool(((q == 0) | (q == 1)).all())

@@ -1,0 +1,28 @@
+"""Fleet files: ``profiles: [a.yaml, b.yaml]``, the profiles one build makes models for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from factory.device.profile import MAX_PROFILE_BYTES
+from factory.errors import FactoryError
+
+
+def load_fleet(path: str | Path) -> list[str]:
+    """Profile paths listed by a fleet file (``profiles: [a.yaml, b.yaml]``, relative to the file)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise FactoryError(f"fleet {path}: larger than a fleet file needs ({MAX_PROFILE_BYTES} bytes); check the file")
+        data = yaml.safe_load(path.read_text())
+    except RecursionError as exc:
+        raise FactoryError(f"fleet {path}: nested too deeply to be a fleet file; fix the YAML") from exc
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        raise FactoryError(f"fleet {path}: cannot read it ({' '.join(str(exc).split())[:200]}); check the file") from exc
+    if (not isinstance(data, dict) or not isinstance(data.get("profiles"), list) or not data["profiles"]
+            or not all(isinstance(p, str) and p for p in data["profiles"])):
+        raise FactoryError(f"fleet {path}: expected 'profiles: [profile.yaml, ...]' (a list of paths)")
+    return [str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in data["profiles"]]
+

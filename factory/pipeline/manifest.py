@@ -1,0 +1,135 @@
+"""The build manifest, assembled: its build-wide head, one entry per device, and how it is written.
+
+Schema: :data:`factory.pipeline.manifest_schema.MANIFEST_SCHEMA`. The report
+(:mod:`factory.pipeline.report`) and the model cards (:mod:`factory.pipeline.model_card`) are
+rendered from the manifest alone. A device entry is built in three steps: :func:`device_entry`
+(profile and search), the selection (:mod:`factory.pipeline.selection`), then
+:func:`device_record` (fine-tune, measurements, artifacts) from the shape task that built it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from factory._version import __version__
+from factory.io import atomic_write_bytes, content_key, sha256_file
+from factory.pipeline.config import BuildConfig, build_learngene_recipe, identity
+from factory.pipeline.manifest_schema import MANIFEST_SCHEMA
+
+#: Export record fields a manifest artifact keeps.
+ARTIFACT_FIELDS = ("sha256", "files", "kind", "mode", "val_accuracy", "test_accuracy", "weights_sha256", "execution_precision")
+#: At most this many rejected shapes are kept per device for the report's plot.
+REJECTED_POINTS = 400
+
+
+def profile_hash(profile) -> str:
+    return hashlib.sha256(Path(profile.path).read_bytes()).hexdigest() if profile.path else content_key(profile.model_dump())
+
+
+def tool_versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"peg-factory": __version__}
+    for name in ("torch", "timm", "onnx", "onnxruntime", "fvcore", "tensorrt"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def device_entry(profile) -> dict[str, Any]:
+    """A device's entry before its search: the profile, and what the model card says of the target."""
+    return {"name": profile.name, "profile": str(profile.path), "profile_sha256": profile_hash(profile),
+            "budgets": dict(profile.budgets.items()), "target": {"description": profile.description or profile.name, "precision": profile.precision,
+                       "batch": profile.batch}}
+
+
+def search_summary(result, chosen) -> dict[str, Any]:
+    """What a device's manifest keeps of its search: counts, and the points the report plots
+    (``[latency_ms, capacity score]`` of the Pareto front, a sample of the rejected, the chosen)."""
+    point = lambda c: [round(c.latency_ms, 5), round(c.score, 4)]  # noqa: E731
+    return {"evaluated": result.evaluated, "feasible": len(result.feasible), "rejected": len(result.rejected),
+            "front": [point(c) for c in result.pareto], "rejected_points": [point(c) for c in result.rejected[:REJECTED_POINTS]],
+            "chosen": point(chosen)}
+
+
+def device_record(entry: dict[str, Any], *, finetune: dict[str, Any], finetune_key: str, measured: dict[str, Any],
+                  export_record: dict[str, Any], model_sha256: str, cfg: BuildConfig, learngene_sha256: str) -> dict[str, Any]:
+    """A built device's manifest fields, from its search ``entry`` (``predicted``, ``search``), the
+    fine-tune's and measure stage's sealed info, and the export record."""
+    name, predicted = entry["name"], entry["predicted"]
+    artifacts = {"model": {"path": f"{name}/model.safetensors", "sha256": model_sha256}}
+    for fmt, art in export_record["artifacts"].items():
+        artifacts[fmt] = {"path": f"{name}/export/{art.get('file') or art.get('dir')}",
+                          **{k: v for k, v in art.items() if k in ARTIFACT_FIELDS}}
+    return {
+        "init": cfg.init,
+        "learngene_sha256": learngene_sha256,
+        "finetune": {"steps": cfg.finetune_steps, "seed": cfg.seed, "cache_key": finetune_key, "seconds": finetune["seconds"]},
+        "accuracy": {"val": finetune["val_accuracy"], "test": finetune["test_accuracy"]},
+        "flops": {"fvcore": measured["flops_fvcore"], "closed_form_g": predicted["flops_g"]},
+        "params": measured["params"],
+        "latency_ms": {"predicted_target": predicted["latency_ms"], "host_onnxruntime": measured["host_latency_ms_onnxruntime"]},
+        "memory_mb": {"predicted_target": predicted["memory_mb"]},
+        "budgets": entry["budgets"],
+        "margins": predicted["margins"],
+        "artifacts": artifacts,
+        "deploy": export_record.get("deploy"),
+        "model_card": f"{name}/MODEL_CARD.md",
+    }
+
+
+def head(cfg: BuildConfig, anc, lg, ds, lg_key: str, names: list[str]) -> dict[str, Any]:
+    """The build-wide part of the manifest: ancestry, learngene, data, recipe, tools."""
+    from factory.data import dataset_identity
+
+    return {
+        "format_version": 1,
+        "ancestry": anc.identity(),
+        "ancestry_arch": anc.arch.to_dict(),
+        "learngene": {"sha256": lg.sha256, "layers": lg.num_layers, "heads": lg.num_heads, "seed": cfg.gene_seed,
+                      "recipe": build_learngene_recipe(cfg, anc), "cache_key": lg_key, "sampled_once_for": names},
+        "data": {"spec": cfg.data, "identity": ds.identity, "classes": ds.train.classes,
+                 "identity_key": dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans)},
+        "recipe": identity(cfg),
+        "tools": tool_versions(),
+    }
+
+
+def build_key(profiles, cfg: BuildConfig, ancestry_fingerprint: str) -> str:
+    """What decides "nothing to do": the profiles' bytes, the settings that make the models, the ancestry's weights."""
+    return content_key([profile_hash(p) for p in profiles], identity(cfg), ancestry_fingerprint)
+
+
+def previous(out: Path, key: str) -> dict[str, Any] | None:
+    """The manifest in ``out`` if it was made from the inputs ``key`` names and its artifacts are intact."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("build_key") != key:
+        return None
+    for dev in manifest.get("devices", []):
+        for art in dev.get("artifacts", {}).values():
+            target = out / art["path"]
+            if not target.exists() or ("sha256" in art and target.is_file() and sha256_file(target) != art["sha256"]):
+                return None
+    return manifest
+
+
+def assemble(head_part: dict[str, Any], *, key: str, devices: list[dict[str, Any]], executor: dict[str, Any],
+             seconds: float) -> dict[str, Any]:
+    return {**head_part, "build_key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "executor": executor,  # where the shape tasks ran (not part of the build's identity)
+            "seconds": round(seconds, 2), "devices": devices}
+
+
+def write(out: Path, manifest: dict[str, Any]) -> None:
+    """``manifest.json`` and ``manifest.schema.json``, each atomically."""
+    atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(out / "manifest.schema.json", (json.dumps(MANIFEST_SCHEMA, indent=2) + "\n").encode())

@@ -1,0 +1,80 @@
+"""Choosing each device's shape: the search within its budgets, then the capacity choice or the
+accuracy probes (:mod:`factory.device.accuracy`), recorded in the device's manifest entry.
+
+``search_devices`` runs before the learngene exists (the dry run needs only it);
+``choose_by_probes`` runs after, replacing capacity choices by the probes' on the build's data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from factory.core.shapes import DescendantShape
+from factory.device.accuracy import EstimatorConfig, SuccessiveHalving, choose_by_accuracy, describe_decision
+from factory.device.resolve import latency_model_for
+from factory.device.search import SearchResult, search
+from factory.errors import FactoryError
+from factory.pipeline import manifest
+from factory.pipeline.config import finetune_recipe
+from factory.pipeline.stages import BuildContext
+
+
+def search_devices(profiles, space, anc, cfg, objective: str, why: str) -> tuple[list[dict[str, Any]], dict[str, SearchResult]]:
+    """Per profile, its manifest entry with the capacity choice (or ``status: failed`` and why), and
+    the search results by device name (what the accuracy probes choose among; a device whose
+    search found nothing that fits has its result too, for the closest miss)."""
+    devices, results = [], {}
+    for prof in profiles:
+        entry = manifest.device_entry(prof)
+        try:
+            cost = latency_model_for(prof, arch=anc.arch)
+            result = results[prof.name] = search(prof, space, cost, seed=cfg.seed)
+            entry["latency_method"] = cost.method
+            best = result.require_feasible()
+            entry.update(shape=best.shape.to_dict(), predicted=best.to_dict(),
+                         search=manifest.search_summary(result, best),
+                         selection={"objective": "capacity", "reason": f"{why}: the largest shape that fits, not probed"}
+                         if objective == "capacity" else {"objective": "capacity", "reason": "pending accuracy estimate"})
+        except FactoryError as exc:
+            entry.update(status="failed", error=str(exc))
+        devices.append(entry)
+    return devices, results
+
+
+def estimator(ctx: BuildContext) -> SuccessiveHalving:
+    """The accuracy estimator of a build: successive halving of the build's own fine-tuning recipe."""
+    c = ctx.cfg
+    return SuccessiveHalving(ctx.ancestry, ctx.learngene, ctx.data, finetune_recipe(c), init=c.init,
+                             config=EstimatorConfig(candidates=c.candidates), cache_dir=ctx.cache.root / "estimate")
+
+
+def choose_by_probes(ctx: BuildContext, devices: list[dict[str, Any]], results: dict[str, SearchResult],
+                     reason: str = "--objective accuracy") -> None:
+    """Replace each device's capacity choice by the candidate with the best predicted accuracy;
+    ``reason`` (why the build probes) goes into each device's ``selection``."""
+    predictor = estimator(ctx)
+    for entry in devices:
+        if entry.get("status") == "failed":
+            continue
+        result = results[entry["name"]]
+        best, spent = result.feasible[0], predictor.seconds
+        chosen, rows = choose_by_accuracy(result, predictor, ctx.cfg.candidates)
+        row = next(r for r in rows if r["chosen"])
+        entry.update(shape=chosen.shape.to_dict(),
+                     predicted={**chosen.to_dict(), "accuracy": row["predicted_accuracy"]},
+                     search={**entry["search"], "chosen": [round(chosen.latency_ms, 5), round(chosen.score, 4)]})
+        entry["selection"] = {"objective": "accuracy", "reason": reason, "estimator": predictor.describe(), "candidates": rows,
+                              "chosen": chosen.shape.label(), "capacity_choice": best.shape.label(),
+                              "seconds": round(predictor.seconds - spent, 2)}
+        ctx.log(f"{entry['name']}: chose {chosen.shape.label()} from {len(rows)} probed candidates in "
+                f"{predictor.seconds - spent:.1f}s; {describe_decision(row.get('decision', {}))}")
+
+
+def shape_groups(devices: list[dict[str, Any]], profiles) -> dict[DescendantShape, list[tuple[Any, dict[str, Any]]]]:
+    """The devices that did not fail, grouped by the shape they chose: ``shape -> [(profile, entry)]``."""
+    by_name = {p.name: p for p in profiles}
+    groups: dict[DescendantShape, list] = {}
+    for entry in devices:
+        if entry.get("status") != "failed":
+            groups.setdefault(DescendantShape.from_dict(entry["shape"]), []).append((by_name[entry["name"]], entry))
+    return groups

@@ -1,0 +1,132 @@
+"""One shape task: fine-tune a distinct shape once, then measure, export and assemble it for every
+device that chose it. What an executor runs (:mod:`factory.pipeline.executor`); small and picklable.
+
+A task carries specs and paths, never models or data: the ancestry and data set are loaded by
+spec once per process (:func:`ancestry_and_data`), the learngene from its cache entry by path,
+checked against its sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from factory.core.assets import ancestry_fingerprint
+from factory.core.shapes import DescendantShape
+from factory.errors import FactoryError
+from factory.io import atomic_directory, confined, sha256_file
+from factory.pipeline import manifest, model_card
+from factory.pipeline.cache import Cache, Entry
+from factory.pipeline.config import BuildConfig
+from factory.pipeline.executor import TaskEnv
+from factory.pipeline.stages import EXPORT, FINETUNE, MEASURE, BuildContext, ExportItem, ModelItem, run_stage
+
+Update = tuple[str, dict[str, Any]]  # (device name, its manifest entry's update)
+
+
+@dataclass(frozen=True)
+class DeviceTask:
+    """A device that chose the task's shape: its profile and its manifest entry so far (search, selection)."""
+
+    profile: Any  # factory.device.profile.Profile
+    entry: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ShapeTask:
+    out: str
+    cfg: BuildConfig
+    learngene_dir: str
+    learngene_sha256: str
+    shape: DescendantShape
+    devices: tuple[DeviceTask, ...]
+    head: dict[str, Any]  # the manifest's build-wide part (ancestry, learngene, recipe): model cards need it
+
+    @property
+    def names(self) -> list[str]:
+        return [d.entry["name"] for d in self.devices]
+
+    def failed(self, reason: str) -> list[Update]:
+        """Every device of the task failed with ``reason``."""
+        return [(name, {"status": "failed", "error": reason}) for name in self.names]
+
+
+@functools.lru_cache(maxsize=2)
+def _load(ancestry: str, fingerprint: str, data: str):
+    from factory.core.ancestry import load_ancestry
+    from factory.data import load_dataset
+
+    anc = load_ancestry(ancestry)
+    return anc, load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+
+
+def ancestry_and_data(cfg: BuildConfig):
+    """``(ancestry, dataset)`` of a build, loaded once per process (a Ray worker, or the driver and its
+    threads) and reloaded when the ancestry's weights or the data's identity changed."""
+    from factory.data import dataset_identity
+
+    anc, ds = _load(cfg.ancestry, ancestry_fingerprint(cfg.ancestry), cfg.data)
+    if ds.identity != dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans):
+        _load.cache_clear()
+        anc, ds = _load(cfg.ancestry, ancestry_fingerprint(cfg.ancestry), cfg.data)
+    return anc, ds
+
+
+def run_shape_task(task: ShapeTask, env: TaskEnv) -> list[Update]:
+    """Fine-tune ``task.shape`` once (``env.threads`` intra-op threads), then measure, export and
+    assemble it for each device; a :class:`FactoryError` fails the devices it concerns, not the build.
+
+    ``env.serial`` serialises measuring and exporting: ``torch.onnx.export`` and fvcore's tracing
+    keep process-global state and fail when two threads run them at once. Fine-tuning stays parallel.
+    """
+    from factory.core.learngene import Learngene
+    from factory.training.train import intra_op_threads
+
+    anc, ds = ancestry_and_data(task.cfg)
+    lg = Learngene.load(task.learngene_dir)
+    if lg.sha256 != task.learngene_sha256:
+        raise FactoryError(f"the learngene at {task.learngene_dir} is not the one the build made "
+                           f"({task.learngene_sha256[:12]}); is --out shared?")
+    out = Path(task.out)
+    ctx = BuildContext(out, task.cfg, Cache(out / ".cache", env.log), env.log, anc, ds, lg, env.should_stop)
+    try:
+        with intra_op_threads(env.threads):
+            tuned = run_stage(ctx, FINETUNE, task.shape)
+    except FactoryError as exc:
+        env.log(f"finetune {task.shape.label()}: failed: {exc}")
+        return task.failed(str(exc))
+    updates = []
+    for device in task.devices:
+        name = device.entry["name"]
+        try:
+            with env.serial if env.serial is not None else contextlib.nullcontext():
+                update = {**finish_device(ctx, task, device, tuned), "status": "ok"}
+        except FactoryError as exc:
+            update = {"status": "failed", "error": str(exc)}
+            env.log(f"{name}: failed: {exc}")
+        updates.append((name, update))
+    return updates
+
+
+def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned: Entry) -> dict[str, Any]:
+    """Measure and export one device's model, then write ``OUT/<device>/`` (model, export, model card)
+    and return its manifest entry's update."""
+    prof, entry = device.profile, device.entry
+    model_file = tuned.path / "model.safetensors"
+    measured = run_stage(ctx, MEASURE, ModelItem(task.shape, model_file)).info()
+    exported = run_stage(ctx, EXPORT, ExportItem(prof.name, prof, entry["profile_sha256"], model_file))
+    export_record = json.loads((exported.path / "export" / "export.json").read_text())
+    update = manifest.device_record(entry, finetune=tuned.info(), finetune_key=tuned.key, measured=measured,
+                                    export_record=export_record, model_sha256=sha256_file(model_file), cfg=ctx.cfg,
+                                    learngene_sha256=ctx.learngene.sha256)
+    device_dir = confined(ctx.out, prof.name, "profile name")
+    with atomic_directory(device_dir) as tmp:
+        shutil.copyfile(model_file, tmp / "model.safetensors")
+        shutil.copytree(exported.path / "export", tmp / "export")
+        (tmp / "MODEL_CARD.md").write_text(model_card.render(task.head, {**entry, **update}))
+    return update

@@ -1,0 +1,233 @@
+"""The build's cached stages, as data: one :class:`StageSpec` each, in :data:`STAGES`.
+
+=========  ======  ====================================================  ==================================
+stage      scope   key inputs (hashed: the objects that run)             writes
+=========  ======  ====================================================  ==================================
+learngene  fleet   learngene recipe: ancestry sha256, sampling knobs,    ``learngene/`` (sampled, trained by
+                   ``asdict(ExpandingConfig)``, expanding-phase data id  the expanding phase, or the shipped one)
+finetune   shape   init, learngene sha256, shape, ``asdict(TrainConfig)``  ``model.safetensors``, ``metrics.jsonl``
+                   (:func:`~factory.pipeline.config.finetune_recipe`), data id
+measure    shape   the fine-tuned model's sha256                         fvcore FLOPs, params, host latency
+export     device  model sha256, formats, profile sha256, data id        ``export/`` (:func:`export.api.export_model`)
+=========  ======  ====================================================  ==================================
+
+Between them, uncached because they are cheap or cache themselves: the search per device
+(:mod:`factory.pipeline.selection`; its accuracy probes keep their own content-keyed cache in
+``OUT/.cache/estimate``), and the device folder ``OUT/<device>/`` assembled from the entries
+(:mod:`factory.pipeline.shape_task`). One mechanism (:class:`factory.pipeline.cache.Cache`) keys,
+resumes, seals and rebuilds every entry; the dry run (:mod:`factory.pipeline.plan`) reads the same
+table for what is cached and how long the rest will take.
+
+When the learngene recipe is exactly the one the shipped demo learngene was made with
+(``factory/assets/demo_learngene``), that learngene is used instead of training it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+from factory.core.assets import PACKAGED_LEARNGENE
+from factory.core.learngene import Learngene
+from factory.core.shapes import DescendantShape
+from factory.io import sha256_file
+from factory.pipeline.cache import Cache, Entry
+from factory.pipeline.config import BuildConfig, build_learngene_recipe, expanding_data, finetune_recipe, recipe_of
+
+
+@dataclass
+class BuildContext:
+    """What the stages of one build share: where, with what settings, and what is loaded."""
+
+    out: Path
+    cfg: BuildConfig
+    cache: Cache
+    log: Callable[[str], None]
+    ancestry: Any  # factory.core.ancestry.Ancestry
+    data: Any  # factory.data.Dataset
+    learngene: Learngene | None = None  # set once the learngene stage has run
+    should_stop: Callable[[], bool] | None = None  # polled by fine-tunes between steps (Ctrl-C)
+    host: Any = None  # factory.device.roofline.HostFacts, measured once for the dry run's estimates
+
+
+@dataclass(frozen=True)
+class ModelItem:
+    """A fine-tuned model: the measure stage's item."""
+
+    shape: DescendantShape
+    path: Path
+
+
+@dataclass(frozen=True)
+class ExportItem:
+    """A model exported for one device: the export stage's item."""
+
+    name: str
+    profile: Any  # factory.device.profile.Profile
+    profile_sha256: str
+    model: Path
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    scope: Literal["fleet", "device", "shape"]
+    inputs: Callable[[BuildContext, Any], Mapping[str, Any]]  # exactly what ``run`` consumes: hashed into the key
+    run: Callable[[BuildContext, Any, Path, Path], dict[str, Any]]  # (ctx, item, tmp, work) -> the seal's info
+    estimate_s: Callable[[BuildContext, Any], float]  # the dry run's time, for an item not cached
+    what: Callable[[Any], str]  # how the log names the stage for an item
+    hit: str = "{what}: cached ({key})"  # the log line of a cache hit ("" for none)
+
+
+def shipped_learngene(recipe: Mapping[str, Any]) -> Learngene | None:
+    """The packaged demo learngene if it was made with exactly ``recipe``."""
+    if not (PACKAGED_LEARNGENE / "learngene.json").is_file():
+        return None
+    shipped = Learngene.load(PACKAGED_LEARNGENE)
+    return shipped if recipe_of(shipped) == recipe else None
+
+
+# -- learngene ---------------------------------------------------------------------------------------------
+
+def _learngene_inputs(ctx: BuildContext, _: None) -> dict[str, Any]:
+    return build_learngene_recipe(ctx.cfg, ctx.ancestry)
+
+
+def _run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[str, Any]:
+    from factory.core.expanding import ExpandingConfig, default_shapes
+    from factory.core.learngene import sample_learngene
+    from factory.data import load_dataset
+    from factory.training.expanding import run_expanding_phase
+
+    anc, t0 = ctx.ancestry, time.perf_counter()
+    recipe = _learngene_inputs(ctx, None)
+    lg = shipped_learngene(recipe)
+    how = "the shipped demo learngene (same recipe, not retrained)"
+    if lg is None:
+        lg = sample_learngene(anc, recipe["layers"], recipe["heads"], seed=recipe["seed"], tau=recipe["tau"],
+                              rescale=recipe["rescale"], head_mixing=recipe["head_mixing"])
+        how = f"sampled {lg.num_layers} layers x {lg.num_heads} heads"
+        if recipe["expanding"]:
+            source = expanding_data(ctx.cfg, anc)
+            ds = load_dataset(source, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+            lg, _ = run_expanding_phase(lg, anc, ds, default_shapes(lg), ExpandingConfig(**recipe["expanding"]), work=work,
+                                        log=ctx.log, what="learngene expanding phase")
+            how += f", trained {recipe['expanding']['steps']} expanding-phase steps on {source}"
+    lg.save(tmp / "learngene")
+    ctx.log(f"learngene: {how} in {time.perf_counter() - t0:.1f}s")
+    return {"seconds": round(time.perf_counter() - t0, 2), "how": how}
+
+
+def _estimate_learngene(ctx: BuildContext, _: None) -> float:
+    recipe = _learngene_inputs(ctx, None)
+    if not recipe["expanding"] or shipped_learngene(recipe) is not None:
+        return 0.0
+    exp = recipe["expanding"]
+    # per step: the teacher's forward, and forward + backward (~3x) of the smallest, the largest (twice the
+    # ancestry's depth) and random_per_step shapes: about 1 + 3 * (2 + random_per_step) ancestry forwards
+    fwd = step_seconds(ctx, ctx.ancestry.arch.shape(), exp["batch_size"]) / 3
+    return exp["steps"] * fwd * (1 + 3 * (2 + exp["random_per_step"]))
+
+
+# -- finetune ----------------------------------------------------------------------------------------------
+
+def _finetune_inputs(ctx: BuildContext, shape: DescendantShape) -> dict[str, Any]:
+    return {"init": ctx.cfg.init, "learngene": ctx.learngene.sha256 if ctx.learngene else None, "shape": shape.to_dict(),
+            "recipe": dataclasses.asdict(finetune_recipe(ctx.cfg)), "data": ctx.data.identity}
+
+
+def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Path) -> dict[str, Any]:
+    from factory.core.baselines import init_descendant
+    from factory.core.checkpoint import save_descendant
+    from factory.training.train import evaluate, resume_or_restart, train
+
+    c, anc, ds = ctx.cfg, ctx.ancestry, ctx.data
+    model = init_descendant(c.init, shape, ancestry=anc, learngene=ctx.learngene, seed=c.seed)
+    resume = resume_or_restart(work, f"finetune {shape.label()}", ctx.log)
+    result = train(model, ds.train, finetune_recipe(c), val_data=ds.val, out_dir=work, resume=resume, progress=False,
+                   should_stop=ctx.should_stop)
+    model = model.cpu().eval()
+    test_acc = evaluate(model, ds.test)
+    save_descendant(model, anc.arch.with_shape(shape), tmp / "model.safetensors",
+                    {"method": c.init, "learngene_sha256": ctx.learngene.sha256, "shape": shape.to_dict(), "data": ds.identity,
+                     "steps": c.finetune_steps, "seed": c.seed})
+    shutil.copyfile(work / "metrics.jsonl", tmp / "metrics.jsonl")
+    ctx.log(f"finetune {shape.label()}: test accuracy {test_acc:.4f} in {result.seconds:.1f}s")
+    return {"val_accuracy": result.val_accuracy, "test_accuracy": test_acc, "seconds": round(result.seconds, 2)}
+
+
+def step_seconds(ctx: BuildContext, shape: DescendantShape, batch: int) -> float:
+    """Seconds of one training step (forward + backward ~ 3 forwards) on this host, by the roofline
+    with this host's measured GEMM rate and bandwidth (measured once per context)."""
+    from factory.device.measure import measure_host
+    from factory.device.roofline import CostModel, Device, Efficiency
+
+    if ctx.host is None:
+        ctx.host = measure_host(0.2)
+    model = CostModel(Device(ctx.host.peak_flops, ctx.host.bandwidth, "onnxruntime", 1e9, False), "fp32", batch, Efficiency(),
+                      ctx.ancestry.arch)
+    return 3 * model.latency_ms(shape) / 1e3
+
+
+# -- measure, export ---------------------------------------------------------------------------------------
+
+def _run_measure(ctx: BuildContext, item: ModelItem, tmp: Path, work: Path) -> dict[str, Any]:
+    from factory.core.checkpoint import load_descendant
+    from factory.core.flops import count_flops, count_params
+    from factory.device.measure import measure_onnxruntime_latency
+
+    model = load_descendant(item.path)
+    return {"flops_fvcore": count_flops(model), "params": count_params(model),
+            "host_latency_ms_onnxruntime": round(measure_onnxruntime_latency(item.shape, 1, arch=ctx.ancestry.arch), 4)}
+
+
+def _export_formats(item: ExportItem) -> list[str]:
+    from export.api import parse_formats
+
+    return parse_formats("all", item.profile)
+
+
+def _run_export(ctx: BuildContext, item: ExportItem, tmp: Path, work: Path) -> dict[str, Any]:
+    from export.api import export_model
+
+    export_model(item.model, _export_formats(item), tmp / "export", profile=item.profile, data=ctx.cfg.data,
+                 log=lambda line: ctx.log(f"{item.name}: {line}"))
+    return {}
+
+
+LEARNGENE = StageSpec("learngene", "fleet", _learngene_inputs, _run_learngene, _estimate_learngene, lambda _: "learngene")
+FINETUNE = StageSpec("finetune", "shape", _finetune_inputs, _run_finetune,
+                     lambda ctx, s: ctx.cfg.finetune_steps * step_seconds(ctx, s, ctx.cfg.batch_size),
+                     lambda s: f"finetune {s.label()}")
+MEASURE = StageSpec("measure", "shape", lambda ctx, m: {"model": sha256_file(m.path)}, _run_measure, lambda ctx, m: 5.0,
+                    lambda m: f"measure {m.shape.label()}", hit="")
+EXPORT = StageSpec("export", "device",
+                   lambda ctx, e: {"model": sha256_file(e.model), "formats": _export_formats(e), "profile": e.profile_sha256,
+                                   "data": ctx.data.identity},
+                   _run_export, lambda ctx, e: 5.0 * len(_export_formats(e)), lambda e: f"{e.name}: export",
+                   hit="{what} cached ({key})")
+STAGES: tuple[StageSpec, ...] = (LEARNGENE, FINETUNE, MEASURE, EXPORT)
+
+
+def entry_for(ctx: BuildContext, spec: StageSpec, item: Any = None) -> Entry:
+    """The cache entry ``spec`` has for ``item`` (cached or not)."""
+    return ctx.cache.entry(spec.name, spec.inputs(ctx, item))
+
+
+def run_stage(ctx: BuildContext, spec: StageSpec, item: Any = None) -> Entry:
+    """``spec`` for ``item`` through the cache: the entry, made now unless cached and intact."""
+    entry = entry_for(ctx, spec, item)
+    what = spec.what(item)
+    return ctx.cache.get_or_run(entry, lambda tmp, work: spec.run(ctx, item, tmp, work), what,
+                                hit=spec.hit.format(what=what, key=entry.key))
+
+
+def make_learngene(ctx: BuildContext) -> Entry:
+    """The ``learngene`` stage, its result loaded into ``ctx.learngene``; the entry (its key names it in the manifest)."""
+    entry = run_stage(ctx, LEARNGENE)
+    ctx.learngene = Learngene.load(entry.path / "learngene")
+    return entry
