@@ -5,7 +5,7 @@ Tasks (all offline, all unseen by the demo ancestry and its learngene):
 - ``mnist-unseen``: 2,000 images of MNIST's validation split to train, 2,000 of its test split to
   evaluate (the ancestry trained on the 50k training split only).
 - ``textures``: which of 10 scikit-image photographs a crop comes from (natural textures and
-  scenes, train and test crops from disjoint image regions; :func:`factory.data.load_textures`).
+  scenes, train and test crops from disjoint image regions; :func:`factory.data.builtin.load_textures`).
 
 Recipe (``recipe(steps)``): batch 32, AdamW lr 1e-3, warm-up steps/15, cosine, label smoothing
 0.1, one-pixel shifts; accuracy on the task's test split every ``eval_every`` steps.

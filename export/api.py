@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -61,6 +62,25 @@ def parse_formats(text: str | list[str], profile=None) -> list[str]:
         else:
             raise FactoryError(f"unknown export format {item!r}; choose from {', '.join(FORMATS)} or all")
     return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class ExportRun:
+    """What every format's export step shares: the verified FP32 ONNX, its session, the task's data
+    and the reference inputs (batch 1 and 32)."""
+
+    tmp: Path  # the export directory being written
+    onnx_path: Path
+    net: Any  # the PyTorch model (eval mode)
+    arch: Any  # its factory.core.shapes.ArchConfig
+    ds: Any  # factory.data.Dataset, or None when the task has no data
+    calib: np.ndarray | None  # calibration images for INT8
+    x1: np.ndarray
+    x32: np.ndarray
+    fp32: Any  # onnxruntime session of the FP32 model
+    profile: Any  # factory.device.profile.Profile, or None
+    batch: int
+    log: Callable[[str], None]
 
 
 def _data_for(arch, data: str | None):
@@ -167,11 +187,12 @@ def export_model(
             log(f"onnx-int8: model.int8.onnx ({mode}), accuracy {entry.get('val_accuracy', 'n/a')} vs fp32 "
                 f"{fp32_stats.get('val_accuracy', 'n/a')}, b1 {entry['latency_ms_b1']:.3f} ms vs {fp32_stats['latency_ms_b1']:.3f} ms")
 
+        run = ExportRun(tmp, onnx_path, net, arch, ds, calib, x1, x32, fp32, profile, batch, log)
         if set(OPENVINO_FORMATS) & set(formats):
-            record["artifacts"].update(_openvino(tmp, onnx_path, net, formats, ds, calib, x1, x32, fp32, log))
+            record["artifacts"].update(_openvino(run, int8="openvino-int8" in formats))
 
         if "trt" in formats:
-            record["artifacts"]["trt"] = _trt(tmp, onnx_path, fp32, int8_path, arch, profile, batch, calib, require_engine, log)
+            record["artifacts"]["trt"] = _trt(run, int8_path, require_engine=require_engine)
 
         for entry in record["artifacts"].values():
             for key in ("file", "dir"):
@@ -223,21 +244,22 @@ def choose_deployment(artifacts: dict[str, dict[str, Any]], batch: int = 1) -> d
             "candidates_ms": timed}
 
 
-def _openvino(tmp: Path, onnx_path: Path, net, formats: list[str], ds, calib, x1, x32, fp32, log) -> dict[str, dict]:
-    """FP32 IR (+ BF16 execution where supported) and the NNCF INT8 IR, each verified and timed."""
+def _openvino(run: ExportRun, *, int8: bool) -> dict[str, dict]:
+    """FP32 IR (+ BF16 execution where supported) and, with ``int8``, the NNCF INT8 IR, each verified and timed."""
     import torch
 
     from export.runtime import ort_accuracy
 
     from .openvino_export import cpu_supports_bf16, ov_accuracy, ov_compile, ov_latency_ms, ov_logits, to_openvino, to_openvino_int8
 
+    tmp, ds, x1, x32, log = run.tmp, run.ds, run.x1, run.x32, run.log
     out: dict[str, dict] = {}
     test_x = ds.test.images.numpy() if ds is not None else None
     test_y = ds.test.labels.numpy() if ds is not None else None
-    fp32_test = ort_accuracy(fp32, test_x, test_y) if ds is not None else None
+    fp32_test = ort_accuracy(run.fp32, test_x, test_y) if ds is not None else None
     with torch.no_grad():
-        reference = net(torch.from_numpy(x32)).numpy()
-    xml = to_openvino(onnx_path, tmp / "model.xml")
+        reference = run.net(torch.from_numpy(x32)).numpy()
+    xml = to_openvino(run.onnx_path, tmp / "model.xml")
 
     def measure(fmt: str, compiled, entry: dict) -> dict:
         entry.update(latency_ms_b1=round(ov_latency_ms(compiled, x1), 4), latency_ms_b32=round(ov_latency_ms(compiled, x32, repeats=10), 4))
@@ -260,22 +282,24 @@ def _openvino(tmp: Path, onnx_path: Path, net, formats: list[str], ds, calib, x1
         out["openvino-bf16"] = measure("openvino-bf16", bf16, entry)
     else:
         log("openvino-bf16: this CPU has no BF16 support; FP32 execution only")
-    if "openvino-int8" in formats:
-        to_openvino_int8(xml, tmp / "model.int8.xml", calib)
-        entry = {"file": "model.int8.xml", "weights": "model.int8.bin", "calibration_images": len(calib)}
+    if int8:
+        to_openvino_int8(xml, tmp / "model.int8.xml", run.calib)
+        entry = {"file": "model.int8.xml", "weights": "model.int8.bin", "calibration_images": len(run.calib)}
         out["openvino-int8"] = measure("openvino-int8", ov_compile(tmp / "model.int8.xml"), entry)
     if fp32_test is not None:
         out["openvino"]["fp32_onnxruntime_test_accuracy"] = round(fp32_test, 4)
     return out
 
 
-def _trt(tmp: Path, onnx_path: Path, fp32, int8_path, arch, profile, batch: int, calib, require_engine: bool, log) -> dict:
-    """Build an engine here, or write the on-device kit; ``fp32`` is the FP32 onnxruntime session."""
+def _trt(run: ExportRun, int8_path: Path | None, *, require_engine: bool) -> dict:
+    """Build an engine here, or write the on-device kit (``int8_path``: the INT8 ONNX, for INT8 profiles)."""
     from export.runtime import ort_logits
 
     from .kit import write_kit
     from .tensorrt_build import tensorrt_available
 
+    tmp, onnx_path, fp32, arch, profile, batch, calib, log = (run.tmp, run.onnx_path, run.fp32, run.arch, run.profile, run.batch,
+                                                               run.calib, run.log)
     precision = profile.precision if profile is not None else "fp16"
     precision = "fp16" if precision == "fp32" else precision
     available, why = tensorrt_available()

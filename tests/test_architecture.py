@@ -84,3 +84,28 @@ def test_the_finetune_key_is_the_train_config_that_runs(tmp_path):
     assert entry_for(other, FINETUNE, shape).key != key
     jobs = dataclasses.replace(ctx, cfg=BuildConfig(data="synthetic", jobs=4))
     assert entry_for(jobs, FINETUNE, shape).key == key  # a run option, not part of any key
+
+
+def _commands(cmd, path):
+    import click
+
+    yield path, cmd
+    if isinstance(cmd, click.Group):
+        for name, sub in sorted(cmd.commands.items()):
+            yield from _commands(sub, f"{path} {name}")
+
+
+def test_every_cli_option_is_documented_and_every_command_has_an_example():
+    import click
+
+    from factory.cli import cli
+
+    undocumented, no_example = [], []
+    for path, cmd in _commands(cli, "peg-factory"):
+        undocumented += [f"{path} {p.opts[0]}" for p in cmd.params if isinstance(p, click.Option) and not p.help]
+        if not isinstance(cmd, click.Group) and "Example:" not in (cmd.help or ""):
+            no_example.append(path)
+    assert not undocumented, undocumented
+    assert not no_example, no_example
+    assert {name for name in cli.commands} == {"ancestry", "build", "calibrate", "expand", "export", "flops", "learngene",
+                                              "profiles", "search", "train"}

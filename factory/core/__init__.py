@@ -1,1 +1,1 @@
-"""PEG core: ancestries, learngene sampling (mixing) and training (expanding phase), expansion, baselines, shapes, FLOPs."""
+"""PEG core: ancestries, learngene sampling (mixing), the expanding phase's math, expansion, baselines, shapes, FLOPs, the shipped assets."""

@@ -1,1 +1,1 @@
-"""Device cost and search: profiles, latency (roofline, kernel tables, calibration kit) and memory models, shape search, accuracy estimation."""
+"""Devices: profiles, latency models (roofline, kernel tables) behind one protocol, measuring, fitting, the calibration kit, the search and the accuracy probes."""

@@ -1,4 +1,4 @@
-"""Cost models: latency (roofline, calibrated, measured) and memory of a ViT shape on a device.
+"""The roofline cost model: latency and memory of a ViT shape on a device, from its datasheet (or measured) figures.
 
 **Roofline latency.** A shape at batch ``B`` is lowered to the ops a runtime executes
 (:func:`vit_ops`): matmuls (patch embedding, qkv, proj, fc1, fc2, head), attention (``q k^T``,
@@ -178,7 +178,7 @@ class CostModel:
     efficiency: Efficiency
     arch: ArchConfig = STANDARD_ARCH
     calibrated: bool = False
-    tables: Any = None  # factory.device.kernels.KernelTables: kernel-level prediction replaces the roofline
+    tables: Any = None  # factory.device.tables.KernelTables: kernel-level prediction replaces the roofline
     method: str = "roofline"  # how latency is predicted, in words (search output, manifest)
 
     def latency_ms(self, shape: DescendantShape, batch: int | None = None) -> float:

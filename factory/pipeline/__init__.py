@@ -1,1 +1,1 @@
-"""Build pipeline: the staged, cached build, its executors (threads, Ray), reports, artifact safety and fingerprints, the demo assets."""
+"""The build: its config, the table of cached stages, the cache, the plan, shape tasks and their executors, manifest, report and model cards."""

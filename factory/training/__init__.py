@@ -1,1 +1,1 @@
-"""Training: data sets and the trainer (AMP, DDP, resumable)."""
+"""Training: the trainer (AMP, DDP, resumable), the expanding phase's loop, the demo ancestry's recipe."""
