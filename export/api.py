@@ -29,7 +29,7 @@ import numpy as np
 
 from export.formats import FORMATS, OPENVINO_FORMATS
 from factory.core.ancestry import load_ancestry, read_checkpoint
-from factory.io import atomic_directory, sha256_file
+from factory.io import owned_directory, sha256_file
 from factory.core.checkpoint import INFO_METADATA_KEY
 from factory.errors import FactoryError
 from factory.core.flops import count_flops, count_params
@@ -141,7 +141,7 @@ def export_model(
     record: dict[str, Any] = {"model": str(path), "model_sha256": sha256_file(path), "opset": OPSET,
                               "profile": profile.name if profile is not None else None, "artifacts": {}}
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    with owned_directory(out_dir, writer="export") as tmp:
         onnx_path = tmp / "model.onnx"
         check = export_onnx(net, onnx_path, img_size=arch.img_size, in_chans=arch.in_chans, metadata=metadata,
                             verify_batch=max(2, batch))

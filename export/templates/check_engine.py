@@ -5,7 +5,8 @@ Usage: python3 check_engine.py model.fp16.engine [--reference reference.npz] [--
 
 Needs the device's ``tensorrt`` and ``torch`` (CUDA) Python packages. Passes when, for every
 reference batch, the max abs difference to onnxruntime's FP32 logits is <= atol and the top-1
-classes agree on >= 99% of images. Exit code 0 on pass, 1 on fail.
+classes agree on >= 99% of images. Exit code 0 on pass, 1 on a failed check, 2 on a usage error
+(no engine or reference file, a reference with nothing to check, tensorrt not installed).
 """
 
 import argparse
@@ -42,17 +43,53 @@ def compare(got, expected, atol):
     return diff, agree, diff <= atol and agree >= 0.99
 
 
+def usage(message):
+    """A usage error (a missing file, package or argument): one line, exit 2."""
+    print(f"check_engine.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_reference(path):
+    """``[(batch, inputs, expected outputs)]`` of a reference file; a usage error when it holds none."""
+    try:
+        ref = np.load(path)
+    except (OSError, ValueError) as exc:
+        usage(f"cannot read the reference {path} ({exc}); pass --reference PATH (the kit's reference.npz)")
+    pairs = []
+    for key in sorted(k for k in ref.files if k.startswith("input_")):
+        batch = key.split("_", 1)[1]
+        if "output_" + batch not in ref.files:
+            usage(f"the reference {path} has {key} but no output_{batch}; re-create the kit")
+        pairs.append((batch, ref[key], ref["output_" + batch]))
+    if not pairs:
+        usage(f"the reference {path} holds no input_<batch> arrays: nothing to check; re-create the kit")
+    return pairs
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("engine")
     parser.add_argument("--reference", default=str(Path(__file__).with_name("reference.npz")))
     parser.add_argument("--atol", type=float, default=0.05)
-    args = parser.parse_args()
-    ref = np.load(args.reference)
+    args = parser.parse_args()  # argparse exits 2 on a usage error too
+    if not Path(args.engine).is_file():
+        usage(f"no engine at {args.engine}; build it first (build_engine.sh)")
+    pairs = load_reference(args.reference)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        usage("the tensorrt Python package is not installed here (it comes with JetPack / pip install tensorrt)")
     ok = True
-    for key in sorted(k for k in ref.files if k.startswith("input_")):
-        batch = key.split("_", 1)[1]
-        diff, agree, passed = compare(run_engine(args.engine, ref[key]), ref["output_" + batch], args.atol)
+    for batch, inputs, expected in pairs:
+        try:
+            got = run_engine(args.engine, inputs)
+        except ImportError as exc:
+            usage(f"a package the check needs is missing ({exc})")
+        except Exception as exc:  # noqa: BLE001 - the engine could not be loaded or run: the check failed
+            print(f"batch {batch}: FAIL ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
+            ok = False
+            continue
+        diff, agree, passed = compare(got, expected, args.atol)
         print(f"batch {batch}: max abs diff {diff:.4g}, top-1 agreement {agree:.2%}: {'PASS' if passed else 'FAIL'}")
         ok &= passed
     sys.exit(0 if ok else 1)

@@ -87,8 +87,10 @@ def seed_option(default: int | None = 0, help: str = "Random seed."):
 
 
 def out_option(help: str, *, required: bool = True, default: Path | None = None):
-    return click.option("--out", type=click.Path(path_type=Path), required=required and default is None, default=default,
-                        show_default=default is not None, help=help)
+    # click >= 8.3 takes an explicit ``default=None`` as a value that satisfies ``required``: pass it only when set
+    if default is not None:
+        return click.option("--out", type=click.Path(path_type=Path), default=default, show_default=True, help=help)
+    return click.option("--out", type=click.Path(path_type=Path), required=required, help=help)
 
 
 def shape_options(fn):

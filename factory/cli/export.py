@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -32,6 +31,7 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
     from export.api import export_model, parse_formats, resolve_model_path
     from factory.device.profile import load_profile
     from factory.io import confined, directory_lock
+    from factory.pipeline.manifest import built_devices
 
     jobs = []
     lock = contextlib.nullcontext()
@@ -40,15 +40,13 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
         jobs.append((path, load_profile(profile_spec) if profile_spec else None, out or path.parent / "export"))
     else:
         manifest = latest_manifest(Path.cwd())
-        base = manifest["path"].parent
-        lock = directory_lock(base)  # it rewrites the build's device folders: never while a build runs there
-        for device in manifest["data"]["devices"]:
-            if device.get("status") != "ok":
-                click.echo(f"{device['name']}: skipped (its build failed: {device.get('error')})")
+        lock = directory_lock(manifest.parent)  # it rewrites the build's device folders: never while a build runs there
+        for device in built_devices(manifest):
+            if device.error is not None:
+                click.echo(f"{device.name}: skipped (its build failed: {device.error})")
                 continue
-            prof = load_profile(profile_spec or device["profile"])
-            model = confined(base, device["artifacts"]["model"]["path"], f"{manifest['path']}: model path")
-            jobs.append((model, prof, confined(out, device["name"], "device name") if out else model.parent / "export"))
+            prof = load_profile(profile_spec) if profile_spec else device.profile
+            jobs.append((device.model, prof, confined(out, device.name, "device name") if out else device.model.parent / "export"))
     with lock:
         for path, prof, target in jobs:
             formats = parse_formats(fmt, prof)
@@ -56,15 +54,9 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
             click.echo(f"exported {path} -> {target} ({', '.join(record['artifacts'])}); hashes in {target / 'export.json'}")
 
 
-def latest_manifest(root: Path) -> dict:
-    """The newest ``manifest.json`` at most two folders below ``root``, with its path."""
+def latest_manifest(root: Path) -> Path:
+    """The newest ``manifest.json`` at most two folders below ``root``."""
     candidates = [p for pattern in ("manifest.json", "*/manifest.json", "*/*/manifest.json") for p in root.glob(pattern)]
     if not candidates:
         raise UserError(f"no --model given and no build (manifest.json) under {root}; run `peg-factory build` first or pass --model")
-    path = max(candidates, key=lambda p: p.stat().st_mtime)
-    try:
-        data = json.loads(path.read_text())
-        assert isinstance(data["devices"], list)
-    except (ValueError, KeyError, AssertionError, TypeError) as exc:
-        raise UserError(f"{path} is not a peg-factory build manifest; pass --model") from exc
-    return {"path": path, "data": data}
+    return max(candidates, key=lambda p: p.stat().st_mtime)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from factory.cli.common import BATCH, SIZE, FactoryGroup, ancestry_option, echo_json, seed_option
+from factory.cli.common import BATCH, SIZE, FactoryGroup, UserError, ancestry_option, echo_json, seed_option
 
 
 @click.group(cls=FactoryGroup)
@@ -86,6 +86,8 @@ def profiles_measure(runtime, ancestry, batches, img_sizes, points, fit_models, 
     arch = load_ancestry(ancestry).arch
     path = out or host_tables_path(arch)
     ensure_parent(path)  # an unwritable --out fails now, not after minutes of measuring
+    if path.is_dir():
+        raise UserError(f"--out {path} is a directory; give the tables file's path, e.g. {path / 'tables.json'}")
     batches = tuple(batches) or (1, 8)
     space = SearchSpace.from_arch(arch, img_sizes=tuple(img_sizes) or None)
     grids = Grids.for_space(space, arch, batches, points)

@@ -38,7 +38,7 @@ import torch
 
 from factory._version import __version__
 from factory.core.ancestry import Ancestry, load_ancestry
-from factory.io import atomic_directory, sha256_bytes
+from factory.io import owned_directory, sha256_bytes
 from factory.errors import FactoryError
 from factory.core.mixing import MIXING_KINDS, DepthMap, mix_heads, mix_layers, mixing_matrix, rescale_like
 from factory.core.shapes import ArchConfig
@@ -103,7 +103,7 @@ class Learngene:
             head_mixing=self.head_mixing.tolist(),
             shapes={k: list(v.shape) for k, v in self.tensors().items()},
         )
-        with atomic_directory(directory) as tmp:
+        with owned_directory(directory, writer="learngene") as tmp:
             (tmp / TENSOR_FILE).write_bytes(data)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             for name, content in (extra_files or {}).items():

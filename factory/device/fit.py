@@ -51,31 +51,75 @@ def calibrate(model: CostModel, rows: list[Measurement]) -> CostModel:
     return dataclasses.replace(model, efficiency=Efficiency(*fit.x), calibrated=True)
 
 
-def read_calibration_csv(path, profile_path: str) -> list[Measurement]:
-    """Rows :data:`CALIBRATION_FIELDS` + ``latency_ms``."""
+#: The largest row a calibration CSV may hold: the bounds of every search space the factory runs
+#: (the CLI's bounds on depth, widths, image sizes and batch).
+ROW_BOUNDS = {"depth": 4096, "embed_dim": 1 << 16, "num_heads": 4096, "img_size": 1 << 16, "patch_size": 1 << 16,
+              "num_classes": 1 << 20, "batch": 1 << 16}
+RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
+
+
+def read_calibration_csv(path, profile_path: str, runtime: str | None = None) -> list[Measurement]:
+    """Rows :data:`CALIBRATION_FIELDS` + ``latency_ms`` (+ ``runtime``, what the kit writes), each
+    within :data:`ROW_BOUNDS`. With ``runtime`` (the profile's), rows measured with another runtime
+    -- by their ``runtime`` column, else by ``calibration.json`` beside the CSV -- are refused."""
     import csv
 
     path = Path(path)
     if not path.is_file():
         raise FactoryError(f"profile {profile_path}: calibration file {path} not found; fix the path or remove calibration")
+    tagged = _json_runtime(path)
     rows = []
-    with open(path, newline="") as fh:
-        for i, row in enumerate(csv.DictReader(fh), start=2):
-            try:
-                shape = DescendantShape(
-                    depth=int(row["depth"]), embed_dim=int(row["embed_dim"]), num_heads=int(row["num_heads"]),
-                    mlp_ratio=float(row["mlp_ratio"]), img_size=int(row["img_size"]), patch_size=int(row["patch_size"]),
-                    num_classes=int(row.get("num_classes") or 1000),
-                )
-                batch, latency = int(row.get("batch") or 1), float(row["latency_ms"])
-                if not (math.isfinite(latency) and latency > 0) or batch < 1:
-                    raise ValueError(f"latency_ms must be a finite number > 0 and batch >= 1, got {row['latency_ms']!r}, "
-                                     f"{row.get('batch')!r}")
-                rows.append(Measurement(shape, batch, latency))
-            except (KeyError, TypeError, ValueError, FactoryError) as exc:
-                raise FactoryError(f"calibration {path} line {i}: {exc}; expected columns "
-                                   f"{','.join(CALIBRATION_FIELDS)},latency_ms") from exc
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            for i, row in enumerate(csv.DictReader(fh), start=2):
+                rows.append(_row(row, path, i, runtime, tagged))
+    except UnicodeDecodeError as exc:
+        raise FactoryError(f"calibration {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); write it as a UTF-8 CSV") from exc
+    except csv.Error as exc:
+        raise FactoryError(f"calibration {path}: not a CSV file ({exc}); expected columns "
+                           f"{','.join(CALIBRATION_FIELDS)},latency_ms") from exc
+    if not rows:
+        raise FactoryError(f"calibration {path}: no rows; measure the kit (python3 measure.py) or remove calibration")
     return rows
+
+
+def _json_runtime(csv_path: Path) -> str | None:
+    try:
+        value = json.loads(csv_path.with_suffix(".json").read_text()).get("runtime")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _row(row: dict, path: Path, line: int, runtime: str | None, tagged: str | None) -> Measurement:
+    try:
+        measured_with = (row.get("runtime") or "").strip() or tagged
+        if runtime is not None and measured_with is not None and measured_with != runtime:
+            raise ValueError(f"measured with {measured_with}, but the profile runs {runtime}; measure the kit with "
+                             f"--runtime {runtime} or fix the profile's runtime")
+        values = {k: int(row[k]) if k in row and row[k] not in (None, "") else None for k in ROW_BOUNDS if k != "batch"}
+        values["num_classes"] = values["num_classes"] or 1000
+        batch = int(row.get("batch") or 1)
+        for name, bound in ROW_BOUNDS.items():
+            value = batch if name == "batch" else values[name]
+            if value is None:
+                raise KeyError(name)
+            if not 1 <= value <= bound:
+                raise ValueError(f"{name} {value} is outside 1..{bound} (no search space holds it)")
+        ratio, latency = float(row["mlp_ratio"]), float(row["latency_ms"])
+        if not (math.isfinite(latency) and latency > 0):
+            raise ValueError(f"latency_ms must be a finite number > 0 and batch >= 1, got {row['latency_ms']!r}, "
+                             f"{row.get('batch')!r}")
+        if not (math.isfinite(ratio) and 0 < ratio <= 64):
+            raise ValueError(f"mlp_ratio {row['mlp_ratio']!r} is outside (0, 64]")
+        shape = DescendantShape(depth=values["depth"], embed_dim=values["embed_dim"], num_heads=values["num_heads"],
+                                mlp_ratio=ratio, img_size=values["img_size"], patch_size=values["patch_size"],
+                                num_classes=values["num_classes"])
+        return Measurement(shape, batch, latency)
+    except (KeyError, TypeError, ValueError, FactoryError) as exc:
+        what = f"missing column {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise FactoryError(f"calibration {path} line {line}: {what}; expected columns "
+                           f"{','.join(CALIBRATION_FIELDS)},latency_ms") from exc
 
 
 def calibration_provenance(csv_path: Path) -> str:

@@ -31,7 +31,7 @@ from typing import Callable
 from factory.core.shapes import ArchConfig, DescendantShape
 from factory.device.fit import CALIBRATION_FIELDS
 from factory.errors import FactoryError
-from factory.io import atomic_directory
+from factory.io import owned_directory
 
 def spread_by_latency(shapes: list[DescendantShape], latency: Callable[[DescendantShape], float], count: int,
                       seed: int = 0) -> list[DescendantShape]:
@@ -55,7 +55,8 @@ def spread_by_latency(shapes: list[DescendantShape], latency: Callable[[Descenda
 
 def write_kit(profile, arch: ArchConfig, space, out: str | Path, latency, *, count: int = 12, seed: int = 0,
               log: Callable[[str], None] = print) -> Path:
-    """Write the kit for ``profile`` into ``out`` (atomically: a complete kit or none), its shapes spread
+    """Write the kit for ``profile`` into ``out`` (:func:`factory.io.owned_directory`: a complete kit or none, the
+    user's own files in ``out`` left alone), its shapes spread
     over the predictions of ``latency`` (a :class:`factory.device.latency.LatencyModel`)."""
     from export.onnx_export import export_onnx
 
@@ -67,7 +68,7 @@ def write_kit(profile, arch: ArchConfig, space, out: str | Path, latency, *, cou
     writer = csv.writer(rows)
     writer.writerow([*CALIBRATION_FIELDS, "file"])
     out = Path(out)
-    with atomic_directory(out) as tmp:
+    with owned_directory(out, writer="calibrate") as tmp:
         (tmp / "models").mkdir()
         for s in shapes:
             name = f"{s.label()}-b{profile.batch}.onnx"
@@ -92,8 +93,8 @@ README = """# Latency calibration kit for `{name}`
 (`models/*.onnx`, random weights), and a script that times them with **{runtime}** ({precision}).
 
 1. Copy this folder to the device.
-2. Run `python3 measure.py` there (needs numpy and the runtime: `trtexec` on the PATH for
-   TensorRT, `pip install onnxruntime` or `openvino` on CPU boards; `--runtime` overrides the
+2. Run `python3 measure.py` there (needs numpy and the runtime: `trtexec` for TensorRT -- `$TRTEXEC`,
+   the PATH or JetPack's `/usr/src/tensorrt/bin` --, `pip install onnxruntime` or `openvino` on CPU boards; `--runtime` overrides the
    profile's, `--repeats` sets the timing length). Keep the device otherwise idle.
 3. Copy `calibration.csv` and `calibration.json` back and add `calibration: path/to/calibration.csv`
    to the profile. `peg-factory search` then fits its latency model to your measurements and says
@@ -104,6 +105,7 @@ MEASURE_SCRIPT = r'''#!/usr/bin/env python3
 """Time every model of this calibration kit on this device; write calibration.csv + calibration.json.
 
 Stand-alone (numpy and the runtime only). Usage: python3 measure.py [--runtime R] [--repeats N]
+Exit codes: 0 measured, 1 a measurement failed (the model or the runtime), 2 a usage error.
 """
 import argparse
 import csv
@@ -113,6 +115,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -151,32 +154,84 @@ def openvino_ms(path, shape, repeats):
     return median_ms(lambda: request.infer([x]), repeats), ov.__version__
 
 
+def find_trtexec():
+    """``$TRTEXEC``, else ``trtexec`` on the PATH, else JetPack's ``/usr/src/tensorrt/bin/trtexec``."""
+    import os
+    import shutil
+
+    for candidate in (os.environ.get("TRTEXEC"), shutil.which("trtexec"), "/usr/src/tensorrt/bin/trtexec"):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    usage("no trtexec found (looked at $TRTEXEC, the PATH and /usr/src/tensorrt/bin); install TensorRT or set TRTEXEC")
+
+
 def tensorrt_ms(path, shape, repeats):
     precision = {"fp16": ["--fp16"], "int8": ["--int8", "--fp16"]}.get(KIT["precision"], [])
     dims = "x".join(str(d) for d in shape)
-    cmd = ["trtexec", f"--onnx={path}", f"--shapes=images:{dims}", "--noDataTransfers", "--useCudaGraph",
+    cmd = [find_trtexec(), f"--onnx={path}", f"--shapes=images:{dims}", "--noDataTransfers", "--useCudaGraph",
            f"--iterations={repeats}", "--warmUp=200", *precision]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"trtexec exited {done.returncode}: {tail[0][:300]}")
+    out = done.stdout
     median = re.search(r"GPU Compute Time:.*?median =? ?([0-9.]+) ms", out)  # "median = x ms" (older: "median x ms")
     if median is None:
-        raise SystemExit(f"could not find the GPU compute time in trtexec's output for {path}")
+        raise RuntimeError(f"could not find the GPU compute time in trtexec's output for {path}")
     version = re.search(r"TensorRT version: ([0-9.]+)", out) or re.search(r"\[TensorRT v(\d+)\]", out)
     return float(median.group(1)), version.group(1) if version else "?"
+
+
+def usage(message):
+    """A usage error (wrong arguments, a missing tool or file): one line, exit 2."""
+    print(f"measure.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def fail(message):
+    """A measurement that failed (the model or the runtime): one line, exit 1."""
+    print(f"measure.py: failed: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def read_shapes():
+    try:
+        with open(HERE / "shapes.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        usage(f"cannot read shapes.csv ({exc}); re-create the kit with peg-factory calibrate")
+    if not rows:
+        usage("shapes.csv lists no models; re-create the kit with peg-factory calibrate")
+    for row in rows:
+        if not all(row.get(k) for k in ("batch", "img_size", "file")):
+            usage(f"shapes.csv row {row} lacks batch, img_size or file; re-create the kit with peg-factory calibrate")
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime", default=KIT["runtime"], choices=["onnxruntime", "openvino", "tensorrt"])
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=50, help="timed runs per model (>= 1)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        usage(f"--repeats must be >= 1, got {args.repeats}")
     timer = {"onnxruntime": onnxruntime_ms, "openvino": openvino_ms, "tensorrt": tensorrt_ms}[args.runtime]
+    if args.runtime == "tensorrt":
+        find_trtexec()
     rows, version = [], "?"
-    with open(HERE / "shapes.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            shape = (int(row["batch"]), KIT["in_chans"], int(row["img_size"]), int(row["img_size"]))
-            ms, version = timer(HERE / row["file"], shape, args.repeats)
-            rows.append({**{k: v for k, v in row.items() if k != "file"}, "latency_ms": f"{ms:.5f}"})
-            print(f"{row['file']}: {ms:.4f} ms", flush=True)
+    for row in read_shapes():
+        model = HERE / row["file"]
+        if not model.is_file():
+            usage(f"{row['file']} is missing from the kit; re-create it with peg-factory calibrate")
+        shape = (int(row["batch"]), KIT["in_chans"], int(row["img_size"]), int(row["img_size"]))
+        try:
+            ms, version = timer(model, shape, args.repeats)
+        except ImportError as exc:
+            usage(f"the {args.runtime} runtime is not installed here ({exc}); install it or pass --runtime")
+        except Exception as exc:  # noqa: BLE001 - the runtime rejected the model or failed running it
+            fail(f"{row['file']}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+        rows.append({**{k: v for k, v in row.items() if k != "file"}, "runtime": args.runtime, "latency_ms": f"{ms:.5f}"})
+        print(f"{row['file']}: {ms:.4f} ms", flush=True)
     tmp = HERE / "calibration.csv.tmp"
     with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

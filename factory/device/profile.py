@@ -142,16 +142,37 @@ def _format_error(path: str, exc: ValidationError) -> str:
     return f"profile {path}: {field}: {msg.removeprefix('Value error, ')}; {fix}{extra}"
 
 
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """YAML ``text`` read safely and strictly (:class:`StrictLoader`)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_profile(text: str, path: str = "<string>") -> Profile:
     """Validate profile YAML ``text``; one-line :class:`FactoryError` on any problem."""
     if len(text) > MAX_PROFILE_BYTES:
         raise FactoryError(f"profile {path}: {len(text)} characters, more than a profile needs ({MAX_PROFILE_BYTES}); "
                            "check that it is the right file")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", "") or ""
+        if "appears twice" in problem:
+            raise FactoryError(f"profile {path}: {problem}{where}; keep one of them") from exc
         raise FactoryError(f"profile {path}: unreadable YAML{where}; fix the syntax") from exc
     except RecursionError as exc:
         raise FactoryError(f"profile {path}: nested too deeply to be a profile; fix the YAML") from exc

@@ -47,7 +47,7 @@ def latency_model_for(profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, hos
                       Efficiency.default_for(profile.hardware), arch)
     csv = profile.calibration_path()
     if csv is not None:
-        rows = read_calibration_csv(csv, profile.path or "<profile>")
+        rows = read_calibration_csv(csv, profile.path or "<profile>", runtime=profile.hardware.runtime)
         model = calibrate(model, rows)
         what = calibration_provenance(csv)
         model = dataclasses.replace(model, method=f"roofline calibrated on {len(rows)} rows of {csv.name}"
@@ -56,7 +56,14 @@ def latency_model_for(profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, hos
     if tables is None:
         return model
     if tables.is_file():
-        return dataclasses.replace(model, tables=KernelTables.load(tables), method=f"kernel tables {tables.name}")
+        loaded = KernelTables.load(tables)
+        host_facts = None
+        if profile.latency_tables == "host":
+            from factory.device.measure import host_facts as measure_facts
+
+            host_facts = measure_facts()
+        loaded.check_for(arch, tables, host_facts)
+        return dataclasses.replace(model, tables=loaded, method=f"kernel tables {tables.name}")
     if profile.latency_tables == "host":
         return dataclasses.replace(model, method=f"{model.method} (no host latency tables yet: run `peg-factory "
                                                   "profiles measure` to predict per kernel)")

@@ -42,6 +42,7 @@ per host and onnxruntime version (``peg-factory profiles measure``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -192,24 +193,107 @@ class KernelTables:
                 "seconds": self.seconds}
 
     def save(self, path: str | Path) -> None:
-        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1).encode())
+        """Write the tables sealed: ``sha256`` of their canonical JSON, checked by :meth:`load`."""
+        data = self.to_dict()
+        atomic_write_bytes(path, json.dumps({**data, "sha256": _digest(data)}, indent=1).encode())
 
     @classmethod
     def load(cls, path: str | Path) -> "KernelTables":
+        """Read, check the seal and validate (:func:`validate`) a tables file; one-line errors."""
         path = Path(path)
+        fix = "re-measure with `peg-factory profiles measure`"
         try:
             data = json.loads(path.read_text())
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
-            tables = cls(data["host"], data["arch"], float(data["empty_ms"]), data["tables"],
-                         {str(b): [float(v) for v in t] for b, t in data["terms"].items()}, data.get("fit_rows", []),
-                         data.get("seconds", 0.0))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise FactoryError(f"latency tables {path}: unreadable ({exc}); re-measure with `peg-factory profiles measure`") from exc
-        for kernel in KERNELS:
-            if kernel not in tables.tables:
-                raise FactoryError(f"latency tables {path}: kernel {kernel!r} missing; re-measure with `peg-factory profiles measure`")
-        return tables
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise FactoryError(f"latency tables {path}: unreadable ({' '.join(str(exc).split())[:160]}); {fix}") from exc
+        if not isinstance(data, dict):
+            raise FactoryError(f"latency tables {path}: not a tables file (a JSON {type(data).__name__}); {fix}")
+        if data.get("format") != FORMAT:
+            raise FactoryError(f"latency tables {path}: unreadable (format {data.get('format')!r}, expected {FORMAT}); {fix}")
+        sealed = data.pop("sha256", None)
+        if sealed != _digest(data):
+            raise FactoryError(f"latency tables {path}: {'unsealed' if sealed is None else 'changed since measured'} (its "
+                               f"sha256 does not match); {fix}")
+        try:
+            validate(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FactoryError(f"latency tables {path}: {exc}; {fix}") from exc
+        return cls(data["host"], data["arch"], float(data["empty_ms"]), data["tables"],
+                   {str(b): [float(v) for v in t] for b, t in data["terms"].items()}, data.get("fit_rows", []),
+                   float(data.get("seconds", 0.0)))
+
+    def check_for(self, arch: ArchConfig, path: str | Path, host: dict[str, Any] | None = None) -> None:
+        """Refuse (one line) tables measured for another stem (patch size, channels) or runtime, or, with
+        ``host`` (this machine's :func:`factory.device.measure.host_facts`), on another CPU."""
+        fix = "re-measure with `peg-factory profiles measure`"
+        for key in ("patch_size", "in_chans", "num_prefix_tokens"):
+            if key in self.arch and self.arch[key] != arch.to_dict().get(key):
+                raise FactoryError(f"latency tables {path}: measured for {key} {self.arch[key]}, the ancestry has "
+                                   f"{arch.to_dict().get(key)}; {fix} for this ancestry")
+        if self.host.get("runtime", "onnxruntime") != "onnxruntime":
+            raise FactoryError(f"latency tables {path}: measured with {self.host.get('runtime')}, not onnxruntime; {fix}")
+        if host is not None:
+            for key in ("cpu", "cpus", "machine"):
+                if key in self.host and self.host[key] != host.get(key):
+                    raise FactoryError(f"latency tables {path}: measured on another host ({key} {self.host[key]!r}, this one "
+                                       f"{host.get(key)!r}); {fix} here")
+
+
+def _digest(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _finite_positive(value: Any, what: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{what} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return float(value)
+
+
+def validate(data: dict[str, Any]) -> None:
+    """The structure :meth:`KernelTables.load` needs: every kernel's axes strictly ascending positive
+    integers, its ``ms`` grid of exactly those sizes, every time finite and positive; ``terms`` keyed
+    by batch sizes >= 1 with three finite numbers; ``empty_ms`` finite and >= 0. ``ValueError`` names the field."""
+    if data.get("format") != FORMAT:
+        raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
+    for key, kind in (("host", dict), ("arch", dict), ("tables", dict), ("terms", dict)):
+        if not isinstance(data.get(key), kind):
+            raise ValueError(f"{key} must be a {kind.__name__}, got {type(data.get(key)).__name__}")
+    _finite_positive(data.get("empty_ms"), "empty_ms", allow_zero=True)
+    for kernel in KERNELS:
+        table = data["tables"].get(kernel)
+        if not isinstance(table, dict):
+            raise ValueError(f"kernel {kernel!r} missing")
+        axes = table.get("axes")
+        if not isinstance(axes, list) or not axes or not all(isinstance(a, list) and a for a in axes):
+            raise ValueError(f"{kernel}.axes must be a list of non-empty lists")
+        for n, axis in enumerate(axes):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in axis):
+                raise ValueError(f"{kernel}.axes[{n}] must hold integers >= 1")
+            if any(b <= a for a, b in zip(axis, axis[1:])):
+                raise ValueError(f"{kernel}.axes[{n}] must be strictly ascending")
+
+        def check(grid: Any, depth: int, where: str) -> None:
+            if depth == len(axes):
+                _finite_positive(grid, f"{kernel}.ms{where}")
+                return
+            if not isinstance(grid, list) or len(grid) != len(axes[depth]):
+                raise ValueError(f"{kernel}.ms{where} must have {len(axes[depth])} entries (axis {depth})")
+            for k, sub in enumerate(grid):
+                check(sub, depth + 1, f"{where}[{k}]")
+
+        check(table.get("ms"), 0, "")
+    for batch, terms in data["terms"].items():
+        if not str(batch).isdigit() or int(batch) < 1:
+            raise ValueError(f"terms: batch {batch!r} must be an integer >= 1")
+        if not isinstance(terms, list) or len(terms) != 3:
+            raise ValueError(f"terms[{batch}] must be [scale, per_block_ms, fixed_ms]")
+        for name, value in zip(("scale", "per_block_ms", "fixed_ms"), terms):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"terms[{batch}].{name} must be a finite number, got {value!r}")
+        if terms[0] <= 0:
+            raise ValueError(f"terms[{batch}].scale must be > 0, got {terms[0]!r}")
 
 
 def spread_shapes(space, count: int, batches: tuple[int, ...], seed: int = 0) -> list[tuple[DescendantShape, int]]:

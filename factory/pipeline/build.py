@@ -53,7 +53,8 @@ def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConf
     """
     if dry_run:
         return _build(profiles, Path(out), cfg, dry_run=True, log=log)
-    with directory_lock(out, wait=wait_lock, log=log):
+    executor = executor or LocalExecutor(cfg.jobs)
+    with executor.session(log), directory_lock(out, wait=wait_lock, log=log):  # Ray is checked before --out is touched
         return _build(profiles, Path(out), cfg, dry_run=False, log=log, executor=executor)
 
 
@@ -101,7 +102,6 @@ def _build(profiles: list[Profile], out: Path, cfg: BuildConfig, *, dry_run: boo
     tasks = [ShapeTask(str(out.resolve()), cfg, str((lg_entry.path / "learngene").resolve()), ctx.learngene.sha256, shape,
                        tuple(DeviceTask(prof, entry) for prof, entry in group), head)
              for shape, group in shape_groups(devices, profiles).items()]
-    executor = executor or LocalExecutor(cfg.jobs)
     updates = dict(u for result in executor.map(run_shape_task, tasks, log=log, failed=ShapeTask.failed) for u in result)
     for entry in devices:
         entry.update(updates.get(entry["name"], {}))

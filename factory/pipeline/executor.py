@@ -22,6 +22,7 @@ CPU results depend on it, so ``--jobs 2`` here and Ray tasks of 1 CPU write the 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,10 @@ class LocalExecutor:
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", "jobs": self.jobs, "threads_per_finetune": self.threads}
 
+    def session(self, log: Callable[[str], None]):
+        """Nothing to start or check for threads here."""
+        return contextlib.nullcontext()
+
     def map(self, fn: Callable[[T, TaskEnv], R], tasks: Sequence[T], *, log: Callable[[str], None],
             failed: Callable[[T, str], R]) -> list[R]:
         stop = threading.Event()  # Ctrl-C reaches the main thread only; the workers poll this between steps
@@ -106,7 +111,8 @@ class RayExecutor:
     def map(self, fn: Callable[[T, TaskEnv], R], tasks: Sequence[T], *, log: Callable[[str], None],
             failed: Callable[[T, str], R]) -> list[R]:
         ray = require_ray()
-        started = self.connect(ray, log)
+        if not ray.is_initialized():
+            raise RuntimeError("RayExecutor.map runs inside RayExecutor.session (build() opens it)")
         remote = ray.remote(_ray_task).options(num_cpus=self.task_cpus, num_gpus=self.task_gpus,
                                                max_retries=self.max_retries, retry_exceptions=False)
         refs = [remote.remote(fn, task, self.threads) for task in tasks]
@@ -128,28 +134,79 @@ class RayExecutor:
             for ref in refs:
                 ray.cancel(ref)
             raise
+        return results
+
+    @contextlib.contextmanager
+    def session(self, log: Callable[[str], None]):
+        """Join (or start) Ray and check that a task fits on some node, before the build writes
+        anything; shut down on leaving what this call started. Every failure is one line."""
+        ray = require_ray()
+        started = self.connect(ray, log)
+        try:
+            self.check_resources(ray)
+            yield
         finally:
             if started:
                 ray.shutdown()
-        return results
 
     def connect(self, ray, log: Callable[[str], None]) -> bool:
-        """Join (or start) Ray; true when this call started it (and so shuts it down after)."""
+        """Join (or start) Ray; true when this call started it (and so shuts it down after). A local
+        instance binds to 127.0.0.1; a cluster address is probed first (:func:`probe_address`)."""
         if ray.is_initialized():
             return False
         t0 = time.perf_counter()
         kwargs: dict[str, Any] = {"address": self.address, "log_to_driver": True, "include_dashboard": False}
-        if self.address is None and self.num_cpus is not None:
-            kwargs["num_cpus"] = self.num_cpus
+        if self.address is None:
+            kwargs["_node_ip_address"] = LOOPBACK
+            if self.num_cpus is not None:
+                kwargs["num_cpus"] = self.num_cpus
+        else:
+            probe_address(self.address)
         try:
             ray.init(**kwargs)
-        except ConnectionError as exc:
-            raise FactoryError(f"cannot reach the Ray cluster at {self.address!r} ({exc}); check --ray-address or start it "
-                               "with `ray start --head`") from exc
-        log(f"ray: {'joined ' + self.address if self.address else 'started a local instance'} with "
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+            raise FactoryError(f"cannot reach the Ray cluster at {self.address!r} ({' '.join(str(exc).split())[:200]}); check "
+                               "--ray-address or start it with `ray start --head`") from exc
+        log(f"ray: {'joined ' + self.address if self.address else 'started a local instance on ' + LOOPBACK} with "
             f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs "
             f"in {time.perf_counter() - t0:.1f}s")
         return True
+
+    def check_resources(self, ray) -> None:
+        """Refuse (one line) a task no live node can run: Ray would otherwise wait for it forever."""
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        cpus = max((n.get("CPU", 0) for n in nodes), default=0)
+        gpus = max((n.get("GPU", 0) for n in nodes), default=0)
+        if self.task_cpus > cpus:
+            raise FactoryError(f"--task-cpus {self.task_cpus:g}: no Ray node has that many CPUs (the largest has {cpus:g}); "
+                               "lower --task-cpus")
+        if self.task_gpus > gpus:
+            raise FactoryError(f"--task-gpus {self.task_gpus:g}: no Ray node has that many GPUs (the largest has {gpus:g}); "
+                               "lower --task-gpus or add GPU nodes")
+
+
+LOOPBACK = "127.0.0.1"
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Refuse (one line) a Ray address that is malformed or has nothing listening, within ``timeout``
+    seconds, instead of letting ``ray.init`` retry for minutes: ``auto``, ``HOST:PORT`` or
+    ``ray://HOST:PORT``."""
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in hostport:
+        raise FactoryError(f"--ray-address {address!r} is not 'auto', HOST:PORT or ray://HOST:PORT; fix it")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise FactoryError(f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc} within {timeout:g}s); check "
+                           "--ray-address or start it with `ray start --head`") from exc
 
 
 def require_ray():

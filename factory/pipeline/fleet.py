@@ -4,23 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from factory.device.profile import MAX_PROFILE_BYTES
+from factory.device.profile import MAX_PROFILE_BYTES, load_yaml
 from factory.errors import FactoryError
 
 
+FLEET_KEYS = {"profiles"}
+
+
 def load_fleet(path: str | Path) -> list[str]:
-    """Profile paths listed by a fleet file (``profiles: [a.yaml, b.yaml]``, relative to the file)."""
+    """Profile paths listed by a fleet file (``profiles: [a.yaml, b.yaml]``, relative to the file); an
+    unknown or repeated key is refused, as in a profile."""
     import yaml
 
     path = Path(path)
     try:
         if path.stat().st_size > MAX_PROFILE_BYTES:
             raise FactoryError(f"fleet {path}: larger than a fleet file needs ({MAX_PROFILE_BYTES} bytes); check the file")
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except RecursionError as exc:
         raise FactoryError(f"fleet {path}: nested too deeply to be a fleet file; fix the YAML") from exc
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
         raise FactoryError(f"fleet {path}: cannot read it ({' '.join(str(exc).split())[:200]}); check the file") from exc
+    if isinstance(data, dict) and set(data) - FLEET_KEYS:
+        raise FactoryError(f"fleet {path}: unknown key {sorted(map(str, set(data) - FLEET_KEYS))[0]!r}; a fleet file holds "
+                           "'profiles: [profile.yaml, ...]' only")
     if (not isinstance(data, dict) or not isinstance(data.get("profiles"), list) or not data["profiles"]
             or not all(isinstance(p, str) and p for p in data["profiles"])):
         raise FactoryError(f"fleet {path}: expected 'profiles: [profile.yaml, ...]' (a list of paths)")

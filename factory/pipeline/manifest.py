@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from factory._version import __version__
-from factory.io import atomic_write_bytes, content_key, sha256_file
+from factory.errors import FactoryError
+from factory.io import atomic_write_bytes, confined, content_key, sha256_file
 from factory.pipeline.config import BuildConfig, build_learngene_recipe, identity
 from factory.pipeline.manifest_schema import MANIFEST_SCHEMA
 
@@ -45,6 +47,7 @@ def tool_versions() -> dict[str, str | None]:
 def device_entry(profile) -> dict[str, Any]:
     """A device's entry before its search: the profile, and what the model card says of the target."""
     return {"name": profile.name, "profile": str(profile.path), "profile_sha256": profile_hash(profile),
+            "profile_data": profile.model_dump(mode="json", exclude_none=True),  # export needs no path to re-read it
             "budgets": dict(profile.budgets.items()), "target": {"description": profile.description or profile.name, "precision": profile.precision,
                        "batch": profile.batch}}
 
@@ -133,3 +136,56 @@ def write(out: Path, manifest: dict[str, Any]) -> None:
     """``manifest.json`` and ``manifest.schema.json``, each atomically."""
     atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     atomic_write_bytes(out / "manifest.schema.json", (json.dumps(MANIFEST_SCHEMA, indent=2) + "\n").encode())
+
+
+@dataclass(frozen=True)
+class BuiltDevice:
+    """A device of a finished build, as ``peg-factory export`` needs it: checked against the manifest."""
+
+    name: str
+    error: str | None  # why its build failed (then nothing else is set)
+    model: Path | None = None
+    profile: object | None = None  # factory.device.profile.Profile
+
+
+def built_devices(path: Path, *, check_models: bool = True) -> list[BuiltDevice]:
+    """The devices of the build whose manifest is ``path``, each model confined to the build folder and
+    (``check_models``) its sha256 compared with the manifest's; the profile from the manifest itself, so
+    it does not matter where the command runs. Anything malformed or changed is one line."""
+    from factory.device.profile import Profile, load_profile
+
+    base = path.parent
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FactoryError(f"{path} is not a peg-factory build manifest ({' '.join(str(exc).split())[:120]}); pass --model") from exc
+    devices = data.get("devices") if isinstance(data, dict) else None
+    if not isinstance(devices, list):
+        raise FactoryError(f"{path} is not a peg-factory build manifest (no devices list); pass --model")
+    out = []
+    for i, dev in enumerate(devices):
+        where = f"{path}: devices[{i}]"
+        if not isinstance(dev, dict) or not isinstance(dev.get("name"), str):
+            raise FactoryError(f"{where} is not a device entry (an object with a name); rebuild, or pass --model")
+        if dev.get("status") != "ok":
+            out.append(BuiltDevice(dev["name"], str(dev.get("error") or "its build failed")))
+            continue
+        model = (dev.get("artifacts") or {}).get("model") if isinstance(dev.get("artifacts"), dict) else None
+        if not isinstance(model, dict) or not isinstance(model.get("path"), str):
+            raise FactoryError(f"{where} ({dev['name']}) names no model artifact with a path; rebuild, or pass --model")
+        file = confined(base, model["path"], f"{where}: model path")
+        if not isinstance(model.get("sha256"), str):
+            raise FactoryError(f"{where} ({dev['name']}): its model has no sha256 to check it by; rebuild, or pass --model")
+        if not file.is_file():
+            raise FactoryError(f"{where} ({dev['name']}): its model {file} is missing; rebuild, or pass --model")
+        if check_models and sha256_file(file) != model["sha256"]:
+            raise FactoryError(f"{file} is not the model the build made (its sha256 differs from the manifest's: changed or "
+                               "swapped since); rebuild, or pass --model to export that file anyway")
+        try:
+            profile = (Profile.model_validate(dev["profile_data"]) if isinstance(dev.get("profile_data"), dict)
+                       else load_profile(str(dev.get("profile"))))
+        except (ValueError, TypeError) as exc:
+            raise FactoryError(f"{where} ({dev['name']}): its profile cannot be read back ({' '.join(str(exc).split())[:160]}); "
+                               "rebuild, or pass --profile") from exc
+        out.append(BuiltDevice(dev["name"], None, file, profile))
+    return out

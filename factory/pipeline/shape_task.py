@@ -19,7 +19,7 @@ from typing import Any
 from factory.core.assets import ancestry_fingerprint
 from factory.core.shapes import DescendantShape
 from factory.errors import FactoryError
-from factory.io import atomic_directory, confined, sha256_file
+from factory.io import confined, owned_directory, sha256_file
 from factory.pipeline import manifest, model_card
 from factory.pipeline.cache import Cache, Entry
 from factory.pipeline.config import BuildConfig
@@ -125,7 +125,7 @@ def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned:
                                     export_record=export_record, model_sha256=sha256_file(model_file), cfg=ctx.cfg,
                                     learngene_sha256=ctx.learngene.sha256)
     device_dir = confined(ctx.out, prof.name, "profile name")
-    with atomic_directory(device_dir) as tmp:
+    with owned_directory(device_dir, "--out (its device folders)", writer="build") as tmp:
         shutil.copyfile(model_file, tmp / "model.safetensors")
         shutil.copytree(exported.path / "export", tmp / "export")
         (tmp / "MODEL_CARD.md").write_text(model_card.render(task.head, {**entry, **update}))

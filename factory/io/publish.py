@@ -1,0 +1,105 @@
+"""Writing a command's output folder without touching what the user keeps there.
+
+:func:`owned_directory` yields a temporary directory; when the body succeeds, its files are put
+in place under ``path``:
+
+- ``path`` missing: the whole directory is renamed into place (atomic);
+- ``path`` existing (empty or not): each new file replaces the file of the same name only if peg-factory
+  wrote that one (it is listed in ``path``'s :data:`OWNED_FILE`), each file replaced atomically;
+  files the same *writer* (``build``, ``export``, ...) wrote there before and does not write now are
+  removed -- another command's files stay, e.g. the model a build put there when ``export`` writes
+  beside it; **every file of the user's is left as it is**, and a new file whose name a file of the user's already has is refused (one
+  line, nothing changed) instead of overwritten.
+
+The temporary directory lives inside ``path`` (or beside it when ``path`` is new), so nothing is
+ever written outside ``path``'s own parent and ``path`` itself is never renamed or replaced once
+it exists -- it may be the working directory (``--out .``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from factory.errors import FactoryError
+from factory.io.atomic import atomic_directory, atomic_write_bytes, ensure_parent
+
+#: The list of files peg-factory wrote into a directory (relative POSIX paths), kept in that directory.
+OWNED_FILE = ".peg-factory-files.json"
+TMP_PREFIX = ".peg-factory-tmp-"
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def owned_files(path: Path) -> dict[str, str]:
+    """The files peg-factory recorded writing into ``path``, each with the command that wrote it."""
+    try:
+        data = json.loads((path / OWNED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict):
+        return {}
+    return {f: w for f, w in files.items() if isinstance(f, str) and isinstance(w, str)}
+
+
+def _record_bytes(files: dict[str, str]) -> bytes:
+    return (json.dumps({"written_by": "peg-factory", "files": dict(sorted(files.items()))}, indent=1) + "\n").encode()
+
+
+@contextlib.contextmanager
+def owned_directory(path: str | os.PathLike, what: str = "--out", writer: str = "peg-factory") -> Iterator[Path]:
+    """Yield a temporary directory whose files are published into ``path`` (see the module docstring);
+    ``writer`` names the command, whose earlier files in ``path`` it may remove."""
+    path = Path(path)
+    ensure_parent(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise FactoryError(f"{path} exists and is not a directory; choose another {what}")
+    if not path.exists():
+        with atomic_directory(path) as tmp:
+            yield tmp
+            (tmp / OWNED_FILE).write_bytes(_record_bytes({f: writer for f in _files(tmp)}))
+        return
+    if not os.access(path, os.W_OK):
+        raise FactoryError(f"directory {path} is not writable; choose another {what}")
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path))
+    try:
+        yield tmp
+        _publish(tmp, path, what, writer)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, path: Path, what: str, writer: str) -> None:
+    new = [f for f in _files(tmp) if f != OWNED_FILE]
+    ours = owned_files(path)
+    for rel in new:  # refuse before changing anything
+        target = path / rel
+        for parent in list(reversed(Path(rel).parents))[1:]:
+            if (path / parent).is_symlink() or ((path / parent).exists() and not (path / parent).is_dir()):
+                raise FactoryError(f"{path / parent} is in the way of {rel} and was not written by peg-factory; move it "
+                                   f"away or choose another {what}")
+        if (target.exists() or target.is_symlink()) and (rel not in ours or target.is_dir() or target.is_symlink()):
+            raise FactoryError(f"{target} exists and was not written by peg-factory; move it away or choose another {what} "
+                               "(nothing was changed)")
+    for rel in new:
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / rel, path / rel)
+    for rel in sorted(r for r, w in ours.items() if w == writer and r not in new):  # this writer's, not written now
+        stale = path / rel
+        if stale.is_file() and not stale.is_symlink():
+            stale.unlink()
+            for parent in Path(rel).parents:
+                if parent == Path("."):
+                    break
+                with contextlib.suppress(OSError):
+                    (path / parent).rmdir()  # only if empty: a user file inside keeps it
+    kept = {r: w for r, w in ours.items() if r not in new and (w != writer) and (path / r).is_file()}
+    atomic_write_bytes(path / OWNED_FILE, _record_bytes({**kept, **{r: writer for r in new}}))
