@@ -145,8 +145,10 @@ def export_model(
         onnx_path = tmp / "model.onnx"
         check = export_onnx(net, onnx_path, img_size=arch.img_size, in_chans=arch.in_chans, metadata=metadata,
                             verify_batch=max(2, batch))
-        record["artifacts"]["onnx"] = {"file": "model.onnx", "max_abs_diff": check["max_abs_diff"]}
-        log(f"onnx: model.onnx verified against PyTorch (max abs diff {max(check['max_abs_diff'].values()):.2e})")
+        record["artifacts"]["onnx"] = {"file": "model.onnx", "max_abs_diff": check["max_abs_diff"], "nodes": check["nodes"]}
+        slim = (f", {check['nodes']['exported']} -> {check['nodes']['simplified']} nodes (onnxslim)"
+                if "simplified" in check["nodes"] else "")
+        log(f"onnx: model.onnx verified against PyTorch (max abs diff {max(check['max_abs_diff'].values()):.2e}){slim}")
         fp32 = ort_session(onnx_path)
         x1 = np.random.default_rng(1).standard_normal((1, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32)
         x32 = np.random.default_rng(2).standard_normal((32, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32)

@@ -9,6 +9,9 @@ half-written), with:
   yields the plain MatMul/Softmax graph TensorRT's MHA fusion recognises; ``exporter="dynamo"``
   uses ``torch.export`` instead;
 - ``metadata_props`` from ``metadata`` (values JSON-encoded unless already strings);
+- simplified by ``onnxslim`` (constant folding, dead and duplicate nodes, shape-op chains folded:
+  the demo descendant goes from 240 to 108 nodes), metadata and the dynamic batch kept, the node
+  counts before and after in the result; without onnxslim installed the graph is kept as exported;
 - ``onnx.checker`` validation, then (``verify=True``) onnxruntime vs PyTorch on fresh random
   inputs at batch 1 and ``verify_batch``: max abs difference must be <= ``atol`` (1e-4 fp32) or
   the export fails with the measured difference and no file is left behind.
@@ -83,8 +86,10 @@ def export_onnx(
     verify: bool = True,
     verify_batch: int = 4,
     atol: float = 1e-4,
+    simplify: bool = True,
 ) -> dict[str, Any]:
-    """Export, check and (optionally) verify; returns ``{"path", "opset", "max_abs_diff"}``."""
+    """Export, simplify, check and (optionally) verify the simplified graph; returns ``{"path", "opset",
+    "max_abs_diff", "nodes"}`` (``nodes``: ``{"exported": n, "simplified": m}``, or only ``exported``)."""
     import onnx
 
     path = Path(path)
@@ -100,6 +105,11 @@ def export_onnx(
         for key, value in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        nodes = {"exported": len(proto.graph.node)}
+        if simplify:
+            proto, slimmed = simplify_graph(proto)
+            if slimmed:
+                nodes["simplified"] = len(proto.graph.node)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
         diffs = verify_onnx(model, tmp, img_size=img_size, in_chans=in_chans, batches=(1, verify_batch), atol=atol) if verify else {}
@@ -108,4 +118,15 @@ def export_onnx(
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    return {"path": str(path), "opset": opset, "exporter": exporter, "max_abs_diff": diffs}
+    return {"path": str(path), "opset": opset, "exporter": exporter, "max_abs_diff": diffs, "nodes": nodes}
+
+
+def simplify_graph(proto):
+    """``(proto simplified by onnxslim, True)``, or ``(proto, False)`` where onnxslim is not installed."""
+    try:
+        import onnxslim
+    except ImportError:
+        return proto, False
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return onnxslim.slim(proto), True

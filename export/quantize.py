@@ -1,8 +1,10 @@
 """Reduced-precision ONNX: FP16 (GPU targets) and INT8 (CPU targets) with onnxruntime tools.
 
 - FP16: ``onnxruntime.transformers.float16.convert_float_to_float16`` with ``keep_io_types``
-  (inputs/outputs stay float32, so callers don't change), LayerNorm/Softmax kept in fp32-safe ops
-  by the converter's block list.
+  (inputs/outputs stay float32, so callers don't change) and :data:`FP32_OPS` (LayerNormalization,
+  Softmax: their reductions) kept in FP32 by the converter's block list, casts around them. The
+  result is *typed*: what runs in which precision is in the graph, which is what a strongly typed
+  TensorRT network (TensorRT 10's ``--stronglyTyped``, TensorRT 11's only mode) builds from.
 - INT8: ``onnxruntime.quantization.quantize_static`` (QDQ format, per-channel weights, MinMax
   calibration over real images from the task's data) -- the format TensorRT and onnxruntime both
   execute as INT8. ``quantize_dynamic`` (int8 weights, activations quantised at run time) is the
@@ -28,6 +30,9 @@ from .onnx_export import INPUT_NAME
 #: Only the compute-heavy ops are quantised; LayerNorm, Softmax and GELU stay in float, as in
 #: TensorRT's and onnxruntime's own ViT recipes (quantising them costs accuracy for no speed).
 QUANTIZED_OPS = ["MatMul", "Gemm", "Conv"]
+#: Ops an FP16 graph keeps in FP32 (their mean/variance and exp-sum reductions overflow or lose
+#: precision in FP16), as NVIDIA's mixed-precision ViT recipes do.
+FP32_OPS = ["LayerNormalization", "Softmax"]
 
 
 def _tmp_sibling(path: Path) -> Path:
@@ -41,7 +46,10 @@ def to_fp16(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     dst = Path(dst)
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
+                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS])
     tmp = _tmp_sibling(dst)
     try:
         onnx.save(model, str(tmp))

@@ -44,7 +44,8 @@ def test_end_to_end_build_and_cache_hit(tmp_path):
     assert dev["margins"]["params_m"] >= 0
     for name, art in dev["artifacts"].items():
         assert (out / art["path"]).exists(), name
-    assert (out / "tiny" / "MODEL_CARD.md").read_text().startswith("# tiny:")
+    card = (out / "tiny" / "MODEL_CARD.md").read_text()
+    assert card.startswith("---\n") and card.split("\n---\n", 1)[1].lstrip().startswith("# tiny:")  # HF front matter first
     schema = json.loads((out / "manifest.schema.json").read_text())
     jsonschema.validate(json.loads((out / "manifest.json").read_text()), schema)
     lines = []

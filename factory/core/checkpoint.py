@@ -4,8 +4,9 @@ The file's metadata holds ``peg_factory.arch`` (the :class:`~factory.core.shapes
 enough to rebuild the timm model) and ``peg_factory.info`` (how it was made: init method,
 learngene hash, shape). ``load_descendant(path)`` -- or ``load_ancestry(path)``, so descendants
 can be ancestries in turn -- rebuilds the model. Without peg-factory, the same model is
-``timm.models.vision_transformer.VisionTransformer(**kwargs)`` with the kwargs of
-``ArchConfig.timm_kwargs()`` (plus ``norm_layer`` with ``norm_eps``), then ``load_state_dict``.
+``timm.models.vision_transformer.VisionTransformer(**json.loads(metadata["timm.model_args"]))``
+(timm's own keyword names) and ``load_state_dict``; or, with the ``config.json`` that
+:func:`write_timm_config` puts beside the file, ``timm.create_model("local-dir:DIR", pretrained=True)``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def save_descendant(model: nn.Module, arch: ArchConfig, path: str | Path, info: 
         metadata={
             ARCH_METADATA_KEY: json.dumps(arch.to_dict(), sort_keys=True),
             INFO_METADATA_KEY: json.dumps(info, sort_keys=True),
+            **({TIMM_ARGS_METADATA_KEY: json.dumps(timm_model_args(arch), sort_keys=True)}
+               if abs(arch.norm_eps - 1e-6) <= 1e-12 else {}),
         },
     ))
     atomic_write_bytes(path, data)
@@ -47,3 +50,43 @@ def save_descendant(model: nn.Module, arch: ArchConfig, path: str | Path, info: 
 def load_descendant(path: str | Path) -> nn.Module:
     """The timm ViT stored at ``path`` by :func:`save_descendant` (eval mode)."""
     return load_ancestry(Path(path)).model
+
+
+#: The registered timm architecture a descendant's ``config.json`` names; ``model_args`` carry every
+#: field that makes it this descendant (a plain ``VisionTransformer`` either way).
+TIMM_ARCHITECTURE = "vit_tiny_patch16_224"
+#: safetensors metadata key with the descendant's ``VisionTransformer`` keyword arguments, in timm's names.
+TIMM_ARGS_METADATA_KEY = "timm.model_args"
+
+
+def timm_model_args(arch: ArchConfig) -> dict[str, Any]:
+    """``arch``'s ``VisionTransformer`` keyword arguments, JSON-ready (timm's default LayerNorm eps, 1e-6,
+    is the only one a config can express: other eps values are refused)."""
+    if abs(arch.norm_eps - 1e-6) > 1e-12:
+        raise FactoryError(f"LayerNorm eps {arch.norm_eps:g} differs from timm's default 1e-6; a timm config.json cannot "
+                           "express it (load the model with factory.core.checkpoint.load_descendant)")
+    return {k: v for k, v in arch.timm_kwargs().items() if v is not None}
+
+
+def write_timm_config(directory: str | Path, arch: ArchConfig, *, mean, std, label_names: list[str],
+                      interpolation: str = "bilinear", crop_pct: float = 1.0, license: str = "other") -> Path:
+    """``directory/config.json`` in timm's Hub format, written by timm itself (``save_config_for_hf``,
+    the writer of ``timm.models.save_for_hf``) for a meta-device twin of the descendant built by
+    ``timm.create_model``: ``architecture``, ``model_args``, ``pretrained_cfg`` (input size, mean/std,
+    interpolation, crop) and ``label_names``. With ``model.safetensors`` beside it,
+    ``timm.create_model("local-dir:DIR", pretrained=True)`` is the descendant."""
+    import torch
+    import timm
+    from timm.models._hub import save_config_for_hf  # timm's own config writer (what save_for_hf calls)
+
+    args = timm_model_args(arch)
+    with torch.device("meta"):
+        twin = timm.create_model(TIMM_ARCHITECTURE, pretrained=False, **args)
+    path = Path(directory) / "config.json"
+    tmp = path.with_name(".config.json.tmp")
+    model_config = {"label_names": list(label_names), "pretrained_cfg": {"tag": "peg-factory", "license": license}}
+    save_config_for_hf(twin, str(tmp), model_config=model_config, model_args=args,
+                       data_config={"mean": tuple(mean), "std": tuple(std), "interpolation": interpolation,
+                                    "crop_pct": crop_pct, "input_size": (arch.in_chans, arch.img_size, arch.img_size)})
+    tmp.replace(path)
+    return path

@@ -101,6 +101,8 @@ def head(cfg: BuildConfig, anc, lg, ds, lg_key: str, names: list[str]) -> dict[s
                  "identity_key": dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans)},
         "recipe": identity(cfg),
         "tools": tool_versions(),
+        # the demo ancestry is the project's own (Apache-2.0); a user's ancestry brings its own terms
+        "license": "apache-2.0" if anc.spec == "demo" else "other",
     }
 
 

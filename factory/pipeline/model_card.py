@@ -1,8 +1,16 @@
-"""A device's ``MODEL_CARD.md``, rendered from the manifest alone (its head and the device's entry)."""
+"""A device's ``MODEL_CARD.md``, rendered from the manifest alone (its head and the device's entry).
+
+The card is a Hugging Face model card: YAML front matter (``library_name: timm``, tags, license,
+datasets, ``model-index`` with the measured test accuracy) that ``huggingface_hub.ModelCard.load``
+reads, then what the model is, its lineage, numbers, how to run it (timm, onnxruntime), its
+intended use and its limitations.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+import yaml
 
 from factory.core.shapes import DescendantShape
 from factory.device.accuracy import describe_decision
@@ -20,35 +28,83 @@ def selection_text(sel: dict[str, Any]) -> str:
             f"Pareto-front candidates; {describe_decision(best.get('decision', {}))}")
 
 
+def front_matter(head: dict[str, Any], dev: dict[str, Any]) -> dict[str, Any]:
+    """The card's metadata block (the Hugging Face model card fields)."""
+    data = head["recipe"]["data"]
+    dataset = data if "/" not in data else "custom-imagefolder"
+    return {
+        "library_name": "timm",
+        "license": head.get("license", "other"),
+        "pipeline_tag": "image-classification",
+        "tags": ["image-classification", "timm", "vision-transformer", "peg-factory", "learngene", dev["name"]],
+        "datasets": [dataset],
+        "metrics": ["accuracy"],
+        "model-index": [{
+            "name": f"{dev['name']}-{DescendantShape.from_dict(dev['shape']).label()}",
+            "results": [{
+                "task": {"type": "image-classification", "name": "Image Classification"},
+                "dataset": {"name": dataset, "type": dataset, "split": "test"},
+                "metrics": [{"type": "accuracy", "value": round(float(dev["accuracy"]["test"]), 4), "name": "Test accuracy"}],
+            }],
+        }],
+    }
+
+
 def render(head: dict[str, Any], dev: dict[str, Any]) -> str:
     """The card of device entry ``dev`` of a manifest whose build-wide part is ``head``."""
     s, anc, lg, recipe, target = dev["shape"], head["ancestry"], head["learngene"], head["recipe"], dev["target"]
     in_chans = head["ancestry_arch"]["in_chans"]
     label = DescendantShape.from_dict(s).label()
     deploy = dev.get("deploy") or {}
-    return f"""# {dev['name']}: {label}
+    meta = yaml.safe_dump(front_matter(head, dev), sort_keys=False).strip()
+    timm_call = ('timm.create_model("local-dir:.", pretrained=True)  # config.json + model.safetensors, this folder'
+                 if "timm_config" in dev.get("artifacts", {}) else
+                 'factory.core.checkpoint.load_descendant("model.safetensors")  # no config.json: see the build log')
+    method = dev.get("latency_method", "the profile's latency model")
+    return f"""---
+{meta}
+---
+
+# {dev['name']}: {label}
 
 **What it is.** A timm `VisionTransformer` (depth {s['depth']}, width {s['embed_dim']}, {s['num_heads']} heads, MLP ratio
 {s['mlp_ratio']:g}, {s['img_size']}x{s['img_size']} input, patch {s['patch_size']}, {s['num_classes']} classes) for
 {target['description']}.
 
-**How it was made.** Initialised by `{recipe['init']}` from learngene `{(lg['sha256'] or '')[:12]}` ({lg['layers']} gene layers,
+**Lineage.** Initialised by `{recipe['init']}` from learngene `{(lg['sha256'] or '')[:12]}` ({lg['layers']} gene layers,
 {lg['heads']} heads) of ancestry `{anc['spec']}` (`{anc['sha256'][:12]}`, weights: {anc['weights']}); fine-tuned
 {recipe['finetune_steps']} steps on `{recipe['data']}` (seed {recipe['seed']}). {selection_text(dev.get('selection', {}))}, within the budgets
 {dev['budgets']}.
 
 **Numbers.** Test accuracy {dev['accuracy']['test']:.4f}; {dev['flops']['fvcore'] / 1e9:.4f} GFLOPs (fvcore);
 {dev['params'] / 1e6:.3f} M parameters; predicted {dev['latency_ms']['predicted_target']:.4f} ms and
-{dev['memory_mb']['predicted_target']:.1f} MB on the target ({target['precision']}, batch {target['batch']});
+{dev['memory_mb']['predicted_target']:.1f} MB on the target ({target['precision']}, batch {target['batch']}; latency by {method});
 {dev['latency_ms']['host_onnxruntime']:.4f} ms with onnxruntime on the build host.
 Deploy with **{deploy.get('format', 'onnx')}** ({deploy.get('reason', 'the only artifact')}; see `export/export.json`).
 
 **How to run it.**
 ```python
+import timm
+model = {timm_call}
+```
+or with onnxruntime:
+```python
 import onnxruntime as ort, numpy as np
 sess = ort.InferenceSession("export/model.onnx")
 logits = sess.run(None, {{"images": np.zeros((1, {in_chans}, {s['img_size']}, {s['img_size']}), np.float32)}})[0]
 ```
-or in PyTorch: `factory.core.checkpoint.load_descendant("model.safetensors")`. Preprocessing (size, mean, std) and class
-names are in the ONNX metadata. For TensorRT see `export/export.json` (engine, or `trt_kit/build_engine.sh` on the device).
+Preprocessing (size, mean, std, interpolation) and class names are in `config.json` (`pretrained_cfg`, `label_names`) and
+in the ONNX metadata. For TensorRT see `export/export.json` (engine, or `trt_kit/build_engine.sh` on the device).
+
+## Intended use
+
+Classifying images like those of `{recipe['data']}` ({len(head['data'].get('classes', []))} classes) on {target['description']},
+within the budgets above. A starting point for further fine-tuning on the same task.
+
+## Limitations
+
+- Fine-tuned for {recipe['finetune_steps']} steps on `{recipe['data']}` only: accuracy on other data is not measured.
+- The target latency and memory are predictions ({method}), not measurements on the device; the host onnxruntime
+  time says nothing about the target. Calibrate the profile (`peg-factory calibrate`) to predict from device timings.
+- The ancestry's license and data terms (`{anc['spec']}`) apply to this derivative.
 """

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.core.assets import ancestry_fingerprint
+from factory.core.checkpoint import write_timm_config
 from factory.core.shapes import DescendantShape
 from factory.errors import FactoryError
 from factory.io import confined, owned_directory, sha256_file
@@ -128,5 +129,11 @@ def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned:
     with owned_directory(device_dir, "--out (its device folders)", writer="build") as tmp:
         shutil.copyfile(model_file, tmp / "model.safetensors")
         shutil.copytree(exported.path / "export", tmp / "export")
+        try:
+            write_timm_config(tmp, ctx.ancestry.arch.with_shape(task.shape), mean=ctx.data.mean, std=ctx.data.std,
+                              label_names=ctx.data.train.classes, license=task.head.get("license", "other"))
+            update["artifacts"]["timm_config"] = {"path": f"{prof.name}/config.json", "sha256": sha256_file(tmp / "config.json")}
+        except FactoryError as exc:
+            ctx.log(f"{prof.name}: no timm config.json: {exc}")
         (tmp / "MODEL_CARD.md").write_text(model_card.render(task.head, {**entry, **update}))
     return update
