@@ -294,38 +294,75 @@ def _openvino(run: ExportRun, *, int8: bool) -> dict[str, dict]:
 
 
 def _trt(run: ExportRun, int8_path: Path | None, *, require_engine: bool) -> dict:
-    """Build an engine here, or write the on-device kit (``int8_path``: the INT8 ONNX, for INT8 profiles)."""
+    """Build an engine here, or write the on-device kit, from the typed ONNX of the profile's precision
+    (``int8_path``: the Q/DQ model, for INT8 profiles; FP16 is made here)."""
+    from .quantize import to_fp16
+
+    tmp, onnx_path, profile = run.tmp, run.onnx_path, run.profile
+    precision = profile.precision if profile is not None else "fp16"
+    typed = {"fp32": onnx_path, "int8": int8_path}.get(precision)
+    scratch = None
+    if precision == "int8" and run.calib is None:
+        raise FactoryError("a TensorRT INT8 build needs a Q/DQ model calibrated on task images: pass --data (an ImageFolder "
+                           "or a built-in set of the model's classes)")
+    if precision == "fp16":
+        typed = tmp / "model.fp16.onnx"  # the onnx-fp16 artifact when it was asked for, else made for the kit only
+        if not typed.is_file():
+            typed = scratch = tmp / ".kit.fp16.onnx"
+            to_fp16(onnx_path, typed)
+    try:
+        return _trt_engine_or_kit(run, typed, precision, require_engine=require_engine)
+    finally:
+        if scratch is not None:
+            scratch.unlink(missing_ok=True)
+
+
+def _trt_engine_or_kit(run: ExportRun, typed: Path, precision: str, *, require_engine: bool) -> dict:
     from export.runtime import ort_logits
 
-    from .kit import write_kit
+    from .kit import TYPED_MODEL, write_kit
     from .tensorrt_build import tensorrt_available
 
-    tmp, onnx_path, fp32, arch, profile, batch, calib, log = (run.tmp, run.onnx_path, run.fp32, run.arch, run.profile, run.batch,
-                                                               run.calib, run.log)
-    precision = profile.precision if profile is not None else "fp16"
-    precision = "fp16" if precision == "fp32" else precision
+    tmp, onnx_path, fp32, arch, profile, batch, log = run.tmp, run.onnx_path, run.fp32, run.arch, run.profile, run.batch, run.log
     available, why = tensorrt_available()
     here = profile is None or profile.hardware.measure
     if available and here:
         from .tensorrt_build import build_engine, run_engine
 
-        engine = build_engine(onnx_path if precision != "int8" else int8_path or onnx_path, tmp / f"model.{precision}.engine",
-                              precision=precision, batch=(1, batch, max(batch, 2 * batch)),
-                              input_shape=(arch.in_chans, arch.img_size, arch.img_size), calibration=calib,
-                              calibration_cache=tmp / "calibration.cache", timing_cache=tmp / "timing.cache")
+        engine = build_engine(typed, tmp / f"model.{precision}.engine", batch=(1, batch, batch),
+                              input_shape=(arch.in_chans, arch.img_size, arch.img_size), timing_cache=tmp / "timing.cache")
         x = np.random.default_rng(3).standard_normal((batch, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32)
         diff = float(np.abs(run_engine(engine, x) - ort_logits(fp32, x)).max())
-        log(f"trt: built {engine.name} here (max abs diff vs onnxruntime {diff:.3g})")
-        return {"kind": "engine", "file": engine.name, "precision": precision, "max_abs_diff_vs_onnxruntime": diff}
+        log(f"trt: built {engine.name} here, strongly typed from {TYPED_MODEL[precision]} "
+            f"(max abs diff vs onnxruntime {diff:.3g})")
+        return {"kind": "engine", "file": engine.name, "precision": precision, "strongly_typed": True,
+                "max_abs_diff_vs_onnxruntime": diff}
     reason = why if not available else f"the target {profile.name} is not this machine (engines only run where they were built)"
     if require_engine:
         raise FactoryError(f"--require-engine: no TensorRT engine can be built here: {reason}")
     refs_in, refs_out = {}, {}
-    for b in sorted({1, batch}):
+    for b in sorted({1, batch}):  # batch 1 and the opt batch of the engine's profile
         refs_in[b] = np.random.default_rng(10 + b).standard_normal((b, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32)
         refs_out[b] = ort_logits(fp32, refs_in[b])
+    typed_check = _typed_check(typed, fp32, refs_in[batch], run) if precision != "fp32" else {}
     write_kit(tmp / "trt_kit", onnx_fp32=onnx_path, precision=precision, in_chans=arch.in_chans, img_size=arch.img_size,
-              batch=batch, reference_inputs=refs_in, reference_outputs=refs_out, onnx_int8=int8_path,
-              calibration=calib, target=profile.name if profile is not None else "")
-    log(f"trt: wrote an on-device build kit (trt_kit/build_engine.sh), no engine built here: {reason}")
-    return {"kind": "kit", "dir": "trt_kit", "precision": precision, "reason": reason}
+              batch=batch, reference_inputs=refs_in, reference_outputs=refs_out, onnx_typed=typed,
+              target=profile.name if profile is not None else "")
+    log(f"trt: wrote an on-device build kit (trt_kit/build_engine.sh, strongly typed from {TYPED_MODEL[precision]}), "
+        f"no engine built here: {reason}")
+    return {"kind": "kit", "dir": "trt_kit", "precision": precision, "typed_model": TYPED_MODEL[precision],
+            "reason": reason, **typed_check}
+
+
+def _typed_check(typed: Path, fp32, x: np.ndarray, run: ExportRun) -> dict:
+    """The kit's typed model checked here with onnxruntime: logits against FP32's, and the accuracy
+    delta on the task's validation images when there are any."""
+    from export.runtime import ort_accuracy, ort_logits, ort_session
+
+    sess = ort_session(typed)
+    check = {"typed_max_abs_diff_vs_fp32": round(float(np.abs(ort_logits(sess, x) - ort_logits(fp32, x)).max()), 5)}
+    if run.ds is not None:
+        val_x, val_y = run.ds.val.images.numpy(), run.ds.val.labels.numpy()
+        typed_acc, fp32_acc = ort_accuracy(sess, val_x, val_y), ort_accuracy(fp32, val_x, val_y)
+        check.update(typed_val_accuracy=round(typed_acc, 4), typed_accuracy_drop_vs_fp32=round(fp32_acc - typed_acc, 4))
+    return check

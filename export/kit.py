@@ -1,16 +1,24 @@
-"""On-device TensorRT build kits.
+"""On-device TensorRT build kits, for TensorRT 10 (JetPack 6) and 11 alike.
 
 A TensorRT engine only runs on the GPU model and TensorRT version that built it, so for any
 target other than this machine peg-factory ships a kit that builds and checks the engine *on the
-device*:
+device*. TensorRT 11 builds strongly typed networks only (precision lives in the ONNX graph:
+``--fp16``/``--int8``, ``BuilderFlag.FP16``/``INT8`` and calibrators are gone) and TensorRT 10 has
+``--stronglyTyped``, so the kit carries *typed* ONNX models and builds from them:
 
-- ``model.onnx`` (FP32) and, for INT8, ``model.int8.onnx`` (QDQ: explicit quantisation, so
-  ``trtexec --int8`` needs no calibrator) plus ``calibration.npy`` (real images, for users who
-  prefer TensorRT's own entropy calibration through :mod:`export.tensorrt_build`);
-- ``build_engine.sh``: the exact ``trtexec`` command (precision flags, min/opt/max shapes from the
-  profile's batch, ``--saveEngine``, ``--timingCacheFile``, ``--exportTimes``);
-- ``reference.npz``: inputs at batch 1 and the profile's batch with onnxruntime's FP32 logits;
-- ``check_engine.py``: runs the engine on those inputs and compares (exit code 0 = pass).
+- ``model.onnx`` (FP32), ``model.fp16.onnx`` (FP16 weights and compute, FP32 inputs/outputs and
+  FP32 LayerNorm/Softmax: :func:`export.quantize.to_fp16`) for FP16 profiles, ``model.int8.onnx``
+  (explicit quantisation, QuantizeLinear/DequantizeLinear calibrated on the task's images:
+  :func:`export.quantize.to_int8`) for INT8 profiles -- each checked against PyTorch with
+  onnxruntime on the build machine (``export.json``);
+- ``build_engine.sh``: finds ``trtexec`` (``$TRTEXEC``, the PATH, JetPack's
+  ``/usr/src/tensorrt/bin``), reads its version, and runs :func:`trtexec_command`: ``--stronglyTyped``
+  on the typed model for TensorRT >= :data:`STRONG_TYPING_SINCE`, the weak-typing flags
+  (``--fp16``, ``--int8``) only for older ones; shapes min 1 / opt and max the profile's batch;
+- ``reference.npz``: inputs at batch 1 and the profile's batch (the opt shape) with onnxruntime's
+  FP32 logits;
+- ``check_engine.py``: runs the engine on those inputs and compares (0 pass, 1 fail, 2 usage);
+- ``README.md``: the steps, on the device.
 """
 
 from __future__ import annotations
@@ -24,65 +32,110 @@ import numpy as np
 from .onnx_export import INPUT_NAME
 
 TEMPLATE = Path(__file__).parent / "templates" / "check_engine.py"
+#: The first TensorRT major version whose trtexec builds strongly typed networks (``--stronglyTyped``).
+STRONG_TYPING_SINCE = 9
+#: The kit's model for each precision: the typed graph a strongly typed build reads.
+TYPED_MODEL = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 
-def trtexec_command(onnx_name: str, engine_name: str, *, precision: str, in_chans: int, img_size: int,
-                    batch: int, max_batch: int | None = None) -> list[str]:
-    """The ``trtexec`` argument vector for one engine build."""
+def trtexec_command(onnx_name: str, engine_name: str, *, precision: str, in_chans: int, img_size: int, batch: int,
+                    strongly_typed: bool = True, trtexec: str = "trtexec") -> list[str]:
+    """The ``trtexec`` argument vector for one engine build: typed (``--stronglyTyped``, the
+    precision is the ONNX graph's) or, for TensorRT < :data:`STRONG_TYPING_SINCE`, weakly typed
+    (``--fp16``, ``--int8``). Shapes: min batch 1, opt and max the profile's ``batch``."""
     dims = f"{in_chans}x{img_size}x{img_size}"
-    max_batch = max_batch or max(batch, 2 * batch)
     cmd = [
-        "trtexec",
+        trtexec,
         f"--onnx={onnx_name}",
         f"--saveEngine={engine_name}",
         f"--minShapes={INPUT_NAME}:1x{dims}",
         f"--optShapes={INPUT_NAME}:{batch}x{dims}",
-        f"--maxShapes={INPUT_NAME}:{max_batch}x{dims}",
+        f"--maxShapes={INPUT_NAME}:{batch}x{dims}",
         "--timingCacheFile=timing.cache",
         f"--exportTimes=times.{precision}.json",
     ]
-    if precision in ("fp16", "int8"):
-        cmd.append("--fp16")
-    if precision == "int8":
-        cmd.append("--int8")
+    if strongly_typed:
+        cmd.append("--stronglyTyped")
+    else:
+        cmd += {"fp16": ["--fp16"], "int8": ["--int8", "--fp16"]}.get(precision, [])
     return cmd
+
+
+SCRIPT = """#!/usr/bin/env bash
+# Build the {upper} TensorRT engine on the target device{target}, then check it against onnxruntime's
+# reference outputs. TensorRT >= {since}: strongly typed, from {typed}; older: weak-typing flags, from {weak}.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ -z "${{TRTEXEC:-}}" ]; then
+  TRTEXEC=$(command -v trtexec || true)
+  if [ -z "$TRTEXEC" ] && [ -x /usr/src/tensorrt/bin/trtexec ]; then TRTEXEC=/usr/src/tensorrt/bin/trtexec; fi
+fi
+if [ -z "$TRTEXEC" ] || [ ! -x "$TRTEXEC" ]; then
+  echo "build_engine.sh: error: no trtexec (looked at \\$TRTEXEC, the PATH and /usr/src/tensorrt/bin); install TensorRT or set TRTEXEC" >&2
+  exit 2
+fi
+VERSION=$("$TRTEXEC" --help 2>&1 | grep -o 'TensorRT v[0-9]*' | head -n 1 | tr -dc 0-9 || true)
+if [ -z "$VERSION" ]; then
+  echo "build_engine.sh: could not read trtexec's TensorRT version; assuming strong typing" >&2
+  MAJOR={since}
+elif [ "$VERSION" -ge 10000 ]; then MAJOR=$((VERSION / 10000)); else MAJOR=$((VERSION / 1000)); fi
+echo "TensorRT $MAJOR ($TRTEXEC)"
+if [ "$MAJOR" -ge {since} ]; then
+{typed_cmd}
+else
+{weak_cmd}
+fi
+python3 check_engine.py {engine}
+"""
+
+README = """# TensorRT build kit{target}
+
+Build and check the {upper} engine on the device itself (an engine runs only on the GPU and TensorRT
+version that built it).
+
+1. Copy this folder to the device (JetPack 6 ships TensorRT 10; desktop GPUs may have TensorRT 11).
+2. `bash build_engine.sh` finds `trtexec` (`$TRTEXEC`, the PATH, `/usr/src/tensorrt/bin`), builds
+   `{engine}` from `{typed}` with `--stronglyTyped` (TensorRT >= {since}; older versions get
+   `{weak}` with the weak-typing flags), batch 1 to {batch}, and runs the check.
+3. `python3 check_engine.py {engine}` compares the engine's logits with onnxruntime's FP32 ones in
+   `reference.npz` (batch 1 and {batch}). It needs the `tensorrt` Python package and either
+   `polygraphy` or `cuda-python` (`pip install polygraphy` / `pip install cuda-python`; a CUDA build of
+   torch also works). Exit code 0: pass, 1: the engine disagrees, 2: a usage error (no engine, no
+   reference, a missing package).
+
+Files: {files}.
+"""
 
 
 def write_kit(directory: Path, *, onnx_fp32: Path, precision: str, in_chans: int, img_size: int, batch: int,
               reference_inputs: dict[int, np.ndarray], reference_outputs: dict[int, np.ndarray],
-              onnx_int8: Path | None = None, calibration: np.ndarray | None = None, target: str = "") -> list[Path]:
-    """Write the kit's files into ``directory`` (which the caller renames into place)."""
+              onnx_typed: Path | None = None, target: str = "") -> list[Path]:
+    """Write the kit's files into ``directory`` (which the caller publishes). ``onnx_typed`` is the
+    FP16 or INT8 (Q/DQ) model for those precisions."""
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_fp32, directory / "model.onnx")
-    files = [directory / "model.onnx"]
-    source = "model.onnx"
-    if precision == "int8":
-        if onnx_int8 is None:
-            raise ValueError("an INT8 kit needs the QDQ INT8 ONNX model")
-        shutil.copyfile(onnx_int8, directory / "model.int8.onnx")
-        files.append(directory / "model.int8.onnx")
-        source = "model.int8.onnx"
-        if calibration is not None:
-            np.save(directory / "calibration.npy", calibration.astype(np.float32))
-            files.append(directory / "calibration.npy")
+    typed = TYPED_MODEL[precision]
+    if precision != "fp32":
+        if onnx_typed is None:
+            raise ValueError(f"a {precision} kit needs the typed {typed}")
+        shutil.copyfile(onnx_typed, directory / typed)
+    weak = "model.int8.onnx" if precision == "int8" else "model.onnx"
     engine = f"model.{precision}.engine"
-    cmd = trtexec_command(source, engine, precision=precision, in_chans=in_chans, img_size=img_size, batch=batch)
+    common = dict(precision=precision, in_chans=in_chans, img_size=img_size, batch=batch, trtexec='"$TRTEXEC"')
+
+    def line(cmd: list[str]) -> str:
+        return "  " + " ".join(c if c == '"$TRTEXEC"' else shlex.quote(c) for c in cmd)
+
     script = directory / "build_engine.sh"
-    script.write_text(
-        "#!/usr/bin/env bash\n"
-        f"# Build the {precision.upper()} TensorRT engine on the target device{(' (' + target + ')') if target else ''},\n"
-        "# then check it against onnxruntime's reference outputs.\n"
-        "set -euo pipefail\n"
-        'cd "$(dirname "$0")"\n'
-        + " ".join(shlex.quote(c) for c in cmd) + "\n"
-        + f"python3 check_engine.py {engine}\n"
-    )
+    fields = dict(upper=precision.upper(), target=f" ({target})" if target else "", since=STRONG_TYPING_SINCE, typed=typed,
+                  weak=weak, engine=engine, batch=batch)
+    script.write_text(SCRIPT.format(**fields, typed_cmd=line(trtexec_command(typed, engine, **common)),
+                                    weak_cmd=line(trtexec_command(weak, engine, strongly_typed=False, **common))))
     script.chmod(0o755)
-    files.append(script)
     arrays = {f"input_{b}": x for b, x in reference_inputs.items()}
     arrays.update({f"output_{b}": y for b, y in reference_outputs.items()})
     np.savez(directory / "reference.npz", **arrays)
-    files.append(directory / "reference.npz")
     shutil.copyfile(TEMPLATE, directory / "check_engine.py")
-    files.append(directory / "check_engine.py")
-    return files
+    names = sorted({"model.onnx", typed, "build_engine.sh", "reference.npz", "check_engine.py", "README.md"})
+    (directory / "README.md").write_text(README.format(**fields, files=", ".join(f"`{n}`" for n in names)))
+    return [directory / n for n in names]

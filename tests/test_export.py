@@ -1,5 +1,6 @@
 import json
 import shlex
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -90,21 +91,69 @@ def test_export_all_formats_with_metadata_hashes_and_int8_accuracy(demo_file, tm
     assert record["deploy"]["format"] == "trt" and "TensorRT" in record["deploy"]["reason"]  # not a host-timed CPU artifact
 
 
+def _build_commands(script: str) -> tuple[list[str], list[str]]:
+    """The strongly typed and the weakly typed trtexec command lines of a build_engine.sh."""
+    lines = [shlex.split(line.strip().replace('"$TRTEXEC"', "trtexec")) for line in script.splitlines()
+             if line.strip().startswith('"$TRTEXEC" --onnx')]
+    assert len(lines) == 2, script
+    return lines[0], lines[1]
+
+
 def test_kit_contents_and_trtexec_commands(demo_file, tmp_path):
     record = export_model(demo_file, ["trt"], tmp_path / "exp", profile=load_profile("jetson_orin_nano"), log=lambda *_: None)
     kit = tmp_path / "exp" / "trt_kit"
-    assert {p.name for p in kit.iterdir()} == {"model.onnx", "build_engine.sh", "reference.npz", "check_engine.py"}
-    script = (kit / "build_engine.sh").read_text()
-    cmd = shlex.split([line for line in script.splitlines() if line.startswith("trtexec")][0])
-    assert cmd == trtexec_command("model.onnx", "model.fp16.engine", precision="fp16", in_chans=1, img_size=28, batch=1)
-    assert "--fp16" in cmd and "--int8" not in cmd and "--saveEngine=model.fp16.engine" in cmd
-    assert "--minShapes=images:1x1x28x28" in cmd and "--maxShapes=images:2x1x28x28" in cmd
-    assert "--timingCacheFile=timing.cache" in cmd and "--exportTimes=times.fp16.json" in cmd
+    assert {p.name for p in kit.iterdir()} == {"model.onnx", "model.fp16.onnx", "build_engine.sh", "reference.npz",
+                                              "check_engine.py", "README.md"}
+    typed, weak = _build_commands((kit / "build_engine.sh").read_text())
+    assert typed == trtexec_command("model.fp16.onnx", "model.fp16.engine", precision="fp16", in_chans=1, img_size=28, batch=1)
+    assert "--stronglyTyped" in typed and "--fp16" not in typed and "--saveEngine=model.fp16.engine" in typed
+    assert "--fp16" in weak and "--stronglyTyped" not in weak and "--onnx=model.onnx" in weak  # TensorRT < 9 only
+    assert "--minShapes=images:1x1x28x28" in typed and "--maxShapes=images:1x1x28x28" in typed
+    assert "--timingCacheFile=timing.cache" in typed and "--exportTimes=times.fp16.json" in typed
     ref = np.load(kit / "reference.npz")
     assert ref["input_1"].shape == (1, 1, 28, 28) and ref["output_1"].shape == (1, 10)
     assert record["artifacts"]["trt"]["files"].keys() == {p.name for p in kit.iterdir()}
+    assert record["artifacts"]["trt"]["typed_model"] == "model.fp16.onnx"
+    assert record["artifacts"]["trt"]["typed_max_abs_diff_vs_fp32"] < 0.05
+    assert not (tmp_path / "exp" / "model.fp16.onnx").exists()  # made for the kit only: not a stray artifact
     int8 = trtexec_command("model.int8.onnx", "model.int8.engine", precision="int8", in_chans=3, img_size=224, batch=8)
-    assert "--int8" in int8 and "--optShapes=images:8x3x224x224" in int8 and "--maxShapes=images:16x3x224x224" in int8
+    assert "--stronglyTyped" in int8 and "--int8" not in int8 and "--optShapes=images:8x3x224x224" in int8
+    assert "--maxShapes=images:8x3x224x224" in int8
+    weak8 = trtexec_command("model.int8.onnx", "model.int8.engine", precision="int8", in_chans=3, img_size=224, batch=8,
+                            strongly_typed=False)
+    assert "--int8" in weak8 and "--fp16" in weak8
+
+
+FAKE_TRTEXEC = """#!/usr/bin/env bash
+if [ "$1" = "--help" ]; then echo "&&&& RUNNING TensorRT.trtexec [TensorRT v{version}] # trtexec --help"; exit 0; fi
+echo "$@" > "$(dirname "$0")/args"
+for a in "$@"; do case "$a" in --saveEngine=*) touch "${{a#--saveEngine=}}";; esac; done
+"""
+
+
+def test_build_engine_sh_picks_strong_typing_by_the_trtexec_version(demo_file, tmp_path):
+    import subprocess
+    import sys
+
+    export_model(demo_file, ["trt"], tmp_path / "exp", profile=load_profile("jetson_orin_nano_int8"), data="mnist",
+                 log=lambda *_: None)
+    kit = tmp_path / "exp" / "trt_kit"
+    assert (kit / "model.int8.onnx").is_file()
+    fake = tmp_path / "bin" / "trtexec"
+    fake.parent.mkdir()
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"  # python3 with numpy, for check_engine.py
+    for version, typed in (("100300", True), ("110400", True), ("8601", False)):  # JetPack 6, TensorRT 11, JetPack 5
+        fake.write_text(FAKE_TRTEXEC.format(version=version))
+        fake.chmod(0o755)
+        done = subprocess.run(["bash", str(kit / "build_engine.sh")], capture_output=True, text=True,
+                              env={"PATH": path, "TRTEXEC": str(fake)}, timeout=60)
+        args = (fake.parent / "args").read_text()
+        assert ("--stronglyTyped" in args) == typed and ("--int8" in args) == (not typed), (version, args)
+        assert "--onnx=model.int8.onnx" in args
+        assert done.returncode == 2 and "tensorrt Python package is not installed" in done.stderr  # the check ran
+    done = subprocess.run(["bash", str(kit / "build_engine.sh")], capture_output=True, text=True,
+                          env={"PATH": path, "TRTEXEC": ""}, timeout=60)
+    assert done.returncode == 2 and "no trtexec" in done.stderr
 
 
 def test_checker_logic_in_the_kit():

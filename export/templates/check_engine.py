@@ -3,7 +3,8 @@
 
 Usage: python3 check_engine.py model.fp16.engine [--reference reference.npz] [--atol 0.05]
 
-Needs the device's ``tensorrt`` and ``torch`` (CUDA) Python packages. Passes when, for every
+Needs the device's ``tensorrt`` Python package and one of ``polygraphy``, ``cuda-python`` or a CUDA
+build of ``torch`` (tried in that order). Passes when, for every
 reference batch, the max abs difference to onnxruntime's FP32 logits is <= atol and the top-1
 classes agree on >= 99% of images. Exit code 0 on pass, 1 on a failed check, 2 on a usage error
 (no engine or reference file, a reference with nothing to check, tensorrt not installed).
@@ -15,21 +16,83 @@ from pathlib import Path
 
 import numpy as np
 
+INPUT, OUTPUT = "images", "logits"  # the tensor names peg-factory's ONNX export gives
+
 
 def run_engine(engine_path, images):
-    """Run a serialised engine on ``images`` (float32 NCHW) and return its logits."""
+    """Run a serialised engine on ``images`` (float32 NCHW) and return its logits: through polygraphy
+    where it is installed, else cuda-python, else a CUDA build of torch (TensorRT 10 and 11 API)."""
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    try:
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    except ImportError:
+        pass
+    else:
+        with TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path)))) as runner:
+            outputs = runner.infer({INPUT: images})
+        return np.asarray(outputs[OUTPUT], dtype=np.float32)
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            cudart = None
+    if cudart is not None:
+        return _run_cudart(cudart, engine_path, images)
+    return _run_torch(engine_path, images)
+
+
+def _engine_context(engine_path, shape):
     import tensorrt as trt
-    import torch
 
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+    if engine is None:
+        raise RuntimeError(f"TensorRT could not deserialise {engine_path} (built for another GPU or TensorRT version?)")
     context = engine.create_execution_context()
-    inp, out = engine.get_tensor_name(0), engine.get_tensor_name(1)
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).cuda()
-    context.set_input_shape(inp, tuple(x.shape))
-    y = torch.empty(tuple(context.get_tensor_shape(out)), dtype=torch.float32, device="cuda")
-    context.set_tensor_address(inp, x.data_ptr())
-    context.set_tensor_address(out, y.data_ptr())
+    context.set_input_shape(INPUT, tuple(shape))
+    return engine, context
+
+
+def _check(result):
+    err = result[0] if isinstance(result, tuple) else result
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    return result[1] if isinstance(result, tuple) and len(result) > 1 else None
+
+
+def _run_cudart(cudart, engine_path, images):
+    engine, context = _engine_context(engine_path, images.shape)
+    out = np.empty(tuple(context.get_tensor_shape(OUTPUT)), dtype=np.float32)
+    d_in = _check(cudart.cudaMalloc(images.nbytes))
+    d_out = _check(cudart.cudaMalloc(out.nbytes))
+    stream = _check(cudart.cudaStreamCreate())
+    try:
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _check(cudart.cudaMemcpy(d_in, images.ctypes.data, images.nbytes, h2d))
+        context.set_tensor_address(INPUT, int(d_in))
+        context.set_tensor_address(OUTPUT, int(d_out))
+        if not context.execute_async_v3(int(stream)):
+            raise RuntimeError("TensorRT execution failed")
+        _check(cudart.cudaStreamSynchronize(stream))
+        _check(cudart.cudaMemcpy(out.ctypes.data, d_out, out.nbytes, d2h))
+    finally:
+        cudart.cudaFree(d_in)
+        cudart.cudaFree(d_out)
+        cudart.cudaStreamDestroy(stream)
+    return out
+
+
+def _run_torch(engine_path, images):
+    import torch
+
+    engine, context = _engine_context(engine_path, images.shape)
+    x = torch.from_numpy(images).cuda()
+    y = torch.empty(tuple(context.get_tensor_shape(OUTPUT)), dtype=torch.float32, device="cuda")
+    context.set_tensor_address(INPUT, x.data_ptr())
+    context.set_tensor_address(OUTPUT, y.data_ptr())
     stream = torch.cuda.Stream()
     if not context.execute_async_v3(stream.cuda_stream):
         raise RuntimeError("TensorRT execution failed")
@@ -84,7 +147,7 @@ def main():
         try:
             got = run_engine(args.engine, inputs)
         except ImportError as exc:
-            usage(f"a package the check needs is missing ({exc})")
+            usage(f"a package the check needs is missing ({exc}): pip install polygraphy (or cuda-python)")
         except Exception as exc:  # noqa: BLE001 - the engine could not be loaded or run: the check failed
             print(f"batch {batch}: FAIL ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
             ok = False

@@ -74,6 +74,8 @@ def write_kit(profile, arch: ArchConfig, space, out: str | Path, latency, *, cou
             name = f"{s.label()}-b{profile.batch}.onnx"
             export_onnx(build_vit(arch, s, seed=0).eval(), tmp / "models" / name, img_size=s.img_size, in_chans=arch.in_chans,
                         verify=False)
+            if profile.hardware.runtime == "tensorrt" and profile.precision != "fp32":
+                typed_model(tmp / "models" / name, profile.precision, (profile.batch, arch.in_chans, s.img_size, s.img_size))
             writer.writerow([s.depth, s.embed_dim, s.num_heads, s.mlp_ratio, s.img_size, s.patch_size, s.num_classes,
                              profile.batch, f"models/{name}"])
             log(f"kit: {name} (predicted {cost.latency_ms(s):.3f} ms)")
@@ -85,6 +87,21 @@ def write_kit(profile, arch: ArchConfig, space, out: str | Path, latency, *, cou
         (tmp / "README.md").write_text(README.format(name=profile.name, runtime=profile.hardware.runtime, count=len(shapes),
                                                      precision=profile.precision))
     return out
+
+
+def typed_model(onnx_path: Path, precision: str, shape: tuple[int, ...]) -> Path:
+    """The FP16 (``.fp16.onnx``) or Q/DQ INT8 (``.int8.onnx``) twin of a kit model, for a strongly typed
+    TensorRT build (TensorRT 11 has no precision flags). The INT8 scales come from random inputs: the
+    kit times the models, it does not score them."""
+    import numpy as np
+
+    from export.quantize import to_fp16, to_int8
+
+    target = onnx_path.with_suffix(f".{precision}.onnx")
+    if precision == "fp16":
+        return to_fp16(onnx_path, target)
+    calibration = np.random.default_rng(0).standard_normal((8, *shape[1:]), dtype=np.float32)
+    return to_int8(onnx_path, target, calibration)[0]
 
 
 README = """# Latency calibration kit for `{name}`
@@ -165,10 +182,35 @@ def find_trtexec():
     usage("no trtexec found (looked at $TRTEXEC, the PATH and /usr/src/tensorrt/bin); install TensorRT or set TRTEXEC")
 
 
+def trtexec_major(trtexec):
+    """TensorRT's major version from ``trtexec --help`` ("TensorRT v100300" -> 10); None if unreadable."""
+    try:
+        out = subprocess.run([trtexec, "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"TensorRT v(\d+)", out.stdout + out.stderr)
+    if not found:
+        return None
+    v = int(found.group(1))
+    return v // 10000 if v >= 10000 else v // 1000
+
+
 def tensorrt_ms(path, shape, repeats):
-    precision = {"fp16": ["--fp16"], "int8": ["--int8", "--fp16"]}.get(KIT["precision"], [])
+    """trtexec's median GPU compute time: strongly typed from the kit's typed model (TensorRT >= 9, the
+    only mode of TensorRT 11), the weak-typing precision flags on the FP32 model for older ones."""
+    trtexec = find_trtexec()
+    major = trtexec_major(trtexec)
+    typed = path.with_suffix(f".{KIT['precision']}.onnx")
+    if KIT["precision"] != "fp32" and (major is None or major >= 9):
+        if not typed.is_file():
+            usage(f"{typed.name} is missing from the kit; re-create it with peg-factory calibrate")
+        path, precision = typed, ["--stronglyTyped"]
+    elif KIT["precision"] == "fp32":
+        precision = ["--stronglyTyped"] if major is None or major >= 9 else []
+    else:
+        precision = {"fp16": ["--fp16"], "int8": ["--int8", "--fp16"]}[KIT["precision"]]
     dims = "x".join(str(d) for d in shape)
-    cmd = [find_trtexec(), f"--onnx={path}", f"--shapes=images:{dims}", "--noDataTransfers", "--useCudaGraph",
+    cmd = [trtexec, f"--onnx={path}", f"--shapes=images:{dims}", "--noDataTransfers", "--useCudaGraph",
            f"--iterations={repeats}", "--warmUp=200", *precision]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
