@@ -252,7 +252,8 @@ def _openvino(run: ExportRun, *, int8: bool) -> dict[str, dict]:
 
     from export.runtime import ort_accuracy
 
-    from .openvino_export import cpu_supports_bf16, ov_accuracy, ov_compile, ov_latency_ms, ov_logits, to_openvino, to_openvino_int8
+    from .openvino_export import (benchmark_app_command, cpu_supports_bf16, inference_precision, ov_accuracy, ov_compile,
+                                  ov_latency_stats, ov_logits, to_openvino, to_openvino_int8)
 
     tmp, ds, x1, x32, log = run.tmp, run.ds, run.x1, run.x32, run.log
     out: dict[str, dict] = {}
@@ -264,12 +265,21 @@ def _openvino(run: ExportRun, *, int8: bool) -> dict[str, dict]:
     xml = to_openvino(run.onnx_path, tmp / "model.xml")
 
     def measure(fmt: str, compiled, entry: dict) -> dict:
-        entry.update(latency_ms_b1=round(ov_latency_ms(compiled, x1), 4), latency_ms_b32=round(ov_latency_ms(compiled, x32, repeats=10), 4))
+        """Latency (median, p90, the host's load while timing) and accuracy at the precision that runs."""
+        import os
+
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        b1, b32 = ov_latency_stats(compiled, x1), ov_latency_stats(compiled, x32, repeats=10)
+        running = inference_precision(compiled)
+        entry.update(latency_ms_b1=round(b1["median"], 4), latency_ms_b1_p90=round(b1["p90"], 4),
+                     latency_ms_b32=round(b32["median"], 4), latency_ms_b32_p90=round(b32["p90"], 4),
+                     host_load_1min=round(load, 2) if load is not None else None, inference_precision=running,
+                     benchmark_app=" ".join(benchmark_app_command(entry["file"], (run.batch, *x1.shape[1:]), running)))
         if ds is not None:
             entry["test_accuracy"] = round(ov_accuracy(compiled, test_x, test_y), 4)
             entry["accuracy_drop_vs_fp32"] = round(fp32_test - entry["test_accuracy"], 4)
-        log(f"{fmt}: {entry['file']} b1 {entry['latency_ms_b1']:.3f} ms, accuracy {entry.get('test_accuracy', 'n/a')} "
-            f"(fp32 {fp32_test if fp32_test is not None else 'n/a'})")
+        log(f"{fmt}: {entry['file']} ({running}) b1 {entry['latency_ms_b1']:.3f} ms (p90 {entry['latency_ms_b1_p90']:.3f}), "
+            f"accuracy {entry.get('test_accuracy', 'n/a')} (fp32 {round(fp32_test, 4) if fp32_test is not None else 'n/a'})")
         return entry
 
     compiled = ov_compile(xml, precision="f32")

@@ -84,6 +84,11 @@ def ov_logits(compiled, images: np.ndarray, batch: int = 256) -> np.ndarray:
 
 def ov_latency_ms(compiled, x: np.ndarray, *, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time (ms) of one synchronous inference of ``x`` after ``warmup`` runs."""
+    return ov_latency_stats(compiled, x, repeats=repeats, warmup=warmup)["median"]
+
+
+def ov_latency_stats(compiled, x: np.ndarray, *, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """``{"median", "p90"}`` wall time (ms) of synchronous inferences of ``x`` after ``warmup`` runs."""
     request = compiled.create_infer_request()
     for _ in range(warmup):
         request.infer({0: x})
@@ -92,7 +97,19 @@ def ov_latency_ms(compiled, x: np.ndarray, *, repeats: int = 20, warmup: int = 3
         start = time.perf_counter()
         request.infer({0: x})
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return {"median": statistics.median(times), "p90": float(np.percentile(times, 90))}
+
+
+def inference_precision(compiled) -> str:
+    """The precision the compiled model runs in, as OpenVINO reports it (``f32``, ``bf16``...)."""
+    value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return value.to_string() if hasattr(value, "to_string") else str(value)
+
+
+def benchmark_app_command(xml_name: str, shape: tuple[int, ...], precision: str) -> list[str]:
+    """The exact ``benchmark_app`` call for an IR with a dynamic batch, at ``shape``, in ``precision``."""
+    return ["benchmark_app", "-m", xml_name, "-d", "CPU", "-shape", f"images[{','.join(map(str, shape))}]",
+            "-infer_precision", precision, "-hint", "latency"]
 
 
 def ov_accuracy(compiled, images: np.ndarray, labels: np.ndarray) -> float:

@@ -233,6 +233,14 @@ def test_openvino_fp32_bf16_int8_verified_timed_and_the_fastest_chosen(demo_file
     assert abs(ov["test_accuracy"] - ov["fp32_onnxruntime_test_accuracy"]) <= 0.001
     assert art["openvino-int8"]["accuracy_drop_vs_fp32"] <= 0.01 and (out / "model.int8.bin").is_file()
     assert ("openvino-bf16" in art) == cpu_supports_bf16()
+    # the precision that runs is set, read back and recorded, with the exact benchmark_app call and the timing's spread
+    assert ov["inference_precision"] == "f32" and art["openvino-int8"]["inference_precision"] == "f32"
+    assert ov["benchmark_app"] == "benchmark_app -m model.xml -d CPU -shape images[1,1,28,28] -infer_precision f32 -hint latency"
+    assert ov["latency_ms_b1_p90"] >= ov["latency_ms_b1"] > 0 and ov["host_load_1min"] >= 0
+    if cpu_supports_bf16():
+        assert art["openvino-bf16"]["inference_precision"] == "bf16" and "-infer_precision bf16" in art["openvino-bf16"]["benchmark_app"]
+    # the ONNX is simplified and its parity re-checked on the simplified graph
+    assert art["onnx"]["nodes"]["simplified"] < art["onnx"]["nodes"]["exported"] and max(art["onnx"]["max_abs_diff"].values()) < 1e-4
     deploy = record["deploy"]
     timed = deploy["candidates_ms"]
     assert deploy["format"] == min(timed, key=timed.get) and {"onnx", "openvino"} <= set(timed)

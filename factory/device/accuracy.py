@@ -183,6 +183,7 @@ class SuccessiveHalving:
     init: str = "peg"
     config: EstimatorConfig = field(default_factory=EstimatorConfig)
     cache_dir: Path | None = None
+    progress: bool = False  # a progress bar (with ETA) over the probe steps of each ranking
     seconds: float = 0.0
     computed: int = 0
     reused: int = 0
@@ -263,17 +264,24 @@ class SuccessiveHalving:
         """Successive halving over ``shapes`` (ordered by preference on ties: first wins); returns each
         shape's last probe, best first (rung reached, then NLL). With ``config.anchor``, ``incumbent``
         (the capacity choice) goes on at every rung and the better half of the others fills the rest."""
+        from tqdm.auto import tqdm
+
         last: dict[DescendantShape, Probe] = {}
         alive = list(dict.fromkeys(shapes))
         states: dict[DescendantShape, dict[str, Any]] = {s: {} for s in alive}  # model + optimizer state in memory
+        bar = tqdm(total=self.config.probe_steps(len(alive), self.recipe.steps), desc=f"probes ({len(alive)} shapes)",
+                   unit="step", disable=not self.progress, dynamic_ncols=True)
+        done = 0
         for r, steps in enumerate(self.rungs):
             for s in alive:
                 hit = self._cached(s, steps)
                 if hit is not None:
                     self.reused += 1
                     last[s] = hit
-                    continue
-                last[s] = self._probe(s, steps, states[s])
+                else:
+                    last[s] = self._probe(s, steps, states[s])
+                bar.update(steps - done)
+            done = steps
             if r + 1 < len(self.rungs):
                 anchored = incumbent if self.config.anchor and incumbent in alive else None
                 keep = self.config.survivors(len(alive), anchored is not None)
@@ -281,6 +289,7 @@ class SuccessiveHalving:
                 alive = [anchored, *order[: keep - 1]] if anchored is not None else order[:keep]
                 for s in set(states) - set(alive):
                     states.pop(s)  # eliminated: free its model
+        bar.close()
         return sorted(last.values(), key=lambda p: (-p.steps, p.nll, shapes.index(p.shape)))
 
     def decide(self, probes: list[Probe], incumbent: DescendantShape | None = None) -> tuple[DescendantShape, dict[str, Any]]:

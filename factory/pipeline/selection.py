@@ -45,7 +45,8 @@ def estimator(ctx: BuildContext) -> SuccessiveHalving:
     """The accuracy estimator of a build: successive halving of the build's own fine-tuning recipe."""
     c = ctx.cfg
     return SuccessiveHalving(ctx.ancestry, ctx.learngene, ctx.data, finetune_recipe(c), init=c.init,
-                             config=EstimatorConfig(candidates=c.candidates), cache_dir=ctx.cache.root / "estimate")
+                             config=EstimatorConfig(candidates=c.candidates), cache_dir=ctx.cache.root / "estimate",
+                             progress=True)
 
 
 def choose_by_probes(ctx: BuildContext, devices: list[dict[str, Any]], results: dict[str, SearchResult],

@@ -148,8 +148,8 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
     c, anc, ds = ctx.cfg, ctx.ancestry, ctx.data
     model = init_descendant(c.init, shape, ancestry=anc, learngene=ctx.learngene, seed=c.seed)
     resume = resume_or_restart(work, f"finetune {shape.label()}", ctx.log)
-    result = train(model, ds.train, finetune_recipe(c), val_data=ds.val, out_dir=work, resume=resume, progress=False,
-                   should_stop=ctx.should_stop)
+    result = train(model, ds.train, finetune_recipe(c), val_data=ds.val, out_dir=work, resume=resume, progress=True,
+                   should_stop=ctx.should_stop, desc=f"finetune {shape.label()}")
     model = model.cpu().eval()
     test_acc = evaluate(model, ds.test)
     save_descendant(model, anc.arch.with_shape(shape), tmp / "model.safetensors",

@@ -281,6 +281,7 @@ def train(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
     carry: dict[str, Any] | None = None,
+    desc: str = "train",
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` steps (see module docstring).
 
@@ -330,7 +331,7 @@ def train(
         ensure_parent(out / "metrics.jsonl")
         log = open(out / "metrics.jsonl", "a" if resume else "w")
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank != 0,
-               desc="train", unit="step", dynamic_ncols=True)
+               desc=desc, unit="step", dynamic_ncols=True)
     t0, seen, loss_value, acc = time.perf_counter(), 0, float("nan"), None
     try:
         for step in bar:

@@ -1,0 +1,63 @@
+"""A default build's artifacts open in the users' own tools as they are: timm, Hugging Face, onnxruntime."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from factory.cli import cli
+
+from .test_build import _profile
+
+
+@pytest.fixture(scope="module")
+def device_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tools")
+    out = root / "out"
+    res = CliRunner().invoke(cli, ["build", "--profile", str(_profile(root, "tiny")), "--out", str(out), "--data", "synthetic",
+                                   "--steps", "2", "--batch-size", "8"])
+    assert res.exit_code == 0, res.output
+    return out / "tiny"
+
+
+def test_timm_local_dir_gives_the_onnx_logits(device_dir):
+    import onnxruntime as ort
+    import timm
+
+    model = timm.create_model(f"local-dir:{device_dir}", pretrained=True).eval()
+    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    sess = ort.InferenceSession(str(device_dir / "export" / "model.onnx"))
+    with torch.no_grad():
+        assert np.abs(model(torch.from_numpy(x)).numpy() - sess.run(None, {"images": x})[0]).max() < 1e-4
+    cfg = json.loads((device_dir / "config.json").read_text())
+    assert cfg["architecture"] and cfg["model_args"]["in_chans"] == 1 and cfg["label_names"] == [f"class{i}" for i in range(4)]
+    data = timm.data.resolve_data_config({}, model=model)
+    assert tuple(data["input_size"]) == (1, 28, 28) and list(data["mean"]) == [0.0] and list(data["std"]) == [1.0]
+    assert data["crop_pct"] == 1.0
+
+
+def test_the_safetensors_metadata_rebuilds_with_timms_own_keywords(device_dir):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    with safe_open(str(device_dir / "model.safetensors"), "pt") as fh:
+        args = json.loads(fh.metadata()["timm.model_args"])
+    model = VisionTransformer(**args)
+    model.load_state_dict(load_file(str(device_dir / "model.safetensors")))
+
+
+def test_the_model_card_is_a_hugging_face_card(device_dir):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(device_dir / "MODEL_CARD.md")
+    assert card.data.library_name == "timm" and "image-classification" in card.data.tags
+    assert card.data.license and card.data.datasets == ["synthetic"]
+    manifest = json.loads((device_dir.parent / "manifest.json").read_text())
+    result = card.data.eval_results[0]
+    assert result.metric_type == "accuracy" and result.metric_value == round(manifest["devices"][0]["accuracy"]["test"], 4)
+    text = card.text
+    assert "## Intended use" in text and "## Limitations" in text and 'timm.create_model("local-dir:.", pretrained=True)' in text
+    assert manifest["devices"][0]["artifacts"]["timm_config"]["path"] == "tiny/config.json"
