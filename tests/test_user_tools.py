@@ -61,3 +61,40 @@ def test_the_model_card_is_a_hugging_face_card(device_dir):
     text = card.text
     assert "## Intended use" in text and "## Limitations" in text and 'timm.create_model("local-dir:.", pretrained=True)' in text
     assert manifest["devices"][0]["artifacts"]["timm_config"]["path"] == "tiny/config.json"
+
+
+def test_the_report_reads_as_an_engineer_needs(device_dir):
+    from html.parser import HTMLParser
+
+    out = device_dir.parent
+    md = (out / "report.md").read_text()
+    for section in ("## tiny", "**Deploy:**", "### Budgets", "### Artifacts", "### Accuracy vs latency", "### Training curve",
+                    "### Confusion matrix (test)"):
+        assert section in md, section
+    assert "| params_m | 0.2 M params |" in md and "| within |" in md
+    assert "says nothing about the target (onnxruntime on tiny)" in md  # a host timing is flagged as such
+    assert "`" not in md.split("\n", 3)[2]  # no literal backticks in the introduction
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.headings, self._h = [], [], False
+
+        def handle_starttag(self, tag, attrs):
+            self._h = tag in ("h2", "h3")
+            if tag == "img":
+                self.images.append(dict(attrs))
+
+        def handle_data(self, data):
+            if self._h:
+                self.headings.append(data)
+                self._h = False
+
+    page = Page()
+    page.feed((out / "report.html").read_text())
+    assert {i["alt"] for i in page.images} == {"Accuracy vs latency", "Training curve", "Confusion matrix (test)"}
+    assert all(i["src"].startswith("data:image/png;base64,") and len(i["src"]) > 2000 for i in page.images)
+    assert {"tiny", "Budgets", "Artifacts"} <= set(page.headings)
+    manifest = json.loads((out / "manifest.json").read_text())
+    dev = manifest["devices"][0]
+    assert len(dev["finetune"]["curve"]) == 2 and sum(map(sum, dev["accuracy"]["confusion"])) == 64  # the test split

@@ -23,7 +23,10 @@ from factory.pipeline.config import BuildConfig, build_learngene_recipe, identit
 from factory.pipeline.manifest_schema import MANIFEST_SCHEMA
 
 #: Export record fields a manifest artifact keeps.
-ARTIFACT_FIELDS = ("sha256", "files", "kind", "mode", "val_accuracy", "test_accuracy", "weights_sha256", "execution_precision")
+ARTIFACT_FIELDS = ("sha256", "files", "kind", "mode", "val_accuracy", "test_accuracy", "weights_sha256", "execution_precision",
+                   "inference_precision", "precision", "typed_model", "reason", "nodes", "accuracy_drop_vs_fp32",
+                   "typed_accuracy_drop_vs_fp32", "typed_val_accuracy", "max_abs_diff_vs_fp32", "latency_ms_b1", "latency_ms_b1_p90",
+                   "latency_ms_b32", "benchmark_app")
 #: At most this many rejected shapes are kept per device for the report's plot.
 REJECTED_POINTS = 400
 
@@ -48,8 +51,10 @@ def device_entry(profile) -> dict[str, Any]:
     """A device's entry before its search: the profile, and what the model card says of the target."""
     return {"name": profile.name, "profile": str(profile.path), "profile_sha256": profile_hash(profile),
             "profile_data": profile.model_dump(mode="json", exclude_none=True),  # export needs no path to re-read it
-            "budgets": dict(profile.budgets.items()), "target": {"description": profile.description or profile.name, "precision": profile.precision,
-                       "batch": profile.batch}}
+            "budgets": dict(profile.budgets.items()),
+            "target": {"description": profile.description or profile.name, "precision": profile.precision,
+                       "batch": profile.batch, "runtime": profile.hardware.runtime,
+                       "this_host": bool(profile.hardware.measure)}}
 
 
 def search_summary(result, chosen) -> dict[str, Any]:
@@ -73,8 +78,10 @@ def device_record(entry: dict[str, Any], *, finetune: dict[str, Any], finetune_k
     return {
         "init": cfg.init,
         "learngene_sha256": learngene_sha256,
-        "finetune": {"steps": cfg.finetune_steps, "seed": cfg.seed, "cache_key": finetune_key, "seconds": finetune["seconds"]},
-        "accuracy": {"val": finetune["val_accuracy"], "test": finetune["test_accuracy"]},
+        "finetune": {"steps": cfg.finetune_steps, "seed": cfg.seed, "cache_key": finetune_key, "seconds": finetune["seconds"],
+                     "curve": finetune.get("curve", [])},
+        "accuracy": {"val": finetune["val_accuracy"], "test": finetune["test_accuracy"],
+                     **({"confusion": finetune["confusion"]} if finetune.get("confusion") else {})},
         "flops": {"fvcore": measured["flops_fvcore"], "closed_form_g": predicted["flops_g"]},
         "params": measured["params"],
         "latency_ms": {"predicted_target": predicted["latency_ms"], "host_onnxruntime": measured["host_latency_ms_onnxruntime"]},

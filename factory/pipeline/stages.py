@@ -152,12 +152,52 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
                    should_stop=ctx.should_stop, desc=f"finetune {shape.label()}")
     model = model.cpu().eval()
     test_acc = evaluate(model, ds.test)
+    confusion = confusion_matrix(model, ds.test)
     save_descendant(model, anc.arch.with_shape(shape), tmp / "model.safetensors",
                     {"method": c.init, "learngene_sha256": ctx.learngene.sha256, "shape": shape.to_dict(), "data": ds.identity,
                      "steps": c.finetune_steps, "seed": c.seed})
     shutil.copyfile(work / "metrics.jsonl", tmp / "metrics.jsonl")
     ctx.log(f"finetune {shape.label()}: test accuracy {test_acc:.4f} in {result.seconds:.1f}s")
-    return {"val_accuracy": result.val_accuracy, "test_accuracy": test_acc, "seconds": round(result.seconds, 2)}
+    return {"val_accuracy": result.val_accuracy, "test_accuracy": test_acc, "seconds": round(result.seconds, 2),
+            "curve": training_curve(work / "metrics.jsonl"), "confusion": confusion}
+
+
+#: Confusion matrices are kept for tasks of at most this many classes (the report draws them).
+MAX_CONFUSION_CLASSES = 50
+#: The training curve kept in the manifest has at most this many points.
+CURVE_POINTS = 200
+
+
+def confusion_matrix(model, data) -> list[list[int]] | None:
+    """``m[true][predicted]`` counts on ``data`` (None past :data:`MAX_CONFUSION_CLASSES` classes)."""
+    import torch
+
+    from factory.training.train import predict_logits
+
+    k = data.num_classes
+    if not 1 < k <= MAX_CONFUSION_CLASSES or len(data) == 0:
+        return None
+    pred = predict_logits(model, data).argmax(-1)
+    counts = torch.bincount(data.labels * k + pred, minlength=k * k).reshape(k, k)
+    return counts.tolist()
+
+
+def training_curve(metrics: Path) -> list[list[float]]:
+    """``[[step, loss, batch accuracy], ...]`` from a fine-tune's ``metrics.jsonl``, at most :data:`CURVE_POINTS`
+    evenly spaced rows (the last one always kept)."""
+    import json
+
+    rows = []
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            r = json.loads(line)
+            rows.append([int(r["step"]), round(float(r["loss"]), 4), round(float(r.get("acc", float("nan"))), 4)])
+        except (ValueError, KeyError, TypeError):
+            continue
+    if len(rows) > CURVE_POINTS:
+        stride = len(rows) / CURVE_POINTS
+        rows = [rows[int(i * stride)] for i in range(CURVE_POINTS - 1)] + [rows[-1]]
+    return rows
 
 
 def step_seconds(ctx: BuildContext, shape: DescendantShape, batch: int) -> float:
