@@ -57,13 +57,13 @@ def main() -> None:
         if trt:
             row.update(trt_typed_model=trt.get("typed_model"), trt_typed_val_accuracy=trt.get("typed_val_accuracy"),
                        trt_typed_accuracy_delta=None if trt.get("typed_accuracy_drop_vs_fp32") is None
-                       else -trt["typed_accuracy_drop_vs_fp32"])
+                       else 0.0 - trt["typed_accuracy_drop_vs_fp32"])
         if "onnx-int8" in art:
-            row["onnx_int8_accuracy_delta"] = -art["onnx-int8"]["accuracy_drop_vs_fp32"]
+            row["onnx_int8_accuracy_delta"] = 0.0 - art["onnx-int8"]["accuracy_drop_vs_fp32"]
         for fmt in ("openvino", "openvino-bf16", "openvino-int8"):
             if fmt in art:
                 a = art[fmt]
-                row[fmt] = {"precision": a["inference_precision"], "test_accuracy_delta": -a.get("accuracy_drop_vs_fp32", 0.0),
+                row[fmt] = {"precision": a["inference_precision"], "test_accuracy_delta": 0.0 - a.get("accuracy_drop_vs_fp32", 0.0),
                             "b1_median_ms": a["latency_ms_b1"], "b1_p90_ms": a["latency_ms_b1_p90"],
                             "host_load_1min": a["host_load_1min"]}
         row["deploy"] = record["deploy"]["format"]
