@@ -186,8 +186,9 @@ def export_model(
                 entry["val_accuracy"] = round(ort_accuracy(sess, val_x, val_y), 4)
                 entry["accuracy_drop_vs_fp32"] = round(fp32_stats["val_accuracy"] - entry["val_accuracy"], 4)
             record["artifacts"]["onnx-int8"] = entry
-            log(f"onnx-int8: model.int8.onnx ({mode}), accuracy {entry.get('val_accuracy', 'n/a')} vs fp32 "
-                f"{fp32_stats.get('val_accuracy', 'n/a')}, b1 {entry['latency_ms_b1']:.3f} ms vs {fp32_stats['latency_ms_b1']:.3f} ms")
+            fp32_acc = round(fp32_stats["val_accuracy"], 4) if "val_accuracy" in fp32_stats else "n/a"
+            log(f"onnx-int8: model.int8.onnx ({mode}), accuracy {entry.get('val_accuracy', 'n/a')} vs fp32 {fp32_acc}, "
+                f"b1 {entry['latency_ms_b1']:.3f} ms vs {fp32_stats['latency_ms_b1']:.3f} ms")
 
         run = ExportRun(tmp, onnx_path, net, arch, ds, calib, x1, x32, fp32, profile, batch, log)
         if set(OPENVINO_FORMATS) & set(formats):

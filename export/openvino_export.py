@@ -15,6 +15,7 @@ are refused with one line naming the extra.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -58,6 +59,9 @@ def to_openvino_int8(xml_fp32: Path, xml_int8: Path, calibration: np.ndarray) ->
         raise FactoryError("openvino-int8 needs task images to calibrate on; pass --data")
     model = ov.Core().read_model(str(xml_fp32))
     dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+    # NNCF loads its torch backend, whose import of torch.utils.cpp_extension logs "No CUDA runtime is found"
+    # on CPU builds: nothing the user can act on, so that logger is kept quiet
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     quantized = nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.MIXED, model_type=nncf.ModelType.TRANSFORMER,
                               subset_size=len(calibration))
     ov.save_model(quantized, str(xml_int8), compress_to_fp16=False)

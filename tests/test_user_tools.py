@@ -98,3 +98,19 @@ def test_the_report_reads_as_an_engineer_needs(device_dir):
     manifest = json.loads((out / "manifest.json").read_text())
     dev = manifest["devices"][0]
     assert len(dev["finetune"]["curve"]) == 2 and sum(map(sum, dev["accuracy"]["confusion"])) == 64  # the test split
+
+
+def test_a_build_leaks_no_library_warnings_and_prints_rounded_numbers(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip install 'peg-factory[openvino]' (CI installs it)")
+    done = subprocess.run([sys.executable, "-m", "factory.cli", "build", "--profile", "raspberry_pi5_openvino", "--out",
+                           str(tmp_path / "o"), "--data", "digits", "--steps", "2", "--batch-size", "8"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    noise = [line for line in done.stderr.replace("\r", "\n").splitlines()
+             if line.strip() and not re.match(r"^(finetune|probes|expanding phase)\b", line.strip())]
+    assert not noise, noise  # progress bars only: no "No CUDA runtime is found", no library warnings
+    assert not re.search(r"\d\.\d{7,}", done.stdout), done.stdout  # numbers are rounded in the log
