@@ -31,6 +31,10 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
               help="Expanding-phase steps for the learngene [default: 1500; 0 = untrained, sampled only].")
 @click.option("--expand-data", default=None,
               help="Images for the expanding phase [default: the ancestry's own (mnist for the demo), else --data].")
+@click.option("--expand-batch-size", type=BATCH, default=None, help="Images per expanding-phase step [default: 64].")
+@click.option("--learngene", default=None,
+              help="A learngene directory to use as it is (e.g. from `peg-factory learngene train`): no sampling, no "
+                   "expanding phase; it must come from --ancestry.")
 @click.option("--steps", "finetune_steps", type=POSITIVE_STEPS, default=100, show_default=True, help="Fine-tuning steps per model.")
 @click.option("--batch-size", type=BATCH, default=32, show_default=True, help="Fine-tuning images per step.")
 @click.option("--lr", type=RATE, default=1e-3, show_default=True, help="Fine-tuning learning rate (AdamW, cosine).")

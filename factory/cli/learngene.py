@@ -101,8 +101,13 @@ def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
     own = anc.arch.shape()  # zero-shot is reported at the ancestry's width, heads and ratio, at every depth
     eval_shapes = [s for s in shapes if (s.embed_dim, s.num_heads, s.mlp_ratio) == (own.embed_dim, own.num_heads, own.mlp_ratio)]
+    # zero-shot accuracy means something only where the task's labels are the ancestry's (its classifier is kept)
+    same_labels = ds.num_classes == anc.arch.num_classes
+    if not same_labels:
+        click.echo(f"zero-shot accuracy not reported: {data} has {ds.num_classes} classes, the ancestry's classifier "
+                   f"{anc.arch.num_classes}")
     trained, report = run_expanding_phase(lg, anc, ds, shapes, cfg, work=work, log=click.echo, ckpt_every=100,
-                                          eval_shapes=eval_shapes or shapes[-1:], eval_images=2000)
+                                          eval_shapes=eval_shapes or shapes[-1:], eval_images=2000 if same_labels else 0)
     log_file = work / "metrics.jsonl"
     trained.save(out, {"expanding_log.jsonl": log_file.read_bytes()} if log_file.is_file() else None)
     shutil.rmtree(work, ignore_errors=True)

@@ -149,8 +149,9 @@ def descend(
     hd = arch.head_dim
     if shape.embed_dim > arch.embed_dim:
         raise FactoryError(
-            f"embed_dim {shape.embed_dim} exceeds the ancestry's {arch.embed_dim}; "
-            "descendants can only be as wide as their ancestry"
+            f"embed_dim {shape.embed_dim} exceeds the ancestry's {arch.embed_dim}: expansion selects width from the "
+            f"ancestry's channels, so descendants are at most {arch.embed_dim} wide (any depth, heads with a head dim <= "
+            f"{arch.head_dim}, MLP hidden <= {arch.mlp_hidden}); use --embed-dim <= {arch.embed_dim} or a wider ancestry"
         )
     if shape.head_dim > hd:
         raise FactoryError(

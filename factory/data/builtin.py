@@ -209,4 +209,5 @@ def make_synthetic(
 
     train, val = split(n_train), split(n_val)
     identity = synthetic_identity(img_size, num_classes, n_train, n_val, in_chans, seed)
-    return Dataset("synthetic", train, val, val, mean=(0.0,), std=(1.0,), identity=identity)
+    return Dataset("synthetic", train, val, val, mean=(0.0,), std=(1.0,), identity=identity,
+                   test_from="val (the synthetic set has no test split)")

@@ -102,4 +102,5 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3) -> Dataset:
     test = read("test") if (root / "test").is_dir() else val
     if train.classes != val.classes:
         raise FactoryError(f"{root}/train and {root}/val have different class folders")
-    return Dataset(root.name, train, val, test, mean, std, identity=identity)
+    test_from = "test" if (root / "test").is_dir() else f"val (no test/ folder in {root}: add one for an unbiased test accuracy)"
+    return Dataset(root.name, train, val, test, mean, std, identity=identity, test_from=test_from)

@@ -41,6 +41,8 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     identity: str
+    #: where "test" accuracy comes from: ``"test"``, or why it is another split (said in logs, manifest, card)
+    test_from: str = "test"
 
     @property
     def num_classes(self) -> int:

@@ -87,6 +87,8 @@ def _build(profiles: list[Profile], out: Path, cfg: BuildConfig, *, dry_run: boo
         return previous
 
     anc, ds = ancestry_and_data(cfg)  # the heavy imports (torch, timm) and loading start here
+    if ds.test_from != "test":
+        log(f"data: test accuracy is measured on {ds.test_from}")
     ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds)
     objective, why = objective_for(cfg, anc)
     log(f"objective: {objective} ({why})")

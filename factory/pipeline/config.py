@@ -37,6 +37,8 @@ class BuildConfig:
     gene_head_mixing: bool = True
     expand_steps: int | None = None  # None: ExpandingConfig's default
     expand_data: str | None = None  # None: the ancestry's own data if known, else ``data``
+    expand_batch_size: int | None = None  # None: ExpandingConfig's default
+    learngene: str | None = None  # a learngene directory to use as it is (e.g. made by `learngene train`)
     init: str = "peg"
     finetune_steps: int = 100
     batch_size: int = 32
@@ -58,6 +60,7 @@ class BuildConfig:
             "gene layers": self.gene_layers is None or self.gene_layers >= 1,
             "gene heads": self.gene_heads is None or self.gene_heads >= 1,
             "expand steps": self.expand_steps is None or self.expand_steps >= 0,
+            "expand batch size": self.expand_batch_size is None or self.expand_batch_size >= 1,
             "fine-tuning steps": self.finetune_steps >= 1,
             "batch size": self.batch_size >= 1,
             "learning rate": math.isfinite(self.lr) and self.lr > 0,
@@ -86,7 +89,38 @@ def finetune_recipe(cfg: BuildConfig) -> TrainConfig:
 def expanding_config(cfg: BuildConfig) -> ExpandingConfig:
     """The expanding phase the build runs (``steps == 0``: none, the learngene stays as sampled)."""
     exp = ExpandingConfig() if cfg.expand_steps is None else ExpandingConfig(steps=cfg.expand_steps)
+    if cfg.expand_batch_size is not None:
+        exp = dataclasses.replace(exp, batch_size=cfg.expand_batch_size)
     return dataclasses.replace(exp, seed=cfg.gene_seed)
+
+
+def given_learngene(cfg: BuildConfig, anc):
+    """The learngene ``cfg.learngene`` names (hash-checked on load), refused in one line when it was
+    sampled from another ancestry than ``anc``; None when the build makes its own."""
+    from factory.core.learngene import Learngene
+
+    if cfg.learngene is None:
+        return None
+    lg = Learngene.load(cfg.learngene)
+    made_from = (lg.meta.get("ancestry") or {}).get("sha256")
+    if made_from != anc.sha256:
+        raise FactoryError(f"--learngene {cfg.learngene} was made from another ancestry ({str(made_from)[:12]}) than "
+                           f"{anc.spec!r} ({anc.sha256[:12]}); pass the ancestry it was sampled from, or make one with "
+                           "`peg-factory learngene` and `peg-factory learngene train`")
+    return lg
+
+
+def learngene_fingerprint(cfg: BuildConfig) -> str | None:
+    """The given learngene's tensor hash from its ``learngene.json``, without loading it (for the build key)."""
+    import json
+    from pathlib import Path
+
+    if cfg.learngene is None:
+        return None
+    try:
+        return json.loads((Path(cfg.learngene) / "learngene.json").read_text()).get("tensors_sha256")
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"
 
 
 def expanding_data(cfg: BuildConfig, anc) -> str:
@@ -98,7 +132,10 @@ def expanding_data(cfg: BuildConfig, anc) -> str:
 
 
 def build_learngene_recipe(cfg: BuildConfig, anc) -> dict[str, Any]:
-    """:func:`learngene_recipe` of the learngene this build makes from ``anc``."""
+    """:func:`learngene_recipe` of the learngene this build makes from ``anc`` (for a given one: its hash)."""
+    given = given_learngene(cfg, anc)
+    if given is not None:
+        return {"given": given.sha256, "ancestry": anc.sha256}
     exp = expanding_config(cfg)
     return learngene_recipe(anc.sha256, cfg.gene_layers or max(1, anc.arch.depth // 2), cfg.gene_heads or anc.arch.num_heads,
                             seed=cfg.gene_seed, tau=cfg.gene_tau, rescale=cfg.gene_rescale, head_mixing=cfg.gene_head_mixing,
@@ -109,7 +146,11 @@ def build_learngene_recipe(cfg: BuildConfig, anc) -> dict[str, Any]:
 
 def objective_for(cfg: BuildConfig, anc) -> tuple[str, str]:
     """The objective this build runs and why (:func:`factory.device.objective.resolve_objective`)."""
-    trained = cfg.init == "peg" and expanding_config(cfg).steps > 0
+    given = given_learngene(cfg, anc)
+    if given is not None:
+        trained = cfg.init == "peg" and bool((given.meta.get("expanding_phase") or {}).get("config", {}).get("steps"))
+    else:
+        trained = cfg.init == "peg" and expanding_config(cfg).steps > 0
     return resolve_objective(cfg.objective, init=cfg.init, trained_learngene=trained)
 
 

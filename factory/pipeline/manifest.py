@@ -19,7 +19,7 @@ from typing import Any
 from factory._version import __version__
 from factory.errors import FactoryError
 from factory.io import atomic_write_bytes, confined, content_key, sha256_file
-from factory.pipeline.config import BuildConfig, build_learngene_recipe, identity
+from factory.pipeline.config import BuildConfig, build_learngene_recipe, identity, learngene_fingerprint
 from factory.pipeline.manifest_schema import MANIFEST_SCHEMA
 
 #: Export record fields a manifest artifact keeps.
@@ -104,7 +104,7 @@ def head(cfg: BuildConfig, anc, lg, ds, lg_key: str, names: list[str]) -> dict[s
         "ancestry_arch": anc.arch.to_dict(),
         "learngene": {"sha256": lg.sha256, "layers": lg.num_layers, "heads": lg.num_heads, "seed": cfg.gene_seed,
                       "recipe": build_learngene_recipe(cfg, anc), "cache_key": lg_key, "sampled_once_for": names},
-        "data": {"spec": cfg.data, "identity": ds.identity, "classes": ds.train.classes,
+        "data": {"spec": cfg.data, "identity": ds.identity, "classes": ds.train.classes, "test_split": ds.test_from,
                  "identity_key": dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans)},
         "recipe": identity(cfg),
         "tools": tool_versions(),
@@ -114,8 +114,9 @@ def head(cfg: BuildConfig, anc, lg, ds, lg_key: str, names: list[str]) -> dict[s
 
 
 def build_key(profiles, cfg: BuildConfig, ancestry_fingerprint: str) -> str:
-    """What decides "nothing to do": the profiles' bytes, the settings that make the models, the ancestry's weights."""
-    return content_key([profile_hash(p) for p in profiles], identity(cfg), ancestry_fingerprint)
+    """What decides "nothing to do": the profiles' bytes, the settings that make the models, the ancestry's
+    weights, and a given learngene's tensors."""
+    return content_key([profile_hash(p) for p in profiles], identity(cfg), ancestry_fingerprint, learngene_fingerprint(cfg))
 
 
 def previous(out: Path, key: str) -> dict[str, Any] | None:

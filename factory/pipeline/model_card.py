@@ -104,6 +104,7 @@ within the budgets above. A starting point for further fine-tuning on the same t
 ## Limitations
 
 - Fine-tuned for {recipe['finetune_steps']} steps on `{recipe['data']}` only: accuracy on other data is not measured.
+- The test accuracy is measured on {head['data'].get('test_split', 'test')}.
 - The target latency and memory are predictions ({method}), not measurements on the device; the host onnxruntime
   time says nothing about the target. Calibrate the profile (`peg-factory calibrate`) to predict from device timings.
 - The ancestry's license and data terms (`{anc['spec']}`) apply to this derivative.

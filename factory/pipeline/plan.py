@@ -7,7 +7,7 @@ from typing import Any
 
 from factory.core.learngene import Learngene
 from factory.core.shapes import DescendantShape
-from factory.pipeline.config import build_learngene_recipe
+from factory.pipeline.config import build_learngene_recipe, given_learngene
 from factory.pipeline.stages import (EXPORT, FINETUNE, LEARNGENE, MEASURE, BuildContext, ExportItem, ModelItem, entry_for,
                                      shipped_learngene, step_seconds)
 
@@ -19,7 +19,11 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
     log, cfg = ctx.log, ctx.cfg
     lg_entry = entry_for(ctx, LEARNGENE)
     shipped = shipped_learngene(build_learngene_recipe(cfg, ctx.ancestry))
-    if lg_entry.cached:
+    given = given_learngene(cfg, ctx.ancestry)
+    if given is not None:
+        ctx.learngene = given
+        log(f"learngene: the given one ({cfg.learngene}), no expanding phase")
+    elif lg_entry.cached:
         ctx.learngene = Learngene.load(lg_entry.path / "learngene")
         log("learngene: cached")
     elif shipped is not None:

@@ -36,7 +36,8 @@ from factory.core.learngene import Learngene
 from factory.core.shapes import DescendantShape
 from factory.io import sha256_file
 from factory.pipeline.cache import Cache, Entry
-from factory.pipeline.config import BuildConfig, build_learngene_recipe, expanding_data, finetune_recipe, recipe_of
+from factory.pipeline.config import (BuildConfig, build_learngene_recipe, expanding_data, finetune_recipe, given_learngene,
+                                     recipe_of)
 
 
 @dataclass
@@ -105,8 +106,11 @@ def _run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[st
 
     anc, t0 = ctx.ancestry, time.perf_counter()
     recipe = _learngene_inputs(ctx, None)
-    lg = shipped_learngene(recipe)
-    how = "the shipped demo learngene (same recipe, not retrained)"
+    lg = given_learngene(ctx.cfg, anc)
+    how = f"the given learngene {ctx.cfg.learngene}"
+    if lg is None:
+        lg = shipped_learngene(recipe)
+        how = "the shipped demo learngene (same recipe, not retrained)"
     if lg is None:
         lg = sample_learngene(anc, recipe["layers"], recipe["heads"], seed=recipe["seed"], tau=recipe["tau"],
                               rescale=recipe["rescale"], head_mixing=recipe["head_mixing"])
@@ -124,7 +128,7 @@ def _run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[st
 
 def _estimate_learngene(ctx: BuildContext, _: None) -> float:
     recipe = _learngene_inputs(ctx, None)
-    if not recipe["expanding"] or shipped_learngene(recipe) is not None:
+    if "given" in recipe or not recipe["expanding"] or shipped_learngene(recipe) is not None:
         return 0.0
     exp = recipe["expanding"]
     # per step: the teacher's forward, and forward + backward (~3x) of the smallest, the largest (twice the
