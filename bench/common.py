@@ -55,11 +55,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.pstdev(values)
 
 
-def write_outputs(data: dict, table: str, json_path, md_path) -> None:
-    """Write the raw results (JSON) and the Markdown table, and print the table."""
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(data, indent=2, default=str))
+def write_outputs(data, table: str, json_path, md_path) -> None:
+    """Write the raw results (JSON, when ``json_path`` is given) and the Markdown table (``md_path``), and
+    print the table (and the run's wall time when ``data`` records one)."""
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(data, indent=2, default=str))
     if md_path:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
         md_path.write_text(table + "\n")
     print(table)
-    print(f"\nwall time {data['wall_seconds']} s")
+    if isinstance(data, dict) and "wall_seconds" in data:
+        print(f"\nwall time {data['wall_seconds']} s")

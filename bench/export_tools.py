@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ("jetson_orin", "jetson_orin_nano_int8", "raspberry_pi5_openvino")
@@ -79,14 +80,7 @@ def main() -> None:
         lines.append(f"| {r['device']} | {r['nodes_exported']} -> {r['nodes_simplified']} | {r['onnx_max_abs_diff']:.1e} | "
                      f"{r['timm_local_dir_max_abs_diff']:.1e} | {r.get('trt_typed_model') or ''} | "
                      f"{'' if delta is None else f'{delta:+.4f}'} | {'' if int8 is None else f'{int8:+.4f}'} | {ov} | {r['deploy']} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(table + "\n")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    write_outputs(rows, "\n".join(lines), args.json, args.md)
 
 
 if __name__ == "__main__":

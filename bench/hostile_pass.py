@@ -12,7 +12,6 @@ user's files unchanged). Writes a Markdown table (``--md``) and JSON (``--json``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from click.testing import CliRunner
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import write_outputs  # noqa: E402
 from factory.cli import cli  # noqa: E402
 
 TINY = """name: tiny
@@ -168,14 +168,7 @@ def main() -> None:
              "| case | exit | held | error (first 160 characters) |", "|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['exit_code']} | {'yes' if r['held'] else '**no**'} | {str(r['error']).replace('|', '/')} |"
               for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(table + "\n")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"held": held, "cases": len(rows), "rows": rows}, indent=2) + "\n")
+    write_outputs({"held": held, "cases": len(rows), "rows": rows}, "\n".join(lines), args.json, args.md)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 ImageFolder without test/, a task whose labels are not the ancestry's."""
 
 import json
-from pathlib import Path
 
 from click.testing import CliRunner
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from factory.core.shapes import STANDARD_ARCH, ArchConfig, DescendantShape
 from factory.device.roofline import HostFacts
 from factory.device.tables import KERNELS, Grids, KernelTables
+from factory.errors import FactoryError
 from factory.io import cache_dir
 
 # -- micro-models -----------------------------------------------------------------------------------
