@@ -201,3 +201,8 @@ def test_new_commands_refuse_bad_input_in_one_line_before_working(tmp_path):
     assert res.exit_code == 2 and "exists and is not a directory" in res.output
     res = CliRunner().invoke(cli, ["calibrate", "--profile", "nope", "--out", str(tmp_path / "kit")])
     assert res.exit_code == 2 and "profile nope not found" in res.output and not (tmp_path / "kit").exists()
+
+
+def test_an_unknown_kernel_is_one_line():
+    with pytest.raises(FactoryError, match="unknown kernel 'conv3d'"):
+        kernel_model("conv3d", (1, 2, 3), DEMO_ARCH)
