@@ -62,13 +62,22 @@ def to_fp16(src: str | Path, dst: str | Path) -> Path:
 
 
 class ImageReader:
-    """``CalibrationDataReader`` over a float32 image array, in batches."""
+    """``CalibrationDataReader`` over a float32 image array, in batches, with a progress bar (and ETA)
+    over the calibration images."""
 
-    def __init__(self, images: np.ndarray, batch: int = 16):
+    def __init__(self, images: np.ndarray, batch: int = 16, progress: bool = True):
+        from tqdm.auto import tqdm
+
         self._batches = iter([{INPUT_NAME: images[i : i + batch]} for i in range(0, len(images), batch)])
+        self._bar = tqdm(total=len(images), desc="int8 calibration", unit="img", disable=not progress, dynamic_ncols=True)
 
     def get_next(self):
-        return next(self._batches, None)
+        batch = next(self._batches, None)
+        if batch is None:
+            self._bar.close()
+        else:
+            self._bar.update(len(batch[INPUT_NAME]))
+        return batch
 
     def rewind(self):  # onnxruntime calls it for some calibrators; one pass is enough for MinMax
         pass
