@@ -86,7 +86,6 @@ def device_record(entry: dict[str, Any], *, finetune: dict[str, Any], finetune_k
         "params": measured["params"],
         "latency_ms": {"predicted_target": predicted["latency_ms"], "host_onnxruntime": measured["host_latency_ms_onnxruntime"]},
         "memory_mb": {"predicted_target": predicted["memory_mb"]},
-        "budgets": entry["budgets"],
         "margins": predicted["margins"],
         "artifacts": artifacts,
         "deploy": export_record.get("deploy"),

@@ -7,7 +7,7 @@ from typing import Any
 
 from factory.core.learngene import Learngene
 from factory.core.shapes import DescendantShape
-from factory.pipeline.config import build_learngene_recipe, given_learngene
+from factory.pipeline.config import given_learngene
 from factory.pipeline.stages import (EXPORT, FINETUNE, LEARNGENE, MEASURE, BuildContext, ExportItem, ModelItem, entry_for,
                                      shipped_learngene, step_seconds)
 
@@ -17,9 +17,10 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
     from factory.device.accuracy import EstimatorConfig
 
     log, cfg = ctx.log, ctx.cfg
-    lg_entry = entry_for(ctx, LEARNGENE)
-    shipped = shipped_learngene(build_learngene_recipe(cfg, ctx.ancestry))
-    given = given_learngene(cfg, ctx.ancestry)
+    recipe = LEARNGENE.inputs(ctx, None)  # the stage's key inputs, computed once
+    lg_entry = ctx.cache.entry(LEARNGENE.name, recipe)
+    given = given_learngene(cfg, ctx.ancestry) if "given" in recipe else None
+    shipped = shipped_learngene(recipe) if given is None else None
     if given is not None:
         ctx.learngene = given
         log(f"learngene: the given one ({cfg.learngene}), no expanding phase")
@@ -30,7 +31,7 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
         ctx.learngene = shipped
         log("learngene: the shipped demo learngene (same recipe)")
     else:
-        steps = (build_learngene_recipe(cfg, ctx.ancestry)["expanding"] or {}).get("steps", 0)
+        steps = (recipe["expanding"] or {}).get("steps", 0)
         estimate = LEARNGENE.estimate_s(ctx, None)
         log(f"learngene: will be sampled{f' and trained for {steps} expanding-phase steps (~{estimate:.0f}s)' if steps else ''}")
     by_name = {p.name: p for p in profiles}

@@ -199,7 +199,6 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
              f"{(lg['sha256'] or '')[:12]} ({lg['layers']} layers x {lg['heads']} heads, sampled once for "
              f"{len(lg['sampled_once_for'])} devices), data {manifest['data']['spec']}, init {manifest['recipe']['init']}, "
              f"{manifest['recipe']['finetune_steps']} fine-tuning steps; the build took {manifest['seconds']:.1f} s.")
-    files = out / "report_files"
     md = ["# peg-factory build report", "", intro, "", *_md_table(SUMMARY, summary_rows(manifest)), ""]
     page = [f"<h1>peg-factory build report</h1><p>{html.escape(intro)}</p>", _html_table(SUMMARY, summary_rows(manifest))]
     plotted = _plt() is not None
@@ -227,7 +226,6 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
             md += [f"### {title}", "", f"![{title}]({rel})", ""]
             page += [f"<h3>{html.escape(title)}</h3>",
                      f'<img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">']
-    files.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "report.md", "\n".join(md).encode())
     style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:0.5em 0}"
              "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}th{background:#f3f3f3}img{max-width:100%}")
