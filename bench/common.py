@@ -8,7 +8,9 @@ Tasks (all offline, all unseen by the demo ancestry and its learngene):
   scenes, train and test crops from disjoint image regions; :func:`factory.data.builtin.load_textures`).
 
 Recipe (``recipe(steps)``): batch 32, AdamW lr 1e-3, warm-up steps/15, cosine, label smoothing
-0.1, one-pixel shifts; accuracy on the task's test split every ``eval_every`` steps.
+0.1, one-pixel shifts, the trainer's precision (``amp``: ``auto`` = bf16 autocast on a bf16 CPU, as the
+build; ``off`` = fp32, as every result in RESULTS.md measured before bf16 became the default); accuracy
+on the task's test split every ``eval_every`` steps.
 """
 
 from __future__ import annotations
@@ -34,15 +36,16 @@ def load_tasks(names: tuple[str, ...] | list[str]) -> dict[str, tuple[ImageTenso
     return out
 
 
-def recipe(steps: int, eval_every: int, seed: int) -> TrainConfig:
+def recipe(steps: int, eval_every: int, seed: int, amp: str = "auto") -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=max(1, steps // 15), eval_every=eval_every,
-                       label_smoothing=0.1, shift=1, seed=seed)
+                       label_smoothing=0.1, shift=1, seed=seed, amp=amp)
 
 
-def finetune_curve(model, train_set: ImageTensors, eval_set: ImageTensors, steps: int, eval_every: int, seed: int) -> dict[int, float]:
-    """Test accuracy at step 0 and every ``eval_every`` steps of the recipe."""
+def finetune_curve(model, train_set: ImageTensors, eval_set: ImageTensors, steps: int, eval_every: int, seed: int,
+                   amp: str = "auto") -> dict[int, float]:
+    """Test accuracy at step 0 and every ``eval_every`` steps of the recipe (trained in ``amp``'s precision)."""
     zero = evaluate(model, eval_set)
-    res = train(model, train_set, recipe(steps, eval_every, seed), val_data=eval_set, progress=False)
+    res = train(model, train_set, recipe(steps, eval_every, seed, amp), val_data=eval_set, progress=False)
     return {0: zero, **{h["step"]: h["val_acc"] for h in res.history if "val_acc" in h}}
 
 

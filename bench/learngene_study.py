@@ -14,7 +14,13 @@ TLEG are run in the same process on the same shapes, seeds and steps as the refe
   the old default; ``grid``: depths 1..12 x widths 96/144/192 at one head count and MLP ratio each;
   the factory's default; ``varied``: the grid with two head counts and MLP ratios 1-4 per width,
   ``--vary-shapes``); ``extra hidden`` units of the depth maps.
+- ``amp`` of the expanding phase (``off`` = fp32, how every learngene here was trained until bf16
+  autocast arrived; ``bf16``) and ``distill``: the input size it distils at (position embeddings
+  resampled; None = the ancestry's 28 px): the real-scale speed-ups of issue 21, whose quality is measured
+  against the shipped learngene (the same recipe in fp32 at 28 px) by the "shipped recipe, ..." variants.
 - ``shipped``: the learngene shipped in ``factory/assets`` (the factory's default).
+
+``--variants NAME ...`` runs only those (the baselines always run); ``--amp`` is the fine-tunes' precision.
 
 Usage:
     python bench/learngene_study.py --json bench/out/learngene_study.json --md bench/out/learngene_study.md
@@ -38,7 +44,8 @@ from factory.core.demo import load_demo_learngene
 from factory.core.expanding import ExpandingConfig, default_shapes
 from factory.training.expanding import train_learngene
 
-BASE = dict(tau=1.0, head_mixing=True, rescale="none", layers=3, steps=0, data="mnist", sandwich="grid", extra_hidden=0)
+BASE = dict(tau=1.0, head_mixing=True, rescale="none", layers=3, steps=0, data="mnist", sandwich="grid", extra_hidden=0, amp="off",
+            distill=None)
 
 VARIANTS: list[tuple[str, dict]] = [
     ("paper (untrained, tau 1)", {}),
@@ -54,6 +61,8 @@ VARIANTS: list[tuple[str, dict]] = [
     ("expand 250, extra hidden 6", dict(steps=250, extra_hidden=6)),
     ("rescale std + expand 250", dict(rescale="std", steps=250)),
     ("shipped default", dict(shipped=True)),
+    ("shipped recipe, bf16", dict(rescale="std", steps=1500, amp="bf16")),
+    ("shipped recipe, bf16, distil at 21 px", dict(rescale="std", steps=1500, amp="bf16", distill=21)),
 ]
 SHAPES = [DescendantShape(3, 192, 3, 4.0, 28, 7, 10), DescendantShape(6, 96, 2, 2.0, 28, 7, 10),
           DescendantShape(9, 192, 3, 4.0, 28, 7, 10)]
@@ -75,8 +84,8 @@ def make_learngene(anc, knobs: dict, task_train, mnist_train):
         shapes = default_shapes(lg, vary=True)
     data = task_train if k["data"] == "target" else mnist_train
     t0 = time.perf_counter()
-    trained, _ = train_learngene(lg, anc, data, shapes, ExpandingConfig(steps=k["steps"], extra_hidden=k["extra_hidden"]),
-                                 progress=False)
+    exp = ExpandingConfig(steps=k["steps"], extra_hidden=k["extra_hidden"], amp=k["amp"], distill_img_size=k["distill"])
+    trained, _ = train_learngene(lg, anc, data, shapes, exp, progress=False)
     return trained, {"seconds": round(time.perf_counter() - t0, 1), "std_ratio": lg.meta["stats"]["summary"]["mean_std_ratio"]}
 
 
@@ -86,6 +95,11 @@ def run(args) -> dict:
     tasks = load_tasks(args.tasks)
     mnist_train = load_dataset("digits" if args.quick else "mnist", img_size=28).train
     variants = VARIANTS[:2] + [("expand 3 steps", dict(steps=3))] if args.quick else VARIANTS
+    if args.variants:
+        unknown = set(args.variants) - {n for n, _ in variants}
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {[n for n, _ in variants]}")
+        variants = [(n, k) for n, k in variants if n in args.variants]
     shapes = SHAPES[:1] if args.quick else SHAPES if args.deep else SHAPES[:2]
     results, learngenes = [], {}
     cache = {}
@@ -102,7 +116,7 @@ def run(args) -> dict:
             for shape in shapes:
                 for seed in range(args.seeds):
                     model = init_descendant(method, shape, ancestry=anc, learngene=lg, seed=seed)
-                    curve = finetune_curve(model, train_set, eval_set, args.steps, args.eval_every, seed)
+                    curve = finetune_curve(model, train_set, eval_set, args.steps, args.eval_every, seed, args.amp)
                     results.append({"variant": name, "task": task, "shape": shape.label(), "seed": seed, "curve": curve})
                     print(f"{name:40s} {task:9s} {shape.label():22s} s{seed} "
                           + " ".join(f"{k}:{v:.3f}" for k, v in curve.items()), flush=True)
@@ -166,6 +180,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--render", action="store_true", help="only re-render --md from an existing --json")
+    parser.add_argument("--variants", nargs="+", default=None, help="run only these variants (and the baselines)")
+    parser.add_argument("--amp", default="off", choices=["auto", "bf16", "off"], help="the fine-tunes' precision")
     args = parser.parse_args()
     if args.render:
         return render(args.json, args.md)

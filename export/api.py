@@ -84,8 +84,9 @@ class ExportRun:
 
 
 def _data_for(arch, data: str | None):
-    """Validation/calibration images for accuracy and INT8 (None when the task has no data)."""
-    from factory.data import load_dataset
+    """Validation/calibration images for accuracy and INT8 (None when the task has no data); a streamed
+    folder's splits decoded up to :data:`factory.data.tensors.CHECK_BYTES` each (:func:`factory.data.in_memory`)."""
+    from factory.data import in_memory, load_dataset
 
     spec = data or ("digits" if arch.in_chans == 1 and arch.num_classes == 10 else None)
     if spec is None:
@@ -93,7 +94,7 @@ def _data_for(arch, data: str | None):
     ds = load_dataset(spec, img_size=arch.img_size, in_chans=arch.in_chans)
     if ds.num_classes != arch.num_classes:
         raise FactoryError(f"data {spec!r} has {ds.num_classes} classes but the model predicts {arch.num_classes}")
-    return ds
+    return in_memory(ds)
 
 
 def export_model(

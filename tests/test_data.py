@@ -36,7 +36,8 @@ def test_image_folder(tmp_path):
             for i in range(3):
                 Image.new("RGB", (20, 24), (colour, i * 10, 0)).save(tmp_path / split / cls / f"{i}.png")
     ds = load_dataset(str(tmp_path), img_size=16, in_chans=3)
-    assert ds.train.images.shape == (6, 3, 16, 16) and ds.train.classes == ["cat", "dog"]
+    assert len(ds.train) == 6 and ds.in_chans == 3 and ds.train.classes == ["cat", "dog"]
+    assert ds.train.tensors().images.shape == (6, 3, 16, 16)
     assert ds.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
     (tmp_path / "val" / "dog" / "bad.png").write_bytes(b"not an image")
     with pytest.raises(FactoryError, match="cannot read image"):

@@ -132,7 +132,7 @@ def test_ddp_two_processes_hold_identical_weights(tmp_path, synthetic):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the AMP (bf16/fp16) path only runs on CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA autocast (bf16, or fp16 with a GradScaler) runs only there")
 def test_amp_training_step_on_cuda(synthetic):
     model = _tiny_model()
     result = train(model, synthetic.train, TrainConfig(steps=5, batch_size=16, device="cuda", amp="auto"), progress=False)

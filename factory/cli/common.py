@@ -82,6 +82,14 @@ def ancestry_option(default: str | None = "demo", help: str = "'demo', a timm na
     return click.option("--ancestry", default=default, show_default=default is not None, help=help)
 
 
+AMP_HELP = ("Precision of the training steps. auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on CPUs "
+            "with native bf16 (AVX512-BF16/AMX), else fp32; off: fp32.")
+
+
+def amp_option(help: str = AMP_HELP):
+    return click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True, help=help)
+
+
 def seed_option(default: int | None = 0, help: str = "Random seed."):
     return click.option("--seed", type=SEED, default=default, show_default=default is not None, help=help)
 

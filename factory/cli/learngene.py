@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from factory.cli.common import BATCH, COUNT, RATE, STEPS, FactoryGroup, UserError, ancestry_option, data_option, int_list, \
-    out_option, seed_option
+    SIZE, amp_option, out_option, seed_option
 
 
 @click.group(cls=FactoryGroup, invoke_without_command=True)
@@ -62,13 +62,16 @@ def learngene(ctx, ancestry, layers, heads, tau, mixing, head_mixing, rescale, s
 @click.option("--batch-size", type=BATCH, default=64, show_default=True, help="Images per step.")
 @click.option("--lr", type=RATE, default=1e-3, show_default=True, help="AdamW learning rate (warm-up, cosine).")
 @click.option("--extra-hidden", type=click.IntRange(0, 1 << 16), default=0, show_default=True, help="Extra ReLU units per depth map.")
+@click.option("--img-size", type=SIZE, default=None,
+              help="Distil at this input size (a multiple of the patch size) [default: the ancestry's].")
+@amp_option()
 @click.option("--vary-shapes", is_flag=True, help="Also sandwich over head counts and MLP ratios 1-4 per width.")
 @seed_option(help="Seed of the batches, the random shapes and the depth maps.")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Checkpoints and loss log [default: OUT.partial]; a rerun resumes from it.")
 @out_option("Trained learngene directory to write.")
-def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_size, lr, extra_hidden, vary_shapes, seed, work_dir,
-                    out) -> None:
+def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_size, lr, extra_hidden, img_size, amp, vary_shapes,
+                    seed, work_dir, out) -> None:
     """The learngene expanding phase: distil the ancestry into every expansion at once.
 
     Resumable: checkpoints go to --work-dir (default OUT.partial) and a rerun of the same
@@ -95,10 +98,11 @@ def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_
     if anc.sha256 != lg.meta.get("ancestry", {}).get("sha256"):
         raise UserError(f"ancestry {spec!r} is not the one this learngene was sampled from (hash differs); pass the right --ancestry")
     shapes = default_shapes(lg, int_list(depths, "--depths"), int_list(widths, "--widths"), vary=vary_shapes)
-    cfg = ExpandingConfig(steps=steps, batch_size=batch_size, lr=lr, extra_hidden=extra_hidden, seed=seed)
+    cfg = ExpandingConfig(steps=steps, batch_size=batch_size, lr=lr, extra_hidden=extra_hidden, seed=seed, distill_img_size=img_size,
+                          amp=amp)
     ensure_parent(out)
     work = work_dir or out.with_name(out.name + ".partial")
-    ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+    ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
     own = anc.arch.shape()  # zero-shot is reported at the ancestry's width, heads and ratio, at every depth
     eval_shapes = [s for s in shapes if (s.embed_dim, s.num_heads, s.mlp_ratio) == (own.embed_dim, own.num_heads, own.mlp_ratio)]
     # zero-shot accuracy means something only where the task's labels are the ancestry's (its classifier is kept)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from factory.cli.common import BATCH, RATE, STEPS, data_option, out_option, seed_option
+from factory.cli.common import BATCH, RATE, STEPS, amp_option, data_option, out_option, seed_option
 
 
 @click.command("train")
@@ -20,8 +20,7 @@ from factory.cli.common import BATCH, RATE, STEPS, data_option, out_option, seed
 @click.option("--distill-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Weight of the distillation loss (with --distill-from).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True,
-              help="Mixed precision on CUDA (auto: bf16 where supported, else fp16).")
+@amp_option()
 @click.option("--ckpt-every", type=STEPS, default=50, show_default=True, help="Checkpoint every N steps (0: only at the end).")
 @seed_option()
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.")
@@ -41,7 +40,7 @@ def train_cmd(model_path, data, steps, batch_size, lr, warmup_steps, distill_fro
     from factory.training.train import TrainConfig, evaluate, train
 
     anc = load_ancestry(model_path)
-    ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+    ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
     model, arch = anc.model, anc.arch
     if ds.num_classes != arch.num_classes:
         import dataclasses

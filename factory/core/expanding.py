@@ -39,10 +39,41 @@ class ExpandingConfig:
     shift: int = 1
     extra_hidden: int = 0  # extra ReLU units per depth map beyond the 2*L_b that make it linear at init
     seed: int = 0
+    #: distil at this input size (None: the ancestry's): teacher and descendants see the batch resized to it and
+    #: the position embedding bicubically resampled to its grid, differentiably, so the full-size embedding is
+    #: what trains (:func:`distill_pos_embed`); a multiple of the patch size. Attention cost falls with the
+    #: square of the token count: 224 -> 112 px is 4x fewer tokens.
+    distill_img_size: int | None = None
+    amp: str = "auto"  # the steps' precision (factory.training.train.precision_for); a speed setting, see SPEED_FIELDS
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or not self.lr > 0 or self.extra_hidden < 0 or self.random_per_step < 0:
             raise FactoryError("expanding phase needs steps >= 0, batch_size >= 1, lr > 0, extra_hidden >= 0, random_per_step >= 0")
+        if self.distill_img_size is not None and self.distill_img_size < 1:
+            raise FactoryError(f"expanding-phase distillation size must be >= 1 pixel, got {self.distill_img_size}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise FactoryError(f"expanding-phase amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+
+
+#: ExpandingConfig fields that change how fast the phase runs, not what it trains towards: a learngene's recipe
+#: (and the build's cache key for it) leaves them out, the way it leaves out the thread count, so the shipped
+#: fp32-trained learngene serves a bf16 machine and a learngene made on a GPU serves a CPU build. The precision a
+#: learngene was trained in is recorded in its metadata (``expanding_phase.precision``).
+SPEED_FIELDS = ("amp",)
+#: Fields added after learngenes were shipped, with the value that reproduces what older ones were made with.
+LATER_FIELDS = {"distill_img_size": None}
+
+
+def recipe_fields(cfg: ExpandingConfig) -> dict:
+    """``asdict(cfg)`` without :data:`SPEED_FIELDS`: what the learngene recipe hashes."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SPEED_FIELDS}
+
+
+def check_distill_size(size: int, arch) -> None:
+    """Refuse (one line) a distillation size that is not a positive multiple of ``arch``'s patch size."""
+    if size % arch.patch_size or size < arch.patch_size:
+        raise FactoryError(f"--expand-img-size {size} must be a multiple of the ancestry's patch size {arch.patch_size} "
+                           f"(e.g. {max(1, arch.img_size // arch.patch_size // 2) * arch.patch_size})")
 
 
 def default_depths(lg: Learngene) -> list[int]:
@@ -98,6 +129,18 @@ def default_shapes(lg: Learngene, depths: list[int] | None = None, widths: list[
                 for r in ratios:
                     out.append(dataclasses.replace(arch.shape(), depth=d, embed_dim=w, num_heads=h, mlp_ratio=r))
     return out
+
+
+def distill_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
+                      prefix_tokens: int) -> torch.Tensor:
+    """``pos_embed`` ``(1, prefix + H*W, D)`` resampled to a ``new_grid`` of patches by timm's bicubic
+    :func:`timm.layers.resample_abs_pos_embed` (the prefix tokens kept as they are); differentiable, so the
+    gradient of a distillation at the new size reaches the full-size embedding."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    from timm.layers import resample_abs_pos_embed
+
+    return resample_abs_pos_embed(pos_embed, list(new_grid), list(old_grid), num_prefix_tokens=prefix_tokens, verbose=False)
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -6,13 +6,10 @@ import hashlib
 import os
 from pathlib import Path
 
-import torch
-
-from factory.data.tensors import Dataset, ImageTensors
+from factory.data.stream import MAX_IMAGE_PIXELS  # one limit, checked here on headers and where images are decoded
+from factory.data.tensors import Dataset
 from factory.errors import FactoryError
 
-# Images larger than this (e.g. a "decompression bomb": a tiny file declaring a gigapixel canvas) are refused.
-MAX_IMAGE_PIXELS = 8192 * 8192
 
 def scan_tree(root: Path) -> list[Path]:
     """Every file under ``root``, following directory symlinks (as ImageFolder does), sorted.
@@ -59,11 +56,43 @@ def folder_identity(root: Path, img_size: int, in_chans: int) -> str:
     return f"folder:{root.resolve()}:{digest}:{img_size}:{in_chans}"
 
 
-def load_image_folder(root: Path, img_size: int, in_chans: int = 3) -> Dataset:
-    """An ImageFolder tree (``train/``, ``val/``, optional ``test/``) resized and normalised."""
+#: Modes PIL reads as single-channel: a folder of only these is greyscale.
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def check_header(path: Path, min_side: int) -> str:
+    """Read ``path``'s header only (no decode): refuse what cannot be an image for the model (one line);
+    return the image's PIL mode."""
     from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            width, height, mode = im.width, im.height, im.mode
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        raise FactoryError(f"cannot read image {path}: {exc}") from exc
+    if width * height > MAX_IMAGE_PIXELS:
+        raise FactoryError(f"image {path} is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} this loader decodes; "
+                           "downscale it or remove it")
+    if min(width, height) < min_side:
+        raise FactoryError(f"image {path} is {width}x{height} pixels, smaller than one {min_side}-px patch of the model; "
+                           "remove it or use larger images")
+    return mode
+
+
+def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side: int = 1) -> Dataset:
+    """An ImageFolder tree (``train/``, ``val/``, optional ``test/``) as streamed splits
+    (:class:`factory.data.stream.ImageFiles`: nothing is decoded here).
+
+    Every file's header is read once (size, mode), so what cannot be trained on is refused in one line
+    before any work: an unreadable file, an image over :data:`MAX_IMAGE_PIXELS`, an image smaller than
+    ``min_side`` (the model's patch), a split of fewer than two classes, and a folder of only greyscale
+    images for a 3-channel model (its colour features would see three equal channels: convert the images,
+    or use a 1-channel ancestry). Normalised with ImageNet's mean and std (DeiT's; timm's defaults) for 3
+    channels, 0.5/0.5 for 1.
+    """
     from torchvision.datasets import ImageFolder
-    from torchvision.transforms import functional as TF
+
+    from factory.data.stream import ImageFiles
 
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise FactoryError(f"data directory {root} needs train/ and val/ subdirectories in ImageFolder layout")
@@ -71,8 +100,9 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3) -> Dataset:
     identity = folder_identity(root, img_size, in_chans)
     mean = (0.485, 0.456, 0.406) if in_chans == 3 else (0.5,)
     std = (0.229, 0.224, 0.225) if in_chans == 3 else (0.5,)
+    modes: set[str] = set()
 
-    def read(split: str) -> ImageTensors:
+    def read(split: str) -> ImageFiles:
         try:
             folder = ImageFolder(str(root / split))
         except (FileNotFoundError, OSError) as exc:
@@ -80,27 +110,21 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3) -> Dataset:
         if len(folder.classes) < 2:
             raise FactoryError(f"{root / split} has {len(folder.classes)} class folder(s); a classifier needs at least 2 "
                                "(one subfolder of images per class)")
-        xs, ys = [], []
-        for path, label in folder.samples:
-            try:
-                with Image.open(path) as im:
-                    if im.width * im.height > MAX_IMAGE_PIXELS:  # checked on the header, before decoding
-                        raise FactoryError(f"image {path} is {im.width}x{im.height} pixels, over the {MAX_IMAGE_PIXELS:,} "
-                                           "this loader decodes; downscale it or remove it")
-                    im = im.convert("RGB" if in_chans == 3 else "L").resize((img_size, img_size), Image.BILINEAR)
-                    xs.append(TF.normalize(TF.to_tensor(im), mean, std))
-            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-                raise FactoryError(f"cannot read image {path}: {exc}") from exc
-            ys.append(label)
-        present = sorted(set(ys))
+        for path, _ in folder.samples:
+            modes.add(check_header(Path(path), min_side))
+        present = sorted({label for _, label in folder.samples})
         if len(present) < 2:
             raise FactoryError(f"{root / split} holds images of {len(present)} class(es); a classifier needs at least 2 "
                                "(put images in at least two class folders)")
-        return ImageTensors(torch.stack(xs), torch.tensor(ys), list(folder.classes))
+        return ImageFiles([(str(p), int(y)) for p, y in folder.samples], list(folder.classes), img_size, in_chans, mean, std,
+                          min_side=min_side)
 
     train, val = read("train"), read("val")
     test = read("test") if (root / "test").is_dir() else val
     if train.classes != val.classes:
         raise FactoryError(f"{root}/train and {root}/val have different class folders")
+    if in_chans == 3 and modes and modes <= GREY_MODES:
+        raise FactoryError(f"data directory {root} holds only greyscale images (mode {', '.join(sorted(modes))}) but the "
+                           "ancestry takes RGB; convert the images to RGB, or use a 1-channel ancestry")
     test_from = "test" if (root / "test").is_dir() else f"val (no test/ folder in {root}: add one for an unbiased test accuracy)"
     return Dataset(root.name, train, val, test, mean, std, identity=identity, test_from=test_from)

@@ -42,11 +42,12 @@ def _folder(spec: str) -> Path:
     return root
 
 
-def load_dataset(spec: str, img_size: int = 28, in_chans: int = 1) -> Dataset:
-    """A built-in data set by name or an ImageFolder directory, at ``img_size`` with ``in_chans`` channels."""
+def load_dataset(spec: str, img_size: int = 28, in_chans: int = 1, *, min_side: int = 1) -> Dataset:
+    """A built-in data set by name (in memory) or an ImageFolder directory (streamed), at ``img_size`` with
+    ``in_chans`` channels; a folder's images smaller than ``min_side`` (the model's patch) are refused."""
     if spec in DATASETS:
         return DATASETS[spec].load(img_size, in_chans)
-    return folder.load_image_folder(_folder(spec), img_size, in_chans)
+    return folder.load_image_folder(_folder(spec), img_size, in_chans, min_side=min_side)
 
 
 def dataset_identity(spec: str, img_size: int = 28, in_chans: int = 1) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,18 +28,31 @@ class ImageTensors:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def in_chans(self) -> int:
+        return int(self.images.shape[1])
+
+    def tensors(self, limit: int | None = None) -> "ImageTensors":
+        """The first ``limit`` images (all by default): the same interface as a streamed split's."""
+        return self if limit is None or limit >= len(self) else self.subset(0, limit)
+
     def subset(self, start: int, stop: int | None = None) -> "ImageTensors":
         return ImageTensors(self.images[start:stop], self.labels[start:stop], self.classes)
 
 
 @dataclass
 class Dataset:
-    """Train/val/test splits plus what identifies the data (for manifests and caches)."""
+    """Train/val/test splits plus what identifies the data (for manifests and caches).
+
+    A split is in memory (:class:`ImageTensors`: the built-in sets) or streamed from files
+    (:class:`factory.data.stream.ImageFiles`: ImageFolder trees); both have ``labels``, ``classes``,
+    ``in_chans``, ``subset`` and ``tensors(limit)``, and the trainer reads either.
+    """
 
     name: str
-    train: ImageTensors
-    val: ImageTensors
-    test: ImageTensors
+    train: Any  # ImageTensors | ImageFiles
+    val: Any
+    test: Any
     mean: tuple[float, ...]
     std: tuple[float, ...]
     identity: str
@@ -50,4 +65,20 @@ class Dataset:
 
     @property
     def in_chans(self) -> int:
-        return int(self.train.images.shape[1])
+        return int(self.train.in_chans)
+
+
+#: A streamed split is decoded into memory for checks (export accuracy, INT8 calibration) up to this many bytes.
+CHECK_BYTES = 512 << 20
+
+
+def in_memory(ds: Dataset, cap_bytes: int = CHECK_BYTES) -> Dataset:
+    """``ds`` with every split in memory: in-memory splits as they are, a streamed split's first
+    ``cap_bytes // (4 * C * H * W)`` images decoded for evaluation (all of a small one)."""
+    def bounded(split):
+        if isinstance(split, ImageTensors):
+            return split
+        per_image = 4 * split.in_chans * split.img_size * split.img_size
+        return split.tensors(max(1, cap_bytes // per_image))
+
+    return dataclasses.replace(ds, train=bounded(ds.train), val=bounded(ds.val), test=bounded(ds.test))

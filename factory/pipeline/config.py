@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from factory.core.baselines import METHODS
-from factory.core.expanding import ExpandingConfig, default_shapes
+from factory.core.expanding import LATER_FIELDS, ExpandingConfig, default_shapes, recipe_fields
 from factory.data import dataset_identity
 from factory.device.objective import OBJECTIVES, resolve_objective
 from factory.errors import FactoryError
@@ -38,6 +38,7 @@ class BuildConfig:
     expand_steps: int | None = None  # None: ExpandingConfig's default
     expand_data: str | None = None  # None: the ancestry's own data if known, else ``data``
     expand_batch_size: int | None = None  # None: ExpandingConfig's default
+    expand_img_size: int | None = None  # distil at this input size (None: the ancestry's); ExpandingConfig.distill_img_size
     learngene: str | None = None  # a learngene directory to use as it is (e.g. made by `learngene train`)
     init: str = "peg"
     finetune_steps: int = 100
@@ -46,6 +47,7 @@ class BuildConfig:
     seed: int = 0
     jobs: int = 1
     device: str = "auto"
+    amp: str = "auto"  # precision of fine-tuning and the expanding phase (factory.training.train.precision_for)
     # accuracy: successive-halving probes of the Pareto front on the build's data (factory.device.accuracy) pick the shape;
     # capacity: the largest shape that fits, no probes; auto: capacity for a trained PEG learngene, else accuracy
     # (factory.device.objective.resolve_objective; bench/RESULTS.md, "Accuracy-aware search", measures both)
@@ -61,6 +63,8 @@ class BuildConfig:
             "gene heads": self.gene_heads is None or self.gene_heads >= 1,
             "expand steps": self.expand_steps is None or self.expand_steps >= 0,
             "expand batch size": self.expand_batch_size is None or self.expand_batch_size >= 1,
+            "expand img size": self.expand_img_size is None or self.expand_img_size >= 1,
+            "amp": self.amp in ("auto", "bf16", "fp16", "off"),
             "fine-tuning steps": self.finetune_steps >= 1,
             "batch size": self.batch_size >= 1,
             "learning rate": math.isfinite(self.lr) and self.lr > 0,
@@ -83,7 +87,7 @@ def identity(cfg: BuildConfig) -> dict[str, Any]:
 def finetune_recipe(cfg: BuildConfig) -> TrainConfig:
     """The fine-tuning recipe of a build (also what the accuracy estimator compresses and benches reproduce)."""
     return TrainConfig(steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
-                       warmup_steps=max(1, cfg.finetune_steps // 10), ckpt_every=max(1, cfg.finetune_steps // 5))
+                       amp=cfg.amp, warmup_steps=max(1, cfg.finetune_steps // 10), ckpt_every=max(1, cfg.finetune_steps // 5))
 
 
 def expanding_config(cfg: BuildConfig) -> ExpandingConfig:
@@ -91,7 +95,7 @@ def expanding_config(cfg: BuildConfig) -> ExpandingConfig:
     exp = ExpandingConfig() if cfg.expand_steps is None else ExpandingConfig(steps=cfg.expand_steps)
     if cfg.expand_batch_size is not None:
         exp = dataclasses.replace(exp, batch_size=cfg.expand_batch_size)
-    return dataclasses.replace(exp, seed=cfg.gene_seed)
+    return dataclasses.replace(exp, seed=cfg.gene_seed, amp=cfg.amp, distill_img_size=cfg.expand_img_size)
 
 
 def given_learngene(cfg: BuildConfig, anc):
@@ -139,7 +143,7 @@ def build_learngene_recipe(cfg: BuildConfig, anc) -> dict[str, Any]:
     exp = expanding_config(cfg)
     return learngene_recipe(anc.sha256, cfg.gene_layers or max(1, anc.arch.depth // 2), cfg.gene_heads or anc.arch.num_heads,
                             seed=cfg.gene_seed, tau=cfg.gene_tau, rescale=cfg.gene_rescale, head_mixing=cfg.gene_head_mixing,
-                            expanding=dataclasses.asdict(exp) if exp.steps else None,
+                            expanding=recipe_fields(exp) if exp.steps else None,
                             data=dataset_identity(expanding_data(cfg, anc), anc.arch.img_size, anc.arch.in_chans)
                             if exp.steps else None)
 
@@ -172,10 +176,11 @@ def recipe_of(lg) -> dict[str, Any] | None:
         return None
     expanding = None
     if exp:  # only the fields that shape the tensors (older logs may carry others, e.g. checkpoint cadence)
-        fields = set(dataclasses.asdict(ExpandingConfig()))
-        if not fields <= set(exp["config"]):
+        config = {**LATER_FIELDS, **exp["config"]}
+        fields = set(recipe_fields(ExpandingConfig()))
+        if not fields <= set(config):
             return None
-        expanding = {k: exp["config"][k] for k in sorted(fields)}
+        expanding = {k: config[k] for k in sorted(fields)}
     return learngene_recipe(m["ancestry"]["sha256"], lg.num_layers, lg.num_heads, seed=m.get("seed"), tau=m.get("tau"),
                             rescale=m.get("rescale", "none"), head_mixing=m.get("heads_mixed", heads_mixed(lg)), expanding=expanding,
                             data=exp.get("data") if exp else None)

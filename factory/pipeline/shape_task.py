@@ -63,7 +63,7 @@ def _load(ancestry: str, fingerprint: str, data: str):
     from factory.data import load_dataset
 
     anc = load_ancestry(ancestry)
-    return anc, load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+    return anc, load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
 
 
 def ancestry_and_data(cfg: BuildConfig):

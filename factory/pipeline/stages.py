@@ -117,8 +117,9 @@ def _run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[st
         how = f"sampled {lg.num_layers} layers x {lg.num_heads} heads"
         if recipe["expanding"]:
             source = expanding_data(ctx.cfg, anc)
-            ds = load_dataset(source, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
-            lg, _ = run_expanding_phase(lg, anc, ds, default_shapes(lg), ExpandingConfig(**recipe["expanding"]), work=work,
+            ds = load_dataset(source, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
+            exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
+            lg, _ = run_expanding_phase(lg, anc, ds, default_shapes(lg), exp, work=work,
                                         log=ctx.log, what="learngene expanding phase")
             how += f", trained {recipe['expanding']['steps']} expanding-phase steps on {source}"
     lg.save(tmp / "learngene")
@@ -140,8 +141,12 @@ def _estimate_learngene(ctx: BuildContext, _: None) -> float:
 # -- finetune ----------------------------------------------------------------------------------------------
 
 def _finetune_inputs(ctx: BuildContext, shape: DescendantShape) -> dict[str, Any]:
+    from factory.training.train import pick_device, precision_for
+
+    recipe = finetune_recipe(ctx.cfg)
     return {"init": ctx.cfg.init, "learngene": ctx.learngene.sha256 if ctx.learngene else None, "shape": shape.to_dict(),
-            "recipe": dataclasses.asdict(finetune_recipe(ctx.cfg)), "data": ctx.data.identity}
+            "recipe": dataclasses.asdict(recipe), "precision": precision_for(pick_device(recipe.device), recipe.amp),
+            "data": ctx.data.identity}
 
 
 def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Path) -> dict[str, Any]:

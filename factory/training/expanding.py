@@ -15,6 +15,17 @@ selection as at expansion time), so one learngene is trained for every shape the
 pick, OFA-style. The result is a learngene whose expansions start near the ancestry's function;
 its trained depth maps are saved with it and used by :func:`factory.core.expand.expand` for those depths.
 
+Speed at real input sizes (``ExpandingConfig``): the steps run under bf16 autocast where
+:func:`factory.training.train.precision_for` says so (``amp``; gene tensors, AdamW state and the loss stay
+fp32); with ``distill_img_size`` the batch is resized (bilinear, antialiased) to that size, the teacher is a
+copy of the ancestry with its position embedding resampled to the smaller grid (timm's ``set_input_size``)
+and each descendant's expanded position embedding is resampled differentiably
+(:func:`factory.core.expanding.distill_pos_embed`), so the learngene's full-size embedding is what trains.
+The teacher's outputs are *not* cached: each step's batch is freshly augmented (``shift``), so no two
+steps see the same input, and the teacher's forward pass is a small part of a step (about 1 of
+``1 + 3 * sum(student depth) / teacher depth`` forward-equivalents: under 10% for the default sandwich,
+measured in ``bench/real_scale.py``).
+
 Determinism and resume. The batch of step ``s`` is :func:`factory.training.train.step_batch` (a pure
 function of ``(seed, s)``) and the random shapes of step ``s`` come from
 ``random.Random(seed * 1_000_003 + s)``; the learning rate is a pure function of ``s``. A
@@ -25,6 +36,7 @@ trainable tensors and AdamW's state, and a resumed run is bit-identical to an un
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -36,16 +48,16 @@ from torch import nn
 
 from factory.core.ancestry import Ancestry
 from factory.core.expand import expand, expand_tensors
-from factory.core.expanding import ExpandingConfig, GeneParameters, distill_loss, picks_at
+from factory.core.expanding import ExpandingConfig, GeneParameters, check_distill_size, distill_loss, distill_pos_embed, picks_at
 from factory.core.learngene import Learngene
 from factory.core.shapes import DescendantShape, vit_flops
 from factory.core.timm_vit import build_vit
-from factory.data import ImageTensors
 from factory.errors import FactoryError
-from factory.training.train import TrainConfig, evaluate, lr_at, open_checkpoint, resume_or_restart, save_checkpoint, step_batch
+from factory.training.train import (TrainConfig, autocast_for, evaluate, lr_at, open_checkpoint, precision_for, resume_or_restart,
+                                    save_checkpoint, training_batches)
 
 
-def zero_shot(lg: Learngene, shapes: list[DescendantShape], data: ImageTensors) -> dict[str, float]:
+def zero_shot(lg: Learngene, shapes: list[DescendantShape], data) -> dict[str, float]:
     """Accuracy of each expanded shape on ``data`` without any fine-tuning."""
     return {s.label(): round(evaluate(expand(lg, s), data), 4) for s in shapes}
 
@@ -53,11 +65,11 @@ def zero_shot(lg: Learngene, shapes: list[DescendantShape], data: ImageTensors) 
 def train_learngene(
     lg: Learngene,
     ancestry: Ancestry,
-    data: ImageTensors,
+    data,
     shapes: list[DescendantShape],
     cfg: ExpandingConfig,
     *,
-    eval_data: ImageTensors | None = None,
+    eval_data=None,
     eval_shapes: list[DescendantShape] | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
@@ -99,18 +111,33 @@ def train_learngene(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         log = open(out / "metrics.jsonl", "a" if resume else "w")
+    size = cfg.distill_img_size or arch.img_size
+    if size != arch.img_size:
+        check_distill_size(size, arch)
     with torch.device("meta"):
-        skeletons = {s: build_vit(arch, s).eval() for s in shapes}
+        skeletons = {s: build_vit(arch, dataclasses.replace(s, img_size=size)).eval() for s in shapes}
     teacher = ancestry.model.eval()
+    if size != arch.img_size:  # a copy: the ancestry object is shared (and cached) by the rest of the build
+        teacher = copy.deepcopy(teacher)
+        teacher.set_input_size(img_size=size)
+    grid, small = (arch.img_size // arch.patch_size,) * 2, (size // arch.patch_size,) * 2
+    prefix = 0 if getattr(teacher, "no_embed_class", False) else int(getattr(teacher, "num_prefix_tokens", 1))
+    device = torch.device("cpu")
+    autocast, _ = autocast_for(device, "off" if cfg.amp == "fp16" else cfg.amp)  # fp16 needs CUDA: fp32 on the CPU
+    report["precision"] = precision_for(device, "off" if cfg.amp == "fp16" else cfg.amp)
+    report["distill_img_size"] = size
     history = []
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="expanding phase", unit="step",
                disable=not progress, dynamic_ncols=True)
+    batches = training_batches(data, cfg.batch_size, range(start, cfg.steps), cfg.seed, cfg.shift)
     try:
         for step in bar:
-            x, _ = step_batch(data, cfg.batch_size, step, cfg.seed, cfg.shift)
-            with torch.no_grad():
-                target = teacher(x)
+            x, _ = next(batches)
+            if size != arch.img_size:
+                x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            with torch.no_grad(), autocast:
+                target = teacher(x).float()
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, schedule)
             opt.zero_grad(set_to_none=True)
@@ -118,8 +145,11 @@ def train_learngene(
             total = 0.0
             for shape in picks_at(step, by_cost, cfg):
                 state = expand_tensors(current, shape)
-                logits = torch.func.functional_call(skeletons[shape], state, (x,))
-                loss = distill_loss(logits, target, cfg.temperature)
+                if "pos_embed" in state:
+                    state["pos_embed"] = distill_pos_embed(state["pos_embed"], grid, small, prefix)
+                with autocast:
+                    logits = torch.func.functional_call(skeletons[shape], state, (x,))
+                loss = distill_loss(logits.float(), target, cfg.temperature)
                 loss.backward()
                 total += float(loss.detach())
             nn.utils.clip_grad_norm_(params, 1.0)
@@ -135,6 +165,7 @@ def train_learngene(
                 save_checkpoint(ckpt, work, opt, step + 1, cfg)
     finally:
         bar.close()
+        batches.close()
         if log is not None:
             log.close()
     trained = work.requires_grad_(False).learngene(lg, detach=True)

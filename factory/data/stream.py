@@ -1,0 +1,206 @@
+"""Image files read as they are needed: a split of an ImageFolder tree, decoded batch by batch.
+
+An :class:`ImageFiles` split holds the file list and labels only, so a build's memory does not
+grow with the data set: each batch is decoded, transformed and stacked when it is needed, in
+``DataLoader`` worker processes (:func:`step_loader`, :func:`eval_loader`).
+
+Transforms are timm's (:func:`timm.data.create_transform`): for training ``RandomResizedCrop`` to
+``img_size`` (scale 0.08-1, ratio 3/4-4/3, bicubic) and a horizontal flip at p = 0.5, no colour jitter
+(small fine-tunes of a few hundred steps); for evaluation the shorter side resized to
+``img_size / crop_pct`` (bicubic, ``crop_pct`` 0.875: DeiT's) and a centre crop -- the aspect ratio
+is kept. Both normalise with the split's ``mean`` and ``std``.
+
+Determinism. The training view of image ``i`` at step ``s`` is drawn from RNGs seeded with
+``(seed, s, i)`` (python's ``random`` for timm's crop, torch's for torchvision's flip), inside a
+forked torch RNG, so a batch is a pure function of ``(seed, step)`` whichever process decodes it,
+and a resumed fine-tune sees the batches it would have seen.
+
+Optional decoded cache (:meth:`ImageFiles.cached`): every image resized (shorter side) and centre
+cropped to ``img_size / crop_pct`` and held as uint8, built only when ``N * C * R * R`` bytes fit the
+stated cap; training crops are then drawn from that square instead of the full photo.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+import torch
+
+from factory.data.tensors import ImageTensors
+from factory.errors import FactoryError
+
+#: Images larger than this (e.g. a "decompression bomb": a tiny file declaring a gigapixel canvas) are refused.
+MAX_IMAGE_PIXELS = 8192 * 8192  # factory.data.folder re-exports it
+#: DeiT's evaluation crop: the shorter side resized to img_size / CROP_PCT, then a centre crop.
+CROP_PCT = 0.875
+
+
+def default_workers() -> int:
+    """Decoding processes per loader: half the CPUs this process may use, 1 to 4 (training uses the rest)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus // 2))
+
+
+@dataclass
+class ImageFiles:
+    """A labelled split of image files, decoded on demand (see module docstring)."""
+
+    samples: list[tuple[str, int]]
+    classes: list[str]
+    img_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    min_side: int = 1  # images smaller than this (the patch size) are refused when read
+    workers: int = field(default_factory=default_workers)
+    cache: torch.Tensor | None = None  # (N, C, R, R) uint8, see :meth:`cached`
+
+    def __post_init__(self) -> None:
+        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_chans(self) -> int:
+        return self.channels
+
+    def subset(self, start: int, stop: int | None = None) -> "ImageFiles":
+        cache = self.cache[start:stop] if self.cache is not None else None
+        return replace(self, samples=self.samples[start:stop], cache=cache)
+
+    # -- decoding -----------------------------------------------------------------------------------------
+
+    def open(self, i: int):
+        """Image ``i`` as a PIL image in the split's mode (``RGB`` or ``L``), checked (one-line errors)."""
+        from PIL import Image, UnidentifiedImageError
+
+        if self.cache is not None:
+            array = self.cache[i].permute(1, 2, 0).numpy()
+            return Image.fromarray(array[:, :, 0] if self.channels == 1 else array)
+        path = self.samples[i][0]
+        try:
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:  # checked on the header, before decoding
+                    raise FactoryError(f"image {path} is {im.width}x{im.height} pixels, over the {MAX_IMAGE_PIXELS:,} "
+                                       "this loader decodes; downscale it or remove it")
+                if min(im.width, im.height) < self.min_side:
+                    raise FactoryError(f"image {path} is {im.width}x{im.height} pixels, smaller than one {self.min_side}-px "
+                                       "patch of the model; remove it or use larger images")
+                return im.convert("RGB" if self.channels == 3 else "L")
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+            raise FactoryError(f"cannot read image {path}: {exc}") from exc
+
+    def transform(self, training: bool):
+        from timm.data import create_transform
+
+        return create_transform((self.channels, self.img_size, self.img_size), is_training=training, mean=self.mean,
+                                std=self.std, interpolation="bicubic", crop_pct=CROP_PCT, hflip=0.5, color_jitter=None)
+
+    def eval_item(self, i: int, transform=None) -> torch.Tensor:
+        return (transform or self.transform(False))(self.open(i))
+
+    def train_item(self, i: int, seed: int, transform=None) -> torch.Tensor:
+        """The training view of image ``i`` under ``seed`` (a pure function of both)."""
+        state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                random.seed(seed)
+                torch.manual_seed(seed)
+                return (transform or self.transform(True))(self.open(i))
+        finally:
+            random.setstate(state)
+
+    def tensors(self, limit: int | None = None) -> ImageTensors:
+        """The first ``limit`` images (all by default) decoded for evaluation, in memory."""
+        part = self.subset(0, limit)
+        xs = [x for x, _ in eval_loader(part, 64)]
+        images = torch.cat(xs) if xs else torch.zeros(0, self.channels, self.img_size, self.img_size)
+        return ImageTensors(images, part.labels, self.classes)
+
+    def cached(self, cap_bytes: int, log=None) -> "ImageFiles":
+        """This split with the decoded uint8 cache (module docstring) if it fits ``cap_bytes``, else unchanged."""
+        side = int(round(self.img_size / CROP_PCT))
+        need = len(self) * self.channels * side * side
+        if self.cache is not None or need > cap_bytes or not len(self):
+            if log and self.cache is None and len(self):
+                log(f"data: decoded cache not used ({need / 2**20:.0f} MiB needed, cap {cap_bytes / 2**20:.0f} MiB)")
+            return self
+        from torchvision.transforms import CenterCrop, Compose, InterpolationMode, PILToTensor, Resize
+
+        square = Compose([Resize(side, interpolation=InterpolationMode.BICUBIC), CenterCrop(side), PILToTensor()])
+        cache = torch.empty(len(self), self.channels, side, side, dtype=torch.uint8)
+        for i in range(len(self)):
+            cache[i] = square(self.open(i))
+        if log:
+            log(f"data: {len(self)} images decoded once into a {need / 2**20:.0f} MiB uint8 cache ({side} px)")
+        return replace(self, cache=cache)
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item ``s`` = this rank's slice of global training batch ``s`` (decoded in a worker)."""
+
+    def __init__(self, files: ImageFiles, indices, seed: int):
+        self.files, self.indices, self.seed = files, indices, seed
+        self._transform = None
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+    def __getitem__(self, step: int):
+        if self._transform is None:
+            self._transform = self.files.transform(True)
+        idx = self.indices(step)
+        base = self.seed * 1_000_003 + step
+        xs = [self.files.train_item(int(i), base * 100_003 + int(i), self._transform) for i in idx]
+        return torch.stack(xs), self.files.labels[idx]
+
+
+class _EvalImages(torch.utils.data.Dataset):
+    def __init__(self, files: ImageFiles):
+        self.files, self._transform = files, None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        if self._transform is None:
+            self._transform = self.files.transform(False)
+        return self.files.eval_item(i, self._transform), self.files.labels[i]
+
+
+def _loader(dataset, files: ImageFiles, **kwargs) -> torch.utils.data.DataLoader:
+    workers = files.workers if len(files) > 0 else 0
+    return torch.utils.data.DataLoader(dataset, num_workers=workers, prefetch_factor=2 if workers else None,
+                                       persistent_workers=False, **kwargs)
+
+
+def _one_line(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches``, with a :class:`FactoryError` raised in a worker process re-raised as its own one line
+    (the DataLoader wraps it in the worker's traceback)."""
+    try:
+        yield from batches
+    except FactoryError as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        last = lines[-1] if lines else str(exc)
+        raise FactoryError(last.split("FactoryError: ", 1)[-1]) from None
+
+
+def step_loader(files: ImageFiles, steps: Sequence[int], indices, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, labels)`` of each step in ``steps``; ``indices(step)`` gives the step's image indices."""
+    return _one_line(_loader(_StepBatches(files, indices, seed), files, batch_size=None, sampler=list(steps)))
+
+
+def eval_loader(files: ImageFiles, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, labels)`` batches of the split in order, evaluation transform."""
+    return _one_line(_loader(_EvalImages(files), files, batch_size=batch_size, shuffle=False))

@@ -1,0 +1,166 @@
+"""Real-scale inputs (issue 21): streamed ImageFolder data, CPU bf16, lower-resolution distillation."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from factory import FactoryError, load_ancestry, sample_learngene
+from factory.core.expanding import ExpandingConfig, default_shapes, distill_pos_embed, recipe_fields
+from factory.data import in_memory, load_dataset
+from factory.data.generate import write_image_folder
+from factory.data.stream import ImageFiles
+from factory.training.expanding import train_learngene
+from factory.training.train import TrainConfig, precision_for, train, training_batches
+
+from .helpers import make_vit
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("photos"), classes=3, size=48,
+                              per_class={"train": 12, "val": 4, "test": 4})
+
+
+def test_a_folder_is_streamed_not_decoded_at_load(folder):
+    ds = load_dataset(str(folder), img_size=32, in_chans=3, min_side=8)
+    assert isinstance(ds.train, ImageFiles) and len(ds.train) == 36 and ds.in_chans == 3
+    assert ds.train.cache is None and ds.train.labels.tolist() == sorted(ds.train.labels.tolist())
+    x = ds.test.tensors().images
+    assert x.shape == (12, 3, 32, 32) and abs(float(x.mean())) < 3  # normalised with ImageNet's mean/std
+    assert in_memory(ds, cap_bytes=4 * 3 * 32 * 32 * 5).val.images.shape[0] == 5  # bounded by the cap
+
+
+def test_streamed_batches_are_a_pure_function_of_seed_and_step(folder):
+    ds = load_dataset(str(folder), img_size=32, in_chans=3)
+    one = list(training_batches(ds.train, 8, range(0, 3), seed=1, shift=0))
+    again = list(training_batches(ds.train, 8, range(2, 3), seed=1, shift=0))  # a resume at step 2
+    other = list(training_batches(ds.train, 8, range(0, 1), seed=2, shift=0))
+    assert torch.equal(one[2][0], again[0][0]) and torch.equal(one[2][1], again[0][1])
+    assert not torch.equal(one[0][0], other[0][0])
+    assert one[0][0].shape == (8, 3, 32, 32)
+
+
+def test_the_uint8_cache_is_built_only_under_its_cap(folder):
+    ds = load_dataset(str(folder), img_size=32, in_chans=3)
+    side = round(32 / 0.875)
+    said = []
+    assert ds.train.cached(cap_bytes=10, log=said.append).cache is None and "not used" in said[0]
+    cached = ds.train.cached(cap_bytes=1 << 30)
+    assert cached.cache.dtype == torch.uint8 and tuple(cached.cache.shape) == (36, 3, side, side)
+    x = next(training_batches(cached, 4, range(0, 1), seed=0, shift=0))[0]
+    assert x.shape == (4, 3, 32, 32)
+
+
+def test_training_on_a_streamed_folder_learns(folder):
+    ds = load_dataset(str(folder), img_size=32, in_chans=3)
+    model = make_vit(img_size=32, patch_size=8, num_classes=3, in_chans=3)
+    result = train(model, ds.train, TrainConfig(steps=30, batch_size=12, lr=2e-3, warmup_steps=3), val_data=ds.val,
+                   progress=False)
+    assert result.val_accuracy >= 0.6  # three hues: chance is 0.33
+
+
+def test_bad_folders_get_one_line(folder, tmp_path):
+    grey = write_image_folder(tmp_path / "grey", classes=2, size=32, per_class={"train": 2, "val": 1}, mode="L")
+    with pytest.raises(FactoryError, match="only greyscale images .* takes RGB") as info:
+        load_dataset(str(grey), img_size=32, in_chans=3)
+    assert "\n" not in str(info.value)
+    assert load_dataset(str(grey), img_size=32, in_chans=1).in_chans == 1  # fine for a 1-channel model
+    with pytest.raises(FactoryError, match=r"is \d+x\d+ pixels, smaller than one 16-px patch"):
+        tiny = write_image_folder(tmp_path / "tiny", classes=2, size=4, per_class={"train": 2, "val": 1}, fmt="PNG")
+        load_dataset(str(tiny), img_size=32, in_chans=3, min_side=16)
+
+
+def test_cli_refuses_a_greyscale_folder_for_an_rgb_ancestry(tmp_path):
+    grey = write_image_folder(tmp_path / "grey", classes=2, size=32, per_class={"train": 2, "val": 1}, mode="L")
+    proc = subprocess.run([sys.executable, "-m", "factory.cli", "train", "--model", "random:vit_tiny_patch16_224",
+                           "--data", str(grey), "--steps", "1", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "only greyscale images" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_cpu_precision_follows_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    assert precision_for(cpu, "off") == "fp32" and precision_for(cpu, "bf16") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert precision_for(cpu, "auto") == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert precision_for(cpu, "auto") == "bf16"
+    with pytest.raises(FactoryError, match="fp16 autocast needs a CUDA device"):
+        precision_for(cpu, "fp16")
+
+
+def test_bf16_training_stays_close_to_fp32(folder):
+    from factory.data import make_synthetic
+
+    data = make_synthetic(img_size=16, num_classes=4, n_train=128, n_val=64, in_chans=3)
+    accs = {}
+    for amp in ("off", "bf16"):
+        model = make_vit(img_size=16, patch_size=4, num_classes=4, in_chans=3)
+        res = train(model, data.train, TrainConfig(steps=40, batch_size=32, amp=amp, seed=0), val_data=data.val, progress=False)
+        accs[amp] = res.val_accuracy
+        assert res.precision == ("fp32" if amp == "off" else "bf16")
+    assert abs(accs["off"] - accs["bf16"]) <= 0.1 and accs["bf16"] > 0.5
+
+
+def test_pos_embed_resampling_is_differentiable_and_exact_at_the_same_grid():
+    pos = torch.randn(1, 1 + 16, 8, requires_grad=True)
+    assert distill_pos_embed(pos, (4, 4), (4, 4), 1) is pos
+    small = distill_pos_embed(pos, (4, 4), (2, 2), 1)
+    assert small.shape == (1, 1 + 4, 8) and torch.equal(small[:, :1], pos[:, :1])
+    small.sum().backward()
+    assert pos.grad is not None and float(pos.grad[:, 1:].abs().sum()) > 0
+
+
+def test_lower_resolution_distillation_trains_the_full_size_learngene():
+    teacher = make_vit(img_size=16, patch_size=4, num_classes=4)
+    lg = sample_learngene(teacher, 2, 4)
+    from factory.data import make_synthetic
+
+    data = make_synthetic(img_size=16, num_classes=4, n_train=64, n_val=16, in_chans=3)
+    shapes = default_shapes(lg, [1, 2], [lg.arch.embed_dim])
+    anc = load_ancestry(teacher)
+    trained, report = train_learngene(lg, anc, data.train, shapes, ExpandingConfig(steps=8, batch_size=16, distill_img_size=8),
+                                      progress=False)
+    assert report["distill_img_size"] == 8 and report["loss_last"] < report["loss_first"]
+    assert trained.stem["pos_embed"].shape == lg.stem["pos_embed"].shape  # still the ancestry's grid
+    assert not torch.equal(trained.stem["pos_embed"], lg.stem["pos_embed"])  # and it trained
+    with pytest.raises(FactoryError, match="multiple of the ancestry's patch size 4"):
+        train_learngene(lg, anc, data.train, shapes, ExpandingConfig(steps=1, distill_img_size=10), progress=False)
+
+
+def test_precision_is_not_part_of_the_learngene_recipe():
+    assert "amp" not in recipe_fields(ExpandingConfig(amp="bf16"))
+    assert recipe_fields(ExpandingConfig(amp="bf16")) == recipe_fields(ExpandingConfig(amp="off"))
+    assert recipe_fields(ExpandingConfig(distill_img_size=14)) != recipe_fields(ExpandingConfig())
+
+
+def test_the_default_build_still_uses_the_shipped_learngene():
+    from factory.core.ancestry import load_ancestry
+    from factory.pipeline.config import BuildConfig, build_learngene_recipe
+    from factory.pipeline.stages import shipped_learngene
+
+    anc = load_ancestry("demo")
+    assert shipped_learngene(build_learngene_recipe(BuildConfig(), anc)) is not None
+    assert shipped_learngene(build_learngene_recipe(BuildConfig(amp="off"), anc)) is not None
+    assert shipped_learngene(build_learngene_recipe(BuildConfig(expand_img_size=21), anc)) is None
+
+
+def test_streamed_peak_memory_does_not_grow_with_the_folder(tmp_path):
+    """Peak RSS of a child that trains 3 steps on 40 vs 400 images of 160 px at 96 px: the same within 20 MB
+    (decoded whole as float32 the 360 more images would add 40 MB)."""
+    script = (
+        "import resource, sys; from factory.data import load_dataset; from factory.training.train import TrainConfig, train; "
+        "from tests.helpers import make_vit; ds = load_dataset(sys.argv[1], img_size=96, in_chans=3); "
+        "train(make_vit(img_size=96, patch_size=16, num_classes=2, in_chans=3), ds.train, TrainConfig(steps=3, batch_size=8), "
+        "progress=False); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    peaks = []
+    for n in (20, 200):
+        root = write_image_folder(tmp_path / f"f{n}", classes=2, size=160, per_class={"train": n, "val": 2})
+        proc = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-1500:]
+        peaks.append(int(proc.stdout.split()[-1]) / 1024)
+    assert peaks[1] - peaks[0] < 20, peaks
