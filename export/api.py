@@ -107,8 +107,13 @@ def export_model(
     require_engine: bool = False,
     calibration_images: int = 256,
     log=print,
+    choose: Callable[[dict[str, dict[str, Any]], Any], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Export ``model`` to ``formats`` under ``out_dir`` (see the module docstring)."""
+    """Export ``model`` to ``formats`` under ``out_dir`` (see the module docstring).
+
+    ``choose(artifacts, arch)`` (``arch``: the model's own ArchConfig) replaces the host-timed :func:`choose_deployment` for a CPU runtime:
+    the build and the CLI pass :func:`factory.device.deploy.chooser` for a profile that is not this machine,
+    whose choice then comes from the profile's cost model (host timings do not transfer)."""
     from export.runtime import ort_accuracy, ort_latency_ms, ort_logits, ort_session
 
     path = resolve_model_path(model)
@@ -212,12 +217,27 @@ def export_model(
             record["deploy"] = {"format": "trt" if "trt" in record["artifacts"] else "onnx",
                                 "reason": "the profile's runtime is TensorRT: an engine (or trt_kit/ on the device) from the "
                                           "verified ONNX; host timings do not transfer"}
+        elif choose is not None:
+            record["deploy"] = choose(record["artifacts"], arch)
         else:
             record["deploy"] = choose_deployment(record["artifacts"], batch)
         if len(record["artifacts"]) > 1:
             log(f"deploy: {record['deploy']['format']} ({record['deploy']['reason']})")
         (tmp / "export.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def verified_formats(artifacts: dict[str, dict[str, Any]]) -> list[str]:
+    """The artifacts a deployment may use: FP32 ones (verified against PyTorch, or they would not exist) and
+    reduced-precision ones whose recorded accuracy is within :data:`MAX_ACCURACY_DROP` of FP32's."""
+    fp32_acc = artifacts.get("onnx", {}).get("test_accuracy", artifacts.get("onnx", {}).get("val_accuracy"))
+    out = []
+    for fmt, art in artifacts.items():
+        acc = art.get("test_accuracy", art.get("val_accuracy"))
+        exact = fmt in ("onnx", "openvino")
+        if exact or (acc is not None and fp32_acc is not None and fp32_acc - acc <= MAX_ACCURACY_DROP):
+            out.append(fmt)
+    return out
 
 
 def choose_deployment(artifacts: dict[str, dict[str, Any]], batch: int = 1) -> dict[str, Any]:
@@ -227,17 +247,11 @@ def choose_deployment(artifacts: dict[str, dict[str, Any]], batch: int = 1) -> d
     reduced-precision ones need a recorded accuracy within :data:`MAX_ACCURACY_DROP` of FP32's.
     """
     key = "latency_ms_b1" if batch < 8 else "latency_ms_b32"
-    fp32_acc = artifacts.get("onnx", {}).get("test_accuracy", artifacts.get("onnx", {}).get("val_accuracy"))
     timed = {}
-    for fmt, art in artifacts.items():
-        lat = art.get(key, art.get("latency_ms_b1"))
-        if lat is None:
-            continue
-        acc = art.get("test_accuracy", art.get("val_accuracy"))
-        exact = fmt in ("onnx", "openvino")
-        if not exact and (acc is None or fp32_acc is None or fp32_acc - acc > MAX_ACCURACY_DROP):
-            continue
-        timed[fmt] = lat
+    for fmt in verified_formats(artifacts):
+        lat = artifacts[fmt].get(key, artifacts[fmt].get("latency_ms_b1"))
+        if lat is not None:
+            timed[fmt] = lat
     if not timed:
         return {"format": "onnx", "reason": "no artifact was timed"}
     best = min(timed, key=timed.get)

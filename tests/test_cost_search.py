@@ -104,6 +104,12 @@ def test_search_ranks_feasible_and_explains_rejections():
     assert all(b.score > a.score for a, b in zip(front, front[1:]))
     best = result.feasible[0]
     assert best.margins["latency_ms"] == pytest.approx((0.5 - best.latency_ms) / 0.5)
+    # the top list: distinct shapes, head count only as the tie-break (one entry per depth/width/ratio/input)
+    top = result.top(5)
+    keys = [(c.shape.depth, c.shape.embed_dim, c.shape.mlp_ratio, c.shape.img_size) for c in top]
+    assert len(top) == 5 and len(set(keys)) == 5 and top[0] is best
+    same_but_heads = [c for c in result.feasible if (c.shape.depth, c.shape.embed_dim, c.shape.mlp_ratio) == keys[0][:3]]
+    assert len(same_but_heads) > 1  # the space does offer other head counts of the best shape
 
 
 def test_impossible_budgets_name_the_budget_to_relax():

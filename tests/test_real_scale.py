@@ -164,3 +164,21 @@ def test_streamed_peak_memory_does_not_grow_with_the_folder(tmp_path):
         assert proc.returncode == 0, proc.stderr[-1500:]
         peaks.append(int(proc.stdout.split()[-1]) / 1024)
     assert peaks[1] - peaks[0] < 20, peaks
+
+
+def test_the_deploy_choice_for_another_device_comes_from_its_cost_model():
+    from factory.core.ancestry import DEMO_ARCH
+    from factory.device.deploy import chooser, predicted_deployment
+    from factory.device.profile import load_profile
+
+    pi = load_profile("raspberry_pi5")
+    # on the build host FP32 timed faster: that must not decide for the Pi
+    arts = {"onnx": {"latency_ms_b1": 0.2, "test_accuracy": 0.95}, "onnx-int8": {"latency_ms_b1": 0.4, "test_accuracy": 0.949},
+            "openvino": {"latency_ms_b1": 0.1}}
+    d = predicted_deployment(pi, DEMO_ARCH, DEMO_ARCH.shape(), arts)
+    assert d["format"] == "onnx-int8" and "cost model" in d["basis"] and "host timings do not transfer" in d["reason"]
+    assert set(d["candidates_ms_predicted"]) == {"onnx", "onnx-int8"}  # openvino is not the Pi profile's runtime
+    assert d["candidates_ms_predicted"]["onnx-int8"] < d["candidates_ms_predicted"]["onnx"]
+    arts["onnx-int8"]["test_accuracy"] = 0.90  # 5 points worse: not verified, so not deployable
+    assert predicted_deployment(pi, DEMO_ARCH, DEMO_ARCH.shape(), arts)["format"] == "onnx"
+    assert chooser(load_profile("host")) is None and chooser(None) is None and chooser(pi) is not None

@@ -51,6 +51,9 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
               help="GPUs per Ray task (fractions share a GPU).")
 @click.option("--device", default="auto", show_default=True, help="Where fine-tunes run: auto, cpu, cuda or cuda:N.")
 @amp_option()
+@click.option("--data-cache-mb", type=click.IntRange(0, 1 << 24), default=0, show_default=True,
+              help="For an ImageFolder: decode the training images once into a uint8 cache (shorter side resized and centre "
+                   "cropped to img_size/0.875) when they fit in this many MiB; 0 streams them from disk every step.")
 @objective_option()
 @click.option("--dry-run", is_flag=True, help="Print the plan (shapes, cached stages, time estimates) and stop.")
 @click.option("--wait-lock", is_flag=True, help="If another build is using --out, wait for it instead of failing.")

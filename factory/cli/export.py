@@ -29,6 +29,7 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
     import contextlib
 
     from export.api import export_model, parse_formats, resolve_model_path
+    from factory.device.deploy import chooser
     from factory.device.profile import load_profile
     from factory.io import confined, directory_lock
     from factory.pipeline.manifest import built_devices
@@ -50,7 +51,8 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
     with lock:
         for path, prof, target in jobs:
             formats = parse_formats(fmt, prof)
-            record = export_model(path, formats, target, profile=prof, data=data, require_engine=require_engine, log=click.echo)
+            record = export_model(path, formats, target, profile=prof, data=data, require_engine=require_engine, log=click.echo,
+                                  choose=chooser(prof))
             click.echo(f"exported {path} -> {target} ({', '.join(record['artifacts'])}); hashes in {target / 'export.json'}")
 
 

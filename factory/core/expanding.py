@@ -12,6 +12,7 @@ each step from :func:`default_shapes`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class ExpandingConfig:
     #: square of the token count: 224 -> 112 px is 4x fewer tokens.
     distill_img_size: int | None = None
     amp: str = "auto"  # the steps' precision (factory.training.train.precision_for); a speed setting, see SPEED_FIELDS
+    device: str = "auto"  # where the steps run (auto: CUDA when available); a speed setting too
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or not self.lr > 0 or self.extra_hidden < 0 or self.random_per_step < 0:
@@ -59,7 +61,7 @@ class ExpandingConfig:
 #: (and the build's cache key for it) leaves them out, the way it leaves out the thread count, so the shipped
 #: fp32-trained learngene serves a bf16 machine and a learngene made on a GPU serves a CPU build. The precision a
 #: learngene was trained in is recorded in its metadata (``expanding_phase.precision``).
-SPEED_FIELDS = ("amp",)
+SPEED_FIELDS = ("amp", "device")
 #: Fields added after learngenes were shipped, with the value that reproduces what older ones were made with.
 LATER_FIELDS = {"distill_img_size": None}
 
@@ -161,7 +163,7 @@ class GeneParameters(nn.Module):
         self.stem = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v.detach().clone(), requires_grad=cfg.train_stem)
                                       for k, v in lg.stem.items()})
         self.maps = nn.ModuleDict({
-            str(d): (lg.depth_maps[d] if d in lg.depth_maps else DepthMap(lg.num_layers, d, extra_hidden=cfg.extra_hidden, seed=cfg.seed))
+            str(d): (copy.deepcopy(lg.depth_maps[d]) if d in lg.depth_maps else DepthMap(lg.num_layers, d, extra_hidden=cfg.extra_hidden, seed=cfg.seed))
             for d in sorted(depths)
         })
 

@@ -234,7 +234,18 @@ class SearchResult:
     pareto: list[Candidate] = field(default_factory=list)
 
     def top(self, k: int) -> list[Candidate]:
-        return self.feasible[:k]
+        """The ``k`` best feasible shapes that differ in more than their head count: of one depth, width, MLP
+        ratio and input, only the best-ranked head count is listed (heads are the tie-break, not a new entry)."""
+        out, seen = [], set()
+        for c in self.feasible:
+            s = c.shape
+            key = (s.depth, s.embed_dim, s.mlp_ratio, s.img_size, s.patch_size)
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+                if len(out) == k:
+                    break
+        return out
 
     def closest_miss(self) -> Candidate | None:
         """The rejected shape whose worst broken budget is the least broken."""

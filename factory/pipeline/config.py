@@ -48,6 +48,7 @@ class BuildConfig:
     jobs: int = 1
     device: str = "auto"
     amp: str = "auto"  # precision of fine-tuning and the expanding phase (factory.training.train.precision_for)
+    data_cache_mb: int = 0  # decode a folder's training split once into uint8 if it fits this many MiB (0: stream)
     # accuracy: successive-halving probes of the Pareto front on the build's data (factory.device.accuracy) pick the shape;
     # capacity: the largest shape that fits, no probes; auto: capacity for a trained PEG learngene, else accuracy
     # (factory.device.objective.resolve_objective; bench/RESULTS.md, "Accuracy-aware search", measures both)
@@ -65,6 +66,7 @@ class BuildConfig:
             "expand batch size": self.expand_batch_size is None or self.expand_batch_size >= 1,
             "expand img size": self.expand_img_size is None or self.expand_img_size >= 1,
             "amp": self.amp in ("auto", "bf16", "fp16", "off"),
+            "data cache": self.data_cache_mb >= 0,
             "fine-tuning steps": self.finetune_steps >= 1,
             "batch size": self.batch_size >= 1,
             "learning rate": math.isfinite(self.lr) and self.lr > 0,

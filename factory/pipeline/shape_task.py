@@ -58,12 +58,19 @@ class ShapeTask:
 
 
 @functools.lru_cache(maxsize=2)
-def _load(ancestry: str, fingerprint: str, data: str):
+def _load(ancestry: str, fingerprint: str, data: str, cache_mb: int = 0):
+    import dataclasses
+
     from factory.core.ancestry import load_ancestry
     from factory.data import load_dataset
 
     anc = load_ancestry(ancestry)
-    return anc, load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
+    ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
+    if cache_mb and hasattr(ds.train, "cached"):  # a streamed folder: decode its training split once if it fits
+        train = ds.train.cached(cache_mb << 20)
+        if train.cache is not None:  # the crops now come from the cached squares: another input to every key
+            ds = dataclasses.replace(ds, train=train, identity=f"{ds.identity}:uint8-cache")
+    return anc, ds
 
 
 def ancestry_and_data(cfg: BuildConfig):
@@ -71,10 +78,10 @@ def ancestry_and_data(cfg: BuildConfig):
     threads) and reloaded when the ancestry's weights or the data's identity changed."""
     from factory.data import dataset_identity
 
-    anc, ds = _load(cfg.ancestry, ancestry_fingerprint(cfg.ancestry), cfg.data)
-    if ds.identity != dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans):
+    anc, ds = _load(cfg.ancestry, ancestry_fingerprint(cfg.ancestry), cfg.data, cfg.data_cache_mb)
+    if ds.identity.removesuffix(":uint8-cache") != dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans):
         _load.cache_clear()
-        anc, ds = _load(cfg.ancestry, ancestry_fingerprint(cfg.ancestry), cfg.data)
+        anc, ds = _load(cfg.ancestry, ancestry_fingerprint(cfg.ancestry), cfg.data, cfg.data_cache_mb)
     return anc, ds
 
 

@@ -128,14 +128,23 @@ def _run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[st
 
 
 def _estimate_learngene(ctx: BuildContext, _: None) -> float:
+    """The expanding phase's time: its step count times a step *measured* here
+    (:func:`factory.training.expanding.measure_step_seconds`: three real steps of the configured batch,
+    input size and precision, a few seconds at 224 px); 0 when it will not run."""
+    from factory.core.expanding import ExpandingConfig, default_shapes
+    from factory.core.learngene import sample_learngene
+    from factory.training.expanding import measure_step_seconds
+
     recipe = _learngene_inputs(ctx, None)
     if "given" in recipe or not recipe["expanding"] or shipped_learngene(recipe) is not None:
         return 0.0
-    exp = recipe["expanding"]
-    # per step: the teacher's forward, and forward + backward (~3x) of the smallest, the largest (twice the
-    # ancestry's depth) and random_per_step shapes: about 1 + 3 * (2 + random_per_step) ancestry forwards
-    fwd = step_seconds(ctx, ctx.ancestry.arch.shape(), exp["batch_size"]) / 3
-    return exp["steps"] * fwd * (1 + 3 * (2 + exp["random_per_step"]))
+    exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
+    lg = sample_learngene(ctx.ancestry, recipe["layers"], recipe["heads"], seed=recipe["seed"], tau=recipe["tau"],
+                          rescale=recipe["rescale"], head_mixing=recipe["head_mixing"])
+    per_step = measure_step_seconds(lg, ctx.ancestry, default_shapes(lg), exp)
+    ctx.log(f"learngene: one expanding-phase step measured at {per_step:.2f}s (batch {exp.batch_size}, "
+            f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px)")
+    return exp.steps * per_step
 
 
 # -- finetune ----------------------------------------------------------------------------------------------
@@ -242,9 +251,10 @@ def _export_formats(item: ExportItem) -> list[str]:
 
 def _run_export(ctx: BuildContext, item: ExportItem, tmp: Path, work: Path) -> dict[str, Any]:
     from export.api import export_model
+    from factory.device.deploy import chooser
 
     export_model(item.model, _export_formats(item), tmp / "export", profile=item.profile, data=ctx.cfg.data,
-                 log=lambda line: ctx.log(f"{item.name}: {line}"))
+                 log=lambda line: ctx.log(f"{item.name}: {line}"), choose=chooser(item.profile))
     return {}
 
 

@@ -15,7 +15,9 @@ selection as at expansion time), so one learngene is trained for every shape the
 pick, OFA-style. The result is a learngene whose expansions start near the ancestry's function;
 its trained depth maps are saved with it and used by :func:`factory.core.expand.expand` for those depths.
 
-Speed at real input sizes (``ExpandingConfig``): the steps run under bf16 autocast where
+Speed at real input sizes (``ExpandingConfig``): the steps run on ``device`` (CUDA when available: the
+gene tensors, the depth maps and a copy of the teacher move there; the trained learngene comes back to
+the CPU) under bf16 autocast where
 :func:`factory.training.train.precision_for` says so (``amp``; gene tensors, AdamW state and the loss stay
 fp32); with ``distill_img_size`` the batch is resized (bilinear, antialiased) to that size, the teacher is a
 copy of the ancestry with its position embedding resampled to the smaller grid (timm's ``set_input_size``)
@@ -53,8 +55,8 @@ from factory.core.learngene import Learngene
 from factory.core.shapes import DescendantShape, vit_flops
 from factory.core.timm_vit import build_vit
 from factory.errors import FactoryError
-from factory.training.train import (TrainConfig, autocast_for, evaluate, lr_at, open_checkpoint, precision_for, resume_or_restart,
-                                    save_checkpoint, training_batches)
+from factory.training.train import (TrainConfig, autocast_for, evaluate, lr_at, open_checkpoint, pick_device, precision_for,
+                                    resume_or_restart, save_checkpoint, training_batches)
 
 
 def zero_shot(lg: Learngene, shapes: list[DescendantShape], data) -> dict[str, float]:
@@ -101,7 +103,8 @@ def train_learngene(
     if eval_data is not None:
         report["zero_shot_before"] = zero_shot(lg, eval_shapes or shapes, eval_data)
 
-    work = GeneParameters(lg, {s.depth for s in shapes}, cfg)
+    device = pick_device(cfg.device)
+    work = GeneParameters(lg, {s.depth for s in shapes}, cfg).to(device)
     params = [p for p in work.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = TrainConfig(steps=max(1, cfg.steps), lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr=cfg.lr * 0.01)
@@ -117,23 +120,27 @@ def train_learngene(
     with torch.device("meta"):
         skeletons = {s: build_vit(arch, dataclasses.replace(s, img_size=size)).eval() for s in shapes}
     teacher = ancestry.model.eval()
-    if size != arch.img_size:  # a copy: the ancestry object is shared (and cached) by the rest of the build
-        teacher = copy.deepcopy(teacher)
-        teacher.set_input_size(img_size=size)
+    if size != arch.img_size or device.type != "cpu":  # a copy: the ancestry object is shared (and cached) by the build
+        teacher = copy.deepcopy(teacher).to(device)
+        if size != arch.img_size:
+            teacher.set_input_size(img_size=size)
     grid, small = (arch.img_size // arch.patch_size,) * 2, (size // arch.patch_size,) * 2
     prefix = 0 if getattr(teacher, "no_embed_class", False) else int(getattr(teacher, "num_prefix_tokens", 1))
-    device = torch.device("cpu")
-    autocast, _ = autocast_for(device, "off" if cfg.amp == "fp16" else cfg.amp)  # fp16 needs CUDA: fp32 on the CPU
-    report["precision"] = precision_for(device, "off" if cfg.amp == "fp16" else cfg.amp)
+    amp = "off" if cfg.amp == "fp16" else cfg.amp  # no GradScaler here: fp16 runs as fp32 (bf16 is what autocast picks)
+    if precision_for(device, amp) == "fp16":  # a CUDA GPU without bf16
+        amp = "off"
+    autocast, _ = autocast_for(device, amp)
+    report["precision"], report["device"] = precision_for(device, amp), str(device)
     report["distill_img_size"] = size
     history = []
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="expanding phase", unit="step",
                disable=not progress, dynamic_ncols=True)
     batches = training_batches(data, cfg.batch_size, range(start, cfg.steps), cfg.seed, cfg.shift)
+    step_start = time.perf_counter()
     try:
         for step in bar:
-            x, _ = next(batches)
+            x = next(batches)[0].to(device, non_blocking=True)
             if size != arch.img_size:
                 x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             with torch.no_grad(), autocast:
@@ -154,7 +161,9 @@ def train_learngene(
                 total += float(loss.detach())
             nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            record = {"step": step + 1, "loss": round(total, 5)}
+            now = time.perf_counter()
+            record = {"step": step + 1, "loss": round(total, 5), "seconds": round(now - step_start, 4)}
+            step_start = now
             history.append(record)
             if log is not None:
                 log.write(json.dumps(record) + "\n")
@@ -168,7 +177,7 @@ def train_learngene(
         batches.close()
         if log is not None:
             log.close()
-    trained = work.requires_grad_(False).learngene(lg, detach=True)
+    trained = work.requires_grad_(False).cpu().learngene(lg, detach=True)
     trained.meta = dict(lg.meta)
     report["loss_first"] = history[0]["loss"] if history else None
     report["loss_last"] = history[-1]["loss"] if history else None
@@ -178,6 +187,23 @@ def train_learngene(
         report["zero_shot_after"] = zero_shot(trained, eval_shapes or shapes, eval_data)
     trained.meta["expanding_phase"] = {k: v for k, v in report.items() if k not in ("history", "zero_shot_before", "zero_shot_after")}
     return trained, report
+
+
+def measure_step_seconds(lg: Learngene, ancestry: Ancestry, shapes: list[DescendantShape], cfg: ExpandingConfig, *,
+                         steps: int = 3) -> float:
+    """Seconds per expanding-phase step of ``cfg`` on this machine, measured: ``steps`` real steps on random
+    images of the ancestry's size (the first one, with its one-off costs, left out; the median of the rest,
+    over the sandwich's changing random shape). What the dry run multiplies by the phase's step count."""
+    import statistics
+
+    from factory.data import ImageTensors
+
+    arch = lg.arch
+    images = torch.randn(cfg.batch_size, arch.in_chans, arch.img_size, arch.img_size)
+    data = ImageTensors(images, torch.zeros(cfg.batch_size, dtype=torch.int64), ["x"])
+    probe = dataclasses.replace(cfg, steps=max(2, steps))
+    _, report = train_learngene(lg, ancestry, data, shapes, probe, progress=False)
+    return statistics.median(h["seconds"] for h in report["history"][1:])
 
 
 def run_expanding_phase(lg: Learngene, ancestry: Ancestry, data, shapes: list[DescendantShape], cfg: ExpandingConfig, *,

@@ -389,6 +389,7 @@ def train(
                desc=desc, unit="step", dynamic_ncols=True)
     t0, seen, loss_value, acc = time.perf_counter(), 0, float("nan"), None
     batches = training_batches(train_data, cfg.batch_size, range(start, cfg.steps), cfg.seed, cfg.shift, rank=rank, world=world)
+    step_start = t0
     try:
         for step in bar:
             if should_stop is not None and should_stop():
@@ -427,8 +428,10 @@ def train(
                 raise FactoryError(f"training diverged: the loss is {loss_value} at step {step + 1}; lower the learning "
                                    f"rate (now {cfg.lr:g}) or check the data")
             batch_acc = float((logits.argmax(-1) == y).float().mean())
+            now = time.perf_counter()
             record: dict[str, Any] = {"step": step + 1, "loss": round(loss_value, 5), "acc": round(batch_acc, 4),
-                                      "lr": lr_at(step, cfg)}
+                                      "lr": lr_at(step, cfg), "seconds": round(now - step_start, 4)}
+            step_start = now
             last = step + 1 == cfg.steps
             if val_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
                 acc = evaluate(model, val_data, device=device)

@@ -1,0 +1,166 @@
+"""GPU readiness in one run (under 8 minutes on one GPU): what the factory does on CUDA, measured.
+
+1. Fine-tuning steps of DeiT-Tiny at 224 px (batch 64) through the factory's trainer under AMP
+   (``amp=auto``: bf16 where supported, else fp16 with a GradScaler) and in fp32: images per second.
+2. Expanding-phase steps of a DeiT-Tiny learngene at 224 px (batch 64, the build's sandwich) under
+   AMP on the GPU, at 224 px and distilling at 112 px: images per second.
+3. A one-GPU ``torchrun --nproc_per_node 1`` fine-tuning step through ``peg-factory train``
+   (the NCCL process group and DistributedDataParallel path): exit code and seconds.
+4. CUDA onnxruntime parity: the exported ONNX model run by ``CUDAExecutionProvider`` against
+   PyTorch's logits (max abs diff), where onnxruntime-gpu is installed; said plainly where not.
+
+Writes a Markdown table (``--md``, default stdout) and the raw figures (``--json``). Never run by the
+tests; run it where a GPU is, e.g. through the device tool:
+    python bench/gpu_check.py --md $OUT/gpu_check.md --json $OUT/gpu_check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import write_outputs  # noqa: E402
+
+ANCESTRY = "random:deit_tiny_patch16_224"
+
+
+def timed(fn, steps: int) -> float:
+    """Median seconds of ``fn()`` over ``steps`` calls after one warm-up, CUDA-synchronised."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def finetune_rows(anc, steps: int, batch: int) -> list[dict]:
+    from factory.core.timm_vit import build_vit
+    from factory.data import ImageTensors
+    from factory.training.train import TrainConfig, precision_for, train
+
+    shape = dataclasses.replace(anc.arch.shape(), num_classes=10)
+    x = torch.randn(batch * 2, 3, 224, 224)
+    data = ImageTensors(x, torch.randint(0, 10, (batch * 2,)), [str(i) for i in range(10)])
+    rows = []
+    for amp in ("auto", "off"):
+        model = build_vit(anc.arch, shape, seed=0)
+        res = train(model, data, TrainConfig(steps=steps + 1, batch_size=batch, amp=amp, device="cuda", warmup_steps=1),
+                    progress=False)
+        per = sorted(h["seconds"] for h in res.history[1:])[(steps - 1) // 2]
+        rows.append({"check": f"fine-tune step, DeiT-Tiny 224 px, batch {batch}", "precision": res.precision,
+                     "value": f"{batch / per:.0f} img/s ({per * 1e3:.0f} ms/step)",
+                     "precision_expected": precision_for(torch.device("cuda"), amp)})
+    return rows
+
+
+def expanding_rows(anc, steps: int, batch: int) -> list[dict]:
+    from factory import sample_learngene
+    from factory.core.expanding import ExpandingConfig, default_shapes
+    from factory.training.expanding import measure_step_seconds
+
+    lg = sample_learngene(anc, anc.arch.depth // 2, seed=0, rescale="std")
+    rows = []
+    for size in (224, 112):
+        per = measure_step_seconds(lg, anc, default_shapes(lg), ExpandingConfig(batch_size=batch, distill_img_size=size),
+                                   steps=steps)
+        rows.append({"check": f"expanding-phase step, batch {batch}, distils at {size} px", "precision": "auto",
+                     "value": f"{batch / per:.1f} img/s ({per:.2f} s/step)"})
+    return rows
+
+
+def torchrun_row(tmp: Path) -> dict:
+    from factory.core.checkpoint import save_descendant
+    from factory.core.timm_vit import build_vit
+
+    from factory import load_ancestry
+
+    anc = load_ancestry("demo")
+    model_path = tmp / "model.safetensors"
+    save_descendant(build_vit(anc.arch, anc.arch.shape(), seed=0), anc.arch, model_path, {"method": "gpu_check"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "factory.cli", "train",
+           "--model", str(model_path), "--data", "digits", "--steps", "5", "--batch-size", "32", "--device", "cuda",
+           "--out", str(tmp / "ddp")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    ok = proc.returncode == 0
+    return {"check": "torchrun --nproc_per_node 1, 5 steps (NCCL + DDP)", "precision": "auto",
+            "value": f"exit {proc.returncode} in {time.perf_counter() - t0:.1f}s" + ("" if ok else f": {proc.stderr.strip()[-300:]}")}
+
+
+def ort_cuda_row(tmp: Path) -> dict:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"check": "onnxruntime CUDA parity", "precision": "fp32", "value": "onnxruntime not installed"}
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return {"check": "onnxruntime CUDA parity", "precision": "fp32",
+                "value": f"no CUDAExecutionProvider (providers: {', '.join(ort.get_available_providers())}); "
+                         "pip install onnxruntime-gpu to check it"}
+    from export.onnx_export import export_onnx
+    from factory import load_ancestry
+
+    anc = load_ancestry(ANCESTRY)
+    net = anc.model.eval()
+    path = tmp / "deit.onnx"
+    export_onnx(net, path, img_size=224, in_chans=3, verify_batch=2)
+    x = torch.randn(8, 3, 224, 224)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    return {"check": "onnxruntime CUDA parity, DeiT-Tiny batch 8", "precision": "fp32",
+            "value": f"max abs diff {abs(out - ref).max():.2e} vs PyTorch CPU"}
+
+
+def summarise(data: dict) -> str:
+    lines = [f"GPU: {data['gpu']}; torch {data['torch']}; wall {data.get('wall_seconds', '?')} s", "",
+             "| check | precision | result |", "|---|---|---|"]
+    lines += [f"| {r['check']} | {r['precision']} | {r['value']} |" for r in data["rows"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--md", type=Path, default=None)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); run it on a GPU machine", file=sys.stderr)
+        raise SystemExit(2)
+    from factory import load_ancestry
+
+    start = time.perf_counter()
+    anc = load_ancestry(ANCESTRY)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for step in (lambda: finetune_rows(anc, args.steps, args.batch), lambda: expanding_rows(anc, 3, args.batch),
+                     lambda: [torchrun_row(Path(tmp))], lambda: [ort_cuda_row(Path(tmp))]):
+            try:
+                rows += step()
+            except Exception as exc:  # one failed check must not hide the others
+                rows.append({"check": getattr(step, "__name__", "check"), "precision": "-", "value": f"FAILED: {exc!r}"[:300]})
+            print(rows[-1], flush=True)
+    data = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows,
+            "wall_seconds": round(time.perf_counter() - start, 1), "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES",)}}
+    write_outputs(data, summarise(data), args.json, args.md)
+
+
+if __name__ == "__main__":
+    main()
