@@ -79,7 +79,7 @@ def device_record(entry: dict[str, Any], *, finetune: dict[str, Any], finetune_k
         "init": cfg.init,
         "learngene_sha256": learngene_sha256,
         "finetune": {"steps": cfg.finetune_steps, "seed": cfg.seed, "cache_key": finetune_key, "seconds": finetune["seconds"],
-                     "curve": finetune.get("curve", [])},
+                     "precision": finetune.get("precision", "fp32"), "curve": finetune.get("curve", [])},
         "accuracy": {"val": finetune["val_accuracy"], "test": finetune["test_accuracy"],
                      **({"confusion": finetune["confusion"]} if finetune.get("confusion") else {})},
         "flops": {"fvcore": measured["flops_fvcore"], "closed_form_g": predicted["flops_g"]},

@@ -73,7 +73,7 @@ def render(head: dict[str, Any], dev: dict[str, Any]) -> str:
 
 **Lineage.** Initialised by `{recipe['init']}` from learngene `{(lg['sha256'] or '')[:12]}` ({lg['layers']} gene layers,
 {lg['heads']} heads) of ancestry `{anc['spec']}` (`{anc['sha256'][:12]}`, weights: {anc['weights']}); fine-tuned
-{recipe['finetune_steps']} steps on `{recipe['data']}` (seed {recipe['seed']}). {selection_text(dev.get('selection', {}))}, within the budgets
+{recipe['finetune_steps']} steps on `{recipe['data']}` (seed {recipe['seed']}, {dev.get('finetune', {}).get('precision', 'fp32')} compute). {selection_text(dev.get('selection', {}))}, within the budgets
 {dev['budgets']}.
 
 **Numbers.** Test accuracy {dev['accuracy']['test']:.4f}; {dev['flops']['fvcore'] / 1e9:.4f} GFLOPs (fvcore);

@@ -4,9 +4,10 @@
 stage      scope   key inputs (hashed: the objects that run)             writes
 =========  ======  ====================================================  ==================================
 learngene  fleet   learngene recipe: ancestry sha256, sampling knobs,    ``learngene/`` (sampled, trained by
-                   ``asdict(ExpandingConfig)``, expanding-phase data id  the expanding phase, or the shipped one)
+                   ``ExpandingConfig`` less its ``SPEED_FIELDS`` (amp,   the expanding phase, or the shipped one)
+                   device), expanding-phase data id
 finetune   shape   init, learngene sha256, shape, ``asdict(TrainConfig)``  ``model.safetensors``, ``metrics.jsonl``
-                   (:func:`~factory.pipeline.config.finetune_recipe`), data id
+                   (:func:`~factory.pipeline.config.finetune_recipe`), the resolved precision, data id
 measure    shape   the fine-tuned model's sha256                         fvcore FLOPs, params, host latency
 export     device  model sha256, formats, profile sha256, data id        ``export/`` (:func:`export.api.export_model`)
 =========  ======  ====================================================  ==================================
@@ -175,8 +176,9 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
                     {"method": c.init, "learngene_sha256": ctx.learngene.sha256, "shape": shape.to_dict(), "data": ds.identity,
                      "steps": c.finetune_steps, "seed": c.seed})
     shutil.copyfile(work / "metrics.jsonl", tmp / "metrics.jsonl")
-    ctx.log(f"finetune {shape.label()}: test accuracy {test_acc:.4f} in {result.seconds:.1f}s")
+    ctx.log(f"finetune {shape.label()}: test accuracy {test_acc:.4f} in {result.seconds:.1f}s ({result.precision})")
     return {"val_accuracy": result.val_accuracy, "test_accuracy": test_acc, "seconds": round(result.seconds, 2),
+            "precision": result.precision,
             "curve": training_curve(work / "metrics.jsonl"), "confusion": confusion}
 
 
