@@ -51,7 +51,8 @@ def timed(fn, steps: int) -> float:
 def finetune_rows(anc, steps: int, batch: int) -> list[dict]:
     from factory.core.timm_vit import build_vit
     from factory.data import ImageTensors
-    from factory.training.train import TrainConfig, precision_for, train
+    from factory.training.precision import precision_for
+    from factory.training.train import TrainConfig, train
 
     shape = dataclasses.replace(anc.arch.shape(), num_classes=10)
     x = torch.randn(batch * 2, 3, 224, 224)

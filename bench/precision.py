@@ -26,7 +26,8 @@ import torch
 from common import TASKS, load_tasks, recipe, write_outputs
 from factory import DescendantShape, init_descendant, load_ancestry
 from factory.core.demo import load_demo_learngene
-from factory.training.train import evaluate, precision_for, train
+from factory.training.precision import precision_for
+from factory.training.train import evaluate, train
 
 SHAPES = [DescendantShape(3, 192, 3, 4.0, 28, 7, 10), DescendantShape(9, 192, 3, 4.0, 28, 7, 10)]
 INITS = ("peg", "scratch")

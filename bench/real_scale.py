@@ -42,7 +42,8 @@ from factory.core.expanding import ExpandingConfig, default_shapes
 from factory.data import load_dataset
 from factory.data.generate import write_image_folder
 from factory.training.expanding import measure_step_seconds
-from factory.training.train import TrainConfig, precision_for, train
+from factory.training.precision import precision_for
+from factory.training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCESTRY = "random:deit_tiny_patch16_224"

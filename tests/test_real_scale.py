@@ -12,7 +12,9 @@ from factory.data import in_memory, load_dataset
 from factory.data.generate import write_image_folder
 from factory.data.stream import ImageFiles
 from factory.training.expanding import train_learngene
-from factory.training.train import TrainConfig, precision_for, train, training_batches
+from factory.training.batches import training_batches
+from factory.training.precision import precision_for
+from factory.training.train import TrainConfig, train
 
 from .helpers import make_vit
 
@@ -182,3 +184,12 @@ def test_the_deploy_choice_for_another_device_comes_from_its_cost_model():
     arts["onnx-int8"]["test_accuracy"] = 0.90  # 5 points worse: not verified, so not deployable
     assert predicted_deployment(pi, DEMO_ARCH, DEMO_ARCH.shape(), arts)["format"] == "onnx"
     assert chooser(load_profile("host")) is None and chooser(None) is None and chooser(pi) is not None
+
+
+def test_a_streamed_decode_leaves_the_sigchld_handler_as_it_was(folder):
+    import signal
+
+    before = signal.getsignal(signal.SIGCHLD)
+    ds = load_dataset(str(folder), img_size=32, in_chans=3)
+    assert ds.val.tensors().images.shape[0] == 12  # decoded by a worker process
+    assert signal.getsignal(signal.SIGCHLD) == before  # torch's own handler (which crashed a later child's exit) is gone

@@ -12,7 +12,8 @@ from factory.data import make_synthetic
 from factory.core.expanding import ExpandingConfig, default_shapes
 from factory.training.expanding import train_learngene
 from factory.core.timm_vit import build_vit
-from factory.training.train import TrainConfig, augment, batch_indices, lr_at, train
+from factory.training.batches import augment, batch_indices
+from factory.training.train import TrainConfig, lr_at, train
 
 from .helpers import make_vit
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
@@ -187,13 +189,24 @@ def _loader(dataset, files: ImageFiles, **kwargs) -> torch.utils.data.DataLoader
 
 def _one_line(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``batches``, with a :class:`FactoryError` raised in a worker process re-raised as its own one line
-    (the DataLoader wraps it in the worker's traceback)."""
+    (the DataLoader wraps it in the worker's traceback).
+
+    The first multi-worker DataLoader in the main thread installs torch's process-wide SIGCHLD handler and
+    leaves it there; with it, a later unrelated child's exit (a subprocess the build or the user's program
+    runs) was seen to crash the process (SIGSEGV, under pytest after OpenVINO had run). The previous
+    handler is restored when the batches end; a worker that dies is still detected by the DataLoader's
+    own liveness checks."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGCHLD) if main else None
     try:
         yield from batches
     except FactoryError as exc:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         last = lines[-1] if lines else str(exc)
         raise FactoryError(last.split("FactoryError: ", 1)[-1]) from None
+    finally:
+        if main and signal.getsignal(signal.SIGCHLD) is not previous:
+            signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
 
 
 def step_loader(files: ImageFiles, steps: Sequence[int], indices, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

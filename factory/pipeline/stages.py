@@ -151,7 +151,7 @@ def _estimate_learngene(ctx: BuildContext, _: None) -> float:
 # -- finetune ----------------------------------------------------------------------------------------------
 
 def _finetune_inputs(ctx: BuildContext, shape: DescendantShape) -> dict[str, Any]:
-    from factory.training.train import pick_device, precision_for
+    from factory.training.precision import pick_device, precision_for
 
     recipe = finetune_recipe(ctx.cfg)
     return {"init": ctx.cfg.init, "learngene": ctx.learngene.sha256 if ctx.learngene else None, "shape": shape.to_dict(),

@@ -28,7 +28,7 @@ steps see the same input, and the teacher's forward pass is a small part of a st
 ``1 + 3 * sum(student depth) / teacher depth`` forward-equivalents: under 10% for the default sandwich,
 measured in ``bench/real_scale.py``).
 
-Determinism and resume. The batch of step ``s`` is :func:`factory.training.train.step_batch` (a pure
+Determinism and resume. The batch of step ``s`` is :func:`factory.training.batches.step_batch` (a pure
 function of ``(seed, s)``) and the random shapes of step ``s`` come from
 ``random.Random(seed * 1_000_003 + s)``; the learning rate is a pure function of ``s``. A
 checkpoint (``out_dir/checkpoint``, :func:`factory.training.train.save_checkpoint`) therefore holds only the
@@ -55,8 +55,9 @@ from factory.core.learngene import Learngene
 from factory.core.shapes import DescendantShape, vit_flops
 from factory.core.timm_vit import build_vit
 from factory.errors import FactoryError
-from factory.training.train import (TrainConfig, autocast_for, evaluate, lr_at, open_checkpoint, pick_device, precision_for,
-                                    resume_or_restart, save_checkpoint, training_batches)
+from factory.training.batches import training_batches
+from factory.training.precision import autocast_for, pick_device, precision_for
+from factory.training.train import TrainConfig, evaluate, lr_at, open_checkpoint, resume_or_restart, save_checkpoint
 
 
 def zero_shot(lg: Learngene, shapes: list[DescendantShape], data) -> dict[str, float]:

@@ -5,10 +5,11 @@ label smoothing, gradient-norm clipping, optional knowledge distillation
 
     loss = (1 - alpha) * CE_smooth(student, y) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T)),
 
-Precision (``amp``, :func:`precision_for`): ``auto`` is bf16 autocast on CUDA (fp16 with a GradScaler
-where bf16 is unsupported) and on CPUs with native bf16 dot products (AVX512-BF16 or AMX, measured
-1.3-1.9x faster per step than fp32 on such a CPU, ``bench/real_scale.py``), fp32 elsewhere. Weights
-and optimizer state stay fp32 either way; the logits and the loss are computed in fp32.
+Precision (``amp``, :func:`factory.training.precision.precision_for`): ``auto`` is bf16 autocast on
+CUDA (fp16 with a GradScaler where bf16 is unsupported) and on CPUs with native bf16 dot products
+(AVX512-BF16 or AMX; speed and accuracy against fp32 in ``bench/precision.py`` and
+``bench/real_scale.py``), fp32 elsewhere. Weights and optimizer state stay fp32 either way; the
+logits and the loss are computed in fp32; evaluation runs in fp32.
 
 Determinism and resume. Batch ``s`` is a pure function of ``(seed, s)``: epoch ``e = s*B // N``
 is a seeded permutation of the data and the batch its next slice, and the augmentation
@@ -30,7 +31,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,8 @@ from factory.errors import FactoryError, Interrupted
 from factory.io import atomic_directory, ensure_parent, seal, seal_state
 from factory.core.expanding import distill_loss
 from factory.data import ImageTensors
+from factory.training.batches import eval_batches, training_batches
+from factory.training.precision import autocast_for, pick_device, precision_for
 
 
 @dataclass(frozen=True)
@@ -97,109 +100,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
-    """Indices of global batch ``step``: consecutive slices of per-epoch seeded permutations."""
-    start = step * batch
-    out = []
-    while len(out) < batch:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.extend(perm[offset : offset + batch - len(out)].tolist())
-    return torch.tensor(out)
-
-
-def augment(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Random translation by up to ``shift`` pixels (zero padding), one offset per image."""
-    if shift <= 0:
-        return images
-    n, _, h, w = images.shape
-    padded = F.pad(images, (shift, shift, shift, shift), value=float(images.min()))
-    dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :]
-    batch = torch.arange(n)[:, None, None, None]
-    chans = torch.arange(images.shape[1])[None, :, None, None]
-    return padded[batch, chans, rows, cols]
-
-
-def step_batch(data: ImageTensors, batch_size: int, step: int, seed: int, shift: int, *, rank: int = 0,
-               world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images, labels)`` of global batch ``step`` (this rank's slice of it), augmented with a
-    generator seeded by ``(seed, step)``: a pure function of its arguments, hence exact resume."""
-    local = batch_size // world
-    idx = batch_indices(len(data), batch_size, step, seed)[rank * local : (rank + 1) * local]
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return augment(data.images[idx], shift, gen), data.labels[idx]
-
-
-class RankIndices:
-    """``indices(step)``: this rank's slice of global batch ``step`` (:func:`batch_indices`); picklable."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int):
-        self.n, self.batch_size, self.seed, self.rank, self.local = n, batch_size, seed, rank, batch_size // world
-
-    def __call__(self, step: int) -> torch.Tensor:
-        idx = batch_indices(self.n, self.batch_size, step, self.seed)
-        return idx[self.rank * self.local : (self.rank + 1) * self.local]
-
-
-def training_batches(data, batch_size: int, steps: range, seed: int, shift: int, *, rank: int = 0,
-                     world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(images, labels)`` of each step in ``steps``: :func:`step_batch` for an in-memory split; for a
-    streamed one (:class:`factory.data.stream.ImageFiles`) the same indices decoded with timm's training
-    transform by DataLoader workers (``shift`` does not apply: the random crop is the augmentation)."""
-    if isinstance(data, ImageTensors):
-        return (step_batch(data, batch_size, step, seed, shift, rank=rank, world=world) for step in steps)
-    from factory.data.stream import step_loader
-
-    return step_loader(data, steps, RankIndices(len(data), batch_size, seed, rank, world), seed)
-
-
-def eval_batches(data, batch_size: int) -> Iterator[torch.Tensor]:
-    """The split's images in order, in batches (evaluation transform for a streamed split)."""
-    if isinstance(data, ImageTensors):
-        return (data.images[i : i + batch_size] for i in range(0, len(data), batch_size))
-    from factory.data.stream import eval_loader
-
-    return (x for x, _ in eval_loader(data, batch_size))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FactoryError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return torch.device(name)
-
-
-def cpu_bf16_supported() -> bool:
-    """Whether this CPU has native bf16 dot products (AVX512-BF16 or AMX tiles): there bf16 autocast
-    is faster than fp32; elsewhere it is emulated and slower, so ``amp="auto"`` stays fp32."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(check()) for check in checks if callable(check))
-
-
-def precision_for(device: torch.device, amp: str) -> str:
-    """The compute precision ``amp`` means on ``device``: ``"bf16"``, ``"fp16"`` or ``"fp32"`` (see module docstring)."""
-    if amp == "off":
-        return "fp32"
-    if device.type == "cuda":
-        return "fp16" if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()) else "bf16"
-    if amp == "fp16":
-        raise FactoryError("fp16 autocast needs a CUDA device; on the CPU use --amp bf16, auto or off")
-    return "bf16" if amp == "bf16" or cpu_bf16_supported() else "fp32"
-
-
-def autocast_for(device: torch.device, amp: str):
-    """The autocast context for ``device`` and ``amp`` (:func:`precision_for`) and whether fp16 needs a GradScaler."""
-    precision = precision_for(device, amp)
-    if precision == "fp32":
-        return contextlib.nullcontext(), False
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype), precision == "fp16"
 
 
 def evaluate(model: nn.Module, data: ImageTensors, *, batch_size: int = 512, device: torch.device | None = None) -> float:

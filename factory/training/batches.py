@@ -1,0 +1,85 @@
+"""Training and evaluation batches: a pure function of ``(seed, step)``, in memory or streamed.
+
+Batch ``s`` of a run is the next slice of a seeded per-epoch permutation (:func:`batch_indices`);
+in-memory images are augmented by random shifts drawn from a generator seeded with ``(seed, s)``
+(:func:`augment`); a streamed split (:class:`factory.data.stream.ImageFiles`) decodes the same
+indices with timm's training transform, seeded per image. Either way a resumed run sees the
+batches an uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from factory.data import ImageTensors
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of global batch ``step``: consecutive slices of per-epoch seeded permutations."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(perm[offset : offset + batch - len(out)].tolist())
+    return torch.tensor(out)
+
+
+def augment(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ``shift`` pixels (zero padding), one offset per image."""
+    if shift <= 0:
+        return images
+    n, _, h, w = images.shape
+    padded = F.pad(images, (shift, shift, shift, shift), value=float(images.min()))
+    dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :]
+    batch = torch.arange(n)[:, None, None, None]
+    chans = torch.arange(images.shape[1])[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def step_batch(data: ImageTensors, batch_size: int, step: int, seed: int, shift: int, *, rank: int = 0,
+               world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` of global batch ``step`` (this rank's slice of it), augmented with a
+    generator seeded by ``(seed, step)``: a pure function of its arguments, hence exact resume."""
+    local = batch_size // world
+    idx = batch_indices(len(data), batch_size, step, seed)[rank * local : (rank + 1) * local]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return augment(data.images[idx], shift, gen), data.labels[idx]
+
+
+class RankIndices:
+    """``indices(step)``: this rank's slice of global batch ``step`` (:func:`batch_indices`); picklable."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int):
+        self.n, self.batch_size, self.seed, self.rank, self.local = n, batch_size, seed, rank, batch_size // world
+
+    def __call__(self, step: int) -> torch.Tensor:
+        idx = batch_indices(self.n, self.batch_size, step, self.seed)
+        return idx[self.rank * self.local : (self.rank + 1) * self.local]
+
+
+def training_batches(data, batch_size: int, steps: range, seed: int, shift: int, *, rank: int = 0,
+                     world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, labels)`` of each step in ``steps``: :func:`step_batch` for an in-memory split; for a
+    streamed one (:class:`factory.data.stream.ImageFiles`) the same indices decoded with timm's training
+    transform by DataLoader workers (``shift`` does not apply: the random crop is the augmentation)."""
+    if isinstance(data, ImageTensors):
+        return (step_batch(data, batch_size, step, seed, shift, rank=rank, world=world) for step in steps)
+    from factory.data.stream import step_loader
+
+    return step_loader(data, steps, RankIndices(len(data), batch_size, seed, rank, world), seed)
+
+
+def eval_batches(data, batch_size: int) -> Iterator[torch.Tensor]:
+    """The split's images in order, in batches (evaluation transform for a streamed split)."""
+    if isinstance(data, ImageTensors):
+        return (data.images[i : i + batch_size] for i in range(0, len(data), batch_size))
+    from factory.data.stream import eval_loader
+
+    return (x for x, _ in eval_loader(data, batch_size))

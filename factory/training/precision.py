@@ -1,0 +1,49 @@
+"""Where and in which precision training steps run: the device, and autocast (bf16 / fp16 / fp32).
+
+``amp="auto"`` is bf16 autocast on CUDA (fp16 with a GradScaler where bf16 is unsupported) and on
+CPUs with native bf16 dot products (AVX512-BF16 or AMX), fp32 elsewhere; weights and optimizer
+state stay fp32 either way (``bench/precision.py`` measures the accuracy and speed against fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from factory.errors import FactoryError
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FactoryError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has native bf16 dot products (AVX512-BF16 or AMX tiles): there bf16 autocast
+    is faster than fp32; elsewhere it is emulated and slower, so ``amp="auto"`` stays fp32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if callable(check))
+
+
+def precision_for(device: torch.device, amp: str) -> str:
+    """The compute precision ``amp`` means on ``device``: ``"bf16"``, ``"fp16"`` or ``"fp32"`` (see module docstring)."""
+    if amp == "off":
+        return "fp32"
+    if device.type == "cuda":
+        return "fp16" if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()) else "bf16"
+    if amp == "fp16":
+        raise FactoryError("fp16 autocast needs a CUDA device; on the CPU use --amp bf16, auto or off")
+    return "bf16" if amp == "bf16" or cpu_bf16_supported() else "fp32"
+
+
+def autocast_for(device: torch.device, amp: str):
+    """The autocast context for ``device`` and ``amp`` (:func:`precision_for`) and whether fp16 needs a GradScaler."""
+    precision = precision_for(device, amp)
+    if precision == "fp32":
+        return contextlib.nullcontext(), False
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype), precision == "fp16"
