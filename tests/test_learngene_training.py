@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-import factory.training.expanding as expanding
+import factory.training.batches as batches
 from factory import DescendantShape, expand, load_ancestry, sample_learngene
 from factory.pipeline.build import BuildConfig, build
 from factory.data import load_dataset, make_synthetic
@@ -57,7 +57,7 @@ def test_head_mixing_off_keeps_whole_heads(ancestry):
 def _interrupt_expanding_phase_at(monkeypatch, call: int):
     """Make the expanding phase's ``call``-th batch raise KeyboardInterrupt (a killed run); returns
     the real ``step_batch`` to put back."""
-    real = expanding.step_batch
+    real = batches.step_batch
     calls = []
 
     def dies(*args, **kwargs):
@@ -66,7 +66,7 @@ def _interrupt_expanding_phase_at(monkeypatch, call: int):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(expanding, "step_batch", dies)
+    monkeypatch.setattr(batches, "step_batch", dies)
     return real
 
 
@@ -96,7 +96,7 @@ def test_expanding_phase_trains_every_width_and_resumes_bit_exactly(small, tmp_p
     real = _interrupt_expanding_phase_at(monkeypatch, 5)  # dies after step 4 (checkpointed at 2 and 4)
     with pytest.raises(KeyboardInterrupt):
         train_learngene(lg, anc, data.train, shapes, cfg, out_dir=tmp_path, ckpt_every=2, progress=False)
-    monkeypatch.setattr(expanding, "step_batch", real)
+    monkeypatch.setattr(batches, "step_batch", real)
     resumed, report = train_learngene(lg, anc, data.train, shapes, cfg, out_dir=tmp_path, ckpt_every=2, resume=True,
                                       progress=False)
     assert [h["step"] for h in report["history"]] == [5, 6]
@@ -143,7 +143,7 @@ def test_build_trains_other_learngenes_once_caches_and_resumes(tmp_path, monkeyp
     real = _interrupt_expanding_phase_at(monkeypatch, 4)  # dies after step 3 of 4
     with pytest.raises(KeyboardInterrupt):
         build([prof], tmp_path / "a", cfg, log=lambda *_: None)
-    monkeypatch.setattr(expanding, "step_batch", real)
+    monkeypatch.setattr(batches, "step_batch", real)
     lines = []
     resumed = build([prof], tmp_path / "a", cfg, log=lines.append)
     assert any("expanding phase: resuming" in line for line in lines), lines
