@@ -83,7 +83,7 @@ class ExportRun:
     log: Callable[[str], None]
 
 
-def _data_for(arch, data: str | None):
+def _data_for(arch, data: str | None, calibration_images: int = 256):
     """Validation/calibration images for accuracy and INT8 (None when the task has no data); a streamed
     folder's splits decoded up to :data:`factory.data.tensors.CHECK_BYTES` each (:func:`factory.data.in_memory`)."""
     from factory.data import in_memory, load_dataset
@@ -94,7 +94,7 @@ def _data_for(arch, data: str | None):
     ds = load_dataset(spec, img_size=arch.img_size, in_chans=arch.in_chans)
     if ds.num_classes != arch.num_classes:
         raise FactoryError(f"data {spec!r} has {ds.num_classes} classes but the model predicts {arch.num_classes}")
-    return in_memory(ds)
+    return in_memory(ds, train_images=calibration_images)
 
 
 def export_model(
@@ -128,7 +128,7 @@ def export_model(
         from .openvino_export import require_openvino
 
         require_openvino()  # refuse before any work when the extra is missing
-    ds = _data_for(arch, data) if {"onnx-int8", "onnx-fp16", "trt", *OPENVINO_FORMATS} & set(formats) or data else None
+    ds = _data_for(arch, data, calibration_images) if {"onnx-int8", "onnx-fp16", "trt", *OPENVINO_FORMATS} & set(formats) or data else None
     batch = profile.batch if profile is not None else 1
     metadata = {
         "peg_factory.shape": arch.shape().to_dict(),

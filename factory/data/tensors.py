@@ -72,13 +72,15 @@ class Dataset:
 CHECK_BYTES = 512 << 20
 
 
-def in_memory(ds: Dataset, cap_bytes: int = CHECK_BYTES) -> Dataset:
+def in_memory(ds: Dataset, cap_bytes: int = CHECK_BYTES, *, train_images: int | None = None) -> Dataset:
     """``ds`` with every split in memory: in-memory splits as they are, a streamed split's first
-    ``cap_bytes // (4 * C * H * W)`` images decoded for evaluation (all of a small one)."""
-    def bounded(split):
+    ``cap_bytes // (4 * C * H * W)`` images decoded for evaluation (all of a small one), and of the
+    training split at most ``train_images`` (what INT8 calibration reads)."""
+    def bounded(split, limit=None):
         if isinstance(split, ImageTensors):
             return split
         per_image = 4 * split.in_chans * split.img_size * split.img_size
-        return split.tensors(max(1, cap_bytes // per_image))
+        most = max(1, cap_bytes // per_image)
+        return split.tensors(most if limit is None else min(most, limit))
 
-    return dataclasses.replace(ds, train=bounded(ds.train), val=bounded(ds.val), test=bounded(ds.test))
+    return dataclasses.replace(ds, train=bounded(ds.train, train_images), val=bounded(ds.val), test=bounded(ds.test))

@@ -129,9 +129,10 @@ def _run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[st
 
 
 def _estimate_learngene(ctx: BuildContext, _: None) -> float:
-    """The expanding phase's time: its step count times a step *measured* here
-    (:func:`factory.training.expanding.measure_step_seconds`: three real steps of the configured batch,
-    input size and precision, a few seconds at 224 px); 0 when it will not run."""
+    """The learngene stage's time, measured here: sampling it, then the expanding phase's first step (its
+    one-off costs) plus ``steps - 1`` times a step (:func:`factory.training.expanding.measure_step_seconds`:
+    three real steps of the configured batch, input size and precision, seconds at 224 px); 0 when it
+    will not run."""
     from factory.core.expanding import ExpandingConfig, default_shapes
     from factory.core.learngene import sample_learngene
     from factory.training.expanding import measure_step_seconds
@@ -140,12 +141,14 @@ def _estimate_learngene(ctx: BuildContext, _: None) -> float:
     if "given" in recipe or not recipe["expanding"] or shipped_learngene(recipe) is not None:
         return 0.0
     exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
+    t0 = time.perf_counter()
     lg = sample_learngene(ctx.ancestry, recipe["layers"], recipe["heads"], seed=recipe["seed"], tau=recipe["tau"],
                           rescale=recipe["rescale"], head_mixing=recipe["head_mixing"])
-    per_step = measure_step_seconds(lg, ctx.ancestry, default_shapes(lg), exp)
+    sampling = time.perf_counter() - t0
+    first, per_step = measure_step_seconds(lg, ctx.ancestry, default_shapes(lg), exp, first=True)
     ctx.log(f"learngene: one expanding-phase step measured at {per_step:.2f}s (batch {exp.batch_size}, "
-            f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px)")
-    return exp.steps * per_step
+            f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px; the first {first:.2f}s, sampling {sampling:.2f}s)")
+    return sampling + first + max(0, exp.steps - 1) * per_step
 
 
 # -- finetune ----------------------------------------------------------------------------------------------

@@ -191,10 +191,11 @@ def train_learngene(
 
 
 def measure_step_seconds(lg: Learngene, ancestry: Ancestry, shapes: list[DescendantShape], cfg: ExpandingConfig, *,
-                         steps: int = 3) -> float:
+                         steps: int = 3, first: bool = False) -> float | tuple[float, float]:
     """Seconds per expanding-phase step of ``cfg`` on this machine, measured: ``steps`` real steps on random
     images of the ancestry's size (the first one, with its one-off costs, left out; the median of the rest,
-    over the sandwich's changing random shape). What the dry run multiplies by the phase's step count."""
+    over the sandwich's changing random shape). With ``first``, ``(first step's seconds, per step)``: the
+    dry run estimates ``first + (steps - 1) * per step``."""
     import statistics
 
     from factory.data import ImageTensors
@@ -204,7 +205,8 @@ def measure_step_seconds(lg: Learngene, ancestry: Ancestry, shapes: list[Descend
     data = ImageTensors(images, torch.zeros(cfg.batch_size, dtype=torch.int64), ["x"])
     probe = dataclasses.replace(cfg, steps=max(2, steps))
     _, report = train_learngene(lg, ancestry, data, shapes, probe, progress=False)
-    return statistics.median(h["seconds"] for h in report["history"][1:])
+    per_step = statistics.median(h["seconds"] for h in report["history"][1:])
+    return (report["history"][0]["seconds"], per_step) if first else per_step
 
 
 def run_expanding_phase(lg: Learngene, ancestry: Ancestry, data, shapes: list[DescendantShape], cfg: ExpandingConfig, *,
