@@ -25,8 +25,8 @@ and each descendant's expanded position embedding is resampled differentiably
 (:func:`factory.core.expanding.distill_pos_embed`), so the learngene's full-size embedding is what trains.
 The teacher's outputs are *not* cached: each step's batch is freshly augmented (``shift``), so no two
 steps see the same input, and the teacher's forward pass is a small part of a step (about 1 of
-``1 + 3 * sum(student depth) / teacher depth`` forward-equivalents: under 10% for the default sandwich,
-measured in ``bench/real_scale.py``).
+``1 + 3 * sum(student depth) / teacher depth`` forward-equivalents: 9-15% of a DeiT-Tiny step at 224 px
+in two runs of ``bench/real_scale.py``), so a cache would save at most that.
 
 Determinism and resume. The batch of step ``s`` is :func:`factory.training.batches.step_batch` (a pure
 function of ``(seed, s)``) and the random shapes of step ``s`` come from
