@@ -70,3 +70,17 @@ def write_outputs(data, table: str, json_path, md_path) -> None:
     print(table)
     if isinstance(data, dict) and "wall_seconds" in data:
         print(f"\nwall time {data['wall_seconds']} s")
+
+
+def run_and_write(run, summarise, args, *, as_saved: bool = False) -> dict:
+    """``run(args)`` timed (``wall_seconds``), then its outputs written by :func:`write_outputs` to
+    ``args.json`` / ``args.md`` with ``summarise``'s table (of the data as the JSON will read back, with
+    ``as_saved``: string keys); returns the data."""
+    import time
+
+    start = time.perf_counter()
+    data = run(args)
+    data["wall_seconds"] = round(time.perf_counter() - start, 1)
+    shown = json.loads(json.dumps(data, default=str)) if as_saved else data
+    write_outputs(data, summarise(shown), args.json, args.md)
+    return data

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from common import finetune_curve, load_tasks, mean_std, rows_with_int_steps, write_outputs
+from common import finetune_curve, load_tasks, mean_std, rows_with_int_steps, run_and_write
 from factory import DescendantShape, init_descendant, load_ancestry, sample_learngene
 from factory.data import load_dataset
 from factory.core.demo import load_demo_learngene
@@ -190,10 +190,7 @@ def main() -> None:
     args.steps = args.steps or (10 if args.quick else 50)
     args.eval_every = max(1, args.steps // 2) if args.quick else args.eval_every
     args.seeds = args.seeds or (1 if args.quick else 3)
-    start = time.perf_counter()
-    data = run(args)
-    data["wall_seconds"] = round(time.perf_counter() - start, 1)
-    write_outputs(data, summarise(json.loads(json.dumps(data, default=str))), args.json, args.md)
+    run_and_write(run, summarise, args, as_saved=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import TASKS, load_tasks, recipe, write_outputs
+from common import TASKS, load_tasks, recipe, run_and_write
 from factory import DescendantShape, init_descendant, load_ancestry
 from factory.core.demo import load_demo_learngene
 from factory.training.precision import precision_for
@@ -99,10 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.steps, args.seeds = ["digits"], 5, 1
-    start = time.perf_counter()
-    data = run(args)
-    data["wall_seconds"] = round(time.perf_counter() - start, 1)
-    write_outputs(data, summarise(data), args.json, args.md)
+    run_and_write(run, summarise, args)
 
 
 if __name__ == "__main__":

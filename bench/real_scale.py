@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from common import write_outputs
+from common import run_and_write
 from factory import load_ancestry, sample_learngene
 from factory.core.expanding import ExpandingConfig, default_shapes
 from factory.data import load_dataset
@@ -185,10 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.batch, args.steps, args.sizes, args.expand_steps = 8, 2, [20, 60], 2
-    start = time.perf_counter()
-    data = run(args)
-    data["wall_seconds"] = round(time.perf_counter() - start, 1)
-    write_outputs(data, summarise(data), args.json, args.md)
+    run_and_write(run, summarise, args)
 
 
 if __name__ == "__main__":

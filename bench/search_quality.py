@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import write_outputs
+from common import run_and_write, write_outputs
 from scipy.stats import spearmanr
 
 from factory import init_descendant, load_ancestry, sample_learngene
@@ -234,10 +234,7 @@ def main() -> None:
         if differ:
             parser.error(f"--reuse {args.reuse} was run with other {', '.join(differ)} "
                          f"({', '.join(f'{k}={earlier.get(k, defaults.get(k))}' for k in differ)}); pass the same")
-    start = time.perf_counter()
-    data = run(args)
-    data["wall_seconds"] = round(time.perf_counter() - start, 1)
-    write_outputs(data, summarise(data), args.json, args.md)
+    run_and_write(run, summarise, args)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,20 @@ def test_search_quality_quick_mode_runs(tmp_path):
          "--md", str(tmp_path / "s.md"))
     lines = [line for line in (tmp_path / "s.md").read_text().splitlines() if line.startswith("| q |") or line.startswith("| a |")]
     assert len(lines) == 2 and "| anchored calibrated |" in lines[1] and "| calibrated |" in lines[0]
+
+
+def test_precision_bench_quick_mode_runs(tmp_path):
+    _run("bench/precision.py", "--quick", "--threads", "1", "--json", str(tmp_path / "p.json"), "--md", str(tmp_path / "p.md"))
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert {r["amp"] for r in data["rows"]} == {"off", "auto"} and all(0 <= r["accuracy"] <= 1 for r in data["rows"])
+    assert "| digits |" in (tmp_path / "p.md").read_text()
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: bench/gpu_check.py runs for real there (not in tests)")
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA GPU here" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
