@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from factory.data.stream import MAX_IMAGE_PIXELS  # one limit, checked here on headers and where images are decoded
+from factory.data.stream import check_size  # one size check, here on headers and where images are decoded
 from factory.data.tensors import Dataset
 from factory.errors import FactoryError
 
@@ -70,12 +70,7 @@ def check_header(path: Path, min_side: int) -> str:
             width, height, mode = im.width, im.height, im.mode
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise FactoryError(f"cannot read image {path}: {exc}") from exc
-    if width * height > MAX_IMAGE_PIXELS:
-        raise FactoryError(f"image {path} is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} this loader decodes; "
-                           "downscale it or remove it")
-    if min(width, height) < min_side:
-        raise FactoryError(f"image {path} is {width}x{height} pixels, smaller than one {min_side}-px patch of the model; "
-                           "remove it or use larger images")
+    check_size(path, width, height, min_side)
     return mode
 
 
@@ -84,7 +79,7 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side:
     (:class:`factory.data.stream.ImageFiles`: nothing is decoded here).
 
     Every file's header is read once (size, mode), so what cannot be trained on is refused in one line
-    before any work: an unreadable file, an image over :data:`MAX_IMAGE_PIXELS`, an image smaller than
+    before any work: an unreadable file, an image over :data:`factory.data.stream.MAX_IMAGE_PIXELS`, an image smaller than
     ``min_side`` (the model's patch), a split of fewer than two classes, and a folder of only greyscale
     images for a 3-channel model (its colour features would see three equal channels: convert the images,
     or use a 1-channel ancestry). Normalised with ImageNet's mean and std (DeiT's; timm's defaults) for 3

@@ -35,9 +35,19 @@ from factory.data.tensors import ImageTensors
 from factory.errors import FactoryError
 
 #: Images larger than this (e.g. a "decompression bomb": a tiny file declaring a gigapixel canvas) are refused.
-MAX_IMAGE_PIXELS = 8192 * 8192  # factory.data.folder re-exports it
+MAX_IMAGE_PIXELS = 8192 * 8192
 #: DeiT's evaluation crop: the shorter side resized to img_size / CROP_PCT, then a centre crop.
 CROP_PCT = 0.875
+
+
+def check_size(path, width: int, height: int, min_side: int) -> None:
+    """Refuse (one line) an image over :data:`MAX_IMAGE_PIXELS` or with a side under ``min_side`` (a patch)."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise FactoryError(f"image {path} is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} this loader decodes; "
+                           "downscale it or remove it")
+    if min(width, height) < min_side:
+        raise FactoryError(f"image {path} is {width}x{height} pixels, smaller than one {min_side}-px patch of the model; "
+                           "remove it or use larger images")
 
 
 def default_workers() -> int:
@@ -93,12 +103,7 @@ class ImageFiles:
         path = self.samples[i][0]
         try:
             with Image.open(path) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:  # checked on the header, before decoding
-                    raise FactoryError(f"image {path} is {im.width}x{im.height} pixels, over the {MAX_IMAGE_PIXELS:,} "
-                                       "this loader decodes; downscale it or remove it")
-                if min(im.width, im.height) < self.min_side:
-                    raise FactoryError(f"image {path} is {im.width}x{im.height} pixels, smaller than one {self.min_side}-px "
-                                       "patch of the model; remove it or use larger images")
+                check_size(path, im.width, im.height, self.min_side)  # on the header, before decoding (a file may have changed)
                 return im.convert("RGB" if self.channels == 3 else "L")
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
             raise FactoryError(f"cannot read image {path}: {exc}") from exc
