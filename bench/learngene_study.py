@@ -63,6 +63,7 @@ VARIANTS: list[tuple[str, dict]] = [
     ("shipped default", dict(shipped=True)),
     ("shipped recipe, bf16", dict(rescale="std", steps=1500, amp="bf16")),
     ("shipped recipe, bf16, distil at 21 px", dict(rescale="std", steps=1500, amp="bf16", distill=21)),
+    ("shipped recipe, bf16, varied heads and ratios", dict(rescale="std", steps=1500, amp="bf16", sandwich="varied")),
 ]
 SHAPES = [DescendantShape(3, 192, 3, 4.0, 28, 7, 10), DescendantShape(6, 96, 2, 2.0, 28, 7, 10),
           DescendantShape(9, 192, 3, 4.0, 28, 7, 10)]
