@@ -1,7 +1,7 @@
 """Does bf16 autocast on the CPU cost accuracy? Fine-tunes in fp32 and in bf16, same inits, seeds, steps.
 
 The build fine-tunes under ``amp="auto"``: bf16 autocast on a CPU with native bf16 (AVX512-BF16 or
-AMX), fp32 elsewhere (:func:`factory.training.train.precision_for`). This bench fine-tunes the same
+AMX), fp32 elsewhere (:func:`factory.training.precision.precision_for`). This bench fine-tunes the same
 descendants (PEG from the shipped learngene, and scratch) of two of the PEG benchmark's shapes with
 the shared recipe (``bench/common.py``) for ``--steps`` steps in both precisions, on every task and
 several seeds, and reports the mean test accuracy per precision, their difference against one

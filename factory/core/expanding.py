@@ -45,7 +45,7 @@ class ExpandingConfig:
     #: what trains (:func:`distill_pos_embed`); a multiple of the patch size. Attention cost falls with the
     #: square of the token count: 224 -> 112 px is 4x fewer tokens.
     distill_img_size: int | None = None
-    amp: str = "auto"  # the steps' precision (factory.training.train.precision_for); a speed setting, see SPEED_FIELDS
+    amp: str = "auto"  # the steps' precision (factory.training.precision.precision_for); a speed setting, see SPEED_FIELDS
     device: str = "auto"  # where the steps run (auto: CUDA when available); a speed setting too
 
     def __post_init__(self) -> None:

@@ -47,7 +47,7 @@ class BuildConfig:
     seed: int = 0
     jobs: int = 1
     device: str = "auto"
-    amp: str = "auto"  # precision of fine-tuning and the expanding phase (factory.training.train.precision_for)
+    amp: str = "auto"  # precision of fine-tuning and the expanding phase (factory.training.precision.precision_for)
     data_cache_mb: int = 0  # decode a folder's training split once into uint8 if it fits this many MiB (0: stream)
     # accuracy: successive-halving probes of the Pareto front on the build's data (factory.device.accuracy) pick the shape;
     # capacity: the largest shape that fits, no probes; auto: capacity for a trained PEG learngene, else accuracy

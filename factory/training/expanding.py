@@ -18,7 +18,7 @@ its trained depth maps are saved with it and used by :func:`factory.core.expand.
 Speed at real input sizes (``ExpandingConfig``): the steps run on ``device`` (CUDA when available: the
 gene tensors, the depth maps and a copy of the teacher move there; the trained learngene comes back to
 the CPU) under bf16 autocast where
-:func:`factory.training.train.precision_for` says so (``amp``; gene tensors, AdamW state and the loss stay
+:func:`factory.training.precision.precision_for` says so (``amp``; gene tensors, AdamW state and the loss stay
 fp32); with ``distill_img_size`` the batch is resized (bilinear, antialiased) to that size, the teacher is a
 copy of the ancestry with its position embedding resampled to the smaller grid (timm's ``set_input_size``)
 and each descendant's expanded position embedding is resampled differentiably
@@ -127,11 +127,11 @@ def train_learngene(
             teacher.set_input_size(img_size=size)
     grid, small = (arch.img_size // arch.patch_size,) * 2, (size // arch.patch_size,) * 2
     prefix = 0 if getattr(teacher, "no_embed_class", False) else int(getattr(teacher, "num_prefix_tokens", 1))
-    amp = "off" if cfg.amp == "fp16" else cfg.amp  # no GradScaler here: fp16 runs as fp32 (bf16 is what autocast picks)
-    if precision_for(device, amp) == "fp16":  # a CUDA GPU without bf16
-        amp = "off"
-    autocast, _ = autocast_for(device, amp)
-    report["precision"], report["device"] = precision_for(device, amp), str(device)
+    # no GradScaler here: fp16 (asked for, or "auto" on a CUDA GPU without bf16) runs as fp32
+    precision = precision_for(device, "off" if cfg.amp == "fp16" else cfg.amp)
+    precision = "fp32" if precision == "fp16" else precision
+    autocast, _ = autocast_for(device, "bf16" if precision == "bf16" else "off")
+    report["precision"], report["device"] = precision, str(device)
     report["distill_img_size"] = size
     history = []
     t0 = time.perf_counter()
