@@ -58,7 +58,7 @@ def test_no_file_imports_another_modules_private_names():
 def test_the_stage_table_drives_keys_and_names():
     from factory.pipeline.stages import STAGES
 
-    assert [s.name for s in STAGES] == ["learngene", "finetune", "measure", "export"]
+    assert [s.name for s in STAGES] == ["learngene", "init", "finetune", "measure", "export"]
     assert {s.scope for s in STAGES} == {"fleet", "shape", "device"}
     assert all(callable(s.inputs) and callable(s.run) and callable(s.estimate_s) for s in STAGES)
 
@@ -75,15 +75,20 @@ def test_the_finetune_key_is_the_train_config_that_runs(tmp_path):
     from factory.pipeline.stages import FINETUNE, BuildContext, entry_for
 
     lg = load_demo_learngene()
-    ctx = BuildContext(tmp_path, BuildConfig(data="synthetic"), Cache(tmp_path), print, None, make_synthetic(), lg)
+    ctx = BuildContext(tmp_path, BuildConfig(data="synthetic", init="peg"), Cache(tmp_path), print, None, make_synthetic(), lg)
     shape = DescendantShape(2, 96, 2, 2.0, 28, 7, 4)
     key = entry_for(ctx, FINETUNE, shape).key
     assert FINETUNE.inputs(ctx, shape)["recipe"] == dataclasses.asdict(finetune_recipe(ctx.cfg))
     assert entry_for(ctx, FINETUNE, shape).key == key  # deterministic
-    other = dataclasses.replace(ctx, cfg=BuildConfig(data="synthetic", lr=2e-3))
+    other = dataclasses.replace(ctx, cfg=BuildConfig(data="synthetic", init="peg", lr=2e-3))
     assert entry_for(other, FINETUNE, shape).key != key
-    jobs = dataclasses.replace(ctx, cfg=BuildConfig(data="synthetic", jobs=4))
+    jobs = dataclasses.replace(ctx, cfg=BuildConfig(data="synthetic", init="peg", jobs=4))
     assert entry_for(jobs, FINETUNE, shape).key == key  # a run option, not part of any key
+    # with --init auto the key holds the decided initialisation: auto -> peg is the same fine-tune as --init peg
+    auto = dataclasses.replace(ctx, cfg=BuildConfig(data="synthetic"), inits={shape.label(): {"chosen": "peg"}})
+    assert entry_for(auto, FINETUNE, shape).key == key
+    auto.inits[shape.label()] = {"chosen": "scratch"}
+    assert entry_for(auto, FINETUNE, shape).key != key
 
 
 def _commands(cmd, path):

@@ -13,7 +13,7 @@ import click
 
 from factory.cli.common import BATCH, COUNT, POSITIVE_STEPS, RATE, STEPS, UserError, ancestry_option, data_option, \
     SIZE, amp_option, init_option, objective_option, out_option, seed_option
-from factory.pipeline.config import BuildConfig
+from factory.pipeline.config import INIT_CHOICES, BuildConfig
 from factory.pipeline.executor import EXECUTORS
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
@@ -25,7 +25,9 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
 @out_option("Build directory (manifest, report, one folder per device, the cache).", default=Path("out/build"))
 @ancestry_option()
 @data_option("digits")
-@init_option(help="How descendants are initialised: PEG expansion of the learngene, or a baseline.")
+@init_option(help="How descendants are initialised. auto: per chosen shape, the candidate (PEG expansion of the learngene, "
+                  "weight selection, TLEG, scratch) whose untrained features separate the task's classes best by a k-NN "
+                  "probe (scratch only by a margin); or one of them always.", choices=INIT_CHOICES)
 @click.option("--gene-layers", type=COUNT, default=None, help="Learngene layers [default: half the ancestry's].")
 @click.option("--expand-steps", type=STEPS, default=None,
               help="Expanding-phase steps for the learngene [default: 1500; 0 = untrained, sampled only].")

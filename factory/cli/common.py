@@ -66,8 +66,9 @@ def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
-def init_option(name: str = "init", flag: str = "--init", help: str = "How descendants are initialised.") -> click.Option:
-    return click.option(flag, name, type=click.Choice(METHODS), default="peg", show_default=True, help=help)
+def init_option(name: str = "init", flag: str = "--init", help: str = "How descendants are initialised.",
+                choices: tuple[str, ...] = METHODS) -> click.Option:
+    return click.option(flag, name, type=click.Choice(choices), default=choices[0], show_default=True, help=help)
 
 
 def objective_option(help: str = OBJECTIVE_HELP):

@@ -91,6 +91,11 @@ class ImageFiles:
         cache = self.cache[start:stop] if self.cache is not None else None
         return replace(self, samples=self.samples[start:stop], cache=cache)
 
+    def pick(self, indices: list[int]) -> "ImageFiles":
+        """The files at ``indices``, in that order."""
+        cache = self.cache[torch.as_tensor(indices, dtype=torch.long)] if self.cache is not None else None
+        return replace(self, samples=[self.samples[i] for i in indices], cache=cache)
+
     # -- decoding -----------------------------------------------------------------------------------------
 
     def open(self, i: int):

@@ -39,6 +39,11 @@ class ImageTensors:
     def subset(self, start: int, stop: int | None = None) -> "ImageTensors":
         return ImageTensors(self.images[start:stop], self.labels[start:stop], self.classes)
 
+    def pick(self, indices: list[int]) -> "ImageTensors":
+        """The images at ``indices``, in that order."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return ImageTensors(self.images[idx], self.labels[idx], self.classes)
+
 
 @dataclass
 class Dataset:
@@ -70,6 +75,15 @@ class Dataset:
 
 #: A streamed split is decoded into memory for checks (export accuracy, INT8 calibration) up to this many bytes.
 CHECK_BYTES = 512 << 20
+
+
+def spread_sample(split, n: int) -> ImageTensors:
+    """``n`` images of ``split`` (all if it has fewer) at evenly spaced indices ``floor(i * len / n)``,
+    decoded for evaluation: every part of a split sorted by class is represented."""
+    total = len(split)
+    if n >= total:
+        return split.tensors()
+    return split.pick([i * total // n for i in range(n)]).tensors()
 
 
 def in_memory(ds: Dataset, cap_bytes: int = CHECK_BYTES, *, train_images: int | None = None) -> Dataset:

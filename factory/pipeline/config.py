@@ -15,11 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from factory.core.baselines import METHODS
+from factory.core.transfer import TransferProbe
 from factory.core.expanding import LATER_FIELDS, ExpandingConfig, default_shapes, recipe_fields
 from factory.data import dataset_identity
 from factory.device.objective import OBJECTIVES, resolve_objective
 from factory.errors import FactoryError
 from factory.training.train import TrainConfig
+
+#: What ``--init`` accepts: ``auto`` (decided per shape by a transfer probe, :mod:`factory.core.transfer`) or a fixed method.
+INIT_CHOICES: tuple[str, ...] = ("auto", *METHODS)
 
 #: BuildConfig fields that are not part of the build's identity (the executor is not either).
 RUN_OPTIONS = ("jobs",)
@@ -40,7 +44,10 @@ class BuildConfig:
     expand_batch_size: int | None = None  # None: ExpandingConfig's default
     expand_img_size: int | None = None  # distil at this input size (None: the ancestry's); ExpandingConfig.distill_img_size
     learngene: str | None = None  # a learngene directory to use as it is (e.g. made by `learngene train`)
-    init: str = "peg"
+    # auto: per chosen shape, a k-NN probe of every candidate's untrained features decides (factory.core.transfer,
+    # bench/RESULTS.md "Choosing the initialisation"); peg, tleg, weight_selection, scratch: that one, always
+    init: str = "auto"
+    init_probe: TransferProbe = TransferProbe()  # how auto scores and chooses (its margins, images, candidates)
     finetune_steps: int = 100
     batch_size: int = 32
     lr: float = 1e-3
@@ -59,7 +66,7 @@ class BuildConfig:
         import math
 
         checks = {
-            "init": self.init in METHODS,
+            "init": self.init in INIT_CHOICES,
             "gene layers": self.gene_layers is None or self.gene_layers >= 1,
             "gene heads": self.gene_heads is None or self.gene_heads >= 1,
             "expand steps": self.expand_steps is None or self.expand_steps >= 0,
@@ -77,13 +84,15 @@ class BuildConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise FactoryError(f"invalid build setting: {', '.join(bad)} (init one of {', '.join(METHODS)}, counts >= 1, "
+            raise FactoryError(f"invalid build setting: {', '.join(bad)} (init one of {', '.join(INIT_CHOICES)}, counts >= 1, "
                                "steps >= 0, lr and tau finite and > 0); fix the flag")
 
 
 def identity(cfg: BuildConfig) -> dict[str, Any]:
-    """The build's settings that determine what it makes (all but :data:`RUN_OPTIONS`)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_OPTIONS}
+    """The build's settings that determine what it makes (all but :data:`RUN_OPTIONS`), as JSON reads them back."""
+    import json
+
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_OPTIONS}))
 
 
 def finetune_recipe(cfg: BuildConfig) -> TrainConfig:
@@ -150,14 +159,21 @@ def build_learngene_recipe(cfg: BuildConfig, anc) -> dict[str, Any]:
                             if exp.steps else None)
 
 
+def search_init(cfg: BuildConfig) -> str:
+    """The initialisation shapes are searched and probed for: ``cfg.init``, or ``peg`` for ``auto``
+    (the shape is chosen for the learngene's descendants; ``auto`` then decides at that shape)."""
+    return "peg" if cfg.init == "auto" else cfg.init
+
+
 def objective_for(cfg: BuildConfig, anc) -> tuple[str, str]:
     """The objective this build runs and why (:func:`factory.device.objective.resolve_objective`)."""
     given = given_learngene(cfg, anc)
+    init = search_init(cfg)
     if given is not None:
-        trained = cfg.init == "peg" and bool((given.meta.get("expanding_phase") or {}).get("config", {}).get("steps"))
+        trained = init == "peg" and bool((given.meta.get("expanding_phase") or {}).get("config", {}).get("steps"))
     else:
-        trained = cfg.init == "peg" and expanding_config(cfg).steps > 0
-    return resolve_objective(cfg.objective, init=cfg.init, trained_learngene=trained)
+        trained = init == "peg" and expanding_config(cfg).steps > 0
+    return resolve_objective(cfg.objective, init=init, trained_learngene=trained)
 
 
 def learngene_recipe(ancestry_sha256: str, layers: int, heads: int, *, seed: int, tau: float, rescale: str,

@@ -67,16 +67,22 @@ def search_summary(result, chosen) -> dict[str, Any]:
 
 
 def device_record(entry: dict[str, Any], *, finetune: dict[str, Any], finetune_key: str, measured: dict[str, Any],
-                  export_record: dict[str, Any], model_sha256: str, cfg: BuildConfig, learngene_sha256: str) -> dict[str, Any]:
+                  export_record: dict[str, Any], model_sha256: str, cfg: BuildConfig, learngene_sha256: str,
+                  init_decision: dict[str, Any] | None = None) -> dict[str, Any]:
     """A built device's manifest fields, from its search ``entry`` (``predicted``, ``search``), the
-    fine-tune's and measure stage's sealed info, and the export record."""
+    fine-tune's and measure stage's sealed info, the export record and, for ``--init auto``, the
+    decision (``init_decision``: chosen, reason, k-NN figures, seconds; with the decision's cost as a
+    fraction of the fine-tune's)."""
     name, predicted = entry["name"], entry["predicted"]
     artifacts = {"model": {"path": f"{name}/model.safetensors", "sha256": model_sha256}}
     for fmt, art in export_record["artifacts"].items():
         artifacts[fmt] = {"path": f"{name}/export/{art.get('file') or art.get('dir')}",
                           **{k: v for k, v in art.items() if k in ARTIFACT_FIELDS}}
     return {
-        "init": cfg.init,
+        "init": finetune.get("init", cfg.init),
+        "init_requested": cfg.init,
+        **({"init_decision": {**init_decision, "fraction_of_finetune": round(init_decision["seconds"] / max(finetune["seconds"], 1e-9), 4)}}
+           if init_decision else {}),
         "learngene_sha256": learngene_sha256,
         "finetune": {"steps": cfg.finetune_steps, "seed": cfg.seed, "cache_key": finetune_key, "seconds": finetune["seconds"],
                      "precision": finetune.get("precision", "fp32"), "curve": finetune.get("curve", [])},

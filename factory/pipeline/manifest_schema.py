@@ -27,6 +27,10 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                     "shape": {"type": "object", "required": ["depth", "embed_dim", "num_heads", "mlp_ratio", "img_size",
                                                               "patch_size", "num_classes"]},
                     "accuracy": {"type": "object", "required": ["val", "test"]},
+                    "init": {"enum": ["peg", "tleg", "weight_selection", "scratch"]},
+                    "init_requested": {"enum": ["auto", "peg", "tleg", "weight_selection", "scratch"]},
+                    "init_decision": {"type": "object", "required": ["chosen", "reason", "knn_accuracy", "images", "seconds",
+                                                                      "fraction_of_finetune"]},
                     "latency_ms": {"type": "object", "required": ["predicted_target", "host_onnxruntime"]},
                     "margins": {"type": "object", "additionalProperties": {"type": "number"}},
                     "artifacts": {"type": "object", "additionalProperties": {

@@ -50,6 +50,15 @@ def front_matter(head: dict[str, Any], dev: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def init_text(dev: dict) -> str:
+    """Why ``--init auto`` chose the initialisation, with its measured figures ('' for a fixed ``--init``)."""
+    d = dev.get("init_decision")
+    if not d:
+        return ""
+    return (f" (chosen by `--init auto` at this shape: {d['reason']}; {d['images']} training images, "
+            f"{d['seconds']:.1f} s = {d['fraction_of_finetune']:.0%} of the fine-tune)")
+
+
 def render(head: dict[str, Any], dev: dict[str, Any]) -> str:
     """The card of device entry ``dev`` of a manifest whose build-wide part is ``head``."""
     s, anc, lg, recipe, target = dev["shape"], head["ancestry"], head["learngene"], head["recipe"], dev["target"]
@@ -71,7 +80,7 @@ def render(head: dict[str, Any], dev: dict[str, Any]) -> str:
 {s['mlp_ratio']:g}, {s['img_size']}x{s['img_size']} input, patch {s['patch_size']}, {s['num_classes']} classes) for
 {target['description']}.
 
-**Lineage.** Initialised by `{recipe['init']}` from learngene `{(lg['sha256'] or '')[:12]}` ({lg['layers']} gene layers,
+**Lineage.** Initialised by `{dev.get('init', recipe['init'])}`{init_text(dev)} from learngene `{(lg['sha256'] or '')[:12]}` ({lg['layers']} gene layers,
 {lg['heads']} heads) of ancestry `{anc['spec']}` (`{anc['sha256'][:12]}`, weights: {anc['weights']}); fine-tuned
 {recipe['finetune_steps']} steps on `{recipe['data']}` (seed {recipe['seed']}, {dev.get('finetune', {}).get('precision', 'fp32')} compute). {selection_text(dev.get('selection', {}))}, within the budgets
 {dev['budgets']}.

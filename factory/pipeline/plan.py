@@ -8,8 +8,8 @@ from typing import Any
 from factory.core.learngene import Learngene
 from factory.core.shapes import DescendantShape
 from factory.pipeline.config import given_learngene
-from factory.pipeline.stages import (EXPORT, FINETUNE, LEARNGENE, MEASURE, BuildContext, ExportItem, ModelItem, entry_for,
-                                     shipped_learngene, step_seconds)
+from factory.pipeline.stages import (EXPORT, FINETUNE, INIT, LEARNGENE, MEASURE, BuildContext, ExportItem, ModelItem,
+                                     decided_init, entry_for, shipped_learngene, step_seconds)
 
 
 def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: str) -> dict[str, Any]:
@@ -42,9 +42,16 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
             rows.append(entry)
             continue
         shape = DescendantShape.from_dict(entry["shape"])
-        ft = entry_for(ctx, FINETUNE, shape) if ctx.learngene is not None else None
+        init = decided_init(ctx, shape) if ctx.learngene is not None else (None if cfg.init == "auto" else cfg.init)
+        ft = entry_for(ctx, FINETUNE, shape) if ctx.learngene is not None and init is not None else None
         seconds = FINETUNE.estimate_s(ctx, shape)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"init": init or "auto (decided before fine-tuning)"}
+        if cfg.init == "auto" and init is None:
+            extra["init_estimate_s"] = round(INIT.estimate_s(ctx, shape), 1)
+            log(f"{entry['name']}: --init auto will probe {', '.join(cfg.init_probe.candidates)} at {shape.label()} "
+                f"(~{extra['init_estimate_s']:.0f}s) before fine-tuning")
+        elif cfg.init == "auto":
+            log(f"{entry['name']}: --init auto chose {init} at {shape.label()} (cached)")
         if objective == "accuracy":
             est = EstimatorConfig(candidates=cfg.candidates)
             probe_steps = est.probe_steps(est.candidates, cfg.finetune_steps)

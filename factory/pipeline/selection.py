@@ -15,7 +15,7 @@ from factory.device.resolve import latency_model_for
 from factory.device.search import SearchResult, search
 from factory.errors import FactoryError
 from factory.pipeline import manifest
-from factory.pipeline.config import finetune_recipe
+from factory.pipeline.config import finetune_recipe, search_init
 from factory.pipeline.stages import BuildContext
 
 
@@ -44,7 +44,7 @@ def search_devices(profiles, space, anc, cfg, objective: str, why: str) -> tuple
 def estimator(ctx: BuildContext) -> SuccessiveHalving:
     """The accuracy estimator of a build: successive halving of the build's own fine-tuning recipe."""
     c = ctx.cfg
-    return SuccessiveHalving(ctx.ancestry, ctx.learngene, ctx.data, finetune_recipe(c), init=c.init,
+    return SuccessiveHalving(ctx.ancestry, ctx.learngene, ctx.data, finetune_recipe(c), init=search_init(c),
                              config=EstimatorConfig(candidates=c.candidates), cache_dir=ctx.cache.root / "estimate",
                              progress=True)
 

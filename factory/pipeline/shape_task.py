@@ -25,7 +25,7 @@ from factory.pipeline import manifest, model_card
 from factory.pipeline.cache import Cache, Entry
 from factory.pipeline.config import BuildConfig
 from factory.pipeline.executor import TaskEnv
-from factory.pipeline.stages import EXPORT, FINETUNE, MEASURE, BuildContext, ExportItem, ModelItem, run_stage
+from factory.pipeline.stages import EXPORT, FINETUNE, MEASURE, BuildContext, ExportItem, ModelItem, decide, run_stage
 
 Update = tuple[str, dict[str, Any]]  # (device name, its manifest entry's update)
 
@@ -104,6 +104,7 @@ def run_shape_task(task: ShapeTask, env: TaskEnv) -> list[Update]:
     ctx = BuildContext(out, task.cfg, Cache(out / ".cache", env.log), env.log, anc, ds, lg, env.should_stop)
     try:
         with intra_op_threads(env.threads):
+            decide(ctx, task.shape)
             tuned = run_stage(ctx, FINETUNE, task.shape)
     except FactoryError as exc:
         env.log(f"finetune {task.shape.label()}: failed: {exc}")
@@ -131,7 +132,7 @@ def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned:
     export_record = json.loads((exported.path / "export" / "export.json").read_text())
     update = manifest.device_record(entry, finetune=tuned.info(), finetune_key=tuned.key, measured=measured,
                                     export_record=export_record, model_sha256=sha256_file(model_file), cfg=ctx.cfg,
-                                    learngene_sha256=ctx.learngene.sha256)
+                                    learngene_sha256=ctx.learngene.sha256, init_decision=ctx.inits.get(task.shape.label()))
     device_dir = confined(ctx.out, prof.name, "profile name")
     with owned_directory(device_dir, "--out (its device folders)", writer="build") as tmp:
         shutil.copyfile(model_file, tmp / "model.safetensors")

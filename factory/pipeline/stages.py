@@ -6,7 +6,10 @@ stage      scope   key inputs (hashed: the objects that run)             writes
 learngene  fleet   learngene recipe: ancestry sha256, sampling knobs,    ``learngene/`` (sampled, trained by
                    ``ExpandingConfig`` less its ``SPEED_FIELDS`` (amp,   the expanding phase, or the shipped one)
                    device), expanding-phase data id
-finetune   shape   init, learngene sha256, shape, ``asdict(TrainConfig)``  ``model.safetensors``, ``metrics.jsonl``
+init       shape   (``--init auto`` only) the probe's settings, ancestry   nothing: the decision and its figures
+                   and learngene sha256, shape, seed, data id            in the seal (:mod:`factory.core.transfer`)
+finetune   shape   init (the decided one), learngene sha256, shape,      ``model.safetensors``, ``metrics.jsonl``
+                   ``asdict(TrainConfig)``
                    (:func:`~factory.pipeline.config.finetune_recipe`), the resolved precision, data id
 measure    shape   the fine-tuned model's sha256                         fvcore FLOPs, params, host latency
 export     device  model sha256, formats, profile sha256, data id        ``export/`` (:func:`export.api.export_model`)
@@ -35,6 +38,7 @@ from typing import Any, Callable, Literal, Mapping
 from factory.core.assets import PACKAGED_LEARNGENE
 from factory.core.learngene import Learngene
 from factory.core.shapes import DescendantShape
+from factory.errors import FactoryError
 from factory.io import sha256_file
 from factory.pipeline.cache import Cache, Entry
 from factory.pipeline.config import (BuildConfig, build_learngene_recipe, expanding_data, finetune_recipe, given_learngene,
@@ -53,6 +57,7 @@ class BuildContext:
     data: Any  # factory.data.Dataset
     learngene: Learngene | None = None  # set once the learngene stage has run
     should_stop: Callable[[], bool] | None = None  # polled by fine-tunes between steps (Ctrl-C)
+    inits: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # shape label -> --init auto's decision
     host: Any = None  # factory.device.roofline.HostFacts, measured once for the dry run's estimates
 
 
@@ -151,13 +156,72 @@ def _estimate_learngene(ctx: BuildContext, _: None) -> float:
     return sampling + first + max(0, exp.steps - 1) * per_step
 
 
+# -- init (--init auto) ------------------------------------------------------------------------------------
+
+def _init_inputs(ctx: BuildContext, shape: DescendantShape) -> dict[str, Any]:
+    return {"probe": dataclasses.asdict(ctx.cfg.init_probe), "ancestry": ctx.ancestry.sha256,
+            "learngene": ctx.learngene.sha256 if ctx.learngene else None, "shape": shape.to_dict(), "seed": ctx.cfg.seed,
+            "data": ctx.data.identity}
+
+
+def _run_init(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Path) -> dict[str, Any]:
+    from factory.core.transfer import decide_init
+    from factory.data import spread_sample
+
+    probe = ctx.cfg.init_probe
+    sample = spread_sample(ctx.data.train, probe.images)
+    decision = decide_init(shape, sample.images, sample.labels, ancestry=ctx.ancestry, learngene=ctx.learngene,
+                           seed=ctx.cfg.seed, probe=probe)
+    return decision.to_dict()
+
+
+def _estimate_init(ctx: BuildContext, shape: DescendantShape) -> float:
+    """A forward is about a third of a training step: the candidates' forwards over the probe's images."""
+    if ctx.cfg.init != "auto":
+        return 0.0
+    probe = ctx.cfg.init_probe
+    return len(probe.candidates) * probe.images / ctx.cfg.batch_size * step_seconds(ctx, shape, ctx.cfg.batch_size) / 3
+
+
+def _decision(entry: Entry) -> dict[str, Any]:
+    """The decision an ``init`` entry was sealed with (:meth:`~factory.core.transfer.InitDecision.to_dict`)."""
+    return {k: v for k, v in entry.info().items() if k != "files"}
+
+
+def decide(ctx: BuildContext, shape: DescendantShape) -> str:
+    """The initialisation ``shape`` is fine-tuned from: ``--init``, or for ``auto`` the ``init`` stage's
+    decision (run now unless cached; kept in ``ctx.inits`` for the finetune key and the manifest)."""
+    if ctx.cfg.init != "auto":
+        return ctx.cfg.init
+    info = _decision(run_stage(ctx, INIT, shape))
+    ctx.inits[shape.label()] = info
+    ctx.log(f"init {shape.label()}: auto -> {info['chosen']}: {info['reason']} ({info['seconds']:.1f}s)")
+    return info["chosen"]
+
+
+def decided_init(ctx: BuildContext, shape: DescendantShape) -> str | None:
+    """The initialisation of ``shape`` if known without running anything (a fixed ``--init``, a decision
+    made in this build or cached); None otherwise (the dry run's question)."""
+    if ctx.cfg.init != "auto":
+        return ctx.cfg.init
+    if shape.label() not in ctx.inits:
+        entry = entry_for(ctx, INIT, shape)
+        if not entry.cached:
+            return None
+        ctx.inits[shape.label()] = _decision(entry)
+    return ctx.inits[shape.label()]["chosen"]
+
+
 # -- finetune ----------------------------------------------------------------------------------------------
 
 def _finetune_inputs(ctx: BuildContext, shape: DescendantShape) -> dict[str, Any]:
     from factory.training.precision import pick_device, precision_for
 
     recipe = finetune_recipe(ctx.cfg)
-    return {"init": ctx.cfg.init, "learngene": ctx.learngene.sha256 if ctx.learngene else None, "shape": shape.to_dict(),
+    init = decided_init(ctx, shape)
+    if init is None:
+        raise FactoryError(f"internal: the initialisation of {shape.label()} is not decided yet (run the init stage first)")
+    return {"init": init, "learngene": ctx.learngene.sha256 if ctx.learngene else None, "shape": shape.to_dict(),
             "recipe": dataclasses.asdict(recipe), "precision": precision_for(pick_device(recipe.device), recipe.amp),
             "data": ctx.data.identity}
 
@@ -168,7 +232,8 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
     from factory.training.train import evaluate, resume_or_restart, train
 
     c, anc, ds = ctx.cfg, ctx.ancestry, ctx.data
-    model = init_descendant(c.init, shape, ancestry=anc, learngene=ctx.learngene, seed=c.seed)
+    init = decided_init(ctx, shape)
+    model = init_descendant(init, shape, ancestry=anc, learngene=ctx.learngene, seed=c.seed)
     resume = resume_or_restart(work, f"finetune {shape.label()}", ctx.log)
     result = train(model, ds.train, finetune_recipe(c), val_data=ds.val, out_dir=work, resume=resume, progress=True,
                    should_stop=ctx.should_stop, desc=f"finetune {shape.label()}")
@@ -176,12 +241,12 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
     test_acc = evaluate(model, ds.test)
     confusion = confusion_matrix(model, ds.test)
     save_descendant(model, anc.arch.with_shape(shape), tmp / "model.safetensors",
-                    {"method": c.init, "learngene_sha256": ctx.learngene.sha256, "shape": shape.to_dict(), "data": ds.identity,
+                    {"method": init, "learngene_sha256": ctx.learngene.sha256, "shape": shape.to_dict(), "data": ds.identity,
                      "steps": c.finetune_steps, "seed": c.seed})
     shutil.copyfile(work / "metrics.jsonl", tmp / "metrics.jsonl")
     ctx.log(f"finetune {shape.label()}: test accuracy {test_acc:.4f} in {result.seconds:.1f}s ({result.precision})")
     return {"val_accuracy": result.val_accuracy, "test_accuracy": test_acc, "seconds": round(result.seconds, 2),
-            "precision": result.precision,
+            "precision": result.precision, "init": init,
             "curve": training_curve(work / "metrics.jsonl"), "confusion": confusion}
 
 
@@ -264,6 +329,7 @@ def _run_export(ctx: BuildContext, item: ExportItem, tmp: Path, work: Path) -> d
 
 
 LEARNGENE = StageSpec("learngene", "fleet", _learngene_inputs, _run_learngene, _estimate_learngene, lambda _: "learngene")
+INIT = StageSpec("init", "shape", _init_inputs, _run_init, _estimate_init, lambda s: f"init {s.label()}", hit="")
 FINETUNE = StageSpec("finetune", "shape", _finetune_inputs, _run_finetune,
                      lambda ctx, s: ctx.cfg.finetune_steps * step_seconds(ctx, s, ctx.cfg.batch_size),
                      lambda s: f"finetune {s.label()}")
@@ -274,7 +340,7 @@ EXPORT = StageSpec("export", "device",
                                    "data": ctx.data.identity},
                    _run_export, lambda ctx, e: 5.0 * len(_export_formats(e)), lambda e: f"{e.name}: export",
                    hit="{what} cached ({key})")
-STAGES: tuple[StageSpec, ...] = (LEARNGENE, FINETUNE, MEASURE, EXPORT)
+STAGES: tuple[StageSpec, ...] = (LEARNGENE, INIT, FINETUNE, MEASURE, EXPORT)
 
 
 def entry_for(ctx: BuildContext, spec: StageSpec, item: Any = None) -> Entry:

@@ -1,0 +1,167 @@
+"""Does the ancestry's knowledge transfer to this data? The math of ``--init auto``'s decision.
+
+Every candidate initialisation (the learngene's descendant ``peg``, ``weight_selection``, ``tleg``
+and ``scratch``) is built at the chosen shape and scored, *before any training*, by how well its
+features already separate the task's classes:
+
+    score(m) = leave-one-out k-NN accuracy of f_m(x_1..x_n) against y_1..y_n
+
+with ``f_m`` the model's pooled pre-logit features (timm's ``forward_head(..., pre_logits=True)``),
+centred on their mean and L2-normalised (cosine similarity), ``k`` neighbours voting, on ``n``
+training images in the evaluation transform. k-NN rather than a linear probe: a ridge probe on
+random features of a wide model is already close to linearly separable, so it rates ``scratch``
+highly on the ancestry's own task; k-NN measures the geometry fine-tuning starts from (measured:
+bench/RESULTS.md, "Choosing the initialisation").
+
+The decision (:func:`choose_init`), in order:
+
+1. ``scratch`` wins when its score beats the best inherited score by more than
+   ``scratch_margin``: the inherited features are worse than random ones for this data, so
+   inheriting only has to be unlearned (short fine-tuning probes would miss this: scratch starts
+   slower and overtakes late).
+2. Otherwise the *preferred* inherited start is kept unless another beats its score by more than
+   ``inherit_margin`` (scores of the inherited starts are close on tasks the ancestry knows; the
+   margin keeps the preferred one where the probe cannot tell them apart). The preferred start is
+   ``peg`` at shapes the learngene's expanding phase trained (:func:`trained_by`: a trained shape
+   with the same head count and MLP ratio, depth within the trained depths) and
+   ``untrained_shape_init`` (``weight_selection``) elsewhere: index selection cuts a sub-network the
+   distillation never saw there (e.g. 2 heads of a 3-head learngene, MLP ratio 2 of 4), and k-NN on
+   untrained features cannot see how it fine-tunes (measured: its features score above weight
+   selection's while its fine-tune ends below).
+
+Both margins are fractions of accuracy, chosen by ``bench/init_study.py`` and configurable
+(:class:`TransferProbe`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from factory.errors import FactoryError
+
+#: The inherited initialisations, in order of preference on a tie (``scratch`` is the alternative to all of them).
+INHERITED = ("peg", "weight_selection", "tleg")
+
+
+@dataclass(frozen=True)
+class TransferProbe:
+    """How ``--init auto`` scores and chooses (the module docstring gives the rule)."""
+
+    images: int = 512  # training images the features are computed on (the first ones of the split)
+    k: int = 10  # neighbours voting in the k-NN
+    scratch_margin: float = 0.03  # scratch must beat the best inherited score by more than this
+    inherit_margin: float = 0.03  # another inherited start must beat peg's score by more than this
+    candidates: tuple[str, ...] = ("peg", "weight_selection", "tleg", "scratch")
+    untrained_shape_init: str = "weight_selection"  # preferred at shapes the expanding phase never trained ("peg": no rule)
+
+    def __post_init__(self) -> None:
+        bad = [n for n, ok in (("images", self.images >= 2), ("k", self.k >= 1),
+                               ("margins", 0 <= self.scratch_margin < 1 and 0 <= self.inherit_margin < 1),
+                               ("candidates", bool(self.candidates) and set(self.candidates) <= {*INHERITED, "scratch"}),
+                               ("untrained shape init", self.untrained_shape_init in INHERITED))
+               if not ok]
+        if bad:
+            raise FactoryError(f"invalid transfer probe: {', '.join(bad)} (images >= 2, k >= 1, margins in [0, 1), "
+                               f"candidates among {', '.join((*INHERITED, 'scratch'))})")
+
+
+@torch.no_grad()
+def pooled_features(model: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """``(N, D)`` pre-logit features of a timm ViT (its pooled token after the final norm), in eval mode, fp32."""
+    model.eval()
+    out = [model.forward_head(model.forward_features(images[i : i + batch]), pre_logits=True).float()
+           for i in range(0, len(images), batch)]
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def knn_loo_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 10) -> float:
+    """Leave-one-out k-NN accuracy: each row is classified by the majority label of its ``k`` most
+    cosine-similar *other* rows (features centred on their mean first); ties go to the lower label.
+    ``nan`` for fewer than two rows."""
+    n = int(features.shape[0])
+    if n < 2:
+        return float("nan")
+    x = torch.nn.functional.normalize((features - features.mean(0)).double(), dim=1)
+    sim = x @ x.T
+    sim.fill_diagonal_(-float("inf"))
+    idx = sim.topk(min(k, n - 1), dim=1).indices
+    num_classes = int(labels.max()) + 1
+    votes = torch.nn.functional.one_hot(labels[idx], num_classes).sum(1)
+    return float((votes.argmax(1) == labels).double().mean())
+
+
+def trained_by(shape, learngene) -> bool:
+    """Whether the learngene's expanding phase trained ``shape``'s sub-network: one of its trained shapes
+    (``meta["expanding_phase"]["shapes"]``) has the same head count and MLP ratio, and ``shape`` is no
+    deeper than the deepest trained. A learngene without an expanding phase trained none of them: True
+    (the rule has nothing to prefer by)."""
+    import re
+
+    labels = ((getattr(learngene, "meta", None) or {}).get("expanding_phase") or {}).get("shapes") or []
+    trained = [m.groups() for m in (re.match(r"d(\d+)-w\d+-h(\d+)-r([\d.]+)", label) for label in labels) if m]
+    if not trained:
+        return True
+    deepest = max(int(d) for d, _, _ in trained)
+    return shape.depth <= deepest and any(int(h) == shape.num_heads and math.isclose(float(r), shape.mlp_ratio)
+                                          for _, h, r in trained)
+
+
+def choose_init(scores: Mapping[str, float], probe: TransferProbe = TransferProbe(), *, trained: bool = True) -> tuple[str, str]:
+    """``(chosen initialisation, why)`` from the candidates' scores by the module docstring's rule;
+    ``trained``: whether the learngene's expanding phase trained the shape (:func:`trained_by`)."""
+    inherited = [m for m in INHERITED if m in scores]
+    figures = ", ".join(f"{m} {scores[m]:.3f}" for m in (*inherited, "scratch") if m in scores)
+    if not inherited:
+        return "scratch", f"no inherited candidate (k-NN {figures})"
+    best = max(inherited, key=lambda m: (scores[m], -inherited.index(m)))
+    if "scratch" in scores and scores["scratch"] > scores[best] + probe.scratch_margin:
+        return "scratch", (f"random features separate the classes better than inherited ones (k-NN {figures}; "
+                           f"scratch beats {best} by {scores['scratch'] - scores[best]:.3f} > {probe.scratch_margin:g})")
+    prefer = "peg" if trained else probe.untrained_shape_init
+    keep = prefer if prefer in scores else inherited[0]
+    why = "" if trained or keep != probe.untrained_shape_init else "; the learngene's expanding phase never trained this shape"
+    if best != keep and scores[best] > scores[keep] + probe.inherit_margin:
+        return best, (f"{best}'s features separate the classes best (k-NN {figures}; beats {keep} by more than "
+                      f"{probe.inherit_margin:g}{why})")
+    return keep, f"inherited features transfer (k-NN {figures}; none beats {keep} by more than the margins{why})"
+
+
+@dataclass(frozen=True)
+class InitDecision:
+    """What ``--init auto`` chose at one shape, and the measured figures it chose by."""
+
+    chosen: str
+    reason: str
+    scores: dict[str, float]  # k-NN accuracy of each candidate's features
+    images: int  # images the scores were computed on
+    seconds: float  # the whole decision: building every candidate and scoring it
+    shape_trained: bool = True  # whether the learngene's expanding phase trained the shape (trained_by)
+
+    def to_dict(self) -> dict:
+        return {"chosen": self.chosen, "reason": self.reason, "knn_accuracy": {m: round(v, 4) for m, v in self.scores.items()},
+                "images": self.images, "seconds": round(self.seconds, 3), "shape_trained": self.shape_trained,
+                "method": "leave-one-out k-NN on pooled features"}
+
+
+def decide_init(shape, images: torch.Tensor, labels: torch.Tensor, *, ancestry, learngene, seed: int,
+                probe: TransferProbe = TransferProbe()) -> InitDecision:
+    """Build each of ``probe.candidates`` at ``shape`` (as the fine-tune would: same ``seed``), score its
+    features on the first ``probe.images`` of ``images``/``labels`` (:func:`knn_loo_accuracy`) and
+    choose (:func:`choose_init`)."""
+    import time
+
+    from factory.core.baselines import init_descendant
+
+    t0 = time.perf_counter()
+    x, y = images[: probe.images], labels[: probe.images]
+    scores = {}
+    for method in probe.candidates:
+        model = init_descendant(method, shape, ancestry=ancestry, learngene=learngene, seed=seed)
+        scores[method] = knn_loo_accuracy(pooled_features(model, x), y, probe.k)
+    trained = trained_by(shape, learngene)
+    chosen, why = choose_init(scores, probe, trained=trained)
+    return InitDecision(chosen, why, scores, int(len(y)), time.perf_counter() - t0, trained)

@@ -1,0 +1,141 @@
+"""``--init auto``: the transfer probe's math, its decision, and what a build records of it."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from factory.cli import cli
+from factory.core.transfer import TransferProbe, choose_init, decide_init, knn_loo_accuracy
+from factory.errors import FactoryError
+
+from .test_build import _profile
+
+
+def _clusters(n_per_class=40, classes=4, dim=32, spread=0.1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=gen) * 3
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    return centres[labels] + spread * torch.randn(len(labels), dim, generator=gen), labels
+
+
+def test_knn_separates_clustered_features_and_not_noise():
+    feats, labels = _clusters()
+    assert knn_loo_accuracy(feats, labels, k=10) == 1.0
+    noise = torch.randn(feats.shape, generator=torch.Generator().manual_seed(1))
+    chance = knn_loo_accuracy(noise, labels, k=10)
+    assert chance < 0.45  # 4 classes: chance is 0.25
+    # leave-one-out: a point is never its own neighbour (with k=1 and duplicated points it would be perfect)
+    one_each = torch.eye(4)
+    assert knn_loo_accuracy(one_each, torch.arange(4), k=1) < 1.0
+    assert knn_loo_accuracy(feats[:1], labels[:1]) != knn_loo_accuracy(feats[:1], labels[:1])  # nan for one row
+
+
+def test_choose_init_rule():
+    probe = TransferProbe(scratch_margin=0.05, inherit_margin=0.03)
+    # features that transfer: peg kept
+    assert choose_init({"peg": 0.9, "weight_selection": 0.88, "tleg": 0.7, "scratch": 0.5}, probe)[0] == "peg"
+    # random features beat every inherited start by more than the margin: scratch
+    chosen, why = choose_init({"peg": 0.55, "weight_selection": 0.6, "tleg": 0.62, "scratch": 0.75}, probe)
+    assert chosen == "scratch" and "0.750" in why and "tleg" in why
+    # ... but not within the margin
+    assert choose_init({"peg": 0.70, "weight_selection": 0.6, "tleg": 0.62, "scratch": 0.74}, probe)[0] == "peg"
+    # another inherited start replaces peg only past the inherit margin
+    assert choose_init({"peg": 0.80, "weight_selection": 0.82, "scratch": 0.3}, probe)[0] == "peg"
+    assert choose_init({"peg": 0.80, "weight_selection": 0.90, "scratch": 0.3}, probe)[0] == "weight_selection"
+    assert choose_init({"scratch": 0.3}, probe)[0] == "scratch"
+
+
+@pytest.mark.parametrize("kw", [{"images": 1}, {"k": 0}, {"scratch_margin": -0.1}, {"inherit_margin": 1.0},
+                                {"candidates": ("peg", "bogus")}, {"candidates": ()}])
+def test_bad_probe_settings_are_refused(kw):
+    with pytest.raises(FactoryError, match="invalid transfer probe"):
+        TransferProbe(**kw)
+
+
+def test_decide_init_on_the_demo_ancestry():
+    """Real models: the demo ancestry's MNIST features transfer to digits-like images (its own task), so a
+    descendant of the trained learngene scores far above random features and is kept."""
+    from factory import DescendantShape, load_ancestry
+    from factory.core.demo import load_demo_learngene
+    from factory.data import load_dataset
+
+    anc = load_ancestry("demo")
+    ds = load_dataset("mnist", img_size=28)
+    shape = DescendantShape(2, 96, 3, 2.0, 28, 7, 10)
+    d = decide_init(shape, ds.val.images[:200], ds.val.labels[:200], ancestry=anc, learngene=load_demo_learngene(anc), seed=0,
+                    probe=TransferProbe(images=200))
+    assert d.chosen == "peg" and d.images == 200
+    assert set(d.scores) == {"peg", "weight_selection", "tleg", "scratch"}
+    assert d.scores["peg"] > d.scores["scratch"] + 0.2
+    record = d.to_dict()
+    assert record["knn_accuracy"]["peg"] == round(d.scores["peg"], 4) and record["seconds"] > 0
+
+
+def test_spread_sample_covers_a_class_sorted_split():
+    from factory.data import ImageTensors, spread_sample
+
+    split = ImageTensors(torch.zeros(100, 1, 4, 4), torch.arange(10).repeat_interleave(10), [str(i) for i in range(10)])
+    picked = spread_sample(split, 20)
+    assert len(picked) == 20 and set(picked.labels.tolist()) == set(range(10))
+    assert len(spread_sample(split, 500)) == 100
+
+
+def test_build_records_the_decision_and_the_override(tmp_path):
+    from factory.device.profile import load_profile
+    from factory.pipeline.build import BuildConfig, build
+
+    prof = load_profile(_profile(tmp_path, "tiny"))
+    lines = []
+    cfg = BuildConfig(data="synthetic", finetune_steps=4, batch_size=16, init_probe=TransferProbe(images=64))
+    dev = build([prof], tmp_path / "auto", cfg, log=lines.append)["devices"][0]
+    d = dev["init_decision"]
+    assert dev["init_requested"] == "auto" and dev["init"] == d["chosen"] in ("peg", "weight_selection", "tleg", "scratch")
+    assert d["images"] == 64 and set(d["knn_accuracy"]) == {"peg", "weight_selection", "tleg", "scratch"}
+    assert 0 < d["fraction_of_finetune"] and "files" not in d
+    assert choose_init(d["knn_accuracy"], cfg.init_probe)[0] == d["chosen"]  # the recorded figures reproduce the choice
+    assert any(line.startswith("init ") and f"auto -> {d['chosen']}" in line for line in lines)
+    card = (tmp_path / "auto" / "tiny" / "MODEL_CARD.md").read_text()
+    assert f"Initialised by `{d['chosen']}` (chosen by `--init auto`" in card
+    saved = json.loads((tmp_path / "auto" / "manifest.json").read_text())["devices"][0]
+    assert saved["init_decision"]["reason"] == d["reason"]
+    # the decision is a cached stage: a rebuild without the manifest reuses it (and the fine-tune keyed by it)
+    (tmp_path / "auto" / "manifest.json").unlink()
+    lines.clear()
+    again = build([prof], tmp_path / "auto", cfg, log=lines.append)["devices"][0]
+    assert again["init_decision"] == d and any("finetune" in line and "cached" in line for line in lines)
+    # the dry run of a decided build says what was chosen
+    lines.clear()
+    build([prof], tmp_path / "auto", cfg, log=lines.append, dry_run=True)
+    assert any(f"--init auto chose {d['chosen']}" in line for line in lines)
+    # a fixed --init overrides: no probe, no decision recorded
+    lines.clear()
+    fixed = build([prof], tmp_path / "fixed", BuildConfig(data="synthetic", finetune_steps=4, batch_size=16, init="scratch"),
+                  log=lines.append)["devices"][0]
+    assert fixed["init"] == "scratch" and fixed["init_requested"] == "scratch" and "init_decision" not in fixed
+    assert not any(line.startswith("init ") for line in lines)
+
+
+def test_dry_run_of_auto_says_it_will_probe(tmp_path):
+    from factory.device.profile import load_profile
+    from factory.pipeline.build import BuildConfig, build
+
+    lines = []
+    plan = build([load_profile(_profile(tmp_path, "tiny"))], tmp_path / "out", BuildConfig(data="synthetic", finetune_steps=4),
+                 log=lines.append, dry_run=True)
+    row = plan["devices"][0]
+    assert row["init"].startswith("auto") and row["init_estimate_s"] > 0
+    assert any("--init auto will probe peg, weight_selection, tleg, scratch" in line for line in lines)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_cli_init_default_and_bad_value(tmp_path):
+    from factory.cli.build import build_cmd
+
+    init = next(p for p in build_cmd.params if p.name == "init")
+    assert init.default == "auto" and "auto" in init.type.choices
+    res = CliRunner().invoke(cli, ["build", "--profile", str(_profile(tmp_path, "tiny")), "--init", "bogus",
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--init" in res.output and "auto" in res.output
+    assert not (tmp_path / "o").exists()
