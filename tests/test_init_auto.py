@@ -47,8 +47,29 @@ def test_choose_init_rule():
     assert choose_init({"scratch": 0.3}, probe)[0] == "scratch"
 
 
+def test_shapes_the_learngene_never_trained_prefer_weight_selection():
+    from factory import DescendantShape
+    from factory.core.demo import load_demo_learngene
+    from factory.core.transfer import trained_by
+
+    lg = load_demo_learngene()  # trained at 3 heads, depths 1..12
+    assert trained_by(DescendantShape(3, 192, 3, 4.0, 28, 7, 10), lg)
+    assert trained_by(DescendantShape(3, 192, 3, 2.0, 28, 7, 10), lg)  # a cut MLP: still the trained attention
+    assert not trained_by(DescendantShape(6, 96, 2, 2.0, 28, 7, 10), lg)  # re-headed
+    assert not trained_by(DescendantShape(13, 192, 3, 4.0, 28, 7, 10), lg)  # deeper than any trained depth
+    assert trained_by(DescendantShape(6, 96, 2, 2.0, 28, 7, 10), object())  # no expanding phase: nothing to prefer by
+    scores = {"peg": 0.80, "weight_selection": 0.79, "tleg": 0.7, "scratch": 0.4}
+    assert choose_init(scores, trained=True)[0] == "peg"
+    chosen, why = choose_init(scores, trained=False)
+    assert chosen == "weight_selection" and "never trained" in why
+    assert choose_init(scores, TransferProbe(untrained_shape_init="peg"), trained=False)[0] == "peg"
+    # scratch still wins where nothing transfers
+    assert choose_init({**scores, "scratch": 0.95}, trained=False)[0] == "scratch"
+
+
 @pytest.mark.parametrize("kw", [{"images": 1}, {"k": 0}, {"scratch_margin": -0.1}, {"inherit_margin": 1.0},
-                                {"candidates": ("peg", "bogus")}, {"candidates": ()}])
+                                {"candidates": ("peg", "bogus")}, {"candidates": ()},
+                                {"untrained_shape_init": "scratch"}, {"max_fraction": 0}, {"min_images": 1}])
 def test_bad_probe_settings_are_refused(kw):
     with pytest.raises(FactoryError, match="invalid transfer probe"):
         TransferProbe(**kw)
@@ -71,6 +92,17 @@ def test_decide_init_on_the_demo_ancestry():
     assert d.scores["peg"] > d.scores["scratch"] + 0.2
     record = d.to_dict()
     assert record["knn_accuracy"]["peg"] == round(d.scores["peg"], 4) and record["seconds"] > 0
+
+
+def test_probe_images_keep_the_decision_under_a_quarter_of_the_fine_tune():
+    from factory.core.transfer import images_for
+
+    probe = TransferProbe()
+    assert images_for(probe, 100, 32) == 512  # 4 candidates x 512 / 3 = 683 image-steps <= 25% of 3,200
+    n = images_for(probe, 100, 16)
+    assert n < 512 and 4 * n / 3 <= 0.25 * 100 * 16
+    assert images_for(probe, 2, 8) == probe.min_images  # a tiny fine-tune: never fewer than the floor
+    assert images_for(TransferProbe(images=64), 2, 8) == 64
 
 
 def test_spread_sample_covers_a_class_sorted_split():

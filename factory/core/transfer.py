@@ -22,12 +22,13 @@ The decision (:func:`choose_init`), in order:
 2. Otherwise the *preferred* inherited start is kept unless another beats its score by more than
    ``inherit_margin`` (scores of the inherited starts are close on tasks the ancestry knows; the
    margin keeps the preferred one where the probe cannot tell them apart). The preferred start is
-   ``peg`` at shapes the learngene's expanding phase trained (:func:`trained_by`: a trained shape
-   with the same head count and MLP ratio, depth within the trained depths) and
-   ``untrained_shape_init`` (``weight_selection``) elsewhere: index selection cuts a sub-network the
-   distillation never saw there (e.g. 2 heads of a 3-head learngene, MLP ratio 2 of 4), and k-NN on
-   untrained features cannot see how it fine-tunes (measured: its features score above weight
-   selection's while its fine-tune ends below).
+   ``peg`` at shapes whose attention the learngene's expanding phase trained (:func:`trained_by`: a
+   trained shape with the same head count, depth within the trained depths) and
+   ``untrained_shape_init`` (``weight_selection``) elsewhere: re-heading (e.g. 2 heads cut from a
+   3-head learngene) gives every head another dimension than the distillation trained, and k-NN on
+   untrained features cannot see how that fine-tunes (measured at d6-w96-h2-r2: its features score
+   above weight selection's while its fine-tune ends 1-3 points below). The MLP ratio is not part
+   of the rule: a cut MLP (d3-w192-h3-r2) still fine-tunes best from PEG (measured).
 
 Both margins are fractions of accuracy, chosen by ``bench/init_study.py`` and configurable
 (:class:`TransferProbe`).
@@ -35,7 +36,6 @@ Both margins are fractions of accuracy, chosen by ``bench/init_study.py`` and co
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -51,7 +51,9 @@ INHERITED = ("peg", "weight_selection", "tleg")
 class TransferProbe:
     """How ``--init auto`` scores and chooses (the module docstring gives the rule)."""
 
-    images: int = 512  # training images the features are computed on (the first ones of the split)
+    images: int = 512  # at most this many training images are scored (evenly spaced over the split)
+    max_fraction: float = 0.25  # ... and at most as many as cost this fraction of the fine-tune (images_for)
+    min_images: int = 100  # ... but never fewer than this (k-NN on fewer is noise), however short the fine-tune
     k: int = 10  # neighbours voting in the k-NN
     scratch_margin: float = 0.03  # scratch must beat the best inherited score by more than this
     inherit_margin: float = 0.03  # another inherited start must beat peg's score by more than this
@@ -59,7 +61,8 @@ class TransferProbe:
     untrained_shape_init: str = "weight_selection"  # preferred at shapes the expanding phase never trained ("peg": no rule)
 
     def __post_init__(self) -> None:
-        bad = [n for n, ok in (("images", self.images >= 2), ("k", self.k >= 1),
+        bad = [n for n, ok in (("images", self.images >= 2 and self.min_images >= 2), ("k", self.k >= 1),
+                               ("max fraction", 0 < self.max_fraction <= 1),
                                ("margins", 0 <= self.scratch_margin < 1 and 0 <= self.inherit_margin < 1),
                                ("candidates", bool(self.candidates) and set(self.candidates) <= {*INHERITED, "scratch"}),
                                ("untrained shape init", self.untrained_shape_init in INHERITED))
@@ -67,6 +70,17 @@ class TransferProbe:
         if bad:
             raise FactoryError(f"invalid transfer probe: {', '.join(bad)} (images >= 2, k >= 1, margins in [0, 1), "
                                f"candidates among {', '.join((*INHERITED, 'scratch'))})")
+
+
+def images_for(probe: TransferProbe, steps: int, batch_size: int) -> int:
+    """Images to score so the decision costs at most ``max_fraction`` of the fine-tune it precedes.
+
+    A forward pass costs about a third of a training step per image, so scoring ``c`` candidates on
+    ``n`` images costs ``c * n / 3`` image-steps against the fine-tune's ``steps * batch_size``:
+    ``n = floor(3 * max_fraction * steps * batch_size / c)``, clamped to ``[min_images, images]``
+    (``images`` wins when it is the smaller)."""
+    budget = int(3 * probe.max_fraction * steps * batch_size / max(1, len(probe.candidates)))
+    return min(probe.images, max(probe.min_images, budget))
 
 
 @torch.no_grad()
@@ -95,19 +109,17 @@ def knn_loo_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 10) 
 
 
 def trained_by(shape, learngene) -> bool:
-    """Whether the learngene's expanding phase trained ``shape``'s sub-network: one of its trained shapes
-    (``meta["expanding_phase"]["shapes"]``) has the same head count and MLP ratio, and ``shape`` is no
-    deeper than the deepest trained. A learngene without an expanding phase trained none of them: True
-    (the rule has nothing to prefer by)."""
+    """Whether the learngene's expanding phase trained ``shape``'s attention: one of its trained shapes
+    (``meta["expanding_phase"]["shapes"]``) has the same head count, and ``shape`` is no deeper than the
+    deepest trained. A learngene without an expanding phase trained none of them: True (the rule has
+    nothing to prefer by)."""
     import re
 
     labels = ((getattr(learngene, "meta", None) or {}).get("expanding_phase") or {}).get("shapes") or []
-    trained = [m.groups() for m in (re.match(r"d(\d+)-w\d+-h(\d+)-r([\d.]+)", label) for label in labels) if m]
+    trained = [(int(m[1]), int(m[2])) for m in (re.match(r"d(\d+)-w\d+-h(\d+)-", label) for label in labels) if m]
     if not trained:
         return True
-    deepest = max(int(d) for d, _, _ in trained)
-    return shape.depth <= deepest and any(int(h) == shape.num_heads and math.isclose(float(r), shape.mlp_ratio)
-                                          for _, h, r in trained)
+    return shape.depth <= max(d for d, _ in trained) and any(h == shape.num_heads for _, h in trained)
 
 
 def choose_init(scores: Mapping[str, float], probe: TransferProbe = TransferProbe(), *, trained: bool = True) -> tuple[str, str]:
@@ -150,8 +162,8 @@ class InitDecision:
 def decide_init(shape, images: torch.Tensor, labels: torch.Tensor, *, ancestry, learngene, seed: int,
                 probe: TransferProbe = TransferProbe()) -> InitDecision:
     """Build each of ``probe.candidates`` at ``shape`` (as the fine-tune would: same ``seed``), score its
-    features on the first ``probe.images`` of ``images``/``labels`` (:func:`knn_loo_accuracy`) and
-    choose (:func:`choose_init`)."""
+    features on the first ``probe.images`` of ``images``/``labels`` (:func:`knn_loo_accuracy`; the
+    build passes :func:`images_for` of them) and choose (:func:`choose_init`)."""
     import time
 
     from factory.core.baselines import init_descendant

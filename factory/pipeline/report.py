@@ -161,13 +161,14 @@ def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
     rows = []
     for d in manifest["devices"]:
         if d.get("status") != "ok":
-            rows.append([d["name"], "FAILED", d.get("error", ""), "", "", "", ""])
+            rows.append([d["name"], "FAILED", d.get("error", ""), "", "", "", "", ""])
             continue
         sel = d.get("selection", {})
         pred = f"{d['predicted']['accuracy']:.3f}" if sel.get("objective") == "accuracy" else "capacity"
         deploy = d.get("deploy") or {}
         over = [k for k, v in d["margins"].items() if v < 0]
-        rows.append([d["name"], _label(d["shape"]), pred, f"{d['accuracy']['test']:.4f}",
+        init = d.get("init", manifest["recipe"]["init"]) + (" (auto)" if d.get("init_decision") else "")
+        rows.append([d["name"], _label(d["shape"]), pred, init, f"{d['accuracy']['test']:.4f}",
                      deploy.get("format", "onnx"), f"{d['latency_ms']['predicted_target']:.4f}",
                      "all within" if not over else "OVER: " + ", ".join(over)])
     return rows
@@ -177,7 +178,7 @@ def _label(s: dict[str, Any]) -> str:
     return f"d{s['depth']} w{s['embed_dim']} h{s['num_heads']} r{s['mlp_ratio']:g} i{s['img_size']}"
 
 
-SUMMARY = ["device", "shape", "chosen by (pred. acc)", "test acc", "deploy", "pred. target ms", "budgets"]
+SUMMARY = ["device", "shape", "chosen by (pred. acc)", "init", "test acc", "deploy", "pred. target ms", "budgets"]
 BUDGETS = ["budget", "limit", "value", "margin", "verdict"]
 ARTIFACTS = ["format", "file", "precision", "verified accuracy", "host b1 ms (median / p90)", "note"]
 
@@ -209,10 +210,13 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
         if dev.get("status") != "ok":
             continue
         name, deploy = dev["name"], dev.get("deploy") or {}
-        md += [f"## {name}", "", f"**Deploy:** {deploy.get('format', 'onnx')} -- {deploy.get('reason', 'the only artifact')}", "",
+        init = f"{dev.get('init', manifest['recipe']['init'])}" + (f" (--init auto: {dev['init_decision']['reason']})"
+                                                                  if dev.get("init_decision") else "")
+        md += [f"## {name}", "", f"**Initialisation:** {init}", "",
+               f"**Deploy:** {deploy.get('format', 'onnx')} -- {deploy.get('reason', 'the only artifact')}", "",
                "### Budgets", "", *_md_table(BUDGETS, budget_rows(dev)), "", "### Artifacts", "",
                *_md_table(ARTIFACTS, artifact_rows(dev)), ""]
-        page += [f"<h2 id='{html.escape(name)}'>{html.escape(name)}</h2>",
+        page += [f"<h2 id='{html.escape(name)}'>{html.escape(name)}</h2>", f"<p><b>Initialisation:</b> {html.escape(init)}</p>",
                  f"<p><b>Deploy:</b> {html.escape(str(deploy.get('format', 'onnx')))} &mdash; "
                  f"{html.escape(str(deploy.get('reason', 'the only artifact')))}</p>",
                  "<h3>Budgets</h3>", _html_table(BUDGETS, budget_rows(dev)),

@@ -158,8 +158,14 @@ def _estimate_learngene(ctx: BuildContext, _: None) -> float:
 
 # -- init (--init auto) ------------------------------------------------------------------------------------
 
+def _probe_images(ctx: BuildContext) -> int:
+    from factory.core.transfer import images_for
+
+    return images_for(ctx.cfg.init_probe, ctx.cfg.finetune_steps, ctx.cfg.batch_size)
+
+
 def _init_inputs(ctx: BuildContext, shape: DescendantShape) -> dict[str, Any]:
-    return {"probe": dataclasses.asdict(ctx.cfg.init_probe), "ancestry": ctx.ancestry.sha256,
+    return {"probe": dataclasses.asdict(ctx.cfg.init_probe), "images": _probe_images(ctx), "ancestry": ctx.ancestry.sha256,
             "learngene": ctx.learngene.sha256 if ctx.learngene else None, "shape": shape.to_dict(), "seed": ctx.cfg.seed,
             "data": ctx.data.identity}
 
@@ -168,10 +174,9 @@ def _run_init(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Path) 
     from factory.core.transfer import decide_init
     from factory.data import spread_sample
 
-    probe = ctx.cfg.init_probe
-    sample = spread_sample(ctx.data.train, probe.images)
+    sample = spread_sample(ctx.data.train, _probe_images(ctx))
     decision = decide_init(shape, sample.images, sample.labels, ancestry=ctx.ancestry, learngene=ctx.learngene,
-                           seed=ctx.cfg.seed, probe=probe)
+                           seed=ctx.cfg.seed, probe=ctx.cfg.init_probe)
     return decision.to_dict()
 
 
@@ -179,8 +184,7 @@ def _estimate_init(ctx: BuildContext, shape: DescendantShape) -> float:
     """A forward is about a third of a training step: the candidates' forwards over the probe's images."""
     if ctx.cfg.init != "auto":
         return 0.0
-    probe = ctx.cfg.init_probe
-    return len(probe.candidates) * probe.images / ctx.cfg.batch_size * step_seconds(ctx, shape, ctx.cfg.batch_size) / 3
+    return len(ctx.cfg.init_probe.candidates) * _probe_images(ctx) / ctx.cfg.batch_size * step_seconds(ctx, shape, ctx.cfg.batch_size) / 3
 
 
 def _decision(entry: Entry) -> dict[str, Any]:
