@@ -1,6 +1,6 @@
 """Does the accuracy-aware search pick the shape that ends up most accurate?
 
-For every profile of ``profiles/fleet_example.yaml``, task (``digits``; ``textures``, the unseen task
+For every profile of ``profiles/demo/fleet.yaml`` (the 28-px demo fleet), task (``digits``; ``textures``, the unseen task
 of the PEG benchmark) and seed, the searcher's feasible shapes are narrowed to >= 8 candidates
 (the estimator's Pareto-front spread, topped up with the next feasible shapes by capacity), every
 candidate is fine-tuned with the build's exact recipe (:func:`factory.pipeline.config.finetune_recipe`, the
@@ -56,7 +56,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     anc = load_ancestry("demo")
     lg = load_demo_learngene(anc) if args.learngene == "shipped" else sample_learngene(anc, 3, seed=0)
-    profiles = [load_profile(p) for p in load_fleet(ROOT / "profiles" / "fleet_example.yaml")][: 1 if args.quick else None]
+    profiles = [load_profile(p) for p in load_fleet(ROOT / "profiles" / "demo" / "fleet.yaml")][: 1 if args.quick else None]
     rows, measured = [], reused_measurements(args.reuse)
     for task in args.tasks:
         ds = load_dataset(task, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)

@@ -103,17 +103,17 @@ def test_profiles_list_show_and_search(run):
     assert r.exit_code == 0 and "jetson_orin" in r.output and "raspberry_pi5" in r.output
     r = run("profiles", "show", "jetson_orin")
     assert r.exit_code == 0 and "tensorrt" in r.output
-    r = run("search", "--profile", "profiles/raspberry_pi5.yaml", "--top", "3")
+    r = run("search", "--profile", "profiles/demo/raspberry_pi5.yaml", "--top", "3")
     assert r.exit_code == 0, r.output
     assert "rejected:" in r.output and "broke latency_ms" in r.output
-    r = run("search", "--profile", "raspberry_pi5", "--json")
+    r = run("search", "--profile", "demo/raspberry_pi5", "--json")
     data = json.loads(r.output)
     assert data["feasible_count"] > 0 and data["rejected"][0]["broken"]
 
 
 def test_search_with_impossible_budgets_exits_2(tmp_path):
     prof = tmp_path / "tight.yaml"
-    prof.write_text(open("profiles/jetson_orin.yaml").read().replace("latency_ms: 1.0", "latency_ms: 0.00001"))
+    prof.write_text(open("profiles/demo/jetson_orin.yaml").read().replace("latency_ms: 1.0", "latency_ms: 0.00001"))
     result = CliRunner().invoke(cli, ["search", "--profile", str(prof)])
     assert result.exit_code == 2 and "relax budgets.latency_ms" in result.output
     result = CliRunner().invoke(cli, ["search", "--profile", str(tmp_path / "missing.yaml")])

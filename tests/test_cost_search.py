@@ -71,7 +71,7 @@ def test_profile_calibration_csv(tmp_path):
     csv.write_text("depth,embed_dim,num_heads,mlp_ratio,img_size,patch_size,num_classes,batch,latency_ms\n"
                    "2,64,1,2.0,28,7,10,1,0.5\n4,128,2,4.0,28,7,10,1,1.0\n6,192,3,4.0,28,7,10,1,1.6\n")
     prof = tmp_path / "p.yaml"
-    prof.write_text(open(load_profile("raspberry_pi5").path).read() + "calibration: cal.csv\n")
+    prof.write_text(open(load_profile("demo/raspberry_pi5").path).read() + "calibration: cal.csv\n")
     cm = latency_model_for(load_profile(prof), arch=DEMO_ARCH)
     assert cm.calibrated
     assert cm.latency_ms(DescendantShape(4, 128, 2, 4.0, 28, 7, 10)) == pytest.approx(1.0, rel=0.25)
@@ -90,7 +90,7 @@ def test_space_respects_expandability():
 
 
 def test_search_ranks_feasible_and_explains_rejections():
-    profile = load_profile("raspberry_pi5")
+    profile = load_profile("demo/raspberry_pi5")
     cost = latency_model_for(profile, arch=DEMO_ARCH)
     result = search(profile, SearchSpace.from_arch(DEMO_ARCH), cost)
     assert result.strategy == "enumerate" and result.evaluated == result.space_size
@@ -113,7 +113,7 @@ def test_search_ranks_feasible_and_explains_rejections():
 
 
 def test_impossible_budgets_name_the_budget_to_relax():
-    text = open(load_profile("jetson_orin").path).read().replace("latency_ms: 1.0", "latency_ms: 0.00001")
+    text = open(load_profile("demo/jetson_orin").path).read().replace("latency_ms: 1.0", "latency_ms: 0.00001")
     profile = parse_profile(text, "tight.yaml")
     result = search(profile, SearchSpace.from_arch(DEMO_ARCH), latency_model_for(profile, arch=DEMO_ARCH))
     assert not result.feasible
@@ -125,7 +125,7 @@ def test_evolutionary_search_is_deterministic_and_finds_the_optimum():
     from factory.core.ancestry import load_ancestry
 
     arch = load_ancestry("random:vit_small_patch16_224").arch
-    profile = load_profile("jetson_orin")
+    profile = load_profile("demo/jetson_orin")
     cost = latency_model_for(profile, arch=arch)
     space = SearchSpace.from_arch(arch, img_sizes=(160, 224))
     exact = search(profile, space, cost)

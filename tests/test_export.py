@@ -63,7 +63,7 @@ def demo_file(tmp_path_factory):
 
 
 def test_export_all_formats_with_metadata_hashes_and_int8_accuracy(demo_file, tmp_path):
-    profile = load_profile("jetson_orin")
+    profile = load_profile("demo/jetson_orin")
     record = export_model(demo_file, parse_formats("onnx,onnx-fp16,onnx-int8,trt"), tmp_path / "exp", profile=profile, data="mnist",
                           log=lambda *_: None)
     out = tmp_path / "exp"
@@ -100,7 +100,7 @@ def _build_commands(script: str) -> tuple[list[str], list[str]]:
 
 
 def test_kit_contents_and_trtexec_commands(demo_file, tmp_path):
-    record = export_model(demo_file, ["trt"], tmp_path / "exp", profile=load_profile("jetson_orin_nano"), log=lambda *_: None)
+    record = export_model(demo_file, ["trt"], tmp_path / "exp", profile=load_profile("demo/jetson_orin_nano"), log=lambda *_: None)
     kit = tmp_path / "exp" / "trt_kit"
     assert {p.name for p in kit.iterdir()} == {"model.onnx", "model.fp16.onnx", "build_engine.sh", "reference.npz",
                                               "check_engine.py", "README.md"}
@@ -135,7 +135,7 @@ def test_build_engine_sh_picks_strong_typing_by_the_trtexec_version(demo_file, t
     import subprocess
     import sys
 
-    export_model(demo_file, ["trt"], tmp_path / "exp", profile=load_profile("jetson_orin_nano_int8"), data="mnist",
+    export_model(demo_file, ["trt"], tmp_path / "exp", profile=load_profile("demo/jetson_orin_nano_int8"), data="mnist",
                  log=lambda *_: None)
     kit = tmp_path / "exp" / "trt_kit"
     assert (kit / "model.int8.onnx").is_file()
@@ -178,8 +178,8 @@ def test_interrupted_export_leaves_nothing_half_written(demo_file, tmp_path, mon
 
 def test_trt_on_a_non_tensorrt_profile_is_refused(demo_file, tmp_path):
     with pytest.raises(FactoryError, match="runs onnxruntime, not TensorRT"):
-        export_model(demo_file, ["trt"], tmp_path / "x", profile=load_profile("raspberry_pi5"))
-    assert parse_formats("all", load_profile("raspberry_pi5")) == ["onnx", "onnx-int8"]
+        export_model(demo_file, ["trt"], tmp_path / "x", profile=load_profile("demo/raspberry_pi5"))
+    assert parse_formats("all", load_profile("demo/raspberry_pi5")) == ["onnx", "onnx-int8"]
 
 
 def test_require_engine_without_tensorrt(demo_file, tmp_path):
@@ -223,7 +223,7 @@ def test_openvino_fp32_bf16_int8_verified_timed_and_the_fastest_chosen(demo_file
     from export.openvino_export import cpu_supports_bf16
 
     record = export_model(demo_file, ["onnx", "onnx-int8", "openvino", "openvino-int8"], tmp_path / "exp",
-                          profile=load_profile("x86_laptop_cpu"), data="mnist", log=lambda *_: None)
+                          profile=load_profile("demo/x86_laptop_cpu"), data="mnist", log=lambda *_: None)
     art, out = record["artifacts"], tmp_path / "exp"
     from factory.io import sha256_file
 

@@ -24,7 +24,7 @@ from factory.device.profile import load_profile, parse_profile
 
 from .test_build import _profile
 
-SHIPPED = Path(__file__).resolve().parent.parent / "profiles" / "jetson_orin.yaml"
+SHIPPED = Path(__file__).resolve().parent.parent / "profiles" / "demo" / "jetson_orin.yaml"
 
 
 def _cli(*args):

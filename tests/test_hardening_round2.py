@@ -266,7 +266,7 @@ def test_malformed_tables_are_one_line_even_when_resealed(tmp_path, edit, needle
 HEADER = "depth,embed_dim,num_heads,mlp_ratio,img_size,patch_size,num_classes,batch,runtime,latency_ms\n"
 
 
-def _calibrated(tmp_path, body: bytes | str, profile="raspberry_pi5"):
+def _calibrated(tmp_path, body: bytes | str, profile="demo/raspberry_pi5"):
     from factory.device.profile import load_profile
 
     csv = tmp_path / "cal.csv"
@@ -288,7 +288,7 @@ def test_bad_calibration_csvs_are_one_line(tmp_path, body, needle):
 
 
 def test_a_calibration_json_tags_untagged_rows(tmp_path):
-    prof = _calibrated(tmp_path, HEADER.replace("runtime,", "") + "4,96,2,4,28,7,10,1,0.5\n6,192,3,4,28,7,10,1,1.5\n", "jetson_orin")
+    prof = _calibrated(tmp_path, HEADER.replace("runtime,", "") + "4,96,2,4,28,7,10,1,0.5\n6,192,3,4,28,7,10,1,1.5\n", "demo/jetson_orin")
     (tmp_path / "cal.json").write_text(json.dumps({"runtime": "openvino"}))
     _one_line_exit_2(_cli("search", "--profile", prof), "measured with openvino, but the profile runs tensorrt")
 
@@ -309,7 +309,7 @@ def test_profiles_refuse_a_repeated_key(tmp_path):
     from factory.device.profile import load_profile
 
     path = tmp_path / "p.yaml"
-    path.write_text(open(load_profile("raspberry_pi5").path).read() + "batch: 4\n")
+    path.write_text(open(load_profile("demo/raspberry_pi5").path).read() + "batch: 4\n")
     _one_line_exit_2(_cli("profiles", "show", path), "key 'batch' appears twice")
 
 
@@ -324,7 +324,7 @@ def test_profiles_measure_refuses_a_directory_before_measuring(tmp_path):
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
     kit = tmp_path_factory.mktemp("kit") / "kit"
-    res = CliRunner().invoke(cli, ["calibrate", "--profile", "jetson_orin", "--shapes", "3", "--out", str(kit)])
+    res = CliRunner().invoke(cli, ["calibrate", "--profile", "demo/jetson_orin", "--shapes", "3", "--out", str(kit)])
     assert res.exit_code == 0, res.output
     return kit
 

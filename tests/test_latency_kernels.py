@@ -106,7 +106,7 @@ def test_profiles_choose_the_predictor_and_say_which(tmp_path, monkeypatch):
     assert cost.tables is None and "no host latency tables yet: run `peg-factory profiles measure`" in cost.method
     with pytest.raises(FactoryError, match="latency_tables nope.json not found"):
         latency_model_for(_host_profile(tmp_path, "latency_tables: nope.json\n"), arch=DEMO_ARCH)
-    trt = open(load_profile("jetson_orin").path).read() + "latency_tables: host\n"
+    trt = open(load_profile("demo/jetson_orin").path).read() + "latency_tables: host\n"
     with pytest.raises(FactoryError, match="latency_tables are measured with onnxruntime at fp32"):
         parse_profile(trt, "trt.yaml")
 
@@ -172,7 +172,7 @@ def test_calibration_kit_drives_trtexec_and_openvino(tmp_path):
     import os
 
     kit = tmp_path / "kit"
-    res = CliRunner().invoke(cli, ["calibrate", "--profile", "jetson_orin", "--shapes", "3", "--out", str(kit)])
+    res = CliRunner().invoke(cli, ["calibrate", "--profile", "demo/jetson_orin", "--shapes", "3", "--out", str(kit)])
     assert res.exit_code == 0, res.output
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

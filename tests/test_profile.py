@@ -31,6 +31,59 @@ def test_every_shipped_profile_validates_and_cites_its_figures():
     assert load_profile("host").hardware.measure
 
 
+def test_shipped_profiles_state_a_real_use_at_224_px_and_the_demo_fleet_is_kept_apart():
+    names = list_profiles()
+    real = [n for n in names if "/" not in n and n != "host"]
+    demo = [n for n in names if n.startswith("demo/")]
+    assert {"jetson_orin", "raspberry_pi5", "x86_laptop_cpu"} <= set(real)
+    assert {f"demo/{n}" for n in ("jetson_orin", "jetson_orin_nano", "raspberry_pi5")} <= set(demo)
+    for name in real:
+        p = load_profile(name)
+        assert p.input_size == 224 and p.use and ("fps" in p.use or "serving" in p.use), name
+    for name in demo:
+        p = load_profile(name)
+        assert p.input_size == 28 and "demo" in p.use and p.name == name.split("/")[1], name
+        # the demo's budgets are tighter than the real use's: they are sized for 64x fewer pixels
+        real_budget = load_profile(p.name).budgets.latency_ms
+        assert p.budgets.latency_ms < real_budget, name
+
+
+def test_real_use_budgets_give_a_deit_tiny_ancestry_more_than_a_few_blocks():
+    """At 224 px the real-use budgets admit real models (the demo-sized ones gave DeiT-Tiny one block on the Pi 5)."""
+    from factory.core.shapes import ArchConfig
+    from factory.device.resolve import latency_model_for
+    from factory.device.search import SearchSpace, search
+
+    deit_tiny = ArchConfig(embed_dim=192, depth=12, num_heads=3, mlp_hidden=768, img_size=224, patch_size=16,
+                           num_classes=1000, in_chans=3)
+    space = SearchSpace.from_arch(deit_tiny)
+    for name in ("raspberry_pi5", "jetson_orin_nano", "x86_laptop_cpu"):
+        prof = load_profile(name)
+        best = search(prof, space, latency_model_for(prof, arch=deit_tiny)).require_feasible()
+        assert best.shape.depth >= 6 and best.shape.img_size == 224, (name, best.shape.label())
+    demo = load_profile("demo/raspberry_pi5")
+    small = search(demo, space, latency_model_for(demo, arch=deit_tiny)).require_feasible()
+    assert small.shape.depth * small.shape.embed_dim < best.shape.depth * best.shape.embed_dim
+
+
+def test_a_profile_sized_for_another_input_size_says_so(tmp_path):
+    from factory.core.ancestry import load_ancestry
+    from factory.device.search import SearchSpace
+    from factory.pipeline.config import BuildConfig
+    from factory.pipeline.selection import search_devices
+
+    anc = load_ancestry("demo")
+    lines = []
+    [entry], _ = search_devices([load_profile("raspberry_pi5")], SearchSpace.from_arch(anc.arch), anc, BuildConfig(),
+                                "capacity", "test", lines.append)
+    assert "budgets sized for 224 px" in entry["input_size_note"] and "ancestry's 28 px" in entry["input_size_note"]
+    assert lines == [f"raspberry_pi5: {entry['input_size_note']}"]
+    assert entry["target"]["use"].startswith("10 fps camera")
+    [same], _ = search_devices([load_profile("demo/raspberry_pi5")], SearchSpace.from_arch(anc.arch), anc, BuildConfig(),
+                               "capacity", "test", lines.append)
+    assert "input_size_note" not in same and len(lines) == 1
+
+
 def test_schema_file_is_current():
     assert json.loads((PROFILE_DIR / "profile.schema.json").read_text()) == profile_json_schema()
 

@@ -173,7 +173,7 @@ def test_the_deploy_choice_for_another_device_comes_from_its_cost_model():
     from factory.device.deploy import chooser, predicted_deployment
     from factory.device.profile import load_profile
 
-    pi = load_profile("raspberry_pi5")
+    pi = load_profile("demo/raspberry_pi5")
     # on the build host FP32 timed faster: that must not decide for the Pi
     arts = {"onnx": {"latency_ms_b1": 0.2, "test_accuracy": 0.95}, "onnx-int8": {"latency_ms_b1": 0.4, "test_accuracy": 0.949},
             "openvino": {"latency_ms_b1": 0.1}}

@@ -106,7 +106,7 @@ def test_a_build_leaks_no_library_warnings_and_prints_rounded_numbers(tmp_path):
     import sys
 
     pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip install 'peg-factory[openvino]' (CI installs it)")
-    done = subprocess.run([sys.executable, "-m", "factory.cli", "build", "--profile", "raspberry_pi5_openvino", "--out",
+    done = subprocess.run([sys.executable, "-m", "factory.cli", "build", "--profile", "demo/raspberry_pi5_openvino", "--out",
                            str(tmp_path / "o"), "--data", "digits", "--steps", "2", "--batch-size", "8"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

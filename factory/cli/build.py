@@ -65,9 +65,9 @@ def build_cmd(profile_specs, fleet, out, executor_kind, ray_address, task_cpus, 
     \b
     Example:
       peg-factory build --profile profiles/jetson_orin.yaml
-      peg-factory build --fleet profiles/fleet_example.yaml --out out/fleet --jobs 2
+      peg-factory build --fleet profiles/demo/fleet.yaml --out out/fleet --jobs 2
       peg-factory build --fleet fleet.yaml --out /shared/fleet --executor ray --ray-address auto --task-gpus 1
-      peg-factory build --profile jetson_orin --profile raspberry_pi5 --dry-run
+      peg-factory build --profile demo/jetson_orin --profile demo/raspberry_pi5 --dry-run
     """
     from factory.device.profile import load_profile
     from factory.pipeline.build import build

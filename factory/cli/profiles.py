@@ -25,10 +25,14 @@ def profiles_list() -> None:
     """
     from factory.device.profile import list_profiles, load_profile
 
-    for name in list_profiles():
+    names = list_profiles()
+    width = max(len(n) for n in names) + 1
+    for name in names:
         p = load_profile(name)
         budgets = ", ".join(f"{k}={v:g}" for k, v in p.budgets.items())
-        click.echo(f"{name:18s} {p.hardware.kind:4s} {p.hardware.runtime:12s} {p.precision:5s} batch {p.batch:<3d} {budgets}")
+        size = f"{p.input_size} px" if p.input_size else "-"
+        click.echo(f"{name:{width}s} {p.hardware.kind:4s} {p.hardware.runtime:12s} {p.precision:5s} batch {p.batch:<3d} "
+                   f"{size:7s} {budgets}")
 
 
 @profiles.command("show")

@@ -71,7 +71,8 @@ def search_cmd(profile_spec, ancestry, data, objective, init_method, expand_step
         num_classes = num_classes or ds.num_classes
     space = SearchSpace.from_arch(anc.arch, max_depth=max_depth, snap=snap, img_sizes=tuple(img_sizes) or None,
                                   num_classes=num_classes)
-    [entry], results = search_devices([profile], space, anc, cfg, objective, reason)
+    [entry], results = search_devices([profile], space, anc, cfg, objective, reason,
+                                      lambda m: click.echo(f"note: {m}", err=True))
     if profile.name not in results:
         raise UserError(entry["error"])  # the profile's latency model could not be made
     result, method = results[profile.name], entry["latency_method"]

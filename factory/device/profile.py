@@ -87,6 +87,11 @@ class Profile(_Strict):
                       description="A safe slug (it names the device's folder under --out): letters, digits, '_', '-', '.', "
                                   "starting with a letter or digit, at most 64 characters.")
     description: str | None = None
+    use: str | None = Field(default=None, description="The real use the budgets are sized for (e.g. '30 fps camera, "
+                                                      "a quarter of the frame to the ViT').")
+    input_size: int | None = Field(default=None, ge=1, le=8192,
+                                   description="Input size (pixels) the budgets are meant for; the search runs at the "
+                                               "ancestry's, and says so when it differs.")
     hardware: Hardware
     precision: Precision = "fp32"
     batch: int = Field(default=1, ge=1, le=65536)
@@ -189,7 +194,8 @@ def parse_profile(text: str, path: str = "<string>") -> Profile:
 
 
 def load_profile(spec: str | Path) -> Profile:
-    """A profile from a YAML path or a shipped profile's name (``jetson_orin``)."""
+    """A profile from a YAML path or a shipped profile's name (``jetson_orin``, or ``demo/jetson_orin`` for the
+    28-px demo's budgets)."""
     path = Path(spec)
     if not path.exists() and not path.suffix:
         shipped = PROFILE_DIR / f"{spec}.yaml"
@@ -209,7 +215,9 @@ def load_profile(spec: str | Path) -> Profile:
 
 
 def list_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml") if not p.stem.startswith("fleet"))
+    """Shipped profile names: real-use ones (``jetson_orin``) and the 28-px demo's (``demo/jetson_orin``)."""
+    return sorted(p.relative_to(PROFILE_DIR).with_suffix("").as_posix() for p in PROFILE_DIR.rglob("*.yaml")
+                  if not p.stem.startswith("fleet"))
 
 
 def profile_json_schema() -> dict:

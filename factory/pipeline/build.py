@@ -93,7 +93,7 @@ def _build(profiles: list[Profile], out: Path, cfg: BuildConfig, *, dry_run: boo
     objective, why = objective_for(cfg, anc)
     log(f"objective: {objective} ({why})")
     devices, results = search_devices(profiles, SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes), anc, cfg,
-                                      objective, why)
+                                      objective, why, log)
     if dry_run:
         return plan(ctx, devices, profiles, objective)
 

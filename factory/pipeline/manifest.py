@@ -54,7 +54,9 @@ def device_entry(profile) -> dict[str, Any]:
             "budgets": dict(profile.budgets.items()),
             "target": {"description": profile.description or profile.name, "precision": profile.precision,
                        "batch": profile.batch, "runtime": profile.hardware.runtime,
-                       "this_host": bool(profile.hardware.measure)}}
+                       "this_host": bool(profile.hardware.measure),
+                       **({"use": profile.use} if profile.use else {}),
+                       **({"input_size": profile.input_size} if profile.input_size else {})}}
 
 
 def search_summary(result, chosen) -> dict[str, Any]:

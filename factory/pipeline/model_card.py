@@ -50,6 +50,13 @@ def front_matter(head: dict[str, Any], dev: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def use_text(dev: dict) -> str:
+    """The real use the profile's budgets are sized for, and the input size when it is not the model's."""
+    target = dev.get("target", {})
+    text = f" (budgets for: {target['use']})" if target.get("use") else ""
+    return text + (f"; note: {dev['input_size_note']}" if dev.get("input_size_note") else "")
+
+
 def init_text(dev: dict) -> str:
     """Why ``--init auto`` chose the initialisation, with its measured figures ('' for a fixed ``--init``)."""
     d = dev.get("init_decision")
@@ -78,7 +85,7 @@ def render(head: dict[str, Any], dev: dict[str, Any]) -> str:
 
 **What it is.** A timm `VisionTransformer` (depth {s['depth']}, width {s['embed_dim']}, {s['num_heads']} heads, MLP ratio
 {s['mlp_ratio']:g}, {s['img_size']}x{s['img_size']} input, patch {s['patch_size']}, {s['num_classes']} classes) for
-{target['description']}.
+{target['description']}{use_text(dev)}.
 
 **Lineage.** Initialised by `{dev.get('init', recipe['init'])}`{init_text(dev)} from learngene `{(lg['sha256'] or '')[:12]}` ({lg['layers']} gene layers,
 {lg['heads']} heads) of ancestry `{anc['spec']}` (`{anc['sha256'][:12]}`, weights: {anc['weights']}); fine-tuned

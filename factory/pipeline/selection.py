@@ -19,13 +19,21 @@ from factory.pipeline.config import finetune_recipe, search_init
 from factory.pipeline.stages import BuildContext
 
 
-def search_devices(profiles, space, anc, cfg, objective: str, why: str) -> tuple[list[dict[str, Any]], dict[str, SearchResult]]:
+def search_devices(profiles, space, anc, cfg, objective: str, why: str,
+                   log=None) -> tuple[list[dict[str, Any]], dict[str, SearchResult]]:
     """Per profile, its manifest entry with the capacity choice (or ``status: failed`` and why), and
     the search results by device name (what the accuracy probes choose among; a device whose
-    search found nothing that fits has its result too, for the closest miss)."""
+    search found nothing that fits has its result too, for the closest miss). A profile whose
+    budgets are sized for another input size than the ancestry's is searched at the ancestry's, and
+    ``log`` says so (the entry keeps ``input_size_note``)."""
     devices, results = [], {}
     for prof in profiles:
         entry = manifest.device_entry(prof)
+        if prof.input_size and prof.input_size != anc.arch.img_size:
+            entry["input_size_note"] = (f"budgets sized for {prof.input_size} px ({prof.use or 'no use stated'}); searched at "
+                                        f"the ancestry's {anc.arch.img_size} px")
+            if log:
+                log(f"{prof.name}: {entry['input_size_note']}")
         try:
             cost = latency_model_for(prof, arch=anc.arch)
             result = results[prof.name] = search(prof, space, cost, seed=cfg.seed)
