@@ -127,7 +127,8 @@ def summarise(data: dict) -> str:
     rows = [r for d in data.get("runs", [data]) for r in d["rows"]]
     probe = TransferProbe()
     lines = [f"\nDecision rule: `TransferProbe()` (k-NN, {probe.images} images, k {probe.k}, scratch margin "
-             f"{probe.scratch_margin:g}, inherit margin {probe.inherit_margin:g}, {probe.untrained_shape_init} preferred at "
+             f"{probe.scratch_margin:g}, inherit margin {'never' if probe.inherit_margin >= 1 else probe.inherit_margin}, "
+             f"{probe.untrained_shape_init} preferred at "
              "shapes the learngene never trained). Accuracy = mean over seeds; SE = binomial standard error of the best "
              "fixed choice on the task's test set.\n",
              "| task | shape | budget | peg | weight_selection | tleg | scratch | auto (picks) | best fixed | auto - best | "
@@ -147,7 +148,7 @@ def summarise(data: dict) -> str:
     for pref in ("weight_selection", "peg"):
         for sm in (0.0, 0.03, 0.05, 0.1):
             for im in (0.0, 0.03, 1.0):
-                p = TransferProbe(scratch_margin=sm, inherit_margin=min(im, 0.999), untrained_shape_init=pref)
+                p = TransferProbe(scratch_margin=sm, inherit_margin=im, untrained_shape_init=pref)
                 t = cells(rows, p)
                 tex = [c["vs_peg"] for c in t if c["task"] == "textures" and c["budget"] == 100]
                 gaps = [c["auto"] - c["fixed"][c["best"]] for c in t]

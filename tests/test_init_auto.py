@@ -41,9 +41,11 @@ def test_choose_init_rule():
     assert chosen == "scratch" and "0.750" in why and "tleg" in why
     # ... but not within the margin
     assert choose_init({"peg": 0.70, "weight_selection": 0.6, "tleg": 0.62, "scratch": 0.74}, probe)[0] == "peg"
-    # another inherited start replaces peg only past the inherit margin
+    # another inherited start replaces peg only past the inherit margin ...
     assert choose_init({"peg": 0.80, "weight_selection": 0.82, "scratch": 0.3}, probe)[0] == "peg"
     assert choose_init({"peg": 0.80, "weight_selection": 0.90, "scratch": 0.3}, probe)[0] == "weight_selection"
+    # ... and by default never (the study: k-NN among inherited starts does not predict their fine-tune)
+    assert choose_init({"peg": 0.50, "weight_selection": 0.90, "scratch": 0.3})[0] == "peg"
     assert choose_init({"scratch": 0.3}, probe)[0] == "scratch"
 
 
@@ -67,7 +69,7 @@ def test_shapes_the_learngene_never_trained_prefer_weight_selection():
     assert choose_init({**scores, "scratch": 0.95}, trained=False)[0] == "scratch"
 
 
-@pytest.mark.parametrize("kw", [{"images": 1}, {"k": 0}, {"scratch_margin": -0.1}, {"inherit_margin": 1.0},
+@pytest.mark.parametrize("kw", [{"images": 1}, {"k": 0}, {"scratch_margin": -0.1}, {"inherit_margin": 1.5},
                                 {"candidates": ("peg", "bogus")}, {"candidates": ()},
                                 {"untrained_shape_init": "scratch"}, {"max_fraction": 0}, {"min_images": 1}])
 def test_bad_probe_settings_are_refused(kw):
@@ -171,3 +173,12 @@ def test_cli_init_default_and_bad_value(tmp_path):
                                    "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--init" in res.output and "auto" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_model_card_names_where_the_weights_came_from():
+    from factory.pipeline.model_card import source_text
+
+    lg = {"sha256": "ab" * 32, "layers": 3, "heads": 3}
+    assert "nothing inherited" in source_text({"init": "scratch"}, lg)
+    assert source_text({"init": "peg"}, lg).startswith("from learngene `abababababab`")
+    assert source_text({"init": "weight_selection"}, lg) == "from the layers"

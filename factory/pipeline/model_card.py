@@ -57,6 +57,16 @@ def use_text(dev: dict) -> str:
     return text + (f"; note: {dev['input_size_note']}" if dev.get("input_size_note") else "")
 
 
+def source_text(dev: dict, lg: dict) -> str:
+    """Where the initial weights came from: the learngene (peg), the ancestry itself, or nowhere (scratch)."""
+    init = dev.get("init", "peg")
+    if init == "scratch":
+        return "(timm's random initialisation, seeded; nothing inherited) with the architecture"
+    if init in ("weight_selection", "tleg"):
+        return "from the layers"
+    return f"from learngene `{(lg['sha256'] or '')[:12]}` ({lg['layers']} gene layers, {lg['heads']} heads)"
+
+
 def init_text(dev: dict) -> str:
     """Why ``--init auto`` chose the initialisation, with its measured figures ('' for a fixed ``--init``)."""
     d = dev.get("init_decision")
@@ -87,8 +97,7 @@ def render(head: dict[str, Any], dev: dict[str, Any]) -> str:
 {s['mlp_ratio']:g}, {s['img_size']}x{s['img_size']} input, patch {s['patch_size']}, {s['num_classes']} classes) for
 {target['description']}{use_text(dev)}.
 
-**Lineage.** Initialised by `{dev.get('init', recipe['init'])}`{init_text(dev)} from learngene `{(lg['sha256'] or '')[:12]}` ({lg['layers']} gene layers,
-{lg['heads']} heads) of ancestry `{anc['spec']}` (`{anc['sha256'][:12]}`, weights: {anc['weights']}); fine-tuned
+**Lineage.** Initialised by `{dev.get('init', recipe['init'])}`{init_text(dev)} {source_text(dev, lg)} of ancestry `{anc['spec']}` (`{anc['sha256'][:12]}`, weights: {anc['weights']}); fine-tuned
 {recipe['finetune_steps']} steps on `{recipe['data']}` (seed {recipe['seed']}, {dev.get('finetune', {}).get('precision', 'fp32')} compute). {selection_text(dev.get('selection', {}))}, within the budgets
 {dev['budgets']}.
 
