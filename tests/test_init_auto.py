@@ -128,7 +128,8 @@ def test_build_records_the_decision_and_the_override(tmp_path):
     assert dev["init_requested"] == "auto" and dev["init"] == d["chosen"] in ("peg", "weight_selection", "tleg", "scratch")
     assert d["images"] == 64 and set(d["knn_accuracy"]) == {"peg", "weight_selection", "tleg", "scratch"}
     assert 0 < d["fraction_of_finetune"] and "files" not in d
-    assert choose_init(d["knn_accuracy"], cfg.init_probe)[0] == d["chosen"]  # the recorded figures reproduce the choice
+    # the recorded figures reproduce the choice
+    assert choose_init(d["knn_accuracy"], cfg.init_probe, trained=d["shape_trained"])[0] == d["chosen"]
     assert any(line.startswith("init ") and f"auto -> {d['chosen']}" in line for line in lines)
     card = (tmp_path / "auto" / "tiny" / "MODEL_CARD.md").read_text()
     assert f"Initialised by `{d['chosen']}` (chosen by `--init auto`" in card
