@@ -62,6 +62,7 @@ def test_calibration_recovers_known_efficiencies():
     rows = [Measurement(s, 1, roofline_ms(vit_ops(s), dev, truth)) for s in shapes]
     fitted = calibrate(model, rows)
     assert fitted.calibrated
+    assert fitted.band.startswith("+-") and "8 calibration rows" in fitted.band and "in-sample" in fitted.band
     for s in shapes + [DescendantShape(5, 256, 4, 3.5, 208, 16, 1000)]:
         assert fitted.latency_ms(s) == pytest.approx(roofline_ms(vit_ops(s), dev, truth), rel=0.02)
 
@@ -75,6 +76,13 @@ def test_profile_calibration_csv(tmp_path):
     cm = latency_model_for(load_profile(prof), arch=DEMO_ARCH)
     assert cm.calibrated
     assert cm.latency_ms(DescendantShape(4, 128, 2, 4.0, 28, 7, 10)) == pytest.approx(1.0, rel=0.25)
+    # the stated band is the fit's own error on its rows: these three are not all on one roofline
+    from factory.device.fit import fit_band
+
+    assert fit_band([0.1, -0.2, 0.05], 3).startswith("+-18% ") and "median 10%" in fit_band([0.1, -0.2, 0.05], 3)
+    assert "3 calibration rows" in cm.band
+    uncalibrated = latency_model_for(load_profile("demo/raspberry_pi5"), arch=DEMO_ARCH)
+    assert uncalibrated.band.startswith("none stated") and "lower bound" in uncalibrated.band
     csv.write_text("depth,embed_dim\n2,64\n")
     with pytest.raises(FactoryError, match="cal.csv line 2"):
         latency_model_for(load_profile(prof), arch=DEMO_ARCH)

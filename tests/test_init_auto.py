@@ -132,6 +132,7 @@ def test_build_records_the_decision_and_the_override(tmp_path):
     assert choose_init(d["knn_accuracy"], cfg.init_probe, trained=d["shape_trained"])[0] == d["chosen"]
     assert any(line.startswith("init ") and f"auto -> {d['chosen']}" in line for line in lines)
     card = (tmp_path / "auto" / "tiny" / "MODEL_CARD.md").read_text()
+    assert dev["latency_band"].startswith("none stated") and "error band none stated" in card  # basis and band, said
     assert f"Initialised by `{d['chosen']}` (chosen by `--init auto`" in card
     saved = json.loads((tmp_path / "auto" / "manifest.json").read_text())["devices"][0]
     assert saved["init_decision"]["reason"] == d["reason"]

@@ -101,6 +101,7 @@ def test_profiles_choose_the_predictor_and_say_which(tmp_path, monkeypatch):
     _power_law_tables().save(tmp_path / "tables.json")
     cost = latency_model_for(_host_profile(tmp_path, "latency_tables: tables.json\n"), arch=DEMO_ARCH)
     assert cost.method == "kernel tables tables.json" and cost.tables is not None
+    assert "held-out median error" in cost.band
     monkeypatch.setenv("PEG_FACTORY_CACHE", str(tmp_path / "empty-cache"))
     cost = latency_model_for(_host_profile(tmp_path, "latency_tables: host\n"), arch=DEMO_ARCH)
     assert cost.tables is None and "no host latency tables yet: run `peg-factory profiles measure`" in cost.method

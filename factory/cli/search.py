@@ -85,7 +85,8 @@ def search_cmd(profile_spec, ancestry, data, objective, init_method, expand_step
         choose_by_probes(ctx, [entry], results, reason=reason)
         selection = {**entry["selection"], "seconds_total": round(time.perf_counter() - t0, 2)}
     if as_json:
-        echo_json({**result.to_dict(top=top), "selection": selection, "latency_method": method})
+        echo_json({**result.to_dict(top=top), "selection": selection, "latency_method": method,
+                   "latency_band": entry["latency_band"]})
         result.require_feasible()  # nothing fits: exit 2 with the closest miss, after the JSON
         return
     if objective == "accuracy" and result.feasible:
@@ -102,7 +103,8 @@ def search_cmd(profile_spec, ancestry, data, objective, init_method, expand_step
                    f"{describe_decision(decision)}")
         return
     click.echo(f"profile {profile.name}: {result.evaluated} shapes evaluated ({result.strategy}), "
-               f"{len(result.feasible)} fit, {len(result.rejected)} rejected; latency by {method}")
+               f"{len(result.feasible)} fit, {len(result.rejected)} rejected; latency by {method}; error band: "
+               f"{entry['latency_band']}")
     click.echo(f"ranked by capacity (log FLOPs + 0.5 log params), largest first; {reason}")
     result.require_feasible()  # nothing fits: one line with the closest miss, exit 2
     click.echo(f"{'rank':>4}  {'shape':28s} {'latency ms':>10} {'memory MB':>9} {'GFLOPs':>8} {'params M':>8}  margins")

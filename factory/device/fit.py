@@ -48,7 +48,18 @@ def calibrate(model: CostModel, rows: list[Measurement]) -> CostModel:
         return np.log(pred / measured)
 
     fit = least_squares(residual, x0, bounds=(lo, hi))
-    return dataclasses.replace(model, efficiency=Efficiency(*fit.x), calibrated=True)
+    return dataclasses.replace(model, efficiency=Efficiency(*fit.x), calibrated=True,
+                               band=fit_band(np.exp(fit.fun) - 1.0, len(rows)))
+
+
+def fit_band(relative_errors, rows: int) -> str:
+    """The calibration's stated error band: the median and 90th percentile of ``|predicted / measured - 1|``
+    on the rows it was fitted to (in-sample: a lower bound on the error for shapes far from them)."""
+    import numpy as np
+
+    errors = np.abs(np.asarray(relative_errors, dtype=float))
+    return (f"+-{np.percentile(errors, 90):.0%} (90th percentile of the fit's error on its {rows} calibration rows; median "
+            f"{np.median(errors):.0%}; in-sample)")
 
 
 #: The largest row a calibration CSV may hold: the bounds of every search space the factory runs

@@ -20,6 +20,7 @@ class LatencyModel(Protocol):
 
     arch: ArchConfig  # the ancestry's architecture: stem, channels, patch size the shapes inherit
     method: str  # how latency is predicted, in words (search output, manifest)
+    band: str  # the stated error band of that basis and its evidence, in words (search output, manifest, card)
 
     def latency_ms(self, shape: DescendantShape, batch: int | None = None) -> float: ...
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from factory.core.shapes import STANDARD_ARCH, ArchConfig
 from factory.device.fit import calibrate, calibration_provenance, read_calibration_csv
 from factory.device.profile import Profile
-from factory.device.roofline import CostModel, Device, Efficiency, HostFacts
+from factory.device.roofline import TABLES_BAND, CostModel, Device, Efficiency, HostFacts
 from factory.device.tables import KernelTables
 from factory.errors import FactoryError
 
@@ -63,7 +63,7 @@ def latency_model_for(profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, hos
 
             host_facts = measure_facts()
         loaded.check_for(arch, tables, host_facts)
-        return dataclasses.replace(model, tables=loaded, method=f"kernel tables {tables.name}")
+        return dataclasses.replace(model, tables=loaded, method=f"kernel tables {tables.name}", band=TABLES_BAND)
     if profile.latency_tables == "host":
         return dataclasses.replace(model, method=f"{model.method} (no host latency tables yet: run `peg-factory "
                                                   "profiles measure` to predict per kernel)")

@@ -41,6 +41,15 @@ RUNTIME_OVERHEAD_MB = {"onnxruntime": 20.0, "tensorrt": 40.0, "openvino": 30.0}
 FUSING_RUNTIMES = ("tensorrt", "openvino")
 
 
+#: The error band of a roofline from declared figures alone: none is known for a device never measured. On the
+#: one machine the project can measure, the uncalibrated roofline predicted 2-5x too fast (median error 81-97%,
+#: bench/RESULTS.md, "Latency models"), so its predictions are lower bounds until calibrated.
+UNCALIBRATED_BAND = ("none stated: an uncalibrated roofline (on the build host this basis predicted 2-5x too fast, median "
+                     "error 81-97%, bench/RESULTS.md); treat as a lower bound, or give the profile a calibration CSV")
+#: Kernel tables measured on this host, as measured on held-out shapes (bench/latency_model.py, RESULTS.md "Latency models").
+TABLES_BAND = "held-out median error 8.3%, 93% of shapes within +-20% (this host's kernel tables, bench/latency_model.py)"
+
+
 @dataclass(frozen=True)
 class Op:
     name: str
@@ -180,6 +189,7 @@ class CostModel:
     calibrated: bool = False
     tables: Any = None  # factory.device.tables.KernelTables: kernel-level prediction replaces the roofline
     method: str = "roofline"  # how latency is predicted, in words (search output, manifest)
+    band: str = UNCALIBRATED_BAND  # its error band and the evidence for it (calibration and tables replace it)
 
     def latency_ms(self, shape: DescendantShape, batch: int | None = None) -> float:
         if self.tables is not None:

@@ -87,6 +87,8 @@ def render(head: dict[str, Any], dev: dict[str, Any]) -> str:
                  if "timm_config" in dev.get("artifacts", {}) else
                  'factory.core.checkpoint.load_descendant("model.safetensors")  # no config.json: see the build log')
     method = dev.get("latency_method", "the profile's latency model")
+    if dev.get("latency_band"):
+        method += f", error band {dev['latency_band']}"
     return f"""---
 {meta}
 ---

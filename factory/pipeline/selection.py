@@ -38,6 +38,7 @@ def search_devices(profiles, space, anc, cfg, objective: str, why: str,
             cost = latency_model_for(prof, arch=anc.arch)
             result = results[prof.name] = search(prof, space, cost, seed=cfg.seed)
             entry["latency_method"] = cost.method
+            entry["latency_band"] = cost.band
             best = result.require_feasible()
             entry.update(shape=best.shape.to_dict(), predicted=best.to_dict(),
                          search=manifest.search_summary(result, best),
