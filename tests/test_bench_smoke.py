@@ -74,3 +74,23 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line():
         pytest.skip("a CUDA GPU is present: bench/gpu_check.py runs for real there (not in tests)")
     proc = subprocess.run([sys.executable, "bench/gpu_check.py"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no CUDA GPU here" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_init_study_quick_mode_runs_and_renders(tmp_path):
+    _run("bench/init_study.py", "--quick", "--threads", "1", "--json", str(tmp_path / "i.json"), "--md", str(tmp_path / "i.md"))
+    data = json.loads((tmp_path / "i.json").read_text())
+    [row] = data["rows"]
+    assert set(row["finetune"]["5"]) == {"peg", "weight_selection", "tleg", "scratch"}
+    assert set(row["decision"]["knn_accuracy"]) == set(row["finetune"]["5"]) and row["decision"]["chosen"]
+    table = (tmp_path / "i.md").read_text()
+    assert "| digits | d6-w96-h2-r2-i28-p7 | 5 |" in table and "Margins swept" in table
+    _run("bench/init_study.py", "--render", "--json", str(tmp_path / "i.json"), "--md", str(tmp_path / "r.md"))
+    assert (tmp_path / "r.md").read_text() == table
+
+
+def test_profile_budgets_bench_lists_every_shipped_budget(tmp_path):
+    _run("bench/profile_budgets.py", "--json", str(tmp_path / "b.json"), "--md", str(tmp_path / "b.md"))
+    rows = {r["profile"]: r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    assert {"raspberry_pi5", "demo/raspberry_pi5", "jetson_orin"} <= set(rows)
+    assert rows["raspberry_pi5"]["input_size"] == 224 and rows["demo/raspberry_pi5"]["input_size"] == 28
+    assert "none stated" in rows["raspberry_pi5"]["band"]
