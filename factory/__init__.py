@@ -13,6 +13,7 @@ from factory.core.flops import count_flops, count_params
 from factory.core.learngene import Learngene, sample_learngene
 from factory.core.mixing import DepthMap
 from factory.core.shapes import ArchConfig, DescendantShape, vit_flops, vit_params
+from factory.core.transfer import TransferProbe
 from factory.device.roofline import CostModel
 from factory.device.resolve import latency_model_for
 from factory.device.profile import Profile, load_profile
@@ -32,6 +33,7 @@ __all__ = [
     "Profile",
     "RayExecutor",
     "SearchSpace",
+    "TransferProbe",
     "DepthMap",
     "DescendantShape",
     "FactoryError",
