@@ -47,9 +47,9 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
         seconds = FINETUNE.estimate_s(ctx, shape)
         extra: dict[str, Any] = {"init": init or "auto (decided before fine-tuning)"}
         if cfg.init == "auto" and init is None:
-            extra["init_estimate_s"] = round(INIT.estimate_s(ctx, shape), 1)
+            extra["init_estimate_s"] = INIT.estimate_s(ctx, shape)  # unrounded: a tiny shape takes well under 0.1 s
             log(f"{entry['name']}: --init auto will probe {', '.join(cfg.init_probe.candidates)} at {shape.label()} "
-                f"(~{extra['init_estimate_s']:.0f}s) before fine-tuning")
+                f"(~{extra['init_estimate_s']:.1f}s) before fine-tuning")
         elif cfg.init == "auto":
             log(f"{entry['name']}: --init auto chose {init} at {shape.label()} (cached)")
         if objective == "accuracy":
