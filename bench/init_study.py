@@ -27,7 +27,6 @@ import functools
 import json
 import math
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -88,16 +87,11 @@ def test_size(task: str) -> int:
     return {"mnist-unseen": 2000}.get(task, 400)
 
 
-def shape_of(label: str) -> DescendantShape:
-    d, w, h, r, i, p = re.match(r"d(\d+)-w(\d+)-h(\d+)-r([\d.]+)-i(\d+)-p(\d+)", label).groups()
-    return DescendantShape(int(d), int(w), int(h), float(r), int(i), int(p), 10)
-
-
 @functools.lru_cache(maxsize=None)
 def shape_trained(label: str) -> bool:
     """Whether the shipped learngene's expanding phase trained the shape (the rule's input; recomputed, so
     runs saved before the decision recorded it are judged by the same rule)."""
-    return trained_by(shape_of(label), load_demo_learngene())
+    return trained_by(DescendantShape.from_label(label, 10), load_demo_learngene())
 
 
 def auto_choice(row: dict, probe: TransferProbe) -> str:

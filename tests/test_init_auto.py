@@ -49,6 +49,15 @@ def test_choose_init_rule():
     assert choose_init({"scratch": 0.3}, probe)[0] == "scratch"
 
 
+def test_a_shape_label_reads_back_as_its_shape():
+    from factory import DescendantShape
+
+    for shape in (DescendantShape(6, 96, 2, 2.0, 28, 7, 10), DescendantShape(7, 192, 3, 3.5, 224, 16, 10)):
+        assert DescendantShape.from_label(shape.label(), 10) == shape
+    with pytest.raises(FactoryError, match="not a shape label"):
+        DescendantShape.from_label("d6-w96")
+
+
 def test_shapes_the_learngene_never_trained_prefer_weight_selection():
     from factory import DescendantShape
     from factory.core.demo import load_demo_learngene

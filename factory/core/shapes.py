@@ -89,6 +89,17 @@ class DescendantShape:
             f"-i{self.img_size}-p{self.patch_size}"
         )
 
+    @classmethod
+    def from_label(cls, label: str, num_classes: int = 1000) -> "DescendantShape":
+        """The shape :meth:`label` names (the label omits the classes: ``num_classes``); a one-line error otherwise."""
+        import re
+
+        m = re.fullmatch(r"d(\d+)-w(\d+)-h(\d+)-r([\d.]+)-i(\d+)-p(\d+)", label)
+        if m is None:
+            raise FactoryError(f"{label!r} is not a shape label (like d12-w192-h3-r4-i224-p16)")
+        d, w, h, r, i, p = m.groups()
+        return cls(int(d), int(w), int(h), float(r), int(i), int(p), num_classes)
+
 
 @dataclass(frozen=True)
 class ArchConfig:

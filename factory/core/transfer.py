@@ -116,13 +116,13 @@ def trained_by(shape, learngene) -> bool:
     (``meta["expanding_phase"]["shapes"]``) has the same head count, and ``shape`` is no deeper than the
     deepest trained. A learngene without an expanding phase trained none of them: True (the rule has
     nothing to prefer by)."""
-    import re
+    from factory.core.shapes import DescendantShape
 
     labels = ((getattr(learngene, "meta", None) or {}).get("expanding_phase") or {}).get("shapes") or []
-    trained = [(int(m[1]), int(m[2])) for m in (re.match(r"d(\d+)-w\d+-h(\d+)-", label) for label in labels) if m]
+    trained = [DescendantShape.from_label(label) for label in labels]
     if not trained:
         return True
-    return shape.depth <= max(d for d, _ in trained) and any(h == shape.num_heads for _, h in trained)
+    return shape.depth <= max(t.depth for t in trained) and any(t.num_heads == shape.num_heads for t in trained)
 
 
 def choose_init(scores: Mapping[str, float], probe: TransferProbe = TransferProbe(), *, trained: bool = True) -> tuple[str, str]:

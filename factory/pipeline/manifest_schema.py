@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from factory.core.baselines import METHODS
+
 MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "peg-factory build manifest",
@@ -27,8 +29,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                     "shape": {"type": "object", "required": ["depth", "embed_dim", "num_heads", "mlp_ratio", "img_size",
                                                               "patch_size", "num_classes"]},
                     "accuracy": {"type": "object", "required": ["val", "test"]},
-                    "init": {"enum": ["peg", "tleg", "weight_selection", "scratch"]},
-                    "init_requested": {"enum": ["auto", "peg", "tleg", "weight_selection", "scratch"]},
+                    "init": {"enum": list(METHODS)},
+                    "init_requested": {"enum": ["auto", *METHODS]},
                     "init_decision": {"type": "object", "required": ["chosen", "reason", "knn_accuracy", "images", "seconds",
                                                                       "fraction_of_finetune"]},
                     "latency_ms": {"type": "object", "required": ["predicted_target", "host_onnxruntime"]},

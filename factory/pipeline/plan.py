@@ -42,7 +42,7 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
             rows.append(entry)
             continue
         shape = DescendantShape.from_dict(entry["shape"])
-        init = decided_init(ctx, shape) if ctx.learngene is not None else (None if cfg.init == "auto" else cfg.init)
+        init = decided_init(ctx, shape)
         ft = entry_for(ctx, FINETUNE, shape) if ctx.learngene is not None and init is not None else None
         seconds = FINETUNE.estimate_s(ctx, shape)
         extra: dict[str, Any] = {"init": init or "auto (decided before fine-tuning)"}
