@@ -27,39 +27,68 @@ class Measurement:
     latency_ms: float
 
 
+CALIBRATED = ("matmul", "attention", "memory", "op_overhead_us", "fixed_ms")
+#: With at least this many rows the band is cross-validated (each row predicted by a fit without it).
+MIN_ROWS_HELD_OUT = 5
+FOLDS = 5
+
+
 def calibrate(model: CostModel, rows: list[Measurement]) -> CostModel:
-    """Fit :class:`Efficiency` to measured rows (bounded least squares on log ratios)."""
+    """Fit the five :data:`CALIBRATED` terms of :class:`Efficiency` to measured rows (bounded least
+    squares on log ratios; the multi-core terms stay as ``model`` has them). The stated band is
+    held-out when there are :data:`MIN_ROWS_HELD_OUT` rows or more: ``FOLDS``-fold cross-validation,
+    every row predicted by the fit to the other folds; in-sample below that."""
     import numpy as np
-    from scipy.optimize import least_squares
 
     if not rows:
         raise FactoryError("calibration needs at least one measured row")
+    eff, errors = _fit(model, rows)
+    fitted = dataclasses.replace(model, efficiency=eff, calibrated=True)
+    if len(rows) < MIN_ROWS_HELD_OUT:
+        return dataclasses.replace(fitted, band=fit_band(errors, len(rows)))
+    held_out = []
+    for k in range(FOLDS):
+        train = [r for i, r in enumerate(rows) if i % FOLDS != k]
+        test = [r for i, r in enumerate(rows) if i % FOLDS == k]
+        if not test:
+            continue
+        fold = dataclasses.replace(model, efficiency=_fit(model, train)[0])
+        held_out += [fold.latency_ms(r.shape, r.batch) / r.latency_ms - 1.0 for r in test]
+    return dataclasses.replace(fitted, band=fit_band(np.array(held_out), len(rows), held_out=True))
+
+
+def _fit(model: CostModel, rows: list[Measurement]) -> tuple[Efficiency, list[float]]:
+    import numpy as np
+    from scipy.optimize import least_squares
+
     op_lists = [vit_ops(r.shape, r.batch, model.precision, arch=model.arch, fused_attention=model.device.fused_attention)
                 for r in rows]
     measured = np.array([r.latency_ms for r in rows])
-    names = ("matmul", "attention", "memory", "op_overhead_us", "fixed_ms")
     lo = np.array([1e-3, 1e-3, 1e-3, 0.0, 0.0])
     hi = np.array([1.5, 1.5, 1.5, 1e3, 1e3])
-    x0 = np.clip(np.array([getattr(model.efficiency, k) for k in names], dtype=float), lo + 1e-9, hi - 1e-9)
+    x0 = np.clip(np.array([getattr(model.efficiency, k) for k in CALIBRATED], dtype=float), lo + 1e-9, hi - 1e-9)
+
+    def efficiency(x) -> Efficiency:
+        return dataclasses.replace(model.efficiency, **{k: float(v) for k, v in zip(CALIBRATED, x)})
 
     def residual(x):
-        eff = Efficiency(*x)
-        pred = np.array([roofline_ms(ops, model.device, eff) for ops in op_lists])
-        return np.log(pred / measured)
+        eff = efficiency(x)
+        return np.log(np.array([roofline_ms(ops, model.device, eff) for ops in op_lists]) / measured)
 
     fit = least_squares(residual, x0, bounds=(lo, hi))
-    return dataclasses.replace(model, efficiency=Efficiency(*fit.x), calibrated=True,
-                               band=fit_band(np.exp(fit.fun) - 1.0, len(rows)))
+    return efficiency(fit.x), list(np.exp(fit.fun) - 1.0)
 
 
-def fit_band(relative_errors, rows: int) -> str:
-    """The calibration's stated error band: the median and 90th percentile of ``|predicted / measured - 1|``
-    on the rows it was fitted to (in-sample: a lower bound on the error for shapes far from them)."""
+def fit_band(relative_errors, rows: int, *, held_out: bool = False) -> str:
+    """A calibration's stated error band: the median and 90th percentile of ``|predicted / measured - 1|``
+    -- on rows each left out of the fit that predicted it (``held_out``), or on the rows it was fitted
+    to (in-sample: a lower bound on the error for shapes far from them)."""
     import numpy as np
 
     errors = np.abs(np.asarray(relative_errors, dtype=float))
+    how = (f"{FOLDS}-fold cross-validated: each row predicted by a fit without it" if held_out else "in-sample")
     return (f"+-{np.percentile(errors, 90):.0%} (90th percentile of the fit's error on its {rows} calibration rows; median "
-            f"{np.median(errors):.0%}; in-sample)")
+            f"{np.median(errors):.0%}; {how})")
 
 
 #: The largest row a calibration CSV may hold: the bounds of every search space the factory runs

@@ -50,6 +50,11 @@ class Hardware(_Strict):
     memory_bandwidth_gbs: float | None = Field(default=None, gt=0, description="DRAM bandwidth, GB/s.")
     memory_mb: float = Field(gt=0, description="Memory available to the model on the device, MB.")
     runtime: Literal["tensorrt", "onnxruntime", "openvino"]
+    cores: int | None = Field(
+        default=None, gt=0, le=4096,
+        description="Cores the runtime's threads run on. A CPU profile that declares it (with datasheet peak and "
+                    "bandwidth) is predicted with the generic CPU terms fitted on published ViT measurements.",
+    )
     measure: bool = Field(default=False, description="Measure peak and bandwidth on this machine instead.")
     source: str | None = Field(default=None, description="Citation for the figures.")
 

@@ -5,7 +5,10 @@
    :func:`factory.device.measure.host_tables_path`); missing ``host`` tables fall back to the roofline
    and say how to measure them; a missing named file is an error.
 2. Otherwise the roofline (:class:`factory.device.roofline.CostModel`) with the profile's declared
-   figures (or this host's, measured, for ``measure: true``), fitted to the profile's calibration CSV
+   figures (or this host's, measured, for ``measure: true``). Its terms: for a CPU that declares
+   ``cores`` (and its datasheet figures), the generic CPU terms fitted on published measurements
+   (:data:`factory.device.published.CPU_TERMS`, with their band); for other devices the priors of
+   :meth:`~factory.device.roofline.Efficiency.default_for`. Fitted to the profile's calibration CSV
    when it has one (:func:`factory.device.fit.calibrate`).
 
 ``method`` on the result says which, and why, in words.
@@ -19,6 +22,7 @@ from pathlib import Path
 from factory.core.shapes import STANDARD_ARCH, ArchConfig
 from factory.device.fit import calibrate, calibration_provenance, read_calibration_csv
 from factory.device.profile import Profile
+from factory.device.published import CPU_BAND, CPU_TERMS
 from factory.device.roofline import TABLES_BAND, CostModel, Device, Efficiency, HostFacts
 from factory.device.tables import KernelTables
 from factory.errors import FactoryError
@@ -36,6 +40,14 @@ def tables_path(profile: Profile, arch: ArchConfig) -> Path | None:
     return (base / profile.latency_tables).resolve()
 
 
+def _precision_caveat(precision: str) -> str:
+    """The published CPU terms were fitted at FP32; say what that means at another precision."""
+    if precision == "fp32":
+        return ""
+    return (f". Fitted at FP32: at {precision} the prediction scales by the datasheet's {precision}/fp32 peak ratio, which "
+            f"CPU {precision} kernels rarely attain (optimistic; calibrate at {precision})")
+
+
 def latency_model_for(profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, host: HostFacts | None = None) -> CostModel:
     """The profile's latency model (see the module docstring); ``host`` are this machine's measured
     facts for a ``measure: true`` profile (measured now when not given)."""
@@ -43,8 +55,14 @@ def latency_model_for(profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, hos
         from factory.device.measure import measure_host
 
         host = measure_host()
-    model = CostModel(Device.from_profile(profile, host), profile.precision, profile.batch,
-                      Efficiency.default_for(profile.hardware), arch)
+    hw = profile.hardware
+    if hw.kind == "cpu" and hw.cores is not None and not hw.measure:
+        model = CostModel(Device.from_profile(profile, host), profile.precision, profile.batch, CPU_TERMS, arch,
+                          method=f"roofline of the datasheet figures ({hw.cores} cores) with generic CPU terms fitted on "
+                                 "published ViT measurements", band=CPU_BAND + _precision_caveat(profile.precision))
+    else:
+        model = CostModel(Device.from_profile(profile, host), profile.precision, profile.batch,
+                          Efficiency.default_for(hw), arch)
     csv = profile.calibration_path()
     if csv is not None:
         rows = read_calibration_csv(csv, profile.path or "<profile>", runtime=profile.hardware.runtime)

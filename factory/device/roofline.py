@@ -5,15 +5,22 @@
 softmax, ``attn v``) and memory-bound elementwise ops (LayerNorms, GELU, residual adds). Each op
 takes
 
-    t_op = max( 2 * MACs / (peak * eff_kind),  bytes / (bandwidth * eff_mem) ) + overhead_op
+    t_op = A(n) * max( 2 * MACs / (peak * eff_kind),  bytes / (bandwidth * eff_mem) )
+           + overhead_op + n * sync_op,          A(n) = 1 + serial_fraction * (n - 1)
 
-(``peak`` in FLOP/s counts 2 FLOPs per multiply-add, as datasheets do), and the latency is
-``sum(t_op) + fixed_ms``. ``bytes`` counts weights plus activations read and written at the
-profile's precision. Runtimes differ in what they fuse: TensorRT fuses attention (no ``N^2``
-score traffic) and folds elementwise ops into neighbours (no per-op overhead for them);
-onnxruntime on CPU runs attention as MatMul-Softmax-MatMul, so the ``H*N^2`` scores go through
-memory, and every op pays dispatch overhead. :class:`Efficiency` holds the factors; defaults per
-device kind are rough priors, and :func:`factory.device.fit.calibrate` fits them to measured rows.
+(``peak`` in FLOP/s counts 2 FLOPs per multiply-add, as datasheets do; ``n`` is the device's
+``cores``, 1 when undeclared), and the latency is ``sum(t_op) + fixed_ms``. ``A(n)`` is Amdahl's
+law: ``n`` cores deliver ``n / A(n)`` times one core's throughput, so a 14-core desktop at batch 1
+reaches a smaller fraction of its datasheet peak than a 2-core VM. ``sync_op`` is the fork-join
+cost per thread of one parallel op. ``bytes`` counts weights plus activations read and written at
+the profile's precision, or the weights alone with ``cached_activations`` (a CPU keeps a small
+ViT's activations in its caches: only weights stream from DRAM, and an elementwise op costs its
+overheads). Runtimes differ in what they fuse: TensorRT fuses attention (no ``N^2`` score traffic)
+and folds elementwise ops into neighbours (no per-op overhead for them); onnxruntime on CPU runs
+attention as MatMul-Softmax-MatMul, so the ``H*N^2`` scores go through memory, and every op pays
+dispatch overhead. :class:`Efficiency` holds the factors: CPU profiles that declare ``cores`` get
+the generic terms fitted on published measurements (:mod:`factory.device.published`), other
+devices rough priors, and :func:`factory.device.fit.calibrate` fits them to measured rows.
 
 **Calibration.** Given measured ``(shape, batch, latency)`` rows (a profile's CSV, or host
 measurements from :func:`factory.device.measure.measure_onnxruntime_latency`), :func:`factory.device.fit.calibrate` fits the five
@@ -56,17 +63,23 @@ class Op:
     kind: OpKind
     macs: int
     bytes: int
+    weight_bytes: int = 0  # the part of ``bytes`` that is weights (what streams from DRAM when activations stay cached)
 
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Fractions of peak a runtime attains, plus per-op and per-run overheads."""
+    """Fractions of peak a runtime attains, plus per-op and per-run overheads; ``serial_fraction``,
+    ``sync_us_per_thread`` and ``cached_activations`` are the multi-core terms of the module docstring
+    (off by default: the priors below predate them)."""
 
     matmul: float = 0.5
     attention: float = 0.3
     memory: float = 0.6
     op_overhead_us: float = 5.0
     fixed_ms: float = 0.05
+    serial_fraction: float = 0.0
+    sync_us_per_thread: float = 0.0
+    cached_activations: bool = False
 
     @classmethod
     def default_for(cls, hw: Hardware) -> "Efficiency":
@@ -97,6 +110,7 @@ class Device:
     runtime: str
     memory_mb: float
     fused_attention: bool
+    cores: int | None = None  # cores the runtime's threads run on (the Amdahl and sync terms); None: 1
 
     @classmethod
     def from_profile(cls, profile: Profile, host: HostFacts | None = None) -> "Device":
@@ -109,7 +123,7 @@ class Device:
         else:
             assert hw.peak_tflops is not None and hw.memory_bandwidth_gbs is not None
             peak, bw = hw.peak_tflops[profile.precision] * 1e12, hw.memory_bandwidth_gbs * 1e9
-        return cls(peak, bw, hw.runtime, hw.memory_mb, fused_attention=hw.runtime in FUSING_RUNTIMES)
+        return cls(peak, bw, hw.runtime, hw.memory_mb, fused_attention=hw.runtime in FUSING_RUNTIMES, cores=hw.cores)
 
 
 def vit_ops(
@@ -124,7 +138,7 @@ def vit_ops(
     g, c, p = shape.grid**2, arch.in_chans, shape.patch_size
 
     def mm(name: str, rows: int, k: int, cols: int) -> Op:
-        return Op(name, "matmul", rows * k * cols, (rows * k + k * cols + rows * cols) * b)
+        return Op(name, "matmul", rows * k * cols, (rows * k + k * cols + rows * cols) * b, k * cols * b)
 
     def ew(name: str, elements: int, tensors: int = 2) -> Op:
         return Op(name, "elementwise", 0, elements * tensors * b)
@@ -150,16 +164,20 @@ def vit_ops(
 
 
 def roofline_ms(ops: list[tuple[Op, int]], device: Device, eff: Efficiency) -> float:
-    """Sum of per-op roofline times plus overheads, in milliseconds."""
+    """Sum of per-op roofline times plus overheads, in milliseconds (formula in the module docstring)."""
     peak = {"matmul": device.peak_flops * eff.matmul, "attention": device.peak_flops * eff.attention}
     bw = device.bandwidth * eff.memory
+    cores = device.cores or 1
+    amdahl = 1.0 + eff.serial_fraction * (cores - 1)
+    per_op = (eff.op_overhead_us + cores * eff.sync_us_per_thread) * 1e-6
     skip_elementwise_overhead = device.runtime in FUSING_RUNTIMES  # fused into neighbouring kernels
     total = 0.0
     for op, count in ops:
         compute = 2 * op.macs / peak[op.kind] if op.kind != "elementwise" else 0.0
-        t = max(compute, op.bytes / bw)
+        moved = op.weight_bytes if eff.cached_activations else op.bytes
+        t = amdahl * max(compute, moved / bw)
         if not (skip_elementwise_overhead and op.kind == "elementwise"):
-            t += eff.op_overhead_us * 1e-6
+            t += per_op
         total += t * count
     return total * 1e3 + eff.fixed_ms
 
