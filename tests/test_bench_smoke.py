@@ -94,3 +94,13 @@ def test_profile_budgets_bench_lists_every_shipped_budget(tmp_path):
     assert {"raspberry_pi5", "demo/raspberry_pi5", "jetson_orin"} <= set(rows)
     assert rows["raspberry_pi5"]["input_size"] == 224 and rows["demo/raspberry_pi5"]["input_size"] == 28
     assert "published ViT latencies" in rows["raspberry_pi5"]["band"] and "none stated" in rows["jetson_orin"]["band"]
+
+
+def test_latency_threads_bench_times_both_thread_counts(tmp_path):
+    _run("bench/latency_threads.py", "--shapes", "2", "--repeats", "2", "--json", str(tmp_path / "t.json"),
+         "--md", str(tmp_path / "t.md"))
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert set(data["per_threads"]) == {"1", "2"} and len(data["rows"]) == 2
+    for row in data["rows"]:
+        assert all(row["measured_ms"][t] > 0 and row["predicted_ms"][t] > 0 for t in ("1", "2"))
+    assert "| 2 | 166.4 |" in (tmp_path / "t.md").read_text()

@@ -269,10 +269,10 @@ def measure_host(seconds: float = 0.5) -> HostFacts:
 
 def measure_onnxruntime_latency(
     shape: DescendantShape, batch: int = 1, *, arch: ArchConfig = STANDARD_ARCH, repeats: int = 20, warmup: int = 3,
-    stat: str = "median",
+    stat: str = "median", threads: int | None = None,
 ) -> float:
     """Latency (ms; the ``stat`` of ``repeats`` runs) of a randomly initialised descendant under
-    onnxruntime on this CPU."""
+    onnxruntime on this CPU (``threads`` intra-op threads; default all cores)."""
     import tempfile
     from pathlib import Path
 
@@ -287,6 +287,6 @@ def measure_onnxruntime_latency(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
         export_onnx(model, path, img_size=shape.img_size, in_chans=arch.in_chans, verify=False)
-        sess = ort_session(path)
+        sess = ort_session(path, threads=threads)
     x = np.random.default_rng(0).standard_normal((batch, arch.in_chans, shape.img_size, shape.img_size), dtype=np.float32)
     return ort_latency_ms(sess, x, repeats=repeats, warmup=warmup, stat=stat)
