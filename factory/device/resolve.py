@@ -45,7 +45,8 @@ def _precision_caveat(precision: str) -> str:
     if precision == "fp32":
         return ""
     return (f". Fitted at FP32: at {precision} the prediction scales by the datasheet's {precision}/fp32 peak ratio, which "
-            f"CPU {precision} kernels rarely attain (optimistic; calibrate at {precision})")
+            f"CPU {precision} kernels rarely attain (on the build host onnxruntime INT8 ran 0.9-1.85x its FP32 against a 4x "
+            f"datasheet ratio, bench/RESULTS.md 'Export latency'): optimistic, calibrate at {precision}")
 
 
 def latency_model_for(profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, host: HostFacts | None = None) -> CostModel:
