@@ -6,8 +6,9 @@ twice (onnxruntime, median of ``--repeats`` runs; the second measurement shows t
 
 1. Kernel tables (:mod:`factory.device.tables`) are measured in the same run on grids spanning the
    space; their three whole-model terms are fitted on the calibration shapes.
-2. Predictors compared on the held-out shapes: the roofline of ``profiles/host.yaml`` (host peak
-   and bandwidth measured), uncalibrated and calibrated on the same shapes; the kernel tables'
+2. Predictors compared on the held-out shapes: the roofline of ``profiles/host.yaml`` (host GEMM
+   rate and bandwidth measured) with the published CPU terms, with the priors used before them, and
+   calibrated on the same shapes; the kernel tables'
    raw sum; the kernel tables with the fitted terms; and, with nothing measured on this host,
    ``profiles/host_datasheet.yaml`` (datasheet figures) with the generic CPU terms fitted on
    published measurements of other CPUs (:mod:`factory.device.published`), also refitted with the
@@ -40,6 +41,7 @@ from factory.device.measure import measure_tables
 from factory.device.tables import Grids
 from factory.device.profile import load_profile
 from factory.device.published import GENERIC_CPU, fit_cpu_terms, leave_one_device_out, load_published
+from factory.device.roofline import Efficiency
 from factory.device.search import SearchSpace, search
 from factory.core.shapes import ArchConfig
 
@@ -153,6 +155,7 @@ def main() -> None:
     tables.save(args.json.with_name(args.json.stem + "_tables.json"))  # to re-analyse without re-measuring
     # 3. the roofline, uncalibrated and calibrated on the same shapes
     base = latency_model_for(profile.model_copy(update={"latency_tables": None}), arch=ANCESTRY, host=host)
+    old = dataclasses.replace(base, efficiency=Efficiency.default_for(profile.hardware))
     cal = calibrate(base, [Measurement(s, b, t) for s, b, t in fit_rows])
     raw = dataclasses.replace(tables, terms={}, _memo={})
     datasheet = latency_model_for(load_profile("host_datasheet").model_copy(update={"batch": 1}), arch=ANCESTRY)
@@ -165,7 +168,8 @@ def main() -> None:
         "datasheet + published CPU terms (nothing measured here)": lambda s, b: datasheet.latency_ms(s, b),
         "the same, matmul efficiency assumed 0.8": lambda s, b: variants[0.8].latency_ms(s, b),
         "the same, matmul efficiency assumed 1.0": lambda s, b: variants[1.0].latency_ms(s, b),
-        "roofline, uncalibrated": lambda s, b: base.latency_ms(s, b),
+        "host.yaml: measured GEMM rate + published CPU terms": lambda s, b: base.latency_ms(s, b),
+        "host.yaml: measured GEMM rate + the old priors (before the published terms)": lambda s, b: old.latency_ms(s, b),
         f"roofline, calibrated on the same {len(fit_rows)} models": lambda s, b: cal.latency_ms(s, b),
         "kernel tables, sum only": lambda s, b: raw.latency_ms(s, b, ANCESTRY),
         f"kernel tables + 3 terms per batch fitted on {args.calibrate} models each": lambda s, b: tables.latency_ms(s, b, ANCESTRY),

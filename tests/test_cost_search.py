@@ -83,7 +83,7 @@ def test_profile_calibration_csv(tmp_path):
     assert "3 calibration rows" in cm.band
     assert "in-sample" in cm.band  # 3 rows: too few to hold any out
     uncalibrated = latency_model_for(load_profile("demo/jetson_orin"), arch=DEMO_ARCH)
-    assert uncalibrated.band.startswith("none stated") and "lower bound" in uncalibrated.band
+    assert uncalibrated.band.startswith("none stated") and "rough estimate" in uncalibrated.band
     assert "published ViT latencies" in latency_model_for(load_profile("demo/raspberry_pi5"), arch=DEMO_ARCH).band
     csv.write_text("depth,embed_dim\n2,64\n")
     with pytest.raises(FactoryError, match="cal.csv line 2"):

@@ -117,3 +117,13 @@ def test_calibration_band_is_held_out_with_enough_rows():
     # +-10% noise: the held-out error is at least the noise, never the in-sample fit's lower figure
     held = float(fitted.band.split("median ")[1].split("%")[0])
     assert held >= 5
+
+
+def test_the_measured_host_gets_the_published_terms_on_its_thread_count():
+    from factory.device.published import HOST_MEASURED_BAND
+    from factory.device.roofline import HostFacts
+
+    host = load_profile("host").model_copy(update={"latency_tables": None})
+    cost = latency_model_for(host, host=HostFacts(peak_flops=1.9e11, bandwidth=3e10, threads=3))
+    assert cost.efficiency == CPU_TERMS and cost.device.cores == 3 and cost.device.peak_flops == 1.9e11
+    assert cost.band == HOST_MEASURED_BAND and "3 threads" in cost.method and "measured" in cost.method

@@ -45,9 +45,15 @@ CPU_TERMS = dataclasses.replace(GENERIC_CPU, serial_fraction=0.0948, attention=1
                                 sync_us_per_thread=2.4774, fixed_ms=0.0)
 #: Their error band and its evidence (figures from ``bench/latency_model.py``; bench/RESULTS.md).
 CPU_BAND = ("generic CPU terms fitted on 42 published ViT latencies of 2 CPUs (timm benchmark tables): median 9.7%, "
-            "90th percentile 18.9% in-sample; 12.7-20.1% median on the CPU left out of the fit; median 17.2% (81% of "
-            "shapes within +-30%, from 0.6x to 1.9x) on this build host from its datasheet alone (bench/latency_model.py). "
-            "An estimate, not a measurement: calibrate for decisions near the budget")
+            "90th percentile 18.9% in-sample; 12.7-20.1% median on the CPU left out of the fit; on this build host from "
+            "its datasheet alone, median 17.2% on a quiet run (81% within +-30%, 0.6-1.9x) and 22.9-29.4% on two noisy "
+            "ones, each at that run's noise floor (bench/latency_model.py). An estimate, not a measurement: calibrate "
+            "for decisions near the budget")
+#: The same terms on this host's *measured* GEMM rate and bandwidth (``profiles/host.yaml`` without kernel tables).
+HOST_MEASURED_BAND = ("generic CPU terms fitted on 42 published ViT latencies of 2 CPUs (timm benchmark tables), on this "
+                      "host's measured GEMM rate: median 25.2-25.8% on held-out shapes in two noisy runs, at their noise "
+                      "floor of 20-27% (bench/latency_model.py); kernel tables (`peg-factory profiles measure`) or a "
+                      "calibration do better on a quiet machine")
 
 
 @dataclass(frozen=True)

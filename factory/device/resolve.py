@@ -6,8 +6,9 @@
    and say how to measure them; a missing named file is an error.
 2. Otherwise the roofline (:class:`factory.device.roofline.CostModel`) with the profile's declared
    figures (or this host's, measured, for ``measure: true``). Its terms: for a CPU that declares
-   ``cores`` (and its datasheet figures), the generic CPU terms fitted on published measurements
-   (:data:`factory.device.published.CPU_TERMS`, with their band); for other devices the priors of
+   ``cores`` (and its datasheet figures), or this host measured (on its thread count), the generic
+   CPU terms fitted on published measurements (:data:`factory.device.published.CPU_TERMS`, with
+   their band); for other devices the priors of
    :meth:`~factory.device.roofline.Efficiency.default_for`. Fitted to the profile's calibration CSV
    when it has one (:func:`factory.device.fit.calibrate`).
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from factory.core.shapes import STANDARD_ARCH, ArchConfig
 from factory.device.fit import calibrate, calibration_provenance, read_calibration_csv
 from factory.device.profile import Profile
-from factory.device.published import CPU_BAND, CPU_TERMS
+from factory.device.published import CPU_BAND, CPU_TERMS, HOST_MEASURED_BAND
 from factory.device.roofline import TABLES_BAND, CostModel, Device, Efficiency, HostFacts
 from factory.device.tables import KernelTables
 from factory.errors import FactoryError
@@ -57,13 +58,18 @@ def latency_model_for(profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, hos
 
         host = measure_host()
     hw = profile.hardware
-    if hw.kind == "cpu" and hw.cores is not None and not hw.measure:
-        model = CostModel(Device.from_profile(profile, host), profile.precision, profile.batch, CPU_TERMS, arch,
+    device = Device.from_profile(profile, host)
+    if hw.kind == "cpu" and hw.measure:
+        model = CostModel(device, profile.precision, profile.batch, CPU_TERMS, arch,
+                          method=f"roofline of this host's measured GEMM rate and bandwidth ({device.cores} threads) with "
+                                 "generic CPU terms fitted on published ViT measurements",
+                          band=HOST_MEASURED_BAND + _precision_caveat(profile.precision))
+    elif hw.kind == "cpu" and hw.cores is not None:
+        model = CostModel(device, profile.precision, profile.batch, CPU_TERMS, arch,
                           method=f"roofline of the datasheet figures ({hw.cores} cores) with generic CPU terms fitted on "
                                  "published ViT measurements", band=CPU_BAND + _precision_caveat(profile.precision))
     else:
-        model = CostModel(Device.from_profile(profile, host), profile.precision, profile.batch,
-                          Efficiency.default_for(hw), arch)
+        model = CostModel(device, profile.precision, profile.batch, Efficiency.default_for(hw), arch)
     csv = profile.calibration_path()
     if csv is not None:
         rows = read_calibration_csv(csv, profile.path or "<profile>", runtime=profile.hardware.runtime)

@@ -18,9 +18,9 @@ ViT's activations in its caches: only weights stream from DRAM, and an elementwi
 overheads). Runtimes differ in what they fuse: TensorRT fuses attention (no ``N^2`` score traffic)
 and folds elementwise ops into neighbours (no per-op overhead for them); onnxruntime on CPU runs
 attention as MatMul-Softmax-MatMul, so the ``H*N^2`` scores go through memory, and every op pays
-dispatch overhead. :class:`Efficiency` holds the factors: CPU profiles that declare ``cores`` get
-the generic terms fitted on published measurements (:mod:`factory.device.published`), other
-devices rough priors, and :func:`factory.device.fit.calibrate` fits them to measured rows.
+dispatch overhead. :class:`Efficiency` holds the factors: CPU profiles that declare ``cores`` (and
+the measured host, on its thread count) get the generic terms fitted on published measurements
+(:mod:`factory.device.published`), other devices rough priors, and :func:`factory.device.fit.calibrate` fits them to measured rows.
 
 **Calibration.** Given measured ``(shape, batch, latency)`` rows (a profile's CSV, or host
 measurements from :func:`factory.device.measure.measure_onnxruntime_latency`), :func:`factory.device.fit.calibrate` fits the five
@@ -48,11 +48,12 @@ RUNTIME_OVERHEAD_MB = {"onnxruntime": 20.0, "tensorrt": 40.0, "openvino": 30.0}
 FUSING_RUNTIMES = ("tensorrt", "openvino")
 
 
-#: The error band of a roofline from declared figures alone: none is known for a device never measured. On the
-#: one machine the project can measure, the uncalibrated roofline predicted 2-5x too fast (median error 81-97%,
-#: bench/RESULTS.md, "Latency models"), so its predictions are lower bounds until calibrated.
-UNCALIBRATED_BAND = ("none stated: an uncalibrated roofline (on the build host this basis predicted 2-5x too fast, median "
-                     "error 81-97%, bench/RESULTS.md); treat as a lower bound, or give the profile a calibration CSV")
+#: The error band of a roofline from declared figures alone, with the priors of :meth:`Efficiency.default_for`: none
+#: is known for a device never measured. On the one machine the project can measure, these priors predicted about
+#: twice the measured latency (median error 81-124%, predicted/measured about 2.1x; bench/RESULTS.md, "Latency models").
+UNCALIBRATED_BAND = ("none stated: an uncalibrated roofline with prior efficiencies (on the build host this basis predicted "
+                     "about 2x the measured latency, median error 81-124%, bench/RESULTS.md); treat it as a rough estimate, "
+                     "or give the profile a calibration CSV")
 #: Kernel tables measured on this host, as measured on held-out shapes (bench/latency_model.py, RESULTS.md "Latency models").
 TABLES_BAND = "held-out median error 8.3%, 93% of shapes within +-20% (this host's kernel tables, bench/latency_model.py)"
 
@@ -117,13 +118,15 @@ class Device:
         """The profile's declared figures, or ``host``'s measured ones for a ``measure: true`` profile
         (which then needs ``host``: :func:`factory.device.resolve.latency_model_for` measures it)."""
         hw = profile.hardware
+        cores = hw.cores
         if hw.measure:
             assert host is not None, "a measured profile needs the host's facts"
             peak, bw = host.peak_flops * {"fp32": 1, "fp16": 1, "int8": 2}[profile.precision], host.bandwidth
+            cores = cores or host.threads
         else:
             assert hw.peak_tflops is not None and hw.memory_bandwidth_gbs is not None
             peak, bw = hw.peak_tflops[profile.precision] * 1e12, hw.memory_bandwidth_gbs * 1e9
-        return cls(peak, bw, hw.runtime, hw.memory_mb, fused_attention=hw.runtime in FUSING_RUNTIMES, cores=hw.cores)
+        return cls(peak, bw, hw.runtime, hw.memory_mb, fused_attention=hw.runtime in FUSING_RUNTIMES, cores=cores)
 
 
 def vit_ops(
