@@ -135,9 +135,14 @@ def test_measured_tables_predict_real_models_of_the_demo_space(tmp_path):
     assert tables.terms_for(1)[0] > 0 and tables.points > 50 and tables.host["stat"] == "min"
     from factory.device.measure import measure_onnxruntime_latency
 
+    # this shared VM's speed moves up to 2x within minutes (bench/RESULTS.md), and a 0.1-ms model's ratio with it
+    # (1.6x, 0.7x, 0.9x for one shape in three runs): every shape within 4x, their median within 2.5x
+    ratios = []
     for s, b in spread_shapes(space, 3, (1,), seed=7):
         predicted, measured = tables.latency_ms(s, b, DEMO_ARCH), measure_onnxruntime_latency(s, b, arch=DEMO_ARCH, stat="min")
-        assert 0.33 < predicted / measured < 3, (s.label(), predicted, measured)
+        assert 0.25 < predicted / measured < 4, (s.label(), predicted, measured)
+        ratios.append(predicted / measured)
+    assert 0.4 < sorted(ratios)[1] < 2.5, ratios
 
 
 def test_calibration_kit_round_trip_on_the_host(tmp_path):
