@@ -17,6 +17,10 @@ A profile is a YAML file (schema: ``profiles/profile.schema.json``, generated fr
     calibration: orin_latency.csv  # optional: measured shape -> latency rows (relative path)
     export: [onnx, trt]
 
+A CPU profile also declares ``hardware.cores`` (the cores its runtime's threads use): its latency is
+then predicted with the generic CPU terms fitted on published ViT measurements
+(:mod:`factory.device.published`), whose error band it states.
+
 ``hardware.measure: true`` (the shipped ``host.yaml``) means "this machine": peak throughput and
 bandwidth are measured when the profile is resolved (:func:`factory.device.measure.measure_host`) instead
 of declared. Every validation failure becomes one line naming the file, the field and the fix.
