@@ -88,9 +88,10 @@ def test_profiles_that_declare_cores_get_the_published_terms():
     assert datasheet.band == CPU_BAND  # FP32: no caveat
     # without cores, or measured, or not a CPU: the priors, and the band says there is none
     text = open(load_profile("raspberry_pi5").path).read().replace("  cores: 4\n", "")
-    no_cores = latency_model_for(parse_profile(text, "p.yaml"))
-    assert no_cores.efficiency == Efficiency.default_for(no_cores_hw := parse_profile(text, "p.yaml").hardware)
-    assert no_cores_hw.cores is None and no_cores.band == UNCALIBRATED_BAND
+    no_cores_profile = parse_profile(text, "p.yaml")
+    no_cores = latency_model_for(no_cores_profile)
+    assert no_cores.efficiency == Efficiency.default_for(no_cores_profile.hardware)
+    assert no_cores_profile.hardware.cores is None and no_cores.band == UNCALIBRATED_BAND
     orin = latency_model_for(load_profile("jetson_orin"))
     assert orin.efficiency != CPU_TERMS and orin.band == UNCALIBRATED_BAND
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factory.core.shapes import DescendantShape
-from factory.device.roofline import CostModel, Efficiency, roofline_ms, vit_ops
+from factory.device.roofline import CostModel, Device, Efficiency, roofline_ms, vit_ops
 from factory.errors import FactoryError
 
 CALIBRATION_FIELDS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "img_size", "patch_size", "num_classes", "batch")
@@ -27,7 +27,9 @@ class Measurement:
     latency_ms: float
 
 
-CALIBRATED = ("matmul", "attention", "memory", "op_overhead_us", "fixed_ms")
+#: The terms a calibration fits, with their bounds (the multi-core terms are kept as the model has them).
+CALIBRATED = {"matmul": (1e-3, 1.5), "attention": (1e-3, 1.5), "memory": (1e-3, 1.5), "op_overhead_us": (0.0, 1e3),
+              "fixed_ms": (0.0, 1e3)}
 #: With at least this many rows the band is cross-validated (each row predicted by a fit without it).
 MIN_ROWS_HELD_OUT = 5
 FOLDS = 5
@@ -58,22 +60,32 @@ def calibrate(model: CostModel, rows: list[Measurement]) -> CostModel:
 
 
 def _fit(model: CostModel, rows: list[Measurement]) -> tuple[Efficiency, list[float]]:
+    ops = [vit_ops(r.shape, r.batch, model.precision, arch=model.arch, fused_attention=model.device.fused_attention)
+           for r in rows]
+    return fit_efficiency(model.efficiency, CALIBRATED,
+                          [(o, model.device, r.latency_ms) for o, r in zip(ops, rows)])
+
+
+def fit_efficiency(start: Efficiency, bounds: dict[str, tuple[float, float]],
+                   cases: list[tuple[list, Device, float]]) -> tuple[Efficiency, list[float]]:
+    """Fit the :class:`Efficiency` fields named in ``bounds`` (the others stay as ``start`` has them) to
+    measured ``(ops, device, latency_ms)`` cases by bounded least squares on ``log(predicted / measured)``;
+    returns the fitted terms and each case's relative error ``predicted / measured - 1``."""
     import numpy as np
     from scipy.optimize import least_squares
 
-    op_lists = [vit_ops(r.shape, r.batch, model.precision, arch=model.arch, fused_attention=model.device.fused_attention)
-                for r in rows]
-    measured = np.array([r.latency_ms for r in rows])
-    lo = np.array([1e-3, 1e-3, 1e-3, 0.0, 0.0])
-    hi = np.array([1.5, 1.5, 1.5, 1e3, 1e3])
-    x0 = np.clip(np.array([getattr(model.efficiency, k) for k in CALIBRATED], dtype=float), lo + 1e-9, hi - 1e-9)
+    names = list(bounds)
+    lo = np.array([bounds[k][0] for k in names])
+    hi = np.array([bounds[k][1] for k in names])
+    x0 = np.clip(np.array([getattr(start, k) for k in names], dtype=float), lo + 1e-9, hi - 1e-9)
+    measured = np.array([latency for _, _, latency in cases])
 
     def efficiency(x) -> Efficiency:
-        return dataclasses.replace(model.efficiency, **{k: float(v) for k, v in zip(CALIBRATED, x)})
+        return dataclasses.replace(start, **{k: float(v) for k, v in zip(names, x)})
 
     def residual(x):
         eff = efficiency(x)
-        return np.log(np.array([roofline_ms(ops, model.device, eff) for ops in op_lists]) / measured)
+        return np.log(np.array([roofline_ms(ops, device, eff) for ops, device, _ in cases]) / measured)
 
     fit = least_squares(residual, x0, bounds=(lo, hi))
     return efficiency(fit.x), list(np.exp(fit.fun) - 1.0)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factory.core.shapes import DescendantShape
+from factory.device.fit import fit_efficiency
 from factory.device.roofline import Device, Efficiency, roofline_ms, vit_ops
 
 DATA = Path(__file__).resolve().parents[1] / "assets" / "published_cpu_latency.json"
@@ -36,8 +37,8 @@ MATMUL_EFFICIENCY = 0.9  # the assumption above
 #: The shape of the generic terms: the multi-core model with activations kept in cache, no per-op constant.
 GENERIC_CPU = Efficiency(matmul=MATMUL_EFFICIENCY, attention=1.0, memory=0.5, op_overhead_us=0.0, fixed_ms=0.0,
                          serial_fraction=0.05, sync_us_per_thread=1.0, cached_activations=True)
-FITTED = ("serial_fraction", "attention", "memory", "sync_us_per_thread", "fixed_ms")
-BOUNDS = {"serial_fraction": (0.0, 1.0), "attention": (1e-3, 5.0), "memory": (0.05, 1.0),
+#: The terms fitted on the published rows, with their bounds.
+FITTED = {"serial_fraction": (0.0, 1.0), "attention": (1e-3, 5.0), "memory": (0.05, 1.0),
           "sync_us_per_thread": (0.0, 50.0), "fixed_ms": (0.0, 50.0)}
 
 #: :func:`fit_cpu_terms` on the shipped data (``tests/test_published_terms.py`` refits and compares).
@@ -89,26 +90,11 @@ def predict(terms: Efficiency, device: Device, shape: DescendantShape, batch: in
 
 def fit_cpu_terms(devices: dict[str, Device], rows: list[PublishedRow],
                   start: Efficiency = GENERIC_CPU) -> tuple[Efficiency, list[float]]:
-    """Fit :data:`FITTED` (bounded least squares on ``log(predicted / measured)``) to ``rows``;
-    returns the terms and each row's relative error ``predicted / measured - 1``."""
-    import numpy as np
-    from scipy.optimize import least_squares
-
-    lo = np.array([BOUNDS[k][0] for k in FITTED])
-    hi = np.array([BOUNDS[k][1] for k in FITTED])
-    x0 = np.clip([getattr(start, k) for k in FITTED], lo + 1e-9, hi - 1e-9)
-    ops = [vit_ops(r.shape, r.batch, "fp32") for r in rows]
-    measured = np.array([r.latency_ms for r in rows])
-
-    def terms(x) -> Efficiency:
-        return dataclasses.replace(start, **{k: float(v) for k, v in zip(FITTED, x)})
-
-    def residual(x):
-        t = terms(x)
-        return np.log(np.array([roofline_ms(o, devices[r.device], t) for o, r in zip(ops, rows)]) / measured)
-
-    fit = least_squares(residual, x0, bounds=(lo, hi))
-    return terms(np.round(fit.x, 4)), list(np.exp(fit.fun) - 1.0)
+    """Fit :data:`FITTED` (:func:`factory.device.fit.fit_efficiency`) to ``rows``, each on its CPU;
+    returns the terms (rounded to 4 decimals) and each row's relative error ``predicted / measured - 1``."""
+    terms, errors = fit_efficiency(start, FITTED,
+                                   [(vit_ops(r.shape, r.batch, "fp32"), devices[r.device], r.latency_ms) for r in rows])
+    return dataclasses.replace(terms, **{k: round(getattr(terms, k), 4) for k in FITTED}), errors
 
 
 def leave_one_device_out(devices: dict[str, Device], rows: list[PublishedRow],

@@ -59,15 +59,12 @@ def latency_model_for(profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, hos
         host = measure_host()
     hw = profile.hardware
     device = Device.from_profile(profile, host)
-    if hw.kind == "cpu" and hw.measure:
+    if hw.kind == "cpu" and (hw.measure or hw.cores is not None):
+        basis, band = ((f"this host's measured GEMM rate and bandwidth ({device.cores} threads)", HOST_MEASURED_BAND)
+                       if hw.measure else (f"the datasheet figures ({hw.cores} cores)", CPU_BAND))
         model = CostModel(device, profile.precision, profile.batch, CPU_TERMS, arch,
-                          method=f"roofline of this host's measured GEMM rate and bandwidth ({device.cores} threads) with "
-                                 "generic CPU terms fitted on published ViT measurements",
-                          band=HOST_MEASURED_BAND + _precision_caveat(profile.precision))
-    elif hw.kind == "cpu" and hw.cores is not None:
-        model = CostModel(device, profile.precision, profile.batch, CPU_TERMS, arch,
-                          method=f"roofline of the datasheet figures ({hw.cores} cores) with generic CPU terms fitted on "
-                                 "published ViT measurements", band=CPU_BAND + _precision_caveat(profile.precision))
+                          method=f"roofline of {basis} with generic CPU terms fitted on published ViT measurements",
+                          band=band + _precision_caveat(profile.precision))
     else:
         model = CostModel(device, profile.precision, profile.batch, Efficiency.default_for(hw), arch)
     csv = profile.calibration_path()
