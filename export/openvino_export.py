@@ -118,3 +118,72 @@ def benchmark_app_command(xml_name: str, shape: tuple[int, ...], precision: str)
 
 def ov_accuracy(compiled, images: np.ndarray, labels: np.ndarray) -> float:
     return float((ov_logits(compiled, images).argmax(-1) == labels).mean())
+
+
+# -- the registered export steps (export.formats) ------------------------------------------------------------
+
+def _measure(run, fmt: str, compiled, entry: dict, fp32_test: float | None) -> dict:
+    """Latency (median, p90, the host's load while timing) and test accuracy at the precision that runs."""
+    import os
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    b1, b32 = ov_latency_stats(compiled, run.x1), ov_latency_stats(compiled, run.x32, repeats=10)
+    running = inference_precision(compiled)
+    entry.update(latency_ms_b1=round(b1["median"], 4), latency_ms_b1_p90=round(b1["p90"], 4),
+                 latency_ms_b32=round(b32["median"], 4), latency_ms_b32_p90=round(b32["p90"], 4),
+                 host_load_1min=round(load, 2) if load is not None else None, inference_precision=running,
+                 benchmark_app=" ".join(benchmark_app_command(entry["file"], (run.batch, *run.x1.shape[1:]), running)))
+    if run.ds is not None:
+        entry["test_accuracy"] = round(ov_accuracy(compiled, run.ds.test.images.numpy(), run.ds.test.labels.numpy()), 4)
+        entry["accuracy_drop_vs_fp32"] = round(fp32_test - entry["test_accuracy"], 4)
+    run.log(f"{fmt}: {entry['file']} ({running}) b1 {entry['latency_ms_b1']:.3f} ms (p90 {entry['latency_ms_b1_p90']:.3f}), "
+            f"accuracy {entry.get('test_accuracy', 'n/a')} (fp32 {round(fp32_test, 4) if fp32_test is not None else 'n/a'})")
+    return entry
+
+
+def _fp32_test_accuracy(run) -> float | None:
+    """The FP32 ONNX model's test accuracy (onnxruntime), computed once per export."""
+    from export.runtime import ort_accuracy
+
+    if run.ds is None:
+        return None
+    if "fp32_test_accuracy" not in run.fp32_stats:
+        run.fp32_stats["fp32_test_accuracy"] = ort_accuracy(run.fp32, run.ds.test.images.numpy(), run.ds.test.labels.numpy())
+    return run.fp32_stats["fp32_test_accuracy"]
+
+
+def export_openvino(run) -> dict[str, dict]:
+    """FP32 IR verified against PyTorch (max abs diff <= 1e-4), and its BF16 execution where the CPU has it
+    (recorded as ``openvino-bf16``), each timed and scored on the task's test images."""
+    import torch
+
+    out: dict[str, dict] = {}
+    fp32_test = _fp32_test_accuracy(run)
+    with torch.no_grad():
+        reference = run.net(torch.from_numpy(run.x32)).numpy()
+    xml = to_openvino(run.onnx_path, run.tmp / "model.xml")
+    compiled = ov_compile(xml, precision="f32")
+    diff = float(np.abs(ov_logits(compiled, run.x32) - reference).max())
+    if diff > 1e-4:
+        raise FactoryError(f"OpenVINO FP32 output differs from PyTorch by {diff:.3g} (> 1e-4); not exported")
+    out["openvino"] = _measure(run, "openvino", compiled,
+                               {"file": "model.xml", "weights": "model.bin", "max_abs_diff_vs_pytorch": diff}, fp32_test)
+    if cpu_supports_bf16():
+        bf16 = ov_compile(xml, precision="bf16")
+        entry = {"file": "model.xml", "weights": "model.bin", "execution_precision": "bf16",
+                 "max_abs_diff_vs_pytorch": round(float(np.abs(ov_logits(bf16, run.x32) - reference).max()), 5)}
+        out["openvino-bf16"] = _measure(run, "openvino-bf16", bf16, entry, fp32_test)
+    else:
+        run.log("openvino-bf16: this CPU has no BF16 support; FP32 execution only")
+    if fp32_test is not None:
+        out["openvino"]["fp32_onnxruntime_test_accuracy"] = round(fp32_test, 4)
+    return out
+
+
+def export_openvino_int8(run) -> dict[str, dict]:
+    """The NNCF INT8 IR of ``openvino``'s FP32 IR (made first: :attr:`FormatSpec.requires`), calibrated on the
+    task's training images, timed and scored."""
+    to_openvino_int8(run.tmp / "model.xml", run.tmp / "model.int8.xml", run.calib)
+    entry = {"file": "model.int8.xml", "weights": "model.int8.bin", "calibration_images": len(run.calib)}
+    return {"openvino-int8": _measure(run, "openvino-int8", ov_compile(run.tmp / "model.int8.xml"), entry,
+                                      _fp32_test_accuracy(run))}

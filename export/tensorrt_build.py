@@ -7,7 +7,7 @@ buffers) so its outputs can be compared with onnxruntime's. Both need the ``tens
 a CUDA GPU; :func:`tensorrt_available` says which is missing.
 
 An engine only runs on the GPU model and TensorRT version that built it: for any other target,
-:mod:`export.kit` writes the exact ``trtexec`` command to run on the device instead.
+:mod:`export.trt_kit` writes the exact ``trtexec`` command to run on the device instead.
 """
 
 from __future__ import annotations

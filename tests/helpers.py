@@ -22,3 +22,12 @@ def make_vit(seed: int = 0, **overrides) -> nn.Module:
     return model.eval()
 
 
+
+
+def export_onnx_copy(run):
+    """The step of a format registered by tests/test_registries.py: a byte copy of the verified ONNX."""
+    import shutil
+
+    shutil.copyfile(run.onnx_path, run.tmp / "model.copy.onnx")
+    return {"onnx-copy": {"file": "model.copy.onnx", "copied_from": "model.onnx", "private_note": "not kept",
+                          "latency_ms_b1": run.fp32_stats["latency_ms_b1"]}}

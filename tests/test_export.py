@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from export.api import export_model, parse_formats
-from export.kit import trtexec_command
+from export.trt_kit import trtexec_command
 from export.onnx_export import export_onnx
 from export.tensorrt_build import tensorrt_available
 from factory import DescendantShape, FactoryError, init_descendant, load_ancestry
@@ -54,14 +54,6 @@ def test_a_wrong_export_fails_with_the_measured_diff_and_leaves_nothing(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.fixture(scope="module")
-def demo_file(tmp_path_factory):
-    anc = load_ancestry("demo")
-    path = tmp_path_factory.mktemp("demo") / "demo.safetensors"
-    save_descendant(anc.model, anc.arch, path, {"method": "ancestry"})
-    return path
-
-
 def test_export_all_formats_with_metadata_hashes_and_int8_accuracy(demo_file, tmp_path):
     profile = load_profile("demo/jetson_orin")
     record = export_model(demo_file, parse_formats("onnx,onnx-fp16,onnx-int8,trt"), tmp_path / "exp", profile=profile, data="mnist",
@@ -102,7 +94,7 @@ def _build_commands(script: str) -> tuple[list[str], list[str]]:
 def test_kit_contents_and_trtexec_commands(demo_file, tmp_path):
     record = export_model(demo_file, ["trt"], tmp_path / "exp", profile=load_profile("demo/jetson_orin_nano"), log=lambda *_: None)
     kit = tmp_path / "exp" / "trt_kit"
-    assert {p.name for p in kit.iterdir()} == {"model.onnx", "model.fp16.onnx", "build_engine.sh", "reference.npz",
+    assert {p.name for p in kit.iterdir()} == {"model.onnx", "model.fp16.onnx", "build_engine.sh", "reference.npz", "trtexec_tools.py",
                                               "check_engine.py", "README.md"}
     typed, weak = _build_commands((kit / "build_engine.sh").read_text())
     assert typed == trtexec_command("model.fp16.onnx", "model.fp16.engine", precision="fp16", in_chans=1, img_size=28, batch=1)
@@ -127,7 +119,7 @@ def test_kit_contents_and_trtexec_commands(demo_file, tmp_path):
 FAKE_TRTEXEC = """#!/usr/bin/env bash
 if [ "$1" = "--help" ]; then echo "&&&& RUNNING TensorRT.trtexec [TensorRT v{version}] # trtexec --help"; exit 0; fi
 echo "$@" > "$(dirname "$0")/args"
-for a in "$@"; do case "$a" in --saveEngine=*) touch "${{a#--saveEngine=}}";; esac; done
+for a in "$@"; do case "$a" in --saveEngine=*) [ -n "{write}" ] && printf engine > "${{a#--saveEngine=}}";; esac; done
 """
 
 
@@ -143,7 +135,7 @@ def test_build_engine_sh_picks_strong_typing_by_the_trtexec_version(demo_file, t
     fake.parent.mkdir()
     path = f"{Path(sys.executable).parent}:/usr/bin:/bin"  # python3 with numpy, for check_engine.py
     for version, typed in (("100300", True), ("110400", True), ("8601", False)):  # JetPack 6, TensorRT 11, JetPack 5
-        fake.write_text(FAKE_TRTEXEC.format(version=version))
+        fake.write_text(FAKE_TRTEXEC.format(version=version, write="yes"))
         fake.chmod(0o755)
         done = subprocess.run(["bash", str(kit / "build_engine.sh")], capture_output=True, text=True,
                               env={"PATH": path, "TRTEXEC": str(fake)}, timeout=60)
@@ -151,6 +143,11 @@ def test_build_engine_sh_picks_strong_typing_by_the_trtexec_version(demo_file, t
         assert ("--stronglyTyped" in args) == typed and ("--int8" in args) == (not typed), (version, args)
         assert "--onnx=model.int8.onnx" in args
         assert done.returncode == 2 and "tensorrt Python package is not installed" in done.stderr  # the check ran
+    fake.write_text(FAKE_TRTEXEC.format(version="100300", write=""))  # exits 0 and writes no engine
+    (kit / "model.int8.engine").unlink()
+    done = subprocess.run(["bash", str(kit / "build_engine.sh")], capture_output=True, text=True,
+                          env={"PATH": path, "TRTEXEC": str(fake)}, timeout=60)
+    assert done.returncode == 1 and "wrote no model.int8.engine" in done.stderr and "tensorrt Python" not in done.stderr
     done = subprocess.run(["bash", str(kit / "build_engine.sh")], capture_output=True, text=True,
                           env={"PATH": path, "TRTEXEC": ""}, timeout=60)
     assert done.returncode == 2 and "no trtexec" in done.stderr

@@ -23,7 +23,7 @@ def calibrate_cmd(profile_spec, ancestry, count, seed, out) -> None:
       # in the profile: calibration: kit/calibration.csv
     """
     from factory.core.ancestry import load_ancestry
-    from factory.device.kit import write_kit
+    from factory.device.calibration_kit import write_kit
     from factory.device.profile import load_profile
     from factory.device.resolve import latency_model_for
     from factory.device.search import SearchSpace

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from export.formats import FORMATS
+from export.formats import FORMAT_NAMES
 from factory.core.baselines import METHODS
 from factory.data import BUILTIN_DATASETS
 from factory.device.objective import OBJECTIVES
@@ -35,7 +35,7 @@ RATE = click.FloatRange(0, 10, min_open=True)  # learning rates (NaN is refused 
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 DATA_HELP = f"{', '.join(BUILTIN_DATASETS)}, or an ImageFolder directory (train/, val/, optional test/)."
-FORMAT_HELP = f"{', '.join(FORMATS)}, all, or a comma list."
+FORMAT_HELP = f"{', '.join(FORMAT_NAMES)}, all, or a comma list."
 OBJECTIVE_HELP = ("accuracy: probe the Pareto-front shapes by successive halving on the data and pick the lowest "
                   "(temperature-scaled) validation loss; capacity: the largest shape that fits, no probes; auto: capacity "
                   "for the trained learngene (measured within noise of the best), accuracy for another --init or "

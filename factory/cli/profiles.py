@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from factory.cli.common import BATCH, SIZE, FactoryGroup, UserError, ancestry_option, echo_json, seed_option
+from factory.device.runtimes import RUNTIMES
 
 
 @click.group(cls=FactoryGroup)
@@ -54,7 +55,8 @@ def profiles_show(name, as_json) -> None:
 
 
 @profiles.command("measure")
-@click.option("--runtime", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
+@click.option("--runtime", type=click.Choice([n for n, s in RUNTIMES.items() if s.kernel_tables]), default="onnxruntime",
+              show_default=True,
               help="Runtime whose kernels are measured (onnxruntime on this CPU).")
 @ancestry_option(help="Ancestry whose search space the tables span.")
 @click.option("--batch", "batches", type=BATCH, multiple=True, help="Batch sizes to span [default: 1 and 8].")

@@ -13,14 +13,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from export.api import verified_formats
+from export.context import verified_formats
+from export.formats import format_spec
 from factory.core.shapes import ArchConfig, DescendantShape
 from factory.device.profile import Profile
-
-#: Which runtime runs an export format, and at which precision.
-FORMAT_RUNTIME = {"onnx": ("onnxruntime", "fp32"), "onnx-fp16": ("onnxruntime", "fp16"), "onnx-int8": ("onnxruntime", "int8"),
-                  "openvino": ("openvino", "fp32"), "openvino-int8": ("openvino", "int8")}
-
 
 def is_this_machine(profile: Profile | None) -> bool:
     """Whether ``profile`` describes the build host itself (its figures are measured here)."""
@@ -35,7 +31,8 @@ def predicted_deployment(profile: Profile, arch: ArchConfig, shape: DescendantSh
     rated = set((profile.hardware.peak_tflops or {}).keys()) or {profile.precision}
     predicted, methods = {}, {}
     for fmt in verified_formats(artifacts):
-        runtime, precision = FORMAT_RUNTIME.get(fmt, (None, None))
+        spec = format_spec(fmt)  # which runtime runs the artifact, at which precision (the format registry)
+        runtime, precision = spec.runtime, spec.precision
         if runtime != profile.hardware.runtime or precision not in rated:
             continue
         model = latency_model_for(profile.model_copy(update={"precision": precision}), arch=arch)

@@ -2,7 +2,7 @@
 roofline's :class:`~factory.device.roofline.Efficiency` fitted to them.
 
 A calibration CSV has the columns :data:`CALIBRATION_FIELDS` plus ``latency_ms`` (what the
-calibration kit's ``measure.py`` writes; :mod:`factory.device.kit`).
+calibration kit's ``measure.py`` writes; :mod:`factory.device.calibration_kit`).
 """
 
 from __future__ import annotations
@@ -107,7 +107,6 @@ def fit_band(relative_errors, rows: int, *, held_out: bool = False) -> str:
 #: (the CLI's bounds on depth, widths, image sizes and batch).
 ROW_BOUNDS = {"depth": 4096, "embed_dim": 1 << 16, "num_heads": 4096, "img_size": 1 << 16, "patch_size": 1 << 16,
               "num_classes": 1 << 20, "batch": 1 << 16}
-RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
 
 
 def read_calibration_csv(path, profile_path: str, runtime: str | None = None) -> list[Measurement]:

@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from export.formats import Format
+from factory.device.runtimes import Runtime, runtime_spec
 from factory.errors import FactoryError
 
 Precision = Literal["fp32", "fp16", "int8"]
@@ -53,7 +54,7 @@ class Hardware(_Strict):
     )
     memory_bandwidth_gbs: float | None = Field(default=None, gt=0, description="DRAM bandwidth, GB/s.")
     memory_mb: float = Field(gt=0, description="Memory available to the model on the device, MB.")
-    runtime: Literal["tensorrt", "onnxruntime", "openvino"]
+    runtime: Runtime = Field(description="A registered runtime (factory.device.runtimes.RUNTIMES).")
     cores: int | None = Field(
         default=None, gt=0, le=4096,
         description="Cores the runtime's threads run on. A CPU profile that declares it (with datasheet peak and "
@@ -117,7 +118,7 @@ class Profile(_Strict):
         hw = self.hardware
         if not hw.measure and hw.peak_tflops and self.precision not in hw.peak_tflops:
             raise ValueError(f"precision {self.precision} has no hardware.peak_tflops.{self.precision} entry")
-        if self.latency_tables is not None and (hw.runtime != "onnxruntime" or self.precision != "fp32"):
+        if self.latency_tables is not None and (not runtime_spec(hw.runtime).kernel_tables or self.precision != "fp32"):
             raise ValueError("latency_tables are measured with onnxruntime at fp32: set runtime onnxruntime and precision "
                              "fp32, or drop latency_tables")
         return self

@@ -39,13 +39,10 @@ from typing import Any, Literal
 
 from factory.core.shapes import STANDARD_ARCH, ArchConfig, DescendantShape, num_tokens, vit_params
 from factory.device.profile import Hardware, Profile
+from factory.device.runtimes import runtime_spec
 
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 OpKind = Literal["matmul", "attention", "elementwise"]
-RUNTIME_OVERHEAD_MB = {"onnxruntime": 20.0, "tensorrt": 40.0, "openvino": 30.0}
-#: Runtimes that fuse attention (scores never round-trip through memory) and elementwise ops into
-#: their neighbours: TensorRT's MHA kernels; OpenVINO's CPU plugin (MHA/SDPA fusion, eltwise post-ops).
-FUSING_RUNTIMES = ("tensorrt", "openvino")
 
 
 #: The error band of a roofline from declared figures alone, with the priors of :meth:`Efficiency.default_for`: none
@@ -84,13 +81,8 @@ class Efficiency:
 
     @classmethod
     def default_for(cls, hw: Hardware) -> "Efficiency":
-        if hw.runtime == "tensorrt":
-            return cls(matmul=0.6, attention=0.4, memory=0.7, op_overhead_us=3.0, fixed_ms=0.05)
-        if hw.runtime == "openvino":  # fewer, fused ops than onnxruntime on the same CPU; calibrate with real rows
-            return cls(matmul=0.5, attention=0.35, memory=0.55, op_overhead_us=5.0, fixed_ms=0.05)
-        if hw.kind == "cpu":
-            return cls(matmul=0.45, attention=0.25, memory=0.5, op_overhead_us=8.0, fixed_ms=0.03)
-        return cls()
+        """The runtime's prior on this kind of hardware (:meth:`factory.device.runtimes.RuntimeSpec.prior_for`)."""
+        return cls(**runtime_spec(hw.runtime).prior_for(hw.kind))
 
 
 @dataclass(frozen=True)
@@ -126,7 +118,7 @@ class Device:
         else:
             assert hw.peak_tflops is not None and hw.memory_bandwidth_gbs is not None
             peak, bw = hw.peak_tflops[profile.precision] * 1e12, hw.memory_bandwidth_gbs * 1e9
-        return cls(peak, bw, hw.runtime, hw.memory_mb, fused_attention=hw.runtime in FUSING_RUNTIMES, cores=cores)
+        return cls(peak, bw, hw.runtime, hw.memory_mb, fused_attention=runtime_spec(hw.runtime).fuses, cores=cores)
 
 
 def vit_ops(
@@ -173,7 +165,7 @@ def roofline_ms(ops: list[tuple[Op, int]], device: Device, eff: Efficiency) -> f
     cores = device.cores or 1
     amdahl = 1.0 + eff.serial_fraction * (cores - 1)
     per_op = (eff.op_overhead_us + cores * eff.sync_us_per_thread) * 1e-6
-    skip_elementwise_overhead = device.runtime in FUSING_RUNTIMES  # fused into neighbouring kernels
+    skip_elementwise_overhead = runtime_spec(device.runtime).fuses  # fused into neighbouring kernels
     total = 0.0
     for op, count in ops:
         compute = 2 * op.macs / peak[op.kind] if op.kind != "elementwise" else 0.0
@@ -193,7 +185,7 @@ def memory_mb(shape: DescendantShape, batch: int, precision: str, runtime: str, 
     weights = vit_params(shape, arch) * b
     scores = 0 if fused_attention else h * n * n
     acts = batch * b * (2 * n * d + max(3 * n * d + scores, 2 * n * m))
-    return (weights + acts) / 1e6 + RUNTIME_OVERHEAD_MB.get(runtime, 0.0)
+    return (weights + acts) / 1e6 + runtime_spec(runtime).overhead_mb  # an unregistered runtime is an error, not 0 MB
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from export.formats import format_spec
 from factory._version import __version__
 from factory.errors import FactoryError
 from factory.io import atomic_write_bytes, confined, content_key, sha256_file
 from factory.pipeline.config import BuildConfig, build_learngene_recipe, identity, learngene_fingerprint
 from factory.pipeline.manifest_schema import MANIFEST_SCHEMA
 
-#: Export record fields a manifest artifact keeps.
-ARTIFACT_FIELDS = ("sha256", "files", "kind", "mode", "val_accuracy", "test_accuracy", "weights_sha256", "execution_precision",
-                   "inference_precision", "precision", "typed_model", "reason", "nodes", "accuracy_drop_vs_fp32",
-                   "typed_accuracy_drop_vs_fp32", "typed_val_accuracy", "max_abs_diff_vs_fp32", "latency_ms_b1", "latency_ms_b1_p90",
-                   "latency_ms_b32", "benchmark_app")
 #: At most this many rejected shapes are kept per device for the report's plot.
 REJECTED_POINTS = 400
 
@@ -78,8 +74,8 @@ def device_record(entry: dict[str, Any], *, finetune: dict[str, Any], finetune_k
     name, predicted = entry["name"], entry["predicted"]
     artifacts = {"model": {"path": f"{name}/model.safetensors", "sha256": model_sha256}}
     for fmt, art in export_record["artifacts"].items():
-        artifacts[fmt] = {"path": f"{name}/export/{art.get('file') or art.get('dir')}",
-                          **{k: v for k, v in art.items() if k in ARTIFACT_FIELDS}}
+        keep = format_spec(fmt).manifest_fields  # each format declares the export.json fields the manifest keeps
+        artifacts[fmt] = {"path": f"{name}/export/{art.get('file') or art.get('dir')}", **{k: v for k, v in art.items() if k in keep}}
     return {
         "init": finetune.get("init", cfg.init),
         "init_requested": cfg.init,

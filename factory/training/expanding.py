@@ -57,7 +57,8 @@ from factory.core.timm_vit import build_vit
 from factory.errors import FactoryError
 from factory.training.batches import training_batches
 from factory.training.precision import autocast_for, pick_device, precision_for
-from factory.training.train import TrainConfig, evaluate, lr_at, open_checkpoint, resume_or_restart, save_checkpoint
+from factory.training.loop import StepLoop
+from factory.training.train import TrainConfig, evaluate, open_checkpoint, resume_or_restart, save_checkpoint
 
 
 def zero_shot(lg: Learngene, shapes: list[DescendantShape], data) -> dict[str, float]:
@@ -78,15 +79,16 @@ def train_learngene(
     resume: bool = False,
     ckpt_every: int = 100,
     progress: bool = True,
+    should_stop=None,
 ) -> tuple[Learngene, dict[str, Any]]:
     """Run the expanding phase; returns the trained learngene and a report (before/after).
 
     With ``out_dir`` a checkpoint is written every ``ckpt_every`` steps (and at the end) to
     ``out_dir/checkpoint`` and the loss log to ``out_dir/metrics.jsonl``; ``resume`` continues
     from that checkpoint (see the module docstring).
+    ``should_stop`` is polled before every step, as in :func:`factory.training.train.train`
+    (:class:`factory.training.loop.StepLoop`).
     """
-    from tqdm.auto import tqdm
-
     arch = lg.arch
     if not shapes:
         raise FactoryError("the expanding phase needs at least one descendant shape")
@@ -111,10 +113,6 @@ def train_learngene(
     schedule = TrainConfig(steps=max(1, cfg.steps), lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr=cfg.lr * 0.01)
     out = Path(out_dir) if out_dir is not None else None
     ckpt, start = open_checkpoint(out, resume, work, opt, "the expanding phase")
-    log = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        log = open(out / "metrics.jsonl", "a" if resume else "w")
     size = cfg.distill_img_size or arch.img_size
     if size != arch.img_size:
         check_distill_size(size, arch)
@@ -133,51 +131,34 @@ def train_learngene(
     autocast, _ = autocast_for(device, "bf16" if precision == "bf16" else "off")
     report["precision"], report["device"] = precision, str(device)
     report["distill_img_size"] = size
-    history = []
+
+    def step_fn(step: int, batch, last: bool) -> dict[str, Any]:
+        x = batch[0].to(device, non_blocking=True)
+        if size != arch.img_size:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        with torch.no_grad(), autocast:
+            target = teacher(x).float()
+        opt.zero_grad(set_to_none=True)
+        current = work.learngene(lg)
+        total = 0.0
+        for shape in picks_at(step, by_cost, cfg):
+            state = expand_tensors(current, shape)
+            if "pos_embed" in state:
+                state["pos_embed"] = distill_pos_embed(state["pos_embed"], grid, small, prefix)
+            with autocast:
+                logits = torch.func.functional_call(skeletons[shape], state, (x,))
+            loss = distill_loss(logits.float(), target, cfg.temperature)
+            loss.backward()
+            total += float(loss.detach())
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return {"loss": round(total, 5)}
+
     t0 = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="expanding phase", unit="step",
-               disable=not progress, dynamic_ncols=True)
-    batches = training_batches(data, cfg.batch_size, range(start, cfg.steps), cfg.seed, cfg.shift)
-    step_start = time.perf_counter()
-    try:
-        for step in bar:
-            x = next(batches)[0].to(device, non_blocking=True)
-            if size != arch.img_size:
-                x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            with torch.no_grad(), autocast:
-                target = teacher(x).float()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, schedule)
-            opt.zero_grad(set_to_none=True)
-            current = work.learngene(lg)
-            total = 0.0
-            for shape in picks_at(step, by_cost, cfg):
-                state = expand_tensors(current, shape)
-                if "pos_embed" in state:
-                    state["pos_embed"] = distill_pos_embed(state["pos_embed"], grid, small, prefix)
-                with autocast:
-                    logits = torch.func.functional_call(skeletons[shape], state, (x,))
-                loss = distill_loss(logits.float(), target, cfg.temperature)
-                loss.backward()
-                total += float(loss.detach())
-            nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            now = time.perf_counter()
-            record = {"step": step + 1, "loss": round(total, 5), "seconds": round(now - step_start, 4)}
-            step_start = now
-            history.append(record)
-            if log is not None:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            bar.set_postfix(loss=f"{total:.3f}")
-            last = step + 1 == cfg.steps
-            if ckpt is not None and ((ckpt_every and (step + 1) % ckpt_every == 0) or last):
-                save_checkpoint(ckpt, work, opt, step + 1, cfg)
-    finally:
-        bar.close()
-        batches.close()
-        if log is not None:
-            log.close()
+    loop = StepLoop(cfg.steps, schedule, save=(lambda at: save_checkpoint(ckpt, work, opt, at, cfg)) if ckpt is not None else None,
+                    ckpt_every=ckpt_every, metrics_path=out / "metrics.jsonl" if out is not None else None, append=resume,
+                    progress=progress, desc="expanding phase", should_stop=should_stop)
+    history = loop.run(start, training_batches(data, cfg.batch_size, range(start, cfg.steps), cfg.seed, cfg.shift), opt, step_fn)
     trained = work.requires_grad_(False).cpu().learngene(lg, detach=True)
     trained.meta = dict(lg.meta)
     report["loss_first"] = history[0]["loss"] if history else None

@@ -42,6 +42,7 @@ from factory.io import atomic_directory, ensure_parent, seal, seal_state
 from factory.core.expanding import distill_loss
 from factory.data import ImageTensors
 from factory.training.batches import eval_batches, training_batches
+from factory.training.loop import StepLoop, lr_at
 from factory.training.precision import autocast_for, pick_device, precision_for
 
 
@@ -91,15 +92,6 @@ def intra_op_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps`` then cosine from ``lr`` to ``min_lr`` at ``steps``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def evaluate(model: nn.Module, data: ImageTensors, *, batch_size: int = 512, device: torch.device | None = None) -> float:
@@ -249,8 +241,6 @@ def train(
     far is written (if ``out_dir`` is given) and :class:`~factory.errors.Interrupted` is raised,
     so a rerun with ``resume`` continues from there.
     """
-    from tqdm.auto import tqdm
-
     rank, world = _dist_info()
     device = pick_device(cfg.device)
     if world > 1 and not torch.distributed.is_initialized():
@@ -280,76 +270,57 @@ def train(
         start = int(carry["step"])
     autocast, needs_scaler = autocast_for(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
-    history: list[dict[str, Any]] = []
-    log = None
-    if out is not None and rank == 0:
-        ensure_parent(out / "metrics.jsonl")
-        log = open(out / "metrics.jsonl", "a" if resume else "w")
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank != 0,
-               desc=desc, unit="step", dynamic_ncols=True)
-    t0, seen, loss_value, acc = time.perf_counter(), 0, float("nan"), None
-    batches = training_batches(train_data, cfg.batch_size, range(start, cfg.steps), cfg.seed, cfg.shift, rank=rank, world=world)
-    step_start = t0
-    try:
-        for step in bar:
-            if should_stop is not None and should_stop():
-                if ckpt is not None and rank == 0 and step > start:
-                    save_checkpoint(ckpt, model, opt, step, cfg)
-                raise Interrupted(f"training stopped at step {step} of {cfg.steps}")
-            x, y = next(batches)
-            x, y = x.to(device), y.to(device)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            with autocast:
-                logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                if teacher is not None and cfg.distill_alpha > 0:
-                    with torch.no_grad():
-                        t_logits = teacher(x).float()
-                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill_loss(
-                        logits.float(), t_logits, cfg.distill_temperature
-                    )
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            if cfg.clip_grad > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            seen += len(y) * world
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value) and scaler is None:  # fp16 AMP skips such steps itself
-                raise FactoryError(f"training diverged: the loss is {loss_value} at step {step + 1}; lower the learning "
-                                   f"rate (now {cfg.lr:g}) or check the data")
-            batch_acc = float((logits.argmax(-1) == y).float().mean())
-            now = time.perf_counter()
-            record: dict[str, Any] = {"step": step + 1, "loss": round(loss_value, 5), "acc": round(batch_acc, 4),
-                                      "lr": lr_at(step, cfg), "seconds": round(now - step_start, 4)}
-            step_start = now
-            last = step + 1 == cfg.steps
-            if val_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
-                acc = evaluate(model, val_data, device=device)
-                record["val_acc"] = round(acc, 4)
-            history.append(record)
-            if log is not None:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            rate = seen / max(1e-9, time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{batch_acc:.2f}", img_s=f"{rate:.0f}")
-            if ckpt is not None and rank == 0 and ((cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or last):
-                save_checkpoint(ckpt, model, opt, step + 1, cfg)
-    finally:
-        bar.close()
-        batches.close()  # stops a streamed split's decoding workers
-        if log is not None:
-            log.close()
+    seen, state = 0, {"loss": float("nan"), "acc": None}
+    t0 = time.perf_counter()
+
+    def step_fn(step: int, batch, last: bool) -> dict[str, Any]:
+        nonlocal seen
+        x, y = batch[0].to(device), batch[1].to(device)
+        with autocast:
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            if teacher is not None and cfg.distill_alpha > 0:
+                with torch.no_grad():
+                    t_logits = teacher(x).float()
+                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill_loss(
+                    logits.float(), t_logits, cfg.distill_temperature
+                )
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if cfg.clip_grad > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        seen += len(y) * world
+        loss_value = state["loss"] = float(loss.detach())
+        if not math.isfinite(loss_value) and scaler is None:  # fp16 AMP skips such steps itself
+            raise FactoryError(f"training diverged: the loss is {loss_value} at step {step + 1}; lower the learning "
+                               f"rate (now {cfg.lr:g}) or check the data")
+        batch_acc = float((logits.argmax(-1) == y).float().mean())
+        record: dict[str, Any] = {"loss": round(loss_value, 5), "acc": round(batch_acc, 4), "lr": lr_at(step, cfg)}
+        if val_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+            state["acc"] = evaluate(model, val_data, device=device)
+            record["val_acc"] = round(state["acc"], 4)
+        return record
+
+    def postfix(record: dict[str, Any]) -> dict[str, str]:
+        rate = seen / max(1e-9, time.perf_counter() - t0)
+        return {"loss": f"{record['loss']:.3f}", "acc": f"{record['acc']:.2f}", "img_s": f"{rate:.0f}"}
+
+    loop = StepLoop(cfg.steps, cfg, save=(lambda at: save_checkpoint(ckpt, model, opt, at, cfg)) if ckpt is not None else None,
+                    ckpt_every=cfg.ckpt_every, metrics_path=out / "metrics.jsonl" if out is not None else None, append=resume,
+                    rank=rank, progress=progress, desc=desc, should_stop=should_stop, postfix=postfix)
+    history = loop.run(start, training_batches(train_data, cfg.batch_size, range(start, cfg.steps), cfg.seed, cfg.shift,
+                                               rank=rank, world=world), opt, step_fn)
+    loss_value, acc = state["loss"], state["acc"]
     if carry is not None:
         carry.update(optimizer=opt.state_dict(), step=cfg.steps)
     model.eval()
-    return TrainResult(cfg.steps, loss_value, acc, history, time.perf_counter() - t0, precision_for(device, cfg.amp))
+    return TrainResult(cfg.steps, loss_value, acc, history, loop.seconds, precision_for(device, cfg.amp))

@@ -32,6 +32,8 @@ import numpy as np
 from .onnx_export import INPUT_NAME
 
 TEMPLATE = Path(__file__).parent / "templates" / "check_engine.py"
+#: trtexec discovery (``$TRTEXEC``, the PATH, JetPack's) and its version, copied into this kit and the calibration kit.
+TRTEXEC_TOOLS = Path(__file__).parent / "templates" / "trtexec_tools.py"
 #: The first TensorRT major version whose trtexec builds strongly typed networks (``--stronglyTyped``).
 STRONG_TYPING_SINCE = 9
 #: The kit's model for each precision: the typed graph a strongly typed build reads.
@@ -66,24 +68,22 @@ SCRIPT = """#!/usr/bin/env bash
 # reference outputs. TensorRT >= {since}: strongly typed, from {typed}; older: weak-typing flags, from {weak}.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ -z "${{TRTEXEC:-}}" ]; then
-  TRTEXEC=$(command -v trtexec || true)
-  if [ -z "$TRTEXEC" ] && [ -x /usr/src/tensorrt/bin/trtexec ]; then TRTEXEC=/usr/src/tensorrt/bin/trtexec; fi
-fi
-if [ -z "$TRTEXEC" ] || [ ! -x "$TRTEXEC" ]; then
-  echo "build_engine.sh: error: no trtexec (looked at \\$TRTEXEC, the PATH and /usr/src/tensorrt/bin); install TensorRT or set TRTEXEC" >&2
-  exit 2
-fi
-VERSION=$("$TRTEXEC" --help 2>&1 | grep -o 'TensorRT v[0-9]*' | head -n 1 | tr -dc 0-9 || true)
-if [ -z "$VERSION" ]; then
+# trtexec discovery and its version: trtexec_tools.py, shared with the latency calibration kit
+if ! TRTEXEC=$(python3 trtexec_tools.py find); then exit 2; fi
+MAJOR=$(python3 trtexec_tools.py major "$TRTEXEC")
+if [ -z "$MAJOR" ]; then
   echo "build_engine.sh: could not read trtexec's TensorRT version; assuming strong typing" >&2
   MAJOR={since}
-elif [ "$VERSION" -ge 10000 ]; then MAJOR=$((VERSION / 10000)); else MAJOR=$((VERSION / 1000)); fi
+fi
 echo "TensorRT $MAJOR ($TRTEXEC)"
 if [ "$MAJOR" -ge {since} ]; then
 {typed_cmd}
 else
 {weak_cmd}
+fi
+if [ ! -s {engine} ]; then
+  echo "build_engine.sh: error: trtexec exited 0 but wrote no {engine}; see its output above" >&2
+  exit 1
 fi
 python3 check_engine.py {engine}
 """
@@ -136,6 +136,7 @@ def write_kit(directory: Path, *, onnx_fp32: Path, precision: str, in_chans: int
     arrays.update({f"output_{b}": y for b, y in reference_outputs.items()})
     np.savez(directory / "reference.npz", **arrays)
     shutil.copyfile(TEMPLATE, directory / "check_engine.py")
-    names = sorted({"model.onnx", typed, "build_engine.sh", "reference.npz", "check_engine.py", "README.md"})
+    shutil.copyfile(TRTEXEC_TOOLS, directory / TRTEXEC_TOOLS.name)
+    names = sorted({"model.onnx", typed, "build_engine.sh", "reference.npz", "check_engine.py", TRTEXEC_TOOLS.name, "README.md"})
     (directory / "README.md").write_text(README.format(**fields, files=", ".join(f"`{n}`" for n in names)))
     return [directory / n for n in names]
