@@ -37,12 +37,22 @@ def load_tasks(names: tuple[str, ...] | list[str]) -> dict[str, tuple[ImageTenso
 
 
 def recipe(steps: int, eval_every: int, seed: int, amp: str = "auto") -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=max(1, steps // 15), eval_every=eval_every,
-                       label_smoothing=0.1, shift=1, seed=seed, amp=amp)
+    return TrainConfig(
+        steps=steps,
+        batch_size=32,
+        lr=1e-3,
+        warmup_steps=max(1, steps // 15),
+        eval_every=eval_every,
+        label_smoothing=0.1,
+        shift=1,
+        seed=seed,
+        amp=amp,
+    )
 
 
-def finetune_curve(model, train_set: ImageTensors, eval_set: ImageTensors, steps: int, eval_every: int, seed: int,
-                   amp: str = "auto") -> dict[int, float]:
+def finetune_curve(
+    model, train_set: ImageTensors, eval_set: ImageTensors, steps: int, eval_every: int, seed: int, amp: str = "auto"
+) -> dict[int, float]:
     """Test accuracy at step 0 and every ``eval_every`` steps of the recipe (trained in ``amp``'s precision)."""
     zero = evaluate(model, eval_set)
     res = train(model, train_set, recipe(steps, eval_every, seed, amp), val_data=eval_set, progress=False)

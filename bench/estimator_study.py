@@ -43,11 +43,11 @@ import torch
 from common import write_outputs
 
 from factory import init_descendant, load_ancestry
+from factory.core.demo import load_demo_learngene
 from factory.core.shapes import DescendantShape
+from factory.data import load_dataset
 from factory.device.accuracy import SuccessiveHalving
 from factory.pipeline.config import BuildConfig, finetune_recipe
-from factory.core.demo import load_demo_learngene
-from factory.data import load_dataset
 from factory.training.train import evaluate_nll, train
 
 
@@ -75,8 +75,10 @@ def probe(anc, lg, ds, shape, recipe, rungs, cosine, cool=()) -> dict:
             branch, branch_carry = copy.deepcopy(model), copy.deepcopy(carry)
             t1 = time.perf_counter()
             train(branch, ds.train, shipped.probe_recipe(2 * k, cool_from=k), progress=False, carry=branch_carry)
-            out[f"cool-{k}"] = (*val_metrics(branch, ds.val, per_image, f"cool-{k}"),
-                                round(spent + time.perf_counter() - t1, 2))
+            out[f"cool-{k}"] = (
+                *val_metrics(branch, ds.val, per_image, f"cool-{k}"),
+                round(spent + time.perf_counter() - t1, 2),
+            )
     for k in cosine:
         model = init_descendant("peg", shape, ancestry=anc, learngene=lg, seed=recipe.seed)
         t0 = time.perf_counter()
@@ -93,11 +95,21 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--rungs", type=int, nargs="+", default=[3, 6, 12, 24])
     parser.add_argument("--cosine", type=int, nargs="*", default=[6, 12])
-    parser.add_argument("--cool", type=int, nargs="*", default=[],
-                        help="rungs whose constant-LR state is also cooled down (cosine to min_lr) over as many steps again")
+    parser.add_argument(
+        "--cool",
+        type=int,
+        nargs="*",
+        default=[],
+        help="rungs whose constant-LR state is also cooled down (cosine to min_lr) over as many steps again",
+    )
     parser.add_argument("--md", type=Path, default=None)
-    parser.add_argument("--analyse", type=Path, default=None, metavar="STUDY_JSON",
-                        help="only re-analyse the probes of an earlier run's JSON against --from")
+    parser.add_argument(
+        "--analyse",
+        type=Path,
+        default=None,
+        metavar="STUDY_JSON",
+        help="only re-analyse the probes of an earlier run's JSON against --from",
+    )
     args = parser.parse_args()
     source = json.loads(args.source.read_text())
     if args.analyse:
@@ -113,18 +125,31 @@ def main() -> None:
     start = time.perf_counter()
     for (task, seed), labels in sorted(pools.items()):
         ds = load_dataset(task, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
-        recipe = finetune_recipe(BuildConfig(data=task, seed=seed, device="cpu", finetune_steps=source["args"]["steps"]))
+        recipe = finetune_recipe(
+            BuildConfig(data=task, seed=seed, device="cpu", finetune_steps=source["args"]["steps"])
+        )
         for label in sorted(labels):
             d, w, h, r, i, p = re.fullmatch(r"d(\d+)-w(\d+)-h(\d+)-r([\d.]+)-i(\d+)-p(\d+)", label).groups()
             shape = DescendantShape(int(d), int(w), int(h), float(r), int(i), int(p), num_classes=ds.num_classes)
             res = probe(anc, lg, ds, shape, recipe, args.rungs, args.cosine, args.cool)
             probes[f"{task}|{seed}|{label}"] = res
-            print(task, seed, label, {k: tuple(round(x, 3) for x in v) for k, v in res.items() if k != "nll_per_image"},
-                  flush=True)
-    data = {"source": str(args.source), "rungs": args.rungs, "cosine": args.cosine, "cool": args.cool, "probes": probes,
-            "wall_seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
+            print(
+                task,
+                seed,
+                label,
+                {k: tuple(round(x, 3) for x in v) for k, v in res.items() if k != "nll_per_image"},
+                flush=True,
+            )
+    data = {
+        "source": str(args.source),
+        "rungs": args.rungs,
+        "cosine": args.cosine,
+        "cool": args.cool,
+        "probes": probes,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "threads": torch.get_num_threads(),
+    }
     write_outputs(data, analyse(source, data), args.json, args.md)
-
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -133,7 +158,9 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def successive_halving(scores: dict[str, dict], cands: list[str], rungs: list[str], key: int) -> tuple[str, float, dict]:
+def successive_halving(
+    scores: dict[str, dict], cands: list[str], rungs: list[str], key: int
+) -> tuple[str, float, dict]:
     """Simulate successive halving on recorded probes (``rungs``: the probe key of each rung, e.g.
     ``const-3``): every candidate to the first rung, the better half by ``key`` (0 accuracy, 1 NLL)
     continues to the next, ... ; returns (chosen, probe seconds, the score each candidate ended with)."""
@@ -149,8 +176,9 @@ def successive_halving(scores: dict[str, dict], cands: list[str], rungs: list[st
     return best, cost, {c: (-v[1] if key else v[0]) for c, v in final.items()}
 
 
-def anchored_halving(scores: dict[str, dict], cands: list[str], incumbent: str, rungs: list[str],
-                     z: float) -> tuple[str, float, dict]:
+def anchored_halving(
+    scores: dict[str, dict], cands: list[str], incumbent: str, rungs: list[str], z: float
+) -> tuple[str, float, dict]:
     """Successive halving in which the capacity choice (the incumbent) always goes on; at the last
     rung the best challenger replaces it only if its per-image NLL is lower by more than ``z``
     standard errors of the paired difference (same validation images)."""
@@ -188,17 +216,28 @@ def analyse(source: dict, study: dict) -> str:
     for lo in range(len(rungs) - 2):
         for n in (3, 4):
             if lo + n <= len(rungs):
-                variants[f"halving {'/'.join(map(str, rungs[lo:lo + n]))} nll"] = ("sh", [f"const-{k}" for k in rungs[lo:lo + n]], 1)
+                variants[f"halving {'/'.join(map(str, rungs[lo : lo + n]))} nll"] = (
+                    "sh",
+                    [f"const-{k}" for k in rungs[lo : lo + n]],
+                    1,
+                )
     if any("nll_per_image" in p for p in probes.values()):
         for z in (1.0, 2.0):
-            variants[f"anchored halving {'/'.join(map(str, rungs[:3]))} z={z:g}"] = ("anchored", [f"const-{k}" for k in rungs[:3]], z)
+            variants[f"anchored halving {'/'.join(map(str, rungs[:3]))} z={z:g}"] = (
+                "anchored",
+                [f"const-{k}" for k in rungs[:3]],
+                z,
+            )
     for k in study.get("cool", []):  # the last rung cooled down: constant LR to k, then cosine to min_lr over k steps
         head = [f"const-{r}" for r in rungs if r <= k]
         name = f"{'/'.join(x.split('-')[1] for x in head)} + cool {k}->{2 * k}"
         variants[f"halving {name} nll"] = ("sh", [*head, f"cool-{k}"], 1)
         variants[f"anchored halving {name} z=2"] = ("anchored", [*head, f"cool-{k}"], 2.0)
-    table = ["| estimator | mean gain over capacity | gap to oracle (mean / max) | within 1 pt | seed-averaged gap (mean / max) "
-             "| Spearman | cost / fine-tune (mean / max) |", "|---|---|---|---|---|---|---|"]
+    table = [
+        "| estimator | mean gain over capacity | gap to oracle (mean / max) | within 1 pt | seed-averaged gap (mean / max) "
+        "| Spearman | cost / fine-tune (mean / max) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, spec in variants.items():
         gains, gaps, avg_gap, rhos, costs = [], [], {}, [], []
         picks: dict[tuple[str, str], list[str]] = {}
@@ -232,10 +271,12 @@ def analyse(source: dict, study: dict) -> str:
             shared = set.intersection(*(set(r["measured"]) for r in rows))
             mean = {c: statistics.mean(r["measured"][c] for r in rows) for c in shared}
             avg_gap[(prof, task)] = 100 * (max(mean.values()) - statistics.mean(mean.get(c, 0.0) for c in chosen))
-        table.append(f"| {name} | {statistics.mean(gains):+.2f} pt | {statistics.mean(gaps):.2f} / {max(gaps):.1f} pt | "
-                     f"{sum(g <= 1.0 for g in gaps)}/{len(gaps)} | {statistics.mean(avg_gap.values()):.2f} / "
-                     f"{max(avg_gap.values()):.1f} pt | {statistics.mean(rhos) if rhos else float('nan'):.2f} | "
-                     f"{statistics.mean(costs):.2f} / {max(costs):.2f} |")
+        table.append(
+            f"| {name} | {statistics.mean(gains):+.2f} pt | {statistics.mean(gaps):.2f} / {max(gaps):.1f} pt | "
+            f"{sum(g <= 1.0 for g in gaps)}/{len(gaps)} | {statistics.mean(avg_gap.values()):.2f} / "
+            f"{max(avg_gap.values()):.1f} pt | {statistics.mean(rhos) if rhos else float('nan'):.2f} | "
+            f"{statistics.mean(costs):.2f} / {max(costs):.2f} |"
+        )
     return "\n".join(table)
 
 

@@ -49,37 +49,63 @@ def main() -> None:
         model = timm.create_model(f"local-dir:{dev}", pretrained=True).eval()
         x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
         with torch.no_grad():
-            timm_diff = float(np.abs(model(torch.from_numpy(x)).numpy()
-                                     - ort.InferenceSession(str(dev / "export" / "model.onnx")).run(None, {"images": x})[0]).max())
-        row = {"device": name, "nodes_exported": onnx["nodes"]["exported"], "nodes_simplified": onnx["nodes"].get("simplified"),
-               "onnx_max_abs_diff": max(onnx["max_abs_diff"].values()), "fp32_val_accuracy": onnx.get("val_accuracy"),
-               "timm_local_dir_max_abs_diff": timm_diff}
+            timm_diff = float(
+                np.abs(
+                    model(torch.from_numpy(x)).numpy()
+                    - ort.InferenceSession(str(dev / "export" / "model.onnx")).run(None, {"images": x})[0]
+                ).max()
+            )
+        row = {
+            "device": name,
+            "nodes_exported": onnx["nodes"]["exported"],
+            "nodes_simplified": onnx["nodes"].get("simplified"),
+            "onnx_max_abs_diff": max(onnx["max_abs_diff"].values()),
+            "fp32_val_accuracy": onnx.get("val_accuracy"),
+            "timm_local_dir_max_abs_diff": timm_diff,
+        }
         trt = art.get("trt")
         if trt:
-            row.update(trt_typed_model=trt.get("typed_model"), trt_typed_val_accuracy=trt.get("typed_val_accuracy"),
-                       trt_typed_accuracy_delta=None if trt.get("typed_accuracy_drop_vs_fp32") is None
-                       else 0.0 - trt["typed_accuracy_drop_vs_fp32"])
+            row.update(
+                trt_typed_model=trt.get("typed_model"),
+                trt_typed_val_accuracy=trt.get("typed_val_accuracy"),
+                trt_typed_accuracy_delta=None
+                if trt.get("typed_accuracy_drop_vs_fp32") is None
+                else 0.0 - trt["typed_accuracy_drop_vs_fp32"],
+            )
         if "onnx-int8" in art:
             row["onnx_int8_accuracy_delta"] = 0.0 - art["onnx-int8"]["accuracy_drop_vs_fp32"]
         for fmt in ("openvino", "openvino-bf16", "openvino-int8"):
             if fmt in art:
                 a = art[fmt]
-                row[fmt] = {"precision": a["inference_precision"], "test_accuracy_delta": 0.0 - a.get("accuracy_drop_vs_fp32", 0.0),
-                            "b1_median_ms": a["latency_ms_b1"], "b1_p90_ms": a["latency_ms_b1_p90"],
-                            "host_load_1min": a["host_load_1min"]}
+                row[fmt] = {
+                    "precision": a["inference_precision"],
+                    "test_accuracy_delta": 0.0 - a.get("accuracy_drop_vs_fp32", 0.0),
+                    "b1_median_ms": a["latency_ms_b1"],
+                    "b1_p90_ms": a["latency_ms_b1_p90"],
+                    "host_load_1min": a["host_load_1min"],
+                }
         row["deploy"] = record["deploy"]["format"]
         rows.append(row)
-    lines = ["| device | ONNX nodes exported -> simplified | ONNX vs PyTorch | timm local-dir vs ONNX | TensorRT typed model | "
-             "typed accuracy vs FP32 (val) | onnx-int8 vs FP32 (val) | OpenVINO (precision: test acc. delta, b1 median/p90 ms, load) | deploy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| device | ONNX nodes exported -> simplified | ONNX vs PyTorch | timm local-dir vs ONNX | TensorRT typed model | "
+        "typed accuracy vs FP32 (val) | onnx-int8 vs FP32 (val) | "
+        "OpenVINO (precision: test acc. delta, b1 median/p90 ms, load) | deploy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        ov = "; ".join(f"{f} ({v['precision']}: {v['test_accuracy_delta']:+.4f}, {v['b1_median_ms']:.3f}/{v['b1_p90_ms']:.3f} ms, "
-                       f"load {v['host_load_1min']})" for f in ("openvino", "openvino-bf16", "openvino-int8") if (v := r.get(f)))
+        ov = "; ".join(
+            f"{f} ({v['precision']}: {v['test_accuracy_delta']:+.4f}, {v['b1_median_ms']:.3f}/{v['b1_p90_ms']:.3f} ms, "
+            f"load {v['host_load_1min']})"
+            for f in ("openvino", "openvino-bf16", "openvino-int8")
+            if (v := r.get(f))
+        )
         delta = r.get("trt_typed_accuracy_delta")
         int8 = r.get("onnx_int8_accuracy_delta")
-        lines.append(f"| {r['device']} | {r['nodes_exported']} -> {r['nodes_simplified']} | {r['onnx_max_abs_diff']:.1e} | "
-                     f"{r['timm_local_dir_max_abs_diff']:.1e} | {r.get('trt_typed_model') or ''} | "
-                     f"{'' if delta is None else f'{delta:+.4f}'} | {'' if int8 is None else f'{int8:+.4f}'} | {ov} | {r['deploy']} |")
+        lines.append(
+            f"| {r['device']} | {r['nodes_exported']} -> {r['nodes_simplified']} | {r['onnx_max_abs_diff']:.1e} | "
+            f"{r['timm_local_dir_max_abs_diff']:.1e} | {r.get('trt_typed_model') or ''} | "
+            f"{'' if delta is None else f'{delta:+.4f}'} | {'' if int8 is None else f'{int8:+.4f}'} | {ov} | {r['deploy']} |"
+        )
     write_outputs(rows, "\n".join(lines), args.json, args.md)
 
 

@@ -60,47 +60,84 @@ def finetune_rows(anc, steps: int, batch: int) -> list[dict]:
     rows = []
     for amp in ("auto", "off"):
         model = build_vit(anc.arch, shape, seed=0)
-        res = train(model, data, TrainConfig(steps=steps + 1, batch_size=batch, amp=amp, device="cuda", warmup_steps=1),
-                    progress=False)
+        res = train(
+            model,
+            data,
+            TrainConfig(steps=steps + 1, batch_size=batch, amp=amp, device="cuda", warmup_steps=1),
+            progress=False,
+        )
         per = sorted(h["seconds"] for h in res.history[1:])[(steps - 1) // 2]
-        rows.append({"check": f"fine-tune step, DeiT-Tiny 224 px, batch {batch}", "precision": res.precision,
-                     "value": f"{batch / per:.0f} img/s ({per * 1e3:.0f} ms/step)",
-                     "precision_expected": precision_for(torch.device("cuda"), amp)})
+        rows.append(
+            {
+                "check": f"fine-tune step, DeiT-Tiny 224 px, batch {batch}",
+                "precision": res.precision,
+                "value": f"{batch / per:.0f} img/s ({per * 1e3:.0f} ms/step)",
+                "precision_expected": precision_for(torch.device("cuda"), amp),
+            }
+        )
     return rows
 
 
 def expanding_rows(anc, steps: int, batch: int) -> list[dict]:
     from factory import sample_learngene
-    from factory.core.expanding import ExpandingConfig, default_shapes
-    from factory.training.expanding import measure_step_seconds
+    from factory.core.expanding_phase import ExpandingConfig, default_shapes
+    from factory.training.expanding_loop import measure_step_seconds
 
     lg = sample_learngene(anc, anc.arch.depth // 2, seed=0, rescale="std")
     rows = []
     for size in (224, 112):
-        per = measure_step_seconds(lg, anc, default_shapes(lg), ExpandingConfig(batch_size=batch, distill_img_size=size),
-                                   steps=steps)
-        rows.append({"check": f"expanding-phase step, batch {batch}, distils at {size} px", "precision": "auto",
-                     "value": f"{batch / per:.1f} img/s ({per:.2f} s/step)"})
+        per = measure_step_seconds(
+            lg, anc, default_shapes(lg), ExpandingConfig(batch_size=batch, distill_img_size=size), steps=steps
+        )
+        rows.append(
+            {
+                "check": f"expanding-phase step, batch {batch}, distils at {size} px",
+                "precision": "auto",
+                "value": f"{batch / per:.1f} img/s ({per:.2f} s/step)",
+            }
+        )
     return rows
 
 
 def torchrun_row(tmp: Path) -> dict:
+    from factory import load_ancestry
     from factory.core.checkpoint import save_descendant
     from factory.core.timm_vit import build_vit
-
-    from factory import load_ancestry
 
     anc = load_ancestry("demo")
     model_path = tmp / "model.safetensors"
     save_descendant(build_vit(anc.arch, anc.arch.shape(), seed=0), anc.arch, model_path, {"method": "gpu_check"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "factory.cli", "train",
-           "--model", str(model_path), "--data", "digits", "--steps", "5", "--batch-size", "32", "--device", "cuda",
-           "--out", str(tmp / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "-m",
+        "factory.cli",
+        "train",
+        "--model",
+        str(model_path),
+        "--data",
+        "digits",
+        "--steps",
+        "5",
+        "--batch-size",
+        "32",
+        "--device",
+        "cuda",
+        "--out",
+        str(tmp / "ddp"),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=300)
     ok = proc.returncode == 0
-    return {"check": "torchrun --nproc_per_node 1, 5 steps (NCCL + DDP)", "precision": "auto",
-            "value": f"exit {proc.returncode} in {time.perf_counter() - t0:.1f}s" + ("" if ok else f": {proc.stderr.strip()[-300:]}")}
+    return {
+        "check": "torchrun --nproc_per_node 1, 5 steps (NCCL + DDP)",
+        "precision": "auto",
+        "value": f"exit {proc.returncode} in {time.perf_counter() - t0:.1f}s"
+        + ("" if ok else f": {proc.stderr.strip()[-300:]}"),
+    }
 
 
 def ort_cuda_row(tmp: Path) -> dict:
@@ -109,9 +146,12 @@ def ort_cuda_row(tmp: Path) -> dict:
     except ImportError:
         return {"check": "onnxruntime CUDA parity", "precision": "fp32", "value": "onnxruntime not installed"}
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return {"check": "onnxruntime CUDA parity", "precision": "fp32",
-                "value": f"no CUDAExecutionProvider (providers: {', '.join(ort.get_available_providers())}); "
-                         "pip install onnxruntime-gpu to check it"}
+        return {
+            "check": "onnxruntime CUDA parity",
+            "precision": "fp32",
+            "value": f"no CUDAExecutionProvider (providers: {', '.join(ort.get_available_providers())}); "
+            "pip install onnxruntime-gpu to check it",
+        }
     from export.onnx_export import export_onnx
     from factory import load_ancestry
 
@@ -124,13 +164,20 @@ def ort_cuda_row(tmp: Path) -> dict:
         ref = net(x).numpy()
     sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    return {"check": "onnxruntime CUDA parity, DeiT-Tiny batch 8", "precision": "fp32",
-            "value": f"max abs diff {abs(out - ref).max():.2e} vs PyTorch CPU"}
+    return {
+        "check": "onnxruntime CUDA parity, DeiT-Tiny batch 8",
+        "precision": "fp32",
+        "value": f"max abs diff {abs(out - ref).max():.2e} vs PyTorch CPU",
+    }
 
 
 def summarise(data: dict) -> str:
-    lines = [f"GPU: {data['gpu']}; torch {data['torch']}; wall {data.get('wall_seconds', '?')} s", "",
-             "| check | precision | result |", "|---|---|---|"]
+    lines = [
+        f"GPU: {data['gpu']}; torch {data['torch']}; wall {data.get('wall_seconds', '?')} s",
+        "",
+        "| check | precision | result |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['check']} | {r['precision']} | {r['value']} |" for r in data["rows"]]
     return "\n".join(lines)
 
@@ -143,7 +190,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); run it on a GPU machine", file=sys.stderr)
+        print(
+            "gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); run it on a GPU machine", file=sys.stderr
+        )
         raise SystemExit(2)
     from factory import load_ancestry
 
@@ -151,15 +200,26 @@ def main() -> None:
     anc = load_ancestry(ANCESTRY)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for step in (lambda: finetune_rows(anc, args.steps, args.batch), lambda: expanding_rows(anc, 3, args.batch),
-                     lambda: [torchrun_row(Path(tmp))], lambda: [ort_cuda_row(Path(tmp))]):
+        for step in (
+            lambda: finetune_rows(anc, args.steps, args.batch),
+            lambda: expanding_rows(anc, 3, args.batch),
+            lambda: [torchrun_row(Path(tmp))],
+            lambda: [ort_cuda_row(Path(tmp))],
+        ):
             try:
                 rows += step()
             except Exception as exc:  # one failed check must not hide the others
-                rows.append({"check": getattr(step, "__name__", "check"), "precision": "-", "value": f"FAILED: {exc!r}"[:300]})
+                rows.append(
+                    {"check": getattr(step, "__name__", "check"), "precision": "-", "value": f"FAILED: {exc!r}"[:300]}
+                )
             print(rows[-1], flush=True)
-    data = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows,
-            "wall_seconds": round(time.perf_counter() - start, 1), "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES",)}}
+    data = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "rows": rows,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES",)},
+    }
     write_outputs(data, summarise(data), args.json, args.md)
 
 

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import write_outputs  # noqa: E402
+
 from factory.cli import cli  # noqa: E402
 
 TINY = """name: tiny
@@ -79,22 +80,63 @@ def cases(p: dict[str, Path]) -> list[tuple[str, list[str]]]:
         ("search: --img-size 0", ["search", "--profile", prof, "--img-size", "0"]),
         ("search: --num-classes -1", ["search", "--profile", prof, "--num-classes", "-1"]),
         ("search: unknown data", ["search", "--profile", prof, "--data", "nodata"]),
-        ("search: impossible budget", ["search", "--profile", prof.replace("tiny.yaml", "tiny.yaml"), "--max-depth", "1",
-                                       "--img-size", "4096"]),
+        (
+            "search: impossible budget",
+            ["search", "--profile", prof.replace("tiny.yaml", "tiny.yaml"), "--max-depth", "1", "--img-size", "4096"],
+        ),
         ("export: missing model", ["export", "--model", "missing.safetensors", "--out", "o"]),
         ("export: not a model", ["export", "--model", "notamodel.safetensors", "--out", "o"]),
         ("export: unknown format", ["export", "--model", "notamodel.safetensors", "--format", "bogus", "--out", "o"]),
         ("export: no build here", ["export", "--format", "onnx"]),
-        ("export: missing profile", ["export", "--model", "notamodel.safetensors", "--profile", "missing", "--out", "o"]),
+        (
+            "export: missing profile",
+            ["export", "--model", "notamodel.safetensors", "--profile", "missing", "--out", "o"],
+        ),
         ("expand: no --out", ["expand", "--method", "scratch", "--depth", "2", "--embed-dim", "64", "--heads", "2"]),
-        ("expand: peg without learngene", ["expand", "--depth", "2", "--embed-dim", "64", "--heads", "2", "--out", "o.safetensors"]),
-        ("expand: missing learngene dir", ["expand", "--learngene", "missing", "--depth", "2", "--embed-dim", "64", "--heads", "2",
-                                           "--out", "o.safetensors"]),
-        ("expand: heads do not divide", ["expand", "--method", "scratch", "--depth", "2", "--embed-dim", "64", "--heads", "3",
-                                         "--out", "o.safetensors"]),
-        ("expand: missing --depth", ["expand", "--method", "scratch", "--embed-dim", "64", "--heads", "2", "--out", "o.safetensors"]),
-        ("expand: --out not .safetensors", ["expand", "--method", "scratch", "--depth", "2", "--embed-dim", "64", "--heads", "2",
-                                            "--out", "o.bin"]),
+        (
+            "expand: peg without learngene",
+            ["expand", "--depth", "2", "--embed-dim", "64", "--heads", "2", "--out", "o.safetensors"],
+        ),
+        (
+            "expand: missing learngene dir",
+            [
+                "expand",
+                "--learngene",
+                "missing",
+                "--depth",
+                "2",
+                "--embed-dim",
+                "64",
+                "--heads",
+                "2",
+                "--out",
+                "o.safetensors",
+            ],
+        ),
+        (
+            "expand: heads do not divide",
+            [
+                "expand",
+                "--method",
+                "scratch",
+                "--depth",
+                "2",
+                "--embed-dim",
+                "64",
+                "--heads",
+                "3",
+                "--out",
+                "o.safetensors",
+            ],
+        ),
+        (
+            "expand: missing --depth",
+            ["expand", "--method", "scratch", "--embed-dim", "64", "--heads", "2", "--out", "o.safetensors"],
+        ),
+        (
+            "expand: --out not .safetensors",
+            ["expand", "--method", "scratch", "--depth", "2", "--embed-dim", "64", "--heads", "2", "--out", "o.bin"],
+        ),
         ("flops: missing model", ["flops", "--model", "missing.safetensors"]),
         ("flops: missing --depth", ["flops", "--embed-dim", "64", "--heads", "2"]),
         ("flops: not a model", ["flops", "--model", "notamodel.safetensors"]),
@@ -110,8 +152,10 @@ def cases(p: dict[str, Path]) -> list[tuple[str, list[str]]]:
         ("learngene: --out is a file", ["learngene", "--out", file]),
         ("learngene train: no --out", ["learngene", "train", "--learngene", "missing"]),
         ("learngene train: missing learngene", ["learngene", "train", "--learngene", "missing", "--out", "lg2"]),
-        ("learngene train: --depths not numbers", ["learngene", "train", "--learngene", "missing", "--depths", "a,b",
-                                                   "--out", "lg2"]),
+        (
+            "learngene train: --depths not numbers",
+            ["learngene", "train", "--learngene", "missing", "--depths", "a,b", "--out", "lg2"],
+        ),
         ("profiles show: missing", ["profiles", "show", "missing"]),
         ("profiles measure: --out a directory", ["profiles", "measure", "--out", user]),
         ("profiles measure: --points 1", ["profiles", "measure", "--points", "1"]),
@@ -148,9 +192,15 @@ def run_case(name: str, make_args) -> dict:
         after = snapshot(root)
         changed = sorted(set(after) ^ set(before)) + sorted(k for k in before if k in after and before[k] != after[k])
         held = res.exit_code == 2 and len(errors) == 1 and not traceback and not changed
-        return {"case": name, "exit_code": res.exit_code, "held": held, "seconds": round(seconds, 2),
-                "error": errors[0][:160] if errors else output.strip().splitlines()[-1:] or "",
-                "traceback": traceback, "changed": changed[:5]}
+        return {
+            "case": name,
+            "exit_code": res.exit_code,
+            "held": held,
+            "seconds": round(seconds, 2),
+            "error": errors[0][:160] if errors else output.strip().splitlines()[-1:] or "",
+            "traceback": traceback,
+            "changed": changed[:5],
+        }
 
 
 def main() -> None:
@@ -164,10 +214,16 @@ def main() -> None:
         rows.append(run_case(name, lambda files, i=i: cases(files)[i][1]))
         print(f"{'held' if rows[-1]['held'] else 'FAILED':6s} {name}: {rows[-1]['error']}", flush=True)
     held = sum(r["held"] for r in rows)
-    lines = [f"{held} of {len(rows)} hostile cases held (exit 2, one `Error:` line, no traceback, no file changed).", "",
-             "| case | exit | held | error (first 160 characters) |", "|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['exit_code']} | {'yes' if r['held'] else '**no**'} | {str(r['error']).replace('|', '/')} |"
-              for r in rows]
+    lines = [
+        f"{held} of {len(rows)} hostile cases held (exit 2, one `Error:` line, no traceback, no file changed).",
+        "",
+        "| case | exit | held | error (first 160 characters) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['case']} | {r['exit_code']} | {'yes' if r['held'] else '**no**'} | {str(r['error']).replace('|', '/')} |"
+        for r in rows
+    ]
     write_outputs({"held": held, "cases": len(rows), "rows": rows}, "\n".join(lines), args.json, args.md)
 
 

@@ -32,15 +32,18 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import finetune_curve, load_tasks, run_and_write, write_outputs
+
 from factory import DescendantShape, init_descendant, load_ancestry
 from factory.core.demo import load_demo_learngene
 from factory.core.transfer import TransferProbe, choose_init, decide_init, trained_by
 
 TASKS = ("digits", "mnist-unseen", "textures", "stripes")
-SHAPES = {"d3-w192": DescendantShape(3, 192, 3, 4.0, 28, 7, 10), "d6-w96-h2-r2": DescendantShape(6, 96, 2, 2.0, 28, 7, 10),
-          "d3-w192-h3-r2": DescendantShape(3, 192, 3, 2.0, 28, 7, 10)}
+SHAPES = {
+    "d3-w192": DescendantShape(3, 192, 3, 4.0, 28, 7, 10),
+    "d6-w96-h2-r2": DescendantShape(6, 96, 2, 2.0, 28, 7, 10),
+    "d3-w192-h3-r2": DescendantShape(3, 192, 3, 2.0, 28, 7, 10),
+}
 METHODS = ("peg", "weight_selection", "tleg", "scratch")
 
 
@@ -64,30 +67,48 @@ def run(args) -> dict:
         for shape_name in args.shapes:
             shape = SHAPES[shape_name]
             for seed in range(args.seeds):
-                decision = decide_init(shape, train_set.images, train_set.labels, ancestry=anc, learngene=lg, seed=seed,
-                                       probe=probe)
-                row = {"task": task, "shape": shape.label(), "seed": seed, "decision": decision.to_dict(), "finetune": {}}
+                decision = decide_init(
+                    shape, train_set.images, train_set.labels, ancestry=anc, learngene=lg, seed=seed, probe=probe
+                )
+                row = {
+                    "task": task,
+                    "shape": shape.label(),
+                    "seed": seed,
+                    "decision": decision.to_dict(),
+                    "finetune": {},
+                }
                 for budget in args.budgets:
                     for method in METHODS:
                         model = init_descendant(method, shape, ancestry=anc, learngene=lg, seed=seed)
                         t0 = time.perf_counter()
                         acc = finetune_curve(model, train_set, test_set, budget, budget, seed)[budget]
                         row["finetune"].setdefault(str(budget), {})[method] = {
-                            "accuracy": acc, "seconds": round(time.perf_counter() - t0, 2)}
+                            "accuracy": acc,
+                            "seconds": round(time.perf_counter() - t0, 2),
+                        }
                 rows.append(row)
-                print(f"{task:12s} {shape.label():22s} seed {seed}: auto -> {decision.chosen} ({decision.seconds:.1f}s) "
-                      + " ".join(f"{b}:" + ",".join(f"{m[:4]}={v['accuracy']:.3f}" for m, v in row["finetune"][str(b)].items())
-                                 for b in args.budgets), flush=True)
-    return {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "probe": dataclasses.asdict(probe), "learngene": lg.sha256, "rows": rows}
+                print(
+                    f"{task:12s} {shape.label():22s} seed {seed}: auto -> {decision.chosen} ({decision.seconds:.1f}s) "
+                    + " ".join(
+                        f"{b}:" + ",".join(f"{m[:4]}={v['accuracy']:.3f}" for m, v in row["finetune"][str(b)].items())
+                        for b in args.budgets
+                    ),
+                    flush=True,
+                )
+    return {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "probe": dataclasses.asdict(probe),
+        "learngene": lg.sha256,
+        "rows": rows,
+    }
 
 
 def test_size(task: str) -> int:
     return {"mnist-unseen": 2000}.get(task, 400)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shape_trained(label: str) -> bool:
     """Whether the shipped learngene's expanding phase trained the shape (the rule's input; recomputed, so
     runs saved before the decision recorded it are judged by the same rule)."""
@@ -111,33 +132,53 @@ def cells(rows: list[dict], probe: TransferProbe) -> list[dict]:
             se = math.sqrt(fixed[best] * (1 - fixed[best]) / test_size(task)) or 1e-9
             ft = statistics.mean(r["finetune"][str(budget)][m]["seconds"] for r in sub for m in METHODS)
             cost = statistics.mean(r["decision"]["seconds"] for r in sub)
-            out.append({"task": task, "shape": shape, "budget": budget, "fixed": fixed, "auto": auto, "picks": picks,
-                        "best": best, "se": se, "gap_se": (fixed[best] - auto) / se, "vs_peg": auto - fixed["peg"],
-                        "cost_ratio": cost / ft})
+            out.append(
+                {
+                    "task": task,
+                    "shape": shape,
+                    "budget": budget,
+                    "fixed": fixed,
+                    "auto": auto,
+                    "picks": picks,
+                    "best": best,
+                    "se": se,
+                    "gap_se": (fixed[best] - auto) / se,
+                    "vs_peg": auto - fixed["peg"],
+                    "cost_ratio": cost / ft,
+                }
+            )
     return out
 
 
 def summarise(data: dict) -> str:
     rows = [r for d in data.get("runs", [data]) for r in d["rows"]]
     probe = TransferProbe()
-    lines = [f"\nDecision rule: `TransferProbe()` (k-NN, {probe.images} images, k {probe.k}, scratch margin "
-             f"{probe.scratch_margin:g}, inherit margin {'never' if probe.inherit_margin >= 1 else probe.inherit_margin}, "
-             f"{probe.untrained_shape_init} preferred at "
-             "shapes the learngene never trained). Accuracy = mean over seeds; SE = binomial standard error of the best "
-             "fixed choice on the task's test set.\n",
-             "| task | shape | budget | peg | weight_selection | tleg | scratch | auto (picks) | best fixed | auto - best | "
-             "in 1 SE | auto - peg | decision / fine-tune |", "|---" * 13 + "|"]
+    lines = [
+        f"\nDecision rule: `TransferProbe()` (k-NN, {probe.images} images, k {probe.k}, scratch margin "
+        f"{probe.scratch_margin:g}, inherit margin {'never' if probe.inherit_margin >= 1 else probe.inherit_margin}, "
+        f"{probe.untrained_shape_init} preferred at "
+        "shapes the learngene never trained). Accuracy = mean over seeds; SE = binomial standard error of the best "
+        "fixed choice on the task's test set.\n",
+        "| task | shape | budget | peg | weight_selection | tleg | scratch | auto (picks) | best fixed | auto - best | "
+        "in 1 SE | auto - peg | decision / fine-tune |",
+        "|---" * 13 + "|",
+    ]
     table = cells(rows, probe)
     for c in table:
         f = c["fixed"]
         counts = "/".join(f"{p[:4]}x{c['picks'].count(p)}" for p in dict.fromkeys(c["picks"]))
-        lines.append(f"| {c['task']} | {c['shape']} | {c['budget']} | " + " | ".join(f"{f[m]:.3f}" for m in METHODS)
-                     + f" | {c['auto']:.3f} ({counts}) | {c['best']} | {100 * (c['auto'] - f[c['best']]):+.1f} pt "
-                     f"({c['gap_se']:.1f} SE) | {'yes' if c['gap_se'] <= 1 else 'no'} | {100 * c['vs_peg']:+.1f} pt | "
-                     f"{c['cost_ratio']:.1%} |")
+        lines.append(
+            f"| {c['task']} | {c['shape']} | {c['budget']} | "
+            + " | ".join(f"{f[m]:.3f}" for m in METHODS)
+            + f" | {c['auto']:.3f} ({counts}) | {c['best']} | {100 * (c['auto'] - f[c['best']]):+.1f} pt "
+            f"({c['gap_se']:.1f} SE) | {'yes' if c['gap_se'] <= 1 else 'no'} | {100 * c['vs_peg']:+.1f} pt | "
+            f"{c['cost_ratio']:.1%} |"
+        )
     lines.append("\n**Margins swept** (cells within 1 SE of the best fixed choice, of all cells; mean auto - best):\n")
-    lines.append("| preferred at untrained shapes | scratch margin | inherit margin | cells in 1 SE | mean auto - best | "
-                 "worst auto - best | textures @100: auto - peg |")
+    lines.append(
+        "| preferred at untrained shapes | scratch margin | inherit margin | cells in 1 SE | mean auto - best | "
+        "worst auto - best | textures @100: auto - peg |"
+    )
     lines.append("|---|---|---|---|---|---|---|")
     for pref in ("weight_selection", "peg"):
         for sm in (0.0, 0.03, 0.05, 0.1):
@@ -146,9 +187,12 @@ def summarise(data: dict) -> str:
                 t = cells(rows, p)
                 tex = [c["vs_peg"] for c in t if c["task"] == "textures" and c["budget"] == 100]
                 gaps = [c["auto"] - c["fixed"][c["best"]] for c in t]
-                lines.append(f"| {pref} | {sm:g} | {'never' if im >= 1 else f'{im:g}'} | {sum(c['gap_se'] <= 1 for c in t)}/{len(t)} | "
-                             f"{100 * statistics.mean(gaps):+.2f} pt | {100 * min(gaps):+.1f} pt | "
-                             + (", ".join(f"{100 * v:+.1f}" for v in tex) or "-") + " |")
+                lines.append(
+                    f"| {pref} | {sm:g} | {'never' if im >= 1 else f'{im:g}'} | {sum(c['gap_se'] <= 1 for c in t)}/{len(t)} | "
+                    f"{100 * statistics.mean(gaps):+.2f} pt | {100 * min(gaps):+.1f} pt | "
+                    + (", ".join(f"{100 * v:+.1f}" for v in tex) or "-")
+                    + " |"
+                )
     return "\n".join(lines)
 
 

@@ -21,13 +21,16 @@ import statistics
 from pathlib import Path
 
 from common import run_and_write
+
 from factory.core.shapes import ArchConfig
 from factory.device.measure import measure_onnxruntime_latency
 from factory.device.profile import load_profile
 from factory.device.resolve import latency_model_for
 from factory.device.search import SearchSpace
 
-ANCESTRY = ArchConfig(embed_dim=384, depth=12, num_heads=6, mlp_hidden=1536, img_size=224, patch_size=16, num_classes=1000)
+ANCESTRY = ArchConfig(
+    embed_dim=384, depth=12, num_heads=6, mlp_hidden=1536, img_size=224, patch_size=16, num_classes=1000
+)
 IMG_SIZES = (96, 128, 160, 192, 224)
 THREADS = (1, 2)
 
@@ -47,35 +50,66 @@ def run(args) -> dict:
     models = {t: model_for(t) for t in THREADS}
     rows = []
     for s in shapes:
-        measured = {t: measure_onnxruntime_latency(s, 1, arch=ANCESTRY, repeats=args.repeats, threads=t) for t in THREADS}
+        measured = {
+            t: measure_onnxruntime_latency(s, 1, arch=ANCESTRY, repeats=args.repeats, threads=t) for t in THREADS
+        }
         predicted = {t: models[t].latency_ms(s, 1) for t in THREADS}
-        rows.append({"shape": s.label(), "measured_ms": {t: round(v, 4) for t, v in measured.items()},
-                     "predicted_ms": {t: round(v, 4) for t, v in predicted.items()}})
-        print(f"{s.label():28s} 1 thread {measured[1]:8.3f} (pred {predicted[1]:8.3f})  2 threads {measured[2]:8.3f} "
-              f"(pred {predicted[2]:8.3f})", flush=True)
+        rows.append(
+            {
+                "shape": s.label(),
+                "measured_ms": {t: round(v, 4) for t, v in measured.items()},
+                "predicted_ms": {t: round(v, 4) for t, v in predicted.items()},
+            }
+        )
+        print(
+            f"{s.label():28s} 1 thread {measured[1]:8.3f} (pred {predicted[1]:8.3f})  2 threads {measured[2]:8.3f} "
+            f"(pred {predicted[2]:8.3f})",
+            flush=True,
+        )
     per_threads = {}
     for t in THREADS:
         errs = sorted(abs(r["predicted_ms"][t] / r["measured_ms"][t] - 1) for r in rows)
-        per_threads[t] = {"median_abs_error": round(statistics.median(errs), 4),
-                          "within_30pct": round(sum(e <= 0.3 for e in errs) / len(errs), 3)}
-    speedup = {"measured_median": round(statistics.median(r["measured_ms"][1] / r["measured_ms"][2] for r in rows), 3),
-               "predicted_median": round(statistics.median(r["predicted_ms"][1] / r["predicted_ms"][2] for r in rows), 3),
-               "median_abs_error": round(statistics.median(
-                   abs((r["predicted_ms"][1] / r["predicted_ms"][2]) / (r["measured_ms"][1] / r["measured_ms"][2]) - 1)
-                   for r in rows), 4)}
-    return {"shapes": args.shapes, "repeats": args.repeats, "seed": args.seed, "per_threads": per_threads,
-            "speedup_2_threads": speedup, "rows": rows}
+        per_threads[t] = {
+            "median_abs_error": round(statistics.median(errs), 4),
+            "within_30pct": round(sum(e <= 0.3 for e in errs) / len(errs), 3),
+        }
+    speedup = {
+        "measured_median": round(statistics.median(r["measured_ms"][1] / r["measured_ms"][2] for r in rows), 3),
+        "predicted_median": round(statistics.median(r["predicted_ms"][1] / r["predicted_ms"][2] for r in rows), 3),
+        "median_abs_error": round(
+            statistics.median(
+                abs((r["predicted_ms"][1] / r["predicted_ms"][2]) / (r["measured_ms"][1] / r["measured_ms"][2]) - 1)
+                for r in rows
+            ),
+            4,
+        ),
+    }
+    return {
+        "shapes": args.shapes,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "per_threads": per_threads,
+        "speedup_2_threads": speedup,
+        "rows": rows,
+    }
 
 
 def summarise(data: dict) -> str:
-    lines = [f"{data['shapes']} seeded held-out shapes (batch 1, median of {data['repeats']} runs), each timed with 1 and "
-             "2 onnxruntime threads back to back; predicted by `host_datasheet` with `cores` set to the thread count.", "",
-             "| threads | predicted peak GFLOP/s | median abs error | within +-30% |", "|---|---|---|---|"]
+    lines = [
+        f"{data['shapes']} seeded held-out shapes (batch 1, median of {data['repeats']} runs), each timed with 1 and "
+        "2 onnxruntime threads back to back; predicted by `host_datasheet` with `cores` set to the thread count.",
+        "",
+        "| threads | predicted peak GFLOP/s | median abs error | within +-30% |",
+        "|---|---|---|---|",
+    ]
     for t, v in data["per_threads"].items():
         lines.append(f"| {t} | {83.2 * int(t):.1f} | {v['median_abs_error']:.1%} | {v['within_30pct']:.0%} |")
     s = data["speedup_2_threads"]
-    lines += ["", f"2-thread speedup over 1 thread: measured median {s['measured_median']}x, predicted median "
-              f"{s['predicted_median']}x (per-shape error of the predicted speedup: median {s['median_abs_error']:.1%})."]
+    lines += [
+        "",
+        f"2-thread speedup over 1 thread: measured median {s['measured_median']}x, predicted median "
+        f"{s['predicted_median']}x (per-shape error of the predicted speedup: median {s['median_abs_error']:.1%}).",
+    ]
     return "\n".join(lines)
 
 

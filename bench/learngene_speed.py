@@ -43,12 +43,16 @@ def main() -> None:
 
     anc = load_ancestry(args.ancestry)
     rss_ancestry = rss_mb()
-    shape = DescendantShape(depth=9, embed_dim=384, num_heads=6, mlp_ratio=4.0, img_size=224, patch_size=16, num_classes=100)
+    shape = DescendantShape(
+        depth=9, embed_dim=384, num_heads=6, mlp_ratio=4.0, img_size=224, patch_size=16, num_classes=100
+    )
     lg = sample_learngene(anc, args.layers, args.heads, report=False)
     t_sample = median_time(lambda: sample_learngene(anc, args.layers, args.heads, report=False), args.repeats)
     t_sample_report = median_time(lambda: sample_learngene(anc, args.layers, args.heads), args.repeats)
     t_expand = median_time(lambda: expand(lg, shape), args.repeats)
-    deep = DescendantShape(depth=18, embed_dim=768, num_heads=12, mlp_ratio=4.0, img_size=224, patch_size=16, num_classes=1000)
+    deep = DescendantShape(
+        depth=18, embed_dim=768, num_heads=12, mlp_ratio=4.0, img_size=224, patch_size=16, num_classes=1000
+    )
     t_expand_deep = median_time(lambda: expand(lg, deep), args.repeats)
     result = {
         "ancestry": args.ancestry,

@@ -36,16 +36,26 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import finetune_curve, load_tasks, mean_std, rows_with_int_steps, run_and_write
-from factory import DescendantShape, init_descendant, load_ancestry, sample_learngene
-from factory.data import load_dataset
-from factory.core.demo import load_demo_learngene
-from factory.core.expanding import ExpandingConfig, default_shapes
-from factory.training.expanding import train_learngene
 
-BASE = dict(tau=1.0, head_mixing=True, rescale="none", layers=3, steps=0, data="mnist", sandwich="grid", extra_hidden=0, amp="off",
-            distill=None)
+from factory import DescendantShape, init_descendant, load_ancestry, sample_learngene
+from factory.core.demo import load_demo_learngene
+from factory.core.expanding_phase import ExpandingConfig, default_shapes
+from factory.data import load_dataset
+from factory.training.expanding_loop import train_learngene
+
+BASE = dict(
+    tau=1.0,
+    head_mixing=True,
+    rescale="none",
+    layers=3,
+    steps=0,
+    data="mnist",
+    sandwich="grid",
+    extra_hidden=0,
+    amp="off",
+    distill=None,
+)
 
 VARIANTS: list[tuple[str, dict]] = [
     ("paper (untrained, tau 1)", {}),
@@ -65,8 +75,11 @@ VARIANTS: list[tuple[str, dict]] = [
     ("shipped recipe, bf16, distil at 21 px", dict(rescale="std", steps=1500, amp="bf16", distill=21)),
     ("shipped recipe, bf16, varied heads and ratios", dict(rescale="std", steps=1500, amp="bf16", sandwich="varied")),
 ]
-SHAPES = [DescendantShape(3, 192, 3, 4.0, 28, 7, 10), DescendantShape(6, 96, 2, 2.0, 28, 7, 10),
-          DescendantShape(9, 192, 3, 4.0, 28, 7, 10)]
+SHAPES = [
+    DescendantShape(3, 192, 3, 4.0, 28, 7, 10),
+    DescendantShape(6, 96, 2, 2.0, 28, 7, 10),
+    DescendantShape(9, 192, 3, 4.0, 28, 7, 10),
+]
 
 
 def make_learngene(anc, knobs: dict, task_train, mnist_train):
@@ -87,7 +100,10 @@ def make_learngene(anc, knobs: dict, task_train, mnist_train):
     t0 = time.perf_counter()
     exp = ExpandingConfig(steps=k["steps"], extra_hidden=k["extra_hidden"], amp=k["amp"], distill_img_size=k["distill"])
     trained, _ = train_learngene(lg, anc, data, shapes, exp, progress=False)
-    return trained, {"seconds": round(time.perf_counter() - t0, 1), "std_ratio": lg.meta["stats"]["summary"]["mean_std_ratio"]}
+    return trained, {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "std_ratio": lg.meta["stats"]["summary"]["mean_std_ratio"],
+    }
 
 
 def run(args) -> dict:
@@ -118,12 +134,22 @@ def run(args) -> dict:
                 for seed in range(args.seeds):
                     model = init_descendant(method, shape, ancestry=anc, learngene=lg, seed=seed)
                     curve = finetune_curve(model, train_set, eval_set, args.steps, args.eval_every, seed, args.amp)
-                    results.append({"variant": name, "task": task, "shape": shape.label(), "seed": seed, "curve": curve})
-                    print(f"{name:40s} {task:9s} {shape.label():22s} s{seed} "
-                          + " ".join(f"{k}:{v:.3f}" for k, v in curve.items()), flush=True)
-    return {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in ("json", "md")},
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "base": BASE, "variants": [[n, k] for n, k in variants], "learngenes": learngenes, "results": results}
+                    results.append(
+                        {"variant": name, "task": task, "shape": shape.label(), "seed": seed, "curve": curve}
+                    )
+                    print(
+                        f"{name:40s} {task:9s} {shape.label():22s} s{seed} "
+                        + " ".join(f"{k}:{v:.3f}" for k, v in curve.items()),
+                        flush=True,
+                    )
+    return {
+        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in ("json", "md")},
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "base": BASE,
+        "variants": [[n, k] for n, k in variants],
+        "learngenes": learngenes,
+        "results": results,
+    }
 
 
 def summarise(data: dict) -> str:
@@ -131,14 +157,19 @@ def summarise(data: dict) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     steps = sorted({k for r in rows for k in r["curve"]} - {0})
     names = list(dict.fromkeys(r["variant"] for r in rows))
+
     def show(k: dict) -> str:
         return ", ".join(f"{key}={value}" for key, value in sorted(k.items())) or "(base)"
 
     knobs = {"weight_selection": "baseline", "tleg": "baseline", **{n: show(k) for n, k in data["variants"]}}
     head = " | ".join(f"{t} @{s}" for t in tasks for s in steps)
-    lines = [f"Mean test accuracy over {len({r['shape'] for r in rows})} shapes x {len({r['seed'] for r in rows})} seeds "
-             f"(± std over those runs); knobs differ from the base: {show(data['base'])}.", "",
-             f"| variant | knobs | {head} | mean | vs weight selection |", "|---|---|" + "---|" * (len(tasks) * len(steps) + 2)]
+    lines = [
+        f"Mean test accuracy over {len({r['shape'] for r in rows})} shapes x {len({r['seed'] for r in rows})} seeds "
+        f"(± std over those runs); knobs differ from the base: {show(data['base'])}.",
+        "",
+        f"| variant | knobs | {head} | mean | vs weight selection |",
+        "|---|---|" + "---|" * (len(tasks) * len(steps) + 2),
+    ]
     overall = {}
     for name in names:
         cells, means = [], []
@@ -155,8 +186,14 @@ def summarise(data: dict) -> str:
             for s in steps:
                 m, sd = mean_std([r["curve"][s] for r in rows if r["variant"] == name and r["task"] == t])
                 cells.append(f"{m:.3f} ± {sd:.3f}")
-        lines.append(f"| {name} | {knobs.get(name, '')} | " + " | ".join(cells) + f" | {overall[name]:.3f} | {delta:+.3f} |")
-    lg_lines = ["", "Learngenes (expanding-phase seconds on this machine; std ratio = gene/ancestry weight std before training):", ""]
+        lines.append(
+            f"| {name} | {knobs.get(name, '')} | " + " | ".join(cells) + f" | {overall[name]:.3f} | {delta:+.3f} |"
+        )
+    lg_lines = [
+        "",
+        "Learngenes (expanding-phase seconds on this machine; std ratio = gene/ancestry weight std before training):",
+        "",
+    ]
     lg_lines += [f"- {n}: {show(v)}" for n, v in data["learngenes"].items()]
     return "\n".join(lines + lg_lines)
 

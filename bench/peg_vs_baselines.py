@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import TASKS, finetune_curve, load_tasks, rows_with_int_steps
+
 from factory import DescendantShape, init_descendant, load_ancestry, sample_learngene
 from factory.core.demo import load_demo_learngene
 
@@ -50,17 +50,33 @@ def run(args) -> dict:
                     model = init_descendant(kind, shape, ancestry=anc, learngene=learngenes.get(method), seed=seed)
                     t0 = time.perf_counter()
                     curve = finetune_curve(model, train_set, eval_set, args.steps, args.eval_every, seed)
-                    results.append({"task": task, "shape": shape.label(), "method": method, "seed": seed,
-                                    "curve": curve, "seconds": round(time.perf_counter() - t0, 1)})
-                    print(f"{task:12s} {shape.label():22s} {method:16s} seed {seed}: "
-                          + " ".join(f"{k}:{v:.3f}" for k, v in curve.items()), flush=True)
+                    results.append(
+                        {
+                            "task": task,
+                            "shape": shape.label(),
+                            "method": method,
+                            "seed": seed,
+                            "curve": curve,
+                            "seconds": round(time.perf_counter() - t0, 1),
+                        }
+                    )
+                    print(
+                        f"{task:12s} {shape.label():22s} {method:16s} seed {seed}: "
+                        + " ".join(f"{k}:{v:.3f}" for k, v in curve.items()),
+                        flush=True,
+                    )
     lg = learngenes["peg"]
     return {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "ancestry": anc.identity(),
-        "learngene": {"sha256": lg.sha256, "layers": lg.num_layers, "heads": lg.num_heads,
-                      "expanding_phase": lg.meta.get("expanding_phase"), "rescale": lg.meta.get("rescale")},
+        "learngene": {
+            "sha256": lg.sha256,
+            "layers": lg.num_layers,
+            "heads": lg.num_heads,
+            "expanding_phase": lg.meta.get("expanding_phase"),
+            "rescale": lg.meta.get("rescale"),
+        },
         "results": results,
     }
 
@@ -123,7 +139,9 @@ def plot(data: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 shape, digits, few steps, 1 seed")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"), help="directory for the PNG (and default JSON/MD)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/out"), help="directory for the PNG (and default JSON/MD)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="raw results [default: OUT/peg_vs_baselines.json]")
     parser.add_argument("--md", type=Path, default=None, help="Markdown tables [default: OUT/peg_vs_baselines.md]")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))

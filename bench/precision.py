@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import TASKS, load_tasks, recipe, run_and_write
+
 from factory import DescendantShape, init_descendant, load_ancestry
 from factory.core.demo import load_demo_learngene
 from factory.training.precision import precision_for
@@ -49,23 +49,42 @@ def run(args) -> dict:
                         res = train(model, train_set, recipe(args.steps, 0, seed, amp), progress=False)
                         seconds = time.perf_counter() - t0
                         acc = evaluate(model, test_set)
-                        rows.append({"task": task, "shape": shape.label(), "init": init, "seed": seed, "amp": amp,
-                                     "precision": res.precision, "accuracy": acc, "s_per_step": seconds / args.steps,
-                                     "test_images": len(test_set)})
-                        print(f"{task:13s} {shape.label():22s} {init:8s} s{seed} {res.precision}: {acc:.4f} "
-                              f"{seconds / args.steps:.3f} s/step", flush=True)
-    return {"args": {k: v for k, v in vars(args).items() if k not in ("json", "md")},
-            "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "auto_precision": precision_for(torch.device("cpu"), "auto"), "rows": rows}
+                        rows.append(
+                            {
+                                "task": task,
+                                "shape": shape.label(),
+                                "init": init,
+                                "seed": seed,
+                                "amp": amp,
+                                "precision": res.precision,
+                                "accuracy": acc,
+                                "s_per_step": seconds / args.steps,
+                                "test_images": len(test_set),
+                            }
+                        )
+                        print(
+                            f"{task:13s} {shape.label():22s} {init:8s} s{seed} {res.precision}: {acc:.4f} "
+                            f"{seconds / args.steps:.3f} s/step",
+                            flush=True,
+                        )
+    return {
+        "args": {k: v for k, v in vars(args).items() if k not in ("json", "md")},
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "auto_precision": precision_for(torch.device("cpu"), "auto"),
+        "rows": rows,
+    }
 
 
 def summarise(data: dict) -> str:
     rows = data["rows"]
-    lines = [f"Fine-tuning precision: `amp=auto` resolved to **{data['auto_precision']}** on this machine ({data['machine']}); "
-             f"{data['args']['steps']} steps, {data['args']['seeds']} seeds. Accuracy = mean test accuracy over the seeds; "
-             "SE = one binomial standard error of the test set at that accuracy.", "",
-             "| task | shape | init | fp32 acc | auto acc | auto - fp32 | SE | within 1 SE | fp32 s/step | auto s/step | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Fine-tuning precision: `amp=auto` resolved to **{data['auto_precision']}** on this machine ({data['machine']}); "
+        f"{data['args']['steps']} steps, {data['args']['seeds']} seeds. Accuracy = mean test accuracy over the seeds; "
+        "SE = one binomial standard error of the test set at that accuracy.",
+        "",
+        "| task | shape | init | fp32 acc | auto acc | auto - fp32 | SE | within 1 SE | fp32 s/step | auto s/step | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     groups = dict.fromkeys((r["task"], r["shape"], r["init"]) for r in rows)
     diffs, speedups, within = [], [], 0
     for task, shape, init in groups:
@@ -80,10 +99,15 @@ def summarise(data: dict) -> str:
         within += ok
         diffs.append(aau - a32)
         speedups.append(t32 / tau)
-        lines.append(f"| {task} | {shape} | {init} | {a32:.4f} | {aau:.4f} | {aau - a32:+.4f} | {se:.4f} | {'yes' if ok else 'no'} | "
-                     f"{t32:.3f} | {tau:.3f} | {t32 / tau:.2f}x |")
-    lines += ["", f"Mean difference (auto - fp32) over {len(groups)} groups: {statistics.mean(diffs):+.4f}; within one SE in "
-              f"{within}/{len(groups)}; median speed-up {statistics.median(speedups):.2f}x."]
+        lines.append(
+            f"| {task} | {shape} | {init} | {a32:.4f} | {aau:.4f} | {aau - a32:+.4f} | {se:.4f} | {'yes' if ok else 'no'} | "
+            f"{t32:.3f} | {tau:.3f} | {t32 / tau:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Mean difference (auto - fp32) over {len(groups)} groups: {statistics.mean(diffs):+.4f}; within one SE in "
+        f"{within}/{len(groups)}; median speed-up {statistics.median(speedups):.2f}x.",
+    ]
     return "\n".join(lines)
 
 

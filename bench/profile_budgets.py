@@ -14,13 +14,15 @@ import argparse
 from pathlib import Path
 
 from common import run_and_write
+
 from factory.core.shapes import ArchConfig
 from factory.device.profile import list_profiles, load_profile
 from factory.device.resolve import latency_model_for
 from factory.device.search import SearchSpace, search
 
-DEIT_TINY = ArchConfig(embed_dim=192, depth=12, num_heads=3, mlp_hidden=768, img_size=224, patch_size=16, num_classes=1000,
-                       in_chans=3)
+DEIT_TINY = ArchConfig(
+    embed_dim=192, depth=12, num_heads=3, mlp_hidden=768, img_size=224, patch_size=16, num_classes=1000, in_chans=3
+)
 
 
 def run(args) -> dict:
@@ -33,21 +35,35 @@ def run(args) -> dict:
         cost = latency_model_for(prof, arch=DEIT_TINY)
         result = search(prof, space, cost)
         best = result.feasible[0] if result.feasible else None
-        rows.append({"profile": name, "use": prof.use, "input_size": prof.input_size, "budgets": dict(prof.budgets.items()),
-                     "fit": len(result.feasible), "evaluated": result.evaluated,
-                     "chosen": best.shape.label() if best else None, "latency_ms": best.latency_ms if best else None,
-                     "basis": cost.method, "band": cost.band})
+        rows.append(
+            {
+                "profile": name,
+                "use": prof.use,
+                "input_size": prof.input_size,
+                "budgets": dict(prof.budgets.items()),
+                "fit": len(result.feasible),
+                "evaluated": result.evaluated,
+                "chosen": best.shape.label() if best else None,
+                "latency_ms": best.latency_ms if best else None,
+                "basis": cost.method,
+                "band": cost.band,
+            }
+        )
     return {"rows": rows}
 
 
 def summarise(data: dict) -> str:
-    lines = ["| profile | sized for | budgets | shapes that fit | capacity choice (DeiT-Tiny, 224 px) | predicted ms | basis |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| profile | sized for | budgets | shapes that fit | capacity choice (DeiT-Tiny, 224 px) | predicted ms | basis |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in data["rows"]:
         budgets = ", ".join(f"{k} {v:g}" for k, v in r["budgets"].items())
         lat = f"{r['latency_ms']:.2f}" if r["latency_ms"] is not None else "-"
-        lines.append(f"| {r['profile']} | {r['input_size']} px | {budgets} | {r['fit']}/{r['evaluated']} | {r['chosen'] or 'none'} "
-                     f"| {lat} | {r['basis']} |")
+        lines.append(
+            f"| {r['profile']} | {r['input_size']} px | {budgets} | {r['fit']}/{r['evaluated']} | {r['chosen'] or 'none'} "
+            f"| {lat} | {r['basis']} |"
+        )
     bands = sorted({r["band"] for r in data["rows"]})
     lines += ["", "Error bands stated: " + "; ".join(bands)]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ hue discs on textured backgrounds, JPEG, sizes around 256 px with varied aspect 
 
 1. **Expanding-phase step** (batch ``--batch``, DeiT-Tiny at 224 px; the build's sandwich: smallest,
    largest = twice the ancestry's depth, one random shape): seconds per step in fp32 and bf16 at 224 px
-   and with distillation at 112 px (:func:`factory.training.expanding.measure_step_seconds`), and the
+   and with distillation at 112 px (:func:`factory.training.expanding_loop.measure_step_seconds`), and the
    share of a step that the teacher's forward pass takes (what caching its outputs could save at most).
 2. **Fine-tuning step** of the DeiT-Tiny shape at 224 px, batch 32: the factory's trainer in fp32 and
    bf16 against a bare timm + AdamW loop on the same in-memory batch (the trainer's overhead), and the
@@ -35,13 +35,13 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import run_and_write
+
 from factory import load_ancestry, sample_learngene
-from factory.core.expanding import ExpandingConfig, default_shapes
+from factory.core.expanding_phase import ExpandingConfig, default_shapes
 from factory.data import load_dataset
 from factory.data.generate import write_image_folder
-from factory.training.expanding import measure_step_seconds
+from factory.training.expanding_loop import measure_step_seconds
 from factory.training.precision import precision_for
 from factory.training.train import TrainConfig, train
 
@@ -56,8 +56,13 @@ def expanding_steps(anc, batch: int, steps: int, low: int) -> list[dict]:
     for amp, size in (("off", None), ("bf16", None), ("bf16", low), ("off", low)):
         cfg = ExpandingConfig(batch_size=batch, amp=amp, distill_img_size=size)
         seconds = measure_step_seconds(lg, anc, shapes, cfg, steps=steps)
-        rows.append({"precision": "fp32" if amp == "off" else "bf16", "distill_px": size or anc.arch.img_size,
-                     "s_per_step": round(seconds, 3)})
+        rows.append(
+            {
+                "precision": "fp32" if amp == "off" else "bf16",
+                "distill_px": size or anc.arch.img_size,
+                "s_per_step": round(seconds, 3),
+            }
+        )
         print(f"expanding step {rows[-1]}", flush=True)
     x = torch.randn(batch, 3, anc.arch.img_size, anc.arch.img_size)
     teacher = anc.model.eval()
@@ -66,7 +71,9 @@ def expanding_steps(anc, batch: int, steps: int, low: int) -> list[dict]:
         t0 = time.perf_counter()
         teacher(x)
         fwd = time.perf_counter() - t0
-    rows.append({"teacher_forward_s": round(fwd, 3), "teacher_share_of_fp32_step": round(fwd / rows[0]["s_per_step"], 3)})
+    rows.append(
+        {"teacher_forward_s": round(fwd, 3), "teacher_share_of_fp32_step": round(fwd / rows[0]["s_per_step"], 3)}
+    )
     return rows
 
 
@@ -95,13 +102,18 @@ def finetune_steps(anc, folder: Path, steps: int) -> list[dict]:
     rows.append({"loop": "bare timm + AdamW (fp32, in memory)", "s_per_step": round(bare, 3), "vs_bare": 1.0})
     memory = ImageTensors(x.repeat(4, 1, 1, 1), y.repeat(4), [str(i) for i in range(5)])
     ds = load_dataset(str(folder), img_size=size, in_chans=3)
-    for name, data, amp in (("factory trainer, fp32, in memory", memory, "off"), ("factory trainer, bf16, in memory", memory, "auto"),
-                            ("factory trainer, bf16, streamed folder", ds.train, "auto")):
+    for name, data, amp in (
+        ("factory trainer, fp32, in memory", memory, "off"),
+        ("factory trainer, bf16, in memory", memory, "auto"),
+        ("factory trainer, bf16, streamed folder", ds.train, "auto"),
+    ):
         model = build_vit(anc.arch, dataclasses.replace(shape, num_classes=5), seed=0)
         cfg = TrainConfig(steps=steps + 1, batch_size=batch, amp=amp, warmup_steps=1, shift=0)
         res = train(model, data, cfg, progress=False)
         per = statistics.median(h["seconds"] for h in res.history[1:])  # the first step's one-off costs left out
-        rows.append({"loop": name, "precision": res.precision, "s_per_step": round(per, 3), "vs_bare": round(per / bare, 3)})
+        rows.append(
+            {"loop": name, "precision": res.precision, "s_per_step": round(per, 3), "vs_bare": round(per / bare, 3)}
+        )
         print(f"finetune {rows[-1]}", flush=True)
     return rows
 
@@ -110,24 +122,54 @@ def build_rss(sizes: list[int], img: int, expand_steps: int, low: int, tmp: Path
     """Each build in a fresh wrapper process that reports its child's peak RSS (and the largest grandchild)."""
     rows = []
     for n in sizes:
-        folder = write_image_folder(tmp / f"photos{n}", classes=5, size=img, per_class={"train": n // 5, "val": 10, "test": 10})
+        folder = write_image_folder(
+            tmp / f"photos{n}", classes=5, size=img, per_class={"train": n // 5, "val": 10, "test": 10}
+        )
         out = tmp / f"build{n}"
-        cmd = [sys.executable, "-m", "factory.cli", "build", "--profile", "jetson_orin", "--ancestry", ANCESTRY,
-               "--data", str(folder), "--expand-steps", str(expand_steps), "--expand-img-size", str(low), "--steps", "3",
-               "--batch-size", "16", "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "factory.cli",
+            "build",
+            "--profile",
+            "jetson_orin",
+            "--ancestry",
+            ANCESTRY,
+            "--data",
+            str(folder),
+            "--expand-steps",
+            str(expand_steps),
+            "--expand-img-size",
+            str(low),
+            "--steps",
+            "3",
+            "--batch-size",
+            "16",
+            "--out",
+            str(out),
+        ]
         dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, cwd=ROOT)
         estimate = re.search(r"expanding-phase steps \(~(\d+)s\)", dry.stdout + dry.stderr)
-        wrapper = ("import resource, subprocess, sys, json, time; t=time.perf_counter(); p = subprocess.run(sys.argv[1:], "
-                   "capture_output=True, text=True); print(json.dumps({'rc': p.returncode, 'seconds': time.perf_counter()-t, "
-                   "'children_peak_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, 'out': p.stdout[-4000:] + p.stderr[-4000:]}))")
+        wrapper = (
+            "import resource, subprocess, sys, json, time; t=time.perf_counter(); p = subprocess.run(sys.argv[1:], "
+            "capture_output=True, text=True); print(json.dumps({'rc': p.returncode, 'seconds': time.perf_counter()-t, "
+            "'children_peak_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, 'out': p.stdout[-4000:] + p.stderr[-4000:]}))"
+        )
         proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, cwd=ROOT)
         info = json.loads(proc.stdout.strip().splitlines()[-1])
         measured = re.search(r"learngene: sampled .* in ([\d.]+)s", info["out"])
-        rows.append({"train_images": n, "rc": info["rc"], "build_s": round(info["seconds"], 1),
-                     "peak_rss_mb": round(info["children_peak_kb"] / 1024), "expand_steps": expand_steps,
-                     "dry_run_expanding_estimate_s": int(estimate.group(1)) if estimate else None,
-                     "measured_learngene_stage_s": float(measured.group(1)) if measured else None,
-                     "tail": info["out"][-600:] if info["rc"] else ""})
+        rows.append(
+            {
+                "train_images": n,
+                "rc": info["rc"],
+                "build_s": round(info["seconds"], 1),
+                "peak_rss_mb": round(info["children_peak_kb"] / 1024),
+                "expand_steps": expand_steps,
+                "dry_run_expanding_estimate_s": int(estimate.group(1)) if estimate else None,
+                "measured_learngene_stage_s": float(measured.group(1)) if measured else None,
+                "tail": info["out"][-600:] if info["rc"] else "",
+            }
+        )
         print(f"build {rows[-1]}", flush=True)
     return rows
 
@@ -138,12 +180,16 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = write_image_folder(tmp / "photos", classes=5, size=args.image_px, per_class={"train": 40, "val": 10})
-        data = {"expanding": expanding_steps(anc, args.batch, args.steps, args.low),
-                "finetune": finetune_steps(anc, folder, args.steps),
-                "builds": build_rss(args.sizes, args.image_px, args.expand_steps, args.low, tmp)}
-    data.update(args={k: v for k, v in vars(args).items() if k not in ("json", "md")},
-                machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-                        f"auto precision {precision_for(torch.device('cpu'), 'auto')}")
+        data = {
+            "expanding": expanding_steps(anc, args.batch, args.steps, args.low),
+            "finetune": finetune_steps(anc, folder, args.steps),
+            "builds": build_rss(args.sizes, args.image_px, args.expand_steps, args.low, tmp),
+        }
+    data.update(
+        args={k: v for k, v in vars(args).items() if k not in ("json", "md")},
+        machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"auto precision {precision_for(torch.device('cpu'), 'auto')}",
+    )
     return data
 
 
@@ -152,21 +198,45 @@ def summarise(d: dict) -> str:
     exp = [r for r in d["expanding"] if "s_per_step" in r]
     teacher = next(r for r in d["expanding"] if "teacher_forward_s" in r)
     base = exp[0]["s_per_step"]
-    lines = [f"Machine: {d['machine']}. Ancestry `{ANCESTRY}` (DeiT-Tiny, 224 px, patch 16).", "",
-             f"**Expanding-phase step**, batch {a['batch']}, the build's sandwich (median of {a['steps']} steps after one warm-up):", "",
-             "| precision | distils at | s / step | vs fp32 224 px |", "|---|---|---|---|"]
-    lines += [f"| {r['precision']} | {r['distill_px']} px | {r['s_per_step']:.2f} | {base / r['s_per_step']:.2f}x |" for r in exp]
-    lines += ["", f"Teacher forward at 224 px: {teacher['teacher_forward_s']:.2f} s = {100 * teacher['teacher_share_of_fp32_step']:.1f}% "
-              "of an fp32 step: the most that caching the teacher's outputs could save.", "",
-              "**Fine-tuning step**, DeiT-Tiny shape at 224 px, batch 32:", "",
-              "| loop | precision | s / step | vs bare loop |", "|---|---|---|---|"]
-    lines += [f"| {r['loop']} | {r.get('precision', 'fp32')} | {r['s_per_step']:.3f} | {r['vs_bare']:.2f}x |" for r in d["finetune"]]
-    lines += ["", f"**Build** (`peg-factory build --profile jetson_orin --ancestry {ANCESTRY} --expand-steps {a['expand_steps']} "
-              f"--expand-img-size {a['low']} --steps 3`) on generated folders of {a['image_px']}-px JPEGs:", "",
-              "| train images | exit | wall s | peak RSS (largest process) MB | dry-run expanding estimate s | measured learngene stage s |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {r['train_images']} | {r['rc']} | {r['build_s']} | {r['peak_rss_mb']} | {r['dry_run_expanding_estimate_s']} | "
-              f"{r['measured_learngene_stage_s']} |" for r in d["builds"]]
+    lines = [
+        f"Machine: {d['machine']}. Ancestry `{ANCESTRY}` (DeiT-Tiny, 224 px, patch 16).",
+        "",
+        f"**Expanding-phase step**, batch {a['batch']}, the build's sandwich (median of {a['steps']} steps after one warm-up):",
+        "",
+        "| precision | distils at | s / step | vs fp32 224 px |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['precision']} | {r['distill_px']} px | {r['s_per_step']:.2f} | {base / r['s_per_step']:.2f}x |"
+        for r in exp
+    ]
+    lines += [
+        "",
+        f"Teacher forward at 224 px: {teacher['teacher_forward_s']:.2f} s = {100 * teacher['teacher_share_of_fp32_step']:.1f}% "
+        "of an fp32 step: the most that caching the teacher's outputs could save.",
+        "",
+        "**Fine-tuning step**, DeiT-Tiny shape at 224 px, batch 32:",
+        "",
+        "| loop | precision | s / step | vs bare loop |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['loop']} | {r.get('precision', 'fp32')} | {r['s_per_step']:.3f} | {r['vs_bare']:.2f}x |"
+        for r in d["finetune"]
+    ]
+    lines += [
+        "",
+        f"**Build** (`peg-factory build --profile jetson_orin --ancestry {ANCESTRY} --expand-steps {a['expand_steps']} "
+        f"--expand-img-size {a['low']} --steps 3`) on generated folders of {a['image_px']}-px JPEGs:",
+        "",
+        "| train images | exit | wall s | peak RSS (largest process) MB | dry-run expanding estimate s | measured learngene stage s |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['train_images']} | {r['rc']} | {r['build_s']} | {r['peak_rss_mb']} | {r['dry_run_expanding_estimate_s']} | "
+        f"{r['measured_learngene_stage_s']} |"
+        for r in d["builds"]
+    ]
     return "\n".join(lines)
 
 

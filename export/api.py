@@ -6,7 +6,8 @@ Formats: ``onnx`` (FP32, always produced: the others derive from it), ``onnx-fp1
 ``openvino-int8`` (NNCF post-training quantisation; :mod:`export.openvino_export`) and ``trt``.
 
 Deployment choice. For CPU runtimes ``export.json``'s ``deploy`` names the fastest *verified*
-artifact at the profile's batch on this host (for a TensorRT profile it is the engine or kit): FP32 artifacts verified against PyTorch (max abs diff <= 1e-4), reduced
+artifact at the profile's batch on this host (for a TensorRT profile it is the engine or kit): FP32
+artifacts verified against PyTorch (max abs diff <= 1e-4), reduced
 precisions only if their test accuracy is within ``MAX_ACCURACY_DROP`` of FP32's.
 For ``trt`` an engine is built here only when TensorRT and a GPU are present *and* the target is
 this machine (no profile, or a ``measure: true`` profile such as ``host``); otherwise an
@@ -21,23 +22,32 @@ diffs, and for reduced precisions the validation accuracy and host latency again
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from export.context import MAX_ACCURACY_DROP, ExportRun, verified_formats
 from export.formats import FORMAT_NAMES, format_spec, with_requirements
 from factory.core.ancestry import load_ancestry, read_checkpoint
-from factory.io import owned_directory, sha256_file
 from factory.core.checkpoint import INFO_METADATA_KEY
-from factory.errors import FactoryError
 from factory.core.flops import count_flops, count_params
+from factory.errors import FactoryError
+from factory.io import owned_directory, sha256_file
 
 from .onnx_export import OPSET, export_onnx
 
-__all__ = ["MAX_ACCURACY_DROP", "ExportRun", "choose_deployment", "runtime_bound_deployment", "export_model", "parse_formats", "resolve_model_path",
-           "verified_formats"]
+__all__ = [
+    "MAX_ACCURACY_DROP",
+    "ExportRun",
+    "choose_deployment",
+    "runtime_bound_deployment",
+    "export_model",
+    "parse_formats",
+    "resolve_model_path",
+    "verified_formats",
+]
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -46,7 +56,9 @@ def resolve_model_path(model: str | Path) -> Path:
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
-        raise FactoryError(f"model {model} not found: pass a run directory holding model.safetensors or a .safetensors file")
+        raise FactoryError(
+            f"model {model} not found: pass a run directory holding model.safetensors or a .safetensors file"
+        )
     return path
 
 
@@ -94,19 +106,20 @@ def export_model(
 ) -> dict[str, Any]:
     """Export ``model`` to ``formats`` under ``out_dir`` (see the module docstring).
 
-    ``choose(artifacts, arch)`` (``arch``: the model's own ArchConfig) replaces the host-timed :func:`choose_deployment` for a CPU runtime:
+    ``choose(artifacts, arch)`` (``arch``: the model's own ArchConfig) replaces the host-timed
+    :func:`choose_deployment` for a CPU runtime:
     the build and the CLI pass :func:`factory.device.deploy.chooser` for a profile that is not this machine,
     whose choice then comes from the profile's cost model (host timings do not transfer)."""
-    from export.runtime import ort_accuracy, ort_latency_ms, ort_logits, ort_session
-
     from export.runtime import ort_accuracy, ort_latency_ms, ort_session
 
     path = resolve_model_path(model)
     specs = [format_spec(name) for name in with_requirements(formats, profile)]
     for spec in specs:
         if profile is not None and spec.runtime_only and spec.runtime != profile.hardware.runtime:
-            raise FactoryError(f"profile {profile.name} runs {profile.hardware.runtime}, not {spec.runtime}; drop {spec.name} "
-                               f"from the formats (its formats: {', '.join(profile.export)})")
+            raise FactoryError(
+                f"profile {profile.name} runs {profile.hardware.runtime}, not {spec.runtime}; drop {spec.name} "
+                f"from the formats (its formats: {', '.join(profile.export)})"
+            )
         spec.check_available()  # refuse before any work when an extra is missing
     anc = load_ancestry(path)
     net, arch = anc.model.eval(), anc.arch
@@ -123,32 +136,74 @@ def export_model(
         "peg_factory.flops": count_flops(net),
         "peg_factory.params": count_params(net),
         "peg_factory.preprocessing": {
-            "size": arch.img_size, "channels": arch.in_chans,
-            "mean": list(ds.mean) if ds is not None else None, "std": list(ds.std) if ds is not None else None,
+            "size": arch.img_size,
+            "channels": arch.in_chans,
+            "mean": list(ds.mean) if ds is not None else None,
+            "std": list(ds.std) if ds is not None else None,
         },
         "peg_factory.class_names": ds.train.classes if ds is not None else [str(i) for i in range(arch.num_classes)],
     }
-    record: dict[str, Any] = {"model": str(path), "model_sha256": sha256_file(path), "opset": OPSET,
-                              "profile": profile.name if profile is not None else None, "artifacts": {}}
+    record: dict[str, Any] = {
+        "model": str(path),
+        "model_sha256": sha256_file(path),
+        "opset": OPSET,
+        "profile": profile.name if profile is not None else None,
+        "artifacts": {},
+    }
     out_dir = Path(out_dir)
     with owned_directory(out_dir, writer="export") as tmp:
         onnx_path = tmp / "model.onnx"
-        check = export_onnx(net, onnx_path, img_size=arch.img_size, in_chans=arch.in_chans, metadata=metadata,
-                            verify_batch=max(2, batch))
-        record["artifacts"]["onnx"] = {"file": "model.onnx", "max_abs_diff": check["max_abs_diff"], "nodes": check["nodes"]}
-        slim = (f", {check['nodes']['exported']} -> {check['nodes']['simplified']} nodes (onnxslim)"
-                if "simplified" in check["nodes"] else "")
+        check = export_onnx(
+            net,
+            onnx_path,
+            img_size=arch.img_size,
+            in_chans=arch.in_chans,
+            metadata=metadata,
+            verify_batch=max(2, batch),
+        )
+        record["artifacts"]["onnx"] = {
+            "file": "model.onnx",
+            "max_abs_diff": check["max_abs_diff"],
+            "nodes": check["nodes"],
+        }
+        slim = (
+            f", {check['nodes']['exported']} -> {check['nodes']['simplified']} nodes (onnxslim)"
+            if "simplified" in check["nodes"]
+            else ""
+        )
         log(f"onnx: model.onnx verified against PyTorch (max abs diff {max(check['max_abs_diff'].values()):.2e}){slim}")
         fp32 = ort_session(onnx_path)
-        x1 = np.random.default_rng(1).standard_normal((1, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32)
-        x32 = np.random.default_rng(2).standard_normal((32, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32)
-        fp32_stats = {"latency_ms_b1": ort_latency_ms(fp32, x1), "latency_ms_b32": ort_latency_ms(fp32, x32, repeats=10)}
+        x1 = np.random.default_rng(1).standard_normal(
+            (1, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32
+        )
+        x32 = np.random.default_rng(2).standard_normal(
+            (32, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32
+        )
+        fp32_stats = {
+            "latency_ms_b1": ort_latency_ms(fp32, x1),
+            "latency_ms_b32": ort_latency_ms(fp32, x32, repeats=10),
+        }
         if ds is not None:
             fp32_stats["val_accuracy"] = ort_accuracy(fp32, ds.val.images.numpy(), ds.val.labels.numpy())
         record["artifacts"]["onnx"].update({k: round(v, 4) for k, v in fp32_stats.items()})
         calib = ds.train.images[:calibration_images].numpy() if ds is not None else None
-        run = ExportRun(tmp, onnx_path, net, arch, ds, calib, x1, x32, fp32, dict(fp32_stats), profile, batch, log,
-                        require_engine=require_engine, artifacts=record["artifacts"])
+        run = ExportRun(
+            tmp,
+            onnx_path,
+            net,
+            arch,
+            ds,
+            calib,
+            x1,
+            x32,
+            fp32,
+            dict(fp32_stats),
+            profile,
+            batch,
+            log,
+            require_engine=require_engine,
+            artifacts=record["artifacts"],
+        )
         for spec in specs:
             if spec.step is not None:
                 record["artifacts"].update(spec.run(run))
@@ -163,9 +218,9 @@ def export_model(
                         entry["files"] = {p.name: sha256_file(p) for p in sorted(target.iterdir())}
             if "weights" in entry:
                 entry["weights_sha256"] = sha256_file(tmp / entry["weights"])
-        record["deploy"] = (runtime_bound_deployment(record["artifacts"], profile)
-                            or (choose(record["artifacts"], arch) if choose is not None
-                                else choose_deployment(record["artifacts"], batch)))
+        record["deploy"] = runtime_bound_deployment(record["artifacts"], profile) or (
+            choose(record["artifacts"], arch) if choose is not None else choose_deployment(record["artifacts"], batch)
+        )
         if len(record["artifacts"]) > 1:
             log(f"deploy: {record['deploy']['format']} ({record['deploy']['reason']})")
         (tmp / "export.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -184,8 +239,11 @@ def runtime_bound_deployment(artifacts: dict[str, dict[str, Any]], profile) -> d
         return None
     made = next((name for name in own if name in artifacts), "onnx")
     what = "; ".join(FORMATS[name].summary for name in own)
-    return {"format": made, "reason": f"the profile's runtime is {profile.hardware.runtime}: {what}, from the verified ONNX; "
-                                      "host timings do not transfer"}
+    return {
+        "format": made,
+        "reason": f"the profile's runtime is {profile.hardware.runtime}: {what}, from the verified ONNX; "
+        "host timings do not transfer",
+    }
 
 
 def choose_deployment(artifacts: dict[str, dict[str, Any]], batch: int = 1) -> dict[str, Any]:
@@ -205,6 +263,10 @@ def choose_deployment(artifacts: dict[str, dict[str, Any]], batch: int = 1) -> d
     best = min(timed, key=timed.get)
     base = timed.get("onnx")
     speed = f", {base / timed[best]:.2f}x onnxruntime FP32" if base and best != "onnx" else ""
-    return {"format": best, "latency_ms": timed[best], "batch": 1 if key.endswith("b1") else 32,
-            "reason": f"fastest verified at batch {1 if key.endswith('b1') else 32}: {timed[best]:.3f} ms{speed}",
-            "candidates_ms": timed}
+    return {
+        "format": best,
+        "latency_ms": timed[best],
+        "batch": 1 if key.endswith("b1") else 32,
+        "reason": f"fastest verified at batch {1 if key.endswith('b1') else 32}: {timed[best]:.3f} ms{speed}",
+        "candidates_ms": timed,
+    }

@@ -17,12 +17,21 @@ manifest read its runtime, precision and fields here like any other.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 #: Fields every artifact's manifest entry keeps when its export record has them.
-COMMON_FIELDS = ("sha256", "files", "weights_sha256", "latency_ms_b1", "latency_ms_b32", "val_accuracy", "test_accuracy",
-                 "accuracy_drop_vs_fp32")
+COMMON_FIELDS = (
+    "sha256",
+    "files",
+    "weights_sha256",
+    "latency_ms_b1",
+    "latency_ms_b32",
+    "val_accuracy",
+    "test_accuracy",
+    "accuracy_drop_vs_fp32",
+)
 
 
 def _none(profile: Any) -> tuple[str, ...]:
@@ -73,24 +82,71 @@ def _int8_qdq_first(profile: Any) -> tuple[str, ...]:
 
 
 _REGISTRY: tuple[FormatSpec, ...] = (
-    FormatSpec("onnx", "onnxruntime", "fp32", None, exact=True, needs_data=False, fields=("nodes",),
-               summary="FP32 ONNX, verified against PyTorch (always produced: the others derive from it)"),
-    FormatSpec("onnx-fp16", "onnxruntime", "fp16", "export.onnx_variants:export_fp16", fields=("max_abs_diff_vs_fp32",),
-               summary="FP16 weights and compute, FP32 inputs/outputs and LayerNorm/Softmax"),
-    FormatSpec("onnx-int8", "onnxruntime", "int8", "export.onnx_variants:export_int8", fields=("mode",),
-               summary="static Q/DQ calibrated on the task's training images (dynamic without data)"),
-    FormatSpec("openvino", "openvino", "fp32", "export.openvino_export:export_openvino", exact=True,
-               fields=("inference_precision", "latency_ms_b1_p90", "benchmark_app"), extra="export.openvino_export:require_openvino",
-               summary="FP32 IR (also timed with BF16 execution where the CPU has it, as openvino-bf16)"),
-    FormatSpec("openvino-bf16", "openvino", "bf16", None, made_by="openvino",
-               fields=("execution_precision", "inference_precision", "latency_ms_b1_p90", "benchmark_app"),
-               summary="the FP32 IR executed in BF16 (recorded by openvino)"),
-    FormatSpec("openvino-int8", "openvino", "int8", "export.openvino_export:export_openvino_int8",
-               fields=("inference_precision", "latency_ms_b1_p90", "benchmark_app"), requires=lambda p: ("openvino",),
-               extra="export.openvino_export:require_openvino", summary="NNCF post-training INT8 IR"),
-    FormatSpec("trt", "tensorrt", None, "export.trt_format:export_trt", runtime_only=True, requires=_int8_qdq_first,
-               fields=("kind", "precision", "typed_model", "reason", "typed_val_accuracy", "typed_accuracy_drop_vs_fp32"),
-               summary="a TensorRT engine built here, or the on-device build kit (trt_kit/)"),
+    FormatSpec(
+        "onnx",
+        "onnxruntime",
+        "fp32",
+        None,
+        exact=True,
+        needs_data=False,
+        fields=("nodes",),
+        summary="FP32 ONNX, verified against PyTorch (always produced: the others derive from it)",
+    ),
+    FormatSpec(
+        "onnx-fp16",
+        "onnxruntime",
+        "fp16",
+        "export.onnx_variants:export_fp16",
+        fields=("max_abs_diff_vs_fp32",),
+        summary="FP16 weights and compute, FP32 inputs/outputs and LayerNorm/Softmax",
+    ),
+    FormatSpec(
+        "onnx-int8",
+        "onnxruntime",
+        "int8",
+        "export.onnx_variants:export_int8",
+        fields=("mode",),
+        summary="static Q/DQ calibrated on the task's training images (dynamic without data)",
+    ),
+    FormatSpec(
+        "openvino",
+        "openvino",
+        "fp32",
+        "export.openvino_export:export_openvino",
+        exact=True,
+        fields=("inference_precision", "latency_ms_b1_p90", "benchmark_app"),
+        extra="export.openvino_export:require_openvino",
+        summary="FP32 IR (also timed with BF16 execution where the CPU has it, as openvino-bf16)",
+    ),
+    FormatSpec(
+        "openvino-bf16",
+        "openvino",
+        "bf16",
+        None,
+        made_by="openvino",
+        fields=("execution_precision", "inference_precision", "latency_ms_b1_p90", "benchmark_app"),
+        summary="the FP32 IR executed in BF16 (recorded by openvino)",
+    ),
+    FormatSpec(
+        "openvino-int8",
+        "openvino",
+        "int8",
+        "export.openvino_export:export_openvino_int8",
+        fields=("inference_precision", "latency_ms_b1_p90", "benchmark_app"),
+        requires=lambda p: ("openvino",),
+        extra="export.openvino_export:require_openvino",
+        summary="NNCF post-training INT8 IR",
+    ),
+    FormatSpec(
+        "trt",
+        "tensorrt",
+        None,
+        "export.trt_format:export_trt",
+        runtime_only=True,
+        requires=_int8_qdq_first,
+        fields=("kind", "precision", "typed_model", "reason", "typed_val_accuracy", "typed_accuracy_drop_vs_fp32"),
+        summary="a TensorRT engine built here, or the on-device build kit (trt_kit/)",
+    ),
 )
 
 #: Every registered artifact kind, by name, in the order the exporter runs them.

@@ -42,19 +42,44 @@ def _export_graph(model: nn.Module, x: torch.Tensor, path: Path, opset: int, exp
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=4096)
-            torch.onnx.export(model, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              opset_version=max(opset, 18), dynamo=True, external_data=False,
-                              dynamic_shapes={"x": {0: batch}})
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=max(opset, 18),
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes={"x": {0: batch}},
+            )
         elif exporter == "torchscript":
-            torch.onnx.export(model, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              opset_version=opset, dynamo=False, do_constant_folding=True,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
         else:
             raise FactoryError(f"unknown exporter {exporter!r}; use torchscript or dynamo")
 
 
-def verify_onnx(model: nn.Module, path: str | Path, *, img_size: int, in_chans: int, batches=(1, 4),
-                atol: float = 1e-4, seed: int = 0, providers=("CPUExecutionProvider",)) -> dict[str, float]:
+def verify_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    img_size: int,
+    in_chans: int,
+    batches=(1, 4),
+    atol: float = 1e-4,
+    seed: int = 0,
+    providers=("CPUExecutionProvider",),
+) -> dict[str, float]:
     """Max abs difference between onnxruntime and PyTorch per batch size (raises past ``atol``)."""
     from .runtime import ort_session
 
@@ -69,8 +94,10 @@ def verify_onnx(model: nn.Module, path: str | Path, *, img_size: int, in_chans: 
         diff = float(abs(got - expected).max())
         diffs[f"batch{batch}"] = diff
         if not diff <= atol:
-            raise FactoryError(f"ONNX output differs from PyTorch by {diff:.3g} at batch {batch} (limit {atol:g}); "
-                               "the export is wrong, not saved")
+            raise FactoryError(
+                f"ONNX output differs from PyTorch by {diff:.3g} at batch {batch} (limit {atol:g}); "
+                "the export is wrong, not saved"
+            )
     return diffs
 
 
@@ -112,7 +139,11 @@ def export_onnx(
                 nodes["simplified"] = len(proto.graph.node)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-        diffs = verify_onnx(model, tmp, img_size=img_size, in_chans=in_chans, batches=(1, verify_batch), atol=atol) if verify else {}
+        diffs = (
+            verify_onnx(model, tmp, img_size=img_size, in_chans=in_chans, batches=(1, verify_batch), atol=atol)
+            if verify
+            else {}
+        )
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:

@@ -62,8 +62,13 @@ def to_openvino_int8(xml_fp32: Path, xml_int8: Path, calibration: np.ndarray) ->
     # NNCF loads its torch backend, whose import of torch.utils.cpp_extension logs "No CUDA runtime is found"
     # on CPU builds: nothing the user can act on, so that logger is kept quiet
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    quantized = nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.MIXED, model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=len(calibration))
+    quantized = nncf.quantize(
+        model,
+        dataset,
+        preset=nncf.QuantizationPreset.MIXED,
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(calibration),
+    )
     ov.save_model(quantized, str(xml_int8), compress_to_fp16=False)
     return xml_int8
 
@@ -112,8 +117,19 @@ def inference_precision(compiled) -> str:
 
 def benchmark_app_command(xml_name: str, shape: tuple[int, ...], precision: str) -> list[str]:
     """The exact ``benchmark_app`` call for an IR with a dynamic batch, at ``shape``, in ``precision``."""
-    return ["benchmark_app", "-m", xml_name, "-d", "CPU", "-shape", f"images[{','.join(map(str, shape))}]",
-            "-infer_precision", precision, "-hint", "latency"]
+    return [
+        "benchmark_app",
+        "-m",
+        xml_name,
+        "-d",
+        "CPU",
+        "-shape",
+        f"images[{','.join(map(str, shape))}]",
+        "-infer_precision",
+        precision,
+        "-hint",
+        "latency",
+    ]
 
 
 def ov_accuracy(compiled, images: np.ndarray, labels: np.ndarray) -> float:
@@ -122,6 +138,7 @@ def ov_accuracy(compiled, images: np.ndarray, labels: np.ndarray) -> float:
 
 # -- the registered export steps (export.formats) ------------------------------------------------------------
 
+
 def _measure(run, fmt: str, compiled, entry: dict, fp32_test: float | None) -> dict:
     """Latency (median, p90, the host's load while timing) and test accuracy at the precision that runs."""
     import os
@@ -129,15 +146,22 @@ def _measure(run, fmt: str, compiled, entry: dict, fp32_test: float | None) -> d
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     b1, b32 = ov_latency_stats(compiled, run.x1), ov_latency_stats(compiled, run.x32, repeats=10)
     running = inference_precision(compiled)
-    entry.update(latency_ms_b1=round(b1["median"], 4), latency_ms_b1_p90=round(b1["p90"], 4),
-                 latency_ms_b32=round(b32["median"], 4), latency_ms_b32_p90=round(b32["p90"], 4),
-                 host_load_1min=round(load, 2) if load is not None else None, inference_precision=running,
-                 benchmark_app=" ".join(benchmark_app_command(entry["file"], (run.batch, *run.x1.shape[1:]), running)))
+    entry.update(
+        latency_ms_b1=round(b1["median"], 4),
+        latency_ms_b1_p90=round(b1["p90"], 4),
+        latency_ms_b32=round(b32["median"], 4),
+        latency_ms_b32_p90=round(b32["p90"], 4),
+        host_load_1min=round(load, 2) if load is not None else None,
+        inference_precision=running,
+        benchmark_app=" ".join(benchmark_app_command(entry["file"], (run.batch, *run.x1.shape[1:]), running)),
+    )
     if run.ds is not None:
         entry["test_accuracy"] = round(ov_accuracy(compiled, run.ds.test.images.numpy(), run.ds.test.labels.numpy()), 4)
         entry["accuracy_drop_vs_fp32"] = round(fp32_test - entry["test_accuracy"], 4)
-    run.log(f"{fmt}: {entry['file']} ({running}) b1 {entry['latency_ms_b1']:.3f} ms (p90 {entry['latency_ms_b1_p90']:.3f}), "
-            f"accuracy {entry.get('test_accuracy', 'n/a')} (fp32 {round(fp32_test, 4) if fp32_test is not None else 'n/a'})")
+    run.log(
+        f"{fmt}: {entry['file']} ({running}) b1 {entry['latency_ms_b1']:.3f} ms (p90 {entry['latency_ms_b1_p90']:.3f}), "
+        f"accuracy {entry.get('test_accuracy', 'n/a')} (fp32 {round(fp32_test, 4) if fp32_test is not None else 'n/a'})"
+    )
     return entry
 
 
@@ -148,7 +172,9 @@ def _fp32_test_accuracy(run) -> float | None:
     if run.ds is None:
         return None
     if "fp32_test_accuracy" not in run.fp32_stats:
-        run.fp32_stats["fp32_test_accuracy"] = ort_accuracy(run.fp32, run.ds.test.images.numpy(), run.ds.test.labels.numpy())
+        run.fp32_stats["fp32_test_accuracy"] = ort_accuracy(
+            run.fp32, run.ds.test.images.numpy(), run.ds.test.labels.numpy()
+        )
     return run.fp32_stats["fp32_test_accuracy"]
 
 
@@ -166,12 +192,21 @@ def export_openvino(run) -> dict[str, dict]:
     diff = float(np.abs(ov_logits(compiled, run.x32) - reference).max())
     if diff > 1e-4:
         raise FactoryError(f"OpenVINO FP32 output differs from PyTorch by {diff:.3g} (> 1e-4); not exported")
-    out["openvino"] = _measure(run, "openvino", compiled,
-                               {"file": "model.xml", "weights": "model.bin", "max_abs_diff_vs_pytorch": diff}, fp32_test)
+    out["openvino"] = _measure(
+        run,
+        "openvino",
+        compiled,
+        {"file": "model.xml", "weights": "model.bin", "max_abs_diff_vs_pytorch": diff},
+        fp32_test,
+    )
     if cpu_supports_bf16():
         bf16 = ov_compile(xml, precision="bf16")
-        entry = {"file": "model.xml", "weights": "model.bin", "execution_precision": "bf16",
-                 "max_abs_diff_vs_pytorch": round(float(np.abs(ov_logits(bf16, run.x32) - reference).max()), 5)}
+        entry = {
+            "file": "model.xml",
+            "weights": "model.bin",
+            "execution_precision": "bf16",
+            "max_abs_diff_vs_pytorch": round(float(np.abs(ov_logits(bf16, run.x32) - reference).max()), 5),
+        }
         out["openvino-bf16"] = _measure(run, "openvino-bf16", bf16, entry, fp32_test)
     else:
         run.log("openvino-bf16: this CPU has no BF16 support; FP32 execution only")
@@ -185,5 +220,8 @@ def export_openvino_int8(run) -> dict[str, dict]:
     task's training images, timed and scored."""
     to_openvino_int8(run.tmp / "model.xml", run.tmp / "model.int8.xml", run.calib)
     entry = {"file": "model.int8.xml", "weights": "model.int8.bin", "calibration_images": len(run.calib)}
-    return {"openvino-int8": _measure(run, "openvino-int8", ov_compile(run.tmp / "model.int8.xml"), entry,
-                                      _fp32_test_accuracy(run))}
+    return {
+        "openvino-int8": _measure(
+            run, "openvino-int8", ov_compile(run.tmp / "model.int8.xml"), entry, _fp32_test_accuracy(run)
+        )
+    }

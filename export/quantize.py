@@ -26,7 +26,6 @@ from factory.errors import FactoryError
 
 from .onnx_export import INPUT_NAME
 
-
 #: Only the compute-heavy ops are quantised; LayerNorm, Softmax and GELU stay in float, as in
 #: TensorRT's and onnxruntime's own ViT recipes (quantising them costs accuracy for no speed).
 QUANTIZED_OPS = ["MatMul", "Gemm", "Conv"]
@@ -48,8 +47,9 @@ def to_fp16(src: str | Path, dst: str | Path) -> Path:
     dst = Path(dst)
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
-                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS])
+    model = convert_float_to_float16(
+        onnx.load(str(src)), keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS]
+    )
     tmp = _tmp_sibling(dst)
     try:
         onnx.save(model, str(tmp))
@@ -69,7 +69,9 @@ class ImageReader:
         from tqdm.auto import tqdm
 
         self._batches = iter([{INPUT_NAME: images[i : i + batch]} for i in range(0, len(images), batch)])
-        self._bar = tqdm(total=len(images), desc="int8 calibration", unit="img", disable=not progress, dynamic_ncols=True)
+        self._bar = tqdm(
+            total=len(images), desc="int8 calibration", unit="img", disable=not progress, dynamic_ncols=True
+        )
 
     def get_next(self):
         batch = next(self._batches, None)
@@ -94,9 +96,15 @@ def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray | None = N
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         if calibration is not None and len(calibration):
             quantize_static(
-                str(pre), str(tmp), ImageReader(calibration.astype(np.float32)), quant_format=QuantFormat.QDQ,
-                per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=QUANTIZED_OPS,
+                str(pre),
+                str(tmp),
+                ImageReader(calibration.astype(np.float32)),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                op_types_to_quantize=QUANTIZED_OPS,
             )
             mode = "static"
         else:
@@ -107,7 +115,9 @@ def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray | None = N
     except Exception as exc:  # noqa: BLE001 - surface quantiser failures as one line
         if isinstance(exc, FactoryError):
             raise
-        raise FactoryError(f"INT8 quantisation of {src} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise FactoryError(
+            f"INT8 quantisation of {src} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
     finally:
         for p in (tmp, pre):
             with contextlib.suppress(FileNotFoundError):

@@ -36,8 +36,15 @@ def strongly_typed_flags(trt) -> int:
     return 1 << int(flag) if flag is not None else 0
 
 
-def build_engine(onnx_path: Path, engine_path: Path, *, batch: tuple[int, int, int], input_shape: tuple[int, int, int],
-                 timing_cache: Path | None = None, workspace_mb: int = 2048) -> Path:
+def build_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    *,
+    batch: tuple[int, int, int],
+    input_shape: tuple[int, int, int],
+    timing_cache: Path | None = None,
+    workspace_mb: int = 2048,
+) -> Path:
     """Build and serialise a strongly typed engine from a *typed* ONNX model (FP32, FP16 from
     :func:`export.quantize.to_fp16`, or Q/DQ INT8 from :func:`export.quantize.to_int8`): the graph says
     what runs in which precision, so no precision flag or calibrator is set -- the TensorRT 10 and 11

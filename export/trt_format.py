@@ -26,8 +26,10 @@ def export_trt(run: ExportRun) -> dict[str, dict]:
     typed = {"fp32": run.onnx_path, "int8": run.tmp / int8["file"] if int8 else None}.get(precision)
     scratch = None
     if precision == "int8" and run.calib is None:
-        raise FactoryError("a TensorRT INT8 build needs a Q/DQ model calibrated on task images: pass data (an ImageFolder "
-                           "or a built-in set of the model's classes)")
+        raise FactoryError(
+            "a TensorRT INT8 build needs a Q/DQ model calibrated on task images: pass data (an ImageFolder "
+            "or a built-in set of the model's classes)"
+        )
     if precision == "fp16":
         typed = run.tmp / "model.fp16.onnx"  # the onnx-fp16 artifact when it was asked for, else made for the kit only
         if not typed.is_file():
@@ -52,30 +54,66 @@ def _engine_or_kit(run: ExportRun, typed: Path, precision: str) -> dict:
     if available and here:
         from .tensorrt_build import build_engine, run_engine
 
-        engine = build_engine(typed, run.tmp / f"model.{precision}.engine", batch=(1, batch, batch),
-                              input_shape=(arch.in_chans, arch.img_size, arch.img_size), timing_cache=run.tmp / "timing.cache")
-        x = np.random.default_rng(3).standard_normal((batch, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32)
+        engine = build_engine(
+            typed,
+            run.tmp / f"model.{precision}.engine",
+            batch=(1, batch, batch),
+            input_shape=(arch.in_chans, arch.img_size, arch.img_size),
+            timing_cache=run.tmp / "timing.cache",
+        )
+        x = np.random.default_rng(3).standard_normal(
+            (batch, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32
+        )
         diff = float(np.abs(run_engine(engine, x) - ort_logits(run.fp32, x)).max())
-        log(f"trt: built {engine.name} here, strongly typed from {TYPED_MODEL[precision]} "
-            f"(max abs diff vs onnxruntime {diff:.3g})")
-        return {"kind": "engine", "file": engine.name, "precision": precision, "strongly_typed": True,
-                "max_abs_diff_vs_onnxruntime": diff}
-    reason = why if not available else f"the target {profile.name} is not this machine (engines only run where they were built)"
+        log(
+            f"trt: built {engine.name} here, strongly typed from {TYPED_MODEL[precision]} "
+            f"(max abs diff vs onnxruntime {diff:.3g})"
+        )
+        return {
+            "kind": "engine",
+            "file": engine.name,
+            "precision": precision,
+            "strongly_typed": True,
+            "max_abs_diff_vs_onnxruntime": diff,
+        }
+    reason = (
+        why
+        if not available
+        else f"the target {profile.name} is not this machine (engines only run where they were built)"
+    )
     if run.require_engine:
         raise FactoryError(f"an engine was required, but no TensorRT engine can be built here: {reason}")
     refs_in, refs_out = {}, {}
     for b in sorted({1, batch}):  # batch 1 and the opt batch of the engine's profile
-        refs_in[b] = np.random.default_rng(10 + b).standard_normal((b, arch.in_chans, arch.img_size, arch.img_size),
-                                                                   dtype=np.float32)
+        refs_in[b] = np.random.default_rng(10 + b).standard_normal(
+            (b, arch.in_chans, arch.img_size, arch.img_size), dtype=np.float32
+        )
         refs_out[b] = ort_logits(run.fp32, refs_in[b])
     typed_check = _typed_check(typed, refs_in[batch], run) if precision != "fp32" else {}
-    write_kit(run.tmp / "trt_kit", onnx_fp32=run.onnx_path, precision=precision, in_chans=arch.in_chans,
-              img_size=arch.img_size, batch=batch, reference_inputs=refs_in, reference_outputs=refs_out, onnx_typed=typed,
-              target=profile.name if profile is not None else "")
-    log(f"trt: wrote an on-device build kit (trt_kit/build_engine.sh, strongly typed from {TYPED_MODEL[precision]}), "
-        f"no engine built here: {reason}")
-    return {"kind": "kit", "dir": "trt_kit", "precision": precision, "typed_model": TYPED_MODEL[precision],
-            "reason": reason, **typed_check}
+    write_kit(
+        run.tmp / "trt_kit",
+        onnx_fp32=run.onnx_path,
+        precision=precision,
+        in_chans=arch.in_chans,
+        img_size=arch.img_size,
+        batch=batch,
+        reference_inputs=refs_in,
+        reference_outputs=refs_out,
+        onnx_typed=typed,
+        target=profile.name if profile is not None else "",
+    )
+    log(
+        f"trt: wrote an on-device build kit (trt_kit/build_engine.sh, strongly typed from {TYPED_MODEL[precision]}), "
+        f"no engine built here: {reason}"
+    )
+    return {
+        "kind": "kit",
+        "dir": "trt_kit",
+        "precision": precision,
+        "typed_model": TYPED_MODEL[precision],
+        "reason": reason,
+        **typed_check,
+    }
 
 
 def _typed_check(typed: Path, x: np.ndarray, run: ExportRun) -> dict:

@@ -40,8 +40,17 @@ STRONG_TYPING_SINCE = 9
 TYPED_MODEL = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 
-def trtexec_command(onnx_name: str, engine_name: str, *, precision: str, in_chans: int, img_size: int, batch: int,
-                    strongly_typed: bool = True, trtexec: str = "trtexec") -> list[str]:
+def trtexec_command(
+    onnx_name: str,
+    engine_name: str,
+    *,
+    precision: str,
+    in_chans: int,
+    img_size: int,
+    batch: int,
+    strongly_typed: bool = True,
+    trtexec: str = "trtexec",
+) -> list[str]:
     """The ``trtexec`` argument vector for one engine build: typed (``--stronglyTyped``, the
     precision is the ONNX graph's) or, for TensorRT < :data:`STRONG_TYPING_SINCE`, weakly typed
     (``--fp16``, ``--int8``). Shapes: min batch 1, opt and max the profile's ``batch``."""
@@ -107,9 +116,19 @@ Files: {files}.
 """
 
 
-def write_kit(directory: Path, *, onnx_fp32: Path, precision: str, in_chans: int, img_size: int, batch: int,
-              reference_inputs: dict[int, np.ndarray], reference_outputs: dict[int, np.ndarray],
-              onnx_typed: Path | None = None, target: str = "") -> list[Path]:
+def write_kit(
+    directory: Path,
+    *,
+    onnx_fp32: Path,
+    precision: str,
+    in_chans: int,
+    img_size: int,
+    batch: int,
+    reference_inputs: dict[int, np.ndarray],
+    reference_outputs: dict[int, np.ndarray],
+    onnx_typed: Path | None = None,
+    target: str = "",
+) -> list[Path]:
     """Write the kit's files into ``directory`` (which the caller publishes). ``onnx_typed`` is the
     FP16 or INT8 (Q/DQ) model for those precisions."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -127,16 +146,30 @@ def write_kit(directory: Path, *, onnx_fp32: Path, precision: str, in_chans: int
         return "  " + " ".join(c if c == '"$TRTEXEC"' else shlex.quote(c) for c in cmd)
 
     script = directory / "build_engine.sh"
-    fields = dict(upper=precision.upper(), target=f" ({target})" if target else "", since=STRONG_TYPING_SINCE, typed=typed,
-                  weak=weak, engine=engine, batch=batch)
-    script.write_text(SCRIPT.format(**fields, typed_cmd=line(trtexec_command(typed, engine, **common)),
-                                    weak_cmd=line(trtexec_command(weak, engine, strongly_typed=False, **common))))
+    fields = dict(
+        upper=precision.upper(),
+        target=f" ({target})" if target else "",
+        since=STRONG_TYPING_SINCE,
+        typed=typed,
+        weak=weak,
+        engine=engine,
+        batch=batch,
+    )
+    script.write_text(
+        SCRIPT.format(
+            **fields,
+            typed_cmd=line(trtexec_command(typed, engine, **common)),
+            weak_cmd=line(trtexec_command(weak, engine, strongly_typed=False, **common)),
+        )
+    )
     script.chmod(0o755)
     arrays = {f"input_{b}": x for b, x in reference_inputs.items()}
     arrays.update({f"output_{b}": y for b, y in reference_outputs.items()})
     np.savez(directory / "reference.npz", **arrays)
     shutil.copyfile(TEMPLATE, directory / "check_engine.py")
     shutil.copyfile(TRTEXEC_TOOLS, directory / TRTEXEC_TOOLS.name)
-    names = sorted({"model.onnx", typed, "build_engine.sh", "reference.npz", "check_engine.py", TRTEXEC_TOOLS.name, "README.md"})
+    names = sorted(
+        {"model.onnx", typed, "build_engine.sh", "reference.npz", "check_engine.py", TRTEXEC_TOOLS.name, "README.md"}
+    )
     (directory / "README.md").write_text(README.format(**fields, files=", ".join(f"`{n}`" for n in names)))
     return [directory / n for n in names]

@@ -9,6 +9,8 @@ from click.testing import CliRunner
 
 from factory import FactoryError, load_ancestry
 from factory.cli import cli
+from factory.core.demo import load_demo_learngene
+from factory.data import make_synthetic
 from factory.device.accuracy import (
     EstimatorConfig,
     Probe,
@@ -19,12 +21,10 @@ from factory.device.accuracy import (
     temperature_scaled_nll,
 )
 from factory.device.objective import resolve_objective
-from factory.device.resolve import latency_model_for
 from factory.device.profile import load_profile
+from factory.device.resolve import latency_model_for
 from factory.device.search import SearchSpace, search
 from factory.pipeline.build import BuildConfig, build
-from factory.core.demo import load_demo_learngene
-from factory.data import make_synthetic
 from factory.training.train import TrainConfig, lr_at
 
 from .test_build import _profile
@@ -178,9 +178,13 @@ def test_choice_is_the_best_predicted_and_ties_go_to_capacity(setting):
 def test_build_objective_switch(tmp_path):
     prof = load_profile(_profile(tmp_path, "tiny", params=0.6))
     base = dict(data="synthetic", finetune_steps=16, batch_size=8, candidates=3)
-    cap = build([prof], tmp_path / "cap", BuildConfig(**base), log=lambda *_: None)["devices"][0]  # auto, trained learngene
+    cap = build([prof], tmp_path / "cap", BuildConfig(**base), log=lambda *_: None)["devices"][
+        0
+    ]  # auto, trained learngene
     acc = build([prof], tmp_path / "acc", BuildConfig(objective="accuracy", **base), log=lambda *_: None)["devices"][0]
-    assert cap["selection"]["objective"] == "capacity" and cap["selection"]["reason"].startswith("auto: descendants of a trained")
+    assert cap["selection"]["objective"] == "capacity" and cap["selection"]["reason"].startswith(
+        "auto: descendants of a trained"
+    )
     sel = acc["selection"]
     assert sel["objective"] == "accuracy" and sel["estimator"]["method"] == "successive-halving"
     assert sel["reason"] == "--objective accuracy"
@@ -211,7 +215,9 @@ def test_build_objective_switch(tmp_path):
 def test_auto_objective_probes_unless_the_learngene_is_trained(tmp_path):
     assert resolve_objective("auto", init="peg", trained_learngene=True)[0] == "capacity"
     assert resolve_objective("auto", init="peg", trained_learngene=False) == (
-        "accuracy", "auto: an untrained learngene, where the largest shape is often not the most accurate: probed")
+        "accuracy",
+        "auto: an untrained learngene, where the largest shape is often not the most accurate: probed",
+    )
     for init in ("scratch", "tleg", "weight_selection"):
         objective, why = resolve_objective("auto", init=init, trained_learngene=True)
         assert objective == "accuracy" and f"--init {init}" in why
@@ -226,9 +232,13 @@ def test_auto_objective_probes_unless_the_learngene_is_trained(tmp_path):
         lines = []
         cfg = BuildConfig(data="synthetic", finetune_steps=16, batch_size=8, **kw)
         plans[name] = build([prof], tmp_path / name, cfg, dry_run=True, log=lines.append)["devices"][0], lines
-    assert "estimator_estimate_s" not in plans["trained"][0] and any(line.startswith("objective: capacity (auto:") for line in plans["trained"][1])
+    assert "estimator_estimate_s" not in plans["trained"][0] and any(
+        line.startswith("objective: capacity (auto:") for line in plans["trained"][1]
+    )
     for name in ("untrained", "scratch"):
-        assert plans[name][0]["estimator_estimate_s"] > 0 and any(line.startswith("objective: accuracy") for line in plans[name][1])
+        assert plans[name][0]["estimator_estimate_s"] > 0 and any(
+            line.startswith("objective: accuracy") for line in plans[name][1]
+        )
 
 
 def DescendantShapeLabel(dev):
@@ -251,15 +261,32 @@ def test_search_without_data_ranks_by_capacity_and_says_so(tmp_path):
     res = CliRunner().invoke(cli, ["search", "--profile", str(prof), "--top", "1"])
     assert res.exit_code == 0, res.output
     assert "ranked by capacity" in res.stdout and "no --data given" in res.stdout
-    res = CliRunner().invoke(cli, ["search", "--profile", str(prof), "--data", "synthetic", "--json"])  # auto, trained learngene
+    res = CliRunner().invoke(
+        cli, ["search", "--profile", str(prof), "--data", "synthetic", "--json"]
+    )  # auto, trained learngene
     sel = json.loads(res.stdout)["selection"]
     assert sel["objective"] == "capacity" and sel["reason"].startswith("auto: descendants of a trained learngene")
 
 
 def test_search_with_data_ranks_by_predicted_accuracy(tmp_path):
     prof = _profile(tmp_path, "tiny", params=0.6)
-    res = CliRunner().invoke(cli, ["search", "--profile", str(prof), "--data", "synthetic", "--steps", "16",
-                                   "--init", "scratch", "--work", str(tmp_path / "w"), "--json"])  # auto -> accuracy
+    res = CliRunner().invoke(
+        cli,
+        [
+            "search",
+            "--profile",
+            str(prof),
+            "--data",
+            "synthetic",
+            "--steps",
+            "16",
+            "--init",
+            "scratch",
+            "--work",
+            str(tmp_path / "w"),
+            "--json",
+        ],
+    )  # auto -> accuracy
     assert res.exit_code == 0, res.output
     sel = json.loads(res.stdout)["selection"]
     assert sel["objective"] == "accuracy" and len(sel["candidates"]) >= 2 and sel["seconds_total"] >= sel["seconds"]

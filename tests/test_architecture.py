@@ -15,13 +15,13 @@ MAX_LINES = 400
 
 def _modules():
     for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            yield path
+        yield from sorted((ROOT / package).rglob("*.py"))
 
 
 def test_layer_contracts_hold():
-    result = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports")), "--no-cache"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "0 broken" in result.stdout
 
@@ -50,8 +50,11 @@ def test_no_file_imports_another_modules_private_names():
     for path in _modules():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
-                offenders += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")
-                              and a.name != "__version__"]
+                offenders += [
+                    f"{path.name}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and a.name != "__version__"
+                ]
     assert not offenders, offenders
 
 
@@ -75,7 +78,9 @@ def test_the_finetune_key_is_the_train_config_that_runs(tmp_path):
     from factory.pipeline.stages import FINETUNE, BuildContext, entry_for
 
     lg = load_demo_learngene()
-    ctx = BuildContext(tmp_path, BuildConfig(data="synthetic", init="peg"), Cache(tmp_path), print, None, make_synthetic(), lg)
+    ctx = BuildContext(
+        tmp_path, BuildConfig(data="synthetic", init="peg"), Cache(tmp_path), print, None, make_synthetic(), lg
+    )
     shape = DescendantShape(2, 96, 2, 2.0, 28, 7, 4)
     key = entry_for(ctx, FINETUNE, shape).key
     assert FINETUNE.inputs(ctx, shape)["recipe"] == dataclasses.asdict(finetune_recipe(ctx.cfg))
@@ -112,5 +117,15 @@ def test_every_cli_option_is_documented_and_every_command_has_an_example():
             no_example.append(path)
     assert not undocumented, undocumented
     assert not no_example, no_example
-    assert {name for name in cli.commands} == {"ancestry", "build", "calibrate", "expand", "export", "flops", "learngene",
-                                              "profiles", "search", "train"}
+    assert {name for name in cli.commands} == {
+        "ancestry",
+        "build",
+        "calibrate",
+        "expand",
+        "export",
+        "flops",
+        "learngene",
+        "profiles",
+        "search",
+        "train",
+    }

@@ -12,8 +12,22 @@ def _run(*args, timeout=600):
 
 
 def test_peg_vs_baselines_quick_mode_runs(tmp_path):
-    _run("bench/peg_vs_baselines.py", "--quick", "--steps", "4", "--eval-every", "2", "--out", str(tmp_path),
-         "--methods", "scratch", "weight_selection", "tleg", "peg-untrained", "peg")
+    _run(
+        "bench/peg_vs_baselines.py",
+        "--quick",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--methods",
+        "scratch",
+        "weight_selection",
+        "tleg",
+        "peg-untrained",
+        "peg",
+    )
     data = json.loads((tmp_path / "peg_vs_baselines.json").read_text())
     methods = {r["method"] for r in data["results"]}
     assert methods == {"scratch", "weight_selection", "tleg", "peg", "peg-untrained"}
@@ -24,9 +38,23 @@ def test_peg_vs_baselines_quick_mode_runs(tmp_path):
 
 
 def test_learngene_study_quick_mode_runs(tmp_path):
-    _run("bench/learngene_study.py", "--quick", "--steps", "4", "--json", str(tmp_path / "s.json"), "--md", str(tmp_path / "s.md"))
+    _run(
+        "bench/learngene_study.py",
+        "--quick",
+        "--steps",
+        "4",
+        "--json",
+        str(tmp_path / "s.json"),
+        "--md",
+        str(tmp_path / "s.md"),
+    )
     data = json.loads((tmp_path / "s.json").read_text())
-    assert {r["variant"] for r in data["results"]} >= {"weight_selection", "tleg", "paper (untrained, tau 1)", "expand 3 steps"}
+    assert {r["variant"] for r in data["results"]} >= {
+        "weight_selection",
+        "tleg",
+        "paper (untrained, tau 1)",
+        "expand 3 steps",
+    }
     table = (tmp_path / "s.md").read_text()
     assert "| variant | knobs |" in table and "{" not in table.split("\n")[0]
 
@@ -38,29 +66,73 @@ def test_search_quality_quick_mode_runs(tmp_path):
     assert set(row["predicted"]) == set(row["measured"])
     assert "gap to oracle" in (tmp_path / "q.md").read_text()
     # the estimator study probes the same candidates and scores each estimator against the same fine-tunes
-    _run("bench/estimator_study.py", "--from", str(tmp_path / "q.json"), "--json", str(tmp_path / "e.json"),
-         "--md", str(tmp_path / "e.md"), "--rungs", "1", "2", "3", "--cosine", "2")
+    _run(
+        "bench/estimator_study.py",
+        "--from",
+        str(tmp_path / "q.json"),
+        "--json",
+        str(tmp_path / "e.json"),
+        "--md",
+        str(tmp_path / "e.md"),
+        "--rungs",
+        "1",
+        "2",
+        "3",
+        "--cosine",
+        "2",
+    )
     study = json.loads((tmp_path / "e.json").read_text())
     assert len(study["probes"]) == row["shapes"]
-    assert all(len(p["nll_per_image"]["const-3"]) == len(p["nll_per_image"]["const-1"]) > 0 for p in study["probes"].values())
+    assert all(
+        len(p["nll_per_image"]["const-3"]) == len(p["nll_per_image"]["const-1"]) > 0 for p in study["probes"].values()
+    )
     table = (tmp_path / "e.md").read_text()
     capacity_row = next(line for line in table.splitlines() if line.startswith("| capacity |"))
     assert "+0.00 pt" in capacity_row  # the baseline against itself
     assert "| anchored halving 1/2/3 z=2 |" in table and "| cosine-2 nll |" in table
     # an estimator variant scored on the same fine-tunes: --reuse repeats none of them
-    out = _run("bench/search_quality.py", "--quick", "--anchor", "--reuse", str(tmp_path / "q.json"), "--json", str(tmp_path / "a.json"))
+    out = _run(
+        "bench/search_quality.py",
+        "--quick",
+        "--anchor",
+        "--reuse",
+        str(tmp_path / "q.json"),
+        "--json",
+        str(tmp_path / "a.json"),
+    )
     again = json.loads((tmp_path / "a.json").read_text())["rows"][0]
     assert again["measured"] == row["measured"] and " test " not in out.stdout
     assert next(p for p in again["probes"] if p["chosen"])["decision"]["rule"].startswith("paired NLL gain")
     # and the runs side by side, one line each
-    _run("bench/search_quality.py", "--summarise", str(tmp_path / "q.json"), str(tmp_path / "a.json"), "--json", str(tmp_path / "s.json"),
-         "--md", str(tmp_path / "s.md"))
-    lines = [line for line in (tmp_path / "s.md").read_text().splitlines() if line.startswith("| q |") or line.startswith("| a |")]
+    _run(
+        "bench/search_quality.py",
+        "--summarise",
+        str(tmp_path / "q.json"),
+        str(tmp_path / "a.json"),
+        "--json",
+        str(tmp_path / "s.json"),
+        "--md",
+        str(tmp_path / "s.md"),
+    )
+    lines = [
+        line
+        for line in (tmp_path / "s.md").read_text().splitlines()
+        if line.startswith("| q |") or line.startswith("| a |")
+    ]
     assert len(lines) == 2 and "| anchored calibrated |" in lines[1] and "| calibrated |" in lines[0]
 
 
 def test_precision_bench_quick_mode_runs(tmp_path):
-    _run("bench/precision.py", "--quick", "--threads", "1", "--json", str(tmp_path / "p.json"), "--md", str(tmp_path / "p.md"))
+    _run(
+        "bench/precision.py",
+        "--quick",
+        "--threads",
+        "1",
+        "--json",
+        str(tmp_path / "p.json"),
+        "--md",
+        str(tmp_path / "p.md"),
+    )
     data = json.loads((tmp_path / "p.json").read_text())
     assert {r["amp"] for r in data["rows"]} == {"off", "auto"} and all(0 <= r["accuracy"] <= 1 for r in data["rows"])
     assert "| digits |" in (tmp_path / "p.md").read_text()
@@ -77,7 +149,16 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line():
 
 
 def test_init_study_quick_mode_runs_and_renders(tmp_path):
-    _run("bench/init_study.py", "--quick", "--threads", "1", "--json", str(tmp_path / "i.json"), "--md", str(tmp_path / "i.md"))
+    _run(
+        "bench/init_study.py",
+        "--quick",
+        "--threads",
+        "1",
+        "--json",
+        str(tmp_path / "i.json"),
+        "--md",
+        str(tmp_path / "i.md"),
+    )
     data = json.loads((tmp_path / "i.json").read_text())
     [row] = data["rows"]
     assert set(row["finetune"]["5"]) == {"peg", "weight_selection", "tleg", "scratch"}
@@ -97,8 +178,17 @@ def test_profile_budgets_bench_lists_every_shipped_budget(tmp_path):
 
 
 def test_latency_threads_bench_times_both_thread_counts(tmp_path):
-    _run("bench/latency_threads.py", "--shapes", "2", "--repeats", "2", "--json", str(tmp_path / "t.json"),
-         "--md", str(tmp_path / "t.md"))
+    _run(
+        "bench/latency_threads.py",
+        "--shapes",
+        "2",
+        "--repeats",
+        "2",
+        "--json",
+        str(tmp_path / "t.json"),
+        "--md",
+        str(tmp_path / "t.md"),
+    )
     data = json.loads((tmp_path / "t.json").read_text())
     assert set(data["per_threads"]) == {"1", "2"} and len(data["rows"]) == 2
     for row in data["rows"]:

@@ -10,9 +10,9 @@ import jsonschema
 import pytest
 from click.testing import CliRunner
 
-from factory.pipeline.build import BuildConfig, build
 from factory.cli import cli
 from factory.device.profile import load_profile
+from factory.pipeline.build import BuildConfig, build
 
 TINY = """name: {name}
 hardware: {{kind: cpu, peak_tflops: {{fp32: 0.2}}, memory_bandwidth_gbs: 20, memory_mb: 512, runtime: onnxruntime,
@@ -45,7 +45,9 @@ def test_end_to_end_build_and_cache_hit(tmp_path):
     for name, art in dev["artifacts"].items():
         assert (out / art["path"]).exists(), name
     card = (out / "tiny" / "MODEL_CARD.md").read_text()
-    assert card.startswith("---\n") and card.split("\n---\n", 1)[1].lstrip().startswith("# tiny:")  # HF front matter first
+    assert card.startswith("---\n") and card.split("\n---\n", 1)[1].lstrip().startswith(
+        "# tiny:"
+    )  # HF front matter first
     schema = json.loads((out / "manifest.schema.json").read_text())
     jsonschema.validate(json.loads((out / "manifest.json").read_text()), schema)
     lines = []
@@ -87,8 +89,10 @@ def test_fleet_shares_the_learngene_and_a_failing_profile_keeps_the_others(tmp_p
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("profiles: [a.yaml, b.yaml, impossible.yaml]\n")
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["build", "--fleet", str(fleet), "--out", str(out), "--data", "synthetic",
-                                      "--steps", "3", "--batch-size", "8"])
+    result = CliRunner().invoke(
+        cli,
+        ["build", "--fleet", str(fleet), "--out", str(out), "--data", "synthetic", "--steps", "3", "--batch-size", "8"],
+    )
     assert result.exit_code == 2, result.output
     assert "1 of 3 profiles failed: impossible: profile impossible: no shape fits" in result.output
     assert result.output.count("learngene: the shipped demo learngene") == 1
@@ -110,8 +114,22 @@ def test_fleet_shares_the_learngene_and_a_failing_profile_keeps_the_others(tmp_p
 def test_resume_after_a_killed_build(tmp_path):
     prof = _profile(tmp_path, "tiny", 0.2)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "factory.cli", "build", "--profile", str(prof), "--out", str(out), "--data", "synthetic",
-           "--steps", "400", "--batch-size", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "factory.cli",
+        "build",
+        "--profile",
+        str(prof),
+        "--out",
+        str(out),
+        "--data",
+        "synthetic",
+        "--steps",
+        "400",
+        "--batch-size",
+        "8",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -136,15 +154,45 @@ def test_resume_after_a_killed_build(tmp_path):
 def test_dry_run_prints_the_plan_without_running(tmp_path):
     prof = _profile(tmp_path, "tiny", 0.2)
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["build", "--profile", str(prof), "--out", str(out), "--data", "synthetic", "--dry-run",
-                                      "--objective", "accuracy"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            "--profile",
+            str(prof),
+            "--out",
+            str(out),
+            "--data",
+            "synthetic",
+            "--dry-run",
+            "--objective",
+            "accuracy",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "learngene: the shipped demo learngene" in result.output and "finetune will run (~" in result.output
-    assert "accuracy estimate of up to 8 Pareto candidates by successive halving (rungs 3/6/12 steps, 48 steps in all) will run" \
-        in result.output  # and its time
+    assert (
+        "accuracy estimate of up to 8 Pareto candidates by successive halving (rungs 3/6/12 steps, 48 steps in all) will run"
+        in result.output
+    )  # and its time
     assert not out.exists()
-    other = CliRunner().invoke(cli, ["build", "--profile", str(prof), "--out", str(out), "--data", "synthetic", "--dry-run",
-                                     "--expand-steps", "50", "--objective", "capacity"])
+    other = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            "--profile",
+            str(prof),
+            "--out",
+            str(out),
+            "--data",
+            "synthetic",
+            "--dry-run",
+            "--expand-steps",
+            "50",
+            "--objective",
+            "capacity",
+        ],
+    )
     assert "learngene: will be sampled and trained for 50 expanding-phase steps" in other.output
     assert "accuracy estimate" not in other.output and not out.exists()
 
@@ -169,8 +217,8 @@ def test_build_bad_input(tmp_path):
 def test_a_second_build_into_the_same_out_fails_fast_or_waits(tmp_path):
     import threading
 
-    from factory.io import directory_lock
     from factory.errors import FactoryError
+    from factory.io import directory_lock
 
     prof = load_profile(_profile(tmp_path, "tiny"))
     out = tmp_path / "out"
@@ -199,8 +247,8 @@ def test_a_second_build_into_the_same_out_fails_fast_or_waits(tmp_path):
 
 
 def test_paths_from_a_manifest_or_profile_stay_inside_out(tmp_path):
-    from factory.io import confined
     from factory.errors import FactoryError
+    from factory.io import confined
 
     out = tmp_path / "out"
     out.mkdir()
@@ -217,8 +265,17 @@ def test_export_refuses_a_manifest_path_outside_the_build(tmp_path, monkeypatch)
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("mine")
-    manifest = {"format_version": 1, "devices": [{"name": "d", "status": "ok", "profile": "host",
-                                                  "artifacts": {"model": {"path": "../victim/model.safetensors"}}}]}
+    manifest = {
+        "format_version": 1,
+        "devices": [
+            {
+                "name": "d",
+                "status": "ok",
+                "profile": "host",
+                "artifacts": {"model": {"path": "../victim/model.safetensors"}},
+            }
+        ],
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.chdir(out)
     res = CliRunner().invoke(cli, ["export", "--format", "onnx"])
@@ -226,23 +283,48 @@ def test_export_refuses_a_manifest_path_outside_the_build(tmp_path, monkeypatch)
     assert (victim / "keep.txt").read_text() == "mine" and sorted(p.name for p in victim.iterdir()) == ["keep.txt"]
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--gene-layers", "0"], "'--gene-layers': 0 is not in the range"), (["--lr", "inf"], "'--lr': inf is not in the range"),
-    (["--lr", "nan"], "invalid build setting: learning rate"), (["--steps", "0"], "'--steps': 0 is not in the range"),
-    (["--jobs", "0"], "'--jobs': 0 is not in the range"), (["--expand-steps", "-1"], "'--expand-steps': -1 is not in the range"),
-    (["--batch-size", str(10**30)], "'--batch-size'"), (["--seed", str(2**64)], "'--seed'"),
-])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--gene-layers", "0"], "'--gene-layers': 0 is not in the range"),
+        (["--lr", "inf"], "'--lr': inf is not in the range"),
+        (["--lr", "nan"], "invalid build setting: learning rate"),
+        (["--steps", "0"], "'--steps': 0 is not in the range"),
+        (["--jobs", "0"], "'--jobs': 0 is not in the range"),
+        (["--expand-steps", "-1"], "'--expand-steps': -1 is not in the range"),
+        (["--batch-size", str(10**30)], "'--batch-size'"),
+        (["--seed", str(2**64)], "'--seed'"),
+    ],
+)
 def test_build_refuses_settings_it_would_silently_misuse(tmp_path, flags, needle):
-    res = CliRunner().invoke(cli, ["build", "--profile", str(_profile(tmp_path, "t")), "--out", str(tmp_path / "o"),
-                                   "--data", "synthetic", *flags])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            "--profile",
+            str(_profile(tmp_path, "t")),
+            "--out",
+            str(tmp_path / "o"),
+            "--data",
+            "synthetic",
+            *flags,
+        ],
+    )
     assert res.exit_code == 2 and needle in res.output, res.output
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("field, value, needle", [
-    ("gene_layers", 0, "gene layers"), ("lr", float("inf"), "learning rate"), ("finetune_steps", 0, "fine-tuning steps"),
-    ("jobs", 0, "jobs"), ("expand_steps", -1, "expand steps"), ("objective", "size", "objective"),
-])
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("gene_layers", 0, "gene layers"),
+        ("lr", float("inf"), "learning rate"),
+        ("finetune_steps", 0, "fine-tuning steps"),
+        ("jobs", 0, "jobs"),
+        ("expand_steps", -1, "expand steps"),
+        ("objective", "size", "objective"),
+    ],
+)
 def test_build_config_refuses_what_the_api_would_misuse(field, value, needle):
     from factory.errors import FactoryError
 

@@ -18,8 +18,21 @@ def _run(*args):
 
 def test_build_reuses_a_given_learngene_and_refuses_one_from_another_ancestry(tmp_path):
     prof = _profile(tmp_path, "tiny")
-    res = _run("build", "--profile", prof, "--out", tmp_path / "o", "--data", "synthetic", "--steps", "2", "--batch-size", "8",
-               "--learngene", PACKAGED_LEARNGENE)
+    res = _run(
+        "build",
+        "--profile",
+        prof,
+        "--out",
+        tmp_path / "o",
+        "--data",
+        "synthetic",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--learngene",
+        PACKAGED_LEARNGENE,
+    )
     assert res.exit_code == 0, res.output
     assert f"learngene: the given learngene {PACKAGED_LEARNGENE}" in res.output
     assert "learngene expanding phase" not in res.output and "expanding-phase steps" not in res.output  # none ran
@@ -28,18 +41,46 @@ def test_build_reuses_a_given_learngene_and_refuses_one_from_another_ancestry(tm
     assert manifest["learngene"]["sha256"] == shipped and manifest["learngene"]["recipe"]["given"] == shipped
     assert "objective: capacity (auto: descendants of a trained learngene" in res.output  # it had an expanding phase
     other = tmp_path / "lg"
-    assert _run("learngene", "--ancestry", "random:vit_tiny_patch16_224", "--layers", "2", "--out", other).exit_code == 0
-    _one_line_exit_2(_run("build", "--profile", prof, "--out", tmp_path / "p", "--data", "synthetic", "--learngene", other),
-                     "was made from another ancestry")
+    assert (
+        _run("learngene", "--ancestry", "random:vit_tiny_patch16_224", "--layers", "2", "--out", other).exit_code == 0
+    )
+    _one_line_exit_2(
+        _run("build", "--profile", prof, "--out", tmp_path / "p", "--data", "synthetic", "--learngene", other),
+        "was made from another ancestry",
+    )
     assert not (tmp_path / "p").exists()
-    _one_line_exit_2(_run("build", "--profile", prof, "--out", tmp_path / "q", "--data", "synthetic", "--learngene",
-                          tmp_path / "missing"), "not a learngene directory")
+    _one_line_exit_2(
+        _run(
+            "build",
+            "--profile",
+            prof,
+            "--out",
+            tmp_path / "q",
+            "--data",
+            "synthetic",
+            "--learngene",
+            tmp_path / "missing",
+        ),
+        "not a learngene directory",
+    )
 
 
 def test_the_expanding_phase_batch_is_a_build_option(tmp_path):
     prof = _profile(tmp_path, "tiny")
-    res = _run("build", "--profile", prof, "--out", tmp_path / "o", "--data", "synthetic", "--expand-steps", "3",
-               "--expand-batch-size", "4", "--dry-run")
+    res = _run(
+        "build",
+        "--profile",
+        prof,
+        "--out",
+        tmp_path / "o",
+        "--data",
+        "synthetic",
+        "--expand-steps",
+        "3",
+        "--expand-batch-size",
+        "4",
+        "--dry-run",
+    )
     assert res.exit_code == 0, res.output
     assert "learngene: will be sampled and trained for 3 expanding-phase steps (~" in res.output
     from factory.pipeline.config import BuildConfig, expanding_config
@@ -49,16 +90,43 @@ def test_the_expanding_phase_batch_is_a_build_option(tmp_path):
 
 def test_a_folder_without_test_split_says_so(tmp_path):
     data = _folder(tmp_path / "data", n=4, size=28)
-    res = _run("build", "--profile", _profile(tmp_path, "tiny"), "--out", tmp_path / "o", "--data", data, "--steps", "2",
-               "--batch-size", "4", "--ancestry", "demo")
+    res = _run(
+        "build",
+        "--profile",
+        _profile(tmp_path, "tiny"),
+        "--out",
+        tmp_path / "o",
+        "--data",
+        data,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--ancestry",
+        "demo",
+    )
     assert "data: test accuracy is measured on val (no test/ folder" in res.output, res.output
 
 
 def test_learngene_train_reports_zero_shot_only_for_the_ancestrys_labels(tmp_path):
     lg = tmp_path / "lg"
     assert _run("learngene", "--ancestry", "demo", "--layers", "2", "--out", lg).exit_code == 0
-    res = _run("learngene", "train", "--learngene", lg, "--data", "synthetic", "--steps", "1", "--batch-size", "4",
-               "--depths", "2", "--out", tmp_path / "t")
+    res = _run(
+        "learngene",
+        "train",
+        "--learngene",
+        lg,
+        "--data",
+        "synthetic",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--depths",
+        "2",
+        "--out",
+        tmp_path / "t",
+    )
     assert res.exit_code == 0, res.output
     assert "zero-shot accuracy not reported: synthetic has 4 classes, the ancestry's classifier 10" in res.output
     assert "zero-shot accuracy 0." not in res.output

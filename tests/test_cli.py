@@ -5,8 +5,8 @@ import torch
 from click.testing import CliRunner
 
 from factory import Learngene, count_flops, load_ancestry
-from factory.core.checkpoint import load_descendant
 from factory.cli import cli
+from factory.core.checkpoint import load_descendant
 
 
 @pytest.fixture()
@@ -21,14 +21,40 @@ def run():
 
 def test_learngene_expand_flops_round_trip(run, tmp_path):
     lg_dir, out = tmp_path / "lg", tmp_path / "d.safetensors"
-    r = run("learngene", "--ancestry", "random:vit_tiny_patch16_224", "--layers", "3", "--heads", "2",
-            "--seed", "4", "--out", lg_dir)
+    r = run(
+        "learngene",
+        "--ancestry",
+        "random:vit_tiny_patch16_224",
+        "--layers",
+        "3",
+        "--heads",
+        "2",
+        "--seed",
+        "4",
+        "--out",
+        lg_dir,
+    )
     assert r.exit_code == 0, r.output
     assert "3 layers x 2 heads" in r.output
     lg = Learngene.load(lg_dir)
     assert lg.num_layers == 3 and lg.meta["seed"] == 4
-    r = run("expand", "--learngene", lg_dir, "--depth", "5", "--embed-dim", "96", "--heads", "3",
-            "--img-size", "64", "--num-classes", "7", "--out", out)
+    r = run(
+        "expand",
+        "--learngene",
+        lg_dir,
+        "--depth",
+        "5",
+        "--embed-dim",
+        "96",
+        "--heads",
+        "3",
+        "--img-size",
+        "64",
+        "--num-classes",
+        "7",
+        "--out",
+        out,
+    )
     assert r.exit_code == 0, r.output
     model = load_descendant(out)
     assert len(model.blocks) == 5 and model.embed_dim == 96 and model.num_classes == 7
@@ -41,8 +67,21 @@ def test_learngene_expand_flops_round_trip(run, tmp_path):
 
 def test_baseline_expand_and_descendant_as_ancestry(run, tmp_path):
     out = tmp_path / "ws.safetensors"
-    r = run("expand", "--method", "weight_selection", "--ancestry", "demo", "--depth", "2",
-            "--embed-dim", "96", "--heads", "2", "--out", out)
+    r = run(
+        "expand",
+        "--method",
+        "weight_selection",
+        "--ancestry",
+        "demo",
+        "--depth",
+        "2",
+        "--embed-dim",
+        "96",
+        "--heads",
+        "2",
+        "--out",
+        out,
+    )
     assert r.exit_code == 0, r.output
     anc = load_ancestry(out)  # descendants can be ancestries in turn
     assert anc.arch.depth == 2 and anc.arch.in_chans == 1
@@ -56,19 +95,114 @@ def test_flops_of_a_shape(run):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["expand", "--learngene", "nope", "--depth", "2", "--embed-dim", "96", "--heads", "2", "--out", "x.safetensors"], "not a learngene directory"),
-        (["expand", "--ancestry", "demo", "--method", "tleg", "--depth", "2", "--embed-dim", "999", "--heads", "3", "--out", "x.safetensors"], "exceeds the ancestry"),
-        (["expand", "--ancestry", "demo", "--method", "tleg", "--depth", "2", "--embed-dim", "96", "--heads", "5", "--out", "x.safetensors"], "not divisible"),
-        (["expand", "--method", "peg", "--depth", "2", "--embed-dim", "96", "--heads", "2", "--out", "x.safetensors"], "needs --learngene"),
-        (["expand", "--method", "scratch", "--depth", "2", "--embed-dim", "96", "--heads", "2", "--out", "x.pt"], "must end in .safetensors"),
+        (
+            [
+                "expand",
+                "--learngene",
+                "nope",
+                "--depth",
+                "2",
+                "--embed-dim",
+                "96",
+                "--heads",
+                "2",
+                "--out",
+                "x.safetensors",
+            ],
+            "not a learngene directory",
+        ),
+        (
+            [
+                "expand",
+                "--ancestry",
+                "demo",
+                "--method",
+                "tleg",
+                "--depth",
+                "2",
+                "--embed-dim",
+                "999",
+                "--heads",
+                "3",
+                "--out",
+                "x.safetensors",
+            ],
+            "exceeds the ancestry",
+        ),
+        (
+            [
+                "expand",
+                "--ancestry",
+                "demo",
+                "--method",
+                "tleg",
+                "--depth",
+                "2",
+                "--embed-dim",
+                "96",
+                "--heads",
+                "5",
+                "--out",
+                "x.safetensors",
+            ],
+            "not divisible",
+        ),
+        (
+            [
+                "expand",
+                "--method",
+                "peg",
+                "--depth",
+                "2",
+                "--embed-dim",
+                "96",
+                "--heads",
+                "2",
+                "--out",
+                "x.safetensors",
+            ],
+            "needs --learngene",
+        ),
+        (
+            ["expand", "--method", "scratch", "--depth", "2", "--embed-dim", "96", "--heads", "2", "--out", "x.pt"],
+            "must end in .safetensors",
+        ),
         (["learngene", "--ancestry", "random:resnet18", "--out", "lg"], "not a timm VisionTransformer"),
         (["learngene", "--ancestry", "demo"], "missing --out"),
         (["learngene", "--ancestry", "demo", "--layers", "0", "--out", "lg"], "'--layers': 0 is not in the range"),
         (["learngene", "--ancestry", "demo", "--seed", str(2**70), "--out", "lg"], "'--seed'"),
-        (["expand", "--method", "scratch", "--depth", "4000", "--embed-dim", "60000", "--heads", "4", "--out", "x.safetensors"],
-         "B parameters"),
-        (["expand", "--method", "scratch", "--depth", "2", "--embed-dim", str(10**12), "--heads", "4", "--out", "x.safetensors"],
-         "'--embed-dim'"),
+        (
+            [
+                "expand",
+                "--method",
+                "scratch",
+                "--depth",
+                "4000",
+                "--embed-dim",
+                "60000",
+                "--heads",
+                "4",
+                "--out",
+                "x.safetensors",
+            ],
+            "B parameters",
+        ),
+        (
+            [
+                "expand",
+                "--method",
+                "scratch",
+                "--depth",
+                "2",
+                "--embed-dim",
+                str(10**12),
+                "--heads",
+                "4",
+                "--out",
+                "x.safetensors",
+            ],
+            "'--embed-dim'",
+        ),
         (["flops", "--depth", "2"], "missing --embed-dim"),
         (["expand", "--method", "nope"], "Invalid value"),
     ],
@@ -122,20 +256,65 @@ def test_search_with_impossible_budgets_exits_2(tmp_path):
 
 def test_train_and_resume_from_the_cli(run, tmp_path):
     model = tmp_path / "d.safetensors"
-    assert run("expand", "--method", "weight_selection", "--ancestry", "demo", "--depth", "2", "--embed-dim", "64",
-               "--heads", "1", "--img-size", "28", "--out", model).exit_code == 0
-    r = run("train", "--model", model, "--data", "synthetic", "--steps", "4", "--batch-size", "16", "--ckpt-every", "2",
-            "--out", tmp_path / "run")
+    assert (
+        run(
+            "expand",
+            "--method",
+            "weight_selection",
+            "--ancestry",
+            "demo",
+            "--depth",
+            "2",
+            "--embed-dim",
+            "64",
+            "--heads",
+            "1",
+            "--img-size",
+            "28",
+            "--out",
+            model,
+        ).exit_code
+        == 0
+    )
+    r = run(
+        "train",
+        "--model",
+        model,
+        "--data",
+        "synthetic",
+        "--steps",
+        "4",
+        "--batch-size",
+        "16",
+        "--ckpt-every",
+        "2",
+        "--out",
+        tmp_path / "run",
+    )
     assert r.exit_code == 0, r.output
     assert "test accuracy" in r.output
     trained = load_descendant(tmp_path / "run" / "model.safetensors")
     assert trained.num_classes == 4  # the synthetic set has 4 classes: new head
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
-    r = run("train", "--model", model, "--data", "synthetic", "--steps", "6", "--batch-size", "16", "--resume",
-            "--out", tmp_path / "run")
+    r = run(
+        "train",
+        "--model",
+        model,
+        "--data",
+        "synthetic",
+        "--steps",
+        "6",
+        "--batch-size",
+        "16",
+        "--resume",
+        "--out",
+        tmp_path / "run",
+    )
     assert r.exit_code == 0, r.output
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 6
-    result = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", "synthetic", "--resume", "--out", str(tmp_path / "fresh")])
+    result = CliRunner().invoke(
+        cli, ["train", "--model", str(model), "--data", "synthetic", "--resume", "--out", str(tmp_path / "fresh")]
+    )
     assert result.exit_code == 2 and "no checkpoint" in result.output
 
 
@@ -145,10 +324,12 @@ def test_training_commands_reject_unwritable_outputs_before_training(tmp_path):
     result = CliRunner().invoke(cli, ["ancestry", "train", "--steps", "1", "--out", str(blocker / "demo.safetensors")])
     assert result.exit_code == 2 and "cannot create directory" in result.output
     model = tmp_path / "d.safetensors"
-    CliRunner().invoke(cli, ["expand", "--method", "scratch", "--depth", "1", "--embed-dim", "32", "--heads", "1",
-                             "--out", str(model)])
-    result = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", "synthetic", "--steps", "1",
-                                      "--out", str(blocker / "run")])
+    CliRunner().invoke(
+        cli, ["expand", "--method", "scratch", "--depth", "1", "--embed-dim", "32", "--heads", "1", "--out", str(model)]
+    )
+    result = CliRunner().invoke(
+        cli, ["train", "--model", str(model), "--data", "synthetic", "--steps", "1", "--out", str(blocker / "run")]
+    )
     assert result.exit_code == 2 and "cannot create directory" in result.output
     result = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", "nope", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "unknown dataset" in result.output

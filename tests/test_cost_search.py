@@ -4,12 +4,12 @@ import pytest
 
 from factory import DescendantShape, FactoryError
 from factory.core.ancestry import DEMO_ARCH
+from factory.core.shapes import STANDARD_ARCH, vit_flops, vit_params
 from factory.device.fit import Measurement, calibrate
+from factory.device.profile import load_profile, parse_profile
 from factory.device.resolve import latency_model_for
 from factory.device.roofline import CostModel, Device, Efficiency, memory_mb, roofline_ms, vit_ops
-from factory.device.profile import load_profile, parse_profile
 from factory.device.search import FittedAccuracy, SearchSpace, pareto_front, search
-from factory.core.shapes import STANDARD_ARCH, vit_flops, vit_params
 
 S = DescendantShape(6, 192, 3, 4.0, 224, 16, 1000)
 
@@ -26,7 +26,9 @@ def test_roofline_limits():
     dev = Device(peak_flops=1e12, bandwidth=1e11, runtime="onnxruntime", memory_mb=1e3, fused_attention=False)
     eff = Efficiency(matmul=1.0, attention=1.0, memory=1.0, op_overhead_us=0.0, fixed_ms=0.0)
     ops = vit_ops(S)
-    expected = sum(max(2 * op.macs / 1e12 if op.kind != "elementwise" else 0.0, op.bytes / 1e11) * c for op, c in ops) * 1e3
+    expected = (
+        sum(max(2 * op.macs / 1e12 if op.kind != "elementwise" else 0.0, op.bytes / 1e11) * c for op, c in ops) * 1e3
+    )
     assert roofline_ms(ops, dev, eff) == pytest.approx(expected)
     # doubling peak and bandwidth halves the time; overheads add per op
     fast = Device(2e12, 2e11, "onnxruntime", 1e3, False)
@@ -41,7 +43,9 @@ def test_fused_attention_removes_score_traffic_and_memory():
     fused = sum(op.bytes for op, _ in vit_ops(S, fused_attention=True) if op.kind == "attention")
     assert unfused - fused == 3 * 3 * 197 * 197 * 4
     many_tokens = DescendantShape(2, 192, 12, 4.0, 224, 8, 10)  # 785 tokens: scores dominate the MLP
-    assert memory_mb(many_tokens, 1, "fp32", "onnxruntime") > memory_mb(many_tokens, 1, "fp32", "onnxruntime", fused_attention=True)
+    assert memory_mb(many_tokens, 1, "fp32", "onnxruntime") > memory_mb(
+        many_tokens, 1, "fp32", "onnxruntime", fused_attention=True
+    )
     assert memory_mb(S, 1, "fp32", "onnxruntime") == memory_mb(S, 1, "fp32", "onnxruntime", fused_attention=True)
 
 
@@ -56,9 +60,19 @@ def test_calibration_recovers_known_efficiencies():
     truth = Efficiency(matmul=0.3, attention=0.2, memory=0.4, op_overhead_us=4.0, fixed_ms=0.1)
     dev = Device(4e11, 5e10, "onnxruntime", 1e3, False)
     model = CostModel(dev, "fp32", 1, Efficiency(), STANDARD_ARCH)
-    shapes = [DescendantShape(d, w, w // 64, r, i, 16, 1000) for d, w, r, i in
-              [(2, 128, 2.0, 96), (4, 192, 4.0, 224), (8, 256, 3.0, 160), (12, 384, 4.0, 224), (3, 64, 1.0, 64),
-               (6, 320, 2.5, 192), (10, 128, 4.0, 128), (1, 448, 2.0, 224)]]
+    shapes = [
+        DescendantShape(d, w, w // 64, r, i, 16, 1000)
+        for d, w, r, i in [
+            (2, 128, 2.0, 96),
+            (4, 192, 4.0, 224),
+            (8, 256, 3.0, 160),
+            (12, 384, 4.0, 224),
+            (3, 64, 1.0, 64),
+            (6, 320, 2.5, 192),
+            (10, 128, 4.0, 128),
+            (1, 448, 2.0, 224),
+        ]
+    ]
     rows = [Measurement(s, 1, roofline_ms(vit_ops(s), dev, truth)) for s in shapes]
     fitted = calibrate(model, rows)
     assert fitted.calibrated
@@ -69,8 +83,10 @@ def test_calibration_recovers_known_efficiencies():
 
 def test_profile_calibration_csv(tmp_path):
     csv = tmp_path / "cal.csv"
-    csv.write_text("depth,embed_dim,num_heads,mlp_ratio,img_size,patch_size,num_classes,batch,latency_ms\n"
-                   "2,64,1,2.0,28,7,10,1,0.5\n4,128,2,4.0,28,7,10,1,1.0\n6,192,3,4.0,28,7,10,1,1.6\n")
+    csv.write_text(
+        "depth,embed_dim,num_heads,mlp_ratio,img_size,patch_size,num_classes,batch,latency_ms\n"
+        "2,64,1,2.0,28,7,10,1,0.5\n4,128,2,4.0,28,7,10,1,1.0\n6,192,3,4.0,28,7,10,1,1.6\n"
+    )
     prof = tmp_path / "p.yaml"
     prof.write_text(open(load_profile("demo/raspberry_pi5").path).read() + "calibration: cal.csv\n")
     cm = latency_model_for(load_profile(prof), arch=DEMO_ARCH)
@@ -118,7 +134,9 @@ def test_search_ranks_feasible_and_explains_rejections():
     top = result.top(5)
     keys = [(c.shape.depth, c.shape.embed_dim, c.shape.mlp_ratio, c.shape.img_size) for c in top]
     assert len(top) == 5 and len(set(keys)) == 5 and top[0] is best
-    same_but_heads = [c for c in result.feasible if (c.shape.depth, c.shape.embed_dim, c.shape.mlp_ratio) == keys[0][:3]]
+    same_but_heads = [
+        c for c in result.feasible if (c.shape.depth, c.shape.embed_dim, c.shape.mlp_ratio) == keys[0][:3]
+    ]
     assert len(same_but_heads) > 1  # the space does offer other head counts of the best shape
 
 
@@ -127,7 +145,10 @@ def test_impossible_budgets_name_the_budget_to_relax():
     profile = parse_profile(text, "tight.yaml")
     result = search(profile, SearchSpace.from_arch(DEMO_ARCH), latency_model_for(profile, arch=DEMO_ARCH))
     assert not result.feasible
-    with pytest.raises(FactoryError, match=r"no shape fits the budgets; the closest, d1-w32-h1-r1-i28-p7, needs latency_ms.*relax budgets.latency_ms"):
+    with pytest.raises(
+        FactoryError,
+        match=r"no shape fits the budgets; the closest, d1-w32-h1-r1-i28-p7, needs latency_ms.*relax budgets.latency_ms",
+    ):
         result.require_feasible()
 
 

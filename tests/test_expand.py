@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from factory import DescendantShape, FactoryError, expand, expand_tensors, sample_learngene
-from factory.core.selection import descend
+from factory.core.head_selection import descend
 from factory.core.timm_vit import split_state_dict
 
 
@@ -116,7 +116,9 @@ def test_classifier_is_inherited_only_when_classes_match(learngene):
     assert torch.equal(same.head.weight, learngene.stem["head.weight"])
     other = expand(learngene, _shape(num_classes=3))
     assert other.head.weight.shape == (3, 64)
-    assert torch.equal(expand(learngene, _shape(num_classes=3), seed=1).blocks[0].norm1.weight, other.blocks[0].norm1.weight)
+    assert torch.equal(
+        expand(learngene, _shape(num_classes=3), seed=1).blocks[0].norm1.weight, other.blocks[0].norm1.weight
+    )
 
 
 def test_descendants_are_plain_timm_models(learngene):

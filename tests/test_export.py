@@ -9,23 +9,31 @@ import torch
 from click.testing import CliRunner
 
 from export.api import export_model, parse_formats
-from export.trt_kit import trtexec_command
 from export.onnx_export import export_onnx
 from export.tensorrt_build import tensorrt_available
+from export.trt_kit import trtexec_command
 from factory import DescendantShape, FactoryError, init_descendant, load_ancestry
-from factory.core.checkpoint import save_descendant
 from factory.cli import cli
 from factory.device.profile import load_profile
 
 
-@pytest.mark.parametrize("shape", [DescendantShape(2, 64, 2, 2.0, 32, 8, 10), DescendantShape(5, 96, 3, 4.0, 28, 7, 7),
-                                   DescendantShape(1, 32, 1, 1.0, 16, 4, 3)], ids=lambda s: s.label())
+@pytest.mark.parametrize(
+    "shape",
+    [
+        DescendantShape(2, 64, 2, 2.0, 32, 8, 10),
+        DescendantShape(5, 96, 3, 4.0, 28, 7, 7),
+        DescendantShape(1, 32, 1, 1.0, 16, 4, 3),
+    ],
+    ids=lambda s: s.label(),
+)
 def test_onnx_parity_at_two_batch_sizes(tmp_path, shape):
     model = init_descendant("scratch", shape, seed=1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    result = export_onnx(model, tmp_path / "m.onnx", img_size=shape.img_size, in_chans=1, metadata={"k": {"a": 1}}, verify_batch=5)
+    result = export_onnx(
+        model, tmp_path / "m.onnx", img_size=shape.img_size, in_chans=1, metadata={"k": {"a": 1}}, verify_batch=5
+    )
     assert set(result["max_abs_diff"]) == {"batch1", "batch5"}
     assert max(result["max_abs_diff"].values()) <= 1e-4
     proto = onnx.load(str(tmp_path / "m.onnx"))
@@ -56,8 +64,14 @@ def test_a_wrong_export_fails_with_the_measured_diff_and_leaves_nothing(tmp_path
 
 def test_export_all_formats_with_metadata_hashes_and_int8_accuracy(demo_file, tmp_path):
     profile = load_profile("demo/jetson_orin")
-    record = export_model(demo_file, parse_formats("onnx,onnx-fp16,onnx-int8,trt"), tmp_path / "exp", profile=profile, data="mnist",
-                          log=lambda *_: None)
+    record = export_model(
+        demo_file,
+        parse_formats("onnx,onnx-fp16,onnx-int8,trt"),
+        tmp_path / "exp",
+        profile=profile,
+        data="mnist",
+        log=lambda *_: None,
+    )
     out = tmp_path / "exp"
     assert json.loads((out / "export.json").read_text()) == json.loads(json.dumps(record, sort_keys=True))
     art = record["artifacts"]
@@ -80,24 +94,40 @@ def test_export_all_formats_with_metadata_hashes_and_int8_accuracy(demo_file, tm
     assert art["onnx-fp16"]["max_abs_diff_vs_fp32"] < 0.05
     if not tensorrt_available()[0]:
         assert art["trt"]["kind"] == "kit"
-    assert record["deploy"]["format"] == "trt" and "TensorRT" in record["deploy"]["reason"]  # not a host-timed CPU artifact
+    assert (
+        record["deploy"]["format"] == "trt" and "TensorRT" in record["deploy"]["reason"]
+    )  # not a host-timed CPU artifact
 
 
 def _build_commands(script: str) -> tuple[list[str], list[str]]:
     """The strongly typed and the weakly typed trtexec command lines of a build_engine.sh."""
-    lines = [shlex.split(line.strip().replace('"$TRTEXEC"', "trtexec")) for line in script.splitlines()
-             if line.strip().startswith('"$TRTEXEC" --onnx')]
+    lines = [
+        shlex.split(line.strip().replace('"$TRTEXEC"', "trtexec"))
+        for line in script.splitlines()
+        if line.strip().startswith('"$TRTEXEC" --onnx')
+    ]
     assert len(lines) == 2, script
     return lines[0], lines[1]
 
 
 def test_kit_contents_and_trtexec_commands(demo_file, tmp_path):
-    record = export_model(demo_file, ["trt"], tmp_path / "exp", profile=load_profile("demo/jetson_orin_nano"), log=lambda *_: None)
+    record = export_model(
+        demo_file, ["trt"], tmp_path / "exp", profile=load_profile("demo/jetson_orin_nano"), log=lambda *_: None
+    )
     kit = tmp_path / "exp" / "trt_kit"
-    assert {p.name for p in kit.iterdir()} == {"model.onnx", "model.fp16.onnx", "build_engine.sh", "reference.npz", "trtexec_tools.py",
-                                              "check_engine.py", "README.md"}
+    assert {p.name for p in kit.iterdir()} == {
+        "model.onnx",
+        "model.fp16.onnx",
+        "build_engine.sh",
+        "reference.npz",
+        "trtexec_tools.py",
+        "check_engine.py",
+        "README.md",
+    }
     typed, weak = _build_commands((kit / "build_engine.sh").read_text())
-    assert typed == trtexec_command("model.fp16.onnx", "model.fp16.engine", precision="fp16", in_chans=1, img_size=28, batch=1)
+    assert typed == trtexec_command(
+        "model.fp16.onnx", "model.fp16.engine", precision="fp16", in_chans=1, img_size=28, batch=1
+    )
     assert "--stronglyTyped" in typed and "--fp16" not in typed and "--saveEngine=model.fp16.engine" in typed
     assert "--fp16" in weak and "--stronglyTyped" not in weak and "--onnx=model.onnx" in weak  # TensorRT < 9 only
     assert "--minShapes=images:1x1x28x28" in typed and "--maxShapes=images:1x1x28x28" in typed
@@ -111,8 +141,15 @@ def test_kit_contents_and_trtexec_commands(demo_file, tmp_path):
     int8 = trtexec_command("model.int8.onnx", "model.int8.engine", precision="int8", in_chans=3, img_size=224, batch=8)
     assert "--stronglyTyped" in int8 and "--int8" not in int8 and "--optShapes=images:8x3x224x224" in int8
     assert "--maxShapes=images:8x3x224x224" in int8
-    weak8 = trtexec_command("model.int8.onnx", "model.int8.engine", precision="int8", in_chans=3, img_size=224, batch=8,
-                            strongly_typed=False)
+    weak8 = trtexec_command(
+        "model.int8.onnx",
+        "model.int8.engine",
+        precision="int8",
+        in_chans=3,
+        img_size=224,
+        batch=8,
+        strongly_typed=False,
+    )
     assert "--int8" in weak8 and "--fp16" in weak8
 
 
@@ -127,8 +164,14 @@ def test_build_engine_sh_picks_strong_typing_by_the_trtexec_version(demo_file, t
     import subprocess
     import sys
 
-    export_model(demo_file, ["trt"], tmp_path / "exp", profile=load_profile("demo/jetson_orin_nano_int8"), data="mnist",
-                 log=lambda *_: None)
+    export_model(
+        demo_file,
+        ["trt"],
+        tmp_path / "exp",
+        profile=load_profile("demo/jetson_orin_nano_int8"),
+        data="mnist",
+        log=lambda *_: None,
+    )
     kit = tmp_path / "exp" / "trt_kit"
     assert (kit / "model.int8.onnx").is_file()
     fake = tmp_path / "bin" / "trtexec"
@@ -137,19 +180,34 @@ def test_build_engine_sh_picks_strong_typing_by_the_trtexec_version(demo_file, t
     for version, typed in (("100300", True), ("110400", True), ("8601", False)):  # JetPack 6, TensorRT 11, JetPack 5
         fake.write_text(FAKE_TRTEXEC.format(version=version, write="yes"))
         fake.chmod(0o755)
-        done = subprocess.run(["bash", str(kit / "build_engine.sh")], capture_output=True, text=True,
-                              env={"PATH": path, "TRTEXEC": str(fake)}, timeout=60)
+        done = subprocess.run(
+            ["bash", str(kit / "build_engine.sh")],
+            capture_output=True,
+            text=True,
+            env={"PATH": path, "TRTEXEC": str(fake)},
+            timeout=60,
+        )
         args = (fake.parent / "args").read_text()
         assert ("--stronglyTyped" in args) == typed and ("--int8" in args) == (not typed), (version, args)
         assert "--onnx=model.int8.onnx" in args
         assert done.returncode == 2 and "tensorrt Python package is not installed" in done.stderr  # the check ran
     fake.write_text(FAKE_TRTEXEC.format(version="100300", write=""))  # exits 0 and writes no engine
     (kit / "model.int8.engine").unlink()
-    done = subprocess.run(["bash", str(kit / "build_engine.sh")], capture_output=True, text=True,
-                          env={"PATH": path, "TRTEXEC": str(fake)}, timeout=60)
+    done = subprocess.run(
+        ["bash", str(kit / "build_engine.sh")],
+        capture_output=True,
+        text=True,
+        env={"PATH": path, "TRTEXEC": str(fake)},
+        timeout=60,
+    )
     assert done.returncode == 1 and "wrote no model.int8.engine" in done.stderr and "tensorrt Python" not in done.stderr
-    done = subprocess.run(["bash", str(kit / "build_engine.sh")], capture_output=True, text=True,
-                          env={"PATH": path, "TRTEXEC": ""}, timeout=60)
+    done = subprocess.run(
+        ["bash", str(kit / "build_engine.sh")],
+        capture_output=True,
+        text=True,
+        env={"PATH": path, "TRTEXEC": ""},
+        timeout=60,
+    )
     assert done.returncode == 2 and "no trtexec" in done.stderr
 
 
@@ -183,8 +241,9 @@ def test_require_engine_without_tensorrt(demo_file, tmp_path):
     available, why = tensorrt_available()
     if available:
         pytest.skip("TensorRT and a GPU are present: the engine path is tested by test_engine_build")
-    result = CliRunner().invoke(cli, ["export", "--model", str(demo_file), "--format", "trt", "--require-engine",
-                                      "--out", str(tmp_path / "e")])
+    result = CliRunner().invoke(
+        cli, ["export", "--model", str(demo_file), "--format", "trt", "--require-engine", "--out", str(tmp_path / "e")]
+    )
     assert result.exit_code == 2 and "--require-engine" in result.output and why.split(" (")[0] in result.output
     assert not (tmp_path / "e").exists()
 
@@ -216,11 +275,19 @@ def test_export_cli_errors(demo_file, tmp_path, monkeypatch):
 
 
 def test_openvino_fp32_bf16_int8_verified_timed_and_the_fastest_chosen(demo_file, tmp_path):
-    pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip install 'peg-factory[openvino]' (CI installs it)")
+    pytest.importorskip(
+        "openvino", reason="OpenVINO is an optional extra: pip install 'peg-factory[openvino]' (CI installs it)"
+    )
     from export.openvino_export import cpu_supports_bf16
 
-    record = export_model(demo_file, ["onnx", "onnx-int8", "openvino", "openvino-int8"], tmp_path / "exp",
-                          profile=load_profile("demo/x86_laptop_cpu"), data="mnist", log=lambda *_: None)
+    record = export_model(
+        demo_file,
+        ["onnx", "onnx-int8", "openvino", "openvino-int8"],
+        tmp_path / "exp",
+        profile=load_profile("demo/x86_laptop_cpu"),
+        data="mnist",
+        log=lambda *_: None,
+    )
     art, out = record["artifacts"], tmp_path / "exp"
     from factory.io import sha256_file
 
@@ -232,12 +299,21 @@ def test_openvino_fp32_bf16_int8_verified_timed_and_the_fastest_chosen(demo_file
     assert ("openvino-bf16" in art) == cpu_supports_bf16()
     # the precision that runs is set, read back and recorded, with the exact benchmark_app call and the timing's spread
     assert ov["inference_precision"] == "f32" and art["openvino-int8"]["inference_precision"] == "f32"
-    assert ov["benchmark_app"] == "benchmark_app -m model.xml -d CPU -shape images[1,1,28,28] -infer_precision f32 -hint latency"
+    assert (
+        ov["benchmark_app"]
+        == "benchmark_app -m model.xml -d CPU -shape images[1,1,28,28] -infer_precision f32 -hint latency"
+    )
     assert ov["latency_ms_b1_p90"] >= ov["latency_ms_b1"] > 0 and ov["host_load_1min"] >= 0
     if cpu_supports_bf16():
-        assert art["openvino-bf16"]["inference_precision"] == "bf16" and "-infer_precision bf16" in art["openvino-bf16"]["benchmark_app"]
+        assert (
+            art["openvino-bf16"]["inference_precision"] == "bf16"
+            and "-infer_precision bf16" in art["openvino-bf16"]["benchmark_app"]
+        )
     # the ONNX is simplified and its parity re-checked on the simplified graph
-    assert art["onnx"]["nodes"]["simplified"] < art["onnx"]["nodes"]["exported"] and max(art["onnx"]["max_abs_diff"].values()) < 1e-4
+    assert (
+        art["onnx"]["nodes"]["simplified"] < art["onnx"]["nodes"]["exported"]
+        and max(art["onnx"]["max_abs_diff"].values()) < 1e-4
+    )
     deploy = record["deploy"]
     timed = deploy["candidates_ms"]
     assert deploy["format"] == min(timed, key=timed.get) and {"onnx", "openvino"} <= set(timed)
@@ -247,12 +323,18 @@ def test_openvino_fp32_bf16_int8_verified_timed_and_the_fastest_chosen(demo_file
 def test_deployment_choice_skips_unverified_or_inaccurate_artifacts():
     from export.api import choose_deployment
 
-    arts = {"onnx": {"latency_ms_b1": 2.0, "val_accuracy": 0.95, "test_accuracy": 0.95},
-            "onnx-int8": {"latency_ms_b1": 0.5, "test_accuracy": 0.90},  # 5 points worse: not verified
-            "openvino": {"latency_ms_b1": 1.5},
-            "openvino-bf16": {"latency_ms_b1": 1.0, "test_accuracy": 0.946}}
+    arts = {
+        "onnx": {"latency_ms_b1": 2.0, "val_accuracy": 0.95, "test_accuracy": 0.95},
+        "onnx-int8": {"latency_ms_b1": 0.5, "test_accuracy": 0.90},  # 5 points worse: not verified
+        "openvino": {"latency_ms_b1": 1.5},
+        "openvino-bf16": {"latency_ms_b1": 1.0, "test_accuracy": 0.946},
+    }
     d = choose_deployment(arts, 1)
-    assert d["format"] == "openvino-bf16" and "2.00x onnxruntime FP32" in d["reason"] and "onnx-int8" not in d["candidates_ms"]
+    assert (
+        d["format"] == "openvino-bf16"
+        and "2.00x onnxruntime FP32" in d["reason"]
+        and "onnx-int8" not in d["candidates_ms"]
+    )
 
 
 def test_openvino_without_the_extra_is_refused_in_one_line(demo_file, tmp_path, monkeypatch):

@@ -13,8 +13,22 @@ SHAPES = [
 ]
 STYLES = {
     "deit": STANDARD_ARCH,
-    "avgpool-reg-ls": ArchConfig(64, 1, 1, 64, 32, 8, 10, class_token=False, reg_tokens=4, global_pool="avg",
-                                 fc_norm=True, init_values=1e-5, no_embed_class=True, pre_norm=True),
+    "avgpool-reg-ls": ArchConfig(
+        64,
+        1,
+        1,
+        64,
+        32,
+        8,
+        10,
+        class_token=False,
+        reg_tokens=4,
+        global_pool="avg",
+        fc_norm=True,
+        init_values=1e-5,
+        no_embed_class=True,
+        pre_norm=True,
+    ),
 }
 
 

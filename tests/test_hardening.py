@@ -14,13 +14,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from factory.cli import cli
+from factory.device.profile import load_profile, parse_profile
+from factory.errors import FactoryError
 from factory.pipeline.build import build
 from factory.pipeline.config import BuildConfig
 from factory.pipeline.fleet import load_fleet
 from factory.training.train import resume_or_restart
-from factory.cli import cli
-from factory.errors import FactoryError
-from factory.device.profile import load_profile, parse_profile
 
 from .test_build import _profile
 
@@ -40,12 +40,16 @@ def _one_line_exit_2(res, needle):
 
 # -- profiles and fleet files -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, needle", [
-    ("name: a\nhardware: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
-    (SHIPPED.read_text().replace("batch: 1", "batch: 1" + "0" * 5000), "unreadable value"),
-    (SHIPPED.read_text().replace("batch: 1", "batch: 100000000000000"), "batch"),
-    ("# " + "x" * (1 << 20) + "\n" + SHIPPED.read_text(), "more than a profile needs"),
-])
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("name: a\nhardware: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        (SHIPPED.read_text().replace("batch: 1", "batch: 1" + "0" * 5000), "unreadable value"),
+        (SHIPPED.read_text().replace("batch: 1", "batch: 100000000000000"), "batch"),
+        ("# " + "x" * (1 << 20) + "\n" + SHIPPED.read_text(), "more than a profile needs"),
+    ],
+)
 def test_hostile_profiles_get_one_line(tmp_path, text, needle):
     with pytest.raises(FactoryError, match=needle):
         parse_profile(text, "p.yaml")
@@ -67,14 +71,16 @@ def test_hostile_fleet_files_get_one_line(tmp_path):
 
 @pytest.mark.parametrize("latency", ["nan", "inf", "-1", "0"])
 def test_non_finite_calibration_rows_are_refused(tmp_path, latency):
-    (tmp_path / "cal.csv").write_text("depth,embed_dim,num_heads,mlp_ratio,img_size,patch_size,latency_ms\n"
-                                      f"4,96,2,4,28,4,{latency}\n")
+    (tmp_path / "cal.csv").write_text(
+        f"depth,embed_dim,num_heads,mlp_ratio,img_size,patch_size,latency_ms\n4,96,2,4,28,4,{latency}\n"
+    )
     prof = tmp_path / "p.yaml"
     prof.write_text(SHIPPED.read_text() + "calibration: cal.csv\n")
     _one_line_exit_2(_cli("search", "--profile", prof), "latency_ms must be a finite number > 0")
 
 
 # -- data ------------------------------------------------------------------------------------------
+
 
 def _folder(root: Path, classes=("a", "b"), n=3, size=8) -> Path:
     from PIL import Image
@@ -88,8 +94,7 @@ def _folder(root: Path, classes=("a", "b"), n=3, size=8) -> Path:
 
 
 def test_symlink_loop_in_data_is_refused_quickly(tmp_path):
-    from factory.data import load_dataset
-    from factory.data import dataset_identity
+    from factory.data import dataset_identity, load_dataset
 
     root = _folder(tmp_path / "data")
     (root / "train" / "a" / "loop").symlink_to("..")
@@ -127,6 +132,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
 
 # -- checkpoints ------------------------------------------------------------------------------------
 
+
 def test_nan_checkpoint_is_refused(tmp_path, vit):
     from safetensors.torch import save_file
 
@@ -156,8 +162,12 @@ def test_diverged_training_stops_with_one_line(tmp_path):
     x = torch.randn(8, 3, 32, 32)
     x[0] = float("nan")
     with pytest.raises(FactoryError, match="training diverged"):
-        train(make_vit(), ImageTensors(x, torch.arange(8) % 10, [str(i) for i in range(10)]),
-              TrainConfig(steps=3, batch_size=8, warmup_steps=0, shift=0), progress=False)
+        train(
+            make_vit(),
+            ImageTensors(x, torch.arange(8) % 10, [str(i) for i in range(10)]),
+            TrainConfig(steps=3, batch_size=8, warmup_steps=0, shift=0),
+            progress=False,
+        )
 
 
 # -- the build cache --------------------------------------------------------------------------------
@@ -194,9 +204,25 @@ def test_damaged_checkpoint_starts_over_instead_of_failing_forever(tmp_path):
 
 # -- Ctrl-C and a full disk, as a user meets them: a real process ------------------------------------
 
+
 def _build_cmd(prof, out, steps, *extra):
-    return [sys.executable, "-m", "factory.cli", "build", "--profile", str(prof), "--out", str(out), "--data", "synthetic",
-            "--steps", str(steps), "--batch-size", "8", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "factory.cli",
+        "build",
+        "--profile",
+        str(prof),
+        "--out",
+        str(out),
+        "--data",
+        "synthetic",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        *extra,
+    ]
 
 
 def _leftovers(out: Path) -> list[str]:
@@ -207,8 +233,13 @@ def test_ctrl_c_stops_within_seconds_and_cleans_up(tmp_path):
     prof, out = _profile(tmp_path, "tiny"), tmp_path / "out"
     # a background CI job may run us with SIGINT ignored, which children inherit: give the build the default
     # capacity: straight to the fine-tune (the accuracy objective would first probe for 12% of 100k steps)
-    proc = subprocess.Popen(_build_cmd(prof, out, 100_000, "--objective", "capacity"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        _build_cmd(prof, out, 100_000, "--objective", "capacity"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 240
     while not list(out.glob(".cache/finetune/*.partial/metrics.jsonl")):
         if time.time() > deadline or proc.poll() is not None:
@@ -252,8 +283,10 @@ def test_export_into_a_build_directory_waits_for_no_build(tmp_path, monkeypatch)
     out = tmp_path / "out"
     build([load_profile(_profile(tmp_path, "tiny"))], out, CFG, log=lambda *_: None)
     monkeypatch.chdir(out)
-    script = f"import fcntl, time; fh = open({str(out / '.peg-factory.lock')!r}, 'a+'); fcntl.flock(fh, fcntl.LOCK_EX); " \
-             "print('locked', flush=True); time.sleep(60)"
+    script = (
+        f"import fcntl, time; fh = open({str(out / '.peg-factory.lock')!r}, 'a+'); fcntl.flock(fh, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

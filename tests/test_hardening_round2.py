@@ -17,8 +17,8 @@ from factory.io import OWNED_FILE, directory_lock, owned_directory
 from .test_build import _profile
 from .test_hardening import _cli, _one_line_exit_2
 
-
 # -- owned_directory: the user's files are never replaced ----------------------------------------------------
+
 
 def test_owned_directory_keeps_user_files_and_replaces_only_its_own(tmp_path):
     out = tmp_path / "d"
@@ -67,8 +67,22 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("built")
     prof = _profile(root, "tiny")
     out = root / "out"
-    res = CliRunner().invoke(cli, ["build", "--profile", str(prof), "--out", str(out), "--data", "synthetic", "--steps", "2",
-                                   "--batch-size", "8"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            "--profile",
+            str(prof),
+            "--out",
+            str(out),
+            "--data",
+            "synthetic",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+        ],
+    )
     assert res.exit_code == 0, res.output
     return out
 
@@ -81,8 +95,12 @@ def test_export_into_the_models_own_folder_keeps_the_model_and_the_users_files(b
     (d / "notes.md").write_text("mine")
     res = _cli("export", "--model", d / "model.safetensors", "--out", d, "--format", "onnx")
     assert res.exit_code == 0, res.output
-    assert (d / "model.safetensors").is_file() and (d / "notes.md").read_text() == "mine" and (d / "model.onnx").is_file()
-    again = _cli("export", "--model", d / "model.safetensors", "--out", d, "--format", "onnx")  # its own files: replaced
+    assert (
+        (d / "model.safetensors").is_file() and (d / "notes.md").read_text() == "mine" and (d / "model.onnx").is_file()
+    )
+    again = _cli(
+        "export", "--model", d / "model.safetensors", "--out", d, "--format", "onnx"
+    )  # its own files: replaced
     assert again.exit_code == 0, again.output
 
 
@@ -95,7 +113,9 @@ def test_export_into_dot_writes_only_its_files(built, tmp_path, monkeypatch):
     res = _cli("export", "--model", "m.safetensors", "--out", ".", "--format", "onnx")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "keep.txt").read_text() == "mine" and (tmp_path / "model.onnx").is_file()
-    assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}")]  # no ..xxxx.old beside it
+    assert not [
+        p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}")
+    ]  # no ..xxxx.old beside it
 
 
 def test_calibrate_into_a_folder_with_user_files_keeps_them(tmp_path):
@@ -107,21 +127,37 @@ def test_calibrate_into_a_folder_with_user_files_keeps_them(tmp_path):
     assert (kit / "mine.txt").read_text() == "user" and (kit / "measure.py").is_file()
     (tmp_path / "k2").mkdir()
     (tmp_path / "k2" / "README.md").write_text("my readme")
-    _one_line_exit_2(_cli("calibrate", "--profile", "host", "--shapes", "3", "--out", tmp_path / "k2"),
-                     "README.md exists and was not written by peg-factory")
-    assert (tmp_path / "k2" / "README.md").read_text() == "my readme" and sorted(os.listdir(tmp_path / "k2")) == ["README.md"]
+    _one_line_exit_2(
+        _cli("calibrate", "--profile", "host", "--shapes", "3", "--out", tmp_path / "k2"),
+        "README.md exists and was not written by peg-factory",
+    )
+    assert (tmp_path / "k2" / "README.md").read_text() == "my readme" and sorted(os.listdir(tmp_path / "k2")) == [
+        "README.md"
+    ]
 
 
 def test_a_rebuild_keeps_a_user_file_in_a_device_folder(built):
     (built / "tiny" / "deploy-notes.txt").write_text("mine")
     (built / "manifest.json").unlink()
-    res = _cli("build", "--profile", built.parent / "tiny.yaml", "--out", built, "--data", "synthetic", "--steps", "2",
-               "--batch-size", "8")
+    res = _cli(
+        "build",
+        "--profile",
+        built.parent / "tiny.yaml",
+        "--out",
+        built,
+        "--data",
+        "synthetic",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+    )
     assert res.exit_code == 0, res.output
     assert (built / "tiny" / "deploy-notes.txt").read_text() == "mine"
 
 
 # -- the lock ---------------------------------------------------------------------------------------------------
+
 
 def test_a_lock_that_is_a_link_is_not_followed(tmp_path):
     victim = tmp_path / "victim.txt"
@@ -135,34 +171,57 @@ def test_a_lock_that_is_a_link_is_not_followed(tmp_path):
     assert victim.read_text() == "keep"
     (out / ".peg-factory.lock").unlink()
     (out / ".peg-factory.lock").mkdir()
-    _one_line_exit_2(_cli("build", "--profile", _profile(tmp_path, "t"), "--out", out, "--data", "synthetic"),
-                     "cannot be opened as a regular file")
+    _one_line_exit_2(
+        _cli("build", "--profile", _profile(tmp_path, "t"), "--out", out, "--data", "synthetic"),
+        "cannot be opened as a regular file",
+    )
 
 
 # -- Ray: checked up front, one line, nothing in --out ------------------------------------------------------------
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--ray-address", "127.0.0.1:1"], "Connection refused"),
-    (["--ray-address", "ray://127.0.0.1:1"], "Connection refused"),
-    (["--ray-address", "nonsense"], "is not 'auto', HOST:PORT or ray://HOST:PORT"),
-])
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--ray-address", "127.0.0.1:1"], "Connection refused"),
+        (["--ray-address", "ray://127.0.0.1:1"], "Connection refused"),
+        (["--ray-address", "nonsense"], "is not 'auto', HOST:PORT or ray://HOST:PORT"),
+    ],
+)
 def test_ray_addresses_are_checked_before_anything_is_written(tmp_path, flags, needle):
-    pytest.importorskip("ray", reason="the Ray executor needs the ray extra: pip install 'peg-factory[ray]' (CI installs it)")
+    pytest.importorskip(
+        "ray", reason="the Ray executor needs the ray extra: pip install 'peg-factory[ray]' (CI installs it)"
+    )
     t0 = time.perf_counter()
-    res = _cli("build", "--profile", _profile(tmp_path, "t"), "--out", tmp_path / "o", "--data", "synthetic",
-               "--executor", "ray", *flags)
+    res = _cli(
+        "build",
+        "--profile",
+        _profile(tmp_path, "t"),
+        "--out",
+        tmp_path / "o",
+        "--data",
+        "synthetic",
+        "--executor",
+        "ray",
+        *flags,
+    )
     _one_line_exit_2(res, needle)
     assert time.perf_counter() - t0 < 30 and not (tmp_path / "o").exists()
 
 
 def test_ray_tasks_no_node_can_run_are_refused_up_front():
-    ray = pytest.importorskip("ray", reason="the Ray executor needs the ray extra: pip install 'peg-factory[ray]' (CI installs it)")
+    ray = pytest.importorskip(
+        "ray", reason="the Ray executor needs the ray extra: pip install 'peg-factory[ray]' (CI installs it)"
+    )
     from factory.pipeline.executor import RayExecutor
 
     class Cluster:  # what ray.nodes() reports for a 2-CPU machine without a GPU
         @staticmethod
         def nodes():
-            return [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+            return [
+                {"Alive": True, "Resources": {"CPU": 2.0}},
+                {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}},
+            ]
 
     with pytest.raises(FactoryError, match="--task-cpus 1024: no Ray node has that many CPUs"):
         RayExecutor(task_cpus=1024).check_resources(Cluster)
@@ -173,6 +232,7 @@ def test_ray_tasks_no_node_can_run_are_refused_up_front():
 
 
 # -- export trusts nothing it can check ------------------------------------------------------------------------
+
 
 def test_export_refuses_a_changed_or_swapped_model(built, tmp_path, monkeypatch):
     import shutil
@@ -200,11 +260,14 @@ def test_export_in_a_build_folder_works_from_any_directory(built, tmp_path, monk
     assert res.exit_code == 0, res.output
 
 
-@pytest.mark.parametrize("devices, needle", [
-    ([1], "devices[0] is not a device entry"),
-    ([{"name": "d", "status": "ok"}], "names no model artifact"),
-    ("x", "no devices list"),
-])
+@pytest.mark.parametrize(
+    "devices, needle",
+    [
+        ([1], "devices[0] is not a device entry"),
+        ([{"name": "d", "status": "ok"}], "names no model artifact"),
+        ("x", "no devices list"),
+    ],
+)
 def test_malformed_manifests_are_one_line(tmp_path, monkeypatch, devices, needle):
     (tmp_path / "manifest.json").write_text(json.dumps({"devices": devices}))
     monkeypatch.chdir(tmp_path)
@@ -212,6 +275,7 @@ def test_malformed_manifests_are_one_line(tmp_path, monkeypatch, devices, needle
 
 
 # -- latency tables: sealed and validated --------------------------------------------------------------------------
+
 
 def _tables_profile(tmp_path, data):
     from .test_latency_kernels import _host_profile
@@ -234,25 +298,31 @@ def _resealed(data):
     return {**data, "sha256": _digest(data)}
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda d: d.update(empty_ms=-1.0), "changed since measured"),  # hand-edited: the seal no longer matches
-    (lambda d: d.pop("sha256"), "unsealed"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda d: d.update(empty_ms=-1.0), "changed since measured"),  # hand-edited: the seal no longer matches
+        (lambda d: d.pop("sha256"), "unsealed"),
+    ],
+)
 def test_hand_edited_tables_are_refused(tmp_path, edit, needle):
     data = _saved_tables(tmp_path)
     edit(data)
     _one_line_exit_2(_cli("search", "--profile", _tables_profile(tmp_path, data)), needle)
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda d: d["tables"]["linear"]["ms"].pop(), "linear.ms must have"),
-    (lambda d: d["tables"]["add"]["axes"][0].reverse(), "strictly ascending"),
-    (lambda d: d["tables"]["layernorm"].update(ms="fast"), "layernorm.ms must have"),
-    (lambda d: d.update(tables=[1, 2]), "tables must be a dict"),
-    (lambda d: d["terms"].update({"0": [1.0, 0.0, 0.0]}), "batch '0' must be an integer >= 1"),
-    (lambda d: d.update(empty_ms=float("nan")), "empty_ms must be finite"),
-    (lambda d: d["arch"].update(patch_size=14), "measured for patch_size 14"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda d: d["tables"]["linear"]["ms"].pop(), "linear.ms must have"),
+        (lambda d: d["tables"]["add"]["axes"][0].reverse(), "strictly ascending"),
+        (lambda d: d["tables"]["layernorm"].update(ms="fast"), "layernorm.ms must have"),
+        (lambda d: d.update(tables=[1, 2]), "tables must be a dict"),
+        (lambda d: d["terms"].update({"0": [1.0, 0.0, 0.0]}), "batch '0' must be an integer >= 1"),
+        (lambda d: d.update(empty_ms=float("nan")), "empty_ms must be finite"),
+        (lambda d: d["arch"].update(patch_size=14), "measured for patch_size 14"),
+    ],
+)
 def test_malformed_tables_are_one_line_even_when_resealed(tmp_path, edit, needle):
     data = _saved_tables(tmp_path)
     edit(data)
@@ -276,29 +346,40 @@ def _calibrated(tmp_path, body: bytes | str, profile="demo/raspberry_pi5"):
     return prof
 
 
-@pytest.mark.parametrize("body, needle", [
-    (HEADER + "4,96,2,4,28,7,10,1,openvino,0.5\n", "measured with openvino, but the profile runs onnxruntime"),
-    (HEADER + "99999999,96,2,4,28,7,10,1,onnxruntime,0.5\n", "depth 99999999 is outside 1..4096"),
-    (HEADER.encode() + b"4,96,2,4,28,7,10,1,onnxruntime,\xff\xfe\n", "not UTF-8 text"),
-    (HEADER + "4,96,2,4,28,7,10,1,onnxruntime," + "9" * 140_000 + "\n", "not a CSV file"),
-    (HEADER, "no rows"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (HEADER + "4,96,2,4,28,7,10,1,openvino,0.5\n", "measured with openvino, but the profile runs onnxruntime"),
+        (HEADER + "99999999,96,2,4,28,7,10,1,onnxruntime,0.5\n", "depth 99999999 is outside 1..4096"),
+        (HEADER.encode() + b"4,96,2,4,28,7,10,1,onnxruntime,\xff\xfe\n", "not UTF-8 text"),
+        (HEADER + "4,96,2,4,28,7,10,1,onnxruntime," + "9" * 140_000 + "\n", "not a CSV file"),
+        (HEADER, "no rows"),
+    ],
+)
 def test_bad_calibration_csvs_are_one_line(tmp_path, body, needle):
     _one_line_exit_2(_cli("search", "--profile", _calibrated(tmp_path, body)), needle)
 
 
 def test_a_calibration_json_tags_untagged_rows(tmp_path):
-    prof = _calibrated(tmp_path, HEADER.replace("runtime,", "") + "4,96,2,4,28,7,10,1,0.5\n6,192,3,4,28,7,10,1,1.5\n", "demo/jetson_orin")
+    prof = _calibrated(
+        tmp_path,
+        HEADER.replace("runtime,", "") + "4,96,2,4,28,7,10,1,0.5\n6,192,3,4,28,7,10,1,1.5\n",
+        "demo/jetson_orin",
+    )
     (tmp_path / "cal.json").write_text(json.dumps({"runtime": "openvino"}))
     _one_line_exit_2(_cli("search", "--profile", prof), "measured with openvino, but the profile runs tensorrt")
 
 
 # -- fleet files, profiles measure ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, needle", [
-    ("profiles: [a.yaml]\nprofiles: [b.yaml]\n", "appears twice"),
-    ("profiles: [a.yaml]\nextra: 1\n", "unknown key 'extra'"),
-])
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("profiles: [a.yaml]\nprofiles: [b.yaml]\n", "appears twice"),
+        ("profiles: [a.yaml]\nextra: 1\n", "unknown key 'extra'"),
+    ],
+)
 def test_fleet_files_refuse_unknown_and_repeated_keys(tmp_path, text, needle):
     (tmp_path / "fleet.yaml").write_text(text)
     _one_line_exit_2(_cli("build", "--fleet", tmp_path / "fleet.yaml", "--out", tmp_path / "o"), needle)
@@ -321,6 +402,7 @@ def test_profiles_measure_refuses_a_directory_before_measuring(tmp_path):
 
 # -- the kit's scripts: usage errors (2) apart from failed checks (1) ----------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
     kit = tmp_path_factory.mktemp("kit") / "kit"
@@ -330,14 +412,23 @@ def kit(tmp_path_factory):
 
 
 def _run(script, *args, env=None, cwd=None):
-    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
 
 
 def test_measure_py_usage_errors_exit_2_in_one_line(kit, tmp_path):
     bare = {"PATH": str(tmp_path), "TRTEXEC": ""}  # no trtexec anywhere
-    for args, env, needle in [((), bare, "no trtexec found"), (("--repeats", "0"), None, "--repeats must be >= 1"),
-                              (("--repeats", "-5"), None, "--repeats must be >= 1")]:
+    for args, env, needle in [
+        ((), bare, "no trtexec found"),
+        (("--repeats", "0"), None, "--repeats must be >= 1"),
+        (("--repeats", "-5"), None, "--repeats must be >= 1"),
+    ]:
         done = _run(kit / "measure.py", *args, env=env)
         assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr, done.stderr
     import shutil
@@ -354,10 +445,14 @@ def test_measure_py_a_bad_model_is_a_failed_measurement(kit, tmp_path):
 
     broken = tmp_path / "broken"
     shutil.copytree(kit, broken)
-    first = sorted(p for p in (broken / "models").glob("*.onnx") if not p.name.endswith(".fp16.onnx"))[0]  # a timed model
+    first = sorted(p for p in (broken / "models").glob("*.onnx") if not p.name.endswith(".fp16.onnx"))[
+        0
+    ]  # a timed model
     first.write_bytes(b"not an onnx model")
     done = _run(broken / "measure.py", "--runtime", "onnxruntime", "--repeats", "1")
-    assert done.returncode == 1 and f"failed: models/{first.name}" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1 and f"failed: models/{first.name}" in done.stderr and "Traceback" not in done.stderr, (
+        done.stderr
+    )
     assert not (broken / "calibration.csv").exists()
 
 
@@ -383,11 +478,14 @@ def test_check_engine_usage_errors_are_distinct_from_a_failed_check(tmp_path):
         assert done.returncode == 1, done.stdout + done.stderr  # a garbage engine is a failed check
 
 
-@pytest.mark.parametrize("args", [
-    ["expand", "--method", "scratch", "--depth", "2", "--embed-dim", "64", "--heads", "2"],
-    ["train", "--model", "x.safetensors"],
-    ["calibrate", "--profile", "host"],
-    ["learngene", "train", "--learngene", "x"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["expand", "--method", "scratch", "--depth", "2", "--embed-dim", "64", "--heads", "2"],
+        ["train", "--model", "x.safetensors"],
+        ["calibrate", "--profile", "host"],
+        ["learngene", "train", "--learngene", "x"],
+    ],
+)
 def test_a_required_out_is_required(args):
     _one_line_exit_2(_cli(*args), "Missing option '--out'")

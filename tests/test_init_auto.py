@@ -78,9 +78,20 @@ def test_shapes_the_learngene_never_trained_prefer_weight_selection():
     assert choose_init({**scores, "scratch": 0.95}, trained=False)[0] == "scratch"
 
 
-@pytest.mark.parametrize("kw", [{"images": 1}, {"k": 0}, {"scratch_margin": -0.1}, {"inherit_margin": 1.5},
-                                {"candidates": ("peg", "bogus")}, {"candidates": ()},
-                                {"untrained_shape_init": "scratch"}, {"max_fraction": 0}, {"min_images": 1}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"images": 1},
+        {"k": 0},
+        {"scratch_margin": -0.1},
+        {"inherit_margin": 1.5},
+        {"candidates": ("peg", "bogus")},
+        {"candidates": ()},
+        {"untrained_shape_init": "scratch"},
+        {"max_fraction": 0},
+        {"min_images": 1},
+    ],
+)
 def test_bad_probe_settings_are_refused(kw):
     with pytest.raises(FactoryError, match="invalid transfer probe"):
         TransferProbe(**kw)
@@ -96,8 +107,15 @@ def test_decide_init_on_the_demo_ancestry():
     anc = load_ancestry("demo")
     ds = load_dataset("mnist", img_size=28)
     shape = DescendantShape(2, 96, 3, 2.0, 28, 7, 10)
-    d = decide_init(shape, ds.val.images[:200], ds.val.labels[:200], ancestry=anc, learngene=load_demo_learngene(anc), seed=0,
-                    probe=TransferProbe(images=200))
+    d = decide_init(
+        shape,
+        ds.val.images[:200],
+        ds.val.labels[:200],
+        ancestry=anc,
+        learngene=load_demo_learngene(anc),
+        seed=0,
+        probe=TransferProbe(images=200),
+    )
     assert d.chosen == "peg" and d.images == 200
     assert set(d.scores) == {"peg", "weight_selection", "tleg", "scratch"}
     assert d.scores["peg"] > d.scores["scratch"] + 0.2
@@ -134,7 +152,12 @@ def test_build_records_the_decision_and_the_override(tmp_path):
     cfg = BuildConfig(data="synthetic", finetune_steps=4, batch_size=16, init_probe=TransferProbe(images=64))
     dev = build([prof], tmp_path / "auto", cfg, log=lines.append)["devices"][0]
     d = dev["init_decision"]
-    assert dev["init_requested"] == "auto" and dev["init"] == d["chosen"] in ("peg", "weight_selection", "tleg", "scratch")
+    assert dev["init_requested"] == "auto" and dev["init"] == d["chosen"] in (
+        "peg",
+        "weight_selection",
+        "tleg",
+        "scratch",
+    )
     assert d["images"] == 64 and set(d["knn_accuracy"]) == {"peg", "weight_selection", "tleg", "scratch"}
     assert 0 < d["fraction_of_finetune"] and "files" not in d
     # the recorded figures reproduce the choice
@@ -156,8 +179,12 @@ def test_build_records_the_decision_and_the_override(tmp_path):
     assert any(f"--init auto chose {d['chosen']}" in line for line in lines)
     # a fixed --init overrides: no probe, no decision recorded
     lines.clear()
-    fixed = build([prof], tmp_path / "fixed", BuildConfig(data="synthetic", finetune_steps=4, batch_size=16, init="scratch"),
-                  log=lines.append)["devices"][0]
+    fixed = build(
+        [prof],
+        tmp_path / "fixed",
+        BuildConfig(data="synthetic", finetune_steps=4, batch_size=16, init="scratch"),
+        log=lines.append,
+    )["devices"][0]
     assert fixed["init"] == "scratch" and fixed["init_requested"] == "scratch" and "init_decision" not in fixed
     assert not any(line.startswith("init ") for line in lines)
 
@@ -167,8 +194,13 @@ def test_dry_run_of_auto_says_it_will_probe(tmp_path):
     from factory.pipeline.build import BuildConfig, build
 
     lines = []
-    plan = build([load_profile(_profile(tmp_path, "tiny"))], tmp_path / "out", BuildConfig(data="synthetic", finetune_steps=4),
-                 log=lines.append, dry_run=True)
+    plan = build(
+        [load_profile(_profile(tmp_path, "tiny"))],
+        tmp_path / "out",
+        BuildConfig(data="synthetic", finetune_steps=4),
+        log=lines.append,
+        dry_run=True,
+    )
     row = plan["devices"][0]
     assert row["init"].startswith("auto") and row["init_estimate_s"] > 0
     assert any("--init auto will probe peg, weight_selection, tleg, scratch" in line for line in lines)
@@ -180,8 +212,9 @@ def test_cli_init_default_and_bad_value(tmp_path):
 
     init = next(p for p in build_cmd.params if p.name == "init")
     assert init.default == "auto" and "auto" in init.type.choices
-    res = CliRunner().invoke(cli, ["build", "--profile", str(_profile(tmp_path, "tiny")), "--init", "bogus",
-                                   "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        cli, ["build", "--profile", str(_profile(tmp_path, "tiny")), "--init", "bogus", "--out", str(tmp_path / "o")]
+    )
     assert res.exit_code == 2 and "--init" in res.output and "auto" in res.output
     assert not (tmp_path / "o").exists()
 

@@ -10,27 +10,42 @@ import pytest
 from click.testing import CliRunner
 
 from factory import DescendantShape, FactoryError
-from factory.core.ancestry import DEMO_ARCH
 from factory.cli import cli
-from factory.device.resolve import latency_model_for
+from factory.core.ancestry import DEMO_ARCH
 from factory.device.measure import kernel_model, measure_tables, time_onnx
-from factory.device.tables import KERNELS, Grids, KernelTables, spread_shapes
 from factory.device.profile import load_profile, parse_profile
+from factory.device.resolve import latency_model_for
 from factory.device.search import SearchSpace, search
+from factory.device.tables import KERNELS, Grids, KernelTables, spread_shapes
 
 SPACE = SearchSpace.from_arch(DEMO_ARCH)
 
 
-@pytest.mark.parametrize("kernel, dims", [("linear", (50, 96, 288)), ("linear_gelu", (50, 96, 192)), ("attention", (6, 17, 32)),
-                                          ("layernorm", (50, 96)), ("add", (50, 96)), ("stem", (16, 96))])
+@pytest.mark.parametrize(
+    "kernel, dims",
+    [
+        ("linear", (50, 96, 288)),
+        ("linear_gelu", (50, 96, 192)),
+        ("attention", (6, 17, 32)),
+        ("layernorm", (50, 96)),
+        ("add", (50, 96)),
+        ("stem", (16, 96)),
+    ],
+)
 def test_every_kernel_micro_model_runs_in_onnxruntime(kernel, dims):
     import onnxruntime as ort
 
     model, shape = kernel_model(kernel, dims, DEMO_ARCH)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     y = sess.run(None, {"x": np.zeros(shape, np.float32)})[0]
-    expect = {"linear": (1, 50, 288), "linear_gelu": (1, 50, 192), "attention": (1, 17, 192), "layernorm": (1, 50, 96),
-              "add": (1, 50, 96), "stem": (1, 17, 96)}[kernel]
+    expect = {
+        "linear": (1, 50, 288),
+        "linear_gelu": (1, 50, 192),
+        "attention": (1, 17, 192),
+        "layernorm": (1, 50, 96),
+        "add": (1, 50, 96),
+        "stem": (1, 17, 96),
+    }[kernel]
     assert y.shape == expect
     assert time_onnx(model, shape, budget_s=0.01) > 0
 
@@ -61,8 +76,15 @@ def test_interpolation_is_exact_for_power_laws_inside_and_outside_the_grid():
         assert t.kernel_ms("linear", dims) == pytest.approx(1e-6 * math.prod(dims), rel=1e-6)
     s = DescendantShape(4, 96, 2, 2.0, 28, 7, 10)
     n = 17
-    block = 2 * 1e-6 * n * 96 + 1e-6 * n * 96 * 288 + 1e-6 * 2 * 17 * 48 + 1e-6 * n * 96 * 96 + 2 * 1e-6 * n * 96 \
-        + 1e-6 * n * 96 * 192 + 1e-6 * n * 192 * 96
+    block = (
+        2 * 1e-6 * n * 96
+        + 1e-6 * n * 96 * 288
+        + 1e-6 * 2 * 17 * 48
+        + 1e-6 * n * 96 * 96
+        + 2 * 1e-6 * n * 96
+        + 1e-6 * n * 96 * 192
+        + 1e-6 * n * 192 * 96
+    )
     expect = 1e-6 * 16 * 96 + 4 * block + 1e-6 * n * 96 + 1e-6 * 96 * 10
     assert t.kernel_sum_ms(s, 1, DEMO_ARCH) == pytest.approx(expect, rel=1e-6)
     assert t.latency_ms(s, 1, DEMO_ARCH) == pytest.approx(expect + 0.01, rel=1e-6)
@@ -131,7 +153,9 @@ def test_measured_tables_predict_real_models_of_the_demo_space(tmp_path):
     """A small real measurement (seconds): predictions land in the measured latency's ballpark."""
     space = SearchSpace.from_arch(DEMO_ARCH, max_depth=6)
     grids = Grids.for_space(space, DEMO_ARCH, (1,), points=3)
-    tables = measure_tables(DEMO_ARCH, grids, fit_shapes=spread_shapes(space, 4, (1,), seed=1), budget_s=0.02, stat="min")
+    tables = measure_tables(
+        DEMO_ARCH, grids, fit_shapes=spread_shapes(space, 4, (1,), seed=1), budget_s=0.02, stat="min"
+    )
     assert tables.terms_for(1)[0] > 0 and tables.points > 50 and tables.host["stat"] == "min"
     from factory.device.measure import measure_onnxruntime_latency
 
@@ -139,7 +163,10 @@ def test_measured_tables_predict_real_models_of_the_demo_space(tmp_path):
     # (1.6x, 0.7x, 0.9x for one shape in three runs): every shape within 4x, their median within 2.5x
     ratios = []
     for s, b in spread_shapes(space, 3, (1,), seed=7):
-        predicted, measured = tables.latency_ms(s, b, DEMO_ARCH), measure_onnxruntime_latency(s, b, arch=DEMO_ARCH, stat="min")
+        predicted, measured = (
+            tables.latency_ms(s, b, DEMO_ARCH),
+            measure_onnxruntime_latency(s, b, arch=DEMO_ARCH, stat="min"),
+        )
         assert 0.25 < predicted / measured < 4, (s.label(), predicted, measured)
         ratios.append(predicted / measured)
     assert 0.4 < sorted(ratios)[1] < 2.5, ratios
@@ -150,13 +177,17 @@ def test_calibration_kit_round_trip_on_the_host(tmp_path):
     res = CliRunner().invoke(cli, ["calibrate", "--profile", "host", "--shapes", "3", "--out", str(kit)])
     assert res.exit_code == 0, res.output
     assert len(list((kit / "models").glob("*.onnx"))) == 3 and (kit / "README.md").is_file()
-    done = subprocess.run([sys.executable, str(kit / "measure.py"), "--repeats", "5"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(kit / "measure.py"), "--repeats", "5"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     rows = (kit / "calibration.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].endswith("latency_ms")
     profile = tmp_path / "calibrated.yaml"
-    profile.write_text(open(load_profile("host").path).read().replace("latency_tables: host\n", "")
-                       + f"calibration: {kit / 'calibration.csv'}\n")
+    profile.write_text(
+        open(load_profile("host").path).read().replace("latency_tables: host\n", "")
+        + f"calibration: {kit / 'calibration.csv'}\n"
+    )
     res = CliRunner().invoke(cli, ["search", "--profile", str(profile), "--top", "2"])
     assert res.exit_code == 0, res.output
     assert "latency by roofline calibrated on 3 rows of calibration.csv (onnxruntime" in res.output
@@ -185,15 +216,21 @@ def test_calibration_kit_drives_trtexec_and_openvino(tmp_path):
     (bin_dir / "trtexec").write_text(FAKE_TRTEXEC)
     (bin_dir / "trtexec").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    done = subprocess.run([sys.executable, str(kit / "measure.py")], capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(
+        [sys.executable, str(kit / "measure.py")], capture_output=True, text=True, timeout=120, env=env
+    )
     assert done.returncode == 0, done.stderr
     assert len((bin_dir / "trtexec.calls").read_text().split()) == 3
     rows = (kit / "calibration.csv").read_text().splitlines()[1:]
     assert len(rows) == 3 and all(r.endswith(",0.29000") for r in rows)
     meta = __import__("json").loads((kit / "calibration.json").read_text())
     assert meta["runtime"] == "tensorrt" and meta["runtime_version"] == "10.3.0" and meta["precision"] == "fp16"
-    done = subprocess.run([sys.executable, str(kit / "measure.py"), "--runtime", "openvino", "--repeats", "3"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(kit / "measure.py"), "--runtime", "openvino", "--repeats", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert __import__("json").loads((kit / "calibration.json").read_text())["runtime"] == "openvino"
 

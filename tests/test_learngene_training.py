@@ -7,13 +7,13 @@ import torch
 
 import factory.training.batches as batches
 from factory import DescendantShape, expand, load_ancestry, sample_learngene
-from factory.pipeline.build import BuildConfig, build
-from factory.data import load_dataset, make_synthetic
 from factory.core.demo import load_demo_learngene
-from factory.core.expanding import ExpandingConfig, default_shapes, default_widths
-from factory.training.expanding import train_learngene
+from factory.core.expanding_phase import ExpandingConfig, default_shapes, default_widths
 from factory.core.mixing import mixing_matrix, rescale_like
+from factory.data import load_dataset, make_synthetic
 from factory.device.profile import load_profile
+from factory.pipeline.build import BuildConfig, build
+from factory.training.expanding_loop import train_learngene
 from factory.training.train import evaluate
 
 from .helpers import make_vit
@@ -47,7 +47,9 @@ def test_rescaled_learngene_is_closer_to_the_ancestry(ancestry):
 
 def test_head_mixing_off_keeps_whole_heads(ancestry):
     lg = sample_learngene(ancestry, 2, 2, seed=3, head_mixing=False)
-    assert ((lg.head_mixing == 0) | (lg.head_mixing == 1)).all() and torch.equal(lg.head_mixing.sum(-1), torch.ones(2, 2))
+    assert ((lg.head_mixing == 0) | (lg.head_mixing == 1)).all() and torch.equal(
+        lg.head_mixing.sum(-1), torch.ones(2, 2)
+    )
     mixed = sample_learngene(ancestry, 2, 2, seed=3)
     assert torch.equal(lg.layer_mixing, mixed.layer_mixing)  # same layer draw either way
     with pytest.raises(Exception, match="at most"):
@@ -97,13 +99,16 @@ def test_expanding_phase_trains_every_width_and_resumes_bit_exactly(small, tmp_p
     with pytest.raises(KeyboardInterrupt):
         train_learngene(lg, anc, data.train, shapes, cfg, out_dir=tmp_path, ckpt_every=2, progress=False)
     monkeypatch.setattr(batches, "step_batch", real)
-    resumed, report = train_learngene(lg, anc, data.train, shapes, cfg, out_dir=tmp_path, ckpt_every=2, resume=True,
-                                      progress=False)
+    resumed, report = train_learngene(
+        lg, anc, data.train, shapes, cfg, out_dir=tmp_path, ckpt_every=2, resume=True, progress=False
+    )
     assert [h["step"] for h in report["history"]] == [5, 6]
     for k in whole.genes:
         assert torch.equal(whole.genes[k], resumed.genes[k]), k
     for d in whole.depth_maps:
-        assert all(torch.equal(a, b) for a, b in zip(whole.depth_maps[d].parameters(), resumed.depth_maps[d].parameters()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(whole.depth_maps[d].parameters(), resumed.depth_maps[d].parameters())
+        )
     assert not torch.equal(whole.genes["mlp.fc1.weight"], lg.genes["mlp.fc1.weight"])
 
 
@@ -130,8 +135,12 @@ def test_shipped_learngene_expands_at_every_trained_depth_and_knows_mnist():
 
 def test_build_uses_the_shipped_learngene_by_default(tmp_path):
     lines = []
-    build([load_profile(_profile(tmp_path, "tiny"))], tmp_path / "out", BuildConfig(data="synthetic", finetune_steps=2, batch_size=8),
-          log=lines.append)
+    build(
+        [load_profile(_profile(tmp_path, "tiny"))],
+        tmp_path / "out",
+        BuildConfig(data="synthetic", finetune_steps=2, batch_size=8),
+        log=lines.append,
+    )
     assert any("shipped demo learngene" in line for line in lines), lines
     manifest = (tmp_path / "out" / "manifest.json").read_text()
     assert load_demo_learngene().sha256 in manifest

@@ -10,8 +10,13 @@ from factory.device.profile import PROFILE_DIR, list_profiles, load_profile, par
 
 GOOD = {
     "name": "t",
-    "hardware": {"kind": "gpu", "peak_tflops": {"fp16": 10.0}, "memory_bandwidth_gbs": 100, "memory_mb": 1000,
-                 "runtime": "tensorrt"},
+    "hardware": {
+        "kind": "gpu",
+        "peak_tflops": {"fp16": 10.0},
+        "memory_bandwidth_gbs": 100,
+        "memory_mb": 1000,
+        "runtime": "tensorrt",
+    },
     "precision": "fp16",
     "budgets": {"latency_ms": 1.0},
 }
@@ -54,8 +59,9 @@ def test_real_use_budgets_give_a_deit_tiny_ancestry_more_than_a_few_blocks():
     from factory.device.resolve import latency_model_for
     from factory.device.search import SearchSpace, search
 
-    deit_tiny = ArchConfig(embed_dim=192, depth=12, num_heads=3, mlp_hidden=768, img_size=224, patch_size=16,
-                           num_classes=1000, in_chans=3)
+    deit_tiny = ArchConfig(
+        embed_dim=192, depth=12, num_heads=3, mlp_hidden=768, img_size=224, patch_size=16, num_classes=1000, in_chans=3
+    )
     space = SearchSpace.from_arch(deit_tiny)
     for name in ("raspberry_pi5", "jetson_orin_nano", "x86_laptop_cpu"):
         prof = load_profile(name)
@@ -70,17 +76,31 @@ def test_a_profile_sized_for_another_input_size_says_so(tmp_path):
     from factory.core.ancestry import load_ancestry
     from factory.device.search import SearchSpace
     from factory.pipeline.config import BuildConfig
-    from factory.pipeline.selection import search_devices
+    from factory.pipeline.device_choice import search_devices
 
     anc = load_ancestry("demo")
     lines = []
-    [entry], _ = search_devices([load_profile("raspberry_pi5")], SearchSpace.from_arch(anc.arch), anc, BuildConfig(),
-                                "capacity", "test", lines.append)
+    [entry], _ = search_devices(
+        [load_profile("raspberry_pi5")],
+        SearchSpace.from_arch(anc.arch),
+        anc,
+        BuildConfig(),
+        "capacity",
+        "test",
+        lines.append,
+    )
     assert "budgets sized for 224 px" in entry["input_size_note"] and "ancestry's 28 px" in entry["input_size_note"]
     assert lines == [f"raspberry_pi5: {entry['input_size_note']}"]
     assert entry["target"]["use"].startswith("10 fps camera")
-    [same], _ = search_devices([load_profile("demo/raspberry_pi5")], SearchSpace.from_arch(anc.arch), anc, BuildConfig(),
-                               "capacity", "test", lines.append)
+    [same], _ = search_devices(
+        [load_profile("demo/raspberry_pi5")],
+        SearchSpace.from_arch(anc.arch),
+        anc,
+        BuildConfig(),
+        "capacity",
+        "test",
+        lines.append,
+    )
     assert "input_size_note" not in same and len(lines) == 1
 
 
@@ -93,7 +113,10 @@ def test_schema_file_is_current():
     [
         (lambda d: d.update(colour="red"), "colour: unknown key; remove it"),
         (lambda d: d["hardware"].update(peak_tflop={"fp16": 1}), "hardware.peak_tflop: unknown key"),
-        (lambda d: d["budgets"].update(latency_ms=-1), "budgets.latency_ms: Input should be greater than 0; use a positive value"),
+        (
+            lambda d: d["budgets"].update(latency_ms=-1),
+            "budgets.latency_ms: Input should be greater than 0; use a positive value",
+        ),
         (lambda d: d["budgets"].update(latency_ms="fast"), "budgets.latency_ms"),
         (lambda d: d.pop("hardware"), "hardware: required field missing; add it"),
         (lambda d: d.update(budgets={}), "budgets: set at least one of latency_ms"),
@@ -142,10 +165,18 @@ def test_fuzz_arbitrary_text_never_tracebacks(text):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.sampled_from(["name", "hardware", "precision", "batch", "budgets", "export", "calibration", "x"]),
-                       json_values, max_size=6),
-       st.dictionaries(st.sampled_from(["kind", "peak_tflops", "memory_bandwidth_gbs", "memory_mb", "runtime", "measure"]),
-                       json_values, max_size=6))
+@given(
+    st.dictionaries(
+        st.sampled_from(["name", "hardware", "precision", "batch", "budgets", "export", "calibration", "x"]),
+        json_values,
+        max_size=6,
+    ),
+    st.dictionaries(
+        st.sampled_from(["kind", "peak_tflops", "memory_bandwidth_gbs", "memory_mb", "runtime", "measure"]),
+        json_values,
+        max_size=6,
+    ),
+)
 def test_fuzz_structured_profiles_never_traceback(top, hardware):
     data = dict(top)
     if "hardware" in data and isinstance(data["hardware"], dict):
@@ -156,7 +187,9 @@ def test_fuzz_structured_profiles_never_traceback(top, hardware):
         assert "\n" not in str(exc)
 
 
-@pytest.mark.parametrize("name", ["../../evil", ".", "..", "/abs/path", "a/b", "x" * 65, "-flag", "", "name with space"])
+@pytest.mark.parametrize(
+    "name", ["../../evil", ".", "..", "/abs/path", "a/b", "x" * 65, "-flag", "", "name with space"]
+)
 def test_unsafe_profile_names_are_refused(name):
     data = yaml.safe_load((PROFILE_DIR / "host.yaml").read_text())
     data["name"] = name

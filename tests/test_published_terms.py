@@ -10,8 +10,16 @@ import pytest
 from factory import DescendantShape, FactoryError
 from factory.device.fit import Measurement, calibrate
 from factory.device.profile import load_profile, parse_profile
-from factory.device.published import (CPU_BAND, CPU_TERMS, DATA, FITTED, fit_cpu_terms, leave_one_device_out,
-                                      load_published, predict)
+from factory.device.published import (
+    CPU_BAND,
+    CPU_TERMS,
+    DATA,
+    FITTED,
+    fit_cpu_terms,
+    leave_one_device_out,
+    load_published,
+    predict,
+)
 from factory.device.resolve import latency_model_for
 from factory.device.roofline import UNCALIBRATED_BAND, CostModel, Device, Efficiency, roofline_ms, vit_ops
 
@@ -22,7 +30,10 @@ def test_published_data_is_cited_and_complete():
     data = json.loads(DATA.read_text())
     assert len(data["rows"]) == 42 and {r["device"] for r in data["rows"]} == set(data["devices"])
     for dev in data["devices"].values():
-        assert "Intel ARK" in dev["source"] and "pytorch-image-models results/benchmark-infer-fp32" in dev["latency_source"]
+        assert (
+            "Intel ARK" in dev["source"]
+            and "pytorch-image-models results/benchmark-infer-fp32" in dev["latency_source"]
+        )
         assert dev["cores"] == 14
     assert data["devices"]["i9_10940x"]["peak_fp32_tflops"] == pytest.approx(14 * 64 * 3.3 / 1000, rel=1e-3)
     devices, rows = load_published()
@@ -106,10 +117,22 @@ def test_calibration_band_is_held_out_with_enough_rows():
     dev = Device(4e11, 5e10, "onnxruntime", 1e3, False, cores=4)
     truth = dataclasses.replace(CPU_TERMS, matmul=0.5, attention=0.7, fixed_ms=0.2)
     model = CostModel(dev, "fp32", 1, CPU_TERMS)
-    shapes = [DescendantShape(d, w, w // 64, r, i, 16, 1000) for d, w, r, i in
-              [(2, 128, 2.0, 96), (4, 192, 4.0, 224), (8, 256, 3.0, 160), (12, 384, 4.0, 224), (3, 64, 1.0, 64),
-               (6, 320, 2.5, 192), (10, 128, 4.0, 128), (1, 448, 2.0, 224)]]
-    noisy = [Measurement(s, 1, roofline_ms(vit_ops(s), dev, truth) * (1.1 if i % 2 else 0.9)) for i, s in enumerate(shapes)]
+    shapes = [
+        DescendantShape(d, w, w // 64, r, i, 16, 1000)
+        for d, w, r, i in [
+            (2, 128, 2.0, 96),
+            (4, 192, 4.0, 224),
+            (8, 256, 3.0, 160),
+            (12, 384, 4.0, 224),
+            (3, 64, 1.0, 64),
+            (6, 320, 2.5, 192),
+            (10, 128, 4.0, 128),
+            (1, 448, 2.0, 224),
+        ]
+    ]
+    noisy = [
+        Measurement(s, 1, roofline_ms(vit_ops(s), dev, truth) * (1.1 if i % 2 else 0.9)) for i, s in enumerate(shapes)
+    ]
     fitted = calibrate(model, noisy)
     assert "cross-validated" in fitted.band and "8 calibration rows" in fitted.band
     assert fitted.efficiency.serial_fraction == CPU_TERMS.serial_fraction  # the multi-core terms are kept

@@ -9,18 +9,20 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from factory.pipeline.build import BuildConfig, build
 from factory.cli import cli
-from factory.errors import FactoryError
-from factory.pipeline.executor import LocalExecutor, RayExecutor, available_cpus, make_executor
 from factory.device.profile import load_profile
+from factory.errors import FactoryError
+from factory.pipeline.build import BuildConfig, build
+from factory.pipeline.executor import LocalExecutor, RayExecutor, available_cpus, make_executor
 
 from .test_build import _profile
 
 # local threads with one intra-op thread per fine-tune, like 1-CPU Ray tasks, on any machine size
 ONE_THREAD_EACH = LocalExecutor(jobs=available_cpus())
 
-ray = pytest.importorskip("ray", reason="the Ray executor needs the ray extra: pip install 'peg-factory[ray]' (CI installs it)")
+ray = pytest.importorskip(
+    "ray", reason="the Ray executor needs the ray extra: pip install 'peg-factory[ray]' (CI installs it)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,10 @@ def _fleet(tmp_path):
 
 
 def _hashes(manifest):
-    return [(d["name"], d["shape"], d["artifacts"]["model"]["sha256"], d["artifacts"]["onnx"]["sha256"])
-            for d in manifest["devices"]]
+    return [
+        (d["name"], d["shape"], d["artifacts"]["model"]["sha256"], d["artifacts"]["onnx"]["sha256"])
+        for d in manifest["devices"]
+    ]
 
 
 def test_ray_fleet_matches_local_threads(cluster, tmp_path):
@@ -86,11 +90,27 @@ def test_a_killed_ray_task_is_retried_and_resumes(cluster, tmp_path):
 
 def test_cli_ray_executor_and_its_errors(cluster, tmp_path, monkeypatch):
     prof = _profile(tmp_path, "a", 0.2)
-    res = CliRunner().invoke(cli, ["build", "--profile", str(prof), "--out", str(tmp_path / "o"), "--data", "synthetic",
-                                   "--steps", "2", "--executor", "ray"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            "--profile",
+            str(prof),
+            "--out",
+            str(tmp_path / "o"),
+            "--data",
+            "synthetic",
+            "--steps",
+            "2",
+            "--executor",
+            "ray",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "a: " in res.output and (tmp_path / "o" / "manifest.json").is_file()
-    res = CliRunner().invoke(cli, ["build", "--profile", str(prof), "--out", str(tmp_path / "p"), "--ray-address", "auto"])
+    res = CliRunner().invoke(
+        cli, ["build", "--profile", str(prof), "--out", str(tmp_path / "p"), "--ray-address", "auto"]
+    )
     assert res.exit_code == 2 and "need --executor ray" in res.output
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if the extra were not installed
     with pytest.raises(FactoryError, match=r"pip install 'peg-factory\[ray\]'"):

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from factory import FactoryError, load_ancestry, sample_learngene
-from factory.core.expanding import ExpandingConfig, default_shapes, distill_pos_embed, recipe_fields
+from factory.core.expanding_phase import ExpandingConfig, default_shapes, distill_pos_embed, recipe_fields
 from factory.data import in_memory, load_dataset
 from factory.data.generate import write_image_folder
 from factory.data.stream import ImageFiles
-from factory.training.expanding import train_learngene
 from factory.training.batches import training_batches
+from factory.training.expanding_loop import train_learngene
 from factory.training.precision import precision_for
 from factory.training.train import TrainConfig, train
 
@@ -21,8 +21,9 @@ from .helpers import make_vit
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("photos"), classes=3, size=48,
-                              per_class={"train": 12, "val": 4, "test": 4})
+    return write_image_folder(
+        tmp_path_factory.mktemp("photos"), classes=3, size=48, per_class={"train": 12, "val": 4, "test": 4}
+    )
 
 
 def test_a_folder_is_streamed_not_decoded_at_load(folder):
@@ -58,8 +59,9 @@ def test_the_uint8_cache_is_built_only_under_its_cap(folder):
 def test_training_on_a_streamed_folder_learns(folder):
     ds = load_dataset(str(folder), img_size=32, in_chans=3)
     model = make_vit(img_size=32, patch_size=8, num_classes=3, in_chans=3)
-    result = train(model, ds.train, TrainConfig(steps=30, batch_size=12, lr=2e-3, warmup_steps=3), val_data=ds.val,
-                   progress=False)
+    result = train(
+        model, ds.train, TrainConfig(steps=30, batch_size=12, lr=2e-3, warmup_steps=3), val_data=ds.val, progress=False
+    )
     assert result.val_accuracy >= 0.6  # three hues: chance is 0.33
 
 
@@ -76,10 +78,27 @@ def test_bad_folders_get_one_line(folder, tmp_path):
 
 def test_cli_refuses_a_greyscale_folder_for_an_rgb_ancestry(tmp_path):
     grey = write_image_folder(tmp_path / "grey", classes=2, size=32, per_class={"train": 2, "val": 1}, mode="L")
-    proc = subprocess.run([sys.executable, "-m", "factory.cli", "train", "--model", "random:vit_tiny_patch16_224",
-                           "--data", str(grey), "--steps", "1", "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "only greyscale images" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "factory.cli",
+            "train",
+            "--model",
+            "random:vit_tiny_patch16_224",
+            "--data",
+            str(grey),
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        proc.returncode == 2 and "only greyscale images" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -102,7 +121,9 @@ def test_bf16_training_stays_close_to_fp32(folder):
     accs = {}
     for amp in ("off", "bf16"):
         model = make_vit(img_size=16, patch_size=4, num_classes=4, in_chans=3)
-        res = train(model, data.train, TrainConfig(steps=40, batch_size=32, amp=amp, seed=0), val_data=data.val, progress=False)
+        res = train(
+            model, data.train, TrainConfig(steps=40, batch_size=32, amp=amp, seed=0), val_data=data.val, progress=False
+        )
         accs[amp] = res.val_accuracy
         assert res.precision == ("fp32" if amp == "off" else "bf16")
     assert abs(accs["off"] - accs["bf16"]) <= 0.1 and accs["bf16"] > 0.5
@@ -125,8 +146,9 @@ def test_lower_resolution_distillation_trains_the_full_size_learngene():
     data = make_synthetic(img_size=16, num_classes=4, n_train=64, n_val=16, in_chans=3)
     shapes = default_shapes(lg, [1, 2], [lg.arch.embed_dim])
     anc = load_ancestry(teacher)
-    trained, report = train_learngene(lg, anc, data.train, shapes, ExpandingConfig(steps=8, batch_size=16, distill_img_size=8),
-                                      progress=False)
+    trained, report = train_learngene(
+        lg, anc, data.train, shapes, ExpandingConfig(steps=8, batch_size=16, distill_img_size=8), progress=False
+    )
     assert report["distill_img_size"] == 8 and report["loss_last"] < report["loss_first"]
     assert trained.stem["pos_embed"].shape == lg.stem["pos_embed"].shape  # still the ancestry's grid
     assert not torch.equal(trained.stem["pos_embed"], lg.stem["pos_embed"])  # and it trained
@@ -158,7 +180,8 @@ def test_streamed_peak_memory_does_not_grow_with_the_folder(tmp_path):
         "import resource, sys; from factory.data import load_dataset; from factory.training.train import TrainConfig, train; "
         "from tests.helpers import make_vit; ds = load_dataset(sys.argv[1], img_size=96, in_chans=3); "
         "train(make_vit(img_size=96, patch_size=16, num_classes=2, in_chans=3), ds.train, TrainConfig(steps=3, batch_size=8), "
-        "progress=False); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        "progress=False); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
     peaks = []
     for n in (20, 200):
         root = write_image_folder(tmp_path / f"f{n}", classes=2, size=160, per_class={"train": n, "val": 2})
@@ -175,8 +198,11 @@ def test_the_deploy_choice_for_another_device_comes_from_its_cost_model():
 
     pi = load_profile("demo/raspberry_pi5")
     # on the build host FP32 timed faster: that must not decide for the Pi
-    arts = {"onnx": {"latency_ms_b1": 0.2, "test_accuracy": 0.95}, "onnx-int8": {"latency_ms_b1": 0.4, "test_accuracy": 0.949},
-            "openvino": {"latency_ms_b1": 0.1}}
+    arts = {
+        "onnx": {"latency_ms_b1": 0.2, "test_accuracy": 0.95},
+        "onnx-int8": {"latency_ms_b1": 0.4, "test_accuracy": 0.949},
+        "openvino": {"latency_ms_b1": 0.1},
+    }
     d = predicted_deployment(pi, DEMO_ARCH, DEMO_ARCH.shape(), arts)
     assert d["format"] == "onnx-int8" and "cost model" in d["basis"] and "host timings do not transfer" in d["reason"]
     assert set(d["candidates_ms_predicted"]) == {"onnx", "onnx-int8"}  # openvino is not the Pi profile's runtime
@@ -192,4 +218,6 @@ def test_a_streamed_decode_leaves_the_sigchld_handler_as_it_was(folder):
     before = signal.getsignal(signal.SIGCHLD)
     ds = load_dataset(str(folder), img_size=32, in_chans=3)
     assert ds.val.tensors().images.shape[0] == 12  # decoded by a worker process
-    assert signal.getsignal(signal.SIGCHLD) == before  # torch's own handler (which crashed a later child's exit) is gone
+    assert (
+        signal.getsignal(signal.SIGCHLD) == before
+    )  # torch's own handler (which crashed a later child's exit) is gone

@@ -72,8 +72,11 @@ def test_every_runtime_has_its_kit_timer_in_the_real_measure_script():
 
     tree = ast.parse(MEASURE_TEMPLATE.read_text())
     functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
-    timers = next(node.value for node in tree.body if isinstance(node, ast.Assign)
-                  and any(getattr(t, "id", None) == "TIMERS" for t in node.targets))
+    timers = next(
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TIMERS" for t in node.targets)
+    )
     mapping = {k.value: v.id for k, v in zip(timers.keys, timers.values)}
     for name in RUNTIME_NAMES:
         spec = RUNTIMES[name]
@@ -86,8 +89,15 @@ def test_a_new_format_is_one_module_and_one_entry(demo_file, tmp_path, monkeypat
     from export.api import export_model
     from factory.pipeline.manifest import device_record
 
-    spec = FormatSpec("onnx-copy", "onnxruntime", "fp32", "tests.helpers:export_onnx_copy", exact=True, needs_data=False,
-                      fields=("copied_from",))
+    spec = FormatSpec(
+        "onnx-copy",
+        "onnxruntime",
+        "fp32",
+        "tests.helpers:export_onnx_copy",
+        exact=True,
+        needs_data=False,
+        fields=("copied_from",),
+    )
     monkeypatch.setitem(FORMATS, "onnx-copy", spec)
     record = export_model(demo_file, ["onnx-copy"], tmp_path / "exp", log=lambda *_: None)
     art = record["artifacts"]["onnx-copy"]
@@ -95,9 +105,16 @@ def test_a_new_format_is_one_module_and_one_entry(demo_file, tmp_path, monkeypat
     assert art["sha256"] == record["artifacts"]["onnx"]["sha256"]
     assert "onnx-copy" in record["deploy"]["candidates_ms"]  # exact: verified without an accuracy figure
     entry = {"name": "dev", "predicted": {"flops_g": 0.1, "latency_ms": 1.0, "memory_mb": 1.0, "margins": {}}}
-    built = device_record(entry, finetune={"seconds": 1.0, "val_accuracy": 0.5, "test_accuracy": 0.5}, finetune_key="k",
-                          measured={"flops_fvcore": 1, "params": 1, "host_latency_ms_onnxruntime": 1.0},
-                          export_record=record, model_sha256="x", cfg=_cfg(), learngene_sha256="y")
+    built = device_record(
+        entry,
+        finetune={"seconds": 1.0, "val_accuracy": 0.5, "test_accuracy": 0.5},
+        finetune_key="k",
+        measured={"flops_fvcore": 1, "params": 1, "host_latency_ms_onnxruntime": 1.0},
+        export_record=record,
+        model_sha256="x",
+        cfg=_cfg(),
+        learngene_sha256="y",
+    )
     assert built["artifacts"]["onnx-copy"]["copied_from"] == "model.onnx"
     assert "private_note" not in built["artifacts"]["onnx-copy"]  # undeclared fields stay in export.json only
 

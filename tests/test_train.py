@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from factory import DescendantShape, FactoryError, sample_learngene
-from factory.data import make_synthetic
-from factory.core.expanding import ExpandingConfig, default_shapes
-from factory.training.expanding import train_learngene
+from factory.core.expanding_phase import ExpandingConfig, default_shapes
 from factory.core.timm_vit import build_vit
+from factory.data import make_synthetic
 from factory.training.batches import augment, batch_indices
+from factory.training.expanding_loop import train_learngene
 from factory.training.train import TrainConfig, lr_at, train
 
 from .helpers import make_vit
@@ -35,8 +35,13 @@ def synthetic():
 
 def test_loss_decreases_on_the_synthetic_set(synthetic):
     model = _tiny_model()
-    result = train(model, synthetic.train, TrainConfig(steps=60, batch_size=32, lr=3e-3, warmup_steps=5),
-                   val_data=synthetic.val, progress=False)
+    result = train(
+        model,
+        synthetic.train,
+        TrainConfig(steps=60, batch_size=32, lr=3e-3, warmup_steps=5),
+        val_data=synthetic.val,
+        progress=False,
+    )
     first = sum(h["loss"] for h in result.history[:5]) / 5
     last = sum(h["loss"] for h in result.history[-5:]) / 5
     assert last < 0.7 * first
@@ -100,13 +105,16 @@ def test_distillation_needs_a_teacher_and_runs(synthetic):
     with pytest.raises(FactoryError, match="needs a teacher"):
         train(model, synthetic.train, TrainConfig(steps=1, distill_alpha=0.5), progress=False)
     teacher = _tiny_model(seed=5)
-    result = train(model, synthetic.train, TrainConfig(steps=3, batch_size=8, distill_alpha=0.5), teacher=teacher, progress=False)
+    result = train(
+        model, synthetic.train, TrainConfig(steps=3, batch_size=8, distill_alpha=0.5), teacher=teacher, progress=False
+    )
     assert len(result.history) == 3
 
 
 def test_ddp_two_processes_hold_identical_weights(tmp_path, synthetic):
     script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, sys, torch
         sys.path.insert(0, {os.getcwd()!r})
         from factory.data import make_synthetic
@@ -118,11 +126,15 @@ def test_ddp_two_processes_hold_identical_weights(tmp_path, synthetic):
         train(model, data.train, TrainConfig(steps=3, batch_size=8, device="cpu"), progress=False)
         torch.save(model.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
         torch.distributed.destroy_process_group()
-    """))
+    """)
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script)],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     a = torch.load(tmp_path / "rank0.pt")
@@ -133,10 +145,15 @@ def test_ddp_two_processes_hold_identical_weights(tmp_path, synthetic):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA autocast (bf16, or fp16 with a GradScaler) runs only there")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: CUDA autocast (bf16, or fp16 with a GradScaler) runs only there",
+)
 def test_amp_training_step_on_cuda(synthetic):
     model = _tiny_model()
-    result = train(model, synthetic.train, TrainConfig(steps=5, batch_size=16, device="cuda", amp="auto"), progress=False)
+    result = train(
+        model, synthetic.train, TrainConfig(steps=5, batch_size=16, device="cuda", amp="auto"), progress=False
+    )
     assert all(h["loss"] == h["loss"] for h in result.history)
 
 
@@ -147,8 +164,15 @@ def test_expanding_phase_reduces_distillation_loss():
     shapes = default_shapes(lg, [1, 4, 6])
     from factory import load_ancestry
 
-    trained, report = train_learngene(lg, load_ancestry(teacher), data.train, shapes,
-                                      ExpandingConfig(steps=25, batch_size=32, lr=2e-3), eval_data=data.val, progress=False)
+    trained, report = train_learngene(
+        lg,
+        load_ancestry(teacher),
+        data.train,
+        shapes,
+        ExpandingConfig(steps=25, batch_size=32, lr=2e-3),
+        eval_data=data.val,
+        progress=False,
+    )
     first = sum(h["loss"] for h in report["history"][:3]) / 3
     last = sum(h["loss"] for h in report["history"][-3:]) / 3
     assert last < 0.8 * first

@@ -16,8 +16,22 @@ from .test_build import _profile
 def device_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tools")
     out = root / "out"
-    res = CliRunner().invoke(cli, ["build", "--profile", str(_profile(root, "tiny")), "--out", str(out), "--data", "synthetic",
-                                   "--steps", "2", "--batch-size", "8"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            "--profile",
+            str(_profile(root, "tiny")),
+            "--out",
+            str(out),
+            "--data",
+            "synthetic",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+        ],
+    )
     assert res.exit_code == 0, res.output
     return out / "tiny"
 
@@ -32,7 +46,11 @@ def test_timm_local_dir_gives_the_onnx_logits(device_dir):
     with torch.no_grad():
         assert np.abs(model(torch.from_numpy(x)).numpy() - sess.run(None, {"images": x})[0]).max() < 1e-4
     cfg = json.loads((device_dir / "config.json").read_text())
-    assert cfg["architecture"] and cfg["model_args"]["in_chans"] == 1 and cfg["label_names"] == [f"class{i}" for i in range(4)]
+    assert (
+        cfg["architecture"]
+        and cfg["model_args"]["in_chans"] == 1
+        and cfg["label_names"] == [f"class{i}" for i in range(4)]
+    )
     data = timm.data.resolve_data_config({}, model=model)
     assert tuple(data["input_size"]) == (1, 28, 28) and list(data["mean"]) == [0.0] and list(data["std"]) == [1.0]
     assert data["crop_pct"] == 1.0
@@ -57,9 +75,15 @@ def test_the_model_card_is_a_hugging_face_card(device_dir):
     assert card.data.license and card.data.datasets == ["synthetic"]
     manifest = json.loads((device_dir.parent / "manifest.json").read_text())
     result = card.data.eval_results[0]
-    assert result.metric_type == "accuracy" and result.metric_value == round(manifest["devices"][0]["accuracy"]["test"], 4)
+    assert result.metric_type == "accuracy" and result.metric_value == round(
+        manifest["devices"][0]["accuracy"]["test"], 4
+    )
     text = card.text
-    assert "## Intended use" in text and "## Limitations" in text and 'timm.create_model("local-dir:.", pretrained=True)' in text
+    assert (
+        "## Intended use" in text
+        and "## Limitations" in text
+        and 'timm.create_model("local-dir:.", pretrained=True)' in text
+    )
     assert manifest["devices"][0]["artifacts"]["timm_config"]["path"] == "tiny/config.json"
 
 
@@ -68,8 +92,15 @@ def test_the_report_reads_as_an_engineer_needs(device_dir):
 
     out = device_dir.parent
     md = (out / "report.md").read_text()
-    for section in ("## tiny", "**Deploy:**", "### Budgets", "### Artifacts", "### Accuracy vs latency", "### Training curve",
-                    "### Confusion matrix (test)"):
+    for section in (
+        "## tiny",
+        "**Deploy:**",
+        "### Budgets",
+        "### Artifacts",
+        "### Accuracy vs latency",
+        "### Training curve",
+        "### Confusion matrix (test)",
+    ):
         assert section in md, section
     assert "| params_m | 0.2 M params |" in md and "| within |" in md
     assert "says nothing about the target (onnxruntime on tiny)" in md  # a host timing is flagged as such
@@ -105,12 +136,35 @@ def test_a_build_leaks_no_library_warnings_and_prints_rounded_numbers(tmp_path):
     import subprocess
     import sys
 
-    pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip install 'peg-factory[openvino]' (CI installs it)")
-    done = subprocess.run([sys.executable, "-m", "factory.cli", "build", "--profile", "demo/raspberry_pi5_openvino", "--out",
-                           str(tmp_path / "o"), "--data", "digits", "--steps", "2", "--batch-size", "8"],
-                          capture_output=True, text=True, timeout=600)
+    pytest.importorskip(
+        "openvino", reason="OpenVINO is an optional extra: pip install 'peg-factory[openvino]' (CI installs it)"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "factory.cli",
+            "build",
+            "--profile",
+            "demo/raspberry_pi5_openvino",
+            "--out",
+            str(tmp_path / "o"),
+            "--data",
+            "digits",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
-    noise = [line for line in done.stderr.replace("\r", "\n").splitlines()
-             if line.strip() and not re.match(r"^(finetune|probes|expanding phase|int8 calibration)\b", line.strip())]
+    noise = [
+        line
+        for line in done.stderr.replace("\r", "\n").splitlines()
+        if line.strip() and not re.match(r"^(finetune|probes|expanding phase|int8 calibration)\b", line.strip())
+    ]
     assert not noise, noise  # progress bars only: no "No CUDA runtime is found", no library warnings
     assert not re.search(r"\d\.\d{7,}", done.stdout), done.stdout  # numbers are rounded in the log

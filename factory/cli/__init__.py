@@ -37,7 +37,18 @@ def cli() -> None:
     """
 
 
-for command in (learngene, ancestry, train_cmd, profiles, calibrate_cmd, search_cmd, export_cmd, build_cmd, expand, flops):
+for command in (
+    learngene,
+    ancestry,
+    train_cmd,
+    profiles,
+    calibrate_cmd,
+    search_cmd,
+    export_cmd,
+    build_cmd,
+    expand,
+    flops,
+):
     cli.add_command(command)
 
 

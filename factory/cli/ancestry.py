@@ -15,8 +15,12 @@ def ancestry() -> None:
 
 
 @ancestry.command("train")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Weights file [default: the user cache, where `demo` looks first].")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Weights file [default: the user cache, where `demo` looks first].",
+)
 @click.option("--steps", type=POSITIVE_STEPS, default=None, help="Override the recipe's step count.")
 @seed_option(None, "Override the recipe's seed.")
 @click.option("--fp32", is_flag=True, help="Store fp32 weights (default fp16, ~5 MB).")
@@ -32,5 +36,7 @@ def ancestry_train(out, steps, seed, fp32) -> None:
 
     overrides = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
     log = train_demo_ancestry(out, recipe=overrides, half=not fp32)
-    click.echo(f"demo ancestry: test accuracy {log['test_accuracy']:.4f} after {log['recipe']['steps']} steps "
-               f"({log['train_seconds']}s)")
+    click.echo(
+        f"demo ancestry: test accuracy {log['test_accuracy']:.4f} after {log['recipe']['steps']} steps "
+        f"({log['train_seconds']}s)"
+    )

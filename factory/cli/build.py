@@ -11,8 +11,22 @@ from pathlib import Path
 
 import click
 
-from factory.cli.common import BATCH, COUNT, POSITIVE_STEPS, RATE, STEPS, UserError, ancestry_option, data_option, \
-    SIZE, amp_option, init_option, objective_option, out_option, seed_option
+from factory.cli.common import (
+    BATCH,
+    COUNT,
+    POSITIVE_STEPS,
+    RATE,
+    SIZE,
+    STEPS,
+    UserError,
+    amp_option,
+    ancestry_option,
+    data_option,
+    init_option,
+    objective_option,
+    out_option,
+    seed_option,
+)
 from factory.pipeline.config import INIT_CHOICES, BuildConfig
 from factory.pipeline.executor import EXECUTORS
 
@@ -21,45 +35,93 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
 
 @click.command("build")
 @click.option("--profile", "profile_specs", multiple=True, help="Profile YAML or shipped name (repeatable).")
-@click.option("--fleet", type=click.Path(path_type=Path), default=None, help="Fleet file: 'profiles: [a.yaml, b.yaml]'.")
+@click.option(
+    "--fleet", type=click.Path(path_type=Path), default=None, help="Fleet file: 'profiles: [a.yaml, b.yaml]'."
+)
 @out_option("Build directory (manifest, report, one folder per device, the cache).", default=Path("out/build"))
 @ancestry_option()
 @data_option("digits")
-@init_option(help="How descendants are initialised. auto: per chosen shape, the candidate (PEG expansion of the learngene, "
-                  "weight selection, TLEG, scratch) whose untrained features separate the task's classes best by a k-NN "
-                  "probe (scratch only by a margin); or one of them always.", choices=INIT_CHOICES)
+@init_option(
+    help="How descendants are initialised. auto: per chosen shape, the candidate (PEG expansion of the learngene, "
+    "weight selection, TLEG, scratch) whose untrained features separate the task's classes best by a k-NN "
+    "probe (scratch only by a margin); or one of them always.",
+    choices=INIT_CHOICES,
+)
 @click.option("--gene-layers", type=COUNT, default=None, help="Learngene layers [default: half the ancestry's].")
-@click.option("--expand-steps", type=STEPS, default=None,
-              help="Expanding-phase steps for the learngene [default: 1500; 0 = untrained, sampled only].")
-@click.option("--expand-data", default=None,
-              help="Images for the expanding phase [default: the ancestry's own (mnist for the demo), else --data].")
+@click.option(
+    "--expand-steps",
+    type=STEPS,
+    default=None,
+    help="Expanding-phase steps for the learngene [default: 1500; 0 = untrained, sampled only].",
+)
+@click.option(
+    "--expand-data",
+    default=None,
+    help="Images for the expanding phase [default: the ancestry's own (mnist for the demo), else --data].",
+)
 @click.option("--expand-batch-size", type=BATCH, default=None, help="Images per expanding-phase step [default: 64].")
-@click.option("--expand-img-size", type=SIZE, default=None,
-              help="Distil at this input size (a multiple of the patch size), position embeddings resampled "
-                   "[default: the ancestry's]; 112 for a 224-px ancestry is ~4x faster per step.")
-@click.option("--learngene", default=None,
-              help="A learngene directory to use as it is (e.g. from `peg-factory learngene train`): no sampling, no "
-                   "expanding phase; it must come from --ancestry.")
-@click.option("--steps", "finetune_steps", type=POSITIVE_STEPS, default=100, show_default=True, help="Fine-tuning steps per model.")
+@click.option(
+    "--expand-img-size",
+    type=SIZE,
+    default=None,
+    help="Distil at this input size (a multiple of the patch size), position embeddings resampled "
+    "[default: the ancestry's]; 112 for a 224-px ancestry is ~4x faster per step.",
+)
+@click.option(
+    "--learngene",
+    default=None,
+    help="A learngene directory to use as it is (e.g. from `peg-factory learngene train`): no sampling, no "
+    "expanding phase; it must come from --ancestry.",
+)
+@click.option(
+    "--steps",
+    "finetune_steps",
+    type=POSITIVE_STEPS,
+    default=100,
+    show_default=True,
+    help="Fine-tuning steps per model.",
+)
 @click.option("--batch-size", type=BATCH, default=32, show_default=True, help="Fine-tuning images per step.")
 @click.option("--lr", type=RATE, default=1e-3, show_default=True, help="Fine-tuning learning rate (AdamW, cosine).")
 @seed_option(help="Seed of the search, the probes and the fine-tunes.")
 @click.option("--jobs", type=COUNT, default=1, show_default=True, help="Models fine-tuned in parallel on this machine.")
-@click.option("--executor", "executor_kind", type=click.Choice(EXECUTORS), default="local", show_default=True,
-              help="local: --jobs threads here; ray: one Ray task per distinct shape (pip install 'peg-factory[ray]').")
-@click.option("--ray-address", default=None, help="Ray cluster to join ('auto', ray://HOST:10001) [default: start a local one].")
-@click.option("--task-cpus", type=click.FloatRange(0.01, 1024), default=1.0, show_default=True, help="CPUs per Ray task.")
-@click.option("--task-gpus", type=click.FloatRange(0, 64), default=0.0, show_default=True,
-              help="GPUs per Ray task (fractions share a GPU).")
+@click.option(
+    "--executor",
+    "executor_kind",
+    type=click.Choice(EXECUTORS),
+    default="local",
+    show_default=True,
+    help="local: --jobs threads here; ray: one Ray task per distinct shape (pip install 'peg-factory[ray]').",
+)
+@click.option(
+    "--ray-address", default=None, help="Ray cluster to join ('auto', ray://HOST:10001) [default: start a local one]."
+)
+@click.option(
+    "--task-cpus", type=click.FloatRange(0.01, 1024), default=1.0, show_default=True, help="CPUs per Ray task."
+)
+@click.option(
+    "--task-gpus",
+    type=click.FloatRange(0, 64),
+    default=0.0,
+    show_default=True,
+    help="GPUs per Ray task (fractions share a GPU).",
+)
 @click.option("--device", default="auto", show_default=True, help="Where fine-tunes run: auto, cpu, cuda or cuda:N.")
 @amp_option()
-@click.option("--data-cache-mb", type=click.IntRange(0, 1 << 24), default=0, show_default=True,
-              help="For an ImageFolder: decode the training images once into a uint8 cache (shorter side resized and centre "
-                   "cropped to img_size/0.875) when they fit in this many MiB; 0 streams them from disk every step.")
+@click.option(
+    "--data-cache-mb",
+    type=click.IntRange(0, 1 << 24),
+    default=0,
+    show_default=True,
+    help="For an ImageFolder: decode the training images once into a uint8 cache (shorter side resized and centre "
+    "cropped to img_size/0.875) when they fit in this many MiB; 0 streams them from disk every step.",
+)
 @objective_option()
 @click.option("--dry-run", is_flag=True, help="Print the plan (shapes, cached stages, time estimates) and stop.")
 @click.option("--wait-lock", is_flag=True, help="If another build is using --out, wait for it instead of failing.")
-def build_cmd(profile_specs, fleet, out, executor_kind, ray_address, task_cpus, task_gpus, dry_run, wait_lock, **settings) -> None:
+def build_cmd(
+    profile_specs, fleet, out, executor_kind, ray_address, task_cpus, task_gpus, dry_run, wait_lock, **settings
+) -> None:
     """Build deployable models for one or many device profiles (search, expand, fine-tune, measure, export).
 
     \b
@@ -77,21 +139,28 @@ def build_cmd(profile_specs, fleet, out, executor_kind, ray_address, task_cpus, 
     assert set(settings) <= CONFIG_FIELDS, set(settings) - CONFIG_FIELDS  # every other option is a BuildConfig field
     if executor_kind == "local" and (ray_address or task_gpus):
         raise UserError("--ray-address and --task-gpus need --executor ray")
-    executor = make_executor(executor_kind, jobs=settings["jobs"], address=ray_address, task_cpus=task_cpus, task_gpus=task_gpus)
+    executor = make_executor(
+        executor_kind, jobs=settings["jobs"], address=ray_address, task_cpus=task_cpus, task_gpus=task_gpus
+    )
     specs = list(profile_specs) + (load_fleet(fleet) if fleet else [])
     if not specs:
         raise UserError("no profile: pass --profile profiles/jetson_orin.yaml (repeatable) or --fleet FILE")
     profiles = [load_profile(s) for s in specs]
-    manifest = build(profiles, out, BuildConfig(**settings), dry_run=dry_run, log=click.echo, wait_lock=wait_lock,
-                     executor=executor)
+    manifest = build(
+        profiles, out, BuildConfig(**settings), dry_run=dry_run, log=click.echo, wait_lock=wait_lock, executor=executor
+    )
     if dry_run:
         return
     failed = [d for d in manifest["devices"] if d["status"] != "ok"]
     for d in manifest["devices"]:
         if d["status"] == "ok":
-            click.echo(f"{d['name']}: {d['shape']['depth']}x{d['shape']['embed_dim']} test acc {d['accuracy']['test']:.4f}, "
-                       f"predicted {d['latency_ms']['predicted_target']:.4f} ms -> {out / d['name']}")
+            click.echo(
+                f"{d['name']}: {d['shape']['depth']}x{d['shape']['embed_dim']} test acc {d['accuracy']['test']:.4f}, "
+                f"predicted {d['latency_ms']['predicted_target']:.4f} ms -> {out / d['name']}"
+            )
     click.echo(f"manifest {out / 'manifest.json'}, report {out / 'report.html'} ({manifest['seconds']} s)")
     if failed:
-        raise UserError(f"{len(failed)} of {len(manifest['devices'])} profiles failed: "
-                        + "; ".join(f"{d['name']}: {d['error']}" for d in failed))
+        raise UserError(
+            f"{len(failed)} of {len(manifest['devices'])} profiles failed: "
+            + "; ".join(f"{d['name']}: {d['error']}" for d in failed)
+        )

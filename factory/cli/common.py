@@ -36,10 +36,12 @@ DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 DATA_HELP = f"{', '.join(BUILTIN_DATASETS)}, or an ImageFolder directory (train/, val/, optional test/)."
 FORMAT_HELP = f"{', '.join(FORMAT_NAMES)}, all, or a comma list."
-OBJECTIVE_HELP = ("accuracy: probe the Pareto-front shapes by successive halving on the data and pick the lowest "
-                  "(temperature-scaled) validation loss; capacity: the largest shape that fits, no probes; auto: capacity "
-                  "for the trained learngene (measured within noise of the best), accuracy for another --init or "
-                  "--expand-steps 0.")
+OBJECTIVE_HELP = (
+    "accuracy: probe the Pareto-front shapes by successive halving on the data and pick the lowest "
+    "(temperature-scaled) validation loss; capacity: the largest shape that fits, no probes; auto: capacity "
+    "for the trained learngene (measured within noise of the best), accuracy for another --init or "
+    "--expand-steps 0."
+)
 
 
 class FactoryGroup(click.Group):
@@ -54,11 +56,16 @@ class FactoryGroup(click.Group):
             if exc.errno not in DISK_ERRNOS:
                 raise
             where = f" writing {exc.filename}" if exc.filename else ""
-            raise UserError(f"{exc.strerror or os.strerror(exc.errno)}{where}; free space (or raise the quota/file-size limit) "
-                            "and rerun: finished stages are kept, nothing half-written is") from exc
+            raise UserError(
+                f"{exc.strerror or os.strerror(exc.errno)}{where}; free space (or raise the quota/file-size limit) "
+                "and rerun: finished stages are kept, nothing half-written is"
+            ) from exc
         except KeyboardInterrupt:
-            click.echo("Interrupted: stopped cleanly; finished stages and fine-tuning checkpoints are kept, rerun the same "
-                       "command to resume", err=True)
+            click.echo(
+                "Interrupted: stopped cleanly; finished stages and fine-tuning checkpoints are kept, rerun the same "
+                "command to resume",
+                err=True,
+            )
             ctx.exit(130)
 
 
@@ -66,8 +73,12 @@ def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
-def init_option(name: str = "init", flag: str = "--init", help: str = "How descendants are initialised.",
-                choices: tuple[str, ...] = METHODS) -> click.Option:
+def init_option(
+    name: str = "init",
+    flag: str = "--init",
+    help: str = "How descendants are initialised.",
+    choices: tuple[str, ...] = METHODS,
+) -> click.Option:
     return click.option(flag, name, type=click.Choice(choices), default=choices[0], show_default=True, help=help)
 
 
@@ -79,16 +90,22 @@ def data_option(default: str | None, help: str = DATA_HELP):
     return click.option("--data", default=default, show_default=default is not None, help=help)
 
 
-def ancestry_option(default: str | None = "demo", help: str = "'demo', a timm name (pretrained), 'random:NAME', or CKPT@ARCH."):
+def ancestry_option(
+    default: str | None = "demo", help: str = "'demo', a timm name (pretrained), 'random:NAME', or CKPT@ARCH."
+):
     return click.option("--ancestry", default=default, show_default=default is not None, help=help)
 
 
-AMP_HELP = ("Precision of the training steps. auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on CPUs "
-            "with native bf16 (AVX512-BF16/AMX), else fp32; off: fp32.")
+AMP_HELP = (
+    "Precision of the training steps. auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on CPUs "
+    "with native bf16 (AVX512-BF16/AMX), else fp32; off: fp32."
+)
 
 
 def amp_option(help: str = AMP_HELP):
-    return click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True, help=help)
+    return click.option(
+        "--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True, help=help
+    )
 
 
 def seed_option(default: int | None = 0, help: str = "Random seed."):
@@ -108,10 +125,17 @@ def shape_options(fn):
         click.option("--depth", type=COUNT, help="Descendant depth L_d."),
         click.option("--embed-dim", type=SIZE, help="Descendant width D_d."),
         click.option("--heads", "num_heads", type=COUNT, help="Descendant heads H_d."),
-        click.option("--mlp-ratio", type=click.FloatRange(0, 64, min_open=True), default=None, help="MLP hidden / width [default: ancestry's]."),
+        click.option(
+            "--mlp-ratio",
+            type=click.FloatRange(0, 64, min_open=True),
+            default=None,
+            help="MLP hidden / width [default: ancestry's].",
+        ),
         click.option("--img-size", type=SIZE, default=None, help="Input size [default: ancestry's]."),
         click.option("--patch-size", type=SIZE, default=None, help="Patch size [default: ancestry's]."),
-        click.option("--num-classes", type=click.IntRange(0, 1 << 20), default=None, help="Classes [default: ancestry's]."),
+        click.option(
+            "--num-classes", type=click.IntRange(0, 1 << 20), default=None, help="Classes [default: ancestry's]."
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)

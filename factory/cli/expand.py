@@ -6,21 +6,52 @@ from pathlib import Path
 
 import click
 
-from factory.cli.common import UserError, ancestry_option, init_option, out_option, seed_option, shape_from, shape_options
+from factory.cli.common import (
+    UserError,
+    ancestry_option,
+    init_option,
+    out_option,
+    seed_option,
+    shape_from,
+    shape_options,
+)
 
 
 @click.command()
-@click.option("--learngene", "learngene_dir", type=click.Path(path_type=Path), default=None,
-              help="Learngene directory (needed for --method peg).")
+@click.option(
+    "--learngene",
+    "learngene_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Learngene directory (needed for --method peg).",
+)
 @ancestry_option(None, "Ancestry spec (needed for tleg / weight_selection).")
 @init_option("method", "--method", "How the descendant is initialised: PEG expansion or a baseline.")
-@click.option("--selection", type=click.Choice(["even", "importance"]), default="even", show_default=True,
-              help="How heads/width/hidden units are chosen.")
+@click.option(
+    "--selection",
+    type=click.Choice(["even", "importance"]),
+    default="even",
+    show_default=True,
+    help="How heads/width/hidden units are chosen.",
+)
 @shape_options
 @seed_option(help="Seed of whatever is initialised at random.")
 @out_option("Descendant .safetensors file.")
-def expand(learngene_dir, ancestry, method, selection, depth, embed_dim, num_heads, mlp_ratio,
-           img_size, patch_size, num_classes, seed, out) -> None:
+def expand(
+    learngene_dir,
+    ancestry,
+    method,
+    selection,
+    depth,
+    embed_dim,
+    num_heads,
+    mlp_ratio,
+    img_size,
+    patch_size,
+    num_classes,
+    seed,
+    out,
+) -> None:
     """Expand a learngene (or a baseline init) into a timm ViT descendant.
 
     \b
@@ -54,4 +85,6 @@ def expand(learngene_dir, ancestry, method, selection, depth, embed_dim, num_hea
         "ancestry": anc.identity() if anc is not None else None,
     }
     digest = save_descendant(model, arch.with_shape(shape), out, info)
-    click.echo(f"descendant {out}: {shape.label()} by {method}, {count_params(model) / 1e6:.2f}M params, sha256 {digest[:12]}")
+    click.echo(
+        f"descendant {out}: {shape.label()} by {method}, {count_params(model) / 1e6:.2f}M params, sha256 {digest[:12]}"
+    )

@@ -10,13 +10,28 @@ from factory.cli.common import FORMAT_HELP, UserError
 
 
 @click.command("export")
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
-              help="Run directory or descendant .safetensors [default: every device of the latest build here].")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run directory or descendant .safetensors [default: every device of the latest build here].",
+)
 @click.option("--format", "fmt", default="onnx", show_default=True, help=FORMAT_HELP)
 @click.option("--profile", "profile_spec", default=None, help="Target profile (batch, precision, which TensorRT path).")
-@click.option("--data", default=None, help="Images for INT8 calibration and accuracy [default: digits for 1-channel 10-class models].")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: MODEL_DIR/export].")
-@click.option("--require-engine", is_flag=True, help="Fail (exit 2) instead of writing a build kit when no engine can be built here.")
+@click.option(
+    "--data",
+    default=None,
+    help="Images for INT8 calibration and accuracy [default: digits for 1-channel 10-class models].",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Output directory [default: MODEL_DIR/export]."
+)
+@click.option(
+    "--require-engine",
+    is_flag=True,
+    help="Fail (exit 2) instead of writing a build kit when no engine can be built here.",
+)
 def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None:
     """Export a descendant to ONNX (verified), FP16/INT8 ONNX and TensorRT (engine or on-device kit).
 
@@ -47,18 +62,38 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
                 click.echo(f"{device.name}: skipped (its build failed: {device.error})")
                 continue
             prof = load_profile(profile_spec) if profile_spec else device.profile
-            jobs.append((device.model, prof, confined(out, device.name, "device name") if out else device.model.parent / "export"))
+            jobs.append(
+                (
+                    device.model,
+                    prof,
+                    confined(out, device.name, "device name") if out else device.model.parent / "export",
+                )
+            )
     with lock:
         for path, prof, target in jobs:
             formats = parse_formats(fmt, prof)
-            record = export_model(path, formats, target, profile=prof, data=data, require_engine=require_engine, log=click.echo,
-                                  choose=chooser(prof))
-            click.echo(f"exported {path} -> {target} ({', '.join(record['artifacts'])}); hashes in {target / 'export.json'}")
+            record = export_model(
+                path,
+                formats,
+                target,
+                profile=prof,
+                data=data,
+                require_engine=require_engine,
+                log=click.echo,
+                choose=chooser(prof),
+            )
+            click.echo(
+                f"exported {path} -> {target} ({', '.join(record['artifacts'])}); hashes in {target / 'export.json'}"
+            )
 
 
 def latest_manifest(root: Path) -> Path:
     """The newest ``manifest.json`` at most two folders below ``root``."""
-    candidates = [p for pattern in ("manifest.json", "*/manifest.json", "*/*/manifest.json") for p in root.glob(pattern)]
+    candidates = [
+        p for pattern in ("manifest.json", "*/manifest.json", "*/*/manifest.json") for p in root.glob(pattern)
+    ]
     if not candidates:
-        raise UserError(f"no --model given and no build (manifest.json) under {root}; run `peg-factory build` first or pass --model")
+        raise UserError(
+            f"no --model given and no build (manifest.json) under {root}; run `peg-factory build` first or pass --model"
+        )
     return max(candidates, key=lambda p: p.stat().st_mtime)

@@ -10,8 +10,13 @@ from factory.cli.common import echo_json, shape_from, shape_options
 
 
 @click.command()
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
-              help="Descendant .safetensors (or any ancestry spec) to measure with fvcore.")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Descendant .safetensors (or any ancestry spec) to measure with fvcore.",
+)
 @shape_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def flops(model_path, depth, embed_dim, num_heads, mlp_ratio, img_size, patch_size, num_classes, as_json) -> None:
@@ -33,7 +38,13 @@ def flops(model_path, depth, embed_dim, num_heads, mlp_ratio, img_size, patch_si
     else:
         arch = STANDARD_ARCH
         shape = shape_from(
-            arch, depth, embed_dim, num_heads, mlp_ratio, img_size or 224, patch_size or 16,
+            arch,
+            depth,
+            embed_dim,
+            num_heads,
+            mlp_ratio,
+            img_size or 224,
+            patch_size or 16,
             num_classes if num_classes is not None else 1000,
         )
         measured = params = None

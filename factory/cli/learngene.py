@@ -6,21 +6,54 @@ from pathlib import Path
 
 import click
 
-from factory.cli.common import BATCH, COUNT, RATE, STEPS, FactoryGroup, UserError, ancestry_option, data_option, int_list, \
-    SIZE, amp_option, out_option, seed_option
+from factory.cli.common import (
+    BATCH,
+    COUNT,
+    RATE,
+    SIZE,
+    STEPS,
+    FactoryGroup,
+    UserError,
+    amp_option,
+    ancestry_option,
+    data_option,
+    int_list,
+    out_option,
+    seed_option,
+)
 
 
 @click.group(cls=FactoryGroup, invoke_without_command=True)
 @ancestry_option()
 @click.option("--layers", type=COUNT, default=None, help="Gene layers L_b [default: half the ancestry's depth].")
 @click.option("--heads", type=COUNT, default=None, help="Gene heads H_b [default: the ancestry's].")
-@click.option("--tau", type=click.FloatRange(0, 1e6, min_open=True), default=1.0, show_default=True, help="Softmax temperature of the mixture.")
-@click.option("--mixing", type=click.Choice(["softmax", "uniform", "identity"]), default="softmax", show_default=True,
-              help="How gene layers mix the ancestry's layers: seeded softmax-Gaussian weights, uniform, or one layer each.")
-@click.option("--head-mixing/--no-head-mixing", default=True, show_default=True,
-              help="Mix heads within a gene layer (off: keep evenly spaced heads).")
-@click.option("--rescale", type=click.Choice(["std", "none"]), default="std", show_default=True,
-              help="Variance-preserving rescale of mixed tensors to the ancestry layers' spread.")
+@click.option(
+    "--tau",
+    type=click.FloatRange(0, 1e6, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Softmax temperature of the mixture.",
+)
+@click.option(
+    "--mixing",
+    type=click.Choice(["softmax", "uniform", "identity"]),
+    default="softmax",
+    show_default=True,
+    help="How gene layers mix the ancestry's layers: seeded softmax-Gaussian weights, uniform, or one layer each.",
+)
+@click.option(
+    "--head-mixing/--no-head-mixing",
+    default=True,
+    show_default=True,
+    help="Mix heads within a gene layer (off: keep evenly spaced heads).",
+)
+@click.option(
+    "--rescale",
+    type=click.Choice(["std", "none"]),
+    default="std",
+    show_default=True,
+    help="Variance-preserving rescale of mixed tensors to the ancestry layers' spread.",
+)
 @seed_option(help="Seed of the mixture weights.")
 @out_option("Learngene directory to write.", required=False)
 @click.pass_context
@@ -40,8 +73,16 @@ def learngene(ctx, ancestry, layers, heads, tau, mixing, head_mixing, rescale, s
     from factory.core.learngene import sample_learngene
 
     anc = load_ancestry(ancestry)
-    lg = sample_learngene(anc, max(1, anc.arch.depth // 2) if layers is None else layers, heads, tau=tau, seed=seed,
-                          mixing=mixing, head_mixing=head_mixing, rescale=rescale)
+    lg = sample_learngene(
+        anc,
+        max(1, anc.arch.depth // 2) if layers is None else layers,
+        heads,
+        tau=tau,
+        seed=seed,
+        mixing=mixing,
+        head_mixing=head_mixing,
+        rescale=rescale,
+    )
     digest = lg.save(out)
     summary = lg.meta["stats"]["summary"]
     click.echo(
@@ -53,25 +94,60 @@ def learngene(ctx, ancestry, layers, heads, tau, mixing, head_mixing, rescale, s
 
 
 @learngene.command("train")
-@click.option("--learngene", "learngene_dir", type=click.Path(path_type=Path), required=True, help="Sampled learngene directory.")
+@click.option(
+    "--learngene", "learngene_dir", type=click.Path(path_type=Path), required=True, help="Sampled learngene directory."
+)
 @ancestry_option(None, "Teacher ancestry spec [default: the one named in the learngene].")
-@data_option("mnist", "Images to distil on (labels unused): the ancestry's own data where you have it, else the target's.")
+@data_option(
+    "mnist", "Images to distil on (labels unused): the ancestry's own data where you have it, else the target's."
+)
 @click.option("--depths", default=None, help="Comma-separated descendant depths [default: 1 .. 2 x ancestry depth].")
-@click.option("--widths", default=None, help="Comma-separated descendant widths [default: ancestry width, 3/4 and 1/2 of it].")
+@click.option(
+    "--widths", default=None, help="Comma-separated descendant widths [default: ancestry width, 3/4 and 1/2 of it]."
+)
 @click.option("--steps", type=STEPS, default=1500, show_default=True, help="Expanding-phase steps.")
 @click.option("--batch-size", type=BATCH, default=64, show_default=True, help="Images per step.")
 @click.option("--lr", type=RATE, default=1e-3, show_default=True, help="AdamW learning rate (warm-up, cosine).")
-@click.option("--extra-hidden", type=click.IntRange(0, 1 << 16), default=0, show_default=True, help="Extra ReLU units per depth map.")
-@click.option("--img-size", type=SIZE, default=None,
-              help="Distil at this input size (a multiple of the patch size) [default: the ancestry's].")
+@click.option(
+    "--extra-hidden",
+    type=click.IntRange(0, 1 << 16),
+    default=0,
+    show_default=True,
+    help="Extra ReLU units per depth map.",
+)
+@click.option(
+    "--img-size",
+    type=SIZE,
+    default=None,
+    help="Distil at this input size (a multiple of the patch size) [default: the ancestry's].",
+)
 @amp_option()
 @click.option("--vary-shapes", is_flag=True, help="Also sandwich over head counts and MLP ratios 1-4 per width.")
 @seed_option(help="Seed of the batches, the random shapes and the depth maps.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
-              help="Checkpoints and loss log [default: OUT.partial]; a rerun resumes from it.")
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Checkpoints and loss log [default: OUT.partial]; a rerun resumes from it.",
+)
 @out_option("Trained learngene directory to write.")
-def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_size, lr, extra_hidden, img_size, amp, vary_shapes,
-                    seed, work_dir, out) -> None:
+def learngene_train(
+    learngene_dir,
+    ancestry,
+    data,
+    depths,
+    widths,
+    steps,
+    batch_size,
+    lr,
+    extra_hidden,
+    img_size,
+    amp,
+    vary_shapes,
+    seed,
+    work_dir,
+    out,
+) -> None:
     """The learngene expanding phase: distil the ancestry into every expansion at once.
 
     Resumable: checkpoints go to --work-dir (default OUT.partial) and a rerun of the same
@@ -84,11 +160,11 @@ def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_
     import shutil
 
     from factory.core.ancestry import load_ancestry
-    from factory.core.expanding import ExpandingConfig, default_shapes
+    from factory.core.expanding_phase import ExpandingConfig, default_shapes
     from factory.core.learngene import Learngene
     from factory.data import load_dataset
     from factory.io import ensure_parent
-    from factory.training.expanding import run_expanding_phase
+    from factory.training.expanding_loop import run_expanding_phase
 
     lg = Learngene.load(learngene_dir)
     spec = ancestry or lg.meta.get("ancestry", {}).get("spec")
@@ -96,26 +172,51 @@ def learngene_train(learngene_dir, ancestry, data, depths, widths, steps, batch_
         raise UserError("the learngene does not name a loadable ancestry; pass --ancestry SPEC")
     anc = load_ancestry(spec)
     if anc.sha256 != lg.meta.get("ancestry", {}).get("sha256"):
-        raise UserError(f"ancestry {spec!r} is not the one this learngene was sampled from (hash differs); pass the right --ancestry")
+        raise UserError(
+            f"ancestry {spec!r} is not the one this learngene was sampled from (hash differs); pass the right --ancestry"
+        )
     shapes = default_shapes(lg, int_list(depths, "--depths"), int_list(widths, "--widths"), vary=vary_shapes)
-    cfg = ExpandingConfig(steps=steps, batch_size=batch_size, lr=lr, extra_hidden=extra_hidden, seed=seed, distill_img_size=img_size,
-                          amp=amp)
+    cfg = ExpandingConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        extra_hidden=extra_hidden,
+        seed=seed,
+        distill_img_size=img_size,
+        amp=amp,
+    )
     ensure_parent(out)
     work = work_dir or out.with_name(out.name + ".partial")
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
     own = anc.arch.shape()  # zero-shot is reported at the ancestry's width, heads and ratio, at every depth
-    eval_shapes = [s for s in shapes if (s.embed_dim, s.num_heads, s.mlp_ratio) == (own.embed_dim, own.num_heads, own.mlp_ratio)]
+    eval_shapes = [
+        s for s in shapes if (s.embed_dim, s.num_heads, s.mlp_ratio) == (own.embed_dim, own.num_heads, own.mlp_ratio)
+    ]
     # zero-shot accuracy means something only where the task's labels are the ancestry's (its classifier is kept)
     same_labels = ds.num_classes == anc.arch.num_classes
     if not same_labels:
-        click.echo(f"zero-shot accuracy not reported: {data} has {ds.num_classes} classes, the ancestry's classifier "
-                   f"{anc.arch.num_classes}")
-    trained, report = run_expanding_phase(lg, anc, ds, shapes, cfg, work=work, log=click.echo, ckpt_every=100,
-                                          eval_shapes=eval_shapes or shapes[-1:], eval_images=2000 if same_labels else 0)
+        click.echo(
+            f"zero-shot accuracy not reported: {data} has {ds.num_classes} classes, the ancestry's classifier "
+            f"{anc.arch.num_classes}"
+        )
+    trained, report = run_expanding_phase(
+        lg,
+        anc,
+        ds,
+        shapes,
+        cfg,
+        work=work,
+        log=click.echo,
+        ckpt_every=100,
+        eval_shapes=eval_shapes or shapes[-1:],
+        eval_images=2000 if same_labels else 0,
+    )
     log_file = work / "metrics.jsonl"
     trained.save(out, {"expanding_log.jsonl": log_file.read_bytes()} if log_file.is_file() else None)
     shutil.rmtree(work, ignore_errors=True)
     if report["loss_first"] is not None:
-        click.echo(f"learngene {out}: distillation loss {report['loss_first']:.4f} -> {report['loss_last']:.4f} in {report['seconds']}s")
+        click.echo(
+            f"learngene {out}: distillation loss {report['loss_first']:.4f} -> {report['loss_last']:.4f} in {report['seconds']}s"
+        )
     for label, before in report.get("zero_shot_before", {}).items():
         click.echo(f"  {label}: zero-shot accuracy {before:.4f} -> {report['zero_shot_after'][label]:.4f}")

@@ -32,8 +32,10 @@ def profiles_list() -> None:
         p = load_profile(name)
         budgets = ", ".join(f"{k}={v:g}" for k, v in p.budgets.items())
         size = f"{p.input_size} px" if p.input_size else "-"
-        click.echo(f"{name:{width}s} {p.hardware.kind:4s} {p.hardware.runtime:12s} {p.precision:5s} batch {p.batch:<3d} "
-                   f"{size:7s} {budgets}")
+        click.echo(
+            f"{name:{width}s} {p.hardware.kind:4s} {p.hardware.runtime:12s} {p.precision:5s} batch {p.batch:<3d} "
+            f"{size:7s} {budgets}"
+        )
 
 
 @profiles.command("show")
@@ -55,21 +57,42 @@ def profiles_show(name, as_json) -> None:
 
 
 @profiles.command("measure")
-@click.option("--runtime", type=click.Choice([n for n, s in RUNTIMES.items() if s.kernel_tables]), default="onnxruntime",
-              show_default=True,
-              help="Runtime whose kernels are measured (onnxruntime on this CPU).")
+@click.option(
+    "--runtime",
+    type=click.Choice([n for n, s in RUNTIMES.items() if s.kernel_tables]),
+    default="onnxruntime",
+    show_default=True,
+    help="Runtime whose kernels are measured (onnxruntime on this CPU).",
+)
 @ancestry_option(help="Ancestry whose search space the tables span.")
 @click.option("--batch", "batches", type=BATCH, multiple=True, help="Batch sizes to span [default: 1 and 8].")
-@click.option("--img-size", "img_sizes", type=SIZE, multiple=True, help="Input sizes to span [default: the search space's].")
+@click.option(
+    "--img-size", "img_sizes", type=SIZE, multiple=True, help="Input sizes to span [default: the search space's]."
+)
 @click.option("--points", type=click.IntRange(3, 12), default=6, show_default=True, help="Grid points per table axis.")
-@click.option("--fit", "fit_models", type=click.IntRange(3, 100), default=10, show_default=True,
-              help="Whole models measured to fit the scale and overhead terms.")
+@click.option(
+    "--fit",
+    "fit_models",
+    type=click.IntRange(3, 100),
+    default=10,
+    show_default=True,
+    help="Whole models measured to fit the scale and overhead terms.",
+)
 @seed_option(help="Seed of the whole models sampled to fit the terms.")
-@click.option("--stat", type=click.Choice(["median", "min"]), default="median", show_default=True,
-              help="Statistic of each timing's runs: median (a dedicated machine's typical run) or min (the "
-                   "least-disturbed run, steadier on a shared host); the tables predict that statistic.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Tables file [default: this host's, which profiles with 'latency_tables: host' use].")
+@click.option(
+    "--stat",
+    type=click.Choice(["median", "min"]),
+    default="median",
+    show_default=True,
+    help="Statistic of each timing's runs: median (a dedicated machine's typical run) or min (the "
+    "least-disturbed run, steadier on a shared host); the tables predict that statistic.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Tables file [default: this host's, which profiles with 'latency_tables: host' use].",
+)
 def profiles_measure(runtime, ancestry, batches, img_sizes, points, fit_models, seed, stat, out) -> None:
     """Measure this machine's kernel latency tables (the kernel-level latency predictor).
 
@@ -97,11 +120,14 @@ def profiles_measure(runtime, ancestry, batches, img_sizes, points, fit_models, 
     batches = tuple(batches) or (1, 8)
     space = SearchSpace.from_arch(arch, img_sizes=tuple(img_sizes) or None)
     grids = Grids.for_space(space, arch, batches, points)
-    tables = measure_tables(arch, grids, fit_shapes=spread_shapes(space, fit_models, batches, seed), log=click.echo,
-                            stat=stat)
+    tables = measure_tables(
+        arch, grids, fit_shapes=spread_shapes(space, fit_models, batches, seed), log=click.echo, stat=stat
+    )
     tables.save(path)
-    click.echo(f"latency tables {path}: {tables.points} kernel points + {fit_models} whole models in {tables.seconds:.0f}s "
-               f"({tables.describe_terms()})")
+    click.echo(
+        f"latency tables {path}: {tables.points} kernel points + {fit_models} whole models in {tables.seconds:.0f}s "
+        f"({tables.describe_terms()})"
+    )
 
 
 @profiles.command("schema")

@@ -10,23 +10,54 @@ from factory.cli.common import BATCH, RATE, STEPS, amp_option, data_option, out_
 
 
 @click.command("train")
-@click.option("--model", "model_path", type=click.Path(path_type=Path), required=True, help="Descendant .safetensors to fine-tune.")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Descendant .safetensors to fine-tune.",
+)
 @data_option("digits")
 @click.option("--steps", type=STEPS, default=200, show_default=True, help="Optimiser steps.")
-@click.option("--batch-size", type=BATCH, default=64, show_default=True, help="Images per step (per process under torchrun).")
-@click.option("--lr", type=RATE, default=1e-3, show_default=True, help="AdamW peak learning rate (warm-up, then cosine).")
+@click.option(
+    "--batch-size", type=BATCH, default=64, show_default=True, help="Images per step (per process under torchrun)."
+)
+@click.option(
+    "--lr", type=RATE, default=1e-3, show_default=True, help="AdamW peak learning rate (warm-up, then cosine)."
+)
 @click.option("--warmup-steps", type=STEPS, default=20, show_default=True, help="Linear warm-up steps.")
 @click.option("--distill-from", default=None, help="Teacher ancestry spec for knowledge distillation.")
-@click.option("--distill-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Weight of the distillation loss (with --distill-from).")
+@click.option(
+    "--distill-alpha",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Weight of the distillation loss (with --distill-from).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @amp_option()
-@click.option("--ckpt-every", type=STEPS, default=50, show_default=True, help="Checkpoint every N steps (0: only at the end).")
+@click.option(
+    "--ckpt-every", type=STEPS, default=50, show_default=True, help="Checkpoint every N steps (0: only at the end)."
+)
 @seed_option()
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.")
 @out_option("Run directory.")
-def train_cmd(model_path, data, steps, batch_size, lr, warmup_steps, distill_from, distill_alpha, device, amp,
-              ckpt_every, seed, resume, out) -> None:
+def train_cmd(
+    model_path,
+    data,
+    steps,
+    batch_size,
+    lr,
+    warmup_steps,
+    distill_from,
+    distill_alpha,
+    device,
+    amp,
+    ckpt_every,
+    seed,
+    resume,
+    out,
+) -> None:
     """Fine-tune a descendant (CPU, or GPU with AMP; multi-GPU under torchrun).
 
     \b
@@ -51,11 +82,26 @@ def train_cmd(model_path, data, steps, batch_size, lr, warmup_steps, distill_fro
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
         model, arch = model_from_state(arch, shape, state, seed=seed), arch.with_shape(shape)
     teacher = load_ancestry(distill_from).model if distill_from else None
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, device=device, amp=amp,
-                      seed=seed, ckpt_every=ckpt_every, distill_alpha=distill_alpha if teacher is not None else 0.0)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        device=device,
+        amp=amp,
+        seed=seed,
+        ckpt_every=ckpt_every,
+        distill_alpha=distill_alpha if teacher is not None else 0.0,
+    )
     result = train(model, ds.train, cfg, val_data=ds.val, teacher=teacher, out_dir=out, resume=resume)
     model = model.cpu()
     test_acc = evaluate(model, ds.test)
-    save_descendant(model, arch, out / "model.safetensors",
-                    {"finetuned_from": str(model_path), "data": ds.identity, "steps": steps, "seed": seed})
-    click.echo(f"trained {out}: val accuracy {result.val_accuracy:.4f}, test accuracy {test_acc:.4f}, {result.seconds:.0f}s")
+    save_descendant(
+        model,
+        arch,
+        out / "model.safetensors",
+        {"finetuned_from": str(model_path), "data": ds.identity, "steps": steps, "seed": seed},
+    )
+    click.echo(
+        f"trained {out}: val accuracy {result.val_accuracy:.4f}, test accuracy {test_acc:.4f}, {result.seconds:.0f}s"
+    )

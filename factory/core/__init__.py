@@ -1,1 +1,2 @@
-"""PEG core: ancestries, learngene sampling (mixing), the expanding phase's math, expansion, baselines, shapes, FLOPs, the shipped assets."""
+"""PEG core: ancestries, learngene sampling (mixing), the expanding phase's math, expansion, baselines,
+shapes, FLOPs, the shipped assets."""

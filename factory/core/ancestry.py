@@ -31,15 +31,21 @@ import torch
 from torch import nn
 
 from factory.core.assets import demo_weights
-from factory.io import state_dict_sha256
-from factory.errors import FactoryError
 from factory.core.shapes import ArchConfig
 from factory.core.timm_vit import arch_of, empty_vit, split_state_dict
+from factory.errors import FactoryError
+from factory.io import state_dict_sha256
 
 #: The demo ancestry: small enough to train on MNIST on two CPU cores.
 DEMO_ARCH = ArchConfig(
-    embed_dim=192, depth=6, num_heads=3, mlp_hidden=768, img_size=28, patch_size=7,
-    num_classes=10, in_chans=1,
+    embed_dim=192,
+    depth=6,
+    num_heads=3,
+    mlp_hidden=768,
+    img_size=28,
+    patch_size=7,
+    num_classes=10,
+    in_chans=1,
 )
 
 #: safetensors metadata key under which peg-factory stores an ``ArchConfig`` as JSON.
@@ -116,9 +122,13 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
         if "weights only load failed" in str(exc).lower():  # torch's hint to disable the check must not be passed on
-            raise FactoryError(f"checkpoint {path} contains code or objects other than tensors and was refused; "
-                               "re-save it as a plain state dict (torch.save(model.state_dict())) or as safetensors") from exc
-        raise FactoryError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise FactoryError(
+                f"checkpoint {path} contains code or objects other than tensors and was refused; "
+                "re-save it as a plain state dict (torch.save(model.state_dict())) or as safetensors"
+            ) from exc
+        raise FactoryError(
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -133,8 +143,10 @@ def _finite(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tenso
     (a diverged training run saved as a checkpoint would otherwise propagate NaN silently)."""
     for key, value in state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise FactoryError(f"checkpoint {path}: tensor {key!r} holds NaN or infinite values (a diverged run?); "
-                               "use an earlier checkpoint")
+            raise FactoryError(
+                f"checkpoint {path}: tensor {key!r} holds NaN or infinite values (a diverged run?); "
+                "use an earlier checkpoint"
+            )
     return state
 
 
@@ -211,8 +223,7 @@ def load_ancestry(spec: str | os.PathLike | nn.Module | Ancestry, *, seed: int =
         state, meta = read_checkpoint(path)
         if ARCH_METADATA_KEY not in meta:
             raise FactoryError(
-                f"checkpoint {path} does not name its architecture; pass it as {path}@ARCH, "
-                "e.g. @vit_small_patch16_224"
+                f"checkpoint {path} does not name its architecture; pass it as {path}@ARCH, e.g. @vit_small_patch16_224"
             )
         try:
             arch = ArchConfig.from_dict(json.loads(meta[ARCH_METADATA_KEY]))

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from factory.core.ancestry import DEMO_ARCH, Ancestry, load_ancestry
-from factory.errors import FactoryError
 from factory.core.expand import expand, model_from_state
+from factory.core.head_selection import descend
 from factory.core.learngene import Learngene
 from factory.core.mixing import evenly_spaced
-from factory.core.selection import descend
 from factory.core.shapes import DescendantShape
 from factory.core.timm_vit import build_vit, join_state_dict
+from factory.errors import FactoryError
 
 METHODS: tuple[str, ...] = ("peg", "tleg", "weight_selection", "scratch")
 # The largest descendant allocated (ViT-H is 0.63 B): anything bigger is a typo, refused before torch tries to allocate it.
@@ -42,8 +42,10 @@ def check_allocatable(shape: DescendantShape, arch=None) -> None:
 
     n = vit_params(shape, arch or STANDARD_ARCH)
     if n > MAX_PARAMS:
-        raise FactoryError(f"shape {shape.label()} has {n / 1e9:.3g} B parameters ({n * 4 / 2**30:.3g} GiB in fp32), over the "
-                           f"{MAX_PARAMS / 1e9:g} B this factory allocates; check --depth/--embed-dim")
+        raise FactoryError(
+            f"shape {shape.label()} has {n / 1e9:.3g} B parameters ({n * 4 / 2**30:.3g} GiB in fp32), over the "
+            f"{MAX_PARAMS / 1e9:g} B this factory allocates; check --depth/--embed-dim"
+        )
 
 
 def tleg_fit(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

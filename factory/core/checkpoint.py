@@ -18,9 +18,9 @@ from typing import Any
 from torch import nn
 
 from factory.core.ancestry import ARCH_METADATA_KEY, load_ancestry
-from factory.io import atomic_write_bytes, canonical_safetensors, sha256_bytes
-from factory.errors import FactoryError
 from factory.core.shapes import ArchConfig
+from factory.errors import FactoryError
+from factory.io import atomic_write_bytes, canonical_safetensors, sha256_bytes
 
 INFO_METADATA_KEY = "peg_factory.info"
 
@@ -34,15 +34,20 @@ def save_descendant(model: nn.Module, arch: ArchConfig, path: str | Path, info: 
     if path.suffix != ".safetensors":
         raise FactoryError(f"descendant file {path} must end in .safetensors")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    data = canonical_safetensors(save(
-        state,
-        metadata={
-            ARCH_METADATA_KEY: json.dumps(arch.to_dict(), sort_keys=True),
-            INFO_METADATA_KEY: json.dumps(info, sort_keys=True),
-            **({TIMM_ARGS_METADATA_KEY: json.dumps(timm_model_args(arch), sort_keys=True)}
-               if abs(arch.norm_eps - 1e-6) <= 1e-12 else {}),
-        },
-    ))
+    data = canonical_safetensors(
+        save(
+            state,
+            metadata={
+                ARCH_METADATA_KEY: json.dumps(arch.to_dict(), sort_keys=True),
+                INFO_METADATA_KEY: json.dumps(info, sort_keys=True),
+                **(
+                    {TIMM_ARGS_METADATA_KEY: json.dumps(timm_model_args(arch), sort_keys=True)}
+                    if abs(arch.norm_eps - 1e-6) <= 1e-12
+                    else {}
+                ),
+            },
+        )
+    )
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 
@@ -63,20 +68,31 @@ def timm_model_args(arch: ArchConfig) -> dict[str, Any]:
     """``arch``'s ``VisionTransformer`` keyword arguments, JSON-ready (timm's default LayerNorm eps, 1e-6,
     is the only one a config can express: other eps values are refused)."""
     if abs(arch.norm_eps - 1e-6) > 1e-12:
-        raise FactoryError(f"LayerNorm eps {arch.norm_eps:g} differs from timm's default 1e-6; a timm config.json cannot "
-                           "express it (load the model with factory.core.checkpoint.load_descendant)")
+        raise FactoryError(
+            f"LayerNorm eps {arch.norm_eps:g} differs from timm's default 1e-6; a timm config.json cannot "
+            "express it (load the model with factory.core.checkpoint.load_descendant)"
+        )
     return {k: v for k, v in arch.timm_kwargs().items() if v is not None}
 
 
-def write_timm_config(directory: str | Path, arch: ArchConfig, *, mean, std, label_names: list[str],
-                      interpolation: str = "bilinear", crop_pct: float = 1.0, license: str = "other") -> Path:
+def write_timm_config(
+    directory: str | Path,
+    arch: ArchConfig,
+    *,
+    mean,
+    std,
+    label_names: list[str],
+    interpolation: str = "bilinear",
+    crop_pct: float = 1.0,
+    license: str = "other",
+) -> Path:
     """``directory/config.json`` in timm's Hub format, written by timm itself (``save_config_for_hf``,
     the writer of ``timm.models.save_for_hf``) for a meta-device twin of the descendant built by
     ``timm.create_model``: ``architecture``, ``model_args``, ``pretrained_cfg`` (input size, mean/std,
     interpolation, crop) and ``label_names``. With ``model.safetensors`` beside it,
     ``timm.create_model("local-dir:DIR", pretrained=True)`` is the descendant."""
-    import torch
     import timm
+    import torch
     from timm.models._hub import save_config_for_hf  # timm's own config writer (what save_for_hf calls)
 
     args = timm_model_args(arch)
@@ -85,8 +101,18 @@ def write_timm_config(directory: str | Path, arch: ArchConfig, *, mean, std, lab
     path = Path(directory) / "config.json"
     tmp = path.with_name(".config.json.tmp")
     model_config = {"label_names": list(label_names), "pretrained_cfg": {"tag": "peg-factory", "license": license}}
-    save_config_for_hf(twin, str(tmp), model_config=model_config, model_args=args,
-                       data_config={"mean": tuple(mean), "std": tuple(std), "interpolation": interpolation,
-                                    "crop_pct": crop_pct, "input_size": (arch.in_chans, arch.img_size, arch.img_size)})
+    save_config_for_hf(
+        twin,
+        str(tmp),
+        model_config=model_config,
+        model_args=args,
+        data_config={
+            "mean": tuple(mean),
+            "std": tuple(std),
+            "interpolation": interpolation,
+            "crop_pct": crop_pct,
+            "input_size": (arch.in_chans, arch.img_size, arch.img_size),
+        },
+    )
     tmp.replace(path)
     return path

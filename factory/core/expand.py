@@ -8,7 +8,7 @@ Steps, for a :class:`~factory.core.shapes.DescendantShape` ``s``:
 1. Depth. Every gene tensor stack ``(L_b, *S)`` goes through the learngene's
    :class:`~factory.core.mixing.DepthMap` for ``s.depth`` (trained if the learngene has one, else the
    interpolating initialisation) to give ``(s.depth, *S)``.
-2. Heads, width, hidden, grid and classifier by :func:`factory.core.selection.descend`.
+2. Heads, width, hidden, grid and classifier by :func:`factory.core.head_selection.descend`.
 3. The classifier is inherited when ``s.num_classes`` equals the ancestry's; otherwise it keeps
    timm's fresh initialisation, drawn from ``seed``.
 """
@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from factory.errors import FactoryError
+from factory.core.head_selection import descend
 from factory.core.learngene import Learngene
 from factory.core.mixing import DepthMap
-from factory.core.selection import descend
 from factory.core.shapes import ArchConfig, DescendantShape
 from factory.core.timm_vit import empty_vit, join_state_dict
+from factory.errors import FactoryError
 
 
 def expand_tensors(

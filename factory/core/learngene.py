@@ -38,11 +38,11 @@ import torch
 
 from factory._version import __version__
 from factory.core.ancestry import Ancestry, load_ancestry
-from factory.io import owned_directory, sha256_bytes
-from factory.errors import FactoryError
 from factory.core.mixing import MIXING_KINDS, DepthMap, mix_heads, mix_layers, mixing_matrix, rescale_like
 from factory.core.shapes import ArchConfig
 from factory.core.stats import distribution_report, summarize
+from factory.errors import FactoryError
+from factory.io import owned_directory, sha256_bytes
 
 FORMAT_VERSION = 1
 TENSOR_FILE = "learngene.safetensors"
@@ -116,7 +116,7 @@ class Learngene:
         return self.meta.get("tensors_sha256")
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Learngene":
+    def load(cls, directory: str | Path) -> Learngene:
         """Read a learngene directory, verifying its hash; one-line errors on any damage."""
         from safetensors.torch import load
 
@@ -134,7 +134,9 @@ class Learngene:
             num_heads = int(meta["num_heads"])
             expected = meta["tensors_sha256"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise FactoryError(f"{meta_path} is corrupted ({type(exc).__name__}: {exc}); re-create the learngene") from exc
+            raise FactoryError(
+                f"{meta_path} is corrupted ({type(exc).__name__}: {exc}); re-create the learngene"
+            ) from exc
         if meta.get("format_version") != FORMAT_VERSION:
             raise FactoryError(
                 f"{meta_path} has format version {meta.get('format_version')!r}, this peg-factory "
@@ -155,8 +157,10 @@ class Learngene:
         maps: dict[int, DepthMap] = {}
         for depth in meta.get("depth_maps", []):
             prefix = f"depth_map.{depth}."
-            sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            dm = DepthMap(int(sd["w1"].shape[1]), int(depth), extra_hidden=int(sd["w1"].shape[0]) - 2 * int(sd["w1"].shape[1]))
+            sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            dm = DepthMap(
+                int(sd["w1"].shape[1]), int(depth), extra_hidden=int(sd["w1"].shape[0]) - 2 * int(sd["w1"].shape[1])
+            )
             dm.load_state_dict(sd)
             maps[int(depth)] = dm
         return cls(arch, stem, genes, num_heads, tensors["mix.layer"], tensors["mix.head"], meta, maps)
@@ -204,7 +208,9 @@ def sample_learngene(
         elif heads <= arch.num_heads:
             q = mixing_matrix(heads, arch.num_heads, "identity", batch=(layers,))
         else:
-            raise FactoryError(f"without head mixing the learngene can keep at most the ancestry's {arch.num_heads} heads, got {heads}")
+            raise FactoryError(
+                f"without head mixing the learngene can keep at most the ancestry's {arch.num_heads} heads, got {heads}"
+            )
         genes = {name: mix_layers(p, t) for name, t in blocks.items()}
         if rescale == "std":
             genes = {name: rescale_like(g, blocks[name], p) for name, g in genes.items()}

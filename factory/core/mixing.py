@@ -130,17 +130,13 @@ def mix_heads(
     mixing = mixing.to(blocks["attn.qkv.weight"].dtype)
     w = blocks["attn.qkv.weight"]  # (L, 3*H*hd, D)
     w = w.reshape(n_layers, 3, h_in, head_dim, w.shape[-1])
-    out["attn.qkv.weight"] = torch.einsum("loh,lthed->ltoed", mixing, w).reshape(
-        n_layers, 3 * h_out * head_dim, -1
-    )
+    out["attn.qkv.weight"] = torch.einsum("loh,lthed->ltoed", mixing, w).reshape(n_layers, 3 * h_out * head_dim, -1)
     if "attn.qkv.bias" in blocks:
         b = blocks["attn.qkv.bias"].reshape(n_layers, 3, h_in, head_dim)
         out["attn.qkv.bias"] = torch.einsum("loh,lthe->ltoe", mixing, b).reshape(n_layers, -1)
     p = blocks["attn.proj.weight"]  # (L, D, H*hd)
     p = p.reshape(n_layers, p.shape[1], h_in, head_dim)
-    out["attn.proj.weight"] = (
-        torch.einsum("loh,ldhe->ldoe", mixing, p).reshape(n_layers, p.shape[1], -1) * proj_scale
-    )
+    out["attn.proj.weight"] = torch.einsum("loh,ldhe->ldoe", mixing, p).reshape(n_layers, p.shape[1], -1) * proj_scale
     return out
 
 

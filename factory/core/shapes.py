@@ -56,9 +56,7 @@ class DescendantShape:
                 "pick heads that divide the width"
             )
         if self.img_size % self.patch_size:
-            raise FactoryError(
-                f"shape.img_size={self.img_size} is not a multiple of patch_size={self.patch_size}"
-            )
+            raise FactoryError(f"shape.img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
 
     @property
     def head_dim(self) -> int:
@@ -76,7 +74,7 @@ class DescendantShape:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DescendantShape":
+    def from_dict(cls, data: dict[str, Any]) -> DescendantShape:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:
@@ -85,12 +83,11 @@ class DescendantShape:
 
     def label(self) -> str:
         return (
-            f"d{self.depth}-w{self.embed_dim}-h{self.num_heads}-r{self.mlp_ratio:g}"
-            f"-i{self.img_size}-p{self.patch_size}"
+            f"d{self.depth}-w{self.embed_dim}-h{self.num_heads}-r{self.mlp_ratio:g}-i{self.img_size}-p{self.patch_size}"
         )
 
     @classmethod
-    def from_label(cls, label: str, num_classes: int = 1000) -> "DescendantShape":
+    def from_label(cls, label: str, num_classes: int = 1000) -> DescendantShape:
         """The shape :meth:`label` names (the label omits the classes: ``num_classes``); a one-line error otherwise."""
         import re
 
@@ -151,7 +148,7 @@ class ArchConfig:
             num_classes=self.num_classes,
         )
 
-    def with_shape(self, shape: DescendantShape) -> "ArchConfig":
+    def with_shape(self, shape: DescendantShape) -> ArchConfig:
         """This style at ``shape``'s size (the arch of a descendant)."""
         return dataclasses.replace(
             self,
@@ -193,12 +190,17 @@ class ArchConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ArchConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ArchConfig:
         return cls(**data)
 
 
 STANDARD_ARCH = ArchConfig(
-    embed_dim=192, depth=12, num_heads=3, mlp_hidden=768, img_size=224, patch_size=16,
+    embed_dim=192,
+    depth=12,
+    num_heads=3,
+    mlp_hidden=768,
+    img_size=224,
+    patch_size=16,
     num_classes=1000,
 )
 """DeiT/ViT style (class token, token pooling, qkv bias): the default for closed-form costs."""

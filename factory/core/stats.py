@@ -54,6 +54,7 @@ def distribution_report(
 
 def summarize(report: dict[str, dict[str, float]]) -> dict[str, float]:
     """Mean ``w1_rel`` and ``std_ratio`` over tensors (NaNs skipped)."""
+
     def mean(key: str) -> float:
         vals = [r[key] for r in report.values() if r[key] == r[key]]
         return sum(vals) / len(vals) if vals else float("nan")

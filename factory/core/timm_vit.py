@@ -15,8 +15,8 @@ import re
 import torch
 from torch import nn
 
-from factory.errors import FactoryError
 from factory.core.shapes import ArchConfig, DescendantShape
+from factory.errors import FactoryError
 
 #: Per-block tensors PEG mixes, with the role of each axis (used by head/width selection).
 #: ``D`` embed dim, ``QKV`` the 3*heads*head_dim rows of qkv, ``A`` heads*head_dim, ``M`` hidden.
@@ -177,9 +177,7 @@ def split_state_dict(
     return stem, blocks
 
 
-def join_state_dict(
-    stem: dict[str, torch.Tensor], blocks: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
+def join_state_dict(stem: dict[str, torch.Tensor], blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`split_state_dict`."""
     state = dict(stem)
     for name, stack in blocks.items():

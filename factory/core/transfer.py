@@ -39,8 +39,8 @@ preferred at untrained shapes, auto was within one binomial SE of the best fixed
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -59,20 +59,32 @@ class TransferProbe:
     min_images: int = 100  # ... but never fewer than this (k-NN on fewer is noise), however short the fine-tune
     k: int = 10  # neighbours voting in the k-NN
     scratch_margin: float = 0.03  # scratch must beat the best inherited score by more than this
-    inherit_margin: float = 1.0  # another inherited start must beat the preferred one's score by more than this (1: never)
+    inherit_margin: float = (
+        1.0  # another inherited start must beat the preferred one's score by more than this (1: never)
+    )
     candidates: tuple[str, ...] = ("peg", "weight_selection", "tleg", "scratch")
-    untrained_shape_init: str = "weight_selection"  # preferred at shapes the expanding phase never trained ("peg": no rule)
+    untrained_shape_init: str = (
+        "weight_selection"  # preferred at shapes the expanding phase never trained ("peg": no rule)
+    )
 
     def __post_init__(self) -> None:
-        bad = [n for n, ok in (("images", self.images >= 2 and self.min_images >= 2), ("k", self.k >= 1),
-                               ("max fraction", 0 < self.max_fraction <= 1),
-                               ("margins", 0 <= self.scratch_margin < 1 and 0 <= self.inherit_margin <= 1),
-                               ("candidates", bool(self.candidates) and set(self.candidates) <= {*INHERITED, "scratch"}),
-                               ("untrained shape init", self.untrained_shape_init in INHERITED))
-               if not ok]
+        bad = [
+            n
+            for n, ok in (
+                ("images", self.images >= 2 and self.min_images >= 2),
+                ("k", self.k >= 1),
+                ("max fraction", 0 < self.max_fraction <= 1),
+                ("margins", 0 <= self.scratch_margin < 1 and 0 <= self.inherit_margin <= 1),
+                ("candidates", bool(self.candidates) and set(self.candidates) <= {*INHERITED, "scratch"}),
+                ("untrained shape init", self.untrained_shape_init in INHERITED),
+            )
+            if not ok
+        ]
         if bad:
-            raise FactoryError(f"invalid transfer probe: {', '.join(bad)} (images >= 2, k >= 1, scratch margin in [0, 1), inherit margin in [0, 1], "
-                               f"candidates among {', '.join((*INHERITED, 'scratch'))})")
+            raise FactoryError(
+                f"invalid transfer probe: {', '.join(bad)} (images >= 2, k >= 1, scratch margin in [0, 1), inherit margin in [0, 1], "
+                f"candidates among {', '.join((*INHERITED, 'scratch'))})"
+            )
 
 
 def images_for(probe: TransferProbe, steps: int, batch_size: int) -> int:
@@ -90,8 +102,10 @@ def images_for(probe: TransferProbe, steps: int, batch_size: int) -> int:
 def pooled_features(model: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """``(N, D)`` pre-logit features of a timm ViT (its pooled token after the final norm), in eval mode, fp32."""
     model.eval()
-    out = [model.forward_head(model.forward_features(images[i : i + batch]), pre_logits=True).float()
-           for i in range(0, len(images), batch)]
+    out = [
+        model.forward_head(model.forward_features(images[i : i + batch]), pre_logits=True).float()
+        for i in range(0, len(images), batch)
+    ]
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
@@ -125,7 +139,9 @@ def trained_by(shape, learngene) -> bool:
     return shape.depth <= max(t.depth for t in trained) and any(t.num_heads == shape.num_heads for t in trained)
 
 
-def choose_init(scores: Mapping[str, float], probe: TransferProbe = TransferProbe(), *, trained: bool = True) -> tuple[str, str]:
+def choose_init(
+    scores: Mapping[str, float], probe: TransferProbe = TransferProbe(), *, trained: bool = True
+) -> tuple[str, str]:
     """``(chosen initialisation, why)`` from the candidates' scores by the module docstring's rule;
     ``trained``: whether the learngene's expanding phase trained the shape (:func:`trained_by`)."""
     inherited = [m for m in INHERITED if m in scores]
@@ -134,14 +150,22 @@ def choose_init(scores: Mapping[str, float], probe: TransferProbe = TransferProb
         return "scratch", f"no inherited candidate (k-NN {figures})"
     best = max(inherited, key=lambda m: (scores[m], -inherited.index(m)))
     if "scratch" in scores and scores["scratch"] > scores[best] + probe.scratch_margin:
-        return "scratch", (f"random features separate the classes better than inherited ones (k-NN {figures}; "
-                           f"scratch beats {best} by {scores['scratch'] - scores[best]:.3f} > {probe.scratch_margin:g})")
+        return "scratch", (
+            f"random features separate the classes better than inherited ones (k-NN {figures}; "
+            f"scratch beats {best} by {scores['scratch'] - scores[best]:.3f} > {probe.scratch_margin:g})"
+        )
     prefer = "peg" if trained else probe.untrained_shape_init
     keep = prefer if prefer in scores else inherited[0]
-    why = "" if trained or keep != probe.untrained_shape_init else "; the learngene's expanding phase never trained this shape"
+    why = (
+        ""
+        if trained or keep != probe.untrained_shape_init
+        else "; the learngene's expanding phase never trained this shape"
+    )
     if best != keep and scores[best] > scores[keep] + probe.inherit_margin:
-        return best, (f"{best}'s features separate the classes best (k-NN {figures}; beats {keep} by more than "
-                      f"{probe.inherit_margin:g}{why})")
+        return best, (
+            f"{best}'s features separate the classes best (k-NN {figures}; beats {keep} by more than "
+            f"{probe.inherit_margin:g}{why})"
+        )
     return keep, f"inherited features transfer (k-NN {figures}; none beats {keep} by more than the margins{why})"
 
 
@@ -157,13 +181,27 @@ class InitDecision:
     shape_trained: bool = True  # whether the learngene's expanding phase trained the shape (trained_by)
 
     def to_dict(self) -> dict:
-        return {"chosen": self.chosen, "reason": self.reason, "knn_accuracy": {m: round(v, 4) for m, v in self.scores.items()},
-                "images": self.images, "seconds": round(self.seconds, 3), "shape_trained": self.shape_trained,
-                "method": "leave-one-out k-NN on pooled features"}
+        return {
+            "chosen": self.chosen,
+            "reason": self.reason,
+            "knn_accuracy": {m: round(v, 4) for m, v in self.scores.items()},
+            "images": self.images,
+            "seconds": round(self.seconds, 3),
+            "shape_trained": self.shape_trained,
+            "method": "leave-one-out k-NN on pooled features",
+        }
 
 
-def decide_init(shape, images: torch.Tensor, labels: torch.Tensor, *, ancestry, learngene, seed: int,
-                probe: TransferProbe = TransferProbe()) -> InitDecision:
+def decide_init(
+    shape,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ancestry,
+    learngene,
+    seed: int,
+    probe: TransferProbe = TransferProbe(),
+) -> InitDecision:
     """Build each of ``probe.candidates`` at ``shape`` (as the fine-tune would: same ``seed``), score its
     features on the first ``probe.images`` of ``images``/``labels`` (:func:`knn_loo_accuracy`; the
     build passes :func:`images_for` of them) and choose (:func:`choose_init`)."""

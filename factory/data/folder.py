@@ -25,11 +25,15 @@ def scan_tree(root: Path) -> list[Path]:
             st = directory.stat()
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
-            raise FactoryError(f"data directory {root}: cannot read {directory} ({exc.strerror}); fix its permissions") from exc
+            raise FactoryError(
+                f"data directory {root}: cannot read {directory} ({exc.strerror}); fix its permissions"
+            ) from exc
         key = (st.st_dev, st.st_ino)
         if key in seen:
-            raise FactoryError(f"data directory {root}: {directory} leads back to a folder already scanned (a symlink loop); "
-                               "remove the link")
+            raise FactoryError(
+                f"data directory {root}: {directory} leads back to a folder already scanned (a symlink loop); "
+                "remove the link"
+            )
         seen.add(key)
         for entry in entries:
             path = Path(entry.path)
@@ -103,23 +107,40 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side:
         except (FileNotFoundError, OSError) as exc:
             raise FactoryError(f"cannot read {root / split}: {exc}") from exc
         if len(folder.classes) < 2:
-            raise FactoryError(f"{root / split} has {len(folder.classes)} class folder(s); a classifier needs at least 2 "
-                               "(one subfolder of images per class)")
+            raise FactoryError(
+                f"{root / split} has {len(folder.classes)} class folder(s); a classifier needs at least 2 "
+                "(one subfolder of images per class)"
+            )
         for path, _ in folder.samples:
             modes.add(check_header(Path(path), min_side))
         present = sorted({label for _, label in folder.samples})
         if len(present) < 2:
-            raise FactoryError(f"{root / split} holds images of {len(present)} class(es); a classifier needs at least 2 "
-                               "(put images in at least two class folders)")
-        return ImageFiles([(str(p), int(y)) for p, y in folder.samples], list(folder.classes), img_size, in_chans, mean, std,
-                          min_side=min_side)
+            raise FactoryError(
+                f"{root / split} holds images of {len(present)} class(es); a classifier needs at least 2 "
+                "(put images in at least two class folders)"
+            )
+        return ImageFiles(
+            [(str(p), int(y)) for p, y in folder.samples],
+            list(folder.classes),
+            img_size,
+            in_chans,
+            mean,
+            std,
+            min_side=min_side,
+        )
 
     train, val = read("train"), read("val")
     test = read("test") if (root / "test").is_dir() else val
     if train.classes != val.classes:
         raise FactoryError(f"{root}/train and {root}/val have different class folders")
     if in_chans == 3 and modes and modes <= GREY_MODES:
-        raise FactoryError(f"data directory {root} holds only greyscale images (mode {', '.join(sorted(modes))}) but the "
-                           "ancestry takes RGB; convert the images to RGB, or use a 1-channel ancestry")
-    test_from = "test" if (root / "test").is_dir() else f"val (no test/ folder in {root}: add one for an unbiased test accuracy)"
+        raise FactoryError(
+            f"data directory {root} holds only greyscale images (mode {', '.join(sorted(modes))}) but the "
+            "ancestry takes RGB; convert the images to RGB, or use a 1-channel ancestry"
+        )
+    test_from = (
+        "test"
+        if (root / "test").is_dir()
+        else f"val (no test/ folder in {root}: add one for an unbiased test accuracy)"
+    )
     return Dataset(root.name, train, val, test, mean, std, identity=identity, test_from=test_from)

@@ -14,8 +14,16 @@ from pathlib import Path
 import numpy as np
 
 
-def write_image_folder(root: str | Path, *, classes: int = 5, per_class: dict[str, int] | None = None, size: int = 224,
-                       seed: int = 0, mode: str = "RGB", fmt: str = "JPEG") -> Path:
+def write_image_folder(
+    root: str | Path,
+    *,
+    classes: int = 5,
+    per_class: dict[str, int] | None = None,
+    size: int = 224,
+    seed: int = 0,
+    mode: str = "RGB",
+    fmt: str = "JPEG",
+) -> Path:
     """Write ``root/{split}/class{k}/{i}.jpg`` for each split in ``per_class`` (default train 30, val 10,
     test 10 per class) and return ``root``. ``mode="L"`` writes greyscale images."""
     from PIL import Image
@@ -31,7 +39,7 @@ def write_image_folder(root: str | Path, *, classes: int = 5, per_class: dict[st
             colour = np.array(colorsys.hsv_to_rgb(k / classes, 0.8, 0.9)) * 255
             for i in range(count):
                 aspect = rng.uniform(0.75, 1.333)
-                w, h = int(size * aspect ** 0.5), int(size / aspect ** 0.5)
+                w, h = int(size * aspect**0.5), int(size / aspect**0.5)
                 yy, xx = np.mgrid[0:h, 0:w]
                 background = 110 + 40 * np.sin(xx / rng.uniform(4, 16)) * np.cos(yy / rng.uniform(4, 16))
                 image = np.repeat(background[..., None], 3, axis=2)
@@ -40,5 +48,7 @@ def write_image_folder(root: str | Path, *, classes: int = 5, per_class: dict[st
                 image[disc] = colour
                 image += rng.normal(0, 12, image.shape)
                 pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
-                (pil.convert("L") if mode == "L" else pil).save(folder / f"{i}.{ext}", fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+                (pil.convert("L") if mode == "L" else pil).save(
+                    folder / f"{i}.{ext}", fmt, **({"quality": 90} if fmt == "JPEG" else {})
+                )
     return root

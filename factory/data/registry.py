@@ -8,9 +8,9 @@ has anything to do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from factory.data import builtin, folder
 from factory.data.tensors import Dataset
@@ -29,8 +29,10 @@ DATASETS: dict[str, DatasetEntry] = {
     "mnist": DatasetEntry(lambda size, chans: builtin.load_mnist(size), builtin.mnist_identity),
     "digits": DatasetEntry(lambda size, chans: builtin.load_digits(size), builtin.digits_identity),
     "textures": DatasetEntry(builtin.load_textures, builtin.textures_identity),
-    "synthetic": DatasetEntry(lambda size, chans: builtin.make_synthetic(size, in_chans=chans),
-                              lambda size, chans: builtin.synthetic_identity(size, in_chans=chans)),
+    "synthetic": DatasetEntry(
+        lambda size, chans: builtin.make_synthetic(size, in_chans=chans),
+        lambda size, chans: builtin.synthetic_identity(size, in_chans=chans),
+    ),
 }
 BUILTIN_DATASETS = tuple(DATASETS)
 
@@ -38,7 +40,9 @@ BUILTIN_DATASETS = tuple(DATASETS)
 def _folder(spec: str) -> Path:
     root = Path(spec).expanduser()
     if not root.is_dir():
-        raise FactoryError(f"unknown dataset {spec!r}: use one of {', '.join(BUILTIN_DATASETS)} or an ImageFolder directory")
+        raise FactoryError(
+            f"unknown dataset {spec!r}: use one of {', '.join(BUILTIN_DATASETS)} or an ImageFolder directory"
+        )
     return root
 
 

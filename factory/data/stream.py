@@ -26,8 +26,8 @@ import os
 import random
 import signal
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
 
 import torch
 
@@ -43,11 +43,15 @@ CROP_PCT = 0.875
 def check_size(path, width: int, height: int, min_side: int) -> None:
     """Refuse (one line) an image over :data:`MAX_IMAGE_PIXELS` or with a side under ``min_side`` (a patch)."""
     if width * height > MAX_IMAGE_PIXELS:
-        raise FactoryError(f"image {path} is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} this loader decodes; "
-                           "downscale it or remove it")
+        raise FactoryError(
+            f"image {path} is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} this loader decodes; "
+            "downscale it or remove it"
+        )
     if min(width, height) < min_side:
-        raise FactoryError(f"image {path} is {width}x{height} pixels, smaller than one {min_side}-px patch of the model; "
-                           "remove it or use larger images")
+        raise FactoryError(
+            f"image {path} is {width}x{height} pixels, smaller than one {min_side}-px patch of the model; "
+            "remove it or use larger images"
+        )
 
 
 def default_workers() -> int:
@@ -87,11 +91,11 @@ class ImageFiles:
     def in_chans(self) -> int:
         return self.channels
 
-    def subset(self, start: int, stop: int | None = None) -> "ImageFiles":
+    def subset(self, start: int, stop: int | None = None) -> ImageFiles:
         cache = self.cache[start:stop] if self.cache is not None else None
         return replace(self, samples=self.samples[start:stop], cache=cache)
 
-    def pick(self, indices: list[int]) -> "ImageFiles":
+    def pick(self, indices: list[int]) -> ImageFiles:
         """The files at ``indices``, in that order."""
         cache = self.cache[torch.as_tensor(indices, dtype=torch.long)] if self.cache is not None else None
         return replace(self, samples=[self.samples[i] for i in indices], cache=cache)
@@ -108,7 +112,9 @@ class ImageFiles:
         path = self.samples[i][0]
         try:
             with Image.open(path) as im:
-                check_size(path, im.width, im.height, self.min_side)  # on the header, before decoding (a file may have changed)
+                check_size(
+                    path, im.width, im.height, self.min_side
+                )  # on the header, before decoding (a file may have changed)
                 return im.convert("RGB" if self.channels == 3 else "L")
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
             raise FactoryError(f"cannot read image {path}: {exc}") from exc
@@ -116,8 +122,16 @@ class ImageFiles:
     def transform(self, training: bool):
         from timm.data import create_transform
 
-        return create_transform((self.channels, self.img_size, self.img_size), is_training=training, mean=self.mean,
-                                std=self.std, interpolation="bicubic", crop_pct=CROP_PCT, hflip=0.5, color_jitter=None)
+        return create_transform(
+            (self.channels, self.img_size, self.img_size),
+            is_training=training,
+            mean=self.mean,
+            std=self.std,
+            interpolation="bicubic",
+            crop_pct=CROP_PCT,
+            hflip=0.5,
+            color_jitter=None,
+        )
 
     def eval_item(self, i: int, transform=None) -> torch.Tensor:
         return (transform or self.transform(False))(self.open(i))
@@ -140,7 +154,7 @@ class ImageFiles:
         images = torch.cat(xs) if xs else torch.zeros(0, self.channels, self.img_size, self.img_size)
         return ImageTensors(images, part.labels, self.classes)
 
-    def cached(self, cap_bytes: int, log=None) -> "ImageFiles":
+    def cached(self, cap_bytes: int, log=None) -> ImageFiles:
         """This split with the decoded uint8 cache (module docstring) if it fits ``cap_bytes``, else unchanged."""
         side = int(round(self.img_size / CROP_PCT))
         need = len(self) * self.channels * side * side
@@ -193,8 +207,9 @@ class _EvalImages(torch.utils.data.Dataset):
 
 def _loader(dataset, files: ImageFiles, **kwargs) -> torch.utils.data.DataLoader:
     workers = files.workers if len(files) > 0 else 0
-    return torch.utils.data.DataLoader(dataset, num_workers=workers, prefetch_factor=2 if workers else None,
-                                       persistent_workers=False, **kwargs)
+    return torch.utils.data.DataLoader(
+        dataset, num_workers=workers, prefetch_factor=2 if workers else None, persistent_workers=False, **kwargs
+    )
 
 
 def _one_line(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -219,7 +234,9 @@ def _one_line(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
 
 
-def step_loader(files: ImageFiles, steps: Sequence[int], indices, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def step_loader(
+    files: ImageFiles, steps: Sequence[int], indices, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(images, labels)`` of each step in ``steps``; ``indices(step)`` gives the step's image indices."""
     return _one_line(_loader(_StepBatches(files, indices, seed), files, batch_size=None, sampler=list(steps)))
 

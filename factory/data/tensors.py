@@ -32,14 +32,14 @@ class ImageTensors:
     def in_chans(self) -> int:
         return int(self.images.shape[1])
 
-    def tensors(self, limit: int | None = None) -> "ImageTensors":
+    def tensors(self, limit: int | None = None) -> ImageTensors:
         """The first ``limit`` images (all by default): the same interface as a streamed split's."""
         return self if limit is None or limit >= len(self) else self.subset(0, limit)
 
-    def subset(self, start: int, stop: int | None = None) -> "ImageTensors":
+    def subset(self, start: int, stop: int | None = None) -> ImageTensors:
         return ImageTensors(self.images[start:stop], self.labels[start:stop], self.classes)
 
-    def pick(self, indices: list[int]) -> "ImageTensors":
+    def pick(self, indices: list[int]) -> ImageTensors:
         """The images at ``indices``, in that order."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         return ImageTensors(self.images[idx], self.labels[idx], self.classes)
@@ -90,6 +90,7 @@ def in_memory(ds: Dataset, cap_bytes: int = CHECK_BYTES, *, train_images: int | 
     """``ds`` with every split in memory: in-memory splits as they are, a streamed split's first
     ``cap_bytes // (4 * C * H * W)`` images decoded for evaluation (all of a small one), and of the
     training split at most ``train_images`` (what INT8 calibration reads)."""
+
     def bounded(split, limit=None):
         if isinstance(split, ImageTensors):
             return split

@@ -1,1 +1,2 @@
-"""Devices: profiles, latency models (roofline, kernel tables) behind one protocol, measuring, fitting, the calibration kit, the search and the accuracy probes."""
+"""Devices: profiles, runtimes, latency models (roofline, kernel tables) behind one protocol, measuring,
+fitting, the calibration kit, the search and the accuracy probes."""

@@ -75,9 +75,11 @@ class JointEstimator(Protocol):
     """An estimator that ranks candidates together (probes them side by side), as
     :class:`SuccessiveHalving` does, and then decides between them."""
 
-    def rank(self, shapes: list[DescendantShape], incumbent: DescendantShape | None = None) -> list["Probe"]: ...
+    def rank(self, shapes: list[DescendantShape], incumbent: DescendantShape | None = None) -> list[Probe]: ...
 
-    def decide(self, probes: list["Probe"], incumbent: DescendantShape | None = None) -> tuple[DescendantShape, dict[str, Any]]: ...
+    def decide(
+        self, probes: list[Probe], incumbent: DescendantShape | None = None
+    ) -> tuple[DescendantShape, dict[str, Any]]: ...
 
 
 def temperature_scaled_nll(logits, labels, *, iters: int = 40) -> tuple[float, Any]:
@@ -199,8 +201,14 @@ class SuccessiveHalving:
         ``cool_from``, which a continued run has passed)."""
         if cool_from is not None:
             return replace(self.recipe, steps=steps, warmup_steps=cool_from, ckpt_every=0, eval_every=0)
-        return replace(self.recipe, steps=steps, warmup_steps=min(self.config.warmup_steps, self.rungs[0]),
-                       min_lr=self.recipe.lr, ckpt_every=0, eval_every=0)
+        return replace(
+            self.recipe,
+            steps=steps,
+            warmup_steps=min(self.config.warmup_steps, self.rungs[0]),
+            min_lr=self.recipe.lr,
+            ckpt_every=0,
+            eval_every=0,
+        )
 
     def cool_from(self, steps: int) -> int | None:
         """The step the annealing starts at when probing to ``steps`` (the last rung, with ``cooldown``)."""
@@ -208,17 +216,32 @@ class SuccessiveHalving:
         return rungs[-2] if self.config.cooldown and len(rungs) > 1 and steps == rungs[-1] else None
 
     def describe(self) -> dict[str, Any]:
-        return {"method": "successive-halving",
-                "score": "validation NLL at the best temperature" if self.config.score == "calibrated" else "validation NLL", "rungs": list(self.rungs),
-                "last_rung": "annealed (cosine to min_lr)" if self.cool_from(self.rungs[-1]) else "constant lr",
-                "anchored": self.config.anchor,
-                "budget_steps": self.recipe.steps, "val_images": min(self.config.val_images, len(self.data.val)),
-                "candidates": self.config.candidates, "init": self.init, "seed": self.recipe.seed}
+        return {
+            "method": "successive-halving",
+            "score": "validation NLL at the best temperature"
+            if self.config.score == "calibrated"
+            else "validation NLL",
+            "rungs": list(self.rungs),
+            "last_rung": "annealed (cosine to min_lr)" if self.cool_from(self.rungs[-1]) else "constant lr",
+            "anchored": self.config.anchor,
+            "budget_steps": self.recipe.steps,
+            "val_images": min(self.config.val_images, len(self.data.val)),
+            "candidates": self.config.candidates,
+            "init": self.init,
+            "seed": self.recipe.seed,
+        }
 
     def key(self, shape: DescendantShape, steps: int) -> str:
         recipe = {k: v for k, v in asdict(self.recipe).items() if k not in ("device", "ckpt_every", "eval_every")}
-        parts = [self.learngene.sha256 if self.init == "peg" else self.ancestry.sha256, self.data.identity, shape.to_dict(),
-                 self.init, recipe, asdict(self.config), steps]
+        parts = [
+            self.learngene.sha256 if self.init == "peg" else self.ancestry.sha256,
+            self.data.identity,
+            shape.to_dict(),
+            self.init,
+            recipe,
+            asdict(self.config),
+            steps,
+        ]
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
     def _cached(self, shape: DescendantShape, steps: int) -> Probe | None:
@@ -227,7 +250,9 @@ class SuccessiveHalving:
             return None
         try:
             d = json.loads(path.read_text())
-            return Probe(shape, steps, float(d["accuracy"]), float(d["nll"]), tuple(map(float, d["per_image"])), cached=True)
+            return Probe(
+                shape, steps, float(d["accuracy"]), float(d["nll"]), tuple(map(float, d["per_image"])), cached=True
+            )
         except (ValueError, KeyError, OSError):
             return None  # a damaged entry is recomputed
 
@@ -239,11 +264,14 @@ class SuccessiveHalving:
 
         t0 = time.perf_counter()
         if "model" not in state:
-            state["model"] = init_descendant(self.init, shape, ancestry=self.ancestry, learngene=self.learngene,
-                                             seed=self.recipe.seed)
+            state["model"] = init_descendant(
+                self.init, shape, ancestry=self.ancestry, learngene=self.learngene, seed=self.recipe.seed
+            )
         model = state["model"]
         cool = self.cool_from(steps)
-        if cool is not None and state.get("step", 0) < cool:  # the constant-lr part first (its rung came from the cache)
+        if (
+            cool is not None and state.get("step", 0) < cool
+        ):  # the constant-lr part first (its rung came from the cache)
             train(model, self.data.train, self.probe_recipe(cool), progress=False, carry=state)
         train(model, self.data.train, self.probe_recipe(steps, cool), progress=False, carry=state)
         val = self.data.val.subset(0, self.config.val_images)
@@ -255,9 +283,19 @@ class SuccessiveHalving:
         self.seconds += time.perf_counter() - t0
         self.computed += 1
         if self.cache_dir is not None:
-            atomic_write_bytes(self.cache_dir / f"{self.key(shape, steps)}.json", json.dumps(
-                {"accuracy": acc, "nll": nll, "steps": steps, "shape": shape.label(), **self.describe(),
-                 "per_image": per_image.tolist()}).encode())
+            atomic_write_bytes(
+                self.cache_dir / f"{self.key(shape, steps)}.json",
+                json.dumps(
+                    {
+                        "accuracy": acc,
+                        "nll": nll,
+                        "steps": steps,
+                        "shape": shape.label(),
+                        **self.describe(),
+                        "per_image": per_image.tolist(),
+                    }
+                ).encode(),
+            )
         return Probe(shape, steps, acc, nll, tuple(per_image.tolist()))
 
     def rank(self, shapes: list[DescendantShape], incumbent: DescendantShape | None = None) -> list[Probe]:
@@ -269,8 +307,13 @@ class SuccessiveHalving:
         last: dict[DescendantShape, Probe] = {}
         alive = list(dict.fromkeys(shapes))
         states: dict[DescendantShape, dict[str, Any]] = {s: {} for s in alive}  # model + optimizer state in memory
-        bar = tqdm(total=self.config.probe_steps(len(alive), self.recipe.steps), desc=f"probes ({len(alive)} shapes)",
-                   unit="step", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.config.probe_steps(len(alive), self.recipe.steps),
+            desc=f"probes ({len(alive)} shapes)",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         done = 0
         for r, steps in enumerate(self.rungs):
             for s in alive:
@@ -292,7 +335,9 @@ class SuccessiveHalving:
         bar.close()
         return sorted(last.values(), key=lambda p: (-p.steps, p.nll, shapes.index(p.shape)))
 
-    def decide(self, probes: list[Probe], incumbent: DescendantShape | None = None) -> tuple[DescendantShape, dict[str, Any]]:
+    def decide(
+        self, probes: list[Probe], incumbent: DescendantShape | None = None
+    ) -> tuple[DescendantShape, dict[str, Any]]:
         """The chosen shape and the evidence for it.
 
         Anchored (``config.anchor`` and an ``incumbent``): the lowest-NLL other finalist replaces the
@@ -313,8 +358,13 @@ class SuccessiveHalving:
             se = sd / math.sqrt(len(d))
             switch = mean > self.config.z * se
             return (rival.shape if switch else incumbent), {
-                "rule": f"paired NLL gain > {self.config.z:g} SE", "incumbent": incumbent.label(),
-                "challenger": rival.shape.label(), "nll_gain": round(mean, 5), "se": round(se, 5), "switched": switch}
+                "rule": f"paired NLL gain > {self.config.z:g} SE",
+                "incumbent": incumbent.label(),
+                "challenger": rival.shape.label(),
+                "nll_gain": round(mean, 5),
+                "se": round(se, 5),
+                "switched": switch,
+            }
         best = min(p.nll for p in finalists)
         chosen = next(p for p in finalists if p.nll <= best + self.config.tie_nll)
         return chosen.shape, {"rule": f"lowest NLL (ties within {self.config.tie_nll:g})"}
@@ -343,7 +393,9 @@ def candidates(result, count: int, span: float = 32.0) -> list:
     return sorted({c.shape: c for c in picked}.values(), key=lambda c: c.latency_ms)
 
 
-def choose_by_accuracy(result, predictor: JointEstimator | AccuracyPredictor, count: int) -> tuple[Any, list[dict[str, Any]]]:
+def choose_by_accuracy(
+    result, predictor: JointEstimator | AccuracyPredictor, count: int
+) -> tuple[Any, list[dict[str, Any]]]:
     """Estimate the candidates' accuracy and return ``(chosen candidate, rows)``.
 
     ``predictor`` is a :class:`JointEstimator` (e.g. :class:`SuccessiveHalving`: ranks the candidates together) or any per-shape
@@ -360,8 +412,12 @@ def choose_by_accuracy(result, predictor: JointEstimator | AccuracyPredictor, co
         probes = predictor.rank([c.shape for c in cands], incumbent=incumbent)
         shape, decision = predictor.decide(sorted(probes, key=lambda p: -by_shape[p.shape].score), incumbent)
         cap = next(p for p in probes if p.shape == incumbent)
-        decision = {**decision, "capacity_choice": incumbent.label(), "capacity_probe_steps": cap.steps,
-                    "capacity_val_nll": round(cap.nll, 4)}
+        decision = {
+            **decision,
+            "capacity_choice": incumbent.label(),
+            "capacity_probe_steps": cap.steps,
+            "capacity_val_nll": round(cap.nll, 4),
+        }
         chosen = by_shape[shape]
         scored = [(p.accuracy, by_shape[p.shape], {"probe_steps": p.steps, "val_nll": round(p.nll, 4)}) for p in probes]
     else:
@@ -369,10 +425,19 @@ def choose_by_accuracy(result, predictor: JointEstimator | AccuracyPredictor, co
         best = max(a for a, _, _ in raw)
         chosen = max((c for a, c, _ in raw if a >= best - 1e-9), key=lambda c: c.score)
         scored = sorted(raw, key=lambda t: (-t[0], -t[1].score))
-    rows = [{"label": c.shape.label(), "shape": c.shape.to_dict(), "predicted_accuracy": round(a, 4),
-             "latency_ms": round(c.latency_ms, 4), "capacity_score": round(c.score, 4), **extra, "chosen": c is chosen,
-             **({"decision": decision} if c is chosen and decision else {})}
-            for a, c, extra in scored]
+    rows = [
+        {
+            "label": c.shape.label(),
+            "shape": c.shape.to_dict(),
+            "predicted_accuracy": round(a, 4),
+            "latency_ms": round(c.latency_ms, 4),
+            "capacity_score": round(c.score, 4),
+            **extra,
+            "chosen": c is chosen,
+            **({"decision": decision} if c is chosen and decision else {}),
+        }
+        for a, c, extra in scored
+    ]
     return chosen, rows
 
 
@@ -381,12 +446,16 @@ def describe_decision(decision: dict[str, Any]) -> str:
     if "incumbent" not in decision:
         line = f"chosen by {decision.get('rule', 'the highest score')}"
         if "capacity_choice" in decision:
-            line += (f"; the capacity choice {decision['capacity_choice']} reached {decision['capacity_probe_steps']} "
-                     f"probe steps with validation NLL {decision['capacity_val_nll']:.4f}")
+            line += (
+                f"; the capacity choice {decision['capacity_choice']} reached {decision['capacity_probe_steps']} "
+                f"probe steps with validation NLL {decision['capacity_val_nll']:.4f}"
+            )
         return line
     gain, se = decision["nll_gain"], decision["se"]
-    diff = (f"{decision['challenger']}'s validation NLL is {abs(gain):.4f} {'lower' if gain > 0 else 'higher'} "
-            f"(paired SE {se:.4f}; rule: {decision['rule']})")
+    diff = (
+        f"{decision['challenger']}'s validation NLL is {abs(gain):.4f} {'lower' if gain > 0 else 'higher'} "
+        f"(paired SE {se:.4f}; rule: {decision['rule']})"
+    )
     if decision["switched"]:
         return f"switched from the capacity choice {decision['incumbent']} to {decision['challenger']}: {diff}"
     return f"kept the capacity choice {decision['incumbent']}: the best challenger {diff}"

@@ -26,11 +26,11 @@ import json
 import math
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from factory.core.shapes import ArchConfig, DescendantShape
 from export.trt_kit import TRTEXEC_TOOLS
+from factory.core.shapes import ArchConfig, DescendantShape
 from factory.device.fit import CALIBRATION_FIELDS
 from factory.device.runtimes import runtime_spec
 from factory.errors import FactoryError
@@ -39,8 +39,10 @@ from factory.io import owned_directory
 #: The kit's timing script: stand-alone (numpy and the runtime), a real file linted and tested as code.
 MEASURE_TEMPLATE = Path(__file__).parent / "templates" / "measure.py"
 
-def spread_by_latency(shapes: list[DescendantShape], latency: Callable[[DescendantShape], float], count: int,
-                      seed: int = 0) -> list[DescendantShape]:
+
+def spread_by_latency(
+    shapes: list[DescendantShape], latency: Callable[[DescendantShape], float], count: int, seed: int = 0
+) -> list[DescendantShape]:
     """``count`` distinct shapes whose predicted latencies are spread log-uniformly over the range
     of ``shapes``: for each of ``count`` evenly spaced log-latency targets, the nearest unused shape."""
     if not shapes:
@@ -59,13 +61,21 @@ def spread_by_latency(shapes: list[DescendantShape], latency: Callable[[Descenda
     return list(chosen.values())
 
 
-def write_kit(profile, arch: ArchConfig, space, out: str | Path, latency, *, count: int = 12, seed: int = 0,
-              log: Callable[[str], None] = print) -> Path:
+def write_kit(
+    profile,
+    arch: ArchConfig,
+    space,
+    out: str | Path,
+    latency,
+    *,
+    count: int = 12,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Write the kit for ``profile`` into ``out`` (:func:`factory.io.owned_directory`: a complete kit or none, the
     user's own files in ``out`` left alone), its shapes spread
     over the predictions of ``latency`` (a :class:`factory.device.latency.LatencyModel`)."""
     from export.onnx_export import export_onnx
-
     from factory.core.timm_vit import build_vit
 
     cost = latency
@@ -78,22 +88,53 @@ def write_kit(profile, arch: ArchConfig, space, out: str | Path, latency, *, cou
         (tmp / "models").mkdir()
         for s in shapes:
             name = f"{s.label()}-b{profile.batch}.onnx"
-            export_onnx(build_vit(arch, s, seed=0).eval(), tmp / "models" / name, img_size=s.img_size, in_chans=arch.in_chans,
-                        verify=False)
+            export_onnx(
+                build_vit(arch, s, seed=0).eval(),
+                tmp / "models" / name,
+                img_size=s.img_size,
+                in_chans=arch.in_chans,
+                verify=False,
+            )
             if runtime_spec(profile.hardware.runtime).typed_kit_models and profile.precision != "fp32":
-                typed_model(tmp / "models" / name, profile.precision, (profile.batch, arch.in_chans, s.img_size, s.img_size))
-            writer.writerow([s.depth, s.embed_dim, s.num_heads, s.mlp_ratio, s.img_size, s.patch_size, s.num_classes,
-                             profile.batch, f"models/{name}"])
+                typed_model(
+                    tmp / "models" / name, profile.precision, (profile.batch, arch.in_chans, s.img_size, s.img_size)
+                )
+            writer.writerow(
+                [
+                    s.depth,
+                    s.embed_dim,
+                    s.num_heads,
+                    s.mlp_ratio,
+                    s.img_size,
+                    s.patch_size,
+                    s.num_classes,
+                    profile.batch,
+                    f"models/{name}",
+                ]
+            )
             log(f"kit: {name} (predicted {cost.latency_ms(s):.3f} ms)")
         (tmp / "shapes.csv").write_text(rows.getvalue())
         shutil.copyfile(MEASURE_TEMPLATE, tmp / "measure.py")
         shutil.copyfile(TRTEXEC_TOOLS, tmp / TRTEXEC_TOOLS.name)
-        (tmp / "kit.json").write_text(json.dumps({"profile": profile.name, "runtime": profile.hardware.runtime,
-                                                  "timer": runtime_spec(profile.hardware.runtime).kit_timer,
-                                                  "precision": profile.precision, "batch": profile.batch,
-                                                  "in_chans": arch.in_chans, "count": len(shapes)}, indent=2))
-        (tmp / "README.md").write_text(README.format(name=profile.name, runtime=profile.hardware.runtime, count=len(shapes),
-                                                     precision=profile.precision))
+        (tmp / "kit.json").write_text(
+            json.dumps(
+                {
+                    "profile": profile.name,
+                    "runtime": profile.hardware.runtime,
+                    "timer": runtime_spec(profile.hardware.runtime).kit_timer,
+                    "precision": profile.precision,
+                    "batch": profile.batch,
+                    "in_chans": arch.in_chans,
+                    "count": len(shapes),
+                },
+                indent=2,
+            )
+        )
+        (tmp / "README.md").write_text(
+            README.format(
+                name=profile.name, runtime=profile.hardware.runtime, count=len(shapes), precision=profile.precision
+            )
+        )
     return out
 
 

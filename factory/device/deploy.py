@@ -11,20 +11,23 @@ predicted, among the artifacts the profile's runtime can run whose precision its
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from export.context import verified_formats
 from export.formats import format_spec
 from factory.core.shapes import ArchConfig, DescendantShape
 from factory.device.profile import Profile
 
+
 def is_this_machine(profile: Profile | None) -> bool:
     """Whether ``profile`` describes the build host itself (its figures are measured here)."""
     return profile is None or bool(profile.hardware.measure)
 
 
-def predicted_deployment(profile: Profile, arch: ArchConfig, shape: DescendantShape,
-                         artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def predicted_deployment(
+    profile: Profile, arch: ArchConfig, shape: DescendantShape, artifacts: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """The verified artifact ``profile``'s cost model predicts fastest for ``shape`` (see module docstring)."""
     from factory.device.resolve import latency_model_for
 
@@ -39,14 +42,23 @@ def predicted_deployment(profile: Profile, arch: ArchConfig, shape: DescendantSh
         predicted[fmt] = round(model.latency_ms(shape), 4)
         methods[fmt] = model.method
     if not predicted:
-        return {"format": "onnx", "basis": "none", "reason": f"no verified artifact runs on {profile.hardware.runtime} at a precision "
-                                                            f"{profile.name}'s datasheet rates; FP32 ONNX"}
+        return {
+            "format": "onnx",
+            "basis": "none",
+            "reason": f"no verified artifact runs on {profile.hardware.runtime} at a precision "
+            f"{profile.name}'s datasheet rates; FP32 ONNX",
+        }
     best = min(predicted, key=predicted.get)
     base = predicted.get("onnx")
     speed = f", {base / predicted[best]:.2f}x FP32" if base and best != "onnx" else ""
-    return {"format": best, "latency_ms_predicted": predicted[best], "basis": f"{profile.name} cost model ({methods[best]})",
-            "reason": f"fastest predicted on {profile.name} by its cost model: {predicted[best]:.3f} ms{speed}; host timings "
-                      "do not transfer to this device", "candidates_ms_predicted": predicted}
+    return {
+        "format": best,
+        "latency_ms_predicted": predicted[best],
+        "basis": f"{profile.name} cost model ({methods[best]})",
+        "reason": f"fastest predicted on {profile.name} by its cost model: {predicted[best]:.3f} ms{speed}; host timings "
+        "do not transfer to this device",
+        "candidates_ms_predicted": predicted,
+    }
 
 
 def chooser(profile: Profile | None) -> Callable[[dict[str, dict[str, Any]], ArchConfig], dict[str, Any]] | None:

@@ -28,8 +28,13 @@ class Measurement:
 
 
 #: The terms a calibration fits, with their bounds (the multi-core terms are kept as the model has them).
-CALIBRATED = {"matmul": (1e-3, 1.5), "attention": (1e-3, 1.5), "memory": (1e-3, 1.5), "op_overhead_us": (0.0, 1e3),
-              "fixed_ms": (0.0, 1e3)}
+CALIBRATED = {
+    "matmul": (1e-3, 1.5),
+    "attention": (1e-3, 1.5),
+    "memory": (1e-3, 1.5),
+    "op_overhead_us": (0.0, 1e3),
+    "fixed_ms": (0.0, 1e3),
+}
 #: With at least this many rows the band is cross-validated (each row predicted by a fit without it).
 MIN_ROWS_HELD_OUT = 5
 FOLDS = 5
@@ -60,14 +65,16 @@ def calibrate(model: CostModel, rows: list[Measurement]) -> CostModel:
 
 
 def _fit(model: CostModel, rows: list[Measurement]) -> tuple[Efficiency, list[float]]:
-    ops = [vit_ops(r.shape, r.batch, model.precision, arch=model.arch, fused_attention=model.device.fused_attention)
-           for r in rows]
-    return fit_efficiency(model.efficiency, CALIBRATED,
-                          [(o, model.device, r.latency_ms) for o, r in zip(ops, rows)])
+    ops = [
+        vit_ops(r.shape, r.batch, model.precision, arch=model.arch, fused_attention=model.device.fused_attention)
+        for r in rows
+    ]
+    return fit_efficiency(model.efficiency, CALIBRATED, [(o, model.device, r.latency_ms) for o, r in zip(ops, rows)])
 
 
-def fit_efficiency(start: Efficiency, bounds: dict[str, tuple[float, float]],
-                   cases: list[tuple[list, Device, float]]) -> tuple[Efficiency, list[float]]:
+def fit_efficiency(
+    start: Efficiency, bounds: dict[str, tuple[float, float]], cases: list[tuple[list, Device, float]]
+) -> tuple[Efficiency, list[float]]:
     """Fit the :class:`Efficiency` fields named in ``bounds`` (the others stay as ``start`` has them) to
     measured ``(ops, device, latency_ms)`` cases by bounded least squares on ``log(predicted / measured)``;
     returns the fitted terms and each case's relative error ``predicted / measured - 1``."""
@@ -98,15 +105,24 @@ def fit_band(relative_errors, rows: int, *, held_out: bool = False) -> str:
     import numpy as np
 
     errors = np.abs(np.asarray(relative_errors, dtype=float))
-    how = (f"{FOLDS}-fold cross-validated: each row predicted by a fit without it" if held_out else "in-sample")
-    return (f"+-{np.percentile(errors, 90):.0%} (90th percentile of the fit's error on its {rows} calibration rows; median "
-            f"{np.median(errors):.0%}; {how})")
+    how = f"{FOLDS}-fold cross-validated: each row predicted by a fit without it" if held_out else "in-sample"
+    return (
+        f"+-{np.percentile(errors, 90):.0%} (90th percentile of the fit's error on its {rows} calibration rows; median "
+        f"{np.median(errors):.0%}; {how})"
+    )
 
 
 #: The largest row a calibration CSV may hold: the bounds of every search space the factory runs
 #: (the CLI's bounds on depth, widths, image sizes and batch).
-ROW_BOUNDS = {"depth": 4096, "embed_dim": 1 << 16, "num_heads": 4096, "img_size": 1 << 16, "patch_size": 1 << 16,
-              "num_classes": 1 << 20, "batch": 1 << 16}
+ROW_BOUNDS = {
+    "depth": 4096,
+    "embed_dim": 1 << 16,
+    "num_heads": 4096,
+    "img_size": 1 << 16,
+    "patch_size": 1 << 16,
+    "num_classes": 1 << 20,
+    "batch": 1 << 16,
+}
 
 
 def read_calibration_csv(path, profile_path: str, runtime: str | None = None) -> list[Measurement]:
@@ -117,7 +133,9 @@ def read_calibration_csv(path, profile_path: str, runtime: str | None = None) ->
 
     path = Path(path)
     if not path.is_file():
-        raise FactoryError(f"profile {profile_path}: calibration file {path} not found; fix the path or remove calibration")
+        raise FactoryError(
+            f"profile {profile_path}: calibration file {path} not found; fix the path or remove calibration"
+        )
     tagged = _json_runtime(path)
     rows = []
     try:
@@ -125,10 +143,13 @@ def read_calibration_csv(path, profile_path: str, runtime: str | None = None) ->
             for i, row in enumerate(csv.DictReader(fh), start=2):
                 rows.append(_row(row, path, i, runtime, tagged))
     except UnicodeDecodeError as exc:
-        raise FactoryError(f"calibration {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); write it as a UTF-8 CSV") from exc
+        raise FactoryError(
+            f"calibration {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); write it as a UTF-8 CSV"
+        ) from exc
     except csv.Error as exc:
-        raise FactoryError(f"calibration {path}: not a CSV file ({exc}); expected columns "
-                           f"{','.join(CALIBRATION_FIELDS)},latency_ms") from exc
+        raise FactoryError(
+            f"calibration {path}: not a CSV file ({exc}); expected columns {','.join(CALIBRATION_FIELDS)},latency_ms"
+        ) from exc
     if not rows:
         raise FactoryError(f"calibration {path}: no rows; measure the kit (python3 measure.py) or remove calibration")
     return rows
@@ -146,8 +167,10 @@ def _row(row: dict, path: Path, line: int, runtime: str | None, tagged: str | No
     try:
         measured_with = (row.get("runtime") or "").strip() or tagged
         if runtime is not None and measured_with is not None and measured_with != runtime:
-            raise ValueError(f"measured with {measured_with}, but the profile runs {runtime}; measure the kit with "
-                             f"--runtime {runtime} or fix the profile's runtime")
+            raise ValueError(
+                f"measured with {measured_with}, but the profile runs {runtime}; measure the kit with "
+                f"--runtime {runtime} or fix the profile's runtime"
+            )
         values = {k: int(row[k]) if k in row and row[k] not in (None, "") else None for k in ROW_BOUNDS if k != "batch"}
         values["num_classes"] = values["num_classes"] or 1000
         batch = int(row.get("batch") or 1)
@@ -159,18 +182,27 @@ def _row(row: dict, path: Path, line: int, runtime: str | None, tagged: str | No
                 raise ValueError(f"{name} {value} is outside 1..{bound} (no search space holds it)")
         ratio, latency = float(row["mlp_ratio"]), float(row["latency_ms"])
         if not (math.isfinite(latency) and latency > 0):
-            raise ValueError(f"latency_ms must be a finite number > 0 and batch >= 1, got {row['latency_ms']!r}, "
-                             f"{row.get('batch')!r}")
+            raise ValueError(
+                f"latency_ms must be a finite number > 0 and batch >= 1, got {row['latency_ms']!r}, "
+                f"{row.get('batch')!r}"
+            )
         if not (math.isfinite(ratio) and 0 < ratio <= 64):
             raise ValueError(f"mlp_ratio {row['mlp_ratio']!r} is outside (0, 64]")
-        shape = DescendantShape(depth=values["depth"], embed_dim=values["embed_dim"], num_heads=values["num_heads"],
-                                mlp_ratio=ratio, img_size=values["img_size"], patch_size=values["patch_size"],
-                                num_classes=values["num_classes"])
+        shape = DescendantShape(
+            depth=values["depth"],
+            embed_dim=values["embed_dim"],
+            num_heads=values["num_heads"],
+            mlp_ratio=ratio,
+            img_size=values["img_size"],
+            patch_size=values["patch_size"],
+            num_classes=values["num_classes"],
+        )
         return Measurement(shape, batch, latency)
     except (KeyError, TypeError, ValueError, FactoryError) as exc:
         what = f"missing column {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise FactoryError(f"calibration {path} line {line}: {what}; expected columns "
-                           f"{','.join(CALIBRATION_FIELDS)},latency_ms") from exc
+        raise FactoryError(
+            f"calibration {path} line {line}: {what}; expected columns {','.join(CALIBRATION_FIELDS)},latency_ms"
+        ) from exc
 
 
 def calibration_provenance(csv_path: Path) -> str:
@@ -178,6 +210,8 @@ def calibration_provenance(csv_path: Path) -> str:
     meta = csv_path.with_suffix(".json")
     try:
         data = json.loads(meta.read_text())
-        return f"{data['runtime']} {data.get('runtime_version', '')} on {data.get('host', '?')}, {data.get('date', '?')}".replace("  ", " ")
+        return f"{data['runtime']} {data.get('runtime_version', '')} on {data.get('host', '?')}, {data.get('date', '?')}".replace(
+            "  ", " "
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return ""

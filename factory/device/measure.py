@@ -12,8 +12,9 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from factory.core.shapes import STANDARD_ARCH, ArchConfig, DescendantShape
 from factory.device.roofline import HostFacts
@@ -23,11 +24,14 @@ from factory.io import cache_dir
 
 # -- micro-models -----------------------------------------------------------------------------------
 
+
 def _model(nodes, inputs, outputs, initializers):
     from onnx import helper
 
     graph = helper.make_graph(nodes, "kernel", inputs, outputs, initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 8
     return model
 
@@ -49,28 +53,44 @@ def kernel_model(kernel: str, dims: tuple[int, ...], arch: ArchConfig):
     vi = helper.make_tensor_value_info
     if kernel in ("linear", "linear_gelu"):
         rows, k, c = dims
-        act = (helper.make_node("Add", ["mm", "b"], ["y"]) if kernel == "linear"
-               else helper.make_node("BiasGelu", ["mm", "b"], ["y"], domain="com.microsoft"))
+        act = (
+            helper.make_node("Add", ["mm", "b"], ["y"])
+            if kernel == "linear"
+            else helper.make_node("BiasGelu", ["mm", "b"], ["y"], domain="com.microsoft")
+        )
         nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), act]
-        return _model(nodes, [vi("x", f, [1, rows, k])], [vi("y", f, [1, rows, c])],
-                      [_tensor("w", (k, c), rng), _tensor("b", (c,), rng)]), (1, rows, k)
+        return _model(
+            nodes,
+            [vi("x", f, [1, rows, k])],
+            [vi("y", f, [1, rows, c])],
+            [_tensor("w", (k, c), rng), _tensor("b", (c,), rng)],
+        ), (1, rows, k)
     if kernel == "layernorm":
         rows, d = dims
         nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-6)]
-        return _model(nodes, [vi("x", f, [1, rows, d])], [vi("y", f, [1, rows, d])],
-                      [_tensor("g", (d,), rng), _tensor("b", (d,), rng)]), (1, rows, d)
+        return _model(
+            nodes,
+            [vi("x", f, [1, rows, d])],
+            [vi("y", f, [1, rows, d])],
+            [_tensor("g", (d,), rng), _tensor("b", (d,), rng)],
+        ), (1, rows, d)
     if kernel == "add":
         rows, d = dims
         nodes = [helper.make_node("Add", ["x", "r"], ["y"])]
-        return _model(nodes, [vi("x", f, [1, rows, d])], [vi("y", f, [1, rows, d])], [_tensor("r", (1, rows, d), rng)]), (1, rows, d)
+        return _model(
+            nodes, [vi("x", f, [1, rows, d])], [vi("y", f, [1, rows, d])], [_tensor("r", (1, rows, d), rng)]
+        ), (1, rows, d)
     if kernel == "attention":
         bh, n, dh = dims
         scale = np.array(dh**-0.25, np.float32)
         from onnx import numpy_helper
 
-        inits = [numpy_helper.from_array(np.array([1, n, 3, bh, dh], np.int64), "s5"),
-                 numpy_helper.from_array(np.array([1, n, bh * dh], np.int64), "s3"),
-                 numpy_helper.from_array(scale, "scale"), numpy_helper.from_array(np.array([0], np.int64), "ax0")]
+        inits = [
+            numpy_helper.from_array(np.array([1, n, 3, bh, dh], np.int64), "s5"),
+            numpy_helper.from_array(np.array([1, n, bh * dh], np.int64), "s3"),
+            numpy_helper.from_array(scale, "scale"),
+            numpy_helper.from_array(np.array([0], np.int64), "ax0"),
+        ]
         nodes = [
             helper.make_node("Reshape", ["x", "s5"], ["r"]),
             helper.make_node("Transpose", ["r"], ["t"], perm=[2, 0, 3, 1, 4]),
@@ -87,7 +107,11 @@ def kernel_model(kernel: str, dims: tuple[int, ...], arch: ArchConfig):
             helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
             helper.make_node("Reshape", ["ot", "s3"], ["y"]),
         ]
-        return _model(nodes, [vi("x", f, [1, n, 3 * bh * dh])], [vi("y", f, [1, n, bh * dh])], inits), (1, n, 3 * bh * dh)
+        return _model(nodes, [vi("x", f, [1, n, 3 * bh * dh])], [vi("y", f, [1, n, bh * dh])], inits), (
+            1,
+            n,
+            3 * bh * dh,
+        )
     if kernel == "stem":
         rows, d = dims
         g = max(1, round(math.sqrt(rows)))
@@ -95,8 +119,13 @@ def kernel_model(kernel: str, dims: tuple[int, ...], arch: ArchConfig):
         from onnx import numpy_helper
 
         n = g * g + 1
-        inits = [_tensor("w", (d, c, p, p), rng), _tensor("cb", (d,), rng), _tensor("cls", (1, 1, d), rng),
-                 _tensor("pos", (1, n, d), rng), numpy_helper.from_array(np.array([1, d, g * g], np.int64), "s")]
+        inits = [
+            _tensor("w", (d, c, p, p), rng),
+            _tensor("cb", (d,), rng),
+            _tensor("cls", (1, 1, d), rng),
+            _tensor("pos", (1, n, d), rng),
+            numpy_helper.from_array(np.array([1, d, g * g], np.int64), "s"),
+        ]
         nodes = [
             helper.make_node("Conv", ["x", "w", "cb"], ["c"], strides=[p, p], kernel_shape=[p, p]),
             helper.make_node("Reshape", ["c", "s"], ["r"]),
@@ -112,11 +141,16 @@ def empty_model():
     from onnx import TensorProto, helper
 
     node = helper.make_node("Identity", ["x"], ["y"])
-    return _model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], []), (1, 8)
+    return _model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [],
+    ), (1, 8)
 
 
 # -- timing ---------------------------------------------------------------------------------------------
+
 
 def time_onnx(model, input_shape, *, min_repeats: int = 5, budget_s: float = 0.05, stat: str = "median") -> float:
     """``session.run`` wall time in ms of an in-memory ONNX model (a session as
@@ -152,8 +186,14 @@ def host_facts() -> dict[str, Any]:
     except OSError:
         pass
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"node": platform.node(), "cpu": cpu, "cpus": cpus, "machine": platform.machine(), "runtime": "onnxruntime",
-            "runtime_version": ort.__version__}
+    return {
+        "node": platform.node(),
+        "cpu": cpu,
+        "cpus": cpus,
+        "machine": platform.machine(),
+        "runtime": "onnxruntime",
+        "runtime_version": ort.__version__,
+    }
 
 
 def host_tables_path(arch: ArchConfig) -> Path:
@@ -164,16 +204,29 @@ def host_tables_path(arch: ArchConfig) -> Path:
 
     facts = host_facts()
     host = json.dumps({k: facts[k] for k in ("cpu", "cpus", "machine", "runtime_version")}, sort_keys=True)
-    return cache_dir() / "latency_tables" / (f"onnxruntime-{hashlib.sha256(host.encode()).hexdigest()[:12]}-"
-                                             f"{hashlib.sha256(json.dumps(arch.to_dict(), sort_keys=True).encode()).hexdigest()[:8]}.json")
+    return (
+        cache_dir()
+        / "latency_tables"
+        / (
+            f"onnxruntime-{hashlib.sha256(host.encode()).hexdigest()[:12]}-"
+            f"{hashlib.sha256(json.dumps(arch.to_dict(), sort_keys=True).encode()).hexdigest()[:8]}.json"
+        )
+    )
 
 
 REFERENCE_KERNEL = ("linear", (128, 256, 768))
 
 
-def measure_tables(arch: ArchConfig, grids: Grids, *, fit_shapes: list[tuple[DescendantShape, int]] = (),
-                   log: Callable[[str], None] = lambda _: None, budget_s: float = 0.05, probe_every: int = 12,
-                   stat: str = "median") -> KernelTables:
+def measure_tables(
+    arch: ArchConfig,
+    grids: Grids,
+    *,
+    fit_shapes: list[tuple[DescendantShape, int]] = (),
+    log: Callable[[str], None] = lambda _: None,
+    budget_s: float = 0.05,
+    probe_every: int = 12,
+    stat: str = "median",
+) -> KernelTables:
     """Measure every kernel on its grid (and the ``fit_shapes`` whole models for the three
     whole-model terms) with onnxruntime on this host.
 
@@ -230,11 +283,13 @@ def measure_tables(arch: ArchConfig, grids: Grids, *, fit_shapes: list[tuple[Des
     result.host["probes_ms"] = [round(r, 4) for _, r in probes]
     result.host["stat"] = stat
     if whole:
-        rows = [(s, b, float(t)) for (s, b), t in zip(whole, normalised[len(slots):])]
+        rows = [(s, b, float(t)) for (s, b), t in zip(whole, normalised[len(slots) :])]
         result.fit(rows, arch)
         log(f"fitted whole-model terms on {len(rows)} models: {result.describe_terms()}")
-    log(f"host speed during the measurement: reference kernel {ref.min():.3f}-{ref.max():.3f} ms ({ref.max() / ref.min():.2f}x), "
-        "normalised to the first probe")
+    log(
+        f"host speed during the measurement: reference kernel {ref.min():.3f}-{ref.max():.3f} ms ({ref.max() / ref.min():.2f}x), "
+        "normalised to the first probe"
+    )
     result.seconds = round(time.perf_counter() - t0, 1)
     return result
 
@@ -268,8 +323,14 @@ def measure_host(seconds: float = 0.5) -> HostFacts:
 
 
 def measure_onnxruntime_latency(
-    shape: DescendantShape, batch: int = 1, *, arch: ArchConfig = STANDARD_ARCH, repeats: int = 20, warmup: int = 3,
-    stat: str = "median", threads: int | None = None,
+    shape: DescendantShape,
+    batch: int = 1,
+    *,
+    arch: ArchConfig = STANDARD_ARCH,
+    repeats: int = 20,
+    warmup: int = 3,
+    stat: str = "median",
+    threads: int | None = None,
 ) -> float:
     """Latency (ms; the ``stat`` of ``repeats`` runs) of a randomly initialised descendant under
     onnxruntime on this CPU (``threads`` intra-op threads; default all cores)."""
@@ -280,7 +341,6 @@ def measure_onnxruntime_latency(
 
     from export.onnx_export import export_onnx
     from export.runtime import ort_latency_ms, ort_session
-
     from factory.core.timm_vit import build_vit
 
     model = build_vit(arch, shape, seed=0).eval()
@@ -288,5 +348,7 @@ def measure_onnxruntime_latency(
         path = Path(tmp) / "m.onnx"
         export_onnx(model, path, img_size=shape.img_size, in_chans=arch.in_chans, verify=False)
         sess = ort_session(path, threads=threads)
-    x = np.random.default_rng(0).standard_normal((batch, arch.in_chans, shape.img_size, shape.img_size), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal(
+        (batch, arch.in_chans, shape.img_size, shape.img_size), dtype=np.float32
+    )
     return ort_latency_ms(sess, x, repeats=repeats, warmup=warmup, stat=stat)

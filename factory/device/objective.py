@@ -25,7 +25,9 @@ def resolve_objective(objective: str, *, init: str, trained_learngene: bool) -> 
     if objective != "auto":
         return objective, f"--objective {objective}"
     if init == "peg" and trained_learngene:
-        return "capacity", ("auto: descendants of a trained learngene, where the largest shape that fits is measured "
-                            "within noise of the most accurate (--objective accuracy to probe anyway)")
+        return "capacity", (
+            "auto: descendants of a trained learngene, where the largest shape that fits is measured "
+            "within noise of the most accurate (--objective accuracy to probe anyway)"
+        )
     what = "an untrained learngene" if init == "peg" else f"--init {init}"
     return "accuracy", f"auto: {what}, where the largest shape is often not the most accurate: probed"

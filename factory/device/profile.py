@@ -56,15 +56,17 @@ class Hardware(_Strict):
     memory_mb: float = Field(gt=0, description="Memory available to the model on the device, MB.")
     runtime: Runtime = Field(description="A registered runtime (factory.device.runtimes.RUNTIMES).")
     cores: int | None = Field(
-        default=None, gt=0, le=4096,
+        default=None,
+        gt=0,
+        le=4096,
         description="Cores the runtime's threads run on. A CPU profile that declares it (with datasheet peak and "
-                    "bandwidth) is predicted with the generic CPU terms fitted on published ViT measurements.",
+        "bandwidth) is predicted with the generic CPU terms fitted on published ViT measurements.",
     )
     measure: bool = Field(default=False, description="Measure peak and bandwidth on this machine instead.")
     source: str | None = Field(default=None, description="Citation for the figures.")
 
     @model_validator(mode="after")
-    def _declared_or_measured(self) -> "Hardware":
+    def _declared_or_measured(self) -> Hardware:
         if not self.measure:
             if not self.peak_tflops:
                 raise ValueError("peak_tflops is required unless measure: true")
@@ -83,7 +85,7 @@ class Budgets(_Strict):
     params_m: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
-    def _at_least_one(self) -> "Budgets":
+    def _at_least_one(self) -> Budgets:
         if all(v is None for v in self.model_dump().values()):
             raise ValueError("set at least one of latency_ms, memory_mb, flops_g, params_m")
         return self
@@ -93,34 +95,46 @@ class Budgets(_Strict):
 
 
 class Profile(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-                      description="A safe slug (it names the device's folder under --out): letters, digits, '_', '-', '.', "
-                                  "starting with a letter or digit, at most 64 characters.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="A safe slug (it names the device's folder under --out): letters, digits, '_', '-', '.', "
+        "starting with a letter or digit, at most 64 characters.",
+    )
     description: str | None = None
-    use: str | None = Field(default=None, description="The real use the budgets are sized for (e.g. '30 fps camera, "
-                                                      "a quarter of the frame to the ViT').")
-    input_size: int | None = Field(default=None, ge=1, le=8192,
-                                   description="Input size (pixels) the budgets are meant for; the search runs at the "
-                                               "ancestry's, and says so when it differs.")
+    use: str | None = Field(
+        default=None,
+        description="The real use the budgets are sized for (e.g. '30 fps camera, a quarter of the frame to the ViT').",
+    )
+    input_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=8192,
+        description="Input size (pixels) the budgets are meant for; the search runs at the "
+        "ancestry's, and says so when it differs.",
+    )
     hardware: Hardware
     precision: Precision = "fp32"
     batch: int = Field(default=1, ge=1, le=65536)
     budgets: Budgets
     calibration: str | None = Field(default=None, description="CSV of measured latencies, relative to the profile.")
     latency_tables: str | None = Field(
-        default=None, description="Kernel latency tables (onnxruntime, fp32): 'host' for this machine's, measured by "
-                                  "`peg-factory profiles measure`, or a JSON path relative to the profile.")
+        default=None,
+        description="Kernel latency tables (onnxruntime, fp32): 'host' for this machine's, measured by "
+        "`peg-factory profiles measure`, or a JSON path relative to the profile.",
+    )
     export: list[Format] = Field(default_factory=lambda: ["onnx"])
     path: str | None = Field(default=None, exclude=True, description="Where it was loaded from (set by the loader).")
 
     @model_validator(mode="after")
-    def _precision_declared(self) -> "Profile":
+    def _precision_declared(self) -> Profile:
         hw = self.hardware
         if not hw.measure and hw.peak_tflops and self.precision not in hw.peak_tflops:
             raise ValueError(f"precision {self.precision} has no hardware.peak_tflops.{self.precision} entry")
         if self.latency_tables is not None and (not runtime_spec(hw.runtime).kernel_tables or self.precision != "fp32"):
-            raise ValueError("latency_tables are measured with onnxruntime at fp32: set runtime onnxruntime and precision "
-                             "fp32, or drop latency_tables")
+            raise ValueError(
+                "latency_tables are measured with onnxruntime at fp32: set runtime onnxruntime and precision "
+                "fp32, or drop latency_tables"
+            )
         return self
 
     def calibration_path(self) -> Path | None:
@@ -178,8 +192,10 @@ def load_yaml(text: str):
 def parse_profile(text: str, path: str = "<string>") -> Profile:
     """Validate profile YAML ``text``; one-line :class:`FactoryError` on any problem."""
     if len(text) > MAX_PROFILE_BYTES:
-        raise FactoryError(f"profile {path}: {len(text)} characters, more than a profile needs ({MAX_PROFILE_BYTES}); "
-                           "check that it is the right file")
+        raise FactoryError(
+            f"profile {path}: {len(text)} characters, more than a profile needs ({MAX_PROFILE_BYTES}); "
+            "check that it is the right file"
+        )
     try:
         data = load_yaml(text)
     except yaml.YAMLError as exc:
@@ -216,8 +232,10 @@ def load_profile(spec: str | Path) -> Profile:
         raise FactoryError(f"profile {spec} not found; pass a YAML path or one of: {names}")
     try:
         if path.stat().st_size > MAX_PROFILE_BYTES:
-            raise FactoryError(f"profile {path}: {path.stat().st_size} bytes, more than a profile needs ({MAX_PROFILE_BYTES}); "
-                               "check that it is the right file")
+            raise FactoryError(
+                f"profile {path}: {path.stat().st_size} bytes, more than a profile needs ({MAX_PROFILE_BYTES}); "
+                "check that it is the right file"
+            )
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise FactoryError(f"profile {path}: cannot read it ({exc}); check the file") from exc
@@ -226,8 +244,11 @@ def load_profile(spec: str | Path) -> Profile:
 
 def list_profiles() -> list[str]:
     """Shipped profile names: real-use ones (``jetson_orin``) and the 28-px demo's (``demo/jetson_orin``)."""
-    return sorted(p.relative_to(PROFILE_DIR).with_suffix("").as_posix() for p in PROFILE_DIR.rglob("*.yaml")
-                  if not p.stem.startswith("fleet"))
+    return sorted(
+        p.relative_to(PROFILE_DIR).with_suffix("").as_posix()
+        for p in PROFILE_DIR.rglob("*.yaml")
+        if not p.stem.startswith("fleet")
+    )
 
 
 def profile_json_schema() -> dict:

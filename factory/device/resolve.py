@@ -45,12 +45,16 @@ def _precision_caveat(precision: str) -> str:
     """The published CPU terms were fitted at FP32; say what that means at another precision."""
     if precision == "fp32":
         return ""
-    return (f". Fitted at FP32: at {precision} the prediction scales by the datasheet's {precision}/fp32 peak ratio, which "
-            f"CPU {precision} kernels rarely attain (on the build host onnxruntime INT8 ran 0.9-1.85x its FP32 against a 4x "
-            f"datasheet ratio, bench/RESULTS.md 'Export latency'): optimistic, calibrate at {precision}")
+    return (
+        f". Fitted at FP32: at {precision} the prediction scales by the datasheet's {precision}/fp32 peak ratio, which "
+        f"CPU {precision} kernels rarely attain (on the build host onnxruntime INT8 ran 0.9-1.85x its FP32 against a 4x "
+        f"datasheet ratio, bench/RESULTS.md 'Export latency'): optimistic, calibrate at {precision}"
+    )
 
 
-def latency_model_for(profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, host: HostFacts | None = None) -> CostModel:
+def latency_model_for(
+    profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, host: HostFacts | None = None
+) -> CostModel:
     """The profile's latency model (see the module docstring); ``host`` are this machine's measured
     facts for a ``measure: true`` profile (measured now when not given)."""
     if profile.hardware.measure and host is None:
@@ -60,11 +64,20 @@ def latency_model_for(profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, hos
     hw = profile.hardware
     device = Device.from_profile(profile, host)
     if hw.kind == "cpu" and (hw.measure or hw.cores is not None):
-        basis, band = ((f"this host's measured GEMM rate and bandwidth ({device.cores} threads)", HOST_MEASURED_BAND)
-                       if hw.measure else (f"the datasheet figures ({hw.cores} cores)", CPU_BAND))
-        model = CostModel(device, profile.precision, profile.batch, CPU_TERMS, arch,
-                          method=f"roofline of {basis} with generic CPU terms fitted on published ViT measurements",
-                          band=band + _precision_caveat(profile.precision))
+        basis, band = (
+            (f"this host's measured GEMM rate and bandwidth ({device.cores} threads)", HOST_MEASURED_BAND)
+            if hw.measure
+            else (f"the datasheet figures ({hw.cores} cores)", CPU_BAND)
+        )
+        model = CostModel(
+            device,
+            profile.precision,
+            profile.batch,
+            CPU_TERMS,
+            arch,
+            method=f"roofline of {basis} with generic CPU terms fitted on published ViT measurements",
+            band=band + _precision_caveat(profile.precision),
+        )
     else:
         model = CostModel(device, profile.precision, profile.batch, Efficiency.default_for(hw), arch)
     csv = profile.calibration_path()
@@ -72,8 +85,9 @@ def latency_model_for(profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, hos
         rows = read_calibration_csv(csv, profile.path or "<profile>", runtime=profile.hardware.runtime)
         model = calibrate(model, rows)
         what = calibration_provenance(csv)
-        model = dataclasses.replace(model, method=f"roofline calibrated on {len(rows)} rows of {csv.name}"
-                                                  + (f" ({what})" if what else ""))
+        model = dataclasses.replace(
+            model, method=f"roofline calibrated on {len(rows)} rows of {csv.name}" + (f" ({what})" if what else "")
+        )
     tables = tables_path(profile, arch)
     if tables is None:
         return model
@@ -87,7 +101,12 @@ def latency_model_for(profile: Profile, *, arch: ArchConfig = STANDARD_ARCH, hos
         loaded.check_for(arch, tables, host_facts)
         return dataclasses.replace(model, tables=loaded, method=f"kernel tables {tables.name}", band=TABLES_BAND)
     if profile.latency_tables == "host":
-        return dataclasses.replace(model, method=f"{model.method} (no host latency tables yet: run `peg-factory "
-                                                  "profiles measure` to predict per kernel)")
-    raise FactoryError(f"profile {profile.path}: latency_tables {profile.latency_tables} not found; fix the path "
-                       "or measure them with `peg-factory profiles measure --out PATH`")
+        return dataclasses.replace(
+            model,
+            method=f"{model.method} (no host latency tables yet: run `peg-factory "
+            "profiles measure` to predict per kernel)",
+        )
+    raise FactoryError(
+        f"profile {profile.path}: latency_tables {profile.latency_tables} not found; fix the path "
+        "or measure them with `peg-factory profiles measure --out PATH`"
+    )

@@ -48,11 +48,15 @@ OpKind = Literal["matmul", "attention", "elementwise"]
 #: The error band of a roofline from declared figures alone, with the priors of :meth:`Efficiency.default_for`: none
 #: is known for a device never measured. On the one machine the project can measure, these priors predicted about
 #: twice the measured latency (median error 81-124%, predicted/measured about 2.1x; bench/RESULTS.md, "Latency models").
-UNCALIBRATED_BAND = ("none stated: an uncalibrated roofline with prior efficiencies (on the build host this basis predicted "
-                     "about 2x the measured latency, median error 81-124%, bench/RESULTS.md); treat it as a rough estimate, "
-                     "or give the profile a calibration CSV")
+UNCALIBRATED_BAND = (
+    "none stated: an uncalibrated roofline with prior efficiencies (on the build host this basis predicted "
+    "about 2x the measured latency, median error 81-124%, bench/RESULTS.md); treat it as a rough estimate, "
+    "or give the profile a calibration CSV"
+)
 #: Kernel tables measured on this host, as measured on held-out shapes (bench/latency_model.py, RESULTS.md "Latency models").
-TABLES_BAND = "held-out median error 8.3%, 93% of shapes within +-20% (this host's kernel tables, bench/latency_model.py)"
+TABLES_BAND = (
+    "held-out median error 8.3%, 93% of shapes within +-20% (this host's kernel tables, bench/latency_model.py)"
+)
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class Efficiency:
     cached_activations: bool = False
 
     @classmethod
-    def default_for(cls, hw: Hardware) -> "Efficiency":
+    def default_for(cls, hw: Hardware) -> Efficiency:
         """The runtime's prior on this kind of hardware (:meth:`factory.device.runtimes.RuntimeSpec.prior_for`)."""
         return cls(**runtime_spec(hw.runtime).prior_for(hw.kind))
 
@@ -106,7 +110,7 @@ class Device:
     cores: int | None = None  # cores the runtime's threads run on (the Amdahl and sync terms); None: 1
 
     @classmethod
-    def from_profile(cls, profile: Profile, host: HostFacts | None = None) -> "Device":
+    def from_profile(cls, profile: Profile, host: HostFacts | None = None) -> Device:
         """The profile's declared figures, or ``host``'s measured ones for a ``measure: true`` profile
         (which then needs ``host``: :func:`factory.device.resolve.latency_model_for` measures it)."""
         hw = profile.hardware
@@ -122,7 +126,11 @@ class Device:
 
 
 def vit_ops(
-    shape: DescendantShape, batch: int = 1, precision: str = "fp32", *, arch: ArchConfig = STANDARD_ARCH,
+    shape: DescendantShape,
+    batch: int = 1,
+    precision: str = "fp32",
+    *,
+    arch: ArchConfig = STANDARD_ARCH,
     fused_attention: bool = False,
 ) -> list[tuple[Op, int]]:
     """The ops of one forward pass as ``(op, count)`` pairs (blocks are identical, so each block
@@ -177,8 +185,15 @@ def roofline_ms(ops: list[tuple[Op, int]], device: Device, eff: Efficiency) -> f
     return total * 1e3 + eff.fixed_ms
 
 
-def memory_mb(shape: DescendantShape, batch: int, precision: str, runtime: str, *,
-              arch: ArchConfig = STANDARD_ARCH, fused_attention: bool = False) -> float:
+def memory_mb(
+    shape: DescendantShape,
+    batch: int,
+    precision: str,
+    runtime: str,
+    *,
+    arch: ArchConfig = STANDARD_ARCH,
+    fused_attention: bool = False,
+) -> float:
     """Predicted device memory in MB (formula in the module docstring)."""
     b = BYTES[precision]
     n, d, m, h = num_tokens(shape, arch), shape.embed_dim, shape.mlp_hidden, shape.num_heads
@@ -207,9 +222,17 @@ class CostModel:
     def latency_ms(self, shape: DescendantShape, batch: int | None = None) -> float:
         if self.tables is not None:
             return self.tables.latency_ms(shape, batch or self.batch, self.arch)
-        ops = vit_ops(shape, batch or self.batch, self.precision, arch=self.arch, fused_attention=self.device.fused_attention)
+        ops = vit_ops(
+            shape, batch or self.batch, self.precision, arch=self.arch, fused_attention=self.device.fused_attention
+        )
         return roofline_ms(ops, self.device, self.efficiency)
 
     def memory_mb(self, shape: DescendantShape) -> float:
-        return memory_mb(shape, self.batch, self.precision, self.device.runtime, arch=self.arch,
-                         fused_attention=self.device.fused_attention)
+        return memory_mb(
+            shape,
+            self.batch,
+            self.precision,
+            self.device.runtime,
+            arch=self.arch,
+            fused_attention=self.device.fused_attention,
+        )

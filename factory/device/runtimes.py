@@ -15,8 +15,9 @@ Adding a runtime: one entry here, its timer in the kit's ``measure.py``, and its
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal
 
 from factory.errors import FactoryError
 
@@ -44,13 +45,33 @@ class RuntimeSpec:
 _CPU_PRIOR = {"matmul": 0.45, "attention": 0.25, "memory": 0.5, "op_overhead_us": 8.0, "fixed_ms": 0.03}
 
 _REGISTRY: tuple[RuntimeSpec, ...] = (
-    RuntimeSpec("tensorrt", ("gpu",), overhead_mb=40.0, fuses=True, kit_timer="tensorrt_ms", typed_kit_models=True,
-                priors={"*": {"matmul": 0.6, "attention": 0.4, "memory": 0.7, "op_overhead_us": 3.0, "fixed_ms": 0.05}}),
-    RuntimeSpec("onnxruntime", ("cpu", "gpu", "npu"), overhead_mb=20.0, fuses=False, kit_timer="onnxruntime_ms",
-                kernel_tables=True, priors={"cpu": _CPU_PRIOR}),
+    RuntimeSpec(
+        "tensorrt",
+        ("gpu",),
+        overhead_mb=40.0,
+        fuses=True,
+        kit_timer="tensorrt_ms",
+        typed_kit_models=True,
+        priors={"*": {"matmul": 0.6, "attention": 0.4, "memory": 0.7, "op_overhead_us": 3.0, "fixed_ms": 0.05}},
+    ),
+    RuntimeSpec(
+        "onnxruntime",
+        ("cpu", "gpu", "npu"),
+        overhead_mb=20.0,
+        fuses=False,
+        kit_timer="onnxruntime_ms",
+        kernel_tables=True,
+        priors={"cpu": _CPU_PRIOR},
+    ),
     # fewer, fused ops than onnxruntime on the same CPU; calibrate with real rows
-    RuntimeSpec("openvino", ("cpu", "gpu", "npu"), overhead_mb=30.0, fuses=True, kit_timer="openvino_ms",
-                priors={"*": {"matmul": 0.5, "attention": 0.35, "memory": 0.55, "op_overhead_us": 5.0, "fixed_ms": 0.05}}),
+    RuntimeSpec(
+        "openvino",
+        ("cpu", "gpu", "npu"),
+        overhead_mb=30.0,
+        fuses=True,
+        kit_timer="openvino_ms",
+        priors={"*": {"matmul": 0.5, "attention": 0.35, "memory": 0.55, "op_overhead_us": 5.0, "fixed_ms": 0.05}},
+    ),
     # the published latencies the CPU terms are fitted on (timm's benchmark tables: PyTorch, torch.compile)
     RuntimeSpec("pytorch", ("cpu", "gpu"), overhead_mb=0.0, fuses=False, kit_timer=None, deployable=False),
 )

@@ -29,8 +29,9 @@ import functools
 import itertools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from factory.core.shapes import ArchConfig, DescendantShape, vit_flops, vit_params
 from factory.device.latency import LatencyModel, Target
@@ -64,7 +65,7 @@ class SearchSpace:
         num_classes: int | None = None,
         min_head_dim: int = 16,
         head_dim_multiple: int = 8,
-    ) -> "SearchSpace":
+    ) -> SearchSpace:
         if snap < 1:
             raise FactoryError(f"snap must be >= 1, got {snap}")
         dims = tuple(range(snap, arch.embed_dim + 1, snap)) or (arch.embed_dim,)
@@ -121,7 +122,9 @@ class SearchSpace:
 
     def random_shape(self, rng: random.Random) -> DescendantShape:
         width, heads, ratios = rng.choice(self.widths)
-        return self.shape(rng.choice(self.depths), width, rng.choice(heads), rng.choice(ratios), rng.choice(self.img_sizes))
+        return self.shape(
+            rng.choice(self.depths), width, rng.choice(heads), rng.choice(ratios), rng.choice(self.img_sizes)
+        )
 
     def mutate(self, s: DescendantShape, rng: random.Random) -> DescendantShape:
         which = rng.randrange(4)
@@ -132,12 +135,16 @@ class SearchSpace:
             width = rng.choice([w for w, _, _ in self.widths])
         elif which == 2:
             img = rng.choice(self.img_sizes)
-        return self.repair(depth, width, s.num_heads if which != 3 else None, s.mlp_ratio if which != 3 else None, img, rng)
+        return self.repair(
+            depth, width, s.num_heads if which != 3 else None, s.mlp_ratio if which != 3 else None, img, rng
+        )
 
     def repair(self, depth, width, heads, ratio, img, rng: random.Random) -> DescendantShape:
         valid = {w: (h, r) for w, h, r in self.widths}
         hs, rs = valid[width]
-        return self.shape(depth, width, heads if heads in hs else rng.choice(hs), ratio if ratio in rs else rng.choice(rs), img)
+        return self.shape(
+            depth, width, heads if heads in hs else rng.choice(hs), ratio if ratio in rs else rng.choice(rs), img
+        )
 
 
 class AccuracyPredictor(Protocol):
@@ -148,6 +155,7 @@ class AccuracyPredictor(Protocol):
 
 def capacity_proxy(arch: ArchConfig) -> Callable[[DescendantShape], float]:
     """``log(FLOPs) + 0.5 * log(params)``: more compute and capacity, higher predicted accuracy."""
+
     def score(shape: DescendantShape) -> float:
         return math.log(vit_flops(shape, arch)) + 0.5 * math.log(vit_params(shape, arch))
 
@@ -162,7 +170,7 @@ class FittedAccuracy:
     arch: ArchConfig
 
     @classmethod
-    def fit(cls, rows: list[tuple[DescendantShape, float]], arch: ArchConfig) -> "FittedAccuracy":
+    def fit(cls, rows: list[tuple[DescendantShape, float]], arch: ArchConfig) -> FittedAccuracy:
         import numpy as np
 
         if len(rows) < 4:
@@ -220,7 +228,9 @@ def evaluate_shape(shape: DescendantShape, profile: Target, cost: LatencyModel, 
         "params_m": vit_params(shape, cost.arch) / 1e6,
     }
     margins = {k: (budget - values[k]) / budget for k, budget in profile.budgets.items()}
-    return Candidate(shape, score(shape), values["latency_ms"], values["memory_mb"], values["flops_g"], values["params_m"], margins)
+    return Candidate(
+        shape, score(shape), values["latency_ms"], values["memory_mb"], values["flops_g"], values["params_m"], margins
+    )
 
 
 @dataclass
@@ -333,11 +343,16 @@ def search(
             if stale and stale % 20 == 0:  # stuck in a visited region: a random immigrant
                 child = space.random_shape(rng)
             else:
-                a, b = (max(rng.sample(population, min(3, len(population))), key=lambda e: e[0])[1].shape for _ in range(2))
+                a, b = (
+                    max(rng.sample(population, min(3, len(population))), key=lambda e: e[0])[1].shape for _ in range(2)
+                )
                 child = space.repair(
-                    rng.choice((a.depth, b.depth)), rng.choice((a.embed_dim, b.embed_dim)),
-                    rng.choice((a.num_heads, b.num_heads)), rng.choice((a.mlp_ratio, b.mlp_ratio)),
-                    rng.choice((a.img_size, b.img_size)), rng,
+                    rng.choice((a.depth, b.depth)),
+                    rng.choice((a.embed_dim, b.embed_dim)),
+                    rng.choice((a.num_heads, b.num_heads)),
+                    rng.choice((a.mlp_ratio, b.mlp_ratio)),
+                    rng.choice((a.img_size, b.img_size)),
+                    rng,
                 )
                 child = space.mutate(child, rng)
             entry = visit(child)
@@ -351,6 +366,7 @@ def search(
             elif entry[0] > population[worst][0]:
                 population[worst] = entry
     cands = list(seen.values())
+
     def rank(c: Candidate):  # ties: faster, then head dim nearest the ancestry's (its heads inherit whole)
         return (-c.score, c.latency_ms, abs(c.shape.head_dim - space.max_head_dim), c.shape.label())
 

@@ -45,9 +45,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from factory.core.shapes import ArchConfig, DescendantShape, num_tokens
 from factory.errors import FactoryError
@@ -76,26 +77,51 @@ class Grids:
     stem_rows: list[int]
 
     @classmethod
-    def spanning(cls, arch: ArchConfig, *, max_width: int, max_hidden: int, img_sizes: tuple[int, ...], batches: tuple[int, ...],
-                 max_heads: int, points: int = 6) -> "Grids":
+    def spanning(
+        cls,
+        arch: ArchConfig,
+        *,
+        max_width: int,
+        max_hidden: int,
+        img_sizes: tuple[int, ...],
+        batches: tuple[int, ...],
+        max_heads: int,
+        points: int = 6,
+    ) -> Grids:
         grids = [s // arch.patch_size for s in img_sizes]
         n_lo, n_hi = min(grids) ** 2 + arch.num_prefix_tokens, max(grids) ** 2 + arch.num_prefix_tokens
-        return cls(rows=_geom(1, max(batches) * n_hi, points + 2), widths=_geom(16, max(max_width, max_hidden, 3 * max_width), points + 1),
-                   tokens=_geom(max(2, n_lo), n_hi, points - 2), batch_heads=_geom(1, max(batches) * max_heads, points - 2),
-                   head_dims=_geom(16, 128, 3), stem_rows=sorted({g * g for g in _geom(min(grids), max(grids) * 3, points - 2)}))
+        return cls(
+            rows=_geom(1, max(batches) * n_hi, points + 2),
+            widths=_geom(16, max(max_width, max_hidden, 3 * max_width), points + 1),
+            tokens=_geom(max(2, n_lo), n_hi, points - 2),
+            batch_heads=_geom(1, max(batches) * max_heads, points - 2),
+            head_dims=_geom(16, 128, 3),
+            stem_rows=sorted({g * g for g in _geom(min(grids), max(grids) * 3, points - 2)}),
+        )
 
     @classmethod
-    def for_space(cls, space, arch: ArchConfig, batches: tuple[int, ...], points: int = 6) -> "Grids":
+    def for_space(cls, space, arch: ArchConfig, batches: tuple[int, ...], points: int = 6) -> Grids:
         """Grids spanning every shape of a :class:`factory.device.search.SearchSpace` at ``batches``."""
         widths = space.widths
-        return cls.spanning(arch, max_width=max(w for w, _, _ in widths), max_hidden=max(int(w * max(r)) for w, _, r in widths),
-                            img_sizes=tuple(space.img_sizes), batches=batches, max_heads=max(max(h) for _, h, _ in widths),
-                            points=points)
+        return cls.spanning(
+            arch,
+            max_width=max(w for w, _, _ in widths),
+            max_hidden=max(int(w * max(r)) for w, _, r in widths),
+            img_sizes=tuple(space.img_sizes),
+            batches=batches,
+            max_heads=max(max(h) for _, h, _ in widths),
+            points=points,
+        )
 
     def axes(self, kernel: str) -> list[list[int]]:
-        return {"linear": [self.rows, self.widths, self.widths], "linear_gelu": [self.rows, self.widths, self.widths],
-                "attention": [self.batch_heads, self.tokens, self.head_dims], "layernorm": [self.rows, self.widths],
-                "add": [self.rows, self.widths], "stem": [self.stem_rows, self.widths]}[kernel]
+        return {
+            "linear": [self.rows, self.widths, self.widths],
+            "linear_gelu": [self.rows, self.widths, self.widths],
+            "attention": [self.batch_heads, self.tokens, self.head_dims],
+            "layernorm": [self.rows, self.widths],
+            "add": [self.rows, self.widths],
+            "stem": [self.stem_rows, self.widths],
+        }[kernel]
 
 
 @dataclass
@@ -148,10 +174,21 @@ class KernelTables:
         """``t_kernels`` of the module docstring."""
         n, d, m, h = num_tokens(shape, arch), shape.embed_dim, shape.mlp_hidden, shape.num_heads
         bn, k = batch * n, self.kernel_ms
-        block = (2 * k("layernorm", (bn, d)) + k("linear", (bn, d, 3 * d)) + k("attention", (batch * h, n, d // h))
-                 + k("linear", (bn, d, d)) + 2 * k("add", (bn, d)) + k("linear_gelu", (bn, d, m)) + k("linear", (bn, m, d)))
-        return (k("stem", (batch * shape.grid**2, d)) + shape.depth * block + k("layernorm", (bn, d))
-                + k("linear", (batch, d, max(1, shape.num_classes))))
+        block = (
+            2 * k("layernorm", (bn, d))
+            + k("linear", (bn, d, 3 * d))
+            + k("attention", (batch * h, n, d // h))
+            + k("linear", (bn, d, d))
+            + 2 * k("add", (bn, d))
+            + k("linear_gelu", (bn, d, m))
+            + k("linear", (bn, m, d))
+        )
+        return (
+            k("stem", (batch * shape.grid**2, d))
+            + shape.depth * block
+            + k("layernorm", (bn, d))
+            + k("linear", (batch, d, max(1, shape.num_classes)))
+        )
 
     def terms_for(self, batch: int) -> tuple[float, float, float]:
         """``(scale, per_block_ms, fixed_ms)`` fitted at ``batch``, else at the nearest fitted batch (log scale)."""
@@ -166,8 +203,13 @@ class KernelTables:
         return scale * self.kernel_sum_ms(shape, batch, arch) + per_block * shape.depth + fixed + self.empty_ms
 
     def describe_terms(self) -> str:
-        return "; ".join(f"batch {b}: scale {t[0]:.3f}, {t[1] * 1e3:.1f} us per block, fixed {t[2] * 1e3:.1f} us"
-                         for b, t in sorted(self.terms.items(), key=lambda kv: int(kv[0]))) or "none fitted"
+        return (
+            "; ".join(
+                f"batch {b}: scale {t[0]:.3f}, {t[1] * 1e3:.1f} us per block, fixed {t[2] * 1e3:.1f} us"
+                for b, t in sorted(self.terms.items(), key=lambda kv: int(kv[0]))
+            )
+            or "none fitted"
+        )
 
     # -- fitting the whole-model terms --
     def fit(self, rows: list[tuple[DescendantShape, int, float]], arch: ArchConfig) -> None:
@@ -188,9 +230,16 @@ class KernelTables:
 
     # -- persistence --
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "host": self.host, "arch": self.arch, "empty_ms": self.empty_ms, "tables": self.tables,
-                "terms": self.terms, "fit_rows": self.fit_rows,
-                "seconds": self.seconds}
+        return {
+            "format": FORMAT,
+            "host": self.host,
+            "arch": self.arch,
+            "empty_ms": self.empty_ms,
+            "tables": self.tables,
+            "terms": self.terms,
+            "fit_rows": self.fit_rows,
+            "seconds": self.seconds,
+        }
 
     def save(self, path: str | Path) -> None:
         """Write the tables sealed: ``sha256`` of their canonical JSON, checked by :meth:`load`."""
@@ -198,29 +247,41 @@ class KernelTables:
         atomic_write_bytes(path, json.dumps({**data, "sha256": _digest(data)}, indent=1).encode())
 
     @classmethod
-    def load(cls, path: str | Path) -> "KernelTables":
+    def load(cls, path: str | Path) -> KernelTables:
         """Read, check the seal and validate (:func:`validate`) a tables file; one-line errors."""
         path = Path(path)
         fix = "re-measure with `peg-factory profiles measure`"
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise FactoryError(f"latency tables {path}: unreadable ({' '.join(str(exc).split())[:160]}); {fix}") from exc
+            raise FactoryError(
+                f"latency tables {path}: unreadable ({' '.join(str(exc).split())[:160]}); {fix}"
+            ) from exc
         if not isinstance(data, dict):
             raise FactoryError(f"latency tables {path}: not a tables file (a JSON {type(data).__name__}); {fix}")
         if data.get("format") != FORMAT:
-            raise FactoryError(f"latency tables {path}: unreadable (format {data.get('format')!r}, expected {FORMAT}); {fix}")
+            raise FactoryError(
+                f"latency tables {path}: unreadable (format {data.get('format')!r}, expected {FORMAT}); {fix}"
+            )
         sealed = data.pop("sha256", None)
         if sealed != _digest(data):
-            raise FactoryError(f"latency tables {path}: {'unsealed' if sealed is None else 'changed since measured'} (its "
-                               f"sha256 does not match); {fix}")
+            raise FactoryError(
+                f"latency tables {path}: {'unsealed' if sealed is None else 'changed since measured'} (its "
+                f"sha256 does not match); {fix}"
+            )
         try:
             validate(data)
         except (ValueError, KeyError, TypeError) as exc:
             raise FactoryError(f"latency tables {path}: {exc}; {fix}") from exc
-        return cls(data["host"], data["arch"], float(data["empty_ms"]), data["tables"],
-                   {str(b): [float(v) for v in t] for b, t in data["terms"].items()}, data.get("fit_rows", []),
-                   float(data.get("seconds", 0.0)))
+        return cls(
+            data["host"],
+            data["arch"],
+            float(data["empty_ms"]),
+            data["tables"],
+            {str(b): [float(v) for v in t] for b, t in data["terms"].items()},
+            data.get("fit_rows", []),
+            float(data.get("seconds", 0.0)),
+        )
 
     def check_for(self, arch: ArchConfig, path: str | Path, host: dict[str, Any] | None = None) -> None:
         """Refuse (one line) tables measured for another stem (patch size, channels) or runtime, or, with
@@ -228,15 +289,21 @@ class KernelTables:
         fix = "re-measure with `peg-factory profiles measure`"
         for key in ("patch_size", "in_chans", "num_prefix_tokens"):
             if key in self.arch and self.arch[key] != arch.to_dict().get(key):
-                raise FactoryError(f"latency tables {path}: measured for {key} {self.arch[key]}, the ancestry has "
-                                   f"{arch.to_dict().get(key)}; {fix} for this ancestry")
+                raise FactoryError(
+                    f"latency tables {path}: measured for {key} {self.arch[key]}, the ancestry has "
+                    f"{arch.to_dict().get(key)}; {fix} for this ancestry"
+                )
         if self.host.get("runtime", "onnxruntime") != "onnxruntime":
-            raise FactoryError(f"latency tables {path}: measured with {self.host.get('runtime')}, not onnxruntime; {fix}")
+            raise FactoryError(
+                f"latency tables {path}: measured with {self.host.get('runtime')}, not onnxruntime; {fix}"
+            )
         if host is not None:
             for key in ("cpu", "cpus", "machine"):
                 if key in self.host and self.host[key] != host.get(key):
-                    raise FactoryError(f"latency tables {path}: measured on another host ({key} {self.host[key]!r}, this one "
-                                       f"{host.get(key)!r}); {fix} here")
+                    raise FactoryError(
+                        f"latency tables {path}: measured on another host ({key} {self.host[key]!r}, this one "
+                        f"{host.get(key)!r}); {fix} here"
+                    )
 
 
 def _digest(data: dict[str, Any]) -> str:

@@ -11,6 +11,24 @@ from factory.io.paths import cache_dir
 from factory.io.publish import OWNED_FILE, owned_directory, owned_files
 from factory.io.seal import SEAL_FILE, seal, seal_state, sealed_files
 
-__all__ = ["LOCK_FILE", "OWNED_FILE", "SEAL_FILE", "atomic_directory", "atomic_write_bytes", "cache_dir", "canonical_safetensors",
-           "confined", "content_key", "directory_lock", "ensure_parent", "owned_directory", "owned_files", "seal", "seal_state", "sealed_files", "sha256_bytes",
-           "sha256_file", "state_dict_sha256"]
+__all__ = [
+    "LOCK_FILE",
+    "OWNED_FILE",
+    "SEAL_FILE",
+    "atomic_directory",
+    "atomic_write_bytes",
+    "cache_dir",
+    "canonical_safetensors",
+    "confined",
+    "content_key",
+    "directory_lock",
+    "ensure_parent",
+    "owned_directory",
+    "owned_files",
+    "seal",
+    "seal_state",
+    "sealed_files",
+    "sha256_bytes",
+    "sha256_file",
+    "state_dict_sha256",
+]

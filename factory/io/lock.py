@@ -20,8 +20,10 @@ def _open_lock(lock: Path):
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0), 0o644)
     except OSError as exc:
-        raise FactoryError(f"lock file {lock} cannot be opened as a regular file ({exc.strerror}: a link or a directory is in "
-                           "its place?); remove it, or use another --out") from exc
+        raise FactoryError(
+            f"lock file {lock} cannot be opened as a regular file ({exc.strerror}: a link or a directory is in "
+            "its place?); remove it, or use another --out"
+        ) from exc
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise FactoryError(f"lock file {lock} is not a regular file; remove it, or use another --out")
@@ -52,8 +54,10 @@ def directory_lock(directory: str | os.PathLike, *, wait: bool = False, log=None
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             if not wait:
-                raise FactoryError(f"{path} is in use by another build ({holder}); wait for it to finish, "
-                                   "pass --wait-lock to wait, or use another --out") from None
+                raise FactoryError(
+                    f"{path} is in use by another build ({holder}); wait for it to finish, "
+                    "pass --wait-lock to wait, or use another --out"
+                ) from None
             if log is not None:
                 log(f"waiting for the build holding {path} ({holder}) to finish")
             fcntl.flock(fh, fcntl.LOCK_EX)

@@ -84,11 +84,15 @@ def _publish(tmp: Path, path: Path, what: str, writer: str) -> None:
         target = path / rel
         for parent in list(reversed(Path(rel).parents))[1:]:
             if (path / parent).is_symlink() or ((path / parent).exists() and not (path / parent).is_dir()):
-                raise FactoryError(f"{path / parent} is in the way of {rel} and was not written by peg-factory; move it "
-                                   f"away or choose another {what}")
+                raise FactoryError(
+                    f"{path / parent} is in the way of {rel} and was not written by peg-factory; move it "
+                    f"away or choose another {what}"
+                )
         if (target.exists() or target.is_symlink()) and (rel not in ours or target.is_dir() or target.is_symlink()):
-            raise FactoryError(f"{target} exists and was not written by peg-factory; move it away or choose another {what} "
-                               "(nothing was changed)")
+            raise FactoryError(
+                f"{target} exists and was not written by peg-factory; move it away or choose another {what} "
+                "(nothing was changed)"
+            )
     for rel in new:
         (path / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp / rel, path / rel)

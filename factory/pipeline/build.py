@@ -4,7 +4,7 @@ For a fleet of profiles sharing one ancestry, learngene and data set:
 
 1. decide "nothing to do" from fingerprints alone (:func:`factory.pipeline.manifest.build_key`),
    before torch, models or data are loaded;
-2. search each profile's budgets (:func:`factory.pipeline.selection.search_devices`); ``--dry-run``
+2. search each profile's budgets (:func:`factory.pipeline.device_choice.search_devices`); ``--dry-run``
    stops here with the plan (:mod:`factory.pipeline.plan`);
 3. the ``learngene`` stage, once for the fleet (:mod:`factory.pipeline.stages`);
 4. with the accuracy objective, probe each device's candidates (``auto``, the default, resolves to
@@ -24,8 +24,9 @@ recorded with its reason; the others finish. Multi-GPU fine-tuning of one model 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from factory.core.assets import ancestry_fingerprint
 from factory.data import dataset_identity
@@ -40,8 +41,16 @@ from factory.pipeline.shape_task import DeviceTask, ShapeTask, ancestry_and_data
 from factory.pipeline.stages import BuildContext, make_learngene
 
 
-def build(profiles: list[Profile], out: str | Path, cfg: BuildConfig = BuildConfig(), *, dry_run: bool = False,
-          log: Callable[[str], None] = print, wait_lock: bool = False, executor=None) -> dict[str, Any]:
+def build(
+    profiles: list[Profile],
+    out: str | Path,
+    cfg: BuildConfig = BuildConfig(),
+    *,
+    dry_run: bool = False,
+    log: Callable[[str], None] = print,
+    wait_lock: bool = False,
+    executor=None,
+) -> dict[str, Any]:
     """Run (or, with ``dry_run``, plan) the build; returns the manifest dict.
 
     ``executor`` runs the per-shape tasks (:mod:`factory.pipeline.executor`): ``None`` means
@@ -67,12 +76,13 @@ def _data_key(previous: dict[str, Any], cfg: BuildConfig) -> str | None:
         return None
 
 
-def _build(profiles: list[Profile], out: Path, cfg: BuildConfig, *, dry_run: bool, log: Callable[[str], None],
-           executor=None) -> dict[str, Any]:
+def _build(
+    profiles: list[Profile], out: Path, cfg: BuildConfig, *, dry_run: bool, log: Callable[[str], None], executor=None
+) -> dict[str, Any]:
     from factory.device.search import SearchSpace
+    from factory.pipeline.device_choice import choose_by_probes, search_devices, shape_groups
     from factory.pipeline.plan import plan
     from factory.pipeline.report import write_reports
-    from factory.pipeline.selection import choose_by_probes, search_devices, shape_groups
 
     if not profiles:
         raise FactoryError("no profile given: pass --profile PATH (repeatable) or --fleet FILE")
@@ -82,7 +92,11 @@ def _build(profiles: list[Profile], out: Path, cfg: BuildConfig, *, dry_run: boo
     t_start = time.perf_counter()
     key = manifest.build_key(profiles, cfg, ancestry_fingerprint(cfg.ancestry))
     previous = manifest.previous(out, key)
-    if previous is not None and not dry_run and previous.get("data", {}).get("identity_key") == _data_key(previous, cfg):
+    if (
+        previous is not None
+        and not dry_run
+        and previous.get("data", {}).get("identity_key") == _data_key(previous, cfg)
+    ):
         log(f"build is up to date ({key}): nothing to do")
         return previous
 
@@ -92,8 +106,9 @@ def _build(profiles: list[Profile], out: Path, cfg: BuildConfig, *, dry_run: boo
     ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds)
     objective, why = objective_for(cfg, anc)
     log(f"objective: {objective} ({why})")
-    devices, results = search_devices(profiles, SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes), anc, cfg,
-                                      objective, why, log)
+    devices, results = search_devices(
+        profiles, SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes), anc, cfg, objective, why, log
+    )
     if dry_run:
         return plan(ctx, devices, profiles, objective)
 
@@ -101,14 +116,26 @@ def _build(profiles: list[Profile], out: Path, cfg: BuildConfig, *, dry_run: boo
     if objective == "accuracy":
         choose_by_probes(ctx, devices, results, reason=why)
     head = manifest.head(cfg, anc, ctx.learngene, ds, lg_entry.key, names)
-    tasks = [ShapeTask(str(out.resolve()), cfg, str((lg_entry.path / "learngene").resolve()), ctx.learngene.sha256, shape,
-                       tuple(DeviceTask(prof, entry) for prof, entry in group), head)
-             for shape, group in shape_groups(devices, profiles).items()]
-    updates = dict(u for result in executor.map(run_shape_task, tasks, log=log, failed=ShapeTask.failed) for u in result)
+    tasks = [
+        ShapeTask(
+            str(out.resolve()),
+            cfg,
+            str((lg_entry.path / "learngene").resolve()),
+            ctx.learngene.sha256,
+            shape,
+            tuple(DeviceTask(prof, entry) for prof, entry in group),
+            head,
+        )
+        for shape, group in shape_groups(devices, profiles).items()
+    ]
+    updates = dict(
+        u for result in executor.map(run_shape_task, tasks, log=log, failed=ShapeTask.failed) for u in result
+    )
     for entry in devices:
         entry.update(updates.get(entry["name"], {}))
-    built = manifest.assemble(head, key=key, devices=devices, executor=executor.describe(),
-                              seconds=time.perf_counter() - t_start)
+    built = manifest.assemble(
+        head, key=key, devices=devices, executor=executor.describe(), seconds=time.perf_counter() - t_start
+    )
     write_reports(out, built)
     manifest.write(out, built)
     return built

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from factory.io import SEAL_FILE, atomic_directory, content_key, seal, seal_state
 
@@ -52,8 +53,9 @@ class Cache:
         key = content_key(inputs)
         return Entry(stage, key, self.root / stage / key)
 
-    def get_or_run(self, entry: Entry, run: Callable[[Path, Path], dict[str, Any]], what: str,
-                   hit: str | None = None) -> Entry:
+    def get_or_run(
+        self, entry: Entry, run: Callable[[Path, Path], dict[str, Any]], what: str, hit: str | None = None
+    ) -> Entry:
         """``entry`` when it is cached and intact; else ``run(tmp, work)`` writes the files into ``tmp``
         (checkpointing into ``work`` if it is long) and returns the seal's info, and the entry is
         sealed and put in place atomically. ``what`` names the stage in the log; ``hit`` replaces the

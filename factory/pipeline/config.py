@@ -3,7 +3,7 @@
 :class:`BuildConfig` is what a user sets. The stages never hash it by hand: each stage's key is
 built from the config objects that actually run, derived here -- :func:`finetune_recipe` (a
 :class:`~factory.training.train.TrainConfig`), :func:`expanding_config` (an
-:class:`~factory.core.expanding.ExpandingConfig`) and :func:`build_learngene_recipe` -- so a changed
+:class:`~factory.core.expanding_phase.ExpandingConfig`) and :func:`build_learngene_recipe` -- so a changed
 trainer default changes the keys it should. :data:`RUN_OPTIONS` (how many jobs run at once) change
 where and how fast a build runs, never what it makes: they are not part of any key.
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from factory.core.baselines import METHODS
+from factory.core.expanding_phase import LATER_FIELDS, ExpandingConfig, default_shapes, recipe_fields
 from factory.core.transfer import TransferProbe
-from factory.core.expanding import LATER_FIELDS, ExpandingConfig, default_shapes, recipe_fields
 from factory.data import dataset_identity
 from factory.device.objective import OBJECTIVES, resolve_objective
 from factory.errors import FactoryError
@@ -42,7 +42,9 @@ class BuildConfig:
     expand_steps: int | None = None  # None: ExpandingConfig's default
     expand_data: str | None = None  # None: the ancestry's own data if known, else ``data``
     expand_batch_size: int | None = None  # None: ExpandingConfig's default
-    expand_img_size: int | None = None  # distil at this input size (None: the ancestry's); ExpandingConfig.distill_img_size
+    expand_img_size: int | None = (
+        None  # distil at this input size (None: the ancestry's); ExpandingConfig.distill_img_size
+    )
     learngene: str | None = None  # a learngene directory to use as it is (e.g. made by `learngene train`)
     # auto: per chosen shape, a k-NN probe of every candidate's untrained features decides (factory.core.transfer,
     # bench/RESULTS.md "Choosing the initialisation"); peg, tleg, weight_selection, scratch: that one, always
@@ -84,8 +86,10 @@ class BuildConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise FactoryError(f"invalid build setting: {', '.join(bad)} (init one of {', '.join(INIT_CHOICES)}, counts >= 1, "
-                               "steps >= 0, lr and tau finite and > 0); fix the flag")
+            raise FactoryError(
+                f"invalid build setting: {', '.join(bad)} (init one of {', '.join(INIT_CHOICES)}, counts >= 1, "
+                "steps >= 0, lr and tau finite and > 0); fix the flag"
+            )
 
 
 def identity(cfg: BuildConfig) -> dict[str, Any]:
@@ -97,8 +101,16 @@ def identity(cfg: BuildConfig) -> dict[str, Any]:
 
 def finetune_recipe(cfg: BuildConfig) -> TrainConfig:
     """The fine-tuning recipe of a build (also what the accuracy estimator compresses and benches reproduce)."""
-    return TrainConfig(steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
-                       amp=cfg.amp, warmup_steps=max(1, cfg.finetune_steps // 10), ckpt_every=max(1, cfg.finetune_steps // 5))
+    return TrainConfig(
+        steps=cfg.finetune_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        device=cfg.device,
+        amp=cfg.amp,
+        warmup_steps=max(1, cfg.finetune_steps // 10),
+        ckpt_every=max(1, cfg.finetune_steps // 5),
+    )
 
 
 def expanding_config(cfg: BuildConfig) -> ExpandingConfig:
@@ -119,9 +131,11 @@ def given_learngene(cfg: BuildConfig, anc):
     lg = Learngene.load(cfg.learngene)
     made_from = (lg.meta.get("ancestry") or {}).get("sha256")
     if made_from != anc.sha256:
-        raise FactoryError(f"--learngene {cfg.learngene} was made from another ancestry ({str(made_from)[:12]}) than "
-                           f"{anc.spec!r} ({anc.sha256[:12]}); pass the ancestry it was sampled from, or make one with "
-                           "`peg-factory learngene` and `peg-factory learngene train`")
+        raise FactoryError(
+            f"--learngene {cfg.learngene} was made from another ancestry ({str(made_from)[:12]}) than "
+            f"{anc.spec!r} ({anc.sha256[:12]}); pass the ancestry it was sampled from, or make one with "
+            "`peg-factory learngene` and `peg-factory learngene train`"
+        )
     return lg
 
 
@@ -152,11 +166,17 @@ def build_learngene_recipe(cfg: BuildConfig, anc) -> dict[str, Any]:
     if given is not None:
         return {"given": given.sha256, "ancestry": anc.sha256}
     exp = expanding_config(cfg)
-    return learngene_recipe(anc.sha256, cfg.gene_layers or max(1, anc.arch.depth // 2), cfg.gene_heads or anc.arch.num_heads,
-                            seed=cfg.gene_seed, tau=cfg.gene_tau, rescale=cfg.gene_rescale, head_mixing=cfg.gene_head_mixing,
-                            expanding=recipe_fields(exp) if exp.steps else None,
-                            data=dataset_identity(expanding_data(cfg, anc), anc.arch.img_size, anc.arch.in_chans)
-                            if exp.steps else None)
+    return learngene_recipe(
+        anc.sha256,
+        cfg.gene_layers or max(1, anc.arch.depth // 2),
+        cfg.gene_heads or anc.arch.num_heads,
+        seed=cfg.gene_seed,
+        tau=cfg.gene_tau,
+        rescale=cfg.gene_rescale,
+        head_mixing=cfg.gene_head_mixing,
+        expanding=recipe_fields(exp) if exp.steps else None,
+        data=dataset_identity(expanding_data(cfg, anc), anc.arch.img_size, anc.arch.in_chans) if exp.steps else None,
+    )
 
 
 def search_init(cfg: BuildConfig) -> str:
@@ -176,11 +196,31 @@ def objective_for(cfg: BuildConfig, anc) -> tuple[str, str]:
     return resolve_objective(cfg.objective, init=init, trained_learngene=trained)
 
 
-def learngene_recipe(ancestry_sha256: str, layers: int, heads: int, *, seed: int, tau: float, rescale: str,
-                     head_mixing: bool, expanding: dict[str, Any] | None, data: str | None) -> dict[str, Any]:
+def learngene_recipe(
+    ancestry_sha256: str,
+    layers: int,
+    heads: int,
+    *,
+    seed: int,
+    tau: float,
+    rescale: str,
+    head_mixing: bool,
+    expanding: dict[str, Any] | None,
+    data: str | None,
+) -> dict[str, Any]:
     """Everything that determines a learngene's tensors: the build caches learngenes by it."""
-    return {"ancestry": ancestry_sha256, "layers": layers, "heads": heads, "seed": seed, "tau": float(tau), "mixing": "softmax",
-            "rescale": rescale, "head_mixing": head_mixing, "expanding": expanding, "data": data}
+    return {
+        "ancestry": ancestry_sha256,
+        "layers": layers,
+        "heads": heads,
+        "seed": seed,
+        "tau": float(tau),
+        "mixing": "softmax",
+        "rescale": rescale,
+        "head_mixing": head_mixing,
+        "expanding": expanding,
+        "data": data,
+    }
 
 
 def recipe_of(lg) -> dict[str, Any] | None:
@@ -199,9 +239,17 @@ def recipe_of(lg) -> dict[str, Any] | None:
         if not fields <= set(config):
             return None
         expanding = {k: config[k] for k in sorted(fields)}
-    return learngene_recipe(m["ancestry"]["sha256"], lg.num_layers, lg.num_heads, seed=m.get("seed"), tau=m.get("tau"),
-                            rescale=m.get("rescale", "none"), head_mixing=m.get("heads_mixed", heads_mixed(lg)), expanding=expanding,
-                            data=exp.get("data") if exp else None)
+    return learngene_recipe(
+        m["ancestry"]["sha256"],
+        lg.num_layers,
+        lg.num_heads,
+        seed=m.get("seed"),
+        tau=m.get("tau"),
+        rescale=m.get("rescale", "none"),
+        head_mixing=m.get("heads_mixed", heads_mixed(lg)),
+        expanding=expanding,
+        data=exp.get("data") if exp else None,
+    )
 
 
 def heads_mixed(lg) -> bool:

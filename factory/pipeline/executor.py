@@ -25,9 +25,10 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from factory.errors import FactoryError
 
@@ -71,8 +72,14 @@ class LocalExecutor:
         """Nothing to start or check for threads here."""
         return contextlib.nullcontext()
 
-    def map(self, fn: Callable[[T, TaskEnv], R], tasks: Sequence[T], *, log: Callable[[str], None],
-            failed: Callable[[T, str], R]) -> list[R]:
+    def map(
+        self,
+        fn: Callable[[T, TaskEnv], R],
+        tasks: Sequence[T],
+        *,
+        log: Callable[[str], None],
+        failed: Callable[[T, str], R],
+    ) -> list[R]:
         stop = threading.Event()  # Ctrl-C reaches the main thread only; the workers poll this between steps
         env = TaskEnv(self.threads, log, stop.is_set, threading.Lock())
         with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
@@ -105,16 +112,29 @@ class RayExecutor:
         return max(1, int(self.task_cpus))
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "ray", "address": self.address or "local instance", "task_cpus": self.task_cpus,
-                "task_gpus": self.task_gpus, "max_retries": self.max_retries, "threads_per_finetune": self.threads}
+        return {
+            "kind": "ray",
+            "address": self.address or "local instance",
+            "task_cpus": self.task_cpus,
+            "task_gpus": self.task_gpus,
+            "max_retries": self.max_retries,
+            "threads_per_finetune": self.threads,
+        }
 
-    def map(self, fn: Callable[[T, TaskEnv], R], tasks: Sequence[T], *, log: Callable[[str], None],
-            failed: Callable[[T, str], R]) -> list[R]:
+    def map(
+        self,
+        fn: Callable[[T, TaskEnv], R],
+        tasks: Sequence[T],
+        *,
+        log: Callable[[str], None],
+        failed: Callable[[T, str], R],
+    ) -> list[R]:
         ray = require_ray()
         if not ray.is_initialized():
             raise RuntimeError("RayExecutor.map runs inside RayExecutor.session (build() opens it)")
-        remote = ray.remote(_ray_task).options(num_cpus=self.task_cpus, num_gpus=self.task_gpus,
-                                               max_retries=self.max_retries, retry_exceptions=False)
+        remote = ray.remote(_ray_task).options(
+            num_cpus=self.task_cpus, num_gpus=self.task_gpus, max_retries=self.max_retries, retry_exceptions=False
+        )
         refs = [remote.remote(fn, task, self.threads) for task in tasks]
         results = []
         try:
@@ -122,8 +142,12 @@ class RayExecutor:
                 try:
                     results.append(ray.get(ref))
                 except ray.exceptions.WorkerCrashedError as exc:
-                    results.append(failed(task, f"its Ray task died {self.max_retries + 1} times ({type(exc).__name__}); "
-                                                "see the Ray logs"))
+                    results.append(
+                        failed(
+                            task,
+                            f"its Ray task died {self.max_retries + 1} times ({type(exc).__name__}); see the Ray logs",
+                        )
+                    )
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.as_instanceof_cause()
                     if isinstance(cause, FactoryError):
@@ -165,11 +189,15 @@ class RayExecutor:
         try:
             ray.init(**kwargs)
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
-            raise FactoryError(f"cannot reach the Ray cluster at {self.address!r} ({' '.join(str(exc).split())[:200]}); check "
-                               "--ray-address or start it with `ray start --head`") from exc
-        log(f"ray: {'joined ' + self.address if self.address else 'started a local instance on ' + LOOPBACK} with "
+            raise FactoryError(
+                f"cannot reach the Ray cluster at {self.address!r} ({' '.join(str(exc).split())[:200]}); check "
+                "--ray-address or start it with `ray start --head`"
+            ) from exc
+        log(
+            f"ray: {'joined ' + self.address if self.address else 'started a local instance on ' + LOOPBACK} with "
             f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs "
-            f"in {time.perf_counter() - t0:.1f}s")
+            f"in {time.perf_counter() - t0:.1f}s"
+        )
         return True
 
     def check_resources(self, ray) -> None:
@@ -178,11 +206,15 @@ class RayExecutor:
         cpus = max((n.get("CPU", 0) for n in nodes), default=0)
         gpus = max((n.get("GPU", 0) for n in nodes), default=0)
         if self.task_cpus > cpus:
-            raise FactoryError(f"--task-cpus {self.task_cpus:g}: no Ray node has that many CPUs (the largest has {cpus:g}); "
-                               "lower --task-cpus")
+            raise FactoryError(
+                f"--task-cpus {self.task_cpus:g}: no Ray node has that many CPUs (the largest has {cpus:g}); "
+                "lower --task-cpus"
+            )
         if self.task_gpus > gpus:
-            raise FactoryError(f"--task-gpus {self.task_gpus:g}: no Ray node has that many GPUs (the largest has {gpus:g}); "
-                               "lower --task-gpus or add GPU nodes")
+            raise FactoryError(
+                f"--task-gpus {self.task_gpus:g}: no Ray node has that many GPUs (the largest has {gpus:g}); "
+                "lower --task-gpus or add GPU nodes"
+            )
 
 
 LOOPBACK = "127.0.0.1"
@@ -205,20 +237,31 @@ def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
     except OSError as exc:
-        raise FactoryError(f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc} within {timeout:g}s); check "
-                           "--ray-address or start it with `ray start --head`") from exc
+        raise FactoryError(
+            f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc} within {timeout:g}s); check "
+            "--ray-address or start it with `ray start --head`"
+        ) from exc
 
 
 def require_ray():
     try:
         import ray
     except ImportError as exc:
-        raise FactoryError("--executor ray needs Ray: pip install 'peg-factory[ray]' (or use --executor local)") from exc
+        raise FactoryError(
+            "--executor ray needs Ray: pip install 'peg-factory[ray]' (or use --executor local)"
+        ) from exc
     return ray
 
 
-def make_executor(kind: str, *, jobs: int = 1, address: str | None = None, task_cpus: float = 1.0,
-                  task_gpus: float = 0.0, num_cpus: int | None = None):
+def make_executor(
+    kind: str,
+    *,
+    jobs: int = 1,
+    address: str | None = None,
+    task_cpus: float = 1.0,
+    task_gpus: float = 0.0,
+    num_cpus: int | None = None,
+):
     if kind == "local":
         return LocalExecutor(jobs)
     if kind == "ray":

@@ -7,7 +7,6 @@ from pathlib import Path
 from factory.device.profile import MAX_PROFILE_BYTES, load_yaml
 from factory.errors import FactoryError
 
-
 FLEET_KEYS = {"profiles"}
 
 
@@ -19,17 +18,26 @@ def load_fleet(path: str | Path) -> list[str]:
     path = Path(path)
     try:
         if path.stat().st_size > MAX_PROFILE_BYTES:
-            raise FactoryError(f"fleet {path}: larger than a fleet file needs ({MAX_PROFILE_BYTES} bytes); check the file")
+            raise FactoryError(
+                f"fleet {path}: larger than a fleet file needs ({MAX_PROFILE_BYTES} bytes); check the file"
+            )
         data = load_yaml(path.read_text())
     except RecursionError as exc:
         raise FactoryError(f"fleet {path}: nested too deeply to be a fleet file; fix the YAML") from exc
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
-        raise FactoryError(f"fleet {path}: cannot read it ({' '.join(str(exc).split())[:200]}); check the file") from exc
+        raise FactoryError(
+            f"fleet {path}: cannot read it ({' '.join(str(exc).split())[:200]}); check the file"
+        ) from exc
     if isinstance(data, dict) and set(data) - FLEET_KEYS:
-        raise FactoryError(f"fleet {path}: unknown key {sorted(map(str, set(data) - FLEET_KEYS))[0]!r}; a fleet file holds "
-                           "'profiles: [profile.yaml, ...]' only")
-    if (not isinstance(data, dict) or not isinstance(data.get("profiles"), list) or not data["profiles"]
-            or not all(isinstance(p, str) and p for p in data["profiles"])):
+        raise FactoryError(
+            f"fleet {path}: unknown key {sorted(map(str, set(data) - FLEET_KEYS))[0]!r}; a fleet file holds "
+            "'profiles: [profile.yaml, ...]' only"
+        )
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("profiles"), list)
+        or not data["profiles"]
+        or not all(isinstance(p, str) and p for p in data["profiles"])
+    ):
         raise FactoryError(f"fleet {path}: expected 'profiles: [profile.yaml, ...]' (a list of paths)")
     return [str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in data["profiles"]]
-

@@ -3,7 +3,7 @@
 Schema: :data:`factory.pipeline.manifest_schema.MANIFEST_SCHEMA`. The report
 (:mod:`factory.pipeline.report`) and the model cards (:mod:`factory.pipeline.model_card`) are
 rendered from the manifest alone. A device entry is built in three steps: :func:`device_entry`
-(profile and search), the selection (:mod:`factory.pipeline.selection`), then
+(profile and search), the selection (:mod:`factory.pipeline.device_choice`), then
 :func:`device_record` (fine-tune, measurements, artifacts) from the shape task that built it.
 """
 
@@ -28,7 +28,11 @@ REJECTED_POINTS = 400
 
 
 def profile_hash(profile) -> str:
-    return hashlib.sha256(Path(profile.path).read_bytes()).hexdigest() if profile.path else content_key(profile.model_dump())
+    return (
+        hashlib.sha256(Path(profile.path).read_bytes()).hexdigest()
+        if profile.path
+        else content_key(profile.model_dump())
+    )
 
 
 def tool_versions() -> dict[str, str | None]:
@@ -45,28 +49,50 @@ def tool_versions() -> dict[str, str | None]:
 
 def device_entry(profile) -> dict[str, Any]:
     """A device's entry before its search: the profile, and what the model card says of the target."""
-    return {"name": profile.name, "profile": str(profile.path), "profile_sha256": profile_hash(profile),
-            "profile_data": profile.model_dump(mode="json", exclude_none=True),  # export needs no path to re-read it
-            "budgets": dict(profile.budgets.items()),
-            "target": {"description": profile.description or profile.name, "precision": profile.precision,
-                       "batch": profile.batch, "runtime": profile.hardware.runtime,
-                       "this_host": bool(profile.hardware.measure),
-                       **({"use": profile.use} if profile.use else {}),
-                       **({"input_size": profile.input_size} if profile.input_size else {})}}
+    return {
+        "name": profile.name,
+        "profile": str(profile.path),
+        "profile_sha256": profile_hash(profile),
+        "profile_data": profile.model_dump(mode="json", exclude_none=True),  # export needs no path to re-read it
+        "budgets": dict(profile.budgets.items()),
+        "target": {
+            "description": profile.description or profile.name,
+            "precision": profile.precision,
+            "batch": profile.batch,
+            "runtime": profile.hardware.runtime,
+            "this_host": bool(profile.hardware.measure),
+            **({"use": profile.use} if profile.use else {}),
+            **({"input_size": profile.input_size} if profile.input_size else {}),
+        },
+    }
 
 
 def search_summary(result, chosen) -> dict[str, Any]:
     """What a device's manifest keeps of its search: counts, and the points the report plots
     (``[latency_ms, capacity score]`` of the Pareto front, a sample of the rejected, the chosen)."""
     point = lambda c: [round(c.latency_ms, 5), round(c.score, 4)]  # noqa: E731
-    return {"evaluated": result.evaluated, "feasible": len(result.feasible), "rejected": len(result.rejected),
-            "front": [point(c) for c in result.pareto], "rejected_points": [point(c) for c in result.rejected[:REJECTED_POINTS]],
-            "chosen": point(chosen)}
+    return {
+        "evaluated": result.evaluated,
+        "feasible": len(result.feasible),
+        "rejected": len(result.rejected),
+        "front": [point(c) for c in result.pareto],
+        "rejected_points": [point(c) for c in result.rejected[:REJECTED_POINTS]],
+        "chosen": point(chosen),
+    }
 
 
-def device_record(entry: dict[str, Any], *, finetune: dict[str, Any], finetune_key: str, measured: dict[str, Any],
-                  export_record: dict[str, Any], model_sha256: str, cfg: BuildConfig, learngene_sha256: str,
-                  init_decision: dict[str, Any] | None = None) -> dict[str, Any]:
+def device_record(
+    entry: dict[str, Any],
+    *,
+    finetune: dict[str, Any],
+    finetune_key: str,
+    measured: dict[str, Any],
+    export_record: dict[str, Any],
+    model_sha256: str,
+    cfg: BuildConfig,
+    learngene_sha256: str,
+    init_decision: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A built device's manifest fields, from its search ``entry`` (``predicted``, ``search``), the
     fine-tune's and measure stage's sealed info, the export record and, for ``--init auto``, the
     decision (``init_decision``: chosen, reason, k-NN figures, seconds; with the decision's cost as a
@@ -75,20 +101,43 @@ def device_record(entry: dict[str, Any], *, finetune: dict[str, Any], finetune_k
     artifacts = {"model": {"path": f"{name}/model.safetensors", "sha256": model_sha256}}
     for fmt, art in export_record["artifacts"].items():
         keep = format_spec(fmt).manifest_fields  # each format declares the export.json fields the manifest keeps
-        artifacts[fmt] = {"path": f"{name}/export/{art.get('file') or art.get('dir')}", **{k: v for k, v in art.items() if k in keep}}
+        artifacts[fmt] = {
+            "path": f"{name}/export/{art.get('file') or art.get('dir')}",
+            **{k: v for k, v in art.items() if k in keep},
+        }
     return {
         "init": finetune.get("init", cfg.init),
         "init_requested": cfg.init,
-        **({"init_decision": {**init_decision, "fraction_of_finetune": round(init_decision["seconds"] / max(finetune["seconds"], 1e-9), 4)}}
-           if init_decision else {}),
+        **(
+            {
+                "init_decision": {
+                    **init_decision,
+                    "fraction_of_finetune": round(init_decision["seconds"] / max(finetune["seconds"], 1e-9), 4),
+                }
+            }
+            if init_decision
+            else {}
+        ),
         "learngene_sha256": learngene_sha256,
-        "finetune": {"steps": cfg.finetune_steps, "seed": cfg.seed, "cache_key": finetune_key, "seconds": finetune["seconds"],
-                     "precision": finetune.get("precision", "fp32"), "curve": finetune.get("curve", [])},
-        "accuracy": {"val": finetune["val_accuracy"], "test": finetune["test_accuracy"],
-                     **({"confusion": finetune["confusion"]} if finetune.get("confusion") else {})},
+        "finetune": {
+            "steps": cfg.finetune_steps,
+            "seed": cfg.seed,
+            "cache_key": finetune_key,
+            "seconds": finetune["seconds"],
+            "precision": finetune.get("precision", "fp32"),
+            "curve": finetune.get("curve", []),
+        },
+        "accuracy": {
+            "val": finetune["val_accuracy"],
+            "test": finetune["test_accuracy"],
+            **({"confusion": finetune["confusion"]} if finetune.get("confusion") else {}),
+        },
         "flops": {"fvcore": measured["flops_fvcore"], "closed_form_g": predicted["flops_g"]},
         "params": measured["params"],
-        "latency_ms": {"predicted_target": predicted["latency_ms"], "host_onnxruntime": measured["host_latency_ms_onnxruntime"]},
+        "latency_ms": {
+            "predicted_target": predicted["latency_ms"],
+            "host_onnxruntime": measured["host_latency_ms_onnxruntime"],
+        },
         "memory_mb": {"predicted_target": predicted["memory_mb"]},
         "margins": predicted["margins"],
         "artifacts": artifacts,
@@ -105,10 +154,22 @@ def head(cfg: BuildConfig, anc, lg, ds, lg_key: str, names: list[str]) -> dict[s
         "format_version": 1,
         "ancestry": anc.identity(),
         "ancestry_arch": anc.arch.to_dict(),
-        "learngene": {"sha256": lg.sha256, "layers": lg.num_layers, "heads": lg.num_heads, "seed": cfg.gene_seed,
-                      "recipe": build_learngene_recipe(cfg, anc), "cache_key": lg_key, "sampled_once_for": names},
-        "data": {"spec": cfg.data, "identity": ds.identity, "classes": ds.train.classes, "test_split": ds.test_from,
-                 "identity_key": dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans)},
+        "learngene": {
+            "sha256": lg.sha256,
+            "layers": lg.num_layers,
+            "heads": lg.num_heads,
+            "seed": cfg.gene_seed,
+            "recipe": build_learngene_recipe(cfg, anc),
+            "cache_key": lg_key,
+            "sampled_once_for": names,
+        },
+        "data": {
+            "spec": cfg.data,
+            "identity": ds.identity,
+            "classes": ds.train.classes,
+            "test_split": ds.test_from,
+            "identity_key": dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans),
+        },
         "recipe": identity(cfg),
         "tools": tool_versions(),
         # the demo ancestry is the project's own (Apache-2.0); a user's ancestry brings its own terms
@@ -119,7 +180,9 @@ def head(cfg: BuildConfig, anc, lg, ds, lg_key: str, names: list[str]) -> dict[s
 def build_key(profiles, cfg: BuildConfig, ancestry_fingerprint: str) -> str:
     """What decides "nothing to do": the profiles' bytes, the settings that make the models, the ancestry's
     weights, and a given learngene's tensors."""
-    return content_key([profile_hash(p) for p in profiles], identity(cfg), ancestry_fingerprint, learngene_fingerprint(cfg))
+    return content_key(
+        [profile_hash(p) for p in profiles], identity(cfg), ancestry_fingerprint, learngene_fingerprint(cfg)
+    )
 
 
 def previous(out: Path, key: str) -> dict[str, Any] | None:
@@ -138,11 +201,17 @@ def previous(out: Path, key: str) -> dict[str, Any] | None:
     return manifest
 
 
-def assemble(head_part: dict[str, Any], *, key: str, devices: list[dict[str, Any]], executor: dict[str, Any],
-             seconds: float) -> dict[str, Any]:
-    return {**head_part, "build_key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "executor": executor,  # where the shape tasks ran (not part of the build's identity)
-            "seconds": round(seconds, 2), "devices": devices}
+def assemble(
+    head_part: dict[str, Any], *, key: str, devices: list[dict[str, Any]], executor: dict[str, Any], seconds: float
+) -> dict[str, Any]:
+    return {
+        **head_part,
+        "build_key": key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "executor": executor,  # where the shape tasks ran (not part of the build's identity)
+        "seconds": round(seconds, 2),
+        "devices": devices,
+    }
 
 
 def write(out: Path, manifest: dict[str, Any]) -> None:
@@ -171,7 +240,9 @@ def built_devices(path: Path, *, check_models: bool = True) -> list[BuiltDevice]
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FactoryError(f"{path} is not a peg-factory build manifest ({' '.join(str(exc).split())[:120]}); pass --model") from exc
+        raise FactoryError(
+            f"{path} is not a peg-factory build manifest ({' '.join(str(exc).split())[:120]}); pass --model"
+        ) from exc
     devices = data.get("devices") if isinstance(data, dict) else None
     if not isinstance(devices, list):
         raise FactoryError(f"{path} is not a peg-factory build manifest (no devices list); pass --model")
@@ -188,17 +259,26 @@ def built_devices(path: Path, *, check_models: bool = True) -> list[BuiltDevice]
             raise FactoryError(f"{where} ({dev['name']}) names no model artifact with a path; rebuild, or pass --model")
         file = confined(base, model["path"], f"{where}: model path")
         if not isinstance(model.get("sha256"), str):
-            raise FactoryError(f"{where} ({dev['name']}): its model has no sha256 to check it by; rebuild, or pass --model")
+            raise FactoryError(
+                f"{where} ({dev['name']}): its model has no sha256 to check it by; rebuild, or pass --model"
+            )
         if not file.is_file():
             raise FactoryError(f"{where} ({dev['name']}): its model {file} is missing; rebuild, or pass --model")
         if check_models and sha256_file(file) != model["sha256"]:
-            raise FactoryError(f"{file} is not the model the build made (its sha256 differs from the manifest's: changed or "
-                               "swapped since); rebuild, or pass --model to export that file anyway")
+            raise FactoryError(
+                f"{file} is not the model the build made (its sha256 differs from the manifest's: changed or "
+                "swapped since); rebuild, or pass --model to export that file anyway"
+            )
         try:
-            profile = (Profile.model_validate(dev["profile_data"]) if isinstance(dev.get("profile_data"), dict)
-                       else load_profile(str(dev.get("profile"))))
+            profile = (
+                Profile.model_validate(dev["profile_data"])
+                if isinstance(dev.get("profile_data"), dict)
+                else load_profile(str(dev.get("profile")))
+            )
         except (ValueError, TypeError) as exc:
-            raise FactoryError(f"{where} ({dev['name']}): its profile cannot be read back ({' '.join(str(exc).split())[:160]}); "
-                               "rebuild, or pass --profile") from exc
+            raise FactoryError(
+                f"{where} ({dev['name']}): its profile cannot be read back ({' '.join(str(exc).split())[:160]}); "
+                "rebuild, or pass --profile"
+            ) from exc
         out.append(BuiltDevice(dev["name"], None, file, profile))
     return out

@@ -22,10 +22,12 @@ def selection_text(sel: dict[str, Any]) -> str:
         return "Chosen by the searcher as the highest-capacity shape (log FLOPs + 0.5 log params)"
     est = sel["estimator"]
     best = next(r for r in sel["candidates"] if r["chosen"])
-    return (f"Chosen by a successive-halving probe (validation NLL {best.get('val_nll', float('nan')):.3f}, accuracy "
-            f"{best['predicted_accuracy']:.3f} after {best.get('probe_steps', '?')} of the {est['budget_steps']} steps; rungs "
-            f"{'/'.join(map(str, est['rungs']))}, {est['val_images']} validation images) among {len(sel['candidates'])} "
-            f"Pareto-front candidates; {describe_decision(best.get('decision', {}))}")
+    return (
+        f"Chosen by a successive-halving probe (validation NLL {best.get('val_nll', float('nan')):.3f}, accuracy "
+        f"{best['predicted_accuracy']:.3f} after {best.get('probe_steps', '?')} of the {est['budget_steps']} steps; rungs "
+        f"{'/'.join(map(str, est['rungs']))}, {est['val_images']} validation images) among {len(sel['candidates'])} "
+        f"Pareto-front candidates; {describe_decision(best.get('decision', {}))}"
+    )
 
 
 def front_matter(head: dict[str, Any], dev: dict[str, Any]) -> dict[str, Any]:
@@ -39,14 +41,24 @@ def front_matter(head: dict[str, Any], dev: dict[str, Any]) -> dict[str, Any]:
         "tags": ["image-classification", "timm", "vision-transformer", "peg-factory", "learngene", dev["name"]],
         "datasets": [dataset],
         "metrics": ["accuracy"],
-        "model-index": [{
-            "name": f"{dev['name']}-{DescendantShape.from_dict(dev['shape']).label()}",
-            "results": [{
-                "task": {"type": "image-classification", "name": "Image Classification"},
-                "dataset": {"name": dataset, "type": dataset, "split": "test"},
-                "metrics": [{"type": "accuracy", "value": round(float(dev["accuracy"]["test"]), 4), "name": "Test accuracy"}],
-            }],
-        }],
+        "model-index": [
+            {
+                "name": f"{dev['name']}-{DescendantShape.from_dict(dev['shape']).label()}",
+                "results": [
+                    {
+                        "task": {"type": "image-classification", "name": "Image Classification"},
+                        "dataset": {"name": dataset, "type": dataset, "split": "test"},
+                        "metrics": [
+                            {
+                                "type": "accuracy",
+                                "value": round(float(dev["accuracy"]["test"]), 4),
+                                "name": "Test accuracy",
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
     }
 
 
@@ -72,8 +84,10 @@ def init_text(dev: dict) -> str:
     d = dev.get("init_decision")
     if not d:
         return ""
-    return (f" (chosen by `--init auto` at this shape: {d['reason']}; {d['images']} training images, "
-            f"{d['seconds']:.1f} s = {d['fraction_of_finetune']:.0%} of the fine-tune)")
+    return (
+        f" (chosen by `--init auto` at this shape: {d['reason']}; {d['images']} training images, "
+        f"{d['seconds']:.1f} s = {d['fraction_of_finetune']:.0%} of the fine-tune)"
+    )
 
 
 def render(head: dict[str, Any], dev: dict[str, Any]) -> str:
@@ -83,9 +97,11 @@ def render(head: dict[str, Any], dev: dict[str, Any]) -> str:
     label = DescendantShape.from_dict(s).label()
     deploy = dev.get("deploy") or {}
     meta = yaml.safe_dump(front_matter(head, dev), sort_keys=False).strip()
-    timm_call = ('timm.create_model("local-dir:.", pretrained=True)  # config.json + model.safetensors, this folder'
-                 if "timm_config" in dev.get("artifacts", {}) else
-                 'factory.core.checkpoint.load_descendant("model.safetensors")  # no config.json: see the build log')
+    timm_call = (
+        'timm.create_model("local-dir:.", pretrained=True)  # config.json + model.safetensors, this folder'
+        if "timm_config" in dev.get("artifacts", {})
+        else 'factory.core.checkpoint.load_descendant("model.safetensors")  # no config.json: see the build log'
+    )
     method = dev.get("latency_method", "the profile's latency model")
     if dev.get("latency_band"):
         method += f", error band {dev['latency_band']}"
@@ -93,21 +109,21 @@ def render(head: dict[str, Any], dev: dict[str, Any]) -> str:
 {meta}
 ---
 
-# {dev['name']}: {label}
+# {dev["name"]}: {label}
 
-**What it is.** A timm `VisionTransformer` (depth {s['depth']}, width {s['embed_dim']}, {s['num_heads']} heads, MLP ratio
-{s['mlp_ratio']:g}, {s['img_size']}x{s['img_size']} input, patch {s['patch_size']}, {s['num_classes']} classes) for
-{target['description']}{use_text(dev)}.
+**What it is.** A timm `VisionTransformer` (depth {s["depth"]}, width {s["embed_dim"]}, {s["num_heads"]} heads, MLP ratio
+{s["mlp_ratio"]:g}, {s["img_size"]}x{s["img_size"]} input, patch {s["patch_size"]}, {s["num_classes"]} classes) for
+{target["description"]}{use_text(dev)}.
 
-**Lineage.** Initialised by `{dev.get('init', recipe['init'])}`{init_text(dev)} {source_text(dev, lg)} of ancestry `{anc['spec']}` (`{anc['sha256'][:12]}`, weights: {anc['weights']}); fine-tuned
-{recipe['finetune_steps']} steps on `{recipe['data']}` (seed {recipe['seed']}, {dev.get('finetune', {}).get('precision', 'fp32')} compute). {selection_text(dev.get('selection', {}))}, within the budgets
-{dev['budgets']}.
+**Lineage.** Initialised by `{dev.get("init", recipe["init"])}`{init_text(dev)} {source_text(dev, lg)} of ancestry `{anc["spec"]}` (`{anc["sha256"][:12]}`, weights: {anc["weights"]}); fine-tuned
+{recipe["finetune_steps"]} steps on `{recipe["data"]}` (seed {recipe["seed"]}, {dev.get("finetune", {}).get("precision", "fp32")} compute). {selection_text(dev.get("selection", {}))}, within the budgets
+{dev["budgets"]}.
 
-**Numbers.** Test accuracy {dev['accuracy']['test']:.4f}; {dev['flops']['fvcore'] / 1e9:.4f} GFLOPs (fvcore);
-{dev['params'] / 1e6:.3f} M parameters; predicted {dev['latency_ms']['predicted_target']:.4f} ms and
-{dev['memory_mb']['predicted_target']:.1f} MB on the target ({target['precision']}, batch {target['batch']}; latency by {method});
-{dev['latency_ms']['host_onnxruntime']:.4f} ms with onnxruntime on the build host.
-Deploy with **{deploy.get('format', 'onnx')}** ({deploy.get('reason', 'the only artifact')}; see `export/export.json`).
+**Numbers.** Test accuracy {dev["accuracy"]["test"]:.4f}; {dev["flops"]["fvcore"] / 1e9:.4f} GFLOPs (fvcore);
+{dev["params"] / 1e6:.3f} M parameters; predicted {dev["latency_ms"]["predicted_target"]:.4f} ms and
+{dev["memory_mb"]["predicted_target"]:.1f} MB on the target ({target["precision"]}, batch {target["batch"]}; latency by {method});
+{dev["latency_ms"]["host_onnxruntime"]:.4f} ms with onnxruntime on the build host.
+Deploy with **{deploy.get("format", "onnx")}** ({deploy.get("reason", "the only artifact")}; see `export/export.json`).
 
 **How to run it.**
 ```python
@@ -118,21 +134,21 @@ or with onnxruntime:
 ```python
 import onnxruntime as ort, numpy as np
 sess = ort.InferenceSession("export/model.onnx")
-logits = sess.run(None, {{"images": np.zeros((1, {in_chans}, {s['img_size']}, {s['img_size']}), np.float32)}})[0]
+logits = sess.run(None, {{"images": np.zeros((1, {in_chans}, {s["img_size"]}, {s["img_size"]}), np.float32)}})[0]
 ```
 Preprocessing (size, mean, std, interpolation) and class names are in `config.json` (`pretrained_cfg`, `label_names`) and
 in the ONNX metadata. For TensorRT see `export/export.json` (engine, or `trt_kit/build_engine.sh` on the device).
 
 ## Intended use
 
-Classifying images like those of `{recipe['data']}` ({len(head['data'].get('classes', []))} classes) on {target['description']},
+Classifying images like those of `{recipe["data"]}` ({len(head["data"].get("classes", []))} classes) on {target["description"]},
 within the budgets above. A starting point for further fine-tuning on the same task.
 
 ## Limitations
 
-- Fine-tuned for {recipe['finetune_steps']} steps on `{recipe['data']}` only: accuracy on other data is not measured.
-- The test accuracy is measured on {head['data'].get('test_split', 'test')}.
+- Fine-tuned for {recipe["finetune_steps"]} steps on `{recipe["data"]}` only: accuracy on other data is not measured.
+- The test accuracy is measured on {head["data"].get("test_split", "test")}.
 - The target latency and memory are predictions ({method}), not measurements on the device; the host onnxruntime
   time says nothing about the target. Calibrate the profile (`peg-factory calibrate`) to predict from device timings.
-- The ancestry's license and data terms (`{anc['spec']}`) apply to this derivative.
+- The ancestry's license and data terms (`{anc["spec"]}`) apply to this derivative.
 """

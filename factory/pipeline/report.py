@@ -51,20 +51,42 @@ def front_png(dev: dict[str, Any]) -> bytes | None:
     sel = dev.get("selection", {})
     if sel.get("objective") == "accuracy":
         rows = sorted(sel["candidates"], key=lambda r: r["latency_ms"])
-        ax.plot([r["latency_ms"] for r in rows], [r["predicted_accuracy"] for r in rows], "o-", ms=4, label="candidates (probe)")
+        ax.plot(
+            [r["latency_ms"] for r in rows],
+            [r["predicted_accuracy"] for r in rows],
+            "o-",
+            ms=4,
+            label="candidates (probe)",
+        )
         chosen = next(r for r in rows if r["chosen"])
-        ax.scatter([chosen["latency_ms"]], [chosen["predicted_accuracy"]], s=90, marker="*", color="crimson", zorder=5,
-                   label="chosen")
+        ax.scatter(
+            [chosen["latency_ms"]],
+            [chosen["predicted_accuracy"]],
+            s=90,
+            marker="*",
+            color="crimson",
+            zorder=5,
+            label="chosen",
+        )
         if "accuracy" in dev:
-            ax.scatter([chosen["latency_ms"]], [dev["accuracy"]["test"]], s=60, marker="D", color="black", zorder=5,
-                       label="shipped (test accuracy)")
+            ax.scatter(
+                [chosen["latency_ms"]],
+                [dev["accuracy"]["test"]],
+                s=60,
+                marker="D",
+                color="black",
+                zorder=5,
+                label="shipped (test accuracy)",
+            )
         ax.set_ylabel("accuracy")
     else:
         rejected, front = found.get("rejected_points", []), found["front"]
         if rejected:
             ax.scatter([p[0] for p in rejected], [p[1] for p in rejected], s=6, color="lightgray", label="rejected")
         ax.plot([p[0] for p in front], [p[1] for p in front], "o-", ms=3, label="Pareto front")
-        ax.scatter([found["chosen"][0]], [found["chosen"][1]], s=80, marker="*", color="crimson", zorder=5, label="chosen")
+        ax.scatter(
+            [found["chosen"][0]], [found["chosen"][1]], s=80, marker="*", color="crimson", zorder=5, label="chosen"
+        )
         ax.set_ylabel("capacity (log FLOPs + 0.5 log params)")
     budget = dev.get("budgets", {}).get("latency_ms")
     if budget:
@@ -86,7 +108,9 @@ def curve_png(dev: dict[str, Any]) -> bytes | None:
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
-    ax2.plot([r[0] for r in curve], [r[2] for r in curve], lw=0.8, color="tab:orange", alpha=0.7, label="batch accuracy")
+    ax2.plot(
+        [r[0] for r in curve], [r[2] for r in curve], lw=0.8, color="tab:orange", alpha=0.7, label="batch accuracy"
+    )
     ax2.set_ylabel("batch accuracy")
     ax.set_title(f"{dev['name']}: fine-tune (test accuracy {dev['accuracy']['test']:.3f})", fontsize=9)
     fig.tight_layout()
@@ -126,15 +150,24 @@ def budget_rows(dev: dict[str, Any]) -> list[list[str]]:
             value = dev["flops"]["closed_form_g"] if name == "flops_g" else dev["params"] / 1e6
             what = "counted"
         verdict = "within" if margin is not None and margin >= 0 else "OVER"
-        rows.append([name, f"{limit:g} {BUDGET_UNITS.get(name, '')}", f"{value:.4g} ({what})",
-                     f"{margin:+.0%}" if margin is not None else "", verdict])
+        rows.append(
+            [
+                name,
+                f"{limit:g} {BUDGET_UNITS.get(name, '')}",
+                f"{value:.4g} ({what})",
+                f"{margin:+.0%}" if margin is not None else "",
+                verdict,
+            ]
+        )
     host = dev["latency_ms"]["host_onnxruntime"]
     target = dev.get("target", {})
     if target.get("this_host"):
         note = "the target is this machine: a real measurement"
     else:
-        note = (f"onnxruntime on the build machine: says nothing about the target ({target.get('runtime', '?')} on "
-                f"{target.get('description', dev['name'])})")
+        note = (
+            f"onnxruntime on the build machine: says nothing about the target ({target.get('runtime', '?')} on "
+            f"{target.get('description', dev['name'])})"
+        )
     limit = dev["budgets"].get("latency_ms")
     rows.append(["host latency", f"{limit:g} ms" if limit else "", f"{host:.4g} ms", "", note])
     return rows
@@ -146,14 +179,26 @@ def artifact_rows(dev: dict[str, Any]) -> list[list[str]]:
     for fmt, art in dev.get("artifacts", {}).items():
         acc = art.get("test_accuracy", art.get("val_accuracy", art.get("typed_val_accuracy")))
         drop = art.get("accuracy_drop_vs_fp32", art.get("typed_accuracy_drop_vs_fp32"))
-        verified = (f"{acc:.4f}" if acc is not None else "") + (f" ({0.0 - drop:+.4f} vs FP32)" if drop is not None else "")
+        verified = (f"{acc:.4f}" if acc is not None else "") + (
+            f" ({0.0 - drop:+.4f} vs FP32)" if drop is not None else ""
+        )
         lat = art.get("latency_ms_b1")
-        latency = f"{lat:.3f}" + (f" / {art['latency_ms_b1_p90']:.3f}" if art.get("latency_ms_b1_p90") else "") if lat else ""
+        latency = (
+            f"{lat:.3f}" + (f" / {art['latency_ms_b1_p90']:.3f}" if art.get("latency_ms_b1_p90") else "") if lat else ""
+        )
         note = art.get("reason") or art.get("benchmark_app") or ""
         if art.get("nodes", {}).get("simplified"):
             note = f"{art['nodes']['exported']} -> {art['nodes']['simplified']} nodes (onnxslim)"
-        rows.append([fmt, Path(art["path"]).name, art.get("inference_precision") or art.get("precision") or
-                     art.get("mode") or "", verified, latency, note])
+        rows.append(
+            [
+                fmt,
+                Path(art["path"]).name,
+                art.get("inference_precision") or art.get("precision") or art.get("mode") or "",
+                verified,
+                latency,
+                note,
+            ]
+        )
     return rows
 
 
@@ -168,9 +213,18 @@ def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
         deploy = d.get("deploy") or {}
         over = [k for k, v in d["margins"].items() if v < 0]
         init = d.get("init", manifest["recipe"]["init"]) + (" (auto)" if d.get("init_decision") else "")
-        rows.append([d["name"], _label(d["shape"]), pred, init, f"{d['accuracy']['test']:.4f}",
-                     deploy.get("format", "onnx"), f"{d['latency_ms']['predicted_target']:.4f}",
-                     "all within" if not over else "OVER: " + ", ".join(over)])
+        rows.append(
+            [
+                d["name"],
+                _label(d["shape"]),
+                pred,
+                init,
+                f"{d['accuracy']['test']:.4f}",
+                deploy.get("format", "onnx"),
+                f"{d['latency_ms']['predicted_target']:.4f}",
+                "all within" if not over else "OVER: " + ", ".join(over),
+            ]
+        )
     return rows
 
 
@@ -185,7 +239,9 @@ ARTIFACTS = ["format", "file", "precision", "verified accuracy", "host b1 ms (me
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     cell = lambda c: str(c).replace("|", "/")  # noqa: E731
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(map(cell, r)) + " |" for r in rows
+    ]
 
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
@@ -196,12 +252,17 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def write_reports(out: Path, manifest: dict[str, Any]) -> None:
     lg, classes = manifest["learngene"], manifest["data"].get("classes", [])
-    intro = (f"Ancestry {manifest['ancestry']['spec']} ({manifest['ancestry']['weights']}), learngene "
-             f"{(lg['sha256'] or '')[:12]} ({lg['layers']} layers x {lg['heads']} heads, sampled once for "
-             f"{len(lg['sampled_once_for'])} devices), data {manifest['data']['spec']}, init {manifest['recipe']['init']}, "
-             f"{manifest['recipe']['finetune_steps']} fine-tuning steps; the build took {manifest['seconds']:.1f} s.")
+    intro = (
+        f"Ancestry {manifest['ancestry']['spec']} ({manifest['ancestry']['weights']}), learngene "
+        f"{(lg['sha256'] or '')[:12]} ({lg['layers']} layers x {lg['heads']} heads, sampled once for "
+        f"{len(lg['sampled_once_for'])} devices), data {manifest['data']['spec']}, init {manifest['recipe']['init']}, "
+        f"{manifest['recipe']['finetune_steps']} fine-tuning steps; the build took {manifest['seconds']:.1f} s."
+    )
     md = ["# peg-factory build report", "", intro, "", *_md_table(SUMMARY, summary_rows(manifest)), ""]
-    page = [f"<h1>peg-factory build report</h1><p>{html.escape(intro)}</p>", _html_table(SUMMARY, summary_rows(manifest))]
+    page = [
+        f"<h1>peg-factory build report</h1><p>{html.escape(intro)}</p>",
+        _html_table(SUMMARY, summary_rows(manifest)),
+    ]
     plotted = _plt() is not None
     if not plotted:
         md.append(f"({PLOT_HINT})")
@@ -210,29 +271,58 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
         if dev.get("status") != "ok":
             continue
         name, deploy = dev["name"], dev.get("deploy") or {}
-        init = f"{dev.get('init', manifest['recipe']['init'])}" + (f" (--init auto: {dev['init_decision']['reason']})"
-                                                                  if dev.get("init_decision") else "")
-        md += [f"## {name}", "", f"**Initialisation:** {init}", "",
-               f"**Deploy:** {deploy.get('format', 'onnx')} -- {deploy.get('reason', 'the only artifact')}", "",
-               "### Budgets", "", *_md_table(BUDGETS, budget_rows(dev)), "", "### Artifacts", "",
-               *_md_table(ARTIFACTS, artifact_rows(dev)), ""]
-        page += [f"<h2 id='{html.escape(name)}'>{html.escape(name)}</h2>", f"<p><b>Initialisation:</b> {html.escape(init)}</p>",
-                 f"<p><b>Deploy:</b> {html.escape(str(deploy.get('format', 'onnx')))} &mdash; "
-                 f"{html.escape(str(deploy.get('reason', 'the only artifact')))}</p>",
-                 "<h3>Budgets</h3>", _html_table(BUDGETS, budget_rows(dev)),
-                 "<h3>Artifacts</h3>", _html_table(ARTIFACTS, artifact_rows(dev))]
-        for kind, title, png in (("front", "Accuracy vs latency", front_png(dev)), ("curve", "Training curve", curve_png(dev)),
-                                 ("confusion", "Confusion matrix (test)", confusion_png(dev, classes))):
+        init = f"{dev.get('init', manifest['recipe']['init'])}" + (
+            f" (--init auto: {dev['init_decision']['reason']})" if dev.get("init_decision") else ""
+        )
+        md += [
+            f"## {name}",
+            "",
+            f"**Initialisation:** {init}",
+            "",
+            f"**Deploy:** {deploy.get('format', 'onnx')} -- {deploy.get('reason', 'the only artifact')}",
+            "",
+            "### Budgets",
+            "",
+            *_md_table(BUDGETS, budget_rows(dev)),
+            "",
+            "### Artifacts",
+            "",
+            *_md_table(ARTIFACTS, artifact_rows(dev)),
+            "",
+        ]
+        page += [
+            f"<h2 id='{html.escape(name)}'>{html.escape(name)}</h2>",
+            f"<p><b>Initialisation:</b> {html.escape(init)}</p>",
+            f"<p><b>Deploy:</b> {html.escape(str(deploy.get('format', 'onnx')))} &mdash; "
+            f"{html.escape(str(deploy.get('reason', 'the only artifact')))}</p>",
+            "<h3>Budgets</h3>",
+            _html_table(BUDGETS, budget_rows(dev)),
+            "<h3>Artifacts</h3>",
+            _html_table(ARTIFACTS, artifact_rows(dev)),
+        ]
+        for kind, title, png in (
+            ("front", "Accuracy vs latency", front_png(dev)),
+            ("curve", "Training curve", curve_png(dev)),
+            ("confusion", "Confusion matrix (test)", confusion_png(dev, classes)),
+        ):
             if png is None:
                 continue
             rel = f"report_files/{name}-{kind}.png"
             atomic_write_bytes(out / rel, png)
             md += [f"### {title}", "", f"![{title}]({rel})", ""]
-            page += [f"<h3>{html.escape(title)}</h3>",
-                     f'<img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">']
+            page += [
+                f"<h3>{html.escape(title)}</h3>",
+                f'<img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">',
+            ]
     atomic_write_bytes(out / "report.md", "\n".join(md).encode())
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:0.5em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}th{background:#f3f3f3}img{max-width:100%}")
-    atomic_write_bytes(out / "report.html", (f'<!doctype html><html><head><meta charset="utf-8"><title>peg-factory build '
-                                             f'report</title><style>{style}</style></head><body>{"".join(page)}</body></html>\n'
-                                             ).encode())
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:0.5em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}th{background:#f3f3f3}img{max-width:100%}"
+    )
+    atomic_write_bytes(
+        out / "report.html",
+        (
+            f'<!doctype html><html><head><meta charset="utf-8"><title>peg-factory build '
+            f"report</title><style>{style}</style></head><body>{''.join(page)}</body></html>\n"
+        ).encode(),
+    )

@@ -98,8 +98,10 @@ def run_shape_task(task: ShapeTask, env: TaskEnv) -> list[Update]:
     anc, ds = ancestry_and_data(task.cfg)
     lg = Learngene.load(task.learngene_dir)
     if lg.sha256 != task.learngene_sha256:
-        raise FactoryError(f"the learngene at {task.learngene_dir} is not the one the build made "
-                           f"({task.learngene_sha256[:12]}); is --out shared?")
+        raise FactoryError(
+            f"the learngene at {task.learngene_dir} is not the one the build made "
+            f"({task.learngene_sha256[:12]}); is --out shared?"
+        )
     out = Path(task.out)
     ctx = BuildContext(out, task.cfg, Cache(out / ".cache", env.log), env.log, anc, ds, lg, env.should_stop)
     try:
@@ -130,17 +132,34 @@ def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned:
     measured = run_stage(ctx, MEASURE, ModelItem(task.shape, model_file)).info()
     exported = run_stage(ctx, EXPORT, ExportItem(prof.name, prof, entry["profile_sha256"], model_file))
     export_record = json.loads((exported.path / "export" / "export.json").read_text())
-    update = manifest.device_record(entry, finetune=tuned.info(), finetune_key=tuned.key, measured=measured,
-                                    export_record=export_record, model_sha256=sha256_file(model_file), cfg=ctx.cfg,
-                                    learngene_sha256=ctx.learngene.sha256, init_decision=ctx.inits.get(task.shape.label()))
+    update = manifest.device_record(
+        entry,
+        finetune=tuned.info(),
+        finetune_key=tuned.key,
+        measured=measured,
+        export_record=export_record,
+        model_sha256=sha256_file(model_file),
+        cfg=ctx.cfg,
+        learngene_sha256=ctx.learngene.sha256,
+        init_decision=ctx.inits.get(task.shape.label()),
+    )
     device_dir = confined(ctx.out, prof.name, "profile name")
     with owned_directory(device_dir, "--out (its device folders)", writer="build") as tmp:
         shutil.copyfile(model_file, tmp / "model.safetensors")
         shutil.copytree(exported.path / "export", tmp / "export")
         try:
-            write_timm_config(tmp, ctx.ancestry.arch.with_shape(task.shape), mean=ctx.data.mean, std=ctx.data.std,
-                              label_names=ctx.data.train.classes, license=task.head.get("license", "other"))
-            update["artifacts"]["timm_config"] = {"path": f"{prof.name}/config.json", "sha256": sha256_file(tmp / "config.json")}
+            write_timm_config(
+                tmp,
+                ctx.ancestry.arch.with_shape(task.shape),
+                mean=ctx.data.mean,
+                std=ctx.data.std,
+                label_names=ctx.data.train.classes,
+                license=task.head.get("license", "other"),
+            )
+            update["artifacts"]["timm_config"] = {
+                "path": f"{prof.name}/config.json",
+                "sha256": sha256_file(tmp / "config.json"),
+            }
         except FactoryError as exc:
             ctx.log(f"{prof.name}: no timm config.json: {exc}")
         (tmp / "MODEL_CARD.md").write_text(model_card.render(task.head, {**entry, **update}))

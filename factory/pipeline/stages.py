@@ -16,7 +16,7 @@ export     device  model sha256, formats, profile sha256, data id        ``expor
 =========  ======  ====================================================  ==================================
 
 Between them, uncached because they are cheap or cache themselves: the search per device
-(:mod:`factory.pipeline.selection`; its accuracy probes keep their own content-keyed cache in
+(:mod:`factory.pipeline.device_choice`; its accuracy probes keep their own content-keyed cache in
 ``OUT/.cache/estimate``), and the device folder ``OUT/<device>/`` assembled from the entries
 (:mod:`factory.pipeline.shape_task`). One mechanism (:class:`factory.pipeline.cache.Cache`) keys,
 resumes, seals and rebuilds every entry; the dry run (:mod:`factory.pipeline.plan`) reads the same
@@ -31,9 +31,10 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 from factory.core.assets import PACKAGED_LEARNGENE
 from factory.core.learngene import Learngene
@@ -41,8 +42,14 @@ from factory.core.shapes import DescendantShape
 from factory.errors import FactoryError
 from factory.io import sha256_file
 from factory.pipeline.cache import Cache, Entry
-from factory.pipeline.config import (BuildConfig, build_learngene_recipe, expanding_data, finetune_recipe, given_learngene,
-                                     recipe_of)
+from factory.pipeline.config import (
+    BuildConfig,
+    build_learngene_recipe,
+    expanding_data,
+    finetune_recipe,
+    given_learngene,
+    recipe_of,
+)
 
 
 @dataclass
@@ -100,15 +107,16 @@ def shipped_learngene(recipe: Mapping[str, Any]) -> Learngene | None:
 
 # -- learngene ---------------------------------------------------------------------------------------------
 
+
 def _learngene_inputs(ctx: BuildContext, _: None) -> dict[str, Any]:
     return build_learngene_recipe(ctx.cfg, ctx.ancestry)
 
 
 def _run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[str, Any]:
-    from factory.core.expanding import ExpandingConfig, default_shapes
+    from factory.core.expanding_phase import ExpandingConfig, default_shapes
     from factory.core.learngene import sample_learngene
     from factory.data import load_dataset
-    from factory.training.expanding import run_expanding_phase
+    from factory.training.expanding_loop import run_expanding_phase
 
     anc, t0 = ctx.ancestry, time.perf_counter()
     recipe = _learngene_inputs(ctx, None)
@@ -118,15 +126,25 @@ def _run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[st
         lg = shipped_learngene(recipe)
         how = "the shipped demo learngene (same recipe, not retrained)"
     if lg is None:
-        lg = sample_learngene(anc, recipe["layers"], recipe["heads"], seed=recipe["seed"], tau=recipe["tau"],
-                              rescale=recipe["rescale"], head_mixing=recipe["head_mixing"])
+        lg = sample_learngene(
+            anc,
+            recipe["layers"],
+            recipe["heads"],
+            seed=recipe["seed"],
+            tau=recipe["tau"],
+            rescale=recipe["rescale"],
+            head_mixing=recipe["head_mixing"],
+        )
         how = f"sampled {lg.num_layers} layers x {lg.num_heads} heads"
         if recipe["expanding"]:
             source = expanding_data(ctx.cfg, anc)
-            ds = load_dataset(source, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
+            ds = load_dataset(
+                source, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size
+            )
             exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
-            lg, _ = run_expanding_phase(lg, anc, ds, default_shapes(lg), exp, work=work,
-                                        log=ctx.log, what="learngene expanding phase")
+            lg, _ = run_expanding_phase(
+                lg, anc, ds, default_shapes(lg), exp, work=work, log=ctx.log, what="learngene expanding phase"
+            )
             how += f", trained {recipe['expanding']['steps']} expanding-phase steps on {source}"
     lg.save(tmp / "learngene")
     ctx.log(f"learngene: {how} in {time.perf_counter() - t0:.1f}s")
@@ -135,28 +153,38 @@ def _run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[st
 
 def _estimate_learngene(ctx: BuildContext, _: None) -> float:
     """The learngene stage's time, measured here: sampling it, then the expanding phase's first step (its
-    one-off costs) plus ``steps - 1`` times a step (:func:`factory.training.expanding.measure_step_seconds`:
+    one-off costs) plus ``steps - 1`` times a step (:func:`factory.training.expanding_loop.measure_step_seconds`:
     three real steps of the configured batch, input size and precision, seconds at 224 px); 0 when it
     will not run."""
-    from factory.core.expanding import ExpandingConfig, default_shapes
+    from factory.core.expanding_phase import ExpandingConfig, default_shapes
     from factory.core.learngene import sample_learngene
-    from factory.training.expanding import measure_step_seconds
+    from factory.training.expanding_loop import measure_step_seconds
 
     recipe = _learngene_inputs(ctx, None)
     if "given" in recipe or not recipe["expanding"] or shipped_learngene(recipe) is not None:
         return 0.0
     exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
     t0 = time.perf_counter()
-    lg = sample_learngene(ctx.ancestry, recipe["layers"], recipe["heads"], seed=recipe["seed"], tau=recipe["tau"],
-                          rescale=recipe["rescale"], head_mixing=recipe["head_mixing"])
+    lg = sample_learngene(
+        ctx.ancestry,
+        recipe["layers"],
+        recipe["heads"],
+        seed=recipe["seed"],
+        tau=recipe["tau"],
+        rescale=recipe["rescale"],
+        head_mixing=recipe["head_mixing"],
+    )
     sampling = time.perf_counter() - t0
     first, per_step = measure_step_seconds(lg, ctx.ancestry, default_shapes(lg), exp, first=True)
-    ctx.log(f"learngene: one expanding-phase step measured at {per_step:.2f}s (batch {exp.batch_size}, "
-            f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px; the first {first:.2f}s, sampling {sampling:.2f}s)")
+    ctx.log(
+        f"learngene: one expanding-phase step measured at {per_step:.2f}s (batch {exp.batch_size}, "
+        f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px; the first {first:.2f}s, sampling {sampling:.2f}s)"
+    )
     return sampling + first + max(0, exp.steps - 1) * per_step
 
 
 # -- init (--init auto) ------------------------------------------------------------------------------------
+
 
 def _probe_images(ctx: BuildContext) -> int:
     from factory.core.transfer import images_for
@@ -165,9 +193,15 @@ def _probe_images(ctx: BuildContext) -> int:
 
 
 def _init_inputs(ctx: BuildContext, shape: DescendantShape) -> dict[str, Any]:
-    return {"probe": dataclasses.asdict(ctx.cfg.init_probe), "images": _probe_images(ctx), "ancestry": ctx.ancestry.sha256,
-            "learngene": ctx.learngene.sha256 if ctx.learngene else None, "shape": shape.to_dict(), "seed": ctx.cfg.seed,
-            "data": ctx.data.identity}
+    return {
+        "probe": dataclasses.asdict(ctx.cfg.init_probe),
+        "images": _probe_images(ctx),
+        "ancestry": ctx.ancestry.sha256,
+        "learngene": ctx.learngene.sha256 if ctx.learngene else None,
+        "shape": shape.to_dict(),
+        "seed": ctx.cfg.seed,
+        "data": ctx.data.identity,
+    }
 
 
 def _run_init(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Path) -> dict[str, Any]:
@@ -175,8 +209,15 @@ def _run_init(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Path) 
     from factory.data import spread_sample
 
     sample = spread_sample(ctx.data.train, _probe_images(ctx))
-    decision = decide_init(shape, sample.images, sample.labels, ancestry=ctx.ancestry, learngene=ctx.learngene,
-                           seed=ctx.cfg.seed, probe=ctx.cfg.init_probe)
+    decision = decide_init(
+        shape,
+        sample.images,
+        sample.labels,
+        ancestry=ctx.ancestry,
+        learngene=ctx.learngene,
+        seed=ctx.cfg.seed,
+        probe=ctx.cfg.init_probe,
+    )
     return decision.to_dict()
 
 
@@ -184,7 +225,13 @@ def _estimate_init(ctx: BuildContext, shape: DescendantShape) -> float:
     """A forward is about a third of a training step: the candidates' forwards over the probe's images."""
     if ctx.cfg.init != "auto":
         return 0.0
-    return len(ctx.cfg.init_probe.candidates) * _probe_images(ctx) / ctx.cfg.batch_size * step_seconds(ctx, shape, ctx.cfg.batch_size) / 3
+    return (
+        len(ctx.cfg.init_probe.candidates)
+        * _probe_images(ctx)
+        / ctx.cfg.batch_size
+        * step_seconds(ctx, shape, ctx.cfg.batch_size)
+        / 3
+    )
 
 
 def _decision(entry: Entry) -> dict[str, Any]:
@@ -218,16 +265,24 @@ def decided_init(ctx: BuildContext, shape: DescendantShape) -> str | None:
 
 # -- finetune ----------------------------------------------------------------------------------------------
 
+
 def _finetune_inputs(ctx: BuildContext, shape: DescendantShape) -> dict[str, Any]:
     from factory.training.precision import pick_device, precision_for
 
     recipe = finetune_recipe(ctx.cfg)
     init = decided_init(ctx, shape)
     if init is None:
-        raise FactoryError(f"internal: the initialisation of {shape.label()} is not decided yet (run the init stage first)")
-    return {"init": init, "learngene": ctx.learngene.sha256 if ctx.learngene else None, "shape": shape.to_dict(),
-            "recipe": dataclasses.asdict(recipe), "precision": precision_for(pick_device(recipe.device), recipe.amp),
-            "data": ctx.data.identity}
+        raise FactoryError(
+            f"internal: the initialisation of {shape.label()} is not decided yet (run the init stage first)"
+        )
+    return {
+        "init": init,
+        "learngene": ctx.learngene.sha256 if ctx.learngene else None,
+        "shape": shape.to_dict(),
+        "recipe": dataclasses.asdict(recipe),
+        "precision": precision_for(pick_device(recipe.device), recipe.amp),
+        "data": ctx.data.identity,
+    }
 
 
 def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Path) -> dict[str, Any]:
@@ -239,19 +294,44 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
     init = decided_init(ctx, shape)
     model = init_descendant(init, shape, ancestry=anc, learngene=ctx.learngene, seed=c.seed)
     resume = resume_or_restart(work, f"finetune {shape.label()}", ctx.log)
-    result = train(model, ds.train, finetune_recipe(c), val_data=ds.val, out_dir=work, resume=resume, progress=True,
-                   should_stop=ctx.should_stop, desc=f"finetune {shape.label()}")
+    result = train(
+        model,
+        ds.train,
+        finetune_recipe(c),
+        val_data=ds.val,
+        out_dir=work,
+        resume=resume,
+        progress=True,
+        should_stop=ctx.should_stop,
+        desc=f"finetune {shape.label()}",
+    )
     model = model.cpu().eval()
     test_acc = evaluate(model, ds.test)
     confusion = confusion_matrix(model, ds.test)
-    save_descendant(model, anc.arch.with_shape(shape), tmp / "model.safetensors",
-                    {"method": init, "learngene_sha256": ctx.learngene.sha256, "shape": shape.to_dict(), "data": ds.identity,
-                     "steps": c.finetune_steps, "seed": c.seed})
+    save_descendant(
+        model,
+        anc.arch.with_shape(shape),
+        tmp / "model.safetensors",
+        {
+            "method": init,
+            "learngene_sha256": ctx.learngene.sha256,
+            "shape": shape.to_dict(),
+            "data": ds.identity,
+            "steps": c.finetune_steps,
+            "seed": c.seed,
+        },
+    )
     shutil.copyfile(work / "metrics.jsonl", tmp / "metrics.jsonl")
     ctx.log(f"finetune {shape.label()}: test accuracy {test_acc:.4f} in {result.seconds:.1f}s ({result.precision})")
-    return {"val_accuracy": result.val_accuracy, "test_accuracy": test_acc, "seconds": round(result.seconds, 2),
-            "precision": result.precision, "init": init,
-            "curve": training_curve(work / "metrics.jsonl"), "confusion": confusion}
+    return {
+        "val_accuracy": result.val_accuracy,
+        "test_accuracy": test_acc,
+        "seconds": round(result.seconds, 2),
+        "precision": result.precision,
+        "init": init,
+        "curve": training_curve(work / "metrics.jsonl"),
+        "confusion": confusion,
+    }
 
 
 #: Confusion matrices are kept for tasks of at most this many classes (the report draws them).
@@ -300,12 +380,18 @@ def step_seconds(ctx: BuildContext, shape: DescendantShape, batch: int) -> float
 
     if ctx.host is None:
         ctx.host = measure_host(0.2)
-    model = CostModel(Device(ctx.host.peak_flops, ctx.host.bandwidth, "onnxruntime", 1e9, False), "fp32", batch, Efficiency(),
-                      ctx.ancestry.arch)
+    model = CostModel(
+        Device(ctx.host.peak_flops, ctx.host.bandwidth, "onnxruntime", 1e9, False),
+        "fp32",
+        batch,
+        Efficiency(),
+        ctx.ancestry.arch,
+    )
     return 3 * model.latency_ms(shape) / 1e3
 
 
 # -- measure, export ---------------------------------------------------------------------------------------
+
 
 def _run_measure(ctx: BuildContext, item: ModelItem, tmp: Path, work: Path) -> dict[str, Any]:
     from factory.core.checkpoint import load_descendant
@@ -313,8 +399,11 @@ def _run_measure(ctx: BuildContext, item: ModelItem, tmp: Path, work: Path) -> d
     from factory.device.measure import measure_onnxruntime_latency
 
     model = load_descendant(item.path)
-    return {"flops_fvcore": count_flops(model), "params": count_params(model),
-            "host_latency_ms_onnxruntime": round(measure_onnxruntime_latency(item.shape, 1, arch=ctx.ancestry.arch), 4)}
+    return {
+        "flops_fvcore": count_flops(model),
+        "params": count_params(model),
+        "host_latency_ms_onnxruntime": round(measure_onnxruntime_latency(item.shape, 1, arch=ctx.ancestry.arch), 4),
+    }
 
 
 def _export_formats(item: ExportItem) -> list[str]:
@@ -327,23 +416,53 @@ def _run_export(ctx: BuildContext, item: ExportItem, tmp: Path, work: Path) -> d
     from export.api import export_model
     from factory.device.deploy import chooser
 
-    export_model(item.model, _export_formats(item), tmp / "export", profile=item.profile, data=ctx.cfg.data,
-                 log=lambda line: ctx.log(f"{item.name}: {line}"), choose=chooser(item.profile))
+    export_model(
+        item.model,
+        _export_formats(item),
+        tmp / "export",
+        profile=item.profile,
+        data=ctx.cfg.data,
+        log=lambda line: ctx.log(f"{item.name}: {line}"),
+        choose=chooser(item.profile),
+    )
     return {}
 
 
-LEARNGENE = StageSpec("learngene", "fleet", _learngene_inputs, _run_learngene, _estimate_learngene, lambda _: "learngene")
+LEARNGENE = StageSpec(
+    "learngene", "fleet", _learngene_inputs, _run_learngene, _estimate_learngene, lambda _: "learngene"
+)
 INIT = StageSpec("init", "shape", _init_inputs, _run_init, _estimate_init, lambda s: f"init {s.label()}", hit="")
-FINETUNE = StageSpec("finetune", "shape", _finetune_inputs, _run_finetune,
-                     lambda ctx, s: ctx.cfg.finetune_steps * step_seconds(ctx, s, ctx.cfg.batch_size),
-                     lambda s: f"finetune {s.label()}")
-MEASURE = StageSpec("measure", "shape", lambda ctx, m: {"model": sha256_file(m.path)}, _run_measure, lambda ctx, m: 5.0,
-                    lambda m: f"measure {m.shape.label()}", hit="")
-EXPORT = StageSpec("export", "device",
-                   lambda ctx, e: {"model": sha256_file(e.model), "formats": _export_formats(e), "profile": e.profile_sha256,
-                                   "data": ctx.data.identity},
-                   _run_export, lambda ctx, e: 5.0 * len(_export_formats(e)), lambda e: f"{e.name}: export",
-                   hit="{what} cached ({key})")
+FINETUNE = StageSpec(
+    "finetune",
+    "shape",
+    _finetune_inputs,
+    _run_finetune,
+    lambda ctx, s: ctx.cfg.finetune_steps * step_seconds(ctx, s, ctx.cfg.batch_size),
+    lambda s: f"finetune {s.label()}",
+)
+MEASURE = StageSpec(
+    "measure",
+    "shape",
+    lambda ctx, m: {"model": sha256_file(m.path)},
+    _run_measure,
+    lambda ctx, m: 5.0,
+    lambda m: f"measure {m.shape.label()}",
+    hit="",
+)
+EXPORT = StageSpec(
+    "export",
+    "device",
+    lambda ctx, e: {
+        "model": sha256_file(e.model),
+        "formats": _export_formats(e),
+        "profile": e.profile_sha256,
+        "data": ctx.data.identity,
+    },
+    _run_export,
+    lambda ctx, e: 5.0 * len(_export_formats(e)),
+    lambda e: f"{e.name}: export",
+    hit="{what} cached ({key})",
+)
 STAGES: tuple[StageSpec, ...] = (LEARNGENE, INIT, FINETUNE, MEASURE, EXPORT)
 
 
@@ -356,8 +475,9 @@ def run_stage(ctx: BuildContext, spec: StageSpec, item: Any = None) -> Entry:
     """``spec`` for ``item`` through the cache: the entry, made now unless cached and intact."""
     entry = entry_for(ctx, spec, item)
     what = spec.what(item)
-    return ctx.cache.get_or_run(entry, lambda tmp, work: spec.run(ctx, item, tmp, work), what,
-                                hit=spec.hit.format(what=what, key=entry.key))
+    return ctx.cache.get_or_run(
+        entry, lambda tmp, work: spec.run(ctx, item, tmp, work), what, hit=spec.hit.format(what=what, key=entry.key)
+    )
 
 
 def make_learngene(ctx: BuildContext) -> Entry:

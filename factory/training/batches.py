@@ -9,7 +9,7 @@ batches an uninterrupted one would have seen.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,9 @@ def augment(images: torch.Tensor, shift: int, generator: torch.Generator) -> tor
     return padded[batch, chans, rows, cols]
 
 
-def step_batch(data: ImageTensors, batch_size: int, step: int, seed: int, shift: int, *, rank: int = 0,
-               world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def step_batch(
+    data: ImageTensors, batch_size: int, step: int, seed: int, shift: int, *, rank: int = 0, world: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, labels)`` of global batch ``step`` (this rank's slice of it), augmented with a
     generator seeded by ``(seed, step)``: a pure function of its arguments, hence exact resume."""
     local = batch_size // world
@@ -64,8 +65,9 @@ class RankIndices:
         return idx[self.rank * self.local : (self.rank + 1) * self.local]
 
 
-def training_batches(data, batch_size: int, steps: range, seed: int, shift: int, *, rank: int = 0,
-                     world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def training_batches(
+    data, batch_size: int, steps: range, seed: int, shift: int, *, rank: int = 0, world: int = 1
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(images, labels)`` of each step in ``steps``: :func:`step_batch` for an in-memory split; for a
     streamed one (:class:`factory.data.stream.ImageFiles`) the same indices decoded with timm's training
     transform by DataLoader workers (``shift`` does not apply: the random crop is the augmentation)."""

@@ -1,5 +1,5 @@
 """The one step loop the fine-tune (:func:`factory.training.train.train`) and the expanding phase
-(:func:`factory.training.expanding.train_learngene`) share: schedule, progress bar, ``metrics.jsonl``,
+(:func:`factory.training.expanding_loop.train_learngene`) share: schedule, progress bar, ``metrics.jsonl``,
 checkpoints, Ctrl-C and timing. What a step computes is the caller's ``step_fn``.
 
 For ``step`` in ``start..steps-1``: poll ``should_stop`` (a checkpoint of the steps done so far, then
@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -50,8 +51,13 @@ class StepLoop:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
-    def run(self, start: int, batches: Iterator, opt: torch.optim.Optimizer,
-            step_fn: Callable[[int, Any, bool], dict[str, Any]]) -> list[dict[str, Any]]:
+    def run(
+        self,
+        start: int,
+        batches: Iterator,
+        opt: torch.optim.Optimizer,
+        step_fn: Callable[[int, Any, bool], dict[str, Any]],
+    ) -> list[dict[str, Any]]:
         """Run steps ``start..steps-1`` (module docstring); the records of this run."""
         from tqdm.auto import tqdm
 
@@ -60,8 +66,15 @@ class StepLoop:
         if self.metrics_path is not None and main:
             ensure_parent(self.metrics_path)
             log = open(self.metrics_path, "a" if self.append else "w")
-        bar = tqdm(range(start, self.steps), initial=start, total=self.steps, disable=not self.progress or not main,
-                   desc=self.desc, unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            range(start, self.steps),
+            initial=start,
+            total=self.steps,
+            disable=not self.progress or not main,
+            desc=self.desc,
+            unit="step",
+            dynamic_ncols=True,
+        )
         t0 = step_start = time.perf_counter()
         try:
             for step in bar:

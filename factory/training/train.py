@@ -29,18 +29,19 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from factory.errors import FactoryError, Interrupted
-from factory.io import atomic_directory, ensure_parent, seal, seal_state
-from factory.core.expanding import distill_loss
+from factory.core.expanding_phase import distill_loss
 from factory.data import ImageTensors
+from factory.errors import FactoryError
+from factory.io import atomic_directory, seal, seal_state
 from factory.training.batches import eval_batches, training_batches
 from factory.training.loop import StepLoop, lr_at
 from factory.training.precision import autocast_for, pick_device, precision_for
@@ -94,14 +95,17 @@ def intra_op_threads(n: int | None):
         torch.set_num_threads(previous)
 
 
-def evaluate(model: nn.Module, data: ImageTensors, *, batch_size: int = 512, device: torch.device | None = None) -> float:
+def evaluate(
+    model: nn.Module, data: ImageTensors, *, batch_size: int = 512, device: torch.device | None = None
+) -> float:
     """Top-1 accuracy of ``model`` on ``data``."""
     return evaluate_nll(model, data, batch_size=batch_size, device=device)[0]
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, data: ImageTensors, *, batch_size: int = 512,
-                   device: torch.device | None = None, amp: str = "off") -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, data: ImageTensors, *, batch_size: int = 512, device: torch.device | None = None, amp: str = "off"
+) -> torch.Tensor:
     """``model``'s float32 logits ``(N, classes)`` on ``data`` in eval mode, on the CPU (computed in ``amp``'s
     precision: fp32 by default, so reported accuracies do not depend on the machine's bf16 support)."""
     device = device or next(model.parameters()).device
@@ -113,8 +117,9 @@ def predict_logits(model: nn.Module, data: ImageTensors, *, batch_size: int = 51
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def evaluate_nll(model: nn.Module, data: ImageTensors, *, batch_size: int = 512,
-                 device: torch.device | None = None) -> tuple[float, torch.Tensor]:
+def evaluate_nll(
+    model: nn.Module, data: ImageTensors, *, batch_size: int = 512, device: torch.device | None = None
+) -> tuple[float, torch.Tensor]:
     """``(top-1 accuracy, per-image negative log-likelihood (N,))`` of ``model`` on ``data`` (no label
     smoothing); the NLL's mean is the usual validation loss, its per-image values allow paired tests."""
     return score_logits(predict_logits(model, data, batch_size=batch_size, device=device), data.labels)
@@ -201,8 +206,9 @@ def resume_or_restart(work: Path, what: str, log: Callable[[str], None]) -> bool
     return state == "done"
 
 
-def open_checkpoint(out_dir: str | Path | None, resume: bool, module: nn.Module, opt: torch.optim.Optimizer,
-                    what: str) -> tuple[Path | None, int]:
+def open_checkpoint(
+    out_dir: str | Path | None, resume: bool, module: nn.Module, opt: torch.optim.Optimizer, what: str
+) -> tuple[Path | None, int]:
     """``(checkpoint dir or None, first step)``: with ``resume``, ``module`` and ``opt`` are loaded
     from ``out_dir/checkpoint`` (one-line error naming ``what`` if there is none)."""
     ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
@@ -211,8 +217,10 @@ def open_checkpoint(out_dir: str | Path | None, resume: bool, module: nn.Module,
     if ckpt is None or not (ckpt / "state.json").is_file():
         raise FactoryError(f"cannot resume {what}: no checkpoint in {ckpt}; run it without resuming first")
     if seal_state(ckpt) == "damaged":
-        raise FactoryError(f"cannot resume {what}: the checkpoint in {ckpt} is damaged (a file is missing or changed); "
-                           "remove it and run without resuming")
+        raise FactoryError(
+            f"cannot resume {what}: the checkpoint in {ckpt} is damaged (a file is missing or changed); "
+            "remove it and run without resuming"
+        )
     return ckpt, load_checkpoint(ckpt, module, opt)
 
 
@@ -259,7 +267,9 @@ def train(
     if teacher is not None:
         teacher.to(device).eval()
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
+    no_decay = [
+        p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)
+    ]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
@@ -301,8 +311,10 @@ def train(
         seen += len(y) * world
         loss_value = state["loss"] = float(loss.detach())
         if not math.isfinite(loss_value) and scaler is None:  # fp16 AMP skips such steps itself
-            raise FactoryError(f"training diverged: the loss is {loss_value} at step {step + 1}; lower the learning "
-                               f"rate (now {cfg.lr:g}) or check the data")
+            raise FactoryError(
+                f"training diverged: the loss is {loss_value} at step {step + 1}; lower the learning "
+                f"rate (now {cfg.lr:g}) or check the data"
+            )
         batch_acc = float((logits.argmax(-1) == y).float().mean())
         record: dict[str, Any] = {"loss": round(loss_value, 5), "acc": round(batch_acc, 4), "lr": lr_at(step, cfg)}
         if val_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
@@ -314,11 +326,27 @@ def train(
         rate = seen / max(1e-9, time.perf_counter() - t0)
         return {"loss": f"{record['loss']:.3f}", "acc": f"{record['acc']:.2f}", "img_s": f"{rate:.0f}"}
 
-    loop = StepLoop(cfg.steps, cfg, save=(lambda at: save_checkpoint(ckpt, model, opt, at, cfg)) if ckpt is not None else None,
-                    ckpt_every=cfg.ckpt_every, metrics_path=out / "metrics.jsonl" if out is not None else None, append=resume,
-                    rank=rank, progress=progress, desc=desc, should_stop=should_stop, postfix=postfix)
-    history = loop.run(start, training_batches(train_data, cfg.batch_size, range(start, cfg.steps), cfg.seed, cfg.shift,
-                                               rank=rank, world=world), opt, step_fn)
+    loop = StepLoop(
+        cfg.steps,
+        cfg,
+        save=(lambda at: save_checkpoint(ckpt, model, opt, at, cfg)) if ckpt is not None else None,
+        ckpt_every=cfg.ckpt_every,
+        metrics_path=out / "metrics.jsonl" if out is not None else None,
+        append=resume,
+        rank=rank,
+        progress=progress,
+        desc=desc,
+        should_stop=should_stop,
+        postfix=postfix,
+    )
+    history = loop.run(
+        start,
+        training_batches(
+            train_data, cfg.batch_size, range(start, cfg.steps), cfg.seed, cfg.shift, rank=rank, world=world
+        ),
+        opt,
+        step_fn,
+    )
     loss_value, acc = state["loss"], state["acc"]
     if carry is not None:
         carry.update(optimizer=opt.state_dict(), step=cfg.steps)

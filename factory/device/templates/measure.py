@@ -4,6 +4,7 @@
 Stand-alone (numpy and the runtime only). Usage: python3 measure.py [--runtime R] [--repeats N]
 Exit codes: 0 measured, 1 a measurement failed (the model or the runtime), 2 a usage error.
 """
+
 import argparse
 import csv
 import datetime
@@ -77,8 +78,16 @@ def tensorrt_ms(path, shape, repeats):
     else:
         precision = {"fp16": ["--fp16"], "int8": ["--int8", "--fp16"]}[KIT["precision"]]
     dims = "x".join(str(d) for d in shape)
-    cmd = [trtexec, f"--onnx={path}", f"--shapes=images:{dims}", "--noDataTransfers", "--useCudaGraph",
-           f"--iterations={repeats}", "--warmUp=200", *precision]
+    cmd = [
+        trtexec,
+        f"--onnx={path}",
+        f"--shapes=images:{dims}",
+        "--noDataTransfers",
+        "--useCudaGraph",
+        f"--iterations={repeats}",
+        "--warmUp=200",
+        *precision,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -127,8 +136,12 @@ def main():
     except (OSError, ValueError) as exc:
         usage(f"cannot read kit.json ({exc}); re-create the kit with peg-factory calibrate")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runtime", default=KIT["runtime"], choices=sorted(TIMERS),
-                        help="the runtime to time with (default: the profile's, from kit.json)")
+    parser.add_argument(
+        "--runtime",
+        default=KIT["runtime"],
+        choices=sorted(TIMERS),
+        help="the runtime to time with (default: the profile's, from kit.json)",
+    )
     parser.add_argument("--repeats", type=int, default=50, help="timed runs per model (>= 1)")
     args = parser.parse_args()
     if args.repeats < 1:
@@ -148,7 +161,9 @@ def main():
             usage(f"the {args.runtime} runtime is not installed here ({exc}); install it or pass --runtime")
         except Exception as exc:  # noqa: BLE001 - the runtime rejected the model or failed running it
             fail(f"{row['file']}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
-        rows.append({**{k: v for k, v in row.items() if k != "file"}, "runtime": args.runtime, "latency_ms": f"{ms:.5f}"})
+        rows.append(
+            {**{k: v for k, v in row.items() if k != "file"}, "runtime": args.runtime, "latency_ms": f"{ms:.5f}"}
+        )
         print(f"{row['file']}: {ms:.4f} ms", flush=True)
     tmp = HERE / "calibration.csv.tmp"
     with open(tmp, "w", newline="") as fh:
@@ -156,9 +171,16 @@ def main():
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(HERE / "calibration.csv")
-    meta = {"runtime": args.runtime, "runtime_version": version, "host": platform.node(), "machine": platform.machine(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "repeats": args.repeats,
-            "profile": KIT["profile"], "precision": KIT["precision"]}
+    meta = {
+        "runtime": args.runtime,
+        "runtime_version": version,
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "repeats": args.repeats,
+        "profile": KIT["profile"],
+        "precision": KIT["precision"],
+    }
     (HERE / "calibration.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {HERE / 'calibration.csv'} ({len(rows)} rows) and calibration.json")
 

@@ -22,7 +22,7 @@ the CPU) under bf16 autocast where
 fp32); with ``distill_img_size`` the batch is resized (bilinear, antialiased) to that size, the teacher is a
 copy of the ancestry with its position embedding resampled to the smaller grid (timm's ``set_input_size``)
 and each descendant's expanded position embedding is resampled differentiably
-(:func:`factory.core.expanding.distill_pos_embed`), so the learngene's full-size embedding is what trains.
+(:func:`factory.core.expanding_phase.distill_pos_embed`), so the learngene's full-size embedding is what trains.
 The teacher's outputs are *not* cached: each step's batch is freshly augmented (``shift``), so no two
 steps see the same input, and the teacher's forward pass is a small part of a step (about 1 of
 ``1 + 3 * sum(student depth) / teacher depth`` forward-equivalents: 9-15% of a DeiT-Tiny step at 224 px
@@ -40,24 +40,31 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from factory.core.ancestry import Ancestry
 from factory.core.expand import expand, expand_tensors
-from factory.core.expanding import ExpandingConfig, GeneParameters, check_distill_size, distill_loss, distill_pos_embed, picks_at
+from factory.core.expanding_phase import (
+    ExpandingConfig,
+    GeneParameters,
+    check_distill_size,
+    distill_loss,
+    distill_pos_embed,
+    picks_at,
+)
 from factory.core.learngene import Learngene
 from factory.core.shapes import DescendantShape, vit_flops
 from factory.core.timm_vit import build_vit
 from factory.errors import FactoryError
 from factory.training.batches import training_batches
-from factory.training.precision import autocast_for, pick_device, precision_for
 from factory.training.loop import StepLoop
+from factory.training.precision import autocast_for, pick_device, precision_for
 from factory.training.train import TrainConfig, evaluate, open_checkpoint, resume_or_restart, save_checkpoint
 
 
@@ -135,7 +142,9 @@ def train_learngene(
     def step_fn(step: int, batch, last: bool) -> dict[str, Any]:
         x = batch[0].to(device, non_blocking=True)
         if size != arch.img_size:
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            x = torch.nn.functional.interpolate(
+                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
         with torch.no_grad(), autocast:
             target = teacher(x).float()
         opt.zero_grad(set_to_none=True)
@@ -155,10 +164,20 @@ def train_learngene(
         return {"loss": round(total, 5)}
 
     t0 = time.perf_counter()
-    loop = StepLoop(cfg.steps, schedule, save=(lambda at: save_checkpoint(ckpt, work, opt, at, cfg)) if ckpt is not None else None,
-                    ckpt_every=ckpt_every, metrics_path=out / "metrics.jsonl" if out is not None else None, append=resume,
-                    progress=progress, desc="expanding phase", should_stop=should_stop)
-    history = loop.run(start, training_batches(data, cfg.batch_size, range(start, cfg.steps), cfg.seed, cfg.shift), opt, step_fn)
+    loop = StepLoop(
+        cfg.steps,
+        schedule,
+        save=(lambda at: save_checkpoint(ckpt, work, opt, at, cfg)) if ckpt is not None else None,
+        ckpt_every=ckpt_every,
+        metrics_path=out / "metrics.jsonl" if out is not None else None,
+        append=resume,
+        progress=progress,
+        desc="expanding phase",
+        should_stop=should_stop,
+    )
+    history = loop.run(
+        start, training_batches(data, cfg.batch_size, range(start, cfg.steps), cfg.seed, cfg.shift), opt, step_fn
+    )
     trained = work.requires_grad_(False).cpu().learngene(lg, detach=True)
     trained.meta = dict(lg.meta)
     report["loss_first"] = history[0]["loss"] if history else None
@@ -167,12 +186,21 @@ def train_learngene(
     report["history"] = history
     if eval_data is not None:
         report["zero_shot_after"] = zero_shot(trained, eval_shapes or shapes, eval_data)
-    trained.meta["expanding_phase"] = {k: v for k, v in report.items() if k not in ("history", "zero_shot_before", "zero_shot_after")}
+    trained.meta["expanding_phase"] = {
+        k: v for k, v in report.items() if k not in ("history", "zero_shot_before", "zero_shot_after")
+    }
     return trained, report
 
 
-def measure_step_seconds(lg: Learngene, ancestry: Ancestry, shapes: list[DescendantShape], cfg: ExpandingConfig, *,
-                         steps: int = 3, first: bool = False) -> float | tuple[float, float]:
+def measure_step_seconds(
+    lg: Learngene,
+    ancestry: Ancestry,
+    shapes: list[DescendantShape],
+    cfg: ExpandingConfig,
+    *,
+    steps: int = 3,
+    first: bool = False,
+) -> float | tuple[float, float]:
     """Seconds per expanding-phase step of ``cfg`` on this machine, measured: ``steps`` real steps on random
     images of the ancestry's size (the first one, with its one-off costs, left out; the median of the rest,
     over the sandwich's changing random shape). With ``first``, ``(first step's seconds, per step)``: the
@@ -190,10 +218,21 @@ def measure_step_seconds(lg: Learngene, ancestry: Ancestry, shapes: list[Descend
     return (report["history"][0]["seconds"], per_step) if first else per_step
 
 
-def run_expanding_phase(lg: Learngene, ancestry: Ancestry, data, shapes: list[DescendantShape], cfg: ExpandingConfig, *,
-                        work: Path, log: Callable[[str], None], ckpt_every: int | None = None,
-                        eval_shapes: list[DescendantShape] | None = None, eval_images: int = 0, progress: bool = True,
-                        what: str = "the expanding phase") -> tuple[Learngene, dict[str, Any]]:
+def run_expanding_phase(
+    lg: Learngene,
+    ancestry: Ancestry,
+    data,
+    shapes: list[DescendantShape],
+    cfg: ExpandingConfig,
+    *,
+    work: Path,
+    log: Callable[[str], None],
+    ckpt_every: int | None = None,
+    eval_shapes: list[DescendantShape] | None = None,
+    eval_images: int = 0,
+    progress: bool = True,
+    what: str = "the expanding phase",
+) -> tuple[Learngene, dict[str, Any]]:
     """The expanding phase as the build's learngene stage and ``peg-factory learngene train`` both run it:
     resume from ``work`` when it holds an intact checkpoint (:func:`factory.training.train.resume_or_restart`),
     train on ``data.train`` (a :class:`factory.data.Dataset`), checkpoint every ``ckpt_every`` steps
@@ -201,10 +240,19 @@ def run_expanding_phase(lg: Learngene, ancestry: Ancestry, data, shapes: list[De
     (0: not at all), and record the data's identity in the learngene's metadata."""
     resume = resume_or_restart(work, what, log)
     eval_data = data.val.subset(0, eval_images) if eval_images else None
-    trained, report = train_learngene(lg, ancestry, data.train, shapes, cfg, eval_data=eval_data, eval_shapes=eval_shapes,
-                                      out_dir=work, resume=resume, ckpt_every=ckpt_every or max(1, cfg.steps // 10),
-                                      progress=progress)
+    trained, report = train_learngene(
+        lg,
+        ancestry,
+        data.train,
+        shapes,
+        cfg,
+        eval_data=eval_data,
+        eval_shapes=eval_shapes,
+        out_dir=work,
+        resume=resume,
+        ckpt_every=ckpt_every or max(1, cfg.steps // 10),
+        progress=progress,
+    )
     if "expanding_phase" in trained.meta:
         trained.meta["expanding_phase"]["data"] = data.identity
     return trained, report
-

@@ -1,7 +1,7 @@
 """PEG's expanding phase, the math: which shapes it trains, its loss, its parameters, its sandwich rule.
 
 The loop that runs it (data, optimiser, checkpoints, progress) is
-:func:`factory.training.expanding.train_learngene`; its docstring states the objective:
+:func:`factory.training.expanding_loop.train_learngene`; its docstring states the objective:
 
     sum_shapes  T^2 * KL(softmax(ancestry(x) / T) || softmax(descendant(x) / T))
 
@@ -26,6 +26,7 @@ from factory.core.mixing import DepthMap
 from factory.core.shapes import DescendantShape
 from factory.errors import FactoryError
 
+
 @dataclass(frozen=True)
 class ExpandingConfig:
     """Recipe of the expanding phase (defaults chosen by ``bench/learngene_study.py``)."""
@@ -45,12 +46,22 @@ class ExpandingConfig:
     #: what trains (:func:`distill_pos_embed`); a multiple of the patch size. Attention cost falls with the
     #: square of the token count: 224 -> 112 px is 4x fewer tokens.
     distill_img_size: int | None = None
-    amp: str = "auto"  # the steps' precision (factory.training.precision.precision_for); a speed setting, see SPEED_FIELDS
+    amp: str = (
+        "auto"  # the steps' precision (factory.training.precision.precision_for); a speed setting, see SPEED_FIELDS
+    )
     device: str = "auto"  # where the steps run (auto: CUDA when available); a speed setting too
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0 or self.extra_hidden < 0 or self.random_per_step < 0:
-            raise FactoryError("expanding phase needs steps >= 0, batch_size >= 1, lr > 0, extra_hidden >= 0, random_per_step >= 0")
+        if (
+            self.steps < 0
+            or self.batch_size < 1
+            or not self.lr > 0
+            or self.extra_hidden < 0
+            or self.random_per_step < 0
+        ):
+            raise FactoryError(
+                "expanding phase needs steps >= 0, batch_size >= 1, lr > 0, extra_hidden >= 0, random_per_step >= 0"
+            )
         if self.distill_img_size is not None and self.distill_img_size < 1:
             raise FactoryError(f"expanding-phase distillation size must be >= 1 pixel, got {self.distill_img_size}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
@@ -74,8 +85,10 @@ def recipe_fields(cfg: ExpandingConfig) -> dict:
 def check_distill_size(size: int, arch) -> None:
     """Refuse (one line) a distillation size that is not a positive multiple of ``arch``'s patch size."""
     if size % arch.patch_size or size < arch.patch_size:
-        raise FactoryError(f"--expand-img-size {size} must be a multiple of the ancestry's patch size {arch.patch_size} "
-                           f"(e.g. {max(1, arch.img_size // arch.patch_size // 2) * arch.patch_size})")
+        raise FactoryError(
+            f"--expand-img-size {size} must be a multiple of the ancestry's patch size {arch.patch_size} "
+            f"(e.g. {max(1, arch.img_size // arch.patch_size // 2) * arch.patch_size})"
+        )
 
 
 def default_depths(lg: Learngene) -> list[int]:
@@ -92,15 +105,20 @@ def default_widths(lg: Learngene) -> list[int]:
 def head_options(width: int, arch, max_heads: int) -> list[int]:
     """The fewest and the most heads a searcher would give ``width``: head dim a multiple of 8 in
     ``[16, ancestry head dim]`` (the searcher's rule), at most ``max_heads``; else the ancestry's rule."""
-    valid = [h for h in range(1, max_heads + 1) if width % h == 0 and (width // h) % 8 == 0 and 16 <= width // h <= arch.head_dim]
+    valid = [
+        h
+        for h in range(1, max_heads + 1)
+        if width % h == 0 and (width // h) % 8 == 0 and 16 <= width // h <= arch.head_dim
+    ]
     if not valid:
         heads = width // arch.head_dim if width % arch.head_dim == 0 else arch.num_heads
         return [heads if width % heads == 0 else 1]
     return sorted({valid[0], valid[-1]})
 
 
-def default_shapes(lg: Learngene, depths: list[int] | None = None, widths: list[int] | None = None, *,
-                   vary: bool = False) -> list[DescendantShape]:
+def default_shapes(
+    lg: Learngene, depths: list[int] | None = None, widths: list[int] | None = None, *, vary: bool = False
+) -> list[DescendantShape]:
     """Descendants at ``depths`` x ``widths`` (defaults :func:`default_depths`, :func:`default_widths`).
 
     By default one shape per (depth, width): the ancestry's head dim where it divides the width
@@ -134,8 +152,9 @@ def default_shapes(lg: Learngene, depths: list[int] | None = None, widths: list[
     return out
 
 
-def distill_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
-                      prefix_tokens: int) -> torch.Tensor:
+def distill_pos_embed(
+    pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], prefix_tokens: int
+) -> torch.Tensor:
     """``pos_embed`` ``(1, prefix + H*W, D)`` resampled to a ``new_grid`` of patches by timm's bicubic
     :func:`timm.layers.resample_abs_pos_embed` (the prefix tokens kept as they are); differentiable, so the
     gradient of a distillation at the new size reaches the full-size embedding."""
@@ -143,7 +162,9 @@ def distill_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_gr
         return pos_embed
     from timm.layers import resample_abs_pos_embed
 
-    return resample_abs_pos_embed(pos_embed, list(new_grid), list(old_grid), num_prefix_tokens=prefix_tokens, verbose=False)
+    return resample_abs_pos_embed(
+        pos_embed, list(new_grid), list(old_grid), num_prefix_tokens=prefix_tokens, verbose=False
+    )
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -154,19 +175,30 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     ) * (t * t)
 
 
-
 class GeneParameters(nn.Module):
     """The expanding phase's parameters as one module (so the trainer's checkpoints apply)."""
 
     def __init__(self, lg: Learngene, depths: set[int], cfg: ExpandingConfig):
         super().__init__()
-        self.genes = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v.detach().clone()) for k, v in lg.genes.items()})
-        self.stem = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v.detach().clone(), requires_grad=cfg.train_stem)
-                                      for k, v in lg.stem.items()})
-        self.maps = nn.ModuleDict({
-            str(d): (copy.deepcopy(lg.depth_maps[d]) if d in lg.depth_maps else DepthMap(lg.num_layers, d, extra_hidden=cfg.extra_hidden, seed=cfg.seed))
-            for d in sorted(depths)
-        })
+        self.genes = nn.ParameterDict(
+            {k.replace(".", "__"): nn.Parameter(v.detach().clone()) for k, v in lg.genes.items()}
+        )
+        self.stem = nn.ParameterDict(
+            {
+                k.replace(".", "__"): nn.Parameter(v.detach().clone(), requires_grad=cfg.train_stem)
+                for k, v in lg.stem.items()
+            }
+        )
+        self.maps = nn.ModuleDict(
+            {
+                str(d): (
+                    copy.deepcopy(lg.depth_maps[d])
+                    if d in lg.depth_maps
+                    else DepthMap(lg.num_layers, d, extra_hidden=cfg.extra_hidden, seed=cfg.seed)
+                )
+                for d in sorted(depths)
+            }
+        )
 
     def learngene(self, lg: Learngene, detach: bool = False) -> Learngene:
         def plain(params: nn.ParameterDict) -> dict[str, torch.Tensor]:

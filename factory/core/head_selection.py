@@ -30,10 +30,10 @@ from typing import Literal
 
 import torch
 
-from factory.errors import FactoryError
 from factory.core.mixing import evenly_spaced, interpolation_matrix, mix_heads
 from factory.core.shapes import ArchConfig, DescendantShape
 from factory.core.timm_vit import BLOCK_TENSORS, STEM_TENSORS
+from factory.errors import FactoryError
 
 Selection = Literal["even", "importance"]
 SELECTIONS: tuple[str, ...] = ("even", "importance")
@@ -212,9 +212,7 @@ def descend(
     return adapt_stem(arch, stem, shape), blocks
 
 
-def adapt_stem(
-    arch: ArchConfig, stem: dict[str, torch.Tensor], shape: DescendantShape
-) -> dict[str, torch.Tensor]:
+def adapt_stem(arch: ArchConfig, stem: dict[str, torch.Tensor], shape: DescendantShape) -> dict[str, torch.Tensor]:
     """Resample position and patch embeddings to ``shape``'s grid; drop a mismatched head."""
     from timm.layers import resample_abs_pos_embed, resample_patch_embed
 

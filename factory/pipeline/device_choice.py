@@ -19,8 +19,9 @@ from factory.pipeline.config import finetune_recipe, search_init
 from factory.pipeline.stages import BuildContext
 
 
-def search_devices(profiles, space, anc, cfg, objective: str, why: str,
-                   log=None) -> tuple[list[dict[str, Any]], dict[str, SearchResult]]:
+def search_devices(
+    profiles, space, anc, cfg, objective: str, why: str, log=None
+) -> tuple[list[dict[str, Any]], dict[str, SearchResult]]:
     """Per profile, its manifest entry with the capacity choice (or ``status: failed`` and why), and
     the search results by device name (what the accuracy probes choose among; a device whose
     search found nothing that fits has its result too, for the closest miss). A profile whose
@@ -30,8 +31,10 @@ def search_devices(profiles, space, anc, cfg, objective: str, why: str,
     for prof in profiles:
         entry = manifest.device_entry(prof)
         if prof.input_size and prof.input_size != anc.arch.img_size:
-            entry["input_size_note"] = (f"budgets sized for {prof.input_size} px ({prof.use or 'no use stated'}); searched at "
-                                        f"the ancestry's {anc.arch.img_size} px")
+            entry["input_size_note"] = (
+                f"budgets sized for {prof.input_size} px ({prof.use or 'no use stated'}); searched at "
+                f"the ancestry's {anc.arch.img_size} px"
+            )
             if log:
                 log(f"{prof.name}: {entry['input_size_note']}")
         try:
@@ -40,10 +43,14 @@ def search_devices(profiles, space, anc, cfg, objective: str, why: str,
             entry["latency_method"] = cost.method
             entry["latency_band"] = cost.band
             best = result.require_feasible()
-            entry.update(shape=best.shape.to_dict(), predicted=best.to_dict(),
-                         search=manifest.search_summary(result, best),
-                         selection={"objective": "capacity", "reason": f"{why}: the largest shape that fits, not probed"}
-                         if objective == "capacity" else {"objective": "capacity", "reason": "pending accuracy estimate"})
+            entry.update(
+                shape=best.shape.to_dict(),
+                predicted=best.to_dict(),
+                search=manifest.search_summary(result, best),
+                selection={"objective": "capacity", "reason": f"{why}: the largest shape that fits, not probed"}
+                if objective == "capacity"
+                else {"objective": "capacity", "reason": "pending accuracy estimate"},
+            )
         except FactoryError as exc:
             entry.update(status="failed", error=str(exc))
         devices.append(entry)
@@ -53,13 +60,24 @@ def search_devices(profiles, space, anc, cfg, objective: str, why: str,
 def estimator(ctx: BuildContext) -> SuccessiveHalving:
     """The accuracy estimator of a build: successive halving of the build's own fine-tuning recipe."""
     c = ctx.cfg
-    return SuccessiveHalving(ctx.ancestry, ctx.learngene, ctx.data, finetune_recipe(c), init=search_init(c),
-                             config=EstimatorConfig(candidates=c.candidates), cache_dir=ctx.cache.root / "estimate",
-                             progress=True)
+    return SuccessiveHalving(
+        ctx.ancestry,
+        ctx.learngene,
+        ctx.data,
+        finetune_recipe(c),
+        init=search_init(c),
+        config=EstimatorConfig(candidates=c.candidates),
+        cache_dir=ctx.cache.root / "estimate",
+        progress=True,
+    )
 
 
-def choose_by_probes(ctx: BuildContext, devices: list[dict[str, Any]], results: dict[str, SearchResult],
-                     reason: str = "--objective accuracy") -> None:
+def choose_by_probes(
+    ctx: BuildContext,
+    devices: list[dict[str, Any]],
+    results: dict[str, SearchResult],
+    reason: str = "--objective accuracy",
+) -> None:
     """Replace each device's capacity choice by the candidate with the best predicted accuracy;
     ``reason`` (why the build probes) goes into each device's ``selection``."""
     predictor = estimator(ctx)
@@ -70,14 +88,24 @@ def choose_by_probes(ctx: BuildContext, devices: list[dict[str, Any]], results: 
         best, spent = result.feasible[0], predictor.seconds
         chosen, rows = choose_by_accuracy(result, predictor, ctx.cfg.candidates)
         row = next(r for r in rows if r["chosen"])
-        entry.update(shape=chosen.shape.to_dict(),
-                     predicted={**chosen.to_dict(), "accuracy": row["predicted_accuracy"]},
-                     search={**entry["search"], "chosen": [round(chosen.latency_ms, 5), round(chosen.score, 4)]})
-        entry["selection"] = {"objective": "accuracy", "reason": reason, "estimator": predictor.describe(), "candidates": rows,
-                              "chosen": chosen.shape.label(), "capacity_choice": best.shape.label(),
-                              "seconds": round(predictor.seconds - spent, 2)}
-        ctx.log(f"{entry['name']}: chose {chosen.shape.label()} from {len(rows)} probed candidates in "
-                f"{predictor.seconds - spent:.1f}s; {describe_decision(row.get('decision', {}))}")
+        entry.update(
+            shape=chosen.shape.to_dict(),
+            predicted={**chosen.to_dict(), "accuracy": row["predicted_accuracy"]},
+            search={**entry["search"], "chosen": [round(chosen.latency_ms, 5), round(chosen.score, 4)]},
+        )
+        entry["selection"] = {
+            "objective": "accuracy",
+            "reason": reason,
+            "estimator": predictor.describe(),
+            "candidates": rows,
+            "chosen": chosen.shape.label(),
+            "capacity_choice": best.shape.label(),
+            "seconds": round(predictor.seconds - spent, 2),
+        }
+        ctx.log(
+            f"{entry['name']}: chose {chosen.shape.label()} from {len(rows)} probed candidates in "
+            f"{predictor.seconds - spent:.1f}s; {describe_decision(row.get('decision', {}))}"
+        )
 
 
 def shape_groups(devices: list[dict[str, Any]], profiles) -> dict[DescendantShape, list[tuple[Any, dict[str, Any]]]]:
