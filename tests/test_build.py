@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 from factory.cli import cli
 from factory.device.profile import load_profile
 from factory.pipeline.build import BuildConfig, build
+from factory.pipeline.config import finetune_recipe
 
 TINY = """name: {name}
 hardware: {{kind: cpu, peak_tflops: {{fp32: 0.2}}, memory_bandwidth_gbs: 20, memory_mb: 512, runtime: onnxruntime,
@@ -42,6 +44,9 @@ def test_end_to_end_build_and_cache_hit(tmp_path):
     dev = manifest["devices"][0]
     assert dev["status"] == "ok" and dev["params"] <= 0.2e6
     assert dev["margins"]["params_m"] >= 0
+    # the manifest records the TrainConfig that ran, not a copy of the build's settings
+    assert dev["finetune"]["config"] == dataclasses.asdict(finetune_recipe(CFG))
+    assert dev["finetune"]["steps"] == dev["finetune"]["config"]["steps"] == CFG.finetune_steps
     for name, art in dev["artifacts"].items():
         assert (out / art["path"]).exists(), name
     card = (out / "tiny" / "MODEL_CARD.md").read_text()

@@ -144,7 +144,7 @@ def search_cmd(
         ctx = BuildContext(Path(work), cfg, Cache(Path(work) / ".cache", log), log, anc, ds)
         make_learngene(ctx)
         t0 = time.perf_counter()
-        choose_by_probes(ctx, [entry], results, reason=reason)
+        [entry] = choose_by_probes(ctx, [entry], results, reason=reason)
         selection = {**entry["selection"], "seconds_total": round(time.perf_counter() - t0, 2)}
     if as_json:
         echo_json(

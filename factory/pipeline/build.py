@@ -114,7 +114,7 @@ def _build(
 
     lg_entry = make_learngene(ctx)
     if objective == "accuracy":
-        choose_by_probes(ctx, devices, results, reason=why)
+        devices = choose_by_probes(ctx, devices, results, reason=why)
     head = manifest.head(cfg, anc, ctx.learngene, ds, lg_entry.key, names)
     tasks = [
         ShapeTask(
@@ -123,18 +123,19 @@ def _build(
             str((lg_entry.path / "learngene").resolve()),
             ctx.learngene.sha256,
             shape,
-            tuple(DeviceTask(prof, entry) for prof, entry in group),
+            tuple(DeviceTask(prof, device) for prof, device in group),
             head,
         )
         for shape, group in shape_groups(devices, profiles).items()
     ]
-    updates = dict(
-        u for result in executor.map(run_shape_task, tasks, log=log, failed=ShapeTask.failed) for u in result
-    )
-    for entry in devices:
-        entry.update(updates.get(entry["name"], {}))
+    finished = {r.name: r for rs in executor.map(run_shape_task, tasks, log=log, failed=ShapeTask.failed) for r in rs}
+    devices = [finished.get(d.name, d) for d in devices]
     built = manifest.assemble(
-        head, key=key, devices=devices, executor=executor.describe(), seconds=time.perf_counter() - t_start
+        head,
+        key=key,
+        devices=[d.to_manifest() for d in devices],
+        executor=executor.describe(),
+        seconds=time.perf_counter() - t_start,
     )
     write_reports(out, built)
     manifest.write(out, built)

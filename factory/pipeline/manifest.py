@@ -2,14 +2,14 @@
 
 Schema: :data:`factory.pipeline.manifest_schema.MANIFEST_SCHEMA`. The report
 (:mod:`factory.pipeline.report`) and the model cards (:mod:`factory.pipeline.model_card`) are
-rendered from the manifest alone. A device entry is built in three steps: :func:`device_entry`
-(profile and search), the selection (:mod:`factory.pipeline.device_choice`), then
-:func:`device_record` (fine-tune, measurements, artifacts) from the shape task that built it.
+rendered from the manifest alone. A device's entry is its
+:meth:`~factory.pipeline.device_result.DeviceResult.to_manifest`: the profile, the search and selection
+(:mod:`factory.pipeline.device_choice`), then :func:`device_record` (fine-tune, measurements,
+artifacts) from the shape task that built it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -21,18 +21,11 @@ from factory._version import __version__
 from factory.errors import FactoryError
 from factory.io import atomic_write_bytes, confined, content_key, sha256_file
 from factory.pipeline.config import BuildConfig, build_learngene_recipe, identity, learngene_fingerprint
+from factory.pipeline.device_result import profile_hash
 from factory.pipeline.manifest_schema import MANIFEST_SCHEMA
 
 #: At most this many rejected shapes are kept per device for the report's plot.
 REJECTED_POINTS = 400
-
-
-def profile_hash(profile) -> str:
-    return (
-        hashlib.sha256(Path(profile.path).read_bytes()).hexdigest()
-        if profile.path
-        else content_key(profile.model_dump())
-    )
 
 
 def tool_versions() -> dict[str, str | None]:
@@ -45,26 +38,6 @@ def tool_versions() -> dict[str, str | None]:
         except md.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def device_entry(profile) -> dict[str, Any]:
-    """A device's entry before its search: the profile, and what the model card says of the target."""
-    return {
-        "name": profile.name,
-        "profile": str(profile.path),
-        "profile_sha256": profile_hash(profile),
-        "profile_data": profile.model_dump(mode="json", exclude_none=True),  # export needs no path to re-read it
-        "budgets": dict(profile.budgets.items()),
-        "target": {
-            "description": profile.description or profile.name,
-            "precision": profile.precision,
-            "batch": profile.batch,
-            "runtime": profile.hardware.runtime,
-            "this_host": bool(profile.hardware.measure),
-            **({"use": profile.use} if profile.use else {}),
-            **({"input_size": profile.input_size} if profile.input_size else {}),
-        },
-    }
 
 
 def search_summary(result, chosen) -> dict[str, Any]:
@@ -82,7 +55,7 @@ def search_summary(result, chosen) -> dict[str, Any]:
 
 
 def device_record(
-    entry: dict[str, Any],
+    entry,
     *,
     finetune: dict[str, Any],
     finetune_key: str,
@@ -93,7 +66,8 @@ def device_record(
     learngene_sha256: str,
     init_decision: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A built device's manifest fields, from its search ``entry`` (``predicted``, ``search``), the
+    """A built device's manifest fields, from its :class:`~factory.pipeline.device_result.DeviceResult` so far
+    (``entry``: ``name``, ``predicted``), the
     fine-tune's and measure stage's sealed info, the export record and, for ``--init auto``, the
     decision (``init_decision``: chosen, reason, k-NN figures, seconds; with the decision's cost as a
     fraction of the fine-tune's)."""
@@ -120,7 +94,8 @@ def device_record(
         ),
         "learngene_sha256": learngene_sha256,
         "finetune": {
-            "steps": cfg.finetune_steps,
+            "steps": (finetune.get("config") or {}).get("steps", cfg.finetune_steps),
+            **({"config": finetune["config"]} if finetune.get("config") else {}),  # the TrainConfig that ran
             "seed": cfg.seed,
             "cache_key": finetune_key,
             "seconds": finetune["seconds"],

@@ -50,8 +50,9 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
         )
     by_name = {p.name: p for p in profiles}
     rows = []
-    for entry in devices:
-        if entry.get("status") == "failed":
+    for device in devices:
+        entry = device.to_manifest()
+        if device.is_failed:
             log(f"{entry['name']}: FAILS at search: {entry['error']}")
             rows.append(entry)
             continue

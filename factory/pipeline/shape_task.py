@@ -24,18 +24,17 @@ from factory.io import confined, owned_directory, sha256_file
 from factory.pipeline import manifest, model_card
 from factory.pipeline.cache import Cache, Entry
 from factory.pipeline.config import BuildConfig
+from factory.pipeline.device_result import DeviceResult
 from factory.pipeline.executor import TaskEnv
 from factory.pipeline.stages import EXPORT, FINETUNE, MEASURE, BuildContext, ExportItem, ModelItem, decide, run_stage
-
-Update = tuple[str, dict[str, Any]]  # (device name, its manifest entry's update)
 
 
 @dataclass(frozen=True)
 class DeviceTask:
-    """A device that chose the task's shape: its profile and its manifest entry so far (search, selection)."""
+    """A device that chose the task's shape: its profile and its result so far (search, selection)."""
 
     profile: Any  # factory.device.profile.Profile
-    entry: dict[str, Any]
+    result: DeviceResult
 
 
 @dataclass(frozen=True)
@@ -50,11 +49,11 @@ class ShapeTask:
 
     @property
     def names(self) -> list[str]:
-        return [d.entry["name"] for d in self.devices]
+        return [d.result.name for d in self.devices]
 
-    def failed(self, reason: str) -> list[Update]:
+    def failed(self, reason: str) -> list[DeviceResult]:
         """Every device of the task failed with ``reason``."""
-        return [(name, {"status": "failed", "error": reason}) for name in self.names]
+        return [d.result.failed(reason) for d in self.devices]
 
 
 @functools.lru_cache(maxsize=2)
@@ -85,7 +84,7 @@ def ancestry_and_data(cfg: BuildConfig):
     return anc, ds
 
 
-def run_shape_task(task: ShapeTask, env: TaskEnv) -> list[Update]:
+def run_shape_task(task: ShapeTask, env: TaskEnv) -> list[DeviceResult]:
     """Fine-tune ``task.shape`` once (``env.threads`` intra-op threads), then measure, export and
     assemble it for each device; a :class:`FactoryError` fails the devices it concerns, not the build.
 
@@ -111,23 +110,21 @@ def run_shape_task(task: ShapeTask, env: TaskEnv) -> list[Update]:
     except FactoryError as exc:
         env.log(f"finetune {task.shape.label()}: failed: {exc}")
         return task.failed(str(exc))
-    updates = []
+    results = []
     for device in task.devices:
-        name = device.entry["name"]
         try:
             with env.serial if env.serial is not None else contextlib.nullcontext():
-                update = {**finish_device(ctx, task, device, tuned), "status": "ok"}
+                results.append(finish_device(ctx, task, device, tuned))
         except FactoryError as exc:
-            update = {"status": "failed", "error": str(exc)}
-            env.log(f"{name}: failed: {exc}")
-        updates.append((name, update))
-    return updates
+            results.append(device.result.failed(str(exc)))
+            env.log(f"{device.result.name}: failed: {exc}")
+    return results
 
 
-def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned: Entry) -> dict[str, Any]:
-    """Measure and export one device's model, then write ``OUT/<device>/`` (model, export, model card)
-    and return its manifest entry's update."""
-    prof, entry = device.profile, device.entry
+def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned: Entry) -> DeviceResult:
+    """Measure and export one device's model, then write ``OUT/<device>/`` (model, export, model card);
+    the device's result, built."""
+    prof, entry = device.profile, device.result
     model_file = tuned.path / "model.safetensors"
     measured = run_stage(ctx, MEASURE, ModelItem(task.shape, model_file)).info()
     exported = run_stage(ctx, EXPORT, ExportItem(prof.name, prof, entry["profile_sha256"], model_file))
@@ -162,5 +159,6 @@ def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned:
             }
         except FactoryError as exc:
             ctx.log(f"{prof.name}: no timm config.json: {exc}")
-        (tmp / "MODEL_CARD.md").write_text(model_card.render(task.head, {**entry, **update}))
-    return update
+        built = entry.built(update)
+        (tmp / "MODEL_CARD.md").write_text(model_card.render(task.head, built.to_manifest()))
+    return built

@@ -329,6 +329,7 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
         "seconds": round(result.seconds, 2),
         "precision": result.precision,
         "init": init,
+        "config": dataclasses.asdict(finetune_recipe(c)),  # the TrainConfig that ran (recorded in the manifest)
         "curve": training_curve(work / "metrics.jsonl"),
         "confusion": confusion,
     }
