@@ -78,15 +78,16 @@ def parse_formats(text: str | list[str], profile=None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _data_for(arch, data: str | None, calibration_images: int = 256):
+def _data_for(arch, data: str | None, calibration_images: int = 256, dataset=None):
     """Validation/calibration images for accuracy and INT8 (None when the task has no data); a streamed
-    folder's splits decoded up to :data:`factory.data.tensors.CHECK_BYTES` each (:func:`factory.data.in_memory`)."""
+    folder's splits decoded up to :data:`factory.data.tensors.CHECK_BYTES` each (:func:`factory.data.in_memory`).
+    ``dataset``: the task's data already loaded (a build's), used instead of loading ``data`` again."""
     from factory.data import in_memory, load_dataset
 
     spec = data or ("digits" if arch.in_chans == 1 and arch.num_classes == 10 else None)
-    if spec is None:
+    if spec is None and dataset is None:
         return None
-    ds = load_dataset(spec, img_size=arch.img_size, in_chans=arch.in_chans)
+    ds = dataset if dataset is not None else load_dataset(spec, img_size=arch.img_size, in_chans=arch.in_chans)
     if ds.num_classes != arch.num_classes:
         raise FactoryError(f"data {spec!r} has {ds.num_classes} classes but the model predicts {arch.num_classes}")
     return in_memory(ds, train_images=calibration_images)
@@ -99,6 +100,8 @@ def export_model(
     *,
     profile=None,
     data: str | None = None,
+    dataset=None,
+    facts: dict[str, int] | None = None,
     require_engine: bool = False,
     calibration_images: int = 256,
     log=print,
@@ -109,7 +112,10 @@ def export_model(
     ``choose(artifacts, arch)`` (``arch``: the model's own ArchConfig) replaces the host-timed
     :func:`choose_deployment` for a CPU runtime:
     the build and the CLI pass :func:`factory.device.deploy.chooser` for a profile that is not this machine,
-    whose choice then comes from the profile's cost model (host timings do not transfer)."""
+    whose choice then comes from the profile's cost model (host timings do not transfer).
+
+    ``dataset`` is ``data`` already loaded (a build passes its own, so the export does not load it again);
+    ``facts`` the model's ``flops`` and ``params`` already counted (the build's measure stage), else counted here."""
     from export.runtime import ort_accuracy, ort_latency_ms, ort_session
 
     path = resolve_model_path(model)
@@ -125,7 +131,8 @@ def export_model(
     net, arch = anc.model.eval(), anc.arch
     _, meta = read_checkpoint(path)
     info = json.loads(meta.get(INFO_METADATA_KEY, "{}"))
-    ds = _data_for(arch, data, calibration_images) if any(s.needs_data for s in specs) or data else None
+    wants_data = any(s.needs_data for s in specs) or data or dataset is not None
+    ds = _data_for(arch, data, calibration_images, dataset) if wants_data else None
     batch = profile.batch if profile is not None else 1
     metadata = {
         "peg_factory.shape": arch.shape().to_dict(),
@@ -133,8 +140,8 @@ def export_model(
         "peg_factory.learngene_sha256": info.get("learngene_sha256") or "",
         "peg_factory.init": info.get("method") or "",
         "peg_factory.profile": profile.name if profile is not None else "",
-        "peg_factory.flops": count_flops(net),
-        "peg_factory.params": count_params(net),
+        "peg_factory.flops": facts["flops"] if facts else count_flops(net),
+        "peg_factory.params": facts["params"] if facts else count_params(net),
         "peg_factory.preprocessing": {
             "size": arch.img_size,
             "channels": arch.in_chans,

@@ -344,3 +344,37 @@ def test_infinite_budgets_are_refused(tmp_path):
     path.write_text(TINY.format(name="inf", params=".inf"))
     with pytest.raises(FactoryError, match=r"budgets.params_m: .*finite"):
         load_profile(path)
+
+
+def test_a_build_hashes_loads_and_counts_once(tmp_path, monkeypatch):
+    """The ancestry is hashed once per build, the data set loaded once, and FLOPs counted once per shape (by
+    the measure stage): shape tasks and exports reuse them."""
+    import factory.core.assets as assets
+    import factory.core.flops as flops
+    import factory.data as data
+    import factory.pipeline.build as build_module
+    import factory.pipeline.shape_task as shape_task
+
+    calls = {"hash": 0, "load": 0, "flops": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    hashed = counting("hash", assets.ancestry_fingerprint)
+    monkeypatch.setattr(build_module, "ancestry_fingerprint", hashed)
+    monkeypatch.setattr(shape_task, "ancestry_fingerprint", hashed)
+    monkeypatch.setattr(data, "load_dataset", counting("load", data.load_dataset))
+    monkeypatch.setattr(flops, "count_flops", counting("flops", flops.count_flops))
+    import export.api
+
+    monkeypatch.setattr(export.api, "count_flops", counting("flops", flops.count_flops))
+    shape_task._load.cache_clear()
+    profiles = [load_profile(_profile(tmp_path, "a", 0.2)), load_profile(_profile(tmp_path, "b", 0.1))]
+    manifest = build(profiles, tmp_path / "out", CFG, log=lambda *_: None)
+    shapes = {json.dumps(d["shape"], sort_keys=True) for d in manifest["devices"]}
+    assert all(d["status"] == "ok" for d in manifest["devices"]) and len(shapes) == 2
+    assert calls == {"hash": 1, "load": 1, "flops": 2}, calls

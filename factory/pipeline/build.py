@@ -90,7 +90,8 @@ def _build(
     if len(set(names)) != len(names):
         raise FactoryError(f"profile names must be unique in a fleet, got {names}")
     t_start = time.perf_counter()
-    key = manifest.build_key(profiles, cfg, ancestry_fingerprint(cfg.ancestry))
+    fingerprint = ancestry_fingerprint(cfg.ancestry)  # hashed once per build: every shape task reuses it
+    key = manifest.build_key(profiles, cfg, fingerprint)
     previous = manifest.previous(out, key)
     if (
         previous is not None
@@ -100,7 +101,8 @@ def _build(
         log(f"build is up to date ({key}): nothing to do")
         return previous
 
-    anc, ds = ancestry_and_data(cfg)  # the heavy imports (torch, timm) and loading start here
+    anc, ds = ancestry_and_data(cfg, (fingerprint, None))  # the heavy imports (torch, timm) and loading start here
+    identity = (fingerprint, ds.identity.removesuffix(":uint8-cache"))
     if ds.test_from != "test":
         log(f"data: test accuracy is measured on {ds.test_from}")
     ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds)
@@ -125,6 +127,7 @@ def _build(
             shape,
             tuple(DeviceTask(prof, device) for prof, device in group),
             head,
+            identity,
         )
         for shape, group in shape_groups(devices, profiles).items()
     ]

@@ -46,6 +46,7 @@ class ShapeTask:
     shape: DescendantShape
     devices: tuple[DeviceTask, ...]
     head: dict[str, Any]  # the manifest's build-wide part (ancestry, learngene, recipe): model cards need it
+    identity: tuple[str, str] | None = None  # (ancestry fingerprint, data identity), computed once by the build
 
     @property
     def names(self) -> list[str]:
@@ -72,15 +73,22 @@ def _load(ancestry: str, fingerprint: str, data: str, cache_mb: int = 0):
     return anc, ds
 
 
-def ancestry_and_data(cfg: BuildConfig):
+def ancestry_and_data(cfg: BuildConfig, identity: tuple[str, str | None] | None = None):
     """``(ancestry, dataset)`` of a build, loaded once per process (a Ray worker, or the driver and its
-    threads) and reloaded when the ancestry's weights or the data's identity changed."""
+    threads) and reloaded when the ancestry's weights or the data's identity changed.
+
+    ``identity`` is ``(ancestry fingerprint, data identity)`` as the build computed them once (a shape task
+    carries them): then nothing is hashed or stat-ed again here; what it lacks (None) is computed now."""
     from factory.data import dataset_identity
 
-    anc, ds = _load(cfg.ancestry, ancestry_fingerprint(cfg.ancestry), cfg.data, cfg.data_cache_mb)
-    if ds.identity.removesuffix(":uint8-cache") != dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans):
+    fingerprint = identity[0] if identity else ancestry_fingerprint(cfg.ancestry)
+    anc, ds = _load(cfg.ancestry, fingerprint, cfg.data, cfg.data_cache_mb)
+    data_id = (
+        identity[1] if identity and identity[1] else dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans)
+    )
+    if ds.identity.removesuffix(":uint8-cache") != data_id:
         _load.cache_clear()
-        anc, ds = _load(cfg.ancestry, ancestry_fingerprint(cfg.ancestry), cfg.data, cfg.data_cache_mb)
+        anc, ds = _load(cfg.ancestry, fingerprint, cfg.data, cfg.data_cache_mb)
     return anc, ds
 
 
@@ -94,7 +102,7 @@ def run_shape_task(task: ShapeTask, env: TaskEnv) -> list[DeviceResult]:
     from factory.core.learngene import Learngene
     from factory.training.train import intra_op_threads
 
-    anc, ds = ancestry_and_data(task.cfg)
+    anc, ds = ancestry_and_data(task.cfg, task.identity)
     lg = Learngene.load(task.learngene_dir)
     if lg.sha256 != task.learngene_sha256:
         raise FactoryError(
@@ -127,7 +135,8 @@ def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned:
     prof, entry = device.profile, device.result
     model_file = tuned.path / "model.safetensors"
     measured = run_stage(ctx, MEASURE, ModelItem(task.shape, model_file)).info()
-    exported = run_stage(ctx, EXPORT, ExportItem(prof.name, prof, entry["profile_sha256"], model_file))
+    facts = {"flops": measured["flops_fvcore"], "params": measured["params"]}  # counted once, by the measure stage
+    exported = run_stage(ctx, EXPORT, ExportItem(prof.name, prof, entry["profile_sha256"], model_file, facts))
     export_record = json.loads((exported.path / "export" / "export.json").read_text())
     update = manifest.device_record(
         entry,

@@ -84,6 +84,7 @@ class ExportItem:
     profile: Any  # factory.device.profile.Profile
     profile_sha256: str
     model: Path
+    facts: Mapping[str, int] | None = None  # the measure stage's FLOPs and params (not recounted by export)
 
 
 @dataclass(frozen=True)
@@ -423,6 +424,9 @@ def _run_export(ctx: BuildContext, item: ExportItem, tmp: Path, work: Path) -> d
         tmp / "export",
         profile=item.profile,
         data=ctx.cfg.data,
+        # loaded once per build, not again per export (a uint8-cached training split crops differently: not reused)
+        dataset=None if ctx.data.identity.endswith(":uint8-cache") else ctx.data,
+        facts=item.facts,
         log=lambda line: ctx.log(f"{item.name}: {line}"),
         choose=chooser(item.profile),
     )
