@@ -378,3 +378,18 @@ def test_a_build_hashes_loads_and_counts_once(tmp_path, monkeypatch):
     shapes = {json.dumps(d["shape"], sort_keys=True) for d in manifest["devices"]}
     assert all(d["status"] == "ok" for d in manifest["devices"]) and len(shapes) == 2
     assert calls == {"hash": 1, "load": 1, "flops": 2}, calls
+
+
+def test_dry_run_walks_the_stage_table_and_counts_a_shared_shape_once(tmp_path):
+    from factory.pipeline.stages import STAGES
+
+    profiles = [load_profile(_profile(tmp_path, "a", 0.2)), load_profile(_profile(tmp_path, "b", 0.2))]
+    lines = []
+    plan = build(profiles, tmp_path / "out", CFG, dry_run=True, log=lines.append)
+    assert [row["stage"] for row in plan["stages"]] == [spec.name for spec in STAGES]
+    rows = {row["stage"]: row for row in plan["stages"]}
+    assert rows["finetune"]["items"] == rows["finetune"]["will_run"] == 1  # one shape, two devices
+    assert rows["export"]["items"] == rows["export"]["will_run"] == 2
+    assert rows["learngene"]["will_run"] == 0 and plan["learngene_source"] == "shipped"
+    assert plan["total_estimate_s"] == pytest.approx(sum(row["estimate_s"] for row in plan["stages"]), abs=0.2)
+    assert any(line.startswith("plan: total ~") for line in lines) and not (tmp_path / "out").exists()

@@ -1,25 +1,26 @@
-"""The dry run: per device the chosen shape, and per stage of :data:`factory.pipeline.stages.STAGES`
-whether it is cached or will run, with a time estimate (:attr:`StageSpec.estimate_s`)."""
+"""The dry run: per device the chosen shape, and per stage of :data:`factory.pipeline.stages.STAGES` --
+walked in the table's order and scope, the one the build runs -- whether it is cached or will run, with
+its time estimate (:attr:`StageSpec.estimate_s`) and the total. A shape that several devices share is
+fine-tuned (and counted) once."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from factory.core.learngene import Learngene
 from factory.core.shapes import DescendantShape
-from factory.pipeline.config import given_learngene
 from factory.pipeline.stages import (
     EXPORT,
     FINETUNE,
     INIT,
     LEARNGENE,
     MEASURE,
+    STAGES,
     BuildContext,
     ExportItem,
     ModelItem,
     decided_init,
     entry_for,
-    shipped_learngene,
+    learngene_source,
     step_seconds,
 )
 
@@ -29,25 +30,15 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
     from factory.device.accuracy import EstimatorConfig
 
     log, cfg = ctx.log, ctx.cfg
-    recipe = LEARNGENE.inputs(ctx, None)  # the stage's key inputs, computed once
-    lg_entry = ctx.cache.entry(LEARNGENE.name, recipe)
-    given = given_learngene(cfg, ctx.ancestry) if "given" in recipe else None
-    shipped = shipped_learngene(recipe) if given is None else None
-    if given is not None:
-        ctx.learngene = given
-        log(f"learngene: the given one ({cfg.learngene}), no expanding phase")
-    elif lg_entry.cached:
-        ctx.learngene = Learngene.load(lg_entry.path / "learngene")
-        log("learngene: cached")
-    elif shipped is not None:
-        ctx.learngene = shipped
-        log("learngene: the shipped demo learngene (same recipe)")
+    source = learngene_source(ctx)
+    seconds: dict[tuple[str, str], float] = {}  # (stage, item) -> the estimate of what will run; absent: cached
+    if source.learngene is not None:
+        ctx.learngene = source.learngene
+        log(f"learngene: {source.describe(cfg)}{', no expanding phase' if source.kind == 'given' else ''}")
     else:
-        steps = (recipe["expanding"] or {}).get("steps", 0)
-        estimate = LEARNGENE.estimate_s(ctx, None)
-        log(
-            f"learngene: will be sampled{f' and trained for {steps} expanding-phase steps (~{estimate:.0f}s)' if steps else ''}"
-        )
+        seconds["learngene", "learngene"] = estimate = LEARNGENE.estimate_s(ctx, None)
+        steps = f" and trained for {source.steps} expanding-phase steps (~{estimate:.0f}s)" if source.steps else ""
+        log(f"learngene: will be sampled{steps}")
     by_name = {p.name: p for p in profiles}
     rows = []
     for device in devices:
@@ -57,12 +48,14 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
             rows.append(entry)
             continue
         shape = DescendantShape.from_dict(entry["shape"])
+        label = shape.label()
         init = decided_init(ctx, shape)
         ft = entry_for(ctx, FINETUNE, shape) if ctx.learngene is not None and init is not None else None
-        seconds = FINETUNE.estimate_s(ctx, shape)
+        finetune_s = FINETUNE.estimate_s(ctx, shape)
         extra: dict[str, Any] = {"init": init or "auto (decided before fine-tuning)"}
         if cfg.init == "auto" and init is None:
             extra["init_estimate_s"] = INIT.estimate_s(ctx, shape)  # unrounded: a tiny shape takes well under 0.1 s
+            seconds["init", label] = extra["init_estimate_s"]
             log(
                 f"{entry['name']}: --init auto will probe {', '.join(cfg.init_probe.candidates)} at {shape.label()} "
                 f"(~{extra['init_estimate_s']:.1f}s) before fine-tuning"
@@ -73,23 +66,83 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
             est = EstimatorConfig(candidates=cfg.candidates)
             probe_steps = est.probe_steps(est.candidates, cfg.finetune_steps)
             extra["estimator_estimate_s"] = round(probe_steps * step_seconds(ctx, shape, cfg.batch_size), 1)
+            seconds["probes", entry["name"]] = extra["estimator_estimate_s"]
             log(
                 f"{entry['name']}: accuracy estimate of up to {est.candidates} Pareto candidates by successive halving "
                 f"(rungs {'/'.join(map(str, est.rungs_for(cfg.finetune_steps)))} steps, {probe_steps} steps in all) "
                 f"will run unless cached (<= ~{extra['estimator_estimate_s']:.0f}s); the capacity choice is {shape.label()}"
             )
         cached = ft is not None and ft.cached
-        after = "measure + export will run unless cached (~10s)"
-        if cached:
-            model = ft.path / "model.safetensors"
-            prof = by_name[entry["name"]]
-            done = [
-                entry_for(ctx, MEASURE, ModelItem(shape, model)).cached,
-                entry_for(ctx, EXPORT, ExportItem(prof.name, prof, entry["profile_sha256"], model)).cached,
-            ]
-            after = "measure + export cached" if all(done) else after
-        log(
-            f"{entry['name']}: shape {shape.label()}; finetune {'cached' if cached else f'will run (~{seconds:.0f}s)'}; {after}"
+        prof = by_name[entry["name"]]
+        model = ft.path / "model.safetensors" if cached else None
+        measure_done = cached and entry_for(ctx, MEASURE, ModelItem(shape, model)).cached
+        export_done = (
+            cached and entry_for(ctx, EXPORT, ExportItem(prof.name, prof, entry["profile_sha256"], model)).cached
         )
-        rows.append({**entry, "finetune_cached": cached, "finetune_estimate_s": round(seconds, 1), **extra})
-    return {"dry_run": True, "devices": rows, "learngene_cached": lg_entry.cached}
+        if not cached:
+            seconds["finetune", label] = finetune_s
+        if not measure_done:
+            seconds["measure", label] = MEASURE.estimate_s(ctx, None)
+        if not export_done:
+            seconds["export", entry["name"]] = EXPORT.estimate_s(ctx, ExportItem(prof.name, prof, "", model))
+        run_after = seconds.get(("measure", label), 0) + seconds.get(("export", entry["name"]), 0)
+        after = (
+            "measure + export cached"
+            if measure_done and export_done
+            else f"measure + export will run (~{run_after:.0f}s)"
+        )
+        log(
+            f"{entry['name']}: shape {label}; finetune {'cached' if cached else f'will run (~{finetune_s:.0f}s)'}; {after}"
+        )
+        rows.append({**entry, "finetune_cached": cached, "finetune_estimate_s": round(finetune_s, 1), **extra})
+    stages = stage_summary(seconds, devices)
+    total = sum(row["estimate_s"] for row in stages)
+    for row in stages:
+        when = f" (~{row['estimate_s']:.0f}s)" if row["will_run"] else ""
+        log(f"plan: {row['stage']} ({row['scope']}): {row['will_run']} of {row['items']} will run{when}")
+    log(f"plan: total ~{total:.0f}s of work on this machine (a shape shared by devices is fine-tuned once)")
+    return {
+        "dry_run": True,
+        "devices": rows,
+        "learngene_cached": source.kind == "cached",
+        "learngene_source": source.kind,
+        "stages": stages,
+        "total_estimate_s": round(total, 1),
+    }
+
+
+def stage_summary(seconds: dict[tuple[str, str], float], devices) -> list[dict[str, Any]]:
+    """One row per stage of :data:`STAGES` in its order (plus the accuracy probes, which run between the
+    learngene and the shape tasks): its scope, how many items it has (one for the fleet, the distinct
+    shapes, the devices), how many will run and their estimated seconds (``seconds``: what will run)."""
+    ok = [d for d in devices if not d.is_failed]
+    counts = {"fleet": 1, "shape": len({_label(d) for d in ok}), "device": len(ok)}
+    rows = []
+    for spec in STAGES:
+        runs = [v for (stage, _), v in seconds.items() if stage == spec.name]
+        rows.append(
+            {
+                "stage": spec.name,
+                "scope": spec.scope,
+                "items": counts[spec.scope],
+                "will_run": len(runs),
+                "estimate_s": round(sum(runs), 1),
+            }
+        )
+        if spec is LEARNGENE:
+            probes = [v for (stage, _), v in seconds.items() if stage == "probes"]
+            if probes:
+                rows.append(
+                    {
+                        "stage": "probes",
+                        "scope": "device",
+                        "items": counts["device"],
+                        "will_run": len(probes),
+                        "estimate_s": round(sum(probes), 1),
+                    }
+                )
+    return rows
+
+
+def _label(device) -> str:
+    return DescendantShape.from_dict(device.to_manifest()["shape"]).label()

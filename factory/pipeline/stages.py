@@ -113,60 +113,55 @@ def _learngene_inputs(ctx: BuildContext, _: None) -> dict[str, Any]:
     return build_learngene_recipe(ctx.cfg, ctx.ancestry)
 
 
-def _run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[str, Any]:
-    from factory.core.expanding_phase import ExpandingConfig, default_shapes
-    from factory.core.learngene import sample_learngene
-    from factory.data import load_dataset
-    from factory.training.expanding_loop import run_expanding_phase
+@dataclass(frozen=True)
+class LearngeneSource:
+    """Where a build's learngene comes from -- the one answer the run, the estimate and the dry run read.
 
-    anc, t0 = ctx.ancestry, time.perf_counter()
+    ``kind``: ``given`` (``--learngene DIR``), ``cached`` (this build's cache holds it), ``shipped`` (the
+    packaged demo learngene, made with exactly this recipe), ``sampled`` (sampled now, no expanding phase)
+    or ``expanded`` (sampled now, then trained by ``steps`` expanding-phase steps). ``learngene`` is set
+    when it is to hand without running anything."""
+
+    kind: Literal["given", "cached", "shipped", "sampled", "expanded"]
+    learngene: Learngene | None = None
+    steps: int = 0
+
+    @property
+    def runs_expanding_phase(self) -> bool:
+        return self.kind == "expanded"
+
+    def describe(self, cfg: BuildConfig) -> str:
+        return {
+            "given": f"the given learngene {cfg.learngene}",
+            "cached": "cached",
+            "shipped": "the shipped demo learngene (same recipe, not retrained)",
+            "sampled": "sampled, no expanding phase",
+            "expanded": f"sampled and trained for {self.steps} expanding-phase steps",
+        }[self.kind]
+
+
+def learngene_source(ctx: BuildContext, *, cache: bool = True) -> LearngeneSource:
+    """Where the learngene comes from (:class:`LearngeneSource`); ``cache=False`` ignores this build's cache
+    (the stage itself, which runs only when the entry is not cached)."""
     recipe = _learngene_inputs(ctx, None)
-    lg = given_learngene(ctx.cfg, anc)
-    how = f"the given learngene {ctx.cfg.learngene}"
-    if lg is None:
-        lg = shipped_learngene(recipe)
-        how = "the shipped demo learngene (same recipe, not retrained)"
-    if lg is None:
-        lg = sample_learngene(
-            anc,
-            recipe["layers"],
-            recipe["heads"],
-            seed=recipe["seed"],
-            tau=recipe["tau"],
-            rescale=recipe["rescale"],
-            head_mixing=recipe["head_mixing"],
-        )
-        how = f"sampled {lg.num_layers} layers x {lg.num_heads} heads"
-        if recipe["expanding"]:
-            source = expanding_data(ctx.cfg, anc)
-            ds = load_dataset(
-                source, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size
-            )
-            exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
-            lg, _ = run_expanding_phase(
-                lg, anc, ds, default_shapes(lg), exp, work=work, log=ctx.log, what="learngene expanding phase"
-            )
-            how += f", trained {recipe['expanding']['steps']} expanding-phase steps on {source}"
-    lg.save(tmp / "learngene")
-    ctx.log(f"learngene: {how} in {time.perf_counter() - t0:.1f}s")
-    return {"seconds": round(time.perf_counter() - t0, 2), "how": how}
+    given = given_learngene(ctx.cfg, ctx.ancestry)
+    if given is not None:
+        return LearngeneSource("given", given)
+    if cache:
+        entry = ctx.cache.entry(LEARNGENE.name, recipe)
+        if entry.cached:
+            return LearngeneSource("cached", Learngene.load(entry.path / "learngene"))
+    shipped = shipped_learngene(recipe)
+    if shipped is not None:
+        return LearngeneSource("shipped", shipped)
+    steps = (recipe["expanding"] or {}).get("steps", 0)
+    return LearngeneSource("expanded" if steps else "sampled", None, steps)
 
 
-def _estimate_learngene(ctx: BuildContext, _: None) -> float:
-    """The learngene stage's time, measured here: sampling it, then the expanding phase's first step (its
-    one-off costs) plus ``steps - 1`` times a step (:func:`factory.training.expanding_loop.measure_step_seconds`:
-    three real steps of the configured batch, input size and precision, seconds at 224 px); 0 when it
-    will not run."""
-    from factory.core.expanding_phase import ExpandingConfig, default_shapes
+def _sample(ctx: BuildContext, recipe: Mapping[str, Any]) -> Learngene:
     from factory.core.learngene import sample_learngene
-    from factory.training.expanding_loop import measure_step_seconds
 
-    recipe = _learngene_inputs(ctx, None)
-    if "given" in recipe or not recipe["expanding"] or shipped_learngene(recipe) is not None:
-        return 0.0
-    exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
-    t0 = time.perf_counter()
-    lg = sample_learngene(
+    return sample_learngene(
         ctx.ancestry,
         recipe["layers"],
         recipe["heads"],
@@ -175,6 +170,50 @@ def _estimate_learngene(ctx: BuildContext, _: None) -> float:
         rescale=recipe["rescale"],
         head_mixing=recipe["head_mixing"],
     )
+
+
+def _run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[str, Any]:
+    from factory.core.expanding_phase import ExpandingConfig, default_shapes
+    from factory.data import load_dataset
+    from factory.training.expanding_loop import run_expanding_phase
+
+    anc, t0 = ctx.ancestry, time.perf_counter()
+    recipe = _learngene_inputs(ctx, None)
+    source = learngene_source(ctx, cache=False)
+    how = source.describe(ctx.cfg)
+    lg = source.learngene
+    if lg is None:
+        lg = _sample(ctx, recipe)
+        how = f"sampled {lg.num_layers} layers x {lg.num_heads} heads"
+        if source.runs_expanding_phase:
+            data = expanding_data(ctx.cfg, anc)
+            ds = load_dataset(
+                data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size
+            )
+            exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
+            lg, _ = run_expanding_phase(
+                lg, anc, ds, default_shapes(lg), exp, work=work, log=ctx.log, what="learngene expanding phase"
+            )
+            how += f", trained {source.steps} expanding-phase steps on {data}"
+    lg.save(tmp / "learngene")
+    ctx.log(f"learngene: {how} in {time.perf_counter() - t0:.1f}s")
+    return {"seconds": round(time.perf_counter() - t0, 2), "how": how, "source": source.kind}
+
+
+def _estimate_learngene(ctx: BuildContext, _: None) -> float:
+    """The learngene stage's time, measured here: sampling it, then the expanding phase's first step (its
+    one-off costs) plus ``steps - 1`` times a step (:func:`factory.training.expanding_loop.measure_step_seconds`:
+    three real steps of the configured batch, input size and precision, seconds at 224 px); 0 when it
+    will not run."""
+    from factory.core.expanding_phase import ExpandingConfig, default_shapes
+    from factory.training.expanding_loop import measure_step_seconds
+
+    recipe = _learngene_inputs(ctx, None)
+    if not learngene_source(ctx, cache=False).runs_expanding_phase:
+        return 0.0
+    exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
+    t0 = time.perf_counter()
+    lg = _sample(ctx, recipe)
     sampling = time.perf_counter() - t0
     first, per_step = measure_step_seconds(lg, ctx.ancestry, default_shapes(lg), exp, first=True)
     ctx.log(
