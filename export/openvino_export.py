@@ -56,7 +56,7 @@ def to_openvino_int8(xml_fp32: Path, xml_int8: Path, calibration: np.ndarray) ->
     except ImportError as exc:
         raise FactoryError(f"openvino-int8 needs NNCF (part of the openvino extra): {EXTRA_HINT}") from exc
     if calibration is None or len(calibration) == 0:
-        raise FactoryError("openvino-int8 needs task images to calibrate on; pass --data")
+        raise FactoryError("openvino-int8 needs task images to calibrate on; pass them", param="data")
     model = ov.Core().read_model(str(xml_fp32))
     dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
     # NNCF loads its torch backend, whose import of torch.utils.cpp_extension logs "No CUDA runtime is found"

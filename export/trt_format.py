@@ -27,8 +27,9 @@ def export_trt(run: ExportRun) -> dict[str, dict]:
     scratch = None
     if precision == "int8" and run.calib is None:
         raise FactoryError(
-            "a TensorRT INT8 build needs a Q/DQ model calibrated on task images: pass data (an ImageFolder "
-            "or a built-in set of the model's classes)"
+            "a TensorRT INT8 build needs a Q/DQ model calibrated on task images: pass an ImageFolder or a built-in "
+            "set of the model's classes",
+            param="data",
         )
     if precision == "fp16":
         typed = run.tmp / "model.fp16.onnx"  # the onnx-fp16 artifact when it was asked for, else made for the kit only
@@ -82,7 +83,7 @@ def _engine_or_kit(run: ExportRun, typed: Path, precision: str) -> dict:
         else f"the target {profile.name} is not this machine (engines only run where they were built)"
     )
     if run.require_engine:
-        raise FactoryError(f"an engine was required, but no TensorRT engine can be built here: {reason}")
+        raise FactoryError(f"no TensorRT engine can be built here: {reason}", param="require_engine")
     refs_in, refs_out = {}, {}
     for b in sorted({1, batch}):  # batch 1 and the opt batch of the engine's profile
         refs_in[b] = np.random.default_rng(10 + b).standard_normal(

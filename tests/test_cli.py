@@ -333,3 +333,18 @@ def test_training_commands_reject_unwritable_outputs_before_training(tmp_path):
     assert result.exit_code == 2 and "cannot create directory" in result.output
     result = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", "nope", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "unknown dataset" in result.output
+
+
+def test_api_errors_name_the_argument_and_the_cli_names_its_flag(tmp_path):
+    """Code below the CLI words errors in API terms (FactoryError.param); the CLI prefixes the flag."""
+    from factory.cli.common import flag_for
+    from factory.errors import FactoryError
+
+    err = FactoryError("directory /x is not writable; choose another", param="out")
+    assert str(err) == "out: directory /x is not writable; choose another" and "--" not in str(err)
+    assert flag_for(cli, "out") == "--out" and flag_for(cli, "require_engine") == "--require-engine"
+    assert flag_for(cli, "distill_img_size") == "--expand-img-size" and flag_for(cli, "no_such_argument") is None
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = CliRunner().invoke(cli, ["build", "--profile", "demo/jetson_orin", "--out", str(blocker / "run")])
+    assert result.exit_code == 2 and "--out: " in result.output, result.output

@@ -223,9 +223,9 @@ def test_ray_tasks_no_node_can_run_are_refused_up_front():
                 {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}},
             ]
 
-    with pytest.raises(FactoryError, match="--task-cpus 1024: no Ray node has that many CPUs"):
+    with pytest.raises(FactoryError, match="task_cpus: 1024: no Ray node has that many CPUs"):
         RayExecutor(task_cpus=1024).check_resources(Cluster)
-    with pytest.raises(FactoryError, match="--task-gpus 1: no Ray node has that many GPUs"):
+    with pytest.raises(FactoryError, match="task_gpus: 1: no Ray node has that many GPUs"):
         RayExecutor(task_gpus=1).check_resources(Cluster)
     RayExecutor(task_cpus=2).check_resources(Cluster)
     assert ray is not None

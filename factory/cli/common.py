@@ -44,14 +44,33 @@ OBJECTIVE_HELP = (
 )
 
 
+#: API argument names whose CLI option is named otherwise (the option's Python name).
+PARAM_ALIASES = {"distill_img_size": "expand_img_size", "finetune_steps": "steps", "expand_steps": "expand_steps"}
+
+
+def flag_for(root: click.Command, param: str) -> str | None:
+    """The CLI flag of the API argument ``param`` (``out`` -> ``--out``), searched in every command under ``root``."""
+    name = PARAM_ALIASES.get(param, param)
+    pending = [root]
+    while pending:
+        cmd = pending.pop()
+        for option in getattr(cmd, "params", []):
+            if isinstance(option, click.Option) and option.name == name:
+                return max(option.opts, key=len)
+        pending.extend(getattr(cmd, "commands", {}).values())
+    return None
+
+
 class FactoryGroup(click.Group):
-    """A click group that maps :class:`FactoryError` to exit code 2 for every subcommand."""
+    """A click group that maps :class:`FactoryError` to exit code 2 for every subcommand, naming the flag
+    of the argument at fault where the error names one (:attr:`FactoryError.param`)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except FactoryError as exc:
-            raise UserError(str(exc)) from exc
+            flag = flag_for(ctx.find_root().command, exc.param) if exc.param else None
+            raise UserError(f"{flag}: {exc.message}" if flag else str(exc)) from exc
         except OSError as exc:
             if exc.errno not in DISK_ERRNOS:
                 raise

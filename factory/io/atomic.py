@@ -26,9 +26,9 @@ def ensure_parent(path: Path) -> None:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise FactoryError(f"cannot create directory {parent}: {exc.strerror}; choose another --out") from exc
+        raise FactoryError(f"cannot create directory {parent}: {exc.strerror}; choose another", param="out") from exc
     if not os.access(parent, os.W_OK):
-        raise FactoryError(f"directory {parent} is not writable; choose another --out")
+        raise FactoryError(f"directory {parent} is not writable; choose another", param="out")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -61,7 +61,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     ensure_parent(path)
     if path.exists() and not path.is_dir():
-        raise FactoryError(f"{path} exists and is not a directory; choose another --out")
+        raise FactoryError(f"{path} exists and is not a directory; choose another", param="out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:

@@ -26,7 +26,9 @@ def _open_lock(lock: Path):
         ) from exc
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise FactoryError(f"lock file {lock} is not a regular file; remove it, or use another --out")
+        raise FactoryError(
+            f"lock file {lock} is not a regular file; remove it, or use another output folder", param="out"
+        )
     return os.fdopen(fd, "r+")
 
 

@@ -85,7 +85,7 @@ def _build(
     from factory.pipeline.report import write_reports
 
     if not profiles:
-        raise FactoryError("no profile given: pass --profile PATH (repeatable) or --fleet FILE")
+        raise FactoryError("no profile given: pass at least one profile (or a fleet file)", param="profiles")
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
         raise FactoryError(f"profile names must be unique in a fleet, got {names}")

@@ -207,13 +207,13 @@ class RayExecutor:
         gpus = max((n.get("GPU", 0) for n in nodes), default=0)
         if self.task_cpus > cpus:
             raise FactoryError(
-                f"--task-cpus {self.task_cpus:g}: no Ray node has that many CPUs (the largest has {cpus:g}); "
-                "lower --task-cpus"
+                f"{self.task_cpus:g}: no Ray node has that many CPUs (the largest has {cpus:g}); lower it",
+                param="task_cpus",
             )
         if self.task_gpus > gpus:
             raise FactoryError(
-                f"--task-gpus {self.task_gpus:g}: no Ray node has that many GPUs (the largest has {gpus:g}); "
-                "lower --task-gpus or add GPU nodes"
+                f"{self.task_gpus:g}: no Ray node has that many GPUs (the largest has {gpus:g}); lower it or add GPU nodes",
+                param="task_gpus",
             )
 
 
@@ -232,7 +232,7 @@ def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     hostport = address.removeprefix("ray://")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in hostport:
-        raise FactoryError(f"--ray-address {address!r} is not 'auto', HOST:PORT or ray://HOST:PORT; fix it")
+        raise FactoryError(f"{address!r} is not 'auto', HOST:PORT or ray://HOST:PORT; fix it", param="ray_address")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass

@@ -18,7 +18,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FactoryError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        raise FactoryError(f"{name!r} requested but CUDA is not available; use cpu", param="device")
     return torch.device(name)
 
 
@@ -36,7 +36,7 @@ def precision_for(device: torch.device, amp: str) -> str:
     if device.type == "cuda":
         return "fp16" if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()) else "bf16"
     if amp == "fp16":
-        raise FactoryError("fp16 autocast needs a CUDA device; on the CPU use --amp bf16, auto or off")
+        raise FactoryError("fp16 autocast needs a CUDA device; on the CPU use bf16, auto or off", param="amp")
     return "bf16" if amp == "bf16" or cpu_bf16_supported() else "fp32"
 
 

@@ -177,7 +177,9 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
         meta = json.loads((directory / "state.json").read_text())
         tensors = load_file(str(directory / "state.safetensors"))
     except (OSError, ValueError) as exc:
-        raise FactoryError(f"cannot resume from {directory}: {exc}; remove it or drop --resume") from exc
+        raise FactoryError(
+            f"cannot resume from {directory}: {exc}; remove it or do not resume", param="resume"
+        ) from exc
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
