@@ -1,8 +1,13 @@
 """Shared test helpers."""
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
+from click.testing import CliRunner
 from torch import nn
 
 
@@ -44,3 +49,38 @@ def export_onnx_copy(run):
             "latency_ms_b1": run.fp32_stats["latency_ms_b1"],
         }
     }
+
+
+def cli_run(*args):
+    from factory.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_line_exit_2(res, needle):
+    assert res.exit_code == 2, res.output
+    assert needle in res.output, res.output
+    assert "Traceback" not in res.output
+    assert len([line for line in res.output.splitlines() if line.startswith("Error")]) == 1
+
+
+def run_script(script, *args, env=None, cwd=None):
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
+def image_folder(root: Path, classes=("a", "b"), n=3, size=8) -> Path:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("L", (size, size), 40 * i).save(root / split / c / f"{i}.png")
+    return root

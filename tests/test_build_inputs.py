@@ -8,8 +8,9 @@ from click.testing import CliRunner
 from factory.cli import cli
 from factory.core.assets import PACKAGED_LEARNGENE
 
+from .helpers import image_folder as _folder
+from .helpers import one_line_exit_2 as _one_line_exit_2
 from .test_build import _profile
-from .test_hardening import _folder, _one_line_exit_2
 
 
 def _run(*args):

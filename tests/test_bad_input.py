@@ -1,0 +1,295 @@
+"""Hostile and malformed input -- profiles, fleets, calibration rows and tables, data folders, checkpoints,
+manifests, Ray settings -- gets one line naming what is wrong and exit 2, before anything is written."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from factory.device.profile import load_profile, parse_profile
+from factory.errors import FactoryError
+from factory.pipeline.fleet import load_fleet
+
+from .helpers import cli_run as _cli
+from .helpers import image_folder as _folder
+from .helpers import one_line_exit_2 as _one_line_exit_2
+from .test_build import _profile
+
+SHIPPED = Path(__file__).resolve().parent.parent / "profiles" / "demo" / "jetson_orin.yaml"
+
+
+def _tables_profile(tmp_path, data):
+    from .test_latency_kernels import _host_profile
+
+    (tmp_path / "tables.json").write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return _host_profile(tmp_path, "latency_tables: tables.json\n").path
+
+
+def _saved_tables(tmp_path):
+    from .test_latency_kernels import _power_law_tables
+
+    _power_law_tables().save(tmp_path / "good.json")
+    return json.loads((tmp_path / "good.json").read_text())
+
+
+def _resealed(data):
+    from factory.device.tables import _digest
+
+    data = {k: v for k, v in data.items() if k != "sha256"}
+    return {**data, "sha256": _digest(data)}
+
+
+HEADER = "depth,embed_dim,num_heads,mlp_ratio,img_size,patch_size,num_classes,batch,runtime,latency_ms\n"
+
+
+def _calibrated(tmp_path, body: bytes | str, profile="demo/raspberry_pi5"):
+
+    csv = tmp_path / "cal.csv"
+    csv.write_bytes(body if isinstance(body, bytes) else body.encode())
+    prof = tmp_path / "p.yaml"
+    prof.write_text(open(load_profile(profile).path).read() + "calibration: cal.csv\n")
+    return prof
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("name: a\nhardware: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        (SHIPPED.read_text().replace("batch: 1", "batch: 1" + "0" * 5000), "unreadable value"),
+        (SHIPPED.read_text().replace("batch: 1", "batch: 100000000000000"), "batch"),
+        ("# " + "x" * (1 << 20) + "\n" + SHIPPED.read_text(), "more than a profile needs"),
+    ],
+)
+def test_hostile_profiles_get_one_line(tmp_path, text, needle):
+    with pytest.raises(FactoryError, match=needle):
+        parse_profile(text, "p.yaml")
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    _one_line_exit_2(_cli("search", "--profile", path), needle)
+
+
+def test_hostile_fleet_files_get_one_line(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("profiles: " + "[" * 5000 + "]" * 5000)
+    with pytest.raises(FactoryError, match="nested too deeply"):
+        load_fleet(deep)
+    ints = tmp_path / "ints.yaml"
+    ints.write_text("profiles: [1, 2]")
+    with pytest.raises(FactoryError, match="a list of paths"):
+        load_fleet(ints)
+
+
+@pytest.mark.parametrize("latency", ["nan", "inf", "-1", "0"])
+def test_non_finite_calibration_rows_are_refused(tmp_path, latency):
+    (tmp_path / "cal.csv").write_text(
+        f"depth,embed_dim,num_heads,mlp_ratio,img_size,patch_size,latency_ms\n4,96,2,4,28,4,{latency}\n"
+    )
+    prof = tmp_path / "p.yaml"
+    prof.write_text(SHIPPED.read_text() + "calibration: cal.csv\n")
+    _one_line_exit_2(_cli("search", "--profile", prof), "latency_ms must be a finite number > 0")
+
+
+def test_symlink_loop_in_data_is_refused_quickly(tmp_path):
+    from factory.data import dataset_identity, load_dataset
+
+    root = _folder(tmp_path / "data")
+    (root / "train" / "a" / "loop").symlink_to("..")
+    t0 = time.perf_counter()
+    for fn in (lambda: load_dataset(str(root)), lambda: dataset_identity(str(root))):
+        with pytest.raises(FactoryError, match="symlink loop"):
+            fn()
+    assert time.perf_counter() - t0 < 5
+    # the same folder linked twice side by side is not a loop
+    (root / "train" / "a" / "loop").unlink()
+    (root / "train" / "c").symlink_to(root / "train" / "a")
+    (root / "val" / "c").symlink_to(root / "val" / "a")
+    assert load_dataset(str(root)).num_classes == 3
+
+
+def test_one_class_data_is_refused(tmp_path):
+    from factory.data import load_dataset
+
+    with pytest.raises(FactoryError, match="at least 2"):
+        load_dataset(str(_folder(tmp_path / "d", classes=("only",))))
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    from PIL import Image
+
+    from factory.data import MAX_IMAGE_PIXELS, load_dataset
+
+    root = _folder(tmp_path / "d")
+    side = int(MAX_IMAGE_PIXELS**0.5) + 8  # over our limit, under PIL's own warning threshold
+    Image.new("1", (side, side)).save(root / "train" / "a" / "bomb.png")
+    assert (root / "train" / "a" / "bomb.png").stat().st_size < 2_000_000
+    with pytest.raises(FactoryError, match=r"bomb.png is \d+x\d+ pixels"):
+        load_dataset(str(root))
+
+
+def test_nan_checkpoint_is_refused(tmp_path, vit):
+    from safetensors.torch import save_file
+
+    from factory.core.ancestry import load_ancestry
+
+    state = {k: v.clone().contiguous() for k, v in vit.state_dict().items()}
+    state["blocks.1.attn.qkv.weight"][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(FactoryError, match="'blocks.1.attn.qkv.weight' holds NaN"):
+        load_ancestry(f"{tmp_path / 'bad.safetensors'}@vit_tiny_patch16_224")
+
+
+def test_safetensors_header_claiming_a_terabyte_is_one_line(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 18, 1 << 20], "data_offsets": [0, 1 << 40]}}).encode()
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    _one_line_exit_2(_cli("learngene", "--ancestry", path, "--out", tmp_path / "lg"), "cannot read checkpoint")
+    assert not (tmp_path / "lg").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--ray-address", "127.0.0.1:1"], "Connection refused"),
+        (["--ray-address", "ray://127.0.0.1:1"], "Connection refused"),
+        (["--ray-address", "nonsense"], "is not 'auto', HOST:PORT or ray://HOST:PORT"),
+    ],
+)
+def test_ray_addresses_are_checked_before_anything_is_written(tmp_path, flags, needle):
+    pytest.importorskip(
+        "ray", reason="the Ray executor needs the ray extra: pip install 'peg-factory[ray]' (CI installs it)"
+    )
+    t0 = time.perf_counter()
+    res = _cli(
+        "build",
+        "--profile",
+        _profile(tmp_path, "t"),
+        "--out",
+        tmp_path / "o",
+        "--data",
+        "synthetic",
+        "--executor",
+        "ray",
+        *flags,
+    )
+    _one_line_exit_2(res, needle)
+    assert time.perf_counter() - t0 < 30 and not (tmp_path / "o").exists()
+
+
+def test_ray_tasks_no_node_can_run_are_refused_up_front():
+    ray = pytest.importorskip(
+        "ray", reason="the Ray executor needs the ray extra: pip install 'peg-factory[ray]' (CI installs it)"
+    )
+    from factory.pipeline.executor import RayExecutor
+
+    class Cluster:  # what ray.nodes() reports for a 2-CPU machine without a GPU
+        @staticmethod
+        def nodes():
+            return [
+                {"Alive": True, "Resources": {"CPU": 2.0}},
+                {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}},
+            ]
+
+    with pytest.raises(FactoryError, match="task_cpus: 1024: no Ray node has that many CPUs"):
+        RayExecutor(task_cpus=1024).check_resources(Cluster)
+    with pytest.raises(FactoryError, match="task_gpus: 1: no Ray node has that many GPUs"):
+        RayExecutor(task_gpus=1).check_resources(Cluster)
+    RayExecutor(task_cpus=2).check_resources(Cluster)
+    assert ray is not None
+
+
+@pytest.mark.parametrize(
+    "devices, needle",
+    [
+        ([1], "devices[0] is not a device entry"),
+        ([{"name": "d", "status": "ok"}], "names no model artifact"),
+        ("x", "no devices list"),
+    ],
+)
+def test_malformed_manifests_are_one_line(tmp_path, monkeypatch, devices, needle):
+    (tmp_path / "manifest.json").write_text(json.dumps({"devices": devices}))
+    monkeypatch.chdir(tmp_path)
+    _one_line_exit_2(_cli("export", "--format", "onnx"), needle)
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda d: d.update(empty_ms=-1.0), "changed since measured"),  # hand-edited: the seal no longer matches
+        (lambda d: d.pop("sha256"), "unsealed"),
+    ],
+)
+def test_hand_edited_tables_are_refused(tmp_path, edit, needle):
+    data = _saved_tables(tmp_path)
+    edit(data)
+    _one_line_exit_2(_cli("search", "--profile", _tables_profile(tmp_path, data)), needle)
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda d: d["tables"]["linear"]["ms"].pop(), "linear.ms must have"),
+        (lambda d: d["tables"]["add"]["axes"][0].reverse(), "strictly ascending"),
+        (lambda d: d["tables"]["layernorm"].update(ms="fast"), "layernorm.ms must have"),
+        (lambda d: d.update(tables=[1, 2]), "tables must be a dict"),
+        (lambda d: d["terms"].update({"0": [1.0, 0.0, 0.0]}), "batch '0' must be an integer >= 1"),
+        (lambda d: d.update(empty_ms=float("nan")), "empty_ms must be finite"),
+        (lambda d: d["arch"].update(patch_size=14), "measured for patch_size 14"),
+    ],
+)
+def test_malformed_tables_are_one_line_even_when_resealed(tmp_path, edit, needle):
+    data = _saved_tables(tmp_path)
+    edit(data)
+    res = _cli("search", "--profile", _tables_profile(tmp_path, json.dumps(_resealed(data))))
+    _one_line_exit_2(res, needle)
+    assert "relax" not in res.output  # never "relax ... to at least nan"
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (HEADER + "4,96,2,4,28,7,10,1,openvino,0.5\n", "measured with openvino, but the profile runs onnxruntime"),
+        (HEADER + "99999999,96,2,4,28,7,10,1,onnxruntime,0.5\n", "depth 99999999 is outside 1..4096"),
+        (HEADER.encode() + b"4,96,2,4,28,7,10,1,onnxruntime,\xff\xfe\n", "not UTF-8 text"),
+        (HEADER + "4,96,2,4,28,7,10,1,onnxruntime," + "9" * 140_000 + "\n", "not a CSV file"),
+        (HEADER, "no rows"),
+    ],
+)
+def test_bad_calibration_csvs_are_one_line(tmp_path, body, needle):
+    _one_line_exit_2(_cli("search", "--profile", _calibrated(tmp_path, body)), needle)
+
+
+def test_a_calibration_json_tags_untagged_rows(tmp_path):
+    prof = _calibrated(
+        tmp_path,
+        HEADER.replace("runtime,", "") + "4,96,2,4,28,7,10,1,0.5\n6,192,3,4,28,7,10,1,1.5\n",
+        "demo/jetson_orin",
+    )
+    (tmp_path / "cal.json").write_text(json.dumps({"runtime": "openvino"}))
+    _one_line_exit_2(_cli("search", "--profile", prof), "measured with openvino, but the profile runs tensorrt")
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("profiles: [a.yaml]\nprofiles: [b.yaml]\n", "appears twice"),
+        ("profiles: [a.yaml]\nextra: 1\n", "unknown key 'extra'"),
+    ],
+)
+def test_fleet_files_refuse_unknown_and_repeated_keys(tmp_path, text, needle):
+    (tmp_path / "fleet.yaml").write_text(text)
+    _one_line_exit_2(_cli("build", "--fleet", tmp_path / "fleet.yaml", "--out", tmp_path / "o"), needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_profiles_refuse_a_repeated_key(tmp_path):
+
+    path = tmp_path / "p.yaml"
+    path.write_text(open(load_profile("demo/raspberry_pi5").path).read() + "batch: 4\n")
+    _one_line_exit_2(_cli("profiles", "show", path), "key 'batch' appears twice")
+
+
+def test_profiles_measure_refuses_a_directory_before_measuring(tmp_path):
+    t0 = time.perf_counter()
+    _one_line_exit_2(_cli("profiles", "measure", "--out", tmp_path), "is a directory")
+    assert time.perf_counter() - t0 < 10
