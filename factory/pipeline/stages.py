@@ -30,61 +30,30 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from factory.core.assets import PACKAGED_LEARNGENE
 from factory.core.learngene import Learngene
 from factory.core.shapes import DescendantShape
 from factory.errors import FactoryError
 from factory.io import sha256_file
-from factory.pipeline.cache import Cache, Entry
+from factory.pipeline.cache import Entry
 from factory.pipeline.config import (
-    BuildConfig,
-    build_learngene_recipe,
-    expanding_data,
     finetune_recipe,
-    given_learngene,
-    recipe_of,
 )
-
-
-@dataclass
-class BuildContext:
-    """What the stages of one build share: where, with what settings, and what is loaded."""
-
-    out: Path
-    cfg: BuildConfig
-    cache: Cache
-    log: Callable[[str], None]
-    ancestry: Any  # factory.core.ancestry.Ancestry
-    data: Any  # factory.data.Dataset
-    learngene: Learngene | None = None  # set once the learngene stage has run
-    should_stop: Callable[[], bool] | None = None  # polled by fine-tunes between steps (Ctrl-C)
-    inits: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # shape label -> --init auto's decision
-    host: Any = None  # factory.device.roofline.HostFacts, measured once for the dry run's estimates
-
-
-@dataclass(frozen=True)
-class ModelItem:
-    """A fine-tuned model: the measure stage's item."""
-
-    shape: DescendantShape
-    path: Path
-
-
-@dataclass(frozen=True)
-class ExportItem:
-    """A model exported for one device: the export stage's item."""
-
-    name: str
-    profile: Any  # factory.device.profile.Profile
-    profile_sha256: str
-    model: Path
-    facts: Mapping[str, int] | None = None  # the measure stage's FLOPs and params (not recounted by export)
+from factory.pipeline.context import BuildContext, ExportItem, ModelItem  # noqa: F401  # re-exported
+from factory.pipeline.finetune_facts import confusion_matrix, step_seconds, training_curve
+from factory.pipeline.learngene_stage import (  # noqa: F401  # re-exported: the dry run and tests read them here
+    LEARNGENE_STAGE,
+    LearngeneSource,
+    estimate_learngene,
+    learngene_inputs,
+    learngene_source,
+    run_learngene,
+    shipped_learngene,
+)
 
 
 @dataclass(frozen=True)
@@ -96,131 +65,6 @@ class StageSpec:
     estimate_s: Callable[[BuildContext, Any], float]  # the dry run's time, for an item not cached
     what: Callable[[Any], str]  # how the log names the stage for an item
     hit: str = "{what}: cached ({key})"  # the log line of a cache hit ("" for none)
-
-
-def shipped_learngene(recipe: Mapping[str, Any]) -> Learngene | None:
-    """The packaged demo learngene if it was made with exactly ``recipe``."""
-    if not (PACKAGED_LEARNGENE / "learngene.json").is_file():
-        return None
-    shipped = Learngene.load(PACKAGED_LEARNGENE)
-    return shipped if recipe_of(shipped) == recipe else None
-
-
-# -- learngene ---------------------------------------------------------------------------------------------
-
-
-def _learngene_inputs(ctx: BuildContext, _: None) -> dict[str, Any]:
-    return build_learngene_recipe(ctx.cfg, ctx.ancestry)
-
-
-@dataclass(frozen=True)
-class LearngeneSource:
-    """Where a build's learngene comes from -- the one answer the run, the estimate and the dry run read.
-
-    ``kind``: ``given`` (``--learngene DIR``), ``cached`` (this build's cache holds it), ``shipped`` (the
-    packaged demo learngene, made with exactly this recipe), ``sampled`` (sampled now, no expanding phase)
-    or ``expanded`` (sampled now, then trained by ``steps`` expanding-phase steps). ``learngene`` is set
-    when it is to hand without running anything."""
-
-    kind: Literal["given", "cached", "shipped", "sampled", "expanded"]
-    learngene: Learngene | None = None
-    steps: int = 0
-
-    @property
-    def runs_expanding_phase(self) -> bool:
-        return self.kind == "expanded"
-
-    def describe(self, cfg: BuildConfig) -> str:
-        return {
-            "given": f"the given learngene {cfg.learngene}",
-            "cached": "cached",
-            "shipped": "the shipped demo learngene (same recipe, not retrained)",
-            "sampled": "sampled, no expanding phase",
-            "expanded": f"sampled and trained for {self.steps} expanding-phase steps",
-        }[self.kind]
-
-
-def learngene_source(ctx: BuildContext, *, cache: bool = True) -> LearngeneSource:
-    """Where the learngene comes from (:class:`LearngeneSource`); ``cache=False`` ignores this build's cache
-    (the stage itself, which runs only when the entry is not cached)."""
-    recipe = _learngene_inputs(ctx, None)
-    given = given_learngene(ctx.cfg, ctx.ancestry)
-    if given is not None:
-        return LearngeneSource("given", given)
-    if cache:
-        entry = ctx.cache.entry(LEARNGENE.name, recipe)
-        if entry.cached:
-            return LearngeneSource("cached", Learngene.load(entry.path / "learngene"))
-    shipped = shipped_learngene(recipe)
-    if shipped is not None:
-        return LearngeneSource("shipped", shipped)
-    steps = (recipe["expanding"] or {}).get("steps", 0)
-    return LearngeneSource("expanded" if steps else "sampled", None, steps)
-
-
-def _sample(ctx: BuildContext, recipe: Mapping[str, Any]) -> Learngene:
-    from factory.core.learngene import sample_learngene
-
-    return sample_learngene(
-        ctx.ancestry,
-        recipe["layers"],
-        recipe["heads"],
-        seed=recipe["seed"],
-        tau=recipe["tau"],
-        rescale=recipe["rescale"],
-        head_mixing=recipe["head_mixing"],
-    )
-
-
-def _run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[str, Any]:
-    from factory.core.expanding_phase import ExpandingConfig, default_shapes
-    from factory.data import load_dataset
-    from factory.training.expanding_loop import run_expanding_phase
-
-    anc, t0 = ctx.ancestry, time.perf_counter()
-    recipe = _learngene_inputs(ctx, None)
-    source = learngene_source(ctx, cache=False)
-    how = source.describe(ctx.cfg)
-    lg = source.learngene
-    if lg is None:
-        lg = _sample(ctx, recipe)
-        how = f"sampled {lg.num_layers} layers x {lg.num_heads} heads"
-        if source.runs_expanding_phase:
-            data = expanding_data(ctx.cfg, anc)
-            ds = load_dataset(
-                data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size
-            )
-            exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
-            lg, _ = run_expanding_phase(
-                lg, anc, ds, default_shapes(lg), exp, work=work, log=ctx.log, what="learngene expanding phase"
-            )
-            how += f", trained {source.steps} expanding-phase steps on {data}"
-    lg.save(tmp / "learngene")
-    ctx.log(f"learngene: {how} in {time.perf_counter() - t0:.1f}s")
-    return {"seconds": round(time.perf_counter() - t0, 2), "how": how, "source": source.kind}
-
-
-def _estimate_learngene(ctx: BuildContext, _: None) -> float:
-    """The learngene stage's time, measured here: sampling it, then the expanding phase's first step (its
-    one-off costs) plus ``steps - 1`` times a step (:func:`factory.training.expanding_loop.measure_step_seconds`:
-    three real steps of the configured batch, input size and precision, seconds at 224 px); 0 when it
-    will not run."""
-    from factory.core.expanding_phase import ExpandingConfig, default_shapes
-    from factory.training.expanding_loop import measure_step_seconds
-
-    recipe = _learngene_inputs(ctx, None)
-    if not learngene_source(ctx, cache=False).runs_expanding_phase:
-        return 0.0
-    exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
-    t0 = time.perf_counter()
-    lg = _sample(ctx, recipe)
-    sampling = time.perf_counter() - t0
-    first, per_step = measure_step_seconds(lg, ctx.ancestry, default_shapes(lg), exp, first=True)
-    ctx.log(
-        f"learngene: one expanding-phase step measured at {per_step:.2f}s (batch {exp.batch_size}, "
-        f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px; the first {first:.2f}s, sampling {sampling:.2f}s)"
-    )
-    return sampling + first + max(0, exp.steps - 1) * per_step
 
 
 # -- init (--init auto) ------------------------------------------------------------------------------------
@@ -375,62 +219,6 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
     }
 
 
-#: Confusion matrices are kept for tasks of at most this many classes (the report draws them).
-MAX_CONFUSION_CLASSES = 50
-#: The training curve kept in the manifest has at most this many points.
-CURVE_POINTS = 200
-
-
-def confusion_matrix(model, data) -> list[list[int]] | None:
-    """``m[true][predicted]`` counts on ``data`` (None past :data:`MAX_CONFUSION_CLASSES` classes)."""
-    import torch
-
-    from factory.training.train import predict_logits
-
-    k = data.num_classes
-    if not 1 < k <= MAX_CONFUSION_CLASSES or len(data) == 0:
-        return None
-    pred = predict_logits(model, data).argmax(-1)
-    counts = torch.bincount(data.labels * k + pred, minlength=k * k).reshape(k, k)
-    return counts.tolist()
-
-
-def training_curve(metrics: Path) -> list[list[float]]:
-    """``[[step, loss, batch accuracy], ...]`` from a fine-tune's ``metrics.jsonl``, at most :data:`CURVE_POINTS`
-    evenly spaced rows (the last one always kept)."""
-    import json
-
-    rows = []
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        try:
-            r = json.loads(line)
-            rows.append([int(r["step"]), round(float(r["loss"]), 4), round(float(r.get("acc", float("nan"))), 4)])
-        except (ValueError, KeyError, TypeError):
-            continue
-    if len(rows) > CURVE_POINTS:
-        stride = len(rows) / CURVE_POINTS
-        rows = [rows[int(i * stride)] for i in range(CURVE_POINTS - 1)] + [rows[-1]]
-    return rows
-
-
-def step_seconds(ctx: BuildContext, shape: DescendantShape, batch: int) -> float:
-    """Seconds of one training step (forward + backward ~ 3 forwards) on this host, by the roofline
-    with this host's measured GEMM rate and bandwidth (measured once per context)."""
-    from factory.device.measure import measure_host
-    from factory.device.roofline import CostModel, Device, Efficiency
-
-    if ctx.host is None:
-        ctx.host = measure_host(0.2)
-    model = CostModel(
-        Device(ctx.host.peak_flops, ctx.host.bandwidth, "onnxruntime", 1e9, False),
-        "fp32",
-        batch,
-        Efficiency(),
-        ctx.ancestry.arch,
-    )
-    return 3 * model.latency_ms(shape) / 1e3
-
-
 # -- measure, export ---------------------------------------------------------------------------------------
 
 
@@ -473,7 +261,7 @@ def _run_export(ctx: BuildContext, item: ExportItem, tmp: Path, work: Path) -> d
 
 
 LEARNGENE = StageSpec(
-    "learngene", "fleet", _learngene_inputs, _run_learngene, _estimate_learngene, lambda _: "learngene"
+    LEARNGENE_STAGE, "fleet", learngene_inputs, run_learngene, estimate_learngene, lambda _: "learngene"
 )
 INIT = StageSpec("init", "shape", _init_inputs, _run_init, _estimate_init, lambda s: f"init {s.label()}", hit="")
 FINETUNE = StageSpec(

@@ -1,0 +1,50 @@
+"""What the stages of one build share (:class:`BuildContext`) and the items the shape- and device-scoped
+stages run on; the stage table itself is :data:`factory.pipeline.stages.STAGES`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from factory.core.learngene import Learngene
+from factory.core.shapes import DescendantShape
+from factory.pipeline.cache import Cache
+from factory.pipeline.config import BuildConfig
+
+
+@dataclass
+class BuildContext:
+    """What the stages of one build share: where, with what settings, and what is loaded."""
+
+    out: Path
+    cfg: BuildConfig
+    cache: Cache
+    log: Callable[[str], None]
+    ancestry: Any  # factory.core.ancestry.Ancestry
+    data: Any  # factory.data.Dataset
+    learngene: Learngene | None = None  # set once the learngene stage has run
+    should_stop: Callable[[], bool] | None = None  # polled by fine-tunes between steps (Ctrl-C)
+    inits: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # shape label -> --init auto's decision
+    host: Any = None  # factory.device.roofline.HostFacts, measured once for the dry run's estimates
+
+
+@dataclass(frozen=True)
+class ModelItem:
+    """A fine-tuned model: the measure stage's item."""
+
+    shape: DescendantShape
+    path: Path
+
+
+@dataclass(frozen=True)
+class ExportItem:
+    """A model exported for one device: the export stage's item."""
+
+    name: str
+    profile: Any  # factory.device.profile.Profile
+    profile_sha256: str
+    model: Path
+    facts: Mapping[str, int] | None = None  # the measure stage's FLOPs and params (not recounted by export)

@@ -1,0 +1,141 @@
+"""The build's ``learngene`` stage: where the learngene comes from (:func:`learngene_source`), its key inputs,
+making it (sampling, then the expanding phase when the recipe asks for one) and the dry run's estimate of that.
+The stage's entry in the table is :data:`factory.pipeline.stages.LEARNGENE`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from factory.core.assets import PACKAGED_LEARNGENE
+from factory.core.learngene import Learngene
+from factory.pipeline.config import BuildConfig, build_learngene_recipe, expanding_data, given_learngene, recipe_of
+from factory.pipeline.context import BuildContext
+
+#: The stage's name (its cache folder).
+LEARNGENE_STAGE = "learngene"
+
+
+def shipped_learngene(recipe: Mapping[str, Any]) -> Learngene | None:
+    """The packaged demo learngene if it was made with exactly ``recipe``."""
+    if not (PACKAGED_LEARNGENE / "learngene.json").is_file():
+        return None
+    shipped = Learngene.load(PACKAGED_LEARNGENE)
+    return shipped if recipe_of(shipped) == recipe else None
+
+
+def learngene_inputs(ctx: BuildContext, _: None) -> dict[str, Any]:
+    return build_learngene_recipe(ctx.cfg, ctx.ancestry)
+
+
+@dataclass(frozen=True)
+class LearngeneSource:
+    """Where a build's learngene comes from -- the one answer the run, the estimate and the dry run read.
+
+    ``kind``: ``given`` (``--learngene DIR``), ``cached`` (this build's cache holds it), ``shipped`` (the
+    packaged demo learngene, made with exactly this recipe), ``sampled`` (sampled now, no expanding phase)
+    or ``expanded`` (sampled now, then trained by ``steps`` expanding-phase steps). ``learngene`` is set
+    when it is to hand without running anything."""
+
+    kind: Literal["given", "cached", "shipped", "sampled", "expanded"]
+    learngene: Learngene | None = None
+    steps: int = 0
+
+    @property
+    def runs_expanding_phase(self) -> bool:
+        return self.kind == "expanded"
+
+    def describe(self, cfg: BuildConfig) -> str:
+        return {
+            "given": f"the given learngene {cfg.learngene}",
+            "cached": "cached",
+            "shipped": "the shipped demo learngene (same recipe, not retrained)",
+            "sampled": "sampled, no expanding phase",
+            "expanded": f"sampled and trained for {self.steps} expanding-phase steps",
+        }[self.kind]
+
+
+def learngene_source(ctx: BuildContext, *, cache: bool = True) -> LearngeneSource:
+    """Where the learngene comes from (:class:`LearngeneSource`); ``cache=False`` ignores this build's cache
+    (the stage itself, which runs only when the entry is not cached)."""
+    recipe = learngene_inputs(ctx, None)
+    given = given_learngene(ctx.cfg, ctx.ancestry)
+    if given is not None:
+        return LearngeneSource("given", given)
+    if cache:
+        entry = ctx.cache.entry(LEARNGENE_STAGE, recipe)
+        if entry.cached:
+            return LearngeneSource("cached", Learngene.load(entry.path / "learngene"))
+    shipped = shipped_learngene(recipe)
+    if shipped is not None:
+        return LearngeneSource("shipped", shipped)
+    steps = (recipe["expanding"] or {}).get("steps", 0)
+    return LearngeneSource("expanded" if steps else "sampled", None, steps)
+
+
+def _sample(ctx: BuildContext, recipe: Mapping[str, Any]) -> Learngene:
+    from factory.core.learngene import sample_learngene
+
+    return sample_learngene(
+        ctx.ancestry,
+        recipe["layers"],
+        recipe["heads"],
+        seed=recipe["seed"],
+        tau=recipe["tau"],
+        rescale=recipe["rescale"],
+        head_mixing=recipe["head_mixing"],
+    )
+
+
+def run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[str, Any]:
+    from factory.core.expanding_phase import ExpandingConfig, default_shapes
+    from factory.data import load_dataset
+    from factory.training.expanding_loop import run_expanding_phase
+
+    anc, t0 = ctx.ancestry, time.perf_counter()
+    recipe = learngene_inputs(ctx, None)
+    source = learngene_source(ctx, cache=False)
+    how = source.describe(ctx.cfg)
+    lg = source.learngene
+    if lg is None:
+        lg = _sample(ctx, recipe)
+        how = f"sampled {lg.num_layers} layers x {lg.num_heads} heads"
+        if source.runs_expanding_phase:
+            data = expanding_data(ctx.cfg, anc)
+            ds = load_dataset(
+                data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size
+            )
+            exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
+            lg, _ = run_expanding_phase(
+                lg, anc, ds, default_shapes(lg), exp, work=work, log=ctx.log, what="learngene expanding phase"
+            )
+            how += f", trained {source.steps} expanding-phase steps on {data}"
+    lg.save(tmp / "learngene")
+    ctx.log(f"learngene: {how} in {time.perf_counter() - t0:.1f}s")
+    return {"seconds": round(time.perf_counter() - t0, 2), "how": how, "source": source.kind}
+
+
+def estimate_learngene(ctx: BuildContext, _: None) -> float:
+    """The learngene stage's time, measured here: sampling it, then the expanding phase's first step (its
+    one-off costs) plus ``steps - 1`` times a step (:func:`factory.training.expanding_loop.measure_step_seconds`:
+    three real steps of the configured batch, input size and precision, seconds at 224 px); 0 when it
+    will not run."""
+    from factory.core.expanding_phase import ExpandingConfig, default_shapes
+    from factory.training.expanding_loop import measure_step_seconds
+
+    recipe = learngene_inputs(ctx, None)
+    if not learngene_source(ctx, cache=False).runs_expanding_phase:
+        return 0.0
+    exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
+    t0 = time.perf_counter()
+    lg = _sample(ctx, recipe)
+    sampling = time.perf_counter() - t0
+    first, per_step = measure_step_seconds(lg, ctx.ancestry, default_shapes(lg), exp, first=True)
+    ctx.log(
+        f"learngene: one expanding-phase step measured at {per_step:.2f}s (batch {exp.batch_size}, "
+        f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px; the first {first:.2f}s, sampling {sampling:.2f}s)"
+    )
+    return sampling + first + max(0, exp.steps - 1) * per_step
