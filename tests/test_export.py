@@ -232,7 +232,7 @@ def test_interrupted_export_leaves_nothing_half_written(demo_file, tmp_path, mon
 
 
 def test_trt_on_a_non_tensorrt_profile_is_refused(demo_file, tmp_path):
-    with pytest.raises(FactoryError, match="runs onnxruntime, not TensorRT"):
+    with pytest.raises(FactoryError, match="runs onnxruntime, not tensorrt; drop trt"):
         export_model(demo_file, ["trt"], tmp_path / "x", profile=load_profile("demo/raspberry_pi5"))
     assert parse_formats("all", load_profile("demo/raspberry_pi5")) == ["onnx", "onnx-int8"]
 

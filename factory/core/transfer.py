@@ -218,3 +218,49 @@ def decide_init(
     trained = trained_by(shape, learngene)
     chosen, why = choose_init(scores, probe, trained=trained)
     return InitDecision(chosen, why, scores, int(len(y)), time.perf_counter() - t0, trained)
+
+
+@dataclass(frozen=True)
+class TransferCheck:
+    """Whether the ancestry's features transfer to the task at all, measured before any learngene is trained:
+    the k-NN score of the ancestry's own layers (``weight_selection``) against random ones (``scratch``) at
+    one shape. ``transfers`` is false when scratch beats weight selection by more than ``scratch_margin`` --
+    the rule :func:`choose_init` applies to every inherited start -- and then an expanding phase (distilling
+    that ancestry into the learngene) cannot pay on this task."""
+
+    shape: str
+    scores: dict[str, float]
+    images: int
+    seconds: float
+    margin: float
+
+    @property
+    def transfers(self) -> bool:
+        return self.scores["scratch"] <= self.scores["weight_selection"] + self.margin
+
+    def to_dict(self) -> dict:
+        return {
+            "shape": self.shape,
+            "knn_accuracy": {m: round(v, 4) for m, v in self.scores.items()},
+            "images": self.images,
+            "seconds": round(self.seconds, 3),
+            "transfers": self.transfers,
+            "rule": f"scratch must not beat weight_selection by more than {self.margin:g}",
+        }
+
+
+def check_transfer(
+    shape, images: torch.Tensor, labels: torch.Tensor, *, ancestry, seed: int, probe: TransferProbe = TransferProbe()
+) -> TransferCheck:
+    """:class:`TransferCheck` at ``shape`` on ``images``/``labels`` (no learngene needed)."""
+    import time
+
+    from factory.core.baselines import init_descendant
+
+    t0 = time.perf_counter()
+    x, y = images[: probe.images], labels[: probe.images]
+    scores = {}
+    for method in ("weight_selection", "scratch"):
+        model = init_descendant(method, shape, ancestry=ancestry, seed=seed)
+        scores[method] = knn_loo_accuracy(pooled_features(model, x), y, probe.k)
+    return TransferCheck(shape.label(), scores, int(len(y)), time.perf_counter() - t0, probe.scratch_margin)

@@ -23,6 +23,7 @@ recorded with its reason; the others finish. Multi-GPU fine-tuning of one model 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +82,7 @@ def _build(
 ) -> dict[str, Any]:
     from factory.device.search import SearchSpace
     from factory.pipeline.device_choice import choose_by_probes, search_devices, shape_groups
+    from factory.pipeline.joint_choice import choose_jointly, expanding_phase_check, joint_decision
     from factory.pipeline.plan import plan
     from factory.pipeline.report import write_reports
 
@@ -108,28 +110,45 @@ def _build(
     ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds)
     objective, why = objective_for(cfg, anc)
     log(f"objective: {objective} ({why})")
-    devices, results = search_devices(
-        profiles, SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes), anc, cfg, objective, why, log
-    )
+    space = SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes)
+    devices, results = search_devices(profiles, space, anc, cfg, objective, why, log)
+    check = expanding_phase_check(ctx, devices)
+    if check is not None:
+        scores = ", ".join(f"{m} {v:.3f}" for m, v in check.scores.items())
+        if check.transfers:
+            log(f"expanding phase: the ancestry's features transfer at {check.shape} (k-NN {scores}); it will run")
+        else:
+            log(
+                f"expanding phase: skipped: the ancestry's features do not transfer to this data at {check.shape} "
+                f"(k-NN {scores}: {check.to_dict()['rule']}); it cannot pay here -- the build goes on with the best "
+                "other start (--init peg forces it)"
+            )
+            ctx.cfg = dataclasses.replace(cfg, expand_steps=0)  # the learngene stays as sampled
+            objective, why = objective_for(ctx.cfg, anc)
+            devices, results = search_devices(profiles, space, anc, ctx.cfg, objective, why, None)
     if dry_run:
-        return plan(ctx, devices, profiles, objective)
+        return {**plan(ctx, devices, profiles, objective), **_check_part(check)}
 
     lg_entry = make_learngene(ctx)
     if objective == "accuracy":
         devices = choose_by_probes(ctx, devices, results, reason=why)
-    head = manifest.head(cfg, anc, ctx.learngene, ds, lg_entry.key, names)
+    devices = choose_jointly(
+        ctx, devices, results
+    )  # --init auto: the pair (shape, init), not the init at a fixed shape
+    head = {**manifest.head(cfg, anc, ctx.learngene, ds, lg_entry.key, names), **_check_part(check)}
     tasks = [
         ShapeTask(
             str(out.resolve()),
-            cfg,
+            ctx.cfg,
             str((lg_entry.path / "learngene").resolve()),
             ctx.learngene.sha256,
             shape,
             tuple(DeviceTask(prof, device) for prof, device in group),
             head,
             identity,
+            joint_decision(group[0][1]),
         )
-        for shape, group in shape_groups(devices, profiles).items()
+        for (shape, _), group in shape_groups(devices, profiles).items()
     ]
     finished = {r.name: r for rs in executor.map(run_shape_task, tasks, log=log, failed=ShapeTask.failed) for r in rs}
     devices = [finished.get(d.name, d) for d in devices]
@@ -143,3 +162,10 @@ def _build(
     write_reports(out, built)
     manifest.write(out, built)
     return built
+
+
+def _check_part(check) -> dict[str, Any]:
+    """The manifest's (and dry run's) record of the expanding-phase check: ``{}`` when none was made."""
+    if check is None:
+        return {}
+    return {"expanding_phase_check": {**check.to_dict(), "skipped_phase": not check.transfers}}

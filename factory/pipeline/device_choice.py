@@ -7,8 +7,6 @@ accuracy probes (:mod:`factory.device.accuracy`), recorded in the device's manif
 
 from __future__ import annotations
 
-from typing import Any
-
 from factory.core.shapes import DescendantShape
 from factory.device.accuracy import EstimatorConfig, SuccessiveHalving, choose_by_accuracy, describe_decision
 from factory.device.resolve import latency_model_for
@@ -57,15 +55,16 @@ def search_devices(
     return devices, results
 
 
-def estimator(ctx: BuildContext) -> SuccessiveHalving:
-    """The accuracy estimator of a build: successive halving of the build's own fine-tuning recipe."""
+def estimator(ctx: BuildContext, init: str | None = None) -> SuccessiveHalving:
+    """The accuracy estimator of a build: successive halving of the build's own fine-tuning recipe, from
+    ``init`` (default: the initialisation the build searches for, :func:`search_init`)."""
     c = ctx.cfg
     return SuccessiveHalving(
         ctx.ancestry,
         ctx.learngene,
         ctx.data,
         finetune_recipe(c),
-        init=search_init(c),
+        init=init or search_init(c),
         config=EstimatorConfig(candidates=c.candidates),
         cache_dir=ctx.cache.root / "estimate",
         progress=True,
@@ -77,10 +76,12 @@ def choose_by_probes(
     devices: list[DeviceResult],
     results: dict[str, SearchResult],
     reason: str = "the accuracy objective",
+    init: str | None = None,
 ) -> list[DeviceResult]:
-    """Each device with its capacity choice replaced by the candidate of the best predicted accuracy;
-    ``reason`` (why the build probes) goes into each device's ``selection``."""
-    predictor = estimator(ctx)
+    """Each device with its capacity choice replaced by the candidate of the best predicted accuracy when
+    fine-tuned from ``init`` (default: the build's, :func:`search_init`); ``reason`` (why the build probes)
+    goes into each device's ``selection``."""
+    predictor = estimator(ctx, init)
     out = []
     for device in devices:
         if device.is_failed:
@@ -114,11 +115,13 @@ def choose_by_probes(
     return out
 
 
-def shape_groups(devices: list[DeviceResult], profiles) -> dict[DescendantShape, list[tuple[Any, DeviceResult]]]:
-    """The devices that did not fail, grouped by the shape they chose: ``shape -> [(profile, device)]``."""
+def shape_groups(devices: list[DeviceResult], profiles) -> dict[tuple[DescendantShape, str | None], list]:
+    """The devices that did not fail, grouped by the shape they chose and the initialisation a joint choice
+    fixed for it (None: decided at the shape): ``(shape, init) -> [(profile, device)]``."""
     by_name = {p.name: p for p in profiles}
-    groups: dict[DescendantShape, list] = {}
+    groups: dict[tuple[DescendantShape, str | None], list] = {}
     for device in devices:
         if not device.is_failed:
-            groups.setdefault(DescendantShape.from_dict(device["shape"]), []).append((by_name[device.name], device))
+            key = (DescendantShape.from_dict(device["shape"]), (device.get("joint") or {}).get("init"))
+            groups.setdefault(key, []).append((by_name[device.name], device))
     return groups

@@ -274,6 +274,9 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
         init = f"{dev.get('init', manifest['recipe']['init'])}" + (
             f" (--init auto: {dev['init_decision']['reason']})" if dev.get("init_decision") else ""
         )
+        pairs = pairs_text(dev.get("joint") or {})
+        if pairs:
+            init += f". Pairs compared: {pairs}"
         md += [
             f"## {name}",
             "",
@@ -326,3 +329,19 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
             f"report</title><style>{style}</style></head><body>{''.join(page)}</body></html>\n"
         ).encode(),
     )
+
+
+def pairs_text(joint: dict[str, Any]) -> str:
+    """The (shape, initialisation) pairs a joint choice compared, with their figures, in one line."""
+    out = []
+    for pair in joint.get("pairs", []):
+        figures = []
+        if pair.get("knn_accuracy") is not None:
+            figures.append(f"k-NN {pair['knn_accuracy']:.3f}")
+        if pair.get("val_nll") is not None:
+            figures.append(
+                f"val NLL {pair['val_nll']:.3f}, acc {pair['val_accuracy']:.3f} at {pair['probe_steps']} steps"
+            )
+        mark = " (chosen)" if pair.get("chosen") else ""
+        out.append(f"({pair['shape']}, {pair['init']}){mark}: {'; '.join(figures) or 'not probed'}")
+    return "; ".join(out)

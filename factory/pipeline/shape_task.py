@@ -47,6 +47,7 @@ class ShapeTask:
     devices: tuple[DeviceTask, ...]
     head: dict[str, Any]  # the manifest's build-wide part (ancestry, learngene, recipe): model cards need it
     identity: tuple[str, str] | None = None  # (ancestry fingerprint, data identity), computed once by the build
+    init_decision: dict[str, Any] | None = None  # the joint choice's (factory.pipeline.joint_choice); None: decide here
 
     @property
     def names(self) -> list[str]:
@@ -113,6 +114,8 @@ def run_shape_task(task: ShapeTask, env: TaskEnv) -> list[DeviceResult]:
     ctx = BuildContext(out, task.cfg, Cache(out / ".cache", env.log), env.log, anc, ds, lg, env.should_stop)
     try:
         with intra_op_threads(env.threads):
+            if task.init_decision is not None:
+                ctx.inits[task.shape.label()] = task.init_decision
             decide(ctx, task.shape)
             tuned = run_stage(ctx, FINETUNE, task.shape)
     except FactoryError as exc:

@@ -128,6 +128,8 @@ def decide(ctx: BuildContext, shape: DescendantShape) -> str:
     decision (run now unless cached; kept in ``ctx.inits`` for the finetune key and the manifest)."""
     if ctx.cfg.init != "auto":
         return ctx.cfg.init
+    if shape.label() in ctx.inits:  # decided in this build (a joint choice, or an earlier call)
+        return ctx.inits[shape.label()]["chosen"]
     info = _decision(run_stage(ctx, INIT, shape))
     ctx.inits[shape.label()] = info
     ctx.log(f"init {shape.label()}: auto -> {info['chosen']}: {info['reason']} ({info['seconds']:.1f}s)")

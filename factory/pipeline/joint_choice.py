@@ -1,0 +1,129 @@
+"""One decision, not two: with ``--init auto`` each device gets the pair (shape, initialisation).
+
+The searcher picks a shape for the learngene's descendants (``S_peg``: the largest that fits, or the
+probes' choice); the ``init`` stage's transfer probe (:mod:`factory.core.transfer`) then says which start
+fine-tunes best *at that shape*. When it keeps ``peg`` the pair is ``(S_peg, peg)``. When it prefers another
+start ``X`` (scratch, weight selection, TLEG), ``S_peg`` was searched for someone else: the shape is searched
+again for ``X`` exactly as ``--init X`` searches (successive-halving probes of the device's Pareto-front
+candidates fine-tuned from ``X``, :func:`factory.pipeline.device_choice.choose_by_probes`), and the finalists
+-- ``S_peg`` (always among the candidates) and the others -- are compared on the same footing: the same
+probe steps from the same start. The pair ``(S_X, X)`` is fine-tuned.
+
+Why not also probe ``(S_peg, peg)`` against ``(S_X, X)``: the transfer probe prefers another start only when
+inherited features are worse than the alternative *before training* (e.g. random features separate the
+classes better than inherited ones), a case where short fine-tuning probes mislead -- scratch starts slower
+and overtakes late (bench/RESULTS.md, "Choosing the initialisation"). The start is the probe's decision; the
+shape for that start is the probes'.
+
+Recorded per device (``selection.joint`` in the manifest; the log, report and model card say it): the pairs
+compared, their figures (k-NN scores at ``S_peg``, the probes' validation NLL and accuracy per shape) and
+why the winner won.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from factory.core.shapes import DescendantShape
+from factory.pipeline.context import BuildContext
+from factory.pipeline.device_choice import choose_by_probes
+from factory.pipeline.device_result import DeviceResult
+
+
+def choose_jointly(ctx: BuildContext, devices: list[DeviceResult], results: dict[str, Any]) -> list[DeviceResult]:
+    """Each device with its (shape, initialisation) pair (module docstring); unchanged for a fixed ``--init``."""
+    from factory.pipeline.stages import decide
+
+    if ctx.cfg.init != "auto":
+        return devices
+    out = []
+    for device in devices:
+        if device.is_failed:
+            out.append(device)
+            continue
+        first = DescendantShape.from_dict(device["shape"])
+        start = decide(ctx, first)  # the init stage at the searched shape (cached across builds)
+        decision = ctx.inits[first.label()]
+        if start == "peg":
+            joint = {
+                "init": "peg",
+                "shape": first.label(),
+                "pairs": [_pair(first, "peg", decision)],
+                "why": f"the transfer probe keeps the learngene's descendant at {first.label()}, the shape searched for it",
+                "decision": decision,
+            }
+            out.append(device.chose(joint=joint))
+            continue
+        ctx.log(
+            f"{device.name}: --init auto prefers {start} at {first.label()}; searching the shape again for {start} "
+            "(as --init {start} searches)".replace("{start}", start)
+        )
+        [again] = choose_by_probes(
+            ctx,
+            [device],
+            results,
+            reason=f"--init auto chose {start} at {first.label()}: shape searched for it",
+            init=start,
+        )
+        rows = again["selection"]["candidates"]
+        chosen = DescendantShape.from_dict(again["shape"])
+        pairs = [_pair(first, "peg", decision), _pair(first, start, decision)]
+        pairs += [
+            {
+                "shape": r["label"],
+                "init": start,
+                "probe_steps": r.get("probe_steps"),
+                "val_nll": r.get("val_nll"),
+                "val_accuracy": r.get("predicted_accuracy"),
+                "chosen": r["chosen"],
+            }
+            for r in rows
+        ]
+        best = next(r for r in rows if r["chosen"])
+        why = (
+            f"at {first.label()} the transfer probe prefers {start} ({decision['reason']}); fine-tuned from {start}, "
+            f"{chosen.label()} probed best of {len(rows)} shapes (validation NLL {best.get('val_nll', float('nan')):.3f}, "
+            f"accuracy {best['predicted_accuracy']:.3f} after {best.get('probe_steps', '?')} steps)"
+        )
+        joint = {
+            "init": start,
+            "shape": chosen.label(),
+            "searched_for_peg": first.label(),
+            "pairs": pairs,
+            "why": why,
+            "decision": {**decision, "chosen": start, "reason": why},  # what the fine-tune records as init_decision
+        }
+        ctx.log(f"{device.name}: chose ({chosen.label()}, {start}): {why}")
+        out.append(again.chose(joint=joint))
+    return out
+
+
+def joint_decision(device: DeviceResult) -> dict[str, Any] | None:
+    """The initialisation decision the joint choice fixed for ``device`` (None: none was made; the shape task
+    decides at its shape)."""
+    return (device.get("joint") or {}).get("decision")
+
+
+def _pair(shape: DescendantShape, init: str, decision: dict[str, Any]) -> dict[str, Any]:
+    return {"shape": shape.label(), "init": init, "knn_accuracy": (decision.get("knn_accuracy") or {}).get(init)}
+
+
+def expanding_phase_check(ctx: BuildContext, devices: list[DeviceResult]):
+    """Before an expanding phase runs for ``--init auto``: does the ancestry transfer to the task at all?
+    (:func:`factory.core.transfer.check_transfer` at the largest searched shape, on the same images the init
+    probe scores.) None when no phase would run (a given, cached or shipped learngene, ``--expand-steps 0``),
+    for a fixed ``--init`` (``--init peg`` forces the phase), or when no device has a shape."""
+    from factory.core.transfer import check_transfer, images_for
+    from factory.data import spread_sample
+    from factory.pipeline.learngene_stage import learngene_source
+
+    if ctx.cfg.init != "auto" or not learngene_source(ctx).runs_expanding_phase:
+        return None
+    shapes = [DescendantShape.from_dict(d["shape"]) for d in devices if not d.is_failed]
+    if not shapes:
+        return None
+    shape = max(shapes, key=lambda s: (s.depth * s.embed_dim**2, s.label()))
+    sample = spread_sample(ctx.data.train, images_for(ctx.cfg.init_probe, ctx.cfg.finetune_steps, ctx.cfg.batch_size))
+    return check_transfer(
+        shape, sample.images, sample.labels, ancestry=ctx.ancestry, seed=ctx.cfg.seed, probe=ctx.cfg.init_probe
+    )

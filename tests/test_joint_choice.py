@@ -1,0 +1,86 @@
+"""One decision, not two: --init auto chooses the pair (shape, initialisation); the expanding phase runs only
+where the ancestry transfers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import factory.core.transfer as transfer
+from factory.device.profile import load_profile
+from factory.pipeline.build import BuildConfig, build
+
+from .test_build import _profile
+
+CFG = BuildConfig(data="synthetic", finetune_steps=6, batch_size=16, candidates=3)
+
+
+def test_a_start_other_than_peg_gets_its_own_shape_search(tmp_path, monkeypatch):
+    """Where the transfer probe prefers scratch at the shape searched for PEG, the shape is searched again for
+    scratch (probes from scratch over the Pareto candidates, that shape among them) and the pair is fine-tuned."""
+    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, trained=True: ("scratch", "forced by the test"))
+    lines: list[str] = []
+    manifest = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", CFG, log=lines.append)
+    dev = manifest["devices"][0]
+    joint = dev["joint"]
+    assert dev["status"] == "ok" and dev["init"] == joint["init"] == "scratch"
+    assert joint["shape"] == _label(dev["shape"]) and joint["searched_for_peg"]  # the pair that was fine-tuned
+    pairs = {(p["shape"], p["init"]) for p in joint["pairs"]}
+    assert (joint["searched_for_peg"], "peg") in pairs and (joint["searched_for_peg"], "scratch") in pairs
+    probed = [p for p in joint["pairs"] if p.get("val_nll") is not None]
+    assert len(probed) >= 2 and sum(p["chosen"] for p in probed) == 1  # compared on the same footing
+    assert {p["init"] for p in probed} == {"scratch"}
+    assert joint["searched_for_peg"] in {p["shape"] for p in probed}  # the first shape is a finalist
+    assert dev["init_decision"]["chosen"] == "scratch" and "fine-tuned from scratch" in dev["init_decision"]["reason"]
+    assert any("searching the shape again for scratch" in line for line in lines)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Pairs compared:" in report and ", scratch) (chosen)" in report
+    assert "fine-tuned from scratch" in (tmp_path / "out" / "dev" / "MODEL_CARD.md").read_text()
+    ft = json.loads((tmp_path / "out" / "dev" / "export" / "export.json").read_text())
+    assert ft["artifacts"]["onnx"]["sha256"]
+
+
+def test_peg_kept_is_one_pair_at_the_searched_shape(tmp_path, monkeypatch):
+    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, trained=True: ("peg", "forced by the test"))
+    manifest = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", CFG, log=lambda *_: None)
+    dev = manifest["devices"][0]
+    assert dev["init"] == dev["joint"]["init"] == "peg"
+    assert [(p["shape"], p["init"]) for p in dev["joint"]["pairs"]] == [(_label(dev["shape"]), "peg")]
+
+
+@pytest.mark.parametrize("transfers", [False, True])
+def test_the_expanding_phase_runs_only_where_the_ancestry_transfers(tmp_path, monkeypatch, transfers):
+    scores = {"weight_selection": 0.9, "scratch": 0.2} if transfers else {"weight_selection": 0.2, "scratch": 0.9}
+    real = transfer.check_transfer
+
+    def fixed(*args, **kwargs):
+        return transfer.TransferCheck(**{**real(*args, **kwargs).__dict__, "scores": scores})
+
+    monkeypatch.setattr(transfer, "check_transfer", fixed)
+    cfg = BuildConfig(data="synthetic", finetune_steps=4, batch_size=16, expand_steps=2, expand_batch_size=8)
+    lines: list[str] = []
+    out = tmp_path / "out"
+    plan = build([load_profile(_profile(tmp_path, "dev", 0.2))], out, cfg, log=lines.append, dry_run=True)
+    assert plan["expanding_phase_check"]["skipped_phase"] is (not transfers)
+    manifest = build([load_profile(_profile(tmp_path, "dev", 0.2))], out, cfg, log=lines.append)
+    check = manifest["expanding_phase_check"]
+    assert check["transfers"] is transfers and check["knn_accuracy"] == scores
+    ran = any("expanding-phase steps" in line and "learngene:" in line for line in lines)
+    assert ran is transfers, lines
+    assert any(("skipped" in line) is (not transfers) for line in lines if line.startswith("expanding phase:"))
+    assert manifest["devices"][0]["status"] == "ok"
+
+
+def test_a_fixed_init_and_a_given_learngene_are_not_checked(tmp_path):
+    from factory.pipeline.context import BuildContext
+    from factory.pipeline.joint_choice import expanding_phase_check
+
+    ctx = BuildContext(tmp_path, BuildConfig(init="peg", expand_steps=5), None, print, None, None)
+    assert expanding_phase_check(ctx, []) is None  # --init peg forces the phase: no check
+
+
+def _label(shape: dict) -> str:
+    from factory.core.shapes import DescendantShape
+
+    return DescendantShape.from_dict(shape).label()
