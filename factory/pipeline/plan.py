@@ -62,6 +62,16 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
             )
         elif cfg.init == "auto":
             log(f"{entry['name']}: --init auto chose {init} at {shape.label()} (cached)")
+        if cfg.init == "auto" and init != "peg":
+            est = EstimatorConfig(candidates=cfg.candidates)
+            steps = est.probe_steps(est.candidates, cfg.finetune_steps)
+            extra["joint_estimate_s"] = round(steps * step_seconds(ctx, shape, cfg.batch_size), 1)
+            again = "it prefers" if init else "it prefers another start than peg"
+            log(
+                f"{entry['name']}: if {again}{f' {init}' if init else ''}, the shape is searched again for that start: "
+                f"up to {est.candidates} Pareto candidates probed from it, {shape.label()} among them "
+                f"({steps} probe steps, ~{extra['joint_estimate_s']:.0f}s; not in the total unless it happens)"
+            )
         if objective == "accuracy":
             est = EstimatorConfig(candidates=cfg.candidates)
             probe_steps = est.probe_steps(est.candidates, cfg.finetune_steps)
