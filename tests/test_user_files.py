@@ -253,3 +253,74 @@ def test_export_in_a_build_folder_works_from_any_directory(built, tmp_path, monk
 )
 def test_a_required_out_is_required(args):
     _one_line_exit_2(_cli(*args), "Missing option '--out'")
+
+
+# -- issue 34, 1-4: a command deletes or replaces only files it recorded writing, each record inside its folder --
+
+
+def test_learngene_train_refuses_a_work_dir_holding_the_users_files(tmp_path):
+    lg = tmp_path / "lg"
+    assert _cli("learngene", "--out", lg, "--layers", "2", "--heads", "3").exit_code == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    args = ["learngene", "train", "--learngene", lg, "--data", "digits", "--steps", "1", "--batch-size", "4"]
+    res = _cli(*args, "--out", tmp_path / "trained", "--work-dir", mine)
+    _one_line_exit_2(res, "holds files peg-factory did not make")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    partial = tmp_path / "trained.partial"  # the default work dir, when it is the user's folder
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    _one_line_exit_2(_cli(*args, "--out", tmp_path / "trained"), "holds files peg-factory did not make")
+    assert (partial / "notes.txt").read_text() == "mine"
+    partial.joinpath("notes.txt").unlink()  # empty: adopted, and removed with what the run put there
+    res = _cli(*args, "--out", tmp_path / "trained")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "trained" / "learngene.json").is_file() and not partial.exists()
+
+
+@pytest.mark.parametrize("entry", ["../outside.txt", "OUTSIDE_ABS"])
+def test_a_forged_record_cannot_make_a_command_delete_outside_its_folder(tmp_path, entry):
+    from factory.io import OWNED_FILE, owned_directory, owned_files
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours")
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    name = str(outside) if entry == "OUTSIDE_ABS" else entry
+    (kit / OWNED_FILE).write_text(json.dumps({"files": {name: "calibrate", "a.txt": "calibrate"}}))
+    link = kit / "via"
+    link.symlink_to(tmp_path)  # a link out of the folder is no way out either
+    (kit / OWNED_FILE).write_text(json.dumps({"files": {name: "calibrate", "via/outside.txt": "calibrate"}}))
+    assert owned_files(kit) == {}
+    with owned_directory(kit, writer="calibrate") as tmp:
+        (tmp / "b.txt").write_text("new")
+    assert outside.read_text() == "not yours" and (kit / "b.txt").is_file()
+
+
+def test_train_out_keeps_the_users_model_metrics_and_checkpoint(tmp_path, demo_file):
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "mine.txt").write_text("mine")
+    (out / "model.safetensors").write_bytes(b"my model")
+    args = ["train", "--model", demo_file, "--data", "digits", "--steps", "1", "--batch-size", "4", "--out", out]
+    _one_line_exit_2(_cli(*args), "was not written by peg-factory")
+    assert (out / "model.safetensors").read_bytes() == b"my model" and (out / "checkpoint" / "mine.txt").is_file()
+    (out / "model.safetensors").unlink()
+    _one_line_exit_2(_cli(*args), "checkpoint exists and was not written by peg-factory")
+    (out / "checkpoint" / "mine.txt").unlink()
+    (out / "checkpoint").rmdir()
+    assert _cli(*args).exit_code == 0
+    assert _cli(*args).exit_code == 0  # its own files: replaced on a rerun
+
+
+def test_build_out_keeps_the_users_manifest_and_reports(tmp_path):
+    from .test_build import _profile
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("manifest.json", "report.md"):
+        (out / name).write_text("the user's")
+    res = _cli("build", "--profile", _profile(tmp_path, "tiny"), "--out", out, "--data", "synthetic", "--steps", "1")
+    _one_line_exit_2(res, "was not written by peg-factory")
+    assert (out / "manifest.json").read_text() == "the user's" and not (out / "tiny").exists()

@@ -157,7 +157,6 @@ def learngene_train(
     Example:
       peg-factory learngene train --learngene out/learngene --data mnist --steps 600 --out out/learngene-trained
     """
-    import shutil
 
     from factory.core.ancestry import load_ancestry
     from factory.core.expanding_phase import ExpandingConfig, default_shapes
@@ -186,7 +185,9 @@ def learngene_train(
         amp=amp,
     )
     ensure_parent(out)
-    work = work_dir or out.with_name(out.name + ".partial")
+    from factory.io import remove_work_directory, work_directory
+
+    work = work_directory(work_dir or out.with_name(out.name + ".partial"))  # a folder of the user's is refused
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
     own = anc.arch.shape()  # zero-shot is reported at the ancestry's width, heads and ratio, at every depth
     eval_shapes = [
@@ -213,7 +214,7 @@ def learngene_train(
     )
     log_file = work / "metrics.jsonl"
     trained.save(out, {"expanding_log.jsonl": log_file.read_bytes()} if log_file.is_file() else None)
-    shutil.rmtree(work, ignore_errors=True)
+    remove_work_directory(work)  # only what the run wrote there
     if report["loss_first"] is not None:
         click.echo(
             f"learngene {out}: distillation loss {report['loss_first']:.4f} -> {report['loss_last']:.4f} in {report['seconds']}s"

@@ -93,6 +93,10 @@ def train_cmd(
         ckpt_every=ckpt_every,
         distill_alpha=distill_alpha if teacher is not None else 0.0,
     )
+    from factory.io import claim
+
+    # the user's own model.safetensors, metrics.jsonl or checkpoint/ in --out are never overwritten
+    claim(Path(out), ["model.safetensors", "metrics.jsonl", "checkpoint/"], writer="train")
     result = train(model, ds.train, cfg, val_data=ds.val, teacher=teacher, out_dir=out, resume=resume)
     model = model.cpu()
     test_acc = evaluate(model, ds.test)

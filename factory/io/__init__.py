@@ -8,27 +8,39 @@ from factory.io.atomic import atomic_directory, atomic_write_bytes, confined, en
 from factory.io.hashing import canonical_safetensors, content_key, sha256_bytes, sha256_file, state_dict_sha256
 from factory.io.lock import LOCK_FILE, directory_lock
 from factory.io.paths import cache_dir
-from factory.io.publish import OWNED_FILE, owned_directory, owned_files
+from factory.io.publish import (
+    OWNED_FILE,
+    WORK_MARK,
+    claim,
+    owned_directory,
+    owned_files,
+    remove_work_directory,
+    work_directory,
+)
 from factory.io.seal import SEAL_FILE, seal, seal_state, sealed_files
 
 __all__ = [
     "LOCK_FILE",
     "OWNED_FILE",
+    "WORK_MARK",
     "SEAL_FILE",
     "atomic_directory",
     "atomic_write_bytes",
     "cache_dir",
     "canonical_safetensors",
+    "claim",
     "confined",
     "content_key",
     "directory_lock",
     "ensure_parent",
     "owned_directory",
     "owned_files",
+    "remove_work_directory",
     "seal",
     "seal_state",
     "sealed_files",
     "sha256_bytes",
     "sha256_file",
     "state_dict_sha256",
+    "work_directory",
 ]

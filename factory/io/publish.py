@@ -14,6 +14,14 @@ in place under ``path``:
 The temporary directory lives inside ``path`` (or beside it when ``path`` is new), so nothing is
 ever written outside ``path``'s own parent and ``path`` itself is never renamed or replaced once
 it exists -- it may be the working directory (``--out .``).
+
+**The rule, for every command** (enforced here and nowhere else): a command deletes or replaces only files
+it recorded writing, in the folder's :data:`OWNED_FILE`, and every record is checked to lie inside that
+folder before it is trusted (:func:`owned_files` drops ``../x``, absolute paths and paths through a link
+that leaves the folder). Besides :func:`owned_directory`, the same rule serves commands that write a few
+named files straight into a folder (:func:`claim`, which checks and records them before they are written:
+``train --out``, the build's manifest and reports) and the work folders of resumable runs (:func:`work_directory`: made and marked by
+peg-factory, or empty when given; :func:`remove_work_directory` deletes only what a run puts there).
 """
 
 from __future__ import annotations
@@ -38,16 +46,97 @@ def _files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
 
 
+def inside(root: Path, rel: str) -> bool:
+    """Whether the relative POSIX path ``rel`` names something inside ``root``: not absolute, no ``..`` or empty
+    part, and no link on the way that leaves ``root``."""
+    from pathlib import PurePosixPath
+
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or "\\" in rel or any(p in ("..", ".", "") for p in parts):
+        return False
+    try:
+        (root / rel).resolve().relative_to(root.resolve())
+    except (ValueError, OSError, RuntimeError):
+        return False
+    return True
+
+
 def owned_files(path: Path) -> dict[str, str]:
-    """The files peg-factory recorded writing into ``path``, each with the command that wrote it."""
+    """The files peg-factory recorded writing into ``path``, each with the command that wrote it; a record
+    pointing outside ``path`` (:func:`inside`) is ignored, never trusted."""
     try:
         data = json.loads((path / OWNED_FILE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     files = data.get("files") if isinstance(data, dict) else None
     if not isinstance(files, dict):
         return {}
-    return {f: w for f, w in files.items() if isinstance(f, str) and isinstance(w, str)}
+    return {f: w for f, w in files.items() if isinstance(f, str) and isinstance(w, str) and inside(path, f)}
+
+
+def claim(path: Path, names: list[str], writer: str, what: str = "--out") -> None:
+    """Before a command writes ``names`` straight into the folder ``path`` (a name ending in ``/``: a folder it
+    replaces whole): one line, nothing changed, when one of them exists and is not peg-factory's
+    (:func:`owned_files`); else they are recorded as ``writer``'s now, before they are written, so a run killed
+    half-way leaves files the next run may replace."""
+    ours = owned_files(path)
+    for name in names:
+        folder = name.endswith("/")
+        target = path / name.rstrip("/")
+        if not (target.exists() or target.is_symlink()):
+            continue
+        if target.is_symlink() or folder != target.is_dir():
+            mine = False
+        elif folder:
+            mine = name in ours or all(f"{name}{rel}" in ours for rel in _files(target))
+        else:
+            mine = name in ours
+        if not mine:
+            raise FactoryError(
+                f"{target} exists and was not written by peg-factory; move it away or choose another {what} "
+                "(nothing was changed)"
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path / OWNED_FILE, _record_bytes({**ours, **{name: writer for name in names}}))
+
+
+#: The mark of a work folder peg-factory made (checkpoints and logs of a resumable run).
+WORK_MARK = ".peg-factory-work"
+
+
+def work_directory(path: Path, what: str = "--work-dir") -> Path:
+    """``path`` as a run's work folder: made and marked now, or marked already (a run to resume); an empty
+    folder is adopted. A folder holding anything else is refused (one line): it is the user's."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise FactoryError(f"{path} exists and is not a directory; choose another {what}")
+    if path.is_dir() and not (path / WORK_MARK).is_file() and any(path.iterdir()):
+        raise FactoryError(
+            f"{path} holds files peg-factory did not make; choose an empty or new {what} (nothing was changed)"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / WORK_MARK).touch()
+    return path
+
+
+#: What a resumable run writes into its work folder (all that :func:`remove_work_directory` deletes).
+WORK_ENTRIES = ("checkpoint", "metrics.jsonl", WORK_MARK)
+
+
+def remove_work_directory(path: Path) -> None:
+    """Delete what a run wrote into its work folder (:data:`WORK_ENTRIES`), then the folder if that left it
+    empty; a folder without the mark is not peg-factory's and is left alone."""
+    path = Path(path)
+    if path.is_symlink() or not (path / WORK_MARK).is_file():
+        return
+    for name in WORK_ENTRIES:
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def _record_bytes(files: dict[str, str]) -> bytes:

@@ -33,13 +33,16 @@ from factory.core.assets import ancestry_fingerprint
 from factory.data import dataset_identity
 from factory.device.profile import Profile
 from factory.errors import FactoryError
-from factory.io import directory_lock
+from factory.io import claim, directory_lock
 from factory.pipeline import manifest
 from factory.pipeline.cache import Cache
 from factory.pipeline.config import BuildConfig, objective_for
 from factory.pipeline.executor import LocalExecutor
 from factory.pipeline.shape_task import DeviceTask, ShapeTask, ancestry_and_data, run_shape_task
 from factory.pipeline.stages import BuildContext, make_learngene
+
+#: The files a build writes straight into ``--out`` (besides its device folders and ``.cache``).
+OUTPUT_FILES = ("manifest.json", "manifest.schema.json", "report.md", "report.html")
 
 
 def build(
@@ -103,6 +106,8 @@ def _build(
         log(f"build is up to date ({key}): nothing to do")
         return previous
 
+    if not dry_run:  # the user's own manifest or reports in --out are never overwritten
+        claim(out, [*OUTPUT_FILES, "report_files/"], writer="build")
     anc, ds = ancestry_and_data(cfg, (fingerprint, None))  # the heavy imports (torch, timm) and loading start here
     identity = (fingerprint, ds.identity.removesuffix(":uint8-cache"))
     if ds.test_from != "test":

@@ -196,13 +196,14 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
 
 def resume_or_restart(work: Path, what: str, log: Callable[[str], None]) -> bool:
     """Whether ``work`` holds an intact (sealed) checkpoint to resume ``what`` from. A damaged one is
-    reported and ``work`` removed, so the run starts over instead of failing on every rerun."""
+    reported and removed (the checkpoint alone: whatever else ``work`` holds stays), so the run starts over
+    instead of failing on every rerun."""
     import shutil
 
     state = seal_state(Path(work) / "checkpoint")
     if state == "damaged":
         log(f"{what}: its checkpoint in {work} is damaged; starting over")
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(Path(work) / "checkpoint", ignore_errors=True)
     elif state == "done":
         log(f"{what}: resuming from its last checkpoint")
     return state == "done"
