@@ -293,3 +293,58 @@ def test_profiles_measure_refuses_a_directory_before_measuring(tmp_path):
     t0 = time.perf_counter()
     _one_line_exit_2(_cli("profiles", "measure", "--out", tmp_path), "is a directory")
     assert time.perf_counter() - t0 < 10
+
+
+def test_profile_text_and_data_paths_land_in_markdown_inert(tmp_path):
+    """Issue 34, 5: a profile's description and use and the data path are escaped in report.md and MODEL_CARD.md."""
+    from .helpers import image_folder
+
+    data = image_folder(tmp_path / "d`ata <img src=x onerror=alert(1)>", n=4, size=28)
+    prof = tmp_path / "evil.yaml"
+    prof.write_text(
+        _profile(tmp_path, "evil").read_text()
+        + 'description: "<script>alert(1)</script>\\n# Owned | col"\nuse: "*bold* [link](http://x) <b>"\n'
+    )
+    out = tmp_path / "out"
+    res = _cli("build", "--profile", prof, "--out", out, "--data", data, "--steps", "1", "--init", "scratch")
+    assert res.exit_code == 0, res.output
+    import re
+
+    for page in (out / "report.md", out / "evil" / "MODEL_CARD.md"):
+        text = re.sub(r"`[^`\n]*`", "", page.read_text())  # inside a code span, "<img" is literal text
+        assert "<script>" not in text and "<img" not in text and "<b>" not in text, page
+        assert not any(line.startswith("# Owned") for line in text.splitlines()), page
+        assert "](http://x)" not in text and "d`ata" not in text, page
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "report.html", "Report.md", "report_files"])
+def test_a_profile_may_not_be_named_like_a_file_the_build_writes(tmp_path, name):
+    """Issue 34, 13: refused when the profile is read, not after the build's work."""
+    from factory.device.profile import RESERVED_NAMES
+    from factory.pipeline.build import OUTPUT_FILES
+
+    assert set(OUTPUT_FILES) <= set(RESERVED_NAMES)
+    prof = tmp_path / "p.yaml"
+    prof.write_text(_profile(tmp_path, "x").read_text().replace("name: x", f"name: {name}"))
+    _one_line_exit_2(_cli("profiles", "show", prof), "is a file the build writes into --out")
+
+
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        (
+            {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512", "RANK": "0"},
+            "does not run under torchrun",
+        ),
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not set"),
+    ],
+)
+def test_a_torchrun_environment_is_one_line_not_a_hang(tmp_path, monkeypatch, env, needle):
+    """Issue 34, 8 and 22: a build inside torchrun's variables refuses at once; malformed ones are one line."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    t0 = time.perf_counter()
+    res = _cli("build", "--profile", _profile(tmp_path, "tiny"), "--out", tmp_path / "out", "--data", "synthetic")
+    _one_line_exit_2(res, needle)
+    assert time.perf_counter() - t0 < 30 and not (tmp_path / "out").exists()

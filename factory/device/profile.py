@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from export.formats import Format
 from factory.device.runtimes import Runtime, runtime_spec
@@ -41,6 +41,9 @@ from factory.errors import FactoryError
 Precision = Literal["fp32", "fp16", "int8"]
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "profiles"
 MAX_PROFILE_BYTES = 1 << 20
+#: Names a device folder may not take: the files a build writes beside the device folders in ``--out``
+#: (factory.pipeline.build.OUTPUT_FILES, report_files/; a test keeps them in step).
+RESERVED_NAMES = ("manifest.json", "manifest.schema.json", "report.md", "report.html", "report_files")
 
 
 class _Strict(BaseModel):
@@ -98,7 +101,7 @@ class Profile(_Strict):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
         description="A safe slug (it names the device's folder under --out): letters, digits, '_', '-', '.', "
-        "starting with a letter or digit, at most 64 characters.",
+        "starting with a letter or digit, at most 64 characters; not one of the files a build writes into --out.",
     )
     description: str | None = None
     use: str | None = Field(
@@ -124,6 +127,13 @@ class Profile(_Strict):
     )
     export: list[Format] = Field(default_factory=lambda: ["onnx"])
     path: str | None = Field(default=None, exclude=True, description="Where it was loaded from (set by the loader).")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name.lower() in RESERVED_NAMES:
+            raise ValueError(f"{name!r} is a file the build writes into --out; choose another name")
+        return name
 
     @model_validator(mode="after")
     def _precision_declared(self) -> Profile:

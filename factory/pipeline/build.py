@@ -66,6 +66,7 @@ def build(
     """
     if dry_run:
         return _build(profiles, Path(out), cfg, dry_run=True, log=log)
+    refuse_torchrun()
     executor = executor or LocalExecutor(cfg.jobs)
     with executor.session(log), directory_lock(out, wait=wait_lock, log=log):  # Ray is checked before --out is touched
         return _build(profiles, Path(out), cfg, dry_run=False, log=log, executor=executor)
@@ -174,3 +175,25 @@ def _check_part(check) -> dict[str, Any]:
     if check is None:
         return {}
     return {"expanding_phase_check": {**check.to_dict(), "skipped_phase": not check.transfers}}
+
+
+#: What torchrun sets: a build seeing them would wait for process-group peers that never come.
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def refuse_torchrun() -> None:
+    """A build is not a torchrun job: it runs its fine-tunes in this process (or as Ray tasks). Inside a
+    torchrun environment of several processes -- or with its variables left malformed -- it refuses in one
+    line naming them, instead of hanging in a process group (``peg-factory train`` runs under torchrun)."""
+    import os
+
+    from factory.training.train import dist_info
+
+    _, world = dist_info()  # malformed variables: one line
+    if world > 1:
+        found = ", ".join(f"{v}={os.environ[v]}" for v in TORCHRUN_VARIABLES if v in os.environ)
+        raise FactoryError(
+            f"build does not run under torchrun ({found}): it fine-tunes each shape in this process or on Ray "
+            "(--executor ray); unset those variables, or run `peg-factory train` under torchrun for one model on "
+            "many processes"
+        )

@@ -14,6 +14,7 @@ import yaml
 
 from factory.core.shapes import DescendantShape
 from factory.device.accuracy import describe_decision
+from factory.pipeline.markdown import md_code, md_text
 
 
 def selection_text(sel: dict[str, Any]) -> str:
@@ -65,7 +66,7 @@ def front_matter(head: dict[str, Any], dev: dict[str, Any]) -> dict[str, Any]:
 def use_text(dev: dict) -> str:
     """The real use the profile's budgets are sized for, and the input size when it is not the model's."""
     target = dev.get("target", {})
-    text = f" (budgets for: {target['use']})" if target.get("use") else ""
+    text = f" (budgets for: {md_text(target['use'])})" if target.get("use") else ""
     return text + (f"; note: {dev['input_size_note']}" if dev.get("input_size_note") else "")
 
 
@@ -113,10 +114,10 @@ def render(head: dict[str, Any], dev: dict[str, Any]) -> str:
 
 **What it is.** A timm `VisionTransformer` (depth {s["depth"]}, width {s["embed_dim"]}, {s["num_heads"]} heads, MLP ratio
 {s["mlp_ratio"]:g}, {s["img_size"]}x{s["img_size"]} input, patch {s["patch_size"]}, {s["num_classes"]} classes) for
-{target["description"]}{use_text(dev)}.
+{md_text(target["description"])}{use_text(dev)}.
 
 **Lineage.** Initialised by `{dev.get("init", recipe["init"])}`{init_text(dev)} {source_text(dev, lg)} of ancestry `{anc["spec"]}` (`{anc["sha256"][:12]}`, weights: {anc["weights"]}); fine-tuned
-{recipe["finetune_steps"]} steps on `{recipe["data"]}` (seed {recipe["seed"]}, {dev.get("finetune", {}).get("precision", "fp32")} compute). {selection_text(dev.get("selection", {}))}, within the budgets
+{recipe["finetune_steps"]} steps on `{md_code(recipe["data"])}` (seed {recipe["seed"]}, {dev.get("finetune", {}).get("precision", "fp32")} compute). {selection_text(dev.get("selection", {}))}, within the budgets
 {dev["budgets"]}.
 
 **Numbers.** Test accuracy {dev["accuracy"]["test"]:.4f}; {dev["flops"]["fvcore"] / 1e9:.4f} GFLOPs (fvcore);
@@ -141,13 +142,13 @@ in the ONNX metadata. For TensorRT see `export/export.json` (engine, or `trt_kit
 
 ## Intended use
 
-Classifying images like those of `{recipe["data"]}` ({len(head["data"].get("classes", []))} classes) on {target["description"]},
+Classifying images like those of `{md_code(recipe["data"])}` ({len(head["data"].get("classes", []))} classes) on {md_text(target["description"])},
 within the budgets above. A starting point for further fine-tuning on the same task.
 
 ## Limitations
 
-- Fine-tuned for {recipe["finetune_steps"]} steps on `{recipe["data"]}` only: accuracy on other data is not measured.
-- The test accuracy is measured on {head["data"].get("test_split", "test")}.
+- Fine-tuned for {recipe["finetune_steps"]} steps on `{md_code(recipe["data"])}` only: accuracy on other data is not measured.
+- The test accuracy is measured on {md_text(head["data"].get("test_split", "test"))}.
 - The target latency and memory are predictions ({method}), not measurements on the device; the host onnxruntime
   time says nothing about the target. Calibrate the profile (`peg-factory calibrate`) to predict from device timings.
 - The ancestry's license and data terms (`{anc["spec"]}`) apply to this derivative.

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.io import atomic_write_bytes
+from factory.pipeline.markdown import md_text
 
 PLOT_HINT = "figures need matplotlib: pip install matplotlib"
 BUDGET_UNITS = {"latency_ms": "ms", "memory_mb": "MB", "flops_g": "GFLOPs", "params_m": "M params"}
@@ -238,7 +239,7 @@ ARTIFACTS = ["format", "file", "precision", "verified accuracy", "host b1 ms (me
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    cell = lambda c: str(c).replace("|", "/")  # noqa: E731
+    cell = md_text  # a cell is inert text: no tag, no "|" ending it early
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(map(cell, r)) + " |" for r in rows
     ]
@@ -255,7 +256,7 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
     intro = (
         f"Ancestry {manifest['ancestry']['spec']} ({manifest['ancestry']['weights']}), learngene "
         f"{(lg['sha256'] or '')[:12]} ({lg['layers']} layers x {lg['heads']} heads, sampled once for "
-        f"{len(lg['sampled_once_for'])} devices), data {manifest['data']['spec']}, init {manifest['recipe']['init']}, "
+        f"{len(lg['sampled_once_for'])} devices), data {md_text(manifest['data']['spec'])}, init {manifest['recipe']['init']}, "
         f"{manifest['recipe']['finetune_steps']} fine-tuning steps; the build took {manifest['seconds']:.1f} s."
     )
     md = ["# peg-factory build report", "", intro, "", *_md_table(SUMMARY, summary_rows(manifest)), ""]
@@ -280,9 +281,9 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
         md += [
             f"## {name}",
             "",
-            f"**Initialisation:** {init}",
+            f"**Initialisation:** {md_text(init)}",
             "",
-            f"**Deploy:** {deploy.get('format', 'onnx')} -- {deploy.get('reason', 'the only artifact')}",
+            f"**Deploy:** {deploy.get('format', 'onnx')} -- {md_text(deploy.get('reason', 'the only artifact'))}",
             "",
             "### Budgets",
             "",

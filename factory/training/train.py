@@ -142,9 +142,29 @@ class TrainResult:
     precision: str = "fp32"  # what the steps computed in (:func:`precision_for`)
 
 
-def _dist_info() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+def dist_info() -> tuple[int, int]:
+    """``(rank, world size)`` from torchrun's variables, checked: not integers, a rank outside the world, or a
+    world of several processes without ``MASTER_ADDR`` (where ``init_process_group`` would wait forever) is
+    one line naming the variable."""
+    values = {}
+    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0")):
+        raw = os.environ.get(name, default)
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            raise FactoryError(
+                f"the environment variable {name}={raw!r} is not an integer; unset it or run under torchrun"
+            ) from None
+    world, rank = values["WORLD_SIZE"], values["RANK"]
+    if world < 1 or not 0 <= rank < world:
+        raise FactoryError(
+            f"WORLD_SIZE={world} and RANK={rank} do not make a process group; unset them or run under torchrun"
+        )
+    if world > 1 and not os.environ.get("MASTER_ADDR"):
+        raise FactoryError(
+            f"WORLD_SIZE={world} but MASTER_ADDR is not set: the processes could never meet; run under torchrun "
+            "(it sets both), or unset WORLD_SIZE"
+        )
     return rank, world
 
 
@@ -252,7 +272,7 @@ def train(
     far is written (if ``out_dir`` is given) and :class:`~factory.errors.Interrupted` is raised,
     so a rerun with ``resume`` continues from there.
     """
-    rank, world = _dist_info()
+    rank, world = dist_info()
     device = pick_device(cfg.device)
     if world > 1 and not torch.distributed.is_initialized():
         if device.type == "cuda":
