@@ -348,3 +348,39 @@ def test_a_torchrun_environment_is_one_line_not_a_hang(tmp_path, monkeypatch, en
     res = _cli("build", "--profile", _profile(tmp_path, "tiny"), "--out", tmp_path / "out", "--data", "synthetic")
     _one_line_exit_2(res, needle)
     assert time.perf_counter() - t0 < 30 and not (tmp_path / "out").exists()
+
+
+def test_fifos_as_data_or_fleet_are_one_line_not_a_hang(tmp_path):
+    """Issue 34, 6 and 7: PIL and the fleet reader would wait on a FIFO forever."""
+    import os
+
+    from .helpers import image_folder
+
+    data = image_folder(tmp_path / "data", n=4, size=28)
+    os.mkfifo(data / "train" / "a" / "pipe.png")
+    t0 = time.perf_counter()
+    res = _cli("build", "--profile", "demo/jetson_orin", "--data", data, "--out", tmp_path / "o", "--dry-run")
+    _one_line_exit_2(res, "pipe.png is a FIFO, not a regular file")
+    fleet = tmp_path / "fleet.yaml"
+    os.mkfifo(fleet)
+    _one_line_exit_2(_cli("build", "--fleet", fleet, "--dry-run"), "fleet.yaml is a FIFO, not a regular file")
+    assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.parametrize("text, needle", [("name: x\n? [a, b]\n: 1\n", "a key that is not a plain value")])
+def test_yaml_complex_keys_are_one_line_and_merge_keys_work(tmp_path, text, needle):
+    """Issue 34, 18 and 24."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    _one_line_exit_2(_cli("profiles", "show", bad), needle)
+    merged = tmp_path / "merged.yaml"
+    body = _profile(tmp_path, "m").read_text()
+    merged.write_text(body.replace("hardware: {", "hardware: {<<: {memory_mb: 128}, ", 1))
+    res = _cli("profiles", "show", merged)
+    assert res.exit_code == 0 and "unreadable YAML" not in res.output, res.output
+
+
+def test_train_with_no_step_to_run_reports_instead_of_failing(tmp_path, demo_file):
+    """Issue 34, 19: --steps 0 (and a resume of a finished run) ended in NoneType.__format__."""
+    res = _cli("train", "--model", demo_file, "--data", "digits", "--steps", "0", "--out", tmp_path / "run")
+    assert res.exit_code == 0 and "not measured (no step ran)" in res.output, res.output

@@ -106,6 +106,5 @@ def train_cmd(
         out / "model.safetensors",
         {"finetuned_from": str(model_path), "data": ds.identity, "steps": steps, "seed": seed},
     )
-    click.echo(
-        f"trained {out}: val accuracy {result.val_accuracy:.4f}, test accuracy {test_acc:.4f}, {result.seconds:.0f}s"
-    )
+    val = f"{result.val_accuracy:.4f}" if result.val_accuracy is not None else "not measured (no step ran)"
+    click.echo(f"trained {out}: val accuracy {val}, test accuracy {test_acc:.4f}, {result.seconds:.0f}s")

@@ -9,6 +9,7 @@ from pathlib import Path
 from factory.data.stream import check_size  # one size check, here on headers and where images are decoded
 from factory.data.tensors import Dataset
 from factory.errors import FactoryError
+from factory.io import require_regular_file
 
 
 def scan_tree(root: Path) -> list[Path]:
@@ -69,6 +70,7 @@ def check_header(path: Path, min_side: int) -> str:
     return the image's PIL mode."""
     from PIL import Image, UnidentifiedImageError
 
+    require_regular_file(path, "image")  # a FIFO named like an image would make PIL wait forever
     try:
         with Image.open(path) as im:
             width, height, mode = im.width, im.height, im.mode

@@ -182,13 +182,22 @@ def _format_error(path: str, exc: ValidationError) -> str:
 
 
 class StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last silently) and a key
+    that is not a scalar (``? [a, b]``); merge keys (``<<: *base``) work as in YAML, explicit keys overriding."""
+
+    MERGE = "tag:yaml.org,2002:merge"
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == self.MERGE:
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key that is not a plain value (a list or mapping as a key)", key_node.start_mark
+                )
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -214,6 +223,8 @@ def parse_profile(text: str, path: str = "<string>") -> Profile:
         problem = getattr(exc, "problem", "") or ""
         if "appears twice" in problem:
             raise FactoryError(f"profile {path}: {problem}{where}; keep one of them") from exc
+        if "not a plain value" in problem:
+            raise FactoryError(f"profile {path}: {problem}{where}; use a plain name as the key") from exc
         raise FactoryError(f"profile {path}: unreadable YAML{where}; fix the syntax") from exc
     except RecursionError as exc:
         raise FactoryError(f"profile {path}: nested too deeply to be a profile; fix the YAML") from exc

@@ -4,7 +4,7 @@ Imports nothing of the project but :mod:`factory.errors` and :mod:`factory._vers
 other layer may use it (``pyproject.toml``'s import-linter contracts enforce this).
 """
 
-from factory.io.atomic import atomic_directory, atomic_write_bytes, confined, ensure_parent
+from factory.io.atomic import atomic_directory, atomic_write_bytes, confined, ensure_parent, require_regular_file
 from factory.io.hashing import canonical_safetensors, content_key, sha256_bytes, sha256_file, state_dict_sha256
 from factory.io.lock import LOCK_FILE, directory_lock
 from factory.io.paths import cache_dir
@@ -36,6 +36,7 @@ __all__ = [
     "owned_directory",
     "owned_files",
     "remove_work_directory",
+    "require_regular_file",
     "seal",
     "seal_state",
     "sealed_files",

@@ -86,3 +86,18 @@ def confined(base: str | os.PathLike, relative: str | os.PathLike, what: str = "
     if root not in target.parents:  # also refuses base itself ('.', '')
         raise FactoryError(f"{what} {str(relative)!r} points outside {base}; refusing to read or write it there")
     return target
+
+
+def require_regular_file(path: Path, what: str) -> Path:
+    """``path`` when it is a regular file (links followed); one line otherwise -- a FIFO, socket or device would
+    make the reader wait forever or read without end."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise FactoryError(f"{what} {path}: cannot read it ({exc.strerror}); check the path") from exc
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise FactoryError(f"{what} {path} is {kind}, not a regular file; remove it or pass a file")
+    return path

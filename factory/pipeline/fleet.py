@@ -6,6 +6,7 @@ from pathlib import Path
 
 from factory.device.profile import MAX_PROFILE_BYTES, load_yaml
 from factory.errors import FactoryError
+from factory.io import require_regular_file
 
 FLEET_KEYS = {"profiles"}
 
@@ -16,6 +17,7 @@ def load_fleet(path: str | Path) -> list[str]:
     import yaml
 
     path = Path(path)
+    require_regular_file(path, "fleet")  # a FIFO would be read forever
     try:
         if path.stat().st_size > MAX_PROFILE_BYTES:
             raise FactoryError(
