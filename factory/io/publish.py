@@ -74,11 +74,12 @@ def owned_files(path: Path) -> dict[str, str]:
     return {f: w for f, w in files.items() if isinstance(f, str) and isinstance(w, str) and inside(path, f)}
 
 
-def claim(path: Path, names: list[str], writer: str, what: str = "--out") -> None:
+def claim(path: Path, names: list[str], writer: str, what: str = "--out", *, record: bool = True) -> None:
     """Before a command writes ``names`` straight into the folder ``path`` (a name ending in ``/``: a folder it
     replaces whole): one line, nothing changed, when one of them exists and is not peg-factory's
     (:func:`owned_files`); else they are recorded as ``writer``'s now, before they are written, so a run killed
-    half-way leaves files the next run may replace."""
+    half-way leaves files the next run may replace. ``record=False`` checks only (nothing is created: a build
+    checks before its work and records just before it writes)."""
     ours = owned_files(path)
     for name in names:
         folder = name.endswith("/")
@@ -96,8 +97,9 @@ def claim(path: Path, names: list[str], writer: str, what: str = "--out") -> Non
                 f"{target} exists and was not written by peg-factory; move it away or choose another {what} "
                 "(nothing was changed)"
             )
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / OWNED_FILE, _record_bytes({**ours, **{name: writer for name in names}}))
+    if record:
+        ensure_parent(path / OWNED_FILE)  # one line naming the folder when it cannot be made
+        atomic_write_bytes(path / OWNED_FILE, _record_bytes({**ours, **{name: writer for name in names}}))
 
 
 #: The mark of a work folder peg-factory made (checkpoints and logs of a resumable run).

@@ -108,7 +108,7 @@ def _build(
         return previous
 
     if not dry_run:  # the user's own manifest or reports in --out are never overwritten
-        claim(out, [*OUTPUT_FILES, "report_files/"], writer="build")
+        claim(out, [*OUTPUT_FILES, "report_files/"], writer="build", record=False)  # before any work: check only
     anc, ds = ancestry_and_data(cfg, (fingerprint, None))  # the heavy imports (torch, timm) and loading start here
     identity = (fingerprint, ds.identity.removesuffix(":uint8-cache"))
     if ds.test_from != "test":
@@ -165,6 +165,7 @@ def _build(
         executor=executor.describe(),
         seconds=time.perf_counter() - t_start,
     )
+    claim(out, [*OUTPUT_FILES, "report_files/"], writer="build")  # checked again and recorded, then written
     write_reports(out, built)
     manifest.write(out, built)
     return built
