@@ -194,3 +194,11 @@ def test_latency_threads_bench_times_both_thread_counts(tmp_path):
     for row in data["rows"]:
         assert all(row["measured_ms"][t] > 0 and row["predicted_ms"][t] > 0 for t in ("1", "2"))
     assert "| 2 | 166.4 |" in (tmp_path / "t.md").read_text()
+
+
+def test_joint_choice_bench_quick_mode_runs(tmp_path):
+    _run("bench/joint_choice.py", "--quick", "--json", str(tmp_path / "j.json"), "--md", str(tmp_path / "j.md"))
+    data = json.loads((tmp_path / "j.json").read_text())
+    assert {r["strategy"] for r in data["rows"]} == {"auto (joint, default)", "scratch"}
+    assert all(0 <= r["accuracy"] <= 1 and r["se"] > 0 for r in data["rows"])
+    assert "gap to best (SE)" in (tmp_path / "j.md").read_text()

@@ -47,6 +47,14 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     "probe (scratch only by a margin); or one of them always.",
     choices=INIT_CHOICES,
 )
+@click.option(
+    "--joint-choice/--no-joint-choice",
+    default=True,
+    show_default=True,
+    help="With --init auto: choose (shape, initialisation) together -- search the shape again for a start other "
+    "than PEG's descendant, skip an expanding phase where the ancestry does not transfer; off: decide the "
+    "initialisation at the shape searched for PEG.",
+)
 @click.option("--gene-layers", type=COUNT, default=None, help="Learngene layers [default: half the ancestry's].")
 @click.option(
     "--expand-steps",

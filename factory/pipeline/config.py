@@ -50,6 +50,10 @@ class BuildConfig:
     # bench/RESULTS.md "Choosing the initialisation"); peg, tleg, weight_selection, scratch: that one, always
     init: str = "auto"
     init_probe: TransferProbe = TransferProbe()  # how auto scores and chooses (its margins, images, candidates)
+    # auto only: choose the pair (shape, init) -- search the shape again for a start other than peg, and skip an
+    # expanding phase where the ancestry does not transfer (factory.pipeline.joint_choice); False: decide the init
+    # at the shape searched for peg, as before
+    joint_choice: bool = True
     finetune_steps: int = 100
     batch_size: int = 32
     lr: float = 1e-3

@@ -34,7 +34,7 @@ def choose_jointly(ctx: BuildContext, devices: list[DeviceResult], results: dict
     """Each device with its (shape, initialisation) pair (module docstring); unchanged for a fixed ``--init``."""
     from factory.pipeline.stages import decide
 
-    if ctx.cfg.init != "auto":
+    if ctx.cfg.init != "auto" or not ctx.cfg.joint_choice:
         return devices
     out = []
     for device in devices:
@@ -117,7 +117,7 @@ def expanding_phase_check(ctx: BuildContext, devices: list[DeviceResult]):
     from factory.data import spread_sample
     from factory.pipeline.learngene_stage import learngene_source
 
-    if ctx.cfg.init != "auto" or not learngene_source(ctx).runs_expanding_phase:
+    if ctx.cfg.init != "auto" or not ctx.cfg.joint_choice or not learngene_source(ctx).runs_expanding_phase:
         return None
     shapes = [DescendantShape.from_dict(d["shape"]) for d in devices if not d.is_failed]
     if not shapes:
