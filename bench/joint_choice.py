@@ -69,8 +69,13 @@ def run(args) -> dict:
                 }
             )
             print(f"{task} {name}: {rows[-1]['shape']} {dev['init']} {acc:.4f} in {seconds:.0f}s", flush=True)
-    return {"machine": platform.processor() or platform.machine(), "profile": args.profile, "steps": args.steps,
-            "seed": args.seed, "rows": rows}
+    return {
+        "machine": platform.processor() or platform.machine(),
+        "profile": args.profile,
+        "steps": args.steps,
+        "seed": args.seed,
+        "rows": rows,
+    }
 
 
 def summarise(data: dict) -> str:

@@ -384,3 +384,12 @@ def test_train_with_no_step_to_run_reports_instead_of_failing(tmp_path, demo_fil
     """Issue 34, 19: --steps 0 (and a resume of a finished run) ended in NoneType.__format__."""
     res = _cli("train", "--model", demo_file, "--data", "digits", "--steps", "0", "--out", tmp_path / "run")
     assert res.exit_code == 0 and "not measured (no step ran)" in res.output, res.output
+
+
+def test_the_devices_own_memory_caps_the_search(tmp_path):
+    """Issue 34, 11: hardware.memory_mb was never enforced (1 MB picked a shape predicted at 20.8 MB)."""
+    prof = tmp_path / "small.yaml"
+    prof.write_text(_profile(tmp_path, "small").read_text().replace("memory_mb: 512", "memory_mb: 1"))
+    res = _cli("search", "--profile", prof)
+    _one_line_exit_2(res, "no shape fits the budgets")
+    assert "memory_mb" in res.output and "hardware.memory_mb" in res.output

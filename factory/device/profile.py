@@ -147,6 +147,13 @@ class Profile(_Strict):
             )
         return self
 
+    def limits(self) -> list[tuple[str, float]]:
+        """What a shape must fit: the budgets, with the memory budget capped at the device's own
+        ``hardware.memory_mb`` (a model that needs more memory than the device has cannot run there)."""
+        out = dict(self.budgets.items())
+        out["memory_mb"] = min(out.get("memory_mb", float("inf")), self.hardware.memory_mb)
+        return list(out.items())
+
     def calibration_path(self) -> Path | None:
         if self.calibration is None:
             return None

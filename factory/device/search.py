@@ -227,7 +227,10 @@ def evaluate_shape(shape: DescendantShape, profile: Target, cost: LatencyModel, 
         "flops_g": vit_flops(shape, cost.arch) * profile.batch / 1e9,
         "params_m": vit_params(shape, cost.arch) / 1e6,
     }
-    margins = {k: (budget - values[k]) / budget for k, budget in profile.budgets.items()}
+    limits = (
+        profile.limits() if hasattr(profile, "limits") else profile.budgets.items()
+    )  # memory: capped by the device's
+    margins = {k: (budget - values[k]) / budget for k, budget in limits}
     return Candidate(
         shape, score(shape), values["latency_ms"], values["memory_mb"], values["flops_g"], values["params_m"], margins
     )
@@ -269,9 +272,10 @@ class SearchResult:
             raise FactoryError(f"profile {self.profile}: the search space is empty; widen it")
         worst = min(miss.margins, key=miss.margins.get)
         value = getattr(miss, worst)
+        which = f"budgets.{worst}" + (" (or hardware.memory_mb, which caps it)" if worst == "memory_mb" else "")
         raise FactoryError(
             f"profile {self.profile}: no shape fits the budgets; the closest, {miss.shape.label()}, needs "
-            f"{worst} = {value:.4g} ({-miss.margins[worst]:.0%} over budget); relax budgets.{worst} to at least {value:.4g}"
+            f"{worst} = {value:.4g} ({-miss.margins[worst]:.0%} over budget); relax {which} to at least {value:.4g}"
         )
 
     def to_dict(self, top: int = 10, rejected: int = 20) -> dict[str, Any]:
