@@ -393,3 +393,31 @@ def test_the_devices_own_memory_caps_the_search(tmp_path):
     res = _cli("search", "--profile", prof)
     _one_line_exit_2(res, "no shape fits the budgets")
     assert "memory_mb" in res.output and "hardware.memory_mb" in res.output
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["ancestry"].update(spec="someone-else"),  # issue 34, 12: a block outside the tensors' hash
+        lambda m: m.pop("depth_maps"),  # issue 34, 20: hand-edited keys were KeyErrors and reshape errors
+        lambda m: m.update(num_heads=7),
+    ],
+)
+def test_an_edited_learngene_json_is_refused_in_one_line(tmp_path, edit):
+    import json
+
+    from factory.core.demo import load_demo_learngene
+    from factory.core.learngene import Learngene
+
+    load_demo_learngene().save(tmp_path / "lg")
+    meta_path = tmp_path / "lg" / "learngene.json"
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("ancestry", {})
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(FactoryError, match="was edited or damaged since it was written"):
+        Learngene.load(tmp_path / "lg")
+    _one_line_exit_2(
+        _cli("expand", "--learngene", tmp_path / "lg", "--depth", "3", "--out", tmp_path / "d.safetensors"),
+        "was edited or damaged",
+    )

@@ -134,6 +134,7 @@ def test_failed_save_leaves_the_previous_learngene_intact(ancestry, tmp_path, mo
     monkeypatch.setattr("json.dumps", boom)
     with pytest.raises(OSError):
         other.save(tmp_path / "lg")
+    monkeypatch.undo()  # loading checks learngene.json's own hash (json.dumps)
     assert Learngene.load(tmp_path / "lg").sha256 == digest
     assert [p.name for p in tmp_path.iterdir()] == ["lg"]  # no temp leftovers
 

@@ -50,6 +50,12 @@ META_FILE = "learngene.json"
 RESCALES: tuple[str, ...] = ("none", "std")
 
 
+def meta_digest(meta: dict) -> str:
+    """The sha256 of ``learngene.json``'s content less its own ``meta_sha256`` (canonical JSON, sorted keys)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
 @dataclass
 class Learngene:
     """Stem + gene layers + mixing provenance (+ optional trained depth maps per depth)."""
@@ -103,6 +109,8 @@ class Learngene:
             head_mixing=self.head_mixing.tolist(),
             shapes={k: list(v.shape) for k, v in self.tensors().items()},
         )
+        meta.pop("meta_sha256", None)
+        meta["meta_sha256"] = meta_digest(meta)  # learngene.json is under a hash too: an edited block is refused
         with owned_directory(directory, writer="learngene") as tmp:
             (tmp / TENSOR_FILE).write_bytes(data)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -137,6 +145,11 @@ class Learngene:
             raise FactoryError(
                 f"{meta_path} is corrupted ({type(exc).__name__}: {exc}); re-create the learngene"
             ) from exc
+        if not isinstance(meta, dict) or meta.get("meta_sha256") != meta_digest(meta):
+            raise FactoryError(
+                f"{meta_path} was edited or damaged since it was written (its meta_sha256 does not match its "
+                "content); re-create the learngene"
+            )
         if meta.get("format_version") != FORMAT_VERSION:
             raise FactoryError(
                 f"{meta_path} has format version {meta.get('format_version')!r}, this peg-factory "
