@@ -78,13 +78,19 @@ def parse_formats(text: str | list[str], profile=None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _data_for(arch, data: str | None, calibration_images: int = 256, dataset=None):
+def _data_for(arch, data: str | None, calibration_images: int = 256, dataset=None, trained_on: str | None = None):
     """Validation/calibration images for accuracy and INT8 (None when the task has no data); a streamed
     folder's splits decoded up to :data:`factory.data.tensors.CHECK_BYTES` each (:func:`factory.data.in_memory`).
-    ``dataset``: the task's data already loaded (a build's), used instead of loading ``data`` again."""
+    ``dataset``: the task's data already loaded (a build's), used instead of loading ``data`` again. Without
+    either, a 1-channel 10-class model is checked on ``digits`` only when it records no training data or was
+    trained on it (``trained_on``: the data identity its checkpoint records); a model trained on anything else
+    is not scored on data it never saw."""
     from factory.data import in_memory, load_dataset
 
-    spec = data or ("digits" if arch.in_chans == 1 and arch.num_classes == 10 else None)
+    implicit = (
+        arch.in_chans == 1 and arch.num_classes == 10 and (not trained_on or trained_on.startswith("sklearn-digits"))
+    )
+    spec = data or ("digits" if implicit else None)
     if spec is None and dataset is None:
         return None
     ds = dataset if dataset is not None else load_dataset(spec, img_size=arch.img_size, in_chans=arch.in_chans)
@@ -132,7 +138,12 @@ def export_model(
     _, meta = read_checkpoint(path)
     info = json.loads(meta.get(INFO_METADATA_KEY, "{}"))
     wants_data = any(s.needs_data for s in specs) or data or dataset is not None
-    ds = _data_for(arch, data, calibration_images, dataset) if wants_data else None
+    ds = _data_for(arch, data, calibration_images, dataset, info.get("data")) if wants_data else None
+    if ds is None and any(s.needs_data for s in specs):
+        log(
+            f"no task data: accuracy checks and INT8 calibration need it (the model was trained on "
+            f"{info.get('data') or 'unrecorded data'}); pass data to check them"
+        )
     batch = profile.batch if profile is not None else 1
     metadata = {
         "peg_factory.shape": arch.shape().to_dict(),

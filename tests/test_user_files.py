@@ -324,3 +324,35 @@ def test_build_out_keeps_the_users_manifest_and_reports(tmp_path):
     res = _cli("build", "--profile", _profile(tmp_path, "tiny"), "--out", out, "--data", "synthetic", "--steps", "1")
     _one_line_exit_2(res, "was not written by peg-factory")
     assert (out / "manifest.json").read_text() == "the user's" and not (out / "tiny").exists()
+
+
+def test_re_export_in_a_build_folder_uses_the_builds_data_and_keeps_the_manifest_true(built, tmp_path, monkeypatch):
+    """Issue 34, 9: class names "0".."n", null mean/std and a stale onnx sha256 after re-exporting in a build."""
+    import shutil
+
+    import onnx
+
+    from factory.io import sha256_file
+
+    build = tmp_path / "b"
+    shutil.copytree(built, build)
+    monkeypatch.chdir(build)
+    res = _cli("export", "--format", "onnx")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((build / "manifest.json").read_text())
+    dev = manifest["devices"][0]
+    onnx_path = build / dev["artifacts"]["onnx"]["path"]
+    assert dev["artifacts"]["onnx"]["sha256"] == sha256_file(onnx_path)
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    assert json.loads(meta["peg_factory.class_names"]) == manifest["data"]["classes"]
+    assert json.loads(meta["peg_factory.preprocessing"])["mean"] is not None
+
+
+def test_a_model_trained_on_other_data_is_not_scored_on_digits(tmp_path):
+    """Issue 34, 9: a 1-channel 10-class model trained on a folder was calibrated and scored on digits."""
+    from export.api import _data_for
+    from factory.core.ancestry import DEMO_ARCH
+
+    assert _data_for(DEMO_ARCH, None, trained_on="folder:/data/mine:28:1") is None
+    assert _data_for(DEMO_ARCH, None, trained_on="sklearn-digits:28") is not None
+    assert _data_for(DEMO_ARCH, None, trained_on=None) is not None  # no provenance recorded: the demo's default

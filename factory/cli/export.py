@@ -47,30 +47,28 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
     from factory.device.deploy import chooser
     from factory.device.profile import load_profile
     from factory.io import confined, directory_lock
-    from factory.pipeline.manifest import built_devices
+    from factory.pipeline.manifest import build_data, built_devices, refresh_export
 
     jobs = []
     lock = contextlib.nullcontext()
+    manifest = None
     if model_path is not None:
         path = resolve_model_path(model_path)
-        jobs.append((path, load_profile(profile_spec) if profile_spec else None, out or path.parent / "export"))
+        jobs.append((path, load_profile(profile_spec) if profile_spec else None, out or path.parent / "export", None))
     else:
         manifest = latest_manifest(Path.cwd())
         lock = directory_lock(manifest.parent)  # it rewrites the build's device folders: never while a build runs there
+        data = data or build_data(manifest)  # the build's own data: its class names, normalisation and checks
         for device in built_devices(manifest):
             if device.error is not None:
                 click.echo(f"{device.name}: skipped (its build failed: {device.error})")
                 continue
             prof = load_profile(profile_spec) if profile_spec else device.profile
-            jobs.append(
-                (
-                    device.model,
-                    prof,
-                    confined(out, device.name, "device name") if out else device.model.parent / "export",
-                )
-            )
+            in_build = out is None  # the device's own export/ folder: the manifest lists its artifacts
+            target = confined(out, device.name, "device name") if out else device.model.parent / "export"
+            jobs.append((device.model, prof, target, device.name if in_build else None))
     with lock:
-        for path, prof, target in jobs:
+        for path, prof, target, device_name in jobs:
             formats = parse_formats(fmt, prof)
             record = export_model(
                 path,
@@ -82,6 +80,8 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
                 log=click.echo,
                 choose=chooser(prof),
             )
+            if device_name is not None:
+                refresh_export(manifest, device_name, record)  # the manifest's hashes follow the new artifacts
             click.echo(
                 f"exported {path} -> {target} ({', '.join(record['artifacts'])}); hashes in {target / 'export.json'}"
             )

@@ -54,6 +54,18 @@ def search_summary(result, chosen) -> dict[str, Any]:
     }
 
 
+def artifact_entries(name: str, export_record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A device's export artifacts as the manifest lists them: path, and the fields each format declares."""
+    out = {}
+    for fmt, art in export_record["artifacts"].items():
+        keep = format_spec(fmt).manifest_fields  # each format declares the export.json fields the manifest keeps
+        out[fmt] = {
+            "path": f"{name}/export/{art.get('file') or art.get('dir')}",
+            **{k: v for k, v in art.items() if k in keep},
+        }
+    return out
+
+
 def device_record(
     entry,
     *,
@@ -72,13 +84,10 @@ def device_record(
     decision (``init_decision``: chosen, reason, k-NN figures, seconds; with the decision's cost as a
     fraction of the fine-tune's)."""
     name, predicted = entry["name"], entry["predicted"]
-    artifacts = {"model": {"path": f"{name}/model.safetensors", "sha256": model_sha256}}
-    for fmt, art in export_record["artifacts"].items():
-        keep = format_spec(fmt).manifest_fields  # each format declares the export.json fields the manifest keeps
-        artifacts[fmt] = {
-            "path": f"{name}/export/{art.get('file') or art.get('dir')}",
-            **{k: v for k, v in art.items() if k in keep},
-        }
+    artifacts = {
+        "model": {"path": f"{name}/model.safetensors", "sha256": model_sha256},
+        **artifact_entries(name, export_record),
+    }
     return {
         "init": finetune.get("init", cfg.init),
         "init_requested": cfg.init,
@@ -257,3 +266,25 @@ def built_devices(path: Path, *, check_models: bool = True) -> list[BuiltDevice]
             ) from exc
         out.append(BuiltDevice(dev["name"], None, file, profile))
     return out
+
+
+def build_data(path: Path) -> str | None:
+    """The data spec the build whose manifest is ``path`` was made with (None when it does not say)."""
+    try:
+        data = json.loads(path.read_text()).get("recipe", {}).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return data if isinstance(data, str) else None
+
+
+def refresh_export(path: Path, device: str, export_record: dict[str, Any]) -> None:
+    """After ``peg-factory export`` rewrote ``device``'s ``export/`` folder in the build whose manifest is
+    ``path``: its artifacts and deploy choice in the manifest, so the listed hashes stay true."""
+    manifest = json.loads(path.read_text())
+    for dev in manifest.get("devices", []):
+        if dev.get("name") == device and isinstance(dev.get("artifacts"), dict):
+            prefix = f"{device}/export/"
+            kept = {k: v for k, v in dev["artifacts"].items() if not str(v.get("path", "")).startswith(prefix)}
+            dev["artifacts"] = {**kept, **artifact_entries(device, export_record)}
+            dev["deploy"] = export_record.get("deploy")
+    write(path.parent, manifest)
