@@ -421,3 +421,19 @@ def test_an_edited_learngene_json_is_refused_in_one_line(tmp_path, edit):
         _cli("expand", "--learngene", tmp_path / "lg", "--depth", "3", "--out", tmp_path / "d.safetensors"),
         "was edited or damaged",
     )
+
+
+@pytest.mark.parametrize("test_classes, needle", [(("a", "c"), "missing b; extra c"), (("a", "b", "z"), "extra z")])
+def test_test_class_folders_must_be_the_training_ones(tmp_path, test_classes, needle):
+    """Issue 34, 10: test/{a,c} beside train/{a,b} scored c as b (0.75 reported); an extra test/z was a traceback."""
+    import re
+
+    from factory.data import load_dataset
+
+    from .helpers import image_folder
+
+    data = image_folder(tmp_path / "data", n=3, size=28)
+    image_folder(tmp_path / "t", classes=test_classes, n=3, size=28)
+    (tmp_path / "t" / "train").rename(data / "test")
+    with pytest.raises(FactoryError, match=re.escape(f"train ({needle})")):
+        load_dataset(str(data), img_size=28, in_chans=1)

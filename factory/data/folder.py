@@ -133,8 +133,22 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side:
 
     train, val = read("train"), read("val")
     test = read("test") if (root / "test").is_dir() else val
-    if train.classes != val.classes:
-        raise FactoryError(f"{root}/train and {root}/val have different class folders")
+    for name, split in (("val", val), ("test", test)):
+        if split.classes != train.classes:  # labels are folder indices: another set of folders mislabels them
+            missing = sorted(set(train.classes) - set(split.classes))
+            extra = sorted(set(split.classes) - set(train.classes))
+            what = "; ".join(
+                x
+                for x in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"extra {', '.join(extra)}" if extra else "",
+                )
+                if x
+            )
+            raise FactoryError(
+                f"{root}/{name} has other class folders than {root}/train ({what}); give every split the same "
+                "class folders"
+            )
     if in_chans == 3 and modes and modes <= GREY_MODES:
         raise FactoryError(
             f"data directory {root} holds only greyscale images (mode {', '.join(sorted(modes))}) but the "
