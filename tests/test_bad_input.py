@@ -437,3 +437,37 @@ def test_test_class_folders_must_be_the_training_ones(tmp_path, test_classes, ne
     (tmp_path / "t" / "train").rename(data / "test")
     with pytest.raises(FactoryError, match=re.escape(f"train ({needle})")):
         load_dataset(str(data), img_size=28, in_chans=1)
+
+
+def test_a_builtin_name_that_is_also_a_folder_here_is_ambiguous(tmp_path, monkeypatch):
+    """Issue 34, 14: --data digits silently meant the built-in set when ./digits was the user's folder."""
+    from factory.data import dataset_identity, load_dataset
+
+    from .helpers import image_folder
+
+    monkeypatch.chdir(tmp_path)
+    image_folder(tmp_path / "digits", n=3, size=28)
+    with pytest.raises(FactoryError, match="both a built-in set and a folder here; pass ./digits"):
+        dataset_identity("digits", 28, 1)
+    assert load_dataset("./digits", 28, 1).num_classes == 2
+    assert load_dataset("builtin:digits", 28, 1).num_classes == 10
+
+
+def test_a_flops_budget_is_per_image_whatever_the_batch(tmp_path):
+    """Issue 34, 15: a batch-32 profile's flops_g was read per batch (the H100 got the fleet's smallest model)."""
+    from factory.core.ancestry import DEMO_ARCH
+    from factory.device.resolve import latency_model_for
+    from factory.device.search import SearchSpace, search
+
+    prof = tmp_path / "batched.yaml"
+    prof.write_text(
+        _profile(tmp_path, "batched")
+        .read_text()
+        .replace("batch: 1", "batch: 32")
+        .replace("{params_m: 0.2}", "{flops_g: 0.2}")
+    )
+    profile = load_profile(prof)
+    best = search(
+        profile, SearchSpace.from_arch(DEMO_ARCH), latency_model_for(profile, arch=DEMO_ARCH)
+    ).require_feasible()
+    assert 0.2 / 32 < best.flops_g <= 0.2  # per image: a model near 0.2 GFLOPs, not one under 0.2 / 32

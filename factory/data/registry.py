@@ -37,6 +37,25 @@ DATASETS: dict[str, DatasetEntry] = {
 BUILTIN_DATASETS = tuple(DATASETS)
 
 
+def _builtin(spec: str) -> DatasetEntry | None:
+    """The built-in set ``spec`` names, or None for a folder. A bare name that is both a built-in set and a
+    folder in the working directory is ambiguous: one line asking for ``./NAME`` (the folder) or
+    ``builtin:NAME`` (the set)."""
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        if name not in DATASETS:
+            raise FactoryError(f"unknown built-in dataset {name!r}: use one of {', '.join(BUILTIN_DATASETS)}")
+        return DATASETS[name]
+    if spec not in DATASETS:
+        return None
+    if Path(spec).is_dir():
+        raise FactoryError(
+            f"data {spec!r} is both a built-in set and a folder here; pass ./{spec} for the folder or builtin:{spec} "
+            "for the built-in set"
+        )
+    return DATASETS[spec]
+
+
 def _folder(spec: str) -> Path:
     root = Path(spec).expanduser()
     if not root.is_dir():
@@ -49,13 +68,15 @@ def _folder(spec: str) -> Path:
 def load_dataset(spec: str, img_size: int = 28, in_chans: int = 1, *, min_side: int = 1) -> Dataset:
     """A built-in data set by name (in memory) or an ImageFolder directory (streamed), at ``img_size`` with
     ``in_chans`` channels; a folder's images smaller than ``min_side`` (the model's patch) are refused."""
-    if spec in DATASETS:
-        return DATASETS[spec].load(img_size, in_chans)
+    entry = _builtin(spec)
+    if entry is not None:
+        return entry.load(img_size, in_chans)
     return folder.load_image_folder(_folder(spec), img_size, in_chans, min_side=min_side)
 
 
 def dataset_identity(spec: str, img_size: int = 28, in_chans: int = 1) -> str:
     """What identifies ``load_dataset(spec, img_size, in_chans)``'s content, without loading it."""
-    if spec in DATASETS:
-        return DATASETS[spec].identity(img_size, in_chans)
+    entry = _builtin(spec)
+    if entry is not None:
+        return entry.identity(img_size, in_chans)
     return folder.folder_identity(_folder(spec), img_size, in_chans)

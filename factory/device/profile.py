@@ -84,7 +84,12 @@ class Hardware(_Strict):
 class Budgets(_Strict):
     latency_ms: float | None = Field(default=None, gt=0)
     memory_mb: float | None = Field(default=None, gt=0)
-    flops_g: float | None = Field(default=None, gt=0)
+    flops_g: float | None = Field(
+        default=None,
+        gt=0,
+        description="GFLOPs of one image's forward pass (per image, whatever the profile's batch: the way model "
+        "sizes are quoted).",
+    )
     params_m: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
