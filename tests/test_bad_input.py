@@ -471,3 +471,38 @@ def test_a_flops_budget_is_per_image_whatever_the_batch(tmp_path):
         profile, SearchSpace.from_arch(DEMO_ARCH), latency_model_for(profile, arch=DEMO_ARCH)
     ).require_feasible()
     assert 0.2 / 32 < best.flops_g <= 0.2  # per image: a model near 0.2 GFLOPs, not one under 0.2 / 32
+
+
+def test_a_disk_full_checkpoint_and_a_name_too_long_are_one_line(tmp_path, demo_file, monkeypatch):
+    """Issue 34, 16 and 17: safetensors' own error type for a failed write, and ENAMETOOLONG, were tracebacks."""
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    args = ["train", "--model", demo_file, "--data", "digits", "--steps", "2", "--batch-size", "4"]
+    _one_line_exit_2(_cli(*args, "--out", tmp_path / "run"), "No space left on device")
+    monkeypatch.undo()
+    _one_line_exit_2(_cli("learngene", "--out", tmp_path / ("x" * 300), "--layers", "2"), "file name is too long")
+
+
+@pytest.mark.parametrize(
+    "size, needle", [("65535", "must be a multiple"), ("28000", "larger than the ancestry's input")]
+)
+def test_a_huge_distillation_size_is_refused_before_allocating(tmp_path, size, needle):
+    """Issue 34, 21: --expand-img-size 65534 --dry-run tried to allocate 67 GB."""
+    res = _cli(
+        "build",
+        "--profile",
+        "demo/jetson_orin",
+        "--expand-steps",
+        "5",
+        "--expand-img-size",
+        size,
+        "--dry-run",
+        "--out",
+        tmp_path / "o",
+    )
+    _one_line_exit_2(res, f"--expand-img-size: {size}")
+    assert needle in res.output

@@ -72,6 +72,11 @@ class FactoryGroup(click.Group):
             flag = flag_for(ctx.find_root().command, exc.param) if exc.param else None
             raise UserError(f"{flag}: {exc.message}" if flag else str(exc)) from exc
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise UserError(
+                    f"a file name is too long for the file system ({exc.filename or 'a path component over 255 bytes'}); "
+                    "use a shorter name"
+                ) from exc
             if exc.errno not in DISK_ERRNOS:
                 raise
             where = f" writing {exc.filename}" if exc.filename else ""

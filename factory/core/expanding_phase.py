@@ -83,11 +83,19 @@ def recipe_fields(cfg: ExpandingConfig) -> dict:
 
 
 def check_distill_size(size: int, arch) -> None:
-    """Refuse (one line) a distillation size that is not a positive multiple of ``arch``'s patch size."""
+    """Refuse (one line) a distillation size that is not a positive multiple of ``arch``'s patch size, or larger
+    than the ancestry's own input (the phase distils at the ancestry's size or a lower one: a larger one only
+    interpolates the position embedding up and costs its square -- 65534 px asked for 67 GB)."""
     if size % arch.patch_size or size < arch.patch_size:
         raise FactoryError(
-            f"--expand-img-size {size} must be a multiple of the ancestry's patch size {arch.patch_size} "
-            f"(e.g. {max(1, arch.img_size // arch.patch_size // 2) * arch.patch_size})"
+            f"{size} must be a multiple of the ancestry's patch size {arch.patch_size} "
+            f"(e.g. {max(1, arch.img_size // arch.patch_size // 2) * arch.patch_size})",
+            param="distill_img_size",
+        )
+    if size > arch.img_size:
+        raise FactoryError(
+            f"{size} is larger than the ancestry's input size {arch.img_size}; distil at {arch.img_size} or lower",
+            param="distill_img_size",
         )
 
 

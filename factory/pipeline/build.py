@@ -111,6 +111,10 @@ def _build(
         claim(out, [*OUTPUT_FILES, "report_files/"], writer="build", record=False)  # before any work: check only
     anc, ds = ancestry_and_data(cfg, (fingerprint, None))  # the heavy imports (torch, timm) and loading start here
     identity = (fingerprint, ds.identity.removesuffix(":uint8-cache"))
+    if cfg.expand_img_size is not None:  # refused before any search or measurement, not while allocating for it
+        from factory.core.expanding_phase import check_distill_size
+
+        check_distill_size(cfg.expand_img_size, anc.arch)
     if ds.test_from != "test":
         log(f"data: test accuracy is measured on {ds.test_from}")
     ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds)

@@ -168,6 +168,18 @@ def dist_info() -> tuple[int, int]:
     return rank, world
 
 
+def as_os_error(exc: Exception, path: Path) -> Exception:
+    """safetensors' error for a failed write ("... I/O error: No space left on device (os error 28)") as the
+    ``OSError`` it wraps, so a full disk is the CLI's one line like any other; other errors unchanged."""
+    import re
+
+    found = re.search(r"os error (\d+)", str(exc))
+    if found is None:
+        return exc
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
 def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
     """``state.safetensors`` (weights, AdamW moments, RNG) + ``state.json`` (step, config), sealed
     (:func:`factory.io.seal`) so a damaged checkpoint is detected before a resume trusts it."""
@@ -184,7 +196,10 @@ def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
                 scalars[f"{pid}.{key}"] = value
     tensors["rng.cpu"] = torch.get_rng_state()
     with atomic_directory(directory) as tmp:
-        save_file(tensors, str(tmp / "state.safetensors"))
+        try:
+            save_file(tensors, str(tmp / "state.safetensors"))
+        except Exception as exc:  # noqa: BLE001 - safetensors reports a failed write as its own error type
+            raise as_os_error(exc, tmp / "state.safetensors") from exc
         meta = {"step": step, "config": asdict(cfg), "opt_scalars": scalars, "param_groups": opt_state["param_groups"]}
         (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         seal(tmp, {"step": step})
