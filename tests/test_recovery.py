@@ -121,3 +121,45 @@ def test_ctrl_c_stops_within_seconds_and_cleans_up(tmp_path):
     assert state["step"] > 0  # the steps done are kept for the rerun
     with open(out / ".peg-factory.lock") as fh:  # the lock was released
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_killed_writers_temporaries_are_swept_by_the_next_run(tmp_path):
+    """Issue 34, 23: SIGKILL left `.NAME.xxxx.tmp` beside --out and `.peg-factory-tmp-*` inside it for good; the next
+    run removes those of dead writers of this host, never a live writer's or another host's."""
+    import subprocess
+
+    from factory.io import owned_directory
+    from factory.io.atomic import owner_tag
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = owner_tag().rsplit("-", 1)[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    stale_inside = out / f".peg-factory-tmp-{host}-{gone.pid}-abc"
+    stale_beside = tmp_path / f".out.{host}-{gone.pid}.xyz.tmp"
+    other_host = out / f".peg-factory-tmp-pf-elsewhere-{gone.pid}-q"
+    for d in (stale_inside, stale_beside, other_host):
+        d.mkdir()
+        (d / "half.onnx").write_bytes(b"x" * 1000)
+    with owned_directory(out, writer="export") as tmp:
+        (tmp / "model.onnx").write_text("new")
+    assert not stale_inside.exists() and other_host.exists()
+    from factory.io import atomic_directory
+
+    with atomic_directory(out) as tmp:
+        (tmp / "f").write_text("x")
+    assert not stale_beside.exists()
+
+
+def test_out_may_be_a_link_to_a_folder(tmp_path):
+    """Issue 34, 24: --out as a symlink to a directory was refused for export and calibrate."""
+    from factory.io import owned_directory
+
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with owned_directory(link, writer="export") as tmp:
+        (tmp / "model.onnx").write_text("x")
+    assert (real / "model.onnx").read_text() == "x" and link.is_symlink()

@@ -35,7 +35,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory."""
     path = Path(path)
     ensure_parent(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are ordinary files
         with os.fdopen(fd, "wb") as fh:
@@ -51,6 +51,49 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def owner_tag() -> str:
+    """What a temporary name carries so a later run can tell a killed writer's leftovers from a live one's: this
+    host and process (``pf-HOST-PID``; a shared ``--out`` on Ray sees other hosts' and leaves them alone)."""
+    import socket
+
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+    return f"pf-{host}-{os.getpid()}"
+
+
+def sweep_leftovers(directory: Path, pattern: str = "*") -> None:
+    """Remove the temporaries (``*.pf-HOST-PID.*.tmp|.old``, and ``.peg-factory-tmp-pf-HOST-PID-*``) in ``directory``
+    whose writer, a process of this host, is gone (killed mid-write, e.g. by SIGKILL); names matching ``pattern``."""
+    import re
+
+    tag = owner_tag().rsplit("-", 1)[0]  # pf-HOST
+    found = re.compile(rf"{re.escape(tag)}-(\d+)[.-]")
+    with contextlib.suppress(OSError):
+        for entry in directory.glob(pattern):
+            match = found.search(entry.name)
+            if match is None or not (
+                entry.name.endswith((".tmp", ".old")) or entry.name.startswith(".peg-factory-tmp-")
+            ):
+                continue
+            pid = int(match.group(1))
+            if pid == os.getpid() or _alive(pid):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` as a whole.
@@ -62,13 +105,14 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     ensure_parent(path)
     if path.exists() and not path.is_dir():
         raise FactoryError(f"{path} exists and is not a directory; choose another", param="out")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    sweep_leftovers(path.parent, f".{path.name}.*")  # a killed writer's temporaries of this path
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
         os.replace(tmp, path)
         if old is not None:

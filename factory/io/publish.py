@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from factory.errors import FactoryError
-from factory.io.atomic import atomic_directory, atomic_write_bytes, ensure_parent
+from factory.io.atomic import atomic_directory, atomic_write_bytes, ensure_parent, owner_tag, sweep_leftovers
 
 #: The list of files peg-factory wrote into a directory (relative POSIX paths), kept in that directory.
 OWNED_FILE = ".peg-factory-files.json"
@@ -150,6 +150,8 @@ def owned_directory(path: str | os.PathLike, what: str = "--out", writer: str = 
     """Yield a temporary directory whose files are published into ``path`` (see the module docstring);
     ``writer`` names the command, whose earlier files in ``path`` it may remove."""
     path = Path(path)
+    if path.is_symlink() and path.resolve().is_dir():
+        path = path.resolve()  # the user's link to a folder: write into the folder it names (the link stays)
     ensure_parent(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise FactoryError(f"{path} exists and is not a directory; choose another {what}")
@@ -160,7 +162,8 @@ def owned_directory(path: str | os.PathLike, what: str = "--out", writer: str = 
         return
     if not os.access(path, os.W_OK):
         raise FactoryError(f"directory {path} is not writable; choose another {what}")
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path))
+    sweep_leftovers(path, f"{TMP_PREFIX}*")  # a killed command's half-published folder
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{owner_tag()}-", dir=path))
     try:
         yield tmp
         _publish(tmp, path, what, writer)
