@@ -35,7 +35,7 @@ def test_a_start_other_than_peg_gets_its_own_shape_search(tmp_path, monkeypatch)
     assert dev["init_decision"]["chosen"] == "scratch" and "fine-tuned from scratch" in dev["init_decision"]["reason"]
     assert any("searching the shape again for scratch" in line for line in lines)
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "Pairs compared:" in report and ", scratch) (chosen)" in report
+    assert "Pairs compared:" in report and r", scratch\) \(chosen\)" in report  # escaped Markdown text
     assert "fine-tuned from scratch" in (tmp_path / "out" / "dev" / "MODEL_CARD.md").read_text()
     ft = json.loads((tmp_path / "out" / "dev" / "export" / "export.json").read_text())
     assert ft["artifacts"]["onnx"]["sha256"]
