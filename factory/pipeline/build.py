@@ -67,6 +67,7 @@ def build(
     if dry_run:
         return _build(profiles, Path(out), cfg, dry_run=True, log=log)
     refuse_torchrun()
+    claim(Path(out), [*OUTPUT_FILES, "report_files/"], writer="build", record=False)  # before the lock file too
     executor = executor or LocalExecutor(cfg.jobs)
     with executor.session(log), directory_lock(out, wait=wait_lock, log=log):  # Ray is checked before --out is touched
         return _build(profiles, Path(out), cfg, dry_run=False, log=log, executor=executor)
