@@ -393,3 +393,18 @@ def test_dry_run_walks_the_stage_table_and_counts_a_shared_shape_once(tmp_path):
     assert rows["learngene"]["will_run"] == 0 and plan["learngene_source"] == "shipped"
     assert plan["total_estimate_s"] == pytest.approx(sum(row["estimate_s"] for row in plan["stages"]), abs=0.2)
     assert any(line.startswith("plan: total ~") for line in lines) and not (tmp_path / "out").exists()
+
+
+def test_the_build_runs_its_stages_in_the_tables_order(tmp_path):
+    """The dry run walks STAGES (above); the build runs them in the same order: fleet-scoped first, then per shape,
+    then per device."""
+    from factory.pipeline.stages import STAGES
+
+    lines = []
+    build([load_profile(_profile(tmp_path, "a", 0.2))], tmp_path / "out", CFG, log=lines.append)
+    marks = {"learngene": "learngene:", "init": "init ", "finetune": "finetune ", "export": "a: onnx:"}
+    first = {name: next(i for i, line in enumerate(lines) if line.startswith(mark)) for name, mark in marks.items()}
+    order = [spec.name for spec in STAGES if spec.name in first]
+    assert sorted(order, key=first.get) == order, (first, lines)
+    scopes = [spec.scope for spec in STAGES]
+    assert scopes == sorted(scopes, key=["fleet", "shape", "device"].index)

@@ -163,3 +163,24 @@ def test_out_may_be_a_link_to_a_folder(tmp_path):
     with owned_directory(link, writer="export") as tmp:
         (tmp / "model.onnx").write_text("x")
     assert (real / "model.onnx").read_text() == "x" and link.is_symlink()
+
+
+def test_a_resumed_builds_report_counts_the_earlier_runs_time(tmp_path):
+    """Issue 34, 23: a resumed build's report said only the resumed run's time."""
+    import json
+
+    from factory.device.profile import load_profile
+    from factory.pipeline.build import BuildConfig, build
+
+    from .test_build import _profile
+
+    prof = load_profile(_profile(tmp_path, "tiny"))
+    cfg = BuildConfig(data="synthetic", finetune_steps=60, batch_size=16)  # a fine-tune longer than a cached rerun
+    first = build([prof], tmp_path / "out", cfg, log=lambda *_: None)
+    (tmp_path / "out" / "manifest.json").unlink()  # killed after its stages: the rerun finds them cached
+    again = build([prof], tmp_path / "out", cfg, log=lambda *_: None)
+    assert again["stage_seconds"] == first["stage_seconds"] >= first["devices"][0]["finetune"]["seconds"]
+    assert again["seconds"] < again["stage_seconds"]  # the rerun itself was short ...
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "earlier runs of a resumed or cached build included" in report  # ... and the report says so
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["stage_seconds"] == again["stage_seconds"]

@@ -135,3 +135,16 @@ def test_initialisations_and_executors_are_registries_the_cli_reads():
     help_text = CliRunner().invoke(cli, ["build", "--help"]).output
     for name in (*METHODS, *EXECUTORS):
         assert name in help_text
+
+
+def test_every_initialisation_and_executor_is_one_registered_entry(demo_file):
+    from factory.core.baselines import INITIALISATIONS, METHODS
+    from factory.pipeline.executor import EXECUTOR_FACTORIES, EXECUTORS, LocalExecutor, make_executor
+    from factory.pipeline.manifest_schema import MANIFEST_SCHEMA
+
+    assert METHODS == tuple(INITIALISATIONS) and EXECUTORS == tuple(EXECUTOR_FACTORIES)
+    init_enum = MANIFEST_SCHEMA["properties"]["devices"]["items"]["properties"]["init"]["enum"]
+    assert init_enum == list(METHODS)
+    assert isinstance(make_executor("local", jobs=2), LocalExecutor)
+    with pytest.raises(FactoryError, match="unknown executor 'slurm'"):
+        make_executor("slurm")

@@ -19,6 +19,8 @@ Every method returns an eval-mode timm ``VisionTransformer`` of exactly ``shape`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -31,7 +33,6 @@ from factory.core.shapes import DescendantShape
 from factory.core.timm_vit import build_vit, join_state_dict
 from factory.errors import FactoryError
 
-METHODS: tuple[str, ...] = ("peg", "tleg", "weight_selection", "scratch")
 # The largest descendant allocated (ViT-H is 0.63 B): anything bigger is a typo, refused before torch tries to allocate it.
 MAX_PARAMS = 2_000_000_000
 
@@ -74,6 +75,53 @@ def weight_selection_layers(depth: int, ancestry_depth: int) -> torch.Tensor:
     return evenly_spaced(depth, ancestry_depth)
 
 
+def _peg(shape, ancestry, learngene, seed, selection) -> nn.Module:
+    if learngene is None:
+        raise FactoryError("method 'peg' needs a learngene (peg-factory learngene --out DIR)")
+    return expand(learngene, shape, selection=selection, seed=seed)
+
+
+def _scratch(shape, ancestry, learngene, seed, selection) -> nn.Module:
+    arch = learngene.arch if learngene is not None else None
+    if arch is None:
+        arch = load_ancestry(ancestry).arch if ancestry is not None else DEMO_ARCH
+    return build_vit(arch, shape, seed=seed).eval()
+
+
+def _from_ancestry(method: str):
+    """TLEG's linear expansion or weight selection: both cut the ancestry's layers, then select heads and width."""
+
+    def init(shape, ancestry, learngene, seed, selection) -> nn.Module:
+        if ancestry is None:
+            raise FactoryError(f"method {method!r} needs an ancestry (e.g. --ancestry demo)")
+        anc = load_ancestry(ancestry)
+        with torch.no_grad():
+            stem, blocks = anc.layers()
+            if method == "tleg":
+                blocks = {k: tleg_expand(*tleg_fit(t), shape.depth) for k, t in blocks.items()}
+                sel = selection
+            else:
+                idx = weight_selection_layers(shape.depth, anc.arch.depth)
+                blocks = {k: t.index_select(0, idx) for k, t in blocks.items()}
+                sel = "even"
+            stem, blocks = descend(anc.arch, stem, blocks, anc.arch.num_heads, shape, selection=sel)
+        return model_from_state(anc.arch, shape, join_state_dict(stem, blocks), seed=seed)
+
+    return init
+
+
+#: The initialisations, registered once: ``name -> fn(shape, ancestry, learngene, seed, selection)``. The CLI's
+#: ``--init`` choices, the manifest schema's enum, the transfer probe's candidates and the benches read it; a new
+#: initialisation is one function and one entry here.
+INITIALISATIONS: dict[str, Callable[..., nn.Module]] = {
+    "peg": _peg,
+    "tleg": _from_ancestry("tleg"),
+    "weight_selection": _from_ancestry("weight_selection"),
+    "scratch": _scratch,
+}
+METHODS: tuple[str, ...] = tuple(INITIALISATIONS)
+
+
 def init_descendant(
     method: str,
     shape: DescendantShape,
@@ -83,30 +131,8 @@ def init_descendant(
     seed: int = 0,
     selection: str = "even",
 ) -> nn.Module:
-    """Initialise a descendant of ``shape`` with ``method`` (see module docstring)."""
-    if method not in METHODS:
+    """Initialise a descendant of ``shape`` with ``method`` (a :data:`INITIALISATIONS` name; module docstring)."""
+    if method not in INITIALISATIONS:
         raise FactoryError(f"unknown init method {method!r}; choose one of {', '.join(METHODS)}")
     check_allocatable(shape)
-    if method == "peg":
-        if learngene is None:
-            raise FactoryError("method 'peg' needs a learngene (peg-factory learngene --out DIR)")
-        return expand(learngene, shape, selection=selection, seed=seed)
-    if method == "scratch":
-        arch = learngene.arch if learngene is not None else None
-        if arch is None:
-            arch = load_ancestry(ancestry).arch if ancestry is not None else DEMO_ARCH
-        return build_vit(arch, shape, seed=seed).eval()
-    if ancestry is None:
-        raise FactoryError(f"method {method!r} needs an ancestry (e.g. --ancestry demo)")
-    anc = load_ancestry(ancestry)
-    with torch.no_grad():
-        stem, blocks = anc.layers()
-        if method == "tleg":
-            blocks = {k: tleg_expand(*tleg_fit(t), shape.depth) for k, t in blocks.items()}
-            sel = selection
-        else:
-            idx = weight_selection_layers(shape.depth, anc.arch.depth)
-            blocks = {k: t.index_select(0, idx) for k, t in blocks.items()}
-            sel = "even"
-        stem, blocks = descend(anc.arch, stem, blocks, anc.arch.num_heads, shape, selection=sel)
-    return model_from_state(anc.arch, shape, join_state_dict(stem, blocks), seed=seed)
+    return INITIALISATIONS[method](shape, ancestry, learngene, seed, selection)

@@ -147,6 +147,7 @@ def _build(
         ctx, devices, results
     )  # --init auto: the pair (shape, init), not the init at a fixed shape
     head = {**manifest.head(cfg, anc, ctx.learngene, ds, lg_entry.key, names), **_check_part(check)}
+    head["learngene"]["seconds"] = lg_entry.info().get("seconds", 0.0)  # the stage's own time, whenever it ran
     tasks = [
         ShapeTask(
             str(out.resolve()),

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from factory.errors import FactoryError
 
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "ray")  # the names of EXECUTOR_FACTORIES (below; a test keeps them equal)
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -253,6 +253,22 @@ def require_ray():
     return ray
 
 
+def _local(*, jobs: int = 1, **_: Any) -> LocalExecutor:
+    return LocalExecutor(jobs)
+
+
+def _ray(
+    *, address: str | None = None, task_cpus: float = 1.0, task_gpus: float = 0.0, num_cpus: int | None = None, **_: Any
+) -> RayExecutor:
+    require_ray()
+    return RayExecutor(address=address, task_cpus=task_cpus, task_gpus=task_gpus, num_cpus=num_cpus)
+
+
+#: The executors, registered once: ``name -> factory(**settings)`` (each takes the settings it uses). The CLI's
+#: ``--executor`` choices read it; a new executor is its class (``map``, ``session``, ``describe``) and one entry.
+EXECUTOR_FACTORIES: dict[str, Callable[..., Any]] = {"local": _local, "ray": _ray}
+
+
 def make_executor(
     kind: str,
     *,
@@ -262,9 +278,9 @@ def make_executor(
     task_gpus: float = 0.0,
     num_cpus: int | None = None,
 ):
-    if kind == "local":
-        return LocalExecutor(jobs)
-    if kind == "ray":
-        require_ray()
-        return RayExecutor(address=address, task_cpus=task_cpus, task_gpus=task_gpus, num_cpus=num_cpus)
-    raise FactoryError(f"unknown executor {kind!r}; use one of {', '.join(EXECUTORS)}")
+    """The registered executor ``kind`` (:data:`EXECUTOR_FACTORIES`) with the settings it takes."""
+    if kind not in EXECUTOR_FACTORIES:
+        raise FactoryError(f"unknown executor {kind!r}; use one of {', '.join(EXECUTORS)}")
+    return EXECUTOR_FACTORIES[kind](
+        jobs=jobs, address=address, task_cpus=task_cpus, task_gpus=task_gpus, num_cpus=num_cpus
+    )

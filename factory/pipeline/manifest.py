@@ -194,8 +194,21 @@ def assemble(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "executor": executor,  # where the shape tasks ran (not part of the build's identity)
         "seconds": round(seconds, 2),
+        # the learngene's and the fine-tunes' own time from their cache entries: a resumed or partly cached build
+        # spent it over several runs, of which ``seconds`` is the last
+        "stage_seconds": round(stage_seconds(head_part, devices), 2),
         "devices": devices,
     }
+
+
+def stage_seconds(head_part: dict[str, Any], devices: list[dict[str, Any]]) -> float:
+    """The learngene stage's seconds plus each distinct fine-tune's (a shared shape counted once)."""
+    finetunes = {
+        d["finetune"]["cache_key"]: d["finetune"].get("seconds", 0.0)
+        for d in devices
+        if d.get("status") == "ok" and isinstance(d.get("finetune"), dict)
+    }
+    return float((head_part.get("learngene") or {}).get("seconds") or 0.0) + sum(finetunes.values())
 
 
 def write(out: Path, manifest: dict[str, Any]) -> None:

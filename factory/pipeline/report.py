@@ -257,7 +257,13 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
         f"Ancestry {manifest['ancestry']['spec']} ({manifest['ancestry']['weights']}), learngene "
         f"{(lg['sha256'] or '')[:12]} ({lg['layers']} layers x {lg['heads']} heads, sampled once for "
         f"{len(lg['sampled_once_for'])} devices), data {md_text(manifest['data']['spec'])}, init {manifest['recipe']['init']}, "
-        f"{manifest['recipe']['finetune_steps']} fine-tuning steps; the build took {manifest['seconds']:.1f} s."
+        f"{manifest['recipe']['finetune_steps']} fine-tuning steps; the build took {manifest['seconds']:.1f} s"
+        + (
+            f" (this run; its learngene and fine-tunes took {manifest['stage_seconds']:.1f} s in all, earlier runs "
+            "of a resumed or cached build included)."
+            if manifest.get("stage_seconds", 0) > manifest["seconds"]
+            else "."
+        )
     )
     md = ["# peg-factory build report", "", intro, "", *_md_table(SUMMARY, summary_rows(manifest)), ""]
     page = [
