@@ -203,6 +203,22 @@ def run_case(name: str, make_args) -> dict:
         }
 
 
+def summary(rows: list[dict], what: str) -> str:
+    """The Markdown table of a pass's rows: how many held, then one line per case."""
+    held = sum(r["held"] for r in rows)
+    lines = [
+        f"{held} of {len(rows)} {what} held (exit 2, one `Error:` line, no traceback, no file changed).",
+        "",
+        "| case | exit | held | error (first 160 characters) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['case']} | {r['exit_code']} | {'yes' if r['held'] else '**no**'} | {str(r['error']).replace('|', '/')} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None)
@@ -213,18 +229,12 @@ def main() -> None:
     for i, name in enumerate(names):
         rows.append(run_case(name, lambda files, i=i: cases(files)[i][1]))
         print(f"{'held' if rows[-1]['held'] else 'FAILED':6s} {name}: {rows[-1]['error']}", flush=True)
-    held = sum(r["held"] for r in rows)
-    lines = [
-        f"{held} of {len(rows)} hostile cases held (exit 2, one `Error:` line, no traceback, no file changed).",
-        "",
-        "| case | exit | held | error (first 160 characters) |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['case']} | {r['exit_code']} | {'yes' if r['held'] else '**no**'} | {str(r['error']).replace('|', '/')} |"
-        for r in rows
-    ]
-    write_outputs({"held": held, "cases": len(rows), "rows": rows}, "\n".join(lines), args.json, args.md)
+    write_outputs(
+        {"held": sum(r["held"] for r in rows), "cases": len(rows), "rows": rows},
+        summary(rows, "hostile cases"),
+        args.json,
+        args.md,
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import write_outputs  # noqa: E402
-from hostile_pass import TINY, snapshot  # noqa: E402
+from hostile_pass import TINY, snapshot, summary  # noqa: E402
 
 from factory.cli import cli  # noqa: E402
 
@@ -240,18 +240,12 @@ def main() -> None:
     for i in range(count):
         rows.append(run_case(i))
         print(f"{'held' if rows[-1]['held'] else 'FAILED':6s} {rows[-1]['case']}: {rows[-1]['error']}", flush=True)
-    held = sum(r["held"] for r in rows)
-    lines = [
-        f"{held} of {len(rows)} new hostile cases held (exit 2, one `Error:` line, no traceback, no file changed).",
-        "",
-        "| case | exit | held | error (first 160 characters) |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['case']} | {r['exit_code']} | {'yes' if r['held'] else '**no**'} | {str(r['error']).replace('|', '/')} |"
-        for r in rows
-    ]
-    write_outputs({"held": held, "cases": len(rows), "rows": rows}, "\n".join(lines), args.json, args.md)
+    write_outputs(
+        {"held": sum(r["held"] for r in rows), "cases": len(rows), "rows": rows},
+        summary(rows, "new hostile cases"),
+        args.json,
+        args.md,
+    )
 
 
 if __name__ == "__main__":

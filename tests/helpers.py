@@ -84,3 +84,29 @@ def image_folder(root: Path, classes=("a", "b"), n=3, size=8) -> Path:
             for i in range(n):
                 Image.new("L", (size, size), 40 * i).save(root / split / c / f"{i}.png")
     return root
+
+
+def build_cmd(prof, out, steps, *extra) -> list[str]:
+    """``python -m factory.cli build`` of profile ``prof`` on synthetic data, as a subprocess's argument vector."""
+    return [
+        sys.executable,
+        "-m",
+        "factory.cli",
+        "build",
+        "--profile",
+        str(prof),
+        "--out",
+        str(out),
+        "--data",
+        "synthetic",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        *extra,
+    ]
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporary files or folders left under ``out`` (``*.tmp``, ``*.old``)."""
+    return [str(p) for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]

@@ -5,9 +5,7 @@ import fcntl
 import json
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,33 +16,11 @@ from factory.pipeline.build import build
 from factory.pipeline.config import BuildConfig
 from factory.training.train import resume_or_restart
 
+from .helpers import build_cmd as _build_cmd
+from .helpers import leftovers as _leftovers
 from .test_build import _profile
 
 CFG = BuildConfig(data="synthetic", finetune_steps=4, batch_size=16)
-
-
-def _build_cmd(prof, out, steps, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "factory.cli",
-        "build",
-        "--profile",
-        str(prof),
-        "--out",
-        str(out),
-        "--data",
-        "synthetic",
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "8",
-        *extra,
-    ]
-
-
-def _leftovers(out: Path) -> list[str]:
-    return [str(p) for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
 
 
 def test_diverged_training_stops_with_one_line(tmp_path):

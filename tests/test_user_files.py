@@ -18,35 +18,13 @@ from factory.io import OWNED_FILE, directory_lock, owned_directory
 from factory.pipeline.build import build
 from factory.pipeline.config import BuildConfig
 
+from .helpers import build_cmd as _build_cmd
 from .helpers import cli_run as _cli
+from .helpers import leftovers as _leftovers
 from .helpers import one_line_exit_2 as _one_line_exit_2
 from .test_build import _profile
 
 CFG = BuildConfig(data="synthetic", finetune_steps=4, batch_size=16)
-
-
-def _build_cmd(prof, out, steps, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "factory.cli",
-        "build",
-        "--profile",
-        str(prof),
-        "--out",
-        str(out),
-        "--data",
-        "synthetic",
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "8",
-        *extra,
-    ]
-
-
-def _leftovers(out: Path) -> list[str]:
-    return [str(p) for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
 
 
 def test_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
