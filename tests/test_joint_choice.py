@@ -84,3 +84,12 @@ def _label(shape: dict) -> str:
     from factory.core.shapes import DescendantShape
 
     return DescendantShape.from_dict(shape).label()
+
+
+def test_an_explicit_capacity_objective_keeps_the_largest_shape_for_any_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, trained=True: ("scratch", "forced by the test"))
+    cfg = BuildConfig(data="synthetic", finetune_steps=6, batch_size=16, objective="capacity")
+    manifest = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, log=lambda *_: None)
+    dev = manifest["devices"][0]
+    assert dev["init"] == "scratch" and dev["selection"]["objective"] == "capacity"
+    assert dev["joint"]["shape"] == _label(dev["shape"]) and "not searched again" in dev["joint"]["why"]

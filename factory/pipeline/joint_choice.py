@@ -9,6 +9,8 @@ candidates fine-tuned from ``X``, :func:`factory.pipeline.device_choice.choose_b
 -- ``S_peg`` (always among the candidates) and the others -- are compared on the same footing: the same
 probe steps from the same start. The pair ``(S_X, X)`` is fine-tuned.
 
+With an explicit ``--objective capacity`` the shape stays the largest that fits whatever the start (no probes).
+
 Why not also probe ``(S_peg, peg)`` against ``(S_X, X)``: the transfer probe prefers another start only when
 inherited features are worse than the alternative *before training* (e.g. random features separate the
 classes better than inherited ones), a case where short fine-tuning probes mislead -- scratch starts slower
@@ -44,6 +46,19 @@ def choose_jointly(ctx: BuildContext, devices: list[DeviceResult], results: dict
         first = DescendantShape.from_dict(device["shape"])
         start = decide(ctx, first)  # the init stage at the searched shape (cached across builds)
         decision = ctx.inits[first.label()]
+        if (
+            start != "peg" and ctx.cfg.objective == "capacity"
+        ):  # asked for: the largest shape that fits, whatever the start
+            joint = {
+                "init": start,
+                "shape": first.label(),
+                "pairs": [_pair(first, "peg", decision), _pair(first, start, decision)],
+                "why": f"at {first.label()} the transfer probe prefers {start} ({decision['reason']}); --objective "
+                "capacity keeps the largest shape that fits, so the shape is not searched again",
+                "decision": decision,
+            }
+            out.append(device.chose(joint=joint))
+            continue
         if start == "peg":
             joint = {
                 "init": "peg",

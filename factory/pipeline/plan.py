@@ -62,7 +62,7 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
             )
         elif cfg.init == "auto":
             log(f"{entry['name']}: --init auto chose {init} at {shape.label()} (cached)")
-        if cfg.init == "auto" and init != "peg":
+        if cfg.init == "auto" and cfg.joint_choice and cfg.objective != "capacity" and init != "peg":
             est = EstimatorConfig(candidates=cfg.candidates)
             steps = est.probe_steps(est.candidates, cfg.finetune_steps)
             extra["joint_estimate_s"] = round(steps * step_seconds(ctx, shape, cfg.batch_size), 1)
