@@ -45,7 +45,7 @@ def check_allocatable(shape: DescendantShape, arch=None) -> None:
     if n > MAX_PARAMS:
         raise FactoryError(
             f"shape {shape.label()} has {n / 1e9:.3g} B parameters ({n * 4 / 2**30:.3g} GiB in fp32), over the "
-            f"{MAX_PARAMS / 1e9:g} B this factory allocates; check --depth/--embed-dim"
+            f"{MAX_PARAMS / 1e9:g} B this factory allocates; check the depth and width"
         )
 
 

@@ -151,7 +151,8 @@ def descend(
         raise FactoryError(
             f"embed_dim {shape.embed_dim} exceeds the ancestry's {arch.embed_dim}: expansion selects width from the "
             f"ancestry's channels, so descendants are at most {arch.embed_dim} wide (any depth, heads with a head dim <= "
-            f"{arch.head_dim}, MLP hidden <= {arch.mlp_hidden}); use --embed-dim <= {arch.embed_dim} or a wider ancestry"
+            f"{arch.head_dim}, MLP hidden <= {arch.mlp_hidden}); use a width <= {arch.embed_dim} or a wider ancestry",
+            param="embed_dim",
         )
     if shape.head_dim > hd:
         raise FactoryError(

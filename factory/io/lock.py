@@ -22,7 +22,8 @@ def _open_lock(lock: Path):
     except OSError as exc:
         raise FactoryError(
             f"lock file {lock} cannot be opened as a regular file ({exc.strerror}: a link or a directory is in "
-            "its place?); remove it, or use another --out"
+            "its place?); remove it, or use another output folder",
+            param="out",
         ) from exc
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -58,7 +59,8 @@ def directory_lock(directory: str | os.PathLike, *, wait: bool = False, log=None
             if not wait:
                 raise FactoryError(
                     f"{path} is in use by another build ({holder}); wait for it to finish, "
-                    "pass --wait-lock to wait, or use another --out"
+                    "wait for the lock (--wait-lock), or use another output folder",
+                    param="out",
                 ) from None
             if log is not None:
                 log(f"waiting for the build holding {path} ({holder}) to finish")

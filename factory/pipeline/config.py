@@ -136,9 +136,10 @@ def given_learngene(cfg: BuildConfig, anc):
     made_from = (lg.meta.get("ancestry") or {}).get("sha256")
     if made_from != anc.sha256:
         raise FactoryError(
-            f"--learngene {cfg.learngene} was made from another ancestry ({str(made_from)[:12]}) than "
+            f"{cfg.learngene} was made from another ancestry ({str(made_from)[:12]}) than "
             f"{anc.spec!r} ({anc.sha256[:12]}); pass the ancestry it was sampled from, or make one with "
-            "`peg-factory learngene` and `peg-factory learngene train`"
+            "`peg-factory learngene` and `peg-factory learngene train`",
+            param="learngene",
         )
     return lg
 

@@ -191,7 +191,8 @@ class RayExecutor:
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
             raise FactoryError(
                 f"cannot reach the Ray cluster at {self.address!r} ({' '.join(str(exc).split())[:200]}); check "
-                "--ray-address or start it with `ray start --head`"
+                "it or start it with `ray start --head`",
+                param="ray_address",
             ) from exc
         log(
             f"ray: {'joined ' + self.address if self.address else 'started a local instance on ' + LOOPBACK} with "
@@ -239,7 +240,8 @@ def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     except OSError as exc:
         raise FactoryError(
             f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc} within {timeout:g}s); check "
-            "--ray-address or start it with `ray start --head`"
+            "it or start it with `ray start --head`",
+            param="ray_address",
         ) from exc
 
 
@@ -248,7 +250,7 @@ def require_ray():
         import ray
     except ImportError as exc:
         raise FactoryError(
-            "--executor ray needs Ray: pip install 'peg-factory[ray]' (or use --executor local)"
+            "ray needs Ray: pip install 'peg-factory[ray]' (or use the local executor)", param="executor_kind"
         ) from exc
     return ray
 
