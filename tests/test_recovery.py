@@ -64,7 +64,9 @@ def test_damaged_checkpoint_starts_over_instead_of_failing_forever(tmp_path):
     seal(work / "checkpoint", {"step": 1})
     assert resume_or_restart(work, "x", lambda *_: None)
     (work / "checkpoint" / "state.json").write_text("{ truncated")
-    assert not resume_or_restart(work, "x", lambda *_: None) and not work.exists()
+    (work / "notes.txt").write_text("not the run's")  # only the damaged checkpoint goes (issue 34's rule)
+    assert not resume_or_restart(work, "x", lambda *_: None) and not (work / "checkpoint").exists()
+    assert (work / "notes.txt").read_text() == "not the run's"
 
 
 def test_ctrl_c_stops_within_seconds_and_cleans_up(tmp_path):
