@@ -19,3 +19,13 @@ def md_text(value: object) -> str:
 def md_code(value: object) -> str:
     """``value`` inside inline code (between single backticks): one line, no backtick to close it early."""
     return " ".join(str(value).split()).replace("`", "'")
+
+
+_CELL_SPECIAL = re.compile(r"([\\`\[\]|])")
+
+
+def md_cell(value: object) -> str:
+    """``value`` as a table cell: one line, HTML escaped, and no ``|`` (ends the cell), link bracket or backtick
+    left active; the report's own names (``params_m``) read as they are."""
+    one_line = " ".join(str(value).split())
+    return _CELL_SPECIAL.sub(r"\\\1", html.escape(one_line, quote=False))

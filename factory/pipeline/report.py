@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.io import atomic_write_bytes
-from factory.pipeline.markdown import md_text
+from factory.pipeline.markdown import md_cell, md_text
 
 PLOT_HINT = "figures need matplotlib: pip install matplotlib"
 BUDGET_UNITS = {"latency_ms": "ms", "memory_mb": "MB", "flops_g": "GFLOPs", "params_m": "M params"}
@@ -239,7 +239,7 @@ ARTIFACTS = ["format", "file", "precision", "verified accuracy", "host b1 ms (me
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    cell = md_text  # a cell is inert text: no tag, no "|" ending it early
+    cell = md_cell  # a cell is inert text: no tag, no "|" ending it early
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(map(cell, r)) + " |" for r in rows
     ]
