@@ -43,6 +43,7 @@ from factory.pipeline.stages import BuildContext, make_learngene
 
 #: The files a build writes straight into ``--out`` (besides its device folders and ``.cache``).
 OUTPUT_FILES = ("manifest.json", "manifest.schema.json", "report.md", "report.html")
+OUTPUT_NAMES = [*OUTPUT_FILES, "report_files/"]  # ... and the folder of the report's figures, replaced whole
 
 
 def build(
@@ -67,7 +68,7 @@ def build(
     if dry_run:
         return _build(profiles, Path(out), cfg, dry_run=True, log=log)
     refuse_torchrun()
-    claim(Path(out), [*OUTPUT_FILES, "report_files/"], writer="build", record=False)  # before the lock file too
+    claim(Path(out), OUTPUT_NAMES, writer="build", record=False)  # the user's files: refused before any work or lock
     executor = executor or LocalExecutor(cfg.jobs)
     with executor.session(log), directory_lock(out, wait=wait_lock, log=log):  # Ray is checked before --out is touched
         return _build(profiles, Path(out), cfg, dry_run=False, log=log, executor=executor)
@@ -108,8 +109,6 @@ def _build(
         log(f"build is up to date ({key}): nothing to do")
         return previous
 
-    if not dry_run:  # the user's own manifest or reports in --out are never overwritten
-        claim(out, [*OUTPUT_FILES, "report_files/"], writer="build", record=False)  # before any work: check only
     anc, ds = ancestry_and_data(cfg, (fingerprint, None))  # the heavy imports (torch, timm) and loading start here
     identity = (fingerprint, ds.identity.removesuffix(":uint8-cache"))
     if cfg.expand_img_size is not None:  # refused before any search or measurement, not while allocating for it
@@ -171,7 +170,7 @@ def _build(
         executor=executor.describe(),
         seconds=time.perf_counter() - t_start,
     )
-    claim(out, [*OUTPUT_FILES, "report_files/"], writer="build")  # checked again and recorded, then written
+    claim(out, OUTPUT_NAMES, writer="build")  # checked again and recorded, then written
     write_reports(out, built)
     manifest.write(out, built)
     return built

@@ -71,7 +71,7 @@ def choose_jointly(ctx: BuildContext, devices: list[DeviceResult], results: dict
             continue
         ctx.log(
             f"{device.name}: --init auto prefers {start} at {first.label()}; searching the shape again for {start} "
-            "(as --init {start} searches)".replace("{start}", start)
+            f"(as --init {start} searches)"
         )
         [again] = choose_by_probes(
             ctx,

@@ -62,10 +62,12 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
             )
         elif cfg.init == "auto":
             log(f"{entry['name']}: --init auto chose {init} at {shape.label()} (cached)")
+        # successive-halving probes of the Pareto candidates: what the accuracy objective and a joint re-search cost
+        est = EstimatorConfig(candidates=cfg.candidates)
+        steps = est.probe_steps(est.candidates, cfg.finetune_steps)
+        probes_s = round(steps * step_seconds(ctx, shape, cfg.batch_size), 1)
         if cfg.init == "auto" and cfg.joint_choice and cfg.objective != "capacity" and init != "peg":
-            est = EstimatorConfig(candidates=cfg.candidates)
-            steps = est.probe_steps(est.candidates, cfg.finetune_steps)
-            extra["joint_estimate_s"] = round(steps * step_seconds(ctx, shape, cfg.batch_size), 1)
+            extra["joint_estimate_s"] = probes_s
             again = "it prefers" if init else "it prefers another start than peg"
             log(
                 f"{entry['name']}: if {again}{f' {init}' if init else ''}, the shape is searched again for that start: "
@@ -73,13 +75,11 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
                 f"({steps} probe steps, ~{extra['joint_estimate_s']:.0f}s; not in the total unless it happens)"
             )
         if objective == "accuracy":
-            est = EstimatorConfig(candidates=cfg.candidates)
-            probe_steps = est.probe_steps(est.candidates, cfg.finetune_steps)
-            extra["estimator_estimate_s"] = round(probe_steps * step_seconds(ctx, shape, cfg.batch_size), 1)
-            seconds["probes", entry["name"]] = extra["estimator_estimate_s"]
+            extra["estimator_estimate_s"] = probes_s
+            seconds["probes", entry["name"]] = probes_s
             log(
                 f"{entry['name']}: accuracy estimate of up to {est.candidates} Pareto candidates by successive halving "
-                f"(rungs {'/'.join(map(str, est.rungs_for(cfg.finetune_steps)))} steps, {probe_steps} steps in all) "
+                f"(rungs {'/'.join(map(str, est.rungs_for(cfg.finetune_steps)))} steps, {steps} steps in all) "
                 f"will run unless cached (<= ~{extra['estimator_estimate_s']:.0f}s); the capacity choice is {shape.label()}"
             )
         cached = ft is not None and ft.cached
