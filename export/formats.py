@@ -52,6 +52,10 @@ class FormatSpec:
     extra: str | None = None  # "module:function" raising one line naming the pip extra when it is missing
     made_by: str | None = None  # for a recorded-only artifact: the format whose step records it
     summary: str = ""
+    # the step's time in units of the measure stage's reference round of the same shape on the same host (an ONNX
+    # export, session and timed runs: factory.pipeline.finetune_facts.round_seconds); what the dry run and a time
+    # budget plan with. Measured at 28 px (bench/RESULTS.md, "Planning time"); a new format: its nearest kin's
+    cost: float = 2.0
 
     @property
     def manifest_fields(self) -> tuple[str, ...]:
@@ -91,6 +95,7 @@ _REGISTRY: tuple[FormatSpec, ...] = (
         needs_data=False,
         fields=("nodes",),
         summary="FP32 ONNX, verified against PyTorch (always produced: the others derive from it)",
+        cost=2.0,
     ),
     FormatSpec(
         "onnx-fp16",
@@ -99,6 +104,7 @@ _REGISTRY: tuple[FormatSpec, ...] = (
         "export.onnx_variants:export_fp16",
         fields=("max_abs_diff_vs_fp32",),
         summary="FP16 weights and compute, FP32 inputs/outputs and LayerNorm/Softmax",
+        cost=1.5,
     ),
     FormatSpec(
         "onnx-int8",
@@ -107,6 +113,7 @@ _REGISTRY: tuple[FormatSpec, ...] = (
         "export.onnx_variants:export_int8",
         fields=("mode",),
         summary="static Q/DQ calibrated on the task's training images (dynamic without data)",
+        cost=3.0,
     ),
     FormatSpec(
         "openvino",
@@ -117,6 +124,7 @@ _REGISTRY: tuple[FormatSpec, ...] = (
         fields=("inference_precision", "latency_ms_b1_p90", "benchmark_app"),
         extra="export.openvino_export:require_openvino",
         summary="FP32 IR (also timed with BF16 execution where the CPU has it, as openvino-bf16)",
+        cost=3.8,
     ),
     FormatSpec(
         "openvino-bf16",
@@ -126,6 +134,7 @@ _REGISTRY: tuple[FormatSpec, ...] = (
         made_by="openvino",
         fields=("execution_precision", "inference_precision", "latency_ms_b1_p90", "benchmark_app"),
         summary="the FP32 IR executed in BF16 (recorded by openvino)",
+        cost=0.0,
     ),
     FormatSpec(
         "openvino-int8",
@@ -136,6 +145,7 @@ _REGISTRY: tuple[FormatSpec, ...] = (
         requires=lambda p: ("openvino",),
         extra="export.openvino_export:require_openvino",
         summary="NNCF post-training INT8 IR",
+        cost=13.0,
     ),
     FormatSpec(
         "trt",
@@ -146,6 +156,7 @@ _REGISTRY: tuple[FormatSpec, ...] = (
         requires=_int8_qdq_first,
         fields=("kind", "precision", "typed_model", "reason", "typed_val_accuracy", "typed_accuracy_drop_vs_fp32"),
         summary="a TensorRT engine built here, or the on-device build kit (trt_kit/)",
+        cost=1.4,
     ),
 )
 

@@ -14,6 +14,7 @@ import click
 from factory.cli.common import (
     BATCH,
     COUNT,
+    DURATION,
     POSITIVE_STEPS,
     RATE,
     SIZE,
@@ -90,6 +91,14 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     help="Fine-tuning steps per model.",
 )
 @click.option("--batch-size", type=BATCH, default=32, show_default=True, help="Fine-tuning images per step.")
+@click.option(
+    "--time-budget",
+    "time_budget_s",
+    type=DURATION,
+    default=None,
+    help="Fit the build in this wall-clock time on this machine (90s, 45m, 1.5h): the fine-tuning steps (--steps is "
+    "then planned) and an expanding phase that must run (at most --expand-steps) are set from measured step times.",
+)
 @click.option("--lr", type=RATE, default=1e-3, show_default=True, help="Fine-tuning learning rate (AdamW, cosine).")
 @seed_option(help="Seed of the search, the probes and the fine-tunes.")
 @click.option("--jobs", type=COUNT, default=1, show_default=True, help="Models fine-tuned in parallel on this machine.")

@@ -31,6 +31,27 @@ COUNT = click.IntRange(1, 4096)  # layers, heads, depth, jobs
 SIZE = click.IntRange(1, 1 << 16)  # widths, image and patch sizes, classes
 RATE = click.FloatRange(0, 10, min_open=True)  # learning rates (NaN is refused by the configs)
 
+
+class Duration(click.ParamType):
+    """A wall-clock duration (``90``, ``90s``, ``45m``, ``1.5h``) as seconds
+    (:func:`factory.pipeline.time_budget.parse_duration`)."""
+
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        from factory.errors import FactoryError
+        from factory.pipeline.time_budget import parse_duration
+
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(value)
+        except FactoryError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+
 # Out of space, over quota, file too large (RLIMIT_FSIZE), read-only file system: the user's to fix, not a bug.
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 

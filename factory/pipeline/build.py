@@ -136,15 +136,30 @@ def _build(
             ctx.cfg = dataclasses.replace(cfg, expand_steps=0)  # the learngene stays as sampled
             objective, why = objective_for(ctx.cfg, anc)
             devices, results = search_devices(profiles, space, anc, ctx.cfg, objective, why, None)
+    clock = _Clock(t_start)
+    budget: dict[str, Any] = {}
+    if cfg.time_budget_s is not None:  # the steps that fit the budget (factory.pipeline.budget_costs)
+        first = _plan(ctx, devices, profiles, key, clock, objective, probed=False, dry_run=dry_run)
+        budget["plans"] = {"first": first.to_dict()}
+        if (objective_for(ctx.cfg, anc)[0]) != objective:  # an untrained learngene: the objective may change
+            objective, why = objective_for(ctx.cfg, anc)
+            devices, results = search_devices(profiles, space, anc, ctx.cfg, objective, why, None)
+    clock.mark("setup")
     if dry_run:
-        return {**plan(ctx, devices, profiles, objective), **_check_part(check)}
+        budget_part = {"time_budget": {"budget_s": cfg.time_budget_s, **budget}} if budget else {}
+        return {**plan(ctx, devices, profiles, objective), **_check_part(check), **budget_part}
 
     lg_entry = make_learngene(ctx)
+    clock.mark("learngene")
     if objective == "accuracy":
         devices = choose_by_probes(ctx, devices, results, reason=why)
     devices = choose_jointly(
         ctx, devices, results
     )  # --init auto: the pair (shape, init), not the init at a fixed shape
+    clock.mark("probes")
+    if cfg.time_budget_s is not None:  # the fine-tunes get what is left, as it was measured
+        budget["plans"]["second"] = _plan(ctx, devices, profiles, key, clock, objective, probed=True).to_dict()
+        clock.mark("planning")
     head = {**manifest.head(cfg, anc, ctx.learngene, ds, lg_entry.key, names), **_check_part(check)}
     head["learngene"]["seconds"] = lg_entry.info().get("seconds", 0.0)  # the stage's own time, whenever it ran
     tasks = [
@@ -163,10 +178,14 @@ def _build(
     ]
     finished = {r.name: r for rs in executor.map(run_shape_task, tasks, log=log, failed=ShapeTask.failed) for r in rs}
     devices = [finished.get(d.name, d) for d in devices]
+    clock.mark("shape_tasks")
+    records = [d.to_manifest() for d in devices]
+    if budget:
+        head["time_budget"] = budget_record(cfg.time_budget_s, budget["plans"], clock, records, log)
     built = manifest.assemble(
         head,
         key=key,
-        devices=[d.to_manifest() for d in devices],
+        devices=records,
         executor=executor.describe(),
         seconds=time.perf_counter() - t_start,
     )
@@ -174,6 +193,71 @@ def _build(
     write_reports(out, built)
     manifest.write(out, built)
     return built
+
+
+class _Clock:
+    """Wall time of the build's phases since ``start`` (``mark(name)`` closes the phase that ran since the last)."""
+
+    def __init__(self, start: float) -> None:
+        self.start = self.last = start
+        self.phases: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(self.phases.get(name, 0.0) + now - self.last, 2)
+        self.last = now
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _plan(ctx, devices, profiles, key, clock: _Clock, objective: str, *, probed: bool, dry_run: bool = False):
+    """A time-budget plan (:func:`factory.pipeline.budget_costs.plan_time`), applied to ``ctx.cfg``."""
+    from factory.pipeline.budget_costs import plan_time
+    from factory.pipeline.learngene_stage import learngene_source
+
+    expanding = not probed and learngene_source(ctx).runs_expanding_phase
+    plan = plan_time(
+        ctx,
+        devices,
+        profiles,
+        key=key,
+        elapsed_s=clock.elapsed,
+        objective=objective,
+        expanding=expanding,
+        probed=probed,
+        dry_run=dry_run,
+    )
+    steps = {"finetune_steps": plan.finetune_steps}
+    if plan.expand_steps is not None:
+        steps["expand_steps"] = plan.expand_steps
+    ctx.cfg = dataclasses.replace(ctx.cfg, **steps)
+    return plan
+
+
+def budget_record(budget_s: float, plans, clock: _Clock, devices: list[dict[str, Any]], log) -> dict[str, Any]:
+    """The manifest's ``time_budget``: the plans, and per phase and stage the seconds this run measured,
+    with the build's time against its budget."""
+    stages: dict[str, float] = {}
+    seen: set[tuple[str, str]] = set()
+    for d in devices:
+        for stage, (key, seconds) in (d.get("stage_seconds") or {}).items():
+            if (stage, key) not in seen:  # a shape's fine-tune and measure once, each device's export
+                seen.add((stage, key))
+                stages[stage] = round(stages.get(stage, 0.0) + seconds, 2)
+    total = clock.elapsed
+    log(
+        f"time budget: {total:.0f}s of {budget_s:.0f}s ({total / budget_s:.2f}x); "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in {**clock.phases, **stages}.items())
+    )
+    return {
+        "budget_s": budget_s,
+        "plans": plans,
+        "measured_s": {"phases": dict(clock.phases), "stages": stages},
+        "seconds": round(total, 2),
+        "ratio": round(total / budget_s, 3),
+    }
 
 
 def _check_part(check) -> dict[str, Any]:

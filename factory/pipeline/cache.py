@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from factory.io import SEAL_FILE, atomic_directory, content_key, seal, seal_state
+
+#: The seal's field for the wall time the stage took when it ran (what a time budget plans against).
+STAGE_SECONDS = "stage_seconds"
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,9 @@ class Cache:
         self, entry: Entry, run: Callable[[Path, Path], dict[str, Any]], what: str, hit: str | None = None
     ) -> Entry:
         """``entry`` when it is cached and intact; else ``run(tmp, work)`` writes the files into ``tmp``
-        (checkpointing into ``work`` if it is long) and returns the seal's info, and the entry is
-        sealed and put in place atomically. ``what`` names the stage in the log; ``hit`` replaces the
-        default ``"<what>: cached (<key>)"`` line (``""``: say nothing)."""
+        (checkpointing into ``work`` if it is long) and returns the seal's info, and the entry is sealed (with
+        :data:`STAGE_SECONDS`, the run's wall time) and put in place atomically. ``what`` names the stage in the
+        log; ``hit`` replaces the default ``"<what>: cached (<key>)"`` line (``""``: say nothing)."""
         state = seal_state(entry.path)
         if state == "done":
             line = f"{what}: cached ({entry.key})" if hit is None else hit
@@ -69,7 +73,8 @@ class Cache:
         if state == "damaged":
             self.log(f"{entry.stage} cache entry {entry.key} is damaged (a file is missing or changed); rebuilding it")
         with atomic_directory(entry.path) as tmp:
+            start = time.perf_counter()
             info = run(tmp, entry.work)
-            seal(tmp, info)
+            seal(tmp, {**info, STAGE_SECONDS: round(time.perf_counter() - start, 2)})
         shutil.rmtree(entry.work, ignore_errors=True)
         return entry

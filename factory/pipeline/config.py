@@ -67,6 +67,11 @@ class BuildConfig:
     # (factory.device.objective.resolve_objective; bench/RESULTS.md, "Accuracy-aware search", measures both)
     objective: str = "auto"
     candidates: int = 8
+    # a wall-clock budget in seconds (None: none): the fine-tuning and expanding-phase steps are planned to fit it
+    # on this machine (factory.pipeline.time_budget); finetune_steps is then replaced by the plan, expand_steps
+    # is the most the phase may take
+    time_budget_s: float | None = None
+    expand_share: float = 0.5  # with a budget: the share of the spare time the expanding phase gets (time_budget)
 
     def __post_init__(self) -> None:
         import math
@@ -87,12 +92,19 @@ class BuildConfig:
             "jobs": self.jobs >= 1,
             "candidates": self.candidates >= 1,
             "objective": self.objective in OBJECTIVES,
+            "time budget": self.time_budget_s is None
+            or (
+                isinstance(self.time_budget_s, (int, float))
+                and math.isfinite(self.time_budget_s)
+                and self.time_budget_s > 0
+            ),
+            "expand share": math.isfinite(self.expand_share) and 0 <= self.expand_share < 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise FactoryError(
                 f"invalid build setting: {', '.join(bad)} (init one of {', '.join(INIT_CHOICES)}, counts >= 1, "
-                "steps >= 0, lr and tau finite and > 0); fix the flag"
+                "steps >= 0, lr, tau and time budget finite and > 0, expand share in [0, 1)); fix the flag"
             )
 
 

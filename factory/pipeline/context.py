@@ -28,7 +28,10 @@ class BuildContext:
     learngene: Learngene | None = None  # set once the learngene stage has run
     should_stop: Callable[[], bool] | None = None  # polled by fine-tunes between steps (Ctrl-C)
     inits: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # shape label -> --init auto's decision
-    host: Any = None  # factory.device.roofline.HostFacts, measured once for the dry run's estimates
+    # the plan's measurements on this host, made once per context: (shape label, batch) -> seconds per fine-tune
+    # step; shape label -> seconds of the measure stage's reference round (factory.pipeline.finetune_facts)
+    step_times: dict[tuple[str, int], float] = dataclasses.field(default_factory=dict)
+    round_times: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -48,3 +51,4 @@ class ExportItem:
     profile_sha256: str
     model: Path
     facts: Mapping[str, int] | None = None  # the measure stage's FLOPs and params (not recounted by export)
+    shape: DescendantShape | None = None  # the model's shape, for the dry run's estimate (not part of the key)

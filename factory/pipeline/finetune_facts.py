@@ -1,5 +1,6 @@
 """What a fine-tune's entry keeps besides the model (its confusion matrix and training curve), and the
-seconds of a training step on this host that the dry run's estimates are made of."""
+measurements on this host that the dry run's estimates and a time budget's plan are made of (a fine-tuning
+step, a fine-tune's evaluations, the measure stage's reference round)."""
 
 from __future__ import annotations
 
@@ -47,18 +48,50 @@ def training_curve(metrics: Path) -> list[list[float]]:
 
 
 def step_seconds(ctx: BuildContext, shape: DescendantShape, batch: int) -> float:
-    """Seconds of one training step (forward + backward ~ 3 forwards) on this host, by the roofline
-    with this host's measured GEMM rate and bandwidth (measured once per context)."""
-    from factory.device.measure import measure_host
-    from factory.device.roofline import CostModel, Device, Efficiency
+    """Seconds of one fine-tuning step of ``shape`` at ``batch`` on this host, measured (once per context and
+    (shape, batch)): :data:`MEASURED_STEPS` real steps of the build's recipe -- its device, precision and
+    training data, so data loading is in it -- from scratch weights, the first (its one-off costs) left out,
+    the median of the rest. A roofline guess was 1.6x optimistic here (bf16 on a CPU, small kernels)."""
+    import dataclasses
+    import statistics
 
-    if ctx.host is None:
-        ctx.host = measure_host(0.2)
-    model = CostModel(
-        Device(ctx.host.peak_flops, ctx.host.bandwidth, "onnxruntime", 1e9, False),
-        "fp32",
-        batch,
-        Efficiency(),
-        ctx.ancestry.arch,
-    )
-    return 3 * model.latency_ms(shape) / 1e3
+    from factory.core.baselines import init_descendant
+    from factory.pipeline.config import finetune_recipe
+    from factory.training.train import train
+
+    key = (shape.label(), batch)
+    if key not in ctx.step_times:
+        model = init_descendant("scratch", shape, ancestry=ctx.ancestry, learngene=None, seed=ctx.cfg.seed)
+        recipe = dataclasses.replace(
+            finetune_recipe(ctx.cfg), steps=MEASURED_STEPS, batch_size=batch, warmup_steps=1, ckpt_every=0
+        )
+        history = train(model, ctx.data.train, recipe, progress=False).history
+        ctx.step_times[key] = statistics.mean(h["seconds"] for h in history[1:])
+    return ctx.step_times[key]
+
+
+#: Real fine-tuning steps :func:`step_seconds` runs (the first is left out).
+MEASURED_STEPS = 6
+
+
+def evaluation_seconds(ctx: BuildContext, shape: DescendantShape) -> float:
+    """A fine-tune's evaluations after its steps (validation, test, the confusion matrix's pass): their
+    forwards, a third of a training step's work per image, at the fine-tune's batch."""
+    images = len(ctx.data.val) + 2 * len(ctx.data.test)
+    return images / ctx.cfg.batch_size * step_seconds(ctx, shape, ctx.cfg.batch_size) / 3
+
+
+def round_seconds(ctx: BuildContext, shape: DescendantShape) -> float:
+    """Seconds of the measure stage's own work for ``shape`` on this host, measured once per context: the
+    ONNX export, onnxruntime session and timed runs of :func:`factory.device.measure.measure_onnxruntime_latency`
+    (FLOPs counting is a small part besides). The export estimate is this *reference round* times each
+    format's :attr:`export.formats.FormatSpec.cost`."""
+    import time
+
+    from factory.device.measure import measure_onnxruntime_latency
+
+    if shape.label() not in ctx.round_times:
+        start = time.perf_counter()
+        measure_onnxruntime_latency(shape, 1, arch=ctx.ancestry.arch)
+        ctx.round_times[shape.label()] = time.perf_counter() - start
+    return ctx.round_times[shape.label()]

@@ -119,17 +119,25 @@ def run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[str
 
 
 def estimate_learngene(ctx: BuildContext, _: None) -> float:
-    """The learngene stage's time, measured here: sampling it, then the expanding phase's first step (its
-    one-off costs) plus ``steps - 1`` times a step (:func:`factory.training.expanding_loop.measure_step_seconds`:
-    three real steps of the configured batch, input size and precision, seconds at 224 px); 0 when it
-    will not run."""
-    from factory.core.expanding_phase import ExpandingConfig, default_shapes
-    from factory.training.expanding_loop import measure_step_seconds
-
+    """The learngene stage's time, measured here (:func:`expanding_costs`): sampling it, then the expanding
+    phase's first step (its one-off costs) plus ``steps - 1`` times a step; 0 when it will not run."""
     recipe = learngene_inputs(ctx, None)
     if not learngene_source(ctx, cache=False).runs_expanding_phase:
         return 0.0
-    exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
+    sampling, first, per_step = expanding_costs(ctx)
+    return sampling + first + max(0, recipe["expanding"]["steps"] - 1) * per_step
+
+
+def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
+    """``(sampling, first step, each further step)`` seconds of the learngene the build would train, measured
+    on this host: the sampling itself, then three real expanding-phase steps of the configured batch, input
+    size and precision (:func:`factory.training.expanding_loop.measure_step_seconds`)."""
+    from factory.core.expanding_phase import default_shapes
+    from factory.pipeline.config import expanding_config
+    from factory.training.expanding_loop import measure_step_seconds
+
+    recipe = learngene_inputs(ctx, None)
+    exp = expanding_config(ctx.cfg)  # the step count aside, the phase the build runs
     t0 = time.perf_counter()
     lg = _sample(ctx, recipe)
     sampling = time.perf_counter() - t0
@@ -138,4 +146,4 @@ def estimate_learngene(ctx: BuildContext, _: None) -> float:
         f"learngene: one expanding-phase step measured at {per_step:.2f}s (batch {exp.batch_size}, "
         f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px; the first {first:.2f}s, sampling {sampling:.2f}s)"
     )
-    return sampling + first + max(0, exp.steps - 1) * per_step
+    return sampling, first, per_step

@@ -92,9 +92,11 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
         if not cached:
             seconds["finetune", label] = finetune_s
         if not measure_done:
-            seconds["measure", label] = MEASURE.estimate_s(ctx, None)
+            seconds["measure", label] = MEASURE.estimate_s(ctx, ModelItem(shape, None))
         if not export_done:
-            seconds["export", entry["name"]] = EXPORT.estimate_s(ctx, ExportItem(prof.name, prof, "", model))
+            seconds["export", entry["name"]] = EXPORT.estimate_s(
+                ctx, ExportItem(prof.name, prof, "", model, shape=shape)
+            )
         run_after = seconds.get(("measure", label), 0) + seconds.get(("export", entry["name"]), 0)
         after = (
             "measure + export cached"

@@ -22,7 +22,7 @@ from factory.core.shapes import DescendantShape
 from factory.errors import FactoryError
 from factory.io import confined, owned_directory, sha256_file
 from factory.pipeline import manifest, model_card
-from factory.pipeline.cache import Cache, Entry
+from factory.pipeline.cache import STAGE_SECONDS, Cache, Entry
 from factory.pipeline.config import BuildConfig
 from factory.pipeline.device_result import DeviceResult
 from factory.pipeline.executor import TaskEnv
@@ -137,7 +137,8 @@ def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned:
     the device's result, built."""
     prof, entry = device.profile, device.result
     model_file = tuned.path / "model.safetensors"
-    measured = run_stage(ctx, MEASURE, ModelItem(task.shape, model_file)).info()
+    measure_entry = run_stage(ctx, MEASURE, ModelItem(task.shape, model_file))
+    measured = measure_entry.info()
     facts = {"flops": measured["flops_fvcore"], "params": measured["params"]}  # counted once, by the measure stage
     exported = run_stage(ctx, EXPORT, ExportItem(prof.name, prof, entry["profile_sha256"], model_file, facts))
     export_record = json.loads((exported.path / "export" / "export.json").read_text())
@@ -152,6 +153,10 @@ def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned:
         learngene_sha256=ctx.learngene.sha256,
         init_decision=ctx.inits.get(task.shape.label()),
     )
+    # each stage's wall time when its entry was made (this run or the one that cached it), with the entry's key
+    update["stage_seconds"] = {
+        e.stage: [e.key, e.info().get(STAGE_SECONDS, 0.0)] for e in (tuned, measure_entry, exported)
+    }
     device_dir = confined(ctx.out, prof.name, "profile name")
     with owned_directory(device_dir, "--out (its device folders)", writer="build") as tmp:
         shutil.copyfile(model_file, tmp / "model.safetensors")

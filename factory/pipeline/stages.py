@@ -39,12 +39,18 @@ from factory.core.learngene import Learngene
 from factory.core.shapes import DescendantShape
 from factory.errors import FactoryError
 from factory.io import sha256_file
-from factory.pipeline.cache import Entry
+from factory.pipeline.cache import STAGE_SECONDS, Entry
 from factory.pipeline.config import (
     finetune_recipe,
 )
 from factory.pipeline.context import BuildContext, ExportItem, ModelItem  # noqa: F401  # re-exported
-from factory.pipeline.finetune_facts import confusion_matrix, step_seconds, training_curve
+from factory.pipeline.finetune_facts import (
+    confusion_matrix,
+    evaluation_seconds,
+    round_seconds,
+    step_seconds,
+    training_curve,
+)
 from factory.pipeline.learngene_stage import (  # noqa: F401  # re-exported: the dry run and tests read them here
     LEARNGENE_STAGE,
     LearngeneSource,
@@ -70,7 +76,7 @@ class StageSpec:
 # -- init (--init auto) ------------------------------------------------------------------------------------
 
 
-def _probe_images(ctx: BuildContext) -> int:
+def probe_images(ctx: BuildContext) -> int:
     from factory.core.transfer import images_for
 
     return images_for(ctx.cfg.init_probe, ctx.cfg.finetune_steps, ctx.cfg.batch_size)
@@ -79,7 +85,7 @@ def _probe_images(ctx: BuildContext) -> int:
 def _init_inputs(ctx: BuildContext, shape: DescendantShape) -> dict[str, Any]:
     return {
         "probe": dataclasses.asdict(ctx.cfg.init_probe),
-        "images": _probe_images(ctx),
+        "images": probe_images(ctx),
         "ancestry": ctx.ancestry.sha256,
         "learngene": ctx.learngene.sha256 if ctx.learngene else None,
         "shape": shape.to_dict(),
@@ -92,7 +98,7 @@ def _run_init(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Path) 
     from factory.core.transfer import decide_init
     from factory.data import spread_sample
 
-    sample = spread_sample(ctx.data.train, _probe_images(ctx))
+    sample = spread_sample(ctx.data.train, probe_images(ctx))
     decision = decide_init(
         shape,
         sample.images,
@@ -111,7 +117,7 @@ def _estimate_init(ctx: BuildContext, shape: DescendantShape) -> float:
         return 0.0
     return (
         len(ctx.cfg.init_probe.candidates)
-        * _probe_images(ctx)
+        * probe_images(ctx)
         / ctx.cfg.batch_size
         * step_seconds(ctx, shape, ctx.cfg.batch_size)
         / 3
@@ -120,7 +126,7 @@ def _estimate_init(ctx: BuildContext, shape: DescendantShape) -> float:
 
 def _decision(entry: Entry) -> dict[str, Any]:
     """The decision an ``init`` entry was sealed with (:meth:`~factory.core.transfer.InitDecision.to_dict`)."""
-    return {k: v for k, v in entry.info().items() if k != "files"}
+    return {k: v for k, v in entry.info().items() if k not in ("files", STAGE_SECONDS)}
 
 
 def decide(ctx: BuildContext, shape: DescendantShape) -> str:
@@ -262,6 +268,14 @@ def _run_export(ctx: BuildContext, item: ExportItem, tmp: Path, work: Path) -> d
     return {}
 
 
+def _estimate_export(ctx: BuildContext, item: ExportItem) -> float:
+    """The measure stage's reference round of the shape on this host times each format's registered cost."""
+    from export.formats import format_spec, with_requirements
+
+    formats = with_requirements(_export_formats(item), item.profile)
+    return round_seconds(ctx, item.shape) * sum(format_spec(f).cost for f in formats)
+
+
 LEARNGENE = StageSpec(
     LEARNGENE_STAGE, "fleet", learngene_inputs, run_learngene, estimate_learngene, lambda _: "learngene"
 )
@@ -271,7 +285,7 @@ FINETUNE = StageSpec(
     "shape",
     _finetune_inputs,
     _run_finetune,
-    lambda ctx, s: ctx.cfg.finetune_steps * step_seconds(ctx, s, ctx.cfg.batch_size),
+    lambda ctx, s: ctx.cfg.finetune_steps * step_seconds(ctx, s, ctx.cfg.batch_size) + evaluation_seconds(ctx, s),
     lambda s: f"finetune {s.label()}",
 )
 MEASURE = StageSpec(
@@ -279,7 +293,7 @@ MEASURE = StageSpec(
     "shape",
     lambda ctx, m: {"model": sha256_file(m.path)},
     _run_measure,
-    lambda ctx, m: 5.0,
+    lambda ctx, m: round_seconds(ctx, m.shape),
     lambda m: f"measure {m.shape.label()}",
     hit="",
 )
@@ -293,7 +307,7 @@ EXPORT = StageSpec(
         "data": ctx.data.identity,
     },
     _run_export,
-    lambda ctx, e: 5.0 * len(_export_formats(e)),
+    _estimate_export,
     lambda e: f"{e.name}: export",
     hit="{what} cached ({key})",
 )

@@ -1,0 +1,167 @@
+"""What a time budget plans with: this host's measured costs of the build's remaining work
+(:class:`factory.pipeline.time_budget.Costs`), and the two points where the build plans against its budget.
+
+Measured, never assumed: a fine-tuning step of every chosen shape (:func:`~factory.pipeline.finetune_facts.
+step_seconds`: real steps of the build's recipe and data), the measure stage's reference round of every shape
+(:func:`~factory.pipeline.finetune_facts.round_seconds`; export is that times each format's registered cost)
+and, when a learngene must be trained, its sampling and expanding-phase steps
+(:func:`~factory.pipeline.learngene_stage.expanding_costs`).
+
+The build plans twice (:func:`plan_time`): before the learngene stage (``E`` and ``N``), and again before the
+shape tasks with the time actually left (``N`` alone: the learngene, the probes and the joint choice have run,
+and whatever they took more or less than planned is made up in the fine-tunes). Both plans are kept in
+``OUT/.cache/time_budget/<build key>.json``: a killed build resumes with the same step counts (its cached
+stages stay valid) instead of planning anew on a machine that is busier or quieter now.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from factory.core.shapes import DescendantShape
+from factory.errors import FactoryError
+from factory.pipeline.context import BuildContext, ExportItem, ModelItem
+from factory.pipeline.time_budget import MIN_FINETUNE_STEPS, BudgetPlan, Costs, fit_budget, format_duration
+
+#: Seconds per device for writing its folder, model card and its part of the report (measured: ~0.3-1 s).
+ASSEMBLE_S_PER_DEVICE = 1.0
+
+
+def _shapes(devices) -> dict[str, DescendantShape]:
+    ok = [d for d in devices if not d.is_failed]
+    return {DescendantShape.from_dict(d["shape"]).label(): DescendantShape.from_dict(d["shape"]) for d in ok}
+
+
+def build_costs(ctx: BuildContext, devices, profiles, *, objective: str, expanding: bool, probed: bool) -> Costs:
+    """The remaining work of the build whose chosen shapes are ``devices``' (failed ones cost nothing):
+    ``expanding`` -- a learngene is still to be trained (its phase is planned); ``probed`` -- the accuracy
+    probes and the joint choice have run."""
+    from factory.core.transfer import images_for
+    from factory.device.accuracy import EstimatorConfig
+    from factory.pipeline.finetune_facts import evaluation_seconds, step_seconds
+    from factory.pipeline.learngene_stage import expanding_costs
+    from factory.pipeline.stages import EXPORT, MEASURE
+
+    cfg = ctx.cfg
+    shapes = _shapes(devices)
+    by_name = {p.name: p for p in profiles}
+    ok = [d for d in devices if not d.is_failed]
+    step = {label: step_seconds(ctx, shape, cfg.batch_size) for label, shape in shapes.items()}
+    fixed = {
+        "measure": sum(MEASURE.estimate_s(ctx, ModelItem(shape, None)) for shape in shapes.values()),
+        "export": sum(
+            EXPORT.estimate_s(
+                ctx,
+                ExportItem(d.name, by_name[d.name], "", None, shape=DescendantShape.from_dict(d["shape"])),
+            )
+            for d in ok
+        ),
+        "assemble": ASSEMBLE_S_PER_DEVICE * len(ok),
+    }
+    first = each = 0.0
+    if expanding:
+        fixed["learngene"], first, each = expanding_costs(ctx)
+    est = EstimatorConfig(candidates=cfg.candidates)
+    evals = sum(evaluation_seconds(ctx, shape) for shape in shapes.values())
+    undecided = [label for label in shapes if cfg.init == "auto" and label not in ctx.inits]
+
+    def per_steps(n: int) -> dict[str, float]:
+        out = {"finetune": n * sum(step.values()) + evals}
+        if undecided:  # the candidates' forwards over the init probe's images, a third of a step per image
+            images = images_for(cfg.init_probe, n, cfg.batch_size)
+            out["init"] = sum(len(cfg.init_probe.candidates) * images / cfg.batch_size * step[s] / 3 for s in undecided)
+        if objective == "accuracy" and not probed:
+            probe = est.probe_steps(est.candidates, n)
+            out["probes"] = sum(probe * step[DescendantShape.from_dict(d["shape"]).label()] for d in ok)
+        return out
+
+    return Costs(fixed, per_steps, first, each, expanding and each > 0)
+
+
+def plan_file(ctx: BuildContext, key: str) -> Path:
+    return ctx.out / ".cache" / "time_budget" / f"{key}.json"
+
+
+def plan_time(
+    ctx: BuildContext,
+    devices,
+    profiles,
+    *,
+    key: str,
+    elapsed_s: float,
+    objective: str,
+    expanding: bool,
+    probed: bool,
+    dry_run: bool = False,
+) -> BudgetPlan:
+    """The plan of the build's remaining work in ``budget - elapsed_s`` (the first, ``probed=False``, or the
+    second); a plan this build recorded before (a resumed build) is returned as it was. The second plan never
+    fails: when less is left than its least work, it plans :data:`MIN_FINETUNE_STEPS` and says so."""
+    from factory.pipeline.config import expanding_config
+
+    cfg = ctx.cfg
+    stage = "second" if probed else "first"
+    path = plan_file(ctx, key)
+    recorded = _recorded(path)
+    plan = _from_dict(recorded.get(stage)) if not dry_run else None
+    if plan is not None:
+        ctx.log(f"time budget: the {stage} plan as this build recorded it ({path.name}): {describe(plan)}")
+        return plan
+    if probed:  # the machine now, not as it was before the learngene stage: fine-tuning steps measured again
+        ctx.step_times.clear()
+    costs = build_costs(ctx, devices, profiles, objective=objective, expanding=expanding, probed=probed)
+    left = cfg.time_budget_s - elapsed_s
+    cap = cfg.expand_steps if cfg.expand_steps is not None else expanding_config(cfg).steps
+    try:
+        plan = fit_budget(left, costs, expand_share=cfg.expand_share, max_expand_steps=cap)
+    except FactoryError:
+        if not probed:
+            raise
+        least = costs.fixed_s + costs.steps_s(MIN_FINETUNE_STEPS)
+        ctx.log(
+            f"time budget: {format_duration(max(left, 0))} left, below the {format_duration(least)} the rest needs at "
+            f"least; fine-tuning {MIN_FINETUNE_STEPS} steps (the build will run over its budget)"
+        )
+        plan = BudgetPlan(left, MIN_FINETUNE_STEPS, None, {"fixed": costs.fixed_s}, least)
+    ctx.log(f"time budget: {stage} plan, {format_duration(left)} left: {describe(plan)}")
+    if not dry_run:
+        _record(path, {**recorded, stage: plan.to_dict()})
+    return plan
+
+
+def describe(plan: BudgetPlan) -> str:
+    expand = "" if plan.expand_steps is None else f"{plan.expand_steps} expanding-phase steps, "
+    parts = ", ".join(f"{k} {v:.0f}s" for k, v in plan.planned_s.items() if v >= 0.5)
+    return f"{expand}{plan.finetune_steps} fine-tuning steps per shape (~{plan.total_s:.0f}s: {parts})"
+
+
+def _recorded(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _record(path: Path, data: dict[str, Any]) -> None:
+    from factory.io import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def _from_dict(d: Any) -> BudgetPlan | None:
+    """A recorded plan, or None when there is none or it is malformed (then the build plans anew)."""
+    try:
+        expand = d.get("expand_steps")
+        return BudgetPlan(
+            float(d["budget_s"]),
+            int(d["finetune_steps"]),
+            None if expand is None else int(expand),
+            {str(k): float(v) for k, v in d["planned_s"].items()},
+            float(d["minimum_s"]),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
