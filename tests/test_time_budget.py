@@ -135,7 +135,8 @@ def test_a_budgeted_build_fits_and_records_planned_against_measured(tmp_path):
     assert any("as this build recorded it" in line for line in lines), lines
 
 
-def test_a_phase_that_must_run_is_planned_within_its_cap(tmp_path, monkeypatch):
+@pytest.mark.parametrize("least, expected", [(5, 12), (750, 0)])
+def test_a_phase_that_must_run_is_planned_within_its_cap_where_it_pays(tmp_path, monkeypatch, least, expected):
     real = transfer.check_transfer
 
     def transfers(*args, **kwargs):
@@ -145,10 +146,26 @@ def test_a_phase_that_must_run_is_planned_within_its_cap(tmp_path, monkeypatch):
 
     monkeypatch.setattr(transfer, "check_transfer", transfers)
     cfg = BuildConfig(
-        data="synthetic", batch_size=16, expand_steps=12, expand_batch_size=8, objective="capacity", time_budget_s=600
+        data="synthetic",
+        batch_size=16,
+        expand_steps=12,
+        expand_batch_size=8,
+        expand_min_steps=least,
+        objective="capacity",
+        time_budget_s=600,
     )
-    plan = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, dry_run=True)
+    lines: list[str] = []
+    plan = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, dry_run=True, log=lines.append)
     first = plan["time_budget"]["plans"]["first"]
-    assert first["expand_steps"] == 12  # 10 minutes hold far more than 12 tiny steps: the cap holds
-    assert first["planned_s"]["learngene"] > 0 and first["finetune_steps"] > 100
+    # 10 minutes hold far more than 12 tiny steps: the cap holds -- unless 12 steps are too few to pay
+    assert first["expand_steps"] == expected and first["finetune_steps"] > 100
+    assert first["planned_s"]["learngene"] > 0  # sampling it, at least
+    assert any("no expanding phase: its share buys fewer" in line for line in lines) is (not expected)
     assert json.dumps(plan)  # the dry run's --json
+
+
+def test_a_phase_too_short_to_pay_is_not_run():
+    costs = _costs(first=2.0, each=1.0, expanding=True)
+    assert fit_budget(60, costs, min_expand_steps=30).expand_steps == 0  # 21 steps would fit: fewer than pay
+    assert fit_budget(60, costs, min_expand_steps=30).finetune_steps == 100  # ... so the fine-tune gets it all
+    assert fit_budget(60, costs, min_expand_steps=21).expand_steps == 21

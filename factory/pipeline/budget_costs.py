@@ -115,7 +115,13 @@ def plan_time(
     left = cfg.time_budget_s - elapsed_s
     cap = cfg.expand_steps if cfg.expand_steps is not None else expanding_config(cfg).steps
     try:
-        plan = fit_budget(left, costs, expand_share=cfg.expand_share, max_expand_steps=cap)
+        plan = fit_budget(
+            left,
+            costs,
+            expand_share=cfg.expand_share,
+            max_expand_steps=cap,
+            min_expand_steps=cfg.expand_min_steps if cfg.init == "auto" else 0,  # --init peg: its share, however small
+        )
     except FactoryError:
         if not probed:
             raise
@@ -126,6 +132,11 @@ def plan_time(
         )
         plan = BudgetPlan(left, MIN_FINETUNE_STEPS, None, {"fixed": costs.fixed_s}, least)
     ctx.log(f"time budget: {stage} plan, {format_duration(left)} left: {describe(plan)}")
+    if plan.expand_steps == 0 and costs.expanding_planned:
+        ctx.log(
+            f"time budget: no expanding phase: its share buys fewer than the {cfg.expand_min_steps} steps that pay "
+            "(a learngene trained less starts below weight selection); the fine-tunes get the time"
+        )
     if not dry_run:
         _record(path, {**recorded, stage: plan.to_dict()})
     return plan

@@ -89,6 +89,7 @@ def _build(
     from factory.device.search import SearchSpace
     from factory.pipeline.device_choice import choose_by_probes, search_devices, shape_groups
     from factory.pipeline.joint_choice import choose_jointly, expanding_phase_check, joint_decision
+    from factory.pipeline.learngene_stage import learngene_source
     from factory.pipeline.plan import plan
     from factory.pipeline.report import write_reports
 
@@ -118,7 +119,13 @@ def _build(
     if ds.test_from != "test":
         log(f"data: test accuracy is measured on {ds.test_from}")
     ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds)
-    objective, why = objective_for(cfg, anc)
+    if cfg.init not in ("auto", "peg") and learngene_source(ctx).runs_expanding_phase:
+        log(
+            f"expanding phase: not run: --init {cfg.init} does not start from the learngene (it is sampled for the "
+            "record, untrained)"
+        )
+        ctx.cfg = dataclasses.replace(cfg, expand_steps=0)
+    objective, why = objective_for(ctx.cfg, anc)
     log(f"objective: {objective} ({why})")
     space = SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes)
     devices, results = search_devices(profiles, space, anc, cfg, objective, why, log)
@@ -160,7 +167,8 @@ def _build(
     if cfg.time_budget_s is not None:  # the fine-tunes get what is left, as it was measured
         budget["plans"]["second"] = _plan(ctx, devices, profiles, key, clock, objective, probed=True).to_dict()
         clock.mark("planning")
-    head = {**manifest.head(cfg, anc, ctx.learngene, ds, lg_entry.key, names), **_check_part(check)}
+    # the recipe that ran: a skipped expanding phase and a time budget's planned steps included
+    head = {**manifest.head(ctx.cfg, anc, ctx.learngene, ds, lg_entry.key, names), **_check_part(check)}
     head["learngene"]["seconds"] = lg_entry.info().get("seconds", 0.0)  # the stage's own time, whenever it ran
     tasks = [
         ShapeTask(

@@ -72,6 +72,9 @@ class BuildConfig:
     # is the most the phase may take
     time_budget_s: float | None = None
     expand_share: float = 0.5  # with a budget: the share of the spare time the expanding phase gets (time_budget)
+    # with a budget and --init auto: fewer expanding-phase steps than this do not pay (a learngene trained less
+    # starts below weight selection: bench/RESULTS.md), so none run and the fine-tunes get the time
+    expand_min_steps: int = 750
 
     def __post_init__(self) -> None:
         import math
@@ -99,6 +102,7 @@ class BuildConfig:
                 and self.time_budget_s > 0
             ),
             "expand share": math.isfinite(self.expand_share) and 0 <= self.expand_share < 1,
+            "expand min steps": self.expand_min_steps >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -19,7 +19,13 @@ The plan (:func:`fit_budget`):
    least, at most ``max_expand_steps``. Why a share: with accuracy growing like ``a log E + b log N`` in
    each phase's steps (diminishing returns in both), the best split of a time between them spends the
    fraction ``a / (a + b)`` on the phase; with no measurement of ``a`` and ``b`` on the user's task the
-   default weighs them equally (0.5), configurable (:attr:`~factory.pipeline.config.BuildConfig.expand_share`);
+   default weighs them equally (0.5), configurable (:attr:`~factory.pipeline.config.BuildConfig.expand_share`).
+   A share that buys fewer than ``min_expand_steps`` steps does not pay: a learngene trained that little
+   starts its descendants *below* weight selection, which costs nothing (bench/RESULTS.md, "the expanding
+   phase is what carries the ancestry's knowledge": 150 steps -12.7 points, 250 steps -4.7, 1,500 steps +3.0
+   against weight selection, crossing zero near 750 steps). Then the phase does not run (``E = 0``) and the
+   whole budget fine-tunes; ``--init auto`` goes on with the best other start. ``--init peg`` passes 0: the
+   user asked for PEG, so the phase gets its share however small;
 3. ``N`` = the largest count with ``T(N, E) <= budget`` (bisection: ``C`` is monotone), at most
    :data:`MAX_FINETUNE_STEPS`.
 
@@ -129,7 +135,14 @@ def least_budget(costs: Costs) -> float:
     return costs.fixed_s + costs.steps_s(MIN_FINETUNE_STEPS)
 
 
-def fit_budget(budget_s: float, costs: Costs, *, expand_share: float = 0.5, max_expand_steps: int = 1500) -> BudgetPlan:
+def fit_budget(
+    budget_s: float,
+    costs: Costs,
+    *,
+    expand_share: float = 0.5,
+    max_expand_steps: int = 1500,
+    min_expand_steps: int = 0,
+) -> BudgetPlan:
     """The step counts that spend ``budget_s`` (module docstring); one line naming the least budget when
     ``budget_s`` cannot hold even :data:`MIN_FINETUNE_STEPS` fine-tuning steps."""
     if not 0 <= expand_share < 1:
@@ -148,6 +161,8 @@ def fit_budget(budget_s: float, costs: Costs, *, expand_share: float = 0.5, max_
         expand = 0
         if spare >= costs.expand_first_s:
             expand = min(max_expand_steps, 1 + int((spare - costs.expand_first_s) / costs.expand_step_s))
+        if expand < min_expand_steps:  # too little to pay (module docstring): the fine-tunes get it all
+            expand = 0
     rest = budget_s - costs.fixed_s - expanding_seconds(costs, expand or 0)
     lo, hi = MIN_FINETUNE_STEPS, MAX_FINETUNE_STEPS  # the largest N with C(N) <= rest; C(lo) <= rest holds
     if costs.steps_s(hi) <= rest:
