@@ -70,6 +70,16 @@ class Ancestry:
     def identity(self) -> dict[str, str]:
         return {"spec": self.spec, "sha256": self.sha256, "weights": self.weights}
 
+    @property
+    def hub_id(self) -> str | None:
+        """The Hugging Face Hub id of a named pretrained model's weights (timm's ``pretrained_cfg``
+        ``hf_hub_id``, e.g. ``timm/deit_tiny_patch16_224.fb_in1k``): the descendants' ``base_model``. None for
+        random, demo, module and a user's checkpoint (whose origin only the user knows)."""
+        if self.weights != "pretrained":
+            return None
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        return cfg.get("hf_hub_id") or None
+
 
 def _seeded(fn, seed: int):
     with torch.random.fork_rng(devices=[]):

@@ -119,6 +119,11 @@ class ImageFiles:
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
             raise FactoryError(f"cannot read image {path}: {exc}") from exc
 
+    @property
+    def eval_config(self) -> dict[str, object]:
+        """How a client reproduces the evaluation view (timm ``pretrained_cfg`` fields): bicubic, DeiT's crop."""
+        return {"interpolation": "bicubic", "crop_pct": CROP_PCT}
+
     def transform(self, training: bool):
         from timm.data import create_transform
 

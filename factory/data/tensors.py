@@ -32,6 +32,12 @@ class ImageTensors:
     def in_chans(self) -> int:
         return int(self.images.shape[1])
 
+    @property
+    def eval_config(self) -> dict[str, object]:
+        """How a client prepares an image like these (timm ``pretrained_cfg`` fields): they are stored at the
+        model's input size, so an image of that size passes unchanged (no crop; the resize a no-op)."""
+        return {"interpolation": "bilinear", "crop_pct": 1.0}
+
     def tensors(self, limit: int | None = None) -> ImageTensors:
         """The first ``limit`` images (all by default): the same interface as a streamed split's."""
         return self if limit is None or limit >= len(self) else self.subset(0, limit)

@@ -136,7 +136,7 @@ def head(cfg: BuildConfig, anc, lg, ds, lg_key: str, names: list[str]) -> dict[s
 
     return {
         "format_version": 1,
-        "ancestry": anc.identity(),
+        "ancestry": {**anc.identity(), **({"base_model": anc.hub_id} if anc.hub_id else {})},
         "ancestry_arch": anc.arch.to_dict(),
         "learngene": {
             "sha256": lg.sha256,

@@ -35,7 +35,9 @@ def front_matter(head: dict[str, Any], dev: dict[str, Any]) -> dict[str, Any]:
     """The card's metadata block (the Hugging Face model card fields)."""
     data = head["recipe"]["data"]
     dataset = data if "/" not in data else "custom-imagefolder"
+    base = head["ancestry"].get("base_model")  # a named pretrained ancestry: the Hub id of its weights
     return {
+        **({"base_model": base, "base_model_relation": "finetune"} if base else {}),
         "library_name": "timm",
         "license": head.get("license", "other"),
         "pipeline_tag": "image-classification",

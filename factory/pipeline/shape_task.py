@@ -168,6 +168,7 @@ def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned:
                 mean=ctx.data.mean,
                 std=ctx.data.std,
                 label_names=ctx.data.train.classes,
+                **ctx.data.test.eval_config,  # the view the manifest's test accuracy was measured on
                 license=task.head.get("license", "other"),
             )
             update["artifacts"]["timm_config"] = {
