@@ -386,8 +386,10 @@ def test_dry_run_walks_the_stage_table_and_counts_a_shared_shape_once(tmp_path):
     profiles = [load_profile(_profile(tmp_path, "a", 0.2)), load_profile(_profile(tmp_path, "b", 0.2))]
     lines = []
     plan = build(profiles, tmp_path / "out", CFG, dry_run=True, log=lines.append)
-    assert [row["stage"] for row in plan["stages"]] == [spec.name for spec in STAGES]
+    # the table's stages in order, between the setup this dry run measured and the devices' assembly
+    assert [row["stage"] for row in plan["stages"]] == ["setup", *(spec.name for spec in STAGES), "assemble"]
     rows = {row["stage"]: row for row in plan["stages"]}
+    assert rows["setup"]["estimate_s"] > 0 and rows["assemble"]["items"] == 2
     assert rows["finetune"]["items"] == rows["finetune"]["will_run"] == 1  # one shape, two devices
     assert rows["export"]["items"] == rows["export"]["will_run"] == 2
     assert rows["learngene"]["will_run"] == 0 and plan["learngene_source"] == "shipped"

@@ -154,7 +154,8 @@ def _build(
     clock.mark("setup")
     if dry_run:
         budget_part = {"time_budget": {"budget_s": cfg.time_budget_s, **budget}} if budget else {}
-        return {**plan(ctx, devices, profiles, objective), **_check_part(check), **budget_part}
+        setup = clock.phases["setup"]  # measured: loading, the search, the check (a budget's planning)
+        return {**plan(ctx, devices, profiles, objective, setup), **_check_part(check), **budget_part}
 
     lg_entry = make_learngene(ctx)
     clock.mark("learngene")
@@ -285,7 +286,7 @@ def refuse_torchrun() -> None:
     line naming them, instead of hanging in a process group (``peg-factory train`` runs under torchrun)."""
     import os
 
-    from factory.training.train import dist_info
+    from factory.training.distributed import dist_info
 
     _, world = dist_info()  # malformed variables: one line
     if world > 1:

@@ -25,9 +25,15 @@ from factory.pipeline.stages import (
 )
 
 
-def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: str) -> dict[str, Any]:
-    """What a build would do (nothing is written); the returned dict is the dry run's ``--json``."""
+def plan(
+    ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: str, setup_s: float = 0.0
+) -> dict[str, Any]:
+    """What a build would do (nothing is written); the returned dict is the dry run's ``--json``. ``setup_s``:
+    what this dry run took to load the ancestry and data, search and check -- work the build does again,
+    counted in the total as measured, with the devices' assembly (folder, card, report:
+    :data:`~factory.pipeline.budget_costs.ASSEMBLE_S_PER_DEVICE` each)."""
     from factory.device.accuracy import EstimatorConfig
+    from factory.pipeline.budget_costs import ASSEMBLE_S_PER_DEVICE
 
     log, cfg = ctx.log, ctx.cfg
     source = learngene_source(ctx)
@@ -107,7 +113,12 @@ def plan(ctx: BuildContext, devices: list[dict[str, Any]], profiles, objective: 
             f"{entry['name']}: shape {label}; finetune {'cached' if cached else f'will run (~{finetune_s:.0f}s)'}; {after}"
         )
         rows.append({**entry, "finetune_cached": cached, "finetune_estimate_s": round(finetune_s, 1), **extra})
-    stages = stage_summary(seconds, devices)
+    ok = sum(not d.is_failed for d in devices)
+    stages = [
+        {"stage": "setup", "scope": "fleet", "items": 1, "will_run": 1, "estimate_s": round(setup_s, 1)},
+        *stage_summary(seconds, devices),
+        {"stage": "assemble", "scope": "device", "items": ok, "will_run": ok, "estimate_s": ASSEMBLE_S_PER_DEVICE * ok},
+    ]
     total = sum(row["estimate_s"] for row in stages)
     for row in stages:
         when = f" (~{row['estimate_s']:.0f}s)" if row["will_run"] else ""
