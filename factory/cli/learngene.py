@@ -106,7 +106,13 @@ def learngene(ctx, ancestry, layers, heads, tau, mixing, head_mixing, rescale, s
     "--widths", default=None, help="Comma-separated descendant widths [default: ancestry width, 3/4 and 1/2 of it]."
 )
 @click.option("--steps", type=STEPS, default=1500, show_default=True, help="Expanding-phase steps.")
-@click.option("--batch-size", type=BATCH, default=64, show_default=True, help="Images per step.")
+@click.option(
+    "--batch-size",
+    type=BATCH,
+    default=64,
+    show_default=True,
+    help="Images per step: the global batch, split evenly across the processes under torchrun.",
+)
 @click.option("--lr", type=RATE, default=1e-3, show_default=True, help="AdamW learning rate (warm-up, cosine).")
 @click.option(
     "--extra-hidden",
@@ -184,8 +190,15 @@ def learngene_train(
         distill_img_size=img_size,
         amp=amp,
     )
-    ensure_parent(out)
     from factory.io import remove_work_directory, work_directory
+    from factory.training.distributed import check_batch, dist_info
+
+    rank, world = dist_info()  # under torchrun: the global batch split across the processes, rank 0 writes
+    check_batch(batch_size, world)
+    say = click.echo if rank == 0 else (lambda *_: None)
+    if world > 1:
+        say(f"expanding phase on {world} processes: global batch {batch_size} ({batch_size // world} per process)")
+    ensure_parent(out)
 
     work = work_directory(work_dir or out.with_name(out.name + ".partial"))  # a folder of the user's is refused
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
@@ -196,7 +209,7 @@ def learngene_train(
     # zero-shot accuracy means something only where the task's labels are the ancestry's (its classifier is kept)
     same_labels = ds.num_classes == anc.arch.num_classes
     if not same_labels:
-        click.echo(
+        say(
             f"zero-shot accuracy not reported: {data} has {ds.num_classes} classes, the ancestry's classifier "
             f"{anc.arch.num_classes}"
         )
@@ -207,11 +220,13 @@ def learngene_train(
         shapes,
         cfg,
         work=work,
-        log=click.echo,
+        log=say,
         ckpt_every=100,
         eval_shapes=eval_shapes or shapes[-1:],
         eval_images=2000 if same_labels else 0,
     )
+    if rank != 0:
+        return
     log_file = work / "metrics.jsonl"
     trained.save(out, {"expanding_log.jsonl": log_file.read_bytes()} if log_file.is_file() else None)
     remove_work_directory(work)  # only what the run wrote there

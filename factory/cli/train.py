@@ -20,7 +20,11 @@ from factory.cli.common import BATCH, RATE, STEPS, amp_option, data_option, out_
 @data_option("digits")
 @click.option("--steps", type=STEPS, default=200, show_default=True, help="Optimiser steps.")
 @click.option(
-    "--batch-size", type=BATCH, default=64, show_default=True, help="Images per step (per process under torchrun)."
+    "--batch-size",
+    type=BATCH,
+    default=64,
+    show_default=True,
+    help="Images per step: the global batch, split evenly across the processes under torchrun.",
 )
 @click.option(
     "--lr", type=RATE, default=1e-3, show_default=True, help="AdamW peak learning rate (warm-up, then cosine)."
@@ -94,17 +98,32 @@ def train_cmd(
         distill_alpha=distill_alpha if teacher is not None else 0.0,
     )
     from factory.io import claim
+    from factory.training.distributed import check_batch, dist_info
 
+    rank, world = dist_info()
+    check_batch(batch_size, world)  # before any process waits for its peers
+    if world > 1 and rank == 0:
+        click.echo(f"training on {world} processes: global batch {batch_size} ({batch_size // world} per process)")
     # the user's own model.safetensors, metrics.jsonl or checkpoint/ in --out are never overwritten
-    claim(Path(out), ["model.safetensors", "metrics.jsonl", "checkpoint/"], writer="train")
+    claim(Path(out), ["model.safetensors", "metrics.jsonl", "checkpoint/"], writer="train", record=rank == 0)
     result = train(model, ds.train, cfg, val_data=ds.val, teacher=teacher, out_dir=out, resume=resume)
+    if rank != 0:  # one model, one result: rank 0 writes and says it
+        return
     model = model.cpu()
     test_acc = evaluate(model, ds.test)
     save_descendant(
         model,
         arch,
         out / "model.safetensors",
-        {"finetuned_from": str(model_path), "data": ds.identity, "steps": steps, "seed": seed},
+        {
+            "finetuned_from": str(model_path),
+            "data": ds.identity,
+            "steps": steps,
+            "seed": seed,
+            "world_size": world,
+            "global_batch": batch_size,
+        },
     )
     val = f"{result.val_accuracy:.4f}" if result.val_accuracy is not None else "not measured (no step ran)"
-    click.echo(f"trained {out}: val accuracy {val}, test accuracy {test_acc:.4f}, {result.seconds:.0f}s")
+    on = f" on {world} processes" if world > 1 else ""
+    click.echo(f"trained {out}{on}: val accuracy {val}, test accuracy {test_acc:.4f}, {result.seconds:.0f}s")

@@ -47,11 +47,14 @@ def step_batch(
     data: ImageTensors, batch_size: int, step: int, seed: int, shift: int, *, rank: int = 0, world: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, labels)`` of global batch ``step`` (this rank's slice of it), augmented with a
-    generator seeded by ``(seed, step)``: a pure function of its arguments, hence exact resume."""
+    generator seeded by ``(seed, step)``: a pure function of its arguments, hence exact resume. The whole
+    global batch is augmented and then sliced, so each rank's images carry the shifts they have in one
+    process's batch (slicing first gave every rank the shifts of the batch's first images)."""
     local = batch_size // world
-    idx = batch_indices(len(data), batch_size, step, seed)[rank * local : (rank + 1) * local]
+    idx = batch_indices(len(data), batch_size, step, seed)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return augment(data.images[idx], shift, gen), data.labels[idx]
+    mine = slice(rank * local, (rank + 1) * local)
+    return augment(data.images[idx], shift, gen)[mine], data.labels[idx][mine]
 
 
 class RankIndices:

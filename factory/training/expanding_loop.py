@@ -63,6 +63,7 @@ from factory.core.shapes import DescendantShape, vit_flops
 from factory.core.timm_vit import build_vit
 from factory.errors import FactoryError
 from factory.training.batches import training_batches
+from factory.training.distributed import average_gradients, global_mean, start
 from factory.training.loop import StepLoop
 from factory.training.precision import autocast_for, pick_device, precision_for
 from factory.training.train import TrainConfig, evaluate, open_checkpoint, resume_or_restart, save_checkpoint
@@ -113,13 +114,13 @@ def train_learngene(
     if eval_data is not None:
         report["zero_shot_before"] = zero_shot(lg, eval_shapes or shapes, eval_data)
 
-    device = pick_device(cfg.device)
+    rank, world, device = start(pick_device(cfg.device), cfg.batch_size)  # factory.training.distributed
     work = GeneParameters(lg, {s.depth for s in shapes}, cfg).to(device)
     params = [p for p in work.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = TrainConfig(steps=max(1, cfg.steps), lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr=cfg.lr * 0.01)
     out = Path(out_dir) if out_dir is not None else None
-    ckpt, start = open_checkpoint(out, resume, work, opt, "the expanding phase")
+    ckpt, first = open_checkpoint(out, resume, work, opt, "the expanding phase", world=world)
     size = cfg.distill_img_size or arch.img_size
     if size != arch.img_size:
         check_distill_size(size, arch)
@@ -159,31 +160,38 @@ def train_learngene(
             loss = distill_loss(logits.float(), target, cfg.temperature)
             loss.backward()
             total += float(loss.detach())
+        average_gradients(params, world)  # the sandwich changes the graph every step: all-reduced by hand, not DDP
         nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        return {"loss": round(total, 5)}
+        record: dict[str, Any] = {"loss": round(global_mean([total], world)[0], 5)}
+        if world > 1:
+            record.update(world_size=world, global_batch=cfg.batch_size)
+        return record
 
     t0 = time.perf_counter()
     loop = StepLoop(
         cfg.steps,
         schedule,
-        save=(lambda at: save_checkpoint(ckpt, work, opt, at, cfg)) if ckpt is not None else None,
+        save=(lambda at: save_checkpoint(ckpt, work, opt, at, cfg, world=world)) if ckpt is not None else None,
         ckpt_every=ckpt_every,
         metrics_path=out / "metrics.jsonl" if out is not None else None,
         append=resume,
+        rank=rank,
         progress=progress,
         desc="expanding phase",
         should_stop=should_stop,
     )
-    history = loop.run(
-        start, training_batches(data, cfg.batch_size, range(start, cfg.steps), cfg.seed, cfg.shift), opt, step_fn
+    batches = training_batches(
+        data, cfg.batch_size, range(first, cfg.steps), cfg.seed, cfg.shift, rank=rank, world=world
     )
+    history = loop.run(first, batches, opt, step_fn)
     trained = work.requires_grad_(False).cpu().learngene(lg, detach=True)
     trained.meta = dict(lg.meta)
     report["loss_first"] = history[0]["loss"] if history else None
     report["loss_last"] = history[-1]["loss"] if history else None
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["history"] = history
+    report["world_size"] = world
     if eval_data is not None:
         report["zero_shot_after"] = zero_shot(trained, eval_shapes or shapes, eval_data)
     trained.meta["expanding_phase"] = {

@@ -19,7 +19,8 @@ AdamW state and torch's RNG state (for drop-path), and ``resume`` continues bit-
 
 Distributed. Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised (NCCL on
 CUDA, gloo on CPU), the model is wrapped in ``DistributedDataParallel`` and each rank trains on
-its slice of every global batch; rank 0 writes checkpoints and logs.
+its slice of every global batch (``batch_size`` is global); rank 0 writes checkpoints and logs, and the
+run equals one process at the same batch (:mod:`factory.training.distributed`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from factory.data import ImageTensors
 from factory.errors import FactoryError
 from factory.io import atomic_directory, seal, seal_state
 from factory.training.batches import eval_batches, training_batches
+from factory.training.distributed import average_gradients, check_resume_world, dist_info, global_mean, start  # noqa: F401  # dist_info re-exported
 from factory.training.loop import StepLoop, lr_at
 from factory.training.precision import autocast_for, pick_device, precision_for
 
@@ -140,32 +142,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     seconds: float
     precision: str = "fp32"  # what the steps computed in (:func:`precision_for`)
-
-
-def dist_info() -> tuple[int, int]:
-    """``(rank, world size)`` from torchrun's variables, checked: not integers, a rank outside the world, or a
-    world of several processes without ``MASTER_ADDR`` (where ``init_process_group`` would wait forever) is
-    one line naming the variable."""
-    values = {}
-    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0")):
-        raw = os.environ.get(name, default)
-        try:
-            values[name] = int(raw)
-        except ValueError:
-            raise FactoryError(
-                f"the environment variable {name}={raw!r} is not an integer; unset it or run under torchrun"
-            ) from None
-    world, rank = values["WORLD_SIZE"], values["RANK"]
-    if world < 1 or not 0 <= rank < world:
-        raise FactoryError(
-            f"WORLD_SIZE={world} and RANK={rank} do not make a process group; unset them or run under torchrun"
-        )
-    if world > 1 and not os.environ.get("MASTER_ADDR"):
-        raise FactoryError(
-            f"WORLD_SIZE={world} but MASTER_ADDR is not set: the processes could never meet; run under torchrun "
-            "(it sets both), or unset WORLD_SIZE"
-        )
-    return rank, world
+    world_size: int = 1  # processes that trained it (torchrun); the batch is global either way
 
 
 def as_os_error(exc: Exception, path: Path) -> Exception:
@@ -180,7 +157,9 @@ def as_os_error(exc: Exception, path: Path) -> Exception:
     return OSError(code, os.strerror(code), str(path))
 
 
-def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+def save_checkpoint(
+    directory: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg, *, world: int = 1
+) -> None:
     """``state.safetensors`` (weights, AdamW moments, RNG) + ``state.json`` (step, config), sealed
     (:func:`factory.io.seal`) so a damaged checkpoint is detected before a resume trusts it."""
     from safetensors.torch import save_file
@@ -200,12 +179,18 @@ def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
             save_file(tensors, str(tmp / "state.safetensors"))
         except Exception as exc:  # noqa: BLE001 - safetensors reports a failed write as its own error type
             raise as_os_error(exc, tmp / "state.safetensors") from exc
-        meta = {"step": step, "config": asdict(cfg), "opt_scalars": scalars, "param_groups": opt_state["param_groups"]}
+        meta = {
+            "step": step,
+            "config": asdict(cfg),
+            "opt_scalars": scalars,
+            "param_groups": opt_state["param_groups"],
+            "world_size": world,  # a resume on another count is refused (factory.training.distributed)
+        }
         (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         seal(tmp, {"step": step})
 
 
-def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, *, world: int = 1) -> int:
     from safetensors.torch import load_file
 
     try:
@@ -215,6 +200,7 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
         raise FactoryError(
             f"cannot resume from {directory}: {exc}; remove it or do not resume", param="resume"
         ) from exc
+    check_resume_world(int(meta.get("world_size", 1)), world, f"from {directory}")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -245,7 +231,13 @@ def resume_or_restart(work: Path, what: str, log: Callable[[str], None]) -> bool
 
 
 def open_checkpoint(
-    out_dir: str | Path | None, resume: bool, module: nn.Module, opt: torch.optim.Optimizer, what: str
+    out_dir: str | Path | None,
+    resume: bool,
+    module: nn.Module,
+    opt: torch.optim.Optimizer,
+    what: str,
+    *,
+    world: int = 1,
 ) -> tuple[Path | None, int]:
     """``(checkpoint dir or None, first step)``: with ``resume``, ``module`` and ``opt`` are loaded
     from ``out_dir/checkpoint`` (one-line error naming ``what`` if there is none)."""
@@ -259,7 +251,7 @@ def open_checkpoint(
             f"cannot resume {what}: the checkpoint in {ckpt} is damaged (a file is missing or changed); "
             "remove it and run without resuming"
         )
-    return ckpt, load_checkpoint(ckpt, module, opt)
+    return ckpt, load_checkpoint(ckpt, module, opt, world=world)
 
 
 def train(
@@ -287,15 +279,7 @@ def train(
     far is written (if ``out_dir`` is given) and :class:`~factory.errors.Interrupted` is raised,
     so a rerun with ``resume`` continues from there.
     """
-    rank, world = dist_info()
-    device = pick_device(cfg.device)
-    if world > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.batch_size % world:
-        raise FactoryError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
+    rank, world, device = start(pick_device(cfg.device), cfg.batch_size)  # factory.training.distributed
     if cfg.distill_alpha > 0 and teacher is None:
         raise FactoryError("distillation (distill_alpha > 0) needs a teacher model")
     model.to(device).train()
@@ -312,10 +296,10 @@ def train(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
     out = Path(out_dir) if out_dir is not None else None
-    ckpt, start = open_checkpoint(out, resume, model, opt, "training (--resume)")
+    ckpt, first = open_checkpoint(out, resume, model, opt, "training (--resume)", world=world)
     if carry and "optimizer" in carry:
         opt.load_state_dict(carry["optimizer"])
-        start = int(carry["step"])
+        first = int(carry["step"])
     autocast, needs_scaler = autocast_for(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
     seen, state = 0, {"loss": float("nan"), "acc": None}
@@ -347,14 +331,19 @@ def train(
         else:
             opt.step()
         seen += len(y) * world
-        loss_value = state["loss"] = float(loss.detach())
+        # the global batch's loss and accuracy (each rank's slice mean, averaged: one process's figures)
+        loss_value, batch_acc = global_mean(
+            [float(loss.detach()), float((logits.argmax(-1) == y).float().mean())], world
+        )
+        state["loss"] = loss_value
         if not math.isfinite(loss_value) and scaler is None:  # fp16 AMP skips such steps itself
             raise FactoryError(
                 f"training diverged: the loss is {loss_value} at step {step + 1}; lower the learning "
                 f"rate (now {cfg.lr:g}) or check the data"
             )
-        batch_acc = float((logits.argmax(-1) == y).float().mean())
         record: dict[str, Any] = {"loss": round(loss_value, 5), "acc": round(batch_acc, 4), "lr": lr_at(step, cfg)}
+        if world > 1:
+            record.update(world_size=world, global_batch=cfg.batch_size)
         if val_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
             state["acc"] = evaluate(model, val_data, device=device)
             record["val_acc"] = round(state["acc"], 4)
@@ -367,7 +356,7 @@ def train(
     loop = StepLoop(
         cfg.steps,
         cfg,
-        save=(lambda at: save_checkpoint(ckpt, model, opt, at, cfg)) if ckpt is not None else None,
+        save=(lambda at: save_checkpoint(ckpt, model, opt, at, cfg, world=world)) if ckpt is not None else None,
         ckpt_every=cfg.ckpt_every,
         metrics_path=out / "metrics.jsonl" if out is not None else None,
         append=resume,
@@ -378,9 +367,9 @@ def train(
         postfix=postfix,
     )
     history = loop.run(
-        start,
+        first,
         training_batches(
-            train_data, cfg.batch_size, range(start, cfg.steps), cfg.seed, cfg.shift, rank=rank, world=world
+            train_data, cfg.batch_size, range(first, cfg.steps), cfg.seed, cfg.shift, rank=rank, world=world
         ),
         opt,
         step_fn,
@@ -389,4 +378,4 @@ def train(
     if carry is not None:
         carry.update(optimizer=opt.state_dict(), step=cfg.steps)
     model.eval()
-    return TrainResult(cfg.steps, loss_value, acc, history, loop.seconds, precision_for(device, cfg.amp))
+    return TrainResult(cfg.steps, loss_value, acc, history, loop.seconds, precision_for(device, cfg.amp), world)
