@@ -85,6 +85,20 @@ def _int8_qdq_first(profile: Any) -> tuple[str, ...]:
     return ("onnx-int8",) if profile is not None and profile.precision == "int8" else ()
 
 
+#: What an ExecuTorch artifact's manifest entry keeps: its delegate coverage and its check on the task's images.
+_EXECUTORCH_FIELDS = (
+    "attention",
+    "delegated_ops",
+    "total_ops",
+    "delegated_fraction",
+    "delegated_subgraphs",
+    "outside_ops",
+    "max_abs_diff_vs_pytorch",
+    "top1_agreement",
+    "checked_on",
+    "warning",
+)
+
 _REGISTRY: tuple[FormatSpec, ...] = (
     FormatSpec(
         "onnx",
@@ -146,6 +160,28 @@ _REGISTRY: tuple[FormatSpec, ...] = (
         extra="export.openvino_export:require_openvino",
         summary="NNCF post-training INT8 IR",
         cost=13.0,
+    ),
+    FormatSpec(
+        "executorch",
+        "executorch",
+        "fp32",
+        "export.executorch_export:export_executorch",
+        exact=True,
+        fields=_EXECUTORCH_FIELDS,
+        extra="export.executorch_export:require_executorch",
+        summary="XNNPACK-delegated ExecuTorch program (.pte, batch 1), verified on the task's test images",
+        cost=6.0,
+    ),
+    FormatSpec(
+        "executorch-int8",
+        "executorch",
+        "int8",
+        "export.executorch_export:export_executorch_int8",
+        fields=(*_EXECUTORCH_FIELDS, "calibration_images"),
+        requires=lambda p: ("executorch",),
+        extra="export.executorch_export:require_executorch",
+        summary="PT2E INT8 for XNNPACK calibrated on the task's training images (.pte)",
+        cost=8.0,
     ),
     FormatSpec(
         "trt",

@@ -21,6 +21,7 @@ CSV and what ``calibration.json`` says it was measured with.
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import math
@@ -95,7 +96,15 @@ def write_kit(
                 in_chans=arch.in_chans,
                 verify=False,
             )
-            if runtime_spec(profile.hardware.runtime).typed_kit_models and profile.precision != "fp32":
+            spec = runtime_spec(profile.hardware.runtime)
+            if spec.kit_model is not None:  # the runtime's own format of the same model (e.g. ExecuTorch's .pte)
+                module, _, function = spec.kit_model.partition(":")
+                getattr(importlib.import_module(module), function)(
+                    tmp / "models" / name,
+                    build_vit(arch, s, seed=0).eval(),
+                    (profile.batch, arch.in_chans, s.img_size, s.img_size),
+                )
+            if spec.typed_kit_models and profile.precision != "fp32":
                 typed_model(
                     tmp / "models" / name, profile.precision, (profile.batch, arch.in_chans, s.img_size, s.img_size)
                 )

@@ -36,6 +36,9 @@ class RuntimeSpec:
     kernel_tables: bool = False  # `peg-factory profiles measure` can time its kernels on this host
     typed_kit_models: bool = False  # builds strongly typed: the kit ships FP16 / Q/DQ twins of its models
     deployable: bool = True  # a profile may name it (False: a basis of the cost model only)
+    # "module:function" writing the kit model's twin this runtime loads ((onnx path, torch model, input shape) ->
+    # path), e.g. an ExecuTorch .pte beside each kit .onnx; None: the runtime reads the ONNX model itself
+    kit_model: str | None = None
 
     def prior_for(self, kind: str) -> Mapping[str, float]:
         """The prior efficiencies on hardware of ``kind`` (a calibration CSV replaces them)."""
@@ -71,6 +74,16 @@ _REGISTRY: tuple[RuntimeSpec, ...] = (
         fuses=True,
         kit_timer="openvino_ms",
         priors={"*": {"matmul": 0.5, "attention": 0.35, "memory": 0.55, "op_overhead_us": 5.0, "fixed_ms": 0.05}},
+    ),
+    # ExecuTorch with the XNNPACK delegate (phones, ARM boards): kernels per op like onnxruntime's CPU provider
+    RuntimeSpec(
+        "executorch",
+        ("cpu",),
+        overhead_mb=10.0,
+        fuses=False,
+        kit_timer="executorch_ms",
+        priors={"cpu": _CPU_PRIOR},
+        kit_model="export.executorch_export:kit_model",
     ),
     # the published latencies the CPU terms are fitted on (timm's benchmark tables: PyTorch, torch.compile)
     RuntimeSpec("pytorch", ("cpu", "gpu"), overhead_mb=0.0, fuses=False, kit_timer=None, deployable=False),

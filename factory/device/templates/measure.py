@@ -55,6 +55,25 @@ def openvino_ms(path, shape, repeats):
     return median_ms(lambda: request.infer([x]), repeats), ov.__version__
 
 
+def executorch_ms(path, shape, repeats):
+    """The kit model's ExecuTorch twin (``.pte``, XNNPACK) timed by ``executorch.runtime`` where Python and
+    ``pip install executorch`` are there (an ARM board); on a phone, run ExecuTorch's ``executor_runner``
+    over the same ``.pte`` files (adb) and put its times in calibration.csv."""
+    try:
+        import torch
+        from executorch.runtime import Runtime
+    except ImportError:
+        usage(
+            "executorch is not installed here: pip install executorch, or time models/*.pte with ExecuTorch's "
+            "executor_runner on the device and fill calibration.csv"
+        )
+    import executorch
+
+    method = Runtime.get().load_program(str(path.with_suffix(".pte"))).load_method("forward")
+    x = [torch.randn(*shape)]
+    return median_ms(lambda: method.execute(x), repeats), getattr(executorch, "__version__", "unknown")
+
+
 def find_trtexec():
     """The trtexec to use (:func:`trtexec_tools.find_trtexec`), or a usage error naming where it looked."""
     found = trtexec_tools.find_trtexec()
@@ -127,7 +146,12 @@ def read_shapes():
 
 
 #: The timing function of each runtime (factory.device.runtimes.RuntimeSpec.kit_timer names it).
-TIMERS = {"onnxruntime": onnxruntime_ms, "openvino": openvino_ms, "tensorrt": tensorrt_ms}
+TIMERS = {
+    "onnxruntime": onnxruntime_ms,
+    "openvino": openvino_ms,
+    "tensorrt": tensorrt_ms,
+    "executorch": executorch_ms,
+}
 
 
 def main():
