@@ -56,7 +56,7 @@ def require_executorch():
         raise FactoryError(f"ExecuTorch formats need the executorch extra: {EXTRA_HINT} ({exc})") from exc
 
 
-def _set_fused_attention(net, fused: bool) -> None:
+def set_fused_attention(net, fused: bool) -> None:
     for module in net.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = fused
@@ -170,7 +170,7 @@ def export_executorch(run) -> dict[str, dict]:
     fused_before = [getattr(m, "fused_attn", None) for m in run.net.modules()]
     try:
         for fused in (False, True):  # explicit attention first: it is what XNNPACK lowers
-            _set_fused_attention(run.net, fused)
+            set_fused_attention(run.net, fused)
             try:
                 program, coverage = lower(run.net, example)
             except Exception as exc:  # noqa: BLE001 - a converter that cannot lower an op: the other form may
@@ -223,7 +223,7 @@ def export_executorch_int8(run) -> dict[str, dict]:
         reference = run.net(torch.from_numpy(images)).numpy()
     attention = (run.artifacts.get("executorch") or {}).get("attention", "explicit")
     fused_before = [getattr(m, "fused_attn", None) for m in run.net.modules()]
-    _set_fused_attention(run.net, attention == "fused")
+    set_fused_attention(run.net, attention == "fused")
     try:
         example = torch.from_numpy(run.x1)
         graph = torch.export.export(run.net, (example,)).module()
@@ -256,7 +256,7 @@ def kit_model(onnx_path: Path, model, shape: tuple[int, ...]) -> Path:
     import torch
 
     require_executorch()
-    _set_fused_attention(model, False)
+    set_fused_attention(model, False)
     program, _ = lower(model, torch.randn(*shape))
     path = onnx_path.with_suffix(".pte")
     path.write_bytes(program.buffer)

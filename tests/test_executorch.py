@@ -74,16 +74,16 @@ def test_the_explicit_attention_form_lowers_more_of_the_graph(exported, small_fi
     """timm's fused attention stays on ExecuTorch's portable kernels; the export keeps the form XNNPACK takes."""
     import torch
 
-    from export.executorch_export import _set_fused_attention, lower
+    from export.executorch_export import lower, set_fused_attention
     from factory.core.checkpoint import load_descendant
 
     model = load_descendant(small_file).eval()
     x = torch.zeros(1, 1, 28, 28)
     shares = {}
     for fused in (True, False):
-        _set_fused_attention(model, fused)
+        set_fused_attention(model, fused)
         shares[fused] = lower(model, x)[1]
-    _set_fused_attention(model, True)
+    set_fused_attention(model, True)
     frac = {k: v["delegated_ops"] / v["total_ops"] for k, v in shares.items()}
     assert frac[False] >= frac[True]
     assert exported[1]["artifacts"]["executorch"]["attention"] == ("explicit" if frac[False] >= frac[True] else "fused")
