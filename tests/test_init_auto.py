@@ -68,7 +68,8 @@ def test_shapes_the_learngene_never_trained_prefer_weight_selection():
     assert trained_by(DescendantShape(3, 192, 3, 2.0, 28, 7, 10), lg)  # a cut MLP: still the trained attention
     assert not trained_by(DescendantShape(6, 96, 2, 2.0, 28, 7, 10), lg)  # re-headed
     assert not trained_by(DescendantShape(13, 192, 3, 4.0, 28, 7, 10), lg)  # deeper than any trained depth
-    assert trained_by(DescendantShape(6, 96, 2, 2.0, 28, 7, 10), object())  # no expanding phase: nothing to prefer by
+    # no expanding phase: an untrained learngene's descendants start below weight selection, which is preferred
+    assert not trained_by(DescendantShape(3, 192, 3, 4.0, 28, 7, 10), object())
     scores = {"peg": 0.80, "weight_selection": 0.79, "tleg": 0.7, "scratch": 0.4}
     assert choose_init(scores, trained=True)[0] == "peg"
     chosen, why = choose_init(scores, trained=False)

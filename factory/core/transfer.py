@@ -128,14 +128,17 @@ def knn_loo_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 10) 
 def trained_by(shape, learngene) -> bool:
     """Whether the learngene's expanding phase trained ``shape``'s attention: one of its trained shapes
     (``meta["expanding_phase"]["shapes"]``) has the same head count, and ``shape`` is no deeper than the
-    deepest trained. A learngene without an expanding phase trained none of them: True (the rule has
-    nothing to prefer by)."""
+    deepest trained. A learngene without an expanding phase (sampled only: a build whose budget or transfer
+    check skipped the phase) trained none of them: False, so weight selection is preferred -- an untrained
+    learngene's descendants start below it (bench/RESULTS.md, the learngene study: -7.5 to -22 points), and at
+    equal wall time on mnist-unseen preferring them shipped 0.690 against weight selection's 0.864
+    ("A wall-clock budget")."""
     from factory.core.shapes import DescendantShape
 
     labels = ((getattr(learngene, "meta", None) or {}).get("expanding_phase") or {}).get("shapes") or []
     trained = [DescendantShape.from_label(label) for label in labels]
     if not trained:
-        return True
+        return False
     return shape.depth <= max(t.depth for t in trained) and any(t.num_heads == shape.num_heads for t in trained)
 
 
