@@ -54,7 +54,7 @@ class FormatSpec:
     summary: str = ""
     # the step's time in units of the measure stage's reference round of the same shape on the same host (an ONNX
     # export, session and timed runs: factory.pipeline.finetune_facts.round_seconds); what the dry run and a time
-    # budget plan with. Measured at 28 px (bench/RESULTS.md, "Planning time"); a new format: its nearest kin's
+    # budget plan with. Fitted at 28 px on this host (bench/RESULTS.md, "A wall-clock budget"); a new format: its nearest kin's
     cost: float = 2.0
 
     @property
