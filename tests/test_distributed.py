@@ -102,12 +102,24 @@ def test_a_batch_the_processes_cannot_split_is_one_line_before_anyone_waits(tmp_
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:  # no peer ever comes: a hang here would time the test out
-        res = cli_run("train", "--model", small_model, "--data", "digits", "--steps", 2, "--batch-size", batch)
+        res = cli_run(
+            "train",
+            "--model",
+            small_model,
+            "--data",
+            "digits",
+            "--steps",
+            2,
+            "--batch-size",
+            batch,
+            "--out",
+            tmp_path / "r",
+        )
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     one_line_exit_2(res, needle)
-    assert "--batch-size" in res.output
+    assert "--batch-size" in res.output and not (tmp_path / "r").exists()
 
 
 def test_a_resume_on_another_number_of_processes_is_refused(tmp_path):
