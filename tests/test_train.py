@@ -73,8 +73,8 @@ def _train_first_steps(model, synthetic, cfg, n, out):
 
     original = tr.save_checkpoint
 
-    def save_then_maybe_stop(directory, m, opt, step, c):
-        original(directory, m, opt, step, c)
+    def save_then_maybe_stop(directory, m, opt, step, c, **kwargs):
+        original(directory, m, opt, step, c, **kwargs)
         if step >= n:
             raise Stop
 
