@@ -110,3 +110,19 @@ def build_cmd(prof, out, steps, *extra) -> list[str]:
 def leftovers(out: Path) -> list[str]:
     """Temporary files or folders left under ``out`` (``*.tmp``, ``*.old``)."""
     return [str(p) for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
+
+
+def small_descendant(path: Path, embed_dim: int, num_heads: int) -> Path:
+    """A 2-block descendant of the demo ancestry at ``path`` (weight selection: real features), quick to train,
+    lower and run."""
+    from factory import load_ancestry
+    from factory.core.baselines import init_descendant
+    from factory.core.checkpoint import save_descendant
+    from factory.core.shapes import DescendantShape
+
+    anc = load_ancestry("demo")
+    shape = DescendantShape(
+        depth=2, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=2.0, img_size=28, patch_size=7, num_classes=10
+    )
+    save_descendant(init_descendant("weight_selection", shape, ancestry=anc), anc.arch.with_shape(shape), path, {})
+    return path

@@ -13,7 +13,7 @@ import torch
 
 from factory.errors import FactoryError
 
-from .helpers import cli_run, one_line_exit_2
+from .helpers import cli_run, one_line_exit_2, small_descendant
 
 #: |loss(2 processes) - loss(1 process)| per step: float32 reduction order only (gloo all-reduce vs one sum).
 LOSS_TOLERANCE = 2e-4
@@ -34,18 +34,7 @@ def _losses(path):
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
-    from factory import load_ancestry
-    from factory.core.baselines import init_descendant
-    from factory.core.checkpoint import save_descendant
-    from factory.core.shapes import DescendantShape
-
-    anc = load_ancestry("demo")
-    shape = DescendantShape(
-        depth=2, embed_dim=48, num_heads=2, mlp_ratio=2.0, img_size=28, patch_size=7, num_classes=10
-    )
-    path = tmp_path_factory.mktemp("model") / "d2.safetensors"
-    save_descendant(init_descendant("weight_selection", shape, ancestry=anc), anc.arch.with_shape(shape), path, {})
-    return path
+    return small_descendant(tmp_path_factory.mktemp("model") / "d2.safetensors", 48, 2)
 
 
 def test_two_processes_fine_tune_as_one_at_the_global_batch(tmp_path, small_model):

@@ -9,7 +9,7 @@ import pytest
 
 from factory.errors import FactoryError
 
-from .helpers import cli_run, one_line_exit_2
+from .helpers import cli_run, one_line_exit_2, small_descendant
 
 executorch = pytest.importorskip(
     "executorch", reason="the executorch extra is not installed (pip install 'peg-factory[executorch]'; CI installs it)"
@@ -19,18 +19,7 @@ executorch = pytest.importorskip(
 @pytest.fixture(scope="module")
 def small_file(tmp_path_factory):
     """A 2-block descendant of the demo ancestry (weight selection: real features), quick to lower and run."""
-    from factory import load_ancestry
-    from factory.core.baselines import init_descendant
-    from factory.core.checkpoint import save_descendant
-    from factory.core.shapes import DescendantShape
-
-    anc = load_ancestry("demo")
-    shape = DescendantShape(
-        depth=2, embed_dim=96, num_heads=3, mlp_ratio=2.0, img_size=28, patch_size=7, num_classes=10
-    )
-    path = tmp_path_factory.mktemp("et-model") / "d2.safetensors"
-    save_descendant(init_descendant("weight_selection", shape, ancestry=anc), anc.arch.with_shape(shape), path, {})
-    return path
+    return small_descendant(tmp_path_factory.mktemp("et-model") / "d2.safetensors", 96, 3)
 
 
 @pytest.fixture(scope="module")

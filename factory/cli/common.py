@@ -153,6 +153,17 @@ def amp_option(help: str = AMP_HELP):
     )
 
 
+def global_batch_option(default: int = 64):
+    """``--batch-size`` of a trainer that runs under torchrun (:mod:`factory.training.distributed`)."""
+    return click.option(
+        "--batch-size",
+        type=BATCH,
+        default=default,
+        show_default=True,
+        help="Images per step: the global batch, split evenly across the processes under torchrun.",
+    )
+
+
 def seed_option(default: int | None = 0, help: str = "Random seed."):
     return click.option("--seed", type=SEED, default=default, show_default=default is not None, help=help)
 

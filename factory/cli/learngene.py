@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from factory.cli.common import (
-    BATCH,
     COUNT,
     RATE,
     SIZE,
@@ -17,6 +16,7 @@ from factory.cli.common import (
     amp_option,
     ancestry_option,
     data_option,
+    global_batch_option,
     int_list,
     out_option,
     seed_option,
@@ -106,13 +106,7 @@ def learngene(ctx, ancestry, layers, heads, tau, mixing, head_mixing, rescale, s
     "--widths", default=None, help="Comma-separated descendant widths [default: ancestry width, 3/4 and 1/2 of it]."
 )
 @click.option("--steps", type=STEPS, default=1500, show_default=True, help="Expanding-phase steps.")
-@click.option(
-    "--batch-size",
-    type=BATCH,
-    default=64,
-    show_default=True,
-    help="Images per step: the global batch, split evenly across the processes under torchrun.",
-)
+@global_batch_option()
 @click.option("--lr", type=RATE, default=1e-3, show_default=True, help="AdamW learning rate (warm-up, cosine).")
 @click.option(
     "--extra-hidden",

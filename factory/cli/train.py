@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from factory.cli.common import BATCH, RATE, STEPS, amp_option, data_option, out_option, seed_option
+from factory.cli.common import RATE, STEPS, amp_option, data_option, global_batch_option, out_option, seed_option
 
 
 @click.command("train")
@@ -19,13 +19,7 @@ from factory.cli.common import BATCH, RATE, STEPS, amp_option, data_option, out_
 )
 @data_option("digits")
 @click.option("--steps", type=STEPS, default=200, show_default=True, help="Optimiser steps.")
-@click.option(
-    "--batch-size",
-    type=BATCH,
-    default=64,
-    show_default=True,
-    help="Images per step: the global batch, split evenly across the processes under torchrun.",
-)
+@global_batch_option()
 @click.option(
     "--lr", type=RATE, default=1e-3, show_default=True, help="AdamW peak learning rate (warm-up, then cosine)."
 )
