@@ -124,7 +124,7 @@ def test_a_budgeted_build_fits_and_records_planned_against_measured(tmp_path):
     assert set(second["planned_s"]) >= {"finetune", "measure", "export"}
     # how close the build comes to its budget is timing, measured by bench/time_budget.py on a quiet machine (a
     # shared 2-core runner's steps vary 3x within a minute); here: the record adds up
-    assert record["ratio"] == round(record["seconds"] / budget, 3) and record["seconds"] > 0
+    assert abs(record["ratio"] - record["seconds"] / budget) <= 1e-3 and record["seconds"] > 0
     assert abs(second["planned_total_s"] - sum(second["planned_s"].values())) < 0.5
     assert any(line.startswith("time budget: first plan") for line in lines)
     # a rerun of the killed build keeps the recorded plan (its cached stages stay valid)
