@@ -76,6 +76,15 @@ SCRIPT = """#!/usr/bin/env bash
 # Build the {upper} TensorRT engine on the target device{target}, then check it against onnxruntime's
 # reference outputs. TensorRT >= {since}: strongly typed, from {typed}; older: weak-typing flags, from {weak}.
 set -euo pipefail
+usage="usage: bash build_engine.sh [-h]
+Builds {engine} here with trtexec (found at \\$TRTEXEC, on the PATH or in /usr/src/tensorrt/bin; set TRTEXEC
+to choose one), then runs check_engine.py on it. Takes no arguments. Exit codes: 0 built and checked,
+1 trtexec failed, wrote no engine or the check failed, 2 no trtexec or a usage error."
+case "${{1:-}}" in
+  "") ;;
+  -h|--help) echo "$usage"; exit 0 ;;
+  *) echo "build_engine.sh: error: unknown argument $1 (it takes none; -h for help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")"
 # trtexec discovery and its version: trtexec_tools.py, shared with the latency calibration kit
 if ! TRTEXEC=$(python3 trtexec_tools.py find); then exit 2; fi

@@ -209,6 +209,16 @@ def test_build_engine_sh_picks_strong_typing_by_the_trtexec_version(demo_file, t
         timeout=60,
     )
     assert done.returncode == 2 and "no trtexec" in done.stderr
+    # every script of the kit describes its arguments; build_engine.sh takes none and refuses one
+    for cmd, words in (
+        (["bash", str(kit / "build_engine.sh"), "--help"], ("TRTEXEC", "model.int8.engine", "Exit codes")),
+        ([sys.executable, str(kit / "check_engine.py"), "--help"], ("engine", "--reference", "--atol", "exit codes")),
+        ([sys.executable, str(kit / "trtexec_tools.py"), "--help"], ("find", "major TRTEXEC")),
+    ):
+        done = subprocess.run(cmd, capture_output=True, text=True, env={"PATH": path}, timeout=60)
+        assert done.returncode == 0 and all(w in done.stdout for w in words), (cmd, done.stdout, done.stderr)
+    done = subprocess.run(["bash", str(kit / "build_engine.sh"), "x"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown argument x" in done.stderr
 
 
 def test_checker_logic_in_the_kit():

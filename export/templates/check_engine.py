@@ -130,10 +130,23 @@ def load_reference(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("engine")
-    parser.add_argument("--reference", default=str(Path(__file__).with_name("reference.npz")))
-    parser.add_argument("--atol", type=float, default=0.05)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="exit codes: 0 pass, 1 the engine disagrees with the reference, 2 a usage error",
+    )
+    parser.add_argument("engine", help="the serialised engine build_engine.sh wrote (e.g. model.fp16.engine)")
+    parser.add_argument(
+        "--reference",
+        default=str(Path(__file__).with_name("reference.npz")),
+        help="inputs (input_<batch>) and onnxruntime's FP32 logits (output_<batch>) to compare with "
+        "(default: the kit's reference.npz)",
+    )
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=0.05,
+        help="the largest absolute logit difference that passes (default 0.05; top-1 must also agree on >= 99%%)",
+    )
     args = parser.parse_args()  # argparse exits 2 on a usage error too
     if not Path(args.engine).is_file():
         usage(f"no engine at {args.engine}; build it first (build_engine.sh)")

@@ -51,7 +51,11 @@ def main(argv):
         major = trtexec_major(argv[1])
         print("" if major is None else major)
         return 0
-    print(__doc__.strip().split("\n\n")[-1], file=sys.stderr)
+    usage = __doc__.strip().split("\n\n")[-1]
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    print(usage, file=sys.stderr)
     return 2
 
 
