@@ -32,7 +32,10 @@ def test_a_folder_is_streamed_not_decoded_at_load(folder):
     assert ds.train.cache is None and ds.train.labels.tolist() == sorted(ds.train.labels.tolist())
     x = ds.test.tensors().images
     assert x.shape == (12, 3, 32, 32) and abs(float(x.mean())) < 3  # normalised with ImageNet's mean/std
-    assert in_memory(ds, cap_bytes=4 * 3 * 32 * 32 * 5).val.images.shape[0] == 5  # bounded by the cap
+    capped = in_memory(ds, cap_bytes=4 * 3 * 32 * 32 * 5, train_images=6)
+    assert capped.val.images.shape[0] == 5  # bounded by the cap
+    # a sample spread over the split, which a folder lists by class: every class, never the first files only
+    assert set(capped.val.labels.tolist()) == {0, 1, 2} and set(capped.train.labels.tolist()) == {0, 1, 2}
 
 
 def test_streamed_batches_are_a_pure_function_of_seed_and_step(folder):

@@ -93,15 +93,17 @@ def spread_sample(split, n: int) -> ImageTensors:
 
 
 def in_memory(ds: Dataset, cap_bytes: int = CHECK_BYTES, *, train_images: int | None = None) -> Dataset:
-    """``ds`` with every split in memory: in-memory splits as they are, a streamed split's first
+    """``ds`` with every split in memory: in-memory splits as they are, a streamed split's
     ``cap_bytes // (4 * C * H * W)`` images decoded for evaluation (all of a small one), and of the
-    training split at most ``train_images`` (what INT8 calibration reads)."""
+    training split at most ``train_images`` (what INT8 calibration reads). A split cut to fewer images is
+    a :func:`spread_sample` (evenly spaced indices over the split, which folders list by class), never its
+    first N files: a check or a calibration on it sees every class."""
 
     def bounded(split, limit=None):
         if isinstance(split, ImageTensors):
             return split
         per_image = 4 * split.in_chans * split.img_size * split.img_size
         most = max(1, cap_bytes // per_image)
-        return split.tensors(most if limit is None else min(most, limit))
+        return spread_sample(split, most if limit is None else min(most, limit))
 
     return dataclasses.replace(ds, train=bounded(ds.train, train_images), val=bounded(ds.val), test=bounded(ds.test))
