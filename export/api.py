@@ -125,6 +125,7 @@ def export_model(
     from export.runtime import ort_accuracy, ort_latency_ms, ort_session
 
     path = resolve_model_path(model)
+    wanted = set(formats)
     specs = [format_spec(name) for name in with_requirements(formats, profile)]
     for spec in specs:
         if profile is not None and spec.runtime_only and spec.runtime != profile.hardware.runtime:
@@ -132,7 +133,10 @@ def export_model(
                 f"profile {profile.name} runs {profile.hardware.runtime}, not {spec.runtime}; drop {spec.name} "
                 f"from the formats (its formats: {', '.join(profile.export)})"
             )
-        spec.check_available()  # refuse before any work when an extra is missing
+    skipped = _unavailable(specs)  # a missing extra: the other formats are still written, the caller says so
+    specs = [spec for spec in specs if spec.name not in skipped]
+    for name, reason in skipped.items():
+        log(f"{name}: not written: {reason}")
     anc = load_ancestry(path)
     net, arch = anc.model.eval(), anc.arch
     _, meta = read_checkpoint(path)
@@ -223,8 +227,23 @@ def export_model(
             artifacts=record["artifacts"],
         )
         for spec in specs:
-            if spec.step is not None:
+            if spec.step is None:
+                continue
+            if any(need in skipped for need in spec.requires(profile)):
+                skipped[spec.name] = (
+                    f"needs {', '.join(n for n in spec.requires(profile) if n in skipped)}, not written"
+                )
+                continue
+            try:
                 record["artifacts"].update(spec.run(run))
+            except FactoryError as exc:  # a converter that cannot lower an op, a check it fails: the rest go on
+                if spec.name in wanted:  # requested: said, and the other formats still written
+                    skipped[spec.name] = str(exc)
+                    log(f"{spec.name}: not written: {exc}")
+                else:
+                    raise
+        if skipped:
+            record["skipped"] = skipped
 
         for entry in record["artifacts"].values():
             for key in ("file", "dir"):
@@ -243,6 +262,30 @@ def export_model(
             log(f"deploy: {record['deploy']['format']} ({record['deploy']['reason']})")
         (tmp / "export.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def _unavailable(specs) -> dict[str, str]:
+    """``{format: the one line naming its missing extra}`` of the formats whose tools are not installed."""
+    missing = {}
+    for spec in specs:
+        try:
+            spec.check_available()
+        except FactoryError as exc:
+            missing[spec.name] = str(exc)
+    return missing
+
+
+def skipped_error(record: dict[str, Any], where: str) -> FactoryError | None:
+    """The one-line error for the formats an export could not write (``record["skipped"]``), None when all were;
+    ``where`` names the folder that holds the ones it did write."""
+    skipped = record.get("skipped") or {}
+    if not skipped:
+        return None
+    first, reason = next(iter(skipped.items()))
+    more = f" (and {', '.join(list(skipped)[1:])})" if len(skipped) > 1 else ""
+    return FactoryError(
+        f"{first}{more} not written: {reason}; the other formats ({', '.join(record['artifacts'])}) are in {where}"
+    )
 
 
 def runtime_bound_deployment(artifacts: dict[str, dict[str, Any]], profile) -> dict[str, Any] | None:

@@ -3,7 +3,8 @@ artifacts a deployment may use (:func:`verified_formats`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,11 @@ import numpy as np
 
 #: A reduced-precision artifact may deploy when its accuracy is within this of FP32's.
 MAX_ACCURACY_DROP = 0.01
+#: A delegate (XNNPACK under ExecuTorch or LiteRT) taking a smaller share of the graph's operators than this is a
+#: warning in the log, the entry and the card: the rest runs on the runtime's portable kernels.
+MIN_COVERAGE = 0.9
+#: At most this many test images (spread over the split) check an artifact run outside onnxruntime.
+CHECK_IMAGES = 1000
 
 
 @dataclass(frozen=True)
@@ -46,14 +52,52 @@ class ExportRun:
 
 def verified_formats(artifacts: dict[str, dict[str, Any]]) -> list[str]:
     """The artifacts a deployment may use: exact ones (FP32, verified against PyTorch, or they would not
-    exist: :attr:`export.formats.FormatSpec.exact`) and the others when their recorded accuracy is within
-    :data:`MAX_ACCURACY_DROP` of FP32's."""
+    exist: :attr:`export.formats.FormatSpec.exact`) and the others when their accuracy is within
+    :data:`MAX_ACCURACY_DROP` of FP32's **on the same images**: the ``accuracy_drop_vs_fp32`` their step
+    measured against the FP32 model, else their accuracy against FP32 ONNX's on the same split (test, else
+    validation). A test accuracy is never compared with a validation one."""
     from export.formats import format_spec
 
-    fp32_acc = artifacts.get("onnx", {}).get("test_accuracy", artifacts.get("onnx", {}).get("val_accuracy"))
+    fp32 = artifacts.get("onnx", {})
     out = []
     for fmt, art in artifacts.items():
-        acc = art.get("test_accuracy", art.get("val_accuracy"))
-        if format_spec(fmt).exact or (acc is not None and fp32_acc is not None and fp32_acc - acc <= MAX_ACCURACY_DROP):
+        drop = art.get("accuracy_drop_vs_fp32")
+        if drop is None:
+            split = next((k for k in ("test_accuracy", "val_accuracy") if k in art and k in fp32), None)
+            drop = None if split is None else fp32[split] - art[split]
+        if format_spec(fmt).exact or (drop is not None and drop <= MAX_ACCURACY_DROP):
             out.append(fmt)
     return out
+
+
+def check_images(run: ExportRun, limit: int = CHECK_IMAGES) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """``(images, labels or None, what)`` an artifact is checked on: at most ``limit`` test images at evenly
+    spaced indices (every class of a split sorted by class), or the reference inputs when the task has no
+    data (said in ``what``: a random-input check hides what only real images show)."""
+    if run.ds is None:
+        return run.x32, None, "random reference inputs (no task data)"
+    test = run.ds.test
+    n = len(test)
+    idx = np.unique(np.linspace(0, n - 1, min(n, limit)).round().astype(int))
+    return test.images.numpy()[idx], test.labels.numpy()[idx], f"{len(idx)} test images"
+
+
+def set_fused_attention(net, fused: bool) -> None:
+    """timm's attention as ``F.scaled_dot_product_attention`` (``fused``) or the explicit ``q @ k^T, softmax,
+    @ v`` (the same math): mobile converters lower the explicit form to their delegates more often."""
+    for module in net.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+
+
+@contextmanager
+def attention_form(net, fused: bool) -> Iterator[None]:
+    """:func:`set_fused_attention` for the ``with`` block, each module's own setting restored after it."""
+    before = [getattr(m, "fused_attn", None) for m in net.modules()]
+    set_fused_attention(net, fused)
+    try:
+        yield
+    finally:
+        for m, flag in zip(net.modules(), before):
+            if flag is not None:
+                m.fused_attn = flag

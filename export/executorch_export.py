@@ -17,7 +17,7 @@ lowers both and keeps the one with the larger delegated share (``attention`` in 
 :data:`MIN_COVERAGE` is a warning in the log, the entry and the card.
 
 **Verified on the task's images**, never random inputs alone: the ``.pte`` runs in ``executorch.runtime``
-(XNNPACK, this CPU) on the test split (a spread sample of at most :data:`CHECK_IMAGES`), against the PyTorch
+(XNNPACK, this CPU) on the test split (a spread sample of at most :data:`export.context.CHECK_IMAGES`), against the PyTorch
 model: top-1 agreement, maximum logit difference, accuracy and its drop from FP32. FP32 must agree to
 1e-4 (exact); INT8 is checked by accuracy (:data:`export.context.MAX_ACCURACY_DROP`). Without task data the
 check runs on the reference inputs and says so.
@@ -35,15 +35,12 @@ from typing import Any
 
 import numpy as np
 
+from export.context import MIN_COVERAGE, attention_form, check_images
 from factory.errors import FactoryError
 
 EXTRA_HINT = "pip install 'peg-factory[executorch]'"
-#: A delegated share of the graph's operator nodes below this is a warning (the rest runs on portable kernels).
-MIN_COVERAGE = 0.9
 #: Graph nodes that are not operators (tuple indexing of a node's outputs): left out of the coverage counts.
 NOT_OPS = ("getitem",)
-#: At most this many test images are run through the ``.pte`` (spread over the split) for the check.
-CHECK_IMAGES = 1000
 
 
 def require_executorch():
@@ -54,12 +51,6 @@ def require_executorch():
         from executorch.runtime import Runtime  # noqa: F401
     except ImportError as exc:
         raise FactoryError(f"ExecuTorch formats need the executorch extra: {EXTRA_HINT} ({exc})") from exc
-
-
-def set_fused_attention(net, fused: bool) -> None:
-    for module in net.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = fused
 
 
 def lower(program_module, example) -> tuple[Any, dict[str, int]]:
@@ -117,17 +108,6 @@ def pte_latency_ms(method, x: np.ndarray, *, repeats: int = 20, warmup: int = 3)
     return statistics.median(times)
 
 
-def check_images(run) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """``(images, labels or None, what)``: a spread sample of the task's test split, or the reference inputs
-    when the task has no data (said in ``what``)."""
-    if run.ds is None:
-        return run.x32, None, "random reference inputs (no task data)"
-    test = run.ds.test
-    n = len(test)
-    idx = np.unique(np.linspace(0, n - 1, min(n, CHECK_IMAGES)).round().astype(int))
-    return test.images.numpy()[idx], test.labels.numpy()[idx], f"{len(idx)} test images"
-
-
 def _verify(run, fmt: str, path: Path, reference: np.ndarray, images, labels, what: str) -> dict[str, Any]:
     method = pte_method(path)
     logits = pte_logits(method, images)
@@ -167,24 +147,18 @@ def export_executorch(run) -> dict[str, dict]:
         reference = run.net(torch.from_numpy(images)).numpy()
     example = torch.from_numpy(run.x1)
     best = None
-    fused_before = [getattr(m, "fused_attn", None) for m in run.net.modules()]
-    try:
-        for fused in (False, True):  # explicit attention first: it is what XNNPACK lowers
-            set_fused_attention(run.net, fused)
-            try:
+    for fused in (False, True):  # explicit attention first: it is what XNNPACK lowers
+        try:
+            with attention_form(run.net, fused):
                 program, coverage = lower(run.net, example)
-            except Exception as exc:  # noqa: BLE001 - a converter that cannot lower an op: the other form may
-                run.log(f"executorch: {'fused' if fused else 'explicit'} attention did not lower: {str(exc)[:200]}")
-                continue
-            if (
-                best is None
-                or coverage["delegated_ops"] / coverage["total_ops"] > best[1]["delegated_ops"] / best[1]["total_ops"]
-            ):
-                best = (program, coverage, "fused" if fused else "explicit")
-    finally:
-        for m, flag in zip(run.net.modules(), fused_before):
-            if flag is not None:
-                m.fused_attn = flag
+        except Exception as exc:  # noqa: BLE001 - a converter that cannot lower an op: the other form may
+            run.log(f"executorch: {'fused' if fused else 'explicit'} attention did not lower: {str(exc)[:200]}")
+            continue
+        if (
+            best is None
+            or coverage["delegated_ops"] / coverage["total_ops"] > best[1]["delegated_ops"] / best[1]["total_ops"]
+        ):
+            best = (program, coverage, "fused" if fused else "explicit")
     if best is None:
         raise FactoryError("executorch: the model did not lower to XNNPACK in either attention form; not exported")
     program, coverage, attention = best
@@ -222,9 +196,7 @@ def export_executorch_int8(run) -> dict[str, dict]:
     with torch.no_grad():
         reference = run.net(torch.from_numpy(images)).numpy()
     attention = (run.artifacts.get("executorch") or {}).get("attention", "explicit")
-    fused_before = [getattr(m, "fused_attn", None) for m in run.net.modules()]
-    set_fused_attention(run.net, attention == "fused")
-    try:
+    with attention_form(run.net, attention == "fused"):
         example = torch.from_numpy(run.x1)
         graph = torch.export.export(run.net, (example,)).module()
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
@@ -233,10 +205,6 @@ def export_executorch_int8(run) -> dict[str, dict]:
             for i in range(len(run.calib)):
                 prepared(torch.from_numpy(run.calib[i : i + 1]))
         program, coverage = lower(convert_pt2e(prepared), example)
-    finally:
-        for m, flag in zip(run.net.modules(), fused_before):
-            if flag is not None:
-                m.fused_attn = flag
     path = run.tmp / "model.int8.pte"
     path.write_bytes(program.buffer)
     entry = {"file": path.name, "attention": attention, "calibration_images": len(run.calib), **coverage}
@@ -256,8 +224,8 @@ def kit_model(onnx_path: Path, model, shape: tuple[int, ...]) -> Path:
     import torch
 
     require_executorch()
-    set_fused_attention(model, False)
-    program, _ = lower(model, torch.randn(*shape))
+    with attention_form(model, False):
+        program, _ = lower(model, torch.randn(*shape))
     path = onnx_path.with_suffix(".pte")
     path.write_bytes(program.buffer)
     return path

@@ -85,8 +85,9 @@ def _int8_qdq_first(profile: Any) -> tuple[str, ...]:
     return ("onnx-int8",) if profile is not None and profile.precision == "int8" else ()
 
 
-#: What an ExecuTorch artifact's manifest entry keeps: its delegate coverage and its check on the task's images.
-_EXECUTORCH_FIELDS = (
+#: What an ExecuTorch or LiteRT artifact's manifest entry keeps: its delegate coverage and its check on the task's
+#: images.
+_DELEGATED_FIELDS = (
     "attention",
     "delegated_ops",
     "total_ops",
@@ -167,7 +168,7 @@ _REGISTRY: tuple[FormatSpec, ...] = (
         "fp32",
         "export.executorch_export:export_executorch",
         exact=True,
-        fields=_EXECUTORCH_FIELDS,
+        fields=_DELEGATED_FIELDS,
         extra="export.executorch_export:require_executorch",
         summary="XNNPACK-delegated ExecuTorch program (.pte, batch 1), verified on the task's test images",
         cost=6.0,
@@ -177,11 +178,55 @@ _REGISTRY: tuple[FormatSpec, ...] = (
         "executorch",
         "int8",
         "export.executorch_export:export_executorch_int8",
-        fields=(*_EXECUTORCH_FIELDS, "calibration_images"),
+        fields=(*_DELEGATED_FIELDS, "calibration_images"),
         requires=lambda p: ("executorch",),
         extra="export.executorch_export:require_executorch",
         summary="PT2E INT8 for XNNPACK calibrated on the task's training images (.pte)",
         cost=8.0,
+    ),
+    FormatSpec(
+        "litert",
+        "litert",
+        "fp32",
+        "export.litert_export:export_litert",
+        exact=True,
+        fields=_DELEGATED_FIELDS,
+        extra="export.litert_export:require_litert",
+        summary="LiteRT (TFLite) flatbuffer (.tflite, batch 1) run by ai-edge-litert with XNNPACK, verified on the "
+        "task's test images",
+        cost=6.0,
+    ),
+    FormatSpec(
+        "litert-int8",
+        "litert",
+        "int8",
+        "export.litert_export:export_litert_int8",
+        fields=(*_DELEGATED_FIELDS, "calibration_images"),
+        requires=lambda p: ("litert",),
+        extra="export.litert_export:require_litert",
+        summary="PT2E static INT8 LiteRT flatbuffer calibrated on the task's training images (.tflite)",
+        cost=8.0,
+    ),
+    FormatSpec(
+        "coreml",
+        "coreml",
+        "fp16",
+        "export.coreml_export:export_coreml",
+        fields=(
+            "package",
+            "deployment_target",
+            "compute_precision",
+            "compute_units",
+            "total_ops",
+            "op_types",
+            "runs_here",
+            "checked_on",
+            "max_abs_diff_vs_pytorch",
+            "top1_agreement",
+        ),
+        extra="export.coreml_export:require_coreml",
+        summary="FP16 Core ML ML Program (.mlpackage, iOS 17+), checked by coremltools; run only on Apple devices",
+        cost=5.0,
     ),
     FormatSpec(
         "trt",

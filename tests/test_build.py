@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 
 import jsonschema
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from factory.cli import cli
@@ -55,6 +56,9 @@ def test_end_to_end_build_and_cache_hit(tmp_path):
     )  # HF front matter first
     schema = json.loads((out / "manifest.schema.json").read_text())
     jsonschema.validate(json.loads((out / "manifest.json").read_text()), schema)
+    perf = yaml.safe_load((out / dev["perf_card"]).read_text())  # the performance card, beside the model card
+    assert perf["ships"] == dev["deploy"]["format"] and perf["artifacts"][perf["ships"]]["ships"]
+    assert perf["verdicts"]["params_m"]["within"] and "Performance card" in (out / "report.md").read_text()
     lines = []
     t0 = time.perf_counter()
     again = build([prof], out, CFG, log=lines.append)

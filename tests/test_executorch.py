@@ -3,8 +3,6 @@ task's test images with its delegate coverage; refused in one line without the e
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from factory.errors import FactoryError
@@ -63,7 +61,8 @@ def test_the_explicit_attention_form_lowers_more_of_the_graph(exported, small_fi
     """timm's fused attention stays on ExecuTorch's portable kernels; the export keeps the form XNNPACK takes."""
     import torch
 
-    from export.executorch_export import lower, set_fused_attention
+    from export.context import set_fused_attention
+    from export.executorch_export import lower
     from factory.core.checkpoint import load_descendant
 
     model = load_descendant(small_file).eval()
@@ -76,18 +75,6 @@ def test_the_explicit_attention_form_lowers_more_of_the_graph(exported, small_fi
     frac = {k: v["delegated_ops"] / v["total_ops"] for k, v in shares.items()}
     assert frac[False] >= frac[True]
     assert exported[1]["artifacts"]["executorch"]["attention"] == ("explicit" if frac[False] >= frac[True] else "fused")
-
-
-def test_a_phone_profile_exports_its_formats_in_a_build(tmp_path):
-    res = cli_run(
-        "build", "--profile", "demo/pixel8", "--out", tmp_path / "out", "--steps", 4, "--init", "weight_selection"
-    )
-    assert res.exit_code == 0, res.output
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    dev = manifest["devices"][0]
-    assert {"executorch", "executorch-int8"} <= set(dev["artifacts"])
-    assert dev["deploy"]["format"] in ("executorch", "executorch-int8")  # the phone's runtime runs what ships
-    assert (tmp_path / "out" / "pixel8" / "export" / "model.pte").is_file()
 
 
 def test_without_the_extra_the_format_is_one_line_naming_it(small_file, tmp_path, monkeypatch):

@@ -43,7 +43,7 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
     """
     import contextlib
 
-    from export.api import export_model, parse_formats, resolve_model_path
+    from export.api import export_model, parse_formats, resolve_model_path, skipped_error
     from factory.device.deploy import chooser
     from factory.device.profile import load_profile
     from factory.io import confined, directory_lock
@@ -67,6 +67,7 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
             in_build = out is None  # the device's own export/ folder: the manifest lists its artifacts
             target = confined(out, device.name, "device name") if out else device.model.parent / "export"
             jobs.append((device.model, prof, target, device.name if in_build else None))
+    failed = None
     with lock:
         for path, prof, target, device_name in jobs:
             formats = parse_formats(fmt, prof)
@@ -85,6 +86,9 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
             click.echo(
                 f"exported {path} -> {target} ({', '.join(record['artifacts'])}); hashes in {target / 'export.json'}"
             )
+            failed = failed or skipped_error(record, str(target))
+    if failed is not None:  # after every job: the formats that could be written are
+        raise failed
 
 
 def latest_manifest(root: Path) -> Path:

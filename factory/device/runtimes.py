@@ -85,6 +85,28 @@ _REGISTRY: tuple[RuntimeSpec, ...] = (
         priors={"cpu": _CPU_PRIOR},
         kit_model="export.executorch_export:kit_model",
     ),
+    # LiteRT (the TFLite runtime) with its default XNNPACK delegate (Android phones, ARM boards): per-op kernels
+    RuntimeSpec(
+        "litert",
+        ("cpu",),
+        overhead_mb=10.0,
+        fuses=False,
+        kit_timer="litert_ms",
+        priors={"cpu": _CPU_PRIOR},
+        kit_model="export.litert_export:kit_model",
+    ),
+    # Core ML on Apple silicon (iPhone, iPad, Mac): Core ML places each op on the Neural Engine, the GPU or the
+    # CPU at load time. Its priors are guesses until a calibration: ViTs not rewritten for the Neural Engine
+    # (Apple's "Deploying Transformers on the Apple Neural Engine", 2022) reach a small share of its peak
+    RuntimeSpec(
+        "coreml",
+        ("npu", "gpu", "cpu"),
+        overhead_mb=30.0,
+        fuses=True,
+        kit_timer="coreml_ms",
+        priors={"*": {"matmul": 0.15, "attention": 0.1, "memory": 0.5, "op_overhead_us": 15.0, "fixed_ms": 0.3}},
+        kit_model="export.coreml_export:kit_model",
+    ),
     # the published latencies the CPU terms are fitted on (timm's benchmark tables: PyTorch, torch.compile)
     RuntimeSpec("pytorch", ("cpu", "gpu"), overhead_mb=0.0, fuses=False, kit_timer=None, deployable=False),
 )

@@ -60,9 +60,32 @@ def artifact_entries(name: str, export_record: dict[str, Any]) -> dict[str, dict
     for fmt, art in export_record["artifacts"].items():
         keep = format_spec(fmt).manifest_fields  # each format declares the export.json fields the manifest keeps
         out[fmt] = {
-            "path": f"{name}/export/{art.get('file') or art.get('dir')}",
+            "path": f"{name}/export/{art.get('file') or art.get('dir') or art.get('package')}",
             **{k: v for k, v in art.items() if k in keep},
         }
+    return out
+
+
+def shipped_latency(deploy: dict[str, Any], predicted_ms: float, this_host: bool) -> dict[str, Any]:
+    """The latency of the artifact that ships (``deploy``), which every latency verdict is about: its prediction
+    on the target by the profile's cost model at that artifact's runtime and precision (a CPU target's deploy
+    choice); on a target that is this machine, its measured time; else (a runtime-bound artifact such as a
+    TensorRT engine, built at the profile's precision) the search's prediction at the profile's precision. The
+    search's ``predicted_target`` is for the profile's precision, which need not be what ships (an INT8 that
+    failed its accuracy check ships FP32)."""
+    fmt = deploy.get("format", "onnx")
+    if deploy.get("latency_ms_predicted") is not None:
+        return {"ms": deploy["latency_ms_predicted"], "format": fmt, "basis": "predicted on the target for it"}
+    if this_host and deploy.get("latency_ms") is not None:
+        return {"ms": deploy["latency_ms"], "format": fmt, "basis": "measured on this machine, the target"}
+    return {"ms": predicted_ms, "format": fmt, "basis": "predicted on the target at the profile's precision"}
+
+
+def shipped_margins(margins: dict[str, float], budgets: dict[str, float], shipped: dict[str, Any]) -> dict[str, float]:
+    """The search's margins with the latency budget's re-read for the shipped artifact: ``(budget - ms) / budget``."""
+    out = dict(margins)
+    if budgets.get("latency_ms"):
+        out["latency_ms"] = round((budgets["latency_ms"] - shipped["ms"]) / budgets["latency_ms"], 4)
     return out
 
 
@@ -84,6 +107,8 @@ def device_record(
     decision (``init_decision``: chosen, reason, k-NN figures, seconds; with the decision's cost as a
     fraction of the fine-tune's)."""
     name, predicted = entry["name"], entry["predicted"]
+    this_host = bool((entry.get("target") or {}).get("this_host"))
+    shipped = shipped_latency(export_record.get("deploy") or {}, predicted["latency_ms"], this_host)
     artifacts = {
         "model": {"path": f"{name}/model.safetensors", "sha256": model_sha256},
         **artifact_entries(name, export_record),
@@ -121,11 +146,14 @@ def device_record(
         "latency_ms": {
             "predicted_target": predicted["latency_ms"],
             "host_onnxruntime": measured["host_latency_ms_onnxruntime"],
+            "shipped": shipped,
         },
         "memory_mb": {"predicted_target": predicted["memory_mb"]},
-        "margins": predicted["margins"],
+        "margins": shipped_margins(predicted["margins"], entry.get("budgets") or {}, shipped),
         "artifacts": artifacts,
         "deploy": export_record.get("deploy"),
+        # the profile's formats the export could not write (a missing extra, a converter that cannot lower an op)
+        **({"formats_not_written": export_record["skipped"]} if export_record.get("skipped") else {}),
         "model_card": f"{name}/MODEL_CARD.md",
     }
 

@@ -17,6 +17,22 @@ from factory.device.accuracy import describe_decision
 from factory.pipeline.markdown import md_code, md_text
 
 
+def shipped_text(dev: dict[str, Any]) -> str:
+    """The card's clause on the shipped artifact's latency when it is not the profile-precision prediction."""
+    shipped = dev["latency_ms"].get("shipped")
+    if not shipped or shipped["ms"] == dev["latency_ms"]["predicted_target"]:
+        return ""
+    return f"; the shipped `{shipped['format']}`: {shipped['ms']:.4f} ms ({shipped['basis']}), what the budget verdicts use"
+
+
+def not_written_text(dev: dict[str, Any]) -> str:
+    """The card's line on the profile's formats the export could not write, empty when it wrote them all."""
+    skipped = dev.get("formats_not_written") or {}
+    if not skipped:
+        return ""
+    return " **Not written:** " + "; ".join(f"`{k}`: {md_text(v)}" for k, v in skipped.items()) + "."
+
+
 def selection_text(sel: dict[str, Any]) -> str:
     """How the device's shape was chosen, in one sentence (its entry's ``selection``)."""
     if sel.get("objective") != "accuracy":
@@ -124,9 +140,9 @@ def render(head: dict[str, Any], dev: dict[str, Any]) -> str:
 
 **Numbers.** Test accuracy {dev["accuracy"]["test"]:.4f}; {dev["flops"]["fvcore"] / 1e9:.4f} GFLOPs (fvcore);
 {dev["params"] / 1e6:.3f} M parameters; predicted {dev["latency_ms"]["predicted_target"]:.4f} ms and
-{dev["memory_mb"]["predicted_target"]:.1f} MB on the target ({target["precision"]}, batch {target["batch"]}; latency by {method});
+{dev["memory_mb"]["predicted_target"]:.1f} MB on the target ({target["precision"]}, batch {target["batch"]}; latency by {method}){shipped_text(dev)};
 {dev["latency_ms"]["host_onnxruntime"]:.4f} ms with onnxruntime on the build host.
-Deploy with **{deploy.get("format", "onnx")}** ({deploy.get("reason", "the only artifact")}; see `export/export.json`).
+Deploy with **{deploy.get("format", "onnx")}** ({deploy.get("reason", "the only artifact")}; see `export/export.json`).{not_written_text(dev)}
 
 **How to run it.**
 ```python

@@ -16,8 +16,11 @@ import io
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from factory.io import atomic_write_bytes
 from factory.pipeline.markdown import md_cell, md_text
+from factory.pipeline.perf_card import PERF, perf_rows
 
 PLOT_HINT = "figures need matplotlib: pip install matplotlib"
 BUDGET_UNITS = {"latency_ms": "ms", "memory_mb": "MB", "flops_g": "GFLOPs", "params_m": "M params"}
@@ -144,7 +147,10 @@ def budget_rows(dev: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, limit in dev["budgets"].items():
         margin = dev["margins"].get(name)
-        if name in PREDICTED:
+        shipped = dev["latency_ms"].get("shipped")
+        if name == "latency_ms" and shipped:  # the verdict is the shipped artifact's
+            value, what = shipped["ms"], f"{shipped['format']}, {shipped['basis']}"
+        elif name in PREDICTED:
             group, key = PREDICTED[name]
             value, what = dev[group][key], "predicted on the target"
         else:
@@ -203,6 +209,14 @@ def artifact_rows(dev: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _perf_rows(out: Path, dev: dict[str, Any]) -> list[list[str]]:
+    """The rows of the device's ``perf.yaml`` (none when the build wrote none: an older build's manifest)."""
+    try:
+        return perf_rows(yaml.safe_load((out / dev["perf_card"]).read_text()))
+    except (KeyError, OSError, yaml.YAMLError):
+        return []
+
+
 def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
     rows = []
     for d in manifest["devices"]:
@@ -222,7 +236,7 @@ def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
                 init,
                 f"{d['accuracy']['test']:.4f}",
                 deploy.get("format", "onnx"),
-                f"{d['latency_ms']['predicted_target']:.4f}",
+                f"{d['latency_ms'].get('shipped', {}).get('ms', d['latency_ms']['predicted_target']):.4f}",
                 "all within" if not over else "OVER: " + ", ".join(over),
             ]
         )
@@ -233,7 +247,7 @@ def _label(s: dict[str, Any]) -> str:
     return f"d{s['depth']} w{s['embed_dim']} h{s['num_heads']} r{s['mlp_ratio']:g} i{s['img_size']}"
 
 
-SUMMARY = ["device", "shape", "chosen by (pred. acc)", "init", "test acc", "deploy", "pred. target ms", "budgets"]
+SUMMARY = ["device", "shape", "chosen by (pred. acc)", "init", "test acc", "deploy", "target ms (shipped)", "budgets"]
 BUDGETS = ["budget", "limit", "value", "margin", "verdict"]
 ARTIFACTS = ["format", "file", "precision", "verified accuracy", "host b1 ms (median / p90)", "note"]
 
@@ -300,6 +314,9 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
             *_md_table(ARTIFACTS, artifact_rows(dev)),
             "",
         ]
+        perf = _perf_rows(out, dev)
+        if perf:
+            md += [f"### Performance card (`{dev['perf_card']}`)", "", *_md_table(PERF, perf), ""]
         page += [
             f"<h2 id='{html.escape(name)}'>{html.escape(name)}</h2>",
             f"<p><b>Initialisation:</b> {html.escape(init)}</p>",
@@ -310,6 +327,8 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
             "<h3>Artifacts</h3>",
             _html_table(ARTIFACTS, artifact_rows(dev)),
         ]
+        if perf:
+            page += [f"<h3>Performance card ({html.escape(dev['perf_card'])})</h3>", _html_table(PERF, perf)]
         for kind, title, png in (
             ("front", "Accuracy vs latency", front_png(dev)),
             ("curve", "Training curve", curve_png(dev)),

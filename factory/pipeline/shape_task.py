@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from factory.core.assets import ancestry_fingerprint
 from factory.core.checkpoint import write_timm_config
 from factory.core.shapes import DescendantShape
+from factory.device.measure import host_facts
 from factory.errors import FactoryError
 from factory.io import confined, owned_directory, sha256_file
 from factory.pipeline import manifest, model_card
@@ -26,6 +29,7 @@ from factory.pipeline.cache import STAGE_SECONDS, Cache, Entry
 from factory.pipeline.config import BuildConfig
 from factory.pipeline.device_result import DeviceResult
 from factory.pipeline.executor import TaskEnv
+from factory.pipeline.perf_card import perf_card
 from factory.pipeline.stages import EXPORT, FINETUNE, MEASURE, BuildContext, ExportItem, ModelItem, decide, run_stage
 
 
@@ -177,6 +181,8 @@ def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned:
             }
         except FactoryError as exc:
             ctx.log(f"{prof.name}: no timm config.json: {exc}")
-        built = entry.built(update)
+        built = entry.built({**update, "perf_card": f"{prof.name}/perf.yaml"})
+        card = perf_card(task.head, built.to_manifest(), tmp, host_facts())
+        (tmp / "perf.yaml").write_text(yaml.safe_dump(card, sort_keys=False, width=120))
         (tmp / "MODEL_CARD.md").write_text(model_card.render(task.head, built.to_manifest()))
     return built

@@ -74,6 +74,51 @@ def executorch_ms(path, shape, repeats):
     return median_ms(lambda: method.execute(x), repeats), getattr(executorch, "__version__", "unknown")
 
 
+def litert_ms(path, shape, repeats):
+    """The kit model's LiteRT twin (``.tflite``) timed by ``ai_edge_litert``'s Interpreter with its XNNPACK delegate
+    where Python and ``pip install ai-edge-litert`` are there (an ARM board); on a phone, run LiteRT's
+    ``benchmark_model`` over the same ``.tflite`` files (adb) and put its times in calibration.csv."""
+    try:
+        import numpy as np
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        usage(
+            "ai-edge-litert is not installed here: pip install ai-edge-litert, or time models/*.tflite with LiteRT's "
+            "benchmark_model on the device and fill calibration.csv"
+        )
+    import ai_edge_litert
+
+    it = Interpreter(model_path=str(path.with_suffix(".tflite")))
+    it.allocate_tensors()
+    detail = it.get_input_details()[0]  # an INT8 model's input may be INT8: random values of its own type
+    it.set_tensor(detail["index"], np.random.randn(*shape).astype(np.float32).astype(detail["dtype"]))
+    return median_ms(it.invoke, repeats), getattr(ai_edge_litert, "__version__", "unknown")
+
+
+def coreml_ms(path, shape, repeats):
+    """The kit model's Core ML twin (``.mlpackage``) timed by ``coremltools`` on a Mac (Core ML's runtime is
+    only on Apple platforms); on an iPhone, open the same packages in Xcode's Core ML performance report and
+    put its median times in calibration.csv."""
+    import platform
+
+    try:
+        import coremltools as ct
+        import numpy as np
+    except ImportError:
+        usage(
+            "coremltools is not installed here: pip install coremltools (on a Mac), or time models/*.mlpackage "
+            "with Xcode's Core ML performance report and fill calibration.csv"
+        )
+    if platform.system() != "Darwin":
+        usage(
+            "Core ML runs only on macOS/iOS: run this kit on a Mac, or time models/*.mlpackage with Xcode's "
+            "Core ML performance report and fill calibration.csv"
+        )
+    model = ct.models.MLModel(str(path.with_suffix(".mlpackage")), compute_units=ct.ComputeUnit.ALL)
+    x = {"images": np.random.randn(*shape).astype(np.float32)}
+    return median_ms(lambda: model.predict(x), repeats), ct.__version__
+
+
 def find_trtexec():
     """The trtexec to use (:func:`trtexec_tools.find_trtexec`), or a usage error naming where it looked."""
     found = trtexec_tools.find_trtexec()
@@ -151,6 +196,8 @@ TIMERS = {
     "openvino": openvino_ms,
     "tensorrt": tensorrt_ms,
     "executorch": executorch_ms,
+    "litert": litert_ms,
+    "coreml": coreml_ms,
 }
 
 
