@@ -129,7 +129,8 @@ def tflite_latency_ms(it, x: np.ndarray, *, repeats: int = 20, warmup: int = 3) 
     return statistics.median(times)
 
 
-def _convert(module, example, path: Path, quant_config=None) -> None:
+def convert(module, example, path: Path, quant_config=None) -> None:
+    """``module`` traced at ``example``'s shape, converted by litert-torch and written to ``path``."""
     import litert_torch
 
     try:
@@ -190,7 +191,7 @@ def export_litert(run) -> dict[str, dict[str, Any]]:
     for fused in (False, True):  # explicit first: the fused form only when the explicit one leaves ops outside
         trial = run.tmp / f"model.{'fused' if fused else 'explicit'}.tflite"
         with attention_form(run.net, fused):
-            _convert(run.net, example, trial)
+            convert(run.net, example, trial)
         entry = {
             "attention": "fused" if fused else "explicit",
             **_verify(run, "litert", trial, reference, images, labels, what),
@@ -242,7 +243,7 @@ def export_litert_int8(run) -> dict[str, dict[str, Any]]:
     with attention_form(run.net, attention == "fused"):
         module = quantised()
     path = run.tmp / "model.int8.tflite"
-    _convert(module, example, path, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+    convert(module, example, path, quant_config=QuantConfig(pt2e_quantizer=quantizer))
     entry = {"attention": attention, "calibration_images": len(run.calib)}
     entry.update(_verify(run, "litert-int8", path, reference, images, labels, what))
     run.log(
@@ -261,5 +262,5 @@ def kit_model(onnx_path: Path, model, shape: tuple[int, ...]) -> Path:
     require_litert()
     path = onnx_path.with_suffix(".tflite")
     with attention_form(model, False):
-        _convert(model, torch.randn(*shape), path)
+        convert(model, torch.randn(*shape), path)
     return path

@@ -6,7 +6,9 @@ target (a Raspberry Pi 5, a laptop) the host's x86 timings say nothing about whi
 there, so :func:`chooser` predicts each verified artifact's latency with the profile's own latency
 model (:func:`factory.device.resolve.latency_model_for` at that artifact's precision: the roofline
 from its datasheet figures, its calibration CSV, or its kernel tables) and picks the fastest
-predicted, among the artifacts the profile's runtime can run whose precision its datasheet rates.
+predicted, among the artifacts the profile's runtime can run whose precision its datasheet rates. On a CPU
+target without a calibration, a reduced precision's prediction is FP32's times the ratio measured on the build
+host (:func:`measured_ratio`), not the datasheet's peak ratio.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ def predicted_deployment(
         runtime, precision = spec.runtime, spec.precision
         if runtime != profile.hardware.runtime or precision not in rated:
             continue
+        ratio = measured_ratio(fmt, artifacts) if profile.hardware.kind == "cpu" and not profile.calibration else None
+        if ratio is not None and "fp32" in rated:  # a CPU's reduced precision: FP32's prediction x the measured ratio
+            model = latency_model_for(profile.model_copy(update={"precision": "fp32"}), arch=arch)
+            predicted[fmt] = round(model.latency_ms(shape) * ratio[0], 4)
+            methods[fmt] = (
+                f"{model.method}, x {ratio[0]:.2f} = {fmt}'s time over {ratio[1]}'s measured on the build host"
+            )
+            continue
         model = latency_model_for(profile.model_copy(update={"precision": precision}), arch=arch)
         predicted[fmt] = round(model.latency_ms(shape), 4)
         methods[fmt] = model.method
@@ -59,6 +69,31 @@ def predicted_deployment(
         "do not transfer to this device",
         "candidates_ms_predicted": predicted,
     }
+
+
+def measured_ratio(fmt: str, artifacts: dict[str, dict[str, Any]]) -> tuple[float, str] | None:
+    """``(t_fmt / t_fp32, fp32 format)``: a reduced-precision artifact's batch-1 time over the FP32 artifact's of the
+    same runtime, both measured on the build host; None for an FP32 artifact or without both timings.
+
+    A CPU target's INT8 or BF16 speed-up is this measured ratio, never the datasheet's peak ratio alone (INT8
+    peaks at 4x FP32 on paper; on this host the measured INT8 ran 0.9-1.85x, and slower than FP32 for some
+    shapes): the ratio of another x86 CPU is not the target's, but it carries the runtime's real INT8 kernels,
+    quantise/dequantise overhead and unquantised ops (LayerNorm, Softmax, GELU), which a peak figure does not."""
+    spec = format_spec(fmt)
+    if spec.precision in (None, "fp32"):
+        return None
+    base = next(
+        (
+            name
+            for name in artifacts
+            if format_spec(name).runtime == spec.runtime and format_spec(name).precision == "fp32"
+        ),
+        None,
+    )
+    mine, ref = artifacts[fmt].get("latency_ms_b1"), (artifacts.get(base) or {}).get("latency_ms_b1")
+    if base is None or not mine or not ref:
+        return None
+    return mine / ref, base
 
 
 def chooser(profile: Profile | None) -> Callable[[dict[str, dict[str, Any]], ArchConfig], dict[str, Any]] | None:
