@@ -211,7 +211,9 @@ def test_the_deploy_choice_for_another_device_comes_from_its_cost_model():
     assert d["format"] == "onnx-int8" and "cost model" in d["basis"] and "host timings do not transfer" in d["reason"]
     assert set(d["candidates_ms_predicted"]) == {"onnx", "onnx-int8"}  # openvino is not the Pi profile's runtime
     pred = d["candidates_ms_predicted"]
-    assert pred["onnx-int8"] == pytest.approx(pred["onnx"] * 0.5, rel=1e-3) and "measured on the build host" in d["basis"]
+    assert (
+        pred["onnx-int8"] == pytest.approx(pred["onnx"] * 0.5, rel=1e-3) and "measured on the build host" in d["basis"]
+    )
     arts["onnx-int8"]["latency_ms_b1"] = 0.3  # INT8 slower than FP32 where it was measured: FP32 deploys
     assert predicted_deployment(pi, DEMO_ARCH, DEMO_ARCH.shape(), arts)["format"] == "onnx"
     arts["onnx-int8"]["latency_ms_b1"] = 0.1
@@ -229,3 +231,15 @@ def test_a_streamed_decode_leaves_the_sigchld_handler_as_it_was(folder):
     assert (
         signal.getsignal(signal.SIGCHLD) == before
     )  # torch's own handler (which crashed a later child's exit) is gone
+
+
+def test_evaluation_batches_are_bounded_by_bytes_not_by_count(folder):
+    from factory.data import ImageTensors
+    from factory.training.batches import EVAL_BATCH_BYTES, eval_batch_size, eval_batches
+
+    small = ImageTensors(torch.zeros(600, 1, 28, 28), torch.zeros(600, dtype=torch.long))
+    assert eval_batch_size(small, 512) == 512  # 3 KB images: the count binds
+    big = ImageTensors(torch.zeros(2, 3, 224, 224), torch.zeros(2, dtype=torch.long))
+    assert eval_batch_size(big, 512) == EVAL_BATCH_BYTES // (4 * 3 * 224 * 224) == 55  # 602 KB images: the bytes
+    ds = load_dataset(str(folder), img_size=32, in_chans=3)
+    assert eval_batch_size(ds.val, 512) == 512 and [len(x) for x in eval_batches(small, 512)] == [512, 88]

@@ -81,8 +81,25 @@ def training_batches(
     return step_loader(data, steps, RankIndices(len(data), batch_size, seed, rank, world), seed)
 
 
+#: An evaluation batch holds at most this many bytes of float32 input: at 224 px RGB (602 KB an image) 53 images,
+#: not 512 (300 MB of input and ~1 GB of a ViT's activations); at 28 px the full 512. What a batch's activations
+#: take grows with its images, so this bounds evaluation's memory whatever the image size.
+EVAL_BATCH_BYTES = 32 << 20
+
+
+def eval_batch_size(data, batch_size: int) -> int:
+    """``batch_size`` capped to :data:`EVAL_BATCH_BYTES` of float32 input at the split's image size."""
+    if isinstance(data, ImageTensors):
+        per_image = 4 * (data.images[0].numel() if len(data) else 1)
+    else:
+        per_image = 4 * data.in_chans * data.img_size * data.img_size
+    return max(1, min(batch_size, EVAL_BATCH_BYTES // per_image))
+
+
 def eval_batches(data, batch_size: int) -> Iterator[torch.Tensor]:
-    """The split's images in order, in batches (evaluation transform for a streamed split)."""
+    """The split's images in order, in batches of at most ``batch_size`` and :data:`EVAL_BATCH_BYTES` (evaluation
+    transform for a streamed split)."""
+    batch_size = eval_batch_size(data, batch_size)
     if isinstance(data, ImageTensors):
         return (data.images[i : i + batch_size] for i in range(0, len(data), batch_size))
     from factory.data.stream import eval_loader
