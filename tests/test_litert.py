@@ -122,3 +122,18 @@ def test_without_the_extra_the_format_is_one_line_and_the_others_are_written(sma
     record = json.loads((tmp_path / "x" / "export.json").read_text())
     assert set(record["artifacts"]) == {"onnx", "onnx-fp16"} and set(record["skipped"]) == {"litert"}
     assert (tmp_path / "x" / "model.fp16.onnx").is_file() and not list((tmp_path / "x").glob("*.tflite"))
+
+
+def test_the_calibration_kit_ships_tflite_twins_that_its_measure_py_times(tmp_path):
+    pytest.importorskip("litert_torch", reason=NO_LITERT)
+    from .helpers import run_script
+
+    kit = tmp_path / "kit"
+    res = cli_run("calibrate", "--profile", "demo/raspberry_pi5_litert", "--shapes", "3", "--out", kit)
+    assert res.exit_code == 0, res.output
+    onnx = sorted((kit / "models").glob("*.onnx"))
+    assert len(onnx) == 3 and all(p.with_suffix(".tflite").is_file() for p in onnx)
+    done = run_script(kit / "measure.py", "--repeats", "2")
+    assert done.returncode == 0, done.stderr
+    rows = (kit / "calibration.csv").read_text().splitlines()
+    assert len(rows) == 4 and all(float(r.split(",")[-1] or 0) >= 0 for r in rows[1:])
