@@ -47,7 +47,9 @@ def run(args) -> dict:
         for name, settings in STRATEGIES.items():
             if args.quick and name not in ("auto (joint, default)", "scratch"):
                 continue
-            cfg = BuildConfig(data=task, finetune_steps=args.steps, seed=args.seed, **settings)
+            cfg = BuildConfig(
+                data=task, finetune_steps=args.steps, seed=args.seed, candidates=args.candidates, **settings
+            )
             with tempfile.TemporaryDirectory() as out:
                 t0 = time.perf_counter()
                 manifest = build([profile], Path(out) / "b", cfg, log=lambda *_: None)
@@ -103,12 +105,13 @@ def main() -> None:
     parser.add_argument("--profile", default="jetson_orin")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="two strategies, for a smoke run")
+    parser.add_argument("--candidates", type=int, default=8, help="shapes the accuracy search probes per device")
+    parser.add_argument("--quick", action="store_true", help="two strategies, 3 candidates, 4 steps: a smoke run")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
     args = parser.parse_args()
     if args.quick:
-        args.tasks, args.steps = args.tasks[:1], min(args.steps, 4)
+        args.tasks, args.steps, args.candidates = args.tasks[:1], min(args.steps, 4), min(args.candidates, 3)
     run_and_write(run, summarise, args)
 
 

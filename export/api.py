@@ -238,7 +238,9 @@ def export_model(
                 record["artifacts"].update(spec.run(run))
             except FactoryError as exc:  # a converter that cannot lower an op, a check it fails: the rest go on
                 if spec.name in wanted:  # requested: said, and the other formats still written
-                    skipped[spec.name] = str(exc)
+                    skipped[spec.name] = exc.message
+                    if exc.param:  # the argument at fault, for the caller's one line (the CLI names its flag)
+                        record.setdefault("skipped_params", {})[spec.name] = exc.param
                     log(f"{spec.name}: not written: {exc}")
                 else:
                     raise
@@ -284,7 +286,8 @@ def skipped_error(record: dict[str, Any], where: str) -> FactoryError | None:
     first, reason = next(iter(skipped.items()))
     more = f" (and {', '.join(list(skipped)[1:])})" if len(skipped) > 1 else ""
     return FactoryError(
-        f"{first}{more} not written: {reason}; the other formats ({', '.join(record['artifacts'])}) are in {where}"
+        f"{first}{more} not written: {reason}; the other formats ({', '.join(record['artifacts'])}) are in {where}",
+        param=(record.get("skipped_params") or {}).get(first),
     )
 
 

@@ -197,7 +197,16 @@ def test_latency_threads_bench_times_both_thread_counts(tmp_path):
 
 
 def test_joint_choice_bench_quick_mode_runs(tmp_path):
-    _run("bench/joint_choice.py", "--quick", "--json", str(tmp_path / "j.json"), "--md", str(tmp_path / "j.md"))
+    _run(
+        "bench/joint_choice.py",
+        "--quick",
+        "--profile",
+        "demo/jetson_orin",
+        "--json",
+        str(tmp_path / "j.json"),
+        "--md",
+        str(tmp_path / "j.md"),
+    )
     data = json.loads((tmp_path / "j.json").read_text())
     assert {r["strategy"] for r in data["rows"]} == {"auto (joint, default)", "scratch"}
     assert all(0 <= r["accuracy"] <= 1 and r["se"] > 0 for r in data["rows"])

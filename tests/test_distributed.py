@@ -72,6 +72,7 @@ def test_two_processes_run_the_expanding_phase_as_one(tmp_path):
     lg = tmp_path / "lg"
     assert cli_run("learngene", "--ancestry", "demo", "--out", lg).exit_code == 0
     common = ["learngene", "train", "--learngene", lg, "--data", "digits", "--steps", 3, "--batch-size", 8]
+    common += ["--depths", "1,2", "--widths", "96"]  # a small sandwich: the reduction, not the shapes, is tested
     common += ["--amp", "off"]
     one = _run([*common, "--out", tmp_path / "one"], tmp_path)
     two = _run([*common, "--out", tmp_path / "two"], tmp_path, world=2)

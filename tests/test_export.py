@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from export.api import export_model, parse_formats
+from export.api import export_model, parse_formats, skipped_error
 from export.onnx_export import export_onnx
 from export.tensorrt_build import tensorrt_available
 from export.trt_kit import trtexec_command
@@ -255,7 +255,8 @@ def test_require_engine_without_tensorrt(demo_file, tmp_path):
         cli, ["export", "--model", str(demo_file), "--format", "trt", "--require-engine", "--out", str(tmp_path / "e")]
     )
     assert result.exit_code == 2 and "--require-engine" in result.output and why.split(" (")[0] in result.output
-    assert not (tmp_path / "e").exists()
+    record = json.loads((tmp_path / "e" / "export.json").read_text())  # what could be written is, and says so
+    assert set(record["artifacts"]) == {"onnx"} and record["skipped_params"] == {"trt": "require_engine"}
 
 
 @pytest.mark.skipif(not tensorrt_available()[0], reason=f"TensorRT engine build needs it: {tensorrt_available()[1]}")
@@ -351,6 +352,9 @@ def test_openvino_without_the_extra_is_refused_in_one_line(demo_file, tmp_path, 
     import sys
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if the extra were not installed
-    with pytest.raises(FactoryError, match=r"need the openvino extra: pip install 'peg-factory\[openvino\]'"):
-        export_model(demo_file, ["openvino"], tmp_path / "exp", log=lambda *_: None)
-    assert not (tmp_path / "exp").exists()
+    lines: list[str] = []
+    record = export_model(demo_file, ["openvino", "openvino-int8"], tmp_path / "exp", log=lines.append)
+    assert set(record["skipped"]) == {"openvino", "openvino-int8"} and set(record["artifacts"]) == {"onnx"}
+    assert "need the openvino extra: pip install 'peg-factory[openvino]'" in record["skipped"]["openvino"]
+    assert any(line.startswith("openvino: not written: ") for line in lines)
+    assert skipped_error(record, "exp").args[0].startswith("openvino (and openvino-int8) not written: ")
