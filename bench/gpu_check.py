@@ -4,8 +4,9 @@
    (``amp=auto``: bf16 where supported, else fp16 with a GradScaler) and in fp32: images per second.
 2. Expanding-phase steps of a DeiT-Tiny learngene at 224 px (batch 64, the build's sandwich) under
    AMP on the GPU, at 224 px and distilling at 112 px: images per second.
-3. A one-GPU ``torchrun --nproc_per_node 1`` fine-tuning step through ``peg-factory train``
-   (the NCCL process group and DistributedDataParallel path): exit code and seconds.
+3. ``torchrun`` on one GPU and, where there are two, on two: a fine-tune (``peg-factory train``) and
+   expanding-phase steps (``peg-factory learngene train``), the global batch split over the processes (the
+   NCCL process group, gradients averaged): images per second and rank 0's peak CUDA memory.
 4. CUDA onnxruntime parity: the exported ONNX model run by ``CUDAExecutionProvider`` against
    PyTorch's logits (max abs diff), where onnxruntime-gpu is installed; said plainly where not.
 
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,7 +102,11 @@ def expanding_rows(anc, steps: int, batch: int) -> list[dict]:
     return rows
 
 
-def torchrun_row(tmp: Path) -> dict:
+def torchrun_rows(tmp: Path, batch: int) -> list[dict]:
+    """``torchrun`` on 1 GPU and, where there are two, on 2: a fine-tune (``peg-factory train``) and expanding-phase
+    steps (``peg-factory learngene train``) of the demo ancestry at 28 px, the global batch split over the
+    processes (NCCL, gradients averaged): images per second from the steps' own times (median after the first)
+    and rank 0's peak CUDA memory, from the metrics each writes."""
     from factory import load_ancestry
     from factory.core.checkpoint import save_descendant
     from factory.core.timm_vit import build_vit
@@ -107,37 +114,43 @@ def torchrun_row(tmp: Path) -> dict:
     anc = load_ancestry("demo")
     model_path = tmp / "model.safetensors"
     save_descendant(build_vit(anc.arch, anc.arch.shape(), seed=0), anc.arch, model_path, {"method": "gpu_check"})
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "1",
-        "-m",
-        "factory.cli",
-        "train",
-        "--model",
-        str(model_path),
-        "--data",
-        "digits",
-        "--steps",
-        "5",
-        "--batch-size",
-        "32",
-        "--device",
-        "cuda",
-        "--out",
-        str(tmp / "ddp"),
-    ]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=300)
-    ok = proc.returncode == 0
-    return {
-        "check": "torchrun --nproc_per_node 1, 5 steps (NCCL + DDP)",
-        "precision": "auto",
-        "value": f"exit {proc.returncode} in {time.perf_counter() - t0:.1f}s"
-        + ("" if ok else f": {proc.stderr.strip()[-300:]}"),
+    sampled = [sys.executable, "-m", "factory.cli", "learngene", "--ancestry", "demo", "--out", str(tmp / "lg")]
+    subprocess.run(sampled, check=True, capture_output=True, cwd=tmp, timeout=300)  # the build's default sampling
+    jobs = {
+        "fine-tune": (["train", "--model", str(model_path), "--device", "cuda"], "metrics.jsonl"),
+        "expanding phase": (["learngene", "train", "--learngene", str(tmp / "lg")], "expanding_log.jsonl"),
     }
+    rows = []
+    for nproc in (1, 2) if torch.cuda.device_count() >= 2 else (1,):
+        for what, (args, log) in jobs.items():
+            out = tmp / f"{what.replace(' ', '_')}-{nproc}"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+            cmd += ["-m", "factory.cli", *args, "--data", "digits", "--steps", "8", "--batch-size", str(batch)]
+            cmd += ["--out", str(out)]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=600)
+            check = f"torchrun --nproc_per_node {nproc}: {what}, 8 steps, global batch {batch} (NCCL)"
+            if proc.returncode != 0:
+                rows.append(
+                    {
+                        "check": check,
+                        "precision": "auto",
+                        "value": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}",
+                    }
+                )
+                continue
+            steps = [json.loads(line) for line in (out / log).read_text().splitlines() if line.strip()]
+            per_step = statistics.median(r["seconds"] for r in steps[1:]) if len(steps) > 1 else steps[0]["seconds"]
+            peak = max((r.get("cuda_peak_mb", 0.0) for r in steps), default=0.0)
+            rows.append(
+                {
+                    "check": check,
+                    "precision": "auto",
+                    "value": f"{batch / per_step:.0f} img/s, rank-0 peak {peak:.0f} MB, "
+                    f"{time.perf_counter() - t0:.1f}s with start-up",
+                }
+            )
+    return rows
 
 
 def ort_cuda_row(tmp: Path) -> dict:
@@ -203,7 +216,7 @@ def main() -> None:
         for step in (
             lambda: finetune_rows(anc, args.steps, args.batch),
             lambda: expanding_rows(anc, 3, args.batch),
-            lambda: [torchrun_row(Path(tmp))],
+            lambda: torchrun_rows(Path(tmp), args.batch),
             lambda: [ort_cuda_row(Path(tmp))],
         ):
             try:

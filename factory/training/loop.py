@@ -89,6 +89,8 @@ class StepLoop:
                 metrics = step_fn(step, batch, last)
                 now = time.perf_counter()
                 record = {"step": step + 1, **metrics, "seconds": round(now - step_start, 4)}
+                if torch.cuda.is_initialized():  # this process's peak so far, what a GPU's budget is about
+                    record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                 step_start = now
                 self.history.append(record)
                 if log is not None:
