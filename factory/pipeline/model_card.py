@@ -26,11 +26,14 @@ def shipped_text(dev: dict[str, Any]) -> str:
 
 
 def not_written_text(dev: dict[str, Any]) -> str:
-    """The card's line on the profile's formats the export could not write, empty when it wrote them all."""
+    """The card's line on the profile's formats the export could not write (empty when it wrote them all), and
+    on the artifacts whose delegate leaves ops on the slow path (``warning``: below the coverage threshold)."""
     skipped = dev.get("formats_not_written") or {}
-    if not skipped:
-        return ""
-    return " **Not written:** " + "; ".join(f"`{k}`: {md_text(v)}" for k, v in skipped.items()) + "."
+    warned = {k: a["warning"] for k, a in dev.get("artifacts", {}).items() if a.get("warning")}
+    text = " **Not written:** " + "; ".join(f"`{k}`: {md_text(v)}" for k, v in skipped.items()) + "." if skipped else ""
+    if warned:
+        text += " **Warning:** " + "; ".join(f"`{k}`: {md_text(v)}" for k, v in warned.items()) + "."
+    return text
 
 
 def selection_text(sel: dict[str, Any]) -> str:

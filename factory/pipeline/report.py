@@ -193,7 +193,7 @@ def artifact_rows(dev: dict[str, Any]) -> list[list[str]]:
         latency = (
             f"{lat:.3f}" + (f" / {art['latency_ms_b1_p90']:.3f}" if art.get("latency_ms_b1_p90") else "") if lat else ""
         )
-        note = art.get("reason") or art.get("benchmark_app") or ""
+        note = art.get("warning") or art.get("reason") or art.get("benchmark_app") or ""  # a coverage warning first
         if art.get("nodes", {}).get("simplified"):
             note = f"{art['nodes']['exported']} -> {art['nodes']['simplified']} nodes (onnxslim)"
         rows.append(
