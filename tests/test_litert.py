@@ -110,7 +110,7 @@ def test_a_phone_build_writes_what_this_venv_can_and_names_the_rest(tmp_path):
     assert all(f"`{fmt}`" in card for fmt in missing) and ("**Not written:**" in card) == bool(missing)
     warned = [a["warning"] for a in dev["artifacts"].values() if a.get("warning")]  # a delegate below 90%
     report = (tmp_path / "out" / "report.md").read_text()
-    assert ("**Warning:**" in card) == bool(warned) and all(w.split(":")[0] in report for w in warned)
+    assert ("**Warning:**" in card) == bool(warned) and all(w.split(" (")[0] in report for w in warned)
 
 
 def test_without_the_extra_the_format_is_one_line_and_the_others_are_written(small_file, tmp_path, monkeypatch):
