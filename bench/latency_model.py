@@ -10,7 +10,9 @@ twice (onnxruntime, median of ``--repeats`` runs; the second measurement shows t
    rate and bandwidth measured) with the published CPU terms, with the priors used before them, and
    calibrated on the same shapes; the kernel tables'
    raw sum; the kernel tables with the fitted terms; and, with nothing measured on this host,
-   ``profiles/host_datasheet.yaml`` (datasheet figures) with the generic CPU terms fitted on
+   this machine's datasheet profile (:func:`factory.device.host_datasheet.host_datasheet`: its ISA,
+   cores and clock from ``/proc/cpuinfo``; ``profiles/host_datasheet.yaml`` is the Zen 4 VM's, where
+   RESULTS' figures were measured) with the generic CPU terms fitted on
    published measurements of other CPUs (:mod:`factory.device.published`), also refitted with the
    matmul-efficiency assumption at 0.8 and 1.0. Share within +-10% / +-20% / +-30%, median error.
    The published fit itself: in-sample and leave-one-device-out error per CPU.
@@ -36,6 +38,7 @@ from pathlib import Path
 from factory import DescendantShape
 from factory.core.shapes import ArchConfig
 from factory.device.fit import Measurement, calibrate
+from factory.device.host_datasheet import host_datasheet_profile
 from factory.device.measure import measure_host, measure_onnxruntime_latency, measure_tables
 from factory.device.profile import load_profile
 from factory.device.published import GENERIC_CPU, fit_cpu_terms, leave_one_device_out, load_published
@@ -170,7 +173,7 @@ def main() -> None:
     old = dataclasses.replace(base, efficiency=Efficiency.default_for(profile.hardware))
     cal = calibrate(base, [Measurement(s, b, t) for s, b, t in fit_rows])
     raw = dataclasses.replace(tables, terms={}, _memo={})
-    datasheet = latency_model_for(load_profile("host_datasheet").model_copy(update={"batch": 1}), arch=ANCESTRY)
+    datasheet = latency_model_for(host_datasheet_profile().model_copy(update={"batch": 1}), arch=ANCESTRY)
     devices, published_rows = load_published()
     variants = {}
     for e0 in (0.8, 1.0):

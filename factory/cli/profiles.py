@@ -141,3 +141,25 @@ def profiles_schema() -> None:
     from factory.device.profile import profile_json_schema
 
     echo_json(profile_json_schema())
+
+
+@profiles.command("datasheet")
+def profiles_datasheet() -> None:
+    """Print a datasheet profile of this machine (its ISA, cores and clock from /proc/cpuinfo; nothing measured).
+
+    What the check of the published CPU latency terms predicts this host with (bench/latency_model.py derives it
+    the same way): a profile written on another VM type describes that one, not this.
+
+    \b
+    Example:
+      peg-factory profiles datasheet > my_host_datasheet.yaml
+    """
+    import yaml
+
+    from factory.device.host_datasheet import host_datasheet
+    from factory.device.profile import parse_profile
+
+    text = yaml.safe_dump(host_datasheet(), sort_keys=False, width=120)
+    parse_profile(text, "this machine's datasheet profile")  # what it prints loads as a profile
+    click.echo("# A datasheet profile of this machine (peg-factory profiles datasheet); nothing in it was measured.")
+    click.echo(text, nl=False)
