@@ -58,7 +58,7 @@ def litert_worker(shape_index: int, repeats: int) -> dict:
     """Convert and time one shape in this (LiteRT) venv: FP32 and PT2E INT8."""
     import torch
 
-    from export.context import attention_form
+    from export.context import attention_form, pt2e_quantised
     from export.litert_export import convert, coverage, interpreter, tflite_latency_ms
 
     net = model(SHAPES[shape_index])
@@ -72,15 +72,10 @@ def litert_worker(shape_index: int, repeats: int) -> dict:
         out["litert"] = {"ms": tflite_latency_ms(it, x1, repeats=repeats), **coverage(it)}
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
         from litert_torch.quantize.quant_config import QuantConfig
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
         quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
         with attention_form(net, False):
-            prepared = prepare_pt2e(torch.export.export(net, (torch.from_numpy(x1),)).module(), quantizer)
-            with torch.no_grad():
-                for x in images(CALIB, 2):
-                    prepared(torch.from_numpy(x[None]))
-            q = convert_pt2e(prepared, fold_quantize=False)
+            q = pt2e_quantised(net, torch.from_numpy(x1), quantizer, images(CALIB, 2), fold_quantize=False)
         int8 = Path(tmp) / "m.int8.tflite"
         convert(q, torch.from_numpy(x1), int8, quant_config=QuantConfig(pt2e_quantizer=quantizer))
         it = interpreter(int8)
@@ -106,7 +101,7 @@ def time_litert(python: str, shape_index: int, repeats: int) -> dict:
 def time_main_venv(shape: DescendantShape, tmp: Path, repeats: int) -> dict:
     import torch
 
-    from export.context import attention_form
+    from export.context import attention_form, pt2e_quantised
     from export.executorch_export import lower, pte_latency_ms, pte_method
     from export.onnx_export import export_onnx
     from export.openvino_export import ov_compile, ov_latency_ms, to_openvino, to_openvino_int8
@@ -134,15 +129,10 @@ def time_main_venv(shape: DescendantShape, tmp: Path, repeats: int) -> dict:
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     with attention_form(net, False):
-        prepared = prepare_pt2e(torch.export.export(net, (example,)).module(), quantizer)
-        with torch.no_grad():
-            for x in calib:
-                prepared(torch.from_numpy(x[None]))
-        program, cov = lower(convert_pt2e(prepared), example)
+        program, cov = lower(pt2e_quantised(net, example, quantizer, calib), example)
     (tmp / "m.int8.pte").write_bytes(program.buffer)
     out["executorch-int8"] = {"ms": pte_latency_ms(pte_method(tmp / "m.int8.pte"), x1, repeats=repeats), **cov}
     for entry in out.values():

@@ -101,3 +101,18 @@ def attention_form(net, fused: bool) -> Iterator[None]:
         for m, flag in zip(net.modules(), before):
             if flag is not None:
                 m.fused_attn = flag
+
+
+def pt2e_quantised(net, example, quantizer, calibration: np.ndarray, *, fold_quantize: bool = True):
+    """PT2E post-training quantisation for a mobile delegate: ``net`` exported at ``example``'s shape, prepared
+    with ``quantizer`` (XNNPACK's under ExecuTorch, litert-torch's for LiteRT), run on each calibration image
+    (batch 1, the shape it is exported at) and converted; ``fold_quantize=False`` keeps the weights' quantise
+    ops for a converter that folds them itself (litert-torch)."""
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    prepared = prepare_pt2e(torch.export.export(net, (example,)).module(), quantizer)
+    with torch.no_grad():
+        for i in range(len(calibration)):
+            prepared(torch.from_numpy(calibration[i : i + 1]))
+    return convert_pt2e(prepared, fold_quantize=fold_quantize)

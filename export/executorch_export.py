@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from export.context import MIN_COVERAGE, attention_form, check_images
+from export.context import MIN_COVERAGE, attention_form, check_images, pt2e_quantised
 from factory.errors import FactoryError
 
 EXTRA_HINT = "pip install 'peg-factory[executorch]'"
@@ -190,21 +190,15 @@ def export_executorch_int8(run) -> dict[str, dict]:
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     images, labels, what = check_images(run)
     with torch.no_grad():
         reference = run.net(torch.from_numpy(images)).numpy()
     attention = (run.artifacts.get("executorch") or {}).get("attention", "explicit")
+    example = torch.from_numpy(run.x1)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     with attention_form(run.net, attention == "fused"):
-        example = torch.from_numpy(run.x1)
-        graph = torch.export.export(run.net, (example,)).module()
-        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-        prepared = prepare_pt2e(graph, quantizer)
-        with torch.no_grad():
-            for i in range(len(run.calib)):
-                prepared(torch.from_numpy(run.calib[i : i + 1]))
-        program, coverage = lower(convert_pt2e(prepared), example)
+        program, coverage = lower(pt2e_quantised(run.net, example, quantizer, run.calib), example)
     path = run.tmp / "model.int8.pte"
     path.write_bytes(program.buffer)
     entry = {"file": path.name, "attention": attention, "calibration_images": len(run.calib), **coverage}

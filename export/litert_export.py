@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from export.context import MIN_COVERAGE, attention_form, check_images
+from export.context import MIN_COVERAGE, attention_form, check_images, pt2e_quantised
 from factory.errors import FactoryError
 
 EXTRA_HINT = "pip install 'peg-factory[litert]' (in its own venv: it cannot share one with the executorch extra)"
@@ -226,22 +226,14 @@ def export_litert_int8(run) -> dict[str, dict[str, Any]]:
         raise FactoryError("litert-int8 needs task images to calibrate on; pass them", param="data")
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     images, labels, what, reference = _reference(run)
     attention = (run.artifacts.get("litert") or {}).get("attention", "explicit")
     example = torch.from_numpy(run.x1)
     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
 
-    def quantised():
-        prepared = prepare_pt2e(torch.export.export(run.net, (example,)).module(), quantizer)
-        with torch.no_grad():
-            for i in range(len(run.calib)):
-                prepared(torch.from_numpy(run.calib[i : i + 1]))
-        return convert_pt2e(prepared, fold_quantize=False)
-
     with attention_form(run.net, attention == "fused"):
-        module = quantised()
+        module = pt2e_quantised(run.net, example, quantizer, run.calib, fold_quantize=False)
     path = run.tmp / "model.int8.tflite"
     convert(module, example, path, quant_config=QuantConfig(pt2e_quantizer=quantizer))
     entry = {"attention": attention, "calibration_images": len(run.calib)}
