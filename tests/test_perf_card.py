@@ -91,3 +91,17 @@ def test_the_report_verdict_reads_the_shipped_artifact(tmp_path):
     dev["margins"] = shipped_margins(dev["margins"], dev["budgets"], dev["latency_ms"]["shipped"])
     row = next(r for r in budget_rows(dev) if r[0] == "latency_ms")
     assert row[2].startswith("45.1 (onnx, predicted on the target for it)") and row[4] == "OVER"
+
+
+def test_the_memory_verdict_is_the_shipped_precisions():
+    from factory.core.ancestry import DEMO_ARCH
+    from factory.device.deploy import shipped_memory
+    from factory.device.profile import load_profile
+
+    pi = load_profile("demo/raspberry_pi5")  # an INT8 profile
+    int8 = shipped_memory(pi, DEMO_ARCH, DEMO_ARCH.shape(), {"format": "onnx-int8"})
+    fp32 = shipped_memory(pi, DEMO_ARCH, DEMO_ARCH.shape(), {"format": "onnx"})  # INT8 failed its check
+    assert (int8["precision"], fp32["precision"]) == ("int8", "fp32") and fp32["mb"] > int8["mb"]
+    assert fp32["limit_mb"] == min(pi.budgets.memory_mb, pi.hardware.memory_mb)
+    margins = shipped_margins({"memory_mb": 0.9}, {}, {"ms": 1.0}, fp32)
+    assert margins["memory_mb"] == round((fp32["limit_mb"] - fp32["mb"]) / fp32["limit_mb"], 4)

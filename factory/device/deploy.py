@@ -96,6 +96,24 @@ def measured_ratio(fmt: str, artifacts: dict[str, dict[str, Any]]) -> tuple[floa
     return mine / ref, base
 
 
+def shipped_memory(
+    profile: Profile, arch: ArchConfig, shape: DescendantShape, deploy: dict[str, Any]
+) -> dict[str, Any]:
+    """The memory model's prediction for the artifact that ships (``deploy``): at its runtime and precision (an
+    FP32 fallback holds 4x an INT8 profile's weights), with the limit a memory verdict checks it against (the
+    memory budget, capped at the device's own memory: :meth:`Profile.limits`)."""
+    from factory.device.roofline import memory_mb
+    from factory.device.runtimes import runtime_spec
+
+    fmt = deploy.get("format", "onnx")
+    spec = format_spec(fmt)
+    precision = {"bf16": "fp16"}.get(spec.precision or profile.precision, spec.precision or profile.precision)
+    mb = memory_mb(
+        shape, profile.batch, precision, spec.runtime, arch=arch, fused_attention=runtime_spec(spec.runtime).fuses
+    )
+    return {"mb": round(mb, 3), "format": fmt, "precision": precision, "limit_mb": dict(profile.limits())["memory_mb"]}
+
+
 def chooser(profile: Profile | None) -> Callable[[dict[str, dict[str, Any]], ArchConfig], dict[str, Any]] | None:
     """The ``choose`` hook for :func:`export.api.export_model`: None (host timings decide) for this machine
     or no profile; else :func:`predicted_deployment` for the exported model (``arch`` is its own)."""

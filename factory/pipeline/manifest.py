@@ -81,11 +81,20 @@ def shipped_latency(deploy: dict[str, Any], predicted_ms: float, this_host: bool
     return {"ms": predicted_ms, "format": fmt, "basis": "predicted on the target at the profile's precision"}
 
 
-def shipped_margins(margins: dict[str, float], budgets: dict[str, float], shipped: dict[str, Any]) -> dict[str, float]:
-    """The search's margins with the latency budget's re-read for the shipped artifact: ``(budget - ms) / budget``."""
+def shipped_margins(
+    margins: dict[str, float],
+    budgets: dict[str, float],
+    shipped: dict[str, Any],
+    memory: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """The search's margins with the latency budget's re-read for the shipped artifact, ``(budget - ms) / budget``,
+    and the memory one for its precision (``memory``: :func:`factory.device.deploy.shipped_memory`),
+    ``(limit - mb) / limit``."""
     out = dict(margins)
     if budgets.get("latency_ms"):
         out["latency_ms"] = round((budgets["latency_ms"] - shipped["ms"]) / budgets["latency_ms"], 4)
+    if memory and "memory_mb" in out and memory.get("limit_mb"):
+        out["memory_mb"] = round((memory["limit_mb"] - memory["mb"]) / memory["limit_mb"], 4)
     return out
 
 
@@ -100,6 +109,7 @@ def device_record(
     cfg: BuildConfig,
     learngene_sha256: str,
     init_decision: dict[str, Any] | None = None,
+    shipped_memory: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A built device's manifest fields, from its :class:`~factory.pipeline.device_result.DeviceResult` so far
     (``entry``: ``name``, ``predicted``), the
@@ -148,8 +158,11 @@ def device_record(
             "host_onnxruntime": measured["host_latency_ms_onnxruntime"],
             "shipped": shipped,
         },
-        "memory_mb": {"predicted_target": predicted["memory_mb"]},
-        "margins": shipped_margins(predicted["margins"], entry.get("budgets") or {}, shipped),
+        "memory_mb": {
+            "predicted_target": predicted["memory_mb"],
+            **({"shipped": shipped_memory} if shipped_memory else {}),
+        },
+        "margins": shipped_margins(predicted["margins"], entry.get("budgets") or {}, shipped, shipped_memory),
         "artifacts": artifacts,
         "deploy": export_record.get("deploy"),
         # the profile's formats the export could not write (a missing extra, a converter that cannot lower an op)

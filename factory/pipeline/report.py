@@ -148,8 +148,11 @@ def budget_rows(dev: dict[str, Any]) -> list[list[str]]:
     for name, limit in dev["budgets"].items():
         margin = dev["margins"].get(name)
         shipped = dev["latency_ms"].get("shipped")
+        memory = dev["memory_mb"].get("shipped")
         if name == "latency_ms" and shipped:  # the verdict is the shipped artifact's
             value, what = shipped["ms"], f"{shipped['format']}, {shipped['basis']}"
+        elif name == "memory_mb" and memory:
+            value, what = memory["mb"], f"{memory['format']} at {memory['precision']}, predicted on the target"
         elif name in PREDICTED:
             group, key = PREDICTED[name]
             value, what = dev[group][key], "predicted on the target"

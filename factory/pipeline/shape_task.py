@@ -21,6 +21,7 @@ import yaml
 from factory.core.assets import ancestry_fingerprint
 from factory.core.checkpoint import write_timm_config
 from factory.core.shapes import DescendantShape
+from factory.device.deploy import shipped_memory
 from factory.device.measure import host_facts
 from factory.errors import FactoryError
 from factory.io import confined, owned_directory, sha256_file
@@ -156,6 +157,7 @@ def finish_device(ctx: BuildContext, task: ShapeTask, device: DeviceTask, tuned:
         cfg=ctx.cfg,
         learngene_sha256=ctx.learngene.sha256,
         init_decision=ctx.inits.get(task.shape.label()),
+        shipped_memory=shipped_memory(prof, ctx.ancestry.arch, task.shape, export_record.get("deploy") or {}),
     )
     # each stage's wall time when its entry was made (this run or the one that cached it), with the entry's key
     update["stage_seconds"] = {
