@@ -118,59 +118,66 @@ def finetune_steps(anc, folder: Path, steps: int) -> list[dict]:
     return rows
 
 
-def build_rss(sizes: list[int], img: int, expand_steps: int, low: int, tmp: Path) -> list[dict]:
-    """Each build in a fresh wrapper process that reports its child's peak RSS (and the largest grandchild)."""
+WRAPPER = (
+    "import resource, subprocess, sys, json, time; t=time.perf_counter(); p = subprocess.run(sys.argv[1:], "
+    "capture_output=True, text=True); print(json.dumps({'rc': p.returncode, 'seconds': time.perf_counter()-t, "
+    "'children_peak_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, 'out': p.stdout[-4000:] + p.stderr[-4000:]}))"
+)
+
+
+def peak_run(cmd: list[str]) -> dict:
+    """``cmd`` in a fresh wrapper process: exit code, wall seconds, the largest descendant's peak RSS, output tail."""
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, cwd=ROOT)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def build_rss(
+    ancestries: list[str], sizes: list[int], img: int, expand_steps: int, steps: int, tmp: Path
+) -> list[dict]:
+    """``peg-factory build --profile raspberry_pi5`` at its defaults (expanding batch 64 and fine-tune batch 32 at
+    224 px; the profile chooses d24) for each ancestry and training-set size, and its ``--dry-run``; each in a
+    fresh wrapper process that reports the largest process's peak RSS (the build or a DataLoader worker)."""
     rows = []
     for n in sizes:
         folder = write_image_folder(
             tmp / f"photos{n}", classes=5, size=img, per_class={"train": n // 5, "val": 10, "test": 10}
         )
-        out = tmp / f"build{n}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "factory.cli",
-            "build",
-            "--profile",
-            "jetson_orin",
-            "--ancestry",
-            ANCESTRY,
-            "--data",
-            str(folder),
-            "--expand-steps",
-            str(expand_steps),
-            "--expand-img-size",
-            str(low),
-            "--steps",
-            "3",
-            "--batch-size",
-            "16",
-            "--out",
-            str(out),
-        ]
-        dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, cwd=ROOT)
-        estimate = re.search(r"expanding-phase steps \(~(\d+)s\)", dry.stdout + dry.stderr)
-        wrapper = (
-            "import resource, subprocess, sys, json, time; t=time.perf_counter(); p = subprocess.run(sys.argv[1:], "
-            "capture_output=True, text=True); print(json.dumps({'rc': p.returncode, 'seconds': time.perf_counter()-t, "
-            "'children_peak_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, 'out': p.stdout[-4000:] + p.stderr[-4000:]}))"
-        )
-        proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, cwd=ROOT)
-        info = json.loads(proc.stdout.strip().splitlines()[-1])
-        measured = re.search(r"learngene: sampled .* in ([\d.]+)s", info["out"])
-        rows.append(
-            {
-                "train_images": n,
-                "rc": info["rc"],
-                "build_s": round(info["seconds"], 1),
-                "peak_rss_mb": round(info["children_peak_kb"] / 1024),
-                "expand_steps": expand_steps,
-                "dry_run_expanding_estimate_s": int(estimate.group(1)) if estimate else None,
-                "measured_learngene_stage_s": float(measured.group(1)) if measured else None,
-                "tail": info["out"][-600:] if info["rc"] else "",
-            }
-        )
-        print(f"build {rows[-1]}", flush=True)
+        for ancestry in ancestries:
+            out = tmp / f"build{n}-{ancestry.rsplit(':', 1)[-1]}"
+            cmd = [sys.executable, "-m", "factory.cli", "build", "--profile", "raspberry_pi5", "--ancestry", ancestry]
+            cmd += [
+                "--data",
+                str(folder),
+                "--expand-steps",
+                str(expand_steps),
+                "--steps",
+                str(steps),
+                "--out",
+                str(out),
+            ]
+            dry = peak_run(cmd + ["--dry-run"])
+            estimate = re.search(r"expanding-phase steps \(~(\d+)s\)", dry["out"])
+            info = peak_run(cmd)
+            measured = re.search(r"learngene: sampled .* in ([\d.]+)s", info["out"])
+            shape = re.search(r"raspberry_pi5: (\d+)x(\d+) test acc", info["out"])
+            rows.append(
+                {
+                    "ancestry": ancestry,
+                    "train_images": n,
+                    "rc": info["rc"],
+                    "shape": f"d{shape.group(1)}-w{shape.group(2)}" if shape else None,
+                    "build_s": round(info["seconds"], 1),
+                    "peak_rss_mb": round(info["children_peak_kb"] / 1024),
+                    "dry_run_rc": dry["rc"],
+                    "dry_run_s": round(dry["seconds"], 1),
+                    "dry_run_peak_rss_mb": round(dry["children_peak_kb"] / 1024),
+                    "expand_steps": expand_steps,
+                    "dry_run_expanding_estimate_s": int(estimate.group(1)) if estimate else None,
+                    "measured_learngene_stage_s": float(measured.group(1)) if measured else None,
+                    "tail": info["out"][-600:] if info["rc"] else "",
+                }
+            )
+            print(f"build {rows[-1]}", flush=True)
     return rows
 
 
@@ -181,9 +188,9 @@ def run(args) -> dict:
         tmp = Path(tmp)
         folder = write_image_folder(tmp / "photos", classes=5, size=args.image_px, per_class={"train": 40, "val": 10})
         data = {
-            "expanding": expanding_steps(anc, args.batch, args.steps, args.low),
-            "finetune": finetune_steps(anc, folder, args.steps),
-            "builds": build_rss(args.sizes, args.image_px, args.expand_steps, args.low, tmp),
+            "expanding": [] if args.skip_steps else expanding_steps(anc, args.batch, args.steps, args.low),
+            "finetune": [] if args.skip_steps else finetune_steps(anc, folder, args.steps),
+            "builds": build_rss(args.ancestries, args.sizes, args.image_px, args.expand_steps, args.build_steps, tmp),
         }
     data.update(
         args={k: v for k, v in vars(args).items() if k not in ("json", "md")},
@@ -226,15 +233,17 @@ def summarise(d: dict) -> str:
     ]
     lines += [
         "",
-        f"**Build** (`peg-factory build --profile jetson_orin --ancestry {ANCESTRY} --expand-steps {a['expand_steps']} "
-        f"--expand-img-size {a['low']} --steps 3`) on generated folders of {a['image_px']}-px JPEGs:",
+        f"**Build** (`peg-factory build --profile raspberry_pi5 --ancestry A --expand-steps {a['expand_steps']} "
+        f"--steps {a['build_steps']}`: expanding batch 64 and fine-tune batch 32 at 224 px, the defaults) on generated "
+        f"5-class folders of {a['image_px']}-px JPEGs; peak RSS of the largest process (the build or a DataLoader worker):",
         "",
-        "| train images | exit | wall s | peak RSS (largest process) MB | dry-run expanding estimate s | measured learngene stage s |",
-        "|---|---|---|---|---|---|",
+        "| ancestry | train images | shape | exit | wall s | build peak RSS MB | dry run peak RSS MB "
+        "| dry-run expanding estimate s | measured learngene stage s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['train_images']} | {r['rc']} | {r['build_s']} | {r['peak_rss_mb']} | {r['dry_run_expanding_estimate_s']} | "
-        f"{r['measured_learngene_stage_s']} |"
+        f"| {r['ancestry']} | {r['train_images']} | {r['shape']} | {r['rc']} | {r['build_s']} | {r['peak_rss_mb']} | "
+        f"{r['dry_run_peak_rss_mb']} | {r['dry_run_expanding_estimate_s']} | {r['measured_learngene_stage_s']} |"
         for r in d["builds"]
     ]
     return "\n".join(lines)
@@ -248,13 +257,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="expanding-phase batch")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up)")
     parser.add_argument("--low", type=int, default=112, help="the lower distillation size")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[150, 1500], help="training images per build")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[300, 3000], help="training images per build")
+    parser.add_argument(
+        "--ancestries", nargs="+", default=[ANCESTRY, "random:deit_small_patch16_224"], help="the builds' ancestries"
+    )
     parser.add_argument("--image-px", type=int, default=256)
-    parser.add_argument("--expand-steps", type=int, default=4)
+    parser.add_argument("--expand-steps", type=int, default=10)
+    parser.add_argument("--build-steps", type=int, default=20, help="the builds' fine-tuning steps")
+    parser.add_argument("--skip-steps", action="store_true", help="builds only (no step timings)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     if args.quick:
-        args.batch, args.steps, args.sizes, args.expand_steps = 8, 2, [20, 60], 2
+        args.batch, args.steps, args.sizes, args.expand_steps, args.build_steps = 8, 2, [20, 60], 2, 2
+        args.ancestries = [ANCESTRY]
     run_and_write(run, summarise, args)
 
 

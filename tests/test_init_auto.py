@@ -133,6 +133,15 @@ def test_probe_images_keep_the_decision_under_a_quarter_of_the_fine_tune():
     assert n < 512 and 4 * n / 3 <= 0.25 * 100 * 16
     assert images_for(probe, 2, 8) == probe.min_images  # a tiny fine-tune: never fewer than the floor
     assert images_for(TransferProbe(images=64), 2, 8) == 64
+    # at 224 px the decoded sample is capped by bytes (160 MB: 272 images), the same for any data set's size
+    import dataclasses
+
+    from factory.core.ancestry import DEMO_ARCH
+
+    photos = dataclasses.replace(DEMO_ARCH, img_size=224, in_chans=3)  # 602,112 bytes an image in fp32
+    assert images_for(probe, 100, 32, photos) == 278 == (160 << 20) // (4 * 3 * 224 * 224)
+    assert images_for(probe, 100, 32, DEMO_ARCH) == 512  # 28-px digits: 512 fit easily
+    assert images_for(probe, 100, 32, dataclasses.replace(photos, img_size=448)) == probe.min_images
 
 
 def test_spread_sample_covers_a_class_sorted_split():

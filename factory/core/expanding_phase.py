@@ -50,6 +50,9 @@ class ExpandingConfig:
         "auto"  # the steps' precision (factory.training.precision.precision_for); a speed setting, see SPEED_FIELDS
     )
     device: str = "auto"  # where the steps run (auto: CUDA when available); a speed setting too
+    #: MB of saved activations one forward/backward may hold: each shape's batch runs in micro-batches that fit
+    #: (factory.training.micro_batch; the gradient is the whole batch's); <= 0: the whole batch at once. Speed.
+    memory_mb: int = 512
 
     def __post_init__(self) -> None:
         if (
@@ -72,7 +75,7 @@ class ExpandingConfig:
 #: (and the build's cache key for it) leaves them out, the way it leaves out the thread count, so the shipped
 #: fp32-trained learngene serves a bf16 machine and a learngene made on a GPU serves a CPU build. The precision a
 #: learngene was trained in is recorded in its metadata (``expanding_phase.precision``).
-SPEED_FIELDS = ("amp", "device")
+SPEED_FIELDS = ("amp", "device", "memory_mb")
 #: Fields added after learngenes were shipped, with the value that reproduces what older ones were made with.
 LATER_FIELDS = {"distill_img_size": None}
 

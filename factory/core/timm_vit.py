@@ -140,12 +140,22 @@ def build_vit(arch: ArchConfig, shape: DescendantShape | None = None, *, seed: i
         return VisionTransformer(norm_layer=norm_layer, **arch.timm_kwargs(shape))
 
 
-def empty_vit(arch: ArchConfig, shape: DescendantShape | None = None) -> nn.Module:
-    """Like :func:`build_vit` but with uninitialised weights (built on the meta device, then
-    materialised on the CPU): for models about to be overwritten by a checkpoint."""
+def skeleton_vit(arch: ArchConfig, shape: DescendantShape | None = None) -> nn.Module:
+    """:func:`build_vit`'s module tree on the meta device, its initialisation skipped (timm's
+    ``weight_init="skip"``): no memory, and ~35 ms instead of ~230 ms for a DeiT-Tiny-sized tree, whose
+    truncated-normal draws run through Python decompositions on meta tensors. For
+    ``torch.func.functional_call`` with given tensors, or :meth:`~torch.nn.Module.to_empty`."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    norm_layer = functools.partial(nn.LayerNorm, eps=arch.norm_eps)
     with torch.device("meta"):
-        model = build_vit(arch, shape)
-    return model.to_empty(device="cpu")
+        return VisionTransformer(norm_layer=norm_layer, weight_init="skip", **arch.timm_kwargs(shape))
+
+
+def empty_vit(arch: ArchConfig, shape: DescendantShape | None = None) -> nn.Module:
+    """Like :func:`build_vit` but with uninitialised weights (:func:`skeleton_vit` materialised on the
+    CPU): for models about to be overwritten by a checkpoint."""
+    return skeleton_vit(arch, shape).to_empty(device="cpu")
 
 
 def split_state_dict(

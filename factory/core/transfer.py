@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from factory.errors import FactoryError
+from factory.io import release_freed_memory
 
 #: The inherited initialisations, in order of preference on a tie (``scratch`` is the alternative to all of them).
 INHERITED = ("peg", "weight_selection", "tleg")
@@ -57,6 +58,7 @@ class TransferProbe:
     images: int = 512  # at most this many training images are scored (evenly spaced over the split)
     max_fraction: float = 0.25  # ... and at most as many as cost this fraction of the fine-tune (images_for)
     min_images: int = 100  # ... but never fewer than this (k-NN on fewer is noise), however short the fine-tune
+    max_mb: int = 160  # ... and no more than fit this many MB decoded (fp32): 278 images at 224 px (min_images wins)
     k: int = 10  # neighbours voting in the k-NN
     scratch_margin: float = 0.03  # scratch must beat the best inherited score by more than this
     inherit_margin: float = (
@@ -87,26 +89,36 @@ class TransferProbe:
             )
 
 
-def images_for(probe: TransferProbe, steps: int, batch_size: int) -> int:
+def images_for(probe: TransferProbe, steps: int, batch_size: int, arch=None) -> int:
     """Images to score so the decision costs at most ``max_fraction`` of the fine-tune it precedes.
 
     A forward pass costs about a third of a training step per image, so scoring ``c`` candidates on
     ``n`` images costs ``c * n / 3`` image-steps against the fine-tune's ``steps * batch_size``:
     ``n = floor(3 * max_fraction * steps * batch_size / c)``, clamped to ``[min_images, images]``
-    (``images`` wins when it is the smaller)."""
+    (``images`` wins when it is the smaller). With the ancestry's ``arch``, also at most as many as
+    fit ``max_mb`` decoded (fp32 at its input size), so the sample's memory does not grow with the input
+    size or the data set (``min_images`` wins over that)."""
     budget = int(3 * probe.max_fraction * steps * batch_size / max(1, len(probe.candidates)))
-    return min(probe.images, max(probe.min_images, budget))
+    most = probe.images
+    if arch is not None:
+        most = min(most, max(probe.min_images, (probe.max_mb << 20) // (4 * arch.in_chans * arch.img_size**2)))
+    return min(most, max(probe.min_images, budget))
 
 
 @torch.no_grad()
-def pooled_features(model: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """``(N, D)`` pre-logit features of a timm ViT (its pooled token after the final norm), in eval mode, fp32."""
+def pooled_features(model: torch.nn.Module, images: torch.Tensor, batch_bytes: int = 32 << 20) -> torch.Tensor:
+    """``(N, D)`` pre-logit features of a timm ViT (its pooled token after the final norm), in eval mode, fp32,
+    in batches of at most ``batch_bytes`` of input (55 images at 224 px, 256 at the demo's 28 px): the
+    activations of a batch, not of the sample, are what the probe holds."""
     model.eval()
+    batch = max(1, min(256, batch_bytes // max(1, images[0].numel() * images.element_size()))) if len(images) else 1
     out = [
         model.forward_head(model.forward_features(images[i : i + batch]), pre_logits=True).float()
         for i in range(0, len(images), batch)
     ]
-    return torch.cat(out) if out else torch.zeros(0, 0)
+    features = torch.cat(out) if out else torch.zeros(0, 0)
+    release_freed_memory()  # the batches' activations (factory.io.memory)
+    return features
 
 
 def knn_loo_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 10) -> float:

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.core.shapes import DescendantShape
+from factory.data import spread
 from factory.device.accuracy_choice import (  # noqa: F401  # re-exported: one import for callers
     JointEstimator,
     candidates,
@@ -267,7 +268,7 @@ class SuccessiveHalving:
         ):  # the constant-lr part first (its rung came from the cache)
             train(model, self.data.train, self.probe_recipe(cool), progress=False, carry=state)
         train(model, self.data.train, self.probe_recipe(steps, cool), progress=False, carry=state)
-        val = self.data.val.subset(0, self.config.val_images)
+        val = spread(self.data.val, self.config.val_images)  # every class, not the first files
         logits = predict_logits(model.cpu(), val)
         acc, per_image = score_logits(logits, val.labels)
         if self.config.score == "calibrated":

@@ -71,7 +71,7 @@ def build_costs(ctx: BuildContext, devices, profiles, *, objective: str, expandi
     def per_steps(n: int) -> dict[str, float]:
         out = {"finetune": n * sum(step.values()) + evals}
         if undecided:  # the candidates' forwards over the init probe's images, a third of a step per image
-            images = images_for(cfg.init_probe, n, cfg.batch_size)
+            images = images_for(cfg.init_probe, n, cfg.batch_size, ctx.ancestry.arch)
             out["init"] = sum(len(cfg.init_probe.candidates) * images / cfg.batch_size * step[s] / 3 for s in undecided)
         if objective == "accuracy" and not probed:
             probe = est.probe_steps(est.candidates, n)

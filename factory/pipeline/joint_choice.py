@@ -138,7 +138,8 @@ def expanding_phase_check(ctx: BuildContext, devices: list[DeviceResult]):
     if not shapes:
         return None
     shape = max(shapes, key=lambda s: (s.depth * s.embed_dim**2, s.label()))
-    sample = spread_sample(ctx.data.train, images_for(ctx.cfg.init_probe, ctx.cfg.finetune_steps, ctx.cfg.batch_size))
+    n = images_for(ctx.cfg.init_probe, ctx.cfg.finetune_steps, ctx.cfg.batch_size, ctx.ancestry.arch)
+    sample = spread_sample(ctx.data.train, n)
     return check_transfer(
         shape, sample.images, sample.labels, ancestry=ctx.ancestry, seed=ctx.cfg.seed, probe=ctx.cfg.init_probe
     )

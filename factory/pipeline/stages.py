@@ -79,7 +79,7 @@ class StageSpec:
 def probe_images(ctx: BuildContext) -> int:
     from factory.core.transfer import images_for
 
-    return images_for(ctx.cfg.init_probe, ctx.cfg.finetune_steps, ctx.cfg.batch_size)
+    return images_for(ctx.cfg.init_probe, ctx.cfg.finetune_steps, ctx.cfg.batch_size, ctx.ancestry.arch)
 
 
 def _init_inputs(ctx: BuildContext, shape: DescendantShape) -> dict[str, Any]:

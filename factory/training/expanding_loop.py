@@ -60,11 +60,13 @@ from factory.core.expanding_phase import (
 )
 from factory.core.learngene import Learngene
 from factory.core.shapes import DescendantShape, vit_flops
-from factory.core.timm_vit import build_vit
+from factory.core.timm_vit import skeleton_vit
+from factory.data import spread
 from factory.errors import FactoryError
 from factory.training.batches import training_batches
 from factory.training.distributed import average_gradients, global_mean, start
 from factory.training.loop import StepLoop
+from factory.training.micro_batch import activation_mb_per_image, chunks, micro_batch_size
 from factory.training.precision import autocast_for, pick_device, precision_for
 from factory.training.train import TrainConfig, evaluate, open_checkpoint, resume_or_restart, save_checkpoint
 
@@ -124,8 +126,13 @@ def train_learngene(
     size = cfg.distill_img_size or arch.img_size
     if size != arch.img_size:
         check_distill_size(size, arch)
-    with torch.device("meta"):
-        skeletons = {s: build_vit(arch, dataclasses.replace(s, img_size=size)).eval() for s in shapes}
+    skeletons: dict[DescendantShape, nn.Module] = {}  # built when a shape is first drawn (most runs draw few)
+
+    def skeleton(shape: DescendantShape) -> nn.Module:
+        if shape not in skeletons:
+            skeletons[shape] = skeleton_vit(arch, dataclasses.replace(shape, img_size=size)).eval()
+        return skeletons[shape]
+
     teacher = ancestry.model.eval()
     if size != arch.img_size or device.type != "cpu":  # a copy: the ancestry object is shared (and cached) by the build
         teacher = copy.deepcopy(teacher).to(device)
@@ -139,6 +146,14 @@ def train_learngene(
     autocast, _ = autocast_for(device, "bf16" if precision == "bf16" else "off")
     report["precision"], report["device"] = precision, str(device)
     report["distill_img_size"] = size
+    tokens = (size // arch.patch_size) ** 2 + prefix
+
+    def pieces(shape: DescendantShape, batch: int) -> list[int]:
+        """The micro-batches of ``shape``'s forward/backward passes (factory.training.micro_batch)."""
+        per = activation_mb_per_image(shape.depth, tokens, shape.embed_dim, shape.mlp_hidden, precision)
+        return chunks(batch, micro_batch_size(batch, per, cfg.memory_mb))
+
+    report["micro_batches"] = {s.label(): len(pieces(s, cfg.batch_size // world)) for s in (by_cost[0], by_cost[-1])}
 
     def step_fn(step: int, batch, last: bool) -> dict[str, Any]:
         x = batch[0].to(device, non_blocking=True)
@@ -155,11 +170,19 @@ def train_learngene(
             state = expand_tensors(current, shape)
             if "pos_embed" in state:
                 state["pos_embed"] = distill_pos_embed(state["pos_embed"], grid, small, prefix)
-            with autocast:
-                logits = torch.func.functional_call(skeletons[shape], state, (x,))
-            loss = distill_loss(logits.float(), target, cfg.temperature)
-            loss.backward()
-            total += float(loss.detach())
+            # the shape's weights as leaves: each micro-batch's backward stops there, and one backward through the
+            # expansion carries their summed gradient to the genes and depth maps
+            leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in state.items()}
+            at = 0
+            for n in pieces(shape, len(x)):
+                with autocast:
+                    logits = torch.func.functional_call(skeleton(shape), leaves, (x[at : at + n],))
+                loss = distill_loss(logits.float(), target[at : at + n], cfg.temperature) * (n / len(x))
+                loss.backward()
+                total += float(loss.detach())
+                at += n
+            grads = [(state[k], v.grad) for k, v in leaves.items() if v.grad is not None and state[k].requires_grad]
+            torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
         average_gradients(params, world)  # the sandwich changes the graph every step: all-reduced by hand, not DDP
         nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -244,10 +267,10 @@ def run_expanding_phase(
     """The expanding phase as the build's learngene stage and ``peg-factory learngene train`` both run it:
     resume from ``work`` when it holds an intact checkpoint (:func:`factory.training.train.resume_or_restart`),
     train on ``data.train`` (a :class:`factory.data.Dataset`), checkpoint every ``ckpt_every`` steps
-    (default a tenth of the run), score zero-shot accuracy on the first ``eval_images`` validation images
-    (0: not at all), and record the data's identity in the learngene's metadata."""
+    (default a tenth of the run), score zero-shot accuracy on ``eval_images`` validation images
+    (0: not at all; spread over the split, :func:`factory.data.spread`), and record the data's identity in the learngene's metadata."""
     resume = resume_or_restart(work, what, log)
-    eval_data = data.val.subset(0, eval_images) if eval_images else None
+    eval_data = spread(data.val, eval_images) if eval_images else None
     trained, report = train_learngene(
         lg,
         ancestry,

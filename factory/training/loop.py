@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from factory.errors import Interrupted
-from factory.io import ensure_parent
+from factory.io import ensure_parent, release_freed_memory
 
 
 def lr_at(step: int, cfg) -> float:
@@ -33,6 +33,11 @@ def lr_at(step: int, cfg) -> float:
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+#: after a step at least this long, freed memory goes back to the OS (factory.io.memory): steps of different
+#: shapes (the expanding phase's sandwich) otherwise fragment the heap and RSS climbs step after step
+TRIM_AFTER_S = 1.0
 
 
 @dataclass
@@ -88,6 +93,9 @@ class StepLoop:
                 last = step + 1 == self.steps
                 metrics = step_fn(step, batch, last)
                 now = time.perf_counter()
+                if now - step_start >= TRIM_AFTER_S:  # a long step: milliseconds of trim are noise beside it
+                    release_freed_memory(collect=False)
+                    now = time.perf_counter()
                 record = {"step": step + 1, **metrics, "seconds": round(now - step_start, 4)}
                 if torch.cuda.is_initialized():  # this process's peak so far, what a GPU's budget is about
                     record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -107,4 +115,5 @@ class StepLoop:
             if log is not None:
                 log.close()
             self.seconds = time.perf_counter() - t0
+            release_freed_memory()  # the run's activations, so the next stage does not grow on top of them
         return self.history

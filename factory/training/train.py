@@ -46,6 +46,7 @@ from factory.io import atomic_directory, seal, seal_state
 from factory.training.batches import eval_batches, training_batches
 from factory.training.distributed import average_gradients, check_resume_world, dist_info, global_mean, start  # noqa: F401  # dist_info re-exported
 from factory.training.loop import StepLoop, lr_at
+from factory.training.micro_batch import chunks, micro_batch_size, model_activation_mb
 from factory.training.precision import autocast_for, pick_device, precision_for
 
 
@@ -67,6 +68,9 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0  # 0: only at the end
     ckpt_every: int = 0  # 0: only at the end (when out_dir is given)
+    #: MB of saved activations one forward/backward may hold: the batch runs in micro-batches that fit, their
+    #: gradients accumulated (factory.training.micro_batch); <= 0: the whole batch at once
+    memory_mb: int = 512
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
@@ -305,9 +309,10 @@ def train(
     seen, state = 0, {"loss": float("nan"), "acc": None}
     t0 = time.perf_counter()
 
-    def step_fn(step: int, batch, last: bool) -> dict[str, Any]:
-        nonlocal seen
-        x, y = batch[0].to(device), batch[1].to(device)
+    per_image = model_activation_mb(model, precision_for(device, cfg.amp))
+
+    def piece_loss(x: torch.Tensor, y: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch's forward and backward: its loss (times its share of the batch) and its logits."""
         with autocast:
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -317,12 +322,25 @@ def train(
                 loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill_loss(
                     logits.float(), t_logits, cfg.distill_temperature
                 )
+            loss = loss * weight
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return loss.detach(), logits.detach()
+
+    def step_fn(step: int, batch, last: bool) -> dict[str, Any]:
+        nonlocal seen
+        x, y = batch[0].to(device), batch[1].to(device)
         opt.zero_grad(set_to_none=True)
+        sizes = chunks(len(y), micro_batch_size(len(y), per_image, cfg.memory_mb))
+        loss, hits, at = torch.zeros(()), torch.zeros(()), 0
+        for k, n in enumerate(sizes):  # DDP all-reduces once, after the last micro-batch's backward
+            sync = contextlib.nullcontext() if world == 1 or k == len(sizes) - 1 else net.no_sync()
+            with sync:
+                part, logits = piece_loss(x[at : at + n], y[at : at + n], n / len(y))
+            loss += part.cpu()
+            hits += (logits.argmax(-1) == y[at : at + n]).sum().cpu()
+            at += n
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(opt)
-        else:
-            loss.backward()
         if cfg.clip_grad > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         if scaler is not None:
@@ -332,9 +350,7 @@ def train(
             opt.step()
         seen += len(y) * world
         # the global batch's loss and accuracy (each rank's slice mean, averaged: one process's figures)
-        loss_value, batch_acc = global_mean(
-            [float(loss.detach()), float((logits.argmax(-1) == y).float().mean())], world
-        )
+        loss_value, batch_acc = global_mean([float(loss), float(hits) / len(y)], world)
         state["loss"] = loss_value
         if not math.isfinite(loss_value) and scaler is None:  # fp16 AMP skips such steps itself
             raise FactoryError(

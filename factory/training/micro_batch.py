@@ -1,0 +1,67 @@
+"""Micro-batches: a step's batch cut into pieces whose saved activations fit a memory budget.
+
+The activations a ViT keeps for its backward pass grow with the batch, the depth, the token count and
+the width; at 224 px a d24-w192 descendant keeps about 41 MB per image in bf16 (64 in fp32), so the
+expanding phase's batch of 64 alone held 2.7 GB. A step instead runs its batch as ``len(chunks)``
+forward/backward passes of at most :func:`micro_batch_size` images each, and each piece's loss is
+weighted by its share of the batch, so the accumulated gradient is the full batch's mean-loss gradient
+(exactly, up to the order of floating-point sums: a ViT has no batch statistics). Memory then stays
+bounded whatever the batch size; the update and the learning curve do not change.
+
+The estimate (pure, :func:`activation_mb_per_image`)::
+
+    MB per image = depth * tokens * (c_w * width + c_h * mlp_hidden) * bytes / 2**20
+
+where ``c_w = 8`` and ``c_h = 2`` count the tensors of a timm block that autograd keeps (the block
+input, the two LayerNorm outputs, qkv (3), attention output, projection; fc1 and GELU outputs at the
+MLP's width) and ``bytes`` is 4.4 in fp32 and 2.9 under bf16 autocast (which keeps bf16 copies of the
+matmul inputs beside some fp32 tensors); these factors were measured on this repository's expanding
+phase, d24-w192-r4 at 224 px (marginal 63 and 41.5 MB per image, fp32 and bf16), and round up.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+#: bytes per kept element, by precision (see the module docstring for how they were measured)
+BYTES_PER_ELEMENT = {"fp32": 4.4, "bf16": 2.9, "fp16": 2.9}
+
+
+def activation_mb_per_image(depth: int, tokens: int, width: int, mlp_hidden: int, precision: str) -> float:
+    """Saved activations of one image's forward pass in MB (formula in the module docstring)."""
+    per = BYTES_PER_ELEMENT.get(precision, BYTES_PER_ELEMENT["fp32"])
+    return depth * tokens * (8 * width + 2 * mlp_hidden) * per / 2**20
+
+
+def model_activation_mb(model: nn.Module, precision: str) -> float:
+    """:func:`activation_mb_per_image` of a timm VisionTransformer at its current input size; 0.0 (no
+    estimate: the whole batch at once) for any other module."""
+    blocks = getattr(model, "blocks", None)
+    embed = getattr(model, "patch_embed", None)
+    if blocks is None or embed is None or not hasattr(model, "embed_dim"):
+        return 0.0
+    blocks = list(blocks)
+    tokens = int(embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
+    fc1 = getattr(getattr(blocks[0], "mlp", None), "fc1", None) if blocks else None
+    hidden = int(getattr(fc1, "out_features", model.embed_dim))
+    return activation_mb_per_image(len(blocks), tokens, int(model.embed_dim), hidden, precision)
+
+
+def micro_batch_size(batch: int, per_image_mb: float, memory_mb: float) -> int:
+    """The most images (at least 1, at most ``batch``) whose activations fit ``memory_mb``; ``memory_mb <= 0``
+    means no limit (the whole batch at once)."""
+    if memory_mb <= 0 or per_image_mb <= 0:
+        return batch
+    return max(1, min(batch, int(memory_mb // per_image_mb)))
+
+
+def chunks(batch: int, micro: int) -> list[int]:
+    """``batch`` cut into ``ceil(batch / micro)`` pieces of near-equal size (they differ by at most one),
+    largest first: ``chunks(64, 24) == [22, 21, 21]``."""
+    if batch < 1 or micro < 1:
+        raise ValueError(f"batch and micro-batch must be >= 1, got {batch} and {micro}")
+    n = math.ceil(batch / micro)
+    base, extra = divmod(batch, n)
+    return [base + (1 if i < extra else 0) for i in range(n)]

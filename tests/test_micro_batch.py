@@ -1,0 +1,114 @@
+"""Micro-batches (issue 32): bounded activations, the same update as the whole batch."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from factory import load_ancestry, sample_learngene
+from factory.core.expanding_phase import ExpandingConfig, default_shapes
+from factory.data import ImageTensors
+from factory.training.expanding_loop import train_learngene
+from factory.training.micro_batch import activation_mb_per_image, chunks, micro_batch_size, model_activation_mb
+from factory.training.train import TrainConfig, train
+
+from .helpers import make_vit
+
+
+def test_chunks_are_balanced_and_cover_the_batch():
+    assert chunks(64, 24) == [22, 21, 21]
+    assert chunks(64, 64) == [64] and chunks(64, 100) == [64] and chunks(5, 1) == [1] * 5
+    for batch in (1, 7, 32, 63, 64):
+        for micro in (1, 3, 12, 64):
+            parts = chunks(batch, micro)
+            assert sum(parts) == batch and max(parts) <= micro and max(parts) - min(parts) <= 1
+    with pytest.raises(ValueError):
+        chunks(0, 4)
+
+
+def test_the_estimate_matches_what_was_measured_and_sets_the_micro_batch():
+    # d24-w192-r4 at 224 px (197 tokens): measured 41.5 MB per image in bf16, 63 MB in fp32 (module docstring)
+    bf16 = activation_mb_per_image(24, 197, 192, 768, "bf16")
+    fp32 = activation_mb_per_image(24, 197, 192, 768, "fp32")
+    assert 38 < bf16 < 46 and 58 < fp32 < 70
+    assert activation_mb_per_image(12, 197, 192, 768, "bf16") == pytest.approx(bf16 / 2)
+    assert micro_batch_size(64, bf16, 512) == 12 and micro_batch_size(64, bf16, 0) == 64
+    assert micro_batch_size(64, bf16, 1) == 1  # never below one image
+    vit = make_vit()  # 16 patches + the class token, width 64, 4 blocks
+    assert model_activation_mb(vit, "fp32") == pytest.approx(activation_mb_per_image(4, 17, 64, 256, "fp32"))
+    assert model_activation_mb(torch.nn.Linear(3, 3), "fp32") == 0.0  # no estimate: the whole batch
+
+
+def _data(n: int = 16, classes: int = 10) -> ImageTensors:
+    gen = torch.Generator().manual_seed(0)
+    return ImageTensors(
+        torch.randn(n, 3, 32, 32, generator=gen), torch.arange(n) % classes, [str(i) for i in range(10)]
+    )
+
+
+def test_a_fine_tune_in_micro_batches_makes_the_whole_batchs_update():
+    cfg = TrainConfig(steps=3, batch_size=16, amp="off", warmup_steps=1, shift=0, memory_mb=0)
+    whole, pieces = make_vit(seed=1), make_vit(seed=1)
+    seen: list[int] = []
+    pieces.register_forward_hook(lambda _m, args, _out: seen.append(len(args[0])))
+    res_whole = train(whole, _data(), cfg, progress=False)
+    tiny = model_activation_mb(pieces, "fp32") * 6.5  # 6 images per micro-batch: 16 = 6 + 5 + 5
+    res_pieces = train(pieces, _data(), dataclasses.replace(cfg, memory_mb=tiny), progress=False)
+    assert seen == [6, 5, 5] * 3
+    for (name, a), b in zip(whole.state_dict().items(), pieces.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), name
+    for h1, h2 in zip(res_whole.history, res_pieces.history, strict=True):
+        assert h1["loss"] == pytest.approx(h2["loss"], abs=1e-4) and h1["acc"] == h2["acc"]
+
+
+def test_an_expanding_phase_in_micro_batches_trains_the_same_learngene():
+    anc = load_ancestry(make_vit())
+    lg = sample_learngene(anc, 2, seed=0)
+    shapes = default_shapes(lg, depths=[1, 4], widths=[64])
+    data = _data()
+    cfg = ExpandingConfig(steps=2, batch_size=16, amp="off", warmup_steps=1, memory_mb=0)
+    whole, rep_whole = train_learngene(lg, anc, data, shapes, cfg, progress=False)
+    small = dataclasses.replace(cfg, memory_mb=0.05)  # a d4 shape: 3 images at a time
+    pieces, rep_pieces = train_learngene(lg, anc, data, shapes, small, progress=False)
+    assert rep_pieces["micro_batches"][shapes[-1].label()] > 1 and rep_whole["micro_batches"][shapes[-1].label()] == 1
+    for k, v in whole.genes.items():
+        assert torch.allclose(v, pieces.genes[k], atol=1e-4, rtol=1e-4), k
+    for d, m in whole.depth_maps.items():
+        for a, b in zip(m.state_dict().values(), pieces.depth_maps[d].state_dict().values(), strict=True):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert [h["loss"] for h in rep_whole["history"]] == pytest.approx(
+        [h["loss"] for h in rep_pieces["history"]], abs=1e-4
+    )
+
+
+def test_int8_calibration_reads_one_batch_at_a_time():
+    import numpy as np
+
+    from export.quantize import ImageReader
+
+    reader = ImageReader(np.zeros((10, 3, 8, 8), np.float32), batch=4, progress=False)
+    assert len(reader) == 3  # onnxruntime's CalibStridedMinMax strides over batches
+    reader.set_range(1, 2)
+    assert reader.get_next()["images"].shape[0] == 4 and reader.get_next() is None
+    reader.set_range(2, 3)
+    assert reader.get_next()["images"].shape[0] == 2
+
+
+def test_probe_features_run_in_batches_bounded_by_bytes():
+    from factory.core.transfer import pooled_features
+
+    vit, seen = make_vit(), []
+    vit.forward_features = lambda x: (seen.append(len(x)), type(vit).forward_features(vit, x))[1]
+    x = torch.randn(10, 3, 32, 32)  # 12 KB an image
+    features = pooled_features(vit, x, batch_bytes=4 * 3 * 32 * 32 * 4)
+    assert seen == [4, 4, 2] and features.shape == (10, 64)
+
+
+def test_freed_memory_goes_back_to_the_os_on_linux():
+    import platform
+
+    from factory.io import release_freed_memory
+
+    if platform.system() != "Linux":
+        pytest.skip("malloc_trim is glibc's: elsewhere release_freed_memory only collects garbage")
+    assert release_freed_memory() is True
