@@ -200,13 +200,14 @@ def run(args) -> dict:
     return data
 
 
-def summarise(d: dict) -> str:
+def step_tables(d: dict) -> list[str]:
+    """The expanding-phase and fine-tuning step tables (absent with ``--skip-steps``)."""
     a = d["args"]
     exp = [r for r in d["expanding"] if "s_per_step" in r]
     teacher = next(r for r in d["expanding"] if "teacher_forward_s" in r)
     base = exp[0]["s_per_step"]
     lines = [
-        f"Machine: {d['machine']}. Ancestry `{ANCESTRY}` (DeiT-Tiny, 224 px, patch 16).",
+        f"Ancestry `{ANCESTRY}` (DeiT-Tiny, 224 px, patch 16).",
         "",
         f"**Expanding-phase step**, batch {a['batch']}, the build's sandwich (median of {a['steps']} steps after one warm-up):",
         "",
@@ -231,8 +232,15 @@ def summarise(d: dict) -> str:
         f"| {r['loop']} | {r.get('precision', 'fp32')} | {r['s_per_step']:.3f} | {r['vs_bare']:.2f}x |"
         for r in d["finetune"]
     ]
+    return [*lines, ""]
+
+
+def summarise(d: dict) -> str:
+    a = d["args"]
+    lines = [f"Machine: {d['machine']}.", ""]
+    if d["expanding"]:
+        lines += step_tables(d)
     lines += [
-        "",
         f"**Build** (`peg-factory build --profile raspberry_pi5 --ancestry A --expand-steps {a['expand_steps']} "
         f"--steps {a['build_steps']}`: expanding batch 64 and fine-tune batch 32 at 224 px, the defaults) on generated "
         f"5-class folders of {a['image_px']}-px JPEGs; peak RSS of the largest process (the build or a DataLoader worker):",

@@ -112,3 +112,13 @@ def test_freed_memory_goes_back_to_the_os_on_linux():
     if platform.system() != "Linux":
         pytest.skip("malloc_trim is glibc's: elsewhere release_freed_memory only collects garbage")
     assert release_freed_memory() is True
+
+
+def test_the_builds_memory_budget_reaches_both_trainings():
+    from factory.pipeline.config import BuildConfig, expanding_config, finetune_recipe
+
+    cfg = BuildConfig(train_memory_mb=128)
+    assert expanding_config(cfg).memory_mb == 128 and finetune_recipe(cfg).memory_mb == 128
+    assert expanding_config(BuildConfig()).memory_mb == 512 == finetune_recipe(BuildConfig()).memory_mb
+    with pytest.raises(Exception, match="train memory"):
+        BuildConfig(train_memory_mb=-1)

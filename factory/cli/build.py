@@ -133,6 +133,14 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     help="For an ImageFolder: decode the training images once into a uint8 cache (shorter side resized and centre "
     "cropped to img_size/0.875) when they fit in this many MiB; 0 streams them from disk every step.",
 )
+@click.option(
+    "--train-memory-mb",
+    type=click.IntRange(0, 1 << 24),
+    default=512,
+    show_default=True,
+    help="MB of saved activations one forward/backward may hold (expanding phase and fine-tunes): larger batches run "
+    "in micro-batches that fit, gradients accumulated (the same update); 0: the whole batch at once.",
+)
 @objective_option()
 @click.option("--dry-run", is_flag=True, help="Print the plan (shapes, cached stages, time estimates) and stop.")
 @click.option("--wait-lock", is_flag=True, help="If another build is using --out, wait for it instead of failing.")

@@ -62,6 +62,9 @@ class BuildConfig:
     device: str = "auto"
     amp: str = "auto"  # precision of fine-tuning and the expanding phase (factory.training.precision.precision_for)
     data_cache_mb: int = 0  # decode a folder's training split once into uint8 if it fits this many MiB (0: stream)
+    # MB of saved activations per forward/backward (factory.training.micro_batch): batches beyond it run in
+    # micro-batches, gradients accumulated; 0: the whole batch at once
+    train_memory_mb: int = 512
     # accuracy: successive-halving probes of the Pareto front on the build's data (factory.device.accuracy) pick the shape;
     # capacity: the largest shape that fits, no probes; auto: capacity for a trained PEG learngene, else accuracy
     # (factory.device.objective.resolve_objective; bench/RESULTS.md, "Accuracy-aware search", measures both)
@@ -88,6 +91,7 @@ class BuildConfig:
             "expand img size": self.expand_img_size is None or self.expand_img_size >= 1,
             "amp": self.amp in ("auto", "bf16", "fp16", "off"),
             "data cache": self.data_cache_mb >= 0,
+            "train memory": self.train_memory_mb >= 0,
             "fine-tuning steps": self.finetune_steps >= 1,
             "batch size": self.batch_size >= 1,
             "learning rate": math.isfinite(self.lr) and self.lr > 0,
@@ -130,6 +134,7 @@ def finetune_recipe(cfg: BuildConfig) -> TrainConfig:
         amp=cfg.amp,
         warmup_steps=max(1, cfg.finetune_steps // 10),
         ckpt_every=max(1, cfg.finetune_steps // 5),
+        memory_mb=cfg.train_memory_mb,
     )
 
 
@@ -138,7 +143,9 @@ def expanding_config(cfg: BuildConfig) -> ExpandingConfig:
     exp = ExpandingConfig() if cfg.expand_steps is None else ExpandingConfig(steps=cfg.expand_steps)
     if cfg.expand_batch_size is not None:
         exp = dataclasses.replace(exp, batch_size=cfg.expand_batch_size)
-    return dataclasses.replace(exp, seed=cfg.gene_seed, amp=cfg.amp, distill_img_size=cfg.expand_img_size)
+    return dataclasses.replace(
+        exp, seed=cfg.gene_seed, amp=cfg.amp, distill_img_size=cfg.expand_img_size, memory_mb=cfg.train_memory_mb
+    )
 
 
 def given_learngene(cfg: BuildConfig, anc):
