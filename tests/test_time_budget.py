@@ -112,7 +112,9 @@ def test_a_budgeted_build_fits_and_records_planned_against_measured(tmp_path):
     base = BuildConfig(data="synthetic", batch_size=16, init="peg", objective="capacity")
     dry = build([prof], tmp_path / "dry", base.__class__(**{**base.__dict__, "time_budget_s": 1000}), dry_run=True)
     least = dry["time_budget"]["plans"]["first"]["minimum_s"]
-    budget = least + 8  # the least work and a few seconds of fine-tuning on top
+    # the least work and some fine-tuning on top: 8 s of spare went to fixed stages that ran slower than the dry run
+    # measured them on a loaded 2-core runner (CI: the second plan left exactly the minimum 10 steps)
+    budget = least + 30
     cfg = BuildConfig(**{**base.__dict__, "time_budget_s": budget})
     lines: list[str] = []
     out = tmp_path / "out"
@@ -121,7 +123,7 @@ def test_a_budgeted_build_fits_and_records_planned_against_measured(tmp_path):
     except FactoryError as exc:  # a shared runner slower now than during the dry run: the build names its least
         found = re.search(r"give at least (\d+)s", str(exc))
         assert found is not None, str(exc)
-        budget = int(found.group(1)) + 8
+        budget = int(found.group(1)) + 30
         cfg = BuildConfig(**{**base.__dict__, "time_budget_s": budget})
         lines.clear()
         manifest = build([prof], out, cfg, log=lines.append)
