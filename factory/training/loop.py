@@ -115,5 +115,6 @@ class StepLoop:
             if log is not None:
                 log.close()
             self.seconds = time.perf_counter() - t0
-            release_freed_memory()  # the run's activations, so the next stage does not grow on top of them
+            if self.seconds >= TRIM_AFTER_S:  # the run's activations, so the next stage does not grow on top of them
+                release_freed_memory(collect=False)
         return self.history
