@@ -122,3 +122,10 @@ def test_the_builds_memory_budget_reaches_both_trainings():
     assert expanding_config(BuildConfig()).memory_mb == 512 == finetune_recipe(BuildConfig()).memory_mb
     with pytest.raises(Exception, match="train memory"):
         BuildConfig(train_memory_mb=-1)
+
+
+def test_spans_are_the_chunks_as_consecutive_slices():
+    from factory.training.micro_batch import spans
+
+    assert spans(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert [s.stop - s.start for s in spans(64, 24)] == chunks(64, 24) and spans(64, 64) == [slice(0, 64)]

@@ -124,20 +124,25 @@ def arch_of(model: nn.Module) -> ArchConfig:
     )
 
 
+def _vision_transformer(arch: ArchConfig, shape: DescendantShape | None, **extra) -> nn.Module:
+    """timm's ``VisionTransformer`` in ``arch``'s style at ``shape`` (``extra``: more of its arguments)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    norm_layer = functools.partial(nn.LayerNorm, eps=arch.norm_eps)
+    return VisionTransformer(norm_layer=norm_layer, **arch.timm_kwargs(shape), **extra)
+
+
 def build_vit(arch: ArchConfig, shape: DescendantShape | None = None, *, seed: int | None = None) -> nn.Module:
     """A randomly initialised timm ``VisionTransformer`` in ``arch``'s style at ``shape``.
 
     With ``seed``, the initialisation is drawn from a forked RNG seeded with it (deterministic,
     and torch's global RNG is left untouched); without, from torch's global RNG as timm does.
     """
-    from timm.models.vision_transformer import VisionTransformer
-
-    norm_layer = functools.partial(nn.LayerNorm, eps=arch.norm_eps)
     if seed is None:
-        return VisionTransformer(norm_layer=norm_layer, **arch.timm_kwargs(shape))
+        return _vision_transformer(arch, shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return VisionTransformer(norm_layer=norm_layer, **arch.timm_kwargs(shape))
+        return _vision_transformer(arch, shape)
 
 
 def skeleton_vit(arch: ArchConfig, shape: DescendantShape | None = None) -> nn.Module:
@@ -145,11 +150,8 @@ def skeleton_vit(arch: ArchConfig, shape: DescendantShape | None = None) -> nn.M
     ``weight_init="skip"``): no memory, and ~35 ms instead of ~230 ms for a DeiT-Tiny-sized tree, whose
     truncated-normal draws run through Python decompositions on meta tensors. For
     ``torch.func.functional_call`` with given tensors, or :meth:`~torch.nn.Module.to_empty`."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    norm_layer = functools.partial(nn.LayerNorm, eps=arch.norm_eps)
     with torch.device("meta"):
-        return VisionTransformer(norm_layer=norm_layer, weight_init="skip", **arch.timm_kwargs(shape))
+        return _vision_transformer(arch, shape, weight_init="skip")
 
 
 def empty_vit(arch: ArchConfig, shape: DescendantShape | None = None) -> nn.Module:

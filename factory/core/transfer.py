@@ -117,7 +117,7 @@ def pooled_features(model: torch.nn.Module, images: torch.Tensor, batch_bytes: i
         for i in range(0, len(images), batch)
     ]
     features = torch.cat(out) if out else torch.zeros(0, 0)
-    release_freed_memory(collect=False)  # the batches' activations (factory.io.memory)
+    release_freed_memory()  # the batches' activations (factory.io.memory)
     return features
 
 

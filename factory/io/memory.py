@@ -4,8 +4,10 @@ glibc's allocator keeps freed heap pages for reuse, so a process that ran a trai
 stage's peak long after it ended, and the next stage, with tensors of other sizes, grows on top of it
 (a 224-px dry run measured the expanding phase, then a fine-tuning step, and climbed from 1.9 to 2.6 GB
 of RSS with nothing of the first alive). ``malloc_trim(0)`` returns the free pages (madvise), so each
-stage's peak stands alone. It costs a walk over the heap (milliseconds) and is called between stages,
-never inside a step. Elsewhere than glibc (macOS, musl, Windows) it does nothing.
+stage's peak stands alone. It costs a walk over the heap (milliseconds) and is called after training runs
+and steps of a second or more (:class:`factory.training.loop.StepLoop`) and after probe features, never
+inside a step. Elsewhere than glibc (macOS, musl, Windows) it does nothing. No garbage collection: tensors
+are freed by reference counting, and a ``gc.collect`` per short training run cost the test suite minutes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import gc
 
 
 @functools.lru_cache(maxsize=1)
@@ -26,11 +27,8 @@ def _trim():
         return None
 
 
-def release_freed_memory(collect: bool = True) -> bool:
-    """Collect garbage (with ``collect``) and return freed heap pages to the OS; True where the allocator
-    could be asked."""
-    if collect:
-        gc.collect()
+def release_freed_memory() -> bool:
+    """Return freed heap pages to the OS; True where the allocator could be asked."""
     trim = _trim()
     if trim is None:
         return False

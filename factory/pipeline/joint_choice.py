@@ -128,9 +128,10 @@ def expanding_phase_check(ctx: BuildContext, devices: list[DeviceResult]):
     (:func:`factory.core.transfer.check_transfer` at the largest searched shape, on the same images the init
     probe scores.) None when no phase would run (a given, cached or shipped learngene, ``--expand-steps 0``),
     for a fixed ``--init`` (``--init peg`` forces the phase), or when no device has a shape."""
-    from factory.core.transfer import check_transfer, images_for
+    from factory.core.transfer import check_transfer
     from factory.data import spread_sample
     from factory.pipeline.learngene_stage import learngene_source
+    from factory.pipeline.stages import probe_images
 
     if ctx.cfg.init != "auto" or not ctx.cfg.joint_choice or not learngene_source(ctx).runs_expanding_phase:
         return None
@@ -138,8 +139,7 @@ def expanding_phase_check(ctx: BuildContext, devices: list[DeviceResult]):
     if not shapes:
         return None
     shape = max(shapes, key=lambda s: (s.depth * s.embed_dim**2, s.label()))
-    n = images_for(ctx.cfg.init_probe, ctx.cfg.finetune_steps, ctx.cfg.batch_size, ctx.ancestry.arch)
-    sample = spread_sample(ctx.data.train, n)
+    sample = spread_sample(ctx.data.train, probe_images(ctx))
     return check_transfer(
         shape, sample.images, sample.labels, ancestry=ctx.ancestry, seed=ctx.cfg.seed, probe=ctx.cfg.init_probe
     )

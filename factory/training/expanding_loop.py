@@ -66,7 +66,7 @@ from factory.errors import FactoryError
 from factory.training.batches import training_batches
 from factory.training.distributed import average_gradients, global_mean, start
 from factory.training.loop import StepLoop
-from factory.training.micro_batch import activation_mb_per_image, chunks, micro_batch_size
+from factory.training.micro_batch import activation_mb_per_image, micro_batch_size, spans
 from factory.training.precision import autocast_for, pick_device, precision_for
 from factory.training.train import TrainConfig, evaluate, open_checkpoint, resume_or_restart, save_checkpoint
 
@@ -148,10 +148,10 @@ def train_learngene(
     report["distill_img_size"] = size
     tokens = (size // arch.patch_size) ** 2 + prefix
 
-    def pieces(shape: DescendantShape, batch: int) -> list[int]:
+    def pieces(shape: DescendantShape, batch: int) -> list[slice]:
         """The micro-batches of ``shape``'s forward/backward passes (factory.training.micro_batch)."""
         per = activation_mb_per_image(shape.depth, tokens, shape.embed_dim, shape.mlp_hidden, precision)
-        return chunks(batch, micro_batch_size(batch, per, cfg.memory_mb))
+        return spans(batch, micro_batch_size(batch, per, cfg.memory_mb))
 
     report["micro_batches"] = {s.label(): len(pieces(s, cfg.batch_size // world)) for s in (by_cost[0], by_cost[-1])}
 
@@ -173,14 +173,12 @@ def train_learngene(
             # the shape's weights as leaves: each micro-batch's backward stops there, and one backward through the
             # expansion carries their summed gradient to the genes and depth maps
             leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in state.items()}
-            at = 0
-            for n in pieces(shape, len(x)):
+            for part in pieces(shape, len(x)):
                 with autocast:
-                    logits = torch.func.functional_call(skeleton(shape), leaves, (x[at : at + n],))
-                loss = distill_loss(logits.float(), target[at : at + n], cfg.temperature) * (n / len(x))
+                    logits = torch.func.functional_call(skeleton(shape), leaves, (x[part],))
+                loss = distill_loss(logits.float(), target[part], cfg.temperature) * (len(logits) / len(x))
                 loss.backward()
                 total += float(loss.detach())
-                at += n
             grads = [(state[k], v.grad) for k, v in leaves.items() if v.grad is not None and state[k].requires_grad]
             torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
         average_gradients(params, world)  # the sandwich changes the graph every step: all-reduced by hand, not DDP

@@ -94,7 +94,7 @@ class StepLoop:
                 metrics = step_fn(step, batch, last)
                 now = time.perf_counter()
                 if now - step_start >= TRIM_AFTER_S:  # a long step: milliseconds of trim are noise beside it
-                    release_freed_memory(collect=False)
+                    release_freed_memory()
                     now = time.perf_counter()
                 record = {"step": step + 1, **metrics, "seconds": round(now - step_start, 4)}
                 if torch.cuda.is_initialized():  # this process's peak so far, what a GPU's budget is about
@@ -116,5 +116,5 @@ class StepLoop:
                 log.close()
             self.seconds = time.perf_counter() - t0
             if self.seconds >= TRIM_AFTER_S:  # the run's activations, so the next stage does not grow on top of them
-                release_freed_memory(collect=False)
+                release_freed_memory()
         return self.history

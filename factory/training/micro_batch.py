@@ -57,6 +57,16 @@ def micro_batch_size(batch: int, per_image_mb: float, memory_mb: float) -> int:
     return max(1, min(batch, int(memory_mb // per_image_mb)))
 
 
+def spans(batch: int, micro: int) -> list[slice]:
+    """:func:`chunks` as consecutive slices of the batch: ``spans(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]``
+    (``chunks(5, 2) == [2, 2, 1]``)."""
+    out, at = [], 0
+    for n in chunks(batch, micro):
+        out.append(slice(at, at + n))
+        at += n
+    return out
+
+
 def chunks(batch: int, micro: int) -> list[int]:
     """``batch`` cut into ``ceil(batch / micro)`` pieces of near-equal size (they differ by at most one),
     largest first: ``chunks(64, 24) == [22, 21, 21]``."""

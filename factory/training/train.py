@@ -46,7 +46,7 @@ from factory.io import atomic_directory, seal, seal_state
 from factory.training.batches import eval_batches, training_batches
 from factory.training.distributed import average_gradients, check_resume_world, dist_info, global_mean, start  # noqa: F401  # dist_info re-exported
 from factory.training.loop import StepLoop, lr_at
-from factory.training.micro_batch import chunks, micro_batch_size, model_activation_mb
+from factory.training.micro_batch import micro_batch_size, model_activation_mb, spans
 from factory.training.precision import autocast_for, pick_device, precision_for
 
 
@@ -330,15 +330,14 @@ def train(
         nonlocal seen
         x, y = batch[0].to(device), batch[1].to(device)
         opt.zero_grad(set_to_none=True)
-        sizes = chunks(len(y), micro_batch_size(len(y), per_image, cfg.memory_mb))
-        loss, hits, at = torch.zeros(()), torch.zeros(()), 0
-        for k, n in enumerate(sizes):  # DDP all-reduces once, after the last micro-batch's backward
-            sync = contextlib.nullcontext() if world == 1 or k == len(sizes) - 1 else net.no_sync()
+        parts = spans(len(y), micro_batch_size(len(y), per_image, cfg.memory_mb))
+        loss, hits = torch.zeros((), device=device), torch.zeros((), device=device)
+        for k, part in enumerate(parts):  # DDP all-reduces once, after the last micro-batch's backward
+            sync = contextlib.nullcontext() if world == 1 or k == len(parts) - 1 else net.no_sync()
             with sync:
-                part, logits = piece_loss(x[at : at + n], y[at : at + n], n / len(y))
-            loss += part.cpu()
-            hits += (logits.argmax(-1) == y[at : at + n]).sum().cpu()
-            at += n
+                piece, logits = piece_loss(x[part], y[part], len(y[part]) / len(y))
+            loss += piece
+            hits += (logits.argmax(-1) == y[part]).sum()
         if scaler is not None:
             scaler.unscale_(opt)
         if cfg.clip_grad > 0:
