@@ -116,3 +116,32 @@ def pt2e_quantised(net, example, quantizer, calibration: np.ndarray, *, fold_qua
         for i in range(len(calibration)):
             prepared(torch.from_numpy(calibration[i : i + 1]))
     return convert_pt2e(prepared, fold_quantize=fold_quantize)
+
+
+def logits_check(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None, what: str) -> dict[str, Any]:
+    """A runtime's logits on the check images against PyTorch's (``reference``): the largest absolute
+    difference, top-1 agreement and, with ``labels``, its accuracy and the drop from PyTorch's."""
+    entry: dict[str, Any] = {
+        "checked_on": what,
+        "max_abs_diff_vs_pytorch": float(np.abs(logits - reference).max()),
+        "top1_agreement": round(float((logits.argmax(-1) == reference.argmax(-1)).mean()), 4),
+    }
+    if labels is not None:
+        entry["test_accuracy"] = round(float((logits.argmax(-1) == labels).mean()), 4)
+        fp32 = float((reference.argmax(-1) == labels).mean())
+        entry["accuracy_drop_vs_fp32"] = round(fp32 - entry["test_accuracy"], 4)
+    return entry
+
+
+def coverage_note(run: ExportRun, fmt: str, entry: dict[str, Any], fallback: str) -> None:
+    """``entry["delegated_fraction"]`` from its ``delegated_ops`` / ``total_ops``, and a warning (in the entry
+    and the log) when XNNPACK takes less than :data:`MIN_COVERAGE` of the ops: the rest runs on ``fallback``."""
+    share = entry["delegated_ops"] / max(1, entry["total_ops"])
+    entry["delegated_fraction"] = round(share, 4)
+    if share < MIN_COVERAGE:
+        worst = ", ".join(f"{op} x{n}" for op, n in list(entry.get("outside_ops", {}).items())[:3])
+        entry["warning"] = (
+            f"XNNPACK takes {entry['delegated_ops']} of {entry['total_ops']} ops ({share:.0%} < {MIN_COVERAGE:.0%}): "
+            f"the rest ({worst}) runs on {fallback}, slower"
+        )
+        run.log(f"{fmt}: WARNING {entry['warning']}")

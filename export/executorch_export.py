@@ -14,7 +14,7 @@ find only on the device. timm's fused
 attention (``F.scaled_dot_product_attention``) does not lower to XNNPACK; the explicit ``q @ k^T, softmax,
 @ v`` form does. Both are exact (the same math; checked against PyTorch on the test images), so the export
 lowers both and keeps the one with the larger delegated share (``attention`` in the entry); a share below
-:data:`MIN_COVERAGE` is a warning in the log, the entry and the card.
+:data:`export.context.MIN_COVERAGE` is a warning in the log, the entry and the card.
 
 **Verified on the task's images**, never random inputs alone: the ``.pte`` runs in ``executorch.runtime``
 (XNNPACK, this CPU) on the test split (a spread sample of at most :data:`export.context.CHECK_IMAGES`), against the PyTorch
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from export.context import MIN_COVERAGE, attention_form, check_images, pt2e_quantised
+from export.context import attention_form, check_images, coverage_note, logits_check, pt2e_quantised
 from factory.errors import FactoryError
 
 EXTRA_HINT = "pip install 'peg-factory[executorch]'"
@@ -110,30 +110,8 @@ def pte_latency_ms(method, x: np.ndarray, *, repeats: int = 20, warmup: int = 3)
 
 def _verify(run, fmt: str, path: Path, reference: np.ndarray, images, labels, what: str) -> dict[str, Any]:
     method = pte_method(path)
-    logits = pte_logits(method, images)
-    entry: dict[str, Any] = {
-        "checked_on": what,
-        "max_abs_diff_vs_pytorch": float(np.abs(logits - reference).max()),
-        "top1_agreement": round(float((logits.argmax(-1) == reference.argmax(-1)).mean()), 4),
-        "latency_ms_b1": round(pte_latency_ms(method, run.x1), 4),
-    }
-    if labels is not None:
-        entry["test_accuracy"] = round(float((logits.argmax(-1) == labels).mean()), 4)
-        fp32 = float((reference.argmax(-1) == labels).mean())
-        entry["accuracy_drop_vs_fp32"] = round(fp32 - entry["test_accuracy"], 4)
-    return entry
-
-
-def _coverage_note(run, fmt: str, entry: dict[str, Any]) -> None:
-    share = entry["delegated_ops"] / max(1, entry["total_ops"])
-    entry["delegated_fraction"] = round(share, 4)
-    if share < MIN_COVERAGE:
-        worst = ", ".join(f"{op} x{n}" for op, n in list(entry.get("outside_ops", {}).items())[:3])
-        entry["warning"] = (
-            f"XNNPACK takes {entry['delegated_ops']} of {entry['total_ops']} ops ({share:.0%} < {MIN_COVERAGE:.0%}): "
-            f"the rest ({worst}) runs on ExecuTorch's portable kernels, slower"
-        )
-        run.log(f"{fmt}: WARNING {entry['warning']}")
+    entry = logits_check(pte_logits(method, images), reference, labels, what)
+    return {**entry, "latency_ms_b1": round(pte_latency_ms(method, run.x1), 4)}
 
 
 def export_executorch(run) -> dict[str, dict]:
@@ -171,7 +149,7 @@ def export_executorch(run) -> dict[str, dict]:
             f"executorch output differs from PyTorch by {entry['max_abs_diff_vs_pytorch']:.3g} (> 1e-4) on {what}; "
             "not exported"
         )
-    _coverage_note(run, "executorch", entry)
+    coverage_note(run, "executorch", entry, "ExecuTorch's portable kernels")
     run.log(
         f"executorch: {path.name} ({attention} attention; XNNPACK {entry['delegated_ops']}/{entry['total_ops']} ops), "
         f"max diff {entry['max_abs_diff_vs_pytorch']:.2e} on {what}, b1 {entry['latency_ms_b1']:.3f} ms"
@@ -203,7 +181,7 @@ def export_executorch_int8(run) -> dict[str, dict]:
     path.write_bytes(program.buffer)
     entry = {"file": path.name, "attention": attention, "calibration_images": len(run.calib), **coverage}
     entry.update(_verify(run, "executorch-int8", path, reference, images, labels, what))
-    _coverage_note(run, "executorch-int8", entry)
+    coverage_note(run, "executorch-int8", entry, "ExecuTorch's portable kernels")
     run.log(
         f"executorch-int8: {path.name} (XNNPACK {entry['delegated_ops']}/{entry['total_ops']} ops), top-1 agreement "
         f"{entry['top1_agreement']:.4f}, accuracy {entry.get('test_accuracy', 'n/a')} on {what}, "

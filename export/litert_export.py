@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from export.context import MIN_COVERAGE, attention_form, check_images, pt2e_quantised
+from export.context import attention_form, check_images, coverage_note, logits_check, pt2e_quantised
 from factory.errors import FactoryError
 
 EXTRA_HINT = "pip install 'peg-factory[litert]' (in its own venv: it cannot share one with the executorch extra)"
@@ -144,29 +144,9 @@ def convert(module, example, path: Path, quant_config=None) -> None:
 
 def _verify(run, fmt: str, path: Path, reference: np.ndarray, images, labels, what: str) -> dict[str, Any]:
     it = interpreter(path)
-    logits = tflite_logits(it, images)
-    entry: dict[str, Any] = {
-        "file": path.name,
-        **coverage(it),
-        "checked_on": what,
-        "max_abs_diff_vs_pytorch": float(np.abs(logits - reference).max()),
-        "top1_agreement": round(float((logits.argmax(-1) == reference.argmax(-1)).mean()), 4),
-        "latency_ms_b1": round(tflite_latency_ms(it, run.x1), 4),
-    }
-    if labels is not None:
-        entry["test_accuracy"] = round(float((logits.argmax(-1) == labels).mean()), 4)
-        entry["accuracy_drop_vs_fp32"] = round(
-            float((reference.argmax(-1) == labels).mean()) - entry["test_accuracy"], 4
-        )
-    share = entry["delegated_ops"] / max(1, entry["total_ops"])
-    entry["delegated_fraction"] = round(share, 4)
-    if share < MIN_COVERAGE:
-        worst = ", ".join(f"{op} x{n}" for op, n in list(entry["outside_ops"].items())[:3])
-        entry["warning"] = (
-            f"XNNPACK takes {entry['delegated_ops']} of {entry['total_ops']} ops ({share:.0%} < {MIN_COVERAGE:.0%}): "
-            f"the rest ({worst}) runs on LiteRT's reference kernels, slower"
-        )
-        run.log(f"{fmt}: WARNING {entry['warning']}")
+    entry = {"file": path.name, **coverage(it), **logits_check(tflite_logits(it, images), reference, labels, what)}
+    entry["latency_ms_b1"] = round(tflite_latency_ms(it, run.x1), 4)
+    coverage_note(run, fmt, entry, "LiteRT's reference kernels")
     return entry
 
 
