@@ -61,7 +61,9 @@ def step_flops(anc, shapes, cfg: ExpandingConfig) -> dict:
     """Multiply-adds of one step (module docstring), the random shape averaged over ``shapes``."""
     by_cost = sorted(shapes, key=vit_flops)
     teacher = vit_flops(anc.arch.shape())
-    students = vit_flops(by_cost[0]) + vit_flops(by_cost[-1]) + cfg.random_per_step * statistics.mean(map(vit_flops, shapes))
+    students = (
+        vit_flops(by_cost[0]) + vit_flops(by_cost[-1]) + cfg.random_per_step * statistics.mean(map(vit_flops, shapes))
+    )
     macs = cfg.batch_size * (teacher + 3 * students)
     return {"gmac_per_step": round(macs / 1e9, 1), "teacher_share": round(teacher / (teacher + 3 * students), 3)}
 
@@ -78,10 +80,7 @@ def profile_step(lg, anc, shapes, cfg: ExpandingConfig, top: int) -> list[dict]:
         train_learngene(lg, anc, data, shapes, dataclasses.replace(cfg, steps=2), progress=False)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    return [
-        {"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "calls": e.count}
-        for e in events[:top]
-    ]
+    return [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in events[:top]]
 
 
 def compiled_d24(anc, micro: int, reps: int) -> dict:
@@ -90,7 +89,9 @@ def compiled_d24(anc, micro: int, reps: int) -> dict:
 
     shape = dataclasses.replace(anc.arch.shape(), depth=2 * anc.arch.depth)
     model = skeleton_vit(anc.arch, shape).eval()
-    params = {k: (torch.randn(v.shape) * 0.02).requires_grad_(True) for k, v in model.state_dict(keep_vars=True).items()}
+    params = {
+        k: (torch.randn(v.shape) * 0.02).requires_grad_(True) for k, v in model.state_dict(keep_vars=True).items()
+    }
     x = torch.randn(micro, 3, anc.arch.img_size, anc.arch.img_size)
 
     def fwd(p, xs):

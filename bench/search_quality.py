@@ -73,7 +73,12 @@ def run(args) -> dict:
                     ds,
                     finetune_recipe(cfg),
                     init=args.init,
-                    config=EstimatorConfig(candidates=args.candidates, anchor=args.anchor, score=args.score),
+                    config=EstimatorConfig(
+                        candidates=args.candidates,
+                        anchor=args.anchor,
+                        score=args.score,
+                        **({"rung_fractions": tuple(args.rungs)} if args.rungs else {}),
+                    ),
                 )
                 t0 = time.perf_counter()
                 chosen, est_rows = choose_by_accuracy(result, predictor, args.candidates)
@@ -116,6 +121,7 @@ def run(args) -> dict:
                     "capacity": cap,
                     "capacity_acc": acc[cap],
                     "spearman": round(float(rho), 3),
+                    "test_images": len(ds.test),
                     "estimator_seconds": round(est_seconds, 1),
                     "finetune_seconds_chosen": round(measured[(task, seed, chosen.shape.label())][1], 1),
                     "predicted": pred,
@@ -168,13 +174,15 @@ def summarise(data: dict) -> str:
     gains = [100 * (r["chosen_acc"] - r["capacity_acc"]) for r in rows]
     cap_gaps = [100 * (r["oracle_acc"] - r["capacity_acc"]) for r in rows]
     rhos = [r["spearman"] for r in rows if r["spearman"] == r["spearman"]]
+    within_se = [r for r in rows if "test_images" in r and within_one_se(r)]
     ratio = [
         r["estimator_seconds"] / r["finetune_seconds_chosen"] for r in rows if r["finetune_seconds_chosen"] > 0
     ] or [float("nan")]
     lines += [
         "",
         f"Over {len(rows)} (profile, task, seed) cases: gap to the oracle mean {statistics.mean(gaps):.2f} pt, "
-        f"max {max(gaps):.1f} pt, within 1 pt in {sum(g <= 1.0 for g in gaps)}/{len(gaps)}; capacity proxy's gap to the "
+        f"max {max(gaps):.1f} pt, within 1 pt in {sum(g <= 1.0 for g in gaps)}/{len(gaps)}, within one binomial SE of the "
+        f"oracle's accuracy in {len(within_se)}/{sum('test_images' in r for r in rows)}; capacity proxy's gap to the "
         f"oracle mean {statistics.mean(cap_gaps):.2f} pt, max {max(cap_gaps):.1f} pt; gain of the accuracy objective over "
         f"capacity mean {statistics.mean(gains):+.2f} pt; Spearman mean {statistics.mean(rhos) if rhos else float('nan'):.2f}; "
         f"estimator time / one fine-tune of the chosen shape: mean {statistics.mean(ratio):.2f}, max {max(ratio):.2f}.",
@@ -231,6 +239,13 @@ def regime_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def within_one_se(row: dict) -> bool:
+    """The chosen shape's test accuracy within one binomial standard error, ``sqrt(p (1 - p) / n)``, of the
+    oracle's ``p`` on the ``n`` test images (the issue's criterion for a probe that predicts the shipped model)."""
+    p, n = row["oracle_acc"], row["test_images"]
+    return row["oracle_acc"] - row["chosen_acc"] <= (p * (1 - p) / n) ** 0.5 + 1e-9
+
+
 def seed_averaged(rows: list[dict]) -> list[dict]:
     """Per (profile, task) with more than one seed: shapes measured in every seed, their mean accuracy."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -281,6 +296,13 @@ def main() -> None:
         "expanding phase (3 layers, tau 1, seed 0) [default: shipped]",
     )
     parser.add_argument("--anchor", action="store_true", help="the anchored estimator (EstimatorConfig.anchor)")
+    parser.add_argument(
+        "--rungs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="the probes' rungs as fractions of the fine-tune (EstimatorConfig.rung_fractions) [default: the shipped]",
+    )
     parser.add_argument(
         "--score", default="calibrated", choices=("calibrated", "raw"), help="probe score (EstimatorConfig.score)"
     )

@@ -214,3 +214,12 @@ def test_joint_choice_bench_quick_mode_runs(tmp_path):
     assert {r["strategy"] for r in data["rows"]} == {"auto (joint, default)", "scratch"}
     assert all(0 <= r["accuracy"] <= 1 and r["se"] > 0 for r in data["rows"])
     assert "gap to best (SE)" in (tmp_path / "j.md").read_text()
+
+
+def test_expanding_step_quick_mode_runs(tmp_path):
+    _run("bench/expanding_step.py", "--quick", "--json", str(tmp_path / "e.json"), "--md", str(tmp_path / "e.md"))
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert [r["variant"] for r in data["steps"]][0] == "default" and len(data["steps"]) == 6
+    assert all(r["s_per_step"] > 0 for r in data["steps"]) and data["steps"][0]["vs_default"] == 1.0
+    assert 0 < data["flops"]["roofline_fraction"] < 1.5 and data["profile"]
+    assert "% of this machine's" in (tmp_path / "e.md").read_text()
