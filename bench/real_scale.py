@@ -132,52 +132,56 @@ def peak_run(cmd: list[str]) -> dict:
 
 
 def build_rss(
-    ancestries: list[str], sizes: list[int], img: int, expand_steps: int, steps: int, tmp: Path
+    ancestries: list[str],
+    sizes: list[int],
+    img: int,
+    expand_steps: int,
+    steps: int,
+    tmp: Path,
+    memories: list[int] = (512,),
+    dry_only: bool = False,
 ) -> list[dict]:
     """``peg-factory build --profile raspberry_pi5`` at its defaults (expanding batch 64 and fine-tune batch 32 at
-    224 px; the profile chooses d24) for each ancestry and training-set size, and its ``--dry-run``; each in a
-    fresh wrapper process that reports the largest process's peak RSS (the build or a DataLoader worker)."""
+    224 px; the profile chooses d24) for each ancestry, training-set size and ``--train-memory-mb`` in
+    ``memories``, and its ``--dry-run`` (with ``dry_only``, the dry run alone); each in a fresh wrapper process
+    that reports the largest process's peak RSS (the build or a DataLoader worker)."""
     rows = []
     for n in sizes:
         folder = write_image_folder(
             tmp / f"photos{n}", classes=5, size=img, per_class={"train": n // 5, "val": 10, "test": 10}
         )
         for ancestry in ancestries:
-            out = tmp / f"build{n}-{ancestry.rsplit(':', 1)[-1]}"
-            cmd = [sys.executable, "-m", "factory.cli", "build", "--profile", "raspberry_pi5", "--ancestry", ancestry]
-            cmd += [
-                "--data",
-                str(folder),
-                "--expand-steps",
-                str(expand_steps),
-                "--steps",
-                str(steps),
-                "--out",
-                str(out),
-            ]
-            dry = peak_run(cmd + ["--dry-run"])
-            estimate = re.search(r"expanding-phase steps \(~(\d+)s\)", dry["out"])
-            info = peak_run(cmd)
-            measured = re.search(r"learngene: sampled .* in ([\d.]+)s", info["out"])
-            shape = re.search(r"raspberry_pi5: (\d+)x(\d+) test acc", info["out"])
-            rows.append(
-                {
-                    "ancestry": ancestry,
-                    "train_images": n,
-                    "rc": info["rc"],
-                    "shape": f"d{shape.group(1)}-w{shape.group(2)}" if shape else None,
-                    "build_s": round(info["seconds"], 1),
-                    "peak_rss_mb": round(info["children_peak_kb"] / 1024),
-                    "dry_run_rc": dry["rc"],
-                    "dry_run_s": round(dry["seconds"], 1),
-                    "dry_run_peak_rss_mb": round(dry["children_peak_kb"] / 1024),
-                    "expand_steps": expand_steps,
-                    "dry_run_expanding_estimate_s": int(estimate.group(1)) if estimate else None,
-                    "measured_learngene_stage_s": float(measured.group(1)) if measured else None,
-                    "tail": info["out"][-600:] if info["rc"] else "",
-                }
-            )
-            print(f"build {rows[-1]}", flush=True)
+            for memory in memories:
+                out = tmp / f"build{n}-{ancestry.rsplit(':', 1)[-1]}-{memory}"
+                cmd = [sys.executable, "-m", "factory.cli", "build", "--profile", "raspberry_pi5"]
+                cmd += ["--ancestry", ancestry, "--data", str(folder), "--expand-steps", str(expand_steps)]
+                cmd += ["--steps", str(steps), "--train-memory-mb", str(memory), "--out", str(out)]
+                dry = peak_run(cmd + ["--dry-run"])
+                estimate = re.search(r"expanding-phase steps \(~(\d+)s\)", dry["out"])
+                step = re.search(r"one expanding-phase step measured at ([\d.]+)s", dry["out"])
+                info = None if dry_only else peak_run(cmd)
+                measured = re.search(r"learngene: sampled .* in ([\d.]+)s", info["out"]) if info else None
+                shape = re.search(r"raspberry_pi5: (\d+)x(\d+) test acc", info["out"]) if info else None
+                rows.append(
+                    {
+                        "ancestry": ancestry,
+                        "train_images": n,
+                        "train_memory_mb": memory,
+                        "rc": info["rc"] if info else None,
+                        "shape": f"d{shape.group(1)}-w{shape.group(2)}" if shape else None,
+                        "build_s": round(info["seconds"], 1) if info else None,
+                        "peak_rss_mb": round(info["children_peak_kb"] / 1024) if info else None,
+                        "dry_run_rc": dry["rc"],
+                        "dry_run_s": round(dry["seconds"], 1),
+                        "dry_run_peak_rss_mb": round(dry["children_peak_kb"] / 1024),
+                        "dry_run_expanding_step_s": float(step.group(1)) if step else None,
+                        "expand_steps": expand_steps,
+                        "dry_run_expanding_estimate_s": int(estimate.group(1)) if estimate else None,
+                        "measured_learngene_stage_s": float(measured.group(1)) if measured else None,
+                        "tail": (info or dry)["out"][-600:] if (info or dry)["rc"] else "",
+                    }
+                )
+                print(f"build {rows[-1]}", flush=True)
     return rows
 
 
@@ -190,7 +194,16 @@ def run(args) -> dict:
         data = {
             "expanding": [] if args.skip_steps else expanding_steps(anc, args.batch, args.steps, args.low),
             "finetune": [] if args.skip_steps else finetune_steps(anc, folder, args.steps),
-            "builds": build_rss(args.ancestries, args.sizes, args.image_px, args.expand_steps, args.build_steps, tmp),
+            "builds": build_rss(
+                args.ancestries,
+                args.sizes,
+                args.image_px,
+                args.expand_steps,
+                args.build_steps,
+                tmp,
+                args.train_memory_mb,
+                args.dry_only,
+            ),
         }
     data.update(
         args={k: v for k, v in vars(args).items() if k not in ("json", "md")},
@@ -245,13 +258,14 @@ def summarise(d: dict) -> str:
         f"--steps {a['build_steps']}`: expanding batch 64 and fine-tune batch 32 at 224 px, the defaults) on generated "
         f"5-class folders of {a['image_px']}-px JPEGs; peak RSS of the largest process (the build or a DataLoader worker):",
         "",
-        "| ancestry | train images | shape | exit | wall s | build peak RSS MB | dry run peak RSS MB "
-        "| dry-run expanding estimate s | measured learngene stage s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ancestry | train images | --train-memory-mb | shape | exit | wall s | build peak RSS MB | dry run peak RSS MB "
+        "| dry run's expanding step s | dry-run expanding estimate s | measured learngene stage s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['ancestry']} | {r['train_images']} | {r['shape']} | {r['rc']} | {r['build_s']} | {r['peak_rss_mb']} | "
-        f"{r['dry_run_peak_rss_mb']} | {r['dry_run_expanding_estimate_s']} | {r['measured_learngene_stage_s']} |"
+        f"| {r['ancestry']} | {r['train_images']} | {r.get('train_memory_mb', 512)} | {r['shape']} | {r['rc']} | "
+        f"{r['build_s']} | {r['peak_rss_mb']} | {r['dry_run_peak_rss_mb']} | {r.get('dry_run_expanding_step_s')} | "
+        f"{r['dry_run_expanding_estimate_s']} | {r['measured_learngene_stage_s']} |"
         for r in d["builds"]
     ]
     return "\n".join(lines)
@@ -273,6 +287,10 @@ def main() -> None:
     parser.add_argument("--expand-steps", type=int, default=10)
     parser.add_argument("--build-steps", type=int, default=20, help="the builds' fine-tuning steps")
     parser.add_argument("--skip-steps", action="store_true", help="builds only (no step timings)")
+    parser.add_argument(
+        "--train-memory-mb", type=int, nargs="+", default=[512], help="the builds' --train-memory-mb, each in turn"
+    )
+    parser.add_argument("--dry-only", action="store_true", help="the builds' dry runs alone")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     if args.quick:
