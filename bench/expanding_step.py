@@ -7,7 +7,7 @@ forward, then per shape forward + backward over micro-batches. Its multiply-adds
 the drawn shapes' forwards)`` (a backward is two forwards' worth), from :func:`factory.core.shapes.vit_flops`, the
 random shape's averaged over the sandwich.
 
-Variants, each the mean of ``--steps`` measured steps after a warm-up step (:func:`measure_step_seconds`), the
+Variants, each the median of ``--steps`` measured steps after a warm-up step (:func:`measure_step_seconds`), the
 same shapes drawn in each (seeded):
 
 - ``default``: the build's settings (bf16 autocast where the CPU has it, micro-batches of ``memory_mb`` 512);

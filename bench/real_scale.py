@@ -138,7 +138,7 @@ def build_rss(
     expand_steps: int,
     steps: int,
     tmp: Path,
-    memories: list[int] = (512,),
+    memories: list[int] | tuple[int, ...] = (512,),
     dry_only: bool = False,
 ) -> list[dict]:
     """``peg-factory build --profile raspberry_pi5`` at its defaults (expanding batch 64 and fine-tune batch 32 at

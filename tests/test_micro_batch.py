@@ -110,7 +110,7 @@ def test_freed_memory_goes_back_to_the_os_on_linux():
     from factory.io import release_freed_memory
 
     if platform.system() != "Linux":
-        pytest.skip("malloc_trim is glibc's: elsewhere release_freed_memory only collects garbage")
+        pytest.skip("malloc_trim is glibc's: elsewhere release_freed_memory does nothing and returns False")
     assert release_freed_memory() is True
 
 
