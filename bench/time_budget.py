@@ -28,6 +28,9 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,40 +67,78 @@ def mnist_unseen_folder(root: Path) -> str:
 
 
 def _task_spec(task: str, scratch: Path) -> str:
-    return mnist_unseen_folder(scratch / "mnist-unseen") if task == "mnist-unseen" else task
+    """The build's ``--data`` for ``task``; ``photos224``: a generated 224-px RGB ImageFolder (5 classes, 300
+    training images; :func:`factory.data.generate.write_image_folder`) for a 224-px ancestry -- random pixels
+    with class structure, so its accuracies say nothing: the row is for time and choices."""
+    if task == "mnist-unseen":
+        return mnist_unseen_folder(scratch / "mnist-unseen")
+    if task == "photos224":
+        from factory.data.generate import write_image_folder
+
+        return str(
+            write_image_folder(
+                scratch / "photos224", classes=5, size=256, per_class={"train": 60, "val": 10, "test": 20}
+            )
+        )
+    return task
+
+
+def _cli_build(specs: list[str], out: Path, steps: int, *, dry_run: bool) -> tuple[str, float]:
+    """``peg-factory build`` in a fresh process, as a user runs it: its output and wall seconds."""
+    cmd = [sys.executable, "-m", "factory.cli", "build", *[a for s in specs for a in ("--profile", s)]]
+    cmd += ["--out", str(out), "--data", "digits", "--steps", str(steps), *(["--dry-run"] if dry_run else [])]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()[-500:]}")
+    return res.stdout + res.stderr, seconds
 
 
 def plan_part(args, log) -> list[dict]:
+    """The dry run's total against the build's seconds. ``--process fresh`` (default): each a fresh
+    ``peg-factory build`` process, as a user runs them (the build's seconds include the interpreter's start);
+    ``same``: both through the Python API in this process (the build then finds imports, data and the
+    ancestry warm from the dry run, so it is faster than a user's)."""
     from factory.device.profile import load_profile
     from factory.pipeline.build import build
     from factory.pipeline.config import BuildConfig
     from factory.pipeline.fleet import load_fleet
 
     rows = []
-    fleets = {
-        args.profile: [load_profile(args.profile)],
-        "demo fleet": [load_profile(p) for p in load_fleet(Path("profiles/demo/fleet.yaml"))],
-    }
-    for name, profiles in fleets.items():
+    fleet = [str(p) for p in load_fleet(Path("profiles/demo/fleet.yaml"))]
+    fleets = {args.profile: [args.profile], "demo fleet": fleet}
+    for name, specs in fleets.items():
         if args.quick and name == "demo fleet":
             continue
-        cfg = BuildConfig(data="digits", finetune_steps=args.steps)
         with tempfile.TemporaryDirectory() as out:
-            dry = build(profiles, Path(out) / "b", cfg, dry_run=True, log=log)
-            t0 = time.perf_counter()
-            build(profiles, Path(out) / "b", cfg, log=log)
-            seconds = time.perf_counter() - t0
+            if args.process == "fresh":
+                text, _ = _cli_build(specs, Path(out) / "b", args.steps, dry_run=True)
+                found = re.search(r"plan: total ~(\d+)s", text)
+                if found is None:
+                    raise RuntimeError(f"the dry run printed no total:\n{text[-2000:]}")
+                estimate, stages = float(found.group(1)), {}
+                _, seconds = _cli_build(specs, Path(out) / "b", args.steps, dry_run=False)
+            else:
+                profiles = [load_profile(s) for s in specs]
+                cfg = BuildConfig(data="digits", finetune_steps=args.steps)
+                dry = build(profiles, Path(out) / "b", cfg, dry_run=True, log=log)
+                estimate, stages = dry["total_estimate_s"], {r["stage"]: r["estimate_s"] for r in dry["stages"]}
+                t0 = time.perf_counter()
+                build(profiles, Path(out) / "b", cfg, log=log)
+                seconds = time.perf_counter() - t0
         rows.append(
             {
                 "what": name,
-                "devices": len(profiles),
-                "estimate_s": dry["total_estimate_s"],
-                "stages": {r["stage"]: r["estimate_s"] for r in dry["stages"]},
+                "devices": len(specs),
+                "process": args.process,
+                "estimate_s": estimate,
+                "stages": stages,
                 "measured_s": round(seconds, 1),
-                "ratio": round(seconds / dry["total_estimate_s"], 3),
+                "ratio": round(seconds / estimate, 3),
             }
         )
-        print(f"plan {name}: estimated {dry['total_estimate_s']:.0f}s, measured {seconds:.0f}s", flush=True)
+        print(f"plan {name}: estimated {estimate:.0f}s, measured {seconds:.0f}s", flush=True)
     return rows
 
 
@@ -113,7 +154,7 @@ def equal_part(args, log) -> list[dict]:
             data = _task_spec(task, Path(scratch))
             for budget in args.budgets:
                 for name, settings in STRATEGIES.items():
-                    if args.quick and name not in ("auto (default)", "scratch"):
+                    if name not in args.strategies or (args.quick and name not in ("auto (default)", "scratch")):
                         continue
                     for seed in args.seeds:
                         cfg = BuildConfig(
@@ -121,6 +162,7 @@ def equal_part(args, log) -> list[dict]:
                             seed=seed,
                             expand_steps=args.expand_cap,
                             time_budget_s=budget,
+                            **({"ancestry": args.ancestry} if args.ancestry else {}),
                             **settings,
                         )
                         with tempfile.TemporaryDirectory() as out:
@@ -170,31 +212,38 @@ def run(args) -> dict:
         "machine": platform.processor() or platform.machine(),
         "profile": args.profile,
         "expand_cap": args.expand_cap,
-        "plan": plan_part(args, lines.append),
-        "equal": equal_part(args, lines.append),
+        "ancestry": args.ancestry or "demo",
+        "plan": plan_part(args, lines.append) if "plan" in args.parts else [],
+        "equal": equal_part(args, lines.append) if "equal" in args.parts else [],
     }
 
 
 def summarise(data: dict) -> str:
     out = [
-        f"Machine {data['machine']}; profile `{data['profile']}`; expanding phase capped at {data['expand_cap']} steps.",
-        "",
-        "**The dry run's total against the build** (no budget, fresh folders, digits):",
-        "",
-        "| build | devices | estimated s | measured s | measured / estimated |",
-        "|---|---|---|---|---|",
+        f"Machine {data['machine']}; profile `{data['profile']}`; ancestry {data.get('ancestry', 'demo')}; expanding phase "
+        f"capped at {data['expand_cap']} steps.",
     ]
+    if data["plan"]:
+        out += [
+            "",
+            "**The dry run's total against the build** (no budget, fresh folders, digits; process: "
+            f"{', '.join(sorted({r.get('process', 'same') for r in data['plan']}))}):",
+            "",
+            "| build | devices | estimated s | measured s | measured / estimated |",
+            "|---|---|---|---|---|",
+        ]
     for r in data["plan"]:
         out.append(
             f"| {r['what']} | {r['devices']} | {r['estimate_s']:.0f} | {r['measured_s']:.0f} | {r['ratio']:.2f} |"
         )
-    out += [
-        "",
-        "**Equal wall time** (each strategy given the same `--time-budget`):",
-        "",
-        "| task | budget | strategy | seed | shape | init | E | N | test acc. (SE) | gap to best (SE) | build s | / budget |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    if data["equal"]:
+        out += [
+            "",
+            "**Equal wall time** (each strategy given the same `--time-budget`):",
+            "",
+            "| task | budget | strategy | seed | shape | init | E | N | test acc. (SE) | gap to best (SE) | build s | / budget |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
     rows = data["equal"]
     for key in dict.fromkeys((r["task"], r["budget_s"], r["seed"]) for r in rows):
         cell = [r for r in rows if (r["task"], r["budget_s"], r["seed"]) == key]
@@ -215,12 +264,25 @@ def summarise(data: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["digits", "textures", "mnist-unseen"])
+    parser.add_argument(
+        "--tasks", nargs="+", default=["digits", "textures", "mnist-unseen"], help="also: photos224 (a 224-px folder)"
+    )
     parser.add_argument("--profile", default="jetson_orin")
     parser.add_argument("--budgets", nargs="+", type=float, default=[180.0], help="seconds")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--expand-cap", type=int, default=400)
     parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps of the plan part's builds")
+    parser.add_argument(
+        "--strategies", nargs="+", choices=tuple(STRATEGIES), default=list(STRATEGIES), metavar="STRATEGY"
+    )
+    parser.add_argument("--ancestry", default=None, help="the builds' --ancestry [default: the demo ancestry]")
+    parser.add_argument("--parts", nargs="+", choices=("plan", "equal"), default=["plan", "equal"])
+    parser.add_argument(
+        "--process",
+        choices=("fresh", "same"),
+        default="fresh",
+        help="plan part: dry run and build each in a fresh CLI process (as a user runs them), or both in this one",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)

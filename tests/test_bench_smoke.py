@@ -223,3 +223,38 @@ def test_expanding_step_quick_mode_runs(tmp_path):
     assert all(r["s_per_step"] > 0 for r in data["steps"]) and data["steps"][0]["vs_default"] == 1.0
     assert 0 < data["flops"]["roofline_fraction"] < 1.5 and data["profile"]
     assert "% of this machine's" in (tmp_path / "e.md").read_text()
+
+
+def _quality_run(path, seed, measured, chosen, capacity):
+    best = max(measured, key=measured.get)
+    row = {
+        "task": "digits",
+        "profile": "p",
+        "seed": seed,
+        "measured": measured,
+        "chosen": chosen,
+        "chosen_acc": measured[chosen],
+        "capacity_acc": measured[capacity],
+        "oracle_acc": measured[best],
+        "test_images": 400,
+    }
+    path.write_text(json.dumps({"args": {"init": "peg", "steps": 100}, "rows": [row]}))
+    return path
+
+
+def test_selection_ceiling_separates_the_chooser_from_the_seed_noise(tmp_path):
+    # a shape 10 points ahead at both seeds: any noise of ~1 point leaves the expected-best within one SE
+    a = _quality_run(tmp_path / "s0.json", 0, {"d1": 0.80, "d2": 0.90, "d3": 0.79}, "d1", "d2")
+    b = _quality_run(tmp_path / "s1.json", 1, {"d1": 0.82, "d2": 0.90, "d3": 0.80}, "d1", "d2")
+    out = tmp_path / "c.json"
+    proc = _run("bench/selection_ceiling.py", "--runs", str(a), str(b), "--json", str(out), "--draws", "200")
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["cells"] == 2 and row["pairs"] == 1
+    assert row["within_one_se"] == {"shipped": 0, "capacity": 2, "other seed's oracle": 2, "seed-averaged shipped": 0}
+    assert row["perfect_chooser_rate"] == 1.0 and row["seed_noise_pt"]["digits"] == 0.58  # sd(-2, 0, -1 pt) / sqrt 2
+    assert "| peg | 100 | 2 |" in proc.stdout
+    # one seed alone has no ceiling to measure: refused in one line
+    res = subprocess.run(
+        [sys.executable, "bench/selection_ceiling.py", "--runs", str(a)], capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "two seeds" in res.stderr

@@ -175,8 +175,71 @@ def test_a_phase_that_must_run_is_planned_within_its_cap_where_it_pays(tmp_path,
     assert json.dumps(plan)  # the dry run's --json
 
 
+def test_a_phase_the_budget_drops_is_planned_again_with_the_probes_an_untrained_learngene_needs(tmp_path, monkeypatch):
+    # the objective follows the learngene: trained -> capacity, untrained -> the accuracy probes. A budget whose
+    # share buys too few expanding-phase steps leaves it untrained, so the plan must count the probes it brings
+    real = transfer.check_transfer
+
+    def transfers(*args, **kwargs):
+        return transfer.TransferCheck(
+            **{**real(*args, **kwargs).__dict__, "scores": {"weight_selection": 0.9, "scratch": 0.2}}
+        )
+
+    monkeypatch.setattr(transfer, "check_transfer", transfers)
+    cfg = BuildConfig(
+        data="synthetic", batch_size=16, expand_steps=12, expand_batch_size=8, expand_min_steps=750, time_budget_s=600
+    )
+    lines: list[str] = []
+    plan = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, dry_run=True, log=lines.append)
+    first = plan["time_budget"]["plans"]["first"]
+    assert first["expand_steps"] == 0 and first["planned_s"]["probes"] > 0  # planned again, with the probes
+    assert first["planned_total_s"] <= 600
+    assert any(line.startswith("objective: accuracy") and "planned again" in line for line in lines), lines
+
+
 def test_a_phase_too_short_to_pay_is_not_run():
     costs = _costs(first=2.0, each=1.0, expanding=True)
     assert fit_budget(60, costs, min_expand_steps=30).expand_steps == 0  # 21 steps would fit: fewer than pay
     assert fit_budget(60, costs, min_expand_steps=30).finetune_steps == 100  # ... so the fine-tune gets it all
     assert fit_budget(60, costs, min_expand_steps=21).expand_steps == 21
+
+
+def test_a_replanned_first_plan_is_the_one_a_resumed_build_finds(tmp_path, monkeypatch):
+    import types
+
+    import factory.pipeline.budget_costs as budget_costs
+
+    def costs(ctx, devices, profiles, *, objective, expanding, probed):
+        probes = {"probes": 0.25} if objective == "accuracy" else {}
+        return Costs(
+            {"export": 10.0},
+            lambda n: {"finetune": 0.5 * n, **{k: v * n for k, v in probes.items()}},
+            2.0,
+            1.0,
+            expanding,
+        )
+
+    monkeypatch.setattr(budget_costs, "build_costs", costs)
+    cfg = BuildConfig(data="synthetic", time_budget_s=100, expand_steps=50, expand_min_steps=750)
+    ctx = types.SimpleNamespace(cfg=cfg, out=tmp_path, log=lambda line: None, step_times={})
+
+    def plan(objective, expanding, replan=False, elapsed=0.0):
+        return budget_costs.plan_time(
+            ctx,
+            [],
+            [],
+            key="k",
+            elapsed_s=elapsed,
+            objective=objective,
+            expanding=expanding,
+            probed=False,
+            replan=replan,
+        )
+
+    first = plan("capacity", True)  # 41 steps would fit the phase's share: fewer than the 750 that pay
+    assert first.expand_steps == 0 and first.finetune_steps in (179, 180)  # (100 - 10) / 0.5
+    again = plan("accuracy", False, replan=True)  # the untrained learngene is probed: 0.75 s a step
+    assert again.expand_steps == 0 and again.finetune_steps in (119, 120) and again.planned_s["probes"] > 0
+    for replan in (False, True):  # a resumed build, later and on a slower machine, finds the replanned one
+        found = plan("capacity", True, replan=replan, elapsed=60.0)
+        assert (found.expand_steps, found.finetune_steps) == (0, again.finetune_steps)

@@ -16,6 +16,7 @@ stages stay valid) instead of planning anew on a machine that is busier or quiet
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -96,10 +97,14 @@ def plan_time(
     expanding: bool,
     probed: bool,
     dry_run: bool = False,
+    replan: bool = False,
 ) -> BudgetPlan:
     """The plan of the build's remaining work in ``budget - elapsed_s`` (the first, ``probed=False``, or the
-    second); a plan this build recorded before (a resumed build) is returned as it was. The second plan never
-    fails: when less is left than its least work, it plans :data:`MIN_FINETUNE_STEPS` and says so."""
+    second); a plan this build recorded before (a resumed build) is returned as it was. ``replan``: the first plan
+    dropped the expanding phase, which changed what the build does (an untrained learngene is probed), so it is
+    planned again, with ``E = 0``, and recorded over, marked ``replanned`` (a resumed build finds that one). The
+    second plan never fails: when less is left than its least work, it plans :data:`MIN_FINETUNE_STEPS` and says
+    so."""
     from factory.pipeline.config import expanding_config
 
     cfg = ctx.cfg
@@ -107,7 +112,7 @@ def plan_time(
     path = plan_file(ctx, key)
     recorded = _recorded(path)
     plan = _from_dict(recorded.get(stage)) if not dry_run else None
-    if plan is not None:
+    if plan is not None and (not replan or recorded[stage].get("replanned")):
         ctx.log(f"time budget: the {stage} plan as this build recorded it ({path.name}): {describe(plan)}")
         return plan
     if probed:  # the machine now, not as it was before the learngene stage: fine-tuning steps measured again
@@ -133,6 +138,8 @@ def plan_time(
             f"least; fine-tuning {MIN_FINETUNE_STEPS} steps (the build will run over its budget)"
         )
         plan = BudgetPlan(left, MIN_FINETUNE_STEPS, None, {"fixed": costs.fixed_s}, least)
+    if replan:  # the phase the first plan dropped stays dropped, on a resumed build too
+        plan = dataclasses.replace(plan, expand_steps=0)
     ctx.log(f"time budget: {stage} plan, {format_duration(left)} left: {describe(plan)}")
     if plan.expand_steps == 0 and costs.expanding_planned:
         ctx.log(
@@ -140,7 +147,7 @@ def plan_time(
             "(a learngene trained less starts below weight selection); the fine-tunes get the time"
         )
     if not dry_run:
-        _record(path, {**recorded, stage: plan.to_dict()})
+        _record(path, {**recorded, stage: {**plan.to_dict(), **({"replanned": True} if replan else {})}})
     return plan
 
 

@@ -147,10 +147,12 @@ def _build(
     budget: dict[str, Any] = {}
     if cfg.time_budget_s is not None:  # the steps that fit the budget (factory.pipeline.budget_costs)
         first = _plan(ctx, devices, profiles, key, clock, objective, probed=False, dry_run=dry_run)
-        budget["plans"] = {"first": first.to_dict()}
-        if (objective_for(ctx.cfg, anc)[0]) != objective:  # an untrained learngene: the objective may change
+        if (objective_for(ctx.cfg, anc)[0]) != objective:  # no expanding phase planned: an untrained learngene
             objective, why = objective_for(ctx.cfg, anc)
+            log(f"objective: {objective} ({why}); the budget is planned again with its probes")
             devices, results = search_devices(profiles, space, anc, ctx.cfg, objective, why, None)
+            first = _plan(ctx, devices, profiles, key, clock, objective, probed=False, dry_run=dry_run, replan=True)
+        budget["plans"] = {"first": first.to_dict()}
     clock.mark("setup")
     if dry_run:
         budget_part = {"time_budget": {"budget_s": cfg.time_budget_s, **budget}} if budget else {}
@@ -221,7 +223,9 @@ class _Clock:
         return time.perf_counter() - self.start
 
 
-def _plan(ctx, devices, profiles, key, clock: _Clock, objective: str, *, probed: bool, dry_run: bool = False):
+def _plan(
+    ctx, devices, profiles, key, clock: _Clock, objective: str, *, probed: bool, dry_run: bool = False, replan=False
+):
     """A time-budget plan (:func:`factory.pipeline.budget_costs.plan_time`), applied to ``ctx.cfg``."""
     from factory.pipeline.budget_costs import plan_time
     from factory.pipeline.learngene_stage import learngene_source
@@ -237,6 +241,7 @@ def _plan(ctx, devices, profiles, key, clock: _Clock, objective: str, *, probed:
         expanding=expanding,
         probed=probed,
         dry_run=dry_run,
+        replan=replan,
     )
     steps = {"finetune_steps": plan.finetune_steps}
     if plan.expand_steps is not None:
