@@ -52,6 +52,23 @@ from factory.training.train import evaluate, train
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def task_dataset(task: str, anc):
+    """The task's splits; ``mnist-unseen`` (bench/common.py's split: MNIST the ancestry never trained on): 2,000
+    images of MNIST's validation split to train, 500 of its test split to validate (the probes' scores) and
+    the next 2,000 to test."""
+    if task != "mnist-unseen":
+        return load_dataset(task, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+    mnist = load_dataset("mnist", img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+    return dataclasses.replace(
+        mnist,
+        name=task,
+        train=mnist.val.subset(0, 2000),
+        val=mnist.test.subset(0, 500),
+        test=mnist.test.subset(500, 2500),
+        identity=f"{mnist.identity}:unseen-2000-500-2000",
+    )
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     anc = load_ancestry("demo")
@@ -61,10 +78,16 @@ def run(args) -> dict:
     ]
     rows, measured = [], reused_measurements(args.reuse)
     for task in args.tasks:
-        ds = load_dataset(task, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
+        ds = task_dataset(task, anc)
         space = SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes)
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            cfg = BuildConfig(data=task, finetune_steps=args.steps, seed=seed, device="cpu", init=args.init)
+            cfg = BuildConfig(  # the recipe's settings; the data are ds's
+                data="mnist" if task == "mnist-unseen" else task,
+                finetune_steps=args.steps,
+                seed=seed,
+                device="cpu",
+                init=args.init,
+            )
             for prof in profiles:
                 result = search(prof, space, latency_model_for(prof, arch=anc.arch), seed=seed)
                 predictor = SuccessiveHalving(
@@ -276,7 +299,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: one profile, digits, 1 seed, 3 candidates")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--md", type=Path, default=None)
-    parser.add_argument("--tasks", nargs="+", default=["digits", "textures"])
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        choices=("digits", "textures", "mnist-unseen", "mnist"),
+        help="[default: digits textures; --quick: digits]",
+    )
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one [default: 0]")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning budget [default: the build's, 100]")
@@ -329,8 +358,7 @@ def main() -> None:
         data = {"runs": [str(p) for p in args.summarise], "wall_seconds": 0.0}
         write_outputs(data, table, args.json, args.md)
         return
-    if args.quick:
-        args.tasks = ["digits"]
+    args.tasks = args.tasks or (["digits"] if args.quick else ["digits", "textures"])
     args.seeds = args.seeds or (1 if args.quick else 2)
     args.steps = args.steps or (8 if args.quick else BuildConfig().finetune_steps)
     args.candidates = args.candidates or (3 if args.quick else BuildConfig().candidates)

@@ -122,6 +122,13 @@ def test_search_quality_quick_mode_runs(tmp_path):
     assert len(lines) == 2 and "| anchored calibrated |" in lines[1] and "| calibrated |" in lines[0]
 
 
+def test_search_quality_measures_mnist_unseen_on_its_own_splits(tmp_path):
+    _run("bench/search_quality.py", "--quick", "--tasks", "mnist-unseen", "--json", str(tmp_path / "m.json"))
+    row = json.loads((tmp_path / "m.json").read_text())["rows"][0]
+    assert row["task"] == "mnist-unseen" and row["test_images"] == 2000  # MNIST's test images 500-2500
+    assert row["shapes"] >= 3 and row["oracle_acc"] >= row["chosen_acc"]
+
+
 def test_precision_bench_quick_mode_runs(tmp_path):
     _run(
         "bench/precision.py",
