@@ -92,7 +92,9 @@ def analyse(paths: list[Path], draws: int = 2000, seed: int = 0) -> dict:
         for (_, _, task, _), seeds in sorted(mine.items()):
             rows = [seeds[s] for s in sorted(seeds)]
             common = sorted(set.intersection(*(set(r["measured"]) for r in rows)))  # sorted: ties break the same way
-            n = rows[0]["test_images"]
+            n = next((r["test_images"] for r in rows if "test_images" in r), None)  # older runs lack it
+            if n is None:
+                raise SystemExit(f"no run of {init}/{steps}/{task} records test_images: rerun search_quality for it")
             for r in rows:
                 m, others = r["measured"], [o for o in rows if o is not r]
                 tally["shipped"] += within(r["oracle_acc"], r["chosen_acc"], n)
