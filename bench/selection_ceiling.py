@@ -17,7 +17,8 @@ Per (init, steps), over the cells measured at two or more seeds:
   knew a whole fine-tune of every candidate, one seed early;
 - **perfect chooser (simulated)**: one that knows each shape's *expected* accuracy, taken as its mean over the
   seeds: draw each shape's accuracy ``mu + N(0, s^2)`` (capped at 1), score the expected-best shape against the
-  draw's maximum by the criterion, ``draws`` times (seeded) -- the criterion's ceiling for any chooser;
+  draw's maximum by the criterion, ``draws`` times (seeded) -- the criterion's ceiling for any chooser (a
+  generous one: the seed means still carry half the noise's variance, which spreads the shapes apart);
 - **seed-averaged**: the chosen shapes' mean accuracy over the seeds within one SE (``n`` = seeds x test
   images) of the best seed-averaged shape (the criterion on what a chooser can be asked to predict).
 
