@@ -15,10 +15,12 @@ on the task's test split every ``eval_every`` steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import statistics
 
-from factory.data import ImageTensors, load_dataset
+from factory.data import Dataset, ImageTensors, load_dataset
 from factory.training.train import TrainConfig, evaluate, train
 
 TASKS = ("digits", "mnist-unseen", "textures")
@@ -34,6 +36,32 @@ def load_tasks(names: tuple[str, ...] | list[str]) -> dict[str, tuple[ImageTenso
             ds = load_dataset(name, img_size=28)
             out[name] = (ds.train, ds.test)
     return out
+
+
+def mnist_unseen(img_size: int = 28, in_chans: int = 1) -> Dataset:
+    """MNIST the demo ancestry never trained on, with a validation split (the builds' and probes' benches):
+    2,000 images of MNIST's validation split to train, 500 of its test split to validate, the next 2,000 to
+    test. (:func:`load_tasks`' older ``mnist-unseen`` has no validation split and tests on the first 2,000.)"""
+    mnist = load_dataset("mnist", img_size=img_size, in_chans=in_chans)
+    return dataclasses.replace(
+        mnist,
+        name="mnist-unseen",
+        train=mnist.val.subset(0, 2000),
+        val=mnist.test.subset(0, 500),
+        test=mnist.test.subset(500, 2500),
+        identity=f"{mnist.identity}:unseen-2000-500-2000",
+    )
+
+
+def binomial_se(p: float, n: int) -> float:
+    """``sqrt(p (1 - p) / n)``: the standard error of an accuracy ``p`` on ``n`` images (floored above zero, so
+    a gap can be divided by it)."""
+    return math.sqrt(max(p * (1 - p), 1e-12) / n)
+
+
+def within_one_se(best: float, acc: float, n: int) -> bool:
+    """``acc`` within one binomial standard error of ``best``'s accuracy on ``n`` images (issue 31's criterion)."""
+    return best - acc <= binomial_se(best, n) + 1e-9
 
 
 def recipe(steps: int, eval_every: int, seed: int, amp: str = "auto") -> TrainConfig:

@@ -18,13 +18,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-from common import run_and_write
+from common import binomial_se, run_and_write
 
 STRATEGIES = {
     "auto (joint, default)": {"init": "auto"},
@@ -64,7 +63,7 @@ def run(args) -> dict:
                     "shape": f"d{dev['shape']['depth']}-w{dev['shape']['embed_dim']}",
                     "init": dev["init"],
                     "accuracy": acc,
-                    "se": math.sqrt(max(acc * (1 - acc), 1e-12) / n),
+                    "se": binomial_se(acc, n),
                     "test_images": n,
                     "seconds": round(seconds, 1),
                     "skipped_expanding_phase": (manifest.get("expanding_phase_check") or {}).get("skipped_phase"),

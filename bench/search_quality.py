@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import run_and_write, write_outputs
+from common import mnist_unseen, run_and_write, within_one_se, write_outputs
 from scipy.stats import spearmanr
 
 from factory import init_descendant, load_ancestry, sample_learngene
@@ -53,20 +53,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def task_dataset(task: str, anc):
-    """The task's splits; ``mnist-unseen`` (bench/common.py's split: MNIST the ancestry never trained on): 2,000
-    images of MNIST's validation split to train, 500 of its test split to validate (the probes' scores) and
-    the next 2,000 to test."""
-    if task != "mnist-unseen":
-        return load_dataset(task, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
-    mnist = load_dataset("mnist", img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
-    return dataclasses.replace(
-        mnist,
-        name=task,
-        train=mnist.val.subset(0, 2000),
-        val=mnist.test.subset(0, 500),
-        test=mnist.test.subset(500, 2500),
-        identity=f"{mnist.identity}:unseen-2000-500-2000",
-    )
+    """The task's splits; ``mnist-unseen``: :func:`common.mnist_unseen` (its validation split scores the probes)."""
+    if task == "mnist-unseen":
+        return mnist_unseen(anc.arch.img_size, anc.arch.in_chans)
+    return load_dataset(task, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans)
 
 
 def run(args) -> dict:
@@ -197,7 +187,7 @@ def summarise(data: dict) -> str:
     gains = [100 * (r["chosen_acc"] - r["capacity_acc"]) for r in rows]
     cap_gaps = [100 * (r["oracle_acc"] - r["capacity_acc"]) for r in rows]
     rhos = [r["spearman"] for r in rows if r["spearman"] == r["spearman"]]
-    within_se = [r for r in rows if "test_images" in r and within_one_se(r)]
+    within_se = [r for r in rows if "test_images" in r and chosen_within_one_se(r)]
     ratio = [
         r["estimator_seconds"] / r["finetune_seconds_chosen"] for r in rows if r["finetune_seconds_chosen"] > 0
     ] or [float("nan")]
@@ -262,11 +252,10 @@ def regime_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def within_one_se(row: dict) -> bool:
-    """The chosen shape's test accuracy within one binomial standard error, ``sqrt(p (1 - p) / n)``, of the
-    oracle's ``p`` on the ``n`` test images (the issue's criterion for a probe that predicts the shipped model)."""
-    p, n = row["oracle_acc"], row["test_images"]
-    return row["oracle_acc"] - row["chosen_acc"] <= (p * (1 - p) / n) ** 0.5 + 1e-9
+def chosen_within_one_se(row: dict) -> bool:
+    """The chosen shape's test accuracy within one binomial standard error of the oracle's on the ``test_images``
+    (issue 31's criterion for a probe that predicts the shipped model)."""
+    return within_one_se(row["oracle_acc"], row["chosen_acc"], row["test_images"])
 
 
 def seed_averaged(rows: list[dict]) -> list[dict]:

@@ -36,18 +36,10 @@ import random
 import statistics
 from pathlib import Path
 
+from common import within_one_se as within
 from common import write_outputs
 
 OTHER = "other seed's oracle"
-
-
-def se(p: float, n: int) -> float:
-    """Binomial standard error of an accuracy ``p`` on ``n`` images."""
-    return math.sqrt(max(p * (1 - p), 0.0) / n)
-
-
-def within(best: float, acc: float, n: int) -> bool:
-    return best - acc <= se(best, n) + 1e-9
 
 
 def cells(paths: list[Path]) -> dict[tuple, dict[int, dict]]:

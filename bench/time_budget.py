@@ -26,7 +26,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import re
 import subprocess
@@ -35,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import run_and_write
+from common import binomial_se, mnist_unseen, run_and_write
 
 STRATEGIES = {
     "auto (default)": {"init": "auto"},
@@ -49,15 +48,8 @@ def mnist_unseen_folder(root: Path) -> str:
     """MNIST images the demo ancestry never trained on, as an ImageFolder (train/val/test)."""
     from PIL import Image
 
-    from factory.data import load_dataset
-
-    mnist = load_dataset("mnist", img_size=28)
-    splits = {
-        "train": mnist.val.subset(0, 2000),
-        "val": mnist.test.subset(0, 500),
-        "test": mnist.test.subset(500, 2500),
-    }
-    for split, data in splits.items():
+    ds = mnist_unseen()
+    for split, data in {"train": ds.train, "val": ds.val, "test": ds.test}.items():
         images = data.images * 0.3081 + 0.1307  # un-normalise (MNIST's mean and std)
         for i, (x, y) in enumerate(zip(images, data.labels.tolist())):
             folder = root / split / str(y)
@@ -197,7 +189,7 @@ def _row(task, name, seed, budget, manifest, seconds) -> dict:
         "finetune_steps": dev["finetune"]["steps"],
         "planned_first": first,
         "accuracy": acc,
-        "se": math.sqrt(max(acc * (1 - acc), 1e-12) / n),
+        "se": binomial_se(acc, n),
         "test_images": n,
         "seconds": round(seconds, 1),
         "ratio": round(seconds / budget, 3),

@@ -147,8 +147,9 @@ def _build(
     budget: dict[str, Any] = {}
     if cfg.time_budget_s is not None:  # the steps that fit the budget (factory.pipeline.budget_costs)
         first = _plan(ctx, devices, profiles, key, clock, objective, probed=False, dry_run=dry_run)
-        if (objective_for(ctx.cfg, anc)[0]) != objective:  # no expanding phase planned: an untrained learngene
-            objective, why = objective_for(ctx.cfg, anc)
+        planned_objective, planned_why = objective_for(ctx.cfg, anc)
+        if planned_objective != objective:  # no expanding phase planned: an untrained learngene
+            objective, why = planned_objective, planned_why
             log(f"objective: {objective} ({why}); the budget is planned again with its probes")
             devices, results = search_devices(profiles, space, anc, ctx.cfg, objective, why, None)
             first = _plan(ctx, devices, profiles, key, clock, objective, probed=False, dry_run=dry_run, replan=True)
@@ -224,7 +225,16 @@ class _Clock:
 
 
 def _plan(
-    ctx, devices, profiles, key, clock: _Clock, objective: str, *, probed: bool, dry_run: bool = False, replan=False
+    ctx,
+    devices,
+    profiles,
+    key,
+    clock: _Clock,
+    objective: str,
+    *,
+    probed: bool,
+    dry_run: bool = False,
+    replan: bool = False,
 ):
     """A time-budget plan (:func:`factory.pipeline.budget_costs.plan_time`), applied to ``ctx.cfg``."""
     from factory.pipeline.budget_costs import plan_time
