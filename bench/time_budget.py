@@ -36,6 +36,7 @@ from pathlib import Path
 
 from common import binomial_se, mnist_unseen, run_and_write
 
+ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = {
     "auto (default)": {"init": "auto"},
     "peg": {"init": "peg"},
@@ -95,11 +96,9 @@ def plan_part(args, log) -> list[dict]:
     from factory.device.profile import load_profile
     from factory.pipeline.build import build
     from factory.pipeline.config import BuildConfig
-    from factory.pipeline.fleet import load_fleet
 
     rows = []
-    fleet = [str(p) for p in load_fleet(Path("profiles/demo/fleet.yaml"))]
-    fleets = {args.profile: [args.profile], "demo fleet": fleet}
+    fleets = {args.profile: [args.profile], "demo fleet": _fleet_specs()}
     for name, specs in fleets.items():
         if args.quick and name == "demo fleet":
             continue
@@ -140,7 +139,8 @@ def equal_part(args, log) -> list[dict]:
     from factory.pipeline.config import BuildConfig
 
     rows = []
-    profile = load_profile(args.profile)
+    specs = _fleet_specs() if args.profile == "demo-fleet" else [args.profile]
+    profiles = [load_profile(s) for s in specs]
     with tempfile.TemporaryDirectory() as scratch:
         for task in args.tasks:
             data = _task_spec(task, Path(scratch))
@@ -159,20 +159,29 @@ def equal_part(args, log) -> list[dict]:
                         )
                         with tempfile.TemporaryDirectory() as out:
                             t0 = time.perf_counter()
-                            manifest = build([profile], Path(out) / "b", cfg, log=log)
+                            manifest = build(profiles, Path(out) / "b", cfg, log=log)
                             seconds = time.perf_counter() - t0
-                        rows.append(_row(task, name, seed, budget, manifest, seconds))
-                        r = rows[-1]
-                        print(
-                            f"{task} {budget:.0f}s {name} seed {seed}: {r['shape']} {r['init']} E={r['expand_steps']} "
-                            f"N={r['finetune_steps']} acc {r['accuracy']:.4f} in {seconds:.0f}s ({r['ratio']:.2f}x)",
-                            flush=True,
-                        )
+                        for dev in manifest["devices"]:
+                            rows.append(_row(task, name, seed, budget, manifest, dev, seconds))
+                            r = rows[-1]
+                            print(
+                                f"{task} {budget:.0f}s {name} seed {seed} {r['device']}: {r['shape']} {r['init']} "
+                                f"E={r['expand_steps']} N={r['finetune_steps']} acc {r['accuracy']:.4f} in "
+                                f"{seconds:.0f}s ({r['ratio']:.2f}x)",
+                                flush=True,
+                            )
     return rows
 
 
-def _row(task, name, seed, budget, manifest, seconds) -> dict:
-    dev = manifest["devices"][0]
+def _fleet_specs() -> list[str]:
+    """The demo fleet's profile paths (``--profile demo-fleet``)."""
+    from factory.pipeline.fleet import load_fleet
+
+    return [str(p) for p in load_fleet(ROOT / "profiles/demo/fleet.yaml")]
+
+
+def _row(task, name, seed, budget, manifest, dev, seconds) -> dict:
+    """One device's row of one build (``seconds``: the whole build's, shared by its devices)."""
     record = manifest["time_budget"]
     first = record["plans"]["first"]
     n = sum(sum(r) for r in dev["accuracy"].get("confusion") or [[0]]) or 1
@@ -180,6 +189,7 @@ def _row(task, name, seed, budget, manifest, seconds) -> dict:
     lg = (manifest["learngene"].get("recipe") or {}).get("expanding") or {}
     return {
         "task": task,
+        "device": dev["name"],
         "strategy": name,
         "seed": seed,
         "budget_s": budget,
@@ -233,21 +243,24 @@ def summarise(data: dict) -> str:
             "",
             "**Equal wall time** (each strategy given the same `--time-budget`):",
             "",
-            "| task | budget | strategy | seed | shape | init | E | N | test acc. (SE) | gap to best (SE) | build s | / budget |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| task | budget | device | strategy | seed | shape | init | E | N | test acc. (SE) | gap to best (SE) | "
+            "build s | / budget |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     rows = data["equal"]
-    for key in dict.fromkeys((r["task"], r["budget_s"], r["seed"]) for r in rows):
-        cell = [r for r in rows if (r["task"], r["budget_s"], r["seed"]) == key]
+    cell_of = lambda r: (r["task"], r["budget_s"], r["seed"], r.get("device", data["profile"]))  # noqa: E731
+    for key in dict.fromkeys(map(cell_of, rows)):
+        cell = [r for r in rows if cell_of(r) == key]
         best = max(r["accuracy"] for r in cell)
         for r in cell:
             gap = (r["accuracy"] - best) / r["se"] if r["se"] else 0.0
             out.append(
-                f"| {r['task']} | {r['budget_s']:.0f}s | {r['strategy']} | {r['seed']} | {r['shape']} | {r['init']} | "
+                f"| {r['task']} | {r['budget_s']:.0f}s | {key[3]} | {r['strategy']} | {r['seed']} | {r['shape']} | "
+                f"{r['init']} | "
                 f"{r['expand_steps']} | {r['finetune_steps']} | {r['accuracy']:.4f} ({r['se']:.4f}) | {gap:+.1f} | "
                 f"{r['seconds']:.0f} | {r['ratio']:.2f} |"
             )
-    ratios = [r["ratio"] for r in rows]
+    ratios = [r["ratio"] for r in {(r["task"], r["budget_s"], r["seed"], r["strategy"]): r for r in rows}.values()]
     if ratios:
         within = sum(r <= 1.15 for r in ratios)
         out += ["", f"Builds within 1.15x their budget: {within} of {len(ratios)} (max {max(ratios):.2f}x)."]
@@ -259,7 +272,11 @@ def main() -> None:
     parser.add_argument(
         "--tasks", nargs="+", default=["digits", "textures", "mnist-unseen"], help="also: photos224 (a 224-px folder)"
     )
-    parser.add_argument("--profile", default="jetson_orin")
+    parser.add_argument(
+        "--profile",
+        default="jetson_orin",
+        help="a profile, or demo-fleet (profiles/demo/fleet.yaml: one build, all devices)",
+    )
     parser.add_argument("--budgets", nargs="+", type=float, default=[180.0], help="seconds")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--expand-cap", type=int, default=400)

@@ -265,3 +265,26 @@ def test_selection_ceiling_separates_the_chooser_from_the_seed_noise(tmp_path):
         [sys.executable, "bench/selection_ceiling.py", "--runs", str(a)], capture_output=True, text=True
     )
     assert res.returncode == 2 and "two seeds" in res.stderr
+
+
+def test_time_budget_scores_each_device_of_a_fleet_build_against_the_same_device(monkeypatch):
+    monkeypatch.syspath_prepend("bench")
+    import time_budget
+
+    def row(device, strategy, acc, ratio):
+        return {
+            "task": "digits", "device": device, "strategy": strategy, "seed": 0, "budget_s": 600.0,
+            "shape": "d4-w96", "init": "scratch", "expand_steps": 0, "finetune_steps": 900, "accuracy": acc,
+            "se": 0.01, "test_images": 400, "seconds": 600 * ratio, "ratio": ratio,
+        }  # fmt: skip
+
+    rows = [row("a", "auto (default)", 0.90, 0.95), row("b", "auto (default)", 0.80, 0.95)]
+    rows += [row("a", "scratch", 0.95, 1.20), row("b", "scratch", 0.70, 1.20)]
+    md = time_budget.summarise(
+        {"machine": "x", "profile": "demo-fleet", "expand_cap": 400, "ancestry": "demo", "plan": [], "equal": rows}
+    )
+    assert "| digits | 600s | a | auto (default) | 0 | d4-w96 | scratch | 0 | 900 | 0.9000 (0.0100) | -5.0 |" in md
+    assert "| digits | 600s | b | auto (default) | 0 | d4-w96 | scratch | 0 | 900 | 0.8000 (0.0100) | +0.0 |" in md
+    assert "| b | scratch | 0 | d4-w96 | scratch | 0 | 900 | 0.7000 (0.0100) | -10.0 |" in md
+    # a fleet build is one build, however many devices it ships: its time is counted once
+    assert "Builds within 1.15x their budget: 1 of 2 (max 1.20x)." in md
