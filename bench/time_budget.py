@@ -248,7 +248,10 @@ def summarise(data: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     rows = data["equal"]
-    cell_of = lambda r: (r["task"], r["budget_s"], r["seed"], r.get("device", data["profile"]))  # noqa: E731
+
+    def cell_of(r: dict) -> tuple:  # runs before the fleet option have no device: their one profile
+        return r["task"], r["budget_s"], r["seed"], r.get("device", data["profile"])
+
     for key in dict.fromkeys(map(cell_of, rows)):
         cell = [r for r in rows if cell_of(r) == key]
         best = max(r["accuracy"] for r in cell)
@@ -256,11 +259,11 @@ def summarise(data: dict) -> str:
             gap = (r["accuracy"] - best) / r["se"] if r["se"] else 0.0
             out.append(
                 f"| {r['task']} | {r['budget_s']:.0f}s | {key[3]} | {r['strategy']} | {r['seed']} | {r['shape']} | "
-                f"{r['init']} | "
-                f"{r['expand_steps']} | {r['finetune_steps']} | {r['accuracy']:.4f} ({r['se']:.4f}) | {gap:+.1f} | "
-                f"{r['seconds']:.0f} | {r['ratio']:.2f} |"
+                f"{r['init']} | {r['expand_steps']} | {r['finetune_steps']} | {r['accuracy']:.4f} ({r['se']:.4f}) | "
+                f"{gap:+.1f} | {r['seconds']:.0f} | {r['ratio']:.2f} |"
             )
-    ratios = [r["ratio"] for r in {(r["task"], r["budget_s"], r["seed"], r["strategy"]): r for r in rows}.values()]
+    builds = {(r["task"], r["budget_s"], r["seed"], r["strategy"]): r for r in rows}  # a fleet build: one row a device
+    ratios = [r["ratio"] for r in builds.values()]
     if ratios:
         within = sum(r <= 1.15 for r in ratios)
         out += ["", f"Builds within 1.15x their budget: {within} of {len(ratios)} (max {max(ratios):.2f}x)."]
