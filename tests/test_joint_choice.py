@@ -93,3 +93,61 @@ def test_an_explicit_capacity_objective_keeps_the_largest_shape_for_any_start(tm
     dev = manifest["devices"][0]
     assert dev["init"] == "scratch" and dev["selection"]["objective"] == "capacity"
     assert dev["joint"]["shape"] == _label(dev["shape"]) and "not searched again" in dev["joint"]["why"]
+
+
+@pytest.mark.parametrize("start", ["scratch", "peg"])
+def test_an_untrained_learngene_decides_the_start_first_and_probes_one_round(tmp_path, monkeypatch, start):
+    """No expanding phase trained the learngene (``--expand-steps 0``): the start is decided at the largest shape
+    that fits, before any probe, and the shapes are probed once, fine-tuned from that start -- not first for
+    PEG's descendants and again for the start."""
+    import factory.pipeline.joint_choice as joint_choice
+
+    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, trained=True: (start, "forced by the test"))
+    rounds: list[str | None] = []
+    real = joint_choice.choose_by_probes
+
+    def counted(ctx, devices, results, reason="", init=None):
+        rounds.append(init)
+        return real(ctx, devices, results, reason=reason, init=init)
+
+    monkeypatch.setattr(joint_choice, "choose_by_probes", counted)
+    cfg = BuildConfig(data="synthetic", finetune_steps=6, batch_size=16, candidates=3, expand_steps=0)
+    lines: list[str] = []
+    out = tmp_path / "out"
+    plan = build([load_profile(_profile(tmp_path, "dev", 0.2))], out, cfg, log=lines.append, dry_run=True)
+    capacity = _label(plan["devices"][0]["shape"])
+    assert any("decides the start at" in line and "searched once" in line for line in lines), lines
+    assert not any("searched again" in line for line in lines)
+    manifest = build([load_profile(_profile(tmp_path, "dev", 0.2))], out, cfg, log=lines.append)
+    dev = manifest["devices"][0]
+    joint = dev["joint"]
+    assert rounds == [start]  # one probe round, for the start that is fine-tuned
+    assert dev["init"] == joint["init"] == start and joint["start_decided_at"] == capacity
+    assert "searched_for_peg" not in joint and joint["shape"] == _label(dev["shape"])
+    probed = [p for p in joint["pairs"] if p.get("val_nll") is not None]
+    assert {p["init"] for p in probed} == {start} and sum(p["chosen"] for p in probed) == 1
+    assert capacity in {p["shape"] for p in probed}  # the capacity choice is one of the probed candidates
+    assert dev["selection"]["objective"] == "accuracy" and dev["init_decision"]["chosen"] == start
+    assert not any("searching the shape again" in line for line in lines)
+
+
+def test_a_trained_learngene_still_probes_for_peg_and_searches_again_for_another_start(tmp_path, monkeypatch):
+    """With ``--objective accuracy`` and the shipped (trained) learngene the shape is probed for PEG's descendants
+    and, where the transfer probe then prefers another start, searched again: the start-first path is only for an
+    untrained learngene."""
+    import factory.pipeline.joint_choice as joint_choice
+    from factory.pipeline import device_choice
+
+    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, trained=True: ("scratch", "forced by the test"))
+    rounds: list[str | None] = []
+    real = device_choice.choose_by_probes
+
+    def counted(ctx, devices, results, reason="", init=None):
+        rounds.append(init)
+        return real(ctx, devices, results, reason=reason, init=init)
+
+    monkeypatch.setattr(joint_choice, "choose_by_probes", counted)
+    cfg = BuildConfig(data="synthetic", finetune_steps=6, batch_size=16, candidates=3, objective="accuracy")
+    manifest = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, log=lambda *_: None)
+    joint = manifest["devices"][0]["joint"]
+    assert rounds == [None, "scratch"] and joint["init"] == "scratch" and "searched_for_peg" in joint

@@ -87,8 +87,8 @@ def _build(
     profiles: list[Profile], out: Path, cfg: BuildConfig, *, dry_run: bool, log: Callable[[str], None], executor=None
 ) -> dict[str, Any]:
     from factory.device.search import SearchSpace
-    from factory.pipeline.device_choice import choose_by_probes, search_devices, shape_groups
-    from factory.pipeline.joint_choice import choose_jointly, expanding_phase_check, joint_decision
+    from factory.pipeline.device_choice import search_devices, shape_groups
+    from factory.pipeline.joint_choice import choose_pairs, expanding_phase_check, joint_decision
     from factory.pipeline.learngene_stage import learngene_source
     from factory.pipeline.plan import plan
     from factory.pipeline.report import write_reports
@@ -162,11 +162,7 @@ def _build(
 
     lg_entry = make_learngene(ctx)
     clock.mark("learngene")
-    if objective == "accuracy":
-        devices = choose_by_probes(ctx, devices, results, reason=why)
-    devices = choose_jointly(
-        ctx, devices, results
-    )  # --init auto: the pair (shape, init), not the init at a fixed shape
+    devices = choose_pairs(ctx, devices, results, objective, why)  # --init auto: the pair (shape, init)
     clock.mark("probes")
     if cfg.time_budget_s is not None:  # the fine-tunes get what is left, as it was measured
         budget["plans"]["second"] = _plan(ctx, devices, profiles, key, clock, objective, probed=True).to_dict()

@@ -213,14 +213,20 @@ def search_init(cfg: BuildConfig) -> str:
     return "peg" if cfg.init == "auto" else cfg.init
 
 
+def learngene_trained(cfg: BuildConfig, anc) -> bool:
+    """Whether the build's learngene has been through an expanding phase: a given one by its metadata, the
+    build's own (shipped, cached or trained now) by the phase's configured steps (0: sampled only -- a time
+    budget or the transfer check dropped the phase, or ``--expand-steps 0``)."""
+    given = given_learngene(cfg, anc)
+    if given is not None:
+        return bool((given.meta.get("expanding_phase") or {}).get("config", {}).get("steps"))
+    return expanding_config(cfg).steps > 0
+
+
 def objective_for(cfg: BuildConfig, anc) -> tuple[str, str]:
     """The objective this build runs and why (:func:`factory.device.objective.resolve_objective`)."""
-    given = given_learngene(cfg, anc)
     init = search_init(cfg)
-    if given is not None:
-        trained = init == "peg" and bool((given.meta.get("expanding_phase") or {}).get("config", {}).get("steps"))
-    else:
-        trained = init == "peg" and expanding_config(cfg).steps > 0
+    trained = init == "peg" and learngene_trained(cfg, anc)
     return resolve_objective(cfg.objective, init=init, trained_learngene=trained)
 
 

@@ -11,6 +11,15 @@ probe steps from the same start. The pair ``(S_X, X)`` is fine-tuned.
 
 With an explicit ``--objective capacity`` the shape stays the largest that fits whatever the start (no probes).
 
+**The start first, where the learngene is untrained** (:func:`starts_first`: ``--init auto``, the accuracy
+objective, and no expanding phase trained the learngene -- a time budget or the transfer check dropped it, or
+``--expand-steps 0``). Probing shapes for PEG's descendants first would spend a full round of probes on a start
+the transfer probe then almost never keeps (at a shape the phase never trained it prefers weight selection,
+:func:`factory.core.transfer.choose_init`). So the start is decided first, at the largest shape that fits (the
+shape the transfer check scores too), and the shape is searched once, for that start. Measured at a 10-minute
+budget on mnist-unseen's demo fleet: that round was 61 s of the default's 167 s of probes (``bench/time_budget.py``,
+RESULTS "Run 5"), time the fine-tunes get back.
+
 Why not also probe ``(S_peg, peg)`` against ``(S_X, X)``: the transfer probe prefers another start only when
 inherited features are worse than the alternative *before training* (e.g. random features separate the
 classes better than inherited ones), a case where short fine-tuning probes mislead -- scratch starts slower
@@ -73,44 +82,92 @@ def choose_jointly(ctx: BuildContext, devices: list[DeviceResult], results: dict
             f"{device.name}: --init auto prefers {start} at {first.label()}; searching the shape again for {start} "
             f"(as --init {start} searches)"
         )
-        [again] = choose_by_probes(
-            ctx,
-            [device],
-            results,
-            reason=f"--init auto chose {start} at {first.label()}: shape searched for it",
-            init=start,
-        )
-        rows = again["selection"]["candidates"]
-        chosen = DescendantShape.from_dict(again["shape"])
-        pairs = [_pair(first, "peg", decision), _pair(first, start, decision)]
-        pairs += [
-            {
-                "shape": r["label"],
-                "init": start,
-                "probe_steps": r.get("probe_steps"),
-                "val_nll": r.get("val_nll"),
-                "val_accuracy": r.get("predicted_accuracy"),
-                "chosen": r["chosen"],
-            }
-            for r in rows
-        ]
-        best = next(r for r in rows if r["chosen"])
-        why = (
-            f"at {first.label()} the transfer probe prefers {start} ({decision['reason']}); fine-tuned from {start}, "
-            f"{chosen.label()} probed best of {len(rows)} shapes (validation NLL {best.get('val_nll', float('nan')):.3f}, "
-            f"accuracy {best['predicted_accuracy']:.3f} after {best.get('probe_steps', '?')} steps)"
-        )
-        joint = {
-            "init": start,
-            "shape": chosen.label(),
-            "searched_for_peg": first.label(),
-            "pairs": pairs,
-            "why": why,
-            "decision": {**decision, "chosen": start, "reason": why},  # what the fine-tune records as init_decision
-        }
-        ctx.log(f"{device.name}: chose ({chosen.label()}, {start}): {why}")
-        out.append(again.chose(joint=joint))
+        out.append(_search_for_start(ctx, device, results, first, start, again=True))
     return out
+
+
+def starts_first(ctx: BuildContext, objective: str) -> bool:
+    """Whether ``--init auto`` decides the start before it probes shapes: the accuracy objective with a
+    learngene no expanding phase trained (module docstring)."""
+    from factory.pipeline.config import learngene_trained
+
+    cfg = ctx.cfg
+    return (
+        cfg.init == "auto" and cfg.joint_choice and objective == "accuracy" and not learngene_trained(cfg, ctx.ancestry)
+    )
+
+
+def choose_pairs(
+    ctx: BuildContext, devices: list[DeviceResult], results: dict[str, Any], objective: str, why: str
+) -> list[DeviceResult]:
+    """The build's shape (and, for ``--init auto``, initialisation) per device: the start first and one shape
+    search for it where :func:`starts_first`; otherwise the probes' shape (accuracy objective) or the capacity
+    shape, then :func:`choose_jointly`."""
+    if starts_first(ctx, objective):
+        return [d if d.is_failed else _start_first(ctx, d, results) for d in devices]
+    if objective == "accuracy":
+        devices = choose_by_probes(ctx, devices, results, reason=why)
+    return choose_jointly(ctx, devices, results)
+
+
+def _start_first(ctx: BuildContext, device: DeviceResult, results: dict[str, Any]) -> DeviceResult:
+    from factory.pipeline.stages import decide
+
+    first = DescendantShape.from_dict(device["shape"])  # the largest shape that fits: the capacity choice
+    start = decide(ctx, first)
+    ctx.log(
+        f"{device.name}: the learngene is untrained (no expanding phase), so --init auto decides the start first: "
+        f"{start} at {first.label()}, the largest shape that fits; the shape is searched once, for {start}"
+    )
+    return _search_for_start(ctx, device, results, first, start, again=False)
+
+
+def _search_for_start(
+    ctx: BuildContext, device: DeviceResult, results: dict[str, Any], first: DescendantShape, start: str, *, again: bool
+) -> DeviceResult:
+    """``device`` with the shape the probes choose among its Pareto candidates fine-tuned from ``start``, and the
+    joint record: ``again`` -- the start was decided at ``first``, the shape searched (and probed) for PEG's
+    descendants; otherwise at ``first``, the capacity choice, before any probe."""
+    decision = ctx.inits[first.label()]
+    where = f"at {first.label()}" if again else f"at {first.label()} (the largest shape that fits; untrained learngene)"
+    [found] = choose_by_probes(
+        ctx,
+        [device],
+        results,
+        reason=f"--init auto chose {start} {where}: shape searched for it",
+        init=start,
+    )
+    rows = found["selection"]["candidates"]
+    chosen = DescendantShape.from_dict(found["shape"])
+    pairs = [_pair(first, "peg", decision)] + ([_pair(first, start, decision)] if start != "peg" else [])
+    pairs += [
+        {
+            "shape": r["label"],
+            "init": start,
+            "probe_steps": r.get("probe_steps"),
+            "val_nll": r.get("val_nll"),
+            "val_accuracy": r.get("predicted_accuracy"),
+            "chosen": r["chosen"],
+        }
+        for r in rows
+    ]
+    best = next(r for r in rows if r["chosen"])
+    prefers = "prefers" if start != "peg" else "keeps"
+    why = (
+        f"{where} the transfer probe {prefers} {start} ({decision['reason']}); fine-tuned from {start}, "
+        f"{chosen.label()} probed best of {len(rows)} shapes (validation NLL {best.get('val_nll', float('nan')):.3f}, "
+        f"accuracy {best['predicted_accuracy']:.3f} after {best.get('probe_steps', '?')} steps)"
+    )
+    joint = {
+        "init": start,
+        "shape": chosen.label(),
+        ("searched_for_peg" if again else "start_decided_at"): first.label(),
+        "pairs": pairs,
+        "why": why,
+        "decision": {**decision, "chosen": start, "reason": why},  # what the fine-tune records as init_decision
+    }
+    ctx.log(f"{device.name}: chose ({chosen.label()}, {start}): {why}")
+    return found.chose(joint=joint)
 
 
 def joint_decision(device: DeviceResult) -> dict[str, Any] | None:

@@ -34,9 +34,11 @@ def plan(
     :data:`~factory.pipeline.budget_costs.ASSEMBLE_S_PER_DEVICE` each)."""
     from factory.device.accuracy import EstimatorConfig
     from factory.pipeline.budget_costs import ASSEMBLE_S_PER_DEVICE
+    from factory.pipeline.joint_choice import starts_first
 
     log, cfg = ctx.log, ctx.cfg
     source = learngene_source(ctx)
+    first_start = starts_first(ctx, objective)  # the start decided before the probes, one shape search
     seconds: dict[tuple[str, str], float] = {}  # (stage, item) -> the estimate of what will run; absent: cached
     if source.learngene is not None:
         ctx.learngene = source.learngene
@@ -72,7 +74,12 @@ def plan(
         est = EstimatorConfig(candidates=cfg.candidates)
         steps = est.probe_steps(est.candidates, cfg.finetune_steps)
         probes_s = round(steps * step_seconds(ctx, shape, cfg.batch_size), 1)
-        if cfg.init == "auto" and cfg.joint_choice and cfg.objective != "capacity" and init != "peg":
+        if first_start and init is None:
+            log(
+                f"{entry['name']}: the learngene is untrained (no expanding phase), so --init auto decides the start at "
+                f"{shape.label()} first and the shape is searched once, for that start"
+            )
+        elif cfg.init == "auto" and cfg.joint_choice and cfg.objective != "capacity" and init != "peg":
             extra["joint_estimate_s"] = probes_s
             again = "it prefers" if init else "it prefers another start than peg"
             log(
