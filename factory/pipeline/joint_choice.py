@@ -16,9 +16,10 @@ objective, and no expanding phase trained the learngene -- a time budget or the 
 ``--expand-steps 0``). Probing shapes for PEG's descendants first would spend a full round of probes on a start
 the transfer probe then almost never keeps (at a shape the phase never trained it prefers weight selection,
 :func:`factory.core.transfer.choose_init`). So the start is decided first, at the largest shape that fits (the
-shape the transfer check scores too), and the shape is searched once, for that start. Measured at a 10-minute
-budget on mnist-unseen's demo fleet: that round was 61 s of the default's 167 s of probes (``bench/time_budget.py``,
-RESULTS "Run 5"), time the fine-tunes get back.
+shape the transfer check scores too), and the shape is searched once, for that start. Measured on the demo fleet
+at a 10-minute budget (``bench/time_budget.py``, RESULTS "Run 6"): the default's probes took 167 -> 105 s on
+mnist-unseen and 97 -> 38 s on textures, what a fixed ``--init`` of the chosen start spends; the fine-tunes get
+the time back.
 
 Why not also probe ``(S_peg, peg)`` against ``(S_X, X)``: the transfer probe prefers another start only when
 inherited features are worse than the alternative *before training* (e.g. random features separate the
