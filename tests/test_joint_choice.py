@@ -100,17 +100,8 @@ def test_an_untrained_learngene_decides_the_start_first_and_probes_one_round(tmp
     """No expanding phase trained the learngene (``--expand-steps 0``): the start is decided at the largest shape
     that fits, before any probe, and the shapes are probed once, fine-tuned from that start -- not first for
     PEG's descendants and again for the start."""
-    import factory.pipeline.joint_choice as joint_choice
-
     monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, trained=True: (start, "forced by the test"))
-    rounds: list[str | None] = []
-    real = joint_choice.choose_by_probes
-
-    def counted(ctx, devices, results, reason="", init=None):
-        rounds.append(init)
-        return real(ctx, devices, results, reason=reason, init=init)
-
-    monkeypatch.setattr(joint_choice, "choose_by_probes", counted)
+    rounds = _probe_rounds(monkeypatch)
     cfg = BuildConfig(data="synthetic", finetune_steps=6, batch_size=16, candidates=3, expand_steps=0)
     lines: list[str] = []
     out = tmp_path / "out"
@@ -135,19 +126,24 @@ def test_a_trained_learngene_still_probes_for_peg_and_searches_again_for_another
     """With ``--objective accuracy`` and the shipped (trained) learngene the shape is probed for PEG's descendants
     and, where the transfer probe then prefers another start, searched again: the start-first path is only for an
     untrained learngene."""
-    import factory.pipeline.joint_choice as joint_choice
-    from factory.pipeline import device_choice
-
     monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, trained=True: ("scratch", "forced by the test"))
-    rounds: list[str | None] = []
-    real = device_choice.choose_by_probes
-
-    def counted(ctx, devices, results, reason="", init=None):
-        rounds.append(init)
-        return real(ctx, devices, results, reason=reason, init=init)
-
-    monkeypatch.setattr(joint_choice, "choose_by_probes", counted)
+    rounds = _probe_rounds(monkeypatch)
     cfg = BuildConfig(data="synthetic", finetune_steps=6, batch_size=16, candidates=3, objective="accuracy")
     manifest = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, log=lambda *_: None)
     joint = manifest["devices"][0]["joint"]
     assert rounds == [None, "scratch"] and joint["init"] == "scratch" and "searched_for_peg" in joint
+
+
+def _probe_rounds(monkeypatch) -> list[str | None]:
+    """The ``init`` of every round of shape probes the joint choice runs, in order (None: the build's own)."""
+    import factory.pipeline.joint_choice as joint_choice
+    from factory.pipeline import device_choice
+
+    rounds: list[str | None] = []
+
+    def counted(ctx, devices, results, reason="", init=None):
+        rounds.append(init)
+        return device_choice.choose_by_probes(ctx, devices, results, reason=reason, init=init)
+
+    monkeypatch.setattr(joint_choice, "choose_by_probes", counted)
+    return rounds
