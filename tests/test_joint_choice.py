@@ -120,6 +120,10 @@ def test_an_untrained_learngene_decides_the_start_first_and_probes_one_round(tmp
     assert capacity in {p["shape"] for p in probed}  # the capacity choice is one of the probed candidates
     assert dev["selection"]["objective"] == "accuracy" and dev["init_decision"]["chosen"] == start
     assert not any("searching the shape again" in line for line in lines)
+    again: list[str] = []  # a dry run over the finished build: the start is cached, still one search
+    build([load_profile(_profile(tmp_path, "dev", 0.2))], out, cfg, log=again.append, dry_run=True)
+    assert any(f"({start}, cached)" in line and "searched once" in line for line in again), again
+    assert not any("searched again" in line for line in again)
 
 
 def test_a_trained_learngene_still_probes_for_peg_and_searches_again_for_another_start(tmp_path, monkeypatch):

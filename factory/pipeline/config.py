@@ -226,7 +226,7 @@ def learngene_trained(cfg: BuildConfig, anc) -> bool:
 def objective_for(cfg: BuildConfig, anc) -> tuple[str, str]:
     """The objective this build runs and why (:func:`factory.device.objective.resolve_objective`)."""
     init = search_init(cfg)
-    trained = init == "peg" and learngene_trained(cfg, anc)
+    trained = learngene_trained(cfg, anc) and init == "peg"  # a given learngene is checked whatever the init
     return resolve_objective(cfg.objective, init=init, trained_learngene=trained)
 
 

@@ -74,9 +74,10 @@ def plan(
         est = EstimatorConfig(candidates=cfg.candidates)
         steps = est.probe_steps(est.candidates, cfg.finetune_steps)
         probes_s = round(steps * step_seconds(ctx, shape, cfg.batch_size), 1)
-        if first_start and init is None:
+        if first_start:  # one shape search, for the start decided (or cached) at the capacity shape: no "again"
+            start = "the start" if init is None else f"the start ({init}, cached)"
             log(
-                f"{entry['name']}: the learngene is untrained (no expanding phase), so --init auto decides the start at "
+                f"{entry['name']}: the learngene is untrained (no expanding phase), so --init auto decides {start} at "
                 f"{shape.label()} first and the shape is searched once, for that start"
             )
         elif cfg.init == "auto" and cfg.joint_choice and cfg.objective != "capacity" and init != "peg":
