@@ -124,6 +124,42 @@ def test_decide_init_on_the_demo_ancestry():
     assert record["knn_accuracy"]["peg"] == round(d.scores["peg"], 4) and record["seconds"] > 0
 
 
+def test_the_init_decision_reuses_the_transfer_checks_scores_only_where_it_measured_the_same_thing(monkeypatch):
+    """Weight selection's and scratch's scores do not depend on the learngene: where the expanding-phase check
+    scored them at this shape, seed and sample, the decision takes them (the same numbers) instead of building
+    and scoring those two models again; anywhere else it scores all four."""
+    from factory import DescendantShape, load_ancestry
+    from factory.core import baselines, transfer
+    from factory.core.demo import load_demo_learngene
+    from factory.data import load_dataset
+
+    anc = load_ancestry("demo")
+    lg = load_demo_learngene(anc)
+    ds = load_dataset("mnist", img_size=28)
+    x, y = ds.val.images[:120], ds.val.labels[:120]
+    shape, other = DescendantShape(2, 96, 3, 2.0, 28, 7, 10), DescendantShape(3, 96, 3, 2.0, 28, 7, 10)
+    probe = TransferProbe(images=120)
+    check = transfer.check_transfer(shape, x, y, ancestry=anc, seed=0, probe=probe)
+    fresh = decide_init(shape, x, y, ancestry=anc, learngene=lg, seed=0, probe=probe)
+    built = []
+    real = baselines.init_descendant
+    monkeypatch.setattr(
+        baselines, "init_descendant", lambda method, *a, **k: built.append(method) or real(method, *a, **k)
+    )
+    known = check.known_at(shape, 120, 0)
+    reused = decide_init(shape, x, y, ancestry=anc, learngene=lg, seed=0, probe=probe, known=known)
+    assert sorted(built) == ["peg", "tleg"] and reused.reused == ("weight_selection", "scratch")
+    assert reused.scores == fresh.scores and reused.chosen == fresh.chosen  # the same figures, the same choice
+    assert reused.to_dict()["reused_from_transfer_check"] == ["weight_selection", "scratch"]
+    assert "reused_from_transfer_check" not in fresh.to_dict()
+    # another shape, another sample size or another seed: nothing to reuse
+    assert (
+        check.known_at(other, 120, 0) == {}
+        and check.known_at(shape, 100, 0) == {}
+        and check.known_at(shape, 120, 1) == {}
+    )
+
+
 def test_probe_images_keep_the_decision_under_a_quarter_of_the_fine_tune():
     from factory.core.transfer import images_for
 

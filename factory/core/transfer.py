@@ -49,6 +49,9 @@ from factory.io import release_freed_memory
 
 #: The inherited initialisations, in order of preference on a tie (``scratch`` is the alternative to all of them).
 INHERITED = ("peg", "weight_selection", "tleg")
+#: The starts built without the learngene (from the ancestry, or random): their scores at a shape do not change
+#: when the learngene does, so the transfer check's scores of them can stand in the init decision.
+LEARNGENE_FREE = ("weight_selection", "scratch")
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,7 @@ class InitDecision:
     images: int  # images the scores were computed on
     seconds: float  # the whole decision: building every candidate and scoring it
     shape_trained: bool = True  # whether the learngene's expanding phase trained the shape (trained_by)
+    reused: tuple[str, ...] = ()  # candidates whose scores the transfer check had measured (not scored again)
 
     def to_dict(self) -> dict:
         return {
@@ -204,6 +208,7 @@ class InitDecision:
             "seconds": round(self.seconds, 3),
             "shape_trained": self.shape_trained,
             "method": "leave-one-out k-NN on pooled features",
+            **({"reused_from_transfer_check": list(self.reused)} if self.reused else {}),
         }
 
 
@@ -216,23 +221,32 @@ def decide_init(
     learngene,
     seed: int,
     probe: TransferProbe = TransferProbe(),
+    known: Mapping[str, float] | None = None,
 ) -> InitDecision:
     """Build each of ``probe.candidates`` at ``shape`` (as the fine-tune would: same ``seed``), score its
     features on the first ``probe.images`` of ``images``/``labels`` (:func:`knn_loo_accuracy`; the
-    build passes :func:`images_for` of them) and choose (:func:`choose_init`)."""
+    build passes :func:`images_for` of them) and choose (:func:`choose_init`).
+
+    ``known``: scores already measured *at this shape, seed and on these images* by a start that does not
+    depend on the learngene (:meth:`TransferCheck.known_at`: weight selection and scratch); those candidates
+    are not built and scored again (``reused`` in the decision)."""
     import time
 
     from factory.core.baselines import init_descendant
 
     t0 = time.perf_counter()
     x, y = images[: probe.images], labels[: probe.images]
+    reused = {m: float(v) for m, v in (known or {}).items() if m in probe.candidates and m in LEARNGENE_FREE}
     scores = {}
     for method in probe.candidates:
+        if method in reused:
+            scores[method] = reused[method]
+            continue
         model = init_descendant(method, shape, ancestry=ancestry, learngene=learngene, seed=seed)
         scores[method] = knn_loo_accuracy(pooled_features(model, x), y, probe.k)
     trained = trained_by(shape, learngene)
     chosen, why = choose_init(scores, probe, trained=trained)
-    return InitDecision(chosen, why, scores, int(len(y)), time.perf_counter() - t0, trained)
+    return InitDecision(chosen, why, scores, int(len(y)), time.perf_counter() - t0, trained, tuple(reused))
 
 
 @dataclass(frozen=True)
@@ -249,9 +263,17 @@ class TransferCheck:
     seconds: float
     margin: float
 
+    seed: int = 0
+
     @property
     def transfers(self) -> bool:
         return self.scores["scratch"] <= self.scores["weight_selection"] + self.margin
+
+    def known_at(self, shape, images: int, seed: int) -> dict[str, float]:
+        """The scores :func:`decide_init` may reuse at ``shape`` on ``images`` images with ``seed``: this check's,
+        when it scored that shape on that many images (the same spread sample) with that seed; else none."""
+        same = self.shape == shape.label() and self.images == images and self.seed == seed
+        return dict(self.scores) if same else {}
 
     def to_dict(self) -> dict:
         return {
@@ -278,4 +300,4 @@ def check_transfer(
     for method in ("weight_selection", "scratch"):
         model = init_descendant(method, shape, ancestry=ancestry, seed=seed)
         scores[method] = knn_loo_accuracy(pooled_features(model, x), y, probe.k)
-    return TransferCheck(shape.label(), scores, int(len(y)), time.perf_counter() - t0, probe.scratch_margin)
+    return TransferCheck(shape.label(), scores, int(len(y)), time.perf_counter() - t0, probe.scratch_margin, seed)

@@ -129,7 +129,7 @@ def _build(
     log(f"objective: {objective} ({why})")
     space = SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes)
     devices, results = search_devices(profiles, space, anc, cfg, objective, why, log)
-    check = expanding_phase_check(ctx, devices)
+    check = ctx.transfer_check = expanding_phase_check(ctx, devices)
     if check is not None:
         scores = ", ".join(f"{m} {v:.3f}" for m, v in check.scores.items())
         if check.transfers:

@@ -28,6 +28,7 @@ class BuildContext:
     learngene: Learngene | None = None  # set once the learngene stage has run
     should_stop: Callable[[], bool] | None = None  # polled by fine-tunes between steps (Ctrl-C)
     inits: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # shape label -> --init auto's decision
+    transfer_check: Any = None  # the expanding-phase check (factory.core.transfer.TransferCheck), when one ran
     # the plan's measurements on this host, made once per context: (shape label, batch) -> seconds per fine-tune
     # step; shape label -> seconds of the measure stage's reference round (factory.pipeline.finetune_facts)
     step_times: dict[tuple[str, int], float] = dataclasses.field(default_factory=dict)

@@ -99,6 +99,7 @@ def _run_init(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Path) 
     from factory.data import spread_sample
 
     sample = spread_sample(ctx.data.train, probe_images(ctx))
+    check = ctx.transfer_check  # its scores of the learngene-free starts, where it scored this shape on these images
     decision = decide_init(
         shape,
         sample.images,
@@ -107,6 +108,7 @@ def _run_init(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Path) 
         learngene=ctx.learngene,
         seed=ctx.cfg.seed,
         probe=ctx.cfg.init_probe,
+        known=check.known_at(shape, min(len(sample), ctx.cfg.init_probe.images), ctx.cfg.seed) if check else None,
     )
     return decision.to_dict()
 
