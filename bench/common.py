@@ -53,6 +53,23 @@ def mnist_unseen(img_size: int = 28, in_chans: int = 1) -> Dataset:
     )
 
 
+def write_folder(ds: Dataset, root) -> str:
+    """``ds`` (in memory, one channel) written as an ImageFolder ``root/{train,val,test}/<label>/<i>.png``, its
+    normalisation undone: the same images through the streamed loader a user's folder takes."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    for split, data in {"train": ds.train, "val": ds.val, "test": ds.test}.items():
+        images = data.images[:, :1] * ds.std[0] + ds.mean[0]
+        for i, (x, y) in enumerate(zip(images, data.labels.tolist())):
+            folder = root / split / str(y)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((x[0].clamp(0, 1) * 255).round().byte().numpy(), "L").save(folder / f"{i}.png")
+    return str(root)
+
+
 def binomial_se(p: float, n: int) -> float:
     """``sqrt(p (1 - p) / n)``: the standard error of an accuracy ``p`` on ``n`` images (floored above zero, so
     a gap can be divided by it)."""

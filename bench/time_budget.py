@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import binomial_se, mnist_unseen, run_and_write
+from common import binomial_se, mnist_unseen, run_and_write, write_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = {
@@ -47,16 +47,7 @@ STRATEGIES = {
 
 def mnist_unseen_folder(root: Path) -> str:
     """MNIST images the demo ancestry never trained on, as an ImageFolder (train/val/test)."""
-    from PIL import Image
-
-    ds = mnist_unseen()
-    for split, data in {"train": ds.train, "val": ds.val, "test": ds.test}.items():
-        images = data.images * 0.3081 + 0.1307  # un-normalise (MNIST's mean and std)
-        for i, (x, y) in enumerate(zip(images, data.labels.tolist())):
-            folder = root / split / str(y)
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((x[0].clamp(0, 1) * 255).round().byte().numpy(), "L").save(folder / f"{i}.png")
-    return str(root)
+    return write_folder(mnist_unseen(), root)
 
 
 def _task_spec(task: str, scratch: Path) -> str:

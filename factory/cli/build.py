@@ -27,6 +27,7 @@ from factory.cli.common import (
     objective_option,
     out_option,
     seed_option,
+    view_options,
 )
 from factory.pipeline.config import INIT_CHOICES, BuildConfig
 from factory.pipeline.executor import EXECUTORS
@@ -100,6 +101,7 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     "then planned) and an expanding phase that must run (at most --expand-steps) are set from measured step times.",
 )
 @click.option("--lr", type=RATE, default=1e-3, show_default=True, help="Fine-tuning learning rate (AdamW, cosine).")
+@view_options
 @seed_option(help="Seed of the search, the probes and the fine-tunes.")
 @click.option("--jobs", type=COUNT, default=1, show_default=True, help="Models fine-tuned in parallel on this machine.")
 @click.option(

@@ -164,6 +164,28 @@ def global_batch_option(default: int = 64):
     )
 
 
+def view_options(fn):
+    """``--hflip`` and ``--crop-scale``: how a folder's training views are drawn (``TrainConfig``'s defaults)."""
+    from factory.training.train import TrainConfig
+
+    fn = click.option(
+        "--crop-scale",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=TrainConfig.crop_scale,
+        show_default=True,
+        help="An ImageFolder's training crops cover at least this fraction of the image (RandomResizedCrop; timm's "
+        "ImageNet recipe: 0.08).",
+    )(fn)
+    return click.option(
+        "--hflip",
+        type=click.FloatRange(0, 1),
+        default=TrainConfig.hflip,
+        show_default=True,
+        help="Probability of a horizontal flip of an ImageFolder's training images: 0.5 for photos whose classes "
+        "look the same mirrored, 0 where they do not (digits, text, arrows).",
+    )(fn)
+
+
 def seed_option(default: int | None = 0, help: str = "Random seed."):
     return click.option("--seed", type=SEED, default=default, show_default=default is not None, help=help)
 

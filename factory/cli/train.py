@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from factory.cli.common import RATE, STEPS, amp_option, data_option, global_batch_option, out_option, seed_option
+from factory.cli.common import (
+    RATE,
+    STEPS,
+    amp_option,
+    data_option,
+    global_batch_option,
+    out_option,
+    seed_option,
+    view_options,
+)
 
 
 @click.command("train")
@@ -24,6 +33,7 @@ from factory.cli.common import RATE, STEPS, amp_option, data_option, global_batc
     "--lr", type=RATE, default=1e-3, show_default=True, help="AdamW peak learning rate (warm-up, then cosine)."
 )
 @click.option("--warmup-steps", type=STEPS, default=20, show_default=True, help="Linear warm-up steps.")
+@view_options
 @click.option("--distill-from", default=None, help="Teacher ancestry spec for knowledge distillation.")
 @click.option(
     "--distill-alpha",
@@ -47,6 +57,8 @@ def train_cmd(
     batch_size,
     lr,
     warmup_steps,
+    hflip,
+    crop_scale,
     distill_from,
     distill_alpha,
     device,
@@ -85,6 +97,8 @@ def train_cmd(
         batch_size=batch_size,
         lr=lr,
         warmup_steps=warmup_steps,
+        hflip=hflip,
+        crop_scale=crop_scale,
         device=device,
         amp=amp,
         seed=seed,

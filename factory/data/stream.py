@@ -5,10 +5,11 @@ grow with the data set: each batch is decoded, transformed and stacked when it i
 ``DataLoader`` worker processes (:func:`step_loader`, :func:`eval_loader`).
 
 Transforms are timm's (:func:`timm.data.create_transform`): for training ``RandomResizedCrop`` to
-``img_size`` (scale 0.08-1, ratio 3/4-4/3, bicubic) and a horizontal flip at p = 0.5, no colour jitter
-(small fine-tunes of a few hundred steps); for evaluation the shorter side resized to
-``img_size / crop_pct`` (bicubic, ``crop_pct`` 0.875: DeiT's) and a centre crop -- the aspect ratio
-is kept. Both normalise with the split's ``mean`` and ``std``.
+``img_size`` (area scale ``crop_scale``-1, ratio 3/4-4/3, bicubic) and a horizontal flip with probability
+``hflip``, no colour jitter (:class:`TrainView`: timm's ImageNet defaults 0.08 and 0.5 unless the caller
+says otherwise -- a fine-tune does, :class:`factory.training.train.TrainConfig`); for evaluation the
+shorter side resized to ``img_size / crop_pct`` (bicubic, ``crop_pct`` 0.875: DeiT's) and a centre crop --
+the aspect ratio is kept. Both normalise with the split's ``mean`` and ``std``.
 
 Determinism. The training view of image ``i`` at step ``s`` is drawn from RNGs seeded with
 ``(seed, s, i)`` (python's ``random`` for timm's crop, torch's for torchvision's flip), inside a
@@ -38,6 +39,25 @@ from factory.errors import FactoryError
 MAX_IMAGE_PIXELS = 8192 * 8192
 #: DeiT's evaluation crop: the shorter side resized to img_size / CROP_PCT, then a centre crop.
 CROP_PCT = 0.875
+
+
+@dataclass(frozen=True)
+class TrainView:
+    """How a training view of a streamed image is drawn: ``RandomResizedCrop`` of at least ``crop_scale`` of
+    the image's area, then a horizontal flip with probability ``hflip``. The defaults are timm's ImageNet
+    recipe (0.08, 0.5), made for hundreds of epochs on photos where left and right mean the same; the expanding
+    phase distils with them (the teacher sees the student's view, so a flip cannot mislabel), a fine-tune sets its
+    own (:class:`factory.training.train.TrainConfig`: 0.5 and no flip)."""
+
+    hflip: float = 0.5
+    crop_scale: float = 0.08
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.hflip <= 1.0 and 0.0 < self.crop_scale <= 1.0):
+            raise FactoryError(
+                f"training view needs hflip in [0, 1] and crop_scale in (0, 1], got hflip={self.hflip}, "
+                f"crop_scale={self.crop_scale}"
+            )
 
 
 def check_size(path, width: int, height: int, min_side: int) -> None:
@@ -124,9 +144,11 @@ class ImageFiles:
         """How a client reproduces the evaluation view (timm ``pretrained_cfg`` fields): bicubic, DeiT's crop."""
         return {"interpolation": "bicubic", "crop_pct": CROP_PCT}
 
-    def transform(self, training: bool):
+    def transform(self, training: bool, view: TrainView = TrainView()):
+        """timm's evaluation transform, or (``training``) its training transform drawn as ``view`` says."""
         from timm.data import create_transform
 
+        extra = {"hflip": view.hflip, "scale": (view.crop_scale, 1.0)} if training else {}
         return create_transform(
             (self.channels, self.img_size, self.img_size),
             is_training=training,
@@ -134,8 +156,8 @@ class ImageFiles:
             std=self.std,
             interpolation="bicubic",
             crop_pct=CROP_PCT,
-            hflip=0.5,
             color_jitter=None,
+            **extra,
         )
 
     def eval_item(self, i: int, transform=None) -> torch.Tensor:
@@ -181,8 +203,8 @@ class ImageFiles:
 class _StepBatches(torch.utils.data.Dataset):
     """Item ``s`` = this rank's slice of global training batch ``s`` (decoded in a worker)."""
 
-    def __init__(self, files: ImageFiles, indices, seed: int):
-        self.files, self.indices, self.seed = files, indices, seed
+    def __init__(self, files: ImageFiles, indices, seed: int, view: TrainView):
+        self.files, self.indices, self.seed, self.view = files, indices, seed, view
         self._transform = None
 
     def __len__(self) -> int:
@@ -190,7 +212,7 @@ class _StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int):
         if self._transform is None:
-            self._transform = self.files.transform(True)
+            self._transform = self.files.transform(True, self.view)
         idx = self.indices(step)
         base = self.seed * 1_000_003 + step
         xs = [self.files.train_item(int(i), base * 100_003 + int(i), self._transform) for i in idx]
@@ -240,10 +262,11 @@ def _one_line(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def step_loader(
-    files: ImageFiles, steps: Sequence[int], indices, seed: int
+    files: ImageFiles, steps: Sequence[int], indices, seed: int, view: TrainView = TrainView()
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(images, labels)`` of each step in ``steps``; ``indices(step)`` gives the step's image indices."""
-    return _one_line(_loader(_StepBatches(files, indices, seed), files, batch_size=None, sampler=list(steps)))
+    """``(images, labels)`` of each step in ``steps``; ``indices(step)`` gives the step's image indices; the
+    training views drawn as ``view`` says."""
+    return _one_line(_loader(_StepBatches(files, indices, seed, view), files, batch_size=None, sampler=list(steps)))
 
 
 def eval_loader(files: ImageFiles, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

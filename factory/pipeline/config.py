@@ -57,6 +57,8 @@ class BuildConfig:
     finetune_steps: int = 100
     batch_size: int = 32
     lr: float = 1e-3
+    hflip: float = TrainConfig.hflip  # an ImageFolder's training views (TrainConfig: why not timm's 0.5 and 0.08)
+    crop_scale: float = TrainConfig.crop_scale
     seed: int = 0
     jobs: int = 1
     device: str = "auto"
@@ -129,6 +131,8 @@ def finetune_recipe(cfg: BuildConfig) -> TrainConfig:
         steps=cfg.finetune_steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
+        hflip=cfg.hflip,
+        crop_scale=cfg.crop_scale,
         seed=cfg.seed,
         device=cfg.device,
         amp=cfg.amp,

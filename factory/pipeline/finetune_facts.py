@@ -67,7 +67,7 @@ def _in_a_worker_thread(fn, jobs: int):
     from concurrent.futures import ThreadPoolExecutor
 
     from factory.pipeline.executor import LocalExecutor
-    from factory.training.train import intra_op_threads
+    from factory.training.precision import intra_op_threads
 
     def run():
         with intra_op_threads(LocalExecutor(jobs).threads):

@@ -106,7 +106,7 @@ def run_shape_task(task: ShapeTask, env: TaskEnv) -> list[DeviceResult]:
     keep process-global state and fail when two threads run them at once. Fine-tuning stays parallel.
     """
     from factory.core.learngene import Learngene
-    from factory.training.train import intra_op_threads
+    from factory.training.precision import intra_op_threads
 
     anc, ds = ancestry_and_data(task.cfg, task.identity)
     lg = Learngene.load(task.learngene_dir)

@@ -69,16 +69,17 @@ class RankIndices:
 
 
 def training_batches(
-    data, batch_size: int, steps: range, seed: int, shift: int, *, rank: int = 0, world: int = 1
+    data, batch_size: int, steps: range, seed: int, shift: int, *, rank: int = 0, world: int = 1, view=None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(images, labels)`` of each step in ``steps``: :func:`step_batch` for an in-memory split; for a
     streamed one (:class:`factory.data.stream.ImageFiles`) the same indices decoded with timm's training
-    transform by DataLoader workers (``shift`` does not apply: the random crop is the augmentation)."""
+    transform by DataLoader workers, drawn as ``view`` says (:class:`factory.data.stream.TrainView`; None: its
+    defaults). ``shift`` does not apply to a streamed split: the random crop is the augmentation."""
     if isinstance(data, ImageTensors):
         return (step_batch(data, batch_size, step, seed, shift, rank=rank, world=world) for step in steps)
-    from factory.data.stream import step_loader
+    from factory.data.stream import TrainView, step_loader
 
-    return step_loader(data, steps, RankIndices(len(data), batch_size, seed, rank, world), seed)
+    return step_loader(data, steps, RankIndices(len(data), batch_size, seed, rank, world), seed, view or TrainView())
 
 
 #: An evaluation batch holds at most this many bytes of float32 input: at 224 px RGB (602 KB an image) 53 images,

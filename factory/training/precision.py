@@ -1,4 +1,5 @@
-"""Where and in which precision training steps run: the device, and autocast (bf16 / fp16 / fp32).
+"""Where, on how many threads and in which precision training steps run: the device, intra-op threads, and autocast
+(bf16 / fp16 / fp32).
 
 ``amp="auto"`` is bf16 autocast on CUDA (fp16 with a GradScaler where bf16 is unsupported) and on
 CPUs with native bf16 dot products (AVX512-BF16 or AMX), fp32 elsewhere; weights and optimizer
@@ -47,3 +48,23 @@ def autocast_for(device: torch.device, amp: str):
         return contextlib.nullcontext(), False
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype), precision == "fp16"
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int | None):
+    """Run the body with ``n`` intra-op threads in *this* thread (OpenMP's thread count is a
+    per-thread setting), restoring the previous count after.
+
+    CPU results depend on the thread count (reductions are split by it), so executors pin it per
+    job: the same job on the same count gives the same bytes, whether a thread here or a Ray task
+    ran it. ``None`` leaves torch's setting alone.
+    """
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
