@@ -69,5 +69,9 @@ def test_the_build_passes_its_view_to_every_fine_tune_and_refuses_a_bad_one():
             TrainConfig(**bad)
     result = CliRunner().invoke(cli, ["build", "--profile", "demo/jetson_orin", "--hflip", "2", "--dry-run"])
     assert result.exit_code == 2 and "--hflip" in result.output
+    with pytest.raises(FactoryError, match="invalid build setting: hflip"):
+        BuildConfig(hflip=float("nan"))  # a range check lets NaN through; the config does not
+    result = CliRunner().invoke(cli, ["build", "--profile", "demo/jetson_orin", "--hflip", "nan", "--dry-run"])
+    assert result.exit_code == 2 and "hflip" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(cli, ["train", "--model", "x.safetensors", "--crop-scale", "0", "--out", "o"])
     assert result.exit_code == 2 and "--crop-scale" in result.output

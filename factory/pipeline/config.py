@@ -97,6 +97,8 @@ class BuildConfig:
             "fine-tuning steps": self.finetune_steps >= 1,
             "batch size": self.batch_size >= 1,
             "learning rate": math.isfinite(self.lr) and self.lr > 0,
+            "hflip": 0 <= self.hflip <= 1,  # False for NaN too
+            "crop scale": 0 < self.crop_scale <= 1,
             "gene tau": math.isfinite(self.gene_tau) and self.gene_tau > 0,
             "jobs": self.jobs >= 1,
             "candidates": self.candidates >= 1,
@@ -114,7 +116,8 @@ class BuildConfig:
         if bad:
             raise FactoryError(
                 f"invalid build setting: {', '.join(bad)} (init one of {', '.join(INIT_CHOICES)}, counts >= 1, "
-                "steps >= 0, lr, tau and time budget finite and > 0, expand share in [0, 1)); fix the flag"
+                "steps >= 0, lr, tau and time budget finite and > 0, expand share in [0, 1), hflip in [0, 1], crop scale "
+                "in (0, 1]); fix the flag"
             )
 
 
