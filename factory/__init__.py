@@ -9,6 +9,7 @@ from factory.core.baselines import METHODS, init_descendant
 from factory.core.expand import expand, expand_tensors
 from factory.core.flops import count_flops, count_params
 from factory.core.learngene import Learngene, sample_learngene
+from factory.core.mirror import MirrorProbe
 from factory.core.mixing import DepthMap
 from factory.core.shapes import ArchConfig, DescendantShape, vit_flops, vit_params
 from factory.core.transfer import TransferProbe
@@ -30,6 +31,7 @@ __all__ = [
     "BuildConfig",
     "CostModel",
     "LocalExecutor",
+    "MirrorProbe",
     "Profile",
     "RayExecutor",
     "SearchSpace",

@@ -288,3 +288,11 @@ def test_time_budget_scores_each_device_of_a_fleet_build_against_the_same_device
     assert "| b | scratch | 0 | d4-w96 | scratch | 0 | 900 | 0.7000 (0.0100) | -10.0 |" in md
     # a fleet build is one build, however many devices it ships: its time is counted once
     assert "Builds within 1.15x their budget: 1 of 2 (max 1.20x)." in md
+
+
+def test_mirror_check_bench_quick_mode_runs(tmp_path):
+    _run("bench/mirror_check.py", "--quick", "--json", str(tmp_path / "m.json"), "--md", str(tmp_path / "m.md"))
+    rows = {r["task"]: r for r in json.loads((tmp_path / "m.json").read_text())["rows"]}
+    assert rows["sided"]["flipped"] == 0 and rows["sided"]["draws"] == 2  # each class the other's mirror
+    assert rows["digits"]["flipped"] == 0 and rows["digits"]["kept"] < 0.6
+    assert "| sided | demo | 100 |" in (tmp_path / "m.md").read_text()

@@ -101,7 +101,7 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     "then planned) and an expanding phase that must run (at most --expand-steps) are set from measured step times.",
 )
 @click.option("--lr", type=RATE, default=1e-3, show_default=True, help="Fine-tuning learning rate (AdamW, cosine).")
-@view_options
+@view_options(auto=True)
 @seed_option(help="Seed of the search, the probes and the fine-tunes.")
 @click.option("--jobs", type=COUNT, default=1, show_default=True, help="Models fine-tuned in parallel on this machine.")
 @click.option(

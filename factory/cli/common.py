@@ -52,6 +52,29 @@ class Duration(click.ParamType):
 
 DURATION = Duration()
 
+
+class FlipProbability(click.ParamType):
+    """``--hflip``: a probability in [0, 1], or ``auto`` where the command can decide it (``build``)."""
+
+    name = "probability"
+
+    def __init__(self, auto: bool) -> None:
+        self.auto = auto
+
+    def convert(self, value, param, ctx):
+        import math
+
+        if self.auto and str(value).strip().lower() == "auto":
+            return "auto"
+        try:
+            p = float(value)
+        except (TypeError, ValueError):
+            p = math.nan
+        if not 0 <= p <= 1:  # NaN too
+            self.fail(f"{value!r} is not a probability in [0, 1]{' or auto' if self.auto else ''}", param, ctx)
+        return p
+
+
 # Out of space, over quota, file too large (RLIMIT_FSIZE), read-only file system: the user's to fix, not a bug.
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
@@ -164,26 +187,36 @@ def global_batch_option(default: int = 64):
     )
 
 
-def view_options(fn):
-    """``--hflip`` and ``--crop-scale``: how a folder's training views are drawn (``TrainConfig``'s defaults)."""
+def view_options(fn=None, *, auto: bool = False):
+    """``--hflip`` and ``--crop-scale``: how a folder's training views are drawn (``TrainConfig``'s defaults;
+    ``auto``: ``--hflip auto``, the build's mirror check, is the default)."""
     from factory.training.train import TrainConfig
 
-    fn = click.option(
-        "--crop-scale",
-        type=click.FloatRange(0, 1, min_open=True),
-        default=TrainConfig.crop_scale,
-        show_default=True,
-        help="An ImageFolder's training crops cover at least this fraction of the image (RandomResizedCrop; timm's "
-        "ImageNet recipe: 0.08).",
-    )(fn)
-    return click.option(
-        "--hflip",
-        type=click.FloatRange(0, 1),
-        default=TrainConfig.hflip,
-        show_default=True,
-        help="Probability of a horizontal flip of an ImageFolder's training images: 0.5 for photos whose classes "
-        "look the same mirrored, 0 where they do not (digits, text, arrows).",
-    )(fn)
+    def decorate(fn):
+        fn = click.option(
+            "--crop-scale",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=TrainConfig.crop_scale,
+            show_default=True,
+            help="An ImageFolder's training crops cover at least this fraction of the image (RandomResizedCrop; "
+            "timm's ImageNet recipe: 0.08).",
+        )(fn)
+        return click.option(
+            "--hflip",
+            type=FlipProbability(auto),
+            default="auto" if auto else TrainConfig.hflip,
+            show_default=True,
+            help="Probability of a horizontal flip of an ImageFolder's training images: 0.5 for photos whose classes "
+            "look the same mirrored, 0 where they do not (digits, text, arrows)"
+            + (
+                "; auto: measured on the data -- does the ancestry's k-NN still classify mirrored images? -- 0.5 "
+                "where it does, 0 where it does not or cannot tell."
+                if auto
+                else "."
+            ),
+        )(fn)
+
+    return decorate if fn is None else decorate(fn)
 
 
 def seed_option(default: int | None = 0, help: str = "Random seed."):

@@ -124,20 +124,28 @@ def pooled_features(model: torch.nn.Module, images: torch.Tensor, batch_bytes: i
     return features
 
 
-def knn_loo_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 10) -> float:
-    """Leave-one-out k-NN accuracy: each row is classified by the majority label of its ``k`` most
-    cosine-similar *other* rows (features centred on their mean first); ties go to the lower label.
-    ``nan`` for fewer than two rows."""
+def knn_loo_predict(features: torch.Tensor, labels: torch.Tensor, k: int = 10, queries: torch.Tensor | None = None):
+    """Leave-one-out k-NN predictions: row ``i`` of ``queries`` (default: ``features`` itself) is classified by the
+    majority label of its ``k`` most cosine-similar rows of ``features`` other than row ``i`` (both centred on the
+    mean of ``features`` first); ties go to the lower label. ``queries`` must pair row for row with
+    ``features`` -- e.g. the same images mirrored (:mod:`factory.core.mirror`)."""
     n = int(features.shape[0])
-    if n < 2:
-        return float("nan")
-    x = torch.nn.functional.normalize((features - features.mean(0)).double(), dim=1)
-    sim = x @ x.T
+    mean = features.mean(0)
+    x = torch.nn.functional.normalize((features - mean).double(), dim=1)
+    q = x if queries is None else torch.nn.functional.normalize((queries - mean).double(), dim=1)
+    sim = q @ x.T
     sim.fill_diagonal_(-float("inf"))
     idx = sim.topk(min(k, n - 1), dim=1).indices
     num_classes = int(labels.max()) + 1
     votes = torch.nn.functional.one_hot(labels[idx], num_classes).sum(1)
-    return float((votes.argmax(1) == labels).double().mean())
+    return votes.argmax(1)
+
+
+def knn_loo_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 10) -> float:
+    """Leave-one-out k-NN accuracy (:func:`knn_loo_predict`); ``nan`` for fewer than two rows."""
+    if int(features.shape[0]) < 2:
+        return float("nan")
+    return float((knn_loo_predict(features, labels, k) == labels).double().mean())
 
 
 def trained_by(shape, learngene) -> bool:

@@ -92,6 +92,7 @@ def _build(
     from factory.pipeline.learngene_stage import learngene_source
     from factory.pipeline.plan import plan
     from factory.pipeline.report import write_reports
+    from factory.pipeline.view_choice import decide_hflip, mirror_part
 
     if not profiles:
         raise FactoryError("no profile given: pass at least one profile (or a fleet file)", param="profiles")
@@ -119,6 +120,8 @@ def _build(
     if ds.test_from != "test":
         log(f"data: test accuracy is measured on {ds.test_from}")
     ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds)
+    mirror = decide_hflip(ctx)  # --hflip auto: a number in the config before any recipe is planned or hashed
+    cfg = ctx.cfg
     if cfg.init not in ("auto", "peg") and learngene_source(ctx).runs_expanding_phase:
         log(
             f"expanding phase: not run: --init {cfg.init} does not start from the learngene (it is sampled for the "
@@ -158,7 +161,12 @@ def _build(
     if dry_run:
         budget_part = {"time_budget": {"budget_s": cfg.time_budget_s, **budget}} if budget else {}
         setup = clock.phases["setup"]  # measured: loading, the search, the check (a budget's planning)
-        return {**plan(ctx, devices, profiles, objective, setup), **_check_part(check), **budget_part}
+        return {
+            **plan(ctx, devices, profiles, objective, setup),
+            **_check_part(check),
+            **mirror_part(mirror),
+            **budget_part,
+        }
 
     lg_entry = make_learngene(ctx)
     clock.mark("learngene")
@@ -168,7 +176,11 @@ def _build(
         budget["plans"]["second"] = _plan(ctx, devices, profiles, key, clock, objective, probed=True).to_dict()
         clock.mark("planning")
     # the recipe that ran: a skipped expanding phase and a time budget's planned steps included
-    head = {**manifest.head(ctx.cfg, anc, ctx.learngene, ds, lg_entry.key, names), **_check_part(check)}
+    head = {
+        **manifest.head(ctx.cfg, anc, ctx.learngene, ds, lg_entry.key, names),
+        **_check_part(check),
+        **mirror_part(mirror),
+    }
     head["learngene"]["seconds"] = lg_entry.info().get("seconds", 0.0)  # the stage's own time, whenever it ran
     tasks = [
         ShapeTask(

@@ -16,6 +16,7 @@ from typing import Any
 
 from factory.core.baselines import METHODS
 from factory.core.expanding_phase import LATER_FIELDS, ExpandingConfig, default_shapes, recipe_fields
+from factory.core.mirror import MirrorProbe
 from factory.core.transfer import TransferProbe
 from factory.data import dataset_identity
 from factory.device.objective import OBJECTIVES, resolve_objective
@@ -57,7 +58,10 @@ class BuildConfig:
     finetune_steps: int = 100
     batch_size: int = 32
     lr: float = 1e-3
-    hflip: float = TrainConfig.hflip  # an ImageFolder's training views (TrainConfig: why not timm's 0.5 and 0.08)
+    # an ImageFolder's training views (TrainConfig: why not timm's 0.5 and 0.08). hflip "auto": the build measures
+    # whether a mirror keeps the label on the task (factory.core.mirror, with mirror_probe) and sets 0 or 0.5
+    hflip: float | str = "auto"
+    mirror_probe: MirrorProbe = MirrorProbe()
     crop_scale: float = TrainConfig.crop_scale
     seed: int = 0
     jobs: int = 1
@@ -97,7 +101,8 @@ class BuildConfig:
             "fine-tuning steps": self.finetune_steps >= 1,
             "batch size": self.batch_size >= 1,
             "learning rate": math.isfinite(self.lr) and self.lr > 0,
-            "hflip": 0 <= self.hflip <= 1,  # False for NaN too
+            "hflip": self.hflip == "auto"
+            or (isinstance(self.hflip, (int, float)) and not isinstance(self.hflip, bool) and 0 <= self.hflip <= 1),
             "crop scale": 0 < self.crop_scale <= 1,
             "gene tau": math.isfinite(self.gene_tau) and self.gene_tau > 0,
             "jobs": self.jobs >= 1,
@@ -116,7 +121,7 @@ class BuildConfig:
         if bad:
             raise FactoryError(
                 f"invalid build setting: {', '.join(bad)} (init one of {', '.join(INIT_CHOICES)}, counts >= 1, "
-                "steps >= 0, lr, tau and time budget finite and > 0, expand share in [0, 1), hflip in [0, 1], crop scale "
+                "steps >= 0, lr, tau and time budget finite and > 0, expand share in [0, 1), hflip auto or in [0, 1], crop scale "
                 "in (0, 1]); fix the flag"
             )
 
@@ -134,7 +139,7 @@ def finetune_recipe(cfg: BuildConfig) -> TrainConfig:
         steps=cfg.finetune_steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
-        hflip=cfg.hflip,
+        hflip=resolved_hflip(cfg),
         crop_scale=cfg.crop_scale,
         seed=cfg.seed,
         device=cfg.device,
@@ -143,6 +148,13 @@ def finetune_recipe(cfg: BuildConfig) -> TrainConfig:
         ckpt_every=max(1, cfg.finetune_steps // 5),
         memory_mb=cfg.train_memory_mb,
     )
+
+
+def resolved_hflip(cfg: BuildConfig) -> float:
+    """The flip probability a fine-tune draws: ``cfg.hflip``; ``auto`` before the build decided it
+    (:func:`factory.pipeline.view_choice.decide_hflip` replaces it in the build's config) or on data kept in
+    memory, which draws no flipped views: ``TrainConfig``'s no flip."""
+    return TrainConfig.hflip if cfg.hflip == "auto" else float(cfg.hflip)
 
 
 def expanding_config(cfg: BuildConfig) -> ExpandingConfig:

@@ -282,6 +282,9 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
             else "."
         )
     )
+    if manifest.get("hflip_check"):  # --hflip auto measured the folder
+        check = manifest["hflip_check"]
+        intro += f" Training views flipped with p = {check['hflip']:g} (--hflip auto: {check['reason']})."
     md = ["# peg-factory build report", "", intro, "", *_md_table(SUMMARY, summary_rows(manifest)), ""]
     page = [
         f"<h1>peg-factory build report</h1><p>{html.escape(intro)}</p>",
