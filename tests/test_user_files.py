@@ -257,6 +257,28 @@ def test_learngene_train_refuses_a_work_dir_holding_the_users_files(tmp_path):
     assert (tmp_path / "trained" / "learngene.json").is_file() and not partial.exists()
 
 
+def test_a_work_dir_a_peer_rank_just_marked_is_adopted_not_refused(tmp_path, monkeypatch):
+    """Under torchrun every rank makes the work folder at once: a rank that looked for the mark just before a peer
+    wrote it must not take the peer's fresh mark for a file of the user's (a race that exited rank 1 with 2)."""
+    from factory.io import publish
+
+    work = tmp_path / "w.partial"
+    work.mkdir()
+    real_iterdir = Path.iterdir
+
+    def peer_marks_first(self):  # the peer's mark appears between this rank's look and its listing
+        (work / publish.WORK_MARK).touch()
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", peer_marks_first)
+    assert publish.work_directory(work) == work
+    monkeypatch.setattr(Path, "iterdir", real_iterdir)
+    (work / "notes.txt").write_text("mine")
+    (work / publish.WORK_MARK).unlink()
+    with pytest.raises(publish.FactoryError, match="holds files peg-factory did not make"):
+        publish.work_directory(work)
+
+
 @pytest.mark.parametrize("entry", ["../outside.txt", "OUTSIDE_ABS"])
 def test_a_forged_record_cannot_make_a_command_delete_outside_its_folder(tmp_path, entry):
     from factory.io import OWNED_FILE, owned_directory, owned_files

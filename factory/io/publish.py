@@ -112,7 +112,9 @@ def work_directory(path: Path, what: str = "--work-dir") -> Path:
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise FactoryError(f"{path} exists and is not a directory; choose another {what}")
-    if path.is_dir() and not (path / WORK_MARK).is_file() and any(path.iterdir()):
+    # the mark is read once, with the listing: under torchrun every rank calls this at once, and a rank that found
+    # no mark before a peer made it must not take the peer's fresh mark for a file of the user's
+    if path.is_dir() and any(entry.name != WORK_MARK for entry in path.iterdir()) and not (path / WORK_MARK).is_file():
         raise FactoryError(
             f"{path} holds files peg-factory did not make; choose an empty or new {what} (nothing was changed)"
         )
