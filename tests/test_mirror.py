@@ -69,6 +69,8 @@ def test_the_rule_flips_only_where_a_mirror_keeps_the_class():
     assert choose_hflip(0.80, 0.60, 0.10, 400, 3, 1, probe)[0] == probe.flip
     flip, why = choose_hflip(0.14, 0.10, 0.12, 200, 10, 2, probe)  # features at chance: cannot tell
     assert flip == 0.0 and "too little to tell" in why
+    flip, why = choose_hflip(0.12, 0.10, 0.12, 200, 4, 0, MirrorProbe(min_signal_se=0))  # at chance: no division
+    assert flip == 0.0 and "too little to tell" in why
     assert mcnemar_z(0, 0) == 0.0 and mcnemar_z(9, 0) == pytest.approx(3.0)
     with pytest.raises(FactoryError, match="invalid mirror probe"):
         MirrorProbe(min_kept=float("nan"))

@@ -85,8 +85,7 @@ class MirrorCheck:
 
     @property
     def kept(self) -> float:
-        signal = self.accuracy - self.chance
-        return (self.mirrored_accuracy - self.chance) / signal if signal > 0 else float("nan")
+        return kept_share(self.accuracy, self.mirrored_accuracy, self.chance)
 
     @property
     def loss_z(self) -> float:
@@ -110,6 +109,12 @@ class MirrorCheck:
         }
 
 
+def kept_share(accuracy: float, mirrored: float, chance: float) -> float:
+    """``kept = (acc_m - chance) / (acc - chance)``; ``nan`` when ``acc`` is not above chance."""
+    signal = accuracy - chance
+    return (mirrored - chance) / signal if signal > 0 else float("nan")
+
+
 def mcnemar_z(lost: int, gained: int) -> float:
     """McNemar's ``z = (lost - gained) / sqrt(lost + gained)`` of paired right/wrong outcomes (0 with none)."""
     return (lost - gained) / math.sqrt(lost + gained) if lost + gained else 0.0
@@ -122,12 +127,12 @@ def choose_hflip(
     se = math.sqrt(max(accuracy * (1 - accuracy), 1.0 / max(n, 1)) / max(n, 1))
     signal = accuracy - chance
     figures = f"k-NN {accuracy:.3f}, mirrored {mirrored:.3f}, chance {chance:.3f}, {n} images"
-    if not signal >= probe.min_signal_se * se:  # NaN too
+    if not (signal > 0 and signal >= probe.min_signal_se * se):  # NaN too; at chance nothing tells, whatever the SE
         return 0.0, (
             f"the ancestry's features separate the classes too little to tell whether a mirror keeps the label "
             f"({figures}: {signal:.3f} above chance, under {probe.min_signal_se:g} SE); no flip, the safe side"
         )
-    kept, z = (mirrored - chance) / signal, mcnemar_z(lost, gained)
+    kept, z = kept_share(accuracy, mirrored, chance), mcnemar_z(lost, gained)
     if kept < probe.min_kept and z >= probe.min_loss_z:
         return 0.0, (
             f"mirrored images lose their class ({figures}: kept {kept:.2f} < {probe.min_kept:g}, z {z:.1f} >= "
