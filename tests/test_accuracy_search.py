@@ -143,6 +143,56 @@ def test_the_capacity_choice_is_anchored_and_replaced_only_on_paired_evidence(se
     assert dataclasses.replace(est, config=free).decide(shaky, incumbent=a)[0] == b  # plain halving: lowest NLL
 
 
+def test_equal_time_horizons_price_each_shape_at_its_own_step_time(setting):
+    """Under a time budget a shape whose step is k times faster gets k times the steps: its rungs past the first
+    are fractions of that horizon, the incumbent's (the capacity choice's) stay fractions of N, and a mis-timed
+    step is clipped to ``max_horizon_ratio``."""
+    anc, lg, ds, result = setting
+    a, b, c, d = [x.shape for x in candidates(result, 4)]
+    recipe = TrainConfig(steps=100, batch_size=16, seed=0, device="cpu", warmup_steps=2)
+    config = EstimatorConfig(rung_fractions=(0.03, 0.06, 0.12), equal_time=True, max_horizon_ratio=16)
+    est = SuccessiveHalving(anc, lg, ds, recipe, config=config)
+    timed = {a: 0.1, b: 0.05, c: 0.001, d: 0.2}  # seconds per step: 2x faster, 100x (clipped to 16x), 2x slower
+    est.set_horizons({s: Probe(s, 3, 0.5, 1.0, step_s=t) for s, t in timed.items()}, incumbent=a)
+    assert est.horizons == {a: 100, b: 200, c: 1600, d: 50}
+    assert est.rungs_of(a) == (3, 6, 12) and est.rungs_of(b) == (3, 12, 24) and est.rungs_of(c) == (3, 96, 192)
+    assert est.rungs_of(d) == (3, 4, 6)  # strictly increasing from rung 0's equal steps
+    assert est.cool_from(24, b) == 12 and est.cool_from(12, b) is None  # b's last rung anneals from its own rung 1
+    assert est.key(b, 24) != dataclasses.replace(est, horizons={b: 300}).key(b, 24)  # another anneal, another probe
+    unknown = SuccessiveHalving(anc, lg, ds, recipe, config=config)
+    unknown.set_horizons({a: Probe(a, 1, 0.5, 1.0)}, incumbent=a)  # a 1-step rung times nothing: equal steps
+    assert unknown.horizons == {} and unknown.rungs_of(a) == unknown.rungs
+
+
+def test_equal_time_probes_time_rung_zero_and_rank_by_rung_then_nll(setting):
+    anc, lg, ds, result = setting
+    shapes = [c.shape for c in sorted(candidates(result, 4), key=lambda c: -c.score)]
+    recipe = TrainConfig(steps=40, batch_size=16, seed=0, device="cpu", warmup_steps=2)
+    config = EstimatorConfig(candidates=4, rung_fractions=(0.1, 0.2, 0.4), equal_time=True)
+    est = SuccessiveHalving(anc, lg, ds, recipe, config=config)
+    probes = est.rank(shapes, incumbent=shapes[0])
+    assert set(est.horizons) == set(shapes) and est.horizons[shapes[0]] == 40  # the incumbent's horizon is N
+    assert all(p.step_s > 0 and p.steps == est.rungs_of(p.shape)[p.rung] for p in probes)
+    assert all(p.horizon == est.horizons[p.shape] for p in probes if p.rung > 0)
+    assert [p.rung for p in probes] == [2, 1, 0, 0] and probes[2].nll <= probes[3].nll
+    assert est.describe()["horizon"].startswith("equal time")
+    chosen, why = est.decide(probes, incumbent=shapes[0])
+    assert chosen == probes[0].shape and why["rule"].startswith("lowest NLL")
+
+
+def test_a_time_budget_makes_the_build_probe_at_equal_time(tmp_path):
+    from types import SimpleNamespace
+
+    from factory.pipeline.device_choice import estimator
+
+    def ctx(**kw):
+        cfg = BuildConfig(data="synthetic", **kw)
+        return SimpleNamespace(cfg=cfg, ancestry=None, learngene=None, data=None, cache=SimpleNamespace(root=tmp_path))
+
+    assert estimator(ctx(time_budget_s=600)).config.equal_time
+    assert not estimator(ctx(finetune_steps=300)).config.equal_time  # a fixed --steps: every shape gets the same steps
+
+
 def test_a_continued_probe_equals_one_trained_straight_to_its_rung(setting):
     """Halving continues survivors in memory (model + optimizer state); the cache assumes that is the
     same as a probe trained straight to that rung: constant lr to the previous rung, then (last

@@ -41,11 +41,20 @@ full fine-tune, against 0.60 for the capacity choice). Calibrated, that shape sc
 aid, not a calibrated forecast of the final accuracy (after 12 of 100 steps it is well below it).
 
 **Cost.** ``sum_i n_i (t_i - t_{i-1})`` training steps (``n_0`` = candidates, ``n_{i+1}`` = half of
-``n_i`` rounded up, at least 2 when anchored; :meth:`EstimatorConfig.probe_steps`; the annealed
-rung costs the same steps): 8 candidates,
-N = 100 -> 8*3 + 4*3 + 2*6 = 48 steps, plus one validation pass per probe -- about half of one
+``n_i`` rounded up, at least 2 when anchored; :meth:`EstimatorConfig.probe_steps`; the annealed rung costs the
+same steps): 8 candidates, N = 100 -> 8*3 + 4*3 + 2*6 = 48 steps, plus one validation pass per probe -- about half of one
 fine-tune of the capacity choice, since most candidates are smaller. ``seconds`` records what it
 really took.
+
+**Equal time** (``equal_time``: a build under ``--time-budget``). A fixed ``--steps`` gives every shape ``N``
+steps; a time budget gives the fine-tune a time, so a shape whose step takes ``s_c`` seconds gets ``N_c = N *
+s_ref / s_c`` steps (``N``: the plan's steps at the capacity choice's step time ``s_ref``). Ranking a 1-layer
+shape at fractions of ``N`` when it will train 7x longer favours what learns fast first (RESULTS, "Run 10":
+rungs of 24-97 steps for fine-tunes of 6,060). So rung 0 trains every candidate the same ``t_0`` steps and
+times them (median seconds per step after each run's first); from rung 1 on, shape ``c``'s rung ``i`` is
+``round(f_i * N_c)``: every survivor has had the same *time*, the same fraction of its own fine-tune. ``N_c /
+N`` is clipped to ``[1 / max_horizon_ratio, max_horizon_ratio]``. It costs at most the equal-steps probes priced
+at ``s_ref`` a step, which is what the budget's planner reserves (:mod:`factory.pipeline.budget_costs`).
 
 **Cache.** Each probe result (shape, steps reached) is cached by content -- learngene (or ancestry)
 hash, data identity, shape, init, recipe and estimator settings -- as a small JSON file in
@@ -58,6 +67,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -71,49 +81,10 @@ from factory.device.accuracy_choice import (  # noqa: F401  # re-exported: one i
     choose_by_accuracy,
     describe_decision,
 )
+from factory.device.calibrated_nll import temperature_scaled_nll  # noqa: F401  # re-exported
 from factory.io import atomic_write_bytes
 
 SCORES = ("calibrated", "raw")
-
-
-def temperature_scaled_nll(logits, labels, *, iters: int = 40) -> tuple[float, Any]:
-    """``(beta, per-image NLL)`` of ``softmax(beta * logits)`` at the inverse temperature ``beta``
-    that minimises the mean NLL on ``(logits, labels)``.
-
-    ``L(beta) = mean_i [logsumexp(beta z_i) - beta z_i,y_i]`` is convex in ``beta`` (a log-sum-exp of
-    linear functions minus a linear one), so a golden-section search on ``[0, beta_max]`` finds its
-    minimum; ``beta_max`` doubles from 16 until the minimum is inside the bracket. ``beta = 0`` is
-    the uniform prediction, so the score is at most ``ln K`` (``K`` classes): a model that has learned
-    nothing scores ``ln K`` however it is calibrated, and one that ranks the right class higher scores
-    below it even if its raw confidence is far off -- which, a few steps into a fine-tune, it usually
-    is, by an amount that depends on the shape's size and the learning rate rather than on what it
-    has learned.
-    """
-    import torch
-
-    z = logits.double()
-    y = labels.long()
-
-    def loss(beta: float) -> float:
-        return float(torch.nn.functional.cross_entropy(beta * z, y))
-
-    hi = 16.0
-    while loss(hi) < loss(hi / 2) and hi < 1e4:  # still falling at the edge: widen the bracket
-        hi *= 2
-    lo, g = 0.0, (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = loss(a), loss(b)
-    for _ in range(iters):
-        if fa <= fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = loss(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = loss(b)
-    beta = (lo + hi) / 2
-    return beta, torch.nn.functional.cross_entropy(beta * z, y, reduction="none").float()
 
 
 @dataclass(frozen=True)
@@ -127,6 +98,8 @@ class EstimatorConfig:
     anchor: bool = False  # the capacity choice always reaches the last rung and is replaced only on evidence
     z: float = 2.0  # the evidence (anchored): a paired per-image NLL gain of more than z standard errors
     score: str = "calibrated"  # "calibrated": NLL at the best temperature (temperature_scaled_nll); "raw": plain NLL
+    equal_time: bool = False  # rungs at equal time (a time budget's fine-tunes), not equal steps: module docstring
+    max_horizon_ratio: float = 16.0  # equal time: a shape's horizon is N times at most this, at least N over it
 
     def __post_init__(self) -> None:
         from factory.errors import FactoryError
@@ -166,6 +139,9 @@ class Probe:
     nll: float
     per_image: tuple[float, ...] = ()  # the NLL of each validation image, for paired comparisons
     cached: bool = False
+    rung: int = 0  # the rung it reached (equal time: shapes at one rung have trained different step counts)
+    step_s: float = field(default=0.0, compare=False)  # seconds per training step seen in this probe (0: unknown)
+    horizon: int = 0  # the fine-tune steps its rungs are fractions of
 
 
 @dataclass
@@ -183,10 +159,34 @@ class SuccessiveHalving:
     seconds: float = 0.0
     computed: int = 0
     reused: int = 0
+    horizons: dict[DescendantShape, int] = field(default_factory=dict)  # equal time: each shape's N_c, from rung 1
 
     @property
     def rungs(self) -> tuple[int, ...]:
+        """The rungs at equal steps: fractions of the build's ``N``."""
         return self.config.rungs_for(self.recipe.steps)
+
+    def rungs_of(self, shape: DescendantShape) -> tuple[int, ...]:
+        """``shape``'s rungs: :attr:`rungs`, or at equal time rung 0's ``t_0`` and then fractions of its horizon."""
+        horizon = self.horizons.get(shape)
+        if horizon is None:
+            return self.rungs
+        out = [self.rungs[0]]
+        for f in self.config.rung_fractions[1:]:
+            out.append(max(round(f * horizon), out[-1] + 1))
+        return tuple(out)
+
+    def set_horizons(self, probes: dict[DescendantShape, Probe], incumbent: DescendantShape | None) -> None:
+        """Equal time: each shape's horizon ``N_c = N * s_ref / s_c`` from rung 0's seconds per step (``s_ref``:
+        the incumbent's, else the slowest shape's), clipped to ``max_horizon_ratio``."""
+        known = {s: p.step_s for s, p in probes.items() if p.step_s > 0}
+        if not known:
+            return
+        ref = known.get(incumbent) if incumbent is not None else None
+        ref = ref or max(known.values())
+        cap = self.config.max_horizon_ratio
+        for s, step in known.items():
+            self.horizons[s] = max(1, round(self.recipe.steps * min(cap, max(1 / cap, ref / step))))
 
     def probe_recipe(self, steps: int, cool_from: int | None = None):
         """The build's recipe with a constant learning rate after the warm-up, stopped at ``steps``;
@@ -204,9 +204,9 @@ class SuccessiveHalving:
             eval_every=0,
         )
 
-    def cool_from(self, steps: int) -> int | None:
-        """The step the annealing starts at when probing to ``steps`` (the last rung, with ``cooldown``)."""
-        rungs = self.rungs
+    def cool_from(self, steps: int, shape: DescendantShape | None = None) -> int | None:
+        """The step the annealing starts at when probing ``shape`` to ``steps`` (its last rung, with ``cooldown``)."""
+        rungs = self.rungs if shape is None else self.rungs_of(shape)
         return rungs[-2] if self.config.cooldown and len(rungs) > 1 and steps == rungs[-1] else None
 
     def describe(self) -> dict[str, Any]:
@@ -216,6 +216,10 @@ class SuccessiveHalving:
             if self.config.score == "calibrated"
             else "validation NLL",
             "rungs": list(self.rungs),
+            "horizon": "equal time: rung 0 at equal steps, then fractions of the steps the fine-tune time buys "
+            "each shape (N x the capacity choice's step time / its own)"
+            if self.config.equal_time
+            else "equal steps: fractions of the build's fine-tuning steps",
             "last_rung": "annealed (cosine to min_lr)" if self.cool_from(self.rungs[-1]) else "constant lr",
             "anchored": self.config.anchor,
             "budget_steps": self.recipe.steps,
@@ -235,6 +239,7 @@ class SuccessiveHalving:
             recipe,
             asdict(self.config),
             steps,
+            self.cool_from(steps, shape),  # an annealed rung depends on where its anneal starts
         ]
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -244,9 +249,9 @@ class SuccessiveHalving:
             return None
         try:
             d = json.loads(path.read_text())
-            return Probe(
-                shape, steps, float(d["accuracy"]), float(d["nll"]), tuple(map(float, d["per_image"])), cached=True
-            )
+            per_image = tuple(map(float, d["per_image"]))
+            step_s = float(d.get("step_s", 0.0))
+            return Probe(shape, steps, float(d["accuracy"]), float(d["nll"]), per_image, cached=True, step_s=step_s)
         except (ValueError, KeyError, OSError):
             return None  # a damaged entry is recomputed
 
@@ -262,12 +267,15 @@ class SuccessiveHalving:
                 self.init, shape, ancestry=self.ancestry, learngene=self.learngene, seed=self.recipe.seed
             )
         model = state["model"]
-        cool = self.cool_from(steps)
+        cool = self.cool_from(steps, shape)
+        runs = []
         if (
             cool is not None and state.get("step", 0) < cool
         ):  # the constant-lr part first (its rung came from the cache)
-            train(model, self.data.train, self.probe_recipe(cool), progress=False, carry=state)
-        train(model, self.data.train, self.probe_recipe(steps, cool), progress=False, carry=state)
+            runs.append(train(model, self.data.train, self.probe_recipe(cool), progress=False, carry=state))
+        runs.append(train(model, self.data.train, self.probe_recipe(steps, cool), progress=False, carry=state))
+        timed = [h["seconds"] for run in runs for h in run.history[1:]]  # each run's first step waits for its loader
+        step_s = statistics.median(timed) if timed else 0.0
         val = spread(self.data.val, self.config.val_images)  # every class, not the first files
         logits = predict_logits(model.cpu(), val)
         acc, per_image = score_logits(logits, val.labels)
@@ -284,13 +292,14 @@ class SuccessiveHalving:
                         "accuracy": acc,
                         "nll": nll,
                         "steps": steps,
+                        "step_s": step_s,
                         "shape": shape.label(),
                         **self.describe(),
                         "per_image": per_image.tolist(),
                     }
                 ).encode(),
             )
-        return Probe(shape, steps, acc, nll, tuple(per_image.tolist()))
+        return Probe(shape, steps, acc, nll, tuple(per_image.tolist()), step_s=step_s)
 
     def rank(self, shapes: list[DescendantShape], incumbent: DescendantShape | None = None) -> list[Probe]:
         """Successive halving over ``shapes`` (ordered by preference on ties: first wins); returns each
@@ -308,17 +317,19 @@ class SuccessiveHalving:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        done = 0
-        for r, steps in enumerate(self.rungs):
+        done: dict[DescendantShape, int] = dict.fromkeys(alive, 0)
+        for r in range(len(self.rungs)):
             for s in alive:
+                steps = self.rungs_of(s)[r]
                 hit = self._cached(s, steps)
-                if hit is not None:
+                if hit is not None and (hit.step_s > 0 or r > 0 or not self.config.equal_time):
                     self.reused += 1
-                    last[s] = hit
-                else:
-                    last[s] = self._probe(s, steps, states[s])
-                bar.update(steps - done)
-            done = steps
+                    probe = hit
+                else:  # (equal time: a rung-0 entry without its step time is measured again)
+                    probe = self._probe(s, steps, states[s])
+                last[s] = replace(probe, rung=r, horizon=self.horizons.get(s, self.recipe.steps))
+                bar.update(steps - done[s])
+                done[s] = steps
             if r + 1 < len(self.rungs):
                 anchored = incumbent if self.config.anchor and incumbent in alive else None
                 keep = self.config.survivors(len(alive), anchored is not None)
@@ -326,8 +337,20 @@ class SuccessiveHalving:
                 alive = [anchored, *order[: keep - 1]] if anchored is not None else order[:keep]
                 for s in set(states) - set(alive):
                     states.pop(s)  # eliminated: free its model
+                if r == 0 and self.config.equal_time:  # from rung 1 on: equal time, each shape's own horizon
+                    self.set_horizons(last, incumbent)
+                    bar.total = bar.n + self._steps_left(alive, r + 1)
         bar.close()
-        return sorted(last.values(), key=lambda p: (-p.steps, p.nll, shapes.index(p.shape)))
+        return sorted(last.values(), key=lambda p: (-p.rung, p.nll, shapes.index(p.shape)))
+
+    def _steps_left(self, alive: list[DescendantShape], rung: int) -> int:
+        """The probe steps from ``rung`` on if ``alive`` go on and halve as planned (for the progress bar)."""
+        total, count = 0, len(alive)
+        for r in range(rung, len(self.rungs)):
+            mean = sum(self.rungs_of(s)[r] - self.rungs_of(s)[r - 1] for s in alive) / max(1, len(alive))
+            total += round(count * mean)
+            count = self.config.survivors(count, self.config.anchor)
+        return total
 
     def decide(
         self, probes: list[Probe], incumbent: DescendantShape | None = None
@@ -340,8 +363,8 @@ class SuccessiveHalving:
         so a probe's noise does not trade a large model for a small one. Otherwise: the lowest-NLL
         finalist, ties within ``tie_nll`` to the earliest in ``probes``' shape order.
         """
-        top = max(p.steps for p in probes)
-        finalists = [p for p in probes if p.steps == top]
+        top = max(p.rung for p in probes)
+        finalists = [p for p in probes if p.rung == top]
         by_shape = {p.shape: p for p in finalists}
         if self.config.anchor and incumbent in by_shape and len(finalists) > 1:
             inc = by_shape[incumbent]

@@ -74,7 +74,10 @@ def choose_by_accuracy(
             "capacity_val_nll": round(cap.nll, 4),
         }
         chosen = by_shape[shape]
-        scored = [(p.accuracy, by_shape[p.shape], {"probe_steps": p.steps, "val_nll": round(p.nll, 4)}) for p in probes]
+        scored = [
+            (p.accuracy, by_shape[p.shape], {"probe_steps": p.steps, "val_nll": round(p.nll, 4), **_timing(p)})
+            for p in probes
+        ]
     else:
         raw = [(float(predictor(c.shape)), c, {}) for c in cands]
         best = max(a for a, _, _ in raw)
@@ -94,6 +97,13 @@ def choose_by_accuracy(
         for a, c, extra in scored
     ]
     return chosen, rows
+
+
+def _timing(probe: Probe) -> dict[str, Any]:
+    """A probe's horizon (the fine-tune steps its rungs are fractions of) and its measured seconds per step."""
+    out = {"horizon_steps": probe.horizon} if getattr(probe, "horizon", 0) else {}
+    step_s = getattr(probe, "step_s", 0.0)
+    return {**out, "step_s": round(step_s, 5)} if step_s else out
 
 
 def describe_decision(decision: dict[str, Any]) -> str:

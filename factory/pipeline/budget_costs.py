@@ -74,8 +74,8 @@ def build_costs(ctx: BuildContext, devices, profiles, *, objective: str, expandi
         if undecided:  # the candidates' forwards over the init probe's images, a third of a step per image
             images = images_for(cfg.init_probe, n, cfg.batch_size, ctx.ancestry.arch)
             out["init"] = sum(len(cfg.init_probe.candidates) * images / cfg.batch_size * step[s] / 3 for s in undecided)
-        if objective == "accuracy" and not probed:
-            probe = est.probe_steps(est.candidates, n)
+        if objective == "accuracy" and not probed:  # equal-time probes: at most their equal-steps cost at the
+            probe = est.probe_steps(est.candidates, n)  # device's shape's step time (factory.device.accuracy)
             out["probes"] = sum(probe * step[DescendantShape.from_dict(d["shape"]).label()] for d in ok)
         return out
 

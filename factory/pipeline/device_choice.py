@@ -65,7 +65,8 @@ def estimator(ctx: BuildContext, init: str | None = None) -> SuccessiveHalving:
         ctx.data,
         finetune_recipe(c),
         init=init or search_init(c),
-        config=EstimatorConfig(candidates=c.candidates),
+        # a time budget gives the fine-tune a time, not a step count: the probes compare shapes at equal time
+        config=EstimatorConfig(candidates=c.candidates, equal_time=c.time_budget_s is not None),
         cache_dir=ctx.cache.root / "estimate",
         progress=True,
     )
