@@ -212,9 +212,7 @@ class SuccessiveHalving:
     def describe(self) -> dict[str, Any]:
         return {
             "method": "successive-halving",
-            "score": "validation NLL at the best temperature"
-            if self.config.score == "calibrated"
-            else "validation NLL",
+            "score": {"calibrated": "validation NLL at the best temperature"}.get(self.config.score, "validation NLL"),
             "rungs": list(self.rungs),
             "horizon": "equal time: rung 0 at equal steps, then fractions of the steps the fine-tune time buys "
             "each shape (N x the capacity choice's step time / its own)"
@@ -309,6 +307,7 @@ class SuccessiveHalving:
 
         last: dict[DescendantShape, Probe] = {}
         alive = list(dict.fromkeys(shapes))
+        self.horizons = {}  # each ranking times its own shapes against its own incumbent (a fleet: per device)
         states: dict[DescendantShape, dict[str, Any]] = {s: {} for s in alive}  # model + optimizer state in memory
         bar = tqdm(
             total=self.config.probe_steps(len(alive), self.recipe.steps),
