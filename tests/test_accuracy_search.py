@@ -164,7 +164,7 @@ def test_equal_time_horizons_price_each_shape_at_its_own_step_time(setting):
     assert unknown.horizons == {} and unknown.rungs_of(a) == unknown.rungs
 
 
-def test_equal_time_probes_time_rung_zero_and_rank_by_rung_then_nll(setting):
+def test_equal_time_probes_time_rung_zero_and_rank_by_rung_then_nll(setting, tmp_path):
     anc, lg, ds, result = setting
     shapes = [c.shape for c in sorted(candidates(result, 4), key=lambda c: -c.score)]
     recipe = TrainConfig(steps=40, batch_size=16, seed=0, device="cpu", warmup_steps=2)
@@ -176,6 +176,14 @@ def test_equal_time_probes_time_rung_zero_and_rank_by_rung_then_nll(setting):
     assert all(p.horizon == est.horizons[p.shape] for p in probes if p.rung > 0)
     assert [p.rung for p in probes] == [2, 1, 0, 0] and probes[2].nll <= probes[3].nll
     assert est.describe()["horizon"].startswith("equal time")
+    # a resumed build: rung 0 comes from the cache with its recorded step times, so the horizons and every later
+    # rung's key come out the same and nothing is trained again
+    cached = SuccessiveHalving(anc, lg, ds, recipe, config=config, cache_dir=tmp_path)
+    first = cached.rank(shapes, incumbent=shapes[0])
+    again = SuccessiveHalving(anc, lg, ds, recipe, config=config, cache_dir=tmp_path)
+    seen = [(p.shape, p.steps, p.rung, p.nll) for p in again.rank(shapes, incumbent=shapes[0])]
+    assert seen == [(p.shape, p.steps, p.rung, p.nll) for p in first] and again.computed == 0
+    assert again.horizons == cached.horizons
     chosen, why = est.decide(probes, incumbent=shapes[0])
     assert chosen == probes[0].shape and why["rule"].startswith("lowest NLL")
 
