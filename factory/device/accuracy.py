@@ -107,10 +107,11 @@ class EstimatorConfig:
         if self.score not in SCORES:
             raise FactoryError(f"estimator score must be one of {', '.join(SCORES)}, got {self.score!r}")
 
-    def rungs_for(self, budget: int) -> tuple[int, ...]:
-        """Cumulative probe steps per rung for a fine-tune of ``budget`` steps, strictly increasing."""
-        out: list[int] = []
-        for f in self.rung_fractions:
+    def rungs_for(self, budget: int, first: int | None = None) -> tuple[int, ...]:
+        """Cumulative probe steps per rung for a fine-tune of ``budget`` steps, strictly increasing; ``first``
+        fixes rung 0 (equal time: the steps every shape was timed over) and the fractions go on from rung 1."""
+        out: list[int] = [] if first is None else [first]
+        for f in self.rung_fractions[len(out) :]:
             out.append(max(round(f * budget), out[-1] + 1 if out else 1))
         return tuple(out)
 
@@ -169,12 +170,7 @@ class SuccessiveHalving:
     def rungs_of(self, shape: DescendantShape) -> tuple[int, ...]:
         """``shape``'s rungs: :attr:`rungs`, or at equal time rung 0's ``t_0`` and then fractions of its horizon."""
         horizon = self.horizons.get(shape)
-        if horizon is None:
-            return self.rungs
-        out = [self.rungs[0]]
-        for f in self.config.rung_fractions[1:]:
-            out.append(max(round(f * horizon), out[-1] + 1))
-        return tuple(out)
+        return self.rungs if horizon is None else self.config.rungs_for(horizon, first=self.rungs[0])
 
     def set_horizons(self, probes: dict[DescendantShape, Probe], incumbent: DescendantShape | None) -> None:
         """Equal time: each shape's horizon ``N_c = N * s_ref / s_c`` from rung 0's seconds per step (``s_ref``:
