@@ -195,6 +195,7 @@ def test_a_phase_the_budget_drops_is_planned_again_with_the_probes_an_untrained_
     assert first["expand_steps"] == 0 and first["planned_s"]["probes"] > 0  # planned again, with the probes
     assert first["planned_total_s"] <= 600
     assert any(line.startswith("objective: accuracy") and "planned again" in line for line in lines), lines
+    assert any("successive halving" in line and "at equal time" in line for line in lines), lines  # budget: equal time
 
 
 def test_a_phase_too_short_to_pay_is_not_run():

@@ -93,7 +93,8 @@ def plan(
             seconds["probes", entry["name"]] = probes_s
             log(
                 f"{entry['name']}: accuracy estimate of up to {est.candidates} Pareto candidates by successive halving "
-                f"(rungs {'/'.join(map(str, est.rungs_for(cfg.finetune_steps)))} steps, {steps} steps in all) "
+                f"(rungs {'/'.join(map(str, est.rungs_for(cfg.finetune_steps)))} steps, {steps} steps in all"
+                f"{'; at equal time: a faster shape probes more steps in the same time' if cfg.time_budget_s else ''}) "
                 f"will run unless cached (<= ~{extra['estimator_estimate_s']:.0f}s); the capacity choice is {shape.label()}"
             )
         cached = ft is not None and ft.cached
