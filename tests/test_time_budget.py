@@ -172,6 +172,11 @@ def test_a_phase_that_must_run_is_planned_within_its_cap_where_it_pays(tmp_path,
     assert first["expand_steps"] == expected and first["finetune_steps"] > 100
     assert first["planned_s"]["learngene"] > 0  # sampling it, at least
     assert any("no expanding phase: its share buys fewer" in line for line in lines) is (not expected)
+    # one measurement of the expanding step serves the plan and the dry run's estimate: the same figures
+    assert sum("one expanding-phase step measured" in line for line in lines) == 1, lines
+    stage = {row["stage"]: row for row in plan["stages"]}["learngene"]
+    if expected:
+        assert abs(stage["estimate_s"] - first["planned_s"]["learngene"]) <= 0.1 + 1e-9, (stage, first)
     assert json.dumps(plan)  # the dry run's --json
 
 

@@ -33,6 +33,9 @@ class BuildContext:
     # step; shape label -> seconds of the measure stage's reference round (factory.pipeline.finetune_facts)
     step_times: dict[tuple[str, int], float] = dataclasses.field(default_factory=dict)
     round_times: dict[str, float] = dataclasses.field(default_factory=dict)
+    # (sampling, first step, each further step) seconds of the learngene's expanding phase, measured once per context
+    # (factory.pipeline.learngene_stage.expanding_costs): a budget's first plan and the dry run's estimate share it
+    expanding_times: tuple[float, float, float] | None = None
 
 
 @dataclass(frozen=True)

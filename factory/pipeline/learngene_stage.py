@@ -131,11 +131,16 @@ def estimate_learngene(ctx: BuildContext, _: None) -> float:
 def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
     """``(sampling, first step, each further step)`` seconds of the learngene the build would train, measured
     on this host: the sampling itself, then three real expanding-phase steps of the configured batch, input
-    size and precision (:func:`factory.training.expanding_loop.measure_step_seconds`)."""
+    size and precision (:func:`factory.training.expanding_loop.measure_step_seconds`). Measured once per
+    context (:attr:`BuildContext.expanding_times`): a budgeted dry run's first plan and its learngene estimate
+    are the same figures -- two measurements in one run were 0.33 and 0.44 s a step apart -- and a 224-px step
+    (about a GB and 15 s to measure) is not paid twice."""
     from factory.core.expanding_phase import default_shapes
     from factory.pipeline.config import expanding_config
     from factory.training.expanding_loop import measure_step_seconds
 
+    if ctx.expanding_times is not None:
+        return ctx.expanding_times
     recipe = learngene_inputs(ctx, None)
     exp = expanding_config(ctx.cfg)  # the step count aside, the phase the build runs
     t0 = time.perf_counter()
@@ -146,4 +151,5 @@ def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
         f"learngene: one expanding-phase step measured at {per_step:.2f}s (batch {exp.batch_size}, "
         f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px; the first {first:.2f}s, sampling {sampling:.2f}s)"
     )
-    return sampling, first, per_step
+    ctx.expanding_times = (sampling, first, per_step)
+    return ctx.expanding_times
