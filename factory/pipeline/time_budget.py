@@ -25,7 +25,10 @@ The plan (:func:`fit_budget`):
    phase is what carries the ancestry's knowledge": 150 steps -12.7 points, 250 steps -4.7, 1,500 steps +3.0
    against weight selection, crossing zero near 750 steps). Then the phase does not run (``E = 0``) and the
    whole budget fine-tunes; ``--init auto`` goes on with the best other start. ``--init peg`` passes 0: the
-   user asked for PEG, so the phase gets its share however small;
+   user asked for PEG, so the phase gets its share however small. That threshold was measured at a *fixed*
+   fine-tune, the phase's time free; at equal time it is a lower bound only: with a 30-minute budget on the
+   demo fleet (RESULTS, Run 13) 1,400 steps did not pay against the 2,458 fine-tuning steps their time buys
+   weight selection. A payoff measured at equal time is open work; ``expand_min_steps`` sets the bar;
 3. ``N`` = the largest count with ``T(N, E) <= budget`` (bisection: ``C`` is monotone), at most
    :data:`MAX_FINETUNE_STEPS`.
 
