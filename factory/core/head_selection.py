@@ -85,6 +85,7 @@ def _head_view_take(blocks: dict[str, torch.Tensor], heads: int, head_dim: int, 
     out = dict(blocks)
     n = blocks["attn.qkv.weight"].shape[0]
     w = blocks["attn.qkv.weight"]
+    idx = idx.to(w.device)  # chosen on the CPU (evenly_spaced), applied where the genes are (CUDA in a GPU phase)
     w = w.reshape(n, 3, heads, head_dim, w.shape[-1])
     b = blocks.get("attn.qkv.bias")
     p = blocks["attn.proj.weight"]
