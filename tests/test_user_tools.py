@@ -168,3 +168,32 @@ def test_a_build_leaks_no_library_warnings_and_prints_rounded_numbers(tmp_path):
     ]
     assert not noise, noise  # progress bars only: no "No CUDA runtime is found", no library warnings
     assert not re.search(r"\d\.\d{7,}", done.stdout), done.stdout  # numbers are rounded in the log
+
+
+def test_the_timm_config_is_the_same_with_a_timm_before_data_config(tmp_path, monkeypatch):
+    """timm < 1.0.30's ``save_config_for_hf`` takes no ``data_config`` (the first GPU machine's timm 1.0.29
+    failed the build there): the preprocessing then rides on the twin's ``pretrained_cfg``, same config.json."""
+    import timm.models._hub as hub
+
+    from factory import load_ancestry
+    from factory.core.checkpoint import write_timm_config
+
+    arch = load_ancestry("demo").arch
+    kwargs = {"mean": (0.13,), "std": (0.31,), "label_names": [str(i) for i in range(10)], "crop_pct": 0.875}
+    (tmp_path / "new").mkdir()
+    (tmp_path / "old").mkdir()
+    new = json.loads(write_timm_config(tmp_path / "new", arch, **kwargs).read_text())
+    current = hub.save_config_for_hf
+
+    def before_data_config(model, config_path, model_config=None, model_args=None):
+        with config_path.open("w"):  # as timm < 1.0.30 opens it: a Path, not a str
+            pass
+        return current(model, config_path, model_config=model_config, model_args=model_args)
+
+    monkeypatch.setattr(hub, "save_config_for_hf", before_data_config)
+    old = json.loads(write_timm_config(tmp_path / "old", arch, **kwargs).read_text())
+    for cfg in (old, new):  # timm drops null fields (remove_null) or writes them: the same config to a reader
+        cfg["pretrained_cfg"] = {k: v for k, v in cfg["pretrained_cfg"].items() if v is not None}
+    assert old == new
+    assert new["pretrained_cfg"]["mean"] == [0.13] and new["pretrained_cfg"]["crop_pct"] == 0.875
+    assert new["pretrained_cfg"]["input_size"] == [1, 28, 28] and new["pretrained_cfg"]["tag"] == "peg-factory"

@@ -90,7 +90,13 @@ def write_timm_config(
     the writer of ``timm.models.save_for_hf``) for a meta-device twin of the descendant built by
     ``timm.create_model``: ``architecture``, ``model_args``, ``pretrained_cfg`` (input size, mean/std,
     interpolation, crop) and ``label_names``. With ``model.safetensors`` beside it,
-    ``timm.create_model("local-dir:DIR", pretrained=True)`` is the descendant."""
+    ``timm.create_model("local-dir:DIR", pretrained=True)`` is the descendant.
+
+    timm before 1.0.30 has no ``data_config`` argument and writes the twin's own ``pretrained_cfg`` (and lets a
+    ``model_config["pretrained_cfg"]`` replace it whole): there the preprocessing goes into the twin's
+    ``pretrained_cfg`` instead, the same ``config.json`` either way (the first GPU check ran timm 1.0.29)."""
+    import inspect
+
     import timm
     import torch
     from timm.models._hub import save_config_for_hf  # timm's own config writer (what save_for_hf calls)
@@ -100,19 +106,23 @@ def write_timm_config(
         twin = timm.create_model(TIMM_ARCHITECTURE, pretrained=False, **args)
     path = Path(directory) / "config.json"
     tmp = path.with_name(".config.json.tmp")
-    model_config = {"label_names": list(label_names), "pretrained_cfg": {"tag": "peg-factory", "license": license}}
-    save_config_for_hf(
-        twin,
-        str(tmp),
-        model_config=model_config,
-        model_args=args,
-        data_config={
-            "mean": tuple(mean),
-            "std": tuple(std),
-            "interpolation": interpolation,
-            "crop_pct": crop_pct,
-            "input_size": (arch.in_chans, arch.img_size, arch.img_size),
-        },
-    )
+    tags = {"tag": "peg-factory", "license": license}
+    data_config = {
+        "mean": tuple(mean),
+        "std": tuple(std),
+        "interpolation": interpolation,
+        "crop_pct": crop_pct,
+        "input_size": (arch.in_chans, arch.img_size, arch.img_size),
+    }
+    model_config: dict[str, Any] = {"label_names": list(label_names)}
+    if "data_config" in inspect.signature(save_config_for_hf).parameters:
+        model_config["pretrained_cfg"] = tags
+        save_config_for_hf(twin, tmp, model_config=model_config, model_args=args, data_config=data_config)
+    else:
+        twin.pretrained_cfg = {**twin.pretrained_cfg, **tags, **data_config}
+        for key in ("test_input_size", "test_crop_pct", "pool_size", "label_names", "label_descriptions"):
+            twin.pretrained_cfg.pop(key, None)  # the source checkpoint's, not this descendant's
+        twin.pretrained_cfg["num_classes"] = arch.num_classes
+        save_config_for_hf(twin, tmp, model_config=model_config, model_args=args)  # a Path: timm < 1.0.30 calls .open()
     tmp.replace(path)
     return path
