@@ -119,9 +119,38 @@ def test_the_builds_memory_budget_reaches_both_trainings():
 
     cfg = BuildConfig(train_memory_mb=128)
     assert expanding_config(cfg).memory_mb == 128 and finetune_recipe(cfg).memory_mb == 128
-    assert expanding_config(BuildConfig()).memory_mb == 512 == finetune_recipe(BuildConfig()).memory_mb
+    assert expanding_config(BuildConfig()).memory_mb is None is finetune_recipe(BuildConfig()).memory_mb  # auto
     with pytest.raises(Exception, match="train memory"):
         BuildConfig(train_memory_mb=-1)
+
+
+def test_the_automatic_budget_is_512_mb_on_the_cpu_and_half_the_free_gpu_memory_on_cuda():
+    """On an H200 the 512-MB budget cut a DeiT-Tiny batch of 64 into 3-6 passes and the steps ran 2.1-2.7x
+    longer (bench/RESULTS.md, GPU check): on CUDA the budget is the device's memory, not the host's RSS."""
+    from factory.training.micro_batch import auto_memory_mb, resolve_memory_mb
+
+    assert resolve_memory_mb(None, torch.device("cpu")) == 512.0
+    assert resolve_memory_mb(128, torch.device("cpu")) == 128.0 and resolve_memory_mb(0, torch.device("cpu")) == 0
+    assert auto_memory_mb("cuda", 140_000.0) == 70_000.0
+    assert auto_memory_mb("cuda", 600.0) == 512.0  # a nearly full GPU: never below the CPU's budget
+    assert auto_memory_mb("cuda", None) == 512.0 and auto_memory_mb("cpu", 140_000.0) == 512.0
+    # a given number holds on CUDA too (a Jetson shares its memory with the host): read without a GPU
+    assert resolve_memory_mb(256, torch.device("cuda")) == 256.0
+
+
+@pytest.mark.parametrize(
+    ("arg", "expected"), [("auto", None), ("AUTO", None), ("0", 0), ("128", 128), ("-1", "error"), ("lots", "error")]
+)
+def test_train_memory_mb_takes_whole_mb_or_auto(arg, expected):
+    import click
+
+    from factory.cli.common import AUTO_OR_MB
+
+    if expected == "error":
+        with pytest.raises(click.BadParameter, match="whole number of MB"):
+            AUTO_OR_MB.convert(arg, None, None)
+    else:
+        assert AUTO_OR_MB.convert(arg, None, None) == expected
 
 
 def test_spans_are_the_chunks_as_consecutive_slices():

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from factory.cli.common import (
+    AUTO_OR_MB,
     BATCH,
     COUNT,
     DURATION,
@@ -137,11 +138,12 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
 )
 @click.option(
     "--train-memory-mb",
-    type=click.IntRange(0, 1 << 24),
-    default=512,
+    type=AUTO_OR_MB,
+    default="auto",
     show_default=True,
     help="MB of saved activations one forward/backward may hold (expanding phase and fine-tunes): larger batches run "
-    "in micro-batches that fit, gradients accumulated (the same update); 0: the whole batch at once.",
+    "in micro-batches that fit, gradients accumulated (the same update); 0: the whole batch at once; auto: 512 on "
+    "the CPU, half the GPU's free memory on CUDA.",
 )
 @objective_option()
 @click.option("--dry-run", is_flag=True, help="Print the plan (shapes, cached stages, time estimates) and stop.")

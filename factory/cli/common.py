@@ -53,6 +53,29 @@ class Duration(click.ParamType):
 DURATION = Duration()
 
 
+class AutoOrMB(click.ParamType):
+    """``--train-memory-mb``: whole MB (``0``: no limit) or ``auto`` (``None``: the step's device decides,
+    :func:`factory.training.micro_batch.resolve_memory_mb`)."""
+
+    name = "mb|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "auto":
+            return None
+        try:
+            mb = int(str(value).strip())
+        except ValueError:
+            mb = -1
+        if not 0 <= mb <= 1 << 24:
+            self.fail(f"{value!r} is not a whole number of MB in 0..{1 << 24} or auto", param, ctx)
+        return mb
+
+
+AUTO_OR_MB = AutoOrMB()
+
+
 class FlipProbability(click.ParamType):
     """``--hflip``: a probability in [0, 1], or ``auto`` where the command can decide it (``build``)."""
 

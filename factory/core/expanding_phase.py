@@ -51,8 +51,9 @@ class ExpandingConfig:
     )
     device: str = "auto"  # where the steps run (auto: CUDA when available); a speed setting too
     #: MB of saved activations one forward/backward may hold: each shape's batch runs in micro-batches that fit
-    #: (factory.training.micro_batch; the gradient is the whole batch's); <= 0: the whole batch at once. Speed.
-    memory_mb: int = 512
+    #: (factory.training.micro_batch; the gradient is the whole batch's); <= 0: the whole batch at once; None: 512
+    #: on the CPU, half the GPU's free memory on CUDA (micro_batch.resolve_memory_mb). Speed.
+    memory_mb: float | None = None
 
     def __post_init__(self) -> None:
         if (

@@ -69,8 +69,9 @@ class BuildConfig:
     amp: str = "auto"  # precision of fine-tuning and the expanding phase (factory.training.precision.precision_for)
     data_cache_mb: int = 0  # decode a folder's training split once into uint8 if it fits this many MiB (0: stream)
     # MB of saved activations per forward/backward (factory.training.micro_batch): batches beyond it run in
-    # micro-batches, gradients accumulated; 0: the whole batch at once
-    train_memory_mb: int = 512
+    # micro-batches, gradients accumulated; 0: the whole batch at once; None (auto): 512 on the CPU, half the
+    # GPU's free memory on CUDA (micro_batch.resolve_memory_mb)
+    train_memory_mb: int | None = None
     # accuracy: successive-halving probes of the Pareto front on the build's data (factory.device.accuracy) pick the shape;
     # capacity: the largest shape that fits, no probes; auto: capacity for a trained PEG learngene, else accuracy
     # (factory.device.objective.resolve_objective; bench/RESULTS.md, "Accuracy-aware search", measures both)
@@ -97,7 +98,7 @@ class BuildConfig:
             "expand img size": self.expand_img_size is None or self.expand_img_size >= 1,
             "amp": self.amp in ("auto", "bf16", "fp16", "off"),
             "data cache": self.data_cache_mb >= 0,
-            "train memory": self.train_memory_mb >= 0,
+            "train memory": self.train_memory_mb is None or self.train_memory_mb >= 0,
             "fine-tuning steps": self.finetune_steps >= 1,
             "batch size": self.batch_size >= 1,
             "learning rate": math.isfinite(self.lr) and self.lr > 0,

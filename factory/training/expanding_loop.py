@@ -66,7 +66,7 @@ from factory.errors import FactoryError
 from factory.training.batches import training_batches
 from factory.training.distributed import average_gradients, global_mean, start
 from factory.training.loop import StepLoop
-from factory.training.micro_batch import activation_mb_per_image, micro_batch_size, spans
+from factory.training.micro_batch import activation_mb_per_image, micro_batch_size, resolve_memory_mb, spans
 from factory.training.precision import autocast_for, pick_device, precision_for
 from factory.training.train import TrainConfig, evaluate, open_checkpoint, resume_or_restart, save_checkpoint
 
@@ -151,8 +151,10 @@ def train_learngene(
     def pieces(shape: DescendantShape, batch: int) -> list[slice]:
         """The micro-batches of ``shape``'s forward/backward passes (factory.training.micro_batch)."""
         per = activation_mb_per_image(shape.depth, tokens, shape.embed_dim, shape.mlp_hidden, precision)
-        return spans(batch, micro_batch_size(batch, per, cfg.memory_mb))
+        return spans(batch, micro_batch_size(batch, per, memory_mb))
 
+    memory_mb = resolve_memory_mb(cfg.memory_mb, device)  # after the genes and the teacher moved there
+    report["memory_mb"] = round(memory_mb)
     report["micro_batches"] = {s.label(): len(pieces(s, cfg.batch_size // world)) for s in (by_cost[0], by_cost[-1])}
 
     def step_fn(step: int, batch, last: bool) -> dict[str, Any]:

@@ -17,13 +17,26 @@ input, the two LayerNorm outputs, qkv (3), attention output, projection; fc1 and
 MLP's width) and ``bytes`` is 4.4 in fp32 and 2.9 under bf16 autocast (which keeps bf16 copies of the
 matmul inputs beside some fp32 tensors); these factors were measured on this repository's expanding
 phase, d24-w192-r4 at 224 px (marginal 63 and 41.5 MB per image, fp32 and bf16), and round up.
+
+The budget (:func:`resolve_memory_mb`): a number given is used wherever the step runs. ``None`` (the default,
+``--train-memory-mb auto``) is :data:`CPU_MEMORY_MB` on the CPU, where activations are the process's RSS and
+the budget keeps a 224-px build's memory bounded (bench/real_scale.py), and :data:`CUDA_MEMORY_SHARE` of the
+GPU's free memory on CUDA, where 512 MB cut an H200's DeiT-Tiny batch of 64 into 3-6 passes and the step ran
+2.1x (fine-tune, bf16) and 2.7x (expanding phase) longer than the whole batch (bench/RESULTS.md, GPU check).
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
+
+#: the activation budget on the CPU when none is given: MB of saved activations a forward/backward may hold
+CPU_MEMORY_MB = 512
+#: the activation budget on CUDA when none is given: this share of the device's free memory when the run starts
+#: (the rest for weights, optimizer state, the allocator's slack and, on a Jetson's shared memory, the host)
+CUDA_MEMORY_SHARE = 0.5
 
 #: bytes per kept element, by precision (see the module docstring for how they were measured)
 BYTES_PER_ELEMENT = {"fp32": 4.4, "bf16": 2.9, "fp16": 2.9}
@@ -47,6 +60,23 @@ def model_activation_mb(model: nn.Module, precision: str) -> float:
     fc1 = getattr(getattr(blocks[0], "mlp", None), "fc1", None) if blocks else None
     hidden = int(getattr(fc1, "out_features", model.embed_dim))
     return activation_mb_per_image(len(blocks), tokens, int(model.embed_dim), hidden, precision)
+
+
+def auto_memory_mb(device_type: str, free_mb: float | None) -> float:
+    """The budget when none is given: :data:`CUDA_MEMORY_SHARE` of ``free_mb`` on CUDA (where it is known),
+    else :data:`CPU_MEMORY_MB`."""
+    if device_type == "cuda" and free_mb is not None and free_mb > 0:
+        return max(float(CPU_MEMORY_MB), CUDA_MEMORY_SHARE * free_mb)
+    return float(CPU_MEMORY_MB)
+
+
+def resolve_memory_mb(memory_mb: float | None, device: torch.device) -> float:
+    """``memory_mb`` when given (``<= 0``: no limit), else :func:`auto_memory_mb` for ``device``, reading a CUDA
+    device's free memory (``torch.cuda.mem_get_info``)."""
+    if memory_mb is not None:
+        return float(memory_mb)
+    free = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else None
+    return auto_memory_mb(device.type, free)
 
 
 def micro_batch_size(batch: int, per_image_mb: float, memory_mb: float) -> int:

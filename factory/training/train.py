@@ -46,7 +46,7 @@ from factory.io import atomic_directory, seal, seal_state
 from factory.training.batches import eval_batches, training_batches
 from factory.training.distributed import average_gradients, check_resume_world, dist_info, global_mean, start  # noqa: F401  # dist_info re-exported
 from factory.training.loop import StepLoop, lr_at
-from factory.training.micro_batch import micro_batch_size, model_activation_mb, spans
+from factory.training.micro_batch import micro_batch_size, model_activation_mb, resolve_memory_mb, spans
 from factory.training.precision import autocast_for, pick_device, precision_for
 
 
@@ -73,8 +73,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     ckpt_every: int = 0  # 0: only at the end (when out_dir is given)
     #: MB of saved activations one forward/backward may hold: the batch runs in micro-batches that fit, their
-    #: gradients accumulated (factory.training.micro_batch); <= 0: the whole batch at once
-    memory_mb: int = 512
+    #: gradients accumulated (factory.training.micro_batch); <= 0: the whole batch at once; None: 512 on the CPU,
+    #: half the GPU's free memory on CUDA (micro_batch.resolve_memory_mb)
+    memory_mb: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
@@ -301,6 +302,7 @@ def train(
     t0 = time.perf_counter()
 
     per_image = model_activation_mb(model, precision_for(device, cfg.amp))
+    memory_mb = resolve_memory_mb(cfg.memory_mb, device)
 
     def piece_loss(x: torch.Tensor, y: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch's forward and backward: its loss (times its share of the batch) and its logits."""
@@ -321,7 +323,7 @@ def train(
         nonlocal seen
         x, y = batch[0].to(device), batch[1].to(device)
         opt.zero_grad(set_to_none=True)
-        parts = spans(len(y), micro_batch_size(len(y), per_image, cfg.memory_mb))
+        parts = spans(len(y), micro_batch_size(len(y), per_image, memory_mb))
         loss, hits = torch.zeros((), device=device), torch.zeros((), device=device)
         for k, part in enumerate(parts):  # DDP all-reduces once, after the last micro-batch's backward
             sync = contextlib.nullcontext() if world == 1 or k == len(parts) - 1 else net.no_sync()
