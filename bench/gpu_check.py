@@ -1,14 +1,18 @@
 """GPU readiness in one run (under 8 minutes on one GPU): what the factory does on CUDA, measured.
 
 1. Fine-tuning steps of DeiT-Tiny at 224 px (batch 64) through the factory's trainer under AMP
-   (``amp=auto``: bf16 where supported, else fp16 with a GradScaler) and in fp32: images per second.
+   (``amp=auto``: bf16 where supported, else fp16 with a GradScaler) and in fp32: images per second, with the
+   CPU's activation budget (micro-batches of at most 512 MB of saved activations) and with the default on CUDA
+   (``--train-memory-mb auto``: half the GPU's free memory).
 2. Expanding-phase steps of a DeiT-Tiny learngene at 224 px (batch 64, the build's sandwich) under
-   AMP on the GPU, at 224 px and distilling at 112 px: images per second.
+   AMP on the GPU, at 224 px and distilling at 112 px, both activation budgets: images per second.
 3. ``torchrun`` on one GPU and, where there are two, on two: a fine-tune (``peg-factory train``) and
    expanding-phase steps (``peg-factory learngene train``), the global batch split over the processes (the
    NCCL process group, gradients averaged): images per second and rank 0's peak CUDA memory.
 4. CUDA onnxruntime parity: the exported ONNX model run by ``CUDAExecutionProvider`` against
    PyTorch's logits (max abs diff), where onnxruntime-gpu is installed; said plainly where not.
+5. ``peg-factory build`` end to end with ``--device cuda`` (the demo learngene, ``jetson_orin``, digits, 300
+   fine-tuning steps): exit status, wall time, the shipped test accuracy, the fine-tune's precision and device.
 
 Writes a Markdown table (``--md``, default stdout) and the raw figures (``--json``). Never run by the
 tests; run it where a GPU is, e.g. through the device tool:
@@ -51,6 +55,17 @@ def timed(fn, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def peak_mb() -> float:
+    """The CUDA caching allocator's peak since the last reset, in MB."""
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def memory_text(memory_mb: int | None) -> str:
+    if memory_mb is None:
+        return "--train-memory-mb auto (the default: half the free GPU memory)"
+    return f"--train-memory-mb {memory_mb} (the CPU's budget)" if memory_mb > 0 else "the whole batch in one pass"
+
+
 def finetune_rows(anc, steps: int, batch: int) -> list[dict]:
     from factory.core.timm_vit import build_vit
     from factory.data import ImageTensors
@@ -61,20 +76,19 @@ def finetune_rows(anc, steps: int, batch: int) -> list[dict]:
     x = torch.randn(batch * 2, 3, 224, 224)
     data = ImageTensors(x, torch.randint(0, 10, (batch * 2,)), [str(i) for i in range(10)])
     rows = []
-    for amp in ("auto", "off"):
+    for amp, memory_mb in (("auto", 512), ("off", 512), ("auto", None), ("off", None)):
         model = build_vit(anc.arch, shape, seed=0)
-        res = train(
-            model,
-            data,
-            TrainConfig(steps=steps + 1, batch_size=batch, amp=amp, device="cuda", warmup_steps=1),
-            progress=False,
+        cfg = TrainConfig(
+            steps=steps + 1, batch_size=batch, amp=amp, device="cuda", warmup_steps=1, memory_mb=memory_mb
         )
+        torch.cuda.reset_peak_memory_stats()
+        res = train(model, data, cfg, progress=False)
         per = sorted(h["seconds"] for h in res.history[1:])[(steps - 1) // 2]
         rows.append(
             {
-                "check": f"fine-tune step, DeiT-Tiny 224 px, batch {batch}",
+                "check": f"fine-tune step, DeiT-Tiny 224 px, batch {batch}, {memory_text(memory_mb)}",
                 "precision": res.precision,
-                "value": f"{batch / per:.0f} img/s ({per * 1e3:.0f} ms/step)",
+                "value": f"{batch / per:.0f} img/s ({per * 1e3:.0f} ms/step), peak {peak_mb():.0f} MB",
                 "precision_expected": precision_for(torch.device("cuda"), amp),
             }
         )
@@ -88,15 +102,15 @@ def expanding_rows(anc, steps: int, batch: int) -> list[dict]:
 
     lg = sample_learngene(anc, anc.arch.depth // 2, seed=0, rescale="std")
     rows = []
-    for size in (224, 112):
-        per = measure_step_seconds(
-            lg, anc, default_shapes(lg), ExpandingConfig(batch_size=batch, distill_img_size=size), steps=steps
-        )
+    for size, memory_mb in ((224, 512), (112, 512), (224, None), (112, None)):
+        cfg = ExpandingConfig(batch_size=batch, distill_img_size=size, memory_mb=memory_mb)
+        torch.cuda.reset_peak_memory_stats()
+        per = measure_step_seconds(lg, anc, default_shapes(lg), cfg, steps=steps)
         rows.append(
             {
-                "check": f"expanding-phase step, batch {batch}, distils at {size} px",
+                "check": f"expanding-phase step, batch {batch}, distils at {size} px, {memory_text(memory_mb)}",
                 "precision": "auto",
-                "value": f"{batch / per:.1f} img/s ({per:.2f} s/step)",
+                "value": f"{batch / per:.1f} img/s ({per:.2f} s/step), peak {peak_mb():.0f} MB",
             }
         )
     return rows
@@ -184,6 +198,27 @@ def ort_cuda_row(tmp: Path) -> dict:
     }
 
 
+def build_row(tmp: Path, steps: int = 300, device: str = "cuda") -> dict:
+    """``peg-factory build --device cuda`` on the demo, as a user would run it: the whole pipeline on a GPU."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp / "build"
+    cmd = [sys.executable, "-m", "factory.cli", "build", "--profile", str(root / "profiles" / "jetson_orin.yaml")]
+    cmd += ["--data", "digits", "--steps", str(steps), "--device", device, "--out", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=300)
+    check = f"peg-factory build --device {device} (jetson_orin, digits, {steps} steps)"
+    if proc.returncode != 0:
+        return {"check": check, "precision": "auto", "value": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+    built = json.loads((out / "manifest.json").read_text())["devices"][0]
+    shape, finetune = built["shape"], built["finetune"]
+    return {
+        "check": check,
+        "precision": str(finetune.get("precision")),
+        "value": f"exit 0 in {time.perf_counter() - t0:.1f}s: d{shape['depth']}-w{shape['embed_dim']} from {built['init']}, "
+        f"test accuracy {built['accuracy']['test']:.4f} (fine-tuned on {finetune['config']['device']})",
+    }
+
+
 def summarise(data: dict) -> str:
     lines = [
         f"GPU: {data['gpu']}; torch {data['torch']}; wall {data.get('wall_seconds', '?')} s",
@@ -218,6 +253,7 @@ def main() -> None:
             lambda: expanding_rows(anc, 3, args.batch),
             lambda: torchrun_rows(Path(tmp), args.batch),
             lambda: [ort_cuda_row(Path(tmp))],
+            lambda: [build_row(Path(tmp))],
         ):
             try:
                 rows += step()
