@@ -198,6 +198,8 @@ def test_dry_run_prints_the_plan_without_running(tmp_path):
             "--dry-run",
             "--expand-steps",
             "50",
+            "--expand-min-steps",  # 50 steps count as trained (else --init auto skips a phase that short)
+            "1",
             "--objective",
             "capacity",
         ],

@@ -78,6 +78,8 @@ def test_the_expanding_phase_batch_is_a_build_option(tmp_path):
         "synthetic",
         "--expand-steps",
         "3",
+        "--expand-min-steps",  # 3 steps count as trained (else --init auto skips a phase that short)
+        "1",
         "--expand-batch-size",
         "4",
         "--dry-run",

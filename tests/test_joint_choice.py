@@ -19,7 +19,7 @@ CFG = BuildConfig(data="synthetic", finetune_steps=6, batch_size=16, candidates=
 def test_a_start_other_than_peg_gets_its_own_shape_search(tmp_path, monkeypatch):
     """Where the transfer probe prefers scratch at the shape searched for PEG, the shape is searched again for
     scratch (probes from scratch over the Pareto candidates, that shape among them) and the pair is fine-tuned."""
-    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, trained=True: ("scratch", "forced by the test"))
+    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, **_: ("scratch", "forced by the test"))
     lines: list[str] = []
     manifest = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", CFG, log=lines.append)
     dev = manifest["devices"][0]
@@ -42,7 +42,7 @@ def test_a_start_other_than_peg_gets_its_own_shape_search(tmp_path, monkeypatch)
 
 
 def test_peg_kept_is_one_pair_at_the_searched_shape(tmp_path, monkeypatch):
-    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, trained=True: ("peg", "forced by the test"))
+    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, **_: ("peg", "forced by the test"))
     manifest = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", CFG, log=lambda *_: None)
     dev = manifest["devices"][0]
     assert dev["init"] == dev["joint"]["init"] == "peg"
@@ -58,7 +58,9 @@ def test_the_expanding_phase_runs_only_where_the_ancestry_transfers(tmp_path, mo
         return transfer.TransferCheck(**{**real(*args, **kwargs).__dict__, "scores": scores})
 
     monkeypatch.setattr(transfer, "check_transfer", fixed)
-    cfg = BuildConfig(data="synthetic", finetune_steps=4, batch_size=16, expand_steps=2, expand_batch_size=8)
+    cfg = BuildConfig(
+        data="synthetic", finetune_steps=4, batch_size=16, expand_steps=2, expand_batch_size=8, expand_min_steps=1
+    )
     lines: list[str] = []
     out = tmp_path / "out"
     plan = build([load_profile(_profile(tmp_path, "dev", 0.2))], out, cfg, log=lines.append, dry_run=True)
@@ -87,7 +89,7 @@ def _label(shape: dict) -> str:
 
 
 def test_an_explicit_capacity_objective_keeps_the_largest_shape_for_any_start(tmp_path, monkeypatch):
-    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, trained=True: ("scratch", "forced by the test"))
+    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, **_: ("scratch", "forced by the test"))
     cfg = BuildConfig(data="synthetic", finetune_steps=6, batch_size=16, objective="capacity")
     manifest = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, log=lambda *_: None)
     dev = manifest["devices"][0]
@@ -100,7 +102,7 @@ def test_an_untrained_learngene_decides_the_start_first_and_probes_one_round(tmp
     """No expanding phase trained the learngene (``--expand-steps 0``): the start is decided at the largest shape
     that fits, before any probe, and the shapes are probed once, fine-tuned from that start -- not first for
     PEG's descendants and again for the start."""
-    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, trained=True: (start, "forced by the test"))
+    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, **_: (start, "forced by the test"))
     rounds = _probe_rounds(monkeypatch)
     cfg = BuildConfig(data="synthetic", finetune_steps=6, batch_size=16, candidates=3, expand_steps=0)
     lines: list[str] = []
@@ -130,7 +132,7 @@ def test_a_trained_learngene_still_probes_for_peg_and_searches_again_for_another
     """With ``--objective accuracy`` and the shipped (trained) learngene the shape is probed for PEG's descendants
     and, where the transfer probe then prefers another start, searched again: the start-first path is only for an
     untrained learngene."""
-    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, trained=True: ("scratch", "forced by the test"))
+    monkeypatch.setattr(transfer, "choose_init", lambda scores, probe, **_: ("scratch", "forced by the test"))
     rounds = _probe_rounds(monkeypatch)
     cfg = BuildConfig(data="synthetic", finetune_steps=6, batch_size=16, candidates=3, objective="accuracy")
     manifest = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, log=lambda *_: None)

@@ -148,7 +148,9 @@ def test_build_uses_the_shipped_learngene_by_default(tmp_path):
 
 def test_build_trains_other_learngenes_once_caches_and_resumes(tmp_path, monkeypatch):
     prof = load_profile(_profile(tmp_path, "tiny"))
-    cfg = BuildConfig(data="synthetic", finetune_steps=2, batch_size=8, gene_seed=1, expand_steps=4)
+    cfg = BuildConfig(
+        data="synthetic", finetune_steps=2, batch_size=8, gene_seed=1, expand_steps=4, expand_min_steps=1
+    )  # 4 steps count as trained (else --init auto skips a phase that short)
     real = _interrupt_expanding_phase_at(monkeypatch, 4)  # dies after step 3 of 4
     with pytest.raises(KeyboardInterrupt):
         build([prof], tmp_path / "a", cfg, log=lambda *_: None)

@@ -191,8 +191,15 @@ def test_a_phase_the_budget_drops_is_planned_again_with_the_probes_an_untrained_
         )
 
     monkeypatch.setattr(transfer, "check_transfer", transfers)
+    # a cap at or above the bar (a cap below it leaves the learngene untrained from the first plan on), and a bar
+    # the budget's share cannot buy (~2,000 steps of ~0.15 s here; at 7 ms a step it still would not)
     cfg = BuildConfig(
-        data="synthetic", batch_size=16, expand_steps=12, expand_batch_size=8, expand_min_steps=750, time_budget_s=600
+        data="synthetic",
+        batch_size=16,
+        expand_steps=50_000,
+        expand_batch_size=8,
+        expand_min_steps=40_000,
+        time_budget_s=600,
     )
     lines: list[str] = []
     plan = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, dry_run=True, log=lines.append)

@@ -66,6 +66,15 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     help="Expanding-phase steps for the learngene [default: 1500; 0 = untrained, sampled only].",
 )
 @click.option(
+    "--expand-min-steps",
+    type=STEPS,
+    default=BuildConfig.expand_min_steps,
+    show_default=True,
+    help="Expanding-phase steps from which a learngene counts as trained: one trained less starts its descendants "
+    "below weight selection, so --init/--objective auto treat it as untrained, and a --time-budget whose share "
+    "buys fewer runs no phase.",
+)
+@click.option(
     "--expand-data",
     default=None,
     help="Images for the expanding phase [default: the ancestry's own (mnist for the demo), else --data].",

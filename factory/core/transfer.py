@@ -47,6 +47,12 @@ import torch
 from factory.errors import FactoryError
 from factory.io import release_freed_memory
 
+#: Expanding-phase steps from which a learngene counts as trained (:func:`trained_by`): a phase of fewer steps
+#: starts its descendants *below* weight selection, which costs nothing (bench/RESULTS.md, the learngene study:
+#: 150 steps -12.7 points, 250 steps -4.7, 1,500 steps +3.0 against weight selection, crossing near 750). The
+#: build's ``expand_min_steps`` (default this) is the bar it applies, with a time budget and without.
+PHASE_PAYS_FROM_STEPS = 750
+
 #: The inherited initialisations, in order of preference on a tie (``scratch`` is the alternative to all of them).
 INHERITED = ("peg", "weight_selection", "tleg")
 #: The starts built without the learngene (from the ancestry, or random): their scores at a shape do not change
@@ -148,28 +154,43 @@ def knn_loo_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 10) 
     return float((knn_loo_predict(features, labels, k) == labels).double().mean())
 
 
-def trained_by(shape, learngene) -> bool:
-    """Whether the learngene's expanding phase trained ``shape``'s attention: one of its trained shapes
+def expanding_steps(learngene) -> int:
+    """The steps of the expanding phase that made ``learngene`` (``meta["expanding_phase"]["config"]["steps"]``);
+    0 for one sampled only."""
+    phase = (getattr(learngene, "meta", None) or {}).get("expanding_phase") or {}
+    return int((phase.get("config") or {}).get("steps") or 0) if phase.get("shapes") else 0
+
+
+def trained_by(shape, learngene, min_steps: int = PHASE_PAYS_FROM_STEPS) -> bool:
+    """Whether the learngene's expanding phase trained ``shape``'s attention: the phase ran at least
+    ``min_steps`` steps (:data:`PHASE_PAYS_FROM_STEPS`), one of its trained shapes
     (``meta["expanding_phase"]["shapes"]``) has the same head count, and ``shape`` is no deeper than the
     deepest trained. A learngene without an expanding phase (sampled only: a build whose budget or transfer
     check skipped the phase) trained none of them: False, so weight selection is preferred -- an untrained
     learngene's descendants start below it (bench/RESULTS.md, the learngene study: -7.5 to -22 points), and at
     equal wall time on mnist-unseen preferring them shipped 0.690 against weight selection's 0.864
-    ("A wall-clock budget")."""
+    ("A wall-clock budget"). One trained for fewer than ``min_steps`` counts as untrained: counted as trained, a
+    30-step learngene's d12 descendant (k-NN 0.393 against weight selection's 0.826 on mnist-unseen) was kept and
+    shipped at 0.7615 against weight selection's 0.9525 (RESULTS, "A learngene trained too little")."""
     from factory.core.shapes import DescendantShape
 
-    labels = ((getattr(learngene, "meta", None) or {}).get("expanding_phase") or {}).get("shapes") or []
-    trained = [DescendantShape.from_label(label) for label in labels]
-    if not trained:
+    if expanding_steps(learngene) < max(1, min_steps):
         return False
+    labels = learngene.meta["expanding_phase"]["shapes"]
+    trained = [DescendantShape.from_label(label) for label in labels]
     return shape.depth <= max(t.depth for t in trained) and any(t.num_heads == shape.num_heads for t in trained)
 
 
 def choose_init(
-    scores: Mapping[str, float], probe: TransferProbe = TransferProbe(), *, trained: bool = True
+    scores: Mapping[str, float],
+    probe: TransferProbe = TransferProbe(),
+    *,
+    trained: bool = True,
+    untrained_why: str = "the learngene's expanding phase never trained this shape",
 ) -> tuple[str, str]:
     """``(chosen initialisation, why)`` from the candidates' scores by the module docstring's rule;
-    ``trained``: whether the learngene's expanding phase trained the shape (:func:`trained_by`)."""
+    ``trained``: whether the learngene's expanding phase trained the shape (:func:`trained_by`), and
+    ``untrained_why`` the reason given where it did not."""
     inherited = [m for m in INHERITED if m in scores]
     figures = ", ".join(f"{m} {scores[m]:.3f}" for m in (*inherited, "scratch") if m in scores)
     if not inherited:
@@ -182,11 +203,7 @@ def choose_init(
         )
     prefer = "peg" if trained else probe.untrained_shape_init
     keep = prefer if prefer in scores else inherited[0]
-    why = (
-        ""
-        if trained or keep != probe.untrained_shape_init
-        else "; the learngene's expanding phase never trained this shape"
-    )
+    why = "" if trained or keep != probe.untrained_shape_init else f"; {untrained_why}"
     if best != keep and scores[best] > scores[keep] + probe.inherit_margin:
         return best, (
             f"{best}'s features separate the classes best (k-NN {figures}; beats {keep} by more than "
@@ -230,6 +247,7 @@ def decide_init(
     seed: int,
     probe: TransferProbe = TransferProbe(),
     known: Mapping[str, float] | None = None,
+    trained_from: int = PHASE_PAYS_FROM_STEPS,
 ) -> InitDecision:
     """Build each of ``probe.candidates`` at ``shape`` (as the fine-tune would: same ``seed``), score its
     features on the first ``probe.images`` of ``images``/``labels`` (:func:`knn_loo_accuracy`; the
@@ -237,7 +255,8 @@ def decide_init(
 
     ``known``: scores already measured *at this shape, seed and on these images* by a start that does not
     depend on the learngene (:meth:`TransferCheck.known_at`: weight selection and scratch); those candidates
-    are not built and scored again (``reused`` in the decision)."""
+    are not built and scored again (``reused`` in the decision). ``trained_from``: the expanding-phase steps from
+    which the learngene counts as trained (:func:`trained_by`)."""
     import time
 
     from factory.core.baselines import init_descendant
@@ -252,8 +271,15 @@ def decide_init(
             continue
         model = init_descendant(method, shape, ancestry=ancestry, learngene=learngene, seed=seed)
         scores[method] = knn_loo_accuracy(pooled_features(model, x), y, probe.k)
-    trained = trained_by(shape, learngene)
-    chosen, why = choose_init(scores, probe, trained=trained)
+    trained = trained_by(shape, learngene, trained_from)
+    steps = expanding_steps(learngene)
+    untrained_why = (
+        f"the learngene's expanding phase ran {steps} steps, fewer than the {trained_from} from which its "
+        "descendants start above weight selection"
+        if 0 < steps < trained_from
+        else "the learngene's expanding phase never trained this shape"
+    )
+    chosen, why = choose_init(scores, probe, trained=trained, untrained_why=untrained_why)
     return InitDecision(chosen, why, scores, int(len(y)), time.perf_counter() - t0, trained, tuple(reused))
 
 

@@ -36,7 +36,7 @@ from factory.errors import FactoryError
 from factory.io import claim, directory_lock
 from factory.pipeline import manifest
 from factory.pipeline.cache import Cache
-from factory.pipeline.config import BuildConfig, objective_for
+from factory.pipeline.config import BuildConfig, expanding_config, objective_for
 from factory.pipeline.executor import LocalExecutor
 from factory.pipeline.shape_task import DeviceTask, ShapeTask, ancestry_and_data, run_shape_task
 from factory.pipeline.stages import BuildContext, make_learngene
@@ -128,6 +128,15 @@ def _build(
             "record, untrained)"
         )
         ctx.cfg = dataclasses.replace(cfg, expand_steps=0)
+    elif cfg.init == "auto" and cfg.time_budget_s is None and learngene_source(ctx).runs_expanding_phase:
+        steps = expanding_config(cfg).steps  # a budget plans the phase itself, this bar included (time_budget)
+        if 0 < steps < cfg.expand_min_steps:
+            log(
+                f"expanding phase: not run: --expand-steps {steps} is below --expand-min-steps {cfg.expand_min_steps}: "
+                "a learngene trained that little starts its descendants below weight selection, so --init auto "
+                f"would not start from it (--init peg runs it; --expand-min-steps {steps} counts it as trained)"
+            )
+            ctx.cfg = dataclasses.replace(cfg, expand_steps=0)
     objective, why = objective_for(ctx.cfg, anc)
     log(f"objective: {objective} ({why})")
     space = SearchSpace.from_arch(anc.arch, num_classes=ds.num_classes)

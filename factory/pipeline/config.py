@@ -17,7 +17,7 @@ from typing import Any
 from factory.core.baselines import METHODS
 from factory.core.expanding_phase import LATER_FIELDS, ExpandingConfig, default_shapes, recipe_fields
 from factory.core.mirror import MirrorProbe
-from factory.core.transfer import TransferProbe
+from factory.core.transfer import PHASE_PAYS_FROM_STEPS, TransferProbe, expanding_steps
 from factory.data import dataset_identity
 from factory.device.objective import OBJECTIVES, resolve_objective
 from factory.errors import FactoryError
@@ -82,9 +82,10 @@ class BuildConfig:
     # is the most the phase may take
     time_budget_s: float | None = None
     expand_share: float = 0.5  # with a budget: the share of the spare time the expanding phase gets (time_budget)
-    # with a budget and --init auto: fewer expanding-phase steps than this do not pay (a learngene trained less
-    # starts below weight selection: bench/RESULTS.md), so none run and the fine-tunes get the time
-    expand_min_steps: int = 750
+    # fewer expanding-phase steps than this do not pay (a learngene trained less starts below weight selection:
+    # factory.core.transfer.PHASE_PAYS_FROM_STEPS): such a learngene counts as untrained for --init auto and
+    # --objective auto, and with a budget and --init auto none run and the fine-tunes get the time
+    expand_min_steps: int = PHASE_PAYS_FROM_STEPS
 
     def __post_init__(self) -> None:
         import math
@@ -234,13 +235,22 @@ def search_init(cfg: BuildConfig) -> str:
 
 
 def learngene_trained(cfg: BuildConfig, anc) -> bool:
-    """Whether the build's learngene has been through an expanding phase: a given one by its metadata, the
-    build's own (shipped, cached or trained now) by the phase's configured steps (0: sampled only -- a time
-    budget or the transfer check dropped the phase, or ``--expand-steps 0``)."""
+    """Whether the build's learngene has been through an expanding phase of at least ``cfg.expand_min_steps``
+    steps (fewer do not pay: :data:`~factory.core.transfer.PHASE_PAYS_FROM_STEPS`): a given one by its
+    metadata, the build's own (shipped, cached or trained now) by the phase's configured steps (0: sampled only
+    -- a time budget or the transfer check dropped the phase, or ``--expand-steps 0``)."""
     given = given_learngene(cfg, anc)
-    if given is not None:
-        return bool((given.meta.get("expanding_phase") or {}).get("config", {}).get("steps"))
-    return expanding_config(cfg).steps > 0
+    steps = expanding_steps(given) if given is not None else expanding_config(cfg).steps
+    return steps >= max(1, cfg.expand_min_steps)
+
+
+def untrained_why(cfg: BuildConfig, anc) -> str:
+    """Why :func:`learngene_trained` is false, in a few words: no phase, or fewer steps than pay."""
+    given = given_learngene(cfg, anc)
+    steps = expanding_steps(given) if given is not None else expanding_config(cfg).steps
+    if steps <= 0:
+        return "no expanding phase"
+    return f"{steps} expanding-phase steps, fewer than the {cfg.expand_min_steps} that pay"
 
 
 def objective_for(cfg: BuildConfig, anc) -> tuple[str, str]:

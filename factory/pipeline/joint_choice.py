@@ -13,13 +13,13 @@ With an explicit ``--objective capacity`` the shape stays the largest that fits 
 
 **The start first, where the learngene is untrained** (:func:`starts_first`: ``--init auto``, the accuracy
 objective, and no expanding phase trained the learngene -- a time budget or the transfer check dropped it, or
-``--expand-steps 0``). Probing shapes for PEG's descendants first would spend a full round of probes on a start
-the transfer probe then almost never keeps (at a shape the phase never trained it prefers weight selection,
-:func:`factory.core.transfer.choose_init`). So the start is decided first, at the largest shape that fits (the
-shape the transfer check scores too), and the shape is searched once, for that start. Measured on the demo fleet
-at a 10-minute budget (``bench/time_budget.py``, RESULTS "Run 6"): the default's probes took 167 -> 105 s on
-mnist-unseen and 97 -> 38 s on textures, what a fixed ``--init`` of the chosen start spends; the fine-tunes get
-the time back.
+``--expand-steps 0`` -- or one of fewer than ``--expand-min-steps``, which do not pay). Probing shapes for PEG's
+descendants first would spend a full round of probes on a start the transfer probe then almost never keeps (at a
+shape the phase never trained it prefers weight selection, :func:`factory.core.transfer.choose_init`). So the start
+is decided first, at the largest shape that fits (the shape the transfer check scores too), and the shape is
+searched once, for that start. Measured on the demo fleet at a 10-minute budget (``bench/time_budget.py``, RESULTS
+"Run 6"): the default's probes took 167 -> 105 s on mnist-unseen and 97 -> 38 s on textures, what a fixed
+``--init`` of the chosen start spends; the fine-tunes get the time back.
 
 Why not also probe ``(S_peg, peg)`` against ``(S_X, X)``: the transfer probe prefers another start only when
 inherited features are worse than the alternative *before training* (e.g. random features separate the
@@ -116,8 +116,11 @@ def _start_first(ctx: BuildContext, device: DeviceResult, results: dict[str, Any
 
     first = DescendantShape.from_dict(device["shape"])  # the largest shape that fits: the capacity choice
     start = decide(ctx, first)
+    from factory.pipeline.config import untrained_why
+
     ctx.log(
-        f"{device.name}: the learngene is untrained (no expanding phase), so --init auto decides the start first: "
+        f"{device.name}: the learngene is untrained ({untrained_why(ctx.cfg, ctx.ancestry)}), so --init auto decides "
+        "the start first: "
         f"{start} at {first.label()}, the largest shape that fits; the shape is searched once, for {start}"
     )
     return _search_for_start(ctx, device, results, first, start, again=False)

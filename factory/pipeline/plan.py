@@ -34,6 +34,7 @@ def plan(
     :data:`~factory.pipeline.budget_costs.ASSEMBLE_S_PER_DEVICE` each)."""
     from factory.device.accuracy import EstimatorConfig
     from factory.pipeline.budget_costs import ASSEMBLE_S_PER_DEVICE
+    from factory.pipeline.config import untrained_why
     from factory.pipeline.joint_choice import starts_first
 
     log, cfg = ctx.log, ctx.cfg
@@ -77,7 +78,8 @@ def plan(
         if first_start:  # one shape search, for the start decided (or cached) at the capacity shape: no "again"
             start = "the start" if init is None else f"the start ({init}, cached)"
             log(
-                f"{entry['name']}: the learngene is untrained (no expanding phase), so --init auto decides {start} at "
+                f"{entry['name']}: the learngene is untrained ({untrained_why(cfg, ctx.ancestry)}), so --init auto "
+                f"decides {start} at "
                 f"{shape.label()} first and the shape is searched once, for that start"
             )
         elif cfg.init == "auto" and cfg.joint_choice and cfg.objective != "capacity" and init != "peg":

@@ -91,6 +91,7 @@ def _init_inputs(ctx: BuildContext, shape: DescendantShape) -> dict[str, Any]:
         "shape": shape.to_dict(),
         "seed": ctx.cfg.seed,
         "data": ctx.data.identity,
+        "trained_from": ctx.cfg.expand_min_steps,
     }
 
 
@@ -109,6 +110,7 @@ def _run_init(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Path) 
         seed=ctx.cfg.seed,
         probe=ctx.cfg.init_probe,
         known=check.known_at(shape, min(len(sample), ctx.cfg.init_probe.images), ctx.cfg.seed) if check else None,
+        trained_from=ctx.cfg.expand_min_steps,
     )
     return decision.to_dict()
 
