@@ -239,15 +239,18 @@ def learngene_trained(cfg: BuildConfig, anc) -> bool:
     steps (fewer do not pay: :data:`~factory.core.transfer.PHASE_PAYS_FROM_STEPS`): a given one by its
     metadata, the build's own (shipped, cached or trained now) by the phase's configured steps (0: sampled only
     -- a time budget or the transfer check dropped the phase, or ``--expand-steps 0``)."""
+    return learngene_steps(cfg, anc) >= max(1, cfg.expand_min_steps)
+
+
+def learngene_steps(cfg: BuildConfig, anc) -> int:
+    """The expanding-phase steps of the build's learngene: a given one's recorded steps, else the configured."""
     given = given_learngene(cfg, anc)
-    steps = expanding_steps(given) if given is not None else expanding_config(cfg).steps
-    return steps >= max(1, cfg.expand_min_steps)
+    return expanding_steps(given) if given is not None else expanding_config(cfg).steps
 
 
 def untrained_why(cfg: BuildConfig, anc) -> str:
     """Why :func:`learngene_trained` is false, in a few words: no phase, or fewer steps than pay."""
-    given = given_learngene(cfg, anc)
-    steps = expanding_steps(given) if given is not None else expanding_config(cfg).steps
+    steps = learngene_steps(cfg, anc)
     if steps <= 0:
         return "no expanding phase"
     return f"{steps} expanding-phase steps, fewer than the {cfg.expand_min_steps} that pay"
