@@ -161,6 +161,12 @@ def expanding_steps(learngene) -> int:
     return int((phase.get("config") or {}).get("steps") or 0) if phase.get("shapes") else 0
 
 
+def short_phase_why(steps: int, min_steps: int) -> str | None:
+    """Why a phase of ``steps`` does not count (:func:`trained_by`), in a few words; None where it is absent
+    (``steps <= 0``) or long enough."""
+    return f"{steps} expanding-phase steps, fewer than the {min_steps} that pay" if 0 < steps < min_steps else None
+
+
 def trained_by(shape, learngene, min_steps: int = PHASE_PAYS_FROM_STEPS) -> bool:
     """Whether the learngene's expanding phase trained ``shape``'s attention: the phase ran at least
     ``min_steps`` steps (:data:`PHASE_PAYS_FROM_STEPS`), one of its trained shapes
@@ -272,12 +278,9 @@ def decide_init(
         model = init_descendant(method, shape, ancestry=ancestry, learngene=learngene, seed=seed)
         scores[method] = knn_loo_accuracy(pooled_features(model, x), y, probe.k)
     trained = trained_by(shape, learngene, trained_from)
-    steps = expanding_steps(learngene)
+    short = short_phase_why(expanding_steps(learngene), trained_from)
     untrained_why = (
-        f"the learngene's expanding phase ran {steps} steps, fewer than the {trained_from} from which its "
-        "descendants start above weight selection"
-        if 0 < steps < trained_from
-        else "the learngene's expanding phase never trained this shape"
+        f"the learngene had {short}" if short else "the learngene's expanding phase never trained this shape"
     )
     chosen, why = choose_init(scores, probe, trained=trained, untrained_why=untrained_why)
     return InitDecision(chosen, why, scores, int(len(y)), time.perf_counter() - t0, trained, tuple(reused))

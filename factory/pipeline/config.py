@@ -17,7 +17,7 @@ from typing import Any
 from factory.core.baselines import METHODS
 from factory.core.expanding_phase import LATER_FIELDS, ExpandingConfig, default_shapes, recipe_fields
 from factory.core.mirror import MirrorProbe
-from factory.core.transfer import PHASE_PAYS_FROM_STEPS, TransferProbe, expanding_steps
+from factory.core.transfer import PHASE_PAYS_FROM_STEPS, TransferProbe, expanding_steps, short_phase_why
 from factory.data import dataset_identity
 from factory.device.objective import OBJECTIVES, resolve_objective
 from factory.errors import FactoryError
@@ -249,11 +249,9 @@ def learngene_steps(cfg: BuildConfig, anc) -> int:
 
 
 def untrained_why(cfg: BuildConfig, anc) -> str:
-    """Why :func:`learngene_trained` is false, in a few words: no phase, or fewer steps than pay."""
-    steps = learngene_steps(cfg, anc)
-    if steps <= 0:
-        return "no expanding phase"
-    return f"{steps} expanding-phase steps, fewer than the {cfg.expand_min_steps} that pay"
+    """Why :func:`learngene_trained` is false, in a few words: no phase, or fewer steps than pay
+    (:func:`~factory.core.transfer.short_phase_why`)."""
+    return short_phase_why(learngene_steps(cfg, anc), cfg.expand_min_steps) or "no expanding phase"
 
 
 def objective_for(cfg: BuildConfig, anc) -> tuple[str, str]:

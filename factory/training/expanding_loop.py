@@ -148,13 +148,14 @@ def train_learngene(
     report["distill_img_size"] = size
     tokens = (size // arch.patch_size) ** 2 + prefix
 
+    memory_mb = resolve_memory_mb(cfg.memory_mb, device)  # after the genes and the teacher moved there
+    report["memory_mb"] = round(memory_mb)
+
     def pieces(shape: DescendantShape, batch: int) -> list[slice]:
         """The micro-batches of ``shape``'s forward/backward passes (factory.training.micro_batch)."""
         per = activation_mb_per_image(shape.depth, tokens, shape.embed_dim, shape.mlp_hidden, precision)
         return spans(batch, micro_batch_size(batch, per, memory_mb))
 
-    memory_mb = resolve_memory_mb(cfg.memory_mb, device)  # after the genes and the teacher moved there
-    report["memory_mb"] = round(memory_mb)
     report["micro_batches"] = {s.label(): len(pieces(s, cfg.batch_size // world)) for s in (by_cost[0], by_cost[-1])}
 
     def step_fn(step: int, batch, last: bool) -> dict[str, Any]:
