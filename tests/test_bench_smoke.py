@@ -1,8 +1,11 @@
 """Smoke runs of the benchmarks: each writes a complete report (they assert nothing about who wins)."""
 
 import json
+import math
 import subprocess
 import sys
+
+import pytest
 
 
 def _run(*args, timeout=600):
@@ -296,3 +299,25 @@ def test_mirror_check_bench_quick_mode_runs(tmp_path):
     assert rows["sided"]["flipped"] == 0 and rows["sided"]["draws"] == 2  # each class the other's mirror
     assert rows["digits"]["flipped"] == 0 and rows["digits"]["kept"] < 0.6
     assert "| sided | demo | 100 |" in (tmp_path / "m.md").read_text()
+
+
+def test_phase_payoff_reads_the_head_start_off_weight_selection_s_curve(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend("bench")
+    import phase_payoff
+
+    ws = {100: 0.80, 300: 0.90, 1000: 0.88, 3000: 0.95}  # the 1000-step dip is noise: the curve only rises
+    assert phase_payoff.steps_to_reach(ws, 0.80) == (100.0, "")
+    assert phase_payoff.steps_to_reach(ws, 0.85)[0] == pytest.approx(math.sqrt(100 * 300))  # halfway in log N
+    assert phase_payoff.steps_to_reach(ws, 0.90) == (pytest.approx(300), "")  # not the dip's 1000
+    assert phase_payoff.steps_to_reach(ws, 0.97) == (3000.0, ">")  # above every run: a lower bound
+    assert phase_payoff.steps_to_reach(ws, 0.70) == (100.0, "<")  # below the shortest: an upper bound
+    rows = [
+        {"task": "t", "steps": n, "init": init, "accuracy": acc, "seconds": 1.0, "test_images": 400}
+        for n, init, acc in [(100, "weight_selection", 0.80), (300, "weight_selection", 0.90), (100, "peg", 0.85)]
+    ]
+    (h,) = phase_payoff.head_starts(rows)
+    assert h["head_start"] == pytest.approx(math.sqrt(100 * 300) - 100) and h["bound"] == ""
+    # the quick run writes the table
+    _run("bench/phase_payoff.py", "--quick", "--json", str(tmp_path / "p.json"), "--md", str(tmp_path / "p.md"))
+    assert len(json.loads((tmp_path / "p.json").read_text())["rows"]) == 4  # 2 lengths x (PEG, weight selection)
+    assert "| task | N | PEG | weight selection |" in (tmp_path / "p.md").read_text()

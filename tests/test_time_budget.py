@@ -13,11 +13,13 @@ from factory.device.profile import load_profile
 from factory.errors import FactoryError
 from factory.pipeline.build import BuildConfig, build
 from factory.pipeline.time_budget import (
+    HEAD_START_PHASE_STEPS,
     MIN_FINETUNE_STEPS,
     Costs,
     expanding_seconds,
     fit_budget,
     format_duration,
+    head_start,
     parse_duration,
 )
 
@@ -162,6 +164,7 @@ def test_a_phase_that_must_run_is_planned_within_its_cap_where_it_pays(tmp_path,
         expand_steps=12,
         expand_batch_size=8,
         expand_min_steps=least,
+        expand_head_start=100_000,  # 12 tiny steps repay their time (the head start's own test is the planner's)
         objective="capacity",
         time_budget_s=600,
     )
@@ -171,7 +174,8 @@ def test_a_phase_that_must_run_is_planned_within_its_cap_where_it_pays(tmp_path,
     # 10 minutes hold far more than 12 tiny steps: the cap holds -- unless 12 steps are too few to pay
     assert first["expand_steps"] == expected and first["finetune_steps"] > 100
     assert first["planned_s"]["learngene"] > 0  # sampling it, at least
-    assert any("no expanding phase: its share buys fewer" in line for line in lines) is (not expected)
+    assert any("no expanding phase: its share buys" in line for line in lines) is (not expected)
+    assert any("the expanding phase pays: " in line and "repaid by" in line for line in lines) is bool(expected)
     # one measurement of the expanding step serves the plan and the dry run's estimate: the same figures
     assert sum("one expanding-phase step measured" in line for line in lines) == 1, lines
     stage = {row["stage"]: row for row in plan["stages"]}["learngene"]
@@ -215,6 +219,33 @@ def test_a_phase_too_short_to_pay_is_not_run():
     assert fit_budget(60, costs, min_expand_steps=30).expand_steps == 0  # 21 steps would fit: fewer than pay
     assert fit_budget(60, costs, min_expand_steps=30).finetune_steps == 100  # ... so the fine-tune gets it all
     assert fit_budget(60, costs, min_expand_steps=21).expand_steps == 21
+
+
+def test_the_head_start_ramps_from_the_bar_to_the_measured_recipe():
+    assert head_start(750, head_start_steps=300, min_steps=750) == 0  # at the bar: no better than weight selection
+    assert head_start(1125, head_start_steps=300, min_steps=750) == 150  # halfway to the recipe's 1,500 steps
+    assert head_start(HEAD_START_PHASE_STEPS, head_start_steps=300, min_steps=750) == 300
+    assert head_start(10_000, head_start_steps=300, min_steps=750) == 300  # no credit beyond what was measured
+    assert head_start(5, head_start_steps=300, min_steps=0) == pytest.approx(1.0)
+
+
+def test_a_phase_runs_at_a_budget_only_where_its_head_start_repays_its_time():
+    """The phase's seconds are fine-tuning steps every shape loses (dN); it runs only where H(E) >= dN. One shape
+    at 0.5 s a step, phase steps at 0.1 s: 1,500 steps cost 150 s = 300 fine-tuning steps."""
+    costs = _costs(step=0.5, first=0.1, each=0.1, expanding=True)
+    budget = 10 + 0.5 * MIN_FINETUNE_STEPS + 2 * 150 + 1  # the share (half the spare) buys all 1,500 steps
+    paid = fit_budget(budget, costs, min_expand_steps=750, head_start_steps=300)
+    assert paid.expand_steps == 1500 and "repaid by the ~300 steps" in paid.expand_why  # H = 300 >= dN = 300
+    dropped = fit_budget(budget, costs, min_expand_steps=750, head_start_steps=299)
+    assert dropped.expand_steps == 0 and dropped.finetune_steps == paid.finetune_steps + 300  # all to the fine-tune
+    assert "cost every shape 300 fine-tuning steps" in dropped.expand_why and "~299 steps" in dropped.expand_why
+    assert dropped.to_dict()["expand_why"] == dropped.expand_why  # recorded with the plan
+    # a fleet of four such shapes: the same phase costs each of them a quarter of the steps, so it pays
+    fleet = Costs({"export": 10.0}, lambda n: {"finetune": 4 * 0.5 * n}, 0.1, 0.1, True)
+    budget = 10 + 2 * MIN_FINETUNE_STEPS + 2 * 150 + 1
+    assert fit_budget(budget, fleet, min_expand_steps=750, head_start_steps=100).expand_steps == 1500
+    # --init peg passes no head start: the phase gets its share whatever it costs
+    assert fit_budget(budget, costs, head_start_steps=None).expand_steps > 0
 
 
 def test_a_replanned_first_plan_is_the_one_a_resumed_build_finds(tmp_path, monkeypatch):

@@ -75,6 +75,15 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     "buys fewer runs no phase.",
 )
 @click.option(
+    "--expand-head-start",
+    type=STEPS,
+    default=BuildConfig.expand_head_start,
+    show_default=True,
+    help="With --time-budget and --init auto: the fine-tuning steps a learngene of the recipe's 1500 phase steps "
+    "saves its descendants (measured: bench/phase_payoff.py); the phase runs only where that repays the "
+    "fine-tuning steps its time costs every shape.",
+)
+@click.option(
     "--expand-data",
     default=None,
     help="Images for the expanding phase [default: the ancestry's own (mnist for the demo), else --data].",

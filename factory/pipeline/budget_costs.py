@@ -128,6 +128,7 @@ def plan_time(
             expand_share=cfg.expand_share,
             max_expand_steps=cap,
             min_expand_steps=cfg.expand_min_steps if cfg.init == "auto" else 0,  # --init peg: its share, however small
+            head_start_steps=cfg.expand_head_start if cfg.init == "auto" else None,  # ... and need not repay its time
         )
     except FactoryError:
         if not probed:
@@ -142,10 +143,10 @@ def plan_time(
         plan = dataclasses.replace(plan, expand_steps=0)
     ctx.log(f"time budget: {stage} plan, {format_duration(left)} left: {describe(plan)}")
     if plan.expand_steps == 0 and costs.expanding_planned:
-        ctx.log(
-            f"time budget: no expanding phase: its share buys fewer than the {cfg.expand_min_steps} steps that pay "
-            "(a learngene trained less starts below weight selection); the fine-tunes get the time"
-        )
+        why = plan.expand_why or "the first plan dropped it"
+        ctx.log(f"time budget: no expanding phase: {why}; the fine-tunes get the time")
+    elif plan.expand_steps and plan.expand_why:
+        ctx.log(f"time budget: the expanding phase pays: {plan.expand_why}")
     if not dry_run:
         _record(path, {**recorded, stage: {**plan.to_dict(), **({"replanned": True} if replan else {})}})
     return plan
@@ -182,6 +183,7 @@ def _from_dict(d: Any) -> BudgetPlan | None:
             None if expand is None else int(expand),
             {str(k): float(v) for k, v in d["planned_s"].items()},
             float(d["minimum_s"]),
+            d.get("expand_why") or None,
         )
     except (AttributeError, KeyError, TypeError, ValueError):
         return None

@@ -21,6 +21,7 @@ from factory.core.transfer import PHASE_PAYS_FROM_STEPS, TransferProbe, expandin
 from factory.data import dataset_identity
 from factory.device.objective import OBJECTIVES, resolve_objective
 from factory.errors import FactoryError
+from factory.pipeline.time_budget import HEAD_START_STEPS
 from factory.training.train import TrainConfig
 
 #: What ``--init`` accepts: ``auto`` (decided per shape by a transfer probe, :mod:`factory.core.transfer`) or a fixed method.
@@ -86,6 +87,10 @@ class BuildConfig:
     # factory.core.transfer.PHASE_PAYS_FROM_STEPS): such a learngene counts as untrained for --init auto and
     # --objective auto, and with a budget and --init auto none run and the fine-tunes get the time
     expand_min_steps: int = PHASE_PAYS_FROM_STEPS
+    # with a budget and --init auto: the fine-tuning steps a learngene of the recipe's 1,500 phase steps saves its
+    # descendants (its head start, measured: bench/phase_payoff.py); the phase runs only where that repays the
+    # fine-tuning steps its time costs every shape (factory.pipeline.time_budget)
+    expand_head_start: int = HEAD_START_STEPS
 
     def __post_init__(self) -> None:
         import math
@@ -118,6 +123,7 @@ class BuildConfig:
             ),
             "expand share": math.isfinite(self.expand_share) and 0 <= self.expand_share < 1,
             "expand min steps": self.expand_min_steps >= 0,
+            "expand head start": self.expand_head_start >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

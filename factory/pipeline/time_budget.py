@@ -23,12 +23,22 @@ The plan (:func:`fit_budget`):
    A share that buys fewer than ``min_expand_steps`` steps does not pay: a learngene trained that little
    starts its descendants *below* weight selection, which costs nothing (bench/RESULTS.md, "the expanding
    phase is what carries the ancestry's knowledge": 150 steps -12.7 points, 250 steps -4.7, 1,500 steps +3.0
-   against weight selection, crossing zero near 750 steps). Then the phase does not run (``E = 0``) and the
-   whole budget fine-tunes; ``--init auto`` goes on with the best other start. ``--init peg`` passes 0: the
-   user asked for PEG, so the phase gets its share however small. That threshold was measured at a *fixed*
-   fine-tune, the phase's time free; at equal time it is a lower bound only: with a 30-minute budget on the
-   demo fleet (RESULTS, Run 13) 1,400 steps did not pay against the 2,458 fine-tuning steps their time buys
-   weight selection. A payoff measured at equal time is open work; ``expand_min_steps`` sets the bar;
+   against weight selection, crossing zero near 750). That bar was measured at a *fixed* fine-tune, the phase's
+   time free. At equal time the phase must also repay its time (``head_start_steps``): its descendants reach in
+   ``N`` fine-tuning steps what weight selection reaches in ``N + H``, the learngene's *head start*, and the
+   phase's seconds are ``dN = N(E = 0) - N(E)`` fine-tuning steps of every shape that weight selection gets
+   instead. The phase runs only where ``H(E) >= dN``, with
+
+       H(E) = head_start_steps * min(1, (E - min_expand_steps) / (HEAD_START_PHASE_STEPS - min_expand_steps))
+
+   (zero at the bar, the measured head start at the recipe's 1,500 steps, no more credit beyond: none was
+   measured). ``H`` is a count of steps, not a share of ``N``: measured with the shipped learngene
+   (bench/phase_payoff.py), the lead in accuracy fades as ``N`` grows while the steps it is worth stay in the
+   tens to hundreds, so a long fine-tune does not make the phase pay; a large *fleet* does, since ``dN`` is the
+   phase's time over the sum of every shape's step time (one learngene, many descendants). Where the phase
+   does not run (``E = 0``) the whole budget fine-tunes; ``--init auto`` goes on with the best other start.
+   ``--init peg`` passes ``min_expand_steps = 0`` and no head start: the user asked for PEG, so the phase gets
+   its share however small;
 3. ``N`` = the largest count with ``T(N, E) <= budget`` (bisection: ``C`` is monotone), at most
    :data:`MAX_FINETUNE_STEPS`.
 
@@ -50,6 +60,11 @@ from factory.errors import FactoryError
 MIN_FINETUNE_STEPS = 10
 #: The most fine-tuning steps a budget plans (a long budget on a tiny task stops here; what is left is unspent).
 MAX_FINETUNE_STEPS = 1_000_000
+#: A learngene of the shipped recipe's expanding phase (this many steps) was measured for its head start.
+HEAD_START_PHASE_STEPS = 1500
+#: The head start, in fine-tuning steps, of a learngene trained :data:`HEAD_START_PHASE_STEPS` steps
+#: (bench/phase_payoff.py; the module docstring): the build's ``expand_head_start`` default.
+HEAD_START_STEPS = 100
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -112,6 +127,7 @@ class BudgetPlan:
     expand_steps: int | None  # None: not planned (the learngene costs nothing, or it is made already)
     planned_s: dict[str, float]  # stage -> seconds on this host
     minimum_s: float
+    expand_why: str | None = None  # why a planned phase runs or not (E = 0), in a few words
 
     @property
     def total_s(self) -> float:
@@ -125,12 +141,22 @@ class BudgetPlan:
             "expand_steps": self.expand_steps,
             "planned_s": {k: round(v, 1) for k, v in self.planned_s.items()},
             "planned_total_s": round(self.total_s, 1),
+            **({"expand_why": self.expand_why} if self.expand_why else {}),
         }
 
 
 def expanding_seconds(costs: Costs, steps: int) -> float:
     """``[E > 0] (e0 + (E - 1) e)``."""
     return costs.expand_first_s + (steps - 1) * costs.expand_step_s if steps > 0 else 0.0
+
+
+def head_start(steps: int, *, head_start_steps: float, min_steps: int) -> float:
+    """``H(E)`` of the module docstring: the fine-tuning steps a learngene trained ``steps`` expanding-phase
+    steps saves its descendants, 0 up to ``min_steps``, ``head_start_steps`` from :data:`HEAD_START_PHASE_STEPS`."""
+    if steps <= min_steps:
+        return 0.0
+    ramp = (steps - min_steps) / max(1, HEAD_START_PHASE_STEPS - min_steps)
+    return head_start_steps * min(1.0, ramp)
 
 
 def least_budget(costs: Costs) -> float:
@@ -145,9 +171,12 @@ def fit_budget(
     expand_share: float = 0.5,
     max_expand_steps: int = 1500,
     min_expand_steps: int = 0,
+    head_start_steps: float | None = None,
 ) -> BudgetPlan:
     """The step counts that spend ``budget_s`` (module docstring); one line naming the least budget when
-    ``budget_s`` cannot hold even :data:`MIN_FINETUNE_STEPS` fine-tuning steps."""
+    ``budget_s`` cannot hold even :data:`MIN_FINETUNE_STEPS` fine-tuning steps. ``head_start_steps``: the
+    learngene's measured head start, which the phase must repay at equal time (None: no such check, ``--init
+    peg``)."""
     if not 0 <= expand_share < 1:
         raise FactoryError(f"expand share {expand_share} must be in [0, 1)", param="expand_share")
     minimum = least_budget(costs)
@@ -158,27 +187,46 @@ def fit_budget(
             f"fine-tuning steps per shape): give at least {format_duration(minimum)}, or fewer devices",
             param="time_budget_s",
         )
-    expand = None
+    expand, why = None, None
     if costs.expanding_planned and costs.expand_step_s > 0:
         spare = (budget_s - minimum) * expand_share
         expand = 0
         if spare >= costs.expand_first_s:
             expand = min(max_expand_steps, 1 + int((spare - costs.expand_first_s) / costs.expand_step_s))
         if expand < min_expand_steps:  # too little to pay (module docstring): the fine-tunes get it all
-            expand = 0
-    rest = budget_s - costs.fixed_s - expanding_seconds(costs, expand or 0)
-    lo, hi = MIN_FINETUNE_STEPS, MAX_FINETUNE_STEPS  # the largest N with C(N) <= rest; C(lo) <= rest holds
+            expand, why = 0, f"its share buys {expand} steps, fewer than the {min_expand_steps} that pay"
+        elif expand and head_start_steps is not None:  # it must repay its time at equal time
+            cost = _most_steps(costs, budget_s - costs.fixed_s) - _most_steps(
+                costs, budget_s - costs.fixed_s - expanding_seconds(costs, expand)
+            )
+            gain = head_start(expand, head_start_steps=head_start_steps, min_steps=min_expand_steps)
+            spent = f"its {expanding_seconds(costs, expand):.0f}s ({expand} steps) cost every shape {cost} fine-tuning steps"
+            if gain < cost:
+                expand, why = (
+                    0,
+                    f"{spent}, more than the ~{gain:.0f} steps of head start it gives (--expand-head-start)",
+                )
+            else:
+                why = f"{spent}, repaid by the ~{gain:.0f} steps of head start it gives (--expand-head-start)"
+    lo = _most_steps(costs, budget_s - costs.fixed_s - expanding_seconds(costs, expand or 0))
+    planned = dict(costs.fixed)
+    if expand:
+        planned["learngene"] = planned.get("learngene", 0.0) + expanding_seconds(costs, expand)
+    for stage, seconds in costs.per_steps(lo).items():
+        planned[stage] = planned.get(stage, 0.0) + seconds
+    return BudgetPlan(budget_s, lo, expand, planned, minimum, why)
+
+
+def _most_steps(costs: Costs, rest: float) -> int:
+    """The largest ``N`` in [MIN_FINETUNE_STEPS, MAX_FINETUNE_STEPS] with ``C(N) <= rest`` (bisection: ``C`` is
+    monotone); MIN_FINETUNE_STEPS where even that does not fit."""
+    lo, hi = MIN_FINETUNE_STEPS, MAX_FINETUNE_STEPS
     if costs.steps_s(hi) <= rest:
-        lo = hi
+        return hi
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if costs.steps_s(mid) <= rest:
             lo = mid
         else:
             hi = mid - 1
-    planned = dict(costs.fixed)
-    if expand:
-        planned["learngene"] = planned.get("learngene", 0.0) + expanding_seconds(costs, expand)
-    for stage, seconds in costs.per_steps(lo).items():
-        planned[stage] = planned.get(stage, 0.0) + seconds
-    return BudgetPlan(budget_s, lo, expand, planned, minimum)
+    return lo
