@@ -209,6 +209,7 @@ def test_a_phase_the_budget_drops_is_planned_again_with_the_probes_an_untrained_
     plan = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, dry_run=True, log=lines.append)
     first = plan["time_budget"]["plans"]["first"]
     assert first["expand_steps"] == 0 and first["planned_s"]["probes"] > 0  # planned again, with the probes
+    assert "fewer than the 40000 that pay" in first["expand_why"]  # ... and the plan still says why it has no phase
     assert first["planned_total_s"] <= 600
     assert any(line.startswith("objective: accuracy") and "planned again" in line for line in lines), lines
     assert any("successive halving" in line and "at equal time" in line for line in lines), lines  # budget: equal time

@@ -97,12 +97,13 @@ def plan_time(
     expanding: bool,
     probed: bool,
     dry_run: bool = False,
-    replan: bool = False,
+    replan: str | bool = False,
 ) -> BudgetPlan:
     """The plan of the build's remaining work in ``budget - elapsed_s`` (the first, ``probed=False``, or the
     second); a plan this build recorded before (a resumed build) is returned as it was. ``replan``: the first plan
     dropped the expanding phase, which changed what the build does (an untrained learngene is probed), so it is
-    planned again, with ``E = 0``, and recorded over, marked ``replanned`` (a resumed build finds that one). The
+    planned again, with ``E = 0``, and recorded over, marked ``replanned`` (a resumed build finds that one); a
+    string is why the first plan dropped it, which the new plan keeps (``expand_why``). The
     second plan never fails: when less is left than its least work, it plans :data:`MIN_FINETUNE_STEPS` and says
     so."""
     from factory.pipeline.config import expanding_config
@@ -140,7 +141,8 @@ def plan_time(
         )
         plan = BudgetPlan(left, MIN_FINETUNE_STEPS, None, {"fixed": costs.fixed_s}, least)
     if replan:  # the phase the first plan dropped stays dropped, on a resumed build too
-        plan = dataclasses.replace(plan, expand_steps=0)
+        why = plan.expand_why or (replan if isinstance(replan, str) else None)
+        plan = dataclasses.replace(plan, expand_steps=0, expand_why=why)
     ctx.log(f"time budget: {stage} plan, {format_duration(left)} left: {describe(plan)}")
     if plan.expand_steps == 0 and costs.expanding_planned:
         why = plan.expand_why or "the first plan dropped it"

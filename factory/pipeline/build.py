@@ -164,7 +164,8 @@ def _build(
             objective, why = planned_objective, planned_why
             log(f"objective: {objective} ({why}); the budget is planned again with its probes")
             devices, results = search_devices(profiles, space, anc, ctx.cfg, objective, why, None)
-            first = _plan(ctx, devices, profiles, key, clock, objective, probed=False, dry_run=dry_run, replan=True)
+            dropped = first.expand_why or True
+            first = _plan(ctx, devices, profiles, key, clock, objective, probed=False, dry_run=dry_run, replan=dropped)
         budget["plans"] = {"first": first.to_dict()}
     clock.mark("setup")
     if dry_run:
@@ -251,9 +252,10 @@ def _plan(
     *,
     probed: bool,
     dry_run: bool = False,
-    replan: bool = False,
+    replan: str | bool = False,
 ):
-    """A time-budget plan (:func:`factory.pipeline.budget_costs.plan_time`), applied to ``ctx.cfg``."""
+    """A time-budget plan (:func:`factory.pipeline.budget_costs.plan_time`), applied to ``ctx.cfg``; ``replan``:
+    the first plan dropped the phase (why it did, when it said)."""
     from factory.pipeline.budget_costs import plan_time
     from factory.pipeline.learngene_stage import learngene_source
 
