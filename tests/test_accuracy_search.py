@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from factory import FactoryError, load_ancestry
 from factory.cli import cli
 from factory.core.demo import load_demo_learngene
+from factory.core.shapes import vit_flops
 from factory.data import make_synthetic
 from factory.device.accuracy import (
     EstimatorConfig,
@@ -150,7 +151,7 @@ def test_equal_time_horizons_price_each_shape_at_its_own_step_time(setting):
     anc, lg, ds, result = setting
     a, b, c, d = [x.shape for x in candidates(result, 4)]
     recipe = TrainConfig(steps=100, batch_size=16, seed=0, device="cpu", warmup_steps=2)
-    config = EstimatorConfig(rung_fractions=(0.03, 0.06, 0.12), equal_time=True, max_horizon_ratio=16)
+    config = EstimatorConfig(rung_fractions=(0.03, 0.06, 0.12), equal_time=True, max_horizon_ratio=16, flops_slack=1e9)
     est = SuccessiveHalving(anc, lg, ds, recipe, config=config)
     timed = {a: 0.1, b: 0.05, c: 0.001, d: 0.2}  # seconds per step: 2x faster, 100x (clipped to 16x), 2x slower
     est.set_horizons({s: Probe(s, 3, 0.5, 1.0, step_s=t) for s, t in timed.items()}, incumbent=a)
@@ -162,6 +163,25 @@ def test_equal_time_horizons_price_each_shape_at_its_own_step_time(setting):
     unknown = SuccessiveHalving(anc, lg, ds, recipe, config=config)
     unknown.set_horizons({a: Probe(a, 1, 0.5, 1.0)}, incumbent=a)  # a 1-step rung times nothing: equal steps
     assert unknown.horizons == {} and unknown.rungs_of(a) == unknown.rungs
+
+
+def test_a_capacity_step_timed_on_a_busy_machine_does_not_lengthen_every_horizon(setting):
+    """``s_ref / s_c`` is bounded by ``flops_slack`` times the FLOPs ratio: a smaller shape is no faster per FLOP,
+    so a ratio above it means the incumbent was timed slow (RESULTS, Run 14), and the horizons stay priced."""
+    anc, lg, ds, result = setting
+    shapes = sorted({x.shape for x in candidates(result, 8)}, key=lambda s: vit_flops(s, anc.arch))
+    big = shapes[-1]
+    ratio = {s: vit_flops(big, anc.arch) / vit_flops(s, anc.arch) for s in shapes}
+    small = next(s for s in shapes if 1.5 < ratio[s] < 12)  # the bound, not the 16x clip, is what this test sees
+    flops = ratio[small]
+    recipe = TrainConfig(steps=100, batch_size=16, seed=0, device="cpu", warmup_steps=2)
+    est = SuccessiveHalving(anc, lg, ds, recipe, config=EstimatorConfig(equal_time=True))
+    quiet = {big: 0.1, small: 0.1 / flops * 1.2}  # a small shape a little less efficient per FLOP: as timed
+    est.set_horizons({s: Probe(s, 3, 0.5, 1.0, step_s=t) for s, t in quiet.items()}, incumbent=big)
+    assert est.horizons == {big: 100, small: round(100 * flops / 1.2)}
+    busy = {big: 0.4, small: 0.1 / flops * 1.2}  # the incumbent's rung 0 shared the cores with another process
+    est.set_horizons({s: Probe(s, 3, 0.5, 1.0, step_s=t) for s, t in busy.items()}, incumbent=big)
+    assert est.horizons == {big: 100, small: round(100 * 1.25 * flops)}  # not 100 * 4 * flops / 1.2
 
 
 def test_equal_time_probes_time_rung_zero_and_rank_by_rung_then_nll(setting, tmp_path):

@@ -53,7 +53,9 @@ shape at fractions of ``N`` when it will train 7x longer favours what learns fas
 rungs of 24-97 steps for fine-tunes of 6,060). So rung 0 trains every candidate the same ``t_0`` steps and
 times them (median seconds per step after each run's first); from rung 1 on, shape ``c``'s rung ``i`` is
 ``round(f_i * N_c)``: every survivor has had the same *time*, the same fraction of its own fine-tune. ``N_c /
-N`` is clipped to ``[1 / max_horizon_ratio, max_horizon_ratio]``. It costs at most the equal-steps probes priced
+N`` is clipped to ``[1 / max_horizon_ratio, max_horizon_ratio]``, and ``s_ref / s_c`` to ``flops_slack`` times the
+shapes' FLOPs ratio: a smaller shape is no faster per FLOP, so more means ``s_ref`` was timed on a busy machine
+(RESULTS, Run 14: one such timing made every horizon of a device too long). It costs at most the equal-steps probes priced
 at ``s_ref`` a step, which is what the budget's planner reserves (:mod:`factory.pipeline.budget_costs`).
 
 **Cache.** Each probe result (shape, steps reached) is cached by content -- learngene (or ancestry)
@@ -73,7 +75,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from factory.core.shapes import DescendantShape
+from factory.core.shapes import DescendantShape, vit_flops
 from factory.data import spread
 from factory.device.accuracy_choice import (  # noqa: F401  # re-exported: one import for callers
     JointEstimator,
@@ -100,6 +102,7 @@ class EstimatorConfig:
     score: str = "calibrated"  # "calibrated": NLL at the best temperature (temperature_scaled_nll); "raw": plain NLL
     equal_time: bool = False  # rungs at equal time (a time budget's fine-tunes), not equal steps: module docstring
     max_horizon_ratio: float = 16.0  # equal time: a shape's horizon is N times at most this, at least N over it
+    flops_slack: float = 1.25  # equal time: s_ref / s_c at most this times the FLOPs ratio (module docstring)
 
     def __post_init__(self) -> None:
         from factory.errors import FactoryError
@@ -174,15 +177,15 @@ class SuccessiveHalving:
 
     def set_horizons(self, probes: dict[DescendantShape, Probe], incumbent: DescendantShape | None) -> None:
         """Equal time: each shape's horizon ``N_c = N * s_ref / s_c`` from rung 0's seconds per step (``s_ref``:
-        the incumbent's, else the slowest shape's), clipped to ``max_horizon_ratio``."""
+        the incumbent's, else the slowest shape's), clipped to ``max_horizon_ratio`` and ``flops_slack``."""
         known = {s: p.step_s for s, p in probes.items() if p.step_s > 0}
         if not known:
             return
-        ref = known.get(incumbent) if incumbent is not None else None
-        ref = ref or max(known.values())
-        cap = self.config.max_horizon_ratio
+        ref_shape = incumbent if known.get(incumbent) else max(known, key=known.get)
+        ref, cap, arch = known[ref_shape], self.config.max_horizon_ratio, self.ancestry.arch
         for s, step in known.items():
-            self.horizons[s] = max(1, round(self.recipe.steps * min(cap, max(1 / cap, ref / step))))
+            ratio = min(ref / step, self.config.flops_slack * vit_flops(ref_shape, arch) / vit_flops(s, arch))
+            self.horizons[s] = max(1, round(self.recipe.steps * min(cap, max(1 / cap, ratio))))
 
     def probe_recipe(self, steps: int, cool_from: int | None = None):
         """The build's recipe with a constant learning rate after the warm-up, stopped at ``steps``;
