@@ -153,22 +153,28 @@ def test_measured_tables_predict_real_models_of_the_demo_space(tmp_path):
     """A small real measurement (seconds): predictions land in the measured latency's ballpark."""
     space = SearchSpace.from_arch(DEMO_ARCH, max_depth=6)
     grids = Grids.for_space(space, DEMO_ARCH, (1,), points=3)
-    tables = measure_tables(
-        DEMO_ARCH, grids, fit_shapes=spread_shapes(space, 4, (1,), seed=1), budget_s=0.02, stat="min"
-    )
-    assert tables.terms_for(1)[0] > 0 and tables.points > 50 and tables.host["stat"] == "min"
     from factory.device.measure import measure_onnxruntime_latency
 
     # this shared VM's speed moves up to 2x within minutes (bench/RESULTS.md), and a 0.1-ms model's ratio with it
-    # (1.6x, 0.7x, 0.9x for one shape in three runs): every shape within 4x, their median within 2.5x
-    ratios = []
-    for s, b in spread_shapes(space, 3, (1,), seed=7):
-        predicted, measured = (
-            tables.latency_ms(s, b, DEMO_ARCH),
-            measure_onnxruntime_latency(s, b, arch=DEMO_ARCH, stat="min"),
+    # (1.6x, 0.7x, 0.9x for one shape in three runs; 4.7x once in CI, the tables timed in a slow moment): every
+    # shape within 4x, their median within 2.5x -- in one of two attempts, each measuring tables and models anew
+    for _attempt in range(2):
+        tables = measure_tables(
+            DEMO_ARCH, grids, fit_shapes=spread_shapes(space, 4, (1,), seed=1), budget_s=0.02, stat="min"
         )
-        assert 0.25 < predicted / measured < 4, (s.label(), predicted, measured)
-        ratios.append(predicted / measured)
+        assert tables.terms_for(1)[0] > 0 and tables.points > 50 and tables.host["stat"] == "min"
+        found = [
+            (
+                s.label(),
+                tables.latency_ms(s, b, DEMO_ARCH),
+                measure_onnxruntime_latency(s, b, arch=DEMO_ARCH, stat="min"),
+            )
+            for s, b in spread_shapes(space, 3, (1,), seed=7)
+        ]
+        ratios = [p / m for _, p, m in found]
+        if all(0.25 < r < 4 for r in ratios) and 0.4 < sorted(ratios)[1] < 2.5:
+            break
+    assert all(0.25 < r < 4 for r in ratios), found
     assert 0.4 < sorted(ratios)[1] < 2.5, ratios
 
 
