@@ -187,7 +187,8 @@ def fit_budget(
             f"fine-tuning steps per shape): give at least {format_duration(minimum)}, or fewer devices",
             param="time_budget_s",
         )
-    expand, why = None, None
+    rest = budget_s - costs.fixed_s  # for the expanding phase and the fine-tunes
+    expand, why, steps = None, None, None  # steps: N, where the head-start check already found it
     if costs.expanding_planned and costs.expand_step_s > 0:
         spare = (budget_s - minimum) * expand_share
         expand = 0
@@ -196,19 +197,17 @@ def fit_budget(
         if expand < min_expand_steps:  # too little to pay (module docstring): the fine-tunes get it all
             expand, why = 0, f"its share buys {expand} steps, fewer than the {min_expand_steps} that pay"
         elif expand and head_start_steps is not None:  # it must repay its time at equal time
-            cost = _most_steps(costs, budget_s - costs.fixed_s) - _most_steps(
-                costs, budget_s - costs.fixed_s - expanding_seconds(costs, expand)
-            )
+            without, with_phase = _most_steps(costs, rest), _most_steps(costs, rest - expanding_seconds(costs, expand))
+            cost = without - with_phase
             gain = head_start(expand, head_start_steps=head_start_steps, min_steps=min_expand_steps)
             spent = f"its {expanding_seconds(costs, expand):.0f}s ({expand} steps) cost every shape {cost} fine-tuning steps"
             if gain < cost:
-                expand, why = (
-                    0,
-                    f"{spent}, more than the ~{gain:.0f} steps of head start it gives (--expand-head-start)",
-                )
+                expand, steps = 0, without
+                why = f"{spent}, more than the ~{gain:.0f} steps of head start it gives (--expand-head-start)"
             else:
+                steps = with_phase
                 why = f"{spent}, repaid by the ~{gain:.0f} steps of head start it gives (--expand-head-start)"
-    lo = _most_steps(costs, budget_s - costs.fixed_s - expanding_seconds(costs, expand or 0))
+    lo = steps if steps is not None else _most_steps(costs, rest - expanding_seconds(costs, expand or 0))
     planned = dict(costs.fixed)
     if expand:
         planned["learngene"] = planned.get("learngene", 0.0) + expanding_seconds(costs, expand)
