@@ -9,9 +9,11 @@ import re
 import pytest
 
 import factory.core.transfer as transfer
+from factory.core.shapes import DescendantShape
 from factory.device.profile import load_profile
 from factory.errors import FactoryError
 from factory.pipeline.build import BuildConfig, build
+from factory.pipeline.pacing import check_step
 from factory.pipeline.time_budget import (
     HEAD_START_PHASE_STEPS,
     MIN_FINETUNE_STEPS,
@@ -132,7 +134,19 @@ def test_a_budgeted_build_fits_and_records_planned_against_measured(tmp_path):
     record, dev = manifest["time_budget"], manifest["devices"][0]
     assert dev["status"] == "ok" and record["budget_s"] == budget
     second = record["plans"]["second"]
-    assert dev["finetune"]["steps"] == second["finetune_steps"] > MIN_FINETUNE_STEPS  # the plan is what ran
+    assert second["finetune_steps"] > MIN_FINETUNE_STEPS
+    # the plan is what ran: its N, or where N is long enough to re-time, the steps that fit N's allotted seconds
+    ran, label = dev["finetune"], DescendantShape.from_dict(dev["shape"]).label()
+    assert second["step_s"][label] > 0
+    if check_step(0, second["finetune_steps"]) is None:
+        assert ran["steps"] == second["finetune_steps"] and "pace" not in ran
+    else:
+        pace = ran["pace"]
+        assert pace["planned_steps"] == second["finetune_steps"] and ran["steps"] == pace["steps"]
+        assert pace["allotted_s"] == pytest.approx(second["finetune_steps"] * second["step_s"][label], rel=1e-3)
+        assert pace["checks"] and all(c["pace_s"] > 0 for c in pace["checks"])
+        card = (out / dev["model_card"]).read_text()
+        assert f"{ran['steps']} (paced to the" in card, card[:400]
     assert set(record["measured_s"]["stages"]) == {"finetune", "measure", "export"}
     assert set(second["planned_s"]) >= {"finetune", "measure", "export"}
     # how close the build comes to its budget is timing, measured by bench/time_budget.py on a quiet machine (a

@@ -79,7 +79,7 @@ def build_costs(ctx: BuildContext, devices, profiles, *, objective: str, expandi
             out["probes"] = sum(probe * step[DescendantShape.from_dict(d["shape"]).label()] for d in ok)
         return out
 
-    return Costs(fixed, per_steps, first, each, expanding and each > 0)
+    return Costs(fixed, per_steps, first, each, expanding and each > 0, step)
 
 
 def plan_file(ctx: BuildContext, key: str) -> Path:
@@ -139,7 +139,7 @@ def plan_time(
             f"time budget: {format_duration(max(left, 0))} left, below the {format_duration(least)} the rest needs at "
             f"least; fine-tuning {MIN_FINETUNE_STEPS} steps (the build will run over its budget)"
         )
-        plan = BudgetPlan(left, MIN_FINETUNE_STEPS, None, {"fixed": costs.fixed_s}, least)
+        plan = BudgetPlan(left, MIN_FINETUNE_STEPS, None, {"fixed": costs.fixed_s}, least, step_s=dict(costs.step_s))
     if replan:  # the phase the first plan dropped stays dropped, on a resumed build too
         why = plan.expand_why or (replan if isinstance(replan, str) else None)
         plan = dataclasses.replace(plan, expand_steps=0, expand_why=why)
@@ -186,6 +186,7 @@ def _from_dict(d: Any) -> BudgetPlan | None:
             {str(k): float(v) for k, v in d["planned_s"].items()},
             float(d["minimum_s"]),
             d.get("expand_why") or None,
+            {str(k): float(v) for k, v in (d.get("step_s") or {}).items()},
         )
     except (AttributeError, KeyError, TypeError, ValueError):
         return None

@@ -182,8 +182,10 @@ def _build(
     clock.mark("learngene")
     devices = choose_pairs(ctx, devices, results, objective, why)  # --init auto: the pair (shape, init)
     clock.mark("probes")
+    second = None
     if cfg.time_budget_s is not None:  # the fine-tunes get what is left, as it was measured
-        budget["plans"]["second"] = _plan(ctx, devices, profiles, key, clock, objective, probed=True).to_dict()
+        second = _plan(ctx, devices, profiles, key, clock, objective, probed=True)
+        budget["plans"]["second"] = second.to_dict()
         clock.mark("planning")
     # the recipe that ran: a skipped expanding phase and a time budget's planned steps included
     head = {
@@ -203,6 +205,7 @@ def _build(
             head,
             identity,
             joint_decision(group[0][1]),
+            second.finetune_s(shape.label()) if second is not None else None,  # a budget's fine-tune keeps to its time
         )
         for (shape, _), group in shape_groups(devices, profiles).items()
     ]

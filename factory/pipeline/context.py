@@ -36,6 +36,8 @@ class BuildContext:
     # (sampling, first step, each further step) seconds of the learngene's expanding phase, measured once per context
     # (factory.pipeline.learngene_stage.expanding_costs): a budget's first plan and the dry run's estimate share it
     expanding_times: tuple[float, float, float] | None = None
+    # shape label -> the seconds a time budget's second plan allotted its fine-tune (factory.pipeline.pacing)
+    finetune_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,7 @@ def device_record(
         "finetune": {
             "steps": (finetune.get("config") or {}).get("steps", cfg.finetune_steps),
             **({"config": finetune["config"]} if finetune.get("config") else {}),  # the TrainConfig that ran
+            **({"pace": finetune["pace"]} if finetune.get("pace") else {}),  # a time budget's (factory.pipeline.pacing)
             "seed": cfg.seed,
             "cache_key": finetune_key,
             "seconds": finetune["seconds"],

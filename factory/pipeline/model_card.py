@@ -101,6 +101,18 @@ def source_text(dev: dict, lg: dict) -> str:
     return f"from learngene `{(lg['sha256'] or '')[:12]}` ({lg['layers']} gene layers, {lg['heads']} heads)"
 
 
+def steps_text(dev: dict, recipe: dict) -> str:
+    """The fine-tuning steps the model had: a time budget's paced count (factory.pipeline.pacing) says so."""
+    finetune = dev.get("finetune") or {}
+    pace = finetune.get("pace")
+    if not pace:
+        return str(finetune.get("steps", recipe["finetune_steps"]))
+    return (
+        f"{finetune['steps']} (paced to the {pace['allotted_s']:.0f} s the time budget gave it; "
+        f"{pace['planned_steps']} planned)"
+    )
+
+
 def init_text(dev: dict) -> str:
     """Why ``--init auto`` chose the initialisation, with its measured figures ('' for a fixed ``--init``)."""
     d = dev.get("init_decision")
@@ -138,7 +150,7 @@ def render(head: dict[str, Any], dev: dict[str, Any]) -> str:
 {md_text(target["description"])}{use_text(dev)}.
 
 **Lineage.** Initialised by `{dev.get("init", recipe["init"])}`{init_text(dev)} {source_text(dev, lg)} of ancestry `{anc["spec"]}` (`{anc["sha256"][:12]}`, weights: {anc["weights"]}); fine-tuned
-{recipe["finetune_steps"]} steps on `{md_code(recipe["data"])}` (seed {recipe["seed"]}, {dev.get("finetune", {}).get("precision", "fp32")} compute). {selection_text(dev.get("selection", {}))}, within the budgets
+{steps_text(dev, recipe)} steps on `{md_code(recipe["data"])}` (seed {recipe["seed"]}, {dev.get("finetune", {}).get("precision", "fp32")} compute). {selection_text(dev.get("selection", {}))}, within the budgets
 {dev["budgets"]}.
 
 **Numbers.** Test accuracy {dev["accuracy"]["test"]:.4f}; {dev["flops"]["fvcore"] / 1e9:.4f} GFLOPs (fvcore);
@@ -168,7 +180,7 @@ within the budgets above. A starting point for further fine-tuning on the same t
 
 ## Limitations
 
-- Fine-tuned for {recipe["finetune_steps"]} steps on `{md_code(recipe["data"])}` only: accuracy on other data is not measured.
+- Fine-tuned for {steps_text(dev, recipe)} steps on `{md_code(recipe["data"])}` only: accuracy on other data is not measured.
 - The test accuracy is measured on {md_text(head["data"].get("test_split", "test"))}.
 - The target latency and memory are predictions ({method}), not measurements on the device; the host onnxruntime
   time says nothing about the target. Calibrate the profile (`peg-factory calibrate`) to predict from device timings.

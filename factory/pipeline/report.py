@@ -268,13 +268,19 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _paced(manifest: dict[str, Any]) -> bool:
+    return any((d.get("finetune") or {}).get("pace") for d in manifest.get("devices", []))
+
+
 def write_reports(out: Path, manifest: dict[str, Any]) -> None:
     lg, classes = manifest["learngene"], manifest["data"].get("classes", [])
     intro = (
         f"Ancestry {manifest['ancestry']['spec']} ({manifest['ancestry']['weights']}), learngene "
         f"{(lg['sha256'] or '')[:12]} ({lg['layers']} layers x {lg['heads']} heads, sampled once for "
         f"{len(lg['sampled_once_for'])} devices), data {md_text(manifest['data']['spec'])}, init {manifest['recipe']['init']}, "
-        f"{manifest['recipe']['finetune_steps']} fine-tuning steps; the build took {manifest['seconds']:.1f} s"
+        f"{manifest['recipe']['finetune_steps']} fine-tuning steps"
+        + (" planned (paced to the time budget: each device's are its own)" if _paced(manifest) else "")
+        + f"; the build took {manifest['seconds']:.1f} s"
         + (
             f" (this run; its learngene and fine-tunes took {manifest['stage_seconds']:.1f} s in all, earlier runs "
             "of a resumed or cached build included)."

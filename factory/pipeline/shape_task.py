@@ -53,6 +53,7 @@ class ShapeTask:
     head: dict[str, Any]  # the manifest's build-wide part (ancestry, learngene, recipe): model cards need it
     identity: tuple[str, str] | None = None  # (ancestry fingerprint, data identity), computed once by the build
     init_decision: dict[str, Any] | None = None  # the joint choice's (factory.pipeline.joint_choice); None: decide here
+    finetune_s: float | None = None  # a time budget's allotment to the fine-tune, which keeps to it (pacing)
 
     @property
     def names(self) -> list[str]:
@@ -121,6 +122,8 @@ def run_shape_task(task: ShapeTask, env: TaskEnv) -> list[DeviceResult]:
         with intra_op_threads(env.threads):
             if task.init_decision is not None:
                 ctx.inits[task.shape.label()] = task.init_decision
+            if task.finetune_s is not None:
+                ctx.finetune_s[task.shape.label()] = task.finetune_s
             decide(ctx, task.shape)
             tuned = run_stage(ctx, FINETUNE, task.shape)
     except FactoryError as exc:

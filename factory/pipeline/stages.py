@@ -178,29 +178,40 @@ def _finetune_inputs(ctx: BuildContext, shape: DescendantShape) -> dict[str, Any
         "recipe": dataclasses.asdict(recipe),
         "precision": precision_for(pick_device(recipe.device), recipe.amp),
         "data": ctx.data.identity,
+        # a paced fine-tune (a time budget's) trains the steps that fit its allotment, not recipe.steps
+        **({"paced": True} if shape.label() in ctx.finetune_s else {}),
     }
 
 
 def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Path) -> dict[str, Any]:
     from factory.core.baselines import init_descendant
     from factory.core.checkpoint import save_descendant
+    from factory.pipeline.pacing import train_paced
     from factory.training.train import evaluate, resume_or_restart, train
 
     c, anc, ds = ctx.cfg, ctx.ancestry, ctx.data
     init = decided_init(ctx, shape)
     model = init_descendant(init, shape, ancestry=anc, learngene=ctx.learngene, seed=c.seed)
     resume = resume_or_restart(work, f"finetune {shape.label()}", ctx.log)
-    result = train(
-        model,
-        ds.train,
+    recipe, pace, run = (
         finetune_recipe(c),
-        val_data=ds.val,
-        out_dir=work,
-        resume=resume,
-        progress=True,
-        should_stop=ctx.should_stop,
-        desc=f"finetune {shape.label()}",
+        None,
+        {"val_data": ds.val, "progress": True, "desc": f"finetune {shape.label()}"},
     )
+    if shape.label() in ctx.finetune_s:  # a time budget's: it keeps to its allotted seconds
+        result, recipe, pace = train_paced(
+            model,
+            ds.train,
+            recipe,
+            allotted_s=ctx.finetune_s[shape.label()],
+            work=work,
+            resume=resume,
+            log=ctx.log,
+            should_stop=ctx.should_stop,
+            **run,
+        )
+    else:
+        result = train(model, ds.train, recipe, out_dir=work, resume=resume, should_stop=ctx.should_stop, **run)
     model = model.cpu().eval()
     test_acc = evaluate(model, ds.test)
     confusion = confusion_matrix(model, ds.test)
@@ -213,7 +224,7 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
             "learngene_sha256": ctx.learngene.sha256,
             "shape": shape.to_dict(),
             "data": ds.identity,
-            "steps": c.finetune_steps,
+            "steps": recipe.steps,
             "seed": c.seed,
         },
     )
@@ -225,7 +236,8 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
         "seconds": round(result.seconds, 2),
         "precision": result.precision,
         "init": init,
-        "config": dataclasses.asdict(finetune_recipe(c)),  # the TrainConfig that ran (recorded in the manifest)
+        "config": dataclasses.asdict(recipe),  # the TrainConfig that ran (recorded in the manifest)
+        **({"pace": pace} if pace else {}),
         "curve": training_curve(work / "metrics.jsonl"),
         "confusion": confusion,
     }

@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from factory.errors import FactoryError
@@ -109,6 +109,7 @@ class Costs:
     expand_first_s: float = 0.0  # e0
     expand_step_s: float = 0.0  # e
     expanding_planned: bool = False  # a learngene must be trained and the phase may pay: plan E
+    step_s: dict[str, float] = field(default_factory=dict)  # shape label -> its measured fine-tuning step
 
     @property
     def fixed_s(self) -> float:
@@ -128,10 +129,17 @@ class BudgetPlan:
     planned_s: dict[str, float]  # stage -> seconds on this host
     minimum_s: float
     expand_why: str | None = None  # why a planned phase runs or not (E = 0), in a few words
+    step_s: dict[str, float] = field(default_factory=dict)  # shape label -> seconds a step, as planned
 
     @property
     def total_s(self) -> float:
         return sum(self.planned_s.values())
+
+    def finetune_s(self, label: str) -> float | None:
+        """The seconds allotted to the fine-tune of shape ``label``: ``N`` steps at its planned step time
+        (None: not planned, e.g. a plan recorded before step times were)."""
+        step = self.step_s.get(label)
+        return self.finetune_steps * step if step else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -142,6 +150,7 @@ class BudgetPlan:
             "planned_s": {k: round(v, 1) for k, v in self.planned_s.items()},
             "planned_total_s": round(self.total_s, 1),
             **({"expand_why": self.expand_why} if self.expand_why else {}),
+            **({"step_s": {k: round(v, 6) for k, v in self.step_s.items()}} if self.step_s else {}),
         }
 
 
@@ -213,7 +222,7 @@ def fit_budget(
         planned["learngene"] = planned.get("learngene", 0.0) + expanding_seconds(costs, expand)
     for stage, seconds in costs.per_steps(lo).items():
         planned[stage] = planned.get(stage, 0.0) + seconds
-    return BudgetPlan(budget_s, lo, expand, planned, minimum, why)
+    return BudgetPlan(budget_s, lo, expand, planned, minimum, why, dict(costs.step_s))
 
 
 def _most_steps(costs: Costs, rest: float) -> int:
