@@ -188,6 +188,10 @@ def _row(task, name, seed, budget, manifest, dev, seconds) -> dict:
         "init": dev["init"],
         "expand_steps": lg.get("steps", 0),
         "finetune_steps": dev["finetune"]["steps"],
+        # a paced fine-tune (factory.pipeline.pacing): the steps its plan gave it and the seconds it was allotted
+        "finetune_planned_steps": (dev["finetune"].get("pace") or {}).get("planned_steps", dev["finetune"]["steps"]),
+        "finetune_allotted_s": (dev["finetune"].get("pace") or {}).get("allotted_s"),
+        "finetune_s": dev["finetune"]["seconds"],
         "planned_first": first,
         "accuracy": acc,
         "se": binomial_se(acc, n),
@@ -197,6 +201,15 @@ def _row(task, name, seed, budget, manifest, dev, seconds) -> dict:
         "measured": record["measured_s"],
         "skipped_expanding_phase": (manifest.get("expanding_phase_check") or {}).get("skipped_phase"),
     }
+
+
+def _steps(r: dict) -> str:
+    """The fine-tuning steps that ran; a paced fine-tune's with its planned count and its time against its
+    allotment (``ran/planned (seconds/allotted)``)."""
+    planned, allotted = r.get("finetune_planned_steps", r["finetune_steps"]), r.get("finetune_allotted_s")
+    if not allotted:
+        return str(r["finetune_steps"])
+    return f"{r['finetune_steps']}/{planned} ({r['finetune_s']:.0f}/{allotted:.0f}s)"
 
 
 def run(args) -> dict:
@@ -234,8 +247,8 @@ def summarise(data: dict) -> str:
             "",
             "**Equal wall time** (each strategy given the same `--time-budget`):",
             "",
-            "| task | budget | device | strategy | seed | shape | init | E | N | test acc. (SE) | gap to best (SE) | "
-            "build s | / budget |",
+            "| task | budget | device | strategy | seed | shape | init | E | N (paced: ran/planned (s/allotted)) | "
+            "test acc. (SE) | gap to best (SE) | build s | / budget |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     rows = data["equal"]
@@ -250,7 +263,7 @@ def summarise(data: dict) -> str:
             gap = (r["accuracy"] - best) / r["se"] if r["se"] else 0.0
             out.append(
                 f"| {r['task']} | {r['budget_s']:.0f}s | {key[3]} | {r['strategy']} | {r['seed']} | {r['shape']} | "
-                f"{r['init']} | {r['expand_steps']} | {r['finetune_steps']} | {r['accuracy']:.4f} ({r['se']:.4f}) | "
+                f"{r['init']} | {r['expand_steps']} | {_steps(r)} | {r['accuracy']:.4f} ({r['se']:.4f}) | "
                 f"{gap:+.1f} | {r['seconds']:.0f} | {r['ratio']:.2f} |"
             )
     builds = {(r["task"], r["budget_s"], r["seed"], r["strategy"]): r for r in rows}  # a fleet build: one row a device

@@ -283,11 +283,13 @@ def test_time_budget_scores_each_device_of_a_fleet_build_against_the_same_device
 
     rows = [row("a", "auto (default)", 0.90, 0.95), row("b", "auto (default)", 0.80, 0.95)]
     rows += [row("a", "scratch", 0.95, 1.20), row("b", "scratch", 0.70, 1.20)]
+    rows[1].update(finetune_steps=950, finetune_planned_steps=900, finetune_allotted_s=310.4, finetune_s=300.2)
     md = time_budget.summarise(
         {"machine": "x", "profile": "demo-fleet", "expand_cap": 400, "ancestry": "demo", "plan": [], "equal": rows}
     )
     assert "| digits | 600s | a | auto (default) | 0 | d4-w96 | scratch | 0 | 900 | 0.9000 (0.0100) | -5.0 |" in md
-    assert "| digits | 600s | b | auto (default) | 0 | d4-w96 | scratch | 0 | 900 | 0.8000 (0.0100) | +0.0 |" in md
+    paced = "950/900 (300/310s)"  # a paced fine-tune: the steps that ran of those planned, its time of its allotment
+    assert f"| digits | 600s | b | auto (default) | 0 | d4-w96 | scratch | 0 | {paced} | 0.8000 (0.0100) | +0.0 |" in md
     assert "| b | scratch | 0 | d4-w96 | scratch | 0 | 900 | 0.7000 (0.0100) | -10.0 |" in md
     # a fleet build is one build, however many devices it ships: its time is counted once
     assert "Builds within 1.15x their budget: 1 of 2 (max 1.20x)." in md

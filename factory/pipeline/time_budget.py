@@ -40,7 +40,9 @@ The plan (:func:`fit_budget`):
    ``--init peg`` passes ``min_expand_steps = 0`` and no head start: the user asked for PEG, so the phase gets
    its share however small;
 3. ``N`` = the largest count with ``T(N, E) <= budget`` (bisection: ``C`` is monotone), at most
-   :data:`MAX_FINETUNE_STEPS`.
+   :data:`MAX_FINETUNE_STEPS`. The second plan's ``N`` allots each shape's fine-tune ``N`` times its measured
+   step (:meth:`BudgetPlan.finetune_s`), and the fine-tune keeps to that time, re-timing itself as it runs
+   (:mod:`factory.pipeline.pacing`): the steps that ran may differ from ``N``, the time should not.
 
 The planner assumes the shape tasks run one after another here (``--jobs 1``, local): with ``--jobs`` or
 Ray the build ends earlier than planned, never later.
