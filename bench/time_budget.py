@@ -178,6 +178,7 @@ def _row(task, name, seed, budget, manifest, dev, seconds) -> dict:
     n = sum(sum(r) for r in dev["accuracy"].get("confusion") or [[0]]) or 1
     acc = dev["accuracy"]["test"]
     lg = (manifest["learngene"].get("recipe") or {}).get("expanding") or {}
+    pace = dev["finetune"].get("pace") or {}  # a paced fine-tune's (factory.pipeline.pacing)
     return {
         "task": task,
         "device": dev["name"],
@@ -188,9 +189,8 @@ def _row(task, name, seed, budget, manifest, dev, seconds) -> dict:
         "init": dev["init"],
         "expand_steps": lg.get("steps", 0),
         "finetune_steps": dev["finetune"]["steps"],
-        # a paced fine-tune (factory.pipeline.pacing): the steps its plan gave it and the seconds it was allotted
-        "finetune_planned_steps": (dev["finetune"].get("pace") or {}).get("planned_steps", dev["finetune"]["steps"]),
-        "finetune_allotted_s": (dev["finetune"].get("pace") or {}).get("allotted_s"),
+        "finetune_planned_steps": pace.get("planned_steps", dev["finetune"]["steps"]),  # the plan's N
+        "finetune_allotted_s": pace.get("allotted_s"),
         "finetune_s": dev["finetune"]["seconds"],
         "planned_first": first,
         "accuracy": acc,

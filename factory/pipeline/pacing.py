@@ -117,7 +117,7 @@ def train_paced(
     data,
     recipe,
     *,
-    allotted_s: float,
+    allotted_s: float | None,
     work: Path,
     resume: bool,
     log: Callable[[str], None],
@@ -125,15 +125,16 @@ def train_paced(
     **train_kwargs: Any,
 ):
     """Fine-tune ``model`` as :func:`factory.training.train.train` does with ``recipe``, paced to
-    ``allotted_s`` seconds (module docstring). ``(result, recipe with the steps that ran, the pace record or
-    None)``; ``train_kwargs`` (``val_data``, ``desc``, ...) go to every ``train`` call. The record (``pace.json``
-    in ``work``, rewritten at each check) is what a resumed fine-tune goes on with."""
+    ``allotted_s`` seconds (module docstring; None: not paced, ``recipe.steps`` steps as ``train`` runs them).
+    ``(result, recipe with the steps that ran, the pace record or None)``; ``train_kwargs`` (``val_data``,
+    ``desc``, ...) go to every ``train`` call. The record (``pace.json`` in ``work``, rewritten at each check) is
+    what a resumed fine-tune goes on with."""
     from factory.errors import Interrupted
     from factory.io import atomic_write_bytes
     from factory.training.train import train
 
     work = Path(work)
-    if check_step(0, recipe.steps) is None:  # too short to re-time
+    if allotted_s is None or check_step(0, recipe.steps) is None:  # no time budget, or too short to re-time
         run = train(model, data, recipe, out_dir=work, resume=resume, should_stop=should_stop, **train_kwargs)
         return run, recipe, None
     path, planned_pace = work / PACE_FILE, allotted_s / recipe.steps

@@ -187,31 +187,25 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
     from factory.core.baselines import init_descendant
     from factory.core.checkpoint import save_descendant
     from factory.pipeline.pacing import train_paced
-    from factory.training.train import evaluate, resume_or_restart, train
+    from factory.training.train import evaluate, resume_or_restart
 
     c, anc, ds = ctx.cfg, ctx.ancestry, ctx.data
     init = decided_init(ctx, shape)
     model = init_descendant(init, shape, ancestry=anc, learngene=ctx.learngene, seed=c.seed)
     resume = resume_or_restart(work, f"finetune {shape.label()}", ctx.log)
-    recipe, pace, run = (
+    result, recipe, pace = train_paced(  # a time budget's fine-tune keeps to its allotted seconds
+        model,
+        ds.train,
         finetune_recipe(c),
-        None,
-        {"val_data": ds.val, "progress": True, "desc": f"finetune {shape.label()}"},
+        allotted_s=ctx.finetune_s.get(shape.label()),
+        work=work,
+        resume=resume,
+        log=ctx.log,
+        should_stop=ctx.should_stop,
+        val_data=ds.val,
+        progress=True,
+        desc=f"finetune {shape.label()}",
     )
-    if shape.label() in ctx.finetune_s:  # a time budget's: it keeps to its allotted seconds
-        result, recipe, pace = train_paced(
-            model,
-            ds.train,
-            recipe,
-            allotted_s=ctx.finetune_s[shape.label()],
-            work=work,
-            resume=resume,
-            log=ctx.log,
-            should_stop=ctx.should_stop,
-            **run,
-        )
-    else:
-        result = train(model, ds.train, recipe, out_dir=work, resume=resume, should_stop=ctx.should_stop, **run)
     model = model.cpu().eval()
     test_acc = evaluate(model, ds.test)
     confusion = confusion_matrix(model, ds.test)
