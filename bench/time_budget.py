@@ -10,7 +10,9 @@ Three parts, one run (the Python API, ``factory.pipeline.build.build``):
   learngene that must be trained (``--expand-steps CAP``: not the shipped recipe's 1,500, so nothing is
   free). The default (``--init auto``: the joint choice; the expanding phase only where the ancestry
   transfers, planned to its share of the budget) against fixed ``peg`` (the phase always, split with the
-  fine-tune), ``weight_selection`` and ``scratch`` (no phase: the whole budget fine-tunes). Per cell: the
+  fine-tune), ``weight_selection`` and ``scratch`` (no phase: the whole budget fine-tunes); ``auto (equal
+  steps)`` is the default with ``--budget-split steps`` (every shape of the fleet the same fine-tuning steps,
+  not the same time: factory.pipeline.time_budget, "equal time per shape"). Per cell: the
   shipped shape, init, planned expanding/fine-tuning steps, test accuracy (binomial SE), the build's
   seconds and its ratio to the budget (target <= 1.15). ``gap``: the default minus the best strategy, in SE.
 
@@ -39,6 +41,7 @@ from common import binomial_se, mnist_unseen, run_and_write, write_folder
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = {
     "auto (default)": {"init": "auto"},
+    "auto (equal steps)": {"init": "auto", "budget_split": "steps"},  # the default before equal time per shape
     "peg": {"init": "peg"},
     "weight_selection": {"init": "weight_selection"},
     "scratch": {"init": "scratch"},

@@ -160,6 +160,14 @@ def test_equal_time_horizons_price_each_shape_at_its_own_step_time(setting):
     assert est.rungs_of(d) == (3, 4, 6)  # strictly increasing from rung 0's equal steps
     assert est.cool_from(24, b) == 12 and est.cool_from(12, b) is None  # b's last rung anneals from its own rung 1
     assert est.key(b, 24) != dataclasses.replace(est, horizons={b: 300}).key(b, 24)  # another anneal, another probe
+    # a fleet's budget gives the incumbent's device g = 1.5 times N of the incumbent's steps: every horizon with it
+    shared = dataclasses.replace(est, horizons={}, time_shares={a.label(): 1.5, b.label(): 9.0})
+    shared.set_horizons({s: Probe(s, 3, 0.5, 1.0, step_s=t) for s, t in timed.items()}, incumbent=a)
+    assert shared.horizons == {a: 150, b: 300, c: 1600, d: 75}  # c: still clipped to 16x
+    untimed = {s: t for s, t in timed.items() if s != a}  # no incumbent timed: the slowest is the reference, g = 1
+    shared = dataclasses.replace(shared, horizons={})
+    shared.set_horizons({s: Probe(s, 3, 0.5, 1.0, step_s=t) for s, t in untimed.items()}, incumbent=a)
+    assert shared.horizons == {b: 400, c: 1600, d: 100}
     unknown = SuccessiveHalving(anc, lg, ds, recipe, config=config)
     unknown.set_horizons({a: Probe(a, 1, 0.5, 1.0)}, incumbent=a)  # a 1-step rung times nothing: equal steps
     assert unknown.horizons == {} and unknown.rungs_of(a) == unknown.rungs
@@ -215,9 +223,12 @@ def test_a_time_budget_makes_the_build_probe_at_equal_time(tmp_path):
 
     def ctx(**kw):
         cfg = BuildConfig(data="synthetic", **kw)
-        return SimpleNamespace(cfg=cfg, ancestry=None, learngene=None, data=None, cache=SimpleNamespace(root=tmp_path))
+        shares = {"d3-w64": 1.5}  # a budget's first plan's time shares (equal time per shape)
+        root = SimpleNamespace(root=tmp_path)
+        return SimpleNamespace(cfg=cfg, ancestry=None, learngene=None, data=None, cache=root, time_shares=shares)
 
     assert estimator(ctx(time_budget_s=600)).config.equal_time
+    assert estimator(ctx(time_budget_s=600)).time_shares == {"d3-w64": 1.5}
     assert not estimator(ctx(finetune_steps=300)).config.equal_time  # a fixed --steps: every shape gets the same steps
 
 

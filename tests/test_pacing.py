@@ -1,6 +1,7 @@
 """A budgeted fine-tune re-times itself once and trains the steps that fit its allotment
 (factory.pipeline.pacing)."""
 
+import dataclasses
 import json
 import math
 
@@ -10,10 +11,10 @@ import torch
 from factory import DescendantShape
 from factory.core.timm_vit import build_vit
 from factory.data import make_synthetic
-from factory.errors import Interrupted
+from factory.errors import FactoryError, Interrupted
 from factory.pipeline import pacing
 from factory.pipeline.pacing import MAX_STRETCH, PACE_FILE, check_step, paced_steps, schedule, train_paced
-from factory.pipeline.time_budget import BudgetPlan
+from factory.pipeline.time_budget import BudgetPlan, Costs, fit_budget
 from factory.training.loop import lr_at
 from factory.training.train import TrainConfig
 
@@ -93,11 +94,30 @@ def test_the_learning_rate_stays_continuous_across_the_checks():
         assert lr_at(k, segs[i]) == pytest.approx(lr_at(k, segs[i - 1]))
 
 
-def test_a_plan_allots_each_shape_its_steps_at_its_measured_step_time():
+def test_a_plan_splits_the_fine_tuning_time_evenly_between_its_shapes():
     plan = BudgetPlan(600.0, 400, None, {"finetune": 300.0}, 50.0, step_s={"a": 0.25, "b": 0.5})
-    assert plan.finetune_s("a") == pytest.approx(100.0) and plan.finetune_s("b") == pytest.approx(200.0)
-    assert plan.finetune_s("c") is None  # not measured: not paced
-    assert plan.to_dict()["step_s"] == {"a": 0.25, "b": 0.5}
+    # N = 400 steps of each shape priced 400 * (0.25 + 0.5) = 300 s: 150 s each, the fast shape twice the steps
+    assert plan.finetune_s("a") == pytest.approx(150.0) and plan.finetune_s("b") == pytest.approx(150.0)
+    assert plan.steps_for("a") == 600 and plan.steps_for("b") == 300
+    assert plan.time_share("a") == pytest.approx(1.5) and plan.time_share("b") == pytest.approx(0.75)
+    assert plan.finetune_s("c") is None and plan.steps_for("c") == 400  # not measured: N, not paced
+    assert plan.time_share("c") == 1.0
+    assert plan.to_dict()["step_s"] == {"a": 0.25, "b": 0.5} and plan.to_dict()["split"] == "time"
+    # --budget-split steps: N steps each, the slow shape twice the time
+    steps = dataclasses.replace(plan, split="steps")
+    assert (steps.finetune_s("a"), steps.finetune_s("b")) == (pytest.approx(100.0), pytest.approx(200.0))
+    assert steps.steps_for("a") == steps.steps_for("b") == 400 and steps.time_share("b") == 1.0
+
+
+def test_a_plan_recorded_before_the_split_reads_back_as_equal_steps(tmp_path):
+    from factory.pipeline.budget_costs import _from_dict
+
+    plan = BudgetPlan(600.0, 400, None, {"finetune": 300.0}, 50.0, step_s={"a": 0.25, "b": 0.5})
+    assert _from_dict(plan.to_dict()) == plan
+    old = {k: v for k, v in plan.to_dict().items() if k != "split"}  # what a build before it recorded
+    assert _from_dict(old).split == "steps" and _from_dict(old).steps_for("a") == 400
+    with pytest.raises(FactoryError, match="budget split 'even' must be one of time, steps"):
+        fit_budget(600, Costs({}, lambda n: {"finetune": 0.75 * n}, step_s={"a": 0.25, "b": 0.5}), split="even")
 
 
 @pytest.mark.parametrize(("step_s", "expected"), [(0.5, 25), (1.0, 50), (1.3, 65), (3.0, 100)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -143,6 +144,7 @@ def test_a_budgeted_build_fits_and_records_planned_against_measured(tmp_path):
     else:
         pace = ran["pace"]
         assert pace["planned_steps"] == second["finetune_steps"] and ran["steps"] == pace["steps"]
+        # one shape: its equal share of the time is the whole fine-tuning time, N of its steps
         assert pace["allotted_s"] == pytest.approx(second["finetune_steps"] * second["step_s"][label], rel=1e-3)
         assert pace["checks"] and all(c["pace_s"] > 0 for c in pace["checks"])
         card = (out / dev["model_card"]).read_text()
@@ -332,3 +334,39 @@ def test_a_measured_step_leaves_out_every_new_loaders_first_step(tmp_path, monke
     per_step = _measure_steps(ctx, DescendantShape(depth=2, embed_dim=64, num_heads=2, mlp_ratio=4.0), 16)
     assert len(calls) == 2 and calls[0] == MEASURED_STEPS and calls[1] > MEASURED_STEPS  # the short steps: a second run
     assert per_step == pytest.approx(0.05)  # neither run's first step in the mean
+
+
+def test_a_fleets_shapes_get_equal_fine_tuning_time_and_the_fast_one_more_steps(tmp_path, monkeypatch):
+    """``--budget-split time`` (the default): two shapes whose steps take 1 s and 3 s (as the plan measures them,
+    faked here) are each allotted ``N * 2`` seconds, so the fast one plans 3x the steps of the slow one; the
+    first plan's time shares reach each device's probes (``time_shares``: 2 and 2/3 of ``N`` of their steps)."""
+    import factory.pipeline.device_choice as device_choice
+    import factory.pipeline.finetune_facts as facts
+
+    shares = []
+    real = device_choice.estimator
+
+    def spy(ctx, init=None):
+        shares.append(dict(ctx.time_shares))
+        return real(ctx, init)
+
+    monkeypatch.setattr(device_choice, "estimator", spy)
+    profiles = [load_profile(_profile(tmp_path, name, params)) for name, params in (("big", 0.2), ("small", 0.05))]
+    dry = build(profiles, tmp_path / "dry", BuildConfig(data="synthetic", init="scratch"), dry_run=True)
+    depths = sorted({d["shape"]["depth"] for d in dry["devices"]})
+    assert len(depths) == 2, depths  # two budgets, two shapes
+    small = depths[0]
+    monkeypatch.setattr(facts, "step_seconds", lambda ctx, shape, batch: 1.0 if shape.depth <= small else 3.0)
+    # probed (the time shares reach the estimator), one candidate each: the capacity choices stay
+    cfg = BuildConfig(data="synthetic", batch_size=16, init="scratch", objective="accuracy", candidates=1)
+    lines: list[str] = []
+    # 300 s at 4 s a step of both shapes: N ~ 70, enough that the slow shape's ~N * 2/3 steps are paced too
+    built = build(profiles, tmp_path / "out", dataclasses.replace(cfg, time_budget_s=300), log=lines.append)
+    second = built["time_budget"]["plans"]["second"]
+    n, paces = second["finetune_steps"], {d["shape"]["depth"]: d["finetune"]["pace"] for d in built["devices"]}
+    assert second["split"] == "time" and sorted(second["step_s"].values()) == [1.0, 3.0]
+    assert paces[small]["allotted_s"] == pytest.approx(2 * n) == paces[depths[1]]["allotted_s"]
+    assert (paces[small]["planned_steps"], paces[depths[1]]["planned_steps"]) == (2 * n, round(2 * n / 3))
+    assert sorted(shares[0].values()) == pytest.approx([2 / 3, 2.0])  # the probes' horizons: N * g * s_ref / s_c
+    assert any("of fine-tuning per shape" in line for line in lines), lines
+    assert "an equal share of the fine-tuning time per shape" in (tmp_path / "out" / "report.md").read_text()

@@ -32,6 +32,7 @@ from factory.cli.common import (
 )
 from factory.pipeline.config import INIT_CHOICES, BuildConfig
 from factory.pipeline.executor import EXECUTORS
+from factory.pipeline.time_budget import SPLITS
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
 
@@ -118,6 +119,14 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     default=None,
     help="Fit the build in this wall-clock time on this machine (90s, 45m, 1.5h): the fine-tuning steps (--steps is "
     "then planned) and an expanding phase that must run (at most --expand-steps) are set from measured step times.",
+)
+@click.option(
+    "--budget-split",
+    type=click.Choice(SPLITS),
+    default=BuildConfig.budget_split,
+    show_default=True,
+    help="With --time-budget: share the fleet's fine-tuning time between its shapes as equal seconds each (time: a "
+    "fast shape trains more steps) or equal steps (steps: a slow shape gets more of the time).",
 )
 @click.option("--lr", type=RATE, default=1e-3, show_default=True, help="Fine-tuning learning rate (AdamW, cosine).")
 @view_options(auto=True)

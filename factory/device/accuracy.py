@@ -1,9 +1,8 @@
 """Accuracy-aware shape choice: rank candidates by a few-step probe of the build's fine-tune.
 
-The capacity proxy (:func:`factory.device.search.capacity_proxy`) always prefers the largest shape that
-fits, but with a short fine-tuning budget a shallower or narrower descendant of the learngene can
-be more accurate. Because any shape expands from the learngene in well under a second, the factory
-can *try* the candidates on the task instead of guessing.
+The capacity proxy (:func:`factory.device.search.capacity_proxy`) prefers the largest shape that fits; with a
+short fine-tune a smaller descendant can be more accurate, and any shape expands in under a second, so the
+factory *tries* the candidates on the task.
 
 **Estimator** (:class:`SuccessiveHalving`). Every candidate is initialised exactly as the build will
 (``init`` from the learngene or ancestry, seed) and trained with the build's recipe (learning rate,
@@ -26,8 +25,7 @@ successive-halving (Hyperband) ordering.
 **Anchored variant** (``anchor``, off by default). The capacity choice goes on at every rung
 whatever its NLL and is replaced only if the best challenger's per-image NLL on the same validation
 images is lower by more than ``z`` (2) standard errors of the paired difference; the output then
-says which and why. It departs from the capacity choice far less often (3 of 12 cases in the bench),
-and measured worse than plain halving with the annealed last rung (below).
+says which and why. It departs from the capacity choice less often and measured worse (below).
 
 Why this estimator, by measurement (``bench/estimator_study.py`` and ``bench/search_quality.py``,
 RESULTS.md): scoring by NLL on the whole validation split instead of accuracy on 256 images, and
@@ -37,14 +35,12 @@ on a task unlike the ancestry's (``textures``), every shape that has learned som
 over-confident on the shifted validation crops after a few steps, so a 1-layer, 32-wide shape that
 has learned nothing (NLL ~ ln K) had the lowest raw NLL and won, ending at chance (0.09 after the
 full fine-tune, against 0.60 for the capacity choice). Calibrated, that shape scores ``ln K``, last.
-``predicted_accuracy`` is the probe's validation accuracy at the rung the shape reached: a ranking
-aid, not a calibrated forecast of the final accuracy (after 12 of 100 steps it is well below it).
+``predicted_accuracy``: the probe's validation accuracy at its last rung, a ranking aid, not a forecast.
 
 **Cost.** ``sum_i n_i (t_i - t_{i-1})`` training steps (``n_0`` = candidates, ``n_{i+1}`` = half of
 ``n_i`` rounded up, at least 2 when anchored; :meth:`EstimatorConfig.probe_steps`; the annealed rung costs the
-same steps): 8 candidates, N = 100 -> 8*3 + 4*3 + 2*6 = 48 steps, plus one validation pass per probe -- about half of one
-fine-tune of the capacity choice, since most candidates are smaller. ``seconds`` records what it
-really took.
+same steps): 8 candidates, N = 100 -> 8*3 + 4*3 + 2*6 = 48 steps, plus one validation pass per probe -- about
+half of one fine-tune of the capacity choice, most candidates being smaller. ``seconds``: what it took.
 
 **Equal time** (``equal_time``: a build under ``--time-budget``). A fixed ``--steps`` gives every shape ``N``
 steps; a time budget gives the fine-tune a time, so a shape whose step takes ``s_c`` seconds gets ``N_c = N *
@@ -52,11 +48,14 @@ s_ref / s_c`` steps (``N``: the plan's steps at the capacity choice's step time 
 shape at fractions of ``N`` when it will train 7x longer favours what learns fast first (RESULTS, "Run 10":
 rungs of 24-97 steps for fine-tunes of 6,060). So rung 0 trains every candidate the same ``t_0`` steps and
 times them (median seconds per step after each run's first); from rung 1 on, shape ``c``'s rung ``i`` is
-``round(f_i * N_c)``: every survivor has had the same *time*, the same fraction of its own fine-tune. ``N_c /
-N`` is clipped to ``[1 / max_horizon_ratio, max_horizon_ratio]``, and ``s_ref / s_c`` to ``flops_slack`` times the
-shapes' FLOPs ratio: a smaller shape is no faster per FLOP, so more means ``s_ref`` was timed on a busy machine
-(RESULTS, Run 14: one such timing made every horizon of a device too long). It costs at most the equal-steps probes priced
-at ``s_ref`` a step, which is what the budget's planner reserves (:mod:`factory.pipeline.budget_costs`).
+``round(f_i * N_c)``: every survivor has had the same *time*, the same fraction of its own fine-tune. A
+budget shares a fleet's fine-tuning time equally between its shapes, so ``N_c = N * g * s_ref / s_c``, ``g``
+the time share of the device's capacity choice (``time_shares``:
+:meth:`factory.pipeline.time_budget.BudgetPlan.time_share`). ``N_c / N`` is clipped to ``[1 / max_horizon_ratio,
+max_horizon_ratio]``, ``s_ref / s_c`` to ``flops_slack`` times the shapes' FLOPs ratio: a smaller shape is no
+faster per FLOP, so more means ``s_ref`` was timed on a busy machine (RESULTS, Run 14). Per device it costs at
+most the equal-steps probes at ``g`` times ``N`` priced at ``s_ref`` a step; over a fleet, about what the
+budget's planner reserves, the equal-steps probes at ``N`` (:mod:`factory.pipeline.budget_costs`).
 
 **Cache.** Each probe result (shape, steps reached) is cached by content -- learngene (or ancestry)
 hash, data identity, shape, init, recipe and estimator settings -- as a small JSON file in
@@ -164,6 +163,7 @@ class SuccessiveHalving:
     computed: int = 0
     reused: int = 0
     horizons: dict[DescendantShape, int] = field(default_factory=dict)  # equal time: each shape's N_c, from rung 1
+    time_shares: dict[str, float] = field(default_factory=dict)  # equal time: incumbent label -> g (docstring)
 
     @property
     def rungs(self) -> tuple[int, ...]:
@@ -176,15 +176,17 @@ class SuccessiveHalving:
         return self.rungs if horizon is None else self.config.rungs_for(horizon, first=self.rungs[0])
 
     def set_horizons(self, probes: dict[DescendantShape, Probe], incumbent: DescendantShape | None) -> None:
-        """Equal time: each shape's horizon ``N_c = N * s_ref / s_c`` from rung 0's seconds per step (``s_ref``:
-        the incumbent's, else the slowest shape's), clipped to ``max_horizon_ratio`` and ``flops_slack``."""
+        """Equal time: each shape's horizon ``N_c = N * g * s_ref / s_c`` from rung 0's seconds per step (``s_ref``:
+        the incumbent's, else the slowest shape's), ``s_ref / s_c`` clipped to ``flops_slack``, ``N_c / N`` to
+        ``max_horizon_ratio``; ``g``: the incumbent's :attr:`time_shares` entry (1 without one)."""
         known = {s: p.step_s for s, p in probes.items() if p.step_s > 0}
         if not known:
             return
         ref_shape = incumbent if known.get(incumbent) else max(known, key=known.get)
         ref, cap, arch = known[ref_shape], self.config.max_horizon_ratio, self.ancestry.arch
+        share = self.time_shares.get(ref_shape.label(), 1.0) if ref_shape == incumbent else 1.0
         for s, step in known.items():
-            ratio = min(ref / step, self.config.flops_slack * vit_flops(ref_shape, arch) / vit_flops(s, arch))
+            ratio = share * min(ref / step, self.config.flops_slack * vit_flops(ref_shape, arch) / vit_flops(s, arch))
             self.horizons[s] = max(1, round(self.recipe.steps * min(cap, max(1 / cap, ratio))))
 
     def probe_recipe(self, steps: int, cool_from: int | None = None):

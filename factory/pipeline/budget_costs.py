@@ -130,6 +130,7 @@ def plan_time(
             max_expand_steps=cap,
             min_expand_steps=cfg.expand_min_steps if cfg.init == "auto" else 0,  # --init peg: its share, however small
             head_start_steps=cfg.expand_head_start if cfg.init == "auto" else None,  # ... and need not repay its time
+            split=cfg.budget_split,
         )
     except FactoryError:
         if not probed:
@@ -139,7 +140,9 @@ def plan_time(
             f"time budget: {format_duration(max(left, 0))} left, below the {format_duration(least)} the rest needs at "
             f"least; fine-tuning {MIN_FINETUNE_STEPS} steps (the build will run over its budget)"
         )
-        plan = BudgetPlan(left, MIN_FINETUNE_STEPS, None, {"fixed": costs.fixed_s}, least, step_s=dict(costs.step_s))
+        plan = BudgetPlan(
+            left, MIN_FINETUNE_STEPS, None, {"fixed": costs.fixed_s}, least, None, dict(costs.step_s), cfg.budget_split
+        )
     if replan:  # the phase the first plan dropped stays dropped, on a resumed build too
         why = plan.expand_why or (replan if isinstance(replan, str) else None)
         plan = dataclasses.replace(plan, expand_steps=0, expand_why=why)
@@ -157,7 +160,12 @@ def plan_time(
 def describe(plan: BudgetPlan) -> str:
     expand = "" if plan.expand_steps is None else f"{plan.expand_steps} expanding-phase steps, "
     parts = ", ".join(f"{k} {v:.0f}s" for k, v in plan.planned_s.items() if v >= 0.5)
-    return f"{expand}{plan.finetune_steps} fine-tuning steps per shape (~{plan.total_s:.0f}s: {parts})"
+    if plan.split == "time" and len(plan.step_s) > 1:  # equal time: N is the steps of the mean shape
+        each = plan.finetune_s(next(iter(plan.step_s))) or 0.0
+        tune = f"~{each:.0f}s of fine-tuning per shape (~{plan.finetune_steps} steps at the mean shape's step)"
+    else:
+        tune = f"{plan.finetune_steps} fine-tuning steps per shape"
+    return f"{expand}{tune} (~{plan.total_s:.0f}s: {parts})"
 
 
 def _recorded(path: Path) -> dict[str, Any]:
@@ -187,6 +195,7 @@ def _from_dict(d: Any) -> BudgetPlan | None:
             float(d["minimum_s"]),
             d.get("expand_why") or None,
             {str(k): float(v) for k, v in (d.get("step_s") or {}).items()},
+            str(d.get("split", "steps")),  # a plan recorded before the split was: equal steps
         )
     except (AttributeError, KeyError, TypeError, ValueError):
         return None

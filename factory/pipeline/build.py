@@ -167,6 +167,8 @@ def _build(
             dropped = first.expand_why or True
             first = _plan(ctx, devices, profiles, key, clock, objective, probed=False, dry_run=dry_run, replan=dropped)
         budget["plans"] = {"first": first.to_dict()}
+        # each device's probes compare shapes at the fine-tuning time the plan gives its shape (equal time per shape)
+        ctx.time_shares = {label: first.time_share(label) for label in first.step_s}
     clock.mark("setup")
     if dry_run:
         budget_part = {"time_budget": {"budget_s": cfg.time_budget_s, **budget}} if budget else {}
@@ -197,7 +199,8 @@ def _build(
     tasks = [
         ShapeTask(
             str(out.resolve()),
-            ctx.cfg,
+            # a time budget's: the shape's own steps, its share of the fine-tuning time (factory.pipeline.time_budget)
+            dataclasses.replace(ctx.cfg, finetune_steps=second.steps_for(shape.label())) if second else ctx.cfg,
             str((lg_entry.path / "learngene").resolve()),
             ctx.learngene.sha256,
             shape,

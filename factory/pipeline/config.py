@@ -21,7 +21,7 @@ from factory.core.transfer import PHASE_PAYS_FROM_STEPS, TransferProbe, expandin
 from factory.data import dataset_identity
 from factory.device.objective import OBJECTIVES, resolve_objective
 from factory.errors import FactoryError
-from factory.pipeline.time_budget import HEAD_START_STEPS
+from factory.pipeline.time_budget import HEAD_START_STEPS, SPLITS
 from factory.training.train import TrainConfig
 
 #: What ``--init`` accepts: ``auto`` (decided per shape by a transfer probe, :mod:`factory.core.transfer`) or a fixed method.
@@ -91,6 +91,9 @@ class BuildConfig:
     # descendants (its head start, measured: bench/phase_payoff.py); the phase runs only where that repays the
     # fine-tuning steps its time costs every shape (factory.pipeline.time_budget)
     expand_head_start: int = HEAD_START_STEPS
+    # with a budget: how the fleet's fine-tuning time is shared between its shapes -- "time": equal seconds each
+    # (a fast shape trains more steps), "steps": equal steps (factory.pipeline.time_budget, "equal time per shape")
+    budget_split: str = "time"
 
     def __post_init__(self) -> None:
         import math
@@ -124,13 +127,14 @@ class BuildConfig:
             "expand share": math.isfinite(self.expand_share) and 0 <= self.expand_share < 1,
             "expand min steps": self.expand_min_steps >= 0,
             "expand head start": self.expand_head_start >= 0,
+            "budget split": self.budget_split in SPLITS,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise FactoryError(
                 f"invalid build setting: {', '.join(bad)} (init one of {', '.join(INIT_CHOICES)}, counts >= 1, "
                 "steps >= 0, lr, tau and time budget finite and > 0, expand share in [0, 1), hflip auto or in [0, 1], crop scale "
-                "in (0, 1]); fix the flag"
+                "in (0, 1], budget split time or steps); fix the flag"
             )
 
 

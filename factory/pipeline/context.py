@@ -38,6 +38,9 @@ class BuildContext:
     expanding_times: tuple[float, float, float] | None = None
     # shape label -> the seconds a time budget's second plan allotted its fine-tune (factory.pipeline.pacing)
     finetune_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    # capacity-choice shape label -> a time budget's first plan's fine-tuning time for it over N of its steps
+    # (BudgetPlan.time_share): the accuracy probes of its device compare shapes at that time (factory.device.accuracy)
+    time_shares: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,7 @@ def estimator(ctx: BuildContext, init: str | None = None) -> SuccessiveHalving:
         init=init or search_init(c),
         # a time budget gives the fine-tune a time, not a step count: the probes compare shapes at equal time
         config=EstimatorConfig(candidates=c.candidates, equal_time=c.time_budget_s is not None),
+        time_shares=dict(ctx.time_shares),
         cache_dir=ctx.cache.root / "estimate",
         progress=True,
     )

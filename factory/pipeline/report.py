@@ -272,6 +272,11 @@ def _paced(manifest: dict[str, Any]) -> bool:
     return any((d.get("finetune") or {}).get("pace") for d in manifest.get("devices", []))
 
 
+def _split(manifest: dict[str, Any]) -> str:
+    second = ((manifest.get("time_budget") or {}).get("plans") or {}).get("second") or {}
+    return ", an equal share of the fine-tuning time per shape" if second.get("split") == "time" else ""
+
+
 def write_reports(out: Path, manifest: dict[str, Any]) -> None:
     lg, classes = manifest["learngene"], manifest["data"].get("classes", [])
     intro = (
@@ -279,7 +284,11 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
         f"{(lg['sha256'] or '')[:12]} ({lg['layers']} layers x {lg['heads']} heads, sampled once for "
         f"{len(lg['sampled_once_for'])} devices), data {md_text(manifest['data']['spec'])}, init {manifest['recipe']['init']}, "
         f"{manifest['recipe']['finetune_steps']} fine-tuning steps"
-        + (" planned (paced to the time budget: each device's are its own)" if _paced(manifest) else "")
+        + (
+            f" planned (paced to the time budget{_split(manifest)}: each device's are its own)"
+            if _paced(manifest)
+            else ""
+        )
         + f"; the build took {manifest['seconds']:.1f} s"
         + (
             f" (this run; its learngene and fine-tunes took {manifest['stage_seconds']:.1f} s in all, earlier runs "

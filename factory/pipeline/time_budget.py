@@ -40,9 +40,20 @@ The plan (:func:`fit_budget`):
    ``--init peg`` passes ``min_expand_steps = 0`` and no head start: the user asked for PEG, so the phase gets
    its share however small;
 3. ``N`` = the largest count with ``T(N, E) <= budget`` (bisection: ``C`` is monotone), at most
-   :data:`MAX_FINETUNE_STEPS`. The second plan's ``N`` allots each shape's fine-tune ``N`` times its measured
-   step (:meth:`BudgetPlan.finetune_s`), and the fine-tune keeps to that time, re-timing itself as it runs
-   (:mod:`factory.pipeline.pacing`): the steps that ran may differ from ``N``, the time should not.
+   :data:`MAX_FINETUNE_STEPS`.
+
+**Equal time per shape** (``split = "time"``, the default; ``--budget-split``). ``C(N)`` prices ``N`` steps of
+every distinct shape, ``N * sum(s_i)`` seconds; the plan splits that time *evenly* between the shapes
+(:meth:`BudgetPlan.finetune_s`): shape ``i`` gets ``T / k = N * mean(s)`` seconds, ``N_i = T / (k s_i)`` steps
+(:meth:`BudgetPlan.steps_for`), the same total. Why: with accuracy growing like ``a log N_i`` in each shape's
+steps, the split of ``T`` that maximises the fleet's sum has ``d(a log N_i) / d(N_i s_i) = a / (N_i s_i)`` equal
+for every shape, i.e. equal time. Equal *steps* (``split = "steps"``) give a slow shape most of the time: in
+RESULTS Run 17 a fleet whose probes chose d12 and d10 for two devices trained the third device's d3 586 steps
+(52 s) where the same pair, beside faster shapes, had 1,361 (99 s), and it scored 1.8 points lower. The first
+plan's split also sets the time each device's accuracy probes compare shapes at (:meth:`BudgetPlan.time_share`,
+:mod:`factory.device.accuracy`, "equal time"), so a shape is chosen for the time it will be given. Each fine-tune
+keeps to its allotment, re-timing itself as it runs (:mod:`factory.pipeline.pacing`): the steps that ran may
+differ from ``N_i``, the time should not.
 
 The planner assumes the shape tasks run one after another here (``--jobs 1``, local): with ``--jobs`` or
 Ray the build ends earlier than planned, never later.
@@ -67,6 +78,8 @@ HEAD_START_PHASE_STEPS = 1500
 #: The head start, in fine-tuning steps, of a learngene trained :data:`HEAD_START_PHASE_STEPS` steps
 #: (bench/phase_payoff.py; the module docstring): the build's ``expand_head_start`` default.
 HEAD_START_STEPS = 100
+#: How a budget shares the fine-tuning time between the fleet's shapes (module docstring, "equal time per shape").
+SPLITS = ("time", "steps")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -132,16 +145,35 @@ class BudgetPlan:
     minimum_s: float
     expand_why: str | None = None  # why a planned phase runs or not (E = 0), in a few words
     step_s: dict[str, float] = field(default_factory=dict)  # shape label -> seconds a step, as planned
+    split: str = "time"  # the fine-tuning time between the shapes: "time" (equal) or "steps" (module docstring)
 
     @property
     def total_s(self) -> float:
         return sum(self.planned_s.values())
 
     def finetune_s(self, label: str) -> float | None:
-        """The seconds allotted to the fine-tune of shape ``label``: ``N`` steps at its planned step time
-        (None: not planned, e.g. a plan recorded before step times were)."""
+        """The seconds allotted to the fine-tune of shape ``label``: ``N`` times its measured step (``split =
+        "steps"``) or the plan's fine-tuning time split evenly between its shapes, ``N * mean(step_s)`` (``split =
+        "time"``; module docstring, "equal time per shape"); None: not planned (a plan recorded before step times
+        were)."""
         step = self.step_s.get(label)
-        return self.finetune_steps * step if step else None
+        if not step:
+            return None
+        if self.split == "steps":
+            return self.finetune_steps * step
+        return self.finetune_steps * sum(self.step_s.values()) / len(self.step_s)
+
+    def time_share(self, label: str) -> float:
+        """Shape ``label``'s fine-tuning time over ``N`` of its steps' (1: equal steps, or not planned)."""
+        allotted = self.finetune_s(label)
+        return allotted / (self.finetune_steps * self.step_s[label]) if allotted else 1.0
+
+    def steps_for(self, label: str) -> int:
+        """Shape ``label``'s planned fine-tuning steps: its allotment at its measured step (``N`` unplanned)."""
+        allotted = self.finetune_s(label)
+        if allotted is None:
+            return self.finetune_steps
+        return max(MIN_FINETUNE_STEPS, round(allotted / self.step_s[label]))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -153,6 +185,7 @@ class BudgetPlan:
             "planned_total_s": round(self.total_s, 1),
             **({"expand_why": self.expand_why} if self.expand_why else {}),
             **({"step_s": {k: round(v, 6) for k, v in self.step_s.items()}} if self.step_s else {}),
+            "split": self.split,
         }
 
 
@@ -183,11 +216,14 @@ def fit_budget(
     max_expand_steps: int = 1500,
     min_expand_steps: int = 0,
     head_start_steps: float | None = None,
+    split: str = "time",
 ) -> BudgetPlan:
     """The step counts that spend ``budget_s`` (module docstring); one line naming the least budget when
     ``budget_s`` cannot hold even :data:`MIN_FINETUNE_STEPS` fine-tuning steps. ``head_start_steps``: the
     learngene's measured head start, which the phase must repay at equal time (None: no such check, ``--init
-    peg``)."""
+    peg``). ``split``: how the fine-tuning time is shared between the shapes (:data:`SPLITS`)."""
+    if split not in SPLITS:
+        raise FactoryError(f"budget split {split!r} must be one of {', '.join(SPLITS)}", param="budget_split")
     if not 0 <= expand_share < 1:
         raise FactoryError(f"expand share {expand_share} must be in [0, 1)", param="expand_share")
     minimum = least_budget(costs)
@@ -224,7 +260,7 @@ def fit_budget(
         planned["learngene"] = planned.get("learngene", 0.0) + expanding_seconds(costs, expand)
     for stage, seconds in costs.per_steps(lo).items():
         planned[stage] = planned.get(stage, 0.0) + seconds
-    return BudgetPlan(budget_s, lo, expand, planned, minimum, why, dict(costs.step_s))
+    return BudgetPlan(budget_s, lo, expand, planned, minimum, why, dict(costs.step_s), split)
 
 
 def _most_steps(costs: Costs, rest: float) -> int:
