@@ -18,7 +18,7 @@ from factory.io.publish import (
     remove_work_directory,
     work_directory,
 )
-from factory.io.seal import SEAL_FILE, seal, seal_state, sealed_files
+from factory.io.seal import SEAL_FILE, seal, seal_state, sealed_files, sealed_info
 
 __all__ = [
     "LOCK_FILE",
@@ -42,6 +42,7 @@ __all__ = [
     "seal",
     "seal_state",
     "sealed_files",
+    "sealed_info",
     "sha256_bytes",
     "sha256_file",
     "state_dict_sha256",

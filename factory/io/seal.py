@@ -46,3 +46,13 @@ def seal_state(directory: str | os.PathLike) -> str:
         return "done" if all(sha256_file(directory / name) == digest for name, digest in files.items()) else "damaged"
     except OSError:
         return "damaged"
+
+
+def sealed_info(directory: str | os.PathLike) -> dict:
+    """The ``info`` a seal of ``directory`` recorded (``{}`` without a readable one); it does not check the files
+    (:func:`seal_state` does)."""
+    try:
+        record = json.loads((Path(directory) / SEAL_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in record.items() if k != "files"} if isinstance(record, dict) else {}

@@ -131,7 +131,7 @@ def train_paced(
     what a resumed fine-tune goes on with."""
     from factory.errors import Interrupted
     from factory.io import atomic_write_bytes
-    from factory.training.train import train
+    from factory.training.train import checkpoint_step, train
 
     work = Path(work)
     if allotted_s is None or check_step(0, recipe.steps) is None:  # no time budget, or too short to re-time
@@ -144,7 +144,7 @@ def train_paced(
         "checks": [],
     }
     allotted_s = float(record["allotted_s"])  # a resumed fine-tune keeps the time it was given
-    first, wall = (_checkpoint_step(work) if resume else 0), 0.0
+    first, wall = (checkpoint_step(work) if resume else 0), 0.0
     while True:
         seg = schedule(recipe, record["checks"])  # the steps and learning rates as they stand now
         k = check_step(len(record["checks"]), seg.steps, first)
@@ -173,15 +173,6 @@ def train_paced(
     run = train(model, data, seg, out_dir=work, resume=resume, should_stop=should_stop, **train_kwargs)
     record["steps"] = seg.steps
     return replace(run, seconds=run.seconds + wall), replace(recipe, steps=seg.steps), record
-
-
-def _checkpoint_step(work: Path) -> int:
-    """The step of the checkpoint a resumed fine-tune starts from (0 when it cannot be read: then the
-    re-timing counts no steps done before)."""
-    try:
-        return int(json.loads((work / "checkpoint" / "state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
 
 
 def _read(path: Path) -> dict[str, Any] | None:

@@ -5,11 +5,10 @@ label smoothing, gradient-norm clipping, optional knowledge distillation
 
     loss = (1 - alpha) * CE_smooth(student, y) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T)),
 
-Precision (``amp``, :func:`factory.training.precision.precision_for`): ``auto`` is bf16 autocast on
-CUDA (fp16 with a GradScaler where bf16 is unsupported) and on CPUs with native bf16 dot products
-(AVX512-BF16 or AMX; speed and accuracy against fp32 in ``bench/precision.py`` and
-``bench/real_scale.py``), fp32 elsewhere. Weights and optimizer state stay fp32 either way; the
-logits and the loss are computed in fp32; evaluation runs in fp32.
+Precision (``amp``, :func:`factory.training.precision.precision_for`): ``auto`` is bf16 autocast on CUDA (fp16
+with a GradScaler where bf16 is unsupported) and on CPUs with native bf16 dot products (AVX512-BF16 or AMX;
+measured in ``bench/precision.py`` and ``bench/real_scale.py``), fp32 elsewhere. Weights, optimizer state,
+logits, loss and evaluation stay fp32.
 
 Determinism and resume. Batch ``s`` is a pure function of ``(seed, s)``: epoch ``e = s*B // N``
 is a seeded permutation of the data and the batch its next slice, and the augmentation
@@ -42,7 +41,7 @@ from torch import nn
 from factory.core.expanding_phase import distill_loss
 from factory.data import ImageTensors
 from factory.errors import FactoryError
-from factory.io import atomic_directory, seal, seal_state
+from factory.io import atomic_directory, seal, seal_state, sealed_info
 from factory.training.batches import eval_batches, training_batches
 from factory.training.distributed import average_gradients, check_resume_world, dist_info, global_mean, start  # noqa: F401  # dist_info re-exported
 from factory.training.loop import StepLoop, lr_at
@@ -224,6 +223,11 @@ def resume_or_restart(work: Path, what: str, log: Callable[[str], None]) -> bool
     elif state == "done":
         log(f"{what}: resuming from its last checkpoint")
     return state == "done"
+
+
+def checkpoint_step(work: str | Path) -> int:
+    """The step of the checkpoint in ``work`` as its seal recorded it (0: none, or unreadable)."""
+    return int(sealed_info(Path(work) / "checkpoint").get("step", 0))
 
 
 def open_checkpoint(
