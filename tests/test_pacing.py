@@ -116,6 +116,7 @@ def test_a_plan_recorded_before_the_split_reads_back_as_equal_steps(tmp_path):
     assert _from_dict(plan.to_dict()) == plan
     old = {k: v for k, v in plan.to_dict().items() if k != "split"}  # what a build before it recorded
     assert _from_dict(old).split == "steps" and _from_dict(old).steps_for("a") == 400
+    assert _from_dict({**plan.to_dict(), "split": "even"}) is None  # malformed: the build plans anew
     with pytest.raises(FactoryError, match="budget split 'even' must be one of time, steps"):
         fit_budget(600, Costs({}, lambda n: {"finetune": 0.75 * n}, step_s={"a": 0.25, "b": 0.5}), split="even")
 

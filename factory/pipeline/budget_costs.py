@@ -25,7 +25,7 @@ from typing import Any
 from factory.core.shapes import DescendantShape
 from factory.errors import FactoryError
 from factory.pipeline.context import BuildContext, ExportItem, ModelItem
-from factory.pipeline.time_budget import MIN_FINETUNE_STEPS, BudgetPlan, Costs, fit_budget, format_duration
+from factory.pipeline.time_budget import MIN_FINETUNE_STEPS, SPLITS, BudgetPlan, Costs, fit_budget, format_duration
 
 #: Seconds per device for writing its folder, model card and its part of the report (measured: ~0.3-1 s).
 ASSEMBLE_S_PER_DEVICE = 1.0
@@ -186,7 +186,9 @@ def _record(path: Path, data: dict[str, Any]) -> None:
 def _from_dict(d: Any) -> BudgetPlan | None:
     """A recorded plan, or None when there is none or it is malformed (then the build plans anew)."""
     try:
-        expand = d.get("expand_steps")
+        expand, split = d.get("expand_steps"), str(d.get("split", "steps"))  # recorded before the split: equal steps
+        if split not in SPLITS:
+            raise ValueError(split)
         return BudgetPlan(
             float(d["budget_s"]),
             int(d["finetune_steps"]),
@@ -195,7 +197,7 @@ def _from_dict(d: Any) -> BudgetPlan | None:
             float(d["minimum_s"]),
             d.get("expand_why") or None,
             {str(k): float(v) for k, v in (d.get("step_s") or {}).items()},
-            str(d.get("split", "steps")),  # a plan recorded before the split was: equal steps
+            split,
         )
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
