@@ -370,3 +370,43 @@ def test_a_fleets_shapes_get_equal_fine_tuning_time_and_the_fast_one_more_steps(
     assert sorted(shares[0].values()) == pytest.approx([2 / 3, 2.0])  # the probes' horizons: N * g * s_ref / s_c
     assert any("of fine-tuning per shape" in line for line in lines), lines
     assert "an equal share of the fine-tuning time per shape" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_shape_fine_tuned_from_two_starts_is_planned_and_timed_as_two_fine_tunes(monkeypatch):
+    """Two devices whose joint choices put them at one shape but two starts fine-tune it twice (one
+    :class:`ShapeTask` per (shape, init)), so the plan prices two fine-tunes of that shape, allots each its own
+    share, and still measures and exports the architecture once per device, not once per start."""
+    import types
+
+    import factory.pipeline.budget_costs as budget_costs
+    import factory.pipeline.finetune_facts as facts
+    import factory.pipeline.stages as stages
+    from factory.pipeline.device_choice import fine_tunes, finetune_key
+    from factory.pipeline.device_result import DeviceResult
+
+    d5, d2 = DescendantShape(depth=5, embed_dim=64, num_heads=2), DescendantShape(depth=2, embed_dim=64, num_heads=2)
+    rows = [("a", d5, "peg"), ("b", d5, "weight_selection"), ("c", d5, "peg"), ("d", d2, None)]
+    devices = [
+        DeviceResult(name, {}, choice={"shape": s.to_dict(), **({"joint": {"init": i}} if i else {})})
+        for name, s, i in rows
+    ]
+    keys = fine_tunes(devices)
+    assert sorted(keys) == sorted([f"{d5.label()}+peg", f"{d5.label()}+weight_selection", d2.label()])
+    assert finetune_key(d2, None) == d2.label()
+    monkeypatch.setattr(facts, "step_seconds", lambda ctx, shape, batch: float(shape.depth))
+    monkeypatch.setattr(facts, "evaluation_seconds", lambda ctx, shape: 0.0)
+    measured: list[str] = []
+    measure = dataclasses.replace(
+        stages.MEASURE, estimate_s=lambda ctx, item: measured.append(item.shape.label()) or 1.0
+    )
+    monkeypatch.setattr(stages, "MEASURE", measure)
+    monkeypatch.setattr(stages, "EXPORT", dataclasses.replace(stages.EXPORT, estimate_s=lambda ctx, item: 2.0))
+    cfg = BuildConfig(data="synthetic", init="scratch")
+    ctx = types.SimpleNamespace(cfg=cfg, inits={}, step_times={})
+    profiles = [types.SimpleNamespace(name=name) for name, *_ in rows]
+    costs = budget_costs.build_costs(ctx, devices, profiles, objective="capacity", expanding=False, probed=True)
+    assert costs.steps_s(10) == 10 * (5 + 5 + 2)  # d5 twice (two starts), d2 once; device c shares a's fine-tune
+    assert sorted(measured) == sorted([d5.label(), d2.label()]) and costs.fixed["export"] == 4 * 2.0
+    plan = fit_budget(costs.fixed_s + costs.steps_s(100), costs)
+    assert plan.finetune_steps == 100 and plan.finetune_s(f"{d5.label()}+weight_selection") == pytest.approx(400)
+    assert plan.steps_for(f"{d5.label()}+peg") == 80 and plan.steps_for(d2.label()) == 200  # equal time: 400 s each

@@ -31,9 +31,9 @@ from factory.pipeline.time_budget import MIN_FINETUNE_STEPS, SPLITS, BudgetPlan,
 ASSEMBLE_S_PER_DEVICE = 1.0
 
 
-def _shapes(devices) -> dict[str, DescendantShape]:
-    ok = [d for d in devices if not d.is_failed]
-    return {DescendantShape.from_dict(d["shape"]).label(): DescendantShape.from_dict(d["shape"]) for d in ok}
+def _distinct(shapes) -> list[DescendantShape]:
+    """One of each architecture (what is measured and exported once, whatever start it fine-tunes from)."""
+    return list({shape.label(): shape for shape in shapes}.values())
 
 
 def build_costs(ctx: BuildContext, devices, profiles, *, objective: str, expanding: bool, probed: bool) -> Costs:
@@ -42,17 +42,18 @@ def build_costs(ctx: BuildContext, devices, profiles, *, objective: str, expandi
     probes and the joint choice have run."""
     from factory.core.transfer import images_for
     from factory.device.accuracy import EstimatorConfig
+    from factory.pipeline.device_choice import fine_tunes, finetune_key
     from factory.pipeline.finetune_facts import evaluation_seconds, step_seconds
     from factory.pipeline.learngene_stage import expanding_costs
     from factory.pipeline.stages import EXPORT, MEASURE
 
     cfg = ctx.cfg
-    shapes = _shapes(devices)
+    shapes = fine_tunes(devices)  # one per (shape, start): a shape fine-tuned from two starts costs twice
     by_name = {p.name: p for p in profiles}
     ok = [d for d in devices if not d.is_failed]
     step = {label: step_seconds(ctx, shape, cfg.batch_size) for label, shape in shapes.items()}
     fixed = {
-        "measure": sum(MEASURE.estimate_s(ctx, ModelItem(shape, None)) for shape in shapes.values()),
+        "measure": sum(MEASURE.estimate_s(ctx, ModelItem(shape, None)) for shape in _distinct(shapes.values())),
         "export": sum(
             EXPORT.estimate_s(
                 ctx,
@@ -66,8 +67,10 @@ def build_costs(ctx: BuildContext, devices, profiles, *, objective: str, expandi
     if expanding:
         fixed["learngene"], first, each = expanding_costs(ctx)
     est = EstimatorConfig(candidates=cfg.candidates)
+    probed_keys = [finetune_key(DescendantShape.from_dict(d["shape"]), (d.get("joint") or {}).get("init")) for d in ok]
     evals = sum(evaluation_seconds(ctx, shape) for shape in shapes.values())
-    undecided = [label for label in shapes if cfg.init == "auto" and label not in ctx.inits]
+    # a start is still to decide at a shape no joint choice fixed one for (a key without "+init")
+    undecided = [k for k, shape in shapes.items() if cfg.init == "auto" and k == shape.label() and k not in ctx.inits]
 
     def per_steps(n: int) -> dict[str, float]:
         out = {"finetune": n * sum(step.values()) + evals}
@@ -76,7 +79,7 @@ def build_costs(ctx: BuildContext, devices, profiles, *, objective: str, expandi
             out["init"] = sum(len(cfg.init_probe.candidates) * images / cfg.batch_size * step[s] / 3 for s in undecided)
         if objective == "accuracy" and not probed:  # equal-time probes: at most their equal-steps cost at the
             probe = est.probe_steps(est.candidates, n)  # device's shape's step time (factory.device.accuracy)
-            out["probes"] = sum(probe * step[DescendantShape.from_dict(d["shape"]).label()] for d in ok)
+            out["probes"] = sum(probe * step[key] for key in probed_keys)
         return out
 
     return Costs(fixed, per_steps, first, each, expanding and each > 0, step)

@@ -87,7 +87,7 @@ def _build(
     profiles: list[Profile], out: Path, cfg: BuildConfig, *, dry_run: bool, log: Callable[[str], None], executor=None
 ) -> dict[str, Any]:
     from factory.device.search import SearchSpace
-    from factory.pipeline.device_choice import search_devices, shape_groups
+    from factory.pipeline.device_choice import finetune_key, search_devices, shape_groups
     from factory.pipeline.joint_choice import choose_pairs, expanding_phase_check, joint_decision
     from factory.pipeline.learngene_stage import learngene_source
     from factory.pipeline.plan import plan
@@ -196,22 +196,23 @@ def _build(
         **mirror_part(mirror),
     }
     head["learngene"]["seconds"] = lg_entry.info().get("seconds", 0.0)  # the stage's own time, whenever it ran
-    tasks = [
-        ShapeTask(
-            str(out.resolve()),
-            # a time budget's: the shape's own steps, its share of the fine-tuning time (factory.pipeline.time_budget)
-            dataclasses.replace(ctx.cfg, finetune_steps=second.steps_for(shape.label())) if second else ctx.cfg,
-            str((lg_entry.path / "learngene").resolve()),
-            ctx.learngene.sha256,
-            shape,
-            tuple(DeviceTask(prof, device) for prof, device in group),
-            head,
-            identity,
-            joint_decision(group[0][1]),
-            second.finetune_s(shape.label()) if second is not None else None,  # a budget's fine-tune keeps to its time
+    tasks = []
+    for (shape, init), group in shape_groups(devices, profiles).items():
+        fine_tune = finetune_key(shape, init)  # a time budget's: its own steps, its share of the time (time_budget)
+        tasks.append(
+            ShapeTask(
+                str(out.resolve()),
+                dataclasses.replace(ctx.cfg, finetune_steps=second.steps_for(fine_tune)) if second else ctx.cfg,
+                str((lg_entry.path / "learngene").resolve()),
+                ctx.learngene.sha256,
+                shape,
+                tuple(DeviceTask(prof, device) for prof, device in group),
+                head,
+                identity,
+                joint_decision(group[0][1]),
+                second.finetune_s(fine_tune) if second else None,  # a budget's fine-tune keeps to its time (pacing)
+            )
         )
-        for (shape, _), group in shape_groups(devices, profiles).items()
-    ]
     finished = {r.name: r for rs in executor.map(run_shape_task, tasks, log=log, failed=ShapeTask.failed) for r in rs}
     devices = [finished.get(d.name, d) for d in devices]
     clock.mark("shape_tasks")

@@ -117,6 +117,23 @@ def choose_by_probes(
     return out
 
 
+def finetune_key(shape: DescendantShape, init: str | None) -> str:
+    """What names one fine-tune of a build: the shape's label, and the start a joint choice fixed for it
+    (``d5-w160-r1+weight_selection``). Two devices of one shape and one start share a fine-tune; two starts
+    of one shape are two fine-tunes, each planned and timed by a time budget (:mod:`factory.pipeline.budget_costs`)."""
+    return shape.label() if init is None else f"{shape.label()}+{init}"
+
+
+def fine_tunes(devices: list[DeviceResult]) -> dict[str, DescendantShape]:
+    """The build's fine-tunes, ``finetune_key -> shape``: one per group of :func:`shape_groups`."""
+    out: dict[str, DescendantShape] = {}
+    for device in devices:
+        if not device.is_failed:
+            shape = DescendantShape.from_dict(device["shape"])
+            out[finetune_key(shape, (device.get("joint") or {}).get("init"))] = shape
+    return out
+
+
 def shape_groups(devices: list[DeviceResult], profiles) -> dict[tuple[DescendantShape, str | None], list]:
     """The devices that did not fail, grouped by the shape they chose and the initialisation a joint choice
     fixed for it (None: decided at the shape): ``(shape, init) -> [(profile, device)]``."""

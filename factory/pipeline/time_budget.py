@@ -8,8 +8,9 @@ The build's time as a function of the fine-tuning steps ``N`` and the expanding-
 
 ``F``: what no step count changes (sampling the learngene, measuring and exporting every device, the
 search, the reports); ``e0``/``e``: the expanding phase's first step (its one-off costs) and each further
-one; ``C(N)``: per distinct shape ``N`` fine-tuning steps and its evaluations, plus the work that grows
-with ``N`` (the init probe's images, the accuracy probes' rungs) -- non-decreasing in ``N``.
+one; ``C(N)``: per fine-tune -- a distinct shape and start (:func:`~factory.pipeline.device_choice.
+finetune_key`; one shape fine-tuned from two starts is two) -- ``N`` steps and its evaluations, plus the work
+that grows with ``N`` (the init probe's images, the accuracy probes' rungs) -- non-decreasing in ``N``.
 
 The plan (:func:`fit_budget`):
 
