@@ -323,3 +323,27 @@ def test_phase_payoff_reads_the_head_start_off_weight_selection_s_curve(monkeypa
     _run("bench/phase_payoff.py", "--quick", "--json", str(tmp_path / "p.json"), "--md", str(tmp_path / "p.md"))
     assert len(json.loads((tmp_path / "p.json").read_text())["rows"]) == 4  # 2 lengths x (PEG, weight selection)
     assert "| task | N | PEG | weight selection |" in (tmp_path / "p.md").read_text()
+
+
+def test_keep_weights_bench_scores_the_last_and_the_kept_weights_of_one_run(tmp_path):
+    out = tmp_path / "kw"
+    _run(
+        "bench/keep_weights.py",
+        "--tasks",
+        "digits",
+        "--seeds",
+        "0",
+        "--max-steps",
+        "20",
+        "--json",
+        f"{out}.json",
+        "--md",
+        f"{out}.md",
+    )
+    rows = json.loads((tmp_path / "kw.json").read_text())["rows"]
+    assert [(r["task"], r["steps"]) for r in rows] == [("digits", 20), ("digits", 20)]
+    assert all(1 <= r["kept_step"] <= 20 and 0 <= r["test_last"] <= 1 and 0 <= r["test_best_val"] <= 1 for r in rows)
+    assert all(
+        (r["kept_step"] == 20) <= (r["test_last"] == r["test_best_val"]) for r in rows
+    )  # the last kept: one model
+    assert "| all | 2 |" in (tmp_path / "kw.md").read_text()

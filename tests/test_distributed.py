@@ -113,7 +113,8 @@ def test_a_batch_the_processes_cannot_split_is_one_line_before_anyone_waits(tmp_
 
 
 def test_a_resume_on_another_number_of_processes_is_refused(tmp_path):
-    from factory.training.train import TrainConfig, open_checkpoint, save_checkpoint
+    from factory.training.checkpoints import open_checkpoint, save_checkpoint
+    from factory.training.train import TrainConfig
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())

@@ -14,7 +14,7 @@ from factory.device.profile import load_profile
 from factory.errors import FactoryError
 from factory.pipeline.build import build
 from factory.pipeline.config import BuildConfig
-from factory.training.train import resume_or_restart
+from factory.training.checkpoints import resume_or_restart
 
 from .helpers import build_cmd as _build_cmd
 from .helpers import leftovers as _leftovers

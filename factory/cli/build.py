@@ -30,7 +30,7 @@ from factory.cli.common import (
     seed_option,
     view_options,
 )
-from factory.pipeline.config import INIT_CHOICES, BuildConfig
+from factory.pipeline.config import INIT_CHOICES, KEEP_WEIGHTS, BuildConfig
 from factory.pipeline.executor import EXECUTORS
 from factory.pipeline.time_budget import SPLITS
 
@@ -127,6 +127,15 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     show_default=True,
     help="With --time-budget: share the fleet's fine-tuning time between its shapes as equal seconds each (time: a "
     "fast shape trains more steps) or equal steps (steps: a slow shape gets more of the time).",
+)
+@click.option(
+    "--keep-weights",
+    type=click.Choice(KEEP_WEIGHTS),
+    default=BuildConfig.keep_weights,
+    show_default=True,
+    help="The fine-tuned weights a device ships: those of the evaluation with the best validation accuracy "
+    "(best-val: the validation split is read every tenth of the steps; only where the data has its own test split) "
+    "or the last step's (last).",
 )
 @click.option("--lr", type=RATE, default=1e-3, show_default=True, help="Fine-tuning learning rate (AdamW, cosine).")
 @view_options(auto=True)

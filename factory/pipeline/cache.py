@@ -6,7 +6,7 @@ a whole (:func:`factory.io.atomic_directory`) and sealed (:func:`factory.io.seal
 every file); a damaged entry (a file missing or changed) is reported and rebuilt, never trusted.
 Long stages checkpoint into the entry's *work* directory ``<key>.partial`` beside it, which
 survives a killed build and is removed once the entry is sealed; the stage resumes from it
-(:func:`factory.training.train.resume_or_restart`).
+(:func:`factory.training.checkpoints.resume_or_restart`).
 """
 
 from __future__ import annotations

@@ -27,6 +27,11 @@ from factory.training.train import TrainConfig
 #: What ``--init`` accepts: ``auto`` (decided per shape by a transfer probe, :mod:`factory.core.transfer`) or a fixed method.
 INIT_CHOICES: tuple[str, ...] = ("auto", *METHODS)
 
+#: What ``--keep-weights`` accepts (:attr:`BuildConfig.keep_weights`).
+KEEP_WEIGHTS = ("best-val", "last")
+#: A fine-tune that keeps its best weights evaluates its validation split this many times (and at its last step).
+KEEP_BEST_EVALUATIONS = 10
+
 #: BuildConfig fields that are not part of the build's identity (the executor is not either).
 RUN_OPTIONS = ("jobs",)
 
@@ -94,6 +99,10 @@ class BuildConfig:
     # with a budget: how the fleet's fine-tuning time is shared between its shapes -- "time": equal seconds each
     # (a fast shape trains more steps), "steps": equal steps (factory.pipeline.time_budget, "equal time per shape")
     budget_split: str = "time"
+    # the fine-tuned weights a device ships: "best-val" -- those of the evaluation (every tenth of the steps and
+    # the last) with the best validation accuracy, where the data has its own test split; "last": the last step's
+    # (finetune_stage_recipe; factory.training.best_weights says why)
+    keep_weights: str = "best-val"
 
     def __post_init__(self) -> None:
         import math
@@ -128,13 +137,14 @@ class BuildConfig:
             "expand min steps": self.expand_min_steps >= 0,
             "expand head start": self.expand_head_start >= 0,
             "budget split": self.budget_split in SPLITS,
+            "keep weights": self.keep_weights in KEEP_WEIGHTS,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise FactoryError(
                 f"invalid build setting: {', '.join(bad)} (init one of {', '.join(INIT_CHOICES)}, counts >= 1, "
                 "steps >= 0, lr, tau and time budget finite and > 0, expand share in [0, 1), hflip auto or in [0, 1], crop scale "
-                "in (0, 1], budget split time or steps); fix the flag"
+                "in (0, 1], budget split time or steps, keep weights best-val or last); fix the flag"
             )
 
 
@@ -160,6 +170,17 @@ def finetune_recipe(cfg: BuildConfig) -> TrainConfig:
         ckpt_every=max(1, cfg.finetune_steps // 5),
         memory_mb=cfg.train_memory_mb,
     )
+
+
+def finetune_stage_recipe(cfg: BuildConfig, data) -> TrainConfig:
+    """The recipe of a build's fine-tune stage: :func:`finetune_recipe`, and with ``keep_weights`` "best-val"
+    on ``data`` that has its own test split, the best of :data:`KEEP_BEST_EVALUATIONS` evaluations of the
+    validation split (factory.training.best_weights). Where the test accuracy is read from the validation split
+    (``data.test_from``), choosing on it would inflate that figure: the last step's weights ship."""
+    recipe = finetune_recipe(cfg)
+    if cfg.keep_weights != "best-val" or data.test_from != "test":
+        return recipe
+    return dataclasses.replace(recipe, keep_best=True, eval_every=max(1, cfg.finetune_steps // KEEP_BEST_EVALUATIONS))
 
 
 def resolved_hflip(cfg: BuildConfig) -> float:

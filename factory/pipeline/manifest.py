@@ -141,6 +141,8 @@ def device_record(
             "steps": (finetune.get("config") or {}).get("steps", cfg.finetune_steps),
             **({"config": finetune["config"]} if finetune.get("config") else {}),  # the TrainConfig that ran
             **({"pace": finetune["pace"]} if finetune.get("pace") else {}),  # a time budget's (factory.pipeline.pacing)
+            # --keep-weights best-val: the step whose weights shipped (the best validation accuracy)
+            **({"kept_step": finetune["kept_step"]} if finetune.get("kept_step") is not None else {}),
             "seed": cfg.seed,
             "cache_key": finetune_key,
             "seconds": finetune["seconds"],

@@ -104,13 +104,15 @@ def source_text(dev: dict, lg: dict) -> str:
 def steps_text(dev: dict, recipe: dict) -> str:
     """The fine-tuning steps the model had: a time budget's paced count (factory.pipeline.pacing) says so."""
     finetune = dev.get("finetune") or {}
-    pace = finetune.get("pace")
-    if not pace:
-        return str(finetune.get("steps", recipe["finetune_steps"]))
-    return (
-        f"{finetune['steps']} (paced to the {pace['allotted_s']:.0f} s the time budget gave it; "
-        f"{pace['planned_steps']} planned)"
+    pace, steps, kept = finetune.get("pace"), finetune.get("steps", recipe["finetune_steps"]), finetune.get("kept_step")
+    notes = (
+        [f"paced to the {pace['allotted_s']:.0f} s the time budget gave it; {pace['planned_steps']} planned"]
+        if pace
+        else []
     )
+    if kept is not None and kept < steps:  # --keep-weights best-val (factory.training.best_weights)
+        notes.append(f"shipped: the weights of step {kept}, the best of its evaluations on the validation split")
+    return f"{steps} ({'; '.join(notes)})" if notes else str(steps)
 
 
 def init_text(dev: dict) -> str:

@@ -131,7 +131,8 @@ def train_paced(
     what a resumed fine-tune goes on with."""
     from factory.errors import Interrupted
     from factory.io import atomic_write_bytes
-    from factory.training.train import checkpoint_step, train
+    from factory.training.checkpoints import checkpoint_step
+    from factory.training.train import train
 
     work = Path(work)
     if allotted_s is None or check_step(0, recipe.steps) is None:  # no time budget, or too short to re-time

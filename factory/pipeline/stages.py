@@ -10,7 +10,7 @@ init       shape   (``--init auto`` only) the probe's settings, ancestry   nothi
                    and learngene sha256, shape, seed, data id            in the seal (:mod:`factory.core.transfer`)
 finetune   shape   init (the decided one), learngene sha256, shape,      ``model.safetensors``, ``metrics.jsonl``
                    ``asdict(TrainConfig)``
-                   (:func:`~factory.pipeline.config.finetune_recipe`), the resolved precision, data id
+                   (:func:`~factory.pipeline.config.finetune_stage_recipe`), the resolved precision, data id
 measure    shape   the fine-tuned model's sha256                         fvcore FLOPs, params, host latency
 export     device  model sha256, formats, profile sha256, data id        ``export/`` (:func:`export.api.export_model`)
 =========  ======  ====================================================  ==================================
@@ -41,7 +41,7 @@ from factory.errors import FactoryError
 from factory.io import sha256_file
 from factory.pipeline.cache import STAGE_SECONDS, Entry
 from factory.pipeline.config import (
-    finetune_recipe,
+    finetune_stage_recipe,
 )
 from factory.pipeline.context import BuildContext, ExportItem, ModelItem  # noqa: F401  # re-exported
 from factory.pipeline.finetune_facts import (
@@ -165,7 +165,7 @@ def decided_init(ctx: BuildContext, shape: DescendantShape) -> str | None:
 def _finetune_inputs(ctx: BuildContext, shape: DescendantShape) -> dict[str, Any]:
     from factory.training.precision import pick_device, precision_for
 
-    recipe = finetune_recipe(ctx.cfg)
+    recipe = finetune_stage_recipe(ctx.cfg, ctx.data)
     init = decided_init(ctx, shape)
     if init is None:
         raise FactoryError(
@@ -187,7 +187,8 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
     from factory.core.baselines import init_descendant
     from factory.core.checkpoint import save_descendant
     from factory.pipeline.pacing import train_paced
-    from factory.training.train import evaluate, resume_or_restart
+    from factory.training.checkpoints import resume_or_restart
+    from factory.training.train import evaluate
 
     c, anc, ds = ctx.cfg, ctx.ancestry, ctx.data
     init = decided_init(ctx, shape)
@@ -196,7 +197,7 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
     result, recipe, pace = train_paced(  # a time budget's fine-tune keeps to its allotted seconds
         model,
         ds.train,
-        finetune_recipe(c),
+        finetune_stage_recipe(c, ds),
         allotted_s=ctx.finetune_s.get(shape.label()),
         work=work,
         resume=resume,
@@ -223,6 +224,12 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
         },
     )
     shutil.copyfile(work / "metrics.jsonl", tmp / "metrics.jsonl")
+    kept = result.kept_step
+    if kept is not None and kept < recipe.steps:  # keep_weights best-val (factory.training.best_weights)
+        ctx.log(
+            f"finetune {shape.label()}: kept the weights of step {kept} of {recipe.steps}, the best validation "
+            f"accuracy of its evaluations ({result.val_accuracy:.4f})"
+        )
     ctx.log(f"finetune {shape.label()}: test accuracy {test_acc:.4f} in {result.seconds:.1f}s ({result.precision})")
     return {
         "val_accuracy": result.val_accuracy,
@@ -232,6 +239,7 @@ def _run_finetune(ctx: BuildContext, shape: DescendantShape, tmp: Path, work: Pa
         "init": init,
         "config": dataclasses.asdict(recipe),  # the TrainConfig that ran (recorded in the manifest)
         **({"pace": pace} if pace else {}),
+        **({"kept_step": kept} if kept is not None else {}),  # the step whose weights shipped (best-val)
         "curve": training_curve(work / "metrics.jsonl"),
         "confusion": confusion,
     }

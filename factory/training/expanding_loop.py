@@ -31,7 +31,7 @@ in two runs of ``bench/real_scale.py``), so a cache would save at most that.
 Determinism and resume. The batch of step ``s`` is :func:`factory.training.batches.step_batch` (a pure
 function of ``(seed, s)``) and the random shapes of step ``s`` come from
 ``random.Random(seed * 1_000_003 + s)``; the learning rate is a pure function of ``s``. A
-checkpoint (``out_dir/checkpoint``, :func:`factory.training.train.save_checkpoint`) therefore holds only the
+checkpoint (``out_dir/checkpoint``, :func:`factory.training.checkpoints.save_checkpoint`) therefore holds only the
 trainable tensors and AdamW's state, and a resumed run is bit-identical to an uninterrupted one.
 ``steps = 0`` returns the learngene unchanged (same tensors, same hash).
 """
@@ -64,11 +64,12 @@ from factory.core.timm_vit import skeleton_vit
 from factory.data import spread
 from factory.errors import FactoryError
 from factory.training.batches import training_batches
+from factory.training.checkpoints import open_checkpoint, resume_or_restart, save_checkpoint
 from factory.training.distributed import average_gradients, global_mean, start
 from factory.training.loop import StepLoop
 from factory.training.micro_batch import activation_mb_per_image, micro_batch_size, resolve_memory_mb, spans
 from factory.training.precision import autocast_for, pick_device, precision_for
-from factory.training.train import TrainConfig, evaluate, open_checkpoint, resume_or_restart, save_checkpoint
+from factory.training.train import TrainConfig, evaluate
 
 
 def zero_shot(lg: Learngene, shapes: list[DescendantShape], data) -> dict[str, float]:
@@ -266,7 +267,7 @@ def run_expanding_phase(
     what: str = "the expanding phase",
 ) -> tuple[Learngene, dict[str, Any]]:
     """The expanding phase as the build's learngene stage and ``peg-factory learngene train`` both run it:
-    resume from ``work`` when it holds an intact checkpoint (:func:`factory.training.train.resume_or_restart`),
+    resume from ``work`` when it holds an intact checkpoint (:func:`factory.training.checkpoints.resume_or_restart`),
     train on ``data.train`` (a :class:`factory.data.Dataset`), checkpoint every ``ckpt_every`` steps
     (default a tenth of the run), score zero-shot accuracy on ``eval_images`` validation images
     (0: not at all; spread over the split, :func:`factory.data.spread`), and record the data's identity in the learngene's metadata."""

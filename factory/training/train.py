@@ -25,12 +25,10 @@ run equals one process at the same batch (:mod:`factory.training.distributed`).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +39,10 @@ from torch import nn
 from factory.core.expanding_phase import distill_loss
 from factory.data import ImageTensors
 from factory.errors import FactoryError
-from factory.io import atomic_directory, seal, seal_state, sealed_info
 from factory.training.batches import eval_batches, training_batches
-from factory.training.distributed import average_gradients, check_resume_world, dist_info, global_mean, start  # noqa: F401  # dist_info re-exported
+from factory.training.best_weights import BestWeights
+from factory.training.checkpoints import open_checkpoint, save_checkpoint
+from factory.training.distributed import average_gradients, dist_info, global_mean, start  # noqa: F401  # dist_info re-exported
 from factory.training.loop import StepLoop, lr_at
 from factory.training.micro_batch import micro_batch_size, model_activation_mb, resolve_memory_mb, spans
 from factory.training.precision import autocast_for, pick_device, precision_for
@@ -70,6 +69,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     eval_every: int = 0  # 0: only at the end
+    #: return the weights of the evaluation with the best validation accuracy, not the last step's
+    #: (factory.training.best_weights; needs val_data, evaluated every eval_every steps and at the end)
+    keep_best: bool = False
     ckpt_every: int = 0  # 0: only at the end (when out_dir is given)
     #: MB of saved activations one forward/backward may hold: the batch runs in micro-batches that fit, their
     #: gradients accumulated (factory.training.micro_batch); <= 0: the whole batch at once; None: 512 on the CPU,
@@ -138,120 +140,7 @@ class TrainResult:
     seconds: float
     precision: str = "fp32"  # what the steps computed in (:func:`precision_for`)
     world_size: int = 1  # processes that trained it (torchrun); the batch is global either way
-
-
-def as_os_error(exc: Exception, path: Path) -> Exception:
-    """safetensors' error for a failed write ("... I/O error: No space left on device (os error 28)") as the
-    ``OSError`` it wraps, so a full disk is the CLI's one line like any other; other errors unchanged."""
-    import re
-
-    found = re.search(r"os error (\d+)", str(exc))
-    if found is None:
-        return exc
-    code = int(found.group(1))
-    return OSError(code, os.strerror(code), str(path))
-
-
-def save_checkpoint(
-    directory: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg, *, world: int = 1
-) -> None:
-    """``state.safetensors`` (weights, AdamW moments, RNG) + ``state.json`` (step, config), sealed
-    (:func:`factory.io.seal`) so a damaged checkpoint is detected before a resume trusts it."""
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt_state = opt.state_dict()
-    scalars: dict[str, Any] = {}
-    for pid, state in opt_state["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"opt.{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    tensors["rng.cpu"] = torch.get_rng_state()
-    with atomic_directory(directory) as tmp:
-        try:
-            save_file(tensors, str(tmp / "state.safetensors"))
-        except Exception as exc:  # noqa: BLE001 - safetensors reports a failed write as its own error type
-            raise as_os_error(exc, tmp / "state.safetensors") from exc
-        meta = {
-            "step": step,
-            "config": asdict(cfg),
-            "opt_scalars": scalars,
-            "param_groups": opt_state["param_groups"],
-            "world_size": world,  # a resume on another count is refused (factory.training.distributed)
-        }
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        seal(tmp, {"step": step})
-
-
-def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, *, world: int = 1) -> int:
-    from safetensors.torch import load_file
-
-    try:
-        meta = json.loads((directory / "state.json").read_text())
-        tensors = load_file(str(directory / "state.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise FactoryError(
-            f"cannot resume from {directory}: {exc}; remove it or do not resume", param="resume"
-        ) from exc
-    check_resume_world(int(meta.get("world_size", 1)), world, f"from {directory}")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    for key, value in meta["opt_scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.cpu"])
-    return int(meta["step"])
-
-
-def resume_or_restart(work: Path, what: str, log: Callable[[str], None]) -> bool:
-    """Whether ``work`` holds an intact (sealed) checkpoint to resume ``what`` from. A damaged one is
-    reported and removed (the checkpoint alone: whatever else ``work`` holds stays), so the run starts over
-    instead of failing on every rerun."""
-    import shutil
-
-    state = seal_state(Path(work) / "checkpoint")
-    if state == "damaged":
-        log(f"{what}: its checkpoint in {work} is damaged; starting over")
-        shutil.rmtree(Path(work) / "checkpoint", ignore_errors=True)
-    elif state == "done":
-        log(f"{what}: resuming from its last checkpoint")
-    return state == "done"
-
-
-def checkpoint_step(work: str | Path) -> int:
-    """The step of the checkpoint in ``work`` as its seal recorded it (0: none, or unreadable)."""
-    return int(sealed_info(Path(work) / "checkpoint").get("step", 0))
-
-
-def open_checkpoint(
-    out_dir: str | Path | None,
-    resume: bool,
-    module: nn.Module,
-    opt: torch.optim.Optimizer,
-    what: str,
-    *,
-    world: int = 1,
-) -> tuple[Path | None, int]:
-    """``(checkpoint dir or None, first step)``: with ``resume``, ``module`` and ``opt`` are loaded
-    from ``out_dir/checkpoint`` (one-line error naming ``what`` if there is none)."""
-    ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
-    if not resume:
-        return ckpt, 0
-    if ckpt is None or not (ckpt / "state.json").is_file():
-        raise FactoryError(f"cannot resume {what}: no checkpoint in {ckpt}; run it without resuming first")
-    if seal_state(ckpt) == "damaged":
-        raise FactoryError(
-            f"cannot resume {what}: the checkpoint in {ckpt} is damaged (a file is missing or changed); "
-            "remove it and run without resuming"
-        )
-    return ckpt, load_checkpoint(ckpt, module, opt, world=world)
+    kept_step: int | None = None  # keep_best: the step whose weights were returned (None: keep_best off)
 
 
 def train(
@@ -297,6 +186,8 @@ def train(
     )
     out = Path(out_dir) if out_dir is not None else None
     ckpt, first = open_checkpoint(out, resume, model, opt, "training (--resume)", world=world)
+    keep = cfg.keep_best and val_data is not None and carry is None
+    best = BestWeights.open(out, first if resume else None, write=rank == 0) if keep else None
     if carry and "optimizer" in carry:
         opt.load_state_dict(carry["optimizer"])
         first = int(carry["step"])
@@ -359,6 +250,8 @@ def train(
         if val_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
             state["acc"] = evaluate(model, val_data, device=device)
             record["val_acc"] = round(state["acc"], 4)
+            if best is not None and best.offer(step + 1, state["acc"], model):
+                record["best"] = True
         return record
 
     def postfix(record: dict[str, Any]) -> dict[str, str]:
@@ -393,8 +286,12 @@ def train(
         opt,
         step_fn,
     )
-    loss_value, acc = state["loss"], state["acc"]
+    loss_value, acc, kept = state["loss"], state["acc"], None
     if carry is not None:
         carry.update(optimizer=opt.state_dict(), step=cfg.steps)
+    if best is not None:  # the best evaluation's weights (ties: the later), this run's or an earlier run's
+        kept = best.restore(model, cfg.steps)
+        acc = best.accuracy if kept != cfg.steps else acc
     model.eval()
-    return TrainResult(cfg.steps, loss_value, acc, history, loop.seconds, precision_for(device, cfg.amp), world)
+    precision = precision_for(device, cfg.amp)
+    return TrainResult(cfg.steps, loss_value, acc, history, loop.seconds, precision, world, kept)
