@@ -137,8 +137,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=[], help="only these tasks (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=0, help="cap every cell's steps (a smoke run; 0: none)")
-    parser.add_argument("--json", default="bench/out/keep_weights.json")
-    parser.add_argument("--md", default="bench/out/keep_weights.md")
+    parser.add_argument("--json", type=Path, default=Path("bench/out/keep_weights.json"))
+    parser.add_argument("--md", type=Path, default=Path("bench/out/keep_weights.md"))
     run_and_write(run, summarise, parser.parse_args())
 
 

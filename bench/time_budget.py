@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = {
     "auto (default)": {"init": "auto"},
     "auto (equal steps)": {"init": "auto", "budget_split": "steps"},  # the default before equal time per shape
+    "auto (last weights)": {"init": "auto", "keep_weights": "last"},  # the default before --keep-weights best-val
     "peg": {"init": "peg"},
     "weight_selection": {"init": "weight_selection"},
     "scratch": {"init": "scratch"},
@@ -195,6 +196,7 @@ def _row(task, name, seed, budget, manifest, dev, seconds) -> dict:
         "finetune_planned_steps": pace.get("planned_steps", dev["finetune"]["steps"]),  # the plan's N
         "finetune_allotted_s": pace.get("allotted_s"),
         "finetune_s": dev["finetune"]["seconds"],
+        "kept_step": dev["finetune"].get("kept_step"),  # --keep-weights best-val: the step whose weights shipped
         "planned_first": first,
         "accuracy": acc,
         "se": binomial_se(acc, n),
@@ -208,11 +210,13 @@ def _row(task, name, seed, budget, manifest, dev, seconds) -> dict:
 
 def _steps(r: dict) -> str:
     """The fine-tuning steps that ran; a paced fine-tune's with its planned count and its time against its
-    allotment (``ran/planned (seconds/allotted)``)."""
+    allotment (``ran/planned (seconds/allotted)``); ``, kept k`` where the weights of step ``k`` shipped."""
     planned, allotted = r.get("finetune_planned_steps", r["finetune_steps"]), r.get("finetune_allotted_s")
+    kept = r.get("kept_step")
+    kept = f", kept {kept}" if kept is not None and kept < r["finetune_steps"] else ""
     if not allotted:
-        return str(r["finetune_steps"])
-    return f"{r['finetune_steps']}/{planned} ({r['finetune_s']:.0f}/{allotted:.0f}s)"
+        return f"{r['finetune_steps']}{kept}"
+    return f"{r['finetune_steps']}/{planned} ({r['finetune_s']:.0f}/{allotted:.0f}s{kept})"
 
 
 def run(args) -> dict:

@@ -141,3 +141,25 @@ def test_a_build_ships_the_best_evaluations_weights_and_says_so(tmp_path, monkey
     model = load_descendant(tmp_path / "out" / "dev" / "model.safetensors")
     ds = load_dataset(str(data), dev["shape"]["img_size"], 1)
     assert real(model, ds.test) == pytest.approx(dev["accuracy"]["test"])
+
+
+def test_the_train_command_keeps_the_best_where_the_data_has_a_test_split_and_guards_the_users_file(
+    tmp_path, demo_file
+):
+    import json
+
+    from .helpers import cli_run, one_line_exit_2
+
+    def evaluated(out):
+        return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_acc" in r]
+
+    args = ["train", "--model", demo_file, "--data", "digits", "--steps", "20", "--batch-size", "8", "--amp", "off"]
+    assert cli_run(*args, "--out", tmp_path / "best").exit_code == 0
+    assert evaluated(tmp_path / "best") == list(range(2, 21, 2)) and (tmp_path / "best" / BEST_FILE).is_file()
+    assert cli_run(*args, "--keep-weights", "last", "--out", tmp_path / "last").exit_code == 0
+    assert evaluated(tmp_path / "last") == [20] and not (tmp_path / "last" / BEST_FILE).exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / BEST_FILE).write_bytes(b"the user's")
+    one_line_exit_2(cli_run(*args, "--out", mine), "was not written by peg-factory")
+    assert (mine / BEST_FILE).read_bytes() == b"the user's"

@@ -48,6 +48,14 @@ from factory.cli.common import (
     "--ckpt-every", type=STEPS, default=50, show_default=True, help="Checkpoint every N steps (0: only at the end)."
 )
 @seed_option()
+@click.option(
+    "--keep-weights",
+    type=click.Choice(("best-val", "last")),
+    default="best-val",
+    show_default=True,
+    help="The weights written: those of the evaluation with the best validation accuracy (best-val: the validation "
+    "split is read every tenth of the steps; only where the data has its own test split) or the last step's.",
+)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.")
 @out_option("Run directory.")
 def train_cmd(
@@ -65,6 +73,7 @@ def train_cmd(
     amp,
     ckpt_every,
     seed,
+    keep_weights,
     resume,
     out,
 ) -> None:
@@ -78,6 +87,8 @@ def train_cmd(
     from factory.core.ancestry import load_ancestry
     from factory.core.checkpoint import save_descendant
     from factory.data import load_dataset
+    from factory.pipeline.config import KEEP_BEST_EVALUATIONS
+    from factory.training.best_weights import BEST_FILE
     from factory.training.train import TrainConfig, evaluate, train
 
     anc = load_ancestry(model_path)
@@ -92,6 +103,7 @@ def train_cmd(
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
         model, arch = model_from_state(arch, shape, state, seed=seed), arch.with_shape(shape)
     teacher = load_ancestry(distill_from).model if distill_from else None
+    keep = keep_weights == "best-val" and ds.test_from == "test"
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch_size,
@@ -104,6 +116,8 @@ def train_cmd(
         seed=seed,
         ckpt_every=ckpt_every,
         distill_alpha=distill_alpha if teacher is not None else 0.0,
+        keep_best=keep,  # choosing on the validation split leaves the test split unbiased only where it is another
+        eval_every=max(1, steps // KEEP_BEST_EVALUATIONS) if keep else 0,
     )
     from factory.io import claim
     from factory.training.distributed import check_batch, dist_info
@@ -113,7 +127,7 @@ def train_cmd(
     if world > 1 and rank == 0:
         click.echo(f"training on {world} processes: global batch {batch_size} ({batch_size // world} per process)")
     # the user's own model.safetensors, metrics.jsonl or checkpoint/ in --out are never overwritten
-    claim(Path(out), ["model.safetensors", "metrics.jsonl", "checkpoint/"], writer="train", record=rank == 0)
+    claim(Path(out), ["model.safetensors", "metrics.jsonl", "checkpoint/", BEST_FILE], writer="train", record=rank == 0)
     result = train(model, ds.train, cfg, val_data=ds.val, teacher=teacher, out_dir=out, resume=resume)
     if rank != 0:  # one model, one result: rank 0 writes and says it
         return
@@ -134,4 +148,6 @@ def train_cmd(
     )
     val = f"{result.val_accuracy:.4f}" if result.val_accuracy is not None else "not measured (no step ran)"
     on = f" on {world} processes" if world > 1 else ""
+    if result.kept_step is not None and result.kept_step < steps:
+        on += f" (the weights of step {result.kept_step}, the best validation accuracy of its evaluations)"
     click.echo(f"trained {out}{on}: val accuracy {val}, test accuracy {test_acc:.4f}, {result.seconds:.0f}s")
