@@ -2,7 +2,7 @@
 (``--keep-weights last`` against ``best-val``, the default; :mod:`factory.training.best_weights`).
 
 Each cell is one fine-tune with the build's recipe (:func:`factory.pipeline.config.finetune_stage_recipe`:
-its batch, learning rate, schedule, the validation split read every tenth of the steps) on the build's data
+its batch, learning rate, schedule, the validation split read up to 10 times: 10 in every default cell) on the build's data
 in memory, from the demo ancestry. Both figures come from the *same* run: the weights it returns (the best
 evaluation's) and its last checkpoint (the last step's), each scored on the test split, so the difference is
 paired -- the selection alone, no seed or timing noise between two runs. Shapes, starts and step counts are

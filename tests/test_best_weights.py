@@ -12,8 +12,8 @@ import torch
 import factory.training.train as tr
 from factory.data import make_synthetic
 from factory.errors import Interrupted
-from factory.pipeline.config import KEEP_BEST_EVALUATIONS, BuildConfig, finetune_stage_recipe
-from factory.training.best_weights import BEST_FILE, BestWeights
+from factory.pipeline.config import BuildConfig, finetune_stage_recipe
+from factory.training.best_weights import BEST_FILE, BestWeights, evaluations
 from factory.training.train import TrainConfig, train
 
 from .test_train import _tiny_model
@@ -100,13 +100,24 @@ def test_the_build_keeps_the_best_only_where_the_test_split_is_its_own():
     assert not finetune_stage_recipe(cfg, own).keep_best
     separate = dataclasses.replace(own, test_from="test")
     recipe = finetune_stage_recipe(cfg, separate)
-    assert recipe.keep_best and recipe.eval_every == 200 // KEEP_BEST_EVALUATIONS
+    assert recipe.keep_best and recipe.eval_every == 20  # 10 evaluations of 8 images: far below a tenth of 200 steps
     assert not finetune_stage_recipe(dataclasses.replace(cfg, keep_weights="last"), separate).keep_best
+    big = dataclasses.replace(separate, val=make_synthetic(img_size=16, num_classes=4, n_train=8, n_val=4000).val)
+    assert not finetune_stage_recipe(cfg, big).keep_best  # 2 evaluations of 4,000 images would cost > 10% of 200 steps
+
+
+@pytest.mark.parametrize(
+    "steps, batch, images, n",
+    [(1500, 32, 397, 10), (200, 32, 4000, 0), (200, 32, 960, 2), (20, 8, 8, 6), (1000, 32, 50_000, 0), (1, 32, 8, 0)],
+)
+def test_the_evaluations_cost_at_most_a_tenth_of_the_training(steps, batch, images, n):
+    """``min(10, floor(0.1 * 3 * batch * steps / images))``: a forward of an image is a third of a training one."""
+    assert evaluations(steps, batch, images) == n
 
 
 def test_a_build_ships_the_best_evaluations_weights_and_says_so(tmp_path, monkeypatch):
     """A folder with its own test split; the fine-tune's validation scores are made to fall after its first
-    evaluation, so the build must ship step 2's weights: the manifest, the log and the model card say so, and
+    evaluation, so the build must ship step 3's weights: the manifest, the log and the model card say so, and
     the test accuracy it records is that model's (read back from the written folder)."""
     import sys
 
@@ -133,11 +144,12 @@ def test_a_build_ships_the_best_evaluations_weights_and_says_so(tmp_path, monkey
     lines: list[str] = []
     manifest = build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, log=lines.append)
     dev = manifest["devices"][0]
-    assert dev["finetune"]["config"]["keep_best"] and dev["finetune"]["kept_step"] == 2 and falling.calls == 10
-    assert dev["accuracy"]["val"] == pytest.approx(0.99)
-    assert any("kept the weights of step 2 of 20" in line for line in lines), lines
+    # 8 validation images, 20 steps of 8: 6 evaluations fit a tenth of the training, every 3 steps and the last
+    assert dev["finetune"]["config"]["keep_best"] and dev["finetune"]["config"]["eval_every"] == 3
+    assert dev["finetune"]["kept_step"] == 3 and falling.calls == 7 and dev["accuracy"]["val"] == pytest.approx(0.99)
+    assert any("kept the weights of step 3 of 20" in line for line in lines), lines
     card = (tmp_path / "out" / "dev" / "MODEL_CARD.md").read_text()
-    assert "shipped: the weights of step 2, the best of its evaluations on the validation split" in card
+    assert "shipped: the weights of step 3, the best of its evaluations on the validation split" in card
     model = load_descendant(tmp_path / "out" / "dev" / "model.safetensors")
     ds = load_dataset(str(data), dev["shape"]["img_size"], 1)
     assert real(model, ds.test) == pytest.approx(dev["accuracy"]["test"])
@@ -153,9 +165,12 @@ def test_the_train_command_keeps_the_best_where_the_data_has_a_test_split_and_gu
     def evaluated(out):
         return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_acc" in r]
 
-    args = ["train", "--model", demo_file, "--data", "digits", "--steps", "20", "--batch-size", "8", "--amp", "off"]
+    from .test_client_fidelity import _folder
+
+    data = _folder(tmp_path / "data")  # 8 validation images: 6 evaluations of 20 steps of 8 fit a tenth
+    args = ["train", "--model", demo_file, "--data", data, "--steps", "20", "--batch-size", "8", "--amp", "off"]
     assert cli_run(*args, "--out", tmp_path / "best").exit_code == 0
-    assert evaluated(tmp_path / "best") == list(range(2, 21, 2)) and (tmp_path / "best" / BEST_FILE).is_file()
+    assert evaluated(tmp_path / "best") == [3, 6, 9, 12, 15, 18, 20] and (tmp_path / "best" / BEST_FILE).is_file()
     assert cli_run(*args, "--keep-weights", "last", "--out", tmp_path / "last").exit_code == 0
     assert evaluated(tmp_path / "last") == [20] and not (tmp_path / "last" / BEST_FILE).exists()
     mine = tmp_path / "mine"

@@ -134,7 +134,8 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     default=BuildConfig.keep_weights,
     show_default=True,
     help="The fine-tuned weights a device ships: those of the evaluation with the best validation accuracy "
-    "(best-val: the validation split is read every tenth of the steps; only where the data has its own test split) "
+    "(best-val: the validation split is read up to 10 times, at most a tenth of the training's work; only where the "
+    "data has its own test split) "
     "or the last step's (last).",
 )
 @click.option("--lr", type=RATE, default=1e-3, show_default=True, help="Fine-tuning learning rate (AdamW, cosine).")

@@ -54,7 +54,8 @@ from factory.cli.common import (
     default="best-val",
     show_default=True,
     help="The weights written: those of the evaluation with the best validation accuracy (best-val: the validation "
-    "split is read every tenth of the steps; only where the data has its own test split) or the last step's.",
+    "split is read up to 10 times, at most a tenth of the training's work; only where the data has its own test "
+    "split) or the last step's.",
 )
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.")
 @out_option("Run directory.")
@@ -87,7 +88,7 @@ def train_cmd(
     from factory.core.ancestry import load_ancestry
     from factory.core.checkpoint import save_descendant
     from factory.data import load_dataset
-    from factory.pipeline.config import KEEP_BEST_EVALUATIONS
+    from factory.pipeline.config import keep_best_recipe
     from factory.training.best_weights import BEST_FILE
     from factory.training.train import TrainConfig, evaluate, train
 
@@ -103,7 +104,6 @@ def train_cmd(
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
         model, arch = model_from_state(arch, shape, state, seed=seed), arch.with_shape(shape)
     teacher = load_ancestry(distill_from).model if distill_from else None
-    keep = keep_weights == "best-val" and ds.test_from == "test"
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch_size,
@@ -116,9 +116,8 @@ def train_cmd(
         seed=seed,
         ckpt_every=ckpt_every,
         distill_alpha=distill_alpha if teacher is not None else 0.0,
-        keep_best=keep,  # choosing on the validation split leaves the test split unbiased only where it is another
-        eval_every=max(1, steps // KEEP_BEST_EVALUATIONS) if keep else 0,
     )
+    cfg = keep_best_recipe(cfg, keep_weights == "best-val", ds)  # the build's rule (factory.pipeline.config)
     from factory.io import claim
     from factory.training.distributed import check_batch, dist_info
 

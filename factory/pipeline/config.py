@@ -29,8 +29,6 @@ INIT_CHOICES: tuple[str, ...] = ("auto", *METHODS)
 
 #: What ``--keep-weights`` accepts (:attr:`BuildConfig.keep_weights`).
 KEEP_WEIGHTS = ("best-val", "last")
-#: A fine-tune that keeps its best weights evaluates its validation split this many times (and at its last step).
-KEEP_BEST_EVALUATIONS = 10
 
 #: BuildConfig fields that are not part of the build's identity (the executor is not either).
 RUN_OPTIONS = ("jobs",)
@@ -99,9 +97,9 @@ class BuildConfig:
     # with a budget: how the fleet's fine-tuning time is shared between its shapes -- "time": equal seconds each
     # (a fast shape trains more steps), "steps": equal steps (factory.pipeline.time_budget, "equal time per shape")
     budget_split: str = "time"
-    # the fine-tuned weights a device ships: "best-val" -- those of the evaluation (every tenth of the steps and
-    # the last) with the best validation accuracy, where the data has its own test split; "last": the last step's
-    # (finetune_stage_recipe; factory.training.best_weights says why)
+    # the fine-tuned weights a device ships: "best-val" -- those of the evaluation (up to 10, spread over the steps,
+    # the last included, costing at most a tenth of the training) with the best validation accuracy, where the
+    # data has its own test split; "last": the last step's (finetune_stage_recipe; factory.training.best_weights)
     keep_weights: str = "best-val"
 
     def __post_init__(self) -> None:
@@ -174,13 +172,22 @@ def finetune_recipe(cfg: BuildConfig) -> TrainConfig:
 
 def finetune_stage_recipe(cfg: BuildConfig, data) -> TrainConfig:
     """The recipe of a build's fine-tune stage: :func:`finetune_recipe`, and with ``keep_weights`` "best-val"
-    on ``data`` that has its own test split, the best of :data:`KEEP_BEST_EVALUATIONS` evaluations of the
-    validation split (factory.training.best_weights). Where the test accuracy is read from the validation split
-    (``data.test_from``), choosing on it would inflate that figure: the last step's weights ship."""
-    recipe = finetune_recipe(cfg)
-    if cfg.keep_weights != "best-val" or data.test_from != "test":
+    on ``data`` that has its own test split, the best of its evaluations of the validation split
+    (:func:`factory.training.best_weights.evaluations`: up to 10, at most a tenth of the training's work).
+    Where the test accuracy is read from the validation split (``data.test_from``), choosing on it would inflate
+    that figure, and where fewer than 2 evaluations fit there is nothing to choose: the last step's weights."""
+    return keep_best_recipe(finetune_recipe(cfg), cfg.keep_weights == "best-val", data)
+
+
+def keep_best_recipe(recipe: TrainConfig, best_val: bool, data) -> TrainConfig:
+    """``recipe`` keeping its best validation evaluation's weights where ``best_val`` asks for it and ``data``
+    allows it (:func:`finetune_stage_recipe`'s rule; ``peg-factory train`` applies the same)."""
+    from factory.training.best_weights import evaluations
+
+    n = evaluations(recipe.steps, recipe.batch_size, len(data.val))
+    if not best_val or data.test_from != "test" or n < 2:
         return recipe
-    return dataclasses.replace(recipe, keep_best=True, eval_every=max(1, cfg.finetune_steps // KEEP_BEST_EVALUATIONS))
+    return dataclasses.replace(recipe, keep_best=True, eval_every=max(1, recipe.steps // n))
 
 
 def resolved_hflip(cfg: BuildConfig) -> float:

@@ -4,6 +4,7 @@ step, a fine-tune's evaluations, the measure stage's reference round)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from factory.core.shapes import DescendantShape
@@ -111,12 +112,13 @@ MAX_MEASURED_STEPS = 60
 
 
 def evaluation_seconds(ctx: BuildContext, shape: DescendantShape) -> float:
-    """A fine-tune's evaluations (the validation split at its last step, and every tenth of its steps where it
+    """A fine-tune's evaluations (the validation split at its last step, and every ``eval_every`` steps where it
     keeps its best weights; then the test split and the confusion matrix's pass): their forwards, a third of a
     training step's work per image, at the fine-tune's batch."""
-    from factory.pipeline.config import KEEP_BEST_EVALUATIONS, finetune_stage_recipe
+    from factory.pipeline.config import finetune_stage_recipe
 
-    evals = KEEP_BEST_EVALUATIONS + 1 if finetune_stage_recipe(ctx.cfg, ctx.data).keep_best else 1
+    recipe = finetune_stage_recipe(ctx.cfg, ctx.data)
+    evals = math.ceil(recipe.steps / recipe.eval_every) if recipe.keep_best else 1  # the last step's included
     images = evals * len(ctx.data.val) + 2 * len(ctx.data.test)
     return images / ctx.cfg.batch_size * step_seconds(ctx, shape, ctx.cfg.batch_size) / 3
 
