@@ -42,7 +42,7 @@ def build_costs(ctx: BuildContext, devices, profiles, *, objective: str, expandi
     probes and the joint choice have run."""
     from factory.core.transfer import images_for
     from factory.device.accuracy import EstimatorConfig
-    from factory.pipeline.device_choice import fine_tunes, finetune_key
+    from factory.pipeline.device_choice import fine_tune_of, fine_tunes, finetune_key
     from factory.pipeline.finetune_facts import evaluation_seconds, step_seconds
     from factory.pipeline.learngene_stage import expanding_costs
     from factory.pipeline.stages import EXPORT, MEASURE
@@ -67,7 +67,7 @@ def build_costs(ctx: BuildContext, devices, profiles, *, objective: str, expandi
     if expanding:
         fixed["learngene"], first, each = expanding_costs(ctx)
     est = EstimatorConfig(candidates=cfg.candidates)
-    probed_keys = [finetune_key(DescendantShape.from_dict(d["shape"]), (d.get("joint") or {}).get("init")) for d in ok]
+    probed_keys = [finetune_key(*fine_tune_of(d)) for d in ok]
     evals = sum(evaluation_seconds(ctx, shape) for shape in shapes.values())
     # a start is still to decide at a shape no joint choice fixed one for (a key without "+init")
     undecided = [k for k, shape in shapes.items() if cfg.init == "auto" and k == shape.label() and k not in ctx.inits]

@@ -124,13 +124,19 @@ def finetune_key(shape: DescendantShape, init: str | None) -> str:
     return shape.label() if init is None else f"{shape.label()}+{init}"
 
 
+def fine_tune_of(device: DeviceResult) -> tuple[DescendantShape, str | None]:
+    """The fine-tune a device ships from: its chosen shape and the start a joint choice fixed for it (None:
+    decided at the shape) -- the key of :func:`shape_groups` and, named, of :func:`fine_tunes`."""
+    return DescendantShape.from_dict(device["shape"]), (device.get("joint") or {}).get("init")
+
+
 def fine_tunes(devices: list[DeviceResult]) -> dict[str, DescendantShape]:
     """The build's fine-tunes, ``finetune_key -> shape``: one per group of :func:`shape_groups`."""
     out: dict[str, DescendantShape] = {}
     for device in devices:
         if not device.is_failed:
-            shape = DescendantShape.from_dict(device["shape"])
-            out[finetune_key(shape, (device.get("joint") or {}).get("init"))] = shape
+            shape, init = fine_tune_of(device)
+            out[finetune_key(shape, init)] = shape
     return out
 
 
@@ -141,6 +147,5 @@ def shape_groups(devices: list[DeviceResult], profiles) -> dict[tuple[Descendant
     groups: dict[tuple[DescendantShape, str | None], list] = {}
     for device in devices:
         if not device.is_failed:
-            key = (DescendantShape.from_dict(device["shape"]), (device.get("joint") or {}).get("init"))
-            groups.setdefault(key, []).append((by_name[device.name], device))
+            groups.setdefault(fine_tune_of(device), []).append((by_name[device.name], device))
     return groups
