@@ -158,3 +158,66 @@ def test_spans_are_the_chunks_as_consecutive_slices():
 
     assert spans(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
     assert [s.stop - s.start for s in spans(64, 24)] == chunks(64, 24) and spans(64, 64) == [slice(0, 64)]
+
+
+def test_a_dry_run_caps_its_measured_steps_activations_on_the_cpu_only():
+    """A 224-px dry run timed a d24 expanding step at the build's 512-MB micro-batches and peaked at 1.8-1.9 GB
+    (bench/RESULTS.md); its measured steps hold at most half that. A GPU's activations are not the dry run's RSS."""
+    from factory.training.micro_batch import DRY_RUN_CPU_MEMORY_MB, dry_run_memory_mb
+
+    assert DRY_RUN_CPU_MEMORY_MB == 256
+    assert dry_run_memory_mb(None, "cpu") == 256.0  # the build's default 512, halved
+    assert dry_run_memory_mb(1024, "cpu") == 256.0 and dry_run_memory_mb(0, "cpu") == 256.0  # 0: no limit
+    assert dry_run_memory_mb(128, "cpu") == 128.0  # a smaller budget is the build's own
+    assert dry_run_memory_mb(None, "cuda") is None and dry_run_memory_mb(1024, "cuda") == 1024
+
+
+def test_a_dry_run_times_its_steps_within_the_cap_and_a_build_at_its_own_budget(tmp_path, monkeypatch):
+    import factory.core.transfer as transfer
+    import factory.training.expanding_loop as expanding_loop
+    import factory.training.train as train_module
+    from factory.device.profile import load_profile
+    from factory.pipeline.build import BuildConfig, build
+    from factory.pipeline.context import BuildContext, measured_memory_mb
+
+    from .test_build import _profile
+
+    real_check, real_measure, real_train = (
+        transfer.check_transfer,
+        expanding_loop.measure_step_seconds,
+        train_module.train,
+    )
+    seen: dict[str, list] = {"expanding": [], "finetune": []}
+
+    def transfers(*args, **kwargs):  # the phase is planned: the ancestry transfers
+        return transfer.TransferCheck(
+            **{**real_check(*args, **kwargs).__dict__, "scores": {"weight_selection": 0.9, "scratch": 0.2}}
+        )
+
+    def measure(lg, anc, shapes, cfg, **kwargs):
+        seen["expanding"].append(cfg.memory_mb)
+        return real_measure(lg, anc, shapes, cfg, **kwargs)
+
+    def train(model, data, cfg, **kwargs):
+        seen["finetune"].append(cfg.memory_mb)
+        return real_train(model, data, cfg, **kwargs)
+
+    monkeypatch.setattr(transfer, "check_transfer", transfers)
+    monkeypatch.setattr(expanding_loop, "measure_step_seconds", measure)
+    monkeypatch.setattr(train_module, "train", train)
+    cfg = BuildConfig(
+        data="synthetic",
+        batch_size=16,
+        expand_steps=12,
+        expand_batch_size=8,
+        expand_min_steps=5,
+        train_memory_mb=1024,
+        objective="capacity",
+        device="cpu",
+    )
+    lines: list[str] = []
+    build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, dry_run=True, log=lines.append)
+    assert seen["expanding"] == [256.0] and seen["finetune"] and set(seen["finetune"]) == {256.0}, seen
+    assert any("micro-batches of at most 256 MB, an upper bound" in line for line in lines), lines
+    ctx = BuildContext(tmp_path, cfg, None, print, None, None)  # the build itself measures at its own budget
+    assert measured_memory_mb(ctx, 1024, "cpu") == 1024 and measured_memory_mb(ctx, None, "cpu") is None

@@ -119,7 +119,7 @@ def _build(
         check_distill_size(cfg.expand_img_size, anc.arch)
     if ds.test_from != "test":
         log(f"data: test accuracy is measured on {ds.test_from}")
-    ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds)
+    ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds, dry_run=dry_run)
     mirror = decide_hflip(ctx)  # --hflip auto: a number in the config before any recipe is planned or hashed
     cfg = ctx.cfg
     if cfg.init not in ("auto", "peg") and learngene_source(ctx).runs_expanding_phase:

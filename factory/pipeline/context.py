@@ -41,6 +41,9 @@ class BuildContext:
     # capacity-choice shape label -> a time budget's first plan's fine-tuning time for it over N of its steps
     # (BudgetPlan.time_share): the accuracy probes of its device compare shapes at that time (factory.device.accuracy)
     time_shares: dict[str, float] = dataclasses.field(default_factory=dict)
+    # a dry run: its measured steps hold at most micro_batch.DRY_RUN_CPU_MEMORY_MB of activations on the CPU
+    # (:func:`measured_memory_mb`), so planning costs less memory than the build it plans
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,3 +64,12 @@ class ExportItem:
     model: Path
     facts: Mapping[str, int] | None = None  # the measure stage's FLOPs and params (not recounted by export)
     shape: DescendantShape | None = None  # the model's shape, for the dry run's estimate (not part of the key)
+
+
+def measured_memory_mb(ctx: BuildContext, memory_mb: float | None, device: str) -> float | None:
+    """The activation budget of the plan's measured steps: the build's ``memory_mb``, and in a dry run on the CPU
+    at most :data:`factory.training.micro_batch.DRY_RUN_CPU_MEMORY_MB` (an estimate then up to ~10% high)."""
+    from factory.training.micro_batch import dry_run_memory_mb
+    from factory.training.precision import pick_device
+
+    return dry_run_memory_mb(memory_mb, pick_device(device).type) if ctx.dry_run else memory_mb

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from factory.core.shapes import DescendantShape
-from factory.pipeline.context import BuildContext
+from factory.pipeline.context import BuildContext, measured_memory_mb
 
 #: Confusion matrices are kept for tasks of at most this many classes (the report draws them).
 MAX_CONFUSION_CLASSES = 50
@@ -91,6 +91,7 @@ def _measure_steps(ctx: BuildContext, shape: DescendantShape, batch: int) -> flo
 
     model = init_descendant("scratch", shape, ancestry=ctx.ancestry, learngene=None, seed=ctx.cfg.seed)
     recipe = dataclasses.replace(finetune_recipe(ctx.cfg), batch_size=batch, warmup_steps=1, ckpt_every=0)
+    recipe = dataclasses.replace(recipe, memory_mb=measured_memory_mb(ctx, recipe.memory_mb, recipe.device))
     carry: dict = {}
     steps = train(
         model, ctx.data.train, dataclasses.replace(recipe, steps=MEASURED_STEPS), progress=False, carry=carry

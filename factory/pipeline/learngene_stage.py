@@ -4,6 +4,7 @@ The stage's entry in the table is :data:`factory.pipeline.stages.LEARNGENE`."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any, Literal
 from factory.core.assets import PACKAGED_LEARNGENE
 from factory.core.learngene import Learngene
 from factory.pipeline.config import BuildConfig, build_learngene_recipe, expanding_data, given_learngene, recipe_of
-from factory.pipeline.context import BuildContext
+from factory.pipeline.context import BuildContext, measured_memory_mb
 
 #: The stage's name (its cache folder).
 LEARNGENE_STAGE = "learngene"
@@ -142,14 +143,17 @@ def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
     if ctx.expanding_times is not None:
         return ctx.expanding_times
     recipe = learngene_inputs(ctx, None)
-    exp = expanding_config(ctx.cfg)  # the step count aside, the phase the build runs
+    build = expanding_config(ctx.cfg)  # the step count aside, the phase the build runs
+    exp = dataclasses.replace(build, memory_mb=measured_memory_mb(ctx, build.memory_mb, build.device))
     t0 = time.perf_counter()
     lg = _sample(ctx, recipe)
     sampling = time.perf_counter() - t0
     first, per_step = measure_step_seconds(lg, ctx.ancestry, default_shapes(lg), exp, first=True)
+    smaller = f"; micro-batches of at most {exp.memory_mb:.0f} MB, an upper bound" if exp != build else ""
     ctx.log(
         f"learngene: one expanding-phase step measured at {per_step:.2f}s (batch {exp.batch_size}, "
-        f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px; the first {first:.2f}s, sampling {sampling:.2f}s)"
+        f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px; the first {first:.2f}s, sampling {sampling:.2f}s"
+        f"{smaller})"
     )
     ctx.expanding_times = (sampling, first, per_step)
     return ctx.expanding_times

@@ -38,6 +38,11 @@ CPU_MEMORY_MB = 512
 #: (the rest for weights, optimizer state, the allocator's slack and, on a Jetson's shared memory, the host)
 CUDA_MEMORY_SHARE = 0.5
 
+#: the most MB of activations a *dry run's* measured steps hold on the CPU, where activations are the process's RSS:
+#: half :data:`CPU_MEMORY_MB`, so a 224-px dry run that times the expanding phase's d24 step stays under 1.5 GB.
+#: Smaller micro-batches run a step 0-10% slower (bench/RESULTS.md), so its estimates are that much high.
+DRY_RUN_CPU_MEMORY_MB = 256
+
 #: bytes per kept element, by precision (see the module docstring for how they were measured)
 BYTES_PER_ELEMENT = {"fp32": 4.4, "bf16": 2.9, "fp16": 2.9}
 
@@ -77,6 +82,16 @@ def resolve_memory_mb(memory_mb: float | None, device: torch.device) -> float:
         return float(memory_mb)
     free = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else None
     return auto_memory_mb(device.type, free)
+
+
+def dry_run_memory_mb(memory_mb: float | None, device_type: str) -> float | None:
+    """The activation budget of a dry run's measured steps: on the CPU the build's (``None``: its default
+    :data:`CPU_MEMORY_MB`; ``<= 0``, no limit) capped at :data:`DRY_RUN_CPU_MEMORY_MB`; elsewhere the build's own
+    (a GPU's activations are not the dry run's RSS, and a small budget there runs a step 2-3x slower)."""
+    if device_type != "cpu":
+        return memory_mb
+    budget = float(CPU_MEMORY_MB if memory_mb is None else memory_mb)
+    return float(DRY_RUN_CPU_MEMORY_MB) if budget <= 0 else min(budget, float(DRY_RUN_CPU_MEMORY_MB))
 
 
 def micro_batch_size(batch: int, per_image_mb: float, memory_mb: float) -> int:
