@@ -140,11 +140,15 @@ def build_rss(
     tmp: Path,
     memories: list[int] | tuple[int, ...] = (512,),
     dry_only: bool = False,
+    init: str = "peg",
 ) -> list[dict]:
     """``peg-factory build --profile raspberry_pi5`` at its defaults (expanding batch 64 and fine-tune batch 32 at
     224 px; the profile chooses d24) for each ancestry, training-set size and ``--train-memory-mb`` in
     ``memories``, and its ``--dry-run`` (with ``dry_only``, the dry run alone); each in a fresh wrapper process
-    that reports the largest process's peak RSS (the build or a DataLoader worker)."""
+    that reports the largest process's peak RSS (the build or a DataLoader worker). ``init`` "peg" (the default)
+    runs the expanding phase at any ``expand_steps`` -- ``auto`` would skip a phase of fewer than
+    ``--expand-min-steps`` (750) as too short to pay -- so its memory and the dry run's timing of its step are
+    measured."""
     rows = []
     for n in sizes:
         folder = write_image_folder(
@@ -155,7 +159,7 @@ def build_rss(
                 out = tmp / f"build{n}-{ancestry.rsplit(':', 1)[-1]}-{memory}"
                 cmd = [sys.executable, "-m", "factory.cli", "build", "--profile", "raspberry_pi5"]
                 cmd += ["--ancestry", ancestry, "--data", str(folder), "--expand-steps", str(expand_steps)]
-                cmd += ["--steps", str(steps), "--train-memory-mb", str(memory), "--out", str(out)]
+                cmd += ["--steps", str(steps), "--train-memory-mb", str(memory), "--init", init, "--out", str(out)]
                 dry = peak_run(cmd + ["--dry-run"])
                 estimate = re.search(r"expanding-phase steps \(~(\d+)s\)", dry["out"])
                 step = re.search(r"one expanding-phase step measured at ([\d.]+)s", dry["out"])
@@ -203,6 +207,7 @@ def run(args) -> dict:
                 tmp,
                 args.train_memory_mb,
                 args.dry_only,
+                args.init,
             ),
         }
     data.update(
@@ -255,7 +260,8 @@ def summarise(d: dict) -> str:
         lines += step_tables(d)
     lines += [
         f"**Build** (`peg-factory build --profile raspberry_pi5 --ancestry A --expand-steps {a['expand_steps']} "
-        f"--steps {a['build_steps']}`: expanding batch 64 and fine-tune batch 32 at 224 px, the defaults) on generated "
+        f"--steps {a['build_steps']} --init {a.get('init', 'auto')}`: expanding batch 64 and fine-tune batch 32 at 224 px, "
+        "the defaults) on generated "
         f"5-class folders of {a['image_px']}-px JPEGs; peak RSS of the largest process (the build or a DataLoader worker):",
         "",
         "| ancestry | train images | --train-memory-mb | shape | exit | wall s | build peak RSS MB | dry run peak RSS MB "
@@ -291,6 +297,9 @@ def main() -> None:
         "--train-memory-mb", type=int, nargs="+", default=[512], help="the builds' --train-memory-mb, each in turn"
     )
     parser.add_argument("--dry-only", action="store_true", help="the builds' dry runs alone")
+    parser.add_argument(
+        "--init", default="peg", help="the builds' --init (peg: the expanding phase runs at any --expand-steps)"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     if args.quick:
