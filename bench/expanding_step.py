@@ -12,7 +12,8 @@ same shapes drawn in each (seeded):
 
 - ``default``: the build's settings (bf16 autocast where the CPU has it, micro-batches of ``memory_mb`` 512);
 - ``whole batch``: no micro-batches (``memory_mb=0``; 2.65 GB of activations for d24 at batch 64);
-- ``memory 256`` / ``memory 128``: smaller micro-batches (less memory, the dry run's peak falls with them);
+- ``memory 256`` / ``memory 192`` / ``memory 128``: smaller micro-batches (less memory, the dry run's peak falls
+  with them; a dry run measures its steps at 192, :data:`factory.training.micro_batch.DRY_RUN_CPU_MEMORY_MB`);
 - ``math attention``: PyTorch's unfused SDPA (``sdpa_kernel(SDPBackend.MATH)``) instead of the CPU flash kernel;
 - ``fp32``: no autocast.
 
@@ -41,6 +42,7 @@ from factory import load_ancestry, sample_learngene
 from factory.core.expanding_phase import ExpandingConfig, default_shapes
 from factory.core.shapes import vit_flops
 from factory.training.expanding_loop import measure_step_seconds, train_learngene
+from factory.training.micro_batch import DRY_RUN_CPU_MEMORY_MB
 from factory.training.precision import precision_for
 
 ANCESTRY = "random:deit_tiny_patch16_224"
@@ -133,6 +135,7 @@ def run(args) -> dict:
         ("default", base, contextlib.nullcontext),
         ("whole batch", dataclasses.replace(base, memory_mb=0), contextlib.nullcontext),
         ("memory 256", dataclasses.replace(base, memory_mb=256), contextlib.nullcontext),
+        ("memory 192: a dry run's", dataclasses.replace(base, memory_mb=DRY_RUN_CPU_MEMORY_MB), contextlib.nullcontext),
         ("memory 128", dataclasses.replace(base, memory_mb=128), contextlib.nullcontext),
         ("math attention", base, lambda: sdpa_kernel(SDPBackend.MATH)),
         ("fp32", dataclasses.replace(base, amp="off"), contextlib.nullcontext),

@@ -162,12 +162,12 @@ def test_spans_are_the_chunks_as_consecutive_slices():
 
 def test_a_dry_run_caps_its_measured_steps_activations_on_the_cpu_only():
     """A 224-px dry run timed a d24 expanding step at the build's 512-MB micro-batches and peaked at 1.8-1.9 GB
-    (bench/RESULTS.md); its measured steps hold at most half that. A GPU's activations are not the dry run's RSS."""
+    (bench/RESULTS.md); its measured steps hold at most 192 MB. A GPU's activations are not the dry run's RSS."""
     from factory.training.micro_batch import DRY_RUN_CPU_MEMORY_MB, dry_run_memory_mb
 
-    assert DRY_RUN_CPU_MEMORY_MB == 256
-    assert dry_run_memory_mb(None, "cpu") == 256.0  # the build's default 512, halved
-    assert dry_run_memory_mb(1024, "cpu") == 256.0 and dry_run_memory_mb(0, "cpu") == 256.0  # 0: no limit
+    assert DRY_RUN_CPU_MEMORY_MB == 192
+    assert dry_run_memory_mb(None, "cpu") == 192.0  # the build's default is 512
+    assert dry_run_memory_mb(1024, "cpu") == 192.0 and dry_run_memory_mb(0, "cpu") == 192.0  # 0: no limit
     assert dry_run_memory_mb(128, "cpu") == 128.0  # a smaller budget is the build's own
     assert dry_run_memory_mb(None, "cuda") is None and dry_run_memory_mb(1024, "cuda") == 1024
 
@@ -217,7 +217,7 @@ def test_a_dry_run_times_its_steps_within_the_cap_and_a_build_at_its_own_budget(
     )
     lines: list[str] = []
     build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, dry_run=True, log=lines.append)
-    assert seen["expanding"] == [256.0] and seen["finetune"] and set(seen["finetune"]) == {256.0}, seen
-    assert any("micro-batches of at most 256 MB, an upper bound" in line for line in lines), lines
+    assert seen["expanding"] == [192.0] and seen["finetune"] and set(seen["finetune"]) == {192.0}, seen
+    assert any("micro-batches of at most 192 MB, an upper bound" in line for line in lines), lines
     ctx = BuildContext(tmp_path, cfg, None, print, None, None)  # the build itself measures at its own budget
     assert measured_memory_mb(ctx, 1024, "cpu") == 1024 and measured_memory_mb(ctx, None, "cpu") is None
