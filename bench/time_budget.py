@@ -134,7 +134,7 @@ def equal_part(args, log) -> list[dict]:
     from factory.pipeline.config import BuildConfig
 
     rows = []
-    specs = _fleet_specs() if args.profile == "demo-fleet" else [args.profile]
+    specs = _profile_specs(args.profile)
     profiles = [load_profile(s) for s in specs]
     with tempfile.TemporaryDirectory() as scratch:
         for task in args.tasks:
@@ -168,11 +168,25 @@ def equal_part(args, log) -> list[dict]:
     return rows
 
 
-def _fleet_specs() -> list[str]:
-    """The demo fleet's profile paths (``--profile demo-fleet``)."""
+def _fleet_specs(path: Path = ROOT / "profiles/demo/fleet.yaml") -> list[str]:
+    """A fleet file's profile paths (default the demo fleet's, ``--profile demo-fleet``)."""
     from factory.pipeline.fleet import load_fleet
 
-    return [str(p) for p in load_fleet(ROOT / "profiles/demo/fleet.yaml")]
+    return [str(p) for p in load_fleet(path)]
+
+
+def _profile_specs(profile: str) -> list[str]:
+    """``--profile``'s devices: the demo fleet, every profile of a fleet file (a YAML with ``profiles:``), or one
+    profile."""
+    if profile == "demo-fleet":
+        return _fleet_specs()
+    if profile.endswith((".yaml", ".yml")) and Path(profile).is_file():
+        import yaml
+
+        doc = yaml.safe_load(Path(profile).read_text())
+        if isinstance(doc, dict) and "profiles" in doc:
+            return _fleet_specs(Path(profile))
+    return [profile]
 
 
 def _row(task, name, seed, budget, manifest, dev, seconds) -> dict:
@@ -289,7 +303,8 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         default="jetson_orin",
-        help="a profile, or demo-fleet (profiles/demo/fleet.yaml: one build, all devices)",
+        help="a profile, demo-fleet (profiles/demo/fleet.yaml: one build, all devices) or a fleet file "
+        "(e.g. profiles/demo/fleet_all.yaml)",
     )
     parser.add_argument("--budgets", nargs="+", type=float, default=[180.0], help="seconds")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])

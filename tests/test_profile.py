@@ -195,3 +195,15 @@ def test_unsafe_profile_names_are_refused(name):
     data["name"] = name
     with pytest.raises(FactoryError, match=r"^profile p.yaml: name: .* is not a safe name .*; use letters, digits"):
         parse_profile(yaml.safe_dump(data), "p.yaml")
+
+
+def test_the_all_demo_fleet_lists_every_demo_device_but_litert_and_each_loads():
+    """profiles/demo/fleet_all.yaml: the large fleet bench/time_budget.py builds (LiteRT needs its own venv)."""
+    from pathlib import Path
+
+    from factory.pipeline.fleet import load_fleet
+
+    paths = load_fleet(PROFILE_DIR / "demo" / "fleet_all.yaml")
+    demo = {n.split("/")[1] for n in list_profiles() if n.startswith("demo/")}
+    assert {Path(p).stem for p in paths} == demo - {"raspberry_pi5_litert"} and len(paths) == 9
+    assert all(load_profile(p).input_size == 28 for p in paths)
