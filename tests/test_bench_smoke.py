@@ -229,7 +229,8 @@ def test_joint_choice_bench_quick_mode_runs(tmp_path):
 def test_expanding_step_quick_mode_runs(tmp_path):
     _run("bench/expanding_step.py", "--quick", "--json", str(tmp_path / "e.json"), "--md", str(tmp_path / "e.md"))
     data = json.loads((tmp_path / "e.json").read_text())
-    assert [r["variant"] for r in data["steps"]][0] == "default" and len(data["steps"]) == 6
+    assert [r["variant"] for r in data["steps"]][0] == "default" and len(data["steps"]) == 7
+    assert {r["variant"]: r["memory_mb"] for r in data["steps"]}["memory 192: a dry run's"] == 192  # the dry run's cap
     assert all(r["s_per_step"] > 0 for r in data["steps"]) and data["steps"][0]["vs_default"] == 1.0
     assert 0 < data["flops"]["roofline_fraction"] < 1.5 and data["profile"]
     assert "% of this machine's" in (tmp_path / "e.md").read_text()
@@ -349,3 +350,22 @@ def test_keep_weights_bench_scores_the_last_and_the_kept_weights_of_one_run(tmp_
     # 20 steps are too few for the build's rule to evaluate 397 images: the bench evaluates every 2 steps, and says so
     assert all(r["forced"] and r["evaluations"] == 10 for r in rows)
     assert "| all | 2 |" in (tmp_path / "kw.md").read_text()
+
+
+def test_time_budget_takes_the_demo_fleet_a_fleet_file_or_one_profile(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend("bench")
+    import time_budget
+
+    root = Path(time_budget.ROOT)
+
+    assert [Path(p).stem for p in time_budget._profile_specs("demo-fleet")] == [
+        "jetson_orin",
+        "jetson_orin_nano",
+        "raspberry_pi5",
+    ]
+    assert len(time_budget._profile_specs(str(root / "profiles/demo/fleet_all.yaml"))) == 9
+    assert time_budget._profile_specs("jetson_orin") == ["jetson_orin"]
+    one = str(root / "profiles/demo/pixel8.yaml")  # a profile file, not a fleet
+    assert time_budget._profile_specs(one) == [one]
