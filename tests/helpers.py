@@ -126,3 +126,18 @@ def small_descendant(path: Path, embed_dim: int, num_heads: int) -> Path:
     )
     save_descendant(init_descendant("weight_selection", shape, ancestry=anc), anc.arch.with_shape(shape), path, {})
     return path
+
+
+def transfer_check_passes(monkeypatch) -> None:
+    """The build's transfer check (factory.core.transfer.check_transfer) scores as if the ancestry's features
+    transfer (weight selection 0.9 against scratch 0.2), so an expanding phase is planned on any data."""
+    import factory.core.transfer as transfer
+
+    real = transfer.check_transfer
+
+    def transfers(*args, **kwargs):
+        return transfer.TransferCheck(
+            **{**real(*args, **kwargs).__dict__, "scores": {"weight_selection": 0.9, "scratch": 0.2}}
+        )
+
+    monkeypatch.setattr(transfer, "check_transfer", transfers)

@@ -12,7 +12,7 @@ from factory.training.expanding_loop import train_learngene
 from factory.training.micro_batch import activation_mb_per_image, chunks, micro_batch_size, model_activation_mb
 from factory.training.train import TrainConfig, train
 
-from .helpers import make_vit
+from .helpers import make_vit, transfer_check_passes
 
 
 def test_chunks_are_balanced_and_cover_the_batch():
@@ -173,7 +173,6 @@ def test_a_dry_run_caps_its_measured_steps_activations_on_the_cpu_only():
 
 
 def test_a_dry_run_times_its_steps_within_the_cap_and_a_build_at_its_own_budget(tmp_path, monkeypatch):
-    import factory.core.transfer as transfer
     import factory.training.expanding_loop as expanding_loop
     import factory.training.train as train_module
     from factory.device.profile import load_profile
@@ -182,17 +181,8 @@ def test_a_dry_run_times_its_steps_within_the_cap_and_a_build_at_its_own_budget(
 
     from .test_build import _profile
 
-    real_check, real_measure, real_train = (
-        transfer.check_transfer,
-        expanding_loop.measure_step_seconds,
-        train_module.train,
-    )
+    real_measure, real_train = expanding_loop.measure_step_seconds, train_module.train
     seen: dict[str, list] = {"expanding": [], "finetune": []}
-
-    def transfers(*args, **kwargs):  # the phase is planned: the ancestry transfers
-        return transfer.TransferCheck(
-            **{**real_check(*args, **kwargs).__dict__, "scores": {"weight_selection": 0.9, "scratch": 0.2}}
-        )
 
     def measure(lg, anc, shapes, cfg, **kwargs):
         seen["expanding"].append(cfg.memory_mb)
@@ -202,7 +192,7 @@ def test_a_dry_run_times_its_steps_within_the_cap_and_a_build_at_its_own_budget(
         seen["finetune"].append(cfg.memory_mb)
         return real_train(model, data, cfg, **kwargs)
 
-    monkeypatch.setattr(transfer, "check_transfer", transfers)
+    transfer_check_passes(monkeypatch)  # the phase is planned: the ancestry transfers
     monkeypatch.setattr(expanding_loop, "measure_step_seconds", measure)
     monkeypatch.setattr(train_module, "train", train)
     cfg = BuildConfig(

@@ -9,7 +9,6 @@ import re
 
 import pytest
 
-import factory.core.transfer as transfer
 from factory.core.shapes import DescendantShape
 from factory.device.profile import load_profile
 from factory.errors import FactoryError
@@ -26,7 +25,7 @@ from factory.pipeline.time_budget import (
     parse_duration,
 )
 
-from .helpers import cli_run, leftovers, one_line_exit_2
+from .helpers import cli_run, leftovers, one_line_exit_2, transfer_check_passes
 from .test_build import _profile
 
 
@@ -166,14 +165,7 @@ def test_a_budgeted_build_fits_and_records_planned_against_measured(tmp_path):
 
 @pytest.mark.parametrize("least, expected", [(5, 12), (750, 0)])
 def test_a_phase_that_must_run_is_planned_within_its_cap_where_it_pays(tmp_path, monkeypatch, least, expected):
-    real = transfer.check_transfer
-
-    def transfers(*args, **kwargs):
-        return transfer.TransferCheck(
-            **{**real(*args, **kwargs).__dict__, "scores": {"weight_selection": 0.9, "scratch": 0.2}}
-        )
-
-    monkeypatch.setattr(transfer, "check_transfer", transfers)
+    transfer_check_passes(monkeypatch)
     cfg = BuildConfig(
         data="synthetic",
         batch_size=16,
@@ -203,14 +195,7 @@ def test_a_phase_that_must_run_is_planned_within_its_cap_where_it_pays(tmp_path,
 def test_a_phase_the_budget_drops_is_planned_again_with_the_probes_an_untrained_learngene_needs(tmp_path, monkeypatch):
     # the objective follows the learngene: trained -> capacity, untrained -> the accuracy probes. A budget whose
     # share buys too few expanding-phase steps leaves it untrained, so the plan must count the probes it brings
-    real = transfer.check_transfer
-
-    def transfers(*args, **kwargs):
-        return transfer.TransferCheck(
-            **{**real(*args, **kwargs).__dict__, "scores": {"weight_selection": 0.9, "scratch": 0.2}}
-        )
-
-    monkeypatch.setattr(transfer, "check_transfer", transfers)
+    transfer_check_passes(monkeypatch)
     # a cap at or above the bar (a cap below it leaves the learngene untrained from the first plan on), and a bar
     # the budget's share cannot buy (~2,000 steps of ~0.15 s here; at 7 ms a step it still would not)
     cfg = BuildConfig(

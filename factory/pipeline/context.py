@@ -68,7 +68,8 @@ class ExportItem:
 
 def measured_memory_mb(ctx: BuildContext, memory_mb: float | None, device: str) -> float | None:
     """The activation budget of the plan's measured steps: the build's ``memory_mb``, and in a dry run on the CPU
-    at most :data:`factory.training.micro_batch.DRY_RUN_CPU_MEMORY_MB` (an estimate then up to ~10% high)."""
+    at most :data:`factory.training.micro_batch.DRY_RUN_CPU_MEMORY_MB`: its estimates of the build's larger micro-batches are
+    then high (~12% for a 224-px expanding step on the build VM, bench/RESULTS.md). A budgeted dry run plans with them."""
     from factory.training.micro_batch import dry_run_memory_mb
     from factory.training.precision import pick_device
 
