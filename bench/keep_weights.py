@@ -44,6 +44,7 @@ def _cell(task, depth, width, heads, init, steps, seed, anc, lg, data, work: Pat
     from factory.core.baselines import init_descendant
     from factory.core.shapes import DescendantShape
     from factory.pipeline.config import BuildConfig, finetune_stage_recipe
+    from factory.training.best_weights import MOST_EVALUATIONS
     from factory.training.train import evaluate, train
 
     a = anc.arch
@@ -51,7 +52,7 @@ def _cell(task, depth, width, heads, init, steps, seed, anc, lg, data, work: Pat
     recipe = finetune_stage_recipe(BuildConfig(data=task, finetune_steps=steps, seed=seed), data)
     forced = not recipe.keep_best  # too few steps for the build's rule to evaluate (a --max-steps smoke run)
     if forced:
-        recipe = dataclasses.replace(recipe, keep_best=True, eval_every=max(1, steps // 10))
+        recipe = dataclasses.replace(recipe, keep_best=True, eval_every=max(1, steps // MOST_EVALUATIONS))
     model = init_descendant(init, shape, ancestry=anc, learngene=lg, seed=seed)
     result = train(model, data.train, recipe, val_data=data.val, out_dir=work, progress=False)
     best = evaluate(model, data.test)

@@ -90,8 +90,9 @@ def _measure_steps(ctx: BuildContext, shape: DescendantShape, batch: int) -> flo
     from factory.training.train import train
 
     model = init_descendant("scratch", shape, ancestry=ctx.ancestry, learngene=None, seed=ctx.cfg.seed)
-    recipe = dataclasses.replace(finetune_recipe(ctx.cfg), batch_size=batch, warmup_steps=1, ckpt_every=0)
-    recipe = dataclasses.replace(recipe, memory_mb=measured_memory_mb(ctx, recipe.memory_mb, recipe.device))
+    build = finetune_recipe(ctx.cfg)
+    memory = measured_memory_mb(ctx, build.memory_mb, build.device)
+    recipe = dataclasses.replace(build, batch_size=batch, warmup_steps=1, ckpt_every=0, memory_mb=memory)
     carry: dict = {}
     steps = train(
         model, ctx.data.train, dataclasses.replace(recipe, steps=MEASURED_STEPS), progress=False, carry=carry
