@@ -147,9 +147,9 @@ def _probe_rounds(monkeypatch) -> list[str | None]:
 
     rounds: list[str | None] = []
 
-    def counted(ctx, devices, results, reason="", init=None):
+    def counted(ctx, devices, results, reason="", init=None, fleet=None):
         rounds.append(init)
-        return device_choice.choose_by_probes(ctx, devices, results, reason=reason, init=init)
+        return device_choice.choose_by_probes(ctx, devices, results, reason=reason, init=init, fleet=fleet)
 
     monkeypatch.setattr(joint_choice, "choose_by_probes", counted)
     return rounds

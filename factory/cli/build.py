@@ -183,6 +183,15 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     "the CPU, half the GPU's free memory on CUDA.",
 )
 @objective_option()
+@click.option(
+    "--share-within",
+    type=click.FloatRange(0, 100),
+    default=BuildConfig.share_within,
+    show_default=True,
+    help="In a fleet: a device takes a shape another device chose (one fine-tune for both; under --time-budget "
+    "each fine-tune then gets more time) where its probe's validation NLL is within this many paired standard "
+    "errors of the device's own best; 0: each device its own best.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan (shapes, cached stages, time estimates) and stop.")
 @click.option("--wait-lock", is_flag=True, help="If another build is using --out, wait for it instead of failing.")
 def build_cmd(

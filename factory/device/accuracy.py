@@ -57,6 +57,10 @@ faster per FLOP, so more means ``s_ref`` was timed on a busy machine (RESULTS, R
 most the equal-steps probes at ``g`` times ``N`` priced at ``s_ref`` a step; over a fleet, about what the
 budget's planner reserves, the equal-steps probes at ``N`` (:mod:`factory.pipeline.budget_costs`).
 
+**In a fleet** a shape another device already chose is a candidate too, carried while within noise, and taken
+over the device's own best within ``share_z`` paired SE, so two devices share one fine-tune
+(:mod:`factory.device.accuracy_choice`); it costs the carried shape's later rungs, only while it is within noise.
+
 **Cache.** Each probe result (shape, steps reached) is cached by content -- learngene (or ancestry)
 hash, data identity, shape, init, recipe and estimator settings -- as a small JSON file in
 ``cache_dir`` (a build uses ``OUT/.cache/estimate``), so a fleet and later builds re-use them. A shape
@@ -67,9 +71,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -81,70 +85,13 @@ from factory.device.accuracy_choice import (  # noqa: F401  # re-exported: one i
     candidates,
     choose_by_accuracy,
     describe_decision,
+    paired_gap,
+    shared_choice,
+    within_noise,
 )
 from factory.device.calibrated_nll import temperature_scaled_nll  # noqa: F401  # re-exported
+from factory.device.probe_types import SCORES, EstimatorConfig, Probe
 from factory.io import atomic_write_bytes
-
-SCORES = ("calibrated", "raw")
-
-
-@dataclass(frozen=True)
-class EstimatorConfig:
-    candidates: int = 8
-    rung_fractions: tuple[float, ...] = (0.03, 0.06, 0.12)
-    warmup_steps: int = 2
-    val_images: int = 512
-    tie_nll: float = 1e-3
-    cooldown: bool = True  # the last rung anneals: cosine from the build's lr to min_lr over its steps
-    anchor: bool = False  # the capacity choice always reaches the last rung and is replaced only on evidence
-    z: float = 2.0  # the evidence (anchored): a paired per-image NLL gain of more than z standard errors
-    score: str = "calibrated"  # "calibrated": NLL at the best temperature (temperature_scaled_nll); "raw": plain NLL
-    equal_time: bool = False  # rungs at equal time (a time budget's fine-tunes), not equal steps: module docstring
-    max_horizon_ratio: float = 16.0  # equal time: a shape's horizon is N times at most this, at least N over it
-    flops_slack: float = 1.25  # equal time: s_ref / s_c at most this times the FLOPs ratio (module docstring)
-
-    def __post_init__(self) -> None:
-        from factory.errors import FactoryError
-
-        if self.score not in SCORES:
-            raise FactoryError(f"estimator score must be one of {', '.join(SCORES)}, got {self.score!r}")
-
-    def rungs_for(self, budget: int, first: int | None = None) -> tuple[int, ...]:
-        """Cumulative probe steps per rung for a fine-tune of ``budget`` steps, strictly increasing; ``first``
-        fixes rung 0 (equal time: the steps every shape was timed over) and the fractions go on from rung 1."""
-        out: list[int] = [] if first is None else [first]
-        for f in self.rung_fractions[len(out) :]:
-            out.append(max(round(f * budget), out[-1] + 1 if out else 1))
-        return tuple(out)
-
-    def probe_steps(self, count: int, budget: int) -> int:
-        """Training steps successive halving spends on ``count`` candidates (the formula above)."""
-        total, alive, done = 0, count, 0
-        for t in self.rungs_for(budget):
-            total += alive * (t - done)
-            alive, done = self.survivors(alive, self.anchor), t
-        return total
-
-    @staticmethod
-    def survivors(alive: int, anchored: bool) -> int:
-        """How many of ``alive`` candidates go on to the next rung: half, rounded up; anchored, at
-        least 2 (the incumbent and a challenger) while there are 2."""
-        return max(min(alive, 2) if anchored else 1, math.ceil(alive / 2))
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One candidate's probe: validation accuracy and NLL after ``steps`` probe steps."""
-
-    shape: DescendantShape
-    steps: int
-    accuracy: float
-    nll: float
-    per_image: tuple[float, ...] = ()  # the NLL of each validation image, for paired comparisons
-    cached: bool = False
-    rung: int = 0  # the rung it reached (equal time: shapes at one rung have trained different step counts)
-    step_s: float = field(default=0.0, compare=False)  # seconds per training step seen in this probe (0: unknown)
-    horizon: int = 0  # the fine-tune steps its rungs are fractions of
 
 
 @dataclass
@@ -300,10 +247,18 @@ class SuccessiveHalving:
             )
         return Probe(shape, steps, acc, nll, tuple(per_image.tolist()), step_s=step_s)
 
-    def rank(self, shapes: list[DescendantShape], incumbent: DescendantShape | None = None) -> list[Probe]:
+    def rank(
+        self,
+        shapes: list[DescendantShape],
+        incumbent: DescendantShape | None = None,
+        prefer: Sequence[DescendantShape] = (),
+        share_z: float = 0.0,
+    ) -> list[Probe]:
         """Successive halving over ``shapes`` (ordered by preference on ties: first wins); returns each
         shape's last probe, best first (rung reached, then NLL). With ``config.anchor``, ``incumbent``
-        (the capacity choice) goes on at every rung and the better half of the others fills the rest."""
+        (the capacity choice) goes on at every rung and the better half of the others fills the rest. A shape of
+        ``prefer`` (another device's choice) that the halving drops goes on beside the survivors while its NLL is
+        within ``share_z`` paired SE of the rung's best (:func:`within_noise`), so the last rung can compare it."""
         from tqdm.auto import tqdm
 
         last: dict[DescendantShape, Probe] = {}
@@ -318,6 +273,7 @@ class SuccessiveHalving:
             dynamic_ncols=True,
         )
         done: dict[DescendantShape, int] = dict.fromkeys(alive, 0)
+        carried: list[DescendantShape] = []  # alive by the sharing rule, not by the halving
         for r in range(len(self.rungs)):
             for s in alive:
                 steps = self.rungs_of(s)[r]
@@ -332,9 +288,12 @@ class SuccessiveHalving:
                 done[s] = steps
             if r + 1 < len(self.rungs):
                 anchored = incumbent if self.config.anchor and incumbent in alive else None
-                keep = self.config.survivors(len(alive), anchored is not None)
+                keep = self.config.survivors(len(alive) - len(carried), anchored is not None)
                 order = sorted((s for s in alive if s != anchored), key=lambda s: (last[s].nll, shapes.index(s)))
-                alive = [anchored, *order[: keep - 1]] if anchored is not None else order[:keep]
+                best = last[order[0]] if order else None
+                before, alive = alive, [anchored, *order[: keep - 1]] if anchored is not None else order[:keep]
+                carried = [s for s in prefer if s in before and s not in alive and within_noise(last[s], best, share_z)]
+                alive += carried  # another device's choice, still within noise: compared at the last rung
                 for s in set(states) - set(alive):
                     states.pop(s)  # eliminated: free its model
                 if r == 0 and self.config.equal_time:  # from rung 1 on: equal time, each shape's own horizon
@@ -353,7 +312,11 @@ class SuccessiveHalving:
         return total
 
     def decide(
-        self, probes: list[Probe], incumbent: DescendantShape | None = None
+        self,
+        probes: list[Probe],
+        incumbent: DescendantShape | None = None,
+        prefer: Sequence[DescendantShape] = (),
+        share_z: float = 0.0,
     ) -> tuple[DescendantShape, dict[str, Any]]:
         """The chosen shape and the evidence for it.
 
@@ -361,7 +324,8 @@ class SuccessiveHalving:
         incumbent only if the mean of the paired per-image differences ``d_i = nll_inc,i - nll_ch,i``
         exceeds ``z * sd(d) / sqrt(n)`` -- a one-sided paired z-test on the same validation images,
         so a probe's noise does not trade a large model for a small one. Otherwise: the lowest-NLL
-        finalist, ties within ``tie_nll`` to the earliest in ``probes``' shape order.
+        finalist, ties within ``tie_nll`` to the earliest in ``probes``' shape order. Then a finalist of
+        ``prefer`` within ``share_z`` paired SE of that choice takes its place (:func:`shared_choice`).
         """
         top = max(p.rung for p in probes)
         finalists = [p for p in probes if p.rung == top]
@@ -369,22 +333,25 @@ class SuccessiveHalving:
         if self.config.anchor and incumbent in by_shape and len(finalists) > 1:
             inc = by_shape[incumbent]
             rival = min((p for p in finalists if p.shape != incumbent), key=lambda p: p.nll)
-            d = [a - b for a, b in zip(inc.per_image, rival.per_image)]
-            mean = sum(d) / len(d)
-            sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1))
-            se = sd / math.sqrt(len(d))
+            mean, se = paired_gap(inc.per_image, rival.per_image)
             switch = mean > self.config.z * se
-            return (rival.shape if switch else incumbent), {
-                "rule": f"paired NLL gain > {self.config.z:g} SE",
-                "incumbent": incumbent.label(),
-                "challenger": rival.shape.label(),
-                "nll_gain": round(mean, 5),
-                "se": round(se, 5),
-                "switched": switch,
-            }
-        best = min(p.nll for p in finalists)
-        chosen = next(p for p in finalists if p.nll <= best + self.config.tie_nll)
-        return chosen.shape, {"rule": f"lowest NLL (ties within {self.config.tie_nll:g})"}
+            chosen, decision = (
+                (rival.shape if switch else incumbent),
+                {
+                    "rule": f"paired NLL gain > {self.config.z:g} SE",
+                    "incumbent": incumbent.label(),
+                    "challenger": rival.shape.label(),
+                    "nll_gain": round(mean, 5),
+                    "se": round(se, 5),
+                    "switched": switch,
+                },
+            )
+        else:
+            best = min(p.nll for p in finalists)
+            chosen = next(p for p in finalists if p.nll <= best + self.config.tie_nll).shape
+            decision = {"rule": f"lowest NLL (ties within {self.config.tie_nll:g})"}
+        shared = shared_choice(finalists, by_shape[chosen], prefer, share_z)
+        return (shared[0], {**decision, "shared": shared[1]}) if shared else (chosen, decision)
 
 
 __all__ = [

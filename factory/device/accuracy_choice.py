@@ -1,16 +1,30 @@
 """Choosing a device's shape among its probed candidates: which Pareto-front shapes are probed
 (:func:`candidates`), the choice by predicted accuracy with the capacity proxy as the tie-break
 (:func:`choose_by_accuracy`), and the decision in words (:func:`describe_decision`). The estimators that
-probe them are :mod:`factory.device.accuracy`'s."""
+probe them are :mod:`factory.device.accuracy`'s.
+
+**A shape another device chose** (``prefer``, ``share_z``; a fleet's build, :mod:`factory.pipeline.device_choice`).
+Two devices of one shape and one start share one fine-tune, so under a time budget (equal time per fine-tune)
+every fine-tune of the fleet gets more time, and without one the build is shorter. The probes choose per device
+and do not see that; measured, which strategy happened to share decided a fleet's accuracy more than the probes
+did (bench/RESULTS.md, Run 23b: two devices on one shape got 196 s of fine-tuning each against 124 s for three
+shapes). So a shape another device of the fleet already chose, where it fits this device, is among this device's
+candidates (:func:`candidates`), stays in the running while it is within noise of the rung's best
+(:func:`within_noise`), and at the last rung is taken over the device's own best when its validation NLL is
+higher by at most ``share_z`` paired standard errors (:func:`shared_choice`; ``share_z = 0``: never). The paired
+standard error is that of the per-image NLL differences on the same validation images (:func:`paired_gap`), the
+test the anchored variant uses.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from factory.core.shapes import DescendantShape
+from factory.device.probe_types import Probe
 from factory.device.search import AccuracyPredictor
-
-Probe = Any  # factory.device.accuracy.Probe (that module imports this one: named here, not imported)
 
 
 @runtime_checkable
@@ -18,23 +32,35 @@ class JointEstimator(Protocol):
     """An estimator that ranks candidates together (probes them side by side), as
     :class:`SuccessiveHalving` does, and then decides between them."""
 
-    def rank(self, shapes: list[DescendantShape], incumbent: DescendantShape | None = None) -> list[Probe]: ...
+    def rank(
+        self,
+        shapes: list[DescendantShape],
+        incumbent: DescendantShape | None = None,
+        prefer: Sequence[DescendantShape] = (),
+        share_z: float = 0.0,
+    ) -> list[Probe]: ...
 
     def decide(
-        self, probes: list[Probe], incumbent: DescendantShape | None = None
+        self,
+        probes: list[Probe],
+        incumbent: DescendantShape | None = None,
+        prefer: Sequence[DescendantShape] = (),
+        share_z: float = 0.0,
     ) -> tuple[DescendantShape, dict[str, Any]]: ...
 
 
-def candidates(result, count: int, span: float = 32.0) -> list:
+def candidates(result, count: int, span: float = 32.0, prefer: Sequence[DescendantShape] = ()) -> list:
     """Up to ``count`` feasible candidates from the capacity Pareto front, spread evenly in
     log-latency over ``[L_max / span, L_max]`` (``L_max``: the capacity choice's latency), nearest
     front point to each target, always including the capacity choice (``result.feasible[0]``).
 
     Shapes more than ``span`` times faster than the budget-filling one are not tried: where a front
     spans that much, that end is the 1-layer, 32-64-wide corner, which inherits too little to win.
-    """
-    import math
 
+    Each shape of ``prefer`` (other devices' choices) that this search found feasible is a candidate too, on or
+    off the front and whatever its latency; where the list is full it replaces the pick nearest to it in
+    log-latency (never the capacity choice), so the probes cost the same.
+    """
     best = result.feasible[0]
     top = max(best.latency_ms, 1e-12)
     front = [c for c in (result.pareto or [best]) if c.latency_ms >= top / span] or [best]
@@ -45,11 +71,22 @@ def candidates(result, count: int, span: float = 32.0) -> list:
         targets = [lo + (hi - lo) * i / max(1, count - 1) for i in range(count)]
         picked = [min(front, key=lambda c: abs(math.log(c.latency_ms) - t)) for t in targets]
     picked.append(best)
-    return sorted({c.shape: c for c in picked}.values(), key=lambda c: c.latency_ms)
+    unique = {c.shape: c for c in picked}
+    for c in (c for c in result.feasible if c.shape in prefer and c.shape not in unique):
+        others = [o for o in unique.values() if o.shape != best.shape and o.shape not in prefer]
+        if len(unique) >= count and others:
+            nearest = min(others, key=lambda o: abs(math.log(o.latency_ms / max(c.latency_ms, 1e-12))))
+            del unique[nearest.shape]
+        unique[c.shape] = c
+    return sorted(unique.values(), key=lambda c: c.latency_ms)
 
 
 def choose_by_accuracy(
-    result, predictor: JointEstimator | AccuracyPredictor, count: int
+    result,
+    predictor: JointEstimator | AccuracyPredictor,
+    count: int,
+    prefer: Sequence[DescendantShape] = (),
+    share_z: float = 0.0,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Estimate the candidates' accuracy and return ``(chosen candidate, rows)``.
 
@@ -57,15 +94,18 @@ def choose_by_accuracy(
     :class:`~factory.device.search.AccuracyPredictor` (highest score wins; ties within 1e-9 go to
     higher capacity). ``rows`` (one per candidate, best first) carry the shape label, predicted
     accuracy, predicted latency and capacity score, and for successive halving the probe steps the
-    shape reached and its validation NLL.
+    shape reached and its validation NLL. ``prefer`` and ``share_z``: shapes other devices chose, taken within
+    ``share_z`` paired SE of the best (module docstring; a joint estimator only).
     """
-    cands = sorted(candidates(result, count), key=lambda c: -c.score)  # by capacity: ties go to the first
+    cands = sorted(candidates(result, count, prefer=prefer), key=lambda c: -c.score)  # by capacity: ties to the first
     by_shape = {c.shape: c for c in cands}
     decision: dict[str, Any] = {}
     if isinstance(predictor, JointEstimator):
         incumbent = result.feasible[0].shape  # the capacity choice; candidates() always includes it
-        probes = predictor.rank([c.shape for c in cands], incumbent=incumbent)
-        shape, decision = predictor.decide(sorted(probes, key=lambda p: -by_shape[p.shape].score), incumbent)
+        shared = [s for s in prefer if s in by_shape]  # the other devices' choices that fit this one
+        probes = predictor.rank([c.shape for c in cands], incumbent, shared, share_z)
+        by_capacity = sorted(probes, key=lambda p: -by_shape[p.shape].score)
+        shape, decision = predictor.decide(by_capacity, incumbent, shared, share_z)
         cap = next(p for p in probes if p.shape == incumbent)
         decision = {
             **decision,
@@ -106,8 +146,63 @@ def _timing(probe: Probe) -> dict[str, Any]:
     return {**out, "step_s": round(step_s, 5)} if step_s else out
 
 
+def paired_gap(worse: Sequence[float], better: Sequence[float]) -> tuple[float, float]:
+    """``(mean d, SE)`` of the paired differences ``d_i = worse_i - better_i`` (per-image NLLs on the same
+    images): ``SE = sd(d) / sqrt(n)``, ``sd`` with ``n - 1``."""
+    d = [a - b for a, b in zip(worse, better, strict=True)]
+    if not d:
+        raise ValueError("paired_gap needs at least one pair")
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1))
+    return mean, sd / math.sqrt(len(d))
+
+
+def within_noise(probe: Probe, best: Probe, z: float) -> bool:
+    """Whether ``probe``'s validation NLL is higher than ``best``'s by at most ``z`` paired SE (``z > 0``;
+    probes of the same validation images, :func:`paired_gap`)."""
+    if z <= 0 or not probe.per_image or len(probe.per_image) != len(best.per_image):
+        return False
+    gap, se = paired_gap(probe.per_image, best.per_image)
+    return gap <= z * se
+
+
+def shared_choice(
+    finalists: list[Probe], best: Probe, prefer: Sequence[DescendantShape], z: float
+) -> tuple[DescendantShape, dict[str, Any]] | None:
+    """The finalist another device chose to take over ``best``, the device's own lowest-NLL finalist, and the
+    evidence: the one of ``prefer`` whose paired NLL gap to ``best`` is smallest, where it is within ``z`` SE
+    (:func:`within_noise`). None where ``best`` is already another device's choice or none is within noise."""
+    if best.shape in prefer:
+        return None
+    near = [p for p in finalists if p.shape in prefer and within_noise(p, best, z)]
+    if not near:
+        return None
+    gaps = {p.shape: paired_gap(p.per_image, best.per_image) for p in near}
+    shape = min(gaps, key=lambda s: (gaps[s][0], s.label()))
+    gap, se = gaps[shape]
+    return shape, {
+        "rule": f"another device's choice within {z:g} paired SE of the best: one fine-tune for both",
+        "best": best.shape.label(),
+        "shared": shape.label(),
+        "nll_gap": round(gap, 5),
+        "se": round(se, 5),
+        "within_se": z,
+    }
+
+
 def describe_decision(decision: dict[str, Any]) -> str:
     """One line saying why the estimator chose what it chose (the chosen row's ``decision``)."""
+    line = _describe_choice(decision)
+    shared = decision.get("shared")
+    if shared:
+        line += (
+            f"; took {shared['shared']}, another device's choice, over its own best {shared['best']}: validation NLL "
+            f"{shared['nll_gap']:.4f} higher, within {shared['within_se']:g} paired SE ({shared['se']:.4f})"
+        )
+    return line
+
+
+def _describe_choice(decision: dict[str, Any]) -> str:
     if "incumbent" not in decision:
         line = f"chosen by {decision.get('rule', 'the highest score')}"
         if "capacity_choice" in decision:

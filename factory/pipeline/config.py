@@ -81,6 +81,10 @@ class BuildConfig:
     # (factory.device.objective.resolve_objective; bench/RESULTS.md, "Accuracy-aware search", measures both)
     objective: str = "auto"
     candidates: int = 8
+    # in a fleet: a device takes a shape another device of one start chose (one fine-tune for both) where its probe's
+    # validation NLL is within this many paired SE of the device's own best; 0: each device its own best
+    # (factory.device.accuracy_choice, "a shape another device chose")
+    share_within: float = 1.0
     # a wall-clock budget in seconds (None: none): the fine-tuning and expanding-phase steps are planned to fit it
     # on this machine (factory.pipeline.time_budget); finetune_steps is then replaced by the plan, expand_steps
     # is the most the phase may take
@@ -124,6 +128,7 @@ class BuildConfig:
             "gene tau": math.isfinite(self.gene_tau) and self.gene_tau > 0,
             "jobs": self.jobs >= 1,
             "candidates": self.candidates >= 1,
+            "share within": math.isfinite(self.share_within) and self.share_within >= 0,
             "objective": self.objective in OBJECTIVES,
             "time budget": self.time_budget_s is None
             or (
@@ -141,7 +146,8 @@ class BuildConfig:
         if bad:
             raise FactoryError(
                 f"invalid build setting: {', '.join(bad)} (init one of {', '.join(INIT_CHOICES)}, counts >= 1, "
-                "steps >= 0, lr, tau and time budget finite and > 0, expand share in [0, 1), hflip auto or in [0, 1], crop scale "
+                "steps >= 0, lr, tau and time budget finite and > 0, share within >= 0, expand share in [0, 1), hflip auto "
+                "or in [0, 1], crop scale "
                 "in (0, 1], budget split time or steps, keep weights best-val or last); fix the flag"
             )
 

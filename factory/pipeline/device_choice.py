@@ -2,10 +2,14 @@
 accuracy probes (:mod:`factory.device.accuracy`), recorded in the device's manifest entry.
 
 ``search_devices`` runs before the learngene exists (the dry run needs only it);
-``choose_by_probes`` runs after, replacing capacity choices by the probes' on the build's data.
+``choose_by_probes`` runs after, replacing capacity choices by the probes' on the build's data. In a fleet the
+devices are probed most constrained first (:func:`fleet_order`), and each one may take a shape an earlier device
+of the same start chose (:class:`FleetChoices`), so that the two share one fine-tune.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from factory.core.shapes import DescendantShape
 from factory.device.accuracy import EstimatorConfig, SuccessiveHalving, choose_by_accuracy, describe_decision
@@ -73,17 +77,53 @@ def estimator(ctx: BuildContext, init: str | None = None) -> SuccessiveHalving:
     )
 
 
+@dataclass
+class FleetChoices:
+    """The shapes a fleet's devices chose so far, per start, and which devices chose each: what a later device's
+    probes may take, so that two devices share one fine-tune (:mod:`factory.device.accuracy_choice`, "a shape
+    another device chose"). ``share_z``: within how many paired SE of the device's own best validation NLL
+    (:attr:`~factory.pipeline.config.BuildConfig.share_within`; 0: never)."""
+
+    share_z: float
+    chosen: dict[str, dict[DescendantShape, list[str]]] = field(default_factory=dict)
+
+    def prefer(self, init: str) -> list[DescendantShape]:
+        """The shapes chosen so far with ``init``, first chosen first."""
+        return list(self.chosen.get(init, {})) if self.share_z > 0 else []
+
+    def devices(self, init: str, shape: DescendantShape) -> list[str]:
+        return list(self.chosen.get(init, {}).get(shape, []))
+
+    def add(self, init: str, shape: DescendantShape, device: str) -> None:
+        self.chosen.setdefault(init, {}).setdefault(shape, []).append(device)
+
+
+def fleet_order(devices: list[DeviceResult]) -> list[int]:
+    """The order a fleet's devices are probed in: most constrained first -- the smallest capacity choice (the
+    largest shape that fits, by FLOPs), then by name; failed devices last. A small device's choice usually fits
+    the larger ones, not the other way round, so the shapes a later device may share are the ones it can run."""
+
+    def key(i: int) -> tuple[float, str]:
+        device = devices[i]
+        return (float("inf"), device.name) if device.is_failed else (float(device["predicted"]["flops_g"]), device.name)
+
+    return sorted(range(len(devices)), key=key)
+
+
 def choose_by_probes(
     ctx: BuildContext,
     devices: list[DeviceResult],
     results: dict[str, SearchResult],
     reason: str = "the accuracy objective",
     init: str | None = None,
+    fleet: FleetChoices | None = None,
 ) -> list[DeviceResult]:
     """Each device with its capacity choice replaced by the candidate of the best predicted accuracy when
     fine-tuned from ``init`` (default: the build's, :func:`search_init`); ``reason`` (why the build probes)
-    goes into each device's ``selection``."""
+    goes into each device's ``selection``. With ``fleet``, each device may take a shape a device before it chose
+    from the same start, and adds its own choice (``selection.shares_fine_tune_with`` names the devices)."""
     predictor = estimator(ctx, init)
+    start = init or search_init(ctx.cfg)
     out = []
     for device in devices:
         if device.is_failed:
@@ -91,8 +131,10 @@ def choose_by_probes(
             continue
         result = results[device.name]
         best, spent = result.feasible[0], predictor.seconds
-        chosen, rows = choose_by_accuracy(result, predictor, ctx.cfg.candidates)
+        prefer, share_z = (fleet.prefer(start), fleet.share_z) if fleet else ((), 0.0)
+        chosen, rows = choose_by_accuracy(result, predictor, ctx.cfg.candidates, prefer, share_z)
         row = next(r for r in rows if r["chosen"])
+        partners = fleet.devices(start, chosen.shape) if fleet else []
         selection = {
             "objective": "accuracy",
             "reason": reason,
@@ -101,7 +143,10 @@ def choose_by_probes(
             "chosen": chosen.shape.label(),
             "capacity_choice": best.shape.label(),
             "seconds": round(predictor.seconds - spent, 2),
+            **({"shares_fine_tune_with": partners} if partners else {}),
         }
+        if fleet is not None:
+            fleet.add(start, chosen.shape, device.name)
         out.append(
             device.chose(
                 shape=chosen.shape.to_dict(),
@@ -110,9 +155,10 @@ def choose_by_probes(
                 selection=selection,
             )
         )
+        sharing = f"; one fine-tune with {', '.join(partners)}" if partners else ""
         ctx.log(
             f"{device.name}: chose {chosen.shape.label()} from {len(rows)} probed candidates in "
-            f"{predictor.seconds - spent:.1f}s; {describe_decision(row.get('decision', {}))}"
+            f"{predictor.seconds - spent:.1f}s; {describe_decision(row.get('decision', {}))}{sharing}"
         )
     return out
 

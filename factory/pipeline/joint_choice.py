@@ -38,12 +38,15 @@ from typing import Any
 
 from factory.core.shapes import DescendantShape
 from factory.pipeline.context import BuildContext
-from factory.pipeline.device_choice import choose_by_probes
+from factory.pipeline.device_choice import FleetChoices, choose_by_probes, fleet_order
 from factory.pipeline.device_result import DeviceResult
 
 
-def choose_jointly(ctx: BuildContext, devices: list[DeviceResult], results: dict[str, Any]) -> list[DeviceResult]:
-    """Each device with its (shape, initialisation) pair (module docstring); unchanged for a fixed ``--init``."""
+def choose_jointly(
+    ctx: BuildContext, devices: list[DeviceResult], results: dict[str, Any], fleet: FleetChoices | None = None
+) -> list[DeviceResult]:
+    """Each device with its (shape, initialisation) pair (module docstring); unchanged for a fixed ``--init``.
+    ``fleet``: the shapes chosen so far, which a shape searched again for another start may share."""
     from factory.pipeline.stages import decide
 
     if ctx.cfg.init != "auto" or not ctx.cfg.joint_choice:
@@ -83,7 +86,7 @@ def choose_jointly(ctx: BuildContext, devices: list[DeviceResult], results: dict
             f"{device.name}: --init auto prefers {start} at {first.label()}; searching the shape again for {start} "
             f"(as --init {start} searches)"
         )
-        out.append(_search_for_start(ctx, device, results, first, start, again=True))
+        out.append(_search_for_start(ctx, device, results, first, start, again=True, fleet=fleet))
     return out
 
 
@@ -103,15 +106,25 @@ def choose_pairs(
 ) -> list[DeviceResult]:
     """The build's shape (and, for ``--init auto``, initialisation) per device: the start first and one shape
     search for it where :func:`starts_first`; otherwise the probes' shape (accuracy objective) or the capacity
-    shape, then :func:`choose_jointly`."""
+    shape, then :func:`choose_jointly`. The devices are probed most constrained first
+    (:func:`~factory.pipeline.device_choice.fleet_order`), each free to share a shape an earlier one chose from
+    the same start (:class:`~factory.pipeline.device_choice.FleetChoices`); the list comes back in its order."""
+    order = fleet_order(devices)
+    ordered = [devices[i] for i in order]
+    fleet = FleetChoices(ctx.cfg.share_within)
     if starts_first(ctx, objective):
-        return [d if d.is_failed else _start_first(ctx, d, results) for d in devices]
-    if objective == "accuracy":
-        devices = choose_by_probes(ctx, devices, results, reason=why)
-    return choose_jointly(ctx, devices, results)
+        chosen = [d if d.is_failed else _start_first(ctx, d, results, fleet) for d in ordered]
+    else:
+        if objective == "accuracy":
+            ordered = choose_by_probes(ctx, ordered, results, reason=why, fleet=fleet)
+        chosen = choose_jointly(ctx, ordered, results, fleet)
+    back: list[DeviceResult] = list(devices)
+    for i, device in zip(order, chosen, strict=True):
+        back[i] = device
+    return back
 
 
-def _start_first(ctx: BuildContext, device: DeviceResult, results: dict[str, Any]) -> DeviceResult:
+def _start_first(ctx: BuildContext, device: DeviceResult, results: dict[str, Any], fleet: FleetChoices) -> DeviceResult:
     from factory.pipeline.stages import decide
 
     first = DescendantShape.from_dict(device["shape"])  # the largest shape that fits: the capacity choice
@@ -123,11 +136,18 @@ def _start_first(ctx: BuildContext, device: DeviceResult, results: dict[str, Any
         "the start first: "
         f"{start} at {first.label()}, the largest shape that fits; the shape is searched once, for {start}"
     )
-    return _search_for_start(ctx, device, results, first, start, again=False)
+    return _search_for_start(ctx, device, results, first, start, again=False, fleet=fleet)
 
 
 def _search_for_start(
-    ctx: BuildContext, device: DeviceResult, results: dict[str, Any], first: DescendantShape, start: str, *, again: bool
+    ctx: BuildContext,
+    device: DeviceResult,
+    results: dict[str, Any],
+    first: DescendantShape,
+    start: str,
+    *,
+    again: bool,
+    fleet: FleetChoices | None,
 ) -> DeviceResult:
     """``device`` with the shape the probes choose among its Pareto candidates fine-tuned from ``start``, and the
     joint record: ``again`` -- the start was decided at ``first``, the shape searched (and probed) for PEG's
@@ -140,6 +160,7 @@ def _search_for_start(
         results,
         reason=f"--init auto chose {start} {where}: shape searched for it",
         init=start,
+        fleet=fleet,
     )
     rows = found["selection"]["candidates"]
     chosen = DescendantShape.from_dict(found["shape"])
@@ -157,9 +178,16 @@ def _search_for_start(
     ]
     best = next(r for r in rows if r["chosen"])
     prefers = "prefers" if start != "peg" else "keeps"
+    shared = (best.get("decision") or {}).get("shared")
+    ranked = (
+        f"within {shared['within_se']:g} paired SE of {shared['best']}, the best of {len(rows)} shapes, and shared "
+        f"with {', '.join(found['selection']['shares_fine_tune_with'])}"
+        if shared
+        else f"probed best of {len(rows)} shapes"
+    )
     why = (
         f"{where} the transfer probe {prefers} {start} ({decision['reason']}); fine-tuned from {start}, "
-        f"{chosen.label()} probed best of {len(rows)} shapes (validation NLL {best.get('val_nll', float('nan')):.3f}, "
+        f"{chosen.label()} {ranked} (validation NLL {best.get('val_nll', float('nan')):.3f}, "
         f"accuracy {best['predicted_accuracy']:.3f} after {best.get('probe_steps', '?')} steps)"
     )
     joint = {

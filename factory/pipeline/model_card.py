@@ -47,6 +47,11 @@ def selection_text(sel: dict[str, Any]) -> str:
         f"{best['predicted_accuracy']:.3f} after {best.get('probe_steps', '?')} of the {est['budget_steps']} steps; rungs "
         f"{'/'.join(map(str, est['rungs']))}, {est['val_images']} validation images) among {len(sel['candidates'])} "
         f"Pareto-front candidates; {describe_decision(best.get('decision', {}))}"
+        + (
+            f"; one fine-tune with {', '.join(sel['shares_fine_tune_with'])}"
+            if sel.get("shares_fine_tune_with")
+            else ""
+        )
     )
 
 

@@ -125,6 +125,12 @@ def plan(
         )
         rows.append({**entry, "finetune_cached": cached, "finetune_estimate_s": round(finetune_s, 1), **extra})
     ok = sum(not d.is_failed for d in devices)
+    if objective == "accuracy" and ok > 1 and cfg.share_within > 0:
+        log(
+            "fleet: devices are probed most constrained first; each takes a shape an earlier one chose from the same "
+            f"start where its probe is within {cfg.share_within:g} paired SE of its own best, one fine-tune for both "
+            "(--share-within 0: each its own)"
+        )
     stages = [
         {"stage": "setup", "scope": "fleet", "items": 1, "will_run": 1, "estimate_s": round(setup_s, 1)},
         *stage_summary(seconds, devices),

@@ -20,6 +20,7 @@ import yaml
 
 from factory.io import atomic_write_bytes
 from factory.pipeline.markdown import md_cell, md_text
+from factory.pipeline.model_card import selection_text
 from factory.pipeline.perf_card import PERF, perf_rows
 
 PLOT_HINT = "figures need matplotlib: pip install matplotlib"
@@ -319,8 +320,11 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
         pairs = pairs_text(dev.get("joint") or {})
         if pairs:
             init += f". Pairs compared: {pairs}"
+        shape = f"{_label(dev['shape'])}. {selection_text(dev.get('selection', {}))}"
         md += [
             f"## {name}",
+            "",
+            f"**Shape:** {md_text(shape)}",
             "",
             f"**Initialisation:** {md_text(init)}",
             "",
@@ -340,6 +344,7 @@ def write_reports(out: Path, manifest: dict[str, Any]) -> None:
             md += [f"### Performance card (`{dev['perf_card']}`)", "", *_md_table(PERF, perf), ""]
         page += [
             f"<h2 id='{html.escape(name)}'>{html.escape(name)}</h2>",
+            f"<p><b>Shape:</b> {html.escape(shape)}</p>",
             f"<p><b>Initialisation:</b> {html.escape(init)}</p>",
             f"<p><b>Deploy:</b> {html.escape(str(deploy.get('format', 'onnx')))} &mdash; "
             f"{html.escape(str(deploy.get('reason', 'the only artifact')))}</p>",
