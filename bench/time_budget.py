@@ -43,6 +43,7 @@ STRATEGIES = {
     "auto (default)": {"init": "auto"},
     "auto (equal steps)": {"init": "auto", "budget_split": "steps"},  # the default before equal time per shape
     "auto (last weights)": {"init": "auto", "keep_weights": "last"},  # the default before --keep-weights best-val
+    "auto (no sharing)": {"init": "auto", "share_within": 0.0},  # the default before a fleet's devices shared shapes
     "peg": {"init": "peg"},
     "weight_selection": {"init": "weight_selection"},
     "scratch": {"init": "scratch"},
