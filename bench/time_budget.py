@@ -44,6 +44,7 @@ STRATEGIES = {
     "auto (equal steps)": {"init": "auto", "budget_split": "steps"},  # the default before equal time per shape
     "auto (last weights)": {"init": "auto", "keep_weights": "last"},  # the default before --keep-weights best-val
     "auto (no sharing)": {"init": "auto", "share_within": 0.0},  # the default before a fleet's devices shared shapes
+    "auto (share within 3 SE)": {"init": "auto", "share_within": 3.0},  # a wider --share-within
     "peg": {"init": "peg"},
     "weight_selection": {"init": "weight_selection"},
     "scratch": {"init": "scratch"},
@@ -198,6 +199,8 @@ def _row(task, name, seed, budget, manifest, dev, seconds) -> dict:
     acc = dev["accuracy"]["test"]
     lg = (manifest["learngene"].get("recipe") or {}).get("expanding") or {}
     pace = dev["finetune"].get("pace") or {}  # a paced fine-tune's (factory.pipeline.pacing)
+    selection = dev.get("selection") or {}
+    decision = next((r.get("decision") for r in selection.get("candidates", []) if r["chosen"]), None) or {}
     return {
         "task": task,
         "device": dev["name"],
@@ -220,6 +223,9 @@ def _row(task, name, seed, budget, manifest, dev, seconds) -> dict:
         "ratio": round(seconds / budget, 3),
         "measured": record["measured_s"],
         "skipped_expanding_phase": (manifest.get("expanding_phase_check") or {}).get("skipped_phase"),
+        "shares_fine_tune_with": selection.get("shares_fine_tune_with", []),  # a fleet's devices on one fine-tune
+        "shared": decision.get("shared"),  # took another device's shape over its own best (within noise)
+        "not_shared": decision.get("not_shared"),  # the other devices' shapes it probed, and how far they were
     }
 
 
@@ -288,12 +294,35 @@ def summarise(data: dict) -> str:
                 f"{r['init']} | {r['expand_steps']} | {_steps(r)} | {r['accuracy']:.4f} ({r['se']:.4f}) | "
                 f"{gap:+.1f} | {r['seconds']:.0f} | {r['ratio']:.2f} |"
             )
+    out += _sharing_lines(rows)
     builds = {(r["task"], r["budget_s"], r["seed"], r["strategy"]): r for r in rows}  # a fleet build: one row a device
     ratios = [r["ratio"] for r in builds.values()]
     if ratios:
         within = sum(r <= 1.15 for r in ratios)
         out += ["", f"Builds within 1.15x their budget: {within} of {len(ratios)} (max {max(ratios):.2f}x)."]
     return "\n".join(out)
+
+
+def _sharing_lines(rows: list[dict]) -> list[str]:
+    """One line per device whose probes weighed another device's shape: taken (one fine-tune for both) or not,
+    with the paired NLL gap."""
+    out = []
+    for r in rows:
+        where = f"{r['task']} {r['budget_s']:.0f}s {r['strategy']} seed {r['seed']}, {r['device']}"
+        if r.get("shared"):
+            x = r["shared"]
+            out.append(
+                f"- {where}: took {x['shared']} over its own best {x['best']} (NLL {x['nll_gap']:+.4f}, SE {x['se']:.4f})"
+            )
+        elif (r.get("not_shared") or {}).get("considered"):
+            parts = [
+                f"{c['shape']} NLL {c['nll_gap']:+.4f} (SE {c['se']:.4f})"
+                if "nll_gap" in c
+                else f"{c['shape']} dropped"
+                for c in r["not_shared"]["considered"]
+            ]
+            out.append(f"- {where}: kept its own best; other devices' shapes: {', '.join(parts)}")
+    return ["", "Shapes weighed for sharing:", "", *out] if out else []
 
 
 def main() -> None:

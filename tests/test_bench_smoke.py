@@ -285,6 +285,8 @@ def test_time_budget_scores_each_device_of_a_fleet_build_against_the_same_device
     rows = [row("a", "auto (default)", 0.90, 0.95), row("b", "auto (default)", 0.80, 0.95)]
     rows += [row("a", "scratch", 0.95, 1.20), row("b", "scratch", 0.70, 1.20)]
     rows[1].update(finetune_steps=950, finetune_planned_steps=900, finetune_allotted_s=310.4, finetune_s=300.2)
+    rows[0]["shared"] = {"shared": "d4-w96", "best": "d6-w96", "nll_gap": 0.0123, "se": 0.0150}
+    rows[1]["not_shared"] = {"considered": [{"shape": "d2-w96", "nll_gap": 0.2, "se": 0.01}, {"shape": "d1-w32"}]}
     md = time_budget.summarise(
         {"machine": "x", "profile": "demo-fleet", "expand_cap": 400, "ancestry": "demo", "plan": [], "equal": rows}
     )
@@ -294,6 +296,8 @@ def test_time_budget_scores_each_device_of_a_fleet_build_against_the_same_device
     assert "| b | scratch | 0 | d4-w96 | scratch | 0 | 900 | 0.7000 (0.0100) | -10.0 |" in md
     # a fleet build is one build, however many devices it ships: its time is counted once
     assert "Builds within 1.15x their budget: 1 of 2 (max 1.20x)." in md
+    assert "- digits 600s auto (default) seed 0, a: took d4-w96 over its own best d6-w96 (NLL +0.0123, SE 0.0150)" in md
+    assert "b: kept its own best; other devices' shapes: d2-w96 NLL +0.2000 (SE 0.0100), d1-w32 dropped" in md
 
 
 def test_mirror_check_bench_quick_mode_runs(tmp_path):

@@ -80,6 +80,15 @@ def test_decide_takes_the_shared_finalist_and_says_so():
     assert f"took {B.label()}, another device's choice, over its own best {A.label()}" in line
     assert "within 1 paired SE" in line
     assert est.decide(finalists, prefer=[B], share_z=0.0)[0] == A
+    far = [_probe(A, 1.0), _probe(C, 1.05, 0.1), _probe(D, 1.3, rung=0, steps=3)]
+    chosen, why = est.decide(far, prefer=[C, D], share_z=1.0)
+    considered = why["not_shared"]["considered"]
+    assert chosen == A and "shared" not in why and [r["shape"] for r in considered] == [C.label(), D.label()]
+    assert considered[0]["nll_gap"] == pytest.approx(0.05, abs=1e-5) and "nll_gap" not in considered[1]
+    assert f"{C.label()} 0.0500 higher" in describe_decision(why) and f"{D.label()} dropped at rung 0" in (
+        describe_decision(why)
+    )
+    assert "not_shared" not in est.decide(far, prefer=[A, C], share_z=1.0)[1]  # its own best is another's choice
 
 
 class _Scripted(SuccessiveHalving):

@@ -85,6 +85,7 @@ from factory.device.accuracy_choice import (  # noqa: F401  # re-exported: one i
     candidates,
     choose_by_accuracy,
     describe_decision,
+    not_shared,
     paired_gap,
     shared_choice,
     within_noise,
@@ -351,7 +352,11 @@ class SuccessiveHalving:
             chosen = next(p for p in finalists if p.nll <= best + self.config.tie_nll).shape
             decision = {"rule": f"lowest NLL (ties within {self.config.tie_nll:g})"}
         shared = shared_choice(finalists, by_shape[chosen], prefer, share_z)
-        return (shared[0], {**decision, "shared": shared[1]}) if shared else (chosen, decision)
+        if shared:
+            return shared[0], {**decision, "shared": shared[1]}
+        if share_z > 0 and prefer and chosen not in prefer:  # the evidence against sharing
+            decision["not_shared"] = not_shared(probes, by_shape[chosen], prefer, share_z)
+        return chosen, decision
 
 
 __all__ = [

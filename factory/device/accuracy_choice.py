@@ -190,9 +190,32 @@ def shared_choice(
     }
 
 
+def not_shared(probes: list[Probe], best: Probe, prefer: Sequence[DescendantShape], z: float) -> dict[str, Any]:
+    """Why no other device's shape took ``best``'s place: each shape of ``prefer`` this device probed, the rung it
+    reached (one below the last: dropped, outside the noise of its rung's best) and, at the last rung, its paired
+    NLL gap to ``best`` in SE."""
+    rows = []
+    for p in sorted((p for p in probes if p.shape in prefer and p.shape != best.shape), key=lambda p: -p.rung):
+        row: dict[str, Any] = {"shape": p.shape.label(), "rung": p.rung}
+        if p.rung == best.rung and len(p.per_image) == len(best.per_image) and p.per_image:
+            gap, se = paired_gap(p.per_image, best.per_image)
+            row |= {"nll_gap": round(gap, 5), "se": round(se, 5)}
+        rows.append(row)
+    return {"within_se": z, "last_rung": best.rung, "considered": rows}
+
+
 def describe_decision(decision: dict[str, Any]) -> str:
     """One line saying why the estimator chose what it chose (the chosen row's ``decision``)."""
     line = _describe_choice(decision)
+    if decision.get("not_shared", {}).get("considered"):
+        record = decision["not_shared"]
+        parts = [
+            f"{r['shape']} {r['nll_gap']:.4f} higher (SE {r['se']:.4f})"
+            if "nll_gap" in r
+            else f"{r['shape']} dropped at rung {r['rung']}"
+            for r in record["considered"]
+        ]
+        line += f"; other devices' shapes not within {record['within_se']:g} paired SE: {', '.join(parts)}"
     shared = decision.get("shared")
     if shared:
         line += (
