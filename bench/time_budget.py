@@ -44,6 +44,7 @@ STRATEGIES = {
     "auto (equal steps)": {"init": "auto", "budget_split": "steps"},  # the default before equal time per shape
     "auto (last weights)": {"init": "auto", "keep_weights": "last"},  # the default before --keep-weights best-val
     "auto (no sharing)": {"init": "auto", "share_within": 0.0},  # the default before a fleet's devices shared shapes
+    "auto (share within 1 SE)": {"init": "auto", "share_within": 1.0},  # the first default of --share-within
     "auto (share within 3 SE)": {"init": "auto", "share_within": 3.0},  # a wider --share-within
     "peg": {"init": "peg"},
     "weight_selection": {"init": "weight_selection"},

@@ -14,6 +14,13 @@ candidates (:func:`candidates`), stays in the running while it is within noise o
 higher by at most ``share_z`` paired standard errors (:func:`shared_choice`; ``share_z = 0``: never). The paired
 standard error is that of the per-image NLL differences on the same validation images (:func:`paired_gap`), the
 test the anchored variant uses.
+
+Why 2 SE by default (``--share-within``): it is the anchored variant's rule turned round -- the device's own best
+replaces a shape the fleet already fine-tunes only on the evidence that would replace an incumbent -- and measured
+(bench/RESULTS.md, Runs 23b and 24: seven builds of the demo fleet, mnist-unseen, 10 minutes, seed 3), the three
+whose devices ended on two distinct shapes had fleet means of 0.9543-0.9610, the four on three shapes 0.9502-0.9520,
+while the paired SE between two shapes' probes was ~0.025 NLL: at 1 SE the devices shared only where their probes
+happened to agree.
 """
 
 from __future__ import annotations

@@ -83,8 +83,8 @@ class BuildConfig:
     candidates: int = 8
     # in a fleet: a device takes a shape another device of one start chose (one fine-tune for both) where its probe's
     # validation NLL is within this many paired SE of the device's own best; 0: each device its own best
-    # (factory.device.accuracy_choice, "a shape another device chose")
-    share_within: float = 1.0
+    # (factory.device.accuracy_choice, "a shape another device chose": why 2)
+    share_within: float = 2.0
     # a wall-clock budget in seconds (None: none): the fine-tuning and expanding-phase steps are planned to fit it
     # on this machine (factory.pipeline.time_budget); finetune_steps is then replaced by the plan, expand_steps
     # is the most the phase may take
