@@ -65,6 +65,8 @@ def test_another_devices_choice_is_taken_within_noise_and_only_then():
     assert shared_choice([best, far], best, [C], 1.0) is None  # outside the noise: the device's own best
     assert shared_choice([best, near], best, [A, B], 1.0) is None  # its own best is another's choice already
     assert shared_choice([best, near], best, [], 1.0) is None  # nobody chose it
+    big = _probe(D, 1.0)  # the device's own best is larger than the shape within noise: never traded down
+    assert shared_choice([big, _probe(B, 1.004, 0.1)], big, [B], 1.0) is None
     shape, why = shared_choice([best, near], best, [B], 1.0)
     assert why["best"] == A.label() and why["shared"] == B.label() and why["within_se"] == 1.0
     assert why["nll_gap"] == pytest.approx(0.004, abs=1e-5) and why["nll_gap"] <= why["se"]
@@ -89,6 +91,10 @@ def test_decide_takes_the_shared_finalist_and_says_so():
         describe_decision(why)
     )
     assert "not_shared" not in est.decide(far, prefer=[A, C], share_z=1.0)[1]  # its own best is another's choice
+    down = [_probe(C, 1.0), _probe(A, 1.0)]  # within noise (no gap at all), but smaller than C
+    chosen, why = est.decide(down, prefer=[A], share_z=1.0)
+    assert chosen == C and why["not_shared"]["considered"][0]["smaller"]
+    assert f"{A.label()} smaller than its own best" in describe_decision(why)
 
 
 class _Scripted(SuccessiveHalving):
@@ -155,9 +161,14 @@ def test_a_bad_share_within_is_refused(bad):
         BuildConfig(share_within=bad)
 
 
-def test_a_fleet_build_ships_one_fine_tune_for_two_devices_that_probe_alike(tmp_path):
+def test_a_fleet_build_ships_one_fine_tune_for_two_devices_that_probe_alike(tmp_path, monkeypatch):
     """Two devices, the smaller probed first. With --share-within wide open the larger takes the smaller's shape
-    (its own best was another), the two ship one fine-tune, and the manifest, log and report say so."""
+    (its own best was another), the two ship one fine-tune, and the manifest, log and report say so. The rule that a
+    device never takes a smaller shape is tested above; here every shape counts as one size, so that which shapes
+    these probes happen to pick does not decide whether the plumbing is tested."""
+    import factory.device.accuracy_choice as accuracy_choice
+
+    monkeypatch.setattr(accuracy_choice, "vit_flops", lambda shape, *arch: 1)
     cfg = BuildConfig(data="synthetic", init="scratch", finetune_steps=12, batch_size=16, candidates=3)
     profiles = [load_profile(_profile(tmp_path, "big", 0.6)), load_profile(_profile(tmp_path, "small", 0.15))]
     lines: list[str] = []

@@ -15,6 +15,14 @@ higher by at most ``share_z`` paired standard errors (:func:`shared_choice`; ``s
 standard error is that of the per-image NLL differences on the same validation images (:func:`paired_gap`), the
 test the anchored variant uses.
 
+**Never a smaller shape.** A device takes another device's shape only where it is at least as large (FLOPs) as
+its own best. Short probes favour shapes that learn fast first (bench/RESULTS.md, "Probes at 400 fine-tuning
+steps"), so "within noise" of a smaller shape is the probes' bias, not evidence: measured (Run 24c, textures, 10
+minutes), with the smaller devices probed first and no such rule, both Jetsons took the Raspberry Pi's d1-w160 within
+2 SE and the fleet of one fine-tune shipped 0.7800 on every device, against 0.8225-0.8450 for Run 23's d4, d4, d2.
+Since the devices are probed most constrained first, a later (larger) device can still take a larger shape an
+earlier one chose, the direction the probes' bias cannot explain.
+
 Why 2 SE by default (``--share-within``): it is the anchored variant's rule turned round -- the device's own best
 replaces a shape the fleet already fine-tunes only on the evidence that would replace an incumbent -- and measured
 (bench/RESULTS.md, Runs 23b and 24: seven builds of the demo fleet, mnist-unseen, 10 minutes, seed 3), the three
@@ -29,7 +37,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from factory.core.shapes import DescendantShape
+from factory.core.shapes import DescendantShape, vit_flops
 from factory.device.probe_types import Probe
 from factory.device.search import AccuracyPredictor
 
@@ -173,15 +181,22 @@ def within_noise(probe: Probe, best: Probe, z: float) -> bool:
     return gap <= z * se
 
 
+def smaller(shape: DescendantShape, than: DescendantShape) -> bool:
+    """Whether ``shape`` costs fewer multiply-adds than ``than`` (:func:`~factory.core.shapes.vit_flops`): a shape
+    a device does not trade its own best for (module docstring, "never a smaller shape")."""
+    return vit_flops(shape) < vit_flops(than)
+
+
 def shared_choice(
     finalists: list[Probe], best: Probe, prefer: Sequence[DescendantShape], z: float
 ) -> tuple[DescendantShape, dict[str, Any]] | None:
     """The finalist another device chose to take over ``best``, the device's own lowest-NLL finalist, and the
     evidence: the one of ``prefer`` whose paired NLL gap to ``best`` is smallest, where it is within ``z`` SE
-    (:func:`within_noise`). None where ``best`` is already another device's choice or none is within noise."""
+    (:func:`within_noise`) and not :func:`smaller` than ``best``. None where ``best`` is already another device's
+    choice or none is within noise."""
     if best.shape in prefer:
         return None
-    near = [p for p in finalists if p.shape in prefer and within_noise(p, best, z)]
+    near = [p for p in finalists if p.shape in prefer and not smaller(p.shape, best.shape) and within_noise(p, best, z)]
     if not near:
         return None
     gaps = {p.shape: paired_gap(p.per_image, best.per_image) for p in near}
@@ -203,7 +218,7 @@ def not_shared(probes: list[Probe], best: Probe, prefer: Sequence[DescendantShap
     NLL gap to ``best`` in SE."""
     rows = []
     for p in sorted((p for p in probes if p.shape in prefer and p.shape != best.shape), key=lambda p: -p.rung):
-        row: dict[str, Any] = {"shape": p.shape.label(), "rung": p.rung}
+        row: dict[str, Any] = {"shape": p.shape.label(), "rung": p.rung, "smaller": smaller(p.shape, best.shape)}
         if p.rung == best.rung and len(p.per_image) == len(best.per_image) and p.per_image:
             gap, se = paired_gap(p.per_image, best.per_image)
             row |= {"nll_gap": round(gap, 5), "se": round(se, 5)}
@@ -217,12 +232,15 @@ def describe_decision(decision: dict[str, Any]) -> str:
     if decision.get("not_shared", {}).get("considered"):
         record = decision["not_shared"]
         parts = [
-            f"{r['shape']} {r['nll_gap']:.4f} higher (SE {r['se']:.4f})"
+            f"{r['shape']} smaller than its own best"
+            if r.get("smaller")
+            else f"{r['shape']} {r['nll_gap']:.4f} higher (SE {r['se']:.4f})"
             if "nll_gap" in r
             else f"{r['shape']} dropped at rung {r['rung']}"
             for r in record["considered"]
         ]
-        line += f"; other devices' shapes not within {record['within_se']:g} paired SE: {', '.join(parts)}"
+        line += f"; other devices' shapes not taken (within {record['within_se']:g} paired SE and no smaller): "
+        line += ", ".join(parts)
     shared = decision.get("shared")
     if shared:
         line += (
