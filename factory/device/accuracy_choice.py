@@ -18,8 +18,8 @@ test the anchored variant uses.
 **Never a smaller shape.** A device takes another device's shape only where it is at least as large (FLOPs) as
 its own best. Short probes favour shapes that learn fast first (bench/RESULTS.md, "Probes at 400 fine-tuning
 steps"), so "within noise" of a smaller shape is the probes' bias, not evidence: measured (Run 24c, textures, 10
-minutes), with the smaller devices probed first and no such rule, both Jetsons took the Raspberry Pi's d1-w160 within
-2 SE and the fleet of one fine-tune shipped 0.7800 on every device, against 0.8225-0.8450 for Run 23's d4, d4, d2.
+minutes), without this rule the Jetson Orin Nano took the Raspberry Pi's d1-w160 over its own d2-w160 (1.6 SE) and
+the fleet's one fine-tune shipped 0.7800 on every device, against 0.8050-0.8175 without sharing in the same run.
 Since the devices are probed most constrained first, a later (larger) device can still take a larger shape an
 earlier one chose, the direction the probes' bias cannot explain.
 
