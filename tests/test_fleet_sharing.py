@@ -123,6 +123,8 @@ def test_the_halving_carries_another_devices_choice_while_it_is_within_noise():
     plain = _Scripted(script, {B: 0.1, C: 0.1, D: 0.1})
     assert {p.shape: p.steps for p in plain.rank([A, B, C, D])} == {A: 12, B: 6, C: 3, D: 3}
     assert len(plain.trained) == len(est.trained) - 2  # what carrying C cost: its two later rungs
+    down = _Scripted({D: 1.0, C: 1.001, B: 1.003, A: 1.004}, {C: 0.1, B: 0.1, A: 0.1})
+    assert {p.shape: p.steps for p in down.rank([D, C, B, A], prefer=[B], share_z=1.0)}[B] == 3  # smaller: dropped
 
 
 @pytest.fixture(scope="module")

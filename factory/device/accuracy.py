@@ -88,6 +88,7 @@ from factory.device.accuracy_choice import (  # noqa: F401  # re-exported: one i
     not_shared,
     paired_gap,
     shared_choice,
+    smaller,
     within_noise,
 )
 from factory.device.calibrated_nll import temperature_scaled_nll  # noqa: F401  # re-exported
@@ -259,7 +260,8 @@ class SuccessiveHalving:
         shape's last probe, best first (rung reached, then NLL). With ``config.anchor``, ``incumbent``
         (the capacity choice) goes on at every rung and the better half of the others fills the rest. A shape of
         ``prefer`` (another device's choice) that the halving drops goes on beside the survivors while its NLL is
-        within ``share_z`` paired SE of the rung's best (:func:`within_noise`), so the last rung can compare it."""
+        within ``share_z`` paired SE of the rung's best (:func:`within_noise`) and it is not :func:`smaller` than
+        that best (a smaller one would not be taken), so the last rung can compare it."""
         from tqdm.auto import tqdm
 
         last: dict[DescendantShape, Probe] = {}
@@ -293,7 +295,14 @@ class SuccessiveHalving:
                 order = sorted((s for s in alive if s != anchored), key=lambda s: (last[s].nll, shapes.index(s)))
                 best = last[order[0]] if order else None
                 before, alive = alive, [anchored, *order[: keep - 1]] if anchored is not None else order[:keep]
-                carried = [s for s in prefer if s in before and s not in alive and within_noise(last[s], best, share_z)]
+                carried = [  # another device's shape that could still be taken: within noise, not smaller
+                    s
+                    for s in prefer
+                    if s in before
+                    and s not in alive
+                    and not smaller(s, best.shape)
+                    and within_noise(last[s], best, share_z)
+                ]
                 alive += carried  # another device's choice, still within noise: compared at the last rung
                 for s in set(states) - set(alive):
                     states.pop(s)  # eliminated: free its model
