@@ -293,7 +293,7 @@ class SuccessiveHalving:
                 anchored = incumbent if self.config.anchor and incumbent in alive else None
                 keep = self.config.survivors(len(alive) - len(carried), anchored is not None)
                 order = sorted((s for s in alive if s != anchored), key=lambda s: (last[s].nll, shapes.index(s)))
-                best = last[order[0]] if order else None
+                best = last[min(alive, key=lambda s: (last[s].nll, shapes.index(s)))]  # the rung's, anchored or not
                 before, alive = alive, [anchored, *order[: keep - 1]] if anchored is not None else order[:keep]
                 carried = [  # another device's shape that could still be taken: within noise, not smaller
                     s
@@ -345,17 +345,15 @@ class SuccessiveHalving:
             rival = min((p for p in finalists if p.shape != incumbent), key=lambda p: p.nll)
             mean, se = paired_gap(inc.per_image, rival.per_image)
             switch = mean > self.config.z * se
-            chosen, decision = (
-                (rival.shape if switch else incumbent),
-                {
-                    "rule": f"paired NLL gain > {self.config.z:g} SE",
-                    "incumbent": incumbent.label(),
-                    "challenger": rival.shape.label(),
-                    "nll_gain": round(mean, 5),
-                    "se": round(se, 5),
-                    "switched": switch,
-                },
-            )
+            chosen = rival.shape if switch else incumbent
+            decision = {
+                "rule": f"paired NLL gain > {self.config.z:g} SE",
+                "incumbent": incumbent.label(),
+                "challenger": rival.shape.label(),
+                "nll_gain": round(mean, 5),
+                "se": round(se, 5),
+                "switched": switch,
+            }
         else:
             best = min(p.nll for p in finalists)
             chosen = next(p for p in finalists if p.nll <= best + self.config.tie_nll).shape

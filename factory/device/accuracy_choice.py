@@ -172,13 +172,18 @@ def paired_gap(worse: Sequence[float], better: Sequence[float]) -> tuple[float, 
     return mean, sd / math.sqrt(len(d))
 
 
-def within_noise(probe: Probe, best: Probe, z: float) -> bool:
-    """Whether ``probe``'s validation NLL is higher than ``best``'s by at most ``z`` paired SE (``z > 0``;
-    probes of the same validation images, :func:`paired_gap`)."""
-    if z <= 0 or not probe.per_image or len(probe.per_image) != len(best.per_image):
-        return False
-    gap, se = paired_gap(probe.per_image, best.per_image)
-    return gap <= z * se
+def probe_gap(probe: Probe, best: Probe) -> tuple[float, float] | None:
+    """:func:`paired_gap` of two probes' per-image NLLs; None where they were not scored on the same images."""
+    if not probe.per_image or len(probe.per_image) != len(best.per_image):
+        return None
+    return paired_gap(probe.per_image, best.per_image)
+
+
+def within_noise(probe: Probe, best: Probe, z: float) -> tuple[float, float] | None:
+    """``(gap, SE)`` (:func:`probe_gap`) where ``probe``'s validation NLL is higher than ``best``'s by at most ``z``
+    paired SE (``z > 0``); None otherwise -- so a caller that needs the gap has it without computing it again."""
+    gap = probe_gap(probe, best) if z > 0 else None
+    return gap if gap is not None and gap[0] <= z * gap[1] else None
 
 
 def smaller(shape: DescendantShape, than: DescendantShape) -> bool:
@@ -196,10 +201,13 @@ def shared_choice(
     choice or none is within noise."""
     if best.shape in prefer:
         return None
-    near = [p for p in finalists if p.shape in prefer and not smaller(p.shape, best.shape) and within_noise(p, best, z)]
-    if not near:
+    gaps = {
+        p.shape: gap
+        for p in finalists
+        if p.shape in prefer and not smaller(p.shape, best.shape) and (gap := within_noise(p, best, z))
+    }
+    if not gaps:
         return None
-    gaps = {p.shape: paired_gap(p.per_image, best.per_image) for p in near}
     shape = min(gaps, key=lambda s: (gaps[s][0], s.label()))
     gap, se = gaps[shape]
     return shape, {
@@ -219,9 +227,9 @@ def not_shared(probes: list[Probe], best: Probe, prefer: Sequence[DescendantShap
     rows = []
     for p in sorted((p for p in probes if p.shape in prefer and p.shape != best.shape), key=lambda p: -p.rung):
         row: dict[str, Any] = {"shape": p.shape.label(), "rung": p.rung, "smaller": smaller(p.shape, best.shape)}
-        if p.rung == best.rung and len(p.per_image) == len(best.per_image) and p.per_image:
-            gap, se = paired_gap(p.per_image, best.per_image)
-            row |= {"nll_gap": round(gap, 5), "se": round(se, 5)}
+        gap = probe_gap(p, best) if p.rung == best.rung else None
+        if gap is not None:
+            row |= {"nll_gap": round(gap[0], 5), "se": round(gap[1], 5)}
         rows.append(row)
     return {"within_se": z, "last_rung": best.rung, "considered": rows}
 
