@@ -13,7 +13,9 @@ TLEG are run in the same process on the same shapes, seeds and steps as the refe
   task's own training images); ``sandwich`` (``depths``: depths 1/3/6/9/12 at the ancestry's width,
   the old default; ``grid``: depths 1..12 x widths 96/144/192 at one head count and MLP ratio each;
   the factory's default; ``varied``: the grid with two head counts and MLP ratios 1-4 per width,
-  ``--vary-shapes``); ``extra hidden`` units of the depth maps.
+  ``--vary-shapes``); ``extra hidden`` units of the depth maps; ``largest_every`` (the sandwich's largest
+  shape every k-th step; 0: only when drawn) and ``random_per_step`` (random draws per step): the recipe's speed
+  lever at 224 px, where the largest shape is about two thirds of a step.
 - ``amp`` of the expanding phase (``off`` = fp32, how every learngene here was trained until bf16
   autocast arrived; ``bf16``) and ``distill``: the input size it distils at (position embeddings
   resampled; None = the ancestry's 28 px): the real-scale speed-ups of issue 21, whose quality is measured
@@ -55,6 +57,8 @@ BASE = dict(
     extra_hidden=0,
     amp="off",
     distill=None,
+    largest_every=1,
+    random_per_step=1,
 )
 
 VARIANTS: list[tuple[str, dict]] = [
@@ -74,6 +78,11 @@ VARIANTS: list[tuple[str, dict]] = [
     ("shipped recipe, bf16", dict(rescale="std", steps=1500, amp="bf16")),
     ("shipped recipe, bf16, distil at 21 px", dict(rescale="std", steps=1500, amp="bf16", distill=21)),
     ("shipped recipe, bf16, varied heads and ratios", dict(rescale="std", steps=1500, amp="bf16", sandwich="varied")),
+    ("shipped recipe, bf16, largest every 3rd step", dict(rescale="std", steps=1500, amp="bf16", largest_every=3)),
+    (
+        "shipped recipe, bf16, no largest, 2 random",
+        dict(rescale="std", steps=1500, amp="bf16", largest_every=0, random_per_step=2),
+    ),
 ]
 SHAPES = [
     DescendantShape(3, 192, 3, 4.0, 28, 7, 10),
@@ -98,7 +107,14 @@ def make_learngene(anc, knobs: dict, task_train, mnist_train):
         shapes = default_shapes(lg, vary=True)
     data = task_train if k["data"] == "target" else mnist_train
     t0 = time.perf_counter()
-    exp = ExpandingConfig(steps=k["steps"], extra_hidden=k["extra_hidden"], amp=k["amp"], distill_img_size=k["distill"])
+    exp = ExpandingConfig(
+        steps=k["steps"],
+        extra_hidden=k["extra_hidden"],
+        amp=k["amp"],
+        distill_img_size=k["distill"],
+        largest_every=k["largest_every"],
+        random_per_step=k["random_per_step"],
+    )
     trained, _ = train_learngene(lg, anc, data, shapes, exp, progress=False)
     return trained, {
         "seconds": round(time.perf_counter() - t0, 1),

@@ -37,6 +37,10 @@ class ExpandingConfig:
     warmup_steps: int = 20
     temperature: float = 2.0
     random_per_step: int = 1
+    #: the largest shape (by FLOPs) is one of the step's shapes every ``largest_every``-th step (1: every step,
+    #: the sandwich rule; 0: only when a random draw picks it). At 224 px the largest shape (twice the ancestry's
+    #: depth) is about two thirds of a step's FLOPs, so this is the recipe's speed lever (bench/RESULTS.md).
+    largest_every: int = 1
     train_stem: bool = True
     shift: int = 1
     extra_hidden: int = 0  # extra ReLU units per depth map beyond the 2*L_b that make it linear at init
@@ -62,9 +66,11 @@ class ExpandingConfig:
             or not self.lr > 0
             or self.extra_hidden < 0
             or self.random_per_step < 0
+            or self.largest_every < 0
         ):
             raise FactoryError(
-                "expanding phase needs steps >= 0, batch_size >= 1, lr > 0, extra_hidden >= 0, random_per_step >= 0"
+                "expanding phase needs steps >= 0, batch_size >= 1, lr > 0, extra_hidden >= 0, random_per_step >= 0, "
+                "largest_every >= 0"
             )
         if self.distill_img_size is not None and self.distill_img_size < 1:
             raise FactoryError(f"expanding-phase distillation size must be >= 1 pixel, got {self.distill_img_size}")
@@ -78,7 +84,7 @@ class ExpandingConfig:
 #: learngene was trained in is recorded in its metadata (``expanding_phase.precision``).
 SPEED_FIELDS = ("amp", "device", "memory_mb")
 #: Fields added after learngenes were shipped, with the value that reproduces what older ones were made with.
-LATER_FIELDS = {"distill_img_size": None}
+LATER_FIELDS = {"distill_img_size": None, "largest_every": 1}
 
 
 def recipe_fields(cfg: ExpandingConfig) -> dict:
@@ -221,7 +227,9 @@ class GeneParameters(nn.Module):
 
 
 def picks_at(step: int, by_cost: list[DescendantShape], cfg: ExpandingConfig) -> list[DescendantShape]:
-    """Shapes trained at ``step``: smallest, largest, and ``random_per_step`` seeded draws."""
+    """Shapes trained at ``step``: the smallest, the largest (every ``largest_every``-th step, from step 0) and
+    ``random_per_step`` seeded draws, without repeats. The draws are the same whatever ``largest_every`` is."""
     rng = random.Random(cfg.seed * 1_000_003 + step)
-    picks = [by_cost[0], by_cost[-1]] + [rng.choice(by_cost) for _ in range(cfg.random_per_step)]
+    largest = [by_cost[-1]] if cfg.largest_every and step % cfg.largest_every == 0 else []
+    picks = [by_cost[0], *largest] + [rng.choice(by_cost) for _ in range(cfg.random_per_step)]
     return list(dict.fromkeys(picks))
