@@ -20,8 +20,15 @@ same shapes drawn in each (seeded):
 And, for the d24 shape alone (forward + backward of one micro-batch of 12, the bulk of a step): eager against
 ``torch.compile`` (inductor), after compiling.
 
+The sandwich (``ExpandingConfig.largest_every`` and ``random_per_step``, recipe changes whose quality
+``bench/learngene_study.py`` measures): the default against the largest shape every 2nd or 3rd step and against no
+largest shape with two random draws, each the *mean* of ``--cycle`` steps after a warm-up (a whole number of
+2- and 3-step cycles, the same seeded draws), beside the speed-up their FLOPs predict. ``--sandwich-only`` runs
+just this table.
+
 Usage:
     python bench/expanding_step.py --json bench/out/expanding_step.json --md bench/out/expanding_step.md
+    python bench/expanding_step.py --sandwich-only --json bench/out/sandwich_step.json --md bench/out/sandwich_step.md
     python bench/expanding_step.py --quick --json /tmp/e.json      # smoke run (batch 8, 1 step, no compile)
 """
 
@@ -60,12 +67,12 @@ def matmul_rate(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 1.0
 
 
 def step_flops(anc, shapes, cfg: ExpandingConfig) -> dict:
-    """Multiply-adds of one step (module docstring), the random shape averaged over ``shapes``."""
+    """Multiply-adds of one step (module docstring), averaged over the sandwich's cycle: the random shapes averaged
+    over ``shapes``, the largest counted ``1 / largest_every`` times (repeats of a drawn shape ignored)."""
     by_cost = sorted(shapes, key=vit_flops)
     teacher = vit_flops(anc.arch.shape())
-    students = (
-        vit_flops(by_cost[0]) + vit_flops(by_cost[-1]) + cfg.random_per_step * statistics.mean(map(vit_flops, shapes))
-    )
+    largest = vit_flops(by_cost[-1]) / cfg.largest_every if cfg.largest_every else 0.0
+    students = vit_flops(by_cost[0]) + largest + cfg.random_per_step * statistics.mean(map(vit_flops, shapes))
     macs = cfg.batch_size * (teacher + 3 * students)
     return {"gmac_per_step": round(macs / 1e9, 1), "teacher_share": round(teacher / (teacher + 3 * students), 3)}
 
@@ -115,6 +122,38 @@ def compiled_d24(anc, micro: int, reps: int) -> dict:
     return out
 
 
+SANDWICHES = [
+    ("default: smallest + largest + 1 random", {}),
+    ("largest every 2nd step", dict(largest_every=2)),
+    ("largest every 3rd step", dict(largest_every=3)),
+    ("no largest, 2 random", dict(largest_every=0, random_per_step=2)),
+]
+
+
+def sandwich_rows(lg, anc, shapes, base: ExpandingConfig, cycle: int) -> list[dict]:
+    """Mean seconds per step of each :data:`SANDWICHES` recipe over steps ``1..cycle`` (step 0, with its one-off
+    costs, left out), against the default's, beside the speed-up :func:`step_flops` predicts."""
+    rows = []
+    for name, knobs in SANDWICHES:
+        cfg = dataclasses.replace(base, steps=cycle + 1, **knobs)
+        _, report = train_learngene(lg, anc, random_images(anc, cfg.batch_size), shapes, cfg, progress=False)
+        seconds = statistics.mean(h["seconds"] for h in report["history"][1:])
+        flops = step_flops(anc, shapes, cfg)["gmac_per_step"]
+        rows.append({"sandwich": name, **knobs, "s_per_step": round(seconds, 3), "gmac_per_step": flops})
+        print(f"sandwich {rows[-1]}", flush=True)
+    for r in rows:
+        r["speedup"] = round(rows[0]["s_per_step"] / r["s_per_step"], 3)
+        r["flops_speedup"] = round(rows[0]["gmac_per_step"] / r["gmac_per_step"], 3)
+    return rows
+
+
+def random_images(anc, batch: int):
+    from factory.data import ImageTensors
+
+    images = torch.randn(batch, 3, anc.arch.img_size, anc.arch.img_size)
+    return ImageTensors(images, torch.zeros(batch, dtype=torch.int64), ["x"])
+
+
 def run(args) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -123,6 +162,16 @@ def run(args) -> dict:
     lg = sample_learngene(anc, anc.arch.depth // 2, seed=0, rescale="std")
     shapes = default_shapes(lg)
     base = ExpandingConfig(batch_size=args.batch)
+    info = {
+        "ancestry": ANCESTRY,
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}, torch {torch.__version__}".strip(),
+        "cycle": args.cycle,
+        "sandwich": sandwich_rows(lg, anc, shapes, base, args.cycle),
+    }
+    if args.sandwich_only:
+        return info
     rates = {
         "bf16_square_gflops": round(matmul_rate(torch.bfloat16, 2048, 2048, 2048), 1),
         "fp32_square_gflops": round(matmul_rate(torch.float32, 2048, 2048, 2048), 1),
@@ -154,11 +203,8 @@ def run(args) -> dict:
     precision = precision_for(torch.device("cpu"), "auto")
     peak = rates["bf16_square_gflops" if precision == "bf16" else "fp32_square_gflops"]
     return {
-        "ancestry": ANCESTRY,
-        "batch": args.batch,
-        "threads": torch.get_num_threads(),
+        **info,
         "precision": precision,
-        "machine": f"{platform.machine()} {platform.processor() or ''}, torch {torch.__version__}".strip(),
         "rates": rates,
         "flops": {**flops, "achieved_gflops": round(achieved, 1), "roofline_fraction": round(achieved / peak, 3)},
         "steps": rows,
@@ -167,7 +213,32 @@ def run(args) -> dict:
     }
 
 
+def sandwich_table(data: dict) -> list[str]:
+    rows = data.get("sandwich") or []
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"The sandwich's recipes (mean seconds per step over {data['cycle']} steps after a "
+        "warm-up, the same seeded draws):",
+        "",
+        "| sandwich | GMAC / step | s / step | speed-up | FLOPs predict |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['sandwich']} | {r['gmac_per_step']} | {r['s_per_step']:.3f} | {r['speedup']:.2f}x | "
+        f"{r['flops_speedup']:.2f}x |"
+        for r in rows
+    ]
+    return lines
+
+
 def summarise(data: dict) -> str:
+    if "flops" not in data:  # --sandwich-only
+        head = (
+            f"Machine: {data['machine']}, {data['threads']} threads; {data['ancestry']}, batch {data['batch']}, 224 px."
+        )
+        return "\n".join([head, *sandwich_table(data)])
     f, r = data["flops"], data["rates"]
     lines = [
         f"Machine: {data['machine']}, {data['threads']} threads; {data['ancestry']}, batch {data['batch']}, 224 px, "
@@ -198,7 +269,7 @@ def summarise(data: dict) -> str:
             f"eager {c['eager_s']} s, compiled {c['compiled_s']} s ({c['compiled_vs_eager']:.2f}x) after "
             f"{c['compiled_first_s']} s of compiling.",
         ]
-    return "\n".join(lines)
+    return "\n".join(lines + sandwich_table(data))
 
 
 def main() -> None:
@@ -209,10 +280,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="measured steps per variant (after a warm-up)")
     parser.add_argument("--top", type=int, default=10, help="profiled ops listed")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--cycle", type=int, default=6, help="measured steps per sandwich recipe (after a warm-up)")
+    parser.add_argument("--sandwich-only", action="store_true", help="only the sandwich's recipes")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 8, 1 step, no compile")
     args = parser.parse_args()
     if args.quick:
-        args.batch, args.steps, args.top = 8, 1, 5
+        args.batch, args.steps, args.top, args.cycle = 8, 1, 5, 2
     run_and_write(run, summarise, args)
 
 

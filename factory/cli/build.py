@@ -98,6 +98,13 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     "[default: the ancestry's]; 112 for a 224-px ancestry is ~4x faster per step.",
 )
 @click.option(
+    "--expand-largest-every",
+    type=click.IntRange(0, 1 << 20),
+    default=None,
+    help="Train the sandwich's largest shape every K-th expanding-phase step [default: 1, every step]; 0: only "
+    "when drawn. The largest shape is most of a step at 224 px: K=3 is ~1.8x fewer FLOPs a step (bench/RESULTS.md).",
+)
+@click.option(
     "--learngene",
     default=None,
     help="A learngene directory to use as it is (e.g. from `peg-factory learngene train`): no sampling, no "

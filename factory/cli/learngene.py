@@ -121,6 +121,14 @@ def learngene(ctx, ancestry, layers, heads, tau, mixing, head_mixing, rescale, s
     default=None,
     help="Distil at this input size (a multiple of the patch size) [default: the ancestry's].",
 )
+@click.option(
+    "--largest-every",
+    type=click.IntRange(0, 1 << 20),
+    default=1,
+    show_default=True,
+    help="Train the sandwich's largest shape every K-th step (1: every step); 0: only when drawn. "
+    "The largest shape is most of a step at 224 px: K=3 is ~1.8x fewer FLOPs a step (bench/RESULTS.md).",
+)
 @amp_option()
 @click.option("--vary-shapes", is_flag=True, help="Also sandwich over head counts and MLP ratios 1-4 per width.")
 @seed_option(help="Seed of the batches, the random shapes and the depth maps.")
@@ -142,6 +150,7 @@ def learngene_train(
     lr,
     extra_hidden,
     img_size,
+    largest_every,
     amp,
     vary_shapes,
     seed,
@@ -182,6 +191,7 @@ def learngene_train(
         extra_hidden=extra_hidden,
         seed=seed,
         distill_img_size=img_size,
+        largest_every=largest_every,
         amp=amp,
     )
     from factory.io import remove_work_directory, work_directory

@@ -50,6 +50,7 @@ class BuildConfig:
     expand_img_size: int | None = (
         None  # distil at this input size (None: the ancestry's); ExpandingConfig.distill_img_size
     )
+    expand_largest_every: int | None = None  # None: ExpandingConfig's default; its largest_every
     learngene: str | None = None  # a learngene directory to use as it is (e.g. made by `learngene train`)
     # auto: per chosen shape, a k-NN probe of every candidate's untrained features decides (factory.core.transfer,
     # bench/RESULTS.md "Choosing the initialisation"); peg, tleg, weight_selection, scratch: that one, always
@@ -116,6 +117,7 @@ class BuildConfig:
             "expand steps": self.expand_steps is None or self.expand_steps >= 0,
             "expand batch size": self.expand_batch_size is None or self.expand_batch_size >= 1,
             "expand img size": self.expand_img_size is None or self.expand_img_size >= 1,
+            "expand largest every": self.expand_largest_every is None or self.expand_largest_every >= 0,
             "amp": self.amp in ("auto", "bf16", "fp16", "off"),
             "data cache": self.data_cache_mb >= 0,
             "train memory": self.train_memory_mb is None or self.train_memory_mb >= 0,
@@ -208,6 +210,8 @@ def expanding_config(cfg: BuildConfig) -> ExpandingConfig:
     exp = ExpandingConfig() if cfg.expand_steps is None else ExpandingConfig(steps=cfg.expand_steps)
     if cfg.expand_batch_size is not None:
         exp = dataclasses.replace(exp, batch_size=cfg.expand_batch_size)
+    if cfg.expand_largest_every is not None:
+        exp = dataclasses.replace(exp, largest_every=cfg.expand_largest_every)
     return dataclasses.replace(
         exp, seed=cfg.gene_seed, amp=cfg.amp, distill_img_size=cfg.expand_img_size, memory_mb=cfg.train_memory_mb
     )

@@ -1,7 +1,8 @@
 """The expanding phase's training loop: train gene tensors and depth maps by distillation.
 
 At every step a few descendant shapes are drawn from ``shapes`` with the sandwich rule (the
-smallest and the largest by FLOPs, plus ``random_per_step`` drawn at random), each is expanded
+smallest and -- every ``largest_every``-th step, by default every step -- the largest by FLOPs, plus
+``random_per_step`` drawn at random), each is expanded
 *differentiably* from the learngene (:func:`factory.core.expand.expand_tensors`) and run with
 ``torch.func.functional_call`` on a meta-device timm skeleton, and the summed distillation loss
 
@@ -246,8 +247,10 @@ def measure_step_seconds(
 ) -> float | tuple[float, float]:
     """Seconds per expanding-phase step of ``cfg`` on this machine, measured: ``steps`` real steps on random
     images of the ancestry's size (the first one, with its one-off costs, left out; the median of the rest,
-    over the sandwich's changing random shape). With ``first``, ``(first step's seconds, per step)``: the
-    dry run estimates ``first + (steps - 1) * per step``."""
+    over the sandwich's changing random shape). Where the largest shape is not in every step
+    (``largest_every != 1``), at least one whole cycle of ``largest_every`` steps is run and the *mean* of steps
+    ``1..largest_every`` taken: a median would skip the step that carries it. With ``first``, ``(first step's
+    seconds, per step)``: the dry run estimates ``first + (steps - 1) * per step``."""
     import statistics
 
     from factory.data import ImageTensors
@@ -255,9 +258,11 @@ def measure_step_seconds(
     arch = lg.arch
     images = torch.randn(cfg.batch_size, arch.in_chans, arch.img_size, arch.img_size)
     data = ImageTensors(images, torch.zeros(cfg.batch_size, dtype=torch.int64), ["x"])
-    probe = dataclasses.replace(cfg, steps=max(2, steps))
+    cycle = cfg.largest_every if cfg.largest_every > 1 else 0
+    probe = dataclasses.replace(cfg, steps=max(2, steps, cycle + 1))
     _, report = train_learngene(lg, ancestry, data, shapes, probe, progress=False)
-    per_step = statistics.median(h["seconds"] for h in report["history"][1:])
+    seconds = [h["seconds"] for h in report["history"][1:]]
+    per_step = statistics.mean(seconds[:cycle]) if cycle else statistics.median(seconds)
     return (report["history"][0]["seconds"], per_step) if first else per_step
 
 
