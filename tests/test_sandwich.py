@@ -82,3 +82,14 @@ def test_step_seconds_average_a_whole_cycle_when_the_largest_is_not_in_every_ste
     assert seen["steps"] == 4 and per == pytest.approx((1 + 1 + 3) / 3)
     first, per = expanding_loop.measure_step_seconds(lg, None, [], ExpandingConfig(batch_size=2), steps=3, first=True)
     assert first == 9.0 and per == 3.0  # every step has the largest: 3 s each
+
+
+def test_the_dry_run_says_it_timed_a_whole_cycle(tmp_path):
+    res = cli_run(
+        "build", "--profile", "demo/jetson_orin", "--expand-steps", "800", "--expand-largest-every", "3",
+        "--init", "peg", "--dry-run", "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "the largest shape every 3 steps: a cycle's mean" in res.output
+    assert "will be sampled and trained for 800 expanding-phase steps" in res.output
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing

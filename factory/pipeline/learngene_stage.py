@@ -150,10 +150,13 @@ def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
     sampling = time.perf_counter() - t0
     first, per_step = measure_step_seconds(lg, ctx.ancestry, default_shapes(lg), exp, first=True)
     smaller = f"; micro-batches of at most {exp.memory_mb:.0f} MB, an upper bound" if exp != build else ""
+    every = exp.largest_every
+    sandwich = f"; the largest shape every {every} steps: a cycle's mean" if every > 1 else ""
+    sandwich = "; the largest shape only when drawn" if every == 0 else sandwich
     ctx.log(
         f"learngene: one expanding-phase step measured at {per_step:.2f}s (batch {exp.batch_size}, "
         f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px; the first {first:.2f}s, sampling {sampling:.2f}s"
-        f"{smaller})"
+        f"{smaller}{sandwich})"
     )
     ctx.expanding_times = (sampling, first, per_step)
     return ctx.expanding_times
