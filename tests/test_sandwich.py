@@ -14,9 +14,10 @@ from .helpers import cli_run, one_line_exit_2
 BY_COST = [f"s{i}" for i in range(12)]  # picks_at only orders and draws: labels stand in for shapes
 
 
-def test_the_default_is_the_sandwich_rule_smallest_and_largest_every_step():
+def test_largest_every_step_is_the_sandwich_rule_and_the_default_is_every_third():
+    assert ExpandingConfig().largest_every == 3  # measured: the learngene's quality of 1 at 1.78x fewer FLOPs
     for step in range(20):
-        picks = picks_at(step, BY_COST, ExpandingConfig())
+        picks = picks_at(step, BY_COST, ExpandingConfig(largest_every=1))
         assert picks[:2] == ["s0", "s11"] and len(picks) == len(set(picks)) <= 3
 
 
@@ -40,15 +41,20 @@ def test_largest_every_zero_trains_it_only_when_drawn():
     assert max(counts) == 3 and sum("s11" in picks_at(s, BY_COST, two) for s in range(50)) < 25
 
 
-def test_largest_every_is_part_of_the_recipe_and_old_learngenes_read_as_every_step():
+def test_largest_every_is_part_of_the_recipe_and_the_shipped_learngene_has_the_default():
     from factory.core.ancestry import load_ancestry
     from factory.pipeline.stages import shipped_learngene
 
-    assert recipe_fields(ExpandingConfig(largest_every=3)) != recipe_fields(ExpandingConfig())
+    assert recipe_fields(ExpandingConfig(largest_every=1)) != recipe_fields(ExpandingConfig())
     anc = load_ancestry("demo")
-    # the shipped learngene's log predates the field: it reads as 1, so the default build still uses it
-    assert shipped_learngene(build_learngene_recipe(BuildConfig(expand_largest_every=1), anc)) is not None
-    assert shipped_learngene(build_learngene_recipe(BuildConfig(expand_largest_every=3), anc)) is None
+    # the shipped learngene is made with the default: the default build uses it, a build asking for 1 trains its own
+    assert shipped_learngene(build_learngene_recipe(BuildConfig(), anc)) is not None
+    assert shipped_learngene(build_learngene_recipe(BuildConfig(expand_largest_every=3), anc)) is not None
+    assert shipped_learngene(build_learngene_recipe(BuildConfig(expand_largest_every=1), anc)) is None
+    # a learngene logged before the field existed was trained with the largest shape every step
+    from factory.core.expanding_phase import LATER_FIELDS
+
+    assert LATER_FIELDS["largest_every"] == 1
     assert expanding_config(BuildConfig(expand_largest_every=3)).largest_every == 3
     assert expanding_config(BuildConfig()).largest_every == ExpandingConfig.largest_every
 
@@ -80,7 +86,8 @@ def test_step_seconds_average_a_whole_cycle_when_the_largest_is_not_in_every_ste
     lg = type("L", (), {"arch": arch})()
     per = expanding_loop.measure_step_seconds(lg, None, [], ExpandingConfig(batch_size=2, largest_every=3), steps=3)
     assert seen["steps"] == 4 and per == pytest.approx((1 + 1 + 3) / 3)
-    first, per = expanding_loop.measure_step_seconds(lg, None, [], ExpandingConfig(batch_size=2), steps=3, first=True)
+    every = ExpandingConfig(batch_size=2, largest_every=1)
+    first, per = expanding_loop.measure_step_seconds(lg, None, [], every, steps=3, first=True)
     assert first == 9.0 and per == 3.0  # every step has the largest: 3 s each
 
 
