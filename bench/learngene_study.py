@@ -15,7 +15,9 @@ TLEG are run in the same process on the same shapes, seeds and steps as the refe
   the factory's default; ``varied``: the grid with two head counts and MLP ratios 1-4 per width,
   ``--vary-shapes``); ``extra hidden`` units of the depth maps; ``largest_every`` (the sandwich's largest
   shape every k-th step; 0: only when drawn) and ``random_per_step`` (random draws per step): the recipe's speed
-  lever at 224 px, where the largest shape is about two thirds of a step.
+  lever at 224 px, where the largest shape is about two thirds of a step. The "shipped recipe, ..." variants
+  keep the largest every step (``BASE``), as the first shipped learngene was made; the one shipped now is
+  "shipped recipe, bf16, largest every 3rd step" (in fp32 or bf16: precision is not part of a recipe).
 - ``amp`` of the expanding phase (``off`` = fp32, how every learngene here was trained until bf16
   autocast arrived; ``bf16``) and ``distill``: the input size it distils at (position embeddings
   resampled; None = the ancestry's 28 px): the real-scale speed-ups of issue 21, whose quality is measured
