@@ -247,9 +247,10 @@ def measure_step_seconds(
 ) -> float | tuple[float, float]:
     """Seconds per expanding-phase step of ``cfg`` on this machine, measured: ``steps`` real steps on random
     images of the ancestry's size (the first one, with its one-off costs, left out; the median of the rest,
-    over the sandwich's changing random shape). Where the largest shape is not in every step
-    (``largest_every != 1``), at least one whole cycle of ``largest_every`` steps is run and the *mean* of steps
-    ``1..largest_every`` taken: a median would skip the step that carries it. With ``first``, ``(first step's
+    over the sandwich's changing random shape). Where the largest shape comes every few steps
+    (``largest_every > 1``), at least one whole cycle of ``largest_every`` steps is run and the *mean* of steps
+    ``1..largest_every`` taken: a median would skip the step that carries it (with ``0`` it is only drawn, like any
+    shape: the median). With ``first``, ``(first step's
     seconds, per step)``: the dry run estimates ``first + (steps - 1) * per step``."""
     import statistics
 
