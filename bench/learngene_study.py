@@ -81,6 +81,7 @@ VARIANTS: list[tuple[str, dict]] = [
     ("shipped recipe, bf16, distil at 21 px", dict(rescale="std", steps=1500, amp="bf16", distill=21)),
     ("shipped recipe, bf16, varied heads and ratios", dict(rescale="std", steps=1500, amp="bf16", sandwich="varied")),
     ("shipped recipe, bf16, largest every 3rd step", dict(rescale="std", steps=1500, amp="bf16", largest_every=3)),
+    ("expand 750, largest every step", dict(rescale="std", steps=750, amp="bf16")),
     ("expand 750, largest every 3rd step", dict(rescale="std", steps=750, amp="bf16", largest_every=3)),
     (
         "shipped recipe, bf16, no largest, 2 random",
