@@ -83,10 +83,7 @@ def profile_step(lg, anc, shapes, cfg: ExpandingConfig, top: int) -> list[dict]:
     """The ops taking most self CPU time over two steps (the first's one-off costs included, small)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from factory.data import ImageTensors
-
-    images = torch.randn(cfg.batch_size, 3, anc.arch.img_size, anc.arch.img_size)
-    data = ImageTensors(images, torch.zeros(cfg.batch_size, dtype=torch.int64), ["x"])
+    data = random_images(anc, cfg.batch_size)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         train_learngene(lg, anc, data, shapes, dataclasses.replace(cfg, steps=2), progress=False)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
