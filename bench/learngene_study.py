@@ -16,8 +16,9 @@ TLEG are run in the same process on the same shapes, seeds and steps as the refe
   ``--vary-shapes``); ``extra hidden`` units of the depth maps; ``largest_every`` (the sandwich's largest
   shape every k-th step; 0: only when drawn) and ``random_per_step`` (random draws per step): the recipe's speed
   lever at 224 px, where the largest shape is about two thirds of a step. The "shipped recipe, ..." variants
-  keep the largest every step (``BASE``), as the first shipped learngene was made; the one shipped now is
-  "shipped recipe, bf16, largest every 3rd step" (in fp32 or bf16: precision is not part of a recipe).
+  keep the largest every step (``BASE``), as the shipped learngene was made (in fp32; precision is not part of a
+  recipe). "expand 430/750/860, largest every step" against "expand 750, largest every 3rd step" and "shipped
+  recipe, bf16, largest every 3rd step" compare the two sandwiches at equal phase *time*.
 - ``amp`` of the expanding phase (``off`` = fp32, how every learngene here was trained until bf16
   autocast arrived; ``bf16``) and ``distill``: the input size it distils at (position embeddings
   resampled; None = the ancestry's 28 px): the real-scale speed-ups of issue 21, whose quality is measured
@@ -83,6 +84,10 @@ VARIANTS: list[tuple[str, dict]] = [
     ("shipped recipe, bf16, largest every 3rd step", dict(rescale="std", steps=1500, amp="bf16", largest_every=3)),
     ("expand 750, largest every step", dict(rescale="std", steps=750, amp="bf16")),
     ("expand 750, largest every 3rd step", dict(rescale="std", steps=750, amp="bf16", largest_every=3)),
+    # equal phase time: k=3 makes a step ~1.75x cheaper (its FLOPs), so 430/860 steps of the largest every step
+    # cost about what 750/1,500 steps of every 3rd do.
+    ("expand 430, largest every step", dict(rescale="std", steps=430, amp="bf16")),
+    ("expand 860, largest every step", dict(rescale="std", steps=860, amp="bf16")),
     (
         "shipped recipe, bf16, no largest, 2 random",
         dict(rescale="std", steps=1500, amp="bf16", largest_every=0, random_per_step=2),
