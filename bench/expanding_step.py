@@ -3,7 +3,7 @@ roofline fraction), where its time goes (torch.profiler), and exact alternatives
 
 The step (:func:`factory.training.expanding_loop.train_learngene`, DeiT-Tiny ancestry with random weights, batch
 ``--batch``, the build's sandwich of ``default_shapes``: the smallest, one random shape and, every
-``largest_every``-th step (3 by default), the largest = d24): the teacher's forward, then per shape forward +
+``largest_every``-th step (1 by default: every step), the largest = d24): the teacher's forward, then per shape forward +
 backward over micro-batches. Its multiply-adds per image: ``teacher + 3 * (sum of the drawn shapes' forwards)`` (a
 backward is two forwards' worth), from :func:`factory.core.shapes.vit_flops`, the random shape's averaged over the
 sandwich and the largest's over its cycle.
@@ -23,8 +23,9 @@ And, for the d24 shape alone (forward + backward of one micro-batch of 12, the b
 ``torch.compile`` (inductor), after compiling.
 
 The sandwich (``ExpandingConfig.largest_every`` and ``random_per_step``, recipe changes whose quality
-``bench/learngene_study.py`` measures): the largest shape every step (the sandwich rule, the default until it was
-measured) against every 2nd or 3rd step (the default) and against no largest shape with two random draws, each the
+``bench/learngene_study.py`` measures): the largest shape every step (the sandwich rule, the default: at equal
+phase time it measured at least as good a learngene as the others) against every 2nd or 3rd step and against no
+largest shape with two random draws, each the
 *mean* of ``--cycle`` steps after a warm-up (a whole number of 2- and 3-step cycles, the same seeded draws), beside
 the speed-up their FLOPs predict. ``--sandwich-only`` runs just this table.
 
@@ -122,9 +123,9 @@ def compiled_d24(anc, micro: int, reps: int) -> dict:
 
 
 SANDWICHES = [
-    ("largest every step: smallest + largest + 1 random", dict(largest_every=1)),
+    ("largest every step (the default): smallest + largest + 1 random", dict(largest_every=1)),
     ("largest every 2nd step", dict(largest_every=2)),
-    ("largest every 3rd step (the default)", dict(largest_every=3)),
+    ("largest every 3rd step", dict(largest_every=3)),
     ("no largest, 2 random", dict(largest_every=0, random_per_step=2)),
 ]
 

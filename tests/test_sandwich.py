@@ -14,10 +14,11 @@ from .helpers import cli_run, one_line_exit_2
 BY_COST = [f"s{i}" for i in range(12)]  # picks_at only orders and draws: labels stand in for shapes
 
 
-def test_largest_every_step_is_the_sandwich_rule_and_the_default_is_every_third():
-    assert ExpandingConfig().largest_every == 3  # measured: the learngene's quality of 1 at 1.78x fewer FLOPs
+def test_the_default_is_the_sandwich_rule_smallest_and_largest_every_step():
+    # measured: every 3rd step is 1.78x fewer FLOPs a step but no better a learngene at equal phase time
+    assert ExpandingConfig().largest_every == 1
     for step in range(20):
-        picks = picks_at(step, BY_COST, ExpandingConfig(largest_every=1))
+        picks = picks_at(step, BY_COST, ExpandingConfig())
         assert picks[:2] == ["s0", "s11"] and len(picks) == len(set(picks)) <= 3
 
 
@@ -45,12 +46,12 @@ def test_largest_every_is_part_of_the_recipe_and_the_shipped_learngene_has_the_d
     from factory.core.ancestry import load_ancestry
     from factory.pipeline.stages import shipped_learngene
 
-    assert recipe_fields(ExpandingConfig(largest_every=1)) != recipe_fields(ExpandingConfig())
+    assert recipe_fields(ExpandingConfig(largest_every=3)) != recipe_fields(ExpandingConfig())
     anc = load_ancestry("demo")
-    # the shipped learngene is made with the default: the default build uses it, a build asking for 1 trains its own
+    # the shipped learngene is made with the default: the default build uses it, a build asking for 3 trains its own
     assert shipped_learngene(build_learngene_recipe(BuildConfig(), anc)) is not None
-    assert shipped_learngene(build_learngene_recipe(BuildConfig(expand_largest_every=3), anc)) is not None
-    assert shipped_learngene(build_learngene_recipe(BuildConfig(expand_largest_every=1), anc)) is None
+    assert shipped_learngene(build_learngene_recipe(BuildConfig(expand_largest_every=1), anc)) is not None
+    assert shipped_learngene(build_learngene_recipe(BuildConfig(expand_largest_every=3), anc)) is None
     # a learngene logged before the field existed was trained with the largest shape every step
     from factory.core.expanding_phase import LATER_FIELDS
 
@@ -100,3 +101,55 @@ def test_the_dry_run_says_it_timed_a_whole_cycle(tmp_path):
     assert "the largest shape every 3 steps: a cycle's mean" in res.output
     assert "will be sampled and trained for 800 expanding-phase steps" in res.output
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_a_thinner_sandwich_counts_its_steps_in_steps_of_the_full_one():
+    """``full_sandwich_share`` by its formula on the demo's grid; a given learngene of 1,500 steps with the largest
+    every 3rd step counts ~843 (over the 750 bar), one of 750 counts ~421 (under it: measured 3.2 points below
+    weight selection); the default recipe counts its own steps."""
+    from factory.core.ancestry import load_ancestry
+    from factory.core.expanding_phase import full_sandwich_share, full_sandwich_steps, sandwich_grid
+    from factory.core.shapes import vit_flops
+    from factory.core.transfer import expanding_steps
+    from factory.pipeline.config import learngene_steps, learngene_trained, phase_share
+
+    anc = load_ancestry("demo")
+    grid, teacher = sandwich_grid(anc.arch, anc.arch.num_heads), anc.arch.shape()
+    assert len(grid) == 36  # depths 1..12 x widths 96/144/192
+    costs = sorted(map(vit_flops, grid))
+    t, small, big, mean = vit_flops(teacher), costs[0], costs[-1], sum(costs) / len(costs)
+    full = t + 3 * (small + big + mean)
+    assert full_sandwich_share(grid, teacher, 3, 1) == pytest.approx((t + 3 * (small + big / 3 + mean)) / full)
+    assert full_sandwich_share(grid, teacher, 0, 2) == pytest.approx((t + 3 * (small + 2 * mean)) / full)
+    assert full_sandwich_share(grid, teacher, 1, 1) == pytest.approx(1.0)
+    assert 0.5 < full_sandwich_share(grid, teacher, 3, 1) < 0.6  # the largest is about two thirds of a step
+    assert full_sandwich_steps(1500, grid, teacher, 1, 1) == 1500
+
+    def given(steps, every):
+        config = {"steps": steps} | ({} if every is None else {"largest_every": every})
+        meta = {"expanding_phase": {"config": config, "shapes": [s.label() for s in grid]}}
+        return type("G", (), {"meta": meta, "arch": anc.arch})()
+
+    assert expanding_steps(given(1500, None)) == expanding_steps(given(1500, 1)) == 1500  # old logs: every step
+    assert 830 < expanding_steps(given(1500, 3)) < 860 and 410 < expanding_steps(given(750, 3)) < 430
+    # the build's own phase: --expand-largest-every 3 with 1,000 steps is worth ~560, under the default bar of 750
+    cfg = BuildConfig(expand_steps=1000, expand_largest_every=3)
+    assert phase_share(BuildConfig(), anc) == 1.0 and learngene_steps(BuildConfig(expand_steps=1000), anc) == 1000
+    assert 550 < learngene_steps(cfg, anc) < 570 and not learngene_trained(cfg, anc)
+    assert learngene_trained(dataclasses.replace(cfg, expand_steps=1500), anc)
+
+
+def test_a_budget_counts_the_phase_in_steps_of_the_full_sandwich():
+    from factory.pipeline.time_budget import Costs, fit_budget
+
+    costs = Costs(
+        fixed={"search": 10.0},
+        per_steps=lambda n: {"finetune": 0.01 * n},
+        expand_first_s=1.0,
+        expand_step_s=0.1,
+        expanding_planned=True,
+    )
+    full = fit_budget(1000.0, costs, max_expand_steps=1000, min_expand_steps=750)
+    thin = fit_budget(1000.0, costs, max_expand_steps=1000, min_expand_steps=750, step_share=0.56)
+    assert full.expand_steps == 1000 and thin.expand_steps == 0  # the same 1,000 steps are worth 560: under 750
+    assert "buys 1000 steps (worth 560 of the full sandwich), fewer than the 750 that pay" in thin.expand_why

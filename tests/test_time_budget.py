@@ -267,7 +267,7 @@ def test_a_replanned_first_plan_is_the_one_a_resumed_build_finds(tmp_path, monke
 
     monkeypatch.setattr(budget_costs, "build_costs", costs)
     cfg = BuildConfig(data="synthetic", time_budget_s=100, expand_steps=50, expand_min_steps=750)
-    ctx = types.SimpleNamespace(cfg=cfg, out=tmp_path, log=lambda line: None, step_times={})
+    ctx = types.SimpleNamespace(cfg=cfg, out=tmp_path, log=lambda line: None, step_times={}, ancestry=None)
 
     def plan(objective, expanding, replan=False, elapsed=0.0):
         return budget_costs.plan_time(

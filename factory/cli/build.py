@@ -101,9 +101,9 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     "--expand-largest-every",
     type=click.IntRange(0, 1 << 20),
     default=None,
-    help="Train the sandwich's largest shape every K-th expanding-phase step [default: 3]; 1: every step; 0: only "
-    "when drawn. The largest shape is most of a step: 3 does 1.78x fewer FLOPs a step than 1 at the same learngene "
-    "quality (bench/RESULTS.md).",
+    help="Train the sandwich's largest shape every K-th expanding-phase step [default: 1, every step]; 0: only "
+    "when drawn. K=3 does 1.78x fewer FLOPs a step, but needs about as many more steps for the same learngene "
+    "(bench/RESULTS.md, equal phase time); --expand-min-steps counts such a phase in steps of K=1.",
 )
 @click.option(
     "--learngene",

@@ -128,8 +128,8 @@ def learngene(ctx, ancestry, layers, heads, tau, mixing, head_mixing, rescale, s
     default=ExpandingConfig.largest_every,
     show_default=True,
     help="Train the sandwich's largest shape every K-th step (1: every step); 0: only when drawn. "
-    "The largest shape is most of a step: 3 does 1.78x fewer FLOPs a step than 1 at the same learngene "
-    "quality (bench/RESULTS.md).",
+    "K=3 does 1.78x fewer FLOPs a step, but needs about as many more steps for the same learngene "
+    "(bench/RESULTS.md, equal phase time).",
 )
 @amp_option()
 @click.option("--vary-shapes", is_flag=True, help="Also sandwich over head counts and MLP ratios 1-4 per width.")

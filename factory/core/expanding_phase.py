@@ -38,11 +38,13 @@ class ExpandingConfig:
     temperature: float = 2.0
     random_per_step: int = 1
     #: the largest shape (by FLOPs) is one of the step's shapes every ``largest_every``-th step (1: every step,
-    #: the sandwich rule as the shipped learngene was first made; 0: only when a random draw picks it). The largest
-    #: shape (twice the ancestry's depth) is about two thirds of a step's FLOPs, so 3 does 1.78x fewer FLOPs a
-    #: step; measured (bench/learngene_study.py, RESULTS "The sandwich's largest shape"): the same learngene
-    #: quality as every step (+2.9 against +2.7 points over weight selection), so 3 is the default.
-    largest_every: int = 3
+    #: the sandwich rule, the default; 0: only when a random draw picks it). The largest shape (twice the
+    #: ancestry's depth) is about two thirds of a step's FLOPs, so 3 does 1.78x fewer FLOPs a step -- but a
+    #: learngene of k=3 needs about that many more steps for the same quality: at equal phase *time* every step
+    #: measured at least as good (bench/learngene_study.py, RESULTS "Equal phase time": -1.1 against -3.2 points
+    #: over weight selection at ~200 s, +3.0 against +2.6 at ~400 s), so 1 is the default and k > 1 is a finer
+    #: grain of the same trade, not a speed-up. :func:`full_sandwich_steps` counts its phase in steps of k = 1.
+    largest_every: int = 1
     train_stem: bool = True
     shift: int = 1
     extra_hidden: int = 0  # extra ReLU units per depth map beyond the 2*L_b that make it linear at init
@@ -113,12 +115,20 @@ def check_distill_size(size: int, arch) -> None:
 
 def default_depths(lg: Learngene) -> list[int]:
     """Every depth from 1 to twice the ancestry's: the searcher may pick any of them."""
-    return list(range(1, 2 * lg.arch.depth + 1))
+    return _depths(lg.arch)
 
 
 def default_widths(lg: Learngene) -> list[int]:
     """The ancestry's width and its 3/4 and 1/2 (multiples of 8), the range edge devices pick."""
-    d = lg.arch.embed_dim
+    return _widths(lg.arch)
+
+
+def _depths(arch) -> list[int]:
+    return list(range(1, 2 * arch.depth + 1))
+
+
+def _widths(arch) -> list[int]:
+    d = arch.embed_dim
     return sorted({d, max(8, (3 * d // 4) // 8 * 8), max(8, (d // 2) // 8 * 8)})
 
 
@@ -149,20 +159,27 @@ def default_shapes(
     --vary-shapes``; measured against the default in bench/RESULTS.md: with the same 1500 steps it is
     behind the default on every shape, the narrow re-headed one included, so it stays opt-in).
     """
-    arch = lg.arch
-    depths = default_depths(lg) if depths is None else depths
-    widths = default_widths(lg) if widths is None else widths
+    return sandwich_grid(lg.arch, lg.num_heads, depths, widths, vary=vary)
+
+
+def sandwich_grid(
+    arch, max_heads: int, depths: list[int] | None = None, widths: list[int] | None = None, *, vary: bool = False
+) -> list[DescendantShape]:
+    """:func:`default_shapes` for an ancestry's ``arch`` and a learngene of ``max_heads`` heads (what it needs of
+    the learngene), so a build can price its sandwich before any learngene exists."""
+    depths = _depths(arch) if depths is None else depths
+    widths = _widths(arch) if widths is None else widths
     full_ratio = arch.mlp_hidden / arch.embed_dim
     out = []
     for w in widths:
         if w > arch.embed_dim or w < 1:
             raise FactoryError(f"expanding-phase width {w} must be in 1..{arch.embed_dim} (the ancestry's width)")
         if vary:
-            heads_list = head_options(w, arch, 2 * lg.num_heads)
+            heads_list = head_options(w, arch, 2 * max_heads)
             ratios = sorted({r for r in (1.0, 2.0, 3.0, full_ratio) if int(w * r) <= arch.mlp_hidden})
         else:
             heads = w // arch.head_dim if w % arch.head_dim == 0 else arch.num_heads
-            heads_list, ratios = [min(heads if w % heads == 0 else 1, lg.num_heads)], [full_ratio]
+            heads_list, ratios = [min(heads if w % heads == 0 else 1, max_heads)], [full_ratio]
         for d in depths:
             if d < 1:
                 raise FactoryError(f"expanding-phase depth must be >= 1, got {d}")
@@ -235,3 +252,35 @@ def picks_at(step: int, by_cost: list[DescendantShape], cfg: ExpandingConfig) ->
     largest = [by_cost[-1]] if cfg.largest_every and step % cfg.largest_every == 0 else []
     picks = [by_cost[0], *largest] + [rng.choice(by_cost) for _ in range(cfg.random_per_step)]
     return list(dict.fromkeys(picks))
+
+
+def full_sandwich_share(
+    shapes: list[DescendantShape], teacher: DescendantShape, largest_every: int, random_per_step: int
+) -> float:
+    """One step of a sandwich that trains the largest shape every ``largest_every``-th step (0: only when drawn)
+    with ``random_per_step`` draws, against one step of the full sandwich (the largest every step, one draw), in
+    the long run's multiply-adds (:func:`factory.core.shapes.vit_flops`; a backward is two forwards' worth)::
+
+        share = (t + 3 (s + [k > 0] l / k + r m)) / (t + 3 (s + l + m))
+
+    with ``t`` the teacher's forward, ``s`` and ``l`` the smallest and the largest shape's, ``m`` the mean over
+    ``shapes`` (repeats that :func:`picks_at` drops are ignored: a few shapes in dozens). Measured
+    (bench/RESULTS.md, "Equal phase time"): learngenes of equal phase time score alike whatever ``k`` is (every
+    step slightly ahead), so a phase's steps times this share is what it is worth in steps of the full sandwich
+    (:func:`full_sandwich_steps`)."""
+    from factory.core.shapes import vit_flops
+
+    costs = sorted(vit_flops(s) for s in shapes)
+    t, s, big, mean = vit_flops(teacher), costs[0], costs[-1], sum(costs) / len(costs)
+    largest = big / largest_every if largest_every else 0.0
+    return (t + 3 * (s + largest + random_per_step * mean)) / (t + 3 * (s + big + mean))
+
+
+def full_sandwich_steps(
+    steps: int, shapes: list[DescendantShape], teacher: DescendantShape, largest_every: int, random_per_step: int
+) -> int:
+    """``steps`` of a phase counted in steps of the full sandwich (:func:`full_sandwich_share`): the steps
+    themselves for the default recipe (``largest_every = random_per_step = 1``), without computing anything."""
+    if (largest_every, random_per_step) == (1, 1) or steps <= 0 or not shapes:
+        return steps
+    return round(steps * full_sandwich_share(shapes, teacher, largest_every, random_per_step))

@@ -47,9 +47,10 @@ import torch
 from factory.errors import FactoryError
 from factory.io import release_freed_memory
 
-#: Expanding-phase steps from which a learngene counts as trained (:func:`trained_by`): a phase of fewer steps
-#: starts its descendants *below* weight selection, which costs nothing (bench/RESULTS.md, the learngene study:
-#: 150 steps -12.7 points, 250 steps -4.7, 1,500 steps +3.0 against weight selection, crossing near 750). The
+#: Expanding-phase steps (of the full sandwich, :func:`expanding_steps`) from which a learngene counts as trained
+#: (:func:`trained_by`): a phase of fewer steps starts its descendants *below* weight selection, which costs
+#: nothing (bench/RESULTS.md, the learngene study: 150 steps -12.7 points, 250 steps -4.7, 430 steps -1.1, 750
+#: steps +3.3, 860 +3.0, 1,500 steps +3.0 against weight selection: the first measured count that pays). The
 #: build's ``expand_min_steps`` (default this) is the bar it applies, with a time budget and without.
 PHASE_PAYS_FROM_STEPS = 750
 
@@ -155,15 +156,26 @@ def knn_loo_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 10) 
 
 
 def expanding_steps(learngene) -> int:
-    """The steps of the expanding phase that made ``learngene`` (``meta["expanding_phase"]["config"]["steps"]``);
-    0 for one sampled only."""
+    """The steps of the expanding phase that made ``learngene`` (``meta["expanding_phase"]["config"]["steps"]``),
+    counted in steps of the full sandwich (:func:`factory.core.expanding_phase.full_sandwich_steps`: a phase that
+    trained the largest shape every 3rd step counts ~0.56 of its steps; logs from before ``largest_every`` mean
+    every step); 0 for one sampled only."""
+    from factory.core.expanding_phase import full_sandwich_steps
+    from factory.core.shapes import DescendantShape
+
     phase = (getattr(learngene, "meta", None) or {}).get("expanding_phase") or {}
-    return int((phase.get("config") or {}).get("steps") or 0) if phase.get("shapes") else 0
+    config = phase.get("config") or {}
+    steps = int(config.get("steps") or 0) if phase.get("shapes") else 0
+    every, draws = int(config.get("largest_every", 1)), int(config.get("random_per_step", 1))
+    if steps and (every, draws) != (1, 1):
+        shapes = [DescendantShape.from_label(label) for label in phase["shapes"]]
+        return full_sandwich_steps(steps, shapes, learngene.arch.shape(), every, draws)
+    return steps
 
 
 def short_phase_why(steps: int, min_steps: int) -> str | None:
-    """Why a phase of ``steps`` does not count (:func:`trained_by`), in a few words; None where it is absent
-    (``steps <= 0``) or long enough."""
+    """Why a phase of ``steps`` (in steps of the full sandwich, :func:`expanding_steps`) does not count
+    (:func:`trained_by`), in a few words; None where it is absent (``steps <= 0``) or long enough."""
     return f"{steps} expanding-phase steps, fewer than the {min_steps} that pay" if 0 < steps < min_steps else None
 
 

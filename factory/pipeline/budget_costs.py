@@ -109,7 +109,7 @@ def plan_time(
     string is why the first plan dropped it, which the new plan keeps (``expand_why``). The
     second plan never fails: when less is left than its least work, it plans :data:`MIN_FINETUNE_STEPS` and says
     so."""
-    from factory.pipeline.config import expanding_config
+    from factory.pipeline.config import expanding_config, phase_share
 
     cfg = ctx.cfg
     stage = "second" if probed else "first"
@@ -134,6 +134,7 @@ def plan_time(
             min_expand_steps=cfg.expand_min_steps if cfg.init == "auto" else 0,  # --init peg: its share, however small
             head_start_steps=cfg.expand_head_start if cfg.init == "auto" else None,  # ... and need not repay its time
             split=cfg.budget_split,
+            step_share=phase_share(cfg, ctx.ancestry),
         )
     except FactoryError:
         if not probed:

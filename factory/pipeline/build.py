@@ -36,7 +36,7 @@ from factory.errors import FactoryError
 from factory.io import claim, directory_lock
 from factory.pipeline import manifest
 from factory.pipeline.cache import Cache
-from factory.pipeline.config import BuildConfig, expanding_config, objective_for
+from factory.pipeline.config import BuildConfig, expanding_config, learngene_steps, objective_for
 from factory.pipeline.executor import LocalExecutor
 from factory.pipeline.shape_task import DeviceTask, ShapeTask, ancestry_and_data, run_shape_task
 from factory.pipeline.stages import BuildContext, make_learngene
@@ -130,9 +130,12 @@ def _build(
         ctx.cfg = dataclasses.replace(cfg, expand_steps=0)
     elif cfg.init == "auto" and cfg.time_budget_s is None and learngene_source(ctx).runs_expanding_phase:
         steps = expanding_config(cfg).steps  # a budget plans the phase itself, this bar included (time_budget)
-        if 0 < steps < cfg.expand_min_steps:
+        counted = learngene_steps(cfg, anc)  # in steps of the full sandwich: --expand-largest-every counts less
+        if 0 < counted < cfg.expand_min_steps:
+            worth = f" (worth {counted} of the full sandwich)" if counted != steps else ""
             log(
-                f"expanding phase: not run: --expand-steps {steps} is below --expand-min-steps {cfg.expand_min_steps}: "
+                f"expanding phase: not run: --expand-steps {steps}{worth} is below --expand-min-steps "
+                f"{cfg.expand_min_steps}: "
                 "a learngene trained that little starts its descendants below weight selection, so --init auto "
                 f"would not start from it (--init peg runs it; --expand-min-steps {steps} counts it as trained)"
             )

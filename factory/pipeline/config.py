@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from factory.core.baselines import METHODS
-from factory.core.expanding_phase import LATER_FIELDS, ExpandingConfig, default_shapes, recipe_fields
+from factory.core.expanding_phase import (
+    LATER_FIELDS,
+    ExpandingConfig,
+    default_shapes,
+    full_sandwich_share,
+    recipe_fields,
+    sandwich_grid,
+)
 from factory.core.mirror import MirrorProbe
 from factory.core.transfer import PHASE_PAYS_FROM_STEPS, TransferProbe, expanding_steps, short_phase_why
 from factory.data import dataset_identity
@@ -291,9 +298,21 @@ def learngene_trained(cfg: BuildConfig, anc) -> bool:
 
 
 def learngene_steps(cfg: BuildConfig, anc) -> int:
-    """The expanding-phase steps of the build's learngene: a given one's recorded steps, else the configured."""
+    """The expanding-phase steps of the build's learngene in steps of the full sandwich: a given one's recorded
+    steps (:func:`~factory.core.transfer.expanding_steps`), else the configured times :func:`phase_share`."""
     given = given_learngene(cfg, anc)
-    return expanding_steps(given) if given is not None else expanding_config(cfg).steps
+    return expanding_steps(given) if given is not None else round(expanding_config(cfg).steps * phase_share(cfg, anc))
+
+
+def phase_share(cfg: BuildConfig, anc) -> float:
+    """What one step of the build's own expanding phase is worth in steps of the full sandwich
+    (:func:`~factory.core.expanding_phase.full_sandwich_share` of its sandwich): 1.0 for the default recipe;
+    ~0.56 with ``--expand-largest-every 3``."""
+    exp = expanding_config(cfg)
+    if (exp.largest_every, exp.random_per_step) == (1, 1):
+        return 1.0
+    shapes = sandwich_grid(anc.arch, anc.arch.num_heads)  # the heads do not change a shape's FLOPs
+    return full_sandwich_share(shapes, anc.arch.shape(), exp.largest_every, exp.random_per_step)
 
 
 def untrained_why(cfg: BuildConfig, anc) -> str:

@@ -218,11 +218,14 @@ def fit_budget(
     min_expand_steps: int = 0,
     head_start_steps: float | None = None,
     split: str = "time",
+    step_share: float = 1.0,
 ) -> BudgetPlan:
     """The step counts that spend ``budget_s`` (module docstring); one line naming the least budget when
     ``budget_s`` cannot hold even :data:`MIN_FINETUNE_STEPS` fine-tuning steps. ``head_start_steps``: the
     learngene's measured head start, which the phase must repay at equal time (None: no such check, ``--init
-    peg``). ``split``: how the fine-tuning time is shared between the shapes (:data:`SPLITS`)."""
+    peg``). ``split``: how the fine-tuning time is shared between the shapes (:data:`SPLITS`). ``step_share``: what
+    a phase step is worth in steps of the full sandwich (:func:`factory.pipeline.config.phase_share`), in which
+    ``min_expand_steps`` and the head start count."""
     if split not in SPLITS:
         raise FactoryError(f"budget split {split!r} must be one of {', '.join(SPLITS)}", param="budget_split")
     if not 0 <= expand_share < 1:
@@ -242,12 +245,14 @@ def fit_budget(
         expand = 0
         if spare >= costs.expand_first_s:
             expand = min(max_expand_steps, 1 + int((spare - costs.expand_first_s) / costs.expand_step_s))
-        if expand < min_expand_steps:  # too little to pay (module docstring): the fine-tunes get it all
-            expand, why = 0, f"its share buys {expand} steps, fewer than the {min_expand_steps} that pay"
+        worth = round(expand * step_share)  # in steps of the full sandwich
+        if worth < min_expand_steps:  # too little to pay (module docstring): the fine-tunes get it all
+            counted = f" (worth {worth} of the full sandwich)" if worth != expand else ""
+            expand, why = 0, f"its share buys {expand} steps{counted}, fewer than the {min_expand_steps} that pay"
         elif expand and head_start_steps is not None:  # it must repay its time at equal time
             without, with_phase = _most_steps(costs, rest), _most_steps(costs, rest - expanding_seconds(costs, expand))
             cost = without - with_phase
-            gain = head_start(expand, head_start_steps=head_start_steps, min_steps=min_expand_steps)
+            gain = head_start(worth, head_start_steps=head_start_steps, min_steps=min_expand_steps)
             spent = f"its {expanding_seconds(costs, expand):.0f}s ({expand} steps) cost every shape {cost} fine-tuning steps"
             if gain < cost:
                 expand, steps = 0, without

@@ -1,7 +1,7 @@
 """The expanding phase's training loop: train gene tensors and depth maps by distillation.
 
 At every step a few descendant shapes are drawn from ``shapes`` with the sandwich rule (the
-smallest and -- every ``largest_every``-th step, by default every 3rd -- the largest by FLOPs, plus
+smallest and -- every ``largest_every``-th step, by default every step -- the largest by FLOPs, plus
 ``random_per_step`` drawn at random), each is expanded
 *differentiably* from the learngene (:func:`factory.core.expand.expand_tensors`) and run with
 ``torch.func.functional_call`` on a meta-device timm skeleton, and the summed distillation loss
