@@ -98,6 +98,9 @@ SHAPES = [
     DescendantShape(6, 96, 2, 2.0, 28, 7, 10),
     DescendantShape(9, 192, 3, 4.0, 28, 7, 10),
 ]
+#: ``--largest``: the sandwich's largest shape (twice the demo ancestry's depth, its width), the one a thinner
+#: sandwich trains least and the one the demo profiles' searches often pick
+LARGEST = DescendantShape(12, 192, 3, 4.0, 28, 7, 10)
 
 
 def make_learngene(anc, knobs: dict, task_train, mnist_train):
@@ -143,6 +146,7 @@ def run(args) -> dict:
             raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {[n for n, _ in variants]}")
         variants = [(n, k) for n, k in variants if n in args.variants]
     shapes = SHAPES[:1] if args.quick else SHAPES if args.deep else SHAPES[:2]
+    shapes = shapes + [LARGEST] if args.largest else shapes
     results, learngenes = [], {}
     cache = {}
     for name, knobs in [("weight_selection", {"method": "weight_selection"}), ("tleg", {"method": "tleg"})] + variants:
@@ -214,6 +218,17 @@ def summarise(data: dict) -> str:
         lines.append(
             f"| {name} | {knobs.get(name, '')} | " + " | ".join(cells) + f" | {overall[name]:.3f} | {delta:+.3f} |"
         )
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    if len(shapes) > 1:
+        lines += ["", "Per shape (mean over tasks, evaluations and seeds; vs weight selection at that shape):", ""]
+        lines += ["| variant | " + " | ".join(shapes) + " |", "|---|" + "---|" * len(shapes)]
+        for name in names:
+            cells = []
+            for shape in shapes:
+                at = [m for t in tasks for st in steps for m in _cell(rows, name, t, st, shape)]
+                base = [m for t in tasks for st in steps for m in _cell(rows, "weight_selection", t, st, shape)]
+                cells.append(f"{sum(at) / len(at):.3f} ({sum(at) / len(at) - sum(base) / len(base):+.3f})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lg_lines = [
         "",
         "Learngenes (expanding-phase seconds on this machine; std ratio = gene/ancestry weight std before training):",
@@ -221,6 +236,12 @@ def summarise(data: dict) -> str:
     ]
     lg_lines += [f"- {n}: {show(v)}" for n, v in data["learngenes"].items()]
     return "\n".join(lines + lg_lines)
+
+
+def _cell(rows, name, task, step, shape) -> list[float]:
+    """The mean over seeds of one (variant, task, evaluation step, shape), as a one-item list (empty if none)."""
+    values = [r["curve"][step] for r in rows if (r["variant"], r["task"], r["shape"]) == (name, task, shape)]
+    return [sum(values) / len(values)] if values else []
 
 
 def render(json_path: Path, md_path: Path | None) -> None:
@@ -238,6 +259,7 @@ def main() -> None:
     parser.add_argument("--md", type=Path, default=None, help="where to write the Markdown table")
     parser.add_argument("--tasks", nargs="+", default=["digits", "textures"])
     parser.add_argument("--deep", action="store_true", help="also the deeper d9-w192 shape (about 2.5x the time)")
+    parser.add_argument("--largest", action="store_true", help="also the sandwich's largest shape, d12-w192")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--seeds", type=int, default=None)
