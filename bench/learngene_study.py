@@ -1,7 +1,8 @@
 """Which learngene recipe makes PEG descendants learn fastest? One knob at a time, then combined.
 
 Every variant makes a learngene from the shipped demo ancestry (d6-w192, MNIST-trained), expands it
-to two of the PEG benchmark's shapes (d3-w192 shallower, d6-w96 narrower; ``--deep`` adds d9-w192)
+to two of the PEG benchmark's shapes (d3-w192 shallower, d6-w96 narrower; ``--deep`` adds d9-w192, ``--largest`` the
+sandwich's largest, d12-w192, with a per-shape table)
 and fine-tunes each with the shared
 recipe (``bench/common.py``) on ``digits`` and ``textures`` for several seeds; weight selection and
 TLEG are run in the same process on the same shapes, seeds and steps as the reference. Knobs:

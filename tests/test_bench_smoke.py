@@ -44,6 +44,7 @@ def test_learngene_study_quick_mode_runs(tmp_path):
     _run(
         "bench/learngene_study.py",
         "--quick",
+        "--largest",
         "--steps",
         "4",
         "--json",
@@ -58,8 +59,11 @@ def test_learngene_study_quick_mode_runs(tmp_path):
         "paper (untrained, tau 1)",
         "expand 3 steps",
     }
+    assert {r["shape"] for r in data["results"]} == {"d3-w192-h3-r4-i28-p7", "d12-w192-h3-r4-i28-p7"}  # --largest
     table = (tmp_path / "s.md").read_text()
     assert "| variant | knobs |" in table and "{" not in table.split("\n")[0]
+    assert "| variant | d3-w192-h3-r4-i28-p7 | d12-w192-h3-r4-i28-p7 |" in table  # the per-shape table
+    assert "| weight_selection | 0." in table.split("Per shape")[1] and "(+0.000)" in table.split("Per shape")[1]
 
 
 def test_search_quality_quick_mode_runs(tmp_path):
