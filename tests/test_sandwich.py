@@ -98,7 +98,7 @@ def test_the_dry_run_says_it_timed_a_whole_cycle(tmp_path):
         "--init", "peg", "--dry-run", "--out", tmp_path / "out",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert "the largest shape every 3 steps: a cycle's mean" in res.output
+    assert "the largest shape every 3 steps: a cycle's mean, each step worth 0.56 of the full sandwich's" in res.output
     assert "will be sampled and trained for 800 expanding-phase steps" in res.output
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
@@ -153,3 +153,15 @@ def test_a_budget_counts_the_phase_in_steps_of_the_full_sandwich():
     thin = fit_budget(1000.0, costs, max_expand_steps=1000, min_expand_steps=750, step_share=0.56)
     assert full.expand_steps == 1000 and thin.expand_steps == 0  # the same 1,000 steps are worth 560: under 750
     assert "buys 1000 steps (worth 560 of the full sandwich), fewer than the 750 that pay" in thin.expand_why
+
+
+def test_a_build_does_not_run_a_thin_phase_worth_fewer_steps_than_pay(tmp_path):
+    """``--init auto`` with 1,000 steps of every 3rd: worth ~560 of the full sandwich, under --expand-min-steps 750
+    (the full sandwich's 750 steps measured +3.3 points over weight selection, every 3rd's 750 -3.2)."""
+    res = cli_run(
+        "build", "--profile", "demo/jetson_orin", "--expand-steps", "1000", "--expand-largest-every", "3",
+        "--dry-run", "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "--expand-steps 1000 (worth 562 of the full sandwich) is below --expand-min-steps 750" in res.output
+    assert not (tmp_path / "out").exists()

@@ -137,7 +137,7 @@ def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
     are the same figures -- two measurements in one run were 0.33 and 0.44 s a step apart -- and a 224-px step
     (about a GB and 15 s to measure) is not paid twice."""
     from factory.core.expanding_phase import default_shapes
-    from factory.pipeline.config import expanding_config
+    from factory.pipeline.config import expanding_config, phase_share
     from factory.training.expanding_loop import measure_step_seconds
 
     if ctx.expanding_times is not None:
@@ -153,6 +153,8 @@ def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
     every = exp.largest_every
     sandwich = f"; the largest shape every {every} steps: a cycle's mean" if every > 1 else ""
     sandwich = "; the largest shape only when drawn" if every == 0 else sandwich
+    if sandwich:  # what --expand-min-steps and the budget count it as (config.phase_share)
+        sandwich += f", each step worth {phase_share(ctx.cfg, ctx.ancestry):.2f} of the full sandwich's"
     ctx.log(
         f"learngene: one expanding-phase step measured at {per_step:.2f}s (batch {exp.batch_size}, "
         f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px; the first {first:.2f}s, sampling {sampling:.2f}s"
