@@ -164,4 +164,5 @@ def test_a_build_does_not_run_a_thin_phase_worth_fewer_steps_than_pay(tmp_path):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "--expand-steps 1000 (worth 562 of the full sandwich) is below --expand-min-steps 750" in res.output
+    assert "--expand-min-steps 562 counts it as trained" in res.output  # the bar in the same unit as the phase
     assert not (tmp_path / "out").exists()

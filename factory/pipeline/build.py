@@ -137,7 +137,7 @@ def _build(
                 f"expanding phase: not run: --expand-steps {steps}{worth} is below --expand-min-steps "
                 f"{cfg.expand_min_steps}: "
                 "a learngene trained that little starts its descendants below weight selection, so --init auto "
-                f"would not start from it (--init peg runs it; --expand-min-steps {steps} counts it as trained)"
+                f"would not start from it (--init peg runs it; --expand-min-steps {counted} counts it as trained)"
             )
             ctx.cfg = dataclasses.replace(cfg, expand_steps=0)
     objective, why = objective_for(ctx.cfg, anc)
