@@ -49,7 +49,7 @@ import torch
 from common import run_and_write
 
 from factory import load_ancestry, sample_learngene
-from factory.core.expanding_phase import ExpandingConfig, default_shapes, picks_at
+from factory.core.expanding_phase import ExpandingConfig, default_shapes, picks_at, sandwich_step_macs
 from factory.core.shapes import vit_flops
 from factory.training.expanding_loop import measure_step_seconds, train_learngene
 from factory.training.micro_batch import DRY_RUN_CPU_MEMORY_MB
@@ -72,10 +72,7 @@ def matmul_rate(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 1.0
 def step_flops(anc, shapes, cfg: ExpandingConfig) -> dict:
     """Multiply-adds of one step (module docstring), averaged over the sandwich's cycle: the random shapes averaged
     over ``shapes``, the largest counted ``1 / largest_every`` times (repeats of a drawn shape ignored)."""
-    by_cost = sorted(shapes, key=vit_flops)
-    teacher = vit_flops(anc.arch.shape())
-    largest = vit_flops(by_cost[-1]) / cfg.largest_every if cfg.largest_every else 0.0
-    students = vit_flops(by_cost[0]) + largest + cfg.random_per_step * statistics.mean(map(vit_flops, shapes))
+    teacher, students = sandwich_step_macs(shapes, anc.arch.shape(), cfg.largest_every, cfg.random_per_step)
     macs = cfg.batch_size * (teacher + 3 * students)
     return {"gmac_per_step": round(macs / 1e9, 1), "teacher_share": round(teacher / (teacher + 3 * students), 3)}
 

@@ -254,26 +254,40 @@ def picks_at(step: int, by_cost: list[DescendantShape], cfg: ExpandingConfig) ->
     return list(dict.fromkeys(picks))
 
 
-def full_sandwich_share(
+def sandwich_step_macs(
     shapes: list[DescendantShape], teacher: DescendantShape, largest_every: int, random_per_step: int
-) -> float:
-    """One step of a sandwich that trains the largest shape every ``largest_every``-th step (0: only when drawn)
-    with ``random_per_step`` draws, against one step of the full sandwich (the largest every step, one draw), in
-    the long run's multiply-adds (:func:`factory.core.shapes.vit_flops`; a backward is two forwards' worth)::
+) -> tuple[float, float]:
+    """``(teacher, students)``: multiply-adds per image of one step's teacher forward and of its students' forwards
+    in the long run (:func:`factory.core.shapes.vit_flops`), the step costing ``teacher + 3 * students`` (a backward
+    is two forwards' worth)::
 
-        share = (t + 3 (s + [k > 0] l / k + r m)) / (t + 3 (s + l + m))
+        students = s + [k > 0] l / k + r m
 
-    with ``t`` the teacher's forward, ``s`` and ``l`` the smallest and the largest shape's, ``m`` the mean over
-    ``shapes`` (repeats that :func:`picks_at` drops are ignored: a few shapes in dozens). Measured
-    (bench/RESULTS.md, "Equal phase time"): learngenes of equal phase time score alike whatever ``k`` is (every
-    step slightly ahead), so a phase's steps times this share is what it is worth in steps of the full sandwich
-    (:func:`full_sandwich_steps`)."""
+    with ``s`` and ``l`` the smallest and the largest shape's forward, ``m`` the mean over ``shapes``, ``k`` =
+    ``largest_every`` (0: the largest only when drawn) and ``r`` = ``random_per_step`` (repeats that
+    :func:`picks_at` drops are ignored: a few shapes in dozens)."""
     from factory.core.shapes import vit_flops
 
     costs = sorted(vit_flops(s) for s in shapes)
-    t, s, big, mean = vit_flops(teacher), costs[0], costs[-1], sum(costs) / len(costs)
-    largest = big / largest_every if largest_every else 0.0
-    return (t + 3 * (s + largest + random_per_step * mean)) / (t + 3 * (s + big + mean))
+    largest = costs[-1] / largest_every if largest_every else 0.0
+    return float(vit_flops(teacher)), costs[0] + largest + random_per_step * sum(costs) / len(costs)
+
+
+def full_sandwich_share(
+    shapes: list[DescendantShape], teacher: DescendantShape, largest_every: int, random_per_step: int
+) -> float:
+    """One step of a sandwich that trains the largest shape every ``largest_every``-th step with
+    ``random_per_step`` draws, against one step of the full sandwich (the largest every step, one draw), in
+    :func:`sandwich_step_macs`::
+
+        share = (t + 3 (s + [k > 0] l / k + r m)) / (t + 3 (s + l + m))
+
+    Measured (bench/RESULTS.md, "Equal phase time"): learngenes of equal phase time score alike whatever ``k`` is
+    (every step slightly ahead), so a phase's steps times this share is what it is worth in steps of the full
+    sandwich (:func:`full_sandwich_steps`)."""
+    t, thin = sandwich_step_macs(shapes, teacher, largest_every, random_per_step)
+    _, full = sandwich_step_macs(shapes, teacher, 1, 1)
+    return (t + 3 * thin) / (t + 3 * full)
 
 
 def full_sandwich_steps(
