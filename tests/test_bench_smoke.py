@@ -386,3 +386,13 @@ def test_time_budget_takes_the_demo_fleet_a_fleet_file_or_one_profile(monkeypatc
     assert time_budget._profile_specs("jetson_orin") == ["jetson_orin"]
     one = str(root / "profiles/demo/pixel8.yaml")  # a profile file, not a fleet
     assert time_budget._profile_specs(one) == [one]
+
+
+def test_step_estimate_quick_mode_runs(tmp_path):
+    _run("bench/step_estimate.py", "--quick", "--json", str(tmp_path / "s.json"), "--md", str(tmp_path / "s.md"))
+    data = json.loads((tmp_path / "s.json").read_text())
+    rows = {r["measurement"]: r for r in data["rows"]}
+    assert set(rows) == {"probe", "build's step", "real step at 192 MB"} and rows["build's step"]["vs_build"] == 1.0
+    assert all(len(r["per_step"]) == 2 and r["peak_rss_mb"] > 0 for r in rows.values())
+    assert 0 < rows["probe"]["long_run_mean"] and 0.3 < rows["probe"]["vs_build"] < 3
+    assert "/ build's step" in (tmp_path / "s.md").read_text()

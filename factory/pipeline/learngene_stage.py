@@ -131,25 +131,32 @@ def estimate_learngene(ctx: BuildContext, _: None) -> float:
 
 def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
     """``(sampling, first step, each further step)`` seconds of the learngene the build would train, measured
-    on this host: the sampling itself, then three real expanding-phase steps of the configured batch, input
-    size and precision (:func:`factory.training.expanding_loop.measure_step_seconds`). Measured once per
+    on this host: the sampling itself, then three expanding-phase steps of the configured batch, input size and
+    precision (:func:`factory.training.expanding_loop.measure_step_seconds`; a sandwich deeper than
+    :data:`~factory.training.step_estimate.PROBE_DEPTH` from its shallow passes in the build's own
+    micro-batches, :mod:`factory.training.step_estimate`, a shallower one measured whole). Measured once per
     context (:attr:`BuildContext.expanding_times`): a budgeted dry run's first plan and its learngene estimate
     are the same figures -- two measurements in one run were 0.33 and 0.44 s a step apart -- and a 224-px step
     (about a GB and 15 s to measure) is not paid twice."""
     from factory.core.expanding_phase import default_shapes
     from factory.pipeline.config import expanding_config, phase_share
     from factory.training.expanding_loop import measure_step_seconds
+    from factory.training.step_estimate import PROBE_DEPTH, extrapolates
 
     if ctx.expanding_times is not None:
         return ctx.expanding_times
     recipe = learngene_inputs(ctx, None)
     build = expanding_config(ctx.cfg)  # the step count aside, the phase the build runs
-    exp = dataclasses.replace(build, memory_mb=measured_memory_mb(ctx, build.memory_mb, build.device))
     t0 = time.perf_counter()
     lg = _sample(ctx, recipe)
     sampling = time.perf_counter() - t0
-    first, per_step = measure_step_seconds(lg, ctx.ancestry, default_shapes(lg), exp, first=True)
-    smaller = f"; micro-batches of at most {exp.memory_mb:.0f} MB, an upper bound" if exp != build else ""
+    shapes = default_shapes(lg)
+    if extrapolates(shapes):  # shallow passes in the build's own micro-batches: no cap needed
+        exp, how = build, f"; depths over {PROBE_DEPTH} extrapolated from passes at d1 and d{PROBE_DEPTH}"
+    else:
+        exp = dataclasses.replace(build, memory_mb=measured_memory_mb(ctx, build.memory_mb, build.device))
+        how = f"; micro-batches of at most {exp.memory_mb:.0f} MB, an upper bound" if exp != build else ""
+    first, per_step = measure_step_seconds(lg, ctx.ancestry, shapes, exp, first=True, probe_depth=PROBE_DEPTH)
     every = exp.largest_every
     sandwich = f"; the largest shape every {every} steps: a cycle's mean" if every > 1 else ""
     sandwich = "; the largest shape only when drawn" if every == 0 else sandwich
@@ -158,7 +165,7 @@ def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
     ctx.log(
         f"learngene: one expanding-phase step measured at {per_step:.2f}s (batch {exp.batch_size}, "
         f"{exp.distill_img_size or ctx.ancestry.arch.img_size} px; the first {first:.2f}s, sampling {sampling:.2f}s"
-        f"{smaller}{sandwich})"
+        f"{how}{sandwich})"
     )
     ctx.expanding_times = (sampling, first, per_step)
     return ctx.expanding_times

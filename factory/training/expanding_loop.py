@@ -93,6 +93,8 @@ def train_learngene(
     ckpt_every: int = 100,
     progress: bool = True,
     should_stop=None,
+    picks: Callable[[int], list[DescendantShape]] | None = None,
+    sized_as: dict[DescendantShape, DescendantShape] | None = None,
 ) -> tuple[Learngene, dict[str, Any]]:
     """Run the expanding phase; returns the trained learngene and a report (before/after).
 
@@ -101,6 +103,11 @@ def train_learngene(
     from that checkpoint (see the module docstring).
     ``should_stop`` is polled before every step, as in :func:`factory.training.train.train`
     (:class:`factory.training.loop.StepLoop`).
+
+    For timing (:mod:`factory.training.step_estimate`): ``picks(step)`` replaces the sandwich rule's shapes of a
+    step (:func:`factory.core.expanding_phase.picks_at`), each step's record then carries ``shape_seconds`` (each
+    shape's pass: its expansion, forward and backward), and a shape in ``sized_as`` is cut into the micro-batches
+    of the shape it maps to.
     """
     arch = lg.arch
     if not shapes:
@@ -156,7 +163,8 @@ def train_learngene(
 
     def pieces(shape: DescendantShape, batch: int) -> list[slice]:
         """The micro-batches of ``shape``'s forward/backward passes (factory.training.micro_batch)."""
-        per = activation_mb_per_image(shape.depth, tokens, shape.embed_dim, shape.mlp_hidden, precision)
+        depth = (sized_as or {}).get(shape, shape).depth
+        per = activation_mb_per_image(depth, tokens, shape.embed_dim, shape.mlp_hidden, precision)
         return spans(batch, micro_batch_size(batch, per, memory_mb))
 
     report["micro_batches"] = {s.label(): len(pieces(s, cfg.batch_size // world)) for s in (by_cost[0], by_cost[-1])}
@@ -174,8 +182,8 @@ def train_learngene(
             target = torch.cat([teacher(x[part]).float() for part in pieces(by_cost[-1], len(x))])
         opt.zero_grad(set_to_none=True)
         current = work.learngene(lg)
-        total = 0.0
-        for shape in picks_at(step, by_cost, cfg):
+        total, passes = 0.0, {}
+        for shape in picks(step) if picks is not None else picks_at(step, by_cost, cfg):
             shape_start = time.perf_counter()
             state = expand_tensors(current, shape)
             if "pos_embed" in state:
@@ -192,7 +200,8 @@ def train_learngene(
             grads = [(state[k], v.grad) for k, v in leaves.items() if v.grad is not None and state[k].requires_grad]
             torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
             del state, leaves, grads  # this shape's weights and gradients, before the next shape's
-            if time.perf_counter() - shape_start >= TRIM_AFTER_S:
+            passes[shape.label()] = time.perf_counter() - shape_start
+            if passes[shape.label()] >= TRIM_AFTER_S:
                 # the next shape's tensors have other sizes: without this the heap fragments and a 224-px step
                 # peaked ~250 MB higher (1.85-1.93 GB against 1.61 GB in one scratch trace, d24 at 512 MB)
                 release_freed_memory()
@@ -202,6 +211,8 @@ def train_learngene(
         record: dict[str, Any] = {"loss": round(global_mean([total], world)[0], 5)}
         if world > 1:
             record.update(world_size=world, global_batch=cfg.batch_size)
+        if picks is not None:
+            record["shape_seconds"] = passes
         return record
 
     t0 = time.perf_counter()
@@ -244,6 +255,7 @@ def measure_step_seconds(
     *,
     steps: int = 3,
     first: bool = False,
+    probe_depth: int | None = None,
 ) -> float | tuple[float, float]:
     """Seconds per expanding-phase step of ``cfg`` on this machine, measured: ``steps`` real steps on random
     images of the ancestry's size (the first one, with its one-off costs, left out; the median of the rest,
@@ -251,8 +263,17 @@ def measure_step_seconds(
     (``largest_every > 1``), at least one whole cycle of ``largest_every`` steps is run and the *mean* of steps
     ``1..largest_every`` taken: a median would skip the step that carries it (with ``0`` it is only drawn, like any
     shape: the median). With ``first``, ``(first step's
-    seconds, per step)``: the dry run estimates ``first + (steps - 1) * per step``."""
+    seconds, per step)``: the dry run estimates ``first + (steps - 1) * per step``. With ``probe_depth`` and a
+    sandwich deeper than it, the step is estimated from passes at depths 1 and ``probe_depth`` instead
+    (:func:`factory.training.step_estimate.estimate_step_seconds`: the long-run mean step, in a fraction of the
+    memory)."""
     import statistics
+
+    from factory.training import step_estimate
+
+    if step_estimate.extrapolates(shapes, probe_depth):
+        at = step_estimate.estimate_step_seconds(lg, ancestry, shapes, cfg, steps=steps, probe_depth=probe_depth)
+        return at if first else at[1]
 
     from factory.data import ImageTensors
 

@@ -1,0 +1,139 @@
+"""An expanding-phase step's seconds from shallow passes: what the dry run and the time budget plan with,
+measured without holding the sandwich's deepest shape in memory.
+
+A step costs ``fixed + sum(pass(s) for s in picks_at(step))``: *fixed* is the teacher's forward, expanding the
+learngene, clipping and the optimizer; *pass* is one shape's expansion, forward and backward over its
+micro-batches and the backward through its expansion. Every block of a ViT shape does the same work, so at one
+*block type* ``tau`` (width, heads, MLP ratio, everything but depth) a pass is affine in depth:
+
+    pass(tau @ d) = pass(tau @ 1) + (d - 1) * (pass(tau @ D) - pass(tau @ 1)) / (D - 1)
+
+:func:`estimate_step_seconds` runs every block type of the sandwich at depths 1 and ``D`` (``probe_depth``),
+each cut into the micro-batches the type's deepest shape uses in the build (so the per-image efficiency is the
+build's), for ``steps`` steps after a warm-up; takes the median of each pass and of *fixed*; and returns the mean
+step over the seeded picks of the phase's first :data:`HORIZON` steps (:func:`factory.core.expanding_phase.picks_at`:
+the smallest, the largest every ``largest_every``-th step, the random draws), the figure the phase's step count
+multiplies. The deepest pass held is ``D`` blocks, not the sandwich's twice-the-ancestry depth: a 224-px
+DeiT-Small sandwich is timed at d6-w384 instead of d24-w384 (its weights, gradients and activations a quarter).
+
+Choices, configurable: ``D`` = :data:`PROBE_DEPTH` (6: a slope over five blocks, so a d24 figure carries about
+4.6x the slope's timing noise; a larger ``D`` is more exact and holds more). A sandwich no deeper than ``D``
+is measured directly (:func:`factory.training.expanding_loop.measure_step_seconds`). Not modelled: the heap
+trims after passes of a second or more (2-4% of a 224-px step, measured) and the depth maps of depths the
+probe does not run (a few hundred parameters each) -- the bench ``bench/step_estimate.py`` measures the estimate
+against the real step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import torch
+
+from factory.core.expanding_phase import ExpandingConfig, picks_at
+from factory.core.shapes import DescendantShape, vit_flops
+
+#: the deeper of the two probe depths (the other is 1)
+PROBE_DEPTH = 6
+#: the seeded steps whose picks the estimate averages over (the random draws' long run; a whole cycle of any
+#: ``largest_every`` up to it)
+HORIZON = 240
+
+
+def block_type(shape: DescendantShape) -> DescendantShape:
+    """``shape`` at depth 1: what every one of its blocks computes (the key its depth is extrapolated by)."""
+    return dataclasses.replace(shape, depth=1)
+
+
+def extrapolates(shapes: list[DescendantShape], probe_depth: int | None = PROBE_DEPTH) -> bool:
+    """True where :func:`estimate_step_seconds` times ``shapes`` from shallow passes (a shape deeper than the
+    probe depth), False where the real step is measured."""
+    return probe_depth is not None and probe_depth >= 2 and max((s.depth for s in shapes), default=0) > probe_depth
+
+
+def probe_plan(
+    shapes: list[DescendantShape], probe_depth: int
+) -> tuple[list[DescendantShape], dict[DescendantShape, DescendantShape]]:
+    """The probe's shapes (each block type at depth 1 and ``min(probe_depth, deepest)``) and for each the
+    sandwich shape whose micro-batches it is cut into (its type's deepest)."""
+    deepest: dict[DescendantShape, DescendantShape] = {}
+    for s in shapes:
+        key = block_type(s)
+        if key not in deepest or s.depth > deepest[key].depth:
+            deepest[key] = s
+    probes, sized_as = [], {}
+    for key, deep in deepest.items():
+        for d in sorted({1, min(probe_depth, deep.depth)}):
+            probe = dataclasses.replace(key, depth=d)
+            probes.append(probe)
+            sized_as[probe] = deep
+    return probes, sized_as
+
+
+def pass_seconds(shape: DescendantShape, probe: dict[DescendantShape, float], probe_depth: int) -> float:
+    """A pass of ``shape`` from its type's probe passes at depths 1 and ``D``, affine in depth (module docstring);
+    a type with one probe (no shape deeper than 1) is that probe."""
+    key = block_type(shape)
+    deep = [p for p in probe if block_type(p) == key and p.depth > 1]
+    one = probe[key]
+    if not deep:
+        return one
+    top = deep[0]
+    slope = (probe[top] - one) / (top.depth - 1)
+    return one + (shape.depth - 1) * max(slope, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepModel:
+    """A step's seconds as the probe measured them: ``fixed``, each sandwich shape's pass (extrapolated) and the
+    first step's ``one_off`` costs."""
+
+    fixed: float
+    passes: dict[DescendantShape, float]
+    one_off: float
+
+    def step(self, step: int, by_cost: list[DescendantShape], cfg: ExpandingConfig) -> float:
+        """Seconds of ``step``: ``fixed`` plus the passes of the shapes :func:`picks_at` trains at it."""
+        return self.fixed + sum(self.passes[s] for s in picks_at(step, by_cost, cfg))
+
+    def mean(self, cfg: ExpandingConfig, steps: range = range(1, HORIZON + 1)) -> float:
+        """The mean step over ``steps`` (by default the first :data:`HORIZON` after step 0, which has its own
+        one-off costs)."""
+        by_cost = sorted(self.passes, key=lambda s: (vit_flops(s), s.label()))
+        return sum(self.step(i, by_cost, cfg) for i in steps) / len(steps)
+
+
+def probe_step(
+    lg, ancestry, shapes: list[DescendantShape], cfg: ExpandingConfig, *, steps: int = 3, probe_depth: int = PROBE_DEPTH
+) -> StepModel:
+    """Run the probe (:func:`probe_plan`) for ``steps`` steps after a warm-up on random images of the ancestry's
+    size and return the :class:`StepModel` of ``shapes``: medians of each probe pass and of ``fixed``, the passes
+    extrapolated (:func:`pass_seconds`), the one-off costs the probe's first step less a typical one."""
+    from factory.data import ImageTensors
+    from factory.training.expanding_loop import train_learngene
+
+    arch = lg.arch
+    probes, sized_as = probe_plan(shapes, probe_depth)
+    images = torch.randn(cfg.batch_size, arch.in_chans, arch.img_size, arch.img_size)
+    data = ImageTensors(images, torch.zeros(cfg.batch_size, dtype=torch.int64), ["x"])
+    run = dataclasses.replace(cfg, steps=max(2, steps + 1))
+    _, report = train_learngene(
+        lg, ancestry, data, probes, run, progress=False, picks=lambda _: probes, sized_as=sized_as
+    )
+    history = report["history"][1:]
+    probe = {p: statistics.median(h["shape_seconds"][p.label()] for h in history) for p in probes}
+    fixed = statistics.median(h["seconds"] - sum(h["shape_seconds"].values()) for h in history)
+    one_off = max(0.0, report["history"][0]["seconds"] - statistics.median(h["seconds"] for h in history))
+    return StepModel(fixed, {s: pass_seconds(s, probe, probe_depth) for s in shapes}, one_off)
+
+
+def estimate_step_seconds(
+    lg, ancestry, shapes: list[DescendantShape], cfg: ExpandingConfig, *, steps: int = 3, probe_depth: int = PROBE_DEPTH
+) -> tuple[float, float]:
+    """``(first step, each further step)`` seconds of the expanding phase ``cfg`` over ``shapes`` on this machine
+    (module docstring): the mean step of the :class:`StepModel` over the first :data:`HORIZON` steps, and the
+    first one that plus its one-off costs."""
+    model = probe_step(lg, ancestry, shapes, cfg, steps=steps, probe_depth=probe_depth)
+    per_step = model.mean(cfg)
+    return per_step + model.one_off, per_step
