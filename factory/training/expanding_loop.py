@@ -74,6 +74,12 @@ from factory.training.precision import autocast_for, pick_device, precision_for
 from factory.training.train import TrainConfig, evaluate
 
 
+def prefix_tokens(model: nn.Module) -> int:
+    """The prefix (class/register) tokens of a timm ViT's position embedding; 0 where it has none for them
+    (``no_embed_class``). The expanding phase counts a sequence as the patches plus these."""
+    return 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+
+
 def zero_shot(lg: Learngene, shapes: list[DescendantShape], data) -> dict[str, float]:
     """Accuracy of each expanded shape on ``data`` without any fine-tuning."""
     return {s.label(): round(evaluate(expand(lg, s), data), 4) for s in shapes}
@@ -149,7 +155,7 @@ def train_learngene(
         if size != arch.img_size:
             teacher.set_input_size(img_size=size)
     grid, small = (arch.img_size // arch.patch_size,) * 2, (size // arch.patch_size,) * 2
-    prefix = 0 if getattr(teacher, "no_embed_class", False) else int(getattr(teacher, "num_prefix_tokens", 1))
+    prefix = prefix_tokens(teacher)
     # no GradScaler here: fp16 (asked for, or "auto" on a CUDA GPU without bf16) runs as fp32
     precision = precision_for(device, "off" if cfg.amp == "fp16" else cfg.amp)
     precision = "fp32" if precision == "fp16" else precision
