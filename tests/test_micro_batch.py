@@ -172,9 +172,7 @@ def test_a_dry_run_caps_its_measured_steps_activations_on_the_cpu_only():
     assert dry_run_memory_mb(None, "cuda") is None and dry_run_memory_mb(1024, "cuda") == 1024
 
 
-def test_a_dry_run_caps_its_fine_tune_steps_probes_the_expanding_step_and_a_build_keeps_its_budget(
-    tmp_path, monkeypatch
-):
+def test_a_dry_run_times_its_steps_within_the_cap_and_a_build_at_its_own_budget(tmp_path, monkeypatch):
     import factory.training.expanding_loop as expanding_loop
     import factory.training.train as train_module
     from factory.device.profile import load_profile
@@ -209,8 +207,7 @@ def test_a_dry_run_caps_its_fine_tune_steps_probes_the_expanding_step_and_a_buil
     )
     lines: list[str] = []
     build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, dry_run=True, log=lines.append)
-    # the expanding step from shallow probe passes (a d24 sandwich): at the build's own budget, no cap needed
-    assert seen["expanding"] == [1024] and seen["finetune"] and set(seen["finetune"]) == {192.0}, seen
-    assert any("depths over 6 extrapolated from passes at d1 and d6" in line for line in lines), lines
+    assert seen["expanding"] == [192.0] and seen["finetune"] and set(seen["finetune"]) == {192.0}, seen
+    assert any("micro-batches of at most 192 MB, an upper bound" in line for line in lines), lines
     ctx = BuildContext(tmp_path, cfg, None, print, None, None)  # the build itself measures at its own budget
     assert measured_memory_mb(ctx, 1024, "cpu") == 1024 and measured_memory_mb(ctx, None, "cpu") is None

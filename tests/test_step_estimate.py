@@ -13,7 +13,7 @@ from factory.core.shapes import vit_flops
 from factory.data import ImageTensors
 from factory.training import expanding_loop, step_estimate
 from factory.training.micro_batch import activation_mb_per_image, micro_batch_size, spans
-from factory.training.step_estimate import StepModel, affine_pass, between, block_type, probe_plan
+from factory.training.step_estimate import StepModel, block_type, pass_seconds, probe_plan
 
 
 @pytest.fixture(scope="module")
@@ -33,34 +33,36 @@ def test_the_probe_runs_each_block_type_at_depth_one_and_the_probe_depth_sized_a
     assert all(sized_as[p].depth == 12 and block_type(sized_as[p]) == block_type(p) for p in probes)
     shallow = [s for s in shapes if s.depth <= 4]  # no shape as deep as the probe depth: probed at its deepest
     assert sorted({p.depth for p in probe_plan(shallow, 6)[0]}) == [1, 4]
-    assert step_estimate.extrapolates(shapes) and not step_estimate.extrapolates(shallow)
-    assert not step_estimate.extrapolates(shapes, None) and not step_estimate.extrapolates(shapes, 24)
+    # the probe only where the real step holds too much: the demo's largest shape is small
+    assert not step_estimate.extrapolates(shapes) and step_estimate.extrapolates(shapes, 6, above_params=0)
+    assert not step_estimate.extrapolates(shallow, 6, above_params=0)
+    assert not step_estimate.extrapolates(shapes, None, above_params=0)
+    assert not step_estimate.extrapolates(shapes, 24, above_params=0)
 
 
-def test_a_pass_is_affine_in_depth_per_block_type_and_log_interpolated_in_micro_batch_size(demo):
+def test_a_deit_small_sandwich_is_probed_and_a_deit_tiny_one_measured_whole():
+    from factory.core.expanding_phase import sandwich_grid
+    from factory.core.shapes import ArchConfig
+
+    def grid(width: int, heads: int):
+        arch = ArchConfig(width, 12, heads, 4 * width, img_size=224, patch_size=16, num_classes=1000)
+        return sandwich_grid(arch, heads)
+
+    assert not step_estimate.extrapolates(grid(192, 3))  # d24-w192: 10.7M parameters
+    assert step_estimate.extrapolates(grid(384, 6))  # d24-w384: 42.5M
+
+
+def test_a_pass_is_affine_in_depth_per_block_type(demo):
     _, lg = demo
     shapes = default_shapes(lg)
     probes, _ = probe_plan(shapes, 6)
     timed = {p: (1.0 if p.depth == 1 else 3.5) * p.embed_dim / 96 for p in probes}
     for s in shapes:  # slope (3.5 - 1) / 5 = 0.5 a block at width 96, scaled by width
-        assert affine_pass(s, timed) == pytest.approx((1.0 + 0.5 * (s.depth - 1)) * s.embed_dim / 96)
+        assert pass_seconds(s, timed, 6) == pytest.approx((1.0 + 0.5 * (s.depth - 1)) * s.embed_dim / 96)
     flat = {
         p: (2.0 if p.depth == 1 else 1.0) for p in probes
     }  # noise making the deeper probe faster: no negative slope
-    assert affine_pass(shapes[-1], flat) == 2.0
-    # micro-batches of 8 images, between probes at 2 and 32: halfway in log m
-    assert between(8.0, (2.0, 10.0), (32.0, 6.0)) == pytest.approx(8.0)
-    assert between(64.0, (2.0, 10.0), (32.0, 6.0)) == 6.0 and between(1.0, (2.0, 10.0), (32.0, 6.0)) == 10.0
-    assert between(5.0, (4.0, 3.0), (4.0, 9.0)) == 3.0  # one micro-batch size: nothing to interpolate
-
-
-def test_the_second_probe_is_cut_as_the_shallowest_shapes_and_never_deeper_than_they_are(demo):
-    _, lg = demo
-    shapes = default_shapes(lg)
-    per_piece = {s: 64.0 if s.depth <= 3 else 16.0 for s in shapes}.__getitem__  # whole batch up to d3
-    probes, sized_as = probe_plan(shapes, 6, per_piece)
-    assert sorted({p.depth for p in probes}) == [1, 3] and all(sized_as[p].depth == 3 for p in probes)
-    assert all(per_piece(sized_as[p]) == 64.0 for p in probes)
+    assert pass_seconds(shapes[-1], flat, 6) == 2.0
 
 
 def test_the_model_averages_the_seeded_picks_of_the_sandwich(demo):
@@ -91,18 +93,15 @@ def test_a_probe_runs_no_shape_deeper_than_the_probe_depth_in_the_deepest_shapes
     monkeypatch.setattr(expanding_loop, "train_learngene", spy)
     cfg = ExpandingConfig(batch_size=8, memory_mb=1.0)  # a budget small enough that d12 is cut finer than d6
     model = step_estimate.probe_step(lg, anc, shapes, cfg, steps=2)
-    deepest_run, shallowest_run = seen  # two runs: the budget cuts d12 finer than d1
-    for report in seen:
-        ran = {label for h in report["history"] for label in h["shape_seconds"]}
-        assert max(int(label.split("-")[0][1:]) for label in ran) <= 6 and len(report["history"]) == 3
-    ran = {label for h in deepest_run["history"] for label in h["shape_seconds"]}
-    assert ran == {p.label() for p in probe_plan(shapes, 6)[0]}
+    (report,) = seen
+    ran = {label for h in report["history"] for label in h["shape_seconds"]}
+    assert ran == {p.label() for p in probe_plan(shapes, 6)[0]} and len(report["history"]) == 3
+    assert max(int(label.split("-")[0][1:]) for label in ran) == 6
     deepest = max(shapes, key=lambda s: (vit_flops(s), s.label()))
     tokens = (anc.arch.img_size // anc.arch.patch_size) ** 2 + 1
-    per = activation_mb_per_image(12, tokens, deepest.embed_dim, deepest.mlp_hidden, deepest_run["precision"])
-    want = len(spans(8, micro_batch_size(8, per, deepest_run["memory_mb"])))
-    assert deepest_run["micro_batches"][dataclasses.replace(deepest, depth=6).label()] == want > 1
-    assert max(shallowest_run["micro_batches"].values()) < want  # cut as the shallowest shapes are: coarser
+    per = activation_mb_per_image(12, tokens, deepest.embed_dim, deepest.mlp_hidden, report["precision"])
+    want = len(spans(8, micro_batch_size(8, per, report["memory_mb"])))
+    assert report["micro_batches"][dataclasses.replace(deepest, depth=6).label()] == want > 1
     assert set(model.passes) == set(shapes) and model.fixed > 0 and model.one_off >= 0
     assert all(
         model.passes[s] <= model.passes[dataclasses.replace(s, depth=s.depth + 1)] for s in shapes if s.depth < 12
@@ -124,5 +123,41 @@ def test_the_estimate_tracks_the_real_steps_of_the_sandwich(demo):
     by_cost = sorted(shapes, key=lambda s: (vit_flops(s), s.label()))
     estimated = sum(model.step(i, by_cost, cfg) for i in range(1, 7))
     assert 0.6 < estimated / real < 1.6, (estimated, real)
-    first, per = expanding_loop.measure_step_seconds(lg, anc, shapes, cfg, first=True, probe_depth=6)
+    first, per = step_estimate.estimate_step_seconds(lg, anc, shapes, cfg)
     assert first >= per > 0
+
+
+def test_a_dry_run_probes_a_sandwich_above_the_threshold_at_the_builds_own_budget(tmp_path, monkeypatch):
+    """With the threshold at 0 the demo's sandwich is probed: at the build's activation budget (the probe is
+    shallow), and the dry run says how; a real step is never measured."""
+    from factory.device.profile import load_profile
+    from factory.pipeline.build import BuildConfig, build
+
+    from .helpers import transfer_check_passes
+    from .test_build import _profile
+
+    seen: dict[str, list] = {"probe": [], "steps run": []}
+    real_probe, real_train = step_estimate.probe_step, expanding_loop.train_learngene
+
+    def probe(lg, anc, shapes, cfg, **kwargs):
+        seen["probe"].append(cfg.memory_mb)
+        return real_probe(lg, anc, shapes, cfg, **kwargs)
+
+    def train(*args, **kwargs):  # every expanding-phase step the dry run runs: the probe's own (picks given)
+        seen["steps run"].append(kwargs.get("picks") is not None)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(step_estimate, "PROBE_ABOVE_PARAMS", 0)
+    monkeypatch.setattr(step_estimate, "probe_step", probe)
+    monkeypatch.setattr(expanding_loop, "train_learngene", train)
+    transfer_check_passes(monkeypatch)
+    cfg = BuildConfig(
+        data="synthetic", batch_size=16, expand_steps=12, expand_batch_size=8, expand_min_steps=5,
+        train_memory_mb=1024, objective="capacity", device="cpu",
+    )  # fmt: skip
+    lines: list[str] = []
+    build([load_profile(_profile(tmp_path, "dev", 0.2))], tmp_path / "out", cfg, dry_run=True, log=lines.append)
+    assert seen["probe"] == [1024] and seen["steps run"] == [True], seen
+    step_line = next(line for line in lines if "one expanding-phase step measured" in line)
+    assert "depths over 6 extrapolated from passes at d1 and d6" in step_line and "upper bound" not in step_line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -132,9 +132,10 @@ def estimate_learngene(ctx: BuildContext, _: None) -> float:
 def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
     """``(sampling, first step, each further step)`` seconds of the learngene the build would train, measured
     on this host: the sampling itself, then three expanding-phase steps of the configured batch, input size and
-    precision (:func:`factory.training.expanding_loop.measure_step_seconds`; a sandwich deeper than
-    :data:`~factory.training.step_estimate.PROBE_DEPTH` from its shallow passes in the build's own
-    micro-batches, :mod:`factory.training.step_estimate`, a shallower one measured whole). Measured once per
+    precision (:func:`factory.training.expanding_loop.measure_step_seconds`; a sandwich whose real step holds
+    too much -- a largest shape above :data:`~factory.training.step_estimate.PROBE_ABOVE_PARAMS` parameters, e.g.
+    DeiT-Small's d24 -- from its shallow passes in the build's own micro-batches, :mod:`factory.training.step_estimate`;
+    others measured whole in micro-batches of at most the dry run's cap). Measured once per
     context (:attr:`BuildContext.expanding_times`): a budgeted dry run's first plan and its learngene estimate
     are the same figures -- two measurements in one run were 0.33 and 0.44 s a step apart -- and a 224-px step
     (about a GB and 15 s to measure) is not paid twice."""
@@ -151,7 +152,7 @@ def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
     lg = _sample(ctx, recipe)
     sampling = time.perf_counter() - t0
     shapes = default_shapes(lg)
-    if extrapolates(shapes):  # shallow passes in the build's own micro-batches: no cap needed
+    if extrapolates(shapes):  # shallow passes, in the build's own micro-batches: no cap needed
         exp, how = build, f"; depths over {PROBE_DEPTH} extrapolated from passes at d1 and d{PROBE_DEPTH}"
     else:
         exp = dataclasses.replace(build, memory_mb=measured_memory_mb(ctx, build.memory_mb, build.device))

@@ -74,12 +74,6 @@ from factory.training.precision import autocast_for, pick_device, precision_for
 from factory.training.train import TrainConfig, evaluate
 
 
-def prefix_tokens(model: nn.Module) -> int:
-    """The prefix (class/register) tokens of a timm ViT's position embedding; 0 where it has none for them
-    (``no_embed_class``). The expanding phase counts a sequence as the patches plus these."""
-    return 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
-
-
 def zero_shot(lg: Learngene, shapes: list[DescendantShape], data) -> dict[str, float]:
     """Accuracy of each expanded shape on ``data`` without any fine-tuning."""
     return {s.label(): round(evaluate(expand(lg, s), data), 4) for s in shapes}
@@ -101,6 +95,7 @@ def train_learngene(
     should_stop=None,
     picks: Callable[[int], list[DescendantShape]] | None = None,
     sized_as: dict[DescendantShape, DescendantShape] | None = None,
+    trim_after: float = TRIM_AFTER_S,
 ) -> tuple[Learngene, dict[str, Any]]:
     """Run the expanding phase; returns the trained learngene and a report (before/after).
 
@@ -112,8 +107,9 @@ def train_learngene(
 
     For timing (:mod:`factory.training.step_estimate`): ``picks(step)`` replaces the sandwich rule's shapes of a
     step (:func:`factory.core.expanding_phase.picks_at`), each step's record then carries ``shape_seconds`` (each
-    shape's pass: its expansion, forward and backward), and a shape in ``sized_as`` is cut into the micro-batches
-    of the shape it maps to.
+    shape's pass: its expansion, forward and backward), a shape in ``sized_as`` is cut into the micro-batches of
+    the shape it maps to, and the freed heap goes back to the OS after every pass of ``trim_after`` seconds or more
+    (by default a long one's, as the phase does, so its next pass faults its pages in again).
     """
     arch = lg.arch
     if not shapes:
@@ -155,7 +151,7 @@ def train_learngene(
         if size != arch.img_size:
             teacher.set_input_size(img_size=size)
     grid, small = (arch.img_size // arch.patch_size,) * 2, (size // arch.patch_size,) * 2
-    prefix = prefix_tokens(teacher)
+    prefix = 0 if getattr(teacher, "no_embed_class", False) else int(getattr(teacher, "num_prefix_tokens", 1))
     # no GradScaler here: fp16 (asked for, or "auto" on a CUDA GPU without bf16) runs as fp32
     precision = precision_for(device, "off" if cfg.amp == "fp16" else cfg.amp)
     precision = "fp32" if precision == "fp16" else precision
@@ -207,7 +203,7 @@ def train_learngene(
             torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
             del state, leaves, grads  # this shape's weights and gradients, before the next shape's
             passes[shape.label()] = time.perf_counter() - shape_start
-            if passes[shape.label()] >= TRIM_AFTER_S:
+            if passes[shape.label()] >= trim_after:
                 # the next shape's tensors have other sizes: without this the heap fragments and a 224-px step
                 # peaked ~250 MB higher (1.85-1.93 GB against 1.61 GB in one scratch trace, d24 at 512 MB)
                 release_freed_memory()
@@ -270,7 +266,9 @@ def measure_step_seconds(
     ``1..largest_every`` taken: a median would skip the step that carries it (with ``0`` it is only drawn, like any
     shape: the median). With ``first``, ``(first step's
     seconds, per step)``: the dry run estimates ``first + (steps - 1) * per step``. With ``probe_depth`` and a
-    sandwich deeper than it, the step is estimated from passes at depths 1 and ``probe_depth`` instead
+    sandwich deeper than it whose largest shape holds more than
+    :data:`~factory.training.step_estimate.PROBE_ABOVE_PARAMS` parameters, the step is estimated from passes at
+    depths 1 and ``probe_depth`` instead
     (:func:`factory.training.step_estimate.estimate_step_seconds`: the long-run mean step, in a fraction of the
     memory)."""
     import statistics
