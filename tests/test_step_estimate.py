@@ -161,3 +161,43 @@ def test_a_dry_run_probes_a_sandwich_above_the_threshold_at_the_builds_own_budge
     step_line = next(line for line in lines if "one expanding-phase step measured" in line)
     assert "depths over 6 extrapolated from passes at d1 and d6" in step_line and "upper bound" not in step_line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _deit_small_wide(depth: int):
+    from factory.core.shapes import DescendantShape
+
+    return DescendantShape(depth, 352, 11, 3.5, img_size=224, patch_size=16, num_classes=5)
+
+
+def test_a_large_deep_fine_tune_and_its_measure_round_are_timed_at_depths_one_and_six(monkeypatch):
+    """The dry run's fine-tuning step and export round of a shape whose weights would set its peak: measured at
+    depths 1 and 6 and taken affine in depth; a small shape measured whole."""
+    import types
+
+    from factory.core.shapes import DescendantShape
+    from factory.pipeline import finetune_facts
+
+    assert finetune_facts.probed_in_depth(_deit_small_wide(21))  # ~31M parameters
+    assert not finetune_facts.probed_in_depth(_deit_small_wide(6))  # no deeper than the probe
+    assert not finetune_facts.probed_in_depth(DescendantShape(24, 192, 3, 4.0, img_size=224, patch_size=16))  # 10.7M
+
+    measured: list[int] = []
+
+    def whole(ctx, shape, batch):
+        measured.append(shape.depth)
+        return 0.5 + 0.2 * shape.depth
+
+    monkeypatch.setattr(finetune_facts, "_measure_whole", whole)
+    assert finetune_facts._measure_steps(None, _deit_small_wide(21), 32) == pytest.approx(0.5 + 0.2 * 21)
+    assert measured == [1, 6]
+    small = DescendantShape(24, 192, 3, 4.0, img_size=224, patch_size=16)
+    assert finetune_facts._measure_steps(None, small, 32) == pytest.approx(0.5 + 0.2 * 24) and measured[-1] == 24
+
+    rounds: list[int] = []
+    import factory.device.measure as measure
+
+    monkeypatch.setattr(measure, "measure_onnxruntime_latency", lambda shape, batch, arch: rounds.append(shape.depth))
+    ctx = types.SimpleNamespace(round_times={}, ancestry=types.SimpleNamespace(arch=None))
+    assert finetune_facts.round_seconds(ctx, _deit_small_wide(21)) >= 0 and rounds == [1, 6]
+    finetune_facts.round_seconds(ctx, _deit_small_wide(21))  # once per context
+    assert rounds == [1, 6] and list(ctx.round_times) == [_deit_small_wide(21).label()]

@@ -87,17 +87,19 @@ def probe_plan(
     return probes, sized_as
 
 
+def affine_in_depth(depth: int, at_one: float, at_deeper: tuple[int, float]) -> float:
+    """``at_one + (depth - 1) * slope`` with ``slope = (t - at_one) / (d - 1)`` for ``at_deeper = (d, t)``, never
+    negative (a deeper run measured faster is noise: a flat line)."""
+    d, t = at_deeper
+    return at_one + (depth - 1) * max((t - at_one) / (d - 1), 0.0)
+
+
 def pass_seconds(shape: DescendantShape, probe: dict[DescendantShape, float], probe_depth: int) -> float:
-    """A pass of ``shape`` from its type's probe passes at depths 1 and ``D``, affine in depth (module docstring);
-    a type with one probe (no shape deeper than 1) is that probe."""
+    """A pass of ``shape`` from its type's probe passes at depths 1 and ``D``, affine in depth (module docstring,
+    :func:`affine_in_depth`); a type with one probe (no shape deeper than 1) is that probe."""
     key = block_type(shape)
     deep = [p for p in probe if block_type(p) == key and p.depth > 1]
-    one = probe[key]
-    if not deep:
-        return one
-    top = deep[0]
-    slope = (probe[top] - one) / (top.depth - 1)
-    return one + (shape.depth - 1) * max(slope, 0.0)
+    return affine_in_depth(shape.depth, probe[key], (deep[0].depth, probe[deep[0]])) if deep else probe[key]
 
 
 @dataclasses.dataclass(frozen=True)
