@@ -257,7 +257,6 @@ def measure_step_seconds(
     *,
     steps: int = 3,
     first: bool = False,
-    probe_depth: int | None = None,
 ) -> float | tuple[float, float]:
     """Seconds per expanding-phase step of ``cfg`` on this machine, measured: ``steps`` real steps on random
     images of the ancestry's size (the first one, with its one-off costs, left out; the median of the rest,
@@ -265,19 +264,9 @@ def measure_step_seconds(
     (``largest_every > 1``), at least one whole cycle of ``largest_every`` steps is run and the *mean* of steps
     ``1..largest_every`` taken: a median would skip the step that carries it (with ``0`` it is only drawn, like any
     shape: the median). With ``first``, ``(first step's
-    seconds, per step)``: the dry run estimates ``first + (steps - 1) * per step``. With ``probe_depth`` and a
-    sandwich deeper than it whose largest shape holds more than
-    :data:`~factory.training.step_estimate.PROBE_ABOVE_PARAMS` parameters, the step is estimated from passes at
-    depths 1 and ``probe_depth`` instead
-    (:func:`factory.training.step_estimate.estimate_step_seconds`: the long-run mean step, in a fraction of the
-    memory)."""
+    seconds, per step)``: the dry run estimates ``first + (steps - 1) * per step`` (a sandwich too large to hold is
+    estimated from shallow passes instead: :mod:`factory.training.step_estimate`)."""
     import statistics
-
-    from factory.training import step_estimate
-
-    if step_estimate.extrapolates(shapes, probe_depth):
-        at = step_estimate.estimate_step_seconds(lg, ancestry, shapes, cfg, steps=steps, probe_depth=probe_depth)
-        return at if first else at[1]
 
     from factory.data import ImageTensors
 
