@@ -177,9 +177,9 @@ def test_a_large_deep_fine_tune_and_its_measure_round_are_timed_at_depths_one_an
     from factory.core.shapes import DescendantShape
     from factory.pipeline import finetune_facts
 
-    assert finetune_facts.probed_in_depth(_deit_small_wide(21))  # ~31M parameters
-    assert not finetune_facts.probed_in_depth(_deit_small_wide(6))  # no deeper than the probe
-    assert not finetune_facts.probed_in_depth(DescendantShape(24, 192, 3, 4.0, img_size=224, patch_size=16))  # 10.7M
+    assert step_estimate.holds_too_much(_deit_small_wide(21))  # ~31M parameters
+    assert not step_estimate.holds_too_much(_deit_small_wide(6))  # no deeper than the probe
+    assert not step_estimate.holds_too_much(DescendantShape(24, 192, 3, 4.0, img_size=224, patch_size=16))  # 10.7M
 
     measured: list[int] = []
 

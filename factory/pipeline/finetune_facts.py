@@ -82,21 +82,14 @@ def _measure_steps(ctx: BuildContext, shape: DescendantShape, batch: int) -> flo
     """The mean seconds of the measured steps (:func:`step_seconds`). The first step of *each* run of steps is
     left out: it waits for a new loader, whose worker processes start then (a streamed folder's).
 
-    A shape whose weights, gradients and AdamW state would set the dry run's peak (:func:`probed_in_depth`) is
-    timed at depths 1 and :data:`~factory.training.step_estimate.PROBE_DEPTH` instead, and its step taken affine
-    in depth between them
-    (:func:`factory.training.step_estimate.affine_in_depth`: every block the same work; the data loading, stem
-    and head in both; a DeiT-Small-wide d21-w352 at 224 px, batch 32: 0.90-1.08x of its real step in two
-    orders)."""
-    import dataclasses
+    A shape whose weights, gradients and AdamW state would set the dry run's peak
+    (:func:`factory.training.step_estimate.holds_too_much`) is timed at depths 1 and
+    :data:`~factory.training.step_estimate.PROBE_DEPTH` instead, its step affine in depth between them
+    (:func:`factory.training.step_estimate.in_depth`; a DeiT-Small-wide d21-w352 at 224 px, batch 32: 0.90-1.08x of
+    its real step in two orders)."""
+    from factory.training.step_estimate import in_depth
 
-    from factory.training.step_estimate import PROBE_DEPTH, affine_in_depth
-
-    if probed_in_depth(shape):
-        one = _measure_whole(ctx, dataclasses.replace(shape, depth=1), batch)
-        deeper = _measure_whole(ctx, dataclasses.replace(shape, depth=PROBE_DEPTH), batch)
-        return affine_in_depth(shape.depth, one, (PROBE_DEPTH, deeper))
-    return _measure_whole(ctx, shape, batch)
+    return in_depth(shape, lambda at: _measure_whole(ctx, at, batch))
 
 
 def _measure_whole(ctx: BuildContext, shape: DescendantShape, batch: int) -> float:
@@ -149,15 +142,15 @@ def round_seconds(ctx: BuildContext, shape: DescendantShape) -> float:
     """Seconds of the measure stage's own work for ``shape`` on this host, measured once per context: the
     ONNX export, onnxruntime session and timed runs of :func:`factory.device.measure.measure_onnxruntime_latency`
     (FLOPs counting is a small part besides). The export estimate is this *reference round* times each
-    format's :attr:`export.formats.FormatSpec.cost`. A large deep shape (:func:`probed_in_depth`) is timed at depths
-    1 and :data:`~factory.training.step_estimate.PROBE_DEPTH` and taken affine in depth: the export and session of
-    a DeiT-Small-wide d21 added 1.0 GB to the dry run (0.35 GB at d6), and its round took 9.2 s against 10.1 s
-    extrapolated from 0.66 s (d1) and 3.0 s (d6)."""
-    import dataclasses
+    format's :attr:`export.formats.FormatSpec.cost`. A large deep shape is timed at depths 1 and
+    :data:`~factory.training.step_estimate.PROBE_DEPTH` and taken affine in depth
+    (:func:`factory.training.step_estimate.in_depth`): the export and session of a DeiT-Small-wide d21 added 1.0 GB
+    to the dry run (0.35 GB at d6), and its round took 9.2 s against 10.1 s extrapolated from 0.66 s (d1) and 3.0 s
+    (d6)."""
     import time
 
     from factory.device.measure import measure_onnxruntime_latency
-    from factory.training.step_estimate import PROBE_DEPTH, affine_in_depth
+    from factory.training.step_estimate import in_depth
 
     def timed(at: DescendantShape) -> float:
         start = time.perf_counter()
@@ -165,20 +158,5 @@ def round_seconds(ctx: BuildContext, shape: DescendantShape) -> float:
         return time.perf_counter() - start
 
     if shape.label() not in ctx.round_times:
-        if probed_in_depth(shape):
-            one, deeper = (timed(dataclasses.replace(shape, depth=d)) for d in (1, PROBE_DEPTH))
-            ctx.round_times[shape.label()] = affine_in_depth(shape.depth, one, (PROBE_DEPTH, deeper))
-        else:
-            ctx.round_times[shape.label()] = timed(shape)
+        ctx.round_times[shape.label()] = in_depth(shape, timed)
     return ctx.round_times[shape.label()]
-
-
-def probed_in_depth(shape: DescendantShape) -> bool:
-    """A shape the dry run times at depths 1 and :data:`~factory.training.step_estimate.PROBE_DEPTH` rather than
-    whole: deeper than that and of more than :data:`~factory.training.step_estimate.PROBE_ABOVE_PARAMS`
-    parameters, so that its weights (and their gradients and AdamW state, or their ONNX copies) do not set the
-    dry run's peak."""
-    from factory.core.shapes import vit_params
-    from factory.training import step_estimate
-
-    return shape.depth > step_estimate.PROBE_DEPTH and vit_params(shape) > step_estimate.PROBE_ABOVE_PARAMS

@@ -249,6 +249,14 @@ def train_learngene(
     return trained, report
 
 
+def random_batch(arch, batch: int):
+    """``batch`` random images of ``arch``'s input size and channels, one class: what a step is timed on."""
+    from factory.data import ImageTensors
+
+    images = torch.randn(batch, arch.in_chans, arch.img_size, arch.img_size)
+    return ImageTensors(images, torch.zeros(batch, dtype=torch.int64), ["x"])
+
+
 def measure_step_seconds(
     lg: Learngene,
     ancestry: Ancestry,
@@ -268,11 +276,7 @@ def measure_step_seconds(
     estimated from shallow passes instead: :mod:`factory.training.step_estimate`)."""
     import statistics
 
-    from factory.data import ImageTensors
-
-    arch = lg.arch
-    images = torch.randn(cfg.batch_size, arch.in_chans, arch.img_size, arch.img_size)
-    data = ImageTensors(images, torch.zeros(cfg.batch_size, dtype=torch.int64), ["x"])
+    data = random_batch(lg.arch, cfg.batch_size)
     cycle = cfg.largest_every if cfg.largest_every > 1 else 0
     probe = dataclasses.replace(cfg, steps=max(2, steps, cycle + 1))
     _, report = train_learngene(lg, ancestry, data, shapes, probe, progress=False)

@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-
-import torch
+from collections.abc import Callable
 
 from factory.core.expanding_phase import ExpandingConfig, picks_at
 from factory.core.shapes import DescendantShape, vit_flops, vit_params
@@ -56,16 +55,32 @@ def block_type(shape: DescendantShape) -> DescendantShape:
     return dataclasses.replace(shape, depth=1)
 
 
+def holds_too_much(shape: DescendantShape, probe_depth: int = PROBE_DEPTH, above_params: float | None = None) -> bool:
+    """True for a shape timed from shallow runs rather than whole: deeper than ``probe_depth`` and of more than
+    ``above_params`` (default :data:`PROBE_ABOVE_PARAMS`) parameters, so that its weights (with their gradients
+    and AdamW state, or their ONNX copies) would set the dry run's peak."""
+    limit = PROBE_ABOVE_PARAMS if above_params is None else above_params
+    return shape.depth > probe_depth and vit_params(shape) > limit
+
+
 def extrapolates(
     shapes: list[DescendantShape], probe_depth: int | None = PROBE_DEPTH, above_params: float | None = None
 ) -> bool:
-    """True where :func:`estimate_step_seconds` times ``shapes`` from shallow passes: a shape deeper than the probe
-    depth and a largest shape of more than ``above_params`` (default :data:`PROBE_ABOVE_PARAMS`) parameters; False
-    where the real step is measured."""
-    if probe_depth is None or probe_depth < 2 or not shapes:
+    """True where :func:`estimate_step_seconds` times ``shapes`` from shallow passes (a shape of the sandwich
+    :func:`holds_too_much`); False where the real step is measured."""
+    if probe_depth is None or probe_depth < 2:
         return False
-    limit = PROBE_ABOVE_PARAMS if above_params is None else above_params
-    return max(s.depth for s in shapes) > probe_depth and max(vit_params(s) for s in shapes) > limit
+    return any(holds_too_much(s, probe_depth, above_params) for s in shapes)
+
+
+def in_depth(shape: DescendantShape, measure: Callable[[DescendantShape], float]) -> float:
+    """``measure(shape)``, or for a shape that :func:`holds_too_much`, :func:`affine_in_depth` between ``measure``
+    at depths 1 and :data:`PROBE_DEPTH` of the same width (every block the same work; what is not a block -- data
+    loading, stem, head -- in both)."""
+    if not holds_too_much(shape):
+        return measure(shape)
+    one, deeper = (measure(dataclasses.replace(shape, depth=d)) for d in (1, PROBE_DEPTH))
+    return affine_in_depth(shape.depth, one, (PROBE_DEPTH, deeper))
 
 
 def probe_plan(
@@ -128,13 +143,10 @@ def probe_step(
     """Run the probe (:func:`probe_plan`) for ``steps`` steps after a warm-up on random images of the ancestry's
     size and return the :class:`StepModel` of ``shapes``: medians of each probe pass and of ``fixed``, the passes
     extrapolated (:func:`pass_seconds`), the one-off costs the probe's first step less a typical one."""
-    from factory.data import ImageTensors
-    from factory.training.expanding_loop import train_learngene
+    from factory.training.expanding_loop import random_batch, train_learngene
 
-    arch = lg.arch
     probes, sized_as = probe_plan(shapes, probe_depth)
-    images = torch.randn(cfg.batch_size, arch.in_chans, arch.img_size, arch.img_size)
-    data = ImageTensors(images, torch.zeros(cfg.batch_size, dtype=torch.int64), ["x"])
+    data = random_batch(lg.arch, cfg.batch_size)
     run = dataclasses.replace(cfg, steps=max(2, steps + 1))
     _, report = train_learngene(
         lg, ancestry, data, probes, run, progress=False, picks=lambda _: probes, sized_as=sized_as, trim_after=0.0
