@@ -52,6 +52,24 @@ def test_a_deit_small_sandwich_is_probed_and_a_deit_tiny_one_measured_whole():
     assert step_estimate.extrapolates(grid(384, 6))  # d24-w384: 42.5M
 
 
+def test_a_probe_pass_trims_the_heap_where_the_deep_pass_it_stands_for_would(demo):
+    """The heap goes back after a long pass (TRIM_AFTER_S); a shallow probe counts as the deep shape it is sized
+    as, so a 224-px probe trims as the real d24 pass does and a 28-px one (tens of milliseconds) trims nothing."""
+    from factory.training.loop import TRIM_AFTER_S
+
+    _, lg = demo
+    probes, sized_as = probe_plan(default_shapes(lg), 6)  # the demo's: each stands for a d12 shape
+    d1, d6 = (next(p for p in probes if p.depth == d) for d in (1, 6))
+    long, short = TRIM_AFTER_S, 0.99 * TRIM_AFTER_S
+    assert expanding_loop.is_long_pass(long, d6) and not expanding_loop.is_long_pass(short, d6)  # no map: as timed
+    assert expanding_loop.is_long_pass(long / 12, d1, sized_as)  # d1 stands for d12: 12x its pass
+    assert not expanding_loop.is_long_pass(short / 12, d1, sized_as)
+    assert expanding_loop.is_long_pass(long / 2, d6, sized_as) and not expanding_loop.is_long_pass(
+        short / 2, d6, sized_as
+    )
+    assert not expanding_loop.is_long_pass(0.03, d1, sized_as)  # a 28-px probe pass: 0.36 s for the d12 it stands for
+
+
 def test_a_pass_is_affine_in_depth_per_block_type(demo):
     _, lg = demo
     shapes = default_shapes(lg)

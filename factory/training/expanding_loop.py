@@ -79,6 +79,15 @@ def zero_shot(lg: Learngene, shapes: list[DescendantShape], data) -> dict[str, f
     return {s.label(): round(evaluate(expand(lg, s), data), 4) for s in shapes}
 
 
+def is_long_pass(
+    seconds: float, shape: DescendantShape, sized_as: dict[DescendantShape, DescendantShape] | None = None
+) -> bool:
+    """True where a pass of ``shape`` that took ``seconds`` is long enough to return the freed heap after it:
+    ``seconds * D / d >= TRIM_AFTER_S``, with ``d`` the shape's depth and ``D`` that of the shape it stands for in
+    ``sized_as`` (itself if absent): a shallow timing probe trims where the deep pass it stands for would."""
+    return seconds * (sized_as or {}).get(shape, shape).depth / shape.depth >= TRIM_AFTER_S
+
+
 def train_learngene(
     lg: Learngene,
     ancestry: Ancestry,
@@ -95,7 +104,6 @@ def train_learngene(
     should_stop=None,
     picks: Callable[[int], list[DescendantShape]] | None = None,
     sized_as: dict[DescendantShape, DescendantShape] | None = None,
-    trim_after: float = TRIM_AFTER_S,
 ) -> tuple[Learngene, dict[str, Any]]:
     """Run the expanding phase; returns the trained learngene and a report (before/after).
 
@@ -108,8 +116,9 @@ def train_learngene(
     For timing (:mod:`factory.training.step_estimate`): ``picks(step)`` replaces the sandwich rule's shapes of a
     step (:func:`factory.core.expanding_phase.picks_at`), each step's record then carries ``shape_seconds`` (each
     shape's pass: its expansion, forward and backward), a shape in ``sized_as`` is cut into the micro-batches of
-    the shape it maps to, and the freed heap goes back to the OS after every pass of ``trim_after`` seconds or more
-    (by default a long one's, as the phase does, so its next pass faults its pages in again).
+    the shape it maps to. The freed heap goes back to the OS after every long pass (:data:`TRIM_AFTER_S` or more),
+    so that the next pass faults its pages in again; a shape in ``sized_as`` counts as long where its pass scaled
+    to the mapped shape's depth would be (a shallow probe of a deep shape trims as the deep shape's pass does).
     """
     arch = lg.arch
     if not shapes:
@@ -203,7 +212,7 @@ def train_learngene(
             torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
             del state, leaves, grads  # this shape's weights and gradients, before the next shape's
             passes[shape.label()] = time.perf_counter() - shape_start
-            if passes[shape.label()] >= trim_after:
+            if is_long_pass(passes[shape.label()], shape, sized_as):
                 # the next shape's tensors have other sizes: without this the heap fragments and a 224-px step
                 # peaked ~250 MB higher (1.85-1.93 GB against 1.61 GB in one scratch trace, d24 at 512 MB)
                 release_freed_memory()

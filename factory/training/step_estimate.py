@@ -25,11 +25,12 @@ step at the dry run's 192-MB cap (``bench/step_estimate.py``; RESULTS).
 
 Choices, configurable: ``D`` = :data:`PROBE_DEPTH` (6: a slope over five blocks, so a d24 figure carries about
 4.6x the slope's timing noise; a larger ``D`` is more exact and holds more). The probe returns the freed heap to the
-OS after every pass, as the phase does after each pass of a second or more (its deep ones), so that each pass
-faults its pages in again as the real ones do. Not modelled: a micro-batch's size moving the time per image
-(shallow shapes run whole batches, deep ones are cut finer; at 224 px whole batches ran 0.94x the speed of 12-image
-micro-batches; probing both cuts held as much memory as the real step), and the depth maps of depths the probe does
-not run (a few hundred parameters each).
+OS after a pass whose shape stands for a pass of a second or more (scaled by depth to its type's deepest shape), as
+the phase does after each such pass, so that the pass faults its pages in again as the real one does; at 28 px
+(tens of milliseconds a pass) it trims nothing, as the phase trims nothing. Not modelled: a micro-batch's size
+moving the time per image (shallow shapes run whole batches, deep ones are cut finer; at 224 px whole batches ran
+0.94x the speed of 12-image micro-batches; probing both cuts held as much memory as the real step), and the depth
+maps of depths the probe does not run (a few hundred parameters each).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def probe_step(
     data = random_batch(lg.arch, cfg.batch_size)
     run = dataclasses.replace(cfg, steps=max(2, steps + 1))
     _, report = train_learngene(
-        lg, ancestry, data, probes, run, progress=False, picks=lambda _: probes, sized_as=sized_as, trim_after=0.0
+        lg, ancestry, data, probes, run, progress=False, picks=lambda _: probes, sized_as=sized_as
     )
     history = report["history"][1:]
     probe = {p: statistics.median(h["shape_seconds"][p.label()] for h in history) for p in probes}
