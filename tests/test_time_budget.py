@@ -61,6 +61,10 @@ def test_a_budget_below_the_least_work_names_the_least():
     with pytest.raises(FactoryError, match=r"below the least .* 15s .* give at least 15s") as err:
         fit_budget(14, _costs())
     assert err.value.param == "time_budget_s"
+    # what the build spent before planning counts in the user's terms: the budget as given, the least with it
+    with pytest.raises(FactoryError, match=r"time budget 1s is below the least .* 22s \(7s of start-up") as err:
+        fit_budget(-6, _costs(), spent_s=7)
+    assert "give at least 22s" in str(err.value)
 
 
 def test_a_phase_to_train_gets_its_share_of_the_spare_time():
@@ -106,7 +110,7 @@ def test_a_budget_below_the_least_work_is_refused_before_anything_is_written(tmp
         "build", "--profile", _profile(tmp_path, "dev"), "--out", out, "--data", "synthetic", "--time-budget", "1s"
     )
     one_line_exit_2(res, "give at least")
-    assert "--time-budget" in res.output
+    assert "--time-budget" in res.output and "time budget 1s is below" in res.output  # the budget the user gave
     assert not (out / "manifest.json").exists() and not leftovers(out)
     assert not [p for p in out.rglob("*") if p.is_file() and p.suffix != ".lock"], list(out.rglob("*"))
 

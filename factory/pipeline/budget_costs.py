@@ -123,7 +123,8 @@ def plan_time(
         ctx.step_times.clear()
     start = time.perf_counter()
     costs = build_costs(ctx, devices, profiles, objective=objective, expanding=expanding, probed=probed)
-    left = cfg.time_budget_s - elapsed_s - (time.perf_counter() - start)  # the measuring is spent too
+    spent = elapsed_s + time.perf_counter() - start  # the measuring is spent too
+    left = cfg.time_budget_s - spent
     cap = cfg.expand_steps if cfg.expand_steps is not None else expanding_config(cfg).steps
     try:
         plan = fit_budget(
@@ -135,6 +136,7 @@ def plan_time(
             head_start_steps=cfg.expand_head_start if cfg.init == "auto" else None,  # ... and need not repay its time
             split=cfg.budget_split,
             step_share=phase_share(cfg, ctx.ancestry),
+            spent_s=spent,
         )
     except FactoryError:
         if not probed:

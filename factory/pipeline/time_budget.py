@@ -219,23 +219,28 @@ def fit_budget(
     head_start_steps: float | None = None,
     split: str = "time",
     step_share: float = 1.0,
+    spent_s: float = 0.0,
 ) -> BudgetPlan:
     """The step counts that spend ``budget_s`` (module docstring); one line naming the least budget when
     ``budget_s`` cannot hold even :data:`MIN_FINETUNE_STEPS` fine-tuning steps. ``head_start_steps``: the
     learngene's measured head start, which the phase must repay at equal time (None: no such check, ``--init
     peg``). ``split``: how the fine-tuning time is shared between the shapes (:data:`SPLITS`). ``step_share``: what
     a phase step is worth in steps of the full sandwich (:func:`factory.pipeline.config.phase_share`), in which
-    ``min_expand_steps`` and the head start count."""
+    ``min_expand_steps`` and the head start count. ``spent_s``: what the build already spent of the user's budget
+    (start-up, measuring) before ``budget_s`` was left; the error names the user's budget and the least to give,
+    both with it."""
     if split not in SPLITS:
         raise FactoryError(f"budget split {split!r} must be one of {', '.join(SPLITS)}", param="budget_split")
     if not 0 <= expand_share < 1:
         raise FactoryError(f"expand share {expand_share} must be in [0, 1)", param="expand_share")
     minimum = least_budget(costs)
     if budget_s < minimum:
+        least = format_duration(minimum + spent_s)
+        spent = f"{format_duration(spent_s)} of start-up and measuring, " if spent_s > 0 else ""
         raise FactoryError(
-            f"time budget {format_duration(budget_s)} is below the least this build can do on this machine, "
-            f"{format_duration(minimum)} (fixed work {format_duration(costs.fixed_s)} and {MIN_FINETUNE_STEPS} "
-            f"fine-tuning steps per shape): give at least {format_duration(minimum)}, or fewer devices",
+            f"time budget {format_duration(max(budget_s + spent_s, 0))} is below the least this build can do on this "
+            f"machine, {least} ({spent}fixed work {format_duration(costs.fixed_s)} and {MIN_FINETUNE_STEPS} "
+            f"fine-tuning steps per shape): give at least {least}, or fewer devices",
             param="time_budget_s",
         )
     rest = budget_s - costs.fixed_s  # for the expanding phase and the fine-tunes
