@@ -506,3 +506,20 @@ def test_a_huge_distillation_size_is_refused_before_allocating(tmp_path, size, n
     )
     _one_line_exit_2(res, f"--expand-img-size: {size}")
     assert needle in res.output
+
+
+def test_a_learngene_deeper_than_its_ancestry_is_refused_before_anything_runs(tmp_path):
+    """`learngene --layers 999` from the 6-layer demo wrote a 999-layer "learngene"; `build --gene-layers 9` got as
+    far as the transfer check. Both refuse in one line naming the flag and the most they may give."""
+    from factory import load_ancestry, sample_learngene
+
+    anc = load_ancestry("demo")
+    assert sample_learngene(anc, anc.arch.depth, seed=0).num_layers == anc.arch.depth  # as deep as it: allowed
+    with pytest.raises(FactoryError, match=r"layers 7 exceed the ancestry's 6:.* give at most 6") as err:
+        sample_learngene(anc, 7, seed=0)
+    assert err.value.param == "layers"
+    _one_line_exit_2(_cli("learngene", "--layers", "999", "--out", tmp_path / "lg"), "--layers: learngene layers 999")
+    assert not (tmp_path / "lg").exists()
+    res = _cli("build", "--profile", "demo/jetson_orin", "--gene-layers", "9", "--dry-run", "--out", tmp_path / "o")
+    _one_line_exit_2(res, "--gene-layers: learngene layers 9 exceed the ancestry's 6")
+    assert "transfer" not in res.output and not [p for p in tmp_path.rglob("*") if p.suffix != ".lock" and p.is_file()]

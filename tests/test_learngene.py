@@ -141,7 +141,9 @@ def test_failed_save_leaves_the_previous_learngene_intact(ancestry, tmp_path, mo
 
 def test_invalid_sampling_arguments(ancestry):
     with pytest.raises(FactoryError, match="identity mixing"):
-        sample_learngene(ancestry, 5, 4, mixing="identity")
+        sample_learngene(ancestry, 2, ancestry.arch.num_heads + 1, mixing="identity")
+    with pytest.raises(FactoryError, match="exceed the ancestry's"):
+        sample_learngene(ancestry, ancestry.arch.depth + 1)
     with pytest.raises(FactoryError, match="layers must be"):
         sample_learngene(ancestry, 0)
     with pytest.raises(FactoryError, match="unknown mixing"):

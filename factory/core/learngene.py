@@ -179,6 +179,19 @@ class Learngene:
         return cls(arch, stem, genes, num_heads, tensors["mix.layer"], tensors["mix.head"], meta, maps)
 
 
+def check_gene_layers(layers: int, arch: ArchConfig, param: str | None = None) -> None:
+    """One line unless ``1 <= layers <= arch.depth``: a learngene condenses its ancestry (PEG's ``L_b <= L_a``);
+    more gene layers than the layers they mix is no learngene (and mostly a typo, 999 for 9)."""
+    if layers < 1:
+        raise FactoryError(f"learngene layers must be >= 1, got {layers}", param=param)
+    if layers > arch.depth:
+        raise FactoryError(
+            f"learngene layers {layers} exceed the ancestry's {arch.depth}: a learngene condenses its ancestry "
+            f"(PEG's L_b <= L_a); give at most {arch.depth}",
+            param=param,
+        )
+
+
 def sample_learngene(
     ancestry: Ancestry | torch.nn.Module | str,
     layers: int,
@@ -203,14 +216,12 @@ def sample_learngene(
         raise FactoryError(f"unknown mixing {mixing!r}; choose one of {', '.join(MIXING_KINDS)}")
     if rescale not in RESCALES:
         raise FactoryError(f"unknown rescale {rescale!r}; choose one of {', '.join(RESCALES)}")
-    if not 1 <= layers:
-        raise FactoryError(f"learngene layers must be >= 1, got {layers}")
+    check_gene_layers(layers, arch, param="layers")
     if not 1 <= heads:
         raise FactoryError(f"learngene heads must be >= 1, got {heads}")
-    if mixing == "identity" and (layers > arch.depth or heads > arch.num_heads):
+    if mixing == "identity" and heads > arch.num_heads:  # (its layers are bounded by check_gene_layers)
         raise FactoryError(
-            f"identity mixing selects layers/heads, so it needs layers <= {arch.depth} and "
-            f"heads <= {arch.num_heads}; got {layers} and {heads}"
+            f"identity mixing selects heads, so it needs heads <= the ancestry's {arch.num_heads}; got {heads}"
         )
     with torch.no_grad():
         stem, blocks = anc.layers()

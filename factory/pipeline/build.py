@@ -117,6 +117,10 @@ def _build(
         from factory.core.expanding_phase import check_distill_size
 
         check_distill_size(cfg.expand_img_size, anc.arch)
+    if cfg.gene_layers is not None and cfg.learngene is None:  # refused before the transfer check and the dry run
+        from factory.core.learngene import check_gene_layers
+
+        check_gene_layers(cfg.gene_layers, anc.arch, param="gene_layers")
     if ds.test_from != "test":
         log(f"data: test accuracy is measured on {ds.test_from}")
     ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds, dry_run=dry_run)
