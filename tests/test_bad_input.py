@@ -523,3 +523,14 @@ def test_a_learngene_deeper_than_its_ancestry_is_refused_before_anything_runs(tm
     res = _cli("build", "--profile", "demo/jetson_orin", "--gene-layers", "9", "--dry-run", "--out", tmp_path / "o")
     _one_line_exit_2(res, "--gene-layers: learngene layers 9 exceed the ancestry's 6")
     assert "transfer" not in res.output and not [p for p in tmp_path.rglob("*") if p.suffix != ".lock" and p.is_file()]
+
+
+def test_a_dry_run_in_which_a_device_cannot_be_built_exits_2_as_the_build_would(tmp_path):
+    """A dry run said 'FAILS at search' and exited 0, so `--dry-run && build` ran a build that exits 2."""
+    res = _cli(
+        "build",
+        *("--profile", _profile(tmp_path, "fits"), "--profile", _profile(tmp_path, "none", 1e-6)),
+        *("--data", "synthetic", "--dry-run", "--out", tmp_path / "o"),
+    )
+    _one_line_exit_2(res, "1 of 2 profiles would fail: none: profile none: no shape fits the budgets")
+    assert "fits: shape" in res.output and not (tmp_path / "o").exists()  # the other device's plan still printed

@@ -232,7 +232,13 @@ def build_cmd(
     manifest = build(
         profiles, out, BuildConfig(**settings), dry_run=dry_run, log=click.echo, wait_lock=wait_lock, executor=executor
     )
-    if dry_run:
+    if dry_run:  # a plan in which a device cannot be built fails as the build would (a script's `--dry-run && ...`)
+        failed = [d for d in manifest["devices"] if d.get("error") is not None]
+        if failed:
+            raise UserError(
+                f"{len(failed)} of {len(manifest['devices'])} profiles would fail: "
+                + "; ".join(f"{d['name']}: {d['error']}" for d in failed)
+            )
         return
     failed = [d for d in manifest["devices"] if d["status"] != "ok"]
     for d in manifest["devices"]:
