@@ -151,3 +151,7 @@ def test_shape_validation():
         _shape(img_size=30)
     with pytest.raises(FactoryError, match="depth"):
         _shape(depth=0)
+    # a ratio so small that timm's int(width * ratio) is 0: refused with the least ratio, not as "got 0.0" later
+    with pytest.raises(FactoryError, match=r"mlp_ratio 0.001 gives no MLP hidden units at width 64 .* at least 0.0156"):
+        _shape(embed_dim=64, num_heads=2, mlp_ratio=0.001)
+    assert _shape(embed_dim=64, num_heads=2, mlp_ratio=1 / 64).mlp_hidden == 1

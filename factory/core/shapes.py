@@ -50,6 +50,11 @@ class DescendantShape:
             raise FactoryError(f"shape.num_classes must be an integer >= 0, got {self.num_classes!r}")
         if not self.mlp_ratio > 0:
             raise FactoryError(f"shape.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        if self.mlp_hidden < 1:  # timm's int(width * ratio): an MLP of no hidden units
+            raise FactoryError(
+                f"shape.mlp_ratio {self.mlp_ratio:g} gives no MLP hidden units at width {self.embed_dim} "
+                f"(int({self.embed_dim} * {self.mlp_ratio:g}) = 0); give at least {1 / self.embed_dim:.3g}"
+            )
         if self.embed_dim % self.num_heads:
             raise FactoryError(
                 f"shape.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
