@@ -179,3 +179,19 @@ def test_expanding_phase_reduces_distillation_loss():
     assert set(trained.depth_maps) == {1, 4, 6}
     assert set(report["zero_shot_before"]) == set(report["zero_shot_after"]) == {s.label() for s in shapes}
     assert not torch.equal(trained.genes["mlp.fc1.weight"], lg.genes["mlp.fc1.weight"])
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"lr": float("nan")}, "lr: learning rate must be a finite number > 0 (e.g. 1e-3), got nan"),
+        ({"lr": 0.0}, "lr: learning rate must be"),
+        ({"steps": -1}, "steps: steps must be >= 0, got -1"),
+        ({"batch_size": 0}, "batch_size: batch size must be >= 1, got 0"),
+    ],
+)
+def test_a_bad_recipe_names_the_field_at_fault(kw, needle):
+    """One message named which of three fields was wrong; the CLI maps the field to its flag (--lr)."""
+    with pytest.raises(FactoryError) as err:
+        TrainConfig(**kw)
+    assert str(err.value) == needle or str(err.value).startswith(needle)

@@ -79,8 +79,12 @@ class TrainConfig:
     memory_mb: float | None = None
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
-            raise FactoryError("train config needs steps >= 0, batch_size >= 1 and a finite lr > 0")
+        if self.steps < 0:
+            raise FactoryError(f"steps must be >= 0, got {self.steps}", param="steps")
+        if self.batch_size < 1:
+            raise FactoryError(f"batch size must be >= 1, got {self.batch_size}", param="batch_size")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise FactoryError(f"learning rate must be a finite number > 0 (e.g. 1e-3), got {self.lr}", param="lr")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise FactoryError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
