@@ -207,3 +207,18 @@ def test_the_all_demo_fleet_lists_every_demo_device_but_litert_and_each_loads():
     demo = {n.split("/")[1] for n in list_profiles() if n.startswith("demo/")}
     assert {Path(p).stem for p in paths} == demo - {"raspberry_pi5_litert"} and len(paths) == 9
     assert all(load_profile(p).input_size == 28 for p in paths)
+
+
+def test_a_fleet_lists_files_beside_it_and_shipped_names_as_profile_does(tmp_path):
+    """'profiles: [demo/pixel8]' was read as tmp/demo/pixel8 (not found) while `--profile demo/pixel8` works; a
+    file beside the fleet still wins over a shipped name, and a missing file is named by its path."""
+    from factory.pipeline.fleet import load_fleet
+
+    (tmp_path / "mine.yaml").write_text((PROFILE_DIR / "demo" / "pixel8.yaml").read_text().replace("pixel8", "mine"))
+    (tmp_path / "fleet.yaml").write_text("profiles: [mine.yaml, demo/pixel8, jetson_orin]\n")
+    specs = load_fleet(tmp_path / "fleet.yaml")
+    assert specs == [str(tmp_path / "mine.yaml"), "demo/pixel8", "jetson_orin"]
+    assert [load_profile(s).name for s in specs] == ["mine", "pixel8", "jetson_orin"]
+    (tmp_path / "fleet.yaml").write_text("profiles: [gone.yaml]\n")
+    with pytest.raises(FactoryError, match=f"profile {tmp_path / 'gone.yaml'} not found"):
+        load_profile(load_fleet(tmp_path / "fleet.yaml")[0])

@@ -12,7 +12,8 @@ FLEET_KEYS = {"profiles"}
 
 
 def load_fleet(path: str | Path) -> list[str]:
-    """Profile paths listed by a fleet file (``profiles: [a.yaml, b.yaml]``, relative to the file); an
+    """Profiles listed by a fleet file (``profiles: [a.yaml, b.yaml, demo/pixel8]``): a path relative to the
+    file, or a shipped profile's name (no suffix, not a file beside the fleet), as ``--profile`` takes them; an
     unknown or repeated key is refused, as in a profile."""
     import yaml
 
@@ -42,4 +43,13 @@ def load_fleet(path: str | Path) -> list[str]:
         or not all(isinstance(p, str) and p for p in data["profiles"])
     ):
         raise FactoryError(f"fleet {path}: expected 'profiles: [profile.yaml, ...]' (a list of paths)")
-    return [str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in data["profiles"]]
+    return [_entry(path.parent, p) for p in data["profiles"]]
+
+
+def _entry(folder: Path, spec: str) -> str:
+    """``spec`` as :func:`factory.device.profile.load_profile` takes it: absolute, relative to the fleet's
+    ``folder`` where that exists or it names a file (a suffix), else a shipped profile's name."""
+    if Path(spec).is_absolute():
+        return spec
+    beside = (folder / spec).resolve()
+    return str(beside) if beside.exists() or Path(spec).suffix else spec
