@@ -534,3 +534,19 @@ def test_a_dry_run_in_which_a_device_cannot_be_built_exits_2_as_the_build_would(
     )
     _one_line_exit_2(res, "1 of 2 profiles would fail: none: profile none: no shape fits the budgets")
     assert "fits: shape" in res.output and not (tmp_path / "o").exists()  # the other device's plan still printed
+
+
+def test_a_dry_run_refuses_an_out_the_build_could_not_write(tmp_path):
+    """A dry run into a file, or into a folder holding the user's own manifest.json, planned and exited 0; the
+    build then refused. Both refuse now, in the build's words, and change nothing."""
+    args = ("build", "--profile", _profile(tmp_path, "fits"), "--data", "synthetic", "--dry-run", "--out")
+    (tmp_path / "model.bin").write_bytes(b"mine")
+    _one_line_exit_2(
+        _cli(*args, tmp_path / "model.bin"), "model.bin exists and is not a directory; choose another --out"
+    )
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "manifest.json").write_text("{}")
+    _one_line_exit_2(_cli(*args, tmp_path / "o"), "manifest.json exists and was not written by peg-factory")
+    assert (tmp_path / "model.bin").read_bytes() == b"mine" and [p.name for p in (tmp_path / "o").iterdir()] == [
+        "manifest.json"
+    ]

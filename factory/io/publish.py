@@ -80,6 +80,8 @@ def claim(path: Path, names: list[str], writer: str, what: str = "--out", *, rec
     (:func:`owned_files`); else they are recorded as ``writer``'s now, before they are written, so a run killed
     half-way leaves files the next run may replace. ``record=False`` checks only (nothing is created: a build
     checks before its work and records just before it writes)."""
+    if path.exists() and not path.is_dir():
+        raise FactoryError(f"{path} exists and is not a directory; choose another {what}")
     ours = owned_files(path)
     for name in names:
         folder = name.endswith("/")

@@ -65,10 +65,10 @@ def build(
     A build holds an exclusive lock on ``out`` (:func:`factory.io.directory_lock`): a second build
     into the same directory fails at once with a one-line error, or waits with ``wait_lock``.
     """
-    if dry_run:
+    claim(Path(out), OUTPUT_NAMES, writer="build", record=False)  # the user's files: refused before any work or lock
+    if dry_run:  # (checked above as the build would: a dry run that passes is one the build can write)
         return _build(profiles, Path(out), cfg, dry_run=True, log=log)
     refuse_torchrun()
-    claim(Path(out), OUTPUT_NAMES, writer="build", record=False)  # the user's files: refused before any work or lock
     executor = executor or LocalExecutor(cfg.jobs)
     with executor.session(log), directory_lock(out, wait=wait_lock, log=log):  # Ray is checked before --out is touched
         return _build(profiles, Path(out), cfg, dry_run=False, log=log, executor=executor)
