@@ -81,6 +81,8 @@ def test_mismatched_checkpoints_are_rejected(tmp_path):
         ("random:resnet18", "ResNet, not a timm VisionTransformer"),
         ("resnet18", "ResNet, not a timm VisionTransformer"),  # rejected before any download
         ("random:vit_small_patch16_18x2_224", "not expand"),  # parallel blocks
+        ("random:vit_tiny_r_s16_p8_224", "hybrid ViT .* CNN backbone"),  # a ResNet stem: named, not a stray tensor
+        ("random:deit_tiny_distilled_patch16_224", "distillation token"),
         ("random:vit_not_a_model", "unknown timm model"),
         ("no_such_thing", "neither 'demo'"),
         ("", "empty ancestry spec"),

@@ -98,6 +98,11 @@ def arch_of(model: nn.Module) -> ArchConfig:
     if not isinstance(b0.norm1, nn.LayerNorm):
         raise FactoryError(f"ancestry norm is {type(b0.norm1).__name__}; LayerNorm is required")
     pe = model.patch_embed
+    if getattr(pe, "backbone", None) is not None:  # timm's HybridEmbed: a CNN stem before the patches
+        raise FactoryError(
+            f"ancestry is a hybrid ViT (its patch embedding, {type(pe).__name__}, runs a CNN backbone first), "
+            "which peg-factory does not expand; use a plain ViT/DeiT (e.g. vit_small_patch16_224)"
+        )
     if pe.img_size is None or pe.img_size[0] != pe.img_size[1] or pe.patch_size[0] != pe.patch_size[1]:
         raise FactoryError("ancestry must use square images and square patches")
     init_values = None
