@@ -95,7 +95,11 @@ def _data_for(arch, data: str | None, calibration_images: int = 256, dataset=Non
         return None
     ds = dataset if dataset is not None else load_dataset(spec, img_size=arch.img_size, in_chans=arch.in_chans)
     if ds.num_classes != arch.num_classes:
-        raise FactoryError(f"data {spec!r} has {ds.num_classes} classes but the model predicts {arch.num_classes}")
+        raise FactoryError(
+            f"data {spec!r} has {ds.num_classes} classes but the model predicts {arch.num_classes}; pass --data the "
+            "images the model was fine-tuned on (an ImageFolder of its classes)",
+            param="data",
+        )
     return in_memory(ds, train_images=calibration_images)
 
 
