@@ -550,3 +550,12 @@ def test_a_dry_run_refuses_an_out_the_build_could_not_write(tmp_path):
     assert (tmp_path / "model.bin").read_bytes() == b"mine" and [p.name for p in (tmp_path / "o").iterdir()] == [
         "manifest.json"
     ]
+
+
+def test_export_on_data_of_other_classes_names_data_and_writes_nothing(tmp_path):
+    model = tmp_path / "m.safetensors"
+    args = ("expand", "--method", "scratch", "--ancestry", "demo", "--depth", "1", "--embed-dim", "32", "--heads", "1")
+    assert _cli(*args, "--num-classes", "7", "--out", model).exit_code == 0
+    res = _cli("export", "--model", model, "--format", "onnx-int8", "--data", "digits", "--out", tmp_path / "e")
+    _one_line_exit_2(res, "--data: data 'digits' has 10 classes but the model predicts 7; pass --data the images")
+    assert not (tmp_path / "e").exists()
