@@ -35,6 +35,7 @@ from factory.core.checkpoint import INFO_METADATA_KEY
 from factory.core.flops import count_flops, count_params
 from factory.errors import FactoryError
 from factory.io import owned_directory, sha256_file
+from factory.io.atomic import require_regular_file
 
 from .onnx_export import OPSET, export_onnx
 
@@ -55,6 +56,8 @@ def resolve_model_path(model: str | Path) -> Path:
     path = Path(model)
     if path.is_dir():
         path = path / "model.safetensors"
+    if path.exists():  # a FIFO is named as one, not as "not found"
+        require_regular_file(path, "model")
     if not path.is_file():
         raise FactoryError(
             f"model {model} not found: pass a run directory holding model.safetensors or a .safetensors file"

@@ -559,3 +559,20 @@ def test_export_on_data_of_other_classes_names_data_and_writes_nothing(tmp_path)
     res = _cli("export", "--model", model, "--format", "onnx-int8", "--data", "digits", "--out", tmp_path / "e")
     _one_line_exit_2(res, "--data: data 'digits' has 10 classes but the model predicts 7; pass --data the images")
     assert not (tmp_path / "e").exists()
+
+
+def test_a_fifo_or_folder_where_a_file_belongs_is_named_as_one(tmp_path):
+    """A FIFO profile, checkpoint or model read 'not found' / 'does not exist' while it was there (a fleet and an
+    image said what it was); every reader now says what it is."""
+    import os
+
+    os.mkfifo(tmp_path / "p.yaml")
+    os.mkfifo(tmp_path / "m.safetensors")
+    (tmp_path / "folder.yaml").mkdir()
+    _one_line_exit_2(_cli("search", "--profile", tmp_path / "p.yaml"), "p.yaml is a FIFO, not a regular file")
+    _one_line_exit_2(_cli("flops", "--model", tmp_path / "m.safetensors"), "m.safetensors is a FIFO, not a regular")
+    res = _cli("export", "--model", tmp_path / "m.safetensors", "--out", tmp_path / "e")
+    _one_line_exit_2(res, "model ")
+    assert "m.safetensors is a FIFO" in res.output and not (tmp_path / "e").exists()
+    res = _cli("search", "--profile", tmp_path / "folder.yaml")
+    _one_line_exit_2(res, "folder.yaml is a directory, not a regular file; pass a file")

@@ -35,6 +35,7 @@ from factory.core.shapes import ArchConfig
 from factory.core.timm_vit import arch_of, empty_vit, split_state_dict
 from factory.errors import FactoryError
 from factory.io import state_dict_sha256
+from factory.io.atomic import require_regular_file
 
 #: The demo ancestry: small enough to train on MNIST on two CPU cores.
 DEMO_ARCH = ArchConfig(
@@ -118,6 +119,8 @@ def _create_timm(name: str, pretrained: bool) -> nn.Module:
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a state dict (and safetensors metadata) from ``path``; one-line errors on failure."""
+    if path.exists():  # a FIFO would be read forever; a folder is not a checkpoint
+        require_regular_file(path, "checkpoint")
     if not path.is_file():
         raise FactoryError(f"checkpoint {path} does not exist")
     try:

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from export.formats import Format
 from factory.device.runtimes import Runtime, runtime_spec
 from factory.errors import FactoryError
+from factory.io.atomic import require_regular_file
 
 Precision = Literal["fp32", "fp16", "int8"]
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "profiles"
@@ -260,6 +261,8 @@ def load_profile(spec: str | Path) -> Profile:
         shipped = PROFILE_DIR / f"{spec}.yaml"
         if shipped.exists():
             path = shipped
+    if path.exists():  # a FIFO or a folder is named as one, not as "not found"
+        require_regular_file(path, "profile")
     if not path.is_file():
         names = ", ".join(list_profiles())
         raise FactoryError(f"profile {spec} not found; pass a YAML path or one of: {names}")

@@ -142,6 +142,8 @@ def require_regular_file(path: Path, what: str) -> Path:
     except OSError as exc:
         raise FactoryError(f"{what} {path}: cannot read it ({exc.strerror}); check the path") from exc
     if not stat.S_ISREG(mode):
-        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        if stat.S_ISDIR(mode):
+            raise FactoryError(f"{what} {path} is a directory, not a regular file; pass a file")
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
         raise FactoryError(f"{what} {path} is {kind}, not a regular file; remove it or pass a file")
     return path
