@@ -299,7 +299,7 @@ def test_export_refuses_a_manifest_path_outside_the_build(tmp_path, monkeypatch)
     [
         (["--gene-layers", "0"], "'--gene-layers': 0 is not in the range"),
         (["--lr", "inf"], "'--lr': inf is not in the range"),
-        (["--lr", "nan"], "invalid build setting: learning rate"),
+        (["--lr", "nan"], "--lr: invalid build setting: learning rate nan: it must be a finite number > 0"),
         (["--steps", "0"], "'--steps': 0 is not in the range"),
         (["--jobs", "0"], "'--jobs': 0 is not in the range"),
         (["--expand-steps", "-1"], "'--expand-steps': -1 is not in the range"),

@@ -117,48 +117,56 @@ class BuildConfig:
     def __post_init__(self) -> None:
         import math
 
+        finite = math.isfinite
+        budget, number = self.time_budget_s, (int, float)
+        budget_ok = budget is None or (isinstance(budget, number) and finite(budget) and budget > 0)
+        # name: (holds, field, the rule) -- the first that fails is named with its value and its rule
         checks = {
-            "init": self.init in INIT_CHOICES,
-            "gene layers": self.gene_layers is None or self.gene_layers >= 1,
-            "gene heads": self.gene_heads is None or self.gene_heads >= 1,
-            "expand steps": self.expand_steps is None or self.expand_steps >= 0,
-            "expand batch size": self.expand_batch_size is None or self.expand_batch_size >= 1,
-            "expand img size": self.expand_img_size is None or self.expand_img_size >= 1,
-            "expand largest every": self.expand_largest_every is None or self.expand_largest_every >= 0,
-            "amp": self.amp in ("auto", "bf16", "fp16", "off"),
-            "data cache": self.data_cache_mb >= 0,
-            "train memory": self.train_memory_mb is None or self.train_memory_mb >= 0,
-            "fine-tuning steps": self.finetune_steps >= 1,
-            "batch size": self.batch_size >= 1,
-            "learning rate": math.isfinite(self.lr) and self.lr > 0,
-            "hflip": self.hflip == "auto"
-            or (isinstance(self.hflip, (int, float)) and not isinstance(self.hflip, bool) and 0 <= self.hflip <= 1),
-            "crop scale": 0 < self.crop_scale <= 1,
-            "gene tau": math.isfinite(self.gene_tau) and self.gene_tau > 0,
-            "jobs": self.jobs >= 1,
-            "candidates": self.candidates >= 1,
-            "share within": math.isfinite(self.share_within) and self.share_within >= 0,
-            "objective": self.objective in OBJECTIVES,
-            "time budget": self.time_budget_s is None
-            or (
-                isinstance(self.time_budget_s, (int, float))
-                and math.isfinite(self.time_budget_s)
-                and self.time_budget_s > 0
+            "init": (self.init in INIT_CHOICES, "init", f"one of {', '.join(INIT_CHOICES)}"),
+            "gene layers": (self.gene_layers is None or self.gene_layers >= 1, "gene_layers", ">= 1"),
+            "gene heads": (self.gene_heads is None or self.gene_heads >= 1, "gene_heads", ">= 1"),
+            "expand steps": (self.expand_steps is None or self.expand_steps >= 0, "expand_steps", ">= 0"),
+            "expand batch size": (
+                self.expand_batch_size is None or self.expand_batch_size >= 1,
+                "expand_batch_size",
+                ">= 1",
             ),
-            "expand share": math.isfinite(self.expand_share) and 0 <= self.expand_share < 1,
-            "expand min steps": self.expand_min_steps >= 0,
-            "expand head start": self.expand_head_start >= 0,
-            "budget split": self.budget_split in SPLITS,
-            "keep weights": self.keep_weights in KEEP_WEIGHTS,
+            "expand img size": (self.expand_img_size is None or self.expand_img_size >= 1, "expand_img_size", ">= 1"),
+            "expand largest every": (
+                self.expand_largest_every is None or self.expand_largest_every >= 0,
+                "expand_largest_every",
+                ">= 0",
+            ),
+            "amp": (self.amp in ("auto", "bf16", "fp16", "off"), "amp", "auto, bf16, fp16 or off"),
+            "data cache": (self.data_cache_mb >= 0, "data_cache_mb", ">= 0"),
+            "train memory": (self.train_memory_mb is None or self.train_memory_mb >= 0, "train_memory_mb", ">= 0"),
+            "fine-tuning steps": (self.finetune_steps >= 1, "finetune_steps", ">= 1"),
+            "batch size": (self.batch_size >= 1, "batch_size", ">= 1"),
+            "learning rate": (finite(self.lr) and self.lr > 0, "lr", "a finite number > 0, e.g. 1e-3"),
+            "hflip": (
+                self.hflip == "auto"
+                or (isinstance(self.hflip, (int, float)) and not isinstance(self.hflip, bool) and 0 <= self.hflip <= 1),
+                "hflip",
+                "auto or a probability in [0, 1]",
+            ),
+            "crop scale": (0 < self.crop_scale <= 1, "crop_scale", "in (0, 1]"),
+            "gene tau": (finite(self.gene_tau) and self.gene_tau > 0, "gene_tau", "a finite number > 0"),
+            "jobs": (self.jobs >= 1, "jobs", ">= 1"),
+            "candidates": (self.candidates >= 1, "candidates", ">= 1"),
+            "share within": (finite(self.share_within) and self.share_within >= 0, "share_within", "finite and >= 0"),
+            "objective": (self.objective in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}"),
+            "time budget": (budget_ok, "time_budget_s", "a finite number of seconds > 0"),
+            "expand share": (finite(self.expand_share) and 0 <= self.expand_share < 1, "expand_share", "in [0, 1)"),
+            "expand min steps": (self.expand_min_steps >= 0, "expand_min_steps", ">= 0"),
+            "expand head start": (self.expand_head_start >= 0, "expand_head_start", ">= 0"),
+            "budget split": (self.budget_split in SPLITS, "budget_split", f"one of {', '.join(SPLITS)}"),
+            "keep weights": (self.keep_weights in KEEP_WEIGHTS, "keep_weights", f"one of {', '.join(KEEP_WEIGHTS)}"),
         }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise FactoryError(
-                f"invalid build setting: {', '.join(bad)} (init one of {', '.join(INIT_CHOICES)}, counts >= 1, "
-                "steps >= 0, lr, tau and time budget finite and > 0, share within >= 0, expand share in [0, 1), hflip auto "
-                "or in [0, 1], crop scale "
-                "in (0, 1], budget split time or steps, keep weights best-val or last); fix the flag"
-            )
+        for name, (ok, field, rule) in checks.items():
+            if not ok:
+                raise FactoryError(
+                    f"invalid build setting: {name} {getattr(self, field)!r}: it must be {rule}", param=field
+                )
 
 
 def identity(cfg: BuildConfig) -> dict[str, Any]:
