@@ -396,3 +396,25 @@ def test_step_estimate_quick_mode_runs(tmp_path):
     assert all(len(r["per_step"]) == 2 and r["peak_rss_mb"] > 0 for r in rows.values())
     assert 0 < rows["probe"]["long_run_mean"] and 0.3 < rows["probe"]["vs_build"] < 3
     assert "/ build's step" in (tmp_path / "s.md").read_text()
+
+
+def test_the_hostile_pass_counts_a_case_refused_for_another_fault_as_not_held(tmp_path):
+    """Round three's train cases were refused for an ambiguous --data before the --out they were about and still
+    counted as held; a case now holds only with its own error (its needle)."""
+    sys.path.insert(0, "bench")
+    try:
+        import hostile_pass3
+        import hostile_pass4
+    finally:
+        sys.path.remove("bench")
+
+    def aimed_at_out(p):  # round three's old train case: plain "digits" with a ./digits folder in the case's folder
+        args = ["train", "--model", p["model"], "--data", "digits", "--steps", "1", "--out", "out_model"]
+        return [("train: --out holds the user's model", args, {}, "model.safetensors exists and was not written")]
+
+    row = hostile_pass3.run_case(0, aimed_at_out)
+    assert row["exit_code"] == 2 and "both a built-in set and a folder" in row["error"]
+    assert not row["aimed"] and not row["held"]
+    names = [c[0] for c in hostile_pass4.cases(hostile_pass3.setup(tmp_path))]
+    first = hostile_pass3.run_case(names.index("learngene: --layers deeper than the ancestry"), hostile_pass4.cases)
+    assert first["held"] and first["aimed"], first
