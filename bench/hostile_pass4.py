@@ -64,6 +64,12 @@ def cases(p: dict[str, str]) -> list[tuple[str, list[str], dict[str, str], str]]
             "--gene-layers: learngene layers 9 exceed the ancestry's 6",
         ),
         (
+            "learngene: --heads more than the ancestry's",
+            ["learngene", "--heads", "999", "--layers", "2", "--out", "lg"],
+            {},
+            "--heads: learngene heads 999 exceed the ancestry's 3",
+        ),
+        (
             "build --dry-run: no shape fits the device",
             ["build", "--profile", tiny_mem, "--data", "synthetic", "--dry-run", "--out", "o"],
             {},

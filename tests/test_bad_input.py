@@ -508,7 +508,7 @@ def test_a_huge_distillation_size_is_refused_before_allocating(tmp_path, size, n
     assert needle in res.output
 
 
-def test_a_learngene_deeper_than_its_ancestry_is_refused_before_anything_runs(tmp_path):
+def test_a_learngene_larger_than_its_ancestry_is_refused_before_anything_runs(tmp_path):
     """`learngene --layers 999` from the 6-layer demo wrote a 999-layer "learngene"; `build --gene-layers 9` got as
     far as the transfer check. Both refuse in one line naming the flag and the most they may give."""
     from factory import load_ancestry, sample_learngene
@@ -522,7 +522,16 @@ def test_a_learngene_deeper_than_its_ancestry_is_refused_before_anything_runs(tm
     assert not (tmp_path / "lg").exists()
     res = _cli("build", "--profile", "demo/jetson_orin", "--gene-layers", "9", "--dry-run", "--out", tmp_path / "o")
     _one_line_exit_2(res, "--gene-layers: learngene layers 9 exceed the ancestry's 6")
-    assert "transfer" not in res.output and not [p for p in tmp_path.rglob("*") if p.suffix != ".lock" and p.is_file()]
+    assert "transfer" not in res.output
+    _one_line_exit_2(_cli("learngene", "--heads", "4", "--out", tmp_path / "lg"), "--heads: learngene heads 4 exceed")
+    from factory.device.profile import load_profile
+    from factory.pipeline.build import BuildConfig, build
+
+    with pytest.raises(FactoryError, match="learngene heads 9 exceed the ancestry's 3") as err:  # the API's gene_heads
+        build([load_profile("demo/jetson_orin")], tmp_path / "o", BuildConfig(gene_heads=9), dry_run=True)
+    assert err.value.param == "gene_heads" and not [
+        p for p in tmp_path.rglob("*") if p.suffix != ".lock" and p.is_file()
+    ]
 
 
 def test_a_dry_run_in_which_a_device_cannot_be_built_exits_2_as_the_build_would(tmp_path):

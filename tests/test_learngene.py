@@ -140,8 +140,9 @@ def test_failed_save_leaves_the_previous_learngene_intact(ancestry, tmp_path, mo
 
 
 def test_invalid_sampling_arguments(ancestry):
-    with pytest.raises(FactoryError, match="identity mixing"):
-        sample_learngene(ancestry, 2, ancestry.arch.num_heads + 1, mixing="identity")
+    with pytest.raises(FactoryError, match=r"heads 5 exceed the ancestry's 4: .* give at most 4") as err:
+        sample_learngene(ancestry, 2, ancestry.arch.num_heads + 1)  # a learngene larger than its ancestry
+    assert err.value.param == "heads"
     with pytest.raises(FactoryError, match="exceed the ancestry's"):
         sample_learngene(ancestry, ancestry.arch.depth + 1)
     with pytest.raises(FactoryError, match="layers must be"):

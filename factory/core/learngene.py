@@ -179,17 +179,24 @@ class Learngene:
         return cls(arch, stem, genes, num_heads, tensors["mix.layer"], tensors["mix.head"], meta, maps)
 
 
-def check_gene_layers(layers: int, arch: ArchConfig, param: str | None = None) -> None:
-    """One line unless ``1 <= layers <= arch.depth``: a learngene condenses its ancestry (PEG's ``L_b <= L_a``);
-    more gene layers than the layers they mix is no learngene (and mostly a typo, 999 for 9)."""
-    if layers < 1:
-        raise FactoryError(f"learngene layers must be >= 1, got {layers}", param=param)
-    if layers > arch.depth:
-        raise FactoryError(
-            f"learngene layers {layers} exceed the ancestry's {arch.depth}: a learngene condenses its ancestry "
-            f"(PEG's L_b <= L_a); give at most {arch.depth}",
-            param=param,
-        )
+def check_gene_size(layers: int, heads: int, arch: ArchConfig, params: tuple[str, str] | None = None) -> None:
+    """One line unless ``1 <= layers <= arch.depth`` and ``1 <= heads <= arch.num_heads``: a learngene condenses
+    its ancestry (PEG's ``L_b <= L_a``, ``H_b <= H_a``). More gene layers, or heads, than the ones they mix hold no
+    more of the ancestry, only more weights (999 heads of the 3-head demo: a 379-MB "learngene"), and are mostly a
+    typo; deeper or wider descendants come from the expansion. ``params``: the API arguments named in the error
+    (layers', heads')."""
+    for value, most, what, param in (
+        (layers, arch.depth, "layers", params[0] if params else None),
+        (heads, arch.num_heads, "heads", params[1] if params else None),
+    ):
+        if value < 1:
+            raise FactoryError(f"learngene {what} must be >= 1, got {value}", param=param)
+        if value > most:
+            raise FactoryError(
+                f"learngene {what} {value} exceed the ancestry's {most}: a learngene condenses its ancestry "
+                f"(PEG's L_b <= L_a, H_b <= H_a); give at most {most}",
+                param=param,
+            )
 
 
 def sample_learngene(
@@ -216,25 +223,15 @@ def sample_learngene(
         raise FactoryError(f"unknown mixing {mixing!r}; choose one of {', '.join(MIXING_KINDS)}")
     if rescale not in RESCALES:
         raise FactoryError(f"unknown rescale {rescale!r}; choose one of {', '.join(RESCALES)}")
-    check_gene_layers(layers, arch, param="layers")
-    if not 1 <= heads:
-        raise FactoryError(f"learngene heads must be >= 1, got {heads}")
-    if mixing == "identity" and heads > arch.num_heads:  # (its layers are bounded by check_gene_layers)
-        raise FactoryError(
-            f"identity mixing selects heads, so it needs heads <= the ancestry's {arch.num_heads}; got {heads}"
-        )
+    check_gene_size(layers, heads, arch, params=("layers", "heads"))
     with torch.no_grad():
         stem, blocks = anc.layers()
         gen = torch.Generator().manual_seed(seed)
         p = mixing_matrix(layers, arch.depth, mixing, tau=tau, generator=gen)
         if head_mixing:
             q = mixing_matrix(heads, arch.num_heads, mixing, tau=tau, generator=gen, batch=(layers,))
-        elif heads <= arch.num_heads:
+        else:  # whole heads kept (check_gene_size: no more than the ancestry has)
             q = mixing_matrix(heads, arch.num_heads, "identity", batch=(layers,))
-        else:
-            raise FactoryError(
-                f"without head mixing the learngene can keep at most the ancestry's {arch.num_heads} heads, got {heads}"
-            )
         genes = {name: mix_layers(p, t) for name, t in blocks.items()}
         if rescale == "std":
             genes = {name: rescale_like(g, blocks[name], p) for name, g in genes.items()}

@@ -117,10 +117,11 @@ def _build(
         from factory.core.expanding_phase import check_distill_size
 
         check_distill_size(cfg.expand_img_size, anc.arch)
-    if cfg.gene_layers is not None and cfg.learngene is None:  # refused before the transfer check and the dry run
-        from factory.core.learngene import check_gene_layers
+    if cfg.learngene is None:  # --gene-layers/--gene-heads refused before the transfer check and the dry run
+        from factory.core.learngene import check_gene_size
 
-        check_gene_layers(cfg.gene_layers, anc.arch, param="gene_layers")
+        layers, heads = cfg.gene_layers or 1, cfg.gene_heads or anc.arch.num_heads
+        check_gene_size(layers, heads, anc.arch, params=("gene_layers", "gene_heads"))
     if ds.test_from != "test":
         log(f"data: test accuracy is measured on {ds.test_from}")
     ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds, dry_run=dry_run)
