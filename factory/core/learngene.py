@@ -1,7 +1,9 @@
 """The learngene: PEG's condensed ancestry, its sampling, and its on-disk format.
 
 A learngene is a *stem* (patch embedding, class/register tokens, position embedding, norms and
-the ancestry's classifier, copied) plus ``L_b`` *gene layers* with ``H_b`` heads each:
+the ancestry's classifier, copied) plus ``L_b`` *gene layers* with ``H_b`` heads each, ``1 <= L_b <= L_a`` and
+``1 <= H_b <= H_a`` (:func:`check_gene_size`: a learngene condenses its ancestry; deeper or wider descendants
+come from the expansion):
 
 - Layer mixing. ``P = mixing_matrix(L_b, L_a)`` (``softmax``: ``softmax(Z / tau)``,
   ``Z ~ N(0, I)`` seeded; ``uniform``; ``identity`` = evenly spaced one-hot selection) and every
