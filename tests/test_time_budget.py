@@ -65,6 +65,10 @@ def test_a_budget_below_the_least_work_names_the_least():
     with pytest.raises(FactoryError, match=r"time budget 1s is below the least .* 22s \(7s of start-up") as err:
         fit_budget(-6, _costs(), spent_s=7)
     assert "give at least 22s" in str(err.value)
+    for given, text in ((0.5, "0.5s"), (14.0, "14s"), (90.0, "1m 30s")):  # as given: not rounded up by the float error
+        spent = 6.1234567
+        with pytest.raises(FactoryError, match=f"time budget {text} is below"):
+            fit_budget(given - spent, _costs(fixed=100.0), spent_s=spent)
 
 
 def test_a_phase_to_train_gets_its_share_of_the_spare_time():

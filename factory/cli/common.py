@@ -47,7 +47,7 @@ class Duration(click.ParamType):
         try:
             return parse_duration(value)
         except FactoryError as exc:
-            self.fail(str(exc), param, ctx)
+            self.fail(exc.message, param, ctx)  # click names the option; the API argument name would repeat it
 
 
 DURATION = Duration()

@@ -204,6 +204,13 @@ def head_start(steps: int, *, head_start_steps: float, min_steps: int) -> float:
     return head_start_steps * min(1.0, ramp)
 
 
+def _as_given(seconds: float) -> str:
+    """A budget as the user gave it: ``0.5s``, ``14s`` (not rounded up, and rid of the float error that taking the
+    spent time off and back on leaves), ``1m 30s`` from a minute."""
+    given = max(round(seconds, 3), 0.0)
+    return f"{given:g}s" if given < 60 else format_duration(given)
+
+
 def least_budget(costs: Costs) -> float:
     """``T(MIN_FINETUNE_STEPS, 0)``: the least budget the build can be planned in."""
     return costs.fixed_s + costs.steps_s(MIN_FINETUNE_STEPS)
@@ -238,7 +245,7 @@ def fit_budget(
         least = format_duration(minimum + spent_s)
         spent = f"{format_duration(spent_s)} of start-up and measuring, " if spent_s > 0 else ""
         raise FactoryError(
-            f"time budget {format_duration(max(budget_s + spent_s, 0))} is below the least this build can do on this "
+            f"time budget {_as_given(budget_s + spent_s)} is below the least this build can do on this "
             f"machine, {least} ({spent}fixed work {format_duration(costs.fixed_s)} and {MIN_FINETUNE_STEPS} "
             f"fine-tuning steps per shape): give at least {least}, or fewer devices",
             param="time_budget_s",
