@@ -45,6 +45,7 @@ __all__ = [
     "choose_deployment",
     "runtime_bound_deployment",
     "export_model",
+    "installed_only",
     "parse_formats",
     "resolve_model_path",
     "verified_formats",
@@ -67,7 +68,7 @@ def resolve_model_path(model: str | Path) -> Path:
 
 def parse_formats(text: str | list[str], profile=None) -> list[str]:
     """Format names (:data:`export.formats.FORMAT_NAMES`); ``all`` is every format, or the profile's ``export``
-    list when one is given."""
+    list when one is given (:func:`installed_only` drops, for ``all`` without a profile, those not installed)."""
     items = text.split(",") if isinstance(text, str) else list(text)
     out: list[str] = []
     for item in items:
@@ -271,6 +272,15 @@ def export_model(
             log(f"deploy: {record['deploy']['format']} ({record['deploy']['reason']})")
         (tmp / "export.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def installed_only(formats: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``(formats whose tools are installed here, {left-out format: the one line naming its extra})``: what ``all``
+    without a profile exports -- every format this environment can write (the LiteRT and ExecuTorch extras cannot
+    share a venv, so no one environment writes every format); a profile's formats are its own and each is
+    required."""
+    missing = _unavailable([format_spec(name) for name in formats])
+    return [name for name in formats if name not in missing], missing
 
 
 def _unavailable(specs) -> dict[str, str]:

@@ -102,7 +102,10 @@ class FlipProbability(click.ParamType):
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 DATA_HELP = f"{', '.join(BUILTIN_DATASETS)}, or an ImageFolder directory (train/, val/, optional test/)."
-FORMAT_HELP = f"{', '.join(FORMAT_NAMES)}, all, or a comma list."
+FORMAT_HELP = (
+    f"{', '.join(FORMAT_NAMES)}, all (the profile's formats; without --profile, every format installed here), "
+    "or a comma list."
+)
 OBJECTIVE_HELP = (
     "accuracy: probe the Pareto-front shapes by successive halving on the data and pick the lowest "
     "(temperature-scaled) validation loss; capacity: the largest shape that fits, no probes; auto: capacity "

@@ -43,7 +43,7 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
     """
     import contextlib
 
-    from export.api import export_model, parse_formats, resolve_model_path, skipped_error
+    from export.api import export_model, installed_only, parse_formats, resolve_model_path, skipped_error
     from factory.device.deploy import chooser
     from factory.device.profile import load_profile
     from factory.io import confined, directory_lock
@@ -71,6 +71,10 @@ def export_cmd(model_path, fmt, profile_spec, data, out, require_engine) -> None
     with lock:
         for path, prof, target, device_name in jobs:
             formats = parse_formats(fmt, prof)
+            if prof is None and "all" in (item.strip() for item in fmt.split(",")):  # all this environment can write
+                formats, left_out = installed_only(formats)
+                for name, reason in left_out.items():
+                    click.echo(f"{name}: left out of 'all' (not installed here: {reason})")
             record = export_model(
                 path,
                 formats,
