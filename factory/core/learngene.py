@@ -181,16 +181,21 @@ class Learngene:
         return cls(arch, stem, genes, num_heads, tensors["mix.layer"], tensors["mix.head"], meta, maps)
 
 
-def check_gene_size(layers: int, heads: int, arch: ArchConfig, params: tuple[str, str] | None = None) -> None:
+def check_gene_size(
+    layers: int | None, heads: int | None, arch: ArchConfig, params: tuple[str, str] | None = None
+) -> None:
     """One line unless ``1 <= layers <= arch.depth`` and ``1 <= heads <= arch.num_heads``: a learngene condenses
     its ancestry (PEG's ``L_b <= L_a``, ``H_b <= H_a``). More gene layers, or heads, than the ones they mix hold no
     more of the ancestry, only more weights (999 heads of the 3-head demo: a 379-MB "learngene"), and are mostly a
-    typo; deeper or wider descendants come from the expansion. ``params``: the API arguments named in the error
-    (layers', heads')."""
+    typo; deeper or wider descendants come from the expansion. ``None``: not given (a build's defaults, half the
+    depth and the ancestry's heads, are within). ``params``: the API arguments named in the error (layers',
+    heads')."""
     for value, most, what, param in (
         (layers, arch.depth, "layers", params[0] if params else None),
         (heads, arch.num_heads, "heads", params[1] if params else None),
     ):
+        if value is None:
+            continue
         if value < 1:
             raise FactoryError(f"learngene {what} must be >= 1, got {value}", param=param)
         if value > most:

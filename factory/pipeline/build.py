@@ -120,8 +120,7 @@ def _build(
     if cfg.learngene is None:  # --gene-layers/--gene-heads refused before the transfer check and the dry run
         from factory.core.learngene import check_gene_size
 
-        layers, heads = cfg.gene_layers or 1, cfg.gene_heads or anc.arch.num_heads
-        check_gene_size(layers, heads, anc.arch, params=("gene_layers", "gene_heads"))
+        check_gene_size(cfg.gene_layers, cfg.gene_heads, anc.arch, params=("gene_layers", "gene_heads"))
     if ds.test_from != "test":
         log(f"data: test accuracy is measured on {ds.test_from}")
     ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds, dry_run=dry_run)

@@ -141,9 +141,8 @@ def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
     (about a GB and 15 s to measure) is not paid twice."""
     from factory.core.expanding_phase import default_shapes
     from factory.pipeline.config import expanding_config, phase_share
-    from factory.training import step_estimate
     from factory.training.expanding_loop import measure_step_seconds
-    from factory.training.step_estimate import PROBE_DEPTH, extrapolates
+    from factory.training.step_estimate import PROBE_DEPTH, estimate_step_seconds, extrapolates
 
     if ctx.expanding_times is not None:
         return ctx.expanding_times
@@ -155,7 +154,7 @@ def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
     shapes = default_shapes(lg)
     if extrapolates(shapes):  # shallow passes, in the build's own micro-batches: no cap needed
         exp, how = build, f"; depths over {PROBE_DEPTH} extrapolated from passes at d1 and d{PROBE_DEPTH}"
-        first, per_step = step_estimate.estimate_step_seconds(lg, ctx.ancestry, shapes, exp)
+        first, per_step = estimate_step_seconds(lg, ctx.ancestry, shapes, exp)
     else:
         exp = dataclasses.replace(build, memory_mb=measured_memory_mb(ctx, build.memory_mb, build.device))
         how = f"; micro-batches of at most {exp.memory_mb:.0f} MB, an upper bound" if exp != build else ""
