@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -197,17 +198,22 @@ def learngene_train(
         amp=amp,
     )
     from factory.io import remove_work_directory, work_directory
+    from factory.training.batches import fit_batch
     from factory.training.distributed import check_batch, dist_info
 
     rank, world = dist_info()  # under torchrun: the global batch split across the processes, rank 0 writes
     check_batch(batch_size, world)
     say = click.echo if rank == 0 else (lambda *_: None)
+    ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
+    batch_size, note = fit_batch(batch_size, len(ds.train), world=world, split=f"{data}'s training split")
+    if note:
+        say(f"expanding phase: {note}")
+        cfg = dataclasses.replace(cfg, batch_size=batch_size)
     if world > 1:
         say(f"expanding phase on {world} processes: global batch {batch_size} ({batch_size // world} per process)")
     ensure_parent(out)
 
     work = work_directory(work_dir or out.with_name(out.name + ".partial"))  # a folder of the user's is refused
-    ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
     own = anc.arch.shape()  # zero-shot is reported at the ancestry's width, heads and ratio, at every depth
     eval_shapes = [
         s for s in shapes if (s.embed_dim, s.num_heads, s.mlp_ratio) == (own.embed_dim, own.num_heads, own.mlp_ratio)

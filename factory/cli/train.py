@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -96,14 +97,18 @@ def train_cmd(
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
     model, arch = anc.model, anc.arch
     if ds.num_classes != arch.num_classes:
-        import dataclasses
-
         from factory.core.expand import model_from_state
 
         shape = dataclasses.replace(arch.shape(), num_classes=ds.num_classes)  # new classifier
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
         model, arch = model_from_state(arch, shape, state, seed=seed), arch.with_shape(shape)
-    teacher = load_ancestry(distill_from).model if distill_from else None
+    teacher = None
+    if distill_from:
+        from factory.training.train import check_teacher
+
+        tutor = load_ancestry(distill_from)
+        check_teacher(tutor.arch, arch)  # before any work, not a traceback at the first step
+        teacher = tutor.model
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch_size,
@@ -118,15 +123,24 @@ def train_cmd(
         distill_alpha=distill_alpha if teacher is not None else 0.0,
     )
     cfg = keep_best_recipe(cfg, keep_weights == "best-val", ds)  # the build's rule (factory.pipeline.config)
-    from factory.io import claim
+    from factory.io import MODEL_FILE, claim
+    from factory.training.batches import fit_batch
+    from factory.training.checkpoints import resumable_checkpoint
     from factory.training.distributed import check_batch, dist_info
 
     rank, world = dist_info()
     check_batch(batch_size, world)  # before any process waits for its peers
+    batch_size, note = fit_batch(batch_size, len(ds.train), world=world, split=f"{data}'s training split")
+    if note:
+        cfg = dataclasses.replace(cfg, batch_size=batch_size)
+        if rank == 0:
+            click.echo(f"train: {note}")
+    if resume:
+        resumable_checkpoint(out, "training (--resume)")
     if world > 1 and rank == 0:
         click.echo(f"training on {world} processes: global batch {batch_size} ({batch_size // world} per process)")
     # the user's own model.safetensors, metrics.jsonl or checkpoint/ in --out are never overwritten
-    claim(Path(out), ["model.safetensors", "metrics.jsonl", "checkpoint/", BEST_FILE], writer="train", record=rank == 0)
+    claim(Path(out), [MODEL_FILE, "metrics.jsonl", "checkpoint/", BEST_FILE], writer="train", record=rank == 0)
     result = train(model, ds.train, cfg, val_data=ds.val, teacher=teacher, out_dir=out, resume=resume)
     if rank != 0:  # one model, one result: rank 0 writes and says it
         return
@@ -135,7 +149,7 @@ def train_cmd(
     save_descendant(
         model,
         arch,
-        out / "model.safetensors",
+        out / MODEL_FILE,
         {
             "finetuned_from": str(model_path),
             "data": ds.identity,

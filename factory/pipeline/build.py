@@ -89,10 +89,11 @@ def _build(
     from factory.device.search import SearchSpace
     from factory.pipeline.device_choice import finetune_key, search_devices, shape_groups
     from factory.pipeline.joint_choice import choose_pairs, expanding_phase_check, joint_decision
-    from factory.pipeline.learngene_stage import learngene_source
+    from factory.pipeline.learngene_stage import fit_expanding_batch, learngene_source
     from factory.pipeline.plan import plan
     from factory.pipeline.report import write_reports
     from factory.pipeline.view_choice import decide_hflip, mirror_part
+    from factory.training.batches import fit_batch
 
     if not profiles:
         raise FactoryError("no profile given: pass at least one profile (or a fleet file)", param="profiles")
@@ -121,9 +122,15 @@ def _build(
         from factory.core.learngene import check_gene_size
 
         check_gene_size(cfg.gene_layers, cfg.gene_heads, anc.arch, params=("gene_layers", "gene_heads"))
+    batch, note = fit_batch(cfg.batch_size, len(ds.train), split=f"{cfg.data}'s training split")
+    if note:
+        log(f"fine-tuning: {note}")
+        cfg = dataclasses.replace(cfg, batch_size=batch)
     if ds.test_from != "test":
         log(f"data: test accuracy is measured on {ds.test_from}")
     ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds, dry_run=dry_run)
+    if learngene_source(ctx).runs_expanding_phase:
+        fit_expanding_batch(ctx)
     mirror = decide_hflip(ctx)  # --hflip auto: a number in the config before any recipe is planned or hashed
     cfg = ctx.cfg
     if cfg.init not in ("auto", "peg") and learngene_source(ctx).runs_expanding_phase:

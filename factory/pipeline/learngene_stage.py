@@ -13,7 +13,14 @@ from typing import Any, Literal
 
 from factory.core.assets import PACKAGED_LEARNGENE
 from factory.core.learngene import Learngene
-from factory.pipeline.config import BuildConfig, build_learngene_recipe, expanding_data, given_learngene, recipe_of
+from factory.pipeline.config import (
+    BuildConfig,
+    build_learngene_recipe,
+    expanding_config,
+    expanding_data,
+    given_learngene,
+    recipe_of,
+)
 from factory.pipeline.context import BuildContext, measured_memory_mb
 
 #: The stage's name (its cache folder).
@@ -93,7 +100,6 @@ def _sample(ctx: BuildContext, recipe: Mapping[str, Any]) -> Learngene:
 
 def run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[str, Any]:
     from factory.core.expanding_phase import ExpandingConfig, default_shapes
-    from factory.data import load_dataset
     from factory.training.expanding_loop import run_expanding_phase
 
     anc, t0 = ctx.ancestry, time.perf_counter()
@@ -105,10 +111,7 @@ def run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[str
         lg = _sample(ctx, recipe)
         how = f"sampled {lg.num_layers} layers x {lg.num_heads} heads"
         if source.runs_expanding_phase:
-            data = expanding_data(ctx.cfg, anc)
-            ds = load_dataset(
-                data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size
-            )
+            data, ds = expanding_dataset(ctx)
             exp = ExpandingConfig(**recipe["expanding"], amp=ctx.cfg.amp)
             lg, _ = run_expanding_phase(
                 lg, anc, ds, default_shapes(lg), exp, work=work, log=ctx.log, what="learngene expanding phase"
@@ -117,6 +120,31 @@ def run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[str
     lg.save(tmp / "learngene")
     ctx.log(f"learngene: {how} in {time.perf_counter() - t0:.1f}s")
     return {"seconds": round(time.perf_counter() - t0, 2), "how": how, "source": source.kind}
+
+
+def expanding_dataset(ctx: BuildContext):
+    """``(spec, dataset)`` of the images the expanding phase distils on (:func:`expanding_data`): the build's
+    own data where it is those, else loaded."""
+    from factory.data import load_dataset
+
+    anc, data = ctx.ancestry, expanding_data(ctx.cfg, ctx.ancestry)
+    if data == ctx.cfg.data:
+        return data, ctx.data
+    return data, load_dataset(
+        data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size
+    )
+
+
+def fit_expanding_batch(ctx: BuildContext) -> None:
+    """Cap the expanding batch at the training split of the images the phase distils on, and say so
+    (:func:`factory.training.batches.fit_batch`): ``ctx.cfg.expand_batch_size`` set before any recipe is hashed."""
+    from factory.training.batches import fit_batch
+
+    data, ds = expanding_dataset(ctx)
+    batch, note = fit_batch(expanding_config(ctx.cfg).batch_size, len(ds.train), split=f"{data}'s training split")
+    if note:
+        ctx.log(f"expanding phase: {note}")
+        ctx.cfg = dataclasses.replace(ctx.cfg, expand_batch_size=batch)
 
 
 def estimate_learngene(ctx: BuildContext, _: None) -> float:

@@ -15,6 +15,37 @@ import torch
 import torch.nn.functional as F
 
 from factory.data import ImageTensors
+from factory.errors import FactoryError
+
+
+def check_batch_fits(
+    batch_size: int, images: int, *, param: str = "batch_size", split: str = "the training split"
+) -> None:
+    """Refuse a global batch larger than the split it is drawn from (``batch_size > images``).
+
+    :func:`batch_indices` would serve it, cycling epochs: every image ``batch_size / images`` times in one step,
+    one gradient of a repeated epoch at as many epochs' compute -- never what a caller of the API meant. The
+    commands cap such a batch instead, and say so (:func:`fit_batch`)."""
+    if batch_size > images:
+        raise FactoryError(
+            f"{batch_size} images a step is more than the {images} images of {split}: each step would repeat "
+            f"every image {batch_size / images:.1f} times; use a batch of at most {images} (or more data)",
+            param=param,
+        )
+
+
+def fit_batch(batch_size: int, images: int, *, world: int = 1, split: str = "the training split") -> tuple[int, str]:
+    """``(batch, note)``: ``batch_size`` where the split holds that many images (``note`` empty), else the whole
+    split rounded down to a multiple of ``world`` and a note saying so. What the commands run when a batch (their
+    default 32 on a folder of 8 images, or a GPU's 65536 on 1,000) is more than the split: steps of the whole split,
+    not steps that repeat each image (:func:`check_batch_fits`)."""
+    if batch_size <= images:
+        return batch_size, ""
+    batch = max(images - images % world, world)
+    return batch, (
+        f"a batch of {batch_size} is more than the {images} images of {split}: steps of {batch} images "
+        f"(the whole split) instead"
+    )
 
 
 def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:

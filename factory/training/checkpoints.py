@@ -124,6 +124,14 @@ def open_checkpoint(
     ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
     if not resume:
         return ckpt, 0
+    ckpt = resumable_checkpoint(out_dir, what)
+    return ckpt, load_checkpoint(ckpt, module, opt, world=world)
+
+
+def resumable_checkpoint(out_dir: str | Path | None, what: str) -> Path:
+    """``out_dir/checkpoint``, refused in one line naming ``what`` when there is none or it is damaged: what a
+    resume checks before it loads anything (and a CLI before it writes anything)."""
+    ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
     if ckpt is None or not (ckpt / "state.json").is_file():
         raise FactoryError(f"cannot resume {what}: no checkpoint in {ckpt}; run it without resuming first")
     if seal_state(ckpt) == "damaged":
@@ -131,4 +139,4 @@ def open_checkpoint(
             f"cannot resume {what}: the checkpoint in {ckpt} is damaged (a file is missing or changed); "
             "remove it and run without resuming"
         )
-    return ckpt, load_checkpoint(ckpt, module, opt, world=world)
+    return ckpt

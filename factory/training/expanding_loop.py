@@ -65,7 +65,7 @@ from factory.core.timm_vit import skeleton_vit
 from factory.data import spread
 from factory.errors import FactoryError
 from factory.io import release_freed_memory
-from factory.training.batches import training_batches
+from factory.training.batches import check_batch_fits, training_batches
 from factory.training.checkpoints import open_checkpoint, resume_or_restart, save_checkpoint
 from factory.training.distributed import average_gradients, global_mean, start
 from factory.training.loop import TRIM_AFTER_S, StepLoop
@@ -137,6 +137,7 @@ def train_learngene(
     if eval_data is not None:
         report["zero_shot_before"] = zero_shot(lg, eval_shapes or shapes, eval_data)
 
+    check_batch_fits(cfg.batch_size, len(data))  # before any process waits for its peers
     rank, world, device = start(pick_device(cfg.device), cfg.batch_size)  # factory.training.distributed
     work = GeneParameters(lg, {s.depth for s in shapes}, cfg).to(device)
     params = [p for p in work.parameters() if p.requires_grad]

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.core.expanding_phase import distill_loss
+from factory.core.shapes import ArchConfig
 from factory.data import ImageTensors
 from factory.errors import FactoryError
-from factory.training.batches import eval_batches, training_batches
+from factory.training.batches import check_batch_fits, eval_batches, training_batches
 from factory.training.best_weights import BestWeights
 from factory.training.checkpoints import open_checkpoint, save_checkpoint
 from factory.training.distributed import average_gradients, dist_info, global_mean, start  # noqa: F401  # dist_info re-exported
@@ -147,6 +148,26 @@ class TrainResult:
     kept_step: int | None = None  # keep_best: the step whose weights were returned (None: keep_best off)
 
 
+def check_teacher(teacher: ArchConfig, student: ArchConfig) -> None:
+    """Refuse, in one line, a distillation teacher whose logits cannot be the student's targets: it must take the
+    student's input (size and channels) and predict its classes (the KL term compares the two logit vectors)."""
+    wrong = [
+        f"{what} {t} (the student's {s})"
+        for what, t, s in (
+            ("input size", teacher.img_size, student.img_size),
+            ("input channels", teacher.in_chans, student.in_chans),
+            ("classes", teacher.num_classes, student.num_classes),
+        )
+        if t != s
+    ]
+    if wrong:
+        raise FactoryError(
+            f"the teacher has {', '.join(wrong)}: it must take the student's images and predict the task's classes; "
+            "distil from a model fine-tuned on this task (e.g. a `train` run of the ancestry)",
+            param="distill_from",
+        )
+
+
 def train(
     model: nn.Module,
     train_data: ImageTensors,
@@ -172,6 +193,7 @@ def train(
     far is written (if ``out_dir`` is given) and :class:`~factory.errors.Interrupted` is raised,
     so a rerun with ``resume`` continues from there.
     """
+    check_batch_fits(cfg.batch_size, len(train_data))  # before any process waits for its peers
     rank, world, device = start(pick_device(cfg.device), cfg.batch_size)  # factory.training.distributed
     if cfg.distill_alpha > 0 and teacher is None:
         raise FactoryError("distillation (distill_alpha > 0) needs a teacher model")
