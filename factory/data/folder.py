@@ -12,8 +12,15 @@ from factory.errors import FactoryError
 from factory.io import require_regular_file
 
 
+def hidden(name: str) -> bool:
+    """A dot-file or dot-folder (``.ipynb_checkpoints/``, ``.DS_Store``, macOS's ``._x.png`` AppleDouble files): not
+    the user's data, so neither a class nor an image. torchvision's ImageFolder takes a hidden folder for a class
+    (a ``.ipynb_checkpoints`` class) and ``._x.png`` for an image; these loaders skip both."""
+    return name.startswith(".")
+
+
 def scan_tree(root: Path) -> list[Path]:
-    """Every file under ``root``, following directory symlinks (as ImageFolder does), sorted.
+    """Every file under ``root`` but :func:`hidden` ones, following directory symlinks (as ImageFolder does), sorted.
 
     A symlink that leads back to a directory already on the walk (a loop) is refused with a
     one-line :class:`FactoryError` instead of walking it until the path length limit.
@@ -37,6 +44,8 @@ def scan_tree(root: Path) -> list[Path]:
             )
         seen.add(key)
         for entry in entries:
+            if hidden(entry.name):
+                continue
             path = Path(entry.path)
             try:
                 if entry.is_dir():
@@ -80,6 +89,31 @@ def check_header(path: Path, min_side: int) -> str:
     return mode
 
 
+def image_file(path: str) -> bool:
+    """ImageFolder's test of a file (an image extension), :func:`hidden` files excluded."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    return not hidden(Path(path).name) and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+
+def _visible_image_folder():
+    from torchvision.datasets import ImageFolder
+
+    class VisibleImageFolder(ImageFolder):
+        """torchvision's ImageFolder whose classes are the folders that are not :func:`hidden`."""
+
+        def find_classes(self, directory):
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not hidden(e.name))
+            if len(classes) < 2:
+                raise FactoryError(
+                    f"{directory} has {len(classes)} class folder(s); a classifier needs at least 2 "
+                    "(one subfolder of images per class)"
+                )
+            return classes, {name: i for i, name in enumerate(classes)}
+
+    return VisibleImageFolder
+
+
 def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side: int = 1) -> Dataset:
     """An ImageFolder tree (``train/``, ``val/``, optional ``test/``) as streamed splits
     (:class:`factory.data.stream.ImageFiles`: nothing is decoded here).
@@ -91,12 +125,18 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side:
     or use a 1-channel ancestry). Normalised with ImageNet's mean and std (DeiT's; timm's defaults) for 3
     channels, 0.5/0.5 for 1.
     """
-    from torchvision.datasets import ImageFolder
-
     from factory.data.stream import ImageFiles
 
-    if not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise FactoryError(f"data directory {root} needs train/ and val/ subdirectories in ImageFolder layout")
+    VisibleImageFolder = _visible_image_folder()
+
+    missing = [f"{split}/" for split in ("train", "val") if not (root / split).is_dir()]
+    if missing:
+        found = sorted(f"{p.name}/" for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise FactoryError(
+            f"data directory {root} has no {' and no '.join(missing)} (it holds {', '.join(found) or 'no folders'}): "
+            "the ImageFolder layout is train/CLASS/*, val/CLASS/* and an optional test/CLASS/*; "
+            + ("move some training images of each class into val/" if missing == ["val/"] else "arrange it so")
+        )
     # one walk of the tree, which also refuses symlink loops before torchvision walks it
     identity = folder_identity(root, img_size, in_chans)
     mean = (0.485, 0.456, 0.406) if in_chans == 3 else (0.5,)
@@ -105,22 +145,16 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side:
 
     def read(split: str) -> ImageFiles:
         try:
-            folder = ImageFolder(str(root / split))
-        except (FileNotFoundError, OSError) as exc:
-            raise FactoryError(f"cannot read {root / split}: {exc}") from exc
-        if len(folder.classes) < 2:
+            folder = VisibleImageFolder(str(root / split), is_valid_file=image_file)
+        except FileNotFoundError as exc:  # torchvision: a class folder without an image
             raise FactoryError(
-                f"{root / split} has {len(folder.classes)} class folder(s); a classifier needs at least 2 "
-                "(one subfolder of images per class)"
-            )
+                f"{root / split}: {str(exc).strip().rstrip('.')}; every class folder needs at least one image "
+                "(.jpg, .png, .webp, ...), in every split: add images or remove the class from every split"
+            ) from exc
+        except OSError as exc:
+            raise FactoryError(f"cannot read {root / split}: {exc}") from exc
         for path, _ in folder.samples:
             modes.add(check_header(Path(path), min_side))
-        present = sorted({label for _, label in folder.samples})
-        if len(present) < 2:
-            raise FactoryError(
-                f"{root / split} holds images of {len(present)} class(es); a classifier needs at least 2 "
-                "(put images in at least two class folders)"
-            )
         return ImageFiles(
             [(str(p), int(y)) for p, y in folder.samples],
             list(folder.classes),
