@@ -34,7 +34,7 @@ from factory.core.ancestry import load_ancestry, read_checkpoint
 from factory.core.checkpoint import INFO_METADATA_KEY
 from factory.core.flops import count_flops, count_params
 from factory.errors import FactoryError
-from factory.io import owned_directory, sha256_file
+from factory.io import MODEL_FILE, owned_directory, sha256_file
 from factory.io.atomic import require_regular_file
 
 from .onnx_export import OPSET, export_onnx
@@ -55,8 +55,7 @@ __all__ = [
 def resolve_model_path(model: str | Path) -> Path:
     """A run directory (``RUN/model.safetensors``) or a descendant ``.safetensors`` file."""
     path = Path(model)
-    if path.is_dir():
-        path = path / "model.safetensors"
+    path = path / MODEL_FILE if path.is_dir() else path  # factory.io.model_file, a folder without one named as such
     if path.exists():  # a FIFO is named as one, not as "not found"
         require_regular_file(path, "model")
     if not path.is_file():

@@ -36,6 +36,7 @@ from factory.core.timm_vit import arch_of, empty_vit, split_state_dict
 from factory.errors import FactoryError
 from factory.io import state_dict_sha256
 from factory.io.atomic import require_regular_file
+from factory.io.paths import MODEL_FILE, model_file
 
 #: The demo ancestry: small enough to train on MNIST on two CPU cores.
 DEMO_ARCH = ArchConfig(
@@ -119,7 +120,12 @@ def _create_timm(name: str, pretrained: bool) -> nn.Module:
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a state dict (and safetensors metadata) from ``path``; one-line errors on failure."""
-    if path.exists():  # a FIFO would be read forever; a folder is not a checkpoint
+    if path.is_dir():
+        raise FactoryError(
+            f"checkpoint {path} is a folder without {MODEL_FILE}; pass a checkpoint file, or a model folder (a "
+            "`train` run's, a build's device folder)"
+        )
+    if path.exists():  # a FIFO would be read forever
         require_regular_file(path, "checkpoint")
     if not path.is_file():
         raise FactoryError(f"checkpoint {path} does not exist")
@@ -225,13 +231,13 @@ def load_ancestry(spec: str | os.PathLike | nn.Module | Ancestry, *, seed: int =
         return _from_module(_create_timm(name, pretrained=True), text, "pretrained")
     if "@" in text:
         path_text, name = text.rsplit("@", 1)
-        path = Path(path_text).expanduser()
+        path = model_file(Path(path_text).expanduser())
         state, _ = read_checkpoint(path)
         model = _create_timm(name, pretrained=False)
         arch_of(model)  # reject non-ViT architectures before complaining about keys
         _load_into(model, state, str(path), name)
         return _from_module(model, text, "checkpoint")
-    path = Path(text).expanduser()
+    path = model_file(Path(text).expanduser())
     if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or path.exists():
         state, meta = read_checkpoint(path)
         if ARCH_METADATA_KEY not in meta:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from factory.io import cache_dir, sha256_file
+from factory.io import cache_dir, model_file, sha256_file
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PACKAGED_DEMO = ASSETS / "demo_ancestry.safetensors"
@@ -31,7 +31,7 @@ def ancestry_fingerprint(spec: str) -> str:
         weights = demo_weights()
         return f"demo:{sha256_file(weights)}" if weights else "demo:random"
     path_text = spec.rsplit("@", 1)[0] if "@" in spec else spec
-    path = Path(path_text).expanduser()
+    path = model_file(Path(path_text).expanduser())
     if path.is_file():
         return f"{sha256_file(path)}@{spec.rsplit('@', 1)[1] if '@' in spec else ''}"
     import importlib.metadata as md

@@ -8,7 +8,7 @@ from factory.io.atomic import atomic_directory, atomic_write_bytes, confined, en
 from factory.io.hashing import canonical_safetensors, content_key, sha256_bytes, sha256_file, state_dict_sha256
 from factory.io.lock import LOCK_FILE, directory_lock
 from factory.io.memory import release_freed_memory
-from factory.io.paths import cache_dir
+from factory.io.paths import MODEL_FILE, cache_dir, model_file
 from factory.io.publish import (
     OWNED_FILE,
     WORK_MARK,
@@ -22,6 +22,7 @@ from factory.io.seal import SEAL_FILE, seal, seal_state, sealed_files, sealed_in
 
 __all__ = [
     "LOCK_FILE",
+    "MODEL_FILE",
     "OWNED_FILE",
     "WORK_MARK",
     "SEAL_FILE",
@@ -34,6 +35,7 @@ __all__ = [
     "content_key",
     "directory_lock",
     "ensure_parent",
+    "model_file",
     "owned_directory",
     "owned_files",
     "release_freed_memory",
