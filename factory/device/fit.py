@@ -16,6 +16,7 @@ from pathlib import Path
 from factory.core.shapes import DescendantShape
 from factory.device.roofline import CostModel, Device, Efficiency, roofline_ms, vit_ops
 from factory.errors import FactoryError
+from factory.io import require_regular_file
 
 CALIBRATION_FIELDS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "img_size", "patch_size", "num_classes", "batch")
 
@@ -132,6 +133,8 @@ def read_calibration_csv(path, profile_path: str, runtime: str | None = None) ->
     import csv
 
     path = Path(path)
+    if path.exists():  # a folder or a FIFO is named as one, not as "not found"
+        require_regular_file(path, f"profile {profile_path}: calibration file")
     if not path.is_file():
         raise FactoryError(
             f"profile {profile_path}: calibration file {path} not found; fix the path or remove calibration"

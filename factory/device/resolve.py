@@ -27,6 +27,7 @@ from factory.device.published import CPU_BAND, CPU_TERMS, HOST_MEASURED_BAND
 from factory.device.roofline import TABLES_BAND, CostModel, Device, Efficiency, HostFacts
 from factory.device.tables import KernelTables
 from factory.errors import FactoryError
+from factory.io import require_regular_file
 
 
 def tables_path(profile: Profile, arch: ArchConfig) -> Path | None:
@@ -91,6 +92,8 @@ def latency_model_for(
     tables = tables_path(profile, arch)
     if tables is None:
         return model
+    if tables.exists():  # a folder or a FIFO is named as one, not as "not found"
+        require_regular_file(tables, f"profile {profile.path}: latency_tables")
     if tables.is_file():
         loaded = KernelTables.load(tables)
         host_facts = None

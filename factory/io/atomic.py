@@ -103,8 +103,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     ensure_parent(path)
-    if path.exists() and not path.is_dir():
-        raise FactoryError(f"{path} exists and is not a directory; choose another", param="out")
+    require_directory_or_absent(path, param="out")
     sweep_leftovers(path.parent, f".{path.name}.*")  # a killed writer's temporaries of this path
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
@@ -130,6 +129,13 @@ def confined(base: str | os.PathLike, relative: str | os.PathLike, what: str = "
     if root not in target.parents:  # also refuses base itself ('.', '')
         raise FactoryError(f"{what} {str(relative)!r} points outside {base}; refusing to read or write it there")
     return target
+
+
+def require_directory_or_absent(path: Path, what: str = "", *, links: bool = True, param: str | None = None) -> None:
+    """Refuse, in one line, a ``path`` to write a folder at that exists as anything else (a file, a FIFO), or as a
+    symlink where ``links`` is false (a work folder, the user's link to elsewhere)."""
+    if (path.is_symlink() and not links) or (path.exists() and not path.is_dir()):
+        raise FactoryError(f"{path} exists and is not a directory; choose another {what}".rstrip(), param=param)
 
 
 def require_regular_file(path: Path, what: str) -> Path:

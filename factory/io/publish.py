@@ -35,7 +35,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from factory.errors import FactoryError
-from factory.io.atomic import atomic_directory, atomic_write_bytes, ensure_parent, owner_tag, sweep_leftovers
+from factory.io.atomic import (
+    atomic_directory,
+    atomic_write_bytes,
+    ensure_parent,
+    owner_tag,
+    require_directory_or_absent,
+    sweep_leftovers,
+)
 
 #: The list of files peg-factory wrote into a directory (relative POSIX paths), kept in that directory.
 OWNED_FILE = ".peg-factory-files.json"
@@ -80,8 +87,7 @@ def claim(path: Path, names: list[str], writer: str, what: str = "--out", *, rec
     (:func:`owned_files`); else they are recorded as ``writer``'s now, before they are written, so a run killed
     half-way leaves files the next run may replace. ``record=False`` checks only (nothing is created: a build
     checks before its work and records just before it writes)."""
-    if path.exists() and not path.is_dir():
-        raise FactoryError(f"{path} exists and is not a directory; choose another {what}")
+    require_directory_or_absent(path, what)
     ours = owned_files(path)
     for name in names:
         folder = name.endswith("/")
@@ -112,8 +118,7 @@ def work_directory(path: Path, what: str = "--work-dir") -> Path:
     """``path`` as a run's work folder: made and marked now, or marked already (a run to resume); an empty
     folder is adopted. A folder holding anything else is refused (one line): it is the user's."""
     path = Path(path)
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise FactoryError(f"{path} exists and is not a directory; choose another {what}")
+    require_directory_or_absent(path, what, links=False)
     # the mark is read once, with the listing: under torchrun every rank calls this at once, and a rank that found
     # no mark before a peer made it must not take the peer's fresh mark for a file of the user's
     if path.is_dir() and any(entry.name != WORK_MARK for entry in path.iterdir()) and not (path / WORK_MARK).is_file():
@@ -157,8 +162,7 @@ def owned_directory(path: str | os.PathLike, what: str = "--out", writer: str = 
     if path.is_symlink() and path.resolve().is_dir():
         path = path.resolve()  # the user's link to a folder: write into the folder it names (the link stays)
     ensure_parent(path)
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise FactoryError(f"{path} exists and is not a directory; choose another {what}")
+    require_directory_or_absent(path, what, links=False)
     if not path.exists():
         with atomic_directory(path) as tmp:
             yield tmp
