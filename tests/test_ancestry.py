@@ -96,3 +96,20 @@ def test_bad_specs(spec, match):
 def test_qk_norm_vit_is_rejected():
     with pytest.raises(FactoryError, match="qk-norm"):
         load_ancestry(make_vit(qk_norm=True))
+
+
+def test_a_model_folder_reads_as_its_model_file(tmp_path, demo_file):
+    """A `train` run's folder (or a build's device folder) holds model.safetensors: export took it, flops, train
+    --model and --ancestry said "is a directory, not a regular file". Every reader takes it now, and the build's
+    cache fingerprints the file's weights, not the folder's name."""
+    import shutil
+
+    from factory.core.assets import ancestry_fingerprint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(demo_file, run / "model.safetensors")
+    assert load_ancestry(run).sha256 == load_ancestry(demo_file).sha256
+    assert ancestry_fingerprint(str(run)) == ancestry_fingerprint(str(run / "model.safetensors"))
+    with pytest.raises(FactoryError, match=r"is a folder without model.safetensors; pass a checkpoint file, or a"):
+        load_ancestry(tmp_path)

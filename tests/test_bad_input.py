@@ -585,3 +585,137 @@ def test_a_fifo_or_folder_where_a_file_belongs_is_named_as_one(tmp_path):
     assert "m.safetensors is a FIFO" in res.output and not (tmp_path / "e").exists()
     res = _cli("search", "--profile", tmp_path / "folder.yaml")
     _one_line_exit_2(res, "folder.yaml is a directory, not a regular file; pass a file")
+
+
+def test_a_batch_larger_than_its_training_split_runs_the_whole_split_and_says_so(tmp_path, demo_file):
+    """`build --batch-size 65536` on digits' 1,000 training images timed steps of 65 epochs each in its dry run,
+    for minutes, printing nothing (and a build would have run them). The commands now run steps of the whole split
+    and say so (the default 32 on a folder of 8 images likewise); the API's train() refuses such a batch."""
+    from factory import load_ancestry
+    from factory.data import load_dataset
+    from factory.training.batches import check_batch_fits, fit_batch
+    from factory.training.train import TrainConfig, train
+
+    assert fit_batch(256, 256) == (256, "")
+    assert fit_batch(300, 256, world=3, split="s") == (
+        255,
+        "a batch of 300 is more than the 256 images of s: steps of 255 images (the whole split) instead",
+    )
+    with pytest.raises(FactoryError, match="257 images a step is more than the 256 images of s: .* at most 256") as e:
+        check_batch_fits(257, 256, split="s")
+    assert e.value.param == "batch_size"
+    ds = load_dataset("synthetic")
+    with pytest.raises(FactoryError, match="300 images a step is more than the 256"):
+        train(load_ancestry("demo").model, ds.train, TrainConfig(steps=1, batch_size=300), progress=False)
+
+    build = ("build", "--profile", "demo/jetson_orin", "--data", "synthetic", "--dry-run", "--out", tmp_path / "o")
+    started = time.perf_counter()
+    res = _cli(
+        *build,
+        "--batch-size",
+        "65536",
+        "--init",
+        "peg",
+        "--expand-steps",
+        "5",
+        "--expand-data",
+        "digits",
+        "--expand-batch-size",
+        "1001",
+    )
+    assert res.exit_code == 0, res.output
+    assert (
+        "fine-tuning: a batch of 65536 is more than the 256 images of synthetic's training split: steps of 256 "
+        "images" in res.output
+    )
+    assert "expanding phase: a batch of 1001 is more than the 1000 images of digits's training split" in res.output
+    assert time.perf_counter() - started < 120  # steps of 256 and 1000 images timed, not of 65536
+    res = _cli(
+        "train",
+        "--model",
+        demo_file,
+        "--data",
+        "synthetic",
+        "--batch-size",
+        "300",
+        "--steps",
+        "1",
+        "--out",
+        tmp_path / "t",
+    )
+    assert res.exit_code == 0, res.output
+    assert "train: a batch of 300 is more than the 256 images" in res.output
+    rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 1
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    """torchvision's ImageFolder took `.ipynb_checkpoints/` for a class (a 3-class head for a 2-class task) and
+    macOS's `._0.png` AppleDouble files for images (refused as unreadable); both are skipped now."""
+    from factory.data import load_dataset
+
+    from .helpers import image_folder
+
+    root = image_folder(tmp_path / "d", n=3, size=28)
+    for split in ("train", "val"):
+        (root / split / ".ipynb_checkpoints").mkdir()
+        (root / split / "a" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    from PIL import Image
+
+    Image.new("L", (28, 28)).save(root / "train" / ".ipynb_checkpoints" / "0.png")
+    ds = load_dataset(str(root))
+    assert (ds.num_classes, len(ds.train), len(ds.val)) == (2, 6, 6)
+
+
+def test_a_folder_without_val_says_what_it_holds_and_what_to_do(tmp_path):
+    from .helpers import image_folder
+
+    root = image_folder(tmp_path / "d", n=3, size=28)
+    (root / "val").rename(root / "test")
+    res = _cli("search", "--profile", "demo/jetson_orin", "--data", root, "--objective", "accuracy")
+    _one_line_exit_2(res, "has no val/ (it holds test/, train/): the ImageFolder layout is train/CLASS/*, val/CLASS/*")
+    assert "move some training images of each class into val/" in res.output
+
+
+def test_train_resume_without_a_checkpoint_writes_nothing(tmp_path, demo_file):
+    res = _cli("train", "--model", demo_file, "--data", "synthetic", "--resume", "--out", tmp_path / "t")
+    _one_line_exit_2(res, "cannot resume training (--resume): no checkpoint in")
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_class_folder_without_images_names_the_class_and_the_fix(tmp_path):
+    from factory.data import load_dataset
+
+    from .helpers import image_folder
+
+    root = image_folder(tmp_path / "d", n=2, size=28)
+    for f in (root / "val" / "b").iterdir():
+        f.unlink()
+    (root / "val" / "b" / "notes.txt").write_text("not an image")
+    with pytest.raises(FactoryError, match=r"d/val: Found no valid file for the classes b; every class folder needs"):
+        load_dataset(str(root))
+
+
+@pytest.mark.parametrize("field", ["calibration", "latency_tables"])
+def test_a_profile_file_that_is_a_folder_is_named_as_one(tmp_path, field):
+    """A profile's calibration CSV or latency tables given as a folder read "not found" while it was there."""
+    (tmp_path / "kit").mkdir()
+    prof = tmp_path / "p.yaml"
+    prof.write_text(_profile(tmp_path, "p").read_text() + f"{field}: kit\n")
+    _one_line_exit_2(_cli("search", "--profile", prof), f"{field.replace('calibration', 'calibration file')} ")
+    assert "kit is a directory, not a regular file; pass a file" in _cli("search", "--profile", prof).output
+
+
+def test_a_teacher_that_cannot_distil_into_the_student_is_one_line(tmp_path, demo_file):
+    """`train --distill-from` a 224-px timm ViT or a model of other classes ended in a traceback at the first step
+    (an AssertionError on the input size, a RuntimeError on the logits)."""
+    five = tmp_path / "five.safetensors"
+    args = ("expand", "--method", "scratch", "--ancestry", "demo", "--depth", "1", "--embed-dim", "32", "--heads", "1")
+    assert _cli(*args, "--num-classes", "5", "--out", five).exit_code == 0
+    train = ("train", "--model", demo_file, "--data", "digits", "--steps", "1", "--out", tmp_path / "t")
+    res = _cli(*train, "--distill-from", five)
+    _one_line_exit_2(res, "--distill-from: the teacher has classes 5 (the student's 10): it must take the student's")
+    res = _cli(*train, "--distill-from", "random:vit_tiny_patch16_224")
+    _one_line_exit_2(res, "input size 224 (the student's 28), input channels 3 (the student's 1), classes 1000")
+    assert not (tmp_path / "t").exists()
+    assert _cli(*train, "--distill-from", "demo").exit_code == 0  # the ancestry itself: same input, same classes
