@@ -418,3 +418,16 @@ def test_the_hostile_pass_counts_a_case_refused_for_another_fault_as_not_held(tm
     names = [c[0] for c in hostile_pass4.cases(hostile_pass3.setup(tmp_path))]
     first = hostile_pass3.run_case(names.index("learngene: --layers deeper than the ancestry"), hostile_pass4.cases)
     assert first["held"] and first["aimed"], first
+
+
+def test_round_five_cases_hold_with_their_own_errors(tmp_path):
+    sys.path.insert(0, "bench")
+    try:
+        import hostile_pass3
+        import hostile_pass5
+    finally:
+        sys.path.remove("bench")
+    names = [c[0] for c in hostile_pass5.cases(hostile_pass3.setup(tmp_path))]
+    for name in ("train: --resume without a checkpoint", "search: a profile's calibration CSV is a folder"):
+        row = hostile_pass3.run_case(names.index(name), hostile_pass5.cases)
+        assert row["held"] and row["aimed"], row

@@ -1,0 +1,104 @@
+"""Hostile pass, round five: the refusals a fifth hostile pass found missing or mis-worded (each fixed, each with a
+test in ``tests/test_bad_input.py``).
+
+A case *holds* as in ``bench/hostile_pass3.py``: exit code 2, exactly one ``Error`` line, no traceback, no file
+in the case's folder created, changed or removed, and the error is the one the case is about (its needle). The
+cases run in round three's folder (:func:`hostile_pass3.setup`) plus the few files they add themselves. This
+round's fixes that change what a command *does* rather than how it refuses (a batch larger than its split, hidden
+folders, model folders) are not cases here: their tests say what they do.
+
+    python bench/hostile_pass5.py --json bench/out/hostile_pass5.json --md bench/out/hostile_pass5.md
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hostile_pass3 import _images, main  # noqa: E402
+
+
+def _five_classes_model(folder: Path) -> str:
+    """A demo-style descendant predicting 5 classes (digits has 10): a teacher whose logits are not the task's."""
+    import dataclasses
+
+    from factory.core.ancestry import load_ancestry
+    from factory.core.checkpoint import save_descendant
+    from factory.core.timm_vit import build_vit
+
+    path = folder / "five.safetensors"
+    arch = dataclasses.replace(load_ancestry("demo").arch, num_classes=5)
+    save_descendant(build_vit(arch, seed=0), arch, path, {"method": "scratch"})
+    return str(path)
+
+
+def cases(p: dict[str, str]) -> list[tuple[str, list[str], dict[str, str], str]]:
+    """``(name, arguments, environment, needle)``; the files a case needs beyond round three's are written here,
+    before the case's folder is snapshotted."""
+    root = Path(p["profile"]).parent
+    five = _five_classes_model(root)
+    no_val = _images(root / "data_no_val", splits=("train", "test"))
+    empty_class = _images(root / "data_empty_class")
+    for f in (empty_class / "val" / "b").iterdir():
+        f.unlink()
+    (root / "kit").mkdir()
+    for field in ("calibration", "latency_tables"):
+        (root / f"{field}_folder.yaml").write_text(Path(p["profile"]).read_text() + f"{field}: kit\n")
+    train = ["train", "--model", p["model"], "--data", "builtin:digits", "--steps", "1", "--out", "t"]
+    return [
+        (
+            "train: --resume without a checkpoint",
+            [*train, "--resume"],
+            {},
+            "cannot resume training (--resume): no checkpoint in t/checkpoint",
+        ),
+        (
+            "train: --distill-from a 224-px timm ViT",
+            [*train, "--distill-from", "random:vit_tiny_patch16_224"],
+            {},
+            "--distill-from: the teacher has input size 224 (the student's 28)",
+        ),
+        (
+            "train: --distill-from a model of other classes",
+            [*train, "--distill-from", five],
+            {},
+            "--distill-from: the teacher has classes 5 (the student's 10)",
+        ),
+        (
+            "train: data with train/ and test/ but no val/",
+            ["train", "--model", p["model"], "--data", str(no_val), "--out", "t"],
+            {},
+            "has no val/ (it holds test/, train/)",
+        ),
+        (
+            "train: a class folder without images",
+            ["train", "--model", p["model"], "--data", str(empty_class), "--out", "t"],
+            {},
+            "Found no valid file for the classes b; every class folder needs at least one image",
+        ),
+        (
+            "search: a profile's calibration CSV is a folder",
+            ["search", "--profile", str(root / "calibration_folder.yaml")],
+            {},
+            "/kit is a directory, not a regular file; pass a file",
+        ),
+        (
+            "search: a profile's latency tables are a folder",
+            ["search", "--profile", str(root / "latency_tables_folder.yaml")],
+            {},
+            "/kit is a directory, not a regular file; pass a file",
+        ),
+        (
+            "flops: --model a folder without model.safetensors",
+            ["flops", "--model", p["nomodel"]],
+            {},
+            "is a folder without model.safetensors; pass a checkpoint file, or a model folder",
+        ),
+    ]
+
+
+if __name__ == "__main__":
+    main(cases, "hostile cases of round five")
