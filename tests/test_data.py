@@ -72,3 +72,30 @@ def test_restricted_unpickler_admits_arrays_and_rejects_code():
 
     with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
         safe_load_pickle(pickle.dumps(Evil()))
+
+
+def test_sixteen_bit_and_float_greyscale_images_keep_their_range(tmp_path):
+    """PIL's convert("L") clips a 16-bit image at 255 of 65,535: a 16-bit folder whose classes differ in brightness
+    decoded all white (mean 0.99 after normalising, both classes). Wide greyscale modes are mapped over their
+    format's range now (factory.data.stream.eight_bit)."""
+    import numpy as np
+    from PIL import Image
+
+    from factory.data import load_dataset
+    from factory.data.stream import eight_bit
+
+    ramp = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    assert np.asarray(eight_bit(Image.fromarray(ramp))).tolist() == [[0, 1, 128, 255]]
+    assert np.asarray(eight_bit(Image.fromarray(np.array([[0.0, 0.5, 1.0, 2.0]], np.float32)))).tolist() == [
+        [0, 128, 255, 255]
+    ]
+    assert eight_bit(Image.new("L", (2, 2), 7)).mode == "L"  # 8-bit images as they are
+    for split in ("train", "val"):
+        for c, top in (("bright", 65535), ("dim", 16384)):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((28, 28), top - i, np.uint16)).save(tmp_path / split / c / f"{i}.png")
+    ds = load_dataset(str(tmp_path), img_size=28, in_chans=1)
+    images = ds.train.tensors().images
+    bright, dim = images[:2].mean().item(), images[2:].mean().item()
+    assert bright == pytest.approx(1.0, abs=0.01) and dim == pytest.approx(2 * 64 / 255 - 1, abs=0.01)

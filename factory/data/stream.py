@@ -74,6 +74,27 @@ def check_size(path, width: int, height: int, min_side: int) -> None:
         )
 
 
+#: PIL modes of greyscale images wider than 8 bits: 16-bit PNGs and TIFFs open as ``I;16*`` or ``I``, float TIFFs as ``F``
+WIDE_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+
+
+def eight_bit(im):
+    """A greyscale image wider than 8 bits (:data:`WIDE_MODES`) as an 8-bit ``L`` image over its format's whole
+    range, any other image as it is. PIL's own ``convert("L")`` clips such an image at 255 -- a 16-bit image turns
+    white where it is brighter than 255 of 65,535, and two classes that differ in brightness become one. The map is
+    fixed per format, not per image, so brightness still means the same across images: integer modes are taken as
+    16-bit (``v / 257``, what torchvision's 16-bit PNG decode then ``ToDtype(uint8, scale=True)`` gives), ``F`` as
+    [0, 1] (``v * 255``); values beyond are clipped."""
+    if im.mode not in WIDE_MODES:
+        return im
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(im, dtype=np.float64)
+    scaled = values * 255.0 if im.mode == "F" else values / 257.0
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def default_workers() -> int:
     """Decoding processes per loader: half the CPUs this process may use, 1 to 4 (training uses the rest)."""
     try:
@@ -135,7 +156,7 @@ class ImageFiles:
                 check_size(
                     path, im.width, im.height, self.min_side
                 )  # on the header, before decoding (a file may have changed)
-                return im.convert("RGB" if self.channels == 3 else "L")
+                return eight_bit(im).convert("RGB" if self.channels == 3 else "L")
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
             raise FactoryError(f"cannot read image {path}: {exc}") from exc
 
