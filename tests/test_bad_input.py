@@ -625,10 +625,10 @@ def test_a_batch_larger_than_its_training_split_runs_the_whole_split_and_says_so
     )
     assert res.exit_code == 0, res.output
     assert (
-        "fine-tuning: a batch of 65536 is more than the 256 images of synthetic's training split: steps of 256 "
+        "fine-tuning: a batch of 65536 is more than the 256 images of the training split of synthetic: steps of 256 "
         "images" in res.output
     )
-    assert "expanding phase: a batch of 1001 is more than the 1000 images of digits's training split" in res.output
+    assert "expanding phase: a batch of 1001 is more than the 1000 images of the training split of digits" in res.output
     assert time.perf_counter() - started < 120  # steps of 256 and 1000 images timed, not of 65536
     res = _cli(
         "train",

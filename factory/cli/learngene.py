@@ -205,7 +205,7 @@ def learngene_train(
     check_batch(batch_size, world)
     say = click.echo if rank == 0 else (lambda *_: None)
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
-    batch_size, note = fit_batch(batch_size, len(ds.train), world=world, split=f"{data}'s training split")
+    batch_size, note = fit_batch(batch_size, len(ds.train), world=world, split=f"the training split of {data}")
     if note:
         say(f"expanding phase: {note}")
         cfg = dataclasses.replace(cfg, batch_size=batch_size)

@@ -130,7 +130,7 @@ def train_cmd(
 
     rank, world = dist_info()
     check_batch(batch_size, world)  # before any process waits for its peers
-    batch_size, note = fit_batch(batch_size, len(ds.train), world=world, split=f"{data}'s training split")
+    batch_size, note = fit_batch(batch_size, len(ds.train), world=world, split=f"the training split of {data}")
     if note:
         cfg = dataclasses.replace(cfg, batch_size=batch_size)
         if rank == 0:

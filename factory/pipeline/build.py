@@ -122,7 +122,7 @@ def _build(
         from factory.core.learngene import check_gene_size
 
         check_gene_size(cfg.gene_layers, cfg.gene_heads, anc.arch, params=("gene_layers", "gene_heads"))
-    batch, note = fit_batch(cfg.batch_size, len(ds.train), split=f"{cfg.data}'s training split")
+    batch, note = fit_batch(cfg.batch_size, len(ds.train), split=f"the training split of {cfg.data}")
     if note:
         log(f"fine-tuning: {note}")
         cfg = dataclasses.replace(cfg, batch_size=batch)

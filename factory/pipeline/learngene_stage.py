@@ -141,7 +141,7 @@ def fit_expanding_batch(ctx: BuildContext) -> None:
     from factory.training.batches import fit_batch
 
     data, ds = expanding_dataset(ctx)
-    batch, note = fit_batch(expanding_config(ctx.cfg).batch_size, len(ds.train), split=f"{data}'s training split")
+    batch, note = fit_batch(expanding_config(ctx.cfg).batch_size, len(ds.train), split=f"the training split of {data}")
     if note:
         ctx.log(f"expanding phase: {note}")
         ctx.cfg = dataclasses.replace(ctx.cfg, expand_batch_size=batch)
