@@ -55,7 +55,7 @@ __all__ = [
 def resolve_model_path(model: str | Path) -> Path:
     """A run directory (``RUN/model.safetensors``) or a descendant ``.safetensors`` file."""
     path = Path(model)
-    path = path / MODEL_FILE if path.is_dir() else path  # factory.io.model_file, a folder without one named as such
+    path = path / MODEL_FILE if path.is_dir() else path  # a run folder's model; 'not found' below when it has none
     if path.exists():  # a FIFO is named as one, not as "not found"
         require_regular_file(path, "model")
     if not path.is_file():

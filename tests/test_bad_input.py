@@ -719,3 +719,16 @@ def test_a_teacher_that_cannot_distil_into_the_student_is_one_line(tmp_path, dem
     _one_line_exit_2(res, "input size 224 (the student's 28), input channels 3 (the student's 1), classes 1000")
     assert not (tmp_path / "t").exists()
     assert _cli(*train, "--distill-from", "demo").exit_code == 0  # the ancestry itself: same input, same classes
+
+
+def test_an_option_that_applies_only_with_another_is_refused_without_it(tmp_path, demo_file):
+    """`train --distill-alpha 0.9` without a teacher, `build --budget-split steps` or `--expand-head-start` without a
+    --time-budget, `--task-cpus` without Ray: each was silently ignored, so the user believed it ran."""
+    res = _cli("train", "--model", demo_file, "--data", "digits", "--distill-alpha", "0.9", "--out", tmp_path / "t")
+    _one_line_exit_2(res, "--distill-alpha only applies with --distill-from: give --distill-from, or drop it")
+    build = ("build", "--profile", "demo/jetson_orin", "--dry-run", "--out", tmp_path / "o")
+    res = _cli(*build, "--budget-split", "steps", "--expand-head-start", "3")
+    _one_line_exit_2(res, "--budget-split and --expand-head-start only apply with --time-budget")
+    _one_line_exit_2(_cli(*build, "--task-cpus", "2"), "--task-cpus only applies with --executor ray")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "o").exists()
+    assert _cli(*build, "--budget-split", "steps", "--time-budget", "10m").exit_code == 0

@@ -27,6 +27,7 @@ from factory.cli.common import (
     init_option,
     objective_option,
     out_option,
+    refuse_without,
     seed_option,
     view_options,
 )
@@ -222,6 +223,8 @@ def build_cmd(
     assert set(settings) <= CONFIG_FIELDS, set(settings) - CONFIG_FIELDS  # every other option is a BuildConfig field
     if executor_kind == "local" and (ray_address or task_gpus):
         raise UserError("--ray-address and --task-gpus need --executor ray")
+    refuse_without("--executor ray", executor_kind == "ray", ["task_cpus"])
+    refuse_without("--time-budget", settings["time_budget_s"] is not None, ["budget_split", "expand_head_start"])
     executor = make_executor(
         executor_kind, jobs=settings["jobs"], address=ray_address, task_cpus=task_cpus, task_gpus=task_gpus
     )

@@ -131,6 +131,24 @@ def flag_for(root: click.Command, param: str) -> str | None:
     return None
 
 
+def refuse_without(requirement: str, present: bool, options: list[str]) -> None:
+    """One line (exit 2) where an option that means something only with ``requirement`` was set by the user (on
+    the command line or in the environment, not by default) while ``requirement`` is absent: such an option was
+    silently ignored, so the user believed it ran."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    set_ = [
+        flags[name]
+        for name in options
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    ]
+    if set_ and not present:
+        verb, them = ("applies", "it") if len(set_) == 1 else ("apply", "them")
+        raise UserError(f"{' and '.join(set_)} only {verb} with {requirement}: give {requirement}, or drop {them}")
+
+
 class FactoryGroup(click.Group):
     """A click group that maps :class:`FactoryError` to exit code 2 for every subcommand, naming the flag
     of the argument at fault where the error names one (:attr:`FactoryError.param`)."""

@@ -14,6 +14,7 @@ from factory.cli.common import (
     data_option,
     global_batch_option,
     out_option,
+    refuse_without,
     seed_option,
     view_options,
 )
@@ -93,6 +94,7 @@ def train_cmd(
     from factory.training.best_weights import BEST_FILE
     from factory.training.train import TrainConfig, evaluate, train
 
+    refuse_without("--distill-from", distill_from is not None, ["distill_alpha"])
     anc = load_ancestry(model_path)
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
     model, arch = anc.model, anc.arch

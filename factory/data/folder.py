@@ -131,7 +131,7 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side:
 
     missing = [f"{split}/" for split in ("train", "val") if not (root / split).is_dir()]
     if missing:
-        found = sorted(f"{p.name}/" for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        found = sorted(f"{p.name}/" for p in root.iterdir() if p.is_dir() and not hidden(p.name))
         raise FactoryError(
             f"data directory {root} has no {' and no '.join(missing)} (it holds {', '.join(found) or 'no folders'}): "
             "the ImageFolder layout is train/CLASS/*, val/CLASS/* and an optional test/CLASS/*; "
