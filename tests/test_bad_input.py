@@ -730,5 +730,11 @@ def test_an_option_that_applies_only_with_another_is_refused_without_it(tmp_path
     res = _cli(*build, "--budget-split", "steps", "--expand-head-start", "3")
     _one_line_exit_2(res, "--budget-split and --expand-head-start only apply with --time-budget")
     _one_line_exit_2(_cli(*build, "--task-cpus", "2"), "--task-cpus only applies with --executor ray")
-    assert not (tmp_path / "t").exists() and not (tmp_path / "o").exists()
+    _one_line_exit_2(
+        _cli(*build, "--init", "scratch", "--no-joint-choice"),
+        "--joint-choice/--no-joint-choice only applies with --init auto",
+    )
+    res = _cli("learngene", "--mixing", "uniform", "--tau", "3", "--out", tmp_path / "lg")
+    _one_line_exit_2(res, "--tau only applies with --mixing softmax")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "o").exists() and not (tmp_path / "lg").exists()
     assert _cli(*build, "--budget-split", "steps", "--time-budget", "10m").exit_code == 0

@@ -224,6 +224,7 @@ def build_cmd(
     if executor_kind == "local" and (ray_address or task_gpus):
         raise UserError("--ray-address and --task-gpus need --executor ray")
     refuse_without("--executor ray", executor_kind == "ray", ["task_cpus"])
+    refuse_without("--init auto", settings["init"] == "auto", ["joint_choice"])
     refuse_without("--time-budget", settings["time_budget_s"] is not None, ["budget_split", "expand_head_start"])
     executor = make_executor(
         executor_kind, jobs=settings["jobs"], address=ray_address, task_cpus=task_cpus, task_gpus=task_gpus

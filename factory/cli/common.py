@@ -138,7 +138,7 @@ def refuse_without(requirement: str, present: bool, options: list[str]) -> None:
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
-    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    flags = {p.name: "/".join(p.opts[:1] + getattr(p, "secondary_opts", [])[:1]) for p in ctx.command.params}
     set_ = [
         flags[name]
         for name in options

@@ -20,6 +20,7 @@ from factory.cli.common import (
     global_batch_option,
     int_list,
     out_option,
+    refuse_without,
     seed_option,
 )
 from factory.core.expanding_phase import ExpandingConfig
@@ -71,6 +72,7 @@ def learngene(ctx, ancestry, layers, heads, tau, mixing, head_mixing, rescale, s
         return
     if out is None:
         raise UserError("missing --out DIR: where to write the learngene")
+    refuse_without("--mixing softmax", mixing == "softmax", ["tau"])  # the temperature of the softmax weights
     from factory.core.ancestry import load_ancestry
     from factory.core.learngene import sample_learngene
 
