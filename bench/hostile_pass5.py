@@ -92,6 +92,44 @@ def cases(p: dict[str, str]) -> list[tuple[str, list[str], dict[str, str], str]]
             "/kit is a directory, not a regular file; pass a file",
         ),
         (
+            "train: --distill-alpha without --distill-from",
+            [*train, "--distill-alpha", "0.9"],
+            {},
+            "--distill-alpha only applies with --distill-from",
+        ),
+        (
+            "build: --budget-split without --time-budget",
+            ["build", "--profile", p["profile"], "--data", "synthetic", "--budget-split", "steps", "--out", "o"],
+            {},
+            "--budget-split only applies with --time-budget",
+        ),
+        (
+            "build: --task-cpus without --executor ray",
+            ["build", "--profile", p["profile"], "--data", "synthetic", "--task-cpus", "4", "--out", "o"],
+            {},
+            "--task-cpus only applies with --executor ray",
+        ),
+        (
+            "build: --no-joint-choice with --init scratch",
+            ["build", "--profile", p["profile"], "--data", "synthetic", "--init", "scratch", "--no-joint-choice"]
+            + ["--out", "o"],
+            {},
+            "--joint-choice/--no-joint-choice only applies with --init auto",
+        ),
+        (
+            "build: --expand-steps with --learngene",
+            ["build", "--profile", p["profile"], "--data", "synthetic", "--learngene", p["lg_clean"]]
+            + ["--expand-steps", "600", "--out", "o"],
+            {},
+            "--expand-steps only applies with a learngene the build makes: leave out --learngene",
+        ),
+        (
+            "learngene: --tau with --mixing uniform",
+            ["learngene", "--mixing", "uniform", "--tau", "3", "--out", "lg"],
+            {},
+            "--tau only applies with --mixing softmax",
+        ),
+        (
             "flops: --model a folder without model.safetensors",
             ["flops", "--model", p["nomodel"]],
             {},

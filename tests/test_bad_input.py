@@ -730,6 +730,10 @@ def test_an_option_that_applies_only_with_another_is_refused_without_it(tmp_path
     res = _cli(*build, "--budget-split", "steps", "--expand-head-start", "3")
     _one_line_exit_2(res, "--budget-split and --expand-head-start only apply with --time-budget")
     _one_line_exit_2(_cli(*build, "--task-cpus", "2"), "--task-cpus only applies with --executor ray")
+    from factory.core.assets import PACKAGED_LEARNGENE
+
+    res = _cli(*build, "--learngene", PACKAGED_LEARNGENE, "--expand-steps", "600", "--gene-layers", "2")
+    _one_line_exit_2(res, "--gene-layers and --expand-steps only apply with a learngene the build makes: leave out")
     _one_line_exit_2(
         _cli(*build, "--init", "scratch", "--no-joint-choice"),
         "--joint-choice/--no-joint-choice only applies with --init auto",

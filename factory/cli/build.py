@@ -225,6 +225,10 @@ def build_cmd(
         raise UserError("--ray-address and --task-gpus need --executor ray")
     refuse_without("--executor ray", executor_kind == "ray", ["task_cpus"])
     refuse_without("--init auto", settings["init"] == "auto", ["joint_choice"])
+    made_here = ["gene_layers", "expand_steps", "expand_data", "expand_batch_size", "expand_img_size"]
+    refuse_without(
+        "a learngene the build makes", settings["learngene"] is None, made_here, instead="leave out --learngene"
+    )
     refuse_without("--time-budget", settings["time_budget_s"] is not None, ["budget_split", "expand_head_start"])
     executor = make_executor(
         executor_kind, jobs=settings["jobs"], address=ray_address, task_cpus=task_cpus, task_gpus=task_gpus

@@ -131,10 +131,10 @@ def flag_for(root: click.Command, param: str) -> str | None:
     return None
 
 
-def refuse_without(requirement: str, present: bool, options: list[str]) -> None:
+def refuse_without(requirement: str, present: bool, options: list[str], *, instead: str | None = None) -> None:
     """One line (exit 2) where an option that means something only with ``requirement`` was set by the user (on
     the command line or in the environment, not by default) while ``requirement`` is absent: such an option was
-    silently ignored, so the user believed it ran."""
+    silently ignored, so the user believed it ran. ``instead``: the fix when it is not "give REQUIREMENT"."""
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
@@ -146,7 +146,8 @@ def refuse_without(requirement: str, present: bool, options: list[str]) -> None:
     ]
     if set_ and not present:
         verb, them = ("applies", "it") if len(set_) == 1 else ("apply", "them")
-        raise UserError(f"{' and '.join(set_)} only {verb} with {requirement}: give {requirement}, or drop {them}")
+        fix = instead or f"give {requirement}"
+        raise UserError(f"{' and '.join(set_)} only {verb} with {requirement}: {fix}, or drop {them}")
 
 
 class FactoryGroup(click.Group):
