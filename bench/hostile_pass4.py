@@ -20,15 +20,15 @@ sys.path.insert(0, str(ROOT))
 from hostile_pass3 import main  # noqa: E402
 
 
-def _other_classes_model(folder: Path) -> str:
-    """A demo-style descendant predicting 7 classes (digits has 10)."""
+def other_classes_model(folder: Path, classes: int = 7) -> str:
+    """A demo-style descendant predicting ``classes`` classes (digits has 10)."""
     from factory.core.ancestry import load_ancestry
     from factory.core.checkpoint import save_descendant
     from factory.core.timm_vit import build_vit
 
-    path = folder / "seven.safetensors"
+    path = folder / f"classes{classes}.safetensors"
     if not path.exists():
-        arch = dataclasses.replace(load_ancestry("demo").arch, num_classes=7)
+        arch = dataclasses.replace(load_ancestry("demo").arch, num_classes=classes)
         save_descendant(build_vit(arch, seed=0), arch, path, {"method": "scratch"})
     return str(path)
 
@@ -38,7 +38,7 @@ def cases(p: dict[str, str]) -> list[tuple[str, list[str], dict[str, str], str]]
     before the case's folder is snapshotted."""
     root = Path(p["profile"]).parent
     (root / "twice.yaml").write_text("profiles: [demo/pixel8, demo/pixel8]\n")
-    seven = _other_classes_model(root)
+    seven = other_classes_model(root)
     prof, tiny_mem = p["profile"], p["tiny_mem"]
     build = ["build", "--profile", prof, "--data", "synthetic", "--steps", "1"]
     dry = [*build, "--dry-run", "--out"]

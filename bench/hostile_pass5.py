@@ -19,27 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hostile_pass3 import _images, main  # noqa: E402
-
-
-def _five_classes_model(folder: Path) -> str:
-    """A demo-style descendant predicting 5 classes (digits has 10): a teacher whose logits are not the task's."""
-    import dataclasses
-
-    from factory.core.ancestry import load_ancestry
-    from factory.core.checkpoint import save_descendant
-    from factory.core.timm_vit import build_vit
-
-    path = folder / "five.safetensors"
-    arch = dataclasses.replace(load_ancestry("demo").arch, num_classes=5)
-    save_descendant(build_vit(arch, seed=0), arch, path, {"method": "scratch"})
-    return str(path)
+from hostile_pass4 import other_classes_model  # noqa: E402
 
 
 def cases(p: dict[str, str]) -> list[tuple[str, list[str], dict[str, str], str]]:
     """``(name, arguments, environment, needle)``; the files a case needs beyond round three's are written here,
     before the case's folder is snapshotted."""
     root = Path(p["profile"]).parent
-    five = _five_classes_model(root)
+    five = other_classes_model(root, classes=5)  # a teacher whose logits are not the task's
     no_val = _images(root / "data_no_val", splits=("train", "test"))
     empty_class = _images(root / "data_empty_class")
     for f in (empty_class / "val" / "b").iterdir():
