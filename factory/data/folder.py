@@ -96,22 +96,16 @@ def image_file(path: str) -> bool:
     return not hidden(Path(path).name) and has_file_allowed_extension(path, IMG_EXTENSIONS)
 
 
-def _visible_image_folder():
-    from torchvision.datasets import ImageFolder
-
-    class VisibleImageFolder(ImageFolder):
-        """torchvision's ImageFolder whose classes are the folders that are not :func:`hidden`."""
-
-        def find_classes(self, directory):
-            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not hidden(e.name))
-            if len(classes) < 2:
-                raise FactoryError(
-                    f"{directory} has {len(classes)} class folder(s); a classifier needs at least 2 "
-                    "(one subfolder of images per class)"
-                )
-            return classes, {name: i for i, name in enumerate(classes)}
-
-    return VisibleImageFolder
+def class_folders(directory: Path) -> list[str]:
+    """The class names of an ImageFolder split: its subfolders that are not :func:`hidden`, sorted (torchvision's
+    ``find_classes`` takes a hidden folder for a class); fewer than two refused in one line."""
+    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not hidden(e.name))
+    if len(classes) < 2:
+        raise FactoryError(
+            f"{directory} has {len(classes)} class folder(s); a classifier needs at least 2 "
+            "(one subfolder of images per class)"
+        )
+    return classes
 
 
 def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side: int = 1) -> Dataset:
@@ -125,9 +119,9 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side:
     or use a 1-channel ancestry). Normalised with ImageNet's mean and std (DeiT's; timm's defaults) for 3
     channels, 0.5/0.5 for 1.
     """
-    from factory.data.stream import ImageFiles
+    from torchvision.datasets.folder import make_dataset
 
-    VisibleImageFolder = _visible_image_folder()
+    from factory.data.stream import ImageFiles
 
     missing = [f"{split}/" for split in ("train", "val") if not (root / split).is_dir()]
     if missing:
@@ -145,7 +139,8 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side:
 
     def read(split: str) -> ImageFiles:
         try:
-            folder = VisibleImageFolder(str(root / split), is_valid_file=image_file)
+            classes = class_folders(root / split)
+            samples = make_dataset(root / split, {c: i for i, c in enumerate(classes)}, is_valid_file=image_file)
         except FileNotFoundError as exc:  # torchvision: a class folder without an image
             raise FactoryError(
                 f"{root / split}: {str(exc).strip().rstrip('.')}; every class folder needs at least one image "
@@ -153,11 +148,11 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side:
             ) from exc
         except OSError as exc:
             raise FactoryError(f"cannot read {root / split}: {exc}") from exc
-        for path, _ in folder.samples:
+        for path, _ in samples:
             modes.add(check_header(Path(path), min_side))
         return ImageFiles(
-            [(str(p), int(y)) for p, y in folder.samples],
-            list(folder.classes),
+            [(str(p), int(y)) for p, y in samples],
+            classes,
             img_size,
             in_chans,
             mean,
