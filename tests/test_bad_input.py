@@ -683,6 +683,12 @@ def test_train_resume_without_a_checkpoint_writes_nothing(tmp_path, demo_file):
     assert not (tmp_path / "t").exists()
 
 
+def test_a_warm_up_longer_than_the_run_writes_nothing(tmp_path, demo_file):
+    res = _cli("train", "--model", demo_file, "--steps", "5", "--warmup-steps", "6", "--out", tmp_path / "t")
+    _one_line_exit_2(res, "--warmup-steps: a warm-up of 6 steps is longer than the run of 5")
+    assert not (tmp_path / "t").exists()
+
+
 def test_a_class_folder_without_images_names_the_class_and_the_fix(tmp_path):
     from factory.data import load_dataset
 

@@ -100,6 +100,20 @@ def test_schedule_and_batches_are_pure_functions():
     assert shifted.shape == x.shape
 
 
+def test_the_warm_up_ends_inside_the_run():
+    """The default warm-up of 20 is at most half a short run; one asked for longer than the run is refused (the
+    rate would never reach its peak), and on the command line before anything is loaded or written."""
+    from factory.training.loop import warmup_for
+
+    assert [warmup_for(n, None) for n in (0, 1, 10, 39, 40, 5000)] == [0, 0, 5, 19, 20, 20]
+    assert warmup_for(10, 10) == 10 and warmup_for(10, 0) == 0
+    cfg = TrainConfig(steps=10, lr=1e-3, warmup_steps=warmup_for(10, None), min_lr=0.0)
+    assert max(lr_at(s, cfg) for s in range(10)) == pytest.approx(1e-3)  # the peak is reached
+    with pytest.raises(FactoryError, match="warm-up of 11 steps is longer than the run of 10.*at most 10") as err:
+        warmup_for(10, 11)
+    assert err.value.param == "warmup_steps"
+
+
 def test_distillation_needs_a_teacher_and_runs(synthetic):
     model = _tiny_model()
     with pytest.raises(FactoryError, match="needs a teacher"):

@@ -34,7 +34,12 @@ from factory.cli.common import (
 @click.option(
     "--lr", type=RATE, default=1e-3, show_default=True, help="AdamW peak learning rate (warm-up, then cosine)."
 )
-@click.option("--warmup-steps", type=STEPS, default=20, show_default=True, help="Linear warm-up steps.")
+@click.option(
+    "--warmup-steps",
+    type=STEPS,
+    default=None,
+    help="Linear warm-up steps, at most --steps  [default: 20, at most half of --steps].",
+)
 @view_options
 @click.option("--distill-from", default=None, help="Teacher ancestry spec for knowledge distillation.")
 @click.option(
@@ -92,9 +97,11 @@ def train_cmd(
     from factory.data import load_dataset
     from factory.pipeline.config import keep_best_recipe
     from factory.training.best_weights import BEST_FILE
+    from factory.training.loop import warmup_for
     from factory.training.train import TrainConfig, evaluate, train
 
     refuse_without("--distill-from", distill_from is not None, ["distill_alpha"])
+    warmup_steps = warmup_for(steps, warmup_steps)  # before anything is loaded
     anc = load_ancestry(model_path)
     ds = load_dataset(data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size)
     model, arch = anc.model, anc.arch

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from factory.errors import Interrupted
+from factory.errors import FactoryError, Interrupted
 from factory.io import ensure_parent, release_freed_memory
 
 
@@ -33,6 +33,25 @@ def lr_at(step: int, cfg) -> float:
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+#: ``peg-factory train``'s warm-up where none is asked for (at most half the run: :func:`warmup_for`)
+DEFAULT_WARMUP_STEPS = 20
+
+
+def warmup_for(steps: int, asked: int | None) -> int:
+    """The warm-up of a run of ``steps``: ``asked``, or :data:`DEFAULT_WARMUP_STEPS` capped at half the run where
+    none is asked for (a 10-step run warms up over 5 and then decays, instead of ending at 11/20 of its rate).
+    A warm-up asked for that is longer than the run is refused: :func:`lr_at` would never reach the peak rate."""
+    if asked is None:
+        return min(DEFAULT_WARMUP_STEPS, steps // 2)
+    if asked > steps:
+        raise FactoryError(
+            f"a warm-up of {asked} steps is longer than the run of {steps}: the learning rate would never reach its "
+            f"peak; pass at most {steps} warm-up steps, or more steps",
+            param="warmup_steps",
+        )
+    return asked
 
 
 #: after a step at least this long, freed memory goes back to the OS (factory.io.memory): steps of different
