@@ -1,6 +1,7 @@
 """Build inputs a real user brings: a learngene made beforehand, the expanding phase's batch, an
 ImageFolder without test/, a task whose labels are not the ancestry's."""
 
+import dataclasses
 import json
 
 from click.testing import CliRunner
@@ -133,3 +134,34 @@ def test_learngene_train_reports_zero_shot_only_for_the_ancestrys_labels(tmp_pat
     assert res.exit_code == 0, res.output
     assert "zero-shot accuracy not reported: synthetic has 4 classes, the ancestry's classifier 10" in res.output
     assert "zero-shot accuracy 0." not in res.output
+
+
+def test_the_expanding_phase_data_is_loaded_once_per_build(tmp_path, monkeypatch):
+    """The set-up's batch check and the phase itself read one loaded copy of ``--expand-data`` (a second load of
+    a large folder or MNIST cost seconds and its memory twice)."""
+    import factory.data
+    from factory.core.ancestry import load_ancestry
+    from factory.data import load_dataset
+    from factory.pipeline.cache import Cache
+    from factory.pipeline.config import BuildConfig
+    from factory.pipeline.context import BuildContext
+    from factory.pipeline.learngene_stage import expanding_dataset, fit_expanding_batch
+
+    loads = []
+
+    def counting(spec, **kw):
+        loads.append(spec)
+        return load_dataset(spec, **kw)
+
+    monkeypatch.setattr(factory.data, "load_dataset", counting)
+    cfg = BuildConfig(data="synthetic", expand_data="digits", expand_batch_size=5000)
+    ctx = BuildContext(tmp_path, cfg, Cache(tmp_path / ".cache", print), print, load_ancestry("demo"), None)
+    fit_expanding_batch(ctx)
+    assert ctx.cfg.expand_batch_size == 1000  # capped at digits' training split
+    spec, first = expanding_dataset(ctx)
+    assert (spec, loads) == ("digits", ["digits"])
+    assert expanding_dataset(ctx)[1] is first and loads == ["digits"]
+    same = BuildContext(
+        tmp_path, dataclasses.replace(cfg, expand_data="synthetic"), ctx.cache, print, ctx.ancestry, first
+    )
+    assert expanding_dataset(same) == ("synthetic", first) and loads == ["digits"]  # the build's own data: no load

@@ -195,6 +195,7 @@ def _build(
         }
 
     lg_entry = make_learngene(ctx)
+    ctx.expanding_data = None  # the phase's own images (when not --data) are not needed after it
     clock.mark("learngene")
     devices = choose_pairs(ctx, devices, results, objective, why)  # --init auto: the pair (shape, init)
     clock.mark("probes")

@@ -44,6 +44,9 @@ class BuildContext:
     # a dry run: its measured steps hold at most micro_batch.DRY_RUN_CPU_MEMORY_MB of activations on the CPU
     # (:func:`measured_memory_mb`), so planning costs less memory than the build it plans
     dry_run: bool = False
+    # (spec, dataset) the expanding phase distils on where it is not ``data``, loaded once per context
+    # (factory.pipeline.learngene_stage.expanding_dataset: the batch check and the phase share it)
+    expanding_data: tuple[str, Any] | None = None
 
 
 @dataclass(frozen=True)

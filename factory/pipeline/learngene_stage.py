@@ -124,15 +124,19 @@ def run_learngene(ctx: BuildContext, _: None, tmp: Path, work: Path) -> dict[str
 
 def expanding_dataset(ctx: BuildContext):
     """``(spec, dataset)`` of the images the expanding phase distils on (:func:`expanding_data`): the build's
-    own data where it is those, else loaded."""
+    own data where it is those, else loaded once per context (``ctx.expanding_data``: the batch check at set-up
+    and the phase itself read the same loaded set)."""
     from factory.data import load_dataset
 
     anc, data = ctx.ancestry, expanding_data(ctx.cfg, ctx.ancestry)
     if data == ctx.cfg.data:
         return data, ctx.data
-    return data, load_dataset(
-        data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size
-    )
+    if ctx.expanding_data is None or ctx.expanding_data[0] != data:
+        loaded = load_dataset(
+            data, img_size=anc.arch.img_size, in_chans=anc.arch.in_chans, min_side=anc.arch.patch_size
+        )
+        ctx.expanding_data = (data, loaded)
+    return ctx.expanding_data
 
 
 def fit_expanding_batch(ctx: BuildContext) -> None:
