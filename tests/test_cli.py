@@ -348,3 +348,33 @@ def test_api_errors_name_the_argument_and_the_cli_names_its_flag(tmp_path):
     blocker.write_text("x")
     result = CliRunner().invoke(cli, ["build", "--profile", "demo/jetson_orin", "--out", str(blocker / "run")])
     assert result.exit_code == 2 and "--out: " in result.output, result.output
+
+
+_TRITON_PROBE = """
+import sys, torch
+from factory.cli import skip_triton_without_cuda
+if sys.argv[1] == "gpu":
+    torch.cuda.is_available = lambda: True  # a machine with a GPU, as torch would see it
+skip_triton_without_cuda()
+import torchvision, timm  # torchvision's registrations import triton where it can be imported
+from torch.utils._triton import has_triton_package
+print("absent" if sys.modules.get("triton", 0) is None else "imported" if "triton" in sys.modules else "unused")
+print(has_triton_package())
+"""
+
+
+@pytest.mark.parametrize("machine", ["cpu", "gpu"])
+def test_the_console_script_leaves_triton_out_only_without_a_gpu(machine):
+    """Without CUDA the console script marks Triton absent before torchvision is imported (84 MB a process); where
+    a GPU is visible it is left alone, for torch.compile's GPU kernels."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed here (a CPU torch wheel): nothing to leave out")
+    if machine == "cpu" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: the CPU case cannot be run here")
+    out = subprocess.run([sys.executable, "-c", _TRITON_PROBE, machine], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == (["absent", "False"] if machine == "cpu" else ["imported", "True"])

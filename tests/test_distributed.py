@@ -123,3 +123,16 @@ def test_a_resume_on_another_number_of_processes_is_refused(tmp_path):
     with pytest.raises(FactoryError, match=r"written by 1 process\(es\), this run has 2.*--nproc_per_node 1") as err:
         open_checkpoint(tmp_path, True, model, opt, "training", world=2)
     assert err.value.param == "resume"
+
+
+def test_under_torchrun_a_bad_input_is_said_once_not_once_per_rank(tmp_path, small_model):
+    """Every rank refuses the same input in the same check; rank 0's line says it for both, each rank exits 2."""
+    args = ["train", "--model", small_model, "--data", "digits", "--steps", 2, "--batch-size", 15]
+    res = _run([*args, "--out", tmp_path / "r"], tmp_path, world=2)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1 and "not divisible by the 2 processes" in lines[0], res.stderr[-2000:]
+    assert not (tmp_path / "r").exists()
+    args = ["train", "--model", small_model, "--steps", 4, "--warmup-steps", 9, "--out", tmp_path / "w"]
+    res = _run(args, tmp_path, env={"RANK": "1"})
+    assert res.returncode == 2 and res.stderr == "" and res.stdout == ""  # a rank other than 0: silent, exit 2
