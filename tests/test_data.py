@@ -22,6 +22,26 @@ def test_digits_is_upsampled_and_split():
     assert ds.train.images.shape[1:] == (1, 28, 28) and ds.num_classes == 10
 
 
+def test_greyscale_sets_feed_an_rgb_model_as_repeated_grey_without_copies():
+    grey, rgb = load_dataset("digits", img_size=32), load_dataset("digits", img_size=32, in_chans=3)
+    assert rgb.train.images.shape == (1000, 3, 32, 32) and rgb.mean == (grey.mean[0],) * 3 and len(rgb.std) == 3
+    assert all(np.array_equal(rgb.test.images[:, c], grey.test.images[:, 0]) for c in range(3))
+    assert rgb.train.images.stride(1) == 0  # one channel in memory, seen three times
+    assert rgb.identity != grey.identity
+    assert load_dataset("mnist", img_size=28, in_chans=3).val.images.shape == (10000, 3, 28, 28)
+
+
+def test_a_builtin_set_too_large_for_this_machine_is_one_line_before_resizing(monkeypatch):
+    import factory.data.builtin as builtin
+
+    monkeypatch.setattr(builtin, "available_memory_bytes", lambda: 2 << 30)  # a machine with 2 GB free
+    with pytest.raises(FactoryError, match=r"mnist resized to 224 px needs 26.2 GB .* more than the 2.0 GB free here"):
+        load_dataset("mnist", img_size=224, in_chans=3)
+    assert len(load_dataset("mnist", img_size=28).train) == 50000  # 0.4 GB: fits
+    monkeypatch.setattr(builtin, "available_memory_bytes", lambda: None)  # unknown (not Linux): no check
+    assert load_dataset("digits", img_size=64).train.images.shape[-1] == 64
+
+
 def test_synthetic_set():
     ds = make_synthetic(img_size=16, num_classes=4, n_train=32, n_val=8)
     assert ds.train.images.shape == (32, 1, 16, 16) and ds.num_classes == 4

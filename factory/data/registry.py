@@ -26,8 +26,8 @@ class DatasetEntry:
 
 
 DATASETS: dict[str, DatasetEntry] = {
-    "mnist": DatasetEntry(lambda size, chans: builtin.load_mnist(size), builtin.mnist_identity),
-    "digits": DatasetEntry(lambda size, chans: builtin.load_digits(size), builtin.digits_identity),
+    "mnist": DatasetEntry(builtin.load_mnist, builtin.mnist_identity),
+    "digits": DatasetEntry(builtin.load_digits, builtin.digits_identity),
     "textures": DatasetEntry(builtin.load_textures, builtin.textures_identity),
     "synthetic": DatasetEntry(
         lambda size, chans: builtin.make_synthetic(size, in_chans=chans),

@@ -7,7 +7,7 @@ other layer may use it (``pyproject.toml``'s import-linter contracts enforce thi
 from factory.io.atomic import atomic_directory, atomic_write_bytes, confined, ensure_parent, require_regular_file
 from factory.io.hashing import canonical_safetensors, content_key, sha256_bytes, sha256_file, state_dict_sha256
 from factory.io.lock import LOCK_FILE, directory_lock
-from factory.io.memory import release_freed_memory
+from factory.io.memory import available_memory_bytes, release_freed_memory
 from factory.io.paths import MODEL_FILE, cache_dir, model_file
 from factory.io.publish import (
     OWNED_FILE,
@@ -38,6 +38,7 @@ __all__ = [
     "model_file",
     "owned_directory",
     "owned_files",
+    "available_memory_bytes",
     "release_freed_memory",
     "remove_work_directory",
     "require_regular_file",

@@ -34,3 +34,25 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def available_memory_bytes() -> int | None:
+    """Bytes this process could still allocate without swapping, as the OS and the container say: the least of
+    ``MemAvailable`` (``/proc/meminfo``) and a cgroup v2 limit's headroom (``memory.max - memory.current``); None
+    where neither can be read (not Linux), so a caller's check is skipped rather than guessed."""
+    found = []
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max", encoding="ascii").read().strip()
+        if limit != "max":
+            used = int(open("/sys/fs/cgroup/memory.current", encoding="ascii").read().strip())
+            found.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
