@@ -196,6 +196,7 @@ def load_textures(img_size: int = 28, in_chans: int = 1, *, crop: int = 28, side
         from skimage.color import rgb2gray
     except ImportError as exc:
         raise FactoryError("dataset 'textures' needs scikit-image: pip install scikit-image") from exc
+    check_fits_in_memory("textures", 10 * (100 + 40 + 40), img_size)
     gen = torch.Generator().manual_seed(0)
     split_col = int(side * 0.6)
     parts: dict[str, tuple[list[torch.Tensor], list[int]]] = {k: ([], []) for k in ("train", "val", "test")}
@@ -215,11 +216,10 @@ def load_textures(img_size: int = 28, in_chans: int = 1, *, crop: int = 28, side
     mean, std = 0.45, 0.25
     out = []
     for split in ("train", "val", "test"):
-        x = torch.stack(parts[split][0])[:, None]
-        x = _normalise(_resize(x, img_size), mean, std).expand(-1, in_chans, -1, -1).contiguous()
         y = torch.tensor(parts[split][1])
         perm = torch.randperm(len(y), generator=gen)
-        out.append(ImageTensors(x[perm], y[perm], list(TEXTURE_IMAGES)))
+        x = _normalise(_resize(torch.stack(parts[split][0])[:, None], img_size), mean, std)[perm]
+        out.append(ImageTensors(_channels(x, in_chans), y[perm], list(TEXTURE_IMAGES)))
     return Dataset(
         "textures", *out, mean=(mean,) * in_chans, std=(std,) * in_chans, identity=textures_identity(img_size, in_chans)
     )
