@@ -222,3 +222,39 @@ def test_a_fleet_lists_files_beside_it_and_shipped_names_as_profile_does(tmp_pat
     (tmp_path / "fleet.yaml").write_text("profiles: [gone.yaml]\n")
     with pytest.raises(FactoryError, match=f"profile {tmp_path / 'gone.yaml'} not found"):
         load_profile(load_fleet(tmp_path / "fleet.yaml")[0])
+
+
+def test_shipped_profiles_and_fleets_are_found_outside_the_source_tree(tmp_path, monkeypatch):
+    """A wheel has no source tree: the profiles come from <prefix>/share/peg-factory/profiles, which pyproject's
+    data-files fill with every shipped file; --fleet takes a shipped fleet's name as --profile takes a profile's."""
+    import glob
+    import sys
+    from pathlib import Path
+
+    import tomllib
+
+    from factory.device.profile import shipped_profiles_dir
+    from factory.pipeline.fleet import load_fleet, shipped_fleets
+
+    root = PROFILE_DIR.parent
+    assert shipped_profiles_dir(root) == PROFILE_DIR
+    assert shipped_profiles_dir(tmp_path) == Path(sys.prefix) / "share" / "peg-factory" / "profiles"
+    data_files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    packaged = {
+        Path(f).relative_to("profiles")
+        for pats in data_files.values()
+        for pat in pats
+        for f in glob.glob(pat, root_dir=root)
+    }
+    shipped = {p.relative_to(PROFILE_DIR) for p in PROFILE_DIR.rglob("*") if p.is_file()}
+    assert packaged == shipped  # a new profile folder needs its data-files line
+    assert all(target == f"share/peg-factory/{Path(pats[0]).parent}" for target, pats in data_files.items())
+
+    monkeypatch.chdir(tmp_path)  # not the repository: relative profiles/... paths do not exist here
+    assert "demo/fleet" in shipped_fleets() and [Path(p).stem for p in load_fleet("demo/fleet")] == [
+        "jetson_orin",
+        "jetson_orin_nano",
+        "raspberry_pi5",
+    ]
+    with pytest.raises(FactoryError, match="fleet demo-fleet not found; pass a fleet file or one of: demo/fleet"):
+        load_fleet("demo-fleet")

@@ -41,7 +41,10 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
 @click.command("build")
 @click.option("--profile", "profile_specs", multiple=True, help="Profile YAML or shipped name (repeatable).")
 @click.option(
-    "--fleet", type=click.Path(path_type=Path), default=None, help="Fleet file: 'profiles: [a.yaml, b.yaml]'."
+    "--fleet",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Fleet file: 'profiles: [a.yaml, b.yaml]', or a shipped fleet's name (demo/fleet, demo/fleet_all).",
 )
 @out_option("Build directory (manifest, report, one folder per device, the cache).", default=Path("out/build"))
 @ancestry_option()

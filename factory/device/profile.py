@@ -28,6 +28,7 @@ of declared. Every validation failure becomes one line naming the file, the fiel
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -40,7 +41,16 @@ from factory.errors import FactoryError
 from factory.io.atomic import require_regular_file
 
 Precision = Literal["fp32", "fp16", "int8"]
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "profiles"
+
+
+def shipped_profiles_dir(source_root: Path = Path(__file__).resolve().parents[2]) -> Path:
+    """Where the shipped profiles are: the source tree's ``profiles/`` (a clone, an editable install), else the
+    copy a wheel installs under ``<prefix>/share/peg-factory/profiles`` (``pyproject.toml``'s data-files)."""
+    source = source_root / "profiles"
+    return source if source.is_dir() else Path(sys.prefix) / "share" / "peg-factory" / "profiles"
+
+
+PROFILE_DIR = shipped_profiles_dir()
 MAX_PROFILE_BYTES = 1 << 20
 #: Names a device folder may not take: the files a build writes beside the device folders in ``--out``
 #: (factory.pipeline.build.OUTPUT_FILES, report_files/; a test keeps them in step).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from factory.device.profile import MAX_PROFILE_BYTES, load_yaml
+from factory.device.profile import MAX_PROFILE_BYTES, PROFILE_DIR, load_yaml
 from factory.errors import FactoryError
 from factory.io import require_regular_file
 
@@ -17,7 +17,7 @@ def load_fleet(path: str | Path) -> list[str]:
     unknown or repeated key is refused, as in a profile."""
     import yaml
 
-    path = Path(path)
+    path = shipped_fleet(path)
     require_regular_file(path, "fleet")  # a FIFO would be read forever
     try:
         if path.stat().st_size > MAX_PROFILE_BYTES:
@@ -44,6 +44,24 @@ def load_fleet(path: str | Path) -> list[str]:
     ):
         raise FactoryError(f"fleet {path}: expected 'profiles: [profile.yaml, ...]' (a list of paths)")
     return [_entry(path.parent, p) for p in data["profiles"]]
+
+
+def shipped_fleets() -> list[str]:
+    """Names of the shipped fleet files (``demo/fleet``): ``--fleet`` takes them as ``--profile`` takes
+    ``jetson_orin``."""
+    return sorted(p.relative_to(PROFILE_DIR).with_suffix("").as_posix() for p in PROFILE_DIR.rglob("fleet*.yaml"))
+
+
+def shipped_fleet(spec: str | Path) -> Path:
+    """``spec`` as a path where it exists or names a file (a suffix), else the shipped fleet of that name; a path
+    that is neither is one line naming the shipped fleets."""
+    path = Path(spec)
+    if path.exists() or path.suffix:
+        return path
+    shipped = PROFILE_DIR / f"{spec}.yaml"
+    if shipped.is_file() and path.as_posix() in shipped_fleets():
+        return shipped
+    raise FactoryError(f"fleet {spec} not found; pass a fleet file or one of: {', '.join(shipped_fleets())}")
 
 
 def _entry(folder: Path, spec: str) -> str:
