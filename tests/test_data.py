@@ -42,6 +42,26 @@ def test_a_builtin_set_too_large_for_this_machine_is_one_line_before_resizing(mo
     assert load_dataset("digits", img_size=64).train.images.shape[-1] == 64
 
 
+def test_an_rgb_model_trains_on_digits_and_mnist_it_cannot_hold_is_one_line(tmp_path, monkeypatch):
+    """`train --model <an RGB ViT> --data digits` ended in a channel-mismatch traceback at the first step; mnist at a
+    size this machine cannot hold was killed by the OS. Now the first trains and the second is one line, exit 2."""
+    import factory.data.builtin as builtin
+    from factory import load_ancestry
+    from factory.core.checkpoint import save_descendant
+
+    from .helpers import cli_run, make_vit, one_line_exit_2
+
+    anc = load_ancestry(make_vit())  # 32 px, patch 8, 3 channels
+    save_descendant(anc.model, anc.arch, tmp_path / "rgb.safetensors", {})
+    train = ["train", "--model", tmp_path / "rgb.safetensors", "--steps", 2, "--batch-size", 8]
+    res = cli_run(*train, "--data", "digits", "--out", tmp_path / "t")
+    assert res.exit_code == 0 and "test accuracy" in res.output, res.output
+    monkeypatch.setattr(builtin, "available_memory_bytes", lambda: 100 << 20)  # 100 MB free
+    res = cli_run(*train, "--data", "mnist", "--out", tmp_path / "m")
+    one_line_exit_2(res, "the built-in set mnist resized to 32 px needs 0.5 GB of memory (70,000 images")
+    assert not (tmp_path / "m").exists()
+
+
 def test_synthetic_set():
     ds = make_synthetic(img_size=16, num_classes=4, n_train=32, n_val=8)
     assert ds.train.images.shape == (32, 1, 16, 16) and ds.num_classes == 4
