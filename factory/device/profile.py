@@ -266,11 +266,7 @@ def parse_profile(text: str, path: str = "<string>") -> Profile:
 def load_profile(spec: str | Path) -> Profile:
     """A profile from a YAML path or a shipped profile's name (``jetson_orin``, or ``demo/jetson_orin`` for the
     28-px demo's budgets)."""
-    path = Path(spec)
-    if not path.exists() and not path.suffix:
-        shipped = PROFILE_DIR / f"{spec}.yaml"
-        if shipped.exists():
-            path = shipped
+    path = shipped_file(spec) or Path(spec)
     if path.exists():  # a FIFO or a folder is named as one, not as "not found"
         require_regular_file(path, "profile")
     if not path.is_file():
@@ -288,13 +284,29 @@ def load_profile(spec: str | Path) -> Profile:
     return parse_profile(text, str(path))
 
 
-def list_profiles() -> list[str]:
-    """Shipped profile names: real-use ones (``jetson_orin``) and the 28-px demo's (``demo/jetson_orin``)."""
+def shipped_file(spec: str | Path) -> Path | None:
+    """The shipped YAML a name stands for (``jetson_orin`` -> ``PROFILE_DIR/jetson_orin.yaml``, ``demo/fleet``), where
+    ``spec`` is not a path that exists and has no suffix; None otherwise."""
+    path = Path(spec)
+    if path.exists() or path.suffix:
+        return None
+    shipped = PROFILE_DIR / f"{spec}.yaml"
+    return shipped if shipped.is_file() else None
+
+
+def shipped_names(*, fleets: bool = False) -> list[str]:
+    """Names of the shipped profiles (``jetson_orin``, the 28-px demo's ``demo/jetson_orin``), or with ``fleets``
+    of the shipped fleet files (``demo/fleet``: a stem starting with ``fleet``)."""
     return sorted(
         p.relative_to(PROFILE_DIR).with_suffix("").as_posix()
         for p in PROFILE_DIR.rglob("*.yaml")
-        if not p.stem.startswith("fleet")
+        if p.stem.startswith("fleet") == fleets
     )
+
+
+def list_profiles() -> list[str]:
+    """Shipped profile names: real-use ones (``jetson_orin``) and the 28-px demo's (``demo/jetson_orin``)."""
+    return shipped_names()
 
 
 def profile_json_schema() -> dict:

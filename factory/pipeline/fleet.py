@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from factory.device.profile import MAX_PROFILE_BYTES, PROFILE_DIR, load_yaml
+from factory.device.profile import MAX_PROFILE_BYTES, load_yaml, shipped_file, shipped_names
 from factory.errors import FactoryError
 from factory.io import require_regular_file
 
@@ -49,17 +49,18 @@ def load_fleet(path: str | Path) -> list[str]:
 def shipped_fleets() -> list[str]:
     """Names of the shipped fleet files (``demo/fleet``): ``--fleet`` takes them as ``--profile`` takes
     ``jetson_orin``."""
-    return sorted(p.relative_to(PROFILE_DIR).with_suffix("").as_posix() for p in PROFILE_DIR.rglob("fleet*.yaml"))
+    return shipped_names(fleets=True)
 
 
 def shipped_fleet(spec: str | Path) -> Path:
-    """``spec`` as a path where it exists or names a file (a suffix), else the shipped fleet of that name; a path
-    that is neither is one line naming the shipped fleets."""
+    """``spec`` as a path where it exists or names a file (a suffix), else the shipped fleet of that name
+    (:func:`factory.device.profile.shipped_file`, a fleet's name only); a path that is neither is one line naming
+    the shipped fleets."""
     path = Path(spec)
     if path.exists() or path.suffix:
         return path
-    shipped = PROFILE_DIR / f"{spec}.yaml"
-    if shipped.is_file() and path.as_posix() in shipped_fleets():
+    shipped = shipped_file(spec)
+    if shipped is not None and path.as_posix() in shipped_fleets():
         return shipped
     raise FactoryError(f"fleet {spec} not found; pass a fleet file or one of: {', '.join(shipped_fleets())}")
 
