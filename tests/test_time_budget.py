@@ -30,13 +30,30 @@ from .test_build import _profile
 
 
 @pytest.mark.parametrize(
-    "text, seconds", [("90", 90), ("90s", 90), ("45m", 2700), ("1.5h", 5400), (" 2M ", 120), (".5m", 30), (7, 7)]
+    "text, seconds",
+    [
+        ("90", 90),
+        ("90s", 90),
+        ("45m", 2700),
+        ("1.5h", 5400),
+        (" 2M ", 120),
+        (".5m", 30),
+        (7, 7),
+        ("1h30m", 5400),
+        ("1h 05m", 3900),
+        ("12m 30s", 750),
+        ("10min", 600),
+        ("2 hours", 7200),
+    ],
 )
 def test_durations_parse_with_their_unit(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["0", "0s", "-5m", "abc", "5d", "", "nan", "inf", "1e3", "5 m s"])
+@pytest.mark.parametrize(
+    "text",
+    ["0", "0s", "-5m", "abc", "5d", "", "nan", "inf", "1e3", "5 m s", "30m 1h", "1h1h", "1h30", "1h -5m", "0h 0m"],
+)
 def test_a_wrong_duration_is_one_line_naming_what_is_accepted(text):
     with pytest.raises(FactoryError, match=r"90s, 45m, 1.5h") as err:
         parse_duration(text)
@@ -45,6 +62,12 @@ def test_a_wrong_duration_is_one_line_naming_what_is_accepted(text):
 
 def test_durations_are_written_as_a_budget_is():
     assert [format_duration(s) for s in (0.2, 59.1, 61, 3600, 5430)] == ["1s", "1m 00s", "1m 01s", "1h 00m", "1h 31m"]
+
+
+@pytest.mark.parametrize("seconds", [0.2, 59.1, 61, 750, 3600, 5430, 86399.5])
+def test_a_written_duration_is_given_back_as_a_budget(seconds):
+    """The least budget an error names ("give at least 12m 30s") is accepted as written, never less."""
+    assert seconds <= parse_duration(format_duration(seconds)) < seconds + 60
 
 
 def _costs(fixed=10.0, step=0.5, first=0.0, each=0.0, expanding=False):

@@ -129,7 +129,7 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(BuildConfig)}
     "time_budget_s",
     type=DURATION,
     default=None,
-    help="Fit the build in this wall-clock time on this machine (90s, 45m, 1.5h): the fine-tuning steps (--steps is "
+    help="Fit the build in this wall-clock time on this machine (90s, 45m, 1.5h, 1h 30m): the fine-tuning steps (--steps is "
     "then planned) and an expanding phase that must run (at most --expand-steps) are set from measured step times.",
 )
 @click.option(

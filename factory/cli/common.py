@@ -33,7 +33,7 @@ RATE = click.FloatRange(0, 10, min_open=True)  # learning rates (NaN is refused 
 
 
 class Duration(click.ParamType):
-    """A wall-clock duration (``90``, ``90s``, ``45m``, ``1.5h``) as seconds
+    """A wall-clock duration (``90``, ``90s``, ``45m``, ``1.5h``, ``1h 30m``) as seconds
     (:func:`factory.pipeline.time_budget.parse_duration`)."""
 
     name = "duration"

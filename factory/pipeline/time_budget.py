@@ -82,23 +82,49 @@ HEAD_START_STEPS = 100
 #: How a budget shares the fine-tuning time between the fleet's shapes (module docstring, "equal time per shape").
 SPLITS = ("time", "steps")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*$", re.IGNORECASE)
-_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+_UNITS = {"h": ("h", "hr", "hrs", "hour", "hours"), "m": ("m", "min", "mins", "minute", "minutes")}
+_UNITS["s"] = ("s", "sec", "secs", "second", "seconds")
+_UNIT_OF = {spelling: unit for unit, spellings in _UNITS.items() for spelling in spellings}
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+_PART = re.compile(_NUMBER + r"\s*([a-z]+)", re.IGNORECASE)
+_BARE = re.compile(r"^\s*" + _NUMBER + r"\s*$")
+
+
+def _duration_seconds(text: str) -> float | None:
+    """Seconds of ``text`` or None where it is not a duration: a bare number of seconds, or parts ``<number><unit>``
+    with the units h, m, s (also spelled hr/hour(s), min/minute(s), sec/second(s)), largest first, each at most
+    once: ``90``, ``45m``, ``1.5h``, ``1h30m``, ``1h 05m``, ``12m 30s`` -- what :func:`format_duration` writes."""
+    bare = _BARE.match(text)
+    if bare:
+        return float(bare.group(1))
+    parts, at, seen = [], 0, []
+    for match in _PART.finditer(text):
+        if text[at : match.start()].strip() or match.group(2).lower() not in _UNIT_OF:
+            return None
+        unit = _UNIT_OF[match.group(2).lower()]
+        if seen and "hms".index(unit) <= "hms".index(seen[-1]):
+            return None  # a repeated unit or one out of order ("30m 1h") is more likely a slip than a sum
+        seen.append(unit)
+        parts.append(float(match.group(1)) * _UNIT_SECONDS[unit])
+        at = match.end()
+    return sum(parts) if parts and not text[at:].strip() else None
 
 
 def parse_duration(text: str | float | int) -> float:
-    """Seconds of ``text``: a positive number with an optional unit, ``s``, ``m`` or ``h`` (``90``, ``90s``,
-    ``45m``, ``1.5h``); anything else -- zero, a sign, another unit -- is one line saying what is accepted."""
+    """Seconds of ``text``: a positive number of seconds, or one with units (:func:`_duration_seconds`: ``90s``,
+    ``45m``, ``1.5h``, ``1h30m``, ``12m 30s``); anything else -- zero, a sign, another unit -- is one line saying
+    what is accepted."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         seconds = float(text)
     else:
-        match = _DURATION.match(str(text))
-        if match is None:
+        seconds = _duration_seconds(str(text))
+        if seconds is None:
             raise FactoryError(
-                f"time budget {str(text)!r} is not a duration: give a positive number with s, m or h (90s, 45m, 1.5h)",
+                f"time budget {str(text)!r} is not a duration: give a positive number with s, m or h "
+                "(90s, 45m, 1.5h, 1h 30m)",
                 param="time_budget_s",
             )
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
     if not math.isfinite(seconds) or seconds <= 0:
         raise FactoryError(
             f"time budget {text!r} must be above zero: give a positive duration (90s, 45m, 1.5h)", param="time_budget_s"
