@@ -69,17 +69,25 @@ def test_training_on_a_streamed_folder_learns(folder):
 
 
 def test_bad_folders_get_one_line(folder, tmp_path):
-    grey = write_image_folder(tmp_path / "grey", classes=2, size=32, per_class={"train": 2, "val": 1}, mode="L")
-    with pytest.raises(FactoryError, match="only greyscale images .* takes RGB") as info:
-        load_dataset(str(grey), img_size=32, in_chans=3)
-    assert "\n" not in str(info.value)
-    assert load_dataset(str(grey), img_size=32, in_chans=1).in_chans == 1  # fine for a 1-channel model
     with pytest.raises(FactoryError, match=r"is \d+x\d+ pixels, smaller than one 16-px patch"):
         tiny = write_image_folder(tmp_path / "tiny", classes=2, size=4, per_class={"train": 2, "val": 1}, fmt="PNG")
         load_dataset(str(tiny), img_size=32, in_chans=3, min_side=16)
 
 
-def test_cli_refuses_a_greyscale_folder_for_an_rgb_ancestry(tmp_path):
+def test_a_greyscale_folder_is_repeated_into_an_rgb_models_channels_and_says_so(tmp_path):
+    """X-rays for an ImageNet ViT: each grey image read as three equal channels (timm's loader converts to RGB),
+    said in the data's notes; the same folder for a 1-channel model is read as it is."""
+    grey = write_image_folder(tmp_path / "grey", classes=2, size=32, per_class={"train": 2, "val": 1}, mode="L")
+    ds = load_dataset(str(grey), img_size=32, in_chans=3)
+    x = ds.train.tensors().images
+    assert x.shape[1] == 3 and ds.notes and "greyscale (mode L)" in ds.notes[0]
+    raw = x * torch.tensor(ds.std).view(1, 3, 1, 1) + torch.tensor(ds.mean).view(1, 3, 1, 1)
+    assert torch.allclose(raw[:, 0], raw[:, 1], atol=1e-5) and torch.allclose(raw[:, 1], raw[:, 2], atol=1e-5)
+    one = load_dataset(str(grey), img_size=32, in_chans=1)
+    assert one.in_chans == 1 and one.notes == () and load_dataset(str(tmp_path / "grey"), 32, 3).identity == ds.identity
+
+
+def test_cli_trains_an_rgb_ancestry_on_a_greyscale_folder_and_says_it_repeats_the_grey(tmp_path):
     grey = write_image_folder(tmp_path / "grey", classes=2, size=32, per_class={"train": 2, "val": 1}, mode="L")
     proc = subprocess.run(
         [
@@ -93,16 +101,17 @@ def test_cli_refuses_a_greyscale_folder_for_an_rgb_ancestry(tmp_path):
             str(grey),
             "--steps",
             "1",
+            "--batch-size",
+            "2",
             "--out",
             str(tmp_path / "run"),
         ],
         capture_output=True,
         text=True,
     )
-    assert (
-        proc.returncode == 2 and "only greyscale images" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    )
-    assert not (tmp_path / "run").exists()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "data: the images are greyscale (mode L): each is repeated into the model's 3 channels" in proc.stdout
+    assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
 def test_cpu_precision_follows_the_hardware(monkeypatch):

@@ -139,6 +139,8 @@ def train_cmd(
 
     rank, world = dist_info()
     check_batch(batch_size, world)  # before any process waits for its peers
+    for note in ds.notes if rank == 0 else ():
+        click.echo(f"data: {note}")
     batch_size, note = fit_batch(batch_size, len(ds.train), world=world, split=f"the training split of {data}")
     if note:
         cfg = dataclasses.replace(cfg, batch_size=batch_size)

@@ -114,10 +114,11 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side:
 
     Every file's header is read once (size, mode), so what cannot be trained on is refused in one line
     before any work: an unreadable file, an image over :data:`factory.data.stream.MAX_IMAGE_PIXELS`, an image smaller than
-    ``min_side`` (the model's patch), a split of fewer than two classes, and a folder of only greyscale
-    images for a 3-channel model (its colour features would see three equal channels: convert the images,
-    or use a 1-channel ancestry). Normalised with ImageNet's mean and std (DeiT's; timm's defaults) for 3
-    channels, 0.5/0.5 for 1.
+    ``min_side`` (the model's patch) and a split of fewer than two classes. Every image is read in the model's
+    channels: a greyscale image for a 3-channel model is repeated into its channels (PIL's ``convert("RGB")``, as
+    timm's and torchvision's loaders do; a folder of only greyscale images says so in ``notes``), a colour image
+    for a 1-channel model is converted to luminance. Normalised with ImageNet's mean and std (DeiT's; timm's
+    defaults) for 3 channels, 0.5/0.5 for 1.
     """
     from torchvision.datasets.folder import make_dataset
 
@@ -178,14 +179,15 @@ def load_image_folder(root: Path, img_size: int, in_chans: int = 3, *, min_side:
                 f"{root}/{name} has other class folders than {root}/train ({what}); give every split the same "
                 "class folders"
             )
-    if in_chans == 3 and modes and modes <= GREY_MODES:
-        raise FactoryError(
-            f"data directory {root} holds only greyscale images (mode {', '.join(sorted(modes))}) but the "
-            "ancestry takes RGB; convert the images to RGB, or use a 1-channel ancestry"
+    notes = ()
+    if in_chans == 3 and modes and modes <= GREY_MODES:  # e.g. X-rays for an ImageNet ViT: the usual transfer
+        notes = (
+            f"the images are greyscale (mode {', '.join(sorted(modes))}): each is repeated into the model's 3 "
+            "channels, as timm's loader does",
         )
     test_from = (
         "test"
         if (root / "test").is_dir()
         else f"val (no test/ folder in {root}: add one for an unbiased test accuracy)"
     )
-    return Dataset(root.name, train, val, test, mean, std, identity=identity, test_from=test_from)
+    return Dataset(root.name, train, val, test, mean, std, identity=identity, test_from=test_from, notes=notes)

@@ -69,6 +69,8 @@ class Dataset:
     identity: str
     #: where "test" accuracy comes from: ``"test"``, or why it is another split (said in logs, manifest, card)
     test_from: str = "test"
+    #: what loading did to the images that their owner should know (said in logs and the manifest)
+    notes: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:

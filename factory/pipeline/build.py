@@ -128,6 +128,8 @@ def _build(
         cfg = dataclasses.replace(cfg, batch_size=batch)
     if ds.test_from != "test":
         log(f"data: test accuracy is measured on {ds.test_from}")
+    for note in ds.notes:
+        log(f"data: {note}")
     ctx = BuildContext(out, cfg, Cache(out / ".cache", log), log, anc, ds, dry_run=dry_run)
     if learngene_source(ctx).runs_expanding_phase:
         fit_expanding_batch(ctx)

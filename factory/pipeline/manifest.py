@@ -196,6 +196,7 @@ def head(cfg: BuildConfig, anc, lg, ds, lg_key: str, names: list[str]) -> dict[s
             "identity": ds.identity,
             "classes": ds.train.classes,
             "test_split": ds.test_from,
+            "notes": list(ds.notes),
             "identity_key": dataset_identity(cfg.data, anc.arch.img_size, anc.arch.in_chans),
         },
         "recipe": identity(cfg),
