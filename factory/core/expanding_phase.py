@@ -213,12 +213,17 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 
 class GeneParameters(nn.Module):
-    """The expanding phase's parameters as one module (so the trainer's checkpoints apply)."""
+    """The expanding phase's parameters as one module (so the trainer's checkpoints apply): copies of ``lg``'s
+    genes, stem and depth maps; with ``copy_genes=False`` the genes are ``lg``'s own tensors, trained in place (the
+    stem is always copied: a sampled learngene's stem tensors are the ancestry's own)."""
 
-    def __init__(self, lg: Learngene, depths: set[int], cfg: ExpandingConfig):
+    def __init__(self, lg: Learngene, depths: set[int], cfg: ExpandingConfig, *, copy_genes: bool = True):
         super().__init__()
         self.genes = nn.ParameterDict(
-            {k.replace(".", "__"): nn.Parameter(v.detach().clone()) for k, v in lg.genes.items()}
+            {
+                k.replace(".", "__"): nn.Parameter(v.detach().clone() if copy_genes else v.detach())
+                for k, v in lg.genes.items()
+            }
         )
         self.stem = nn.ParameterDict(
             {

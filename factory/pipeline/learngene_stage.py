@@ -186,11 +186,11 @@ def expanding_costs(ctx: BuildContext) -> tuple[float, float, float]:
     shapes = default_shapes(lg)
     if extrapolates(shapes):  # shallow passes, in the build's own micro-batches: no cap needed
         exp, how = build, f"; depths over {PROBE_DEPTH} extrapolated from passes at d1 and d{PROBE_DEPTH}"
-        first, per_step = estimate_step_seconds(lg, ctx.ancestry, shapes, exp)
+        first, per_step = estimate_step_seconds(lg, ctx.ancestry, shapes, exp, own=True)  # lg: ours, dropped
     else:
         exp = dataclasses.replace(build, memory_mb=measured_memory_mb(ctx, build.memory_mb, build.device))
         how = f"; micro-batches of at most {exp.memory_mb:.0f} MB, an upper bound" if exp != build else ""
-        first, per_step = measure_step_seconds(lg, ctx.ancestry, shapes, exp, first=True)
+        first, per_step = measure_step_seconds(lg, ctx.ancestry, shapes, exp, first=True, own=True)
     every = exp.largest_every
     sandwich = f"; the largest shape every {every} steps: a cycle's mean" if every > 1 else ""
     sandwich = "; the largest shape only when drawn" if every == 0 else sandwich

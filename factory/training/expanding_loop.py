@@ -104,6 +104,8 @@ def train_learngene(
     should_stop=None,
     picks: Callable[[int], list[DescendantShape]] | None = None,
     sized_as: dict[DescendantShape, DescendantShape] | None = None,
+    own: bool = False,
+    optimizer: Callable[[list[nn.Parameter], float], torch.optim.Optimizer] | None = None,
 ) -> tuple[Learngene, dict[str, Any]]:
     """Run the expanding phase; returns the trained learngene and a report (before/after).
 
@@ -119,6 +121,11 @@ def train_learngene(
     the shape it maps to. The freed heap goes back to the OS after every long pass (:data:`TRIM_AFTER_S` or more),
     so that the next pass faults its pages in again; a shape in ``sized_as`` counts as long where its pass scaled
     to the mapped shape's depth would be (a shallow probe of a deep shape trims as the deep shape's pass does).
+    With ``own`` the trained genes are ``lg``'s own tensors, not copies (``lg`` is changed: for a caller that drops
+    it, as the timing probes do; the stem is copied either way); ``optimizer(params, lr)`` replaces AdamW (the
+    probes time with a stateless one and add AdamW's update separately:
+    :func:`factory.training.step_estimate.adamw_extra_seconds`). The report's ``trainable_numel`` counts the
+    trained parameters' elements.
     """
     arch = lg.arch
     if not shapes:
@@ -139,9 +146,10 @@ def train_learngene(
 
     check_batch_fits(cfg.batch_size, len(data))  # before any process waits for its peers
     rank, world, device = start(pick_device(cfg.device), cfg.batch_size)  # factory.training.distributed
-    work = GeneParameters(lg, {s.depth for s in shapes}, cfg).to(device)
+    work = GeneParameters(lg, {s.depth for s in shapes}, cfg, copy_genes=not own).to(device)
     params = [p for p in work.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = optimizer(params, cfg.lr) if optimizer is not None else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    report["trainable_numel"] = sum(p.numel() for p in params)
     schedule = TrainConfig(steps=max(1, cfg.steps), lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr=cfg.lr * 0.01)
     out = Path(out_dir) if out_dir is not None else None
     ckpt, first = open_checkpoint(out, resume, work, opt, "the expanding phase", world=world)
@@ -277,6 +285,7 @@ def measure_step_seconds(
     *,
     steps: int = 3,
     first: bool = False,
+    own: bool = False,
 ) -> float | tuple[float, float]:
     """Seconds per expanding-phase step of ``cfg`` on this machine, measured: ``steps`` real steps on random
     images of the ancestry's size (the first one, with its one-off costs, left out; the median of the rest,
@@ -285,16 +294,23 @@ def measure_step_seconds(
     ``1..largest_every`` taken: a median would skip the step that carries it (with ``0`` it is only drawn, like any
     shape: the median). With ``first``, ``(first step's
     seconds, per step)``: the dry run estimates ``first + (steps - 1) * per step`` (a sandwich too large to hold is
-    estimated from shallow passes instead: :mod:`factory.training.step_estimate`)."""
+    estimated from shallow passes instead: :mod:`factory.training.step_estimate`). The steps update with a
+    stateless optimizer, AdamW's extra time added (:func:`~factory.training.step_estimate.adamw_extra_seconds`);
+    with ``own`` they train ``lg``'s own tensors (for a caller that drops ``lg``)."""
     import statistics
+
+    from factory.training.step_estimate import adamw_extra_seconds, stateless_optimizer
 
     data = random_batch(lg.arch, cfg.batch_size)
     cycle = cfg.largest_every if cfg.largest_every > 1 else 0
     probe = dataclasses.replace(cfg, steps=max(2, steps, cycle + 1))
-    _, report = train_learngene(lg, ancestry, data, shapes, probe, progress=False)
+    _, report = train_learngene(
+        lg, ancestry, data, shapes, probe, progress=False, own=own, optimizer=stateless_optimizer
+    )
     seconds = [h["seconds"] for h in report["history"][1:]]
-    per_step = statistics.mean(seconds[:cycle]) if cycle else statistics.median(seconds)
-    return (report["history"][0]["seconds"], per_step) if first else per_step
+    extra = adamw_extra_seconds(report["trainable_numel"])
+    per_step = (statistics.mean(seconds[:cycle]) if cycle else statistics.median(seconds)) + extra
+    return (report["history"][0]["seconds"] + extra, per_step) if first else per_step
 
 
 def run_expanding_phase(

@@ -37,7 +37,10 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 from collections.abc import Callable
+
+import torch
 
 from factory.core.expanding_phase import ExpandingConfig, picks_at
 from factory.core.shapes import DescendantShape, vit_flops, vit_params
@@ -138,33 +141,89 @@ class StepModel:
         return sum(self.step(i, by_cost, cfg) for i in steps) / len(steps)
 
 
+def stateless_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """What a timing probe updates with: plain SGD, which holds no state (AdamW's two moment buffers are twice the
+    trained tensors: 130 MB of a DeiT-Small learngene at the probe's peak); :func:`adamw_extra_seconds` adds back
+    the time AdamW's update takes beyond it."""
+    return torch.optim.SGD(params, lr=lr)
+
+
+def _update_seconds(make: Callable, numel: int, repeats: int) -> float:
+    param = torch.nn.Parameter(torch.randn(numel))
+    param.grad = torch.randn(numel)
+    opt = make([param], 1e-3)
+    times = []
+    for _ in range(repeats + 1):  # the first (state allocation) left out
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def adamw_extra_seconds(numel: int, *, chunk: int = 1 << 22, repeats: int = 3) -> float:
+    """Seconds AdamW's update (as the expanding phase builds it) of ``numel`` fp32 parameters takes beyond
+    :func:`stateless_optimizer`'s: both timed on one tensor of at most ``chunk`` elements (16 MB, past the CPU's
+    caches: the per-element rate of the whole) and scaled by ``numel / chunk``, medians of ``repeats`` updates;
+    never negative. A learngene's few dozen tensors add microseconds of Python loop, not modelled."""
+    n = max(1, min(numel, chunk))
+    adamw = _update_seconds(lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), n, repeats)
+    sgd = _update_seconds(stateless_optimizer, n, repeats)
+    return max(0.0, adamw - sgd) * numel / n
+
+
 def probe_step(
-    lg, ancestry, shapes: list[DescendantShape], cfg: ExpandingConfig, *, steps: int = 3, probe_depth: int = PROBE_DEPTH
+    lg,
+    ancestry,
+    shapes: list[DescendantShape],
+    cfg: ExpandingConfig,
+    *,
+    steps: int = 3,
+    probe_depth: int = PROBE_DEPTH,
+    own: bool = False,
 ) -> StepModel:
     """Run the probe (:func:`probe_plan`) for ``steps`` steps after a warm-up on random images of the ancestry's
     size and return the :class:`StepModel` of ``shapes``: medians of each probe pass and of ``fixed``, the passes
-    extrapolated (:func:`pass_seconds`), the one-off costs the probe's first step less a typical one."""
+    extrapolated (:func:`pass_seconds`), the one-off costs the probe's first step less a typical one. The probe
+    updates with :func:`stateless_optimizer` and ``fixed`` adds :func:`adamw_extra_seconds`; with ``own`` it trains
+    ``lg``'s own tensors (the caller drops ``lg``: one learngene less in memory)."""
     from factory.training.expanding_loop import random_batch, train_learngene
 
     probes, sized_as = probe_plan(shapes, probe_depth)
     data = random_batch(lg.arch, cfg.batch_size)
     run = dataclasses.replace(cfg, steps=max(2, steps + 1))
     _, report = train_learngene(
-        lg, ancestry, data, probes, run, progress=False, picks=lambda _: probes, sized_as=sized_as
+        lg,
+        ancestry,
+        data,
+        probes,
+        run,
+        progress=False,
+        picks=lambda _: probes,
+        sized_as=sized_as,
+        own=own,
+        optimizer=stateless_optimizer,
     )
     history = report["history"][1:]
     probe = {p: statistics.median(h["shape_seconds"][p.label()] for h in history) for p in probes}
     fixed = statistics.median(h["seconds"] - sum(h["shape_seconds"].values()) for h in history)
+    fixed += adamw_extra_seconds(report["trainable_numel"])
     one_off = max(0.0, report["history"][0]["seconds"] - statistics.median(h["seconds"] for h in history))
     return StepModel(fixed, {s: pass_seconds(s, probe, probe_depth) for s in shapes}, one_off)
 
 
 def estimate_step_seconds(
-    lg, ancestry, shapes: list[DescendantShape], cfg: ExpandingConfig, *, steps: int = 3, probe_depth: int = PROBE_DEPTH
+    lg,
+    ancestry,
+    shapes: list[DescendantShape],
+    cfg: ExpandingConfig,
+    *,
+    steps: int = 3,
+    probe_depth: int = PROBE_DEPTH,
+    own: bool = False,
 ) -> tuple[float, float]:
     """``(first step, each further step)`` seconds of the expanding phase ``cfg`` over ``shapes`` on this machine
     (module docstring): the mean step of the :class:`StepModel` over the first :data:`HORIZON` steps, and the
-    first one that plus its one-off costs."""
-    model = probe_step(lg, ancestry, shapes, cfg, steps=steps, probe_depth=probe_depth)
+    first one that plus its one-off costs (``own``: :func:`probe_step`)."""
+    model = probe_step(lg, ancestry, shapes, cfg, steps=steps, probe_depth=probe_depth, own=own)
     per_step = model.mean(cfg)
     return per_step + model.one_off, per_step
