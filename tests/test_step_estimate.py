@@ -222,7 +222,7 @@ def test_a_large_deep_fine_tune_and_its_measure_round_are_timed_at_depths_one_an
 
 
 def test_the_timing_probes_hold_no_optimizer_state_and_add_adamws_update_back(demo, monkeypatch):
-    """AdamW's two moment buffers are twice the trained genes (130 MB of a DeiT-Small learngene at the dry run's
+    """AdamW's two moment buffers are twice the trained genes (91 MB for a DeiT-Small learngene at the dry run's
     peak): the probe and the whole-step measurement update with stateless SGD and add AdamW's extra seconds."""
     anc, lg = demo
     made, extra = [], []
