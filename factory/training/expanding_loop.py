@@ -308,7 +308,7 @@ def measure_step_seconds(
         lg, ancestry, data, shapes, probe, progress=False, own=own, optimizer=stateless_optimizer
     )
     seconds = [h["seconds"] for h in report["history"][1:]]
-    extra = adamw_extra_seconds(report["trainable_numel"])
+    extra = adamw_extra_seconds(report["trainable_numel"], device=report["device"])
     per_step = (statistics.mean(seconds[:cycle]) if cycle else statistics.median(seconds)) + extra
     return (report["history"][0]["seconds"] + extra, per_step) if first else per_step
 

@@ -148,26 +148,33 @@ def stateless_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.op
     return torch.optim.SGD(params, lr=lr)
 
 
-def _update_seconds(make: Callable, numel: int, repeats: int) -> float:
-    param = torch.nn.Parameter(torch.randn(numel))
-    param.grad = torch.randn(numel)
+def _update_seconds(make: Callable, numel: int, repeats: int, device: torch.device) -> float:
+    param = torch.nn.Parameter(torch.randn(numel, device=device))
+    param.grad = torch.randn(numel, device=device)
     opt = make([param], 1e-3)
     times = []
     for _ in range(repeats + 1):  # the first (state allocation) left out
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
 
-def adamw_extra_seconds(numel: int, *, chunk: int = 1 << 22, repeats: int = 3) -> float:
-    """Seconds AdamW's update (as the expanding phase builds it) of ``numel`` fp32 parameters takes beyond
-    :func:`stateless_optimizer`'s: both timed on one tensor of at most ``chunk`` elements (16 MB, past the CPU's
-    caches: the per-element rate of the whole) and scaled by ``numel / chunk``, medians of ``repeats`` updates;
-    never negative. A learngene's few dozen tensors add microseconds of Python loop, not modelled."""
-    n = max(1, min(numel, chunk))
-    adamw = _update_seconds(lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), n, repeats)
-    sgd = _update_seconds(stateless_optimizer, n, repeats)
+def adamw_extra_seconds(
+    numel: int, *, device: str | torch.device = "cpu", chunk: int = 1 << 22, repeats: int = 3
+) -> float:
+    """Seconds AdamW's update (as the expanding phase builds it) of ``numel`` fp32 parameters on ``device`` (where
+    the probe ran: its report's ``device``) takes beyond :func:`stateless_optimizer`'s: both timed on one tensor of
+    at most ``chunk`` elements (16 MB, past a CPU's caches: the per-element rate of the whole) and scaled by
+    ``numel / chunk``, medians of ``repeats`` updates; never negative. A learngene's few dozen tensors add
+    microseconds of Python loop, not modelled."""
+    n, where = max(1, min(numel, chunk)), torch.device(device)
+    adamw = _update_seconds(lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), n, repeats, where)
+    sgd = _update_seconds(stateless_optimizer, n, repeats, where)
     return max(0.0, adamw - sgd) * numel / n
 
 
@@ -206,7 +213,7 @@ def probe_step(
     history = report["history"][1:]
     probe = {p: statistics.median(h["shape_seconds"][p.label()] for h in history) for p in probes}
     fixed = statistics.median(h["seconds"] - sum(h["shape_seconds"].values()) for h in history)
-    fixed += adamw_extra_seconds(report["trainable_numel"])
+    fixed += adamw_extra_seconds(report["trainable_numel"], device=report["device"])
     one_off = max(0.0, report["history"][0]["seconds"] - statistics.median(h["seconds"] for h in history))
     return StepModel(fixed, {s: pass_seconds(s, probe, probe_depth) for s in shapes}, one_off)
 
