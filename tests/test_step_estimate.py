@@ -11,7 +11,7 @@ from factory import load_ancestry, sample_learngene
 from factory.core.expanding_phase import ExpandingConfig, default_shapes, picks_at
 from factory.core.shapes import vit_flops
 from factory.data import ImageTensors
-from factory.training import expanding_loop, step_estimate
+from factory.training import expanding_loop, step_estimate, update_timing
 from factory.training.micro_batch import activation_mb_per_image, micro_batch_size, spans
 from factory.training.step_estimate import StepModel, block_type, pass_seconds, probe_plan
 
@@ -229,7 +229,7 @@ def test_the_timing_probes_hold_no_optimizer_state_nor_a_second_learngene_and_le
     intact."""
     anc, _ = demo
     made, extra = [], []
-    real_optimizer, real_extra = step_estimate.stateless_optimizer, step_estimate.adamw_extra_seconds
+    real_optimizer, real_extra = update_timing.stateless_optimizer, update_timing.adamw_extra_seconds
 
     def optimizer(params, lr):
         made.append(real_optimizer(params, lr))
@@ -240,8 +240,9 @@ def test_the_timing_probes_hold_no_optimizer_state_nor_a_second_learngene_and_le
         assert kwargs["device"] == "cpu"  # timed where the probe ran
         return real_extra(numel, **kwargs)
 
-    monkeypatch.setattr(step_estimate, "stateless_optimizer", optimizer)
-    monkeypatch.setattr(step_estimate, "adamw_extra_seconds", adamw_extra)
+    for module in (step_estimate, expanding_loop):  # where the probe and the whole-step measurement look them up
+        monkeypatch.setattr(module, "stateless_optimizer", optimizer)
+        monkeypatch.setattr(module, "adamw_extra_seconds", adamw_extra)
     weights = anc.model.state_dict()
     before = {k: v.clone() for k, v in weights.items()}
     for run in (step_estimate.probe_step, expanding_loop.measure_step_seconds):
@@ -263,10 +264,10 @@ def test_adamws_extra_update_time_is_timed_on_a_chunk_and_scaled_to_the_paramete
 
     def update_seconds(make, numel, repeats, device):
         timed.append(numel)
-        return 0.125 if make is step_estimate.stateless_optimizer else 0.5
+        return 0.125 if make is update_timing.stateless_optimizer else 0.5
 
-    monkeypatch.setattr(step_estimate, "_update_seconds", update_seconds)
-    assert step_estimate.adamw_extra_seconds(1000, chunk=100) == pytest.approx(3.75)  # (0.5 - 0.125) * 10
-    assert step_estimate.adamw_extra_seconds(50, chunk=100) == pytest.approx(0.375) and timed == [100, 100, 50, 50]
+    monkeypatch.setattr(update_timing, "_update_seconds", update_seconds)
+    assert update_timing.adamw_extra_seconds(1000, chunk=100) == pytest.approx(3.75)  # (0.5 - 0.125) * 10
+    assert update_timing.adamw_extra_seconds(50, chunk=100) == pytest.approx(0.375) and timed == [100, 100, 50, 50]
     monkeypatch.undo()
-    assert step_estimate.adamw_extra_seconds(1 << 22) > 0  # measured: AdamW does more per element than SGD
+    assert update_timing.adamw_extra_seconds(1 << 22) > 0  # measured: AdamW does more per element than SGD

@@ -72,6 +72,7 @@ from factory.training.loop import TRIM_AFTER_S, StepLoop
 from factory.training.micro_batch import activation_mb_per_image, micro_batch_size, resolve_memory_mb, spans
 from factory.training.precision import autocast_for, pick_device, precision_for
 from factory.training.train import TrainConfig, evaluate
+from factory.training.update_timing import adamw_extra_seconds, stateless_optimizer
 
 
 def zero_shot(lg: Learngene, shapes: list[DescendantShape], data) -> dict[str, float]:
@@ -124,7 +125,7 @@ def train_learngene(
     With ``own`` the trained genes are ``lg``'s own tensors, not copies (``lg`` is changed: for a caller that drops
     it, as the timing probes do; the stem is copied either way); ``optimizer(params, lr)`` replaces AdamW (the
     probes time with a stateless one and add AdamW's update separately:
-    :func:`factory.training.step_estimate.adamw_extra_seconds`). The report's ``trainable_numel`` counts the
+    :func:`factory.training.update_timing.adamw_extra_seconds`). The report's ``trainable_numel`` counts the
     trained parameters' elements.
     """
     arch = lg.arch
@@ -295,11 +296,9 @@ def measure_step_seconds(
     shape: the median). With ``first``, ``(first step's
     seconds, per step)``: the dry run estimates ``first + (steps - 1) * per step`` (a sandwich too large to hold is
     estimated from shallow passes instead: :mod:`factory.training.step_estimate`). The steps update with a
-    stateless optimizer, AdamW's extra time added (:func:`~factory.training.step_estimate.adamw_extra_seconds`);
+    stateless optimizer, AdamW's extra time added (:func:`~factory.training.update_timing.adamw_extra_seconds`);
     with ``own`` they train ``lg``'s own tensors (for a caller that drops ``lg``)."""
     import statistics
-
-    from factory.training.step_estimate import adamw_extra_seconds, stateless_optimizer
 
     data = random_batch(lg.arch, cfg.batch_size)
     cycle = cfg.largest_every if cfg.largest_every > 1 else 0

@@ -37,13 +37,11 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from collections.abc import Callable
-
-import torch
 
 from factory.core.expanding_phase import ExpandingConfig, picks_at
 from factory.core.shapes import DescendantShape, vit_flops, vit_params
+from factory.training.update_timing import adamw_extra_seconds, stateless_optimizer
 
 #: the deeper of the two probe depths (the other is 1)
 PROBE_DEPTH = 6
@@ -141,43 +139,6 @@ class StepModel:
         return sum(self.step(i, by_cost, cfg) for i in steps) / len(steps)
 
 
-def stateless_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """What a timing probe updates with: plain SGD, which holds no state (AdamW's two moment buffers are twice the
-    trained tensors: 91 MB for a DeiT-Small learngene of 6 layers); :func:`adamw_extra_seconds` adds back
-    the time AdamW's update takes beyond it."""
-    return torch.optim.SGD(params, lr=lr)
-
-
-def _update_seconds(make: Callable, numel: int, repeats: int, device: torch.device) -> float:
-    param = torch.nn.Parameter(torch.randn(numel, device=device))
-    param.grad = torch.randn(numel, device=device)
-    opt = make([param], 1e-3)
-    times = []
-    for _ in range(repeats + 1):  # the first (state allocation) left out
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
-
-
-def adamw_extra_seconds(
-    numel: int, *, device: str | torch.device = "cpu", chunk: int = 1 << 22, repeats: int = 3
-) -> float:
-    """Seconds AdamW's update (as the expanding phase builds it) of ``numel`` fp32 parameters on ``device`` (where
-    the probe ran: its report's ``device``) takes beyond :func:`stateless_optimizer`'s: both timed on one tensor of
-    at most ``chunk`` elements (16 MB, past a CPU's caches: the per-element rate of the whole) and scaled by
-    ``numel / chunk``, medians of ``repeats`` updates; never negative. A learngene's few dozen tensors add
-    microseconds of Python loop, not modelled."""
-    n, where = max(1, min(numel, chunk)), torch.device(device)
-    adamw = _update_seconds(lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), n, repeats, where)
-    sgd = _update_seconds(stateless_optimizer, n, repeats, where)
-    return max(0.0, adamw - sgd) * numel / n
-
-
 def probe_step(
     lg,
     ancestry,
@@ -191,7 +152,8 @@ def probe_step(
     """Run the probe (:func:`probe_plan`) for ``steps`` steps after a warm-up on random images of the ancestry's
     size and return the :class:`StepModel` of ``shapes``: medians of each probe pass and of ``fixed``, the passes
     extrapolated (:func:`pass_seconds`), the one-off costs the probe's first step less a typical one. The probe
-    updates with :func:`stateless_optimizer` and ``fixed`` adds :func:`adamw_extra_seconds`; with ``own`` it trains
+    updates with :func:`~factory.training.update_timing.stateless_optimizer` and ``fixed`` adds
+    :func:`~factory.training.update_timing.adamw_extra_seconds`; with ``own`` it trains
     ``lg``'s own tensors (the caller drops ``lg``: one learngene less in memory)."""
     from factory.training.expanding_loop import random_batch, train_learngene
 
