@@ -77,19 +77,20 @@ def test_step_seconds_average_a_whole_cycle_when_the_largest_is_not_in_every_ste
     median that would skip it; the default keeps the median."""
     seen = {}
 
-    def fake_train(lg, anc, data, shapes, cfg, progress):
+    def fake_train(lg, anc, data, shapes, cfg, progress, **_):
         seen["steps"] = cfg.steps
         seconds = [9.0] + [3.0 if s % max(cfg.largest_every, 1) == 0 else 1.0 for s in range(1, cfg.steps)]
-        return lg, {"history": [{"seconds": s} for s in seconds]}
+        return lg, {"history": [{"seconds": s} for s in seconds], "trainable_numel": 10, "device": "cpu"}
 
     monkeypatch.setattr(expanding_loop, "train_learngene", fake_train)
+    monkeypatch.setattr(expanding_loop, "adamw_extra_seconds", lambda numel, device: 0.25)  # AdamW's, added back
     arch = dataclasses.make_dataclass("A", [("img_size", int), ("in_chans", int)])(8, 3)
     lg = type("L", (), {"arch": arch})()
     per = expanding_loop.measure_step_seconds(lg, None, [], ExpandingConfig(batch_size=2, largest_every=3), steps=3)
-    assert seen["steps"] == 4 and per == pytest.approx((1 + 1 + 3) / 3)
+    assert seen["steps"] == 4 and per == pytest.approx((1 + 1 + 3) / 3 + 0.25)
     every = ExpandingConfig(batch_size=2, largest_every=1)
     first, per = expanding_loop.measure_step_seconds(lg, None, [], every, steps=3, first=True)
-    assert first == 9.0 and per == 3.0  # every step has the largest: 3 s each
+    assert first == 9.25 and per == 3.25  # every step has the largest: 3 s each
 
 
 def test_the_dry_run_says_it_timed_a_whole_cycle(tmp_path):
