@@ -67,11 +67,13 @@ def resolve_model_path(model: str | Path) -> Path:
 
 def parse_formats(text: str | list[str], profile=None) -> list[str]:
     """Format names (:data:`export.formats.FORMAT_NAMES`); ``all`` is every format, or the profile's ``export``
-    list when one is given (:func:`installed_only` drops, for ``all`` without a profile, those not installed)."""
-    items = text.split(",") if isinstance(text, str) else list(text)
+    list when one is given (:func:`installed_only` drops, for ``all`` without a profile, those not installed). Empty
+    items of a comma list (``onnx,trt,``) are ignored; no name at all is one line."""
+    items = [item.strip() for item in (text.split(",") if isinstance(text, str) else list(text))]
+    if not any(items):
+        raise FactoryError(f"no export format given; choose from {', '.join(FORMAT_NAMES)} or all")
     out: list[str] = []
-    for item in items:
-        item = item.strip()
+    for item in filter(None, items):
         if item == "all":
             out.extend(["onnx", *profile.export] if profile is not None else FORMAT_NAMES)
         elif item in FORMAT_NAMES:

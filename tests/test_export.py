@@ -62,6 +62,16 @@ def test_a_wrong_export_fails_with_the_measured_diff_and_leaves_nothing(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_format_list_ignores_empty_items_and_refuses_none_in_one_line():
+    assert parse_formats("onnx, onnx-fp16,") == parse_formats(["onnx", "", "onnx-fp16"]) == ["onnx", "onnx-fp16"]
+    for text in ("", " , ", ","):
+        with pytest.raises(FactoryError, match="no export format given; choose from onnx") as err:
+            parse_formats(text)
+        assert "\n" not in str(err.value)
+    with pytest.raises(FactoryError, match="unknown export format 'ONNX'"):
+        parse_formats("ONNX,")
+
+
 def test_export_all_formats_with_metadata_hashes_and_int8_accuracy(demo_file, tmp_path):
     profile = load_profile("demo/jetson_orin")
     record = export_model(

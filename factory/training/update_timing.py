@@ -24,8 +24,9 @@ def stateless_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.op
 
 
 def _update_seconds(make: Callable, numel: int, repeats: int, device: torch.device) -> float:
-    param = torch.nn.Parameter(torch.randn(numel, device=device))
-    param.grad = torch.randn(numel, device=device)
+    # constant values: the update's work does not depend on them, and torch's global generator is left as it was
+    param = torch.nn.Parameter(torch.full((numel,), 0.5, device=device))
+    param.grad = torch.full((numel,), 1e-3, device=device)
     opt = make([param], 1e-3)
     times = []
     for _ in range(repeats + 1):  # the first (state allocation) left out
