@@ -83,8 +83,11 @@ HEAD_START_STEPS = 100
 SPLITS = ("time", "steps")
 
 _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
-_UNITS = {"h": ("h", "hr", "hrs", "hour", "hours"), "m": ("m", "min", "mins", "minute", "minutes")}
-_UNITS["s"] = ("s", "sec", "secs", "second", "seconds")
+_UNITS = {
+    "h": ("h", "hr", "hrs", "hour", "hours"),
+    "m": ("m", "min", "mins", "minute", "minutes"),
+    "s": ("s", "sec", "secs", "second", "seconds"),
+}
 _UNIT_OF = {spelling: unit for unit, spellings in _UNITS.items() for spelling in spellings}
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 _PART = re.compile(_NUMBER + r"\s*([a-z]+)", re.IGNORECASE)

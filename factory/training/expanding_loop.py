@@ -72,7 +72,7 @@ from factory.training.loop import TRIM_AFTER_S, StepLoop
 from factory.training.micro_batch import activation_mb_per_image, micro_batch_size, resolve_memory_mb, spans
 from factory.training.precision import autocast_for, pick_device, precision_for
 from factory.training.train import TrainConfig, evaluate
-from factory.training.update_timing import adamw_extra_seconds, stateless_optimizer
+from factory.training.update_timing import adamw_extra_seconds, phase_optimizer, stateless_optimizer
 
 
 def zero_shot(lg: Learngene, shapes: list[DescendantShape], data) -> dict[str, float]:
@@ -123,10 +123,10 @@ def train_learngene(
     so that the next pass faults its pages in again; a shape in ``sized_as`` counts as long where its pass scaled
     to the mapped shape's depth would be (a shallow probe of a deep shape trims as the deep shape's pass does).
     With ``own`` the trained genes are ``lg``'s own tensors, not copies (``lg`` is changed: for a caller that drops
-    it, as the timing probes do; the stem is copied either way); ``optimizer(params, lr)`` replaces AdamW (the
-    probes time with a stateless one and add AdamW's update separately:
-    :func:`factory.training.update_timing.adamw_extra_seconds`). The report's ``trainable_numel`` counts the
-    trained parameters' elements.
+    it, as the timing probes do; the stem is copied either way); ``optimizer(params, lr)`` replaces AdamW
+    (:func:`~factory.training.update_timing.phase_optimizer`; the probes time with a stateless one and add AdamW's
+    update separately: :func:`factory.training.update_timing.adamw_extra_seconds`). The report's
+    ``trainable_numel`` counts the trained parameters' elements.
     """
     arch = lg.arch
     if not shapes:
@@ -149,7 +149,7 @@ def train_learngene(
     rank, world, device = start(pick_device(cfg.device), cfg.batch_size)  # factory.training.distributed
     work = GeneParameters(lg, {s.depth for s in shapes}, cfg, copy_genes=not own).to(device)
     params = [p for p in work.parameters() if p.requires_grad]
-    opt = optimizer(params, cfg.lr) if optimizer is not None else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = (optimizer or phase_optimizer)(params, cfg.lr)
     report["trainable_numel"] = sum(p.numel() for p in params)
     schedule = TrainConfig(steps=max(1, cfg.steps), lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr=cfg.lr * 0.01)
     out = Path(out_dir) if out_dir is not None else None

@@ -16,6 +16,12 @@ from collections.abc import Callable
 import torch
 
 
+def phase_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The expanding phase's optimizer (:func:`factory.training.expanding_loop.train_learngene`'s default): AdamW
+    without weight decay. :func:`adamw_extra_seconds` times this one, so the two cannot drift apart."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
 def stateless_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """What a timing probe updates with: plain SGD, which holds no state (AdamW's two moment buffers are twice the
     trained tensors: 91 MB for a DeiT-Small learngene of 6 layers); :func:`adamw_extra_seconds` adds back
@@ -43,12 +49,12 @@ def _update_seconds(make: Callable, numel: int, repeats: int, device: torch.devi
 def adamw_extra_seconds(
     numel: int, *, device: str | torch.device = "cpu", chunk: int = 1 << 22, repeats: int = 3
 ) -> float:
-    """Seconds AdamW's update (as the expanding phase builds it) of ``numel`` fp32 parameters on ``device`` (where
+    """Seconds :func:`phase_optimizer`'s update of ``numel`` fp32 parameters on ``device`` (where
     the probe ran: its report's ``device``) takes beyond :func:`stateless_optimizer`'s: both timed on one tensor of
     at most ``chunk`` elements (16 MB, past a CPU's caches: the per-element rate of the whole) and scaled by
     ``numel / chunk``, medians of ``repeats`` updates; never negative. A learngene's few dozen tensors add
     microseconds of Python loop, not modelled."""
     n, where = max(1, min(numel, chunk)), torch.device(device)
-    adamw = _update_seconds(lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), n, repeats, where)
+    adamw = _update_seconds(phase_optimizer, n, repeats, where)
     sgd = _update_seconds(stateless_optimizer, n, repeats, where)
     return max(0.0, adamw - sgd) * numel / n
